@@ -1,0 +1,1067 @@
+//! The replicated state machine: cluster state, the commands that change it,
+//! and [`State::apply`].
+//!
+//! Determinism rules (as Nomad's FSM): apply reads no clock and no randomness.
+//! Every timestamp comes inside the command; ids are either carried in the
+//! command or drawn from counters kept in the state. Rejections are outcomes,
+//! never panics, so a bad command cannot stop the log.
+
+use std::collections::BTreeMap;
+
+use serde::{Deserialize, Serialize};
+
+use crate::task::TaskSpec;
+
+/// Job id: a counter, shown as a decimal string.
+pub type JobId = u64;
+
+/// Resources of a node, or what a job needs on one.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, Default)]
+pub struct Resources {
+    /// Accelerator model -> count.
+    pub accelerators: BTreeMap<String, f64>,
+    /// vCPUs.
+    pub cpus: f64,
+    /// GB.
+    pub memory_gb: f64,
+}
+
+impl Resources {
+    /// Whether `need` fits in `self`.
+    pub fn fits(&self, need: &Resources) -> bool {
+        const EPS: f64 = 1e-9;
+        need.accelerators
+            .iter()
+            .all(|(k, n)| self.accelerators.get(k).copied().unwrap_or(0.0) + EPS >= *n)
+            && self.cpus + EPS >= need.cpus
+            && self.memory_gb + EPS >= need.memory_gb
+    }
+
+    /// `self + other`, element-wise.
+    pub fn plus(&self, other: &Resources) -> Resources {
+        let mut out = self.clone();
+        for (k, n) in &other.accelerators {
+            *out.accelerators.entry(k.clone()).or_insert(0.0) += n;
+        }
+        out.cpus += other.cpus;
+        out.memory_gb += other.memory_gb;
+        out
+    }
+
+    /// `self - other`, element-wise.
+    pub fn minus(&self, other: &Resources) -> Resources {
+        let mut out = self.clone();
+        for (k, n) in &other.accelerators {
+            *out.accelerators.entry(k.clone()).or_insert(0.0) -= n;
+        }
+        out.cpus -= other.cpus;
+        out.memory_gb -= other.memory_gb;
+        out
+    }
+
+    /// Accelerators as `H100:8`, or `-`.
+    pub fn accelerator_summary(&self) -> String {
+        let parts: Vec<String> = self
+            .accelerators
+            .iter()
+            .filter(|(_, n)| **n > 0.0)
+            .map(|(k, n)| format!("{k}:{}", crate::task::fmt_num(*n)))
+            .collect();
+        if parts.is_empty() {
+            "-".into()
+        } else {
+            parts.join(",")
+        }
+    }
+}
+
+/// Life of a job, as clients see it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub enum JobState {
+    /// Waiting for a place.
+    Pending,
+    /// Nodes are being provisioned for it.
+    Provisioning,
+    /// Assigned; the agents are starting it.
+    Starting,
+    /// Every rank has started.
+    Running,
+    /// Being moved to new nodes (managed jobs).
+    Recovering,
+    /// Every rank exited 0.
+    Succeeded,
+    /// A rank failed, or its node was lost.
+    Failed,
+    /// `setup` failed on a rank.
+    FailedSetup,
+    /// Cancelled by a user or by `down`.
+    Cancelled,
+}
+
+impl JobState {
+    /// No further transitions.
+    pub fn is_terminal(self) -> bool {
+        matches!(
+            self,
+            JobState::Succeeded | JobState::Failed | JobState::FailedSetup | JobState::Cancelled
+        )
+    }
+}
+
+/// How one rank of an attempt ended.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum RankOutcome {
+    /// `run` exited (0 = success).
+    Exited(i32),
+    /// `setup` exited non-zero.
+    SetupFailed(i32),
+    /// The agent could not start it.
+    FailedToStart(String),
+    /// Stopped on request.
+    Cancelled,
+    /// Its process or node vanished.
+    Lost(String),
+}
+
+/// Progress of one rank of an attempt.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, Default)]
+pub struct RankStatus {
+    /// The agent reported it started.
+    pub started: bool,
+    /// How it ended, once it has.
+    pub outcome: Option<RankOutcome>,
+}
+
+/// One try at running a job on a set of nodes.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Attempt {
+    /// 1-based.
+    pub number: u32,
+    /// Rank order.
+    pub node_ids: Vec<String>,
+    /// Index of the resource candidate it was placed by.
+    pub candidate: usize,
+    /// What it needs on each node.
+    pub demand: Resources,
+    /// One per rank.
+    pub ranks: Vec<RankStatus>,
+    /// This attempt's own state.
+    pub state: JobState,
+    /// When it was assigned.
+    pub assigned_at_ms: i64,
+    /// When every rank had started.
+    pub started_at_ms: Option<i64>,
+    /// When it ended.
+    pub ended_at_ms: Option<i64>,
+    /// Exit code that decided its end.
+    pub exit_code: Option<i32>,
+    /// Why it ended, if not plain success.
+    pub message: String,
+}
+
+impl Attempt {
+    /// Ranks still holding resources on their nodes.
+    pub fn holds(&self, rank: usize) -> bool {
+        self.ranks.get(rank).is_some_and(|r| r.outcome.is_none())
+    }
+}
+
+/// A submitted task and its history.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Job {
+    /// Id.
+    pub id: JobId,
+    /// The normalised task (with secrets: state is internal).
+    pub spec: TaskSpec,
+    /// Current state.
+    pub state: JobState,
+    /// Client-chosen key for safe retries.
+    pub idempotency_key: Option<String>,
+    /// Submission time.
+    pub submitted_at_ms: i64,
+    /// When it first ran.
+    pub started_at_ms: Option<i64>,
+    /// When it reached a terminal state.
+    pub ended_at_ms: Option<i64>,
+    /// Exit code once ended.
+    pub exit_code: Option<i32>,
+    /// Why it is in its state.
+    pub message: String,
+    /// Tries, oldest first.
+    pub attempts: Vec<Attempt>,
+    /// Nodes provisioned for this job and not yet assigned.
+    pub reserved_nodes: Vec<String>,
+}
+
+impl Job {
+    /// The newest attempt.
+    pub fn current_attempt(&self) -> Option<&Attempt> {
+        self.attempts.last()
+    }
+
+    /// Display name.
+    pub fn name(&self) -> &str {
+        self.spec.name.as_deref().unwrap_or("")
+    }
+}
+
+/// Life of a node.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub enum NodeState {
+    /// Asked of a provider; its agent has not enrolled yet.
+    Provisioning,
+    /// Its agent is connected (or within its heartbeat TTL).
+    Ready,
+    /// Heartbeats stopped past the TTL.
+    Lost,
+    /// `down` asked for it to go.
+    Terminating,
+    /// Gone.
+    Terminated,
+    /// The provider could not launch it.
+    Failed,
+}
+
+impl NodeState {
+    /// Gone for good.
+    pub fn is_final(self) -> bool {
+        matches!(self, NodeState::Terminated | NodeState::Failed)
+    }
+}
+
+/// A machine with an agent.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Node {
+    /// `node-N`.
+    pub id: String,
+    /// Current state.
+    pub state: NodeState,
+    /// Provider that owns it.
+    pub provider: String,
+    /// Provider region.
+    pub region: String,
+    /// Provider instance type.
+    pub instance_type: String,
+    /// What it has.
+    pub resources: Resources,
+    /// Price per hour.
+    pub hourly_price: f64,
+    /// Address the agent reported (used for `*_NODE_IPS`).
+    pub address: String,
+    /// The provider's id for it, once launched.
+    pub instance_id: Option<String>,
+    /// Creation time.
+    pub created_at_ms: i64,
+    /// Why it is in its state.
+    pub message: String,
+}
+
+/// A provider's machine shape in a region, with its price.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Offering {
+    /// Provider name.
+    pub provider: String,
+    /// Region.
+    pub region: String,
+    /// Instance type name.
+    pub instance_type: String,
+    /// What one instance has.
+    pub resources: Resources,
+    /// On-demand price per hour.
+    pub hourly_price: f64,
+    /// Spot price per hour, where spot exists.
+    pub spot_price: Option<f64>,
+}
+
+/// A state change. Each carries its own time (`at_ms`, Unix ms).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub enum Command {
+    /// A new job, PENDING.
+    SubmitJob {
+        /// The validated task.
+        spec: TaskSpec,
+        /// Same key, same job.
+        idempotency_key: Option<String>,
+        /// Time.
+        at_ms: i64,
+    },
+    /// Cancel a job; its ranks are stopped by their agents.
+    CancelJob {
+        /// Job.
+        job_id: JobId,
+        /// Time.
+        at_ms: i64,
+    },
+    /// Record the intent to provision nodes for a job (before the provider call).
+    ProvisionNodes {
+        /// Job the nodes are for.
+        job_id: JobId,
+        /// Shape and place.
+        offering: Offering,
+        /// How many.
+        count: u32,
+        /// Time.
+        at_ms: i64,
+    },
+    /// The provider launched a node.
+    NodeLaunched {
+        /// Node.
+        node_id: String,
+        /// Provider's id.
+        instance_id: String,
+        /// Time.
+        at_ms: i64,
+    },
+    /// The provider could not launch a node.
+    NodeLaunchFailed {
+        /// Node.
+        node_id: String,
+        /// Why.
+        message: String,
+        /// Time.
+        at_ms: i64,
+    },
+    /// A node's agent enrolled (or came back).
+    NodeUp {
+        /// Node.
+        node_id: String,
+        /// Its address.
+        address: String,
+        /// Time.
+        at_ms: i64,
+    },
+    /// A node's heartbeats stopped past the TTL.
+    NodeLost {
+        /// Node.
+        node_id: String,
+        /// Why.
+        message: String,
+        /// Time.
+        at_ms: i64,
+    },
+    /// Place a job on nodes (rank order); starts a new attempt.
+    AssignJob {
+        /// Job.
+        job_id: JobId,
+        /// Nodes, rank order.
+        node_ids: Vec<String>,
+        /// Resource candidate used.
+        candidate: usize,
+        /// Time.
+        at_ms: i64,
+    },
+    /// A rank started on its node.
+    RankStarted {
+        /// Job.
+        job_id: JobId,
+        /// Attempt number.
+        attempt: u32,
+        /// Rank.
+        rank: u32,
+        /// Time.
+        at_ms: i64,
+    },
+    /// A rank ended.
+    RankEnded {
+        /// Job.
+        job_id: JobId,
+        /// Attempt number.
+        attempt: u32,
+        /// Rank.
+        rank: u32,
+        /// How.
+        outcome: RankOutcome,
+        /// Time.
+        at_ms: i64,
+    },
+    /// Release nodes (`down`): their jobs are cancelled.
+    TerminateNodes {
+        /// Nodes.
+        node_ids: Vec<String>,
+        /// Time.
+        at_ms: i64,
+    },
+    /// The provider confirmed a node is gone.
+    NodeTerminated {
+        /// Node.
+        node_id: String,
+        /// Time.
+        at_ms: i64,
+    },
+}
+
+/// What applying a command did.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub enum Outcome {
+    /// Applied.
+    Applied,
+    /// Applied; a job was created or found by its idempotency key.
+    Job {
+        /// Its id.
+        job_id: JobId,
+        /// Found by key rather than created.
+        existing: bool,
+    },
+    /// Applied; these nodes were created.
+    Nodes(Vec<String>),
+    /// Nothing changed: the command no longer fits the state.
+    Rejected(Rejection),
+}
+
+/// Why a command changed nothing.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, thiserror::Error)]
+pub enum Rejection {
+    /// No such job.
+    #[error("job {0} not found")]
+    NoSuchJob(JobId),
+    /// No such node.
+    #[error("node {0} not found")]
+    NoSuchNode(String),
+    /// The command is stale or does not fit (e.g. a node already taken).
+    #[error("{0}")]
+    Conflict(String),
+}
+
+/// The whole replicated state.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, Default)]
+pub struct State {
+    /// All jobs by id.
+    pub jobs: BTreeMap<JobId, Job>,
+    /// All nodes by id.
+    pub nodes: BTreeMap<String, Node>,
+    /// idempotency key -> job.
+    pub idempotency: BTreeMap<String, JobId>,
+    /// Last job id handed out.
+    pub last_job_id: JobId,
+    /// Last node number handed out.
+    pub last_node_seq: u64,
+}
+
+fn conflict(msg: impl Into<String>) -> Outcome {
+    Outcome::Rejected(Rejection::Conflict(msg.into()))
+}
+
+impl State {
+    /// What a job's candidate needs on each node.
+    pub fn demand(spec: &TaskSpec, candidate: usize, node: &Resources) -> Resources {
+        let mut r = Resources::default();
+        if let Some(c) = spec.resources.candidates.get(candidate) {
+            if let Some(a) = &c.accelerator {
+                r.accelerators.insert(a.name.clone(), a.count);
+            }
+            // Like SkyPilot's job queue: a CPU-only task without a request holds half a vCPU.
+            r.cpus = c.cpus.map_or(if c.accelerator.is_some() { 0.0 } else { 0.5 }, |q| q.value);
+            r.memory_gb = c.memory.map_or(0.0, |m| m.gb_for(if r.cpus > 0.0 { r.cpus } else { node.cpus }));
+        }
+        r
+    }
+
+    /// What is left on a node after every rank that still holds it.
+    pub fn free_on(&self, node_id: &str) -> Resources {
+        let Some(node) = self.nodes.get(node_id) else {
+            return Resources::default();
+        };
+        let mut free = node.resources.clone();
+        for job in self.jobs.values() {
+            for a in &job.attempts {
+                for (rank, n) in a.node_ids.iter().enumerate() {
+                    if n == node_id && a.holds(rank) {
+                        free = free.minus(&a.demand);
+                    }
+                }
+            }
+        }
+        free
+    }
+
+    /// Jobs with a rank still holding `node_id`.
+    pub fn jobs_on(&self, node_id: &str) -> Vec<JobId> {
+        self.jobs
+            .values()
+            .filter(|j| {
+                j.attempts.iter().any(|a| {
+                    a.node_ids
+                        .iter()
+                        .enumerate()
+                        .any(|(r, n)| n == node_id && a.holds(r))
+                })
+            })
+            .map(|j| j.id)
+            .collect()
+    }
+
+    /// Node reserved for a job still waiting for it, if any.
+    pub fn reserved_by(&self, node_id: &str) -> Option<JobId> {
+        self.jobs
+            .values()
+            .find(|j| !j.state.is_terminal() && j.reserved_nodes.iter().any(|n| n == node_id))
+            .map(|j| j.id)
+    }
+
+    /// Applies one committed command. Deterministic; never panics on any input.
+    pub fn apply(&mut self, cmd: &Command) -> Outcome {
+        match cmd {
+            Command::SubmitJob {
+                spec,
+                idempotency_key,
+                at_ms,
+            } => {
+                if let Some(key) = idempotency_key {
+                    if let Some(id) = self.idempotency.get(key) {
+                        return Outcome::Job {
+                            job_id: *id,
+                            existing: true,
+                        };
+                    }
+                }
+                self.last_job_id += 1;
+                let id = self.last_job_id;
+                self.jobs.insert(
+                    id,
+                    Job {
+                        id,
+                        spec: spec.clone(),
+                        state: JobState::Pending,
+                        idempotency_key: idempotency_key.clone(),
+                        submitted_at_ms: *at_ms,
+                        started_at_ms: None,
+                        ended_at_ms: None,
+                        exit_code: None,
+                        message: String::new(),
+                        attempts: Vec::new(),
+                        reserved_nodes: Vec::new(),
+                    },
+                );
+                if let Some(key) = idempotency_key {
+                    self.idempotency.insert(key.clone(), id);
+                }
+                Outcome::Job {
+                    job_id: id,
+                    existing: false,
+                }
+            }
+            Command::CancelJob { job_id, at_ms } => {
+                let Some(job) = self.jobs.get_mut(job_id) else {
+                    return Outcome::Rejected(Rejection::NoSuchJob(*job_id));
+                };
+                if job.state.is_terminal() {
+                    return Outcome::Applied;
+                }
+                end_job(job, JobState::Cancelled, None, "cancelled by user", *at_ms);
+                Outcome::Applied
+            }
+            Command::ProvisionNodes {
+                job_id,
+                offering,
+                count,
+                at_ms,
+            } => {
+                let Some(job) = self.jobs.get(job_id) else {
+                    return Outcome::Rejected(Rejection::NoSuchJob(*job_id));
+                };
+                if job.state != JobState::Pending {
+                    return conflict(format!("job {job_id} is not pending"));
+                }
+                let mut ids = Vec::new();
+                for _ in 0..*count {
+                    self.last_node_seq += 1;
+                    let id = format!("node-{}", self.last_node_seq);
+                    self.nodes.insert(
+                        id.clone(),
+                        Node {
+                            id: id.clone(),
+                            state: NodeState::Provisioning,
+                            provider: offering.provider.clone(),
+                            region: offering.region.clone(),
+                            instance_type: offering.instance_type.clone(),
+                            resources: offering.resources.clone(),
+                            hourly_price: offering.hourly_price,
+                            address: String::new(),
+                            instance_id: None,
+                            created_at_ms: *at_ms,
+                            message: String::new(),
+                        },
+                    );
+                    ids.push(id);
+                }
+                if let Some(job) = self.jobs.get_mut(job_id) {
+                    job.state = JobState::Provisioning;
+                    job.reserved_nodes = ids.clone();
+                    job.message = format!(
+                        "provisioning {count} x {} in {}/{}",
+                        offering.instance_type, offering.provider, offering.region
+                    );
+                }
+                Outcome::Nodes(ids)
+            }
+            Command::NodeLaunched {
+                node_id,
+                instance_id,
+                at_ms: _,
+            } => {
+                let Some(node) = self.nodes.get_mut(node_id) else {
+                    return Outcome::Rejected(Rejection::NoSuchNode(node_id.clone()));
+                };
+                node.instance_id = Some(instance_id.clone());
+                Outcome::Applied
+            }
+            Command::NodeLaunchFailed {
+                node_id,
+                message,
+                at_ms,
+            } => {
+                let Some(node) = self.nodes.get_mut(node_id) else {
+                    return Outcome::Rejected(Rejection::NoSuchNode(node_id.clone()));
+                };
+                if node.state.is_final() {
+                    return Outcome::Applied;
+                }
+                node.state = NodeState::Failed;
+                node.message = message.clone();
+                if let Some(job_id) = self.reserved_by(node_id) {
+                    if let Some(job) = self.jobs.get_mut(&job_id) {
+                        let msg = format!("provisioning {node_id} failed: {message}");
+                        end_job(job, JobState::Failed, None, &msg, *at_ms);
+                    }
+                }
+                Outcome::Applied
+            }
+            Command::NodeUp {
+                node_id,
+                address,
+                at_ms: _,
+            } => {
+                let Some(node) = self.nodes.get_mut(node_id) else {
+                    return Outcome::Rejected(Rejection::NoSuchNode(node_id.clone()));
+                };
+                match node.state {
+                    NodeState::Provisioning | NodeState::Lost | NodeState::Ready => {
+                        node.state = NodeState::Ready;
+                        node.address = address.clone();
+                        node.message.clear();
+                        Outcome::Applied
+                    }
+                    s => conflict(format!("node {node_id} is {s:?}")),
+                }
+            }
+            Command::NodeLost {
+                node_id,
+                message,
+                at_ms,
+            } => {
+                let Some(node) = self.nodes.get_mut(node_id) else {
+                    return Outcome::Rejected(Rejection::NoSuchNode(node_id.clone()));
+                };
+                if node.state != NodeState::Ready {
+                    return conflict(format!("node {node_id} is not ready"));
+                }
+                node.state = NodeState::Lost;
+                node.message = message.clone();
+                let msg = format!("node {node_id} lost: {message}");
+                self.fail_ranks_on(node_id, &msg, *at_ms);
+                Outcome::Applied
+            }
+            Command::AssignJob {
+                job_id,
+                node_ids,
+                candidate,
+                at_ms,
+            } => self.assign(*job_id, node_ids, *candidate, *at_ms),
+            Command::RankStarted {
+                job_id,
+                attempt,
+                rank,
+                at_ms,
+            } => {
+                let Some(job) = self.jobs.get_mut(job_id) else {
+                    return Outcome::Rejected(Rejection::NoSuchJob(*job_id));
+                };
+                let terminal = job.state.is_terminal();
+                let Some(a) = job.attempts.iter_mut().find(|a| a.number == *attempt) else {
+                    return conflict(format!("job {job_id} has no attempt {attempt}"));
+                };
+                let Some(r) = a.ranks.get_mut(*rank as usize) else {
+                    return conflict(format!("job {job_id} attempt {attempt} has no rank {rank}"));
+                };
+                if r.started {
+                    return Outcome::Applied;
+                }
+                r.started = true;
+                if !terminal && a.ranks.iter().all(|r| r.started) && a.state == JobState::Starting {
+                    a.state = JobState::Running;
+                    a.started_at_ms = Some(*at_ms);
+                    job.state = JobState::Running;
+                    job.started_at_ms.get_or_insert(*at_ms);
+                    job.message.clear();
+                }
+                Outcome::Applied
+            }
+            Command::RankEnded {
+                job_id,
+                attempt,
+                rank,
+                outcome,
+                at_ms,
+            } => self.rank_ended(*job_id, *attempt, *rank, outcome, *at_ms),
+            Command::TerminateNodes { node_ids, at_ms } => {
+                for id in node_ids {
+                    if !self.nodes.contains_key(id) {
+                        return Outcome::Rejected(Rejection::NoSuchNode(id.clone()));
+                    }
+                }
+                for id in node_ids {
+                    if let Some(n) = self.nodes.get_mut(id) {
+                        if n.state.is_final() {
+                            continue;
+                        }
+                        n.state = NodeState::Terminating;
+                        n.message = "released by down".into();
+                    }
+                    let msg = format!("node {id} released by down");
+                    for job_id in self.jobs_on(id) {
+                        if let Some(job) = self.jobs.get_mut(&job_id) {
+                            if !job.state.is_terminal() {
+                                end_job(job, JobState::Cancelled, None, &msg, *at_ms);
+                            }
+                        }
+                    }
+                    if let Some(job_id) = self.reserved_by(id) {
+                        if let Some(job) = self.jobs.get_mut(&job_id) {
+                            end_job(job, JobState::Cancelled, None, &msg, *at_ms);
+                        }
+                    }
+                }
+                Outcome::Applied
+            }
+            Command::NodeTerminated { node_id, at_ms } => {
+                let Some(node) = self.nodes.get_mut(node_id) else {
+                    return Outcome::Rejected(Rejection::NoSuchNode(node_id.clone()));
+                };
+                node.state = NodeState::Terminated;
+                let msg = format!("node {node_id} terminated");
+                self.fail_ranks_on(node_id, &msg, *at_ms);
+                Outcome::Applied
+            }
+        }
+    }
+
+    fn assign(&mut self, job_id: JobId, node_ids: &[String], candidate: usize, at_ms: i64) -> Outcome {
+        let Some(job) = self.jobs.get(&job_id) else {
+            return Outcome::Rejected(Rejection::NoSuchJob(job_id));
+        };
+        if !matches!(job.state, JobState::Pending | JobState::Provisioning) {
+            return conflict(format!("job {job_id} is {:?}, not waiting for nodes", job.state));
+        }
+        if node_ids.len() != job.spec.num_nodes as usize {
+            return conflict(format!(
+                "job {job_id} needs {} nodes, got {}",
+                job.spec.num_nodes,
+                node_ids.len()
+            ));
+        }
+        if candidate >= job.spec.resources.candidates.len() {
+            return conflict(format!("job {job_id} has no candidate {candidate}"));
+        }
+        let mut seen = std::collections::BTreeSet::new();
+        let mut demand = Resources::default();
+        for id in node_ids {
+            if !seen.insert(id) {
+                return conflict(format!("node {id} given twice"));
+            }
+            let Some(node) = self.nodes.get(id) else {
+                return Outcome::Rejected(Rejection::NoSuchNode(id.clone()));
+            };
+            if node.state != NodeState::Ready {
+                return conflict(format!("node {id} is not ready"));
+            }
+            if let Some(other) = self.reserved_by(id) {
+                if other != job_id {
+                    return conflict(format!("node {id} is reserved for job {other}"));
+                }
+            }
+            demand = Self::demand(&job.spec, candidate, &node.resources);
+            if !self.free_on(id).fits(&demand) {
+                return conflict(format!("node {id} has no room for job {job_id}"));
+            }
+        }
+        let Some(job) = self.jobs.get_mut(&job_id) else {
+            return Outcome::Rejected(Rejection::NoSuchJob(job_id));
+        };
+        let number = job.attempts.len() as u32 + 1;
+        job.attempts.push(Attempt {
+            number,
+            node_ids: node_ids.to_vec(),
+            candidate,
+            demand,
+            ranks: vec![RankStatus::default(); node_ids.len()],
+            state: JobState::Starting,
+            assigned_at_ms: at_ms,
+            started_at_ms: None,
+            ended_at_ms: None,
+            exit_code: None,
+            message: String::new(),
+        });
+        job.state = JobState::Starting;
+        job.reserved_nodes.clear();
+        job.message.clear();
+        Outcome::Applied
+    }
+
+    fn rank_ended(
+        &mut self,
+        job_id: JobId,
+        attempt: u32,
+        rank: u32,
+        outcome: &RankOutcome,
+        at_ms: i64,
+    ) -> Outcome {
+        let Some(job) = self.jobs.get_mut(&job_id) else {
+            return Outcome::Rejected(Rejection::NoSuchJob(job_id));
+        };
+        let is_current = job.attempts.last().is_some_and(|a| a.number == attempt);
+        let Some(a) = job.attempts.iter_mut().find(|a| a.number == attempt) else {
+            return conflict(format!("job {job_id} has no attempt {attempt}"));
+        };
+        let node = a.node_ids.get(rank as usize).cloned().unwrap_or_default();
+        let Some(r) = a.ranks.get_mut(rank as usize) else {
+            return conflict(format!("job {job_id} attempt {attempt} has no rank {rank}"));
+        };
+        if r.outcome.is_some() {
+            return Outcome::Applied;
+        }
+        r.outcome = Some(outcome.clone());
+        let all_ended = a.ranks.iter().all(|r| r.outcome.is_some());
+        let all_ok = a
+            .ranks
+            .iter()
+            .all(|r| r.outcome == Some(RankOutcome::Exited(0)));
+        let failure = match outcome {
+            RankOutcome::Exited(0) | RankOutcome::Cancelled => None,
+            RankOutcome::Exited(c) => Some((
+                JobState::Failed,
+                Some(*c),
+                format!("rank {rank} on {node} exited with {c}"),
+            )),
+            RankOutcome::SetupFailed(c) => Some((
+                JobState::FailedSetup,
+                Some(*c),
+                format!("setup on rank {rank} ({node}) exited with {c}"),
+            )),
+            RankOutcome::FailedToStart(m) => Some((
+                JobState::Failed,
+                None,
+                format!("rank {rank} on {node} failed to start: {m}"),
+            )),
+            RankOutcome::Lost(m) => Some((JobState::Failed, None, format!("rank {rank}: {m}"))),
+        };
+        if a.state.is_terminal() || !is_current {
+            return Outcome::Applied;
+        }
+        if let Some((state, code, msg)) = failure {
+            end_job(job, state, code, &msg, at_ms);
+        } else if all_ended && all_ok {
+            end_job(job, JobState::Succeeded, Some(0), "", at_ms);
+        } else if all_ended {
+            end_job(job, JobState::Cancelled, None, "stopped", at_ms);
+        }
+        Outcome::Applied
+    }
+
+    fn fail_ranks_on(&mut self, node_id: &str, msg: &str, at_ms: i64) {
+        for job_id in self.jobs_on(node_id) {
+            let ranks: Vec<(u32, u32)> = self.jobs[&job_id]
+                .attempts
+                .iter()
+                .flat_map(|a| {
+                    a.node_ids
+                        .iter()
+                        .enumerate()
+                        .filter(|(r, n)| *n == node_id && a.holds(*r))
+                        .map(move |(r, _)| (a.number, r as u32))
+                })
+                .collect();
+            for (attempt, rank) in ranks {
+                self.rank_ended(job_id, attempt, rank, &RankOutcome::Lost(msg.to_string()), at_ms);
+            }
+        }
+    }
+}
+
+fn end_job(job: &mut Job, state: JobState, exit_code: Option<i32>, msg: &str, at_ms: i64) {
+    job.state = state;
+    job.exit_code = exit_code;
+    job.ended_at_ms = Some(at_ms);
+    job.message = msg.to_string();
+    job.reserved_nodes.clear();
+    if let Some(a) = job.attempts.last_mut() {
+        if !a.state.is_terminal() {
+            a.state = state;
+            a.exit_code = exit_code;
+            a.ended_at_ms = Some(at_ms);
+            a.message = msg.to_string();
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::task::parse_task_yaml;
+
+    fn spec(y: &str) -> TaskSpec {
+        parse_task_yaml(y, &Default::default()).unwrap()
+    }
+
+    fn offering(gpus: f64) -> Offering {
+        let mut r = Resources {
+            cpus: 8.0,
+            memory_gb: 32.0,
+            ..Default::default()
+        };
+        if gpus > 0.0 {
+            r.accelerators.insert("H100".into(), gpus);
+        }
+        Offering {
+            provider: "local".into(),
+            region: "us-east".into(),
+            instance_type: "t".into(),
+            resources: r,
+            hourly_price: 0.0,
+            spot_price: None,
+        }
+    }
+
+    fn submit(s: &mut State, y: &str, key: Option<&str>) -> JobId {
+        match s.apply(&Command::SubmitJob {
+            spec: spec(y),
+            idempotency_key: key.map(Into::into),
+            at_ms: 1,
+        }) {
+            Outcome::Job { job_id, .. } => job_id,
+            o => panic!("{o:?}"),
+        }
+    }
+
+    fn ready_node(s: &mut State, job: JobId, gpus: f64) -> String {
+        let Outcome::Nodes(ids) = s.apply(&Command::ProvisionNodes {
+            job_id: job,
+            offering: offering(gpus),
+            count: 1,
+            at_ms: 2,
+        }) else {
+            panic!()
+        };
+        s.apply(&Command::NodeUp {
+            node_id: ids[0].clone(),
+            address: "127.0.0.1".into(),
+            at_ms: 3,
+        });
+        ids[0].clone()
+    }
+
+    #[test]
+    fn job_lifecycle_to_success() {
+        let mut s = State::default();
+        let j = submit(&mut s, "run: echo", None);
+        assert_eq!(s.jobs[&j].state, JobState::Pending);
+        let n = ready_node(&mut s, j, 0.0);
+        assert_eq!(s.jobs[&j].state, JobState::Provisioning);
+        assert_eq!(
+            s.apply(&Command::AssignJob { job_id: j, node_ids: vec![n.clone()], candidate: 0, at_ms: 4 }),
+            Outcome::Applied
+        );
+        s.apply(&Command::RankStarted { job_id: j, attempt: 1, rank: 0, at_ms: 5 });
+        assert_eq!(s.jobs[&j].state, JobState::Running);
+        s.apply(&Command::RankEnded { job_id: j, attempt: 1, rank: 0, outcome: RankOutcome::Exited(0), at_ms: 6 });
+        let job = &s.jobs[&j];
+        assert_eq!((job.state, job.exit_code, job.ended_at_ms), (JobState::Succeeded, Some(0), Some(6)));
+        assert_eq!(s.jobs_on(&n), Vec::<JobId>::new());
+    }
+
+    #[test]
+    fn failing_rank_fails_job_with_its_exit_code() {
+        let mut s = State::default();
+        let j = submit(&mut s, "run: exit 3", None);
+        let n = ready_node(&mut s, j, 0.0);
+        s.apply(&Command::AssignJob { job_id: j, node_ids: vec![n], candidate: 0, at_ms: 4 });
+        s.apply(&Command::RankEnded { job_id: j, attempt: 1, rank: 0, outcome: RankOutcome::SetupFailed(3), at_ms: 6 });
+        assert_eq!(s.jobs[&j].state, JobState::FailedSetup);
+        assert_eq!(s.jobs[&j].exit_code, Some(3));
+    }
+
+    #[test]
+    fn idempotency_key_returns_the_same_job() {
+        let mut s = State::default();
+        let a = submit(&mut s, "run: a", Some("k"));
+        let before = s.clone();
+        let out = s.apply(&Command::SubmitJob { spec: spec("run: b"), idempotency_key: Some("k".into()), at_ms: 9 });
+        assert_eq!(out, Outcome::Job { job_id: a, existing: true });
+        assert_eq!(s, before);
+    }
+
+    #[test]
+    fn a_node_is_never_booked_twice() {
+        let mut s = State::default();
+        let y = "resources: {accelerators: H100:8}\nrun: x";
+        let j1 = submit(&mut s, y, None);
+        let j2 = submit(&mut s, y, None);
+        let n = ready_node(&mut s, j1, 8.0);
+        assert_eq!(s.apply(&Command::AssignJob { job_id: j1, node_ids: vec![n.clone()], candidate: 0, at_ms: 4 }), Outcome::Applied);
+        let out = s.apply(&Command::AssignJob { job_id: j2, node_ids: vec![n.clone()], candidate: 0, at_ms: 4 });
+        assert!(matches!(out, Outcome::Rejected(Rejection::Conflict(_))), "{out:?}");
+        assert_eq!(s.jobs[&j2].state, JobState::Pending);
+        // Once j1 ends the node is free again.
+        s.apply(&Command::CancelJob { job_id: j1, at_ms: 5 });
+        assert!(!s.free_on(&n).fits(&s.jobs[&j1].attempts[0].demand), "held until the rank stops");
+        s.apply(&Command::RankEnded { job_id: j1, attempt: 1, rank: 0, outcome: RankOutcome::Cancelled, at_ms: 6 });
+        assert_eq!(s.jobs[&j1].state, JobState::Cancelled);
+        assert_eq!(s.apply(&Command::AssignJob { job_id: j2, node_ids: vec![n], candidate: 0, at_ms: 7 }), Outcome::Applied);
+    }
+
+    #[test]
+    fn lost_node_fails_its_jobs() {
+        let mut s = State::default();
+        let j = submit(&mut s, "run: x", None);
+        let n = ready_node(&mut s, j, 0.0);
+        s.apply(&Command::AssignJob { job_id: j, node_ids: vec![n.clone()], candidate: 0, at_ms: 4 });
+        s.apply(&Command::NodeLost { node_id: n.clone(), message: "no heartbeat".into(), at_ms: 5 });
+        assert_eq!(s.jobs[&j].state, JobState::Failed);
+        assert!(s.jobs[&j].message.contains("lost"));
+        assert_eq!(s.nodes[&n].state, NodeState::Lost);
+        // The agent coming back makes the node usable again.
+        s.apply(&Command::NodeUp { node_id: n.clone(), address: "a".into(), at_ms: 6 });
+        assert_eq!(s.nodes[&n].state, NodeState::Ready);
+    }
+
+    #[test]
+    fn unknown_ids_are_rejections_that_change_nothing() {
+        let mut s = State::default();
+        let before = s.clone();
+        assert_eq!(s.apply(&Command::CancelJob { job_id: 7, at_ms: 1 }), Outcome::Rejected(Rejection::NoSuchJob(7)));
+        assert!(matches!(s.apply(&Command::NodeUp { node_id: "x".into(), address: "".into(), at_ms: 1 }), Outcome::Rejected(_)));
+        assert!(matches!(s.apply(&Command::TerminateNodes { node_ids: vec!["x".into()], at_ms: 1 }), Outcome::Rejected(_)));
+        assert_eq!(s, before);
+    }
+
+    #[test]
+    fn apply_is_deterministic() {
+        let cmds = {
+            let mut s = State::default();
+            let j = submit(&mut s, "run: x", None);
+            vec![
+                Command::SubmitJob { spec: spec("run: x"), idempotency_key: None, at_ms: 1 },
+                Command::ProvisionNodes { job_id: j, offering: offering(0.0), count: 1, at_ms: 2 },
+                Command::NodeUp { node_id: "node-1".into(), address: "a".into(), at_ms: 3 },
+                Command::AssignJob { job_id: j, node_ids: vec!["node-1".into()], candidate: 0, at_ms: 4 },
+            ]
+        };
+        let run = || {
+            let mut s = State::default();
+            for c in &cmds {
+                s.apply(c);
+            }
+            serde_json::to_string(&s).unwrap()
+        };
+        assert_eq!(run(), run());
+    }
+}
