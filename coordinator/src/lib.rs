@@ -1,1 +1,16 @@
+//! The Nembo coordinator: cluster state in a raft-rs log on durable storage,
+//! the public gRPC API, the agent protocol, the leader-only control loops
+//! and the providers that supply nodes.
 
+pub mod agent_service;
+pub mod api;
+pub mod control;
+pub mod convert;
+pub mod error;
+pub mod logs;
+pub mod provider;
+pub mod raft;
+pub mod server;
+pub mod tls;
+
+pub use server::{run, ApiInfo, CoordinatorConfig};

@@ -1,1 +1,88 @@
-fn main() {}
+//! `nembo-coordinator`: runs one coordinator until SIGTERM or Ctrl-C.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use anyhow::Context;
+use clap::Parser;
+use nembo_coordinator::{run, CoordinatorConfig};
+
+/// Nembo coordinator.
+#[derive(Parser, Debug)]
+#[command(name = "nembo-coordinator", version)]
+struct Args {
+    /// Data directory: Raft log, snapshots, credentials, logs, node dirs.
+    #[arg(long, env = "NEMBO_DATA_DIR")]
+    data_dir: PathBuf,
+    /// Listen address (default: the last one used, else 127.0.0.1 on a free port).
+    #[arg(long)]
+    listen: Option<SocketAddr>,
+    /// Raft member id.
+    #[arg(long, default_value_t = 1)]
+    member_id: u64,
+    /// Agents send a heartbeat this often (ms).
+    #[arg(long, default_value_t = 1000)]
+    heartbeat_ms: u32,
+    /// A node whose heartbeats stop for this long is lost (ms).
+    #[arg(long, default_value_t = 10_000)]
+    node_ttl_ms: u64,
+    /// A launched node whose agent has not enrolled by then has failed (ms).
+    #[arg(long, default_value_t = 120_000)]
+    provision_timeout_ms: u64,
+    /// Grace between SIGTERM and SIGKILL when stopping a job (ms).
+    #[arg(long, default_value_t = 5000)]
+    stop_grace_ms: u32,
+    /// Most nodes that may exist at once.
+    #[arg(long, default_value_t = 64)]
+    max_nodes: u32,
+    /// Snapshot the state and compact the log every this many entries.
+    #[arg(long, default_value_t = 10_000)]
+    snapshot_every: u64,
+    /// The nembo-agent binary the local provider starts.
+    #[arg(long, env = "NEMBO_AGENT_BIN")]
+    agent_bin: Option<PathBuf>,
+    /// Extra host names or IPs for the serving certificate.
+    #[arg(long = "host")]
+    hosts: Vec<String>,
+}
+
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_env("NEMBO_LOG")
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+    let a = Args::parse();
+    let cfg = CoordinatorConfig {
+        listen: a.listen,
+        member_id: a.member_id,
+        heartbeat_ms: a.heartbeat_ms,
+        node_ttl: Duration::from_millis(a.node_ttl_ms),
+        provision_timeout: Duration::from_millis(a.provision_timeout_ms),
+        stop_grace_ms: a.stop_grace_ms,
+        max_nodes: a.max_nodes,
+        snapshot_every: a.snapshot_every.max(1),
+        agent_bin: a.agent_bin,
+        hosts: a.hosts,
+        ..CoordinatorConfig::new(a.data_dir.clone())
+    };
+    let pid_file = a.data_dir.join("coordinator.pid");
+    std::fs::create_dir_all(&a.data_dir).with_context(|| format!("create {}", a.data_dir.display()))?;
+    std::fs::write(&pid_file, std::process::id().to_string()).context("write pid file")?;
+    let shutdown = async {
+        let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+            .expect("install SIGTERM handler");
+        tokio::select! {
+            _ = term.recv() => {}
+            _ = tokio::signal::ctrl_c() => {}
+        }
+        tracing::info!("shutting down");
+    };
+    let result = run(cfg, shutdown).await;
+    let _ = std::fs::remove_file(&pid_file);
+    result.context("coordinator failed")
+}

@@ -312,11 +312,25 @@ fn existing_nodes(
     None
 }
 
+/// Operator limits the scheduler respects.
+#[derive(Debug, Clone, Copy)]
+pub struct Policy {
+    /// Most nodes that may exist (not terminated or failed) at once.
+    pub max_nodes: u32,
+}
+
+impl Default for Policy {
+    fn default() -> Self {
+        Self { max_nodes: 64 }
+    }
+}
+
 /// The commands that move waiting jobs forward: assignments onto nodes with
 /// room, and provisioning intents where nothing fits. Oldest job first.
-pub fn plan(state: &State, offerings: &[Offering], now_ms: i64) -> Vec<Command> {
+pub fn plan(state: &State, offerings: &[Offering], policy: Policy, now_ms: i64) -> Vec<Command> {
     let mut out = Vec::new();
     let mut round = Round::default();
+    let mut live_nodes = state.nodes.values().filter(|n| !n.state.is_final()).count() as u64;
     // Jobs whose provisioned nodes are up come first: those nodes are theirs.
     for job in state.jobs.values().filter(|j| j.state == JobState::Provisioning) {
         let ready = !job.reserved_nodes.is_empty()
@@ -353,6 +367,10 @@ pub fn plan(state: &State, offerings: &[Offering], now_ms: i64) -> Vec<Command> 
                     });
                 }
                 Some(Placement::Provision { offering, count, .. }) => {
+                    if live_nodes + u64::from(count) > u64::from(policy.max_nodes) {
+                        continue;
+                    }
+                    live_nodes += u64::from(count);
                     out.push(Command::ProvisionNodes {
                         job_id: job.id,
                         offering,
@@ -426,7 +444,7 @@ mod tests {
     fn cheapest_fitting_offering_is_provisioned() {
         let mut s = State::default();
         s.apply(&Command::SubmitJob { spec: spec("resources: {accelerators: H100:8}"), idempotency_key: None, at_ms: 0 });
-        let p = plan(&s, &offerings(), 1);
+        let p = plan(&s, &offerings(), Policy::default(), 1);
         let [Command::ProvisionNodes { offering, count: 1, .. }] = p.as_slice() else { panic!("{p:?}") };
         assert_eq!((offering.region.as_str(), offering.instance_type.as_str()), ("eu-west", "h100-8"));
     }
@@ -469,12 +487,12 @@ mod tests {
         let mut off = offerings();
         off.retain(|o| o.instance_type == "h100-8" && o.region == "us-east");
         off[0].resources.accelerators.insert("H100".into(), 4.0);
-        let p = plan(&s, &off, 1);
+        let p = plan(&s, &off, Policy::default(), 1);
         for c in &p {
             s.apply(c);
         }
         s.apply(&Command::NodeUp { node_id: "node-1".into(), address: "a".into(), at_ms: 2 });
-        for c in plan(&s, &off, 3) {
+        for c in plan(&s, &off, Policy::default(), 3) {
             assert_eq!(s.apply(&c), Outcome::Applied);
         }
         assert_eq!(s.jobs[&j1].state, JobState::Starting);
@@ -482,7 +500,7 @@ mod tests {
         for _ in 0..2 {
             s.apply(&Command::SubmitJob { spec: spec(y), idempotency_key: None, at_ms: 4 });
         }
-        let p = plan(&s, &off, 5);
+        let p = plan(&s, &off, Policy::default(), 5);
         assert_eq!(p.len(), 2);
         assert!(p.iter().all(|c| matches!(c, Command::ProvisionNodes { .. })), "{p:?}");
     }
@@ -499,12 +517,23 @@ mod tests {
         off[0].resources.accelerators.insert("H100".into(), 1.0);
         s.apply(&Command::ProvisionNodes { job_id: 1, offering: off[0].clone(), count: 1, at_ms: 1 });
         s.apply(&Command::NodeUp { node_id: "node-1".into(), address: "a".into(), at_ms: 2 });
-        let p = plan(&s, &off, 3);
+        let p = plan(&s, &off, Policy::default(), 3);
         let assigned: Vec<_> = p.iter().filter(|c| matches!(c, Command::AssignJob { .. })).collect();
         assert_eq!(assigned.len(), 2, "{p:?}");
         for c in &p {
             assert!(!matches!(s.apply(c), Outcome::Rejected(_)));
         }
         assert!(s.free_on("node-1").accelerators["H100"].abs() < 1e-9);
+    }
+
+    #[test]
+    fn max_nodes_caps_provisioning() {
+        let mut s = State::default();
+        for _ in 0..3 {
+            s.apply(&Command::SubmitJob { spec: spec("run: x"), idempotency_key: None, at_ms: 0 });
+        }
+        let p = plan(&s, &offerings(), Policy { max_nodes: 2 }, 1);
+        assert_eq!(p.len(), 2, "{p:?}");
+        assert!(plan(&s, &offerings(), Policy { max_nodes: 0 }, 1).is_empty());
     }
 }

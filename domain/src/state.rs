@@ -7,6 +7,7 @@
 //! never panics, so a bad command cannot stop the log.
 
 use std::collections::BTreeMap;
+use std::sync::Arc;
 
 use serde::{Deserialize, Serialize};
 
@@ -425,8 +426,9 @@ pub enum Rejection {
 /// The whole replicated state.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize, Default)]
 pub struct State {
-    /// All jobs by id.
-    pub jobs: BTreeMap<JobId, Job>,
+    /// All jobs by id. Shared so that publishing a snapshot of the state to
+    /// readers after every apply batch costs pointers, not deep copies.
+    pub jobs: BTreeMap<JobId, Arc<Job>>,
     /// All nodes by id.
     pub nodes: BTreeMap<String, Node>,
     /// idempotency key -> job.
@@ -518,7 +520,7 @@ impl State {
                 let id = self.last_job_id;
                 self.jobs.insert(
                     id,
-                    Job {
+                    Arc::new(Job {
                         id,
                         spec: spec.clone(),
                         state: JobState::Pending,
@@ -530,7 +532,7 @@ impl State {
                         message: String::new(),
                         attempts: Vec::new(),
                         reserved_nodes: Vec::new(),
-                    },
+                    }),
                 );
                 if let Some(key) = idempotency_key {
                     self.idempotency.insert(key.clone(), id);
@@ -541,7 +543,7 @@ impl State {
                 }
             }
             Command::CancelJob { job_id, at_ms } => {
-                let Some(job) = self.jobs.get_mut(job_id) else {
+                let Some(job) = self.jobs.get_mut(job_id).map(Arc::make_mut) else {
                     return Outcome::Rejected(Rejection::NoSuchJob(*job_id));
                 };
                 if job.state.is_terminal() {
@@ -584,7 +586,7 @@ impl State {
                     );
                     ids.push(id);
                 }
-                if let Some(job) = self.jobs.get_mut(job_id) {
+                if let Some(job) = self.jobs.get_mut(job_id).map(Arc::make_mut) {
                     job.state = JobState::Provisioning;
                     job.reserved_nodes = ids.clone();
                     job.message = format!(
@@ -619,7 +621,7 @@ impl State {
                 node.state = NodeState::Failed;
                 node.message = message.clone();
                 if let Some(job_id) = self.reserved_by(node_id) {
-                    if let Some(job) = self.jobs.get_mut(&job_id) {
+                    if let Some(job) = self.jobs.get_mut(&job_id).map(Arc::make_mut) {
                         let msg = format!("provisioning {node_id} failed: {message}");
                         end_job(job, JobState::Failed, None, &msg, *at_ms);
                     }
@@ -673,7 +675,7 @@ impl State {
                 rank,
                 at_ms,
             } => {
-                let Some(job) = self.jobs.get_mut(job_id) else {
+                let Some(job) = self.jobs.get_mut(job_id).map(Arc::make_mut) else {
                     return Outcome::Rejected(Rejection::NoSuchJob(*job_id));
                 };
                 let terminal = job.state.is_terminal();
@@ -719,14 +721,14 @@ impl State {
                     }
                     let msg = format!("node {id} released by down");
                     for job_id in self.jobs_on(id) {
-                        if let Some(job) = self.jobs.get_mut(&job_id) {
+                        if let Some(job) = self.jobs.get_mut(&job_id).map(Arc::make_mut) {
                             if !job.state.is_terminal() {
                                 end_job(job, JobState::Cancelled, None, &msg, *at_ms);
                             }
                         }
                     }
                     if let Some(job_id) = self.reserved_by(id) {
-                        if let Some(job) = self.jobs.get_mut(&job_id) {
+                        if let Some(job) = self.jobs.get_mut(&job_id).map(Arc::make_mut) {
                             end_job(job, JobState::Cancelled, None, &msg, *at_ms);
                         }
                     }
@@ -784,7 +786,7 @@ impl State {
                 return conflict(format!("node {id} has no room for job {job_id}"));
             }
         }
-        let Some(job) = self.jobs.get_mut(&job_id) else {
+        let Some(job) = self.jobs.get_mut(&job_id).map(Arc::make_mut) else {
             return Outcome::Rejected(Rejection::NoSuchJob(job_id));
         };
         let number = job.attempts.len() as u32 + 1;
@@ -815,7 +817,7 @@ impl State {
         outcome: &RankOutcome,
         at_ms: i64,
     ) -> Outcome {
-        let Some(job) = self.jobs.get_mut(&job_id) else {
+        let Some(job) = self.jobs.get_mut(&job_id).map(Arc::make_mut) else {
             return Outcome::Rejected(Rejection::NoSuchJob(job_id));
         };
         let is_current = job.attempts.last().is_some_and(|a| a.number == attempt);

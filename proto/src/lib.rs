@@ -12,3 +12,5 @@ pub const FILE_DESCRIPTOR_SET: &[u8] = include_bytes!(concat!(env!("OUT_DIR"), "
 
 /// Largest task (YAML or structured) a coordinator accepts, in bytes.
 pub const MAX_TASK_BYTES: usize = 256 * 1024;
+
+pub mod client;

@@ -1,0 +1,346 @@
+//! The agent protocol: one bidirectional session per agent.
+//!
+//! Each session is the single owner of what its agent is told. It watches
+//! the applied state and sends `RunJob` for attempts placed on its node and
+//! `StopJob` for ranks whose job has ended, each at most once per session;
+//! the agent ignores repeats, so a reconnect never runs a job twice. Agent
+//! reports become Raft commands; heartbeats only reset the liveness timer.
+
+use std::collections::{BTreeMap, HashSet};
+use std::sync::Arc;
+
+use nembo_domain::state::{Command, Job, JobState, NodeState, RankOutcome, State};
+use nembo_proto::v1 as pb;
+use nembo_proto::v1::agent_message::Msg as AgentMsg;
+use nembo_proto::v1::agent_service_server::AgentService;
+use nembo_proto::v1::coordinator_message::Msg as CoordMsg;
+use tokio::sync::mpsc;
+use tokio_stream::wrappers::ReceiverStream;
+use tonic::{Request, Response, Status, Streaming};
+
+use crate::logs::LogKey;
+use crate::raft::ClusterView;
+use crate::server::{now_ms, Ctx};
+
+/// Serves agent sessions.
+pub struct Agents {
+    ctx: Arc<Ctx>,
+}
+
+impl Agents {
+    /// The service over `ctx`.
+    pub fn new(ctx: Arc<Ctx>) -> Self {
+        Self { ctx }
+    }
+}
+
+#[tonic::async_trait]
+impl AgentService for Agents {
+    type SessionStream = ReceiverStream<Result<pb::CoordinatorMessage, Status>>;
+
+    async fn session(
+        &self,
+        request: Request<Streaming<pb::AgentMessage>>,
+    ) -> Result<Response<Self::SessionStream>, Status> {
+        let mut inbound = request.into_inner();
+        let hello = match inbound.message().await? {
+            Some(pb::AgentMessage {
+                msg: Some(AgentMsg::Hello(h)),
+            }) => h,
+            _ => return Err(Status::invalid_argument("the first message must be hello")),
+        };
+        let view = self.ctx.raft.view();
+        match view.state.nodes.get(&hello.node_id) {
+            None => return Err(Status::not_found(format!("node {} is not known", hello.node_id))),
+            Some(n) if n.state.is_final() || n.state == NodeState::Terminating => {
+                return Err(Status::failed_precondition(format!(
+                    "node {} is {:?}",
+                    hello.node_id, n.state
+                )))
+            }
+            Some(_) => {}
+        }
+        if !view.is_leader() {
+            return Err(Status::unavailable("not the leader"));
+        }
+        let (tx, rx) = mpsc::channel(256);
+        let ctx = self.ctx.clone();
+        tokio::spawn(async move {
+            let node = hello.node_id.clone();
+            if let Err(e) = run_session(ctx, hello, inbound, tx).await {
+                tracing::info!(node = %node, error = %e, "agent session ended");
+            }
+        });
+        Ok(Response::new(ReceiverStream::new(rx)))
+    }
+}
+
+async fn run_session(
+    ctx: Arc<Ctx>,
+    hello: pb::Hello,
+    mut inbound: Streaming<pb::AgentMessage>,
+    tx: mpsc::Sender<Result<pb::CoordinatorMessage, Status>>,
+) -> Result<(), Status> {
+    let node_id = hello.node_id.clone();
+    ctx.heartbeat(&node_id);
+    let view = ctx.raft.view();
+    let needs_up = view
+        .state
+        .nodes
+        .get(&node_id)
+        .is_some_and(|n| n.state != NodeState::Ready || n.address != hello.address);
+    if needs_up {
+        ctx.propose_quietly(Command::NodeUp {
+            node_id: node_id.clone(),
+            address: hello.address.clone(),
+            at_ms: now_ms(),
+        })
+        .await;
+    }
+    for report in &hello.jobs {
+        handle_report(&ctx, &node_id, report).await;
+    }
+    let view = ctx.raft.view();
+    let welcome = pb::Welcome {
+        node_id: node_id.clone(),
+        heartbeat_interval_ms: ctx.heartbeat_ms,
+        log_offsets: log_offsets(&ctx, &view.state, &node_id),
+    };
+    send(&tx, CoordMsg::Welcome(welcome)).await?;
+    tracing::info!(node = %node_id, jobs = hello.jobs.len(), "agent session open");
+
+    let mut views = ctx.raft.subscribe();
+    let mut sent_run: HashSet<(u64, u32)> = HashSet::new();
+    let mut sent_stop: HashSet<(u64, u32)> = HashSet::new();
+    dispatch(&ctx, &view, &node_id, &tx, &mut sent_run, &mut sent_stop).await?;
+    loop {
+        tokio::select! {
+            msg = inbound.message() => {
+                let Some(msg) = msg? else { return Ok(()) };
+                match msg.msg {
+                    Some(AgentMsg::Heartbeat(_)) => ctx.heartbeat(&node_id),
+                    Some(AgentMsg::JobReport(r)) => {
+                        ctx.heartbeat(&node_id);
+                        handle_report(&ctx, &node_id, &r).await;
+                    }
+                    Some(AgentMsg::Log(l)) => {
+                        let Ok(job) = l.job_id.parse() else { continue };
+                        let key = LogKey { job, attempt: l.attempt, rank: l.rank };
+                        if let Err(e) = ctx.logs.append(key, l.offset, &l.data) {
+                            tracing::warn!(node = %node_id, error = %e, "log chunk refused");
+                        }
+                    }
+                    Some(AgentMsg::Hello(_)) | None => {
+                        return Err(Status::invalid_argument("unexpected message"));
+                    }
+                }
+            }
+            changed = views.changed() => {
+                if changed.is_err() {
+                    return Ok(());
+                }
+                let view = views.borrow_and_update().clone();
+                if !view.is_leader() {
+                    return Err(Status::unavailable("leadership lost"));
+                }
+                let node_gone = view.state.nodes.get(&node_id).is_none_or(|n| n.state.is_final());
+                if node_gone {
+                    return Ok(());
+                }
+                dispatch(&ctx, &view, &node_id, &tx, &mut sent_run, &mut sent_stop).await?;
+            }
+        }
+    }
+}
+
+async fn send(
+    tx: &mpsc::Sender<Result<pb::CoordinatorMessage, Status>>,
+    msg: CoordMsg,
+) -> Result<(), Status> {
+    tx.send(Ok(pb::CoordinatorMessage { msg: Some(msg) }))
+        .await
+        .map_err(|_| Status::cancelled("agent went away"))
+}
+
+fn log_offsets(ctx: &Ctx, state: &State, node_id: &str) -> Vec<pb::LogOffset> {
+    let mut out = Vec::new();
+    for job in state.jobs.values() {
+        for a in &job.attempts {
+            for (rank, n) in a.node_ids.iter().enumerate() {
+                if n == node_id {
+                    let key = LogKey {
+                        job: job.id,
+                        attempt: a.number,
+                        rank: rank as u32,
+                    };
+                    out.push(pb::LogOffset {
+                        job_id: job.id.to_string(),
+                        attempt: a.number,
+                        rank: rank as u32,
+                        offset: ctx.logs.size(key),
+                    });
+                }
+            }
+        }
+    }
+    out
+}
+
+/// Tells the agent what the state says it should run or stop.
+async fn dispatch(
+    ctx: &Ctx,
+    view: &ClusterView,
+    node_id: &str,
+    tx: &mpsc::Sender<Result<pb::CoordinatorMessage, Status>>,
+    sent_run: &mut HashSet<(u64, u32)>,
+    sent_stop: &mut HashSet<(u64, u32)>,
+) -> Result<(), Status> {
+    for job in view.state.jobs.values() {
+        let Some(a) = job.current_attempt() else { continue };
+        let Some(rank) = a.node_ids.iter().position(|n| n == node_id) else {
+            continue;
+        };
+        let r = &a.ranks[rank];
+        if r.outcome.is_some() {
+            continue;
+        }
+        let key = (job.id, a.number);
+        if job.state.is_terminal() {
+            if sent_stop.insert(key) {
+                send(
+                    tx,
+                    CoordMsg::StopJob(pb::StopJob {
+                        job_id: job.id.to_string(),
+                        attempt: a.number,
+                        grace_ms: ctx.stop_grace_ms,
+                    }),
+                )
+                .await?;
+            }
+        } else if !r.started && matches!(job.state, JobState::Starting | JobState::Running) && sent_run.insert(key) {
+            send(tx, CoordMsg::RunJob(run_job(&view.state, job, rank, view.term))).await?;
+        }
+    }
+    Ok(())
+}
+
+/// The `RunJob` for one rank: the task plus every variable SkyPilot scripts expect.
+fn run_job(state: &State, job: &Job, rank: usize, term: u64) -> pb::RunJob {
+    let a = job.current_attempt().expect("dispatch checks for an attempt");
+    let ips: Vec<String> = a
+        .node_ids
+        .iter()
+        .map(|n| state.nodes.get(n).map(|n| n.address.clone()).unwrap_or_default())
+        .collect();
+    let gpus = job.spec.gpus_per_node(a.candidate).to_string();
+    let num_nodes = a.node_ids.len().to_string();
+    let node = state.nodes.get(&a.node_ids[rank]);
+    let cluster = "nembo";
+    let task_id = format!("sky-{}_{cluster}_{}", job.submitted_at_ms, job.id);
+    let cluster_info = serde_json::json!({
+        "cluster_name": cluster,
+        "cloud": node.map(|n| n.provider.clone()).unwrap_or_default(),
+        "region": node.map(|n| n.region.clone()).unwrap_or_default(),
+        "zone": serde_json::Value::Null,
+    })
+    .to_string();
+    let mut env: BTreeMap<String, String> = job.spec.envs.clone();
+    env.extend(job.spec.secrets.clone());
+    let node_ips = ips.join("\n");
+    for (k, v) in [
+        ("NEMBO_JOB_ID", job.id.to_string()),
+        ("NEMBO_NODE_RANK", rank.to_string()),
+        ("NEMBO_NUM_NODES", num_nodes.clone()),
+        ("NEMBO_NODE_IPS", node_ips.clone()),
+        ("NEMBO_ATTEMPT", a.number.to_string()),
+        ("NEMBO_NUM_GPUS_PER_NODE", gpus.clone()),
+        ("SKYPILOT_NODE_RANK", rank.to_string()),
+        ("SKYPILOT_NODE_IPS", node_ips.clone()),
+        ("SKYPILOT_NUM_NODES", num_nodes.clone()),
+        ("SKYPILOT_NUM_GPUS_PER_NODE", gpus.clone()),
+        ("SKYPILOT_SETUP_NODE_RANK", rank.to_string()),
+        ("SKYPILOT_SETUP_NODE_IPS", node_ips),
+        ("SKYPILOT_SETUP_NUM_GPUS_PER_NODE", gpus),
+        ("SKYPILOT_TASK_ID", task_id),
+        ("SKYPILOT_CLUSTER_INFO", cluster_info),
+        ("SKYPILOT_USER", "nembo".to_string()),
+    ] {
+        env.insert(k.to_string(), v);
+    }
+    pb::RunJob {
+        job_id: job.id.to_string(),
+        attempt: a.number,
+        rank: rank as u32,
+        num_nodes: a.node_ids.len() as u32,
+        node_ips: ips,
+        name: job.name().to_string(),
+        setup: job.spec.setup.clone().unwrap_or_default(),
+        run: job.spec.run.clone().unwrap_or_default(),
+        workdir: job.spec.workdir.clone().unwrap_or_default(),
+        env,
+        term,
+    }
+}
+
+/// Turns an agent's report into Raft commands. Reports are idempotent:
+/// applying one twice changes nothing the second time.
+async fn handle_report(ctx: &Ctx, node_id: &str, r: &pb::JobReport) {
+    let Ok(job_id) = r.job_id.parse::<u64>() else {
+        return;
+    };
+    let view = ctx.raft.view();
+    let Some(job) = view.state.jobs.get(&job_id) else {
+        return;
+    };
+    let Some(a) = job.attempts.iter().find(|a| a.number == r.attempt) else {
+        return;
+    };
+    // Only the node that holds a rank may report on it.
+    if a.node_ids.get(r.rank as usize).map(String::as_str) != Some(node_id) {
+        tracing::warn!(node = %node_id, job = job_id, rank = r.rank, "report for a rank this node does not hold");
+        return;
+    }
+    let phase = pb::JobPhase::try_from(r.phase).unwrap_or(pb::JobPhase::Unspecified);
+    let code = r.exit_code.unwrap_or(-1);
+    let outcome = match phase {
+        pb::JobPhase::Started => None,
+        pb::JobPhase::Exited => Some(RankOutcome::Exited(code)),
+        pb::JobPhase::SetupFailed => Some(RankOutcome::SetupFailed(code)),
+        pb::JobPhase::FailedToStart => Some(RankOutcome::FailedToStart(r.message.clone())),
+        pb::JobPhase::Cancelled => Some(RankOutcome::Cancelled),
+        pb::JobPhase::Lost => Some(RankOutcome::Lost(r.message.clone())),
+        pb::JobPhase::Unspecified => return,
+    };
+    let at_ms = if r.at_unix_ms > 0 { r.at_unix_ms } else { now_ms() };
+    let rank_state = &a.ranks[r.rank as usize];
+    let ran = !matches!(phase, pb::JobPhase::FailedToStart | pb::JobPhase::Lost);
+    if ran && !rank_state.started {
+        ctx.propose_quietly(Command::RankStarted {
+            job_id,
+            attempt: r.attempt,
+            rank: r.rank,
+            at_ms,
+        })
+        .await;
+    }
+    if let Some(outcome) = outcome {
+        ctx.logs.set_final(
+            LogKey {
+                job: job_id,
+                attempt: r.attempt,
+                rank: r.rank,
+            },
+            r.log_bytes,
+        );
+        if rank_state.outcome.is_none() {
+            ctx.propose_quietly(Command::RankEnded {
+                job_id,
+                attempt: r.attempt,
+                rank: r.rank,
+                outcome,
+                at_ms,
+            })
+            .await;
+        }
+    }
+}

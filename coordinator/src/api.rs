@@ -1,0 +1,371 @@
+//! The public `nembo.v1.Coordinator` service.
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+use std::time::Duration;
+
+use nembo_domain::scheduler::{self, Placement, Round};
+use nembo_domain::state::{Command, JobId, Outcome, Rejection};
+use nembo_domain::task::{self, TaskSpec};
+use nembo_proto::v1 as pb;
+use nembo_proto::v1::coordinator_server::Coordinator;
+use nembo_proto::MAX_TASK_BYTES;
+use tokio::sync::mpsc;
+use tokio_stream::wrappers::ReceiverStream;
+use tonic::{Request, Response, Status};
+
+use crate::convert;
+use crate::error::CoordinatorError;
+use crate::logs::LogKey;
+use crate::server::{now_ms, Ctx};
+
+/// How long a follower of a finished job's logs waits for output still in
+/// flight from a node that may be gone.
+const LOG_DRAIN_GRACE: Duration = Duration::from_secs(3);
+const LOG_CHUNK: usize = 64 * 1024;
+const MAX_IDEMPOTENCY_KEY: usize = 256;
+
+/// Serves the public API from the coordinator's context.
+pub struct Api {
+    ctx: Arc<Ctx>,
+}
+
+impl Api {
+    /// The service over `ctx`.
+    pub fn new(ctx: Arc<Ctx>) -> Self {
+        Self { ctx }
+    }
+
+    fn parse_request(&self, req: &pb::SubmitJobRequest) -> Result<TaskSpec, CoordinatorError> {
+        let overrides: BTreeMap<String, String> = req.env_overrides.clone();
+        let size = prost::Message::encoded_len(req);
+        if size > MAX_TASK_BYTES {
+            return Err(CoordinatorError::TooLarge(format!(
+                "task is {size} bytes; the limit is {MAX_TASK_BYTES}"
+            )));
+        }
+        if req.idempotency_key.len() > MAX_IDEMPOTENCY_KEY {
+            return Err(CoordinatorError::InvalidArgument(format!(
+                "idempotency_key: must be at most {MAX_IDEMPOTENCY_KEY} bytes"
+            )));
+        }
+        let spec = match &req.task {
+            Some(pb::submit_job_request::Task::TaskYaml(y)) => task::parse_task_yaml(y, &overrides)?,
+            Some(pb::submit_job_request::Task::Spec(s)) => convert::spec_from_proto(s, &overrides)?,
+            None => {
+                return Err(CoordinatorError::InvalidArgument(
+                    "task: give task_yaml or spec".into(),
+                ))
+            }
+        };
+        if let Some(w) = &spec.workdir {
+            if !w.starts_with('/') {
+                return Err(CoordinatorError::InvalidArgument(format!(
+                    "workdir: '{w}' must be an absolute path (the CLI resolves relative ones)"
+                )));
+            }
+        }
+        scheduler::check_feasible(&spec, &self.ctx.offerings)?;
+        Ok(spec)
+    }
+}
+
+fn parse_job_id(s: &str) -> Result<JobId, CoordinatorError> {
+    s.trim()
+        .parse()
+        .map_err(|_| CoordinatorError::NotFound(format!("job '{s}' not found")))
+}
+
+fn rejection(r: Rejection) -> CoordinatorError {
+    match r {
+        Rejection::NoSuchJob(_) | Rejection::NoSuchNode(_) => CoordinatorError::NotFound(r.to_string()),
+        Rejection::Conflict(m) => CoordinatorError::FailedPrecondition(m),
+    }
+}
+
+#[tonic::async_trait]
+impl Coordinator for Api {
+    async fn submit_job(
+        &self,
+        request: Request<pb::SubmitJobRequest>,
+    ) -> Result<Response<pb::SubmitJobResponse>, Status> {
+        let req = request.into_inner();
+        let spec = self.parse_request(&req)?;
+        let key = (!req.idempotency_key.is_empty()).then(|| req.idempotency_key.clone());
+        let out = self
+            .ctx
+            .raft
+            .propose(Command::SubmitJob {
+                spec,
+                idempotency_key: key,
+                at_ms: now_ms(),
+            })
+            .await
+            .map_err(CoordinatorError::from)?;
+        match out {
+            Outcome::Job { job_id, existing } => Ok(Response::new(pb::SubmitJobResponse {
+                job_id: job_id.to_string(),
+                existing,
+            })),
+            Outcome::Rejected(r) => Err(rejection(r).into()),
+            other => Err(CoordinatorError::Internal(format!("unexpected outcome {other:?}")).into()),
+        }
+    }
+
+    async fn dry_run(
+        &self,
+        request: Request<pb::SubmitJobRequest>,
+    ) -> Result<Response<pb::DryRunResponse>, Status> {
+        let spec = self.parse_request(request.get_ref())?;
+        let view = self.ctx.raft.view();
+        let placement = scheduler::place(&view.state, &spec, &self.ctx.offerings, &Round::default()).map(|p| match p {
+            Placement::Existing { candidate, node_ids } => pb::Placement {
+                candidate_index: candidate as u32,
+                summary: format!("on existing node(s) {}", node_ids.join(", ")),
+                existing_node_ids: node_ids,
+                ..Default::default()
+            },
+            Placement::Provision {
+                candidate,
+                offering,
+                count,
+            } => pb::Placement {
+                candidate_index: candidate as u32,
+                summary: format!(
+                    "{count} new {} node(s) in {}/{} at ${:.2}/h each",
+                    offering.instance_type, offering.provider, offering.region, offering.hourly_price
+                ),
+                existing_node_ids: vec![],
+                provider: offering.provider,
+                region: offering.region,
+                instance_type: offering.instance_type,
+                hourly_price: offering.hourly_price,
+                new_nodes: count,
+            },
+        });
+        Ok(Response::new(pb::DryRunResponse {
+            normalized_yaml: task::to_normalized_yaml(&spec),
+            spec: Some(convert::spec_to_proto(&spec)),
+            placement,
+        }))
+    }
+
+    async fn get_job(&self, request: Request<pb::GetJobRequest>) -> Result<Response<pb::Job>, Status> {
+        let id = parse_job_id(&request.get_ref().job_id)?;
+        let view = self.ctx.raft.view();
+        let job = view
+            .state
+            .jobs
+            .get(&id)
+            .ok_or_else(|| CoordinatorError::NotFound(format!("job {id} not found")))?;
+        Ok(Response::new(convert::job_to_proto(job)))
+    }
+
+    async fn list_jobs(
+        &self,
+        request: Request<pb::ListJobsRequest>,
+    ) -> Result<Response<pb::ListJobsResponse>, Status> {
+        let filter: Vec<_> = request
+            .get_ref()
+            .states
+            .iter()
+            .filter_map(|s| convert::job_state_from_proto(*s))
+            .collect();
+        let view = self.ctx.raft.view();
+        let jobs = view
+            .state
+            .jobs
+            .values()
+            .filter(|j| filter.is_empty() || filter.contains(&j.state))
+            .map(|j| convert::job_to_proto(j))
+            .collect();
+        Ok(Response::new(pb::ListJobsResponse { jobs }))
+    }
+
+    async fn cancel_job(
+        &self,
+        request: Request<pb::CancelJobRequest>,
+    ) -> Result<Response<pb::CancelJobResponse>, Status> {
+        let id = parse_job_id(&request.get_ref().job_id)?;
+        let out = self
+            .ctx
+            .raft
+            .propose(Command::CancelJob {
+                job_id: id,
+                at_ms: now_ms(),
+            })
+            .await
+            .map_err(CoordinatorError::from)?;
+        if let Outcome::Rejected(r) = out {
+            return Err(rejection(r).into());
+        }
+        let state = self
+            .ctx
+            .raft
+            .view()
+            .state
+            .jobs
+            .get(&id)
+            .map(|j| convert::job_state(j.state))
+            .unwrap_or(pb::JobState::Unspecified);
+        Ok(Response::new(pb::CancelJobResponse { state: state as i32 }))
+    }
+
+    type StreamLogsStream = ReceiverStream<Result<pb::LogChunk, Status>>;
+
+    async fn stream_logs(
+        &self,
+        request: Request<pb::StreamLogsRequest>,
+    ) -> Result<Response<Self::StreamLogsStream>, Status> {
+        let req = request.into_inner();
+        let id = parse_job_id(&req.job_id)?;
+        if !self.ctx.raft.view().state.jobs.contains_key(&id) {
+            return Err(CoordinatorError::NotFound(format!("job {id} not found")).into());
+        }
+        let (tx, rx) = mpsc::channel(16);
+        let ctx = self.ctx.clone();
+        tokio::spawn(async move {
+            if let Err(e) = stream_logs(ctx, id, req.follow, &tx).await {
+                let _ = tx.send(Err(Status::internal(e.to_string()))).await;
+            }
+        });
+        Ok(Response::new(ReceiverStream::new(rx)))
+    }
+
+    async fn list_nodes(
+        &self,
+        _request: Request<pb::ListNodesRequest>,
+    ) -> Result<Response<pb::ListNodesResponse>, Status> {
+        let view = self.ctx.raft.view();
+        let nodes = view
+            .state
+            .nodes
+            .values()
+            .map(|n| convert::node_to_proto(&view.state, n))
+            .collect();
+        Ok(Response::new(pb::ListNodesResponse { nodes }))
+    }
+
+    async fn down(&self, request: Request<pb::DownRequest>) -> Result<Response<pb::DownResponse>, Status> {
+        let req = request.into_inner();
+        let view = self.ctx.raft.view();
+        let node_ids: Vec<String> = if req.all {
+            view.state
+                .nodes
+                .values()
+                .filter(|n| !n.state.is_final())
+                .map(|n| n.id.clone())
+                .collect()
+        } else {
+            if req.node_ids.is_empty() {
+                return Err(CoordinatorError::InvalidArgument(
+                    "node_ids: name at least one node, or set all".into(),
+                )
+                .into());
+            }
+            req.node_ids
+        };
+        if node_ids.is_empty() {
+            return Ok(Response::new(pb::DownResponse { node_ids }));
+        }
+        let out = self
+            .ctx
+            .raft
+            .propose(Command::TerminateNodes {
+                node_ids: node_ids.clone(),
+                at_ms: now_ms(),
+            })
+            .await
+            .map_err(CoordinatorError::from)?;
+        if let Outcome::Rejected(r) = out {
+            return Err(rejection(r).into());
+        }
+        Ok(Response::new(pb::DownResponse { node_ids }))
+    }
+
+    async fn get_cluster_status(
+        &self,
+        _request: Request<pb::GetClusterStatusRequest>,
+    ) -> Result<Response<pb::ClusterStatus>, Status> {
+        let v = self.ctx.raft.view();
+        Ok(Response::new(pb::ClusterStatus {
+            members: v
+                .voters
+                .iter()
+                .map(|id| pb::Member {
+                    id: *id,
+                    address: if *id == v.id { self.ctx.endpoint.clone() } else { String::new() },
+                    is_leader: *id == v.leader_id,
+                })
+                .collect(),
+            leader_id: v.leader_id,
+            term: v.term,
+            commit_index: v.commit,
+            applied_index: v.applied,
+            snapshot_index: v.snapshot_index,
+            version: env!("CARGO_PKG_VERSION").to_string(),
+        }))
+    }
+}
+
+/// Sends everything held for the job's attempts and ranks, in order; with
+/// `follow`, keeps going until the job has ended and all its output is in.
+async fn stream_logs(
+    ctx: Arc<Ctx>,
+    job_id: JobId,
+    follow: bool,
+    tx: &mpsc::Sender<Result<pb::LogChunk, Status>>,
+) -> std::io::Result<()> {
+    let mut cursors: BTreeMap<(u32, u32), u64> = BTreeMap::new();
+    let mut log_changes = ctx.logs.subscribe();
+    let mut views = ctx.raft.subscribe();
+    let mut ended_since: Option<tokio::time::Instant> = None;
+    loop {
+        let view = ctx.raft.view();
+        let Some(job) = view.state.jobs.get(&job_id) else {
+            return Ok(());
+        };
+        let mut complete = true;
+        for a in &job.attempts {
+            for rank in 0..a.node_ids.len() as u32 {
+                let key = LogKey {
+                    job: job_id,
+                    attempt: a.number,
+                    rank,
+                };
+                let cursor = cursors.entry((a.number, rank)).or_insert(0);
+                loop {
+                    let data = ctx.logs.read(key, *cursor, LOG_CHUNK)?;
+                    if data.is_empty() {
+                        break;
+                    }
+                    *cursor += data.len() as u64;
+                    let chunk = pb::LogChunk {
+                        data,
+                        rank,
+                        attempt: a.number,
+                    };
+                    if tx.send(Ok(chunk)).await.is_err() {
+                        return Ok(());
+                    }
+                }
+                complete &= ctx.logs.is_complete(key);
+            }
+        }
+        if !follow {
+            return Ok(());
+        }
+        if job.state.is_terminal() {
+            let since = *ended_since.get_or_insert_with(tokio::time::Instant::now);
+            if complete || since.elapsed() >= LOG_DRAIN_GRACE {
+                return Ok(());
+            }
+        }
+        tokio::select! {
+            _ = log_changes.changed() => {}
+            _ = views.changed() => {}
+            _ = tokio::time::sleep(Duration::from_millis(500)) => {}
+            _ = tx.closed() => return Ok(()),
+        }
+    }
+}

@@ -1,0 +1,221 @@
+//! Control loops. The scheduler and the provisioner run only on the leader:
+//! they start on gaining leadership and are aborted on losing it. Liveness
+//! runs everywhere (it must hear heartbeats to have timers to re-arm) but
+//! acts only while leading.
+
+use std::collections::{HashMap, HashSet};
+use std::sync::Arc;
+use std::time::Duration;
+
+use nembo_domain::scheduler::{plan, Policy};
+use nembo_domain::state::{Command, Node, NodeState, State};
+use tokio::sync::mpsc;
+use tokio::task::JoinSet;
+use tokio::time::Instant;
+
+use crate::provider::{LaunchRequest, ProviderError};
+use crate::server::{now_ms, Ctx};
+
+/// Tunables of the control loops.
+#[derive(Debug, Clone, Copy)]
+pub struct LoopConfig {
+    /// Scheduler limits.
+    pub policy: Policy,
+    /// A node whose heartbeats stop this long is lost.
+    pub node_ttl: Duration,
+    /// A launched node whose agent has not enrolled by then failed.
+    pub provision_timeout: Duration,
+}
+
+/// Runs the liveness owner and starts/stops the leader-only loops as
+/// leadership comes and goes. Returns when the Raft member stops.
+pub async fn supervise(ctx: Arc<Ctx>, cfg: LoopConfig, heartbeats: mpsc::Receiver<String>) {
+    tokio::spawn(liveness(ctx.clone(), cfg, heartbeats));
+    let mut views = ctx.raft.subscribe();
+    let mut leader_loops: Option<JoinSet<()>> = None;
+    loop {
+        let leading = views.borrow_and_update().is_leader();
+        if leading && leader_loops.is_none() {
+            tracing::info!(term = ctx.raft.view().term, "gained leadership; starting control loops");
+            let mut set = JoinSet::new();
+            set.spawn(scheduler(ctx.clone(), cfg.policy));
+            set.spawn(provisioner(ctx.clone()));
+            leader_loops = Some(set);
+        } else if !leading && leader_loops.is_some() {
+            tracing::info!("lost leadership; stopping control loops");
+            leader_loops = None; // dropping the JoinSet aborts them
+        }
+        if views.changed().await.is_err() {
+            return;
+        }
+    }
+}
+
+/// Places pending jobs: proposes the pure planner's commands whenever the
+/// state changes.
+async fn scheduler(ctx: Arc<Ctx>, policy: Policy) {
+    let mut views = ctx.raft.subscribe();
+    let mut planned: Option<Arc<State>> = None;
+    loop {
+        let view = views.borrow_and_update().clone();
+        if planned.as_ref().is_none_or(|p| !Arc::ptr_eq(p, &view.state)) {
+            planned = Some(view.state.clone());
+            for cmd in plan(&view.state, &ctx.offerings, policy, now_ms()) {
+                ctx.propose_quietly(cmd).await;
+            }
+        }
+        if views.changed().await.is_err() {
+            return;
+        }
+    }
+}
+
+/// Calls providers for nodes the state wants launched or terminated. The
+/// intent is already committed (ProvisionNodes / TerminateNodes); the result
+/// is committed after the call.
+async fn provisioner(ctx: Arc<Ctx>) {
+    let mut views = ctx.raft.subscribe();
+    let mut inflight: HashSet<String> = HashSet::new();
+    let mut calls: JoinSet<String> = JoinSet::new();
+    loop {
+        let view = views.borrow_and_update().clone();
+        for node in view.state.nodes.values() {
+            let wanted = match node.state {
+                NodeState::Provisioning => node.instance_id.is_none(),
+                NodeState::Terminating => true,
+                _ => false,
+            };
+            if wanted && inflight.insert(node.id.clone()) {
+                calls.spawn(provider_call(ctx.clone(), node.clone(), view.term));
+            }
+        }
+        tokio::select! {
+            changed = views.changed() => if changed.is_err() { return },
+            Some(done) = calls.join_next() => {
+                if let Ok(id) = done {
+                    inflight.remove(&id);
+                }
+            }
+        }
+    }
+}
+
+async fn provider_call(ctx: Arc<Ctx>, node: Node, term: u64) -> String {
+    let Some(provider) = ctx.providers.get(&node.provider).cloned() else {
+        ctx.propose_quietly(Command::NodeLaunchFailed {
+            node_id: node.id.clone(),
+            message: format!("provider '{}' is not configured", node.provider),
+            at_ms: now_ms(),
+        })
+        .await;
+        return node.id;
+    };
+    let mut backoff = Duration::from_millis(200);
+    for attempt in 1..=5 {
+        let result = if node.state == NodeState::Terminating {
+            provider.terminate(&node.id).await.map(|()| String::new())
+        } else {
+            provider
+                .launch(LaunchRequest {
+                    node_id: node.id.clone(),
+                    region: node.region.clone(),
+                    instance_type: node.instance_type.clone(),
+                    resources: node.resources.clone(),
+                    term,
+                })
+                .await
+        };
+        let cmd = match (result, node.state) {
+            (Ok(_), NodeState::Terminating) => Command::NodeTerminated {
+                node_id: node.id.clone(),
+                at_ms: now_ms(),
+            },
+            (Ok(instance_id), _) => Command::NodeLaunched {
+                node_id: node.id.clone(),
+                instance_id,
+                at_ms: now_ms(),
+            },
+            (Err(ProviderError::Transient(e)), _) if attempt < 5 => {
+                tracing::warn!(node = %node.id, error = %e, attempt, "provider call failed; retrying");
+                tokio::time::sleep(backoff).await;
+                backoff *= 2;
+                continue;
+            }
+            (Err(e), NodeState::Terminating) => {
+                tracing::error!(node = %node.id, error = %e, "terminate failed");
+                return node.id;
+            }
+            (Err(e), _) => Command::NodeLaunchFailed {
+                node_id: node.id.clone(),
+                message: e.to_string(),
+                at_ms: now_ms(),
+            },
+        };
+        ctx.propose_quietly(cmd).await;
+        break;
+    }
+    node.id
+}
+
+/// Heartbeat timers, Nomad-style: a heartbeat only resets an in-memory
+/// deadline; a Raft write happens only when a deadline passes.
+async fn liveness(ctx: Arc<Ctx>, cfg: LoopConfig, mut heartbeats: mpsc::Receiver<String>) {
+    let ttl = cfg.node_ttl;
+    let mut deadlines: HashMap<String, Instant> = HashMap::new();
+    let mut leading = false;
+    let mut tick = tokio::time::interval((ttl / 4).clamp(Duration::from_millis(50), Duration::from_secs(1)));
+    loop {
+        tokio::select! {
+            hb = heartbeats.recv() => {
+                let Some(node) = hb else { return };
+                deadlines.insert(node, Instant::now() + ttl);
+            }
+            _ = tick.tick() => {
+                let view = ctx.raft.view();
+                if !view.is_leader() {
+                    leading = false;
+                    continue;
+                }
+                let now = Instant::now();
+                if !leading {
+                    // A new leader gives every node a full TTL before judging it.
+                    for d in deadlines.values_mut() {
+                        *d = (*d).max(now + ttl);
+                    }
+                    leading = true;
+                }
+                for node in view.state.nodes.values() {
+                    match node.state {
+                        NodeState::Ready => {
+                            let d = *deadlines.entry(node.id.clone()).or_insert(now + ttl);
+                            if d <= now {
+                                deadlines.remove(&node.id);
+                                ctx.propose_quietly(Command::NodeLost {
+                                    node_id: node.id.clone(),
+                                    message: format!("no heartbeat for {:.1}s", ttl.as_secs_f64()),
+                                    at_ms: now_ms(),
+                                })
+                                .await;
+                            }
+                        }
+                        NodeState::Provisioning if node.instance_id.is_some() => {
+                            let age = now_ms() - node.created_at_ms;
+                            if age > cfg.provision_timeout.as_millis() as i64 {
+                                ctx.propose_quietly(Command::NodeLaunchFailed {
+                                    node_id: node.id.clone(),
+                                    message: format!(
+                                        "agent did not enroll within {}s",
+                                        cfg.provision_timeout.as_secs()
+                                    ),
+                                    at_ms: now_ms(),
+                                })
+                                .await;
+                            }
+                        }
+                        _ => {}
+                    }
+                }
+            }
+        }
+    }
+}

@@ -1,0 +1,188 @@
+//! Mapping between the domain model and the wire types.
+
+use std::collections::BTreeMap;
+
+use nembo_domain::state::{self as st, Job, JobState, Node, NodeState, Resources};
+use nembo_domain::task::{
+    self, Accelerator, Infra, Memory, Quantity, ResourceCandidate, ResourceRequest, SpecError, TaskSpec,
+};
+use nembo_proto::v1 as pb;
+
+/// Wire job state.
+pub fn job_state(s: JobState) -> pb::JobState {
+    match s {
+        JobState::Pending => pb::JobState::Pending,
+        JobState::Provisioning => pb::JobState::Provisioning,
+        JobState::Starting => pb::JobState::Starting,
+        JobState::Running => pb::JobState::Running,
+        JobState::Recovering => pb::JobState::Recovering,
+        JobState::Succeeded => pb::JobState::Succeeded,
+        JobState::Failed => pb::JobState::Failed,
+        JobState::FailedSetup => pb::JobState::FailedSetup,
+        JobState::Cancelled => pb::JobState::Cancelled,
+    }
+}
+
+fn node_state(s: NodeState) -> pb::NodeState {
+    match s {
+        NodeState::Provisioning => pb::NodeState::Provisioning,
+        NodeState::Ready => pb::NodeState::Ready,
+        NodeState::Lost => pb::NodeState::Lost,
+        NodeState::Terminating => pb::NodeState::Terminating,
+        NodeState::Terminated => pb::NodeState::Terminated,
+        NodeState::Failed => pb::NodeState::Failed,
+    }
+}
+
+/// Wire resources.
+pub fn resources(r: &Resources) -> pb::NodeResources {
+    pb::NodeResources {
+        accelerators: r.accelerators.clone(),
+        cpus: r.cpus,
+        memory_gb: r.memory_gb,
+    }
+}
+
+/// Wire task, secrets redacted.
+pub fn spec_to_proto(spec: &TaskSpec) -> pb::TaskSpec {
+    let s = spec.redacted();
+    pb::TaskSpec {
+        name: s.name.unwrap_or_default(),
+        num_nodes: s.num_nodes,
+        workdir: s.workdir.unwrap_or_default(),
+        setup: s.setup.unwrap_or_default(),
+        run: s.run.unwrap_or_default(),
+        envs: s.envs,
+        secrets: s.secrets,
+        resources: Some(pb::ResourceRequest {
+            candidates: s
+                .resources
+                .candidates
+                .iter()
+                .map(|c| pb::ResourceCandidate {
+                    infra: c.infra.to_string(),
+                    accelerator: c.accelerator.as_ref().map(|a| a.to_string()).unwrap_or_default(),
+                    cpus: c.cpus.map(|q| q.to_string()).unwrap_or_default(),
+                    memory: c.memory.map(|m| m.to_string()).unwrap_or_default(),
+                    instance_type: c.instance_type.clone().unwrap_or_default(),
+                    use_spot: c.use_spot,
+                })
+                .collect(),
+            ordered: s.resources.ordered,
+            labels: s.resources.labels,
+        }),
+    }
+}
+
+fn non_empty(s: &str) -> Option<String> {
+    let t = s.trim();
+    (!t.is_empty()).then(|| t.to_string())
+}
+
+/// A structured spec from the wire, validated; errors name `spec.…` paths.
+pub fn spec_from_proto(p: &pb::TaskSpec, overrides: &BTreeMap<String, String>) -> Result<TaskSpec, SpecError> {
+    let mut candidates = Vec::new();
+    let res = p.resources.clone().unwrap_or_default();
+    for (i, c) in res.candidates.iter().enumerate() {
+        let path = |f: &str| format!("spec.resources.candidates[{i}].{f}");
+        candidates.push(ResourceCandidate {
+            infra: Infra::parse(&c.infra, &path("infra"))?,
+            accelerator: non_empty(&c.accelerator)
+                .map(|a| Accelerator::parse(&a, &path("accelerator")))
+                .transpose()?,
+            cpus: non_empty(&c.cpus).map(|q| Quantity::parse(&q, &path("cpus"))).transpose()?,
+            memory: non_empty(&c.memory).map(|m| Memory::parse(&m, &path("memory"))).transpose()?,
+            instance_type: non_empty(&c.instance_type),
+            use_spot: c.use_spot,
+            max_hourly_cost: None,
+        });
+    }
+    if candidates.is_empty() {
+        candidates.push(ResourceCandidate::default());
+    }
+    let mut envs = p.envs.clone();
+    envs.extend(overrides.clone());
+    let spec = TaskSpec {
+        name: non_empty(&p.name),
+        num_nodes: if p.num_nodes == 0 { 1 } else { p.num_nodes },
+        workdir: non_empty(&p.workdir),
+        setup: non_empty(&p.setup),
+        run: non_empty(&p.run),
+        envs,
+        secrets: p.secrets.clone(),
+        resources: ResourceRequest {
+            candidates,
+            ordered: res.ordered,
+            labels: res.labels,
+        },
+    };
+    task::validate(&spec).map_err(|e| SpecError::new(format!("spec.{}", e.path), e.message))?;
+    Ok(spec)
+}
+
+/// Wire job, secrets redacted.
+pub fn job_to_proto(job: &Job) -> pb::Job {
+    let current = job.current_attempt();
+    pb::Job {
+        job_id: job.id.to_string(),
+        name: job.name().to_string(),
+        state: job_state(job.state) as i32,
+        exit_code: job.exit_code,
+        submitted_at_unix_ms: job.submitted_at_ms,
+        started_at_unix_ms: job.started_at_ms.unwrap_or(0),
+        ended_at_unix_ms: job.ended_at_ms.unwrap_or(0),
+        node_ids: current
+            .map(|a| a.node_ids.clone())
+            .unwrap_or_else(|| job.reserved_nodes.clone()),
+        attempts: job
+            .attempts
+            .iter()
+            .map(|a| pb::Attempt {
+                attempt: a.number,
+                node_ids: a.node_ids.clone(),
+                state: job_state(a.state) as i32,
+                exit_code: a.exit_code,
+                started_at_unix_ms: a.started_at_ms.unwrap_or(0),
+                ended_at_unix_ms: a.ended_at_ms.unwrap_or(0),
+                message: a.message.clone(),
+            })
+            .collect(),
+        message: job.message.clone(),
+        spec: Some(spec_to_proto(&job.spec)),
+        idempotency_key: job.idempotency_key.clone().unwrap_or_default(),
+    }
+}
+
+/// Wire node.
+pub fn node_to_proto(state: &st::State, node: &Node) -> pb::Node {
+    pb::Node {
+        node_id: node.id.clone(),
+        state: node_state(node.state) as i32,
+        provider: node.provider.clone(),
+        region: node.region.clone(),
+        instance_type: node.instance_type.clone(),
+        resources: Some(resources(&node.resources)),
+        free: Some(resources(&state.free_on(&node.id))),
+        address: node.address.clone(),
+        job_ids: state.jobs_on(&node.id).iter().map(|j| j.to_string()).collect(),
+        created_at_unix_ms: node.created_at_ms,
+        message: node.message.clone(),
+        hourly_price: node.hourly_price,
+    }
+}
+
+/// Domain job state from the wire (for filters).
+pub fn job_state_from_proto(v: i32) -> Option<JobState> {
+    Some(match pb::JobState::try_from(v).ok()? {
+        pb::JobState::Pending => JobState::Pending,
+        pb::JobState::Provisioning => JobState::Provisioning,
+        pb::JobState::Starting => JobState::Starting,
+        pb::JobState::Running => JobState::Running,
+        pb::JobState::Recovering => JobState::Recovering,
+        pb::JobState::Succeeded => JobState::Succeeded,
+        pb::JobState::Failed => JobState::Failed,
+        pb::JobState::FailedSetup => JobState::FailedSetup,
+        pb::JobState::Cancelled => JobState::Cancelled,
+        pb::JobState::Unspecified => return None,
+    })
+}

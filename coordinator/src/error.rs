@@ -1,0 +1,57 @@
+//! Coordinator errors, mapped to `tonic::Status` in exactly one place.
+
+use tonic::{Code, Status};
+
+use crate::raft::ProposeError;
+
+/// Everything a coordinator call can fail with.
+#[derive(Debug, thiserror::Error)]
+pub enum CoordinatorError {
+    /// Bad input; the message starts with the field path.
+    #[error("{0}")]
+    InvalidArgument(String),
+    /// Unknown id.
+    #[error("{0}")]
+    NotFound(String),
+    /// A request over the size limit.
+    #[error("{0}")]
+    TooLarge(String),
+    /// The state does not allow it.
+    #[error("{0}")]
+    FailedPrecondition(String),
+    /// Raft did not apply the change.
+    #[error(transparent)]
+    Propose(#[from] ProposeError),
+    /// Durable storage failed.
+    #[error("storage: {0}")]
+    Storage(String),
+    /// A bug or an unexpected failure.
+    #[error("internal: {0}")]
+    Internal(String),
+}
+
+impl From<nembo_domain::task::SpecError> for CoordinatorError {
+    fn from(e: nembo_domain::task::SpecError) -> Self {
+        CoordinatorError::InvalidArgument(e.to_string())
+    }
+}
+
+impl From<CoordinatorError> for Status {
+    fn from(e: CoordinatorError) -> Status {
+        let code = match &e {
+            CoordinatorError::InvalidArgument(_) => Code::InvalidArgument,
+            CoordinatorError::NotFound(_) => Code::NotFound,
+            CoordinatorError::TooLarge(_) => Code::ResourceExhausted,
+            CoordinatorError::FailedPrecondition(_) => Code::FailedPrecondition,
+            CoordinatorError::Propose(_) => Code::Unavailable,
+            CoordinatorError::Storage(_) | CoordinatorError::Internal(_) => Code::Internal,
+        };
+        let mut status = Status::new(code, e.to_string());
+        if let CoordinatorError::Propose(ProposeError::NotLeader { leader }) = e {
+            if let Ok(v) = leader.to_string().parse() {
+                status.metadata_mut().insert("nembo-leader-id", v);
+            }
+        }
+        status
+    }
+}

@@ -1,0 +1,230 @@
+//! The local provider, Nembo's embedded default: a node is a `nembo-agent`
+//! process on this machine with its own work dir, declaring simulated
+//! resources (`H100:8`, vCPUs, memory) so that scheduling by accelerator
+//! works without hardware. Two regions, so failover has somewhere to go.
+
+use std::collections::BTreeMap;
+use std::fs;
+use std::path::{Path, PathBuf};
+use std::process::Stdio;
+use std::time::Duration;
+
+use nembo_domain::state::{Offering, Resources};
+use nembo_domain::task::fmt_num;
+use nix::sys::signal::{kill, killpg, Signal};
+use nix::unistd::Pid;
+
+use super::{BoxFuture, LaunchRequest, Provider, ProviderError};
+
+/// Regions the local provider offers.
+pub const REGIONS: &[&str] = &["us-east", "eu-west"];
+
+/// GPU models the local provider simulates, with vCPUs and GB per GPU.
+const GPU_SHAPES: &[(&str, f64, f64)] = &[
+    ("H100", 24.0, 240.0),
+    ("H200", 24.0, 240.0),
+    ("A100", 12.0, 140.0),
+    ("A100-80GB", 12.0, 140.0),
+    ("L4", 8.0, 32.0),
+    ("A10G", 8.0, 32.0),
+    ("T4", 4.0, 16.0),
+];
+
+/// How agents are started.
+#[derive(Debug, Clone)]
+pub struct LocalConfig {
+    /// Parent of every node's work dir.
+    pub nodes_dir: PathBuf,
+    /// The `nembo-agent` binary.
+    pub agent_bin: PathBuf,
+    /// Coordinator URL the agents dial.
+    pub endpoint: String,
+    /// CA certificate the agents trust.
+    pub ca_cert: PathBuf,
+    /// Agent join token file.
+    pub agent_token: PathBuf,
+    /// Heartbeat period handed to agents.
+    pub heartbeat_ms: u32,
+}
+
+/// Agents as local processes.
+pub struct LocalProvider {
+    cfg: LocalConfig,
+}
+
+impl LocalProvider {
+    /// A provider that starts agents as configured.
+    pub fn new(cfg: LocalConfig) -> Self {
+        Self { cfg }
+    }
+
+    /// Every simulated shape in every region.
+    pub fn catalog() -> Vec<Offering> {
+        let mut shapes: Vec<(String, Resources)> = Vec::new();
+        for cpus in [2.0, 4.0, 8.0, 16.0, 32.0] {
+            shapes.push((
+                format!("local-cpu-{}", fmt_num(cpus)),
+                Resources {
+                    accelerators: BTreeMap::new(),
+                    cpus,
+                    memory_gb: cpus * 4.0,
+                },
+            ));
+        }
+        for (gpu, cpus, mem) in GPU_SHAPES {
+            for n in [1.0, 2.0, 4.0, 8.0] {
+                let mut acc = BTreeMap::new();
+                acc.insert(gpu.to_string(), n);
+                shapes.push((
+                    format!("local-{}-{}", gpu.to_ascii_lowercase(), fmt_num(n)),
+                    Resources {
+                        accelerators: acc,
+                        cpus: cpus * n,
+                        memory_gb: mem * n,
+                    },
+                ));
+            }
+        }
+        REGIONS
+            .iter()
+            .flat_map(|region| {
+                shapes.iter().map(move |(t, r)| Offering {
+                    provider: "local".into(),
+                    region: region.to_string(),
+                    instance_type: t.clone(),
+                    resources: r.clone(),
+                    hourly_price: 0.0,
+                    spot_price: None,
+                })
+            })
+            .collect()
+    }
+
+    fn node_dir(&self, node_id: &str) -> PathBuf {
+        self.cfg.nodes_dir.join(node_id)
+    }
+}
+
+fn read_pid(path: &Path) -> Option<i32> {
+    fs::read_to_string(path).ok()?.trim().parse().ok()
+}
+
+fn alive(pid: i32) -> bool {
+    kill(Pid::from_raw(pid), None).is_ok()
+}
+
+fn accelerator_arg(r: &Resources) -> Option<String> {
+    let parts: Vec<String> = r
+        .accelerators
+        .iter()
+        .map(|(k, n)| format!("{k}:{}", fmt_num(*n)))
+        .collect();
+    (!parts.is_empty()).then(|| parts.join(","))
+}
+
+impl Provider for LocalProvider {
+    fn name(&self) -> &str {
+        "local"
+    }
+
+    fn offerings(&self) -> Vec<Offering> {
+        Self::catalog()
+    }
+
+    fn launch(&self, req: LaunchRequest) -> BoxFuture<'_, Result<String, ProviderError>> {
+        Box::pin(async move {
+            let dir = self.node_dir(&req.node_id);
+            let pid_file = dir.join("agent.pid");
+            if let Some(pid) = read_pid(&pid_file).filter(|p| alive(*p)) {
+                return Ok(format!("pid-{pid}"));
+            }
+            fs::create_dir_all(&dir).map_err(|e| ProviderError::InvalidRequest(format!("{}: {e}", dir.display())))?;
+            let log = fs::File::create(dir.join("agent.log"))
+                .map_err(|e| ProviderError::Transient(e.to_string()))?;
+            let log2 = log.try_clone().map_err(|e| ProviderError::Transient(e.to_string()))?;
+            let mut cmd = tokio::process::Command::new(&self.cfg.agent_bin);
+            cmd.arg("--coordinator")
+                .arg(&self.cfg.endpoint)
+                .arg("--ca-cert")
+                .arg(&self.cfg.ca_cert)
+                .arg("--token-file")
+                .arg(&self.cfg.agent_token)
+                .arg("--node-id")
+                .arg(&req.node_id)
+                .arg("--work-dir")
+                .arg(&dir)
+                .arg("--cpus")
+                .arg(fmt_num(req.resources.cpus))
+                .arg("--memory-gb")
+                .arg(fmt_num(req.resources.memory_gb))
+                .arg("--heartbeat-ms")
+                .arg(self.cfg.heartbeat_ms.to_string());
+            if let Some(a) = accelerator_arg(&req.resources) {
+                cmd.arg("--accelerators").arg(a);
+            }
+            // Its own process group: a coordinator crash or Ctrl-C must not take nodes down.
+            cmd.process_group(0)
+                .stdin(Stdio::null())
+                .stdout(Stdio::from(log))
+                .stderr(Stdio::from(log2))
+                .kill_on_drop(false);
+            let mut child = cmd.spawn().map_err(|e| {
+                ProviderError::InvalidRequest(format!(
+                    "cannot start {}: {e}",
+                    self.cfg.agent_bin.display()
+                ))
+            })?;
+            let pid = child.id().unwrap_or(0) as i32;
+            fs::write(&pid_file, pid.to_string()).map_err(|e| ProviderError::Transient(e.to_string()))?;
+            // Reap it when it exits, so no zombie is left behind.
+            tokio::spawn(async move {
+                let _ = child.wait().await;
+            });
+            tracing::info!(node = %req.node_id, pid, region = %req.region, instance_type = %req.instance_type, "local node started");
+            Ok(format!("pid-{pid}"))
+        })
+    }
+
+    fn terminate<'a>(&'a self, node_id: &'a str) -> BoxFuture<'a, Result<(), ProviderError>> {
+        Box::pin(async move {
+            let dir = self.node_dir(node_id);
+            // A VM going away takes its jobs with it: kill every job's process group.
+            if let Ok(entries) = fs::read_dir(dir.join("jobs")) {
+                for e in entries.flatten() {
+                    if let Some(pgid) = read_pid(&e.path().join("pid")) {
+                        let _ = killpg(Pid::from_raw(pgid), Signal::SIGKILL);
+                    }
+                }
+            }
+            if let Some(pid) = read_pid(&dir.join("agent.pid")) {
+                let _ = kill(Pid::from_raw(pid), Signal::SIGTERM);
+                for _ in 0..40 {
+                    if !alive(pid) {
+                        break;
+                    }
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                }
+                if alive(pid) {
+                    let _ = kill(Pid::from_raw(pid), Signal::SIGKILL);
+                }
+            }
+            let _ = fs::remove_file(dir.join("agent.pid"));
+            Ok(())
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn catalog_has_two_regions_and_gpu_shapes() {
+        let c = LocalProvider::catalog();
+        assert!(REGIONS.len() >= 2);
+        for r in REGIONS {
+            assert!(c.iter().any(|o| o.region == *r && o.instance_type == "local-h100-8"
+                && o.resources.accelerators["H100"] == 8.0));
+        }
+    }
+}

@@ -1,0 +1,382 @@
+//! The Raft member: a raft-rs `RawNode` driven by one dedicated OS thread
+//! that owns the node, the durable store and the state machine.
+//!
+//! Callers talk to it through a channel ([`RaftHandle::propose`]) and read
+//! the applied state from a `watch` channel; nothing else touches the state.
+//! The Ready loop follows raft-notes §2: send leader messages, apply
+//! committed entries, persist entries + HardState (fsync), send persisted
+//! messages, advance, apply what the light ready committed.
+
+mod store;
+
+use std::collections::HashMap;
+use std::path::PathBuf;
+use std::sync::mpsc::{self, RecvTimeoutError};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use nembo_domain::state::{Command, Outcome, State};
+use raft::eraftpb::{ConfChange, ConfChangeV2, Entry, EntryType, Message};
+use raft::prelude::RawNode;
+use raft::storage::MemStorage;
+use raft::StateRole;
+use tokio::sync::{oneshot, watch};
+
+use crate::error::CoordinatorError;
+pub use store::RaftStore;
+
+/// How a member is set up.
+#[derive(Debug, Clone)]
+pub struct RaftConfig {
+    /// This member's id (non-zero).
+    pub id: u64,
+    /// Voters of a fresh cluster (ignored once the store has a configuration).
+    pub voters: Vec<u64>,
+    /// Data directory for the log and snapshots.
+    pub dir: PathBuf,
+    /// Raft tick; election timeout is 10 ticks, heartbeat 1 tick (etcd-like at 100 ms).
+    pub tick: Duration,
+    /// Snapshot the state machine and compact the log every this many entries.
+    pub snapshot_every: u64,
+}
+
+/// What readers see: the applied state and where Raft stands.
+#[derive(Debug, Clone)]
+pub struct ClusterView {
+    /// State machine as of `applied`.
+    pub state: Arc<State>,
+    /// This member.
+    pub id: u64,
+    /// Current leader (0 = unknown).
+    pub leader_id: u64,
+    /// Current term.
+    pub term: u64,
+    /// Highest committed index.
+    pub commit: u64,
+    /// Highest applied index.
+    pub applied: u64,
+    /// Index of the newest snapshot.
+    pub snapshot_index: u64,
+    /// Voting members.
+    pub voters: Vec<u64>,
+}
+
+impl ClusterView {
+    /// Whether this member leads.
+    pub fn is_leader(&self) -> bool {
+        self.leader_id == self.id
+    }
+}
+
+/// Why a proposal was not applied.
+#[derive(Debug, Clone, thiserror::Error)]
+pub enum ProposeError {
+    /// Only the leader takes proposals.
+    #[error("not the leader (leader is {leader})")]
+    NotLeader {
+        /// Known leader, 0 if none.
+        leader: u64,
+    },
+    /// Leadership changed before the entry committed; its fate is unknown.
+    #[error("proposal dropped by a leadership change; retry with the same idempotency key")]
+    Dropped,
+    /// The member has stopped.
+    #[error("raft member stopped")]
+    Stopped,
+}
+
+type Reply = oneshot::Sender<Result<Outcome, ProposeError>>;
+
+enum Input {
+    Propose(Box<Command>, Reply),
+}
+
+/// Handle to a running member. Cheap to clone.
+#[derive(Clone)]
+pub struct RaftHandle {
+    tx: mpsc::Sender<Input>,
+    view: watch::Receiver<Arc<ClusterView>>,
+}
+
+impl RaftHandle {
+    /// Proposes a command; resolves once it is committed, durable and applied.
+    pub async fn propose(&self, cmd: Command) -> Result<Outcome, ProposeError> {
+        let (tx, rx) = oneshot::channel();
+        self.tx
+            .send(Input::Propose(Box::new(cmd), tx))
+            .map_err(|_| ProposeError::Stopped)?;
+        rx.await.map_err(|_| ProposeError::Stopped)?
+    }
+
+    /// The latest applied view.
+    pub fn view(&self) -> Arc<ClusterView> {
+        self.view.borrow().clone()
+    }
+
+    /// A receiver that wakes on every new view.
+    pub fn subscribe(&self) -> watch::Receiver<Arc<ClusterView>> {
+        self.view.clone()
+    }
+}
+
+/// Opens the store, recovers the state and starts the member's thread.
+pub fn start(cfg: RaftConfig) -> Result<(RaftHandle, std::thread::JoinHandle<()>), CoordinatorError> {
+    let recovered = RaftStore::open(&cfg.dir, &cfg.voters)?;
+    let raft_cfg = raft::Config {
+        id: cfg.id,
+        election_tick: 10,
+        heartbeat_tick: 1,
+        applied: recovered.applied,
+        pre_vote: true,
+        check_quorum: true,
+        max_size_per_msg: 1024 * 1024,
+        max_inflight_msgs: 256,
+        ..Default::default()
+    };
+    raft_cfg
+        .validate()
+        .map_err(|e| CoordinatorError::Storage(format!("raft config: {e}")))?;
+    let logger = slog::Logger::root(slog::Discard, slog::o!());
+    let mut node = RawNode::new(&raft_cfg, recovered.store.storage(), &logger)
+        .map_err(|e| CoordinatorError::Storage(format!("raft: {e}")))?;
+    let voters = node.raft.prs().conf().voters().ids().iter().collect::<Vec<_>>();
+    if voters == [cfg.id] {
+        // A lone voter need not wait out an election timeout to lead.
+        let _ = node.campaign();
+    }
+    let state = recovered.state;
+    let view = Arc::new(ClusterView {
+        state: Arc::new(state.clone()),
+        id: cfg.id,
+        leader_id: node.raft.leader_id,
+        term: node.raft.term,
+        commit: node.raft.raft_log.committed,
+        applied: recovered.applied,
+        snapshot_index: recovered.store.snapshot_index(),
+        voters,
+    });
+    let (view_tx, view_rx) = watch::channel(view);
+    let (tx, rx) = mpsc::channel();
+    let mut member = Member {
+        node,
+        store: recovered.store,
+        state,
+        applied: recovered.applied,
+        pending: HashMap::new(),
+        replies: Vec::new(),
+        dirty: false,
+        view_tx,
+        cfg: cfg.clone(),
+    };
+    let join = std::thread::Builder::new()
+        .name(format!("raft-{}", cfg.id))
+        .spawn(move || member.run(rx))
+        .map_err(|e| CoordinatorError::Storage(format!("spawn raft thread: {e}")))?;
+    Ok((RaftHandle { tx, view: view_rx }, join))
+}
+
+struct Member {
+    node: RawNode<MemStorage>,
+    store: RaftStore,
+    state: State,
+    applied: u64,
+    /// Proposals waiting to be applied: index -> (term, reply).
+    pending: HashMap<u64, (u64, Reply)>,
+    /// Replies held until the view that contains their effect is published.
+    replies: Vec<(Reply, Result<Outcome, ProposeError>)>,
+    /// Whether anything applied since the last publish changed the state.
+    dirty: bool,
+    view_tx: watch::Sender<Arc<ClusterView>>,
+    cfg: RaftConfig,
+}
+
+impl Member {
+    fn run(&mut self, rx: mpsc::Receiver<Input>) {
+        let mut last_tick = Instant::now();
+        loop {
+            let wait = self.cfg.tick.saturating_sub(last_tick.elapsed());
+            match rx.recv_timeout(wait) {
+                Ok(input) => {
+                    self.handle(input);
+                    // Batch everything queued into one Ready (one fsync).
+                    while let Ok(more) = rx.try_recv() {
+                        self.handle(more);
+                    }
+                }
+                Err(RecvTimeoutError::Timeout) => {}
+                Err(RecvTimeoutError::Disconnected) => break,
+            }
+            if last_tick.elapsed() >= self.cfg.tick {
+                self.node.tick();
+                last_tick = Instant::now();
+            }
+            if let Err(e) = self.on_ready() {
+                // Any storage failure leaves raft inoperable: stop, loudly.
+                tracing::error!(error = %e, "raft storage failed; member stopping");
+                break;
+            }
+        }
+        for (_, (_, reply)) in self.pending.drain() {
+            let _ = reply.send(Err(ProposeError::Stopped));
+        }
+    }
+
+    fn handle(&mut self, input: Input) {
+        match input {
+            Input::Propose(cmd, reply) => {
+                if self.node.raft.state != StateRole::Leader {
+                    let _ = reply.send(Err(ProposeError::NotLeader {
+                        leader: self.node.raft.leader_id,
+                    }));
+                    return;
+                }
+                let data = match serde_json::to_vec(&cmd) {
+                    Ok(d) => d,
+                    Err(_) => {
+                        let _ = reply.send(Err(ProposeError::Dropped));
+                        return;
+                    }
+                };
+                let before = self.node.raft.raft_log.last_index();
+                match self.node.propose(vec![], data) {
+                    Ok(()) if self.node.raft.raft_log.last_index() > before => {
+                        let index = self.node.raft.raft_log.last_index();
+                        self.pending.insert(index, (self.node.raft.term, reply));
+                    }
+                    _ => {
+                        let _ = reply.send(Err(ProposeError::Dropped));
+                    }
+                }
+            }
+        }
+    }
+
+    fn on_ready(&mut self) -> Result<(), CoordinatorError> {
+        if !self.node.has_ready() {
+            return Ok(());
+        }
+        let was_leader = self.node.raft.state == StateRole::Leader;
+        let mut ready = self.node.ready();
+        self.send(ready.take_messages());
+        if !ready.snapshot().is_empty() {
+            // Only a leader with followers sends snapshots; replication is not built yet.
+            return Err(CoordinatorError::Storage(
+                "received a raft snapshot, but this build runs a single member".into(),
+            ));
+        }
+        self.apply(ready.take_committed_entries())?;
+        self.store
+            .append(ready.entries(), ready.hs(), ready.must_sync())?;
+        self.send(ready.take_persisted_messages());
+        let mut light = self.node.advance(ready);
+        if let Some(commit) = light.commit_index() {
+            self.store.set_commit(commit)?;
+        }
+        self.send(light.take_messages());
+        self.apply(light.take_committed_entries())?;
+        self.node.advance_apply();
+
+        if was_leader && self.node.raft.state != StateRole::Leader {
+            for (_, (_, reply)) in self.pending.drain() {
+                let _ = reply.send(Err(ProposeError::Dropped));
+            }
+        }
+        if self.applied >= self.store.snapshot_index() + self.cfg.snapshot_every {
+            self.store.snapshot(&self.state, self.applied)?;
+        }
+        self.publish();
+        for (reply, result) in self.replies.drain(..) {
+            let _ = reply.send(result);
+        }
+        Ok(())
+    }
+
+    fn send(&mut self, msgs: Vec<Message>) {
+        // A single voter has no peers; anything addressed elsewhere is a bug.
+        for m in msgs {
+            tracing::warn!(to = m.to, kind = ?m.msg_type, "dropping raft message: no peer transport");
+        }
+    }
+
+    fn apply(&mut self, entries: Vec<Entry>) -> Result<(), CoordinatorError> {
+        for entry in entries {
+            self.applied = entry.index;
+            match entry.get_entry_type() {
+                EntryType::EntryNormal => {
+                    if entry.data.is_empty() {
+                        continue; // a new leader's empty entry
+                    }
+                    let outcome = match serde_json::from_slice::<Command>(&entry.data) {
+                        Ok(cmd) => {
+                            let outcome = self.state.apply(&cmd);
+                            self.dirty |= !matches!(outcome, Outcome::Rejected(_));
+                            outcome
+                        }
+                        Err(e) => {
+                            // Written by a newer version? Skipping keeps replicas equal.
+                            tracing::error!(index = entry.index, error = %e, "undecodable command skipped");
+                            continue;
+                        }
+                    };
+                    if let Some((term, reply)) = self.pending.remove(&entry.index) {
+                        let result = if term == entry.term {
+                            Ok(outcome)
+                        } else {
+                            Err(ProposeError::Dropped)
+                        };
+                        self.replies.push((reply, result));
+                    }
+                }
+                EntryType::EntryConfChange => {
+                    let cc: ConfChange = protobuf::Message::parse_from_bytes(&entry.data)
+                        .map_err(|e| CoordinatorError::Storage(e.to_string()))?;
+                    let cs = self
+                        .node
+                        .apply_conf_change(&cc)
+                        .map_err(|e| CoordinatorError::Storage(e.to_string()))?;
+                    self.store.set_conf_state(&cs)?;
+                }
+                EntryType::EntryConfChangeV2 => {
+                    let cc: ConfChangeV2 = protobuf::Message::parse_from_bytes(&entry.data)
+                        .map_err(|e| CoordinatorError::Storage(e.to_string()))?;
+                    let cs = self
+                        .node
+                        .apply_conf_change(&cc)
+                        .map_err(|e| CoordinatorError::Storage(e.to_string()))?;
+                    self.store.set_conf_state(&cs)?;
+                }
+            }
+        }
+        Ok(())
+    }
+
+    fn publish(&mut self) {
+        let old = self.view_tx.borrow().clone();
+        let raft = &self.node.raft;
+        let changed = old.applied != self.applied
+            || old.leader_id != raft.leader_id
+            || old.term != raft.term
+            || old.commit != raft.raft_log.committed;
+        if !changed {
+            return;
+        }
+        // Readers compare state pointers to skip work when nothing changed
+        // (e.g. a batch of rejected commands).
+        let state = if self.dirty {
+            Arc::new(self.state.clone())
+        } else {
+            old.state.clone()
+        };
+        self.dirty = false;
+        self.view_tx.send_replace(Arc::new(ClusterView {
+            state,
+            id: self.cfg.id,
+            leader_id: raft.leader_id,
+            term: raft.term,
+            commit: raft.raft_log.committed,
+            applied: self.applied,
+            snapshot_index: self.store.snapshot_index(),
+            voters: raft.prs().conf().voters().ids().iter().collect(),
+        }));
+    }
+}

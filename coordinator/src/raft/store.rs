@@ -1,0 +1,244 @@
+//! Durable Raft storage: raft-engine holds the log, HardState and ConfState;
+//! the state machine is snapshotted to `snapshot.json` (written to a temp
+//! file, fsynced, renamed, directory fsynced) and the log compacted behind it.
+//!
+//! raft-rs reads through its `Storage` trait; we serve it from a `MemStorage`
+//! mirror that is only ever written after the same data is durable in
+//! raft-engine, and rebuilt from raft-engine at start.
+
+use std::fs;
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use nembo_domain::state::State;
+use raft::eraftpb::{ConfState, Entry, HardState, Snapshot};
+use raft::storage::MemStorage;
+use raft::Storage;
+use raft_engine::{Engine, LogBatch, MessageExt};
+use serde::{Deserialize, Serialize};
+
+use crate::error::CoordinatorError;
+
+/// The single Raft group this coordinator runs.
+const GROUP: u64 = 1;
+const KEY_HARD_STATE: &[u8] = b"hard_state";
+const KEY_CONF_STATE: &[u8] = b"conf_state";
+const SNAPSHOT_FILE: &str = "snapshot.json";
+
+/// Tells raft-engine how to index raft-rs entries.
+#[derive(Clone)]
+pub struct EntryExt;
+
+impl MessageExt for EntryExt {
+    type Entry = Entry;
+    fn index(e: &Entry) -> u64 {
+        e.index
+    }
+}
+
+/// The state machine on disk, as of `index`.
+#[derive(Serialize, Deserialize)]
+struct SnapshotFile {
+    index: u64,
+    term: u64,
+    voters: Vec<u64>,
+    learners: Vec<u64>,
+    state: State,
+}
+
+/// Log, hard state and snapshots of one member.
+pub struct RaftStore {
+    engine: Arc<Engine>,
+    mem: MemStorage,
+    dir: PathBuf,
+    snapshot_index: u64,
+}
+
+/// What a member recovers at start.
+pub struct Recovered {
+    /// The storage, ready for `RawNode::new`.
+    pub store: RaftStore,
+    /// State machine as of `applied`.
+    pub state: State,
+    /// Index the state machine reflects; pass as `Config::applied`.
+    pub applied: u64,
+}
+
+fn storage_err(e: impl std::fmt::Display) -> CoordinatorError {
+    CoordinatorError::Storage(e.to_string())
+}
+
+impl RaftStore {
+    /// Opens (or creates) the store in `dir`. A fresh store starts with
+    /// `initial_voters` as its configuration.
+    pub fn open(dir: &Path, initial_voters: &[u64]) -> Result<Recovered, CoordinatorError> {
+        fs::create_dir_all(dir).map_err(storage_err)?;
+        let cfg = raft_engine::Config {
+            dir: dir.join("raft-log").to_string_lossy().into_owned(),
+            target_file_size: raft_engine::ReadableSize::mb(16),
+            purge_threshold: raft_engine::ReadableSize::mb(64),
+            ..Default::default()
+        };
+        let engine = Arc::new(Engine::open(cfg).map_err(storage_err)?);
+        let mem = MemStorage::new();
+
+        let (state, applied, mut conf) = match read_snapshot(dir)? {
+            Some(s) => {
+                let mut snap = Snapshot::default();
+                let md = snap.mut_metadata();
+                md.index = s.index;
+                md.term = s.term;
+                md.mut_conf_state().voters = s.voters.clone();
+                md.mut_conf_state().learners = s.learners.clone();
+                mem.wl().apply_snapshot(snap).map_err(storage_err)?;
+                let mut cs = ConfState::default();
+                cs.voters = s.voters;
+                cs.learners = s.learners;
+                (s.state, s.index, Some(cs))
+            }
+            None => (State::default(), 0, None),
+        };
+
+        if let (Some(first), Some(last)) = (engine.first_index(GROUP), engine.last_index(GROUP)) {
+            let from = first.max(applied + 1);
+            if from <= last {
+                let mut entries = Vec::new();
+                engine
+                    .fetch_entries_to::<EntryExt>(GROUP, from, last + 1, None, &mut entries)
+                    .map_err(storage_err)?;
+                mem.wl().append(&entries).map_err(storage_err)?;
+            }
+        }
+        if let Some(cs) = engine
+            .get_message::<ConfState>(GROUP, KEY_CONF_STATE)
+            .map_err(storage_err)?
+        {
+            conf = Some(cs);
+        }
+        let conf = conf.unwrap_or_else(|| {
+            let mut cs = ConfState::default();
+            cs.voters = initial_voters.to_vec();
+            cs
+        });
+        mem.wl().set_conf_state(conf);
+        if let Some(mut hs) = engine
+            .get_message::<HardState>(GROUP, KEY_HARD_STATE)
+            .map_err(storage_err)?
+        {
+            hs.commit = hs.commit.max(applied);
+            mem.wl().set_hardstate(hs);
+        }
+        Ok(Recovered {
+            store: RaftStore {
+                engine,
+                mem,
+                dir: dir.to_path_buf(),
+                snapshot_index: applied,
+            },
+            state,
+            applied,
+        })
+    }
+
+    /// The `Storage` raft-rs reads.
+    pub fn storage(&self) -> MemStorage {
+        self.mem.clone()
+    }
+
+    /// Index of the newest snapshot.
+    pub fn snapshot_index(&self) -> u64 {
+        self.snapshot_index
+    }
+
+    /// Appends entries and hard state in one batch; with `sync`, fsyncs
+    /// before returning. Only then is the in-memory mirror updated.
+    pub fn append(&self, entries: &[Entry], hs: Option<&HardState>, sync: bool) -> Result<(), CoordinatorError> {
+        let mut batch = LogBatch::default();
+        if !entries.is_empty() {
+            batch
+                .add_entries::<EntryExt>(GROUP, entries)
+                .map_err(storage_err)?;
+        }
+        if let Some(hs) = hs {
+            batch
+                .put_message(GROUP, KEY_HARD_STATE.to_vec(), hs)
+                .map_err(storage_err)?;
+        }
+        if batch.is_empty() {
+            return Ok(());
+        }
+        self.engine.write(&mut batch, sync).map_err(storage_err)?;
+        let mut w = self.mem.wl();
+        if !entries.is_empty() {
+            w.append(entries).map_err(storage_err)?;
+        }
+        if let Some(hs) = hs {
+            w.set_hardstate(hs.clone());
+        }
+        Ok(())
+    }
+
+    /// Records a new commit index (not fsynced: a lost commit index is
+    /// recomputed by Raft, a lost entry is not).
+    pub fn set_commit(&self, commit: u64) -> Result<(), CoordinatorError> {
+        let mut hs = self.mem.initial_state().map_err(storage_err)?.hard_state;
+        if hs.commit >= commit {
+            return Ok(());
+        }
+        hs.commit = commit;
+        self.append(&[], Some(&hs), false)
+    }
+
+    /// Persists the configuration after a conf change.
+    pub fn set_conf_state(&self, cs: &ConfState) -> Result<(), CoordinatorError> {
+        let mut batch = LogBatch::default();
+        batch
+            .put_message(GROUP, KEY_CONF_STATE.to_vec(), cs)
+            .map_err(storage_err)?;
+        self.engine.write(&mut batch, true).map_err(storage_err)?;
+        self.mem.wl().set_conf_state(cs.clone());
+        Ok(())
+    }
+
+    /// Writes the state machine as of `index` durably, then drops the log
+    /// before it.
+    pub fn snapshot(&mut self, state: &State, index: u64) -> Result<(), CoordinatorError> {
+        let term = self.mem.term(index).map_err(storage_err)?;
+        let cs = self.mem.initial_state().map_err(storage_err)?.conf_state;
+        let file = SnapshotFile {
+            index,
+            term,
+            voters: cs.voters.clone(),
+            learners: cs.learners.clone(),
+            state: state.clone(),
+        };
+        let bytes = serde_json::to_vec(&file).map_err(storage_err)?;
+        let tmp = self.dir.join(format!("{SNAPSHOT_FILE}.tmp"));
+        {
+            let mut f = fs::File::create(&tmp).map_err(storage_err)?;
+            f.write_all(&bytes).map_err(storage_err)?;
+            f.sync_all().map_err(storage_err)?;
+        }
+        fs::rename(&tmp, self.dir.join(SNAPSHOT_FILE)).map_err(storage_err)?;
+        fs::File::open(&self.dir)
+            .and_then(|d| d.sync_all())
+            .map_err(storage_err)?;
+        self.engine.compact_to(GROUP, index + 1);
+        self.mem.wl().compact(index + 1).map_err(storage_err)?;
+        self.engine.purge_expired_files().map_err(storage_err)?;
+        self.snapshot_index = index;
+        Ok(())
+    }
+}
+
+fn read_snapshot(dir: &Path) -> Result<Option<SnapshotFile>, CoordinatorError> {
+    let path = dir.join(SNAPSHOT_FILE);
+    match fs::read(&path) {
+        Ok(bytes) => serde_json::from_slice(&bytes)
+            .map(Some)
+            .map_err(|e| storage_err(format!("{}: {e}", path.display()))),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
+        Err(e) => Err(storage_err(e)),
+    }
+}

@@ -1,0 +1,294 @@
+//! Wiring: credentials, listener, Raft member, services and control loops.
+//! [`run`] is the one entry point, used by `main.rs` and by tests alike.
+
+use std::collections::BTreeMap;
+use std::future::Future;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use nembo_domain::scheduler::Policy;
+use nembo_domain::state::{Command, Offering};
+use nembo_proto::v1::agent_service_server::AgentServiceServer;
+use nembo_proto::v1::coordinator_server::CoordinatorServer;
+use serde::{Deserialize, Serialize};
+use tokio::sync::mpsc;
+use tonic::service::interceptor::InterceptedService;
+use tonic::transport::{Identity, Server, ServerTlsConfig};
+use tonic::{Request, Status};
+
+use crate::agent_service::Agents;
+use crate::api::Api;
+use crate::control::{self, LoopConfig};
+use crate::error::CoordinatorError;
+use crate::logs::LogStore;
+use crate::provider::local::{LocalConfig, LocalProvider};
+use crate::provider::Provider;
+use crate::raft::{self, RaftConfig, RaftHandle};
+use crate::tls;
+
+/// Unix time in ms: the one clock read that goes into commands.
+pub fn now_ms() -> i64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_millis() as i64)
+        .unwrap_or(0)
+}
+
+/// Everything a coordinator is started with.
+#[derive(Debug, Clone)]
+pub struct CoordinatorConfig {
+    /// State, log, credentials and node work dirs.
+    pub data_dir: PathBuf,
+    /// Listen address; default: the one used last time, else 127.0.0.1:0.
+    pub listen: Option<SocketAddr>,
+    /// Raft member id.
+    pub member_id: u64,
+    /// Raft tick.
+    pub tick: Duration,
+    /// Snapshot every this many entries.
+    pub snapshot_every: u64,
+    /// Agents heartbeat this often.
+    pub heartbeat_ms: u32,
+    /// A node is lost after this long without a heartbeat.
+    pub node_ttl: Duration,
+    /// A node whose agent has not enrolled by then failed.
+    pub provision_timeout: Duration,
+    /// SIGTERM-to-SIGKILL grace when stopping a job.
+    pub stop_grace_ms: u32,
+    /// Most nodes at once.
+    pub max_nodes: u32,
+    /// `nembo-agent` for the local provider.
+    pub agent_bin: Option<PathBuf>,
+    /// Extra names for the serving certificate.
+    pub hosts: Vec<String>,
+}
+
+impl CoordinatorConfig {
+    /// Defaults for a coordinator in `data_dir`.
+    pub fn new(data_dir: PathBuf) -> Self {
+        Self {
+            data_dir,
+            listen: None,
+            member_id: 1,
+            tick: Duration::from_millis(100),
+            snapshot_every: 10_000,
+            heartbeat_ms: 1000,
+            node_ttl: Duration::from_secs(10),
+            provision_timeout: Duration::from_secs(120),
+            stop_grace_ms: 5000,
+            max_nodes: 64,
+            agent_bin: None,
+            hosts: Vec::new(),
+        }
+    }
+}
+
+/// What clients need to reach this coordinator; written to `api.json`.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct ApiInfo {
+    /// `https://host:port`.
+    pub endpoint: String,
+    /// CA to trust.
+    pub ca_cert_path: String,
+    /// Bearer token file (0600).
+    pub token_path: String,
+    /// Coordinator process id.
+    pub pid: u32,
+}
+
+/// Shared by the services and loops of one coordinator.
+pub struct Ctx {
+    /// The Raft member.
+    pub raft: RaftHandle,
+    /// Job output.
+    pub logs: LogStore,
+    /// Providers by name.
+    pub providers: BTreeMap<String, Arc<dyn Provider>>,
+    /// Every provider's offerings.
+    pub offerings: Vec<Offering>,
+    /// Our endpoint.
+    pub endpoint: String,
+    /// Heartbeat period given to agents.
+    pub heartbeat_ms: u32,
+    /// Grace for stopping jobs.
+    pub stop_grace_ms: u32,
+    heartbeats: mpsc::Sender<String>,
+}
+
+impl Ctx {
+    /// Resets a node's liveness timer. Never blocks: a full mailbox means
+    /// the timer was reset moments ago.
+    pub fn heartbeat(&self, node_id: &str) {
+        let _ = self.heartbeats.try_send(node_id.to_string());
+    }
+
+    /// Proposes a command whose failure only needs logging (loops retry on
+    /// the next state change).
+    pub async fn propose_quietly(&self, cmd: Command) {
+        match self.raft.propose(cmd).await {
+            Ok(nembo_domain::state::Outcome::Rejected(r)) => tracing::debug!(reason = %r, "command rejected"),
+            Ok(_) => {}
+            Err(e) => tracing::warn!(error = %e, "proposal failed"),
+        }
+    }
+}
+
+#[derive(Serialize, Deserialize)]
+struct Persisted {
+    listen: SocketAddr,
+}
+
+/// Checks `authorization: Bearer <token>`.
+#[derive(Clone)]
+struct RequireToken(Arc<str>);
+
+impl tonic::service::Interceptor for RequireToken {
+    fn call(&mut self, req: Request<()>) -> Result<Request<()>, Status> {
+        let ok = req
+            .metadata()
+            .get("authorization")
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.strip_prefix("Bearer "))
+            .is_some_and(|t| tls::token_matches(t.trim(), &self.0));
+        if ok {
+            Ok(req)
+        } else {
+            Err(Status::unauthenticated("missing or invalid bearer token"))
+        }
+    }
+}
+
+fn startup(what: &str) -> impl FnOnce(std::io::Error) -> CoordinatorError + '_ {
+    move |e| CoordinatorError::Internal(format!("{what}: {e}"))
+}
+
+/// Finds `nembo-agent`: flag, `NEMBO_AGENT_BIN`, next to this binary, PATH.
+pub fn find_agent_bin(explicit: Option<&Path>) -> PathBuf {
+    if let Some(p) = explicit {
+        return p.to_path_buf();
+    }
+    if let Some(p) = std::env::var_os("NEMBO_AGENT_BIN") {
+        return p.into();
+    }
+    if let Some(sibling) = std::env::current_exe()
+        .ok()
+        .and_then(|e| e.parent().map(|d| d.join("nembo-agent")))
+        .filter(|p| p.is_file())
+    {
+        return sibling;
+    }
+    PathBuf::from("nembo-agent")
+}
+
+/// Runs a coordinator until `shutdown` resolves.
+pub async fn run(cfg: CoordinatorConfig, shutdown: impl Future<Output = ()> + Send + 'static) -> Result<(), CoordinatorError> {
+    let dir = &cfg.data_dir;
+    std::fs::create_dir_all(dir).map_err(startup("data dir"))?;
+    let creds = tls::ensure(dir, &cfg.hosts).map_err(|e| CoordinatorError::Internal(e.to_string()))?;
+    let client_token: Arc<str> = tls::read_secret(&creds.token)
+        .map_err(|e| CoordinatorError::Internal(e.to_string()))?
+        .into();
+    let agent_token: Arc<str> = tls::read_secret(&creds.agent_token)
+        .map_err(|e| CoordinatorError::Internal(e.to_string()))?
+        .into();
+
+    let persisted_path = dir.join("coordinator.json");
+    let persisted: Option<Persisted> = std::fs::read(&persisted_path)
+        .ok()
+        .and_then(|b| serde_json::from_slice(&b).ok());
+    let listen = cfg
+        .listen
+        .or(persisted.map(|p| p.listen))
+        .unwrap_or_else(|| SocketAddr::from(([127, 0, 0, 1], 0)));
+    let listener = tokio::net::TcpListener::bind(listen)
+        .await
+        .map_err(startup(&format!("listen on {listen}")))?;
+    let addr = listener.local_addr().map_err(startup("listener"))?;
+    std::fs::write(
+        &persisted_path,
+        serde_json::to_vec(&Persisted { listen: addr }).unwrap_or_default(),
+    )
+    .map_err(startup("coordinator.json"))?;
+    let host = if addr.ip().is_unspecified() {
+        "127.0.0.1".to_string()
+    } else {
+        addr.ip().to_string()
+    };
+    let endpoint = format!("https://{host}:{}", addr.port());
+
+    let (raft, _raft_thread) = raft::start(RaftConfig {
+        id: cfg.member_id,
+        voters: vec![cfg.member_id],
+        dir: dir.join("raft"),
+        tick: cfg.tick,
+        snapshot_every: cfg.snapshot_every,
+    })?;
+
+    let local: Arc<dyn Provider> = Arc::new(LocalProvider::new(LocalConfig {
+        nodes_dir: dir.join("nodes"),
+        agent_bin: find_agent_bin(cfg.agent_bin.as_deref()),
+        endpoint: endpoint.clone(),
+        ca_cert: creds.ca_cert.clone(),
+        agent_token: creds.agent_token.clone(),
+        heartbeat_ms: cfg.heartbeat_ms,
+    }));
+    let offerings = local.offerings();
+    let mut providers = BTreeMap::new();
+    providers.insert(local.name().to_string(), local);
+
+    let (hb_tx, hb_rx) = mpsc::channel(4096);
+    let ctx = Arc::new(Ctx {
+        raft,
+        logs: LogStore::new(dir.join("logs")).map_err(startup("logs dir"))?,
+        providers,
+        offerings,
+        endpoint: endpoint.clone(),
+        heartbeat_ms: cfg.heartbeat_ms,
+        stop_grace_ms: cfg.stop_grace_ms,
+        heartbeats: hb_tx,
+    });
+    tokio::spawn(control::supervise(
+        ctx.clone(),
+        LoopConfig {
+            policy: Policy { max_nodes: cfg.max_nodes },
+            node_ttl: cfg.node_ttl,
+            provision_timeout: cfg.provision_timeout,
+        },
+        hb_rx,
+    ));
+
+    let cert = std::fs::read(&creds.server_cert).map_err(startup("server certificate"))?;
+    let key = std::fs::read(&creds.server_key).map_err(startup("server key"))?;
+    let reflection = tonic_reflection::server::Builder::configure()
+        .register_encoded_file_descriptor_set(nembo_proto::FILE_DESCRIPTOR_SET)
+        .build_v1()
+        .map_err(|e| CoordinatorError::Internal(format!("reflection: {e}")))?;
+    let api = CoordinatorServer::new(Api::new(ctx.clone())).max_decoding_message_size(8 * 1024 * 1024);
+    let agents = AgentServiceServer::new(Agents::new(ctx.clone())).max_decoding_message_size(8 * 1024 * 1024);
+
+    let info = ApiInfo {
+        endpoint: endpoint.clone(),
+        ca_cert_path: creds.ca_cert.display().to_string(),
+        token_path: creds.token.display().to_string(),
+        pid: std::process::id(),
+    };
+    std::fs::write(
+        dir.join("api.json"),
+        serde_json::to_vec_pretty(&info).unwrap_or_default(),
+    )
+    .map_err(startup("api.json"))?;
+    tracing::info!(%endpoint, data_dir = %dir.display(), "coordinator serving");
+
+    Server::builder()
+        .tls_config(ServerTlsConfig::new().identity(Identity::from_pem(cert, key)))
+        .map_err(|e| CoordinatorError::Internal(format!("tls: {e}")))?
+        .tcp_nodelay(true)
+        .add_service(InterceptedService::new(api, RequireToken(client_token)))
+        .add_service(InterceptedService::new(agents, RequireToken(agent_token)))
+        .add_service(reflection)
+        .serve_with_incoming_shutdown(tokio_stream::wrappers::TcpListenerStream::new(listener), shutdown)
+        .await
+        .map_err(|e| CoordinatorError::Internal(format!("server: {e}")))
+}

@@ -1,0 +1,114 @@
+//! Connecting to a coordinator: TLS against the cluster CA, bearer token on
+//! every call. Shared by the CLI, the agent and the tests.
+
+use std::time::Duration;
+
+use tonic::metadata::MetadataValue;
+use tonic::service::interceptor::InterceptedService;
+use tonic::transport::{Certificate, Channel, ClientTlsConfig, Endpoint};
+use tonic::{Request, Status};
+
+use crate::v1::agent_service_client::AgentServiceClient;
+use crate::v1::coordinator_client::CoordinatorClient;
+
+/// Adds `authorization: Bearer <token>` to every request.
+#[derive(Clone)]
+pub struct BearerToken(MetadataValue<tonic::metadata::Ascii>);
+
+impl BearerToken {
+    /// Fails if the token has characters that cannot go in a header.
+    pub fn new(token: &str) -> Result<Self, ConnectError> {
+        let v = format!("Bearer {}", token.trim())
+            .parse()
+            .map_err(|_| ConnectError::BadToken)?;
+        Ok(Self(v))
+    }
+}
+
+impl tonic::service::Interceptor for BearerToken {
+    fn call(&mut self, mut req: Request<()>) -> Result<Request<()>, Status> {
+        req.metadata_mut().insert("authorization", self.0.clone());
+        Ok(req)
+    }
+}
+
+/// Why a connection could not be set up.
+#[derive(Debug, thiserror::Error)]
+pub enum ConnectError {
+    /// The endpoint is not a URL.
+    #[error("invalid endpoint '{0}'")]
+    BadEndpoint(String),
+    /// The token cannot be sent as a header.
+    #[error("the token contains characters that cannot be sent")]
+    BadToken,
+    /// TLS setup or the connection failed.
+    #[error("cannot connect to {endpoint}: {source}")]
+    Transport {
+        /// Where.
+        endpoint: String,
+        /// Why.
+        source: tonic::transport::Error,
+    },
+}
+
+/// An authenticated client of the public API.
+pub type Client = CoordinatorClient<InterceptedService<Channel, BearerToken>>;
+/// An authenticated client of the agent protocol.
+pub type AgentClient = AgentServiceClient<InterceptedService<Channel, BearerToken>>;
+
+/// A TLS endpoint that trusts only `ca_pem`. `https://127.0.0.1:PORT` is
+/// verified against the certificate's `localhost` name.
+pub fn endpoint(url: &str, ca_pem: &[u8]) -> Result<Endpoint, ConnectError> {
+    let domain = url
+        .trim_start_matches("https://")
+        .split([':', '/'])
+        .next()
+        .unwrap_or("localhost");
+    let domain = if domain.parse::<std::net::IpAddr>().is_ok() || domain.starts_with('[') {
+        "localhost"
+    } else {
+        domain
+    };
+    let tls = ClientTlsConfig::new()
+        .ca_certificate(Certificate::from_pem(ca_pem))
+        .domain_name(domain);
+    Endpoint::from_shared(url.to_string())
+        .map_err(|_| ConnectError::BadEndpoint(url.to_string()))?
+        .tls_config(tls)
+        .map_err(|source| ConnectError::Transport {
+            endpoint: url.to_string(),
+            source,
+        })
+        .map(|e| {
+            e.connect_timeout(Duration::from_secs(5))
+                .tcp_nodelay(true)
+                .http2_keep_alive_interval(Duration::from_secs(5))
+                .keep_alive_timeout(Duration::from_secs(5))
+                .keep_alive_while_idle(true)
+        })
+}
+
+/// Connects to the public API.
+pub async fn connect(url: &str, ca_pem: &[u8], token: &str) -> Result<Client, ConnectError> {
+    let channel = endpoint(url, ca_pem)?
+        .connect()
+        .await
+        .map_err(|source| ConnectError::Transport {
+            endpoint: url.to_string(),
+            source,
+        })?;
+    Ok(CoordinatorClient::with_interceptor(channel, BearerToken::new(token)?)
+        .max_decoding_message_size(64 * 1024 * 1024))
+}
+
+/// Connects to the agent protocol.
+pub async fn connect_agent(url: &str, ca_pem: &[u8], token: &str) -> Result<AgentClient, ConnectError> {
+    let channel = endpoint(url, ca_pem)?
+        .connect()
+        .await
+        .map_err(|source| ConnectError::Transport {
+            endpoint: url.to_string(),
+            source,
+        })?;
+    Ok(AgentServiceClient::with_interceptor(channel, BearerToken::new(token)?))
+}
