@@ -1,1 +1,88 @@
-fn main() {}
+//! `nembo-agent`: the per-node agent.
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+use anyhow::Context;
+use clap::Parser;
+use nembo_agent::{run, AgentConfig};
+use nembo_proto::v1 as pb;
+
+/// Nembo node agent.
+#[derive(Parser, Debug)]
+#[command(name = "nembo-agent", version)]
+struct Args {
+    /// Coordinator URL, e.g. https://10.0.0.2:7443.
+    #[arg(long, env = "NEMBO_COORDINATOR")]
+    coordinator: String,
+    /// Cluster CA certificate.
+    #[arg(long, env = "NEMBO_CA_CERT")]
+    ca_cert: PathBuf,
+    /// File holding the join token (must be 0600).
+    #[arg(long, env = "NEMBO_TOKEN_FILE")]
+    token_file: PathBuf,
+    /// This node's id.
+    #[arg(long, env = "NEMBO_NODE_ID")]
+    node_id: String,
+    /// Work directory for jobs and their logs.
+    #[arg(long, env = "NEMBO_WORK_DIR")]
+    work_dir: PathBuf,
+    /// Address other nodes reach this one at.
+    #[arg(long, default_value = "127.0.0.1")]
+    address: String,
+    /// Declared accelerators, e.g. H100:8.
+    #[arg(long, default_value = "")]
+    accelerators: String,
+    /// Declared vCPUs.
+    #[arg(long, default_value_t = 2.0)]
+    cpus: f64,
+    /// Declared memory in GB.
+    #[arg(long, default_value_t = 8.0)]
+    memory_gb: f64,
+    /// Heartbeat period (ms) until the coordinator sets one.
+    #[arg(long, default_value_t = 1000)]
+    heartbeat_ms: u64,
+}
+
+fn main() -> anyhow::Result<()> {
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_env("NEMBO_LOG")
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+    let a = Args::parse();
+    let accelerators = nembo_agent::supervisor::parse_accelerators(&a.accelerators)
+        .map_err(anyhow::Error::msg)
+        .context("--accelerators")?;
+    let cfg = AgentConfig {
+        coordinator: a.coordinator,
+        ca_cert: a.ca_cert,
+        token_file: a.token_file,
+        node_id: a.node_id,
+        work_dir: a.work_dir,
+        address: a.address,
+        resources: pb::NodeResources {
+            accelerators,
+            cpus: a.cpus,
+            memory_gb: a.memory_gb,
+        },
+        heartbeat: Duration::from_millis(a.heartbeat_ms.max(50)),
+    };
+    // A small agent: two worker threads are plenty for one session and a few jobs.
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()?;
+    rt.block_on(async {
+        let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
+        tokio::select! {
+            r = run(cfg) => r.context("agent stopped"),
+            // Jobs run in their own process groups and are left running:
+            // a restarted agent re-adopts them.
+            _ = term.recv() => { tracing::info!("SIGTERM: exiting, jobs keep running"); Ok(()) }
+            _ = tokio::signal::ctrl_c() => Ok(()),
+        }
+    })
+}

@@ -1,1 +1,145 @@
-fn main() {}
+//! `nembo`: the command-line interface.
+
+mod connect;
+mod jobs;
+mod local;
+mod table;
+
+use std::collections::BTreeMap;
+
+use anyhow::Result;
+use clap::{Parser, Subcommand};
+
+/// Run AI jobs on GPUs anywhere with one command.
+#[derive(Parser, Debug)]
+#[command(name = "nembo", version, about)]
+struct Cli {
+    #[command(subcommand)]
+    command: Cmd,
+}
+
+#[derive(Subcommand, Debug)]
+enum Cmd {
+    /// Launch a task (SkyPilot YAML); streams its output and exits with its exit code.
+    Launch(jobs::LaunchArgs),
+    /// Nodes and jobs.
+    Status {
+        /// Machine-readable output.
+        #[arg(long)]
+        json: bool,
+    },
+    /// The job queue.
+    Queue {
+        /// Machine-readable output.
+        #[arg(long)]
+        json: bool,
+    },
+    /// A job's output.
+    Logs {
+        /// Job id.
+        job: String,
+        /// Keep streaming until the job ends.
+        #[arg(short, long)]
+        follow: bool,
+    },
+    /// Cancel jobs.
+    Cancel {
+        /// Job ids.
+        #[arg(required = true)]
+        jobs: Vec<String>,
+    },
+    /// Release nodes (all of them when none are named); their jobs are cancelled.
+    Down {
+        /// Node ids.
+        nodes: Vec<String>,
+    },
+    /// How to reach the API.
+    Api {
+        #[command(subcommand)]
+        command: ApiCmd,
+    },
+    /// The local coordinator under ~/.nembo.
+    Local {
+        #[command(subcommand)]
+        command: LocalCmd,
+    },
+}
+
+#[derive(Subcommand, Debug)]
+enum ApiCmd {
+    /// Endpoint, CA certificate and token paths.
+    Info {
+        /// Machine-readable output.
+        #[arg(long)]
+        json: bool,
+    },
+}
+
+#[derive(Subcommand, Debug)]
+enum LocalCmd {
+    /// Start the local coordinator (if it is not running).
+    Up,
+    /// Release every local node and stop the local coordinator.
+    Down,
+    /// Whether the local coordinator runs, and its nodes.
+    Status {
+        /// Machine-readable output.
+        #[arg(long)]
+        json: bool,
+    },
+}
+
+/// Parses `NAME=VALUE`.
+pub(crate) fn parse_env_arg(s: &str) -> Result<(String, String), String> {
+    s.split_once('=')
+        .map(|(k, v)| (k.to_string(), v.to_string()))
+        .ok_or_else(|| format!("'{s}' is not NAME=VALUE"))
+}
+
+/// `--env` values, later ones winning.
+pub fn env_map(v: &[(String, String)]) -> BTreeMap<String, String> {
+    v.iter().cloned().collect()
+}
+
+#[tokio::main(flavor = "current_thread")]
+async fn main() {
+    let cli = Cli::parse();
+    let code = match run(cli).await {
+        Ok(code) => code,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            1
+        }
+    };
+    std::process::exit(code);
+}
+
+async fn run(cli: Cli) -> Result<i32> {
+    match cli.command {
+        Cmd::Launch(a) => jobs::launch(a).await,
+        Cmd::Status { json } => jobs::status(json, true).await.map(|()| 0),
+        Cmd::Queue { json } => jobs::status(json, false).await.map(|()| 0),
+        Cmd::Logs { job, follow } => jobs::logs(&job, follow).await.map(|()| 0),
+        Cmd::Cancel { jobs } => jobs::cancel(&jobs).await.map(|()| 0),
+        Cmd::Down { nodes } => local::down(nodes).await.map(|()| 0),
+        Cmd::Api {
+            command: ApiCmd::Info { json },
+        } => local::api_info(json).await.map(|()| 0),
+        Cmd::Local { command } => match command {
+            LocalCmd::Up => local::up().await.map(|()| 0),
+            LocalCmd::Down => local::local_down().await.map(|()| 0),
+            LocalCmd::Status { json } => local::local_status(json).await.map(|()| 0),
+        },
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn env_pairs() {
+        assert_eq!(parse_env_arg("A=b=c").unwrap(), ("A".into(), "b=c".into()));
+        assert!(parse_env_arg("nope").is_err());
+    }
+}

@@ -295,11 +295,12 @@ async fn handle_report(ctx: &Ctx, node_id: &str, r: &pb::JobReport) {
     let Some(a) = job.attempts.iter().find(|a| a.number == r.attempt) else {
         return;
     };
-    // Only the node that holds a rank may report on it.
-    if a.node_ids.get(r.rank as usize).map(String::as_str) != Some(node_id) {
-        tracing::warn!(node = %node_id, job = job_id, rank = r.rank, "report for a rank this node does not hold");
+    // A node holds at most one rank of an attempt, and may only report on it.
+    let Some(rank) = a.node_ids.iter().position(|n| n == node_id) else {
+        tracing::warn!(node = %node_id, job = job_id, "report for a job this node does not hold");
         return;
-    }
+    };
+    let rank = rank as u32;
     let phase = pb::JobPhase::try_from(r.phase).unwrap_or(pb::JobPhase::Unspecified);
     let code = r.exit_code.unwrap_or(-1);
     let outcome = match phase {
@@ -312,13 +313,13 @@ async fn handle_report(ctx: &Ctx, node_id: &str, r: &pb::JobReport) {
         pb::JobPhase::Unspecified => return,
     };
     let at_ms = if r.at_unix_ms > 0 { r.at_unix_ms } else { now_ms() };
-    let rank_state = &a.ranks[r.rank as usize];
+    let rank_state = &a.ranks[rank as usize];
     let ran = !matches!(phase, pb::JobPhase::FailedToStart | pb::JobPhase::Lost);
     if ran && !rank_state.started {
         ctx.propose_quietly(Command::RankStarted {
             job_id,
             attempt: r.attempt,
-            rank: r.rank,
+            rank,
             at_ms,
         })
         .await;
@@ -328,7 +329,7 @@ async fn handle_report(ctx: &Ctx, node_id: &str, r: &pb::JobReport) {
             LogKey {
                 job: job_id,
                 attempt: r.attempt,
-                rank: r.rank,
+                rank,
             },
             r.log_bytes,
         );
@@ -336,7 +337,7 @@ async fn handle_report(ctx: &Ctx, node_id: &str, r: &pb::JobReport) {
             ctx.propose_quietly(Command::RankEnded {
                 job_id,
                 attempt: r.attempt,
-                rank: r.rank,
+                rank,
                 outcome,
                 at_ms,
             })

@@ -1,0 +1,246 @@
+//! The agent's session with the coordinators: connect over TLS with the join
+//! token, say hello with every job this node knows, then heartbeat, ship
+//! logs and carry out what the coordinator asks. On any break: reconnect
+//! with capped exponential backoff and do it all again; the hello carries
+//! the full picture, so nothing sent while disconnected is needed.
+
+use std::collections::{BTreeMap, HashSet};
+use std::io::{Read, Seek, SeekFrom};
+use std::path::PathBuf;
+use std::time::Duration;
+
+use nembo_proto::v1 as pb;
+use nembo_proto::v1::agent_message::Msg as AgentMsg;
+use nembo_proto::v1::coordinator_message::Msg as CoordMsg;
+use tokio::sync::mpsc;
+use tokio::task::JoinSet;
+use tokio_stream::wrappers::ReceiverStream;
+use tonic::Code;
+
+use crate::supervisor::{now_ms, Event, JobKey, JobView, Supervisor};
+
+/// How the agent reaches its coordinator and describes its node.
+#[derive(Debug, Clone)]
+pub struct AgentConfig {
+    /// Coordinator URL (`https://127.0.0.1:7443`).
+    pub coordinator: String,
+    /// CA certificate to trust.
+    pub ca_cert: PathBuf,
+    /// Join token file (0600).
+    pub token_file: PathBuf,
+    /// This node's id, as the provider named it.
+    pub node_id: String,
+    /// Where jobs live.
+    pub work_dir: PathBuf,
+    /// Address other nodes reach this one at.
+    pub address: String,
+    /// Declared resources.
+    pub resources: pb::NodeResources,
+    /// Heartbeat period until the coordinator says otherwise.
+    pub heartbeat: Duration,
+}
+
+/// Why the agent should stop trying.
+#[derive(Debug, thiserror::Error)]
+pub enum AgentError {
+    /// The coordinator says this node is gone or unknown.
+    #[error("node retired by the coordinator: {0}")]
+    Retired(String),
+    /// Local setup failed.
+    #[error("{0}")]
+    Setup(String),
+}
+
+enum SessionEnd {
+    Retry(String),
+    Fatal(AgentError),
+}
+
+const LOG_CHUNK: usize = 64 * 1024;
+const LOG_POLL: Duration = Duration::from_millis(25);
+
+/// Runs sessions until the coordinator retires the node.
+pub async fn run(cfg: AgentConfig, sup: Supervisor, mut events: mpsc::UnboundedReceiver<Event>) -> Result<(), AgentError> {
+    let ca = std::fs::read(&cfg.ca_cert)
+        .map_err(|e| AgentError::Setup(format!("{}: {e}", cfg.ca_cert.display())))?;
+    let mut backoff = Duration::from_millis(100);
+    loop {
+        match session(&cfg, &ca, &sup, &mut events).await {
+            SessionEnd::Fatal(e) => return Err(e),
+            SessionEnd::Retry(why) => {
+                tracing::warn!(reason = %why, retry_in_ms = backoff.as_millis() as u64, "session ended; reconnecting");
+            }
+        }
+        // Jitter keeps a fleet from reconnecting in lockstep after an outage.
+        let jitter = Duration::from_millis(u64::from(std::process::id() % 7) * backoff.as_millis() as u64 / 20);
+        tokio::time::sleep(backoff + jitter).await;
+        backoff = (backoff * 2).min(Duration::from_secs(2));
+    }
+}
+
+async fn session(
+    cfg: &AgentConfig,
+    ca: &[u8],
+    sup: &Supervisor,
+    events: &mut mpsc::UnboundedReceiver<Event>,
+) -> SessionEnd {
+    let token = match read_token(&cfg.token_file) {
+        Ok(t) => t,
+        Err(e) => return SessionEnd::Fatal(e),
+    };
+    let mut client = match nembo_proto::client::connect_agent(&cfg.coordinator, ca, &token).await {
+        Ok(c) => c,
+        Err(e) => return SessionEnd::Retry(e.to_string()),
+    };
+    // The hello below supersedes anything queued while disconnected.
+    while events.try_recv().is_ok() {}
+    let jobs = sup.snapshot().await;
+    let (out, out_rx) = mpsc::channel::<pb::AgentMessage>(1024);
+    let hello = pb::Hello {
+        node_id: cfg.node_id.clone(),
+        hostname: hostname(),
+        address: cfg.address.clone(),
+        resources: Some(cfg.resources.clone()),
+        jobs: jobs.iter().map(|j| j.report.clone()).collect(),
+        agent_version: env!("CARGO_PKG_VERSION").to_string(),
+    };
+    let _ = out.send(msg(AgentMsg::Hello(hello))).await;
+    let mut inbound = match client.session(ReceiverStream::new(out_rx)).await {
+        Ok(r) => r.into_inner(),
+        Err(s) if matches!(s.code(), Code::NotFound | Code::FailedPrecondition) => {
+            return SessionEnd::Fatal(AgentError::Retired(s.message().to_string()))
+        }
+        Err(s) => return SessionEnd::Retry(format!("{}: {}", s.code(), s.message())),
+    };
+    let welcome = match inbound.message().await {
+        Ok(Some(pb::CoordinatorMessage {
+            msg: Some(CoordMsg::Welcome(w)),
+        })) => w,
+        Ok(_) => return SessionEnd::Retry("no welcome".into()),
+        Err(s) => return SessionEnd::Retry(s.to_string()),
+    };
+    tracing::info!(node = %cfg.node_id, coordinator = %cfg.coordinator, jobs = jobs.len(), "session open");
+    let offsets: BTreeMap<(String, u32), u64> = welcome
+        .log_offsets
+        .iter()
+        .map(|o| ((o.job_id.clone(), o.attempt), o.offset))
+        .collect();
+    let mut tailers = JoinSet::new();
+    let mut tailing: HashSet<JobKey> = HashSet::new();
+    for job in jobs {
+        let from = offsets
+            .get(&(job.report.job_id.clone(), job.report.attempt))
+            .copied()
+            .unwrap_or(0);
+        start_tailer(&mut tailers, &mut tailing, job, from, out.clone());
+    }
+    let period = match welcome.heartbeat_interval_ms {
+        0 => cfg.heartbeat,
+        ms => Duration::from_millis(u64::from(ms)),
+    };
+    let mut heartbeat = tokio::time::interval(period);
+    let mut seq = 0u64;
+    loop {
+        tokio::select! {
+            m = inbound.message() => match m {
+                Ok(Some(pb::CoordinatorMessage { msg: Some(CoordMsg::RunJob(r)) })) => sup.run(r),
+                Ok(Some(pb::CoordinatorMessage { msg: Some(CoordMsg::StopJob(s)) })) => sup.stop(s),
+                Ok(Some(_)) => {}
+                Ok(None) => return SessionEnd::Retry("coordinator closed the session".into()),
+                Err(s) => return SessionEnd::Retry(s.to_string()),
+            },
+            ev = events.recv() => {
+                let Some(Event::Report(view)) = ev else { return SessionEnd::Fatal(AgentError::Setup("supervisor stopped".into())) };
+                if out.send(msg(AgentMsg::JobReport(view.report.clone()))).await.is_err() {
+                    return SessionEnd::Retry("send failed".into());
+                }
+                start_tailer(&mut tailers, &mut tailing, view, 0, out.clone());
+            }
+            _ = heartbeat.tick() => {
+                seq += 1;
+                let hb = pb::Heartbeat { seq, sent_at_unix_ms: now_ms() };
+                if out.send(msg(AgentMsg::Heartbeat(hb))).await.is_err() {
+                    return SessionEnd::Retry("send failed".into());
+                }
+            }
+        }
+    }
+}
+
+fn msg(m: AgentMsg) -> pb::AgentMessage {
+    pb::AgentMessage { msg: Some(m) }
+}
+
+fn read_token(path: &std::path::Path) -> Result<String, AgentError> {
+    use std::os::unix::fs::PermissionsExt;
+    let meta = std::fs::metadata(path).map_err(|e| AgentError::Setup(format!("{}: {e}", path.display())))?;
+    if meta.permissions().mode() & 0o077 != 0 {
+        return Err(AgentError::Setup(format!(
+            "{} is readable by other users; run chmod 600 on it",
+            path.display()
+        )));
+    }
+    std::fs::read_to_string(path)
+        .map(|s| s.trim().to_string())
+        .map_err(|e| AgentError::Setup(format!("{}: {e}", path.display())))
+}
+
+fn hostname() -> String {
+    std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .map(|s| s.trim().to_string())
+        .unwrap_or_default()
+}
+
+fn start_tailer(
+    set: &mut JoinSet<()>,
+    tailing: &mut HashSet<JobKey>,
+    job: JobView,
+    from: u64,
+    out: mpsc::Sender<pb::AgentMessage>,
+) {
+    let key = JobKey {
+        job_id: job.report.job_id.clone(),
+        attempt: job.report.attempt,
+    };
+    if !tailing.insert(key) {
+        return;
+    }
+    set.spawn(tail(job, from, out));
+}
+
+/// Ships a job's output file from `offset` until the job has ended and
+/// everything it wrote has been sent.
+async fn tail(mut job: JobView, mut offset: u64, out: mpsc::Sender<pb::AgentMessage>) {
+    let mut buf = vec![0u8; LOG_CHUNK];
+    loop {
+        let final_size = *job.ended.borrow_and_update();
+        let n = read_at(&job.log_path, offset, &mut buf).unwrap_or(0);
+        if n > 0 {
+            let chunk = pb::JobLog {
+                job_id: job.report.job_id.clone(),
+                attempt: job.report.attempt,
+                rank: job.report.rank,
+                offset,
+                data: buf[..n].to_vec(),
+            };
+            if out.send(msg(AgentMsg::Log(chunk))).await.is_err() {
+                return;
+            }
+            offset += n as u64;
+            continue;
+        }
+        if final_size.is_some_and(|f| offset >= f) {
+            return;
+        }
+        tokio::select! {
+            _ = tokio::time::sleep(LOG_POLL) => {}
+            _ = job.ended.changed() => {}
+        }
+    }
+}
+
+fn read_at(path: &std::path::Path, offset: u64, buf: &mut [u8]) -> std::io::Result<usize> {
+    let mut f = std::fs::File::open(path)?;
+    f.seek(SeekFrom::Start(offset))?;
+    f.read(buf)
+}

@@ -1,0 +1,499 @@
+//! The job supervisor: the single owner of every job on this node.
+//!
+//! A job attempt lives in `jobs/<job>-<attempt>/` under the work dir:
+//! `setup.sh`, `run.sh`, `job.sh` (the wrapper), `output.log`, `pid` (the
+//! process group), `result` (written by the wrapper: `setup N` or `run N`),
+//! `stop` (a stop was requested) and `ended.json` (the final report). Jobs
+//! run in their own process group and outlive the agent, so an agent restart
+//! re-adopts running jobs from these files instead of losing or re-running
+//! them.
+
+use std::collections::{BTreeMap, HashMap};
+use std::fs;
+use std::os::unix::fs::PermissionsExt;
+use std::os::unix::process::ExitStatusExt;
+use std::path::{Path, PathBuf};
+use std::process::Stdio;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use nembo_proto::v1 as pb;
+use nix::sys::signal::{killpg, Signal};
+use nix::unistd::Pid;
+use serde::{Deserialize, Serialize};
+use tokio::sync::{mpsc, oneshot, watch};
+
+/// Unix time in ms.
+pub fn now_ms() -> i64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_millis() as i64)
+        .unwrap_or(0)
+}
+
+/// A job attempt on this node.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct JobKey {
+    /// Job id.
+    pub job_id: String,
+    /// Attempt number.
+    pub attempt: u32,
+}
+
+impl JobKey {
+    fn dir_name(&self) -> String {
+        format!("{}-{}", self.job_id, self.attempt)
+    }
+}
+
+/// What the session needs to know about one job: its latest report, where
+/// its output is, and a flag that flips to the final log size when it ends.
+#[derive(Debug, Clone)]
+pub struct JobView {
+    /// Latest state.
+    pub report: pb::JobReport,
+    /// The output file.
+    pub log_path: PathBuf,
+    /// `Some(final size)` once the job has ended.
+    pub ended: watch::Receiver<Option<u64>>,
+}
+
+/// What the supervisor tells the session.
+#[derive(Debug)]
+pub enum Event {
+    /// A job changed phase.
+    Report(JobView),
+}
+
+#[derive(Debug, Serialize, Deserialize)]
+struct Meta {
+    job_id: String,
+    attempt: u32,
+    rank: u32,
+    started_at_ms: i64,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+struct Ended {
+    phase: i32,
+    exit_code: Option<i32>,
+    message: String,
+    at_ms: i64,
+    log_bytes: u64,
+}
+
+struct Entry {
+    meta: Meta,
+    dir: PathBuf,
+    pgid: Option<i32>,
+    ended: Option<Ended>,
+    ended_tx: watch::Sender<Option<u64>>,
+}
+
+impl Entry {
+    fn view(&self) -> JobView {
+        let report = match &self.ended {
+            Some(e) => pb::JobReport {
+                job_id: self.meta.job_id.clone(),
+                attempt: self.meta.attempt,
+                rank: self.meta.rank,
+                phase: e.phase,
+                exit_code: e.exit_code,
+                message: e.message.clone(),
+                at_unix_ms: e.at_ms,
+                log_bytes: e.log_bytes,
+            },
+            None => pb::JobReport {
+                job_id: self.meta.job_id.clone(),
+                attempt: self.meta.attempt,
+                rank: self.meta.rank,
+                phase: pb::JobPhase::Started as i32,
+                exit_code: None,
+                message: String::new(),
+                at_unix_ms: self.meta.started_at_ms,
+                log_bytes: 0,
+            },
+        };
+        JobView {
+            report,
+            log_path: self.dir.join("output.log"),
+            ended: self.ended_tx.subscribe(),
+        }
+    }
+}
+
+enum Msg {
+    Run(Box<pb::RunJob>),
+    Stop(pb::StopJob),
+    Snapshot(oneshot::Sender<Vec<JobView>>),
+    Exited(JobKey, Option<std::process::ExitStatus>),
+}
+
+/// Handle to the supervisor task.
+#[derive(Clone)]
+pub struct Supervisor {
+    tx: mpsc::UnboundedSender<Msg>,
+}
+
+impl Supervisor {
+    /// Starts the supervisor over `work_dir`, re-adopting jobs found there.
+    pub fn start(work_dir: PathBuf) -> (Supervisor, mpsc::UnboundedReceiver<Event>) {
+        let (tx, rx) = mpsc::unbounded_channel();
+        let (ev_tx, ev_rx) = mpsc::unbounded_channel();
+        let mut owner = Owner {
+            jobs_dir: work_dir.join("jobs"),
+            jobs: HashMap::new(),
+            events: ev_tx,
+            me: tx.clone(),
+        };
+        tokio::spawn(async move {
+            owner.recover();
+            owner.run(rx).await;
+        });
+        (Supervisor { tx }, ev_rx)
+    }
+
+    /// Starts a job unless this attempt is already known.
+    pub fn run(&self, job: pb::RunJob) {
+        let _ = self.tx.send(Msg::Run(Box::new(job)));
+    }
+
+    /// Stops a job: SIGTERM to its group, SIGKILL after the grace.
+    pub fn stop(&self, stop: pb::StopJob) {
+        let _ = self.tx.send(Msg::Stop(stop));
+    }
+
+    /// Every known job.
+    pub async fn snapshot(&self) -> Vec<JobView> {
+        let (tx, rx) = oneshot::channel();
+        if self.tx.send(Msg::Snapshot(tx)).is_err() {
+            return Vec::new();
+        }
+        rx.await.unwrap_or_default()
+    }
+}
+
+struct Owner {
+    jobs_dir: PathBuf,
+    jobs: HashMap<JobKey, Entry>,
+    events: mpsc::UnboundedSender<Event>,
+    me: mpsc::UnboundedSender<Msg>,
+}
+
+fn group_alive(pgid: i32) -> bool {
+    killpg(Pid::from_raw(pgid), None).is_ok()
+}
+
+fn read_json<T: for<'de> Deserialize<'de>>(p: &Path) -> Option<T> {
+    serde_json::from_slice(&fs::read(p).ok()?).ok()
+}
+
+fn write_json(p: &Path, v: &impl Serialize) -> std::io::Result<()> {
+    let tmp = p.with_extension("tmp");
+    fs::write(&tmp, serde_json::to_vec(v)?)?;
+    fs::rename(tmp, p)
+}
+
+fn log_size(dir: &Path) -> u64 {
+    fs::metadata(dir.join("output.log")).map(|m| m.len()).unwrap_or(0)
+}
+
+const WRAPPER: &str = r#"#!/bin/bash
+# Written by nembo-agent: runs setup, then run, and records which ended how.
+job_dir="$(cd "$(dirname "$0")" && pwd)"
+finish() { echo "$1 $2" > "$job_dir/result.tmp" && mv "$job_dir/result.tmp" "$job_dir/result"; exit "$2"; }
+cd "$job_dir/work" || finish setup 1
+if [ -n "$NEMBO_WORKDIR_SOURCE" ]; then
+  cp -a "$NEMBO_WORKDIR_SOURCE/." . || { echo "nembo: cannot copy workdir $NEMBO_WORKDIR_SOURCE" >&2; finish setup 1; }
+fi
+if [ -s "$job_dir/setup.sh" ]; then
+  bash "$job_dir/setup.sh"; rc=$?
+  [ "$rc" -eq 0 ] || finish setup "$rc"
+fi
+bash "$job_dir/run.sh"; rc=$?
+finish run "$rc"
+"#;
+
+impl Owner {
+    /// Re-adopts jobs left by an earlier agent process.
+    fn recover(&mut self) {
+        let Ok(entries) = fs::read_dir(&self.jobs_dir) else {
+            return;
+        };
+        for e in entries.flatten() {
+            let dir = e.path();
+            let Some(meta) = read_json::<Meta>(&dir.join("meta.json")) else {
+                continue;
+            };
+            let key = JobKey {
+                job_id: meta.job_id.clone(),
+                attempt: meta.attempt,
+            };
+            let pgid = fs::read_to_string(dir.join("pid")).ok().and_then(|s| s.trim().parse().ok());
+            let ended = read_json::<Ended>(&dir.join("ended.json"));
+            let (ended_tx, _) = watch::channel(ended.as_ref().map(|e| e.log_bytes));
+            let entry = Entry {
+                meta,
+                dir: dir.clone(),
+                pgid,
+                ended,
+                ended_tx,
+            };
+            let running = entry.ended.is_none();
+            self.jobs.insert(key.clone(), entry);
+            if running {
+                match pgid.filter(|p| group_alive(*p)) {
+                    Some(pgid) => {
+                        tracing::info!(job = %key.job_id, attempt = key.attempt, pgid, "re-adopted running job");
+                        self.watch_adopted(key, pgid);
+                    }
+                    None => self.finish(&key, None),
+                }
+            }
+        }
+    }
+
+    async fn run(&mut self, mut rx: mpsc::UnboundedReceiver<Msg>) {
+        while let Some(msg) = rx.recv().await {
+            match msg {
+                Msg::Run(job) => self.start(*job),
+                Msg::Stop(s) => self.stop(s),
+                Msg::Snapshot(reply) => {
+                    let mut v: Vec<JobView> = self.jobs.values().map(Entry::view).collect();
+                    v.sort_by(|a, b| (&a.report.job_id, a.report.attempt).cmp(&(&b.report.job_id, b.report.attempt)));
+                    let _ = reply.send(v);
+                }
+                Msg::Exited(key, status) => self.finish(&key, status),
+            }
+        }
+    }
+
+    fn emit(&self, key: &JobKey) {
+        if let Some(e) = self.jobs.get(key) {
+            let _ = self.events.send(Event::Report(e.view()));
+        }
+    }
+
+    fn start(&mut self, job: pb::RunJob) {
+        let key = JobKey {
+            job_id: job.job_id.clone(),
+            attempt: job.attempt,
+        };
+        if self.jobs.contains_key(&key) {
+            return; // a repeat after a reconnect: never run an attempt twice
+        }
+        let dir = self.jobs_dir.join(key.dir_name());
+        let meta = Meta {
+            job_id: job.job_id.clone(),
+            attempt: job.attempt,
+            rank: job.rank,
+            started_at_ms: now_ms(),
+        };
+        let (ended_tx, _) = watch::channel(None);
+        self.jobs.insert(
+            key.clone(),
+            Entry {
+                meta,
+                dir: dir.clone(),
+                pgid: None,
+                ended: None,
+                ended_tx,
+            },
+        );
+        match self.spawn(&dir, &job) {
+            Ok(pgid) => {
+                if let Some(e) = self.jobs.get_mut(&key) {
+                    e.pgid = Some(pgid);
+                }
+                tracing::info!(job = %key.job_id, attempt = key.attempt, rank = job.rank, pgid, "job started");
+                self.emit(&key);
+            }
+            Err(err) => {
+                tracing::warn!(job = %key.job_id, error = %err, "job failed to start");
+                self.record_end(&key, pb::JobPhase::FailedToStart, None, err.to_string());
+            }
+        }
+    }
+
+    fn spawn(&mut self, dir: &Path, job: &pb::RunJob) -> std::io::Result<i32> {
+        fs::create_dir_all(dir.join("work"))?;
+        if let Some(e) = self.jobs.get(&JobKey {
+            job_id: job.job_id.clone(),
+            attempt: job.attempt,
+        }) {
+            write_json(&dir.join("meta.json"), &e.meta)?;
+        }
+        let script = |name: &str, body: &str| -> std::io::Result<()> {
+            let p = dir.join(name);
+            fs::write(&p, body)?;
+            fs::set_permissions(&p, fs::Permissions::from_mode(0o700))
+        };
+        script("setup.sh", &job.setup)?;
+        script("run.sh", &job.run)?;
+        script("job.sh", WRAPPER)?;
+        let log = fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(dir.join("output.log"))?;
+        let mut cmd = tokio::process::Command::new("bash");
+        cmd.arg(dir.join("job.sh"))
+            .current_dir(dir)
+            .envs(&job.env)
+            .stdin(Stdio::null())
+            .stdout(Stdio::from(log.try_clone()?))
+            .stderr(Stdio::from(log))
+            .process_group(0)
+            .kill_on_drop(false);
+        if !job.workdir.is_empty() {
+            cmd.env("NEMBO_WORKDIR_SOURCE", &job.workdir);
+        }
+        cmd.env("NEMBO_JOB_DIR", dir);
+        let mut child = cmd.spawn()?;
+        let pid = child.id().unwrap_or(0) as i32;
+        fs::write(dir.join("pid"), pid.to_string())?;
+        let key = JobKey {
+            job_id: job.job_id.clone(),
+            attempt: job.attempt,
+        };
+        let me = self.me.clone();
+        tokio::spawn(async move {
+            let status = child.wait().await.ok();
+            let _ = me.send(Msg::Exited(key, status));
+        });
+        Ok(pid)
+    }
+
+    /// A job this process did not start: poll its process group.
+    fn watch_adopted(&self, key: JobKey, pgid: i32) {
+        let me = self.me.clone();
+        tokio::spawn(async move {
+            while group_alive(pgid) {
+                tokio::time::sleep(Duration::from_millis(200)).await;
+            }
+            let _ = me.send(Msg::Exited(key, None));
+        });
+    }
+
+    fn stop(&mut self, s: pb::StopJob) {
+        let key = JobKey {
+            job_id: s.job_id.clone(),
+            attempt: s.attempt,
+        };
+        let Some(entry) = self.jobs.get(&key) else {
+            // Never started here: nothing to stop, but the coordinator must
+            // hear that the rank is over so its resources are freed.
+            let (ended_tx, _) = watch::channel(None);
+            let dir = self.jobs_dir.join(key.dir_name());
+            self.jobs.insert(
+                key.clone(),
+                Entry {
+                    meta: Meta {
+                        job_id: s.job_id.clone(),
+                        attempt: s.attempt,
+                        rank: 0,
+                        started_at_ms: now_ms(),
+                    },
+                    dir,
+                    pgid: None,
+                    ended: None,
+                    ended_tx,
+                },
+            );
+            self.record_end(&key, pb::JobPhase::Cancelled, None, "cancelled before it started".into());
+            return;
+        };
+        if entry.ended.is_some() {
+            self.emit(&key);
+            return;
+        }
+        let _ = fs::write(entry.dir.join("stop"), b"");
+        let Some(pgid) = entry.pgid else { return };
+        tracing::info!(job = %key.job_id, pgid, grace_ms = s.grace_ms, "stopping job");
+        let _ = killpg(Pid::from_raw(pgid), Signal::SIGTERM);
+        let grace = Duration::from_millis(u64::from(s.grace_ms));
+        tokio::spawn(async move {
+            let deadline = tokio::time::Instant::now() + grace;
+            while tokio::time::Instant::now() < deadline && group_alive(pgid) {
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+            if group_alive(pgid) {
+                let _ = killpg(Pid::from_raw(pgid), Signal::SIGKILL);
+            }
+        });
+    }
+
+    /// The job's main process is gone: work out how it ended.
+    fn finish(&mut self, key: &JobKey, status: Option<std::process::ExitStatus>) {
+        let Some(entry) = self.jobs.get(key) else { return };
+        if entry.ended.is_some() {
+            return;
+        }
+        let dir = entry.dir.clone();
+        let stopped = dir.join("stop").exists();
+        let result = fs::read_to_string(dir.join("result")).ok();
+        let parsed = result.as_deref().and_then(|r| {
+            let mut it = r.split_whitespace();
+            Some((it.next()?.to_string(), it.next()?.parse::<i32>().ok()?))
+        });
+        // Whatever the job left running in its group goes with it.
+        if let Some(pgid) = entry.pgid {
+            let _ = killpg(Pid::from_raw(pgid), Signal::SIGKILL);
+        }
+        let (phase, code, message) = if stopped {
+            (pb::JobPhase::Cancelled, None, "stopped on request".to_string())
+        } else {
+            match (parsed, status.and_then(|s| s.signal())) {
+                (Some((which, rc)), _) if which == "setup" && rc != 0 => {
+                    (pb::JobPhase::SetupFailed, Some(rc), format!("setup exited with {rc}"))
+                }
+                (Some((_, rc)), _) => (pb::JobPhase::Exited, Some(rc), String::new()),
+                (None, Some(sig)) => (
+                    pb::JobPhase::Exited,
+                    Some(128 + sig),
+                    format!("killed by signal {sig}"),
+                ),
+                (None, None) => (
+                    pb::JobPhase::Lost,
+                    None,
+                    "the job's processes vanished without an exit status".to_string(),
+                ),
+            }
+        };
+        self.record_end(key, phase, code, message);
+    }
+
+    fn record_end(&mut self, key: &JobKey, phase: pb::JobPhase, code: Option<i32>, message: String) {
+        let Some(entry) = self.jobs.get_mut(key) else { return };
+        let ended = Ended {
+            phase: phase as i32,
+            exit_code: code,
+            message,
+            at_ms: now_ms(),
+            log_bytes: log_size(&entry.dir),
+        };
+        let _ = fs::create_dir_all(&entry.dir);
+        let _ = write_json(&entry.dir.join("meta.json"), &entry.meta);
+        if let Err(e) = write_json(&entry.dir.join("ended.json"), &ended) {
+            tracing::warn!(error = %e, "cannot record job end");
+        }
+        tracing::info!(job = %key.job_id, attempt = key.attempt, phase = ?phase, code = ?code, "job ended");
+        entry.ended_tx.send_replace(Some(ended.log_bytes));
+        entry.ended = Some(ended);
+        self.emit(key);
+    }
+}
+
+/// Accelerators as given on the command line: `H100:8,A100:1`.
+pub fn parse_accelerators(s: &str) -> Result<BTreeMap<String, f64>, String> {
+    let mut out = BTreeMap::new();
+    for part in s.split(',').map(str::trim).filter(|p| !p.is_empty()) {
+        let (name, count) = part.split_once(':').unwrap_or((part, "1"));
+        let n: f64 = count
+            .parse()
+            .map_err(|_| format!("'{part}': count must be a number"))?;
+        if !(n.is_finite() && n > 0.0) {
+            return Err(format!("'{part}': count must be positive"));
+        }
+        out.insert(name.to_string(), n);
+    }
+    Ok(out)
+}

@@ -1,0 +1,385 @@
+//! launch, status/queue, logs, cancel.
+
+use std::collections::BTreeMap;
+use std::io::Write;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use anyhow::{bail, Context, Result};
+use nembo_proto::client::Client;
+use nembo_proto::v1 as pb;
+use serde_json::{json, Value};
+use tokio_stream::StreamExt;
+
+use crate::connect;
+use crate::table;
+
+/// `nembo launch`.
+#[derive(clap::Args, Debug)]
+pub struct LaunchArgs {
+    /// Task file (SkyPilot YAML).
+    task: PathBuf,
+    /// Submit and return at once, printing the job id.
+    #[arg(short, long)]
+    detach: bool,
+    /// Show the normalised task and where it would run; launch nothing.
+    #[arg(long)]
+    dry_run: bool,
+    /// Machine-readable output (with --dry-run or --detach).
+    #[arg(long)]
+    json: bool,
+    /// Set an env var of the task (fills `NAME: null` entries).
+    #[arg(long = "env", value_name = "NAME=VALUE", value_parser = crate::parse_env_arg)]
+    envs: Vec<(String, String)>,
+    /// Override the task's name.
+    #[arg(short, long)]
+    name: Option<String>,
+    /// Retrying with the same key never creates a second job.
+    #[arg(long)]
+    idempotency_key: Option<String>,
+}
+
+/// Reads the task, making a relative `workdir` absolute (relative to the
+/// current directory, as SkyPilot does) and applying `--name`.
+fn read_task(path: &PathBuf, name: Option<&str>) -> Result<String> {
+    let text = std::fs::read_to_string(path).with_context(|| format!("read {}", path.display()))?;
+    let Ok(serde_yaml::Value::Mapping(mut map)) = serde_yaml::from_str::<serde_yaml::Value>(&text) else {
+        return Ok(text); // let the coordinator report what is wrong with it
+    };
+    let mut changed = false;
+    if let Some(serde_yaml::Value::String(w)) = map.get("workdir") {
+        let p = PathBuf::from(w);
+        if !p.is_absolute() {
+            let abs = std::env::current_dir()?.join(p);
+            let abs = abs.canonicalize().with_context(|| format!("workdir {}", abs.display()))?;
+            map.insert("workdir".into(), abs.display().to_string().into());
+            changed = true;
+        }
+    }
+    if let Some(n) = name {
+        map.insert("name".into(), n.into());
+        changed = true;
+    }
+    Ok(if changed {
+        serde_yaml::to_string(&serde_yaml::Value::Mapping(map))?
+    } else {
+        text
+    })
+}
+
+fn state_name(v: i32) -> String {
+    pb::JobState::try_from(v)
+        .map(|s| s.as_str_name().to_string())
+        .unwrap_or_else(|_| v.to_string())
+}
+
+fn is_terminal(v: i32) -> bool {
+    matches!(
+        pb::JobState::try_from(v),
+        Ok(pb::JobState::Succeeded | pb::JobState::Failed | pb::JobState::FailedSetup | pb::JobState::Cancelled)
+    )
+}
+
+fn fresh_key() -> String {
+    format!("cli-{}-{}", std::process::id(), table::now_ms())
+}
+
+/// Launches; returns the job's exit code.
+pub async fn launch(a: LaunchArgs) -> Result<i32> {
+    let task_yaml = read_task(&a.task, a.name.as_deref())?;
+    let mut client = connect::client().await?;
+    let req = pb::SubmitJobRequest {
+        task: Some(pb::submit_job_request::Task::TaskYaml(task_yaml)),
+        idempotency_key: a.idempotency_key.clone().unwrap_or_else(fresh_key),
+        env_overrides: crate::env_map(&a.envs),
+    };
+    if a.dry_run {
+        let r = client.dry_run(req).await?.into_inner();
+        print_dry_run(&r, a.json);
+        return Ok(0);
+    }
+    let job_id = client.submit_job(req).await?.into_inner().job_id;
+    if a.detach {
+        if a.json {
+            println!("{}", json!({ "job_id": job_id }));
+        } else {
+            println!("{job_id}");
+        }
+        return Ok(0);
+    }
+    eprintln!("Job {job_id} submitted.");
+    let progress = tokio::spawn(show_progress(client.clone(), job_id.clone()));
+    let result = stream_output(&mut client, &job_id, true).await;
+    progress.abort();
+    result?;
+    let job = wait_terminal(&mut client, &job_id).await?;
+    let took = if job.started_at_unix_ms > 0 {
+        format!(" after {}", table::duration(job.ended_at_unix_ms - job.started_at_unix_ms))
+    } else {
+        String::new()
+    };
+    let code = job.exit_code;
+    let msg = if job.message.is_empty() { String::new() } else { format!(": {}", job.message) };
+    eprintln!(
+        "Job {job_id} {}{}{took}{msg}",
+        state_name(job.state),
+        code.map(|c| format!(" (exit code {c})")).unwrap_or_default()
+    );
+    Ok(match pb::JobState::try_from(job.state) {
+        Ok(pb::JobState::Succeeded) => 0,
+        _ => code.filter(|c| *c != 0).unwrap_or(1),
+    })
+}
+
+async fn wait_terminal(client: &mut Client, job_id: &str) -> Result<pb::Job> {
+    for _ in 0..600 {
+        let job = client
+            .get_job(pb::GetJobRequest { job_id: job_id.to_string() })
+            .await?
+            .into_inner();
+        if is_terminal(job.state) {
+            return Ok(job);
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    bail!("job {job_id} did not reach a final state")
+}
+
+/// Prints each state change until the job runs (to stderr: stdout is the job's).
+async fn show_progress(mut client: Client, job_id: String) {
+    let mut last = (0, String::new());
+    loop {
+        let Ok(job) = client.get_job(pb::GetJobRequest { job_id: job_id.clone() }).await else {
+            return;
+        };
+        let job = job.into_inner();
+        let now = (job.state, job.message.clone());
+        if now != last {
+            let mut line = format!("  {}", state_name(job.state));
+            if !job.node_ids.is_empty() {
+                line.push_str(&format!(" on {}", job.node_ids.join(", ")));
+            }
+            if !job.message.is_empty() && !is_terminal(job.state) {
+                line.push_str(&format!(": {}", job.message));
+            }
+            eprintln!("{line}");
+            last = now;
+        }
+        if job.state == pb::JobState::Running as i32 || is_terminal(job.state) {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+/// Copies a job's output to stdout; ranks other than 0 get a `(rank N)` prefix.
+async fn stream_output(client: &mut Client, job_id: &str, follow: bool) -> Result<()> {
+    let mut stream = client
+        .stream_logs(pb::StreamLogsRequest {
+            job_id: job_id.to_string(),
+            follow,
+        })
+        .await?
+        .into_inner();
+    let mut partial: BTreeMap<(u32, u32), Vec<u8>> = BTreeMap::new();
+    let stdout = std::io::stdout();
+    while let Some(chunk) = stream.next().await {
+        let chunk = chunk?;
+        let mut out = stdout.lock();
+        if chunk.rank == 0 {
+            out.write_all(&chunk.data)?;
+        } else {
+            let buf = partial.entry((chunk.attempt, chunk.rank)).or_default();
+            buf.extend_from_slice(&chunk.data);
+            while let Some(pos) = buf.iter().position(|b| *b == b'\n') {
+                let line: Vec<u8> = buf.drain(..=pos).collect();
+                write!(out, "(rank {}) ", chunk.rank)?;
+                out.write_all(&line)?;
+            }
+        }
+        out.flush()?;
+    }
+    let mut out = stdout.lock();
+    for ((_, rank), rest) in partial {
+        if !rest.is_empty() {
+            write!(out, "(rank {rank}) ")?;
+            out.write_all(&rest)?;
+            writeln!(out)?;
+        }
+    }
+    out.flush()?;
+    Ok(())
+}
+
+fn print_dry_run(r: &pb::DryRunResponse, as_json: bool) {
+    let p = r.placement.clone().unwrap_or_default();
+    if as_json {
+        let v = json!({
+            "task": serde_yaml::from_str::<Value>(&r.normalized_yaml).unwrap_or(Value::Null),
+            "placement": {
+                "candidate_index": p.candidate_index,
+                "existing_node_ids": p.existing_node_ids,
+                "provider": p.provider,
+                "region": p.region,
+                "instance_type": p.instance_type,
+                "hourly_price": p.hourly_price,
+                "new_nodes": p.new_nodes,
+                "summary": p.summary,
+            },
+        });
+        println!("{}", serde_json::to_string_pretty(&v).unwrap_or_default());
+    } else {
+        println!("Task, as Nembo understands it:\n");
+        for l in r.normalized_yaml.lines() {
+            println!("  {l}");
+        }
+        if r.placement.is_some() {
+            println!("\nWould run {}.", p.summary);
+        } else {
+            println!("\nNo capacity right now; the job would wait.");
+        }
+        println!("(dry run: nothing was launched)");
+    }
+}
+
+/// A job as JSON (for --json).
+pub fn job_json(j: &pb::Job) -> Value {
+    json!({
+        "job_id": j.job_id,
+        "name": j.name,
+        "state": state_name(j.state),
+        "exit_code": j.exit_code,
+        "submitted_at_unix_ms": j.submitted_at_unix_ms,
+        "started_at_unix_ms": j.started_at_unix_ms,
+        "ended_at_unix_ms": j.ended_at_unix_ms,
+        "node_ids": j.node_ids,
+        "message": j.message,
+        "attempts": j.attempts.iter().map(|a| json!({
+            "attempt": a.attempt,
+            "node_ids": a.node_ids,
+            "state": state_name(a.state),
+            "exit_code": a.exit_code,
+            "message": a.message,
+        })).collect::<Vec<_>>(),
+    })
+}
+
+/// A node as JSON (for --json).
+pub fn node_json(n: &pb::Node) -> Value {
+    let res = |r: &Option<pb::NodeResources>| {
+        let r = r.clone().unwrap_or_default();
+        json!({ "accelerators": r.accelerators, "cpus": r.cpus, "memory_gb": r.memory_gb })
+    };
+    json!({
+        "node_id": n.node_id,
+        "state": node_state(n.state),
+        "provider": n.provider,
+        "region": n.region,
+        "instance_type": n.instance_type,
+        "resources": res(&n.resources),
+        "free": res(&n.free),
+        "job_ids": n.job_ids,
+        "hourly_price": n.hourly_price,
+        "message": n.message,
+    })
+}
+
+pub fn node_state(v: i32) -> String {
+    pb::NodeState::try_from(v)
+        .map(|s| s.as_str_name().trim_start_matches("NODE_STATE_").to_string())
+        .unwrap_or_else(|_| v.to_string())
+}
+
+fn accels(r: &Option<pb::NodeResources>) -> String {
+    let r = r.clone().unwrap_or_default();
+    let v: Vec<String> = r
+        .accelerators
+        .iter()
+        .map(|(k, n)| format!("{k}:{}", nembo_domain::task::fmt_num(*n)))
+        .collect();
+    if v.is_empty() {
+        "-".into()
+    } else {
+        v.join(",")
+    }
+}
+
+/// `status` (nodes and jobs) or `queue` (jobs).
+pub async fn status(as_json: bool, with_nodes: bool) -> Result<()> {
+    let mut c = connect::client().await?;
+    let jobs = c.list_jobs(pb::ListJobsRequest::default()).await?.into_inner().jobs;
+    let nodes = if with_nodes {
+        c.list_nodes(pb::ListNodesRequest {}).await?.into_inner().nodes
+    } else {
+        Vec::new()
+    };
+    if as_json {
+        let mut v = json!({ "jobs": jobs.iter().map(job_json).collect::<Vec<_>>() });
+        if with_nodes {
+            v["nodes"] = nodes.iter().map(node_json).collect();
+        }
+        println!("{}", serde_json::to_string_pretty(&v)?);
+        return Ok(());
+    }
+    if with_nodes {
+        println!("Nodes");
+        let rows: Vec<Vec<String>> = nodes
+            .iter()
+            .filter(|n| n.state != pb::NodeState::Terminated as i32)
+            .map(|n| {
+                let r = n.resources.clone().unwrap_or_default();
+                vec![
+                    n.node_id.clone(),
+                    node_state(n.state),
+                    format!("{}/{}", n.provider, n.region),
+                    n.instance_type.clone(),
+                    accels(&n.resources),
+                    format!("{}", nembo_domain::task::fmt_num(r.cpus)),
+                    if n.job_ids.is_empty() { "-".into() } else { n.job_ids.join(",") },
+                    n.message.clone(),
+                ]
+            })
+            .collect();
+        table::print(&["NODE", "STATE", "INFRA", "TYPE", "GPUS", "CPUS", "JOBS", "MESSAGE"], &rows);
+        println!("\nJobs");
+    }
+    let rows: Vec<Vec<String>> = jobs
+        .iter()
+        .rev()
+        .map(|j| {
+            let end = if j.ended_at_unix_ms > 0 { j.ended_at_unix_ms } else { table::now_ms() };
+            vec![
+                j.job_id.clone(),
+                if j.name.is_empty() { "-".into() } else { j.name.clone() },
+                state_name(j.state),
+                table::ago(j.submitted_at_unix_ms),
+                if j.started_at_unix_ms > 0 { table::duration(end - j.started_at_unix_ms) } else { "-".into() },
+                if j.node_ids.is_empty() { "-".into() } else { j.node_ids.join(",") },
+                j.exit_code.map(|c| c.to_string()).unwrap_or_else(|| "-".into()),
+                j.message.clone(),
+            ]
+        })
+        .collect();
+    table::print(&["ID", "NAME", "STATE", "SUBMITTED", "DURATION", "NODES", "EXIT", "MESSAGE"], &rows);
+    Ok(())
+}
+
+/// `logs [-f] JOB`.
+pub async fn logs(job: &str, follow: bool) -> Result<()> {
+    let mut c = connect::client().await?;
+    stream_output(&mut c, job, follow).await
+}
+
+/// `cancel JOB...`.
+pub async fn cancel(jobs: &[String]) -> Result<()> {
+    let mut c = connect::client().await?;
+    for j in jobs {
+        let r = c
+            .cancel_job(pb::CancelJobRequest { job_id: j.clone() })
+            .await
+            .with_context(|| format!("cancel job {j}"))?
+            .into_inner();
+        println!("Job {j}: {}", state_name(r.state));
+    }
+    Ok(())
+}
