@@ -2,7 +2,10 @@
 use std::path::PathBuf;
 
 fn main() -> Result<(), Box<dyn std::error::Error>> {
-    let files = ["proto/nembo/v1/coordinator.proto", "proto/nembo/v1/agent.proto"];
+    let files = [
+        "proto/nembo/v1/coordinator.proto",
+        "proto/nembo/v1/agent.proto",
+    ];
     for f in &files {
         println!("cargo:rerun-if-changed={f}");
     }

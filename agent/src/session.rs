@@ -60,7 +60,11 @@ const LOG_CHUNK: usize = 64 * 1024;
 const LOG_POLL: Duration = Duration::from_millis(25);
 
 /// Runs sessions until the coordinator retires the node.
-pub async fn run(cfg: AgentConfig, sup: Supervisor, mut events: mpsc::UnboundedReceiver<Event>) -> Result<(), AgentError> {
+pub async fn run(
+    cfg: AgentConfig,
+    sup: Supervisor,
+    mut events: mpsc::UnboundedReceiver<Event>,
+) -> Result<(), AgentError> {
     let ca = std::fs::read(&cfg.ca_cert)
         .map_err(|e| AgentError::Setup(format!("{}: {e}", cfg.ca_cert.display())))?;
     let mut backoff = Duration::from_millis(100);
@@ -72,7 +76,9 @@ pub async fn run(cfg: AgentConfig, sup: Supervisor, mut events: mpsc::UnboundedR
             }
         }
         // Jitter keeps a fleet from reconnecting in lockstep after an outage.
-        let jitter = Duration::from_millis(u64::from(std::process::id() % 7) * backoff.as_millis() as u64 / 20);
+        let jitter = Duration::from_millis(
+            u64::from(std::process::id() % 7) * backoff.as_millis() as u64 / 20,
+        );
         tokio::time::sleep(backoff + jitter).await;
         backoff = (backoff * 2).min(Duration::from_secs(2));
     }
@@ -173,7 +179,8 @@ fn msg(m: AgentMsg) -> pb::AgentMessage {
 
 fn read_token(path: &std::path::Path) -> Result<String, AgentError> {
     use std::os::unix::fs::PermissionsExt;
-    let meta = std::fs::metadata(path).map_err(|e| AgentError::Setup(format!("{}: {e}", path.display())))?;
+    let meta = std::fs::metadata(path)
+        .map_err(|e| AgentError::Setup(format!("{}: {e}", path.display())))?;
     if meta.permissions().mode() & 0o077 != 0 {
         return Err(AgentError::Setup(format!(
             "{} is readable by other users; run chmod 600 on it",

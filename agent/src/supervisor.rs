@@ -194,7 +194,9 @@ fn write_json(p: &Path, v: &impl Serialize) -> std::io::Result<()> {
 }
 
 fn log_size(dir: &Path) -> u64 {
-    fs::metadata(dir.join("output.log")).map(|m| m.len()).unwrap_or(0)
+    fs::metadata(dir.join("output.log"))
+        .map(|m| m.len())
+        .unwrap_or(0)
 }
 
 const WRAPPER: &str = r#"#!/bin/bash
@@ -228,7 +230,9 @@ impl Owner {
                 job_id: meta.job_id.clone(),
                 attempt: meta.attempt,
             };
-            let pgid = fs::read_to_string(dir.join("pid")).ok().and_then(|s| s.trim().parse().ok());
+            let pgid = fs::read_to_string(dir.join("pid"))
+                .ok()
+                .and_then(|s| s.trim().parse().ok());
             let ended = read_json::<Ended>(&dir.join("ended.json"));
             let (ended_tx, _) = watch::channel(ended.as_ref().map(|e| e.log_bytes));
             let entry = Entry {
@@ -259,7 +263,10 @@ impl Owner {
                 Msg::Stop(s) => self.stop(s),
                 Msg::Snapshot(reply) => {
                     let mut v: Vec<JobView> = self.jobs.values().map(Entry::view).collect();
-                    v.sort_by(|a, b| (&a.report.job_id, a.report.attempt).cmp(&(&b.report.job_id, b.report.attempt)));
+                    v.sort_by(|a, b| {
+                        (&a.report.job_id, a.report.attempt)
+                            .cmp(&(&b.report.job_id, b.report.attempt))
+                    });
                     let _ = reply.send(v);
                 }
                 Msg::Exited(key, status) => self.finish(&key, status),
@@ -398,7 +405,12 @@ impl Owner {
                     ended_tx,
                 },
             );
-            self.record_end(&key, pb::JobPhase::Cancelled, None, "cancelled before it started".into());
+            self.record_end(
+                &key,
+                pb::JobPhase::Cancelled,
+                None,
+                "cancelled before it started".into(),
+            );
             return;
         };
         if entry.ended.is_some() {
@@ -423,7 +435,9 @@ impl Owner {
 
     /// The job's main process is gone: work out how it ended.
     fn finish(&mut self, key: &JobKey, status: Option<std::process::ExitStatus>) {
-        let Some(entry) = self.jobs.get(key) else { return };
+        let Some(entry) = self.jobs.get(key) else {
+            return;
+        };
         if entry.ended.is_some() {
             return;
         }
@@ -439,12 +453,18 @@ impl Owner {
             let _ = killpg(Pid::from_raw(pgid), Signal::SIGKILL);
         }
         let (phase, code, message) = if stopped {
-            (pb::JobPhase::Cancelled, None, "stopped on request".to_string())
+            (
+                pb::JobPhase::Cancelled,
+                None,
+                "stopped on request".to_string(),
+            )
         } else {
             match (parsed, status.and_then(|s| s.signal())) {
-                (Some((which, rc)), _) if which == "setup" && rc != 0 => {
-                    (pb::JobPhase::SetupFailed, Some(rc), format!("setup exited with {rc}"))
-                }
+                (Some((which, rc)), _) if which == "setup" && rc != 0 => (
+                    pb::JobPhase::SetupFailed,
+                    Some(rc),
+                    format!("setup exited with {rc}"),
+                ),
                 (Some((_, rc)), _) => (pb::JobPhase::Exited, Some(rc), String::new()),
                 (None, Some(sig)) => (
                     pb::JobPhase::Exited,
@@ -461,8 +481,16 @@ impl Owner {
         self.record_end(key, phase, code, message);
     }
 
-    fn record_end(&mut self, key: &JobKey, phase: pb::JobPhase, code: Option<i32>, message: String) {
-        let Some(entry) = self.jobs.get_mut(key) else { return };
+    fn record_end(
+        &mut self,
+        key: &JobKey,
+        phase: pb::JobPhase,
+        code: Option<i32>,
+        message: String,
+    ) {
+        let Some(entry) = self.jobs.get_mut(key) else {
+            return;
+        };
         let ended = Ended {
             phase: phase as i32,
             exit_code: code,

@@ -40,12 +40,17 @@ pub fn local_data_dir() -> Result<PathBuf> {
 /// A coordinator named by the environment, if any.
 fn configured() -> Result<Option<ApiInfo>> {
     if let Some(p) = std::env::var_os("NEMBO_API_INFO") {
-        let bytes = std::fs::read(&p).with_context(|| format!("read {}", Path::new(&p).display()))?;
-        return Ok(Some(serde_json::from_slice(&bytes).context("parse NEMBO_API_INFO")?));
+        let bytes =
+            std::fs::read(&p).with_context(|| format!("read {}", Path::new(&p).display()))?;
+        return Ok(Some(
+            serde_json::from_slice(&bytes).context("parse NEMBO_API_INFO")?,
+        ));
     }
     if let Ok(endpoint) = std::env::var("NEMBO_ENDPOINT") {
-        let ca = std::env::var("NEMBO_CA_CERT").context("NEMBO_ENDPOINT is set; set NEMBO_CA_CERT too")?;
-        let token = std::env::var("NEMBO_TOKEN_FILE").context("NEMBO_ENDPOINT is set; set NEMBO_TOKEN_FILE too")?;
+        let ca = std::env::var("NEMBO_CA_CERT")
+            .context("NEMBO_ENDPOINT is set; set NEMBO_CA_CERT too")?;
+        let token = std::env::var("NEMBO_TOKEN_FILE")
+            .context("NEMBO_ENDPOINT is set; set NEMBO_TOKEN_FILE too")?;
         return Ok(Some(ApiInfo {
             endpoint,
             ca_cert_path: ca,
@@ -66,7 +71,8 @@ pub fn running_local() -> Result<Option<ApiInfo>> {
     let Ok(bytes) = std::fs::read(&path) else {
         return Ok(None);
     };
-    let info: ApiInfo = serde_json::from_slice(&bytes).with_context(|| format!("parse {}", path.display()))?;
+    let info: ApiInfo =
+        serde_json::from_slice(&bytes).with_context(|| format!("parse {}", path.display()))?;
     Ok(pid_alive(info.pid).then_some(info))
 }
 
@@ -101,9 +107,12 @@ pub async fn start_local(quiet: bool) -> Result<ApiInfo> {
         .stderr(Stdio::from(log));
     // Its own process group: Ctrl-C on `nembo launch` must not stop the coordinator.
     std::os::unix::process::CommandExt::process_group(&mut cmd, 0);
-    let mut child = cmd
-        .spawn()
-        .with_context(|| format!("cannot start {} (build it with `cargo build`, or set NEMBO_COORDINATOR_BIN)", bin.display()))?;
+    let mut child = cmd.spawn().with_context(|| {
+        format!(
+            "cannot start {} (build it with `cargo build`, or set NEMBO_COORDINATOR_BIN)",
+            bin.display()
+        )
+    })?;
     let pid = child.id();
     // Reap it if it exits early; it outlives us otherwise.
     std::thread::spawn(move || {
@@ -145,7 +154,8 @@ pub async fn resolve(start: bool) -> Result<ApiInfo> {
 }
 
 async fn connect_info(info: &ApiInfo) -> Result<Client> {
-    let ca = std::fs::read(&info.ca_cert_path).with_context(|| format!("read CA {}", info.ca_cert_path))?;
+    let ca = std::fs::read(&info.ca_cert_path)
+        .with_context(|| format!("read CA {}", info.ca_cert_path))?;
     let token = read_token(Path::new(&info.token_path))?;
     Ok(connect(&info.endpoint, &ca, &token).await?)
 }
@@ -154,7 +164,10 @@ fn read_token(path: &Path) -> Result<String> {
     use std::os::unix::fs::PermissionsExt;
     let meta = std::fs::metadata(path).with_context(|| format!("read token {}", path.display()))?;
     if meta.permissions().mode() & 0o077 != 0 {
-        bail!("{} is readable by other users; run chmod 600 on it", path.display());
+        bail!(
+            "{} is readable by other users; run chmod 600 on it",
+            path.display()
+        );
     }
     Ok(std::fs::read_to_string(path)?.trim().to_string())
 }

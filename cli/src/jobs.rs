@@ -43,7 +43,8 @@ pub struct LaunchArgs {
 /// current directory, as SkyPilot does) and applying `--name`.
 fn read_task(path: &PathBuf, name: Option<&str>) -> Result<String> {
     let text = std::fs::read_to_string(path).with_context(|| format!("read {}", path.display()))?;
-    let Ok(serde_yaml::Value::Mapping(mut map)) = serde_yaml::from_str::<serde_yaml::Value>(&text) else {
+    let Ok(serde_yaml::Value::Mapping(mut map)) = serde_yaml::from_str::<serde_yaml::Value>(&text)
+    else {
         return Ok(text); // let the coordinator report what is wrong with it
     };
     let mut changed = false;
@@ -51,7 +52,9 @@ fn read_task(path: &PathBuf, name: Option<&str>) -> Result<String> {
         let p = PathBuf::from(w);
         if !p.is_absolute() {
             let abs = std::env::current_dir()?.join(p);
-            let abs = abs.canonicalize().with_context(|| format!("workdir {}", abs.display()))?;
+            let abs = abs
+                .canonicalize()
+                .with_context(|| format!("workdir {}", abs.display()))?;
             map.insert("workdir".into(), abs.display().to_string().into());
             changed = true;
         }
@@ -76,7 +79,10 @@ fn state_name(v: i32) -> String {
 fn is_terminal(v: i32) -> bool {
     matches!(
         pb::JobState::try_from(v),
-        Ok(pb::JobState::Succeeded | pb::JobState::Failed | pb::JobState::FailedSetup | pb::JobState::Cancelled)
+        Ok(pb::JobState::Succeeded
+            | pb::JobState::Failed
+            | pb::JobState::FailedSetup
+            | pb::JobState::Cancelled)
     )
 }
 
@@ -114,16 +120,24 @@ pub async fn launch(a: LaunchArgs) -> Result<i32> {
     result?;
     let job = wait_terminal(&mut client, &job_id).await?;
     let took = if job.started_at_unix_ms > 0 {
-        format!(" after {}", table::duration(job.ended_at_unix_ms - job.started_at_unix_ms))
+        format!(
+            " after {}",
+            table::duration(job.ended_at_unix_ms - job.started_at_unix_ms)
+        )
     } else {
         String::new()
     };
     let code = job.exit_code;
-    let msg = if job.message.is_empty() { String::new() } else { format!(": {}", job.message) };
+    let msg = if job.message.is_empty() {
+        String::new()
+    } else {
+        format!(": {}", job.message)
+    };
     eprintln!(
         "Job {job_id} {}{}{took}{msg}",
         state_name(job.state),
-        code.map(|c| format!(" (exit code {c})")).unwrap_or_default()
+        code.map(|c| format!(" (exit code {c})"))
+            .unwrap_or_default()
     );
     Ok(match pb::JobState::try_from(job.state) {
         Ok(pb::JobState::Succeeded) => 0,
@@ -134,7 +148,9 @@ pub async fn launch(a: LaunchArgs) -> Result<i32> {
 async fn wait_terminal(client: &mut Client, job_id: &str) -> Result<pb::Job> {
     for _ in 0..600 {
         let job = client
-            .get_job(pb::GetJobRequest { job_id: job_id.to_string() })
+            .get_job(pb::GetJobRequest {
+                job_id: job_id.to_string(),
+            })
             .await?
             .into_inner();
         if is_terminal(job.state) {
@@ -149,7 +165,12 @@ async fn wait_terminal(client: &mut Client, job_id: &str) -> Result<pb::Job> {
 async fn show_progress(mut client: Client, job_id: String) {
     let mut last = (0, String::new());
     loop {
-        let Ok(job) = client.get_job(pb::GetJobRequest { job_id: job_id.clone() }).await else {
+        let Ok(job) = client
+            .get_job(pb::GetJobRequest {
+                job_id: job_id.clone(),
+            })
+            .await
+        else {
             return;
         };
         let job = job.into_inner();
@@ -286,7 +307,11 @@ pub fn node_json(n: &pb::Node) -> Value {
 
 pub fn node_state(v: i32) -> String {
     pb::NodeState::try_from(v)
-        .map(|s| s.as_str_name().trim_start_matches("NODE_STATE_").to_string())
+        .map(|s| {
+            s.as_str_name()
+                .trim_start_matches("NODE_STATE_")
+                .to_string()
+        })
         .unwrap_or_else(|_| v.to_string())
 }
 
@@ -307,9 +332,16 @@ fn accels(r: &Option<pb::NodeResources>) -> String {
 /// `status` (nodes and jobs) or `queue` (jobs).
 pub async fn status(as_json: bool, with_nodes: bool) -> Result<()> {
     let mut c = connect::client().await?;
-    let jobs = c.list_jobs(pb::ListJobsRequest::default()).await?.into_inner().jobs;
+    let jobs = c
+        .list_jobs(pb::ListJobsRequest::default())
+        .await?
+        .into_inner()
+        .jobs;
     let nodes = if with_nodes {
-        c.list_nodes(pb::ListNodesRequest {}).await?.into_inner().nodes
+        c.list_nodes(pb::ListNodesRequest {})
+            .await?
+            .into_inner()
+            .nodes
     } else {
         Vec::new()
     };
@@ -335,32 +367,71 @@ pub async fn status(as_json: bool, with_nodes: bool) -> Result<()> {
                     n.instance_type.clone(),
                     accels(&n.resources),
                     format!("{}", nembo_domain::task::fmt_num(r.cpus)),
-                    if n.job_ids.is_empty() { "-".into() } else { n.job_ids.join(",") },
+                    if n.job_ids.is_empty() {
+                        "-".into()
+                    } else {
+                        n.job_ids.join(",")
+                    },
                     n.message.clone(),
                 ]
             })
             .collect();
-        table::print(&["NODE", "STATE", "INFRA", "TYPE", "GPUS", "CPUS", "JOBS", "MESSAGE"], &rows);
+        table::print(
+            &[
+                "NODE", "STATE", "INFRA", "TYPE", "GPUS", "CPUS", "JOBS", "MESSAGE",
+            ],
+            &rows,
+        );
         println!("\nJobs");
     }
     let rows: Vec<Vec<String>> = jobs
         .iter()
         .rev()
         .map(|j| {
-            let end = if j.ended_at_unix_ms > 0 { j.ended_at_unix_ms } else { table::now_ms() };
+            let end = if j.ended_at_unix_ms > 0 {
+                j.ended_at_unix_ms
+            } else {
+                table::now_ms()
+            };
             vec![
                 j.job_id.clone(),
-                if j.name.is_empty() { "-".into() } else { j.name.clone() },
+                if j.name.is_empty() {
+                    "-".into()
+                } else {
+                    j.name.clone()
+                },
                 state_name(j.state),
                 table::ago(j.submitted_at_unix_ms),
-                if j.started_at_unix_ms > 0 { table::duration(end - j.started_at_unix_ms) } else { "-".into() },
-                if j.node_ids.is_empty() { "-".into() } else { j.node_ids.join(",") },
-                j.exit_code.map(|c| c.to_string()).unwrap_or_else(|| "-".into()),
+                if j.started_at_unix_ms > 0 {
+                    table::duration(end - j.started_at_unix_ms)
+                } else {
+                    "-".into()
+                },
+                if j.node_ids.is_empty() {
+                    "-".into()
+                } else {
+                    j.node_ids.join(",")
+                },
+                j.exit_code
+                    .map(|c| c.to_string())
+                    .unwrap_or_else(|| "-".into()),
                 j.message.clone(),
             ]
         })
         .collect();
-    table::print(&["ID", "NAME", "STATE", "SUBMITTED", "DURATION", "NODES", "EXIT", "MESSAGE"], &rows);
+    table::print(
+        &[
+            "ID",
+            "NAME",
+            "STATE",
+            "SUBMITTED",
+            "DURATION",
+            "NODES",
+            "EXIT",
+            "MESSAGE",
+        ],
+        &rows,
+    );
     Ok(())
 }
 

@@ -28,7 +28,10 @@ pub async fn down(nodes: Vec<String>) -> Result<()> {
     let mut c = connect::client().await?;
     let all = nodes.is_empty();
     let r = c
-        .down(pb::DownRequest { node_ids: nodes, all })
+        .down(pb::DownRequest {
+            node_ids: nodes,
+            all,
+        })
         .await?
         .into_inner();
     if r.node_ids.is_empty() {
@@ -39,10 +42,18 @@ pub async fn down(nodes: Vec<String>) -> Result<()> {
     wait_terminated(&mut c, &r.node_ids, Duration::from_secs(30)).await
 }
 
-async fn wait_terminated(c: &mut nembo_proto::client::Client, ids: &[String], limit: Duration) -> Result<()> {
+async fn wait_terminated(
+    c: &mut nembo_proto::client::Client,
+    ids: &[String],
+    limit: Duration,
+) -> Result<()> {
     let deadline = tokio::time::Instant::now() + limit;
     loop {
-        let nodes = c.list_nodes(pb::ListNodesRequest {}).await?.into_inner().nodes;
+        let nodes = c
+            .list_nodes(pb::ListNodesRequest {})
+            .await?
+            .into_inner()
+            .nodes;
         let left: Vec<&pb::Node> = nodes
             .iter()
             .filter(|n| ids.contains(&n.node_id))
@@ -60,7 +71,10 @@ async fn wait_terminated(c: &mut nembo_proto::client::Client, ids: &[String], li
         if tokio::time::Instant::now() > deadline {
             anyhow::bail!(
                 "still terminating: {}",
-                left.iter().map(|n| n.node_id.as_str()).collect::<Vec<_>>().join(", ")
+                left.iter()
+                    .map(|n| n.node_id.as_str())
+                    .collect::<Vec<_>>()
+                    .join(", ")
             );
         }
         tokio::time::sleep(Duration::from_millis(100)).await;
@@ -75,10 +89,14 @@ pub async fn local_down() -> Result<()> {
     };
     down(Vec::new()).await?;
     let pid = nix::unistd::Pid::from_raw(info.pid as i32);
-    nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGTERM).context("stop the coordinator")?;
+    nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGTERM)
+        .context("stop the coordinator")?;
     for _ in 0..100 {
         if !connect::pid_alive(info.pid) {
-            println!("Local coordinator stopped (state kept in {}).", connect::local_data_dir()?.display());
+            println!(
+                "Local coordinator stopped (state kept in {}).",
+                connect::local_data_dir()?.display()
+            );
             return Ok(());
         }
         tokio::time::sleep(Duration::from_millis(100)).await;
@@ -97,8 +115,15 @@ pub async fn local_status(as_json: bool) -> Result<()> {
         return Ok(());
     };
     let mut c = connect::client().await?;
-    let status = c.get_cluster_status(pb::GetClusterStatusRequest {}).await?.into_inner();
-    let nodes = c.list_nodes(pb::ListNodesRequest {}).await?.into_inner().nodes;
+    let status = c
+        .get_cluster_status(pb::GetClusterStatusRequest {})
+        .await?
+        .into_inner();
+    let nodes = c
+        .list_nodes(pb::ListNodesRequest {})
+        .await?
+        .into_inner()
+        .nodes;
     if as_json {
         let v = json!({
             "running": true,

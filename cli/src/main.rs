@@ -107,7 +107,10 @@ async fn main() {
     let code = match run(cli).await {
         Ok(code) => code,
         Err(e) => {
-            eprintln!("error: {e:#}");
+            match e.downcast_ref::<tonic::Status>() {
+                Some(s) => eprintln!("error: {} ({:?})", s.message(), s.code()),
+                None => eprintln!("error: {e:#}"),
+            }
             1
         }
     };

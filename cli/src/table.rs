@@ -34,7 +34,8 @@ pub fn duration(ms: i64) -> String {
     }
     let s = ms / 1000;
     match s {
-        0..=59 => format!("{s}s"),
+        0..=9 => format!("{:.1}s", ms as f64 / 1000.0),
+        10..=59 => format!("{s}s"),
         60..=3599 => format!("{}m{}s", s / 60, s % 60),
         _ => format!("{}h{}m", s / 3600, (s % 3600) / 60),
     }

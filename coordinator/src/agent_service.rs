@@ -51,7 +51,12 @@ impl AgentService for Agents {
         };
         let view = self.ctx.raft.view();
         match view.state.nodes.get(&hello.node_id) {
-            None => return Err(Status::not_found(format!("node {} is not known", hello.node_id))),
+            None => {
+                return Err(Status::not_found(format!(
+                    "node {} is not known",
+                    hello.node_id
+                )))
+            }
             Some(n) if n.state.is_final() || n.state == NodeState::Terminating => {
                 return Err(Status::failed_precondition(format!(
                     "node {} is {:?}",
@@ -196,7 +201,9 @@ async fn dispatch(
     sent_stop: &mut HashSet<(u64, u32)>,
 ) -> Result<(), Status> {
     for job in view.state.jobs.values() {
-        let Some(a) = job.current_attempt() else { continue };
+        let Some(a) = job.current_attempt() else {
+            continue;
+        };
         let Some(rank) = a.node_ids.iter().position(|n| n == node_id) else {
             continue;
         };
@@ -217,8 +224,15 @@ async fn dispatch(
                 )
                 .await?;
             }
-        } else if !r.started && matches!(job.state, JobState::Starting | JobState::Running) && sent_run.insert(key) {
-            send(tx, CoordMsg::RunJob(run_job(&view.state, job, rank, view.term))).await?;
+        } else if !r.started
+            && matches!(job.state, JobState::Starting | JobState::Running)
+            && sent_run.insert(key)
+        {
+            send(
+                tx,
+                CoordMsg::RunJob(run_job(&view.state, job, rank, view.term)),
+            )
+            .await?;
         }
     }
     Ok(())
@@ -226,11 +240,19 @@ async fn dispatch(
 
 /// The `RunJob` for one rank: the task plus every variable SkyPilot scripts expect.
 fn run_job(state: &State, job: &Job, rank: usize, term: u64) -> pb::RunJob {
-    let a = job.current_attempt().expect("dispatch checks for an attempt");
+    let a = job
+        .current_attempt()
+        .expect("dispatch checks for an attempt");
     let ips: Vec<String> = a
         .node_ids
         .iter()
-        .map(|n| state.nodes.get(n).map(|n| n.address.clone()).unwrap_or_default())
+        .map(|n| {
+            state
+                .nodes
+                .get(n)
+                .map(|n| n.address.clone())
+                .unwrap_or_default()
+        })
         .collect();
     let gpus = job.spec.gpus_per_node(a.candidate).to_string();
     let num_nodes = a.node_ids.len().to_string();
@@ -312,7 +334,11 @@ async fn handle_report(ctx: &Ctx, node_id: &str, r: &pb::JobReport) {
         pb::JobPhase::Lost => Some(RankOutcome::Lost(r.message.clone())),
         pb::JobPhase::Unspecified => return,
     };
-    let at_ms = if r.at_unix_ms > 0 { r.at_unix_ms } else { now_ms() };
+    let at_ms = if r.at_unix_ms > 0 {
+        r.at_unix_ms
+    } else {
+        now_ms()
+    };
     let rank_state = &a.ranks[rank as usize];
     let ran = !matches!(phase, pb::JobPhase::FailedToStart | pb::JobPhase::Lost);
     if ran && !rank_state.started {

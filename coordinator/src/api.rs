@@ -50,7 +50,9 @@ impl Api {
             )));
         }
         let spec = match &req.task {
-            Some(pb::submit_job_request::Task::TaskYaml(y)) => task::parse_task_yaml(y, &overrides)?,
+            Some(pb::submit_job_request::Task::TaskYaml(y)) => {
+                task::parse_task_yaml(y, &overrides)?
+            }
             Some(pb::submit_job_request::Task::Spec(s)) => convert::spec_from_proto(s, &overrides)?,
             None => {
                 return Err(CoordinatorError::InvalidArgument(
@@ -78,7 +80,9 @@ fn parse_job_id(s: &str) -> Result<JobId, CoordinatorError> {
 
 fn rejection(r: Rejection) -> CoordinatorError {
     match r {
-        Rejection::NoSuchJob(_) | Rejection::NoSuchNode(_) => CoordinatorError::NotFound(r.to_string()),
+        Rejection::NoSuchJob(_) | Rejection::NoSuchNode(_) => {
+            CoordinatorError::NotFound(r.to_string())
+        }
         Rejection::Conflict(m) => CoordinatorError::FailedPrecondition(m),
     }
 }
@@ -108,7 +112,9 @@ impl Coordinator for Api {
                 existing,
             })),
             Outcome::Rejected(r) => Err(rejection(r).into()),
-            other => Err(CoordinatorError::Internal(format!("unexpected outcome {other:?}")).into()),
+            other => {
+                Err(CoordinatorError::Internal(format!("unexpected outcome {other:?}")).into())
+            }
         }
     }
 
@@ -118,31 +124,40 @@ impl Coordinator for Api {
     ) -> Result<Response<pb::DryRunResponse>, Status> {
         let spec = self.parse_request(request.get_ref())?;
         let view = self.ctx.raft.view();
-        let placement = scheduler::place(&view.state, &spec, &self.ctx.offerings, &Round::default()).map(|p| match p {
-            Placement::Existing { candidate, node_ids } => pb::Placement {
-                candidate_index: candidate as u32,
-                summary: format!("on existing node(s) {}", node_ids.join(", ")),
-                existing_node_ids: node_ids,
-                ..Default::default()
-            },
-            Placement::Provision {
-                candidate,
-                offering,
-                count,
-            } => pb::Placement {
-                candidate_index: candidate as u32,
-                summary: format!(
-                    "{count} new {} node(s) in {}/{} at ${:.2}/h each",
-                    offering.instance_type, offering.provider, offering.region, offering.hourly_price
-                ),
-                existing_node_ids: vec![],
-                provider: offering.provider,
-                region: offering.region,
-                instance_type: offering.instance_type,
-                hourly_price: offering.hourly_price,
-                new_nodes: count,
-            },
-        });
+        let placement =
+            scheduler::place(&view.state, &spec, &self.ctx.offerings, &Round::default()).map(|p| {
+                match p {
+                    Placement::Existing {
+                        candidate,
+                        node_ids,
+                    } => pb::Placement {
+                        candidate_index: candidate as u32,
+                        summary: format!("on existing node(s) {}", node_ids.join(", ")),
+                        existing_node_ids: node_ids,
+                        ..Default::default()
+                    },
+                    Placement::Provision {
+                        candidate,
+                        offering,
+                        count,
+                    } => pb::Placement {
+                        candidate_index: candidate as u32,
+                        summary: format!(
+                            "{count} new {} node(s) in {}/{} at ${:.2}/h each",
+                            offering.instance_type,
+                            offering.provider,
+                            offering.region,
+                            offering.hourly_price
+                        ),
+                        existing_node_ids: vec![],
+                        provider: offering.provider,
+                        region: offering.region,
+                        instance_type: offering.instance_type,
+                        hourly_price: offering.hourly_price,
+                        new_nodes: count,
+                    },
+                }
+            });
         Ok(Response::new(pb::DryRunResponse {
             normalized_yaml: task::to_normalized_yaml(&spec),
             spec: Some(convert::spec_to_proto(&spec)),
@@ -150,7 +165,10 @@ impl Coordinator for Api {
         }))
     }
 
-    async fn get_job(&self, request: Request<pb::GetJobRequest>) -> Result<Response<pb::Job>, Status> {
+    async fn get_job(
+        &self,
+        request: Request<pb::GetJobRequest>,
+    ) -> Result<Response<pb::Job>, Status> {
         let id = parse_job_id(&request.get_ref().job_id)?;
         let view = self.ctx.raft.view();
         let job = view
@@ -208,7 +226,9 @@ impl Coordinator for Api {
             .get(&id)
             .map(|j| convert::job_state(j.state))
             .unwrap_or(pb::JobState::Unspecified);
-        Ok(Response::new(pb::CancelJobResponse { state: state as i32 }))
+        Ok(Response::new(pb::CancelJobResponse {
+            state: state as i32,
+        }))
     }
 
     type StreamLogsStream = ReceiverStream<Result<pb::LogChunk, Status>>;
@@ -246,7 +266,10 @@ impl Coordinator for Api {
         Ok(Response::new(pb::ListNodesResponse { nodes }))
     }
 
-    async fn down(&self, request: Request<pb::DownRequest>) -> Result<Response<pb::DownResponse>, Status> {
+    async fn down(
+        &self,
+        request: Request<pb::DownRequest>,
+    ) -> Result<Response<pb::DownResponse>, Status> {
         let req = request.into_inner();
         let view = self.ctx.raft.view();
         let node_ids: Vec<String> = if req.all {
@@ -294,7 +317,11 @@ impl Coordinator for Api {
                 .iter()
                 .map(|id| pb::Member {
                     id: *id,
-                    address: if *id == v.id { self.ctx.endpoint.clone() } else { String::new() },
+                    address: if *id == v.id {
+                        self.ctx.endpoint.clone()
+                    } else {
+                        String::new()
+                    },
                     is_leader: *id == v.leader_id,
                 })
                 .collect(),

@@ -36,7 +36,10 @@ pub async fn supervise(ctx: Arc<Ctx>, cfg: LoopConfig, heartbeats: mpsc::Receive
     loop {
         let leading = views.borrow_and_update().is_leader();
         if leading && leader_loops.is_none() {
-            tracing::info!(term = ctx.raft.view().term, "gained leadership; starting control loops");
+            tracing::info!(
+                term = ctx.raft.view().term,
+                "gained leadership; starting control loops"
+            );
             let mut set = JoinSet::new();
             set.spawn(scheduler(ctx.clone(), cfg.policy));
             set.spawn(provisioner(ctx.clone()));
@@ -58,7 +61,10 @@ async fn scheduler(ctx: Arc<Ctx>, policy: Policy) {
     let mut planned: Option<Arc<State>> = None;
     loop {
         let view = views.borrow_and_update().clone();
-        if planned.as_ref().is_none_or(|p| !Arc::ptr_eq(p, &view.state)) {
+        if planned
+            .as_ref()
+            .is_none_or(|p| !Arc::ptr_eq(p, &view.state))
+        {
             planned = Some(view.state.clone());
             for cmd in plan(&view.state, &ctx.offerings, policy, now_ms()) {
                 ctx.propose_quietly(cmd).await;
@@ -163,7 +169,8 @@ async fn liveness(ctx: Arc<Ctx>, cfg: LoopConfig, mut heartbeats: mpsc::Receiver
     let ttl = cfg.node_ttl;
     let mut deadlines: HashMap<String, Instant> = HashMap::new();
     let mut leading = false;
-    let mut tick = tokio::time::interval((ttl / 4).clamp(Duration::from_millis(50), Duration::from_secs(1)));
+    let mut tick =
+        tokio::time::interval((ttl / 4).clamp(Duration::from_millis(50), Duration::from_secs(1)));
     loop {
         tokio::select! {
             hb = heartbeats.recv() => {

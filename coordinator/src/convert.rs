@@ -4,7 +4,8 @@ use std::collections::BTreeMap;
 
 use nembo_domain::state::{self as st, Job, JobState, Node, NodeState, Resources};
 use nembo_domain::task::{
-    self, Accelerator, Infra, Memory, Quantity, ResourceCandidate, ResourceRequest, SpecError, TaskSpec,
+    self, Accelerator, Infra, Memory, Quantity, ResourceCandidate, ResourceRequest, SpecError,
+    TaskSpec,
 };
 use nembo_proto::v1 as pb;
 
@@ -61,7 +62,11 @@ pub fn spec_to_proto(spec: &TaskSpec) -> pb::TaskSpec {
                 .iter()
                 .map(|c| pb::ResourceCandidate {
                     infra: c.infra.to_string(),
-                    accelerator: c.accelerator.as_ref().map(|a| a.to_string()).unwrap_or_default(),
+                    accelerator: c
+                        .accelerator
+                        .as_ref()
+                        .map(|a| a.to_string())
+                        .unwrap_or_default(),
                     cpus: c.cpus.map(|q| q.to_string()).unwrap_or_default(),
                     memory: c.memory.map(|m| m.to_string()).unwrap_or_default(),
                     instance_type: c.instance_type.clone().unwrap_or_default(),
@@ -80,7 +85,10 @@ fn non_empty(s: &str) -> Option<String> {
 }
 
 /// A structured spec from the wire, validated; errors name `spec.…` paths.
-pub fn spec_from_proto(p: &pb::TaskSpec, overrides: &BTreeMap<String, String>) -> Result<TaskSpec, SpecError> {
+pub fn spec_from_proto(
+    p: &pb::TaskSpec,
+    overrides: &BTreeMap<String, String>,
+) -> Result<TaskSpec, SpecError> {
     let mut candidates = Vec::new();
     let res = p.resources.clone().unwrap_or_default();
     for (i, c) in res.candidates.iter().enumerate() {
@@ -90,8 +98,12 @@ pub fn spec_from_proto(p: &pb::TaskSpec, overrides: &BTreeMap<String, String>) -
             accelerator: non_empty(&c.accelerator)
                 .map(|a| Accelerator::parse(&a, &path("accelerator")))
                 .transpose()?,
-            cpus: non_empty(&c.cpus).map(|q| Quantity::parse(&q, &path("cpus"))).transpose()?,
-            memory: non_empty(&c.memory).map(|m| Memory::parse(&m, &path("memory"))).transpose()?,
+            cpus: non_empty(&c.cpus)
+                .map(|q| Quantity::parse(&q, &path("cpus")))
+                .transpose()?,
+            memory: non_empty(&c.memory)
+                .map(|m| Memory::parse(&m, &path("memory")))
+                .transpose()?,
             instance_type: non_empty(&c.instance_type),
             use_spot: c.use_spot,
             max_hourly_cost: None,
@@ -164,7 +176,11 @@ pub fn node_to_proto(state: &st::State, node: &Node) -> pb::Node {
         resources: Some(resources(&node.resources)),
         free: Some(resources(&state.free_on(&node.id))),
         address: node.address.clone(),
-        job_ids: state.jobs_on(&node.id).iter().map(|j| j.to_string()).collect(),
+        job_ids: state
+            .jobs_on(&node.id)
+            .iter()
+            .map(|j| j.to_string())
+            .collect(),
         created_at_unix_ms: node.created_at_ms,
         message: node.message.clone(),
         hourly_price: node.hourly_price,

@@ -89,7 +89,10 @@ impl LogStore {
         if let Some(parent) = path.parent() {
             fs::create_dir_all(parent)?;
         }
-        let mut f = fs::OpenOptions::new().create(true).append(true).open(&path)?;
+        let mut f = fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&path)?;
         f.write_all(&data[skip..])?;
         m.size += (data.len() - skip) as u64;
         map.insert(k, m);
@@ -142,7 +145,11 @@ mod tests {
     fn resent_chunks_are_written_once_and_gaps_refused() {
         let d = tempfile::tempdir().unwrap();
         let s = LogStore::new(d.path().into()).unwrap();
-        let k = LogKey { job: 1, attempt: 1, rank: 0 };
+        let k = LogKey {
+            job: 1,
+            attempt: 1,
+            rank: 0,
+        };
         s.append(k, 0, b"hello ").unwrap();
         s.append(k, 0, b"hello wor").unwrap();
         s.append(k, 6, b"world\n").unwrap();

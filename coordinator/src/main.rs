@@ -71,7 +71,8 @@ async fn main() -> anyhow::Result<()> {
         ..CoordinatorConfig::new(a.data_dir.clone())
     };
     let pid_file = a.data_dir.join("coordinator.pid");
-    std::fs::create_dir_all(&a.data_dir).with_context(|| format!("create {}", a.data_dir.display()))?;
+    std::fs::create_dir_all(&a.data_dir)
+        .with_context(|| format!("create {}", a.data_dir.display()))?;
     std::fs::write(&pid_file, std::process::id().to_string()).context("write pid file")?;
     let shutdown = async {
         let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())

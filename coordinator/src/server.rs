@@ -128,7 +128,9 @@ impl Ctx {
     /// the next state change).
     pub async fn propose_quietly(&self, cmd: Command) {
         match self.raft.propose(cmd).await {
-            Ok(nembo_domain::state::Outcome::Rejected(r)) => tracing::debug!(reason = %r, "command rejected"),
+            Ok(nembo_domain::state::Outcome::Rejected(r)) => {
+                tracing::debug!(reason = %r, "command rejected")
+            }
             Ok(_) => {}
             Err(e) => tracing::warn!(error = %e, "proposal failed"),
         }
@@ -183,10 +185,14 @@ pub fn find_agent_bin(explicit: Option<&Path>) -> PathBuf {
 }
 
 /// Runs a coordinator until `shutdown` resolves.
-pub async fn run(cfg: CoordinatorConfig, shutdown: impl Future<Output = ()> + Send + 'static) -> Result<(), CoordinatorError> {
+pub async fn run(
+    cfg: CoordinatorConfig,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> Result<(), CoordinatorError> {
     let dir = &cfg.data_dir;
     std::fs::create_dir_all(dir).map_err(startup("data dir"))?;
-    let creds = tls::ensure(dir, &cfg.hosts).map_err(|e| CoordinatorError::Internal(e.to_string()))?;
+    let creds =
+        tls::ensure(dir, &cfg.hosts).map_err(|e| CoordinatorError::Internal(e.to_string()))?;
     let client_token: Arc<str> = tls::read_secret(&creds.token)
         .map_err(|e| CoordinatorError::Internal(e.to_string()))?
         .into();
@@ -226,6 +232,10 @@ pub async fn run(cfg: CoordinatorConfig, shutdown: impl Future<Output = ()> + Se
         snapshot_every: cfg.snapshot_every,
     })?;
 
+    // Serve once there is a leader, so the first request is not refused.
+    let mut views = raft.subscribe();
+    let _ = tokio::time::timeout(cfg.tick * 30, views.wait_for(|v| v.leader_id != 0)).await;
+
     let local: Arc<dyn Provider> = Arc::new(LocalProvider::new(LocalConfig {
         nodes_dir: dir.join("nodes"),
         agent_bin: find_agent_bin(cfg.agent_bin.as_deref()),
@@ -252,7 +262,9 @@ pub async fn run(cfg: CoordinatorConfig, shutdown: impl Future<Output = ()> + Se
     tokio::spawn(control::supervise(
         ctx.clone(),
         LoopConfig {
-            policy: Policy { max_nodes: cfg.max_nodes },
+            policy: Policy {
+                max_nodes: cfg.max_nodes,
+            },
             node_ttl: cfg.node_ttl,
             provision_timeout: cfg.provision_timeout,
         },
@@ -265,8 +277,10 @@ pub async fn run(cfg: CoordinatorConfig, shutdown: impl Future<Output = ()> + Se
         .register_encoded_file_descriptor_set(nembo_proto::FILE_DESCRIPTOR_SET)
         .build_v1()
         .map_err(|e| CoordinatorError::Internal(format!("reflection: {e}")))?;
-    let api = CoordinatorServer::new(Api::new(ctx.clone())).max_decoding_message_size(8 * 1024 * 1024);
-    let agents = AgentServiceServer::new(Agents::new(ctx.clone())).max_decoding_message_size(8 * 1024 * 1024);
+    let api =
+        CoordinatorServer::new(Api::new(ctx.clone())).max_decoding_message_size(8 * 1024 * 1024);
+    let agents = AgentServiceServer::new(Agents::new(ctx.clone()))
+        .max_decoding_message_size(8 * 1024 * 1024);
 
     let info = ApiInfo {
         endpoint: endpoint.clone(),
@@ -288,7 +302,10 @@ pub async fn run(cfg: CoordinatorConfig, shutdown: impl Future<Output = ()> + Se
         .add_service(InterceptedService::new(api, RequireToken(client_token)))
         .add_service(InterceptedService::new(agents, RequireToken(agent_token)))
         .add_service(reflection)
-        .serve_with_incoming_shutdown(tokio_stream::wrappers::TcpListenerStream::new(listener), shutdown)
+        .serve_with_incoming_shutdown(
+            tokio_stream::wrappers::TcpListenerStream::new(listener),
+            shutdown,
+        )
         .await
         .map_err(|e| CoordinatorError::Internal(format!("server: {e}")))
 }

@@ -71,7 +71,10 @@ pub fn read_secret(path: &Path) -> Result<String, CredentialError> {
     if meta.permissions().mode() & 0o077 != 0 {
         return Err(CredentialError::Exposed(path.display().to_string()));
     }
-    Ok(fs::read_to_string(path).map_err(io(path))?.trim().to_string())
+    Ok(fs::read_to_string(path)
+        .map_err(io(path))?
+        .trim()
+        .to_string())
 }
 
 /// 256 random bits, hex.
@@ -154,15 +157,27 @@ mod tests {
     fn credentials_are_created_once_with_private_modes() {
         let d = tempfile::tempdir().unwrap();
         let c = ensure(d.path(), &[]).unwrap();
-        for p in [&c.server_key, &c.token, &c.agent_token, &d.path().join("tls/ca.key")] {
-            assert_eq!(fs::metadata(p).unwrap().permissions().mode() & 0o777, 0o600, "{p:?}");
+        for p in [
+            &c.server_key,
+            &c.token,
+            &c.agent_token,
+            &d.path().join("tls/ca.key"),
+        ] {
+            assert_eq!(
+                fs::metadata(p).unwrap().permissions().mode() & 0o777,
+                0o600,
+                "{p:?}"
+            );
         }
         let token = read_secret(&c.token).unwrap();
         assert_eq!(token.len(), 64);
         let again = ensure(d.path(), &[]).unwrap();
         assert_eq!(read_secret(&again.token).unwrap(), token);
         fs::set_permissions(&c.token, fs::Permissions::from_mode(0o644)).unwrap();
-        assert!(matches!(read_secret(&c.token), Err(CredentialError::Exposed(_))));
+        assert!(matches!(
+            read_secret(&c.token),
+            Err(CredentialError::Exposed(_))
+        ));
     }
 
     #[test]

@@ -49,19 +49,13 @@ pub fn offering_matches(c: &ResourceCandidate, o: &Offering) -> bool {
         return false;
     }
     let gpus: f64 = o.resources.accelerators.values().sum();
+    let has = |name: &str| o.resources.accelerators.get(name).copied().unwrap_or(0.0);
     match &c.accelerator {
         // Like SkyPilot: an instance carries exactly the GPUs asked for (fractions round up).
-        Some(a) => {
-            if o.resources.accelerators.get(&a.name).copied().unwrap_or(0.0) != a.count.ceil() {
-                return false;
-            }
-        }
-        None if c.instance_type.is_none() => {
-            if gpus > 0.0 {
-                return false;
-            }
-        }
-        None => {}
+        Some(a) if has(&a.name) != a.count.ceil() => return false,
+        // A CPU task does not take a GPU machine unless its type is named.
+        None if c.instance_type.is_none() && gpus > 0.0 => return false,
+        _ => {}
     }
     if let Some(q) = &c.cpus {
         if !q.admits(o.resources.cpus) {
@@ -121,7 +115,11 @@ pub fn ranked_offerings(spec: &TaskSpec, offerings: &[Offering]) -> Vec<(usize, 
         let best = offerings
             .iter()
             .filter(|o| offering_matches(c, o))
-            .min_by(|a, b| cost_key(c, a).partial_cmp(&cost_key(c, b)).unwrap_or(std::cmp::Ordering::Equal));
+            .min_by(|a, b| {
+                cost_key(c, a)
+                    .partial_cmp(&cost_key(c, b))
+                    .unwrap_or(std::cmp::Ordering::Equal)
+            });
         if let Some(o) = best {
             out.push((i, o.clone()));
         }
@@ -130,7 +128,9 @@ pub fn ranked_offerings(spec: &TaskSpec, offerings: &[Offering]) -> Vec<(usize, 
         out.sort_by(|(ia, a), (ib, b)| {
             let ka = cost_key(&spec.resources.candidates[*ia], a);
             let kb = cost_key(&spec.resources.candidates[*ib], b);
-            ka.partial_cmp(&kb).unwrap_or(std::cmp::Ordering::Equal).then(ia.cmp(ib))
+            ka.partial_cmp(&kb)
+                .unwrap_or(std::cmp::Ordering::Equal)
+                .then(ia.cmp(ib))
         });
     }
     out
@@ -167,7 +167,10 @@ pub fn check_feasible(spec: &TaskSpec, offerings: &[Offering]) -> Result<(), Spe
             ));
         }
         if let Some(r) = &c.infra.region {
-            if !offerings.iter().any(|o| &o.provider == cloud && &o.region == r) {
+            if !offerings
+                .iter()
+                .any(|o| &o.provider == cloud && &o.region == r)
+            {
                 let mut regions: Vec<String> = offerings
                     .iter()
                     .filter(|o| &o.provider == cloud)
@@ -197,7 +200,11 @@ pub fn check_feasible(spec: &TaskSpec, offerings: &[Offering]) -> Result<(), Spe
         if !names.contains(&a.name) {
             return Err(SpecError::new(
                 "resources.accelerators",
-                format!("no enabled provider offers '{}' (offered: {})", a.name, list(names)),
+                format!(
+                    "no enabled provider offers '{}' (offered: {})",
+                    a.name,
+                    list(names)
+                ),
             ));
         }
         return Err(SpecError::new(
@@ -239,7 +246,12 @@ impl Round {
 /// Where `spec` would go now: on existing nodes with room (every candidate
 /// is tried there first, since idle capacity costs nothing more), else on
 /// new ones.
-pub fn place(state: &State, spec: &TaskSpec, offerings: &[Offering], round: &Round) -> Option<Placement> {
+pub fn place(
+    state: &State,
+    spec: &TaskSpec,
+    offerings: &[Offering],
+    round: &Round,
+) -> Option<Placement> {
     for i in 0..spec.resources.candidates.len() {
         if let Some(nodes) = existing_nodes(state, spec, i, round) {
             return Some(Placement::Existing {
@@ -248,7 +260,10 @@ pub fn place(state: &State, spec: &TaskSpec, offerings: &[Offering], round: &Rou
             });
         }
         if spec.resources.ordered {
-            if let Some((_, o)) = ranked_offerings(spec, offerings).into_iter().find(|(c, _)| *c == i) {
+            if let Some((_, o)) = ranked_offerings(spec, offerings)
+                .into_iter()
+                .find(|(c, _)| *c == i)
+            {
                 return Some(Placement::Provision {
                     candidate: i,
                     offering: o,
@@ -290,9 +305,23 @@ fn existing_nodes(
             spot_price: None,
         };
         let shape_ok = match &c.accelerator {
-            Some(a) => node.resources.accelerators.get(&a.name).copied().unwrap_or(0.0) >= a.count,
-            None => offering_matches(&ResourceCandidate { use_spot: false, ..c.clone() }, &shape)
-                || (c.cpus.is_none() && c.memory.is_none()),
+            Some(a) => {
+                node.resources
+                    .accelerators
+                    .get(&a.name)
+                    .copied()
+                    .unwrap_or(0.0)
+                    >= a.count
+            }
+            None => {
+                offering_matches(
+                    &ResourceCandidate {
+                        use_spot: false,
+                        ..c.clone()
+                    },
+                    &shape,
+                ) || (c.cpus.is_none() && c.memory.is_none())
+            }
         };
         if !shape_ok {
             continue;
@@ -332,17 +361,26 @@ pub fn plan(state: &State, offerings: &[Offering], policy: Policy, now_ms: i64) 
     let mut round = Round::default();
     let mut live_nodes = state.nodes.values().filter(|n| !n.state.is_final()).count() as u64;
     // Jobs whose provisioned nodes are up come first: those nodes are theirs.
-    for job in state.jobs.values().filter(|j| j.state == JobState::Provisioning) {
+    for job in state
+        .jobs
+        .values()
+        .filter(|j| j.state == JobState::Provisioning)
+    {
         let ready = !job.reserved_nodes.is_empty()
-            && job
-                .reserved_nodes
-                .iter()
-                .all(|n| state.nodes.get(n).is_some_and(|n| n.state == NodeState::Ready));
+            && job.reserved_nodes.iter().all(|n| {
+                state
+                    .nodes
+                    .get(n)
+                    .is_some_and(|n| n.state == NodeState::Ready)
+            });
         if ready {
             let candidate = candidate_for_nodes(state, &job.spec, &job.reserved_nodes);
             for n in &job.reserved_nodes {
                 round.released.insert(n.clone());
-                round.take(n, &State::demand(&job.spec, candidate, &state.nodes[n].resources));
+                round.take(
+                    n,
+                    &State::demand(&job.spec, candidate, &state.nodes[n].resources),
+                );
             }
             out.push(Command::AssignJob {
                 job_id: job.id,
@@ -352,35 +390,40 @@ pub fn plan(state: &State, offerings: &[Offering], policy: Policy, now_ms: i64) 
             });
         }
     }
-    for job in state.jobs.values() {
-        match job.state {
-            JobState::Pending => match place(state, &job.spec, offerings, &round) {
-                Some(Placement::Existing { candidate, node_ids }) => {
-                    for n in &node_ids {
-                        round.take(n, &State::demand(&job.spec, candidate, &state.nodes[n].resources));
-                    }
-                    out.push(Command::AssignJob {
-                        job_id: job.id,
-                        node_ids,
-                        candidate,
-                        at_ms: now_ms,
-                    });
+    for job in state.jobs.values().filter(|j| j.state == JobState::Pending) {
+        match place(state, &job.spec, offerings, &round) {
+            Some(Placement::Existing {
+                candidate,
+                node_ids,
+            }) => {
+                for n in &node_ids {
+                    round.take(
+                        n,
+                        &State::demand(&job.spec, candidate, &state.nodes[n].resources),
+                    );
                 }
-                Some(Placement::Provision { offering, count, .. }) => {
-                    if live_nodes + u64::from(count) > u64::from(policy.max_nodes) {
-                        continue;
-                    }
-                    live_nodes += u64::from(count);
-                    out.push(Command::ProvisionNodes {
-                        job_id: job.id,
-                        offering,
-                        count,
-                        at_ms: now_ms,
-                    });
+                out.push(Command::AssignJob {
+                    job_id: job.id,
+                    node_ids,
+                    candidate,
+                    at_ms: now_ms,
+                });
+            }
+            Some(Placement::Provision {
+                offering, count, ..
+            }) => {
+                if live_nodes + u64::from(count) > u64::from(policy.max_nodes) {
+                    continue;
                 }
-                None => {}
-            },
-            _ => {}
+                live_nodes += u64::from(count);
+                out.push(Command::ProvisionNodes {
+                    job_id: job.id,
+                    offering,
+                    count,
+                    at_ms: now_ms,
+                });
+            }
+            None => {}
         }
     }
     out
@@ -414,7 +457,11 @@ mod tests {
 
     fn offerings() -> Vec<Offering> {
         let mk = |region: &str, t: &str, gpu: Option<(&str, f64)>, cpus: f64, price: f64| {
-            let mut r = Resources { cpus, memory_gb: cpus * 4.0, ..Default::default() };
+            let mut r = Resources {
+                cpus,
+                memory_gb: cpus * 4.0,
+                ..Default::default()
+            };
             if let Some((g, n)) = gpu {
                 r.accelerators.insert(g.into(), n);
             }
@@ -443,10 +490,22 @@ mod tests {
     #[test]
     fn cheapest_fitting_offering_is_provisioned() {
         let mut s = State::default();
-        s.apply(&Command::SubmitJob { spec: spec("resources: {accelerators: H100:8}"), idempotency_key: None, at_ms: 0 });
+        s.apply(&Command::SubmitJob {
+            spec: spec("resources: {accelerators: H100:8}"),
+            idempotency_key: None,
+            at_ms: 0,
+        });
         let p = plan(&s, &offerings(), Policy::default(), 1);
-        let [Command::ProvisionNodes { offering, count: 1, .. }] = p.as_slice() else { panic!("{p:?}") };
-        assert_eq!((offering.region.as_str(), offering.instance_type.as_str()), ("eu-west", "h100-8"));
+        let [Command::ProvisionNodes {
+            offering, count: 1, ..
+        }] = p.as_slice()
+        else {
+            panic!("{p:?}")
+        };
+        assert_eq!(
+            (offering.region.as_str(), offering.instance_type.as_str()),
+            ("eu-west", "h100-8")
+        );
     }
 
     #[test]
@@ -455,7 +514,10 @@ mod tests {
         let r = ranked_offerings(&t, &offerings());
         assert_eq!(r[0].1.instance_type, "h100-8");
         let t = spec("resources: {accelerators: {H100: 8, A100: 8}}");
-        assert_eq!(ranked_offerings(&t, &offerings())[0].1.instance_type, "a100-8");
+        assert_eq!(
+            ranked_offerings(&t, &offerings())[0].1.instance_type,
+            "a100-8"
+        );
     }
 
     #[test]
@@ -463,7 +525,10 @@ mod tests {
         let t = spec("resources: {accelerators: H100:8, infra: local/us-east}");
         assert_eq!(ranked_offerings(&t, &offerings())[0].1.region, "us-east");
         let t = spec("resources: {cpus: 4+}");
-        assert_eq!(ranked_offerings(&t, &offerings())[0].1.instance_type, "cpu-8");
+        assert_eq!(
+            ranked_offerings(&t, &offerings())[0].1.instance_type,
+            "cpu-8"
+        );
         let t = spec("resources: {max_hourly_cost: 20, accelerators: H100:8}");
         assert!(ranked_offerings(&t, &offerings()).is_empty());
     }
@@ -472,7 +537,8 @@ mod tests {
     fn infeasible_tasks_name_the_field() {
         let e = check_feasible(&spec("resources: {infra: aws}"), &offerings()).unwrap_err();
         assert_eq!(e.path, "resources.infra");
-        let e = check_feasible(&spec("resources: {accelerators: TPU-v5}"), &offerings()).unwrap_err();
+        let e =
+            check_feasible(&spec("resources: {accelerators: TPU-v5}"), &offerings()).unwrap_err();
         assert_eq!(e.path, "resources.accelerators");
         let e = check_feasible(&spec("resources: {use_spot: true}"), &offerings()).unwrap_err();
         assert_eq!(e.path, "resources.use_spot");
@@ -483,7 +549,13 @@ mod tests {
     fn idle_nodes_are_reused_and_never_over_committed() {
         let mut s = State::default();
         let y = "resources: {accelerators: H100:4}";
-        let Outcome::Job { job_id: j1, .. } = s.apply(&Command::SubmitJob { spec: spec(y), idempotency_key: None, at_ms: 0 }) else { panic!() };
+        let Outcome::Job { job_id: j1, .. } = s.apply(&Command::SubmitJob {
+            spec: spec(y),
+            idempotency_key: None,
+            at_ms: 0,
+        }) else {
+            panic!()
+        };
         let mut off = offerings();
         off.retain(|o| o.instance_type == "h100-8" && o.region == "us-east");
         off[0].resources.accelerators.insert("H100".into(), 4.0);
@@ -491,18 +563,30 @@ mod tests {
         for c in &p {
             s.apply(c);
         }
-        s.apply(&Command::NodeUp { node_id: "node-1".into(), address: "a".into(), at_ms: 2 });
+        s.apply(&Command::NodeUp {
+            node_id: "node-1".into(),
+            address: "a".into(),
+            at_ms: 2,
+        });
         for c in plan(&s, &off, Policy::default(), 3) {
             assert_eq!(s.apply(&c), Outcome::Applied);
         }
         assert_eq!(s.jobs[&j1].state, JobState::Starting);
         // Two more jobs: the node is full, so both need new nodes; neither lands on node-1.
         for _ in 0..2 {
-            s.apply(&Command::SubmitJob { spec: spec(y), idempotency_key: None, at_ms: 4 });
+            s.apply(&Command::SubmitJob {
+                spec: spec(y),
+                idempotency_key: None,
+                at_ms: 4,
+            });
         }
         let p = plan(&s, &off, Policy::default(), 5);
         assert_eq!(p.len(), 2);
-        assert!(p.iter().all(|c| matches!(c, Command::ProvisionNodes { .. })), "{p:?}");
+        assert!(
+            p.iter()
+                .all(|c| matches!(c, Command::ProvisionNodes { .. })),
+            "{p:?}"
+        );
     }
 
     #[test]
@@ -510,15 +594,31 @@ mod tests {
         let mut s = State::default();
         let y = "resources: {accelerators: H100:0.5}";
         for _ in 0..3 {
-            s.apply(&Command::SubmitJob { spec: spec(y), idempotency_key: None, at_ms: 0 });
+            s.apply(&Command::SubmitJob {
+                spec: spec(y),
+                idempotency_key: None,
+                at_ms: 0,
+            });
         }
         let mut off = offerings();
         off.retain(|o| o.instance_type == "h100-8" && o.region == "us-east");
         off[0].resources.accelerators.insert("H100".into(), 1.0);
-        s.apply(&Command::ProvisionNodes { job_id: 1, offering: off[0].clone(), count: 1, at_ms: 1 });
-        s.apply(&Command::NodeUp { node_id: "node-1".into(), address: "a".into(), at_ms: 2 });
+        s.apply(&Command::ProvisionNodes {
+            job_id: 1,
+            offering: off[0].clone(),
+            count: 1,
+            at_ms: 1,
+        });
+        s.apply(&Command::NodeUp {
+            node_id: "node-1".into(),
+            address: "a".into(),
+            at_ms: 2,
+        });
         let p = plan(&s, &off, Policy::default(), 3);
-        let assigned: Vec<_> = p.iter().filter(|c| matches!(c, Command::AssignJob { .. })).collect();
+        let assigned: Vec<_> = p
+            .iter()
+            .filter(|c| matches!(c, Command::AssignJob { .. }))
+            .collect();
         assert_eq!(assigned.len(), 2, "{p:?}");
         for c in &p {
             assert!(!matches!(s.apply(c), Outcome::Rejected(_)));
@@ -530,7 +630,11 @@ mod tests {
     fn max_nodes_caps_provisioning() {
         let mut s = State::default();
         for _ in 0..3 {
-            s.apply(&Command::SubmitJob { spec: spec("run: x"), idempotency_key: None, at_ms: 0 });
+            s.apply(&Command::SubmitJob {
+                spec: spec("run: x"),
+                idempotency_key: None,
+                at_ms: 0,
+            });
         }
         let p = plan(&s, &offerings(), Policy { max_nodes: 2 }, 1);
         assert_eq!(p.len(), 2, "{p:?}");

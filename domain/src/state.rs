@@ -452,8 +452,12 @@ impl State {
                 r.accelerators.insert(a.name.clone(), a.count);
             }
             // Like SkyPilot's job queue: a CPU-only task without a request holds half a vCPU.
-            r.cpus = c.cpus.map_or(if c.accelerator.is_some() { 0.0 } else { 0.5 }, |q| q.value);
-            r.memory_gb = c.memory.map_or(0.0, |m| m.gb_for(if r.cpus > 0.0 { r.cpus } else { node.cpus }));
+            r.cpus = c
+                .cpus
+                .map_or(if c.accelerator.is_some() { 0.0 } else { 0.5 }, |q| q.value);
+            r.memory_gb = c.memory.map_or(0.0, |m| {
+                m.gb_for(if r.cpus > 0.0 { r.cpus } else { node.cpus })
+            });
         }
         r
     }
@@ -747,12 +751,21 @@ impl State {
         }
     }
 
-    fn assign(&mut self, job_id: JobId, node_ids: &[String], candidate: usize, at_ms: i64) -> Outcome {
+    fn assign(
+        &mut self,
+        job_id: JobId,
+        node_ids: &[String],
+        candidate: usize,
+        at_ms: i64,
+    ) -> Outcome {
         let Some(job) = self.jobs.get(&job_id) else {
             return Outcome::Rejected(Rejection::NoSuchJob(job_id));
         };
         if !matches!(job.state, JobState::Pending | JobState::Provisioning) {
-            return conflict(format!("job {job_id} is {:?}, not waiting for nodes", job.state));
+            return conflict(format!(
+                "job {job_id} is {:?}, not waiting for nodes",
+                job.state
+            ));
         }
         if node_ids.len() != job.spec.num_nodes as usize {
             return conflict(format!(
@@ -883,7 +896,13 @@ impl State {
                 })
                 .collect();
             for (attempt, rank) in ranks {
-                self.rank_ended(job_id, attempt, rank, &RankOutcome::Lost(msg.to_string()), at_ms);
+                self.rank_ended(
+                    job_id,
+                    attempt,
+                    rank,
+                    &RankOutcome::Lost(msg.to_string()),
+                    at_ms,
+                );
             }
         }
     }
@@ -969,14 +988,33 @@ mod tests {
         let n = ready_node(&mut s, j, 0.0);
         assert_eq!(s.jobs[&j].state, JobState::Provisioning);
         assert_eq!(
-            s.apply(&Command::AssignJob { job_id: j, node_ids: vec![n.clone()], candidate: 0, at_ms: 4 }),
+            s.apply(&Command::AssignJob {
+                job_id: j,
+                node_ids: vec![n.clone()],
+                candidate: 0,
+                at_ms: 4
+            }),
             Outcome::Applied
         );
-        s.apply(&Command::RankStarted { job_id: j, attempt: 1, rank: 0, at_ms: 5 });
+        s.apply(&Command::RankStarted {
+            job_id: j,
+            attempt: 1,
+            rank: 0,
+            at_ms: 5,
+        });
         assert_eq!(s.jobs[&j].state, JobState::Running);
-        s.apply(&Command::RankEnded { job_id: j, attempt: 1, rank: 0, outcome: RankOutcome::Exited(0), at_ms: 6 });
+        s.apply(&Command::RankEnded {
+            job_id: j,
+            attempt: 1,
+            rank: 0,
+            outcome: RankOutcome::Exited(0),
+            at_ms: 6,
+        });
         let job = &s.jobs[&j];
-        assert_eq!((job.state, job.exit_code, job.ended_at_ms), (JobState::Succeeded, Some(0), Some(6)));
+        assert_eq!(
+            (job.state, job.exit_code, job.ended_at_ms),
+            (JobState::Succeeded, Some(0), Some(6))
+        );
         assert_eq!(s.jobs_on(&n), Vec::<JobId>::new());
     }
 
@@ -985,8 +1023,19 @@ mod tests {
         let mut s = State::default();
         let j = submit(&mut s, "run: exit 3", None);
         let n = ready_node(&mut s, j, 0.0);
-        s.apply(&Command::AssignJob { job_id: j, node_ids: vec![n], candidate: 0, at_ms: 4 });
-        s.apply(&Command::RankEnded { job_id: j, attempt: 1, rank: 0, outcome: RankOutcome::SetupFailed(3), at_ms: 6 });
+        s.apply(&Command::AssignJob {
+            job_id: j,
+            node_ids: vec![n],
+            candidate: 0,
+            at_ms: 4,
+        });
+        s.apply(&Command::RankEnded {
+            job_id: j,
+            attempt: 1,
+            rank: 0,
+            outcome: RankOutcome::SetupFailed(3),
+            at_ms: 6,
+        });
         assert_eq!(s.jobs[&j].state, JobState::FailedSetup);
         assert_eq!(s.jobs[&j].exit_code, Some(3));
     }
@@ -996,8 +1045,18 @@ mod tests {
         let mut s = State::default();
         let a = submit(&mut s, "run: a", Some("k"));
         let before = s.clone();
-        let out = s.apply(&Command::SubmitJob { spec: spec("run: b"), idempotency_key: Some("k".into()), at_ms: 9 });
-        assert_eq!(out, Outcome::Job { job_id: a, existing: true });
+        let out = s.apply(&Command::SubmitJob {
+            spec: spec("run: b"),
+            idempotency_key: Some("k".into()),
+            at_ms: 9,
+        });
+        assert_eq!(
+            out,
+            Outcome::Job {
+                job_id: a,
+                existing: true
+            }
+        );
         assert_eq!(s, before);
     }
 
@@ -1008,16 +1067,52 @@ mod tests {
         let j1 = submit(&mut s, y, None);
         let j2 = submit(&mut s, y, None);
         let n = ready_node(&mut s, j1, 8.0);
-        assert_eq!(s.apply(&Command::AssignJob { job_id: j1, node_ids: vec![n.clone()], candidate: 0, at_ms: 4 }), Outcome::Applied);
-        let out = s.apply(&Command::AssignJob { job_id: j2, node_ids: vec![n.clone()], candidate: 0, at_ms: 4 });
-        assert!(matches!(out, Outcome::Rejected(Rejection::Conflict(_))), "{out:?}");
+        assert_eq!(
+            s.apply(&Command::AssignJob {
+                job_id: j1,
+                node_ids: vec![n.clone()],
+                candidate: 0,
+                at_ms: 4
+            }),
+            Outcome::Applied
+        );
+        let out = s.apply(&Command::AssignJob {
+            job_id: j2,
+            node_ids: vec![n.clone()],
+            candidate: 0,
+            at_ms: 4,
+        });
+        assert!(
+            matches!(out, Outcome::Rejected(Rejection::Conflict(_))),
+            "{out:?}"
+        );
         assert_eq!(s.jobs[&j2].state, JobState::Pending);
         // Once j1 ends the node is free again.
-        s.apply(&Command::CancelJob { job_id: j1, at_ms: 5 });
-        assert!(!s.free_on(&n).fits(&s.jobs[&j1].attempts[0].demand), "held until the rank stops");
-        s.apply(&Command::RankEnded { job_id: j1, attempt: 1, rank: 0, outcome: RankOutcome::Cancelled, at_ms: 6 });
+        s.apply(&Command::CancelJob {
+            job_id: j1,
+            at_ms: 5,
+        });
+        assert!(
+            !s.free_on(&n).fits(&s.jobs[&j1].attempts[0].demand),
+            "held until the rank stops"
+        );
+        s.apply(&Command::RankEnded {
+            job_id: j1,
+            attempt: 1,
+            rank: 0,
+            outcome: RankOutcome::Cancelled,
+            at_ms: 6,
+        });
         assert_eq!(s.jobs[&j1].state, JobState::Cancelled);
-        assert_eq!(s.apply(&Command::AssignJob { job_id: j2, node_ids: vec![n], candidate: 0, at_ms: 7 }), Outcome::Applied);
+        assert_eq!(
+            s.apply(&Command::AssignJob {
+                job_id: j2,
+                node_ids: vec![n],
+                candidate: 0,
+                at_ms: 7
+            }),
+            Outcome::Applied
+        );
     }
 
     #[test]
@@ -1025,13 +1120,26 @@ mod tests {
         let mut s = State::default();
         let j = submit(&mut s, "run: x", None);
         let n = ready_node(&mut s, j, 0.0);
-        s.apply(&Command::AssignJob { job_id: j, node_ids: vec![n.clone()], candidate: 0, at_ms: 4 });
-        s.apply(&Command::NodeLost { node_id: n.clone(), message: "no heartbeat".into(), at_ms: 5 });
+        s.apply(&Command::AssignJob {
+            job_id: j,
+            node_ids: vec![n.clone()],
+            candidate: 0,
+            at_ms: 4,
+        });
+        s.apply(&Command::NodeLost {
+            node_id: n.clone(),
+            message: "no heartbeat".into(),
+            at_ms: 5,
+        });
         assert_eq!(s.jobs[&j].state, JobState::Failed);
         assert!(s.jobs[&j].message.contains("lost"));
         assert_eq!(s.nodes[&n].state, NodeState::Lost);
         // The agent coming back makes the node usable again.
-        s.apply(&Command::NodeUp { node_id: n.clone(), address: "a".into(), at_ms: 6 });
+        s.apply(&Command::NodeUp {
+            node_id: n.clone(),
+            address: "a".into(),
+            at_ms: 6,
+        });
         assert_eq!(s.nodes[&n].state, NodeState::Ready);
     }
 
@@ -1039,9 +1147,28 @@ mod tests {
     fn unknown_ids_are_rejections_that_change_nothing() {
         let mut s = State::default();
         let before = s.clone();
-        assert_eq!(s.apply(&Command::CancelJob { job_id: 7, at_ms: 1 }), Outcome::Rejected(Rejection::NoSuchJob(7)));
-        assert!(matches!(s.apply(&Command::NodeUp { node_id: "x".into(), address: "".into(), at_ms: 1 }), Outcome::Rejected(_)));
-        assert!(matches!(s.apply(&Command::TerminateNodes { node_ids: vec!["x".into()], at_ms: 1 }), Outcome::Rejected(_)));
+        assert_eq!(
+            s.apply(&Command::CancelJob {
+                job_id: 7,
+                at_ms: 1
+            }),
+            Outcome::Rejected(Rejection::NoSuchJob(7))
+        );
+        assert!(matches!(
+            s.apply(&Command::NodeUp {
+                node_id: "x".into(),
+                address: "".into(),
+                at_ms: 1
+            }),
+            Outcome::Rejected(_)
+        ));
+        assert!(matches!(
+            s.apply(&Command::TerminateNodes {
+                node_ids: vec!["x".into()],
+                at_ms: 1
+            }),
+            Outcome::Rejected(_)
+        ));
         assert_eq!(s, before);
     }
 
@@ -1051,10 +1178,28 @@ mod tests {
             let mut s = State::default();
             let j = submit(&mut s, "run: x", None);
             vec![
-                Command::SubmitJob { spec: spec("run: x"), idempotency_key: None, at_ms: 1 },
-                Command::ProvisionNodes { job_id: j, offering: offering(0.0), count: 1, at_ms: 2 },
-                Command::NodeUp { node_id: "node-1".into(), address: "a".into(), at_ms: 3 },
-                Command::AssignJob { job_id: j, node_ids: vec!["node-1".into()], candidate: 0, at_ms: 4 },
+                Command::SubmitJob {
+                    spec: spec("run: x"),
+                    idempotency_key: None,
+                    at_ms: 1,
+                },
+                Command::ProvisionNodes {
+                    job_id: j,
+                    offering: offering(0.0),
+                    count: 1,
+                    at_ms: 2,
+                },
+                Command::NodeUp {
+                    node_id: "node-1".into(),
+                    address: "a".into(),
+                    at_ms: 3,
+                },
+                Command::AssignJob {
+                    job_id: j,
+                    node_ids: vec!["node-1".into()],
+                    candidate: 0,
+                    at_ms: 4,
+                },
             ]
         };
         let run = || {

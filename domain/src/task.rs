@@ -112,12 +112,7 @@ impl Infra {
                 format!("'{s}' is not of the form cloud, cloud/region or cloud/region/zone"),
             ));
         }
-        let part = |i: usize| {
-            parts
-                .get(i)
-                .filter(|p| **p != "*")
-                .map(|p| p.to_string())
-        };
+        let part = |i: usize| parts.get(i).filter(|p| **p != "*").map(|p| p.to_string());
         Ok(Self {
             cloud: part(0).map(|c| c.to_ascii_lowercase()),
             region: part(1),
@@ -211,7 +206,12 @@ impl Quantity {
 
 impl fmt::Display for Quantity {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "{}{}", fmt_num(self.value), if self.at_least { "+" } else { "" })
+        write!(
+            f,
+            "{}{}",
+            fmt_num(self.value),
+            if self.at_least { "+" } else { "" }
+        )
     }
 }
 
@@ -293,7 +293,10 @@ fn parse_positive(s: &str, path: &str) -> Result<f64> {
         .parse()
         .map_err(|_| SpecError::new(path, format!("'{s}' is not a number")))?;
     if !v.is_finite() || v <= 0.0 {
-        return Err(SpecError::new(path, format!("must be a positive number, got '{s}'")));
+        return Err(SpecError::new(
+            path,
+            format!("must be a positive number, got '{s}'"),
+        ));
     }
     Ok(v)
 }
@@ -312,8 +315,25 @@ fn parse_count(s: &str, path: &str) -> Result<f64> {
 
 /// Accelerator names Nembo knows, in their canonical spelling.
 pub const KNOWN_ACCELERATORS: &[&str] = &[
-    "A10", "A10G", "A100", "A100-80GB", "B200", "GB200", "H100", "H100-MEGA", "H200", "L4",
-    "L40", "L40S", "MI300X", "T4", "V100", "V100-32GB", "RTX6000", "RTX4090", "RTXPRO6000",
+    "A10",
+    "A10G",
+    "A100",
+    "A100-80GB",
+    "B200",
+    "GB200",
+    "H100",
+    "H100-MEGA",
+    "H200",
+    "L4",
+    "L40",
+    "L40S",
+    "MI300X",
+    "T4",
+    "V100",
+    "V100-32GB",
+    "RTX6000",
+    "RTX4090",
+    "RTXPRO6000",
 ];
 
 fn canonical_accelerator(name: &str, path: &str) -> Result<String> {
@@ -337,7 +357,14 @@ fn canonical_accelerator(name: &str, path: &str) -> Result<String> {
 }
 
 const TOP_LEVEL_SUPPORTED: &[&str] = &[
-    "name", "workdir", "num_nodes", "resources", "envs", "secrets", "setup", "run",
+    "name",
+    "workdir",
+    "num_nodes",
+    "resources",
+    "envs",
+    "secrets",
+    "setup",
+    "run",
 ];
 const TOP_LEVEL_NOT_YET: &[&str] = &[
     "file_mounts",
@@ -560,7 +587,8 @@ fn check_keys(
         }
         let hint = match key {
             "spot_recovery" => " (did you mean 'job_recovery'?)".to_string(),
-            _ => did_you_mean(key, supported).map_or(String::new(), |s| format!(" (did you mean '{s}'?)")),
+            _ => did_you_mean(key, supported)
+                .map_or(String::new(), |s| format!(" (did you mean '{s}'?)")),
         };
         return Err(SpecError::new(path, format!("unknown field{hint}")));
     }
@@ -635,14 +663,27 @@ fn parse_num_nodes(v: &Value) -> Result<u32> {
         Value::String(s) => s.trim().parse::<i64>().ok(),
         _ => None,
     }
-    .ok_or_else(|| SpecError::new("num_nodes", format!("expected a whole number, got {}", show(v))))?;
+    .ok_or_else(|| {
+        SpecError::new(
+            "num_nodes",
+            format!("expected a whole number, got {}", show(v)),
+        )
+    })?;
     if n < 1 {
-        return Err(SpecError::new("num_nodes", format!("must be at least 1, got {n}")));
+        return Err(SpecError::new(
+            "num_nodes",
+            format!("must be at least 1, got {n}"),
+        ));
     }
     u32::try_from(n)
         .ok()
         .filter(|n| *n <= MAX_NUM_NODES)
-        .ok_or_else(|| SpecError::new("num_nodes", format!("must be at most {MAX_NUM_NODES}, got {n}")))
+        .ok_or_else(|| {
+            SpecError::new(
+                "num_nodes",
+                format!("must be at most {MAX_NUM_NODES}, got {n}"),
+            )
+        })
 }
 
 fn show(v: &Value) -> String {
@@ -718,7 +759,10 @@ impl PartialResources {
     fn overlay(&self, over: &PartialResources) -> PartialResources {
         PartialResources {
             infra: over.infra.clone().or_else(|| self.infra.clone()),
-            accelerators: over.accelerators.clone().or_else(|| self.accelerators.clone()),
+            accelerators: over
+                .accelerators
+                .clone()
+                .or_else(|| self.accelerators.clone()),
             accelerators_ordered: if over.accelerators.is_some() {
                 over.accelerators_ordered
             } else {
@@ -726,7 +770,10 @@ impl PartialResources {
             },
             cpus: over.cpus.or(self.cpus),
             memory: over.memory.or(self.memory),
-            instance_type: over.instance_type.clone().or_else(|| self.instance_type.clone()),
+            instance_type: over
+                .instance_type
+                .clone()
+                .or_else(|| self.instance_type.clone()),
             use_spot: over.use_spot.or(self.use_spot),
             max_hourly_cost: over.max_hourly_cost.or(self.max_hourly_cost),
         }
@@ -870,12 +917,18 @@ fn parse_partial(map: &serde_yaml::Mapping, prefix: &str) -> Result<PartialResou
     }
     if let Some(v) = map.get("cpus") {
         if !v.is_null() {
-            p.cpus = Some(Quantity::parse(&scalar_string(v, &field("cpus"))?, &field("cpus"))?);
+            p.cpus = Some(Quantity::parse(
+                &scalar_string(v, &field("cpus"))?,
+                &field("cpus"),
+            )?);
         }
     }
     if let Some(v) = map.get("memory") {
         if !v.is_null() {
-            p.memory = Some(Memory::parse(&scalar_string(v, &field("memory"))?, &field("memory"))?);
+            p.memory = Some(Memory::parse(
+                &scalar_string(v, &field("memory"))?,
+                &field("memory"),
+            )?);
         }
     }
     if let Some(v) = map.get("instance_type") {
@@ -912,9 +965,8 @@ fn parse_accelerators(v: &Value, path: &str) -> Result<(Vec<Accelerator>, bool)>
             let s = s.trim();
             // SkyPilot also accepts the set/dict forms written as strings.
             if s.starts_with('{') || s.starts_with('[') {
-                let inner: Value = serde_yaml::from_str(s).map_err(|e| {
-                    SpecError::new(path, format!("cannot parse '{s}': {e}"))
-                })?;
+                let inner: Value = serde_yaml::from_str(s)
+                    .map_err(|e| SpecError::new(path, format!("cannot parse '{s}': {e}")))?;
                 return parse_accelerators(&inner, path);
             }
             Ok((vec![Accelerator::parse(s, path)?], false))
@@ -951,7 +1003,10 @@ fn parse_accelerators(v: &Value, path: &str) -> Result<(Vec<Accelerator>, bool)>
         }
         other => Err(SpecError::new(
             path,
-            format!("expected 'NAME', 'NAME:COUNT', a mapping or a list, got {}", show(other)),
+            format!(
+                "expected 'NAME', 'NAME:COUNT', a mapping or a list, got {}",
+                show(other)
+            ),
         )),
     }
 }
@@ -1002,7 +1057,14 @@ pub fn to_normalized_yaml(spec: &TaskSpec) -> String {
         .collect();
     let mut res = serde_yaml::Mapping::new();
     res.insert(
-        Value::String(if redacted.resources.ordered { "ordered" } else { "any_of" }.into()),
+        Value::String(
+            if redacted.resources.ordered {
+                "ordered"
+            } else {
+                "any_of"
+            }
+            .into(),
+        ),
         Value::Sequence(cands),
     );
     if !redacted.resources.labels.is_empty() {
@@ -1075,18 +1137,38 @@ mod tests {
     #[test]
     fn accelerator_forms() {
         let one = |y: &str| parse(y).unwrap().resources.candidates;
-        let a = |n: &str, c: f64| Some(Accelerator { name: n.into(), count: c });
-        assert_eq!(one("resources: {accelerators: H100}")[0].accelerator, a("H100", 1.0));
-        assert_eq!(one("resources: {accelerators: 'h100:8'}")[0].accelerator, a("H100", 8.0));
-        assert_eq!(one("resources: {accelerators: {H100: 8}}")[0].accelerator, a("H100", 8.0));
-        assert_eq!(one("resources: {accelerators: 'A100:0.5'}")[0].accelerator, a("A100", 0.5));
+        let a = |n: &str, c: f64| {
+            Some(Accelerator {
+                name: n.into(),
+                count: c,
+            })
+        };
+        assert_eq!(
+            one("resources: {accelerators: H100}")[0].accelerator,
+            a("H100", 1.0)
+        );
+        assert_eq!(
+            one("resources: {accelerators: 'h100:8'}")[0].accelerator,
+            a("H100", 8.0)
+        );
+        assert_eq!(
+            one("resources: {accelerators: {H100: 8}}")[0].accelerator,
+            a("H100", 8.0)
+        );
+        assert_eq!(
+            one("resources: {accelerators: 'A100:0.5'}")[0].accelerator,
+            a("A100", 0.5)
+        );
         let any = parse("resources: {accelerators: {L4: 1, A10G: 1}}").unwrap();
         assert!(!any.resources.ordered);
         assert_eq!(any.resources.candidates.len(), 2);
         let ord = parse("resources: {accelerators: ['H100:8', 'A100:8']}").unwrap();
         assert!(ord.resources.ordered);
         assert_eq!(ord.resources.candidates[1].accelerator, a("A100", 8.0));
-        assert_eq!(one("resources: {accelerators: '{H100: 2}'}")[0].accelerator, a("H100", 2.0));
+        assert_eq!(
+            one("resources: {accelerators: '{H100: 2}'}")[0].accelerator,
+            a("H100", 2.0)
+        );
     }
 
     #[test]
@@ -1103,8 +1185,12 @@ mod tests {
             let e = err(y);
             assert_eq!(e.path, "resources.accelerators", "{y}: {e}");
         }
-        assert!(err("resources: {accelerators: 'H100:-1'}").message.contains("positive"));
-        assert!(err("resources: {accelerators: 'H100:abc'}").message.contains("not a number"));
+        assert!(err("resources: {accelerators: 'H100:-1'}")
+            .message
+            .contains("positive"));
+        assert!(err("resources: {accelerators: 'H100:abc'}")
+            .message
+            .contains("not a number"));
     }
 
     #[test]
@@ -1167,7 +1253,13 @@ mod tests {
             .unwrap()
             .resources
             .candidates[0];
-        assert_eq!(c.cpus, Some(Quantity { value: 8.0, at_least: true }));
+        assert_eq!(
+            c.cpus,
+            Some(Quantity {
+                value: 8.0,
+                at_least: true
+            })
+        );
         assert!(c.memory.unwrap().per_cpu);
         assert_eq!(c.infra.cloud.as_deref(), Some("local"));
         assert_eq!(c.infra.region.as_deref(), Some("us-east"));
@@ -1179,7 +1271,10 @@ mod tests {
             "resources.cloud"
         );
         let legacy = parse("resources: {cloud: AWS, region: us-east-1}").unwrap();
-        assert_eq!(legacy.resources.candidates[0].infra.cloud.as_deref(), Some("aws"));
+        assert_eq!(
+            legacy.resources.candidates[0].infra.cloud.as_deref(),
+            Some("aws")
+        );
     }
 
     #[test]

@@ -90,25 +90,36 @@ pub fn endpoint(url: &str, ca_pem: &[u8]) -> Result<Endpoint, ConnectError> {
 
 /// Connects to the public API.
 pub async fn connect(url: &str, ca_pem: &[u8], token: &str) -> Result<Client, ConnectError> {
-    let channel = endpoint(url, ca_pem)?
-        .connect()
-        .await
-        .map_err(|source| ConnectError::Transport {
-            endpoint: url.to_string(),
-            source,
-        })?;
-    Ok(CoordinatorClient::with_interceptor(channel, BearerToken::new(token)?)
-        .max_decoding_message_size(64 * 1024 * 1024))
+    let channel =
+        endpoint(url, ca_pem)?
+            .connect()
+            .await
+            .map_err(|source| ConnectError::Transport {
+                endpoint: url.to_string(),
+                source,
+            })?;
+    Ok(
+        CoordinatorClient::with_interceptor(channel, BearerToken::new(token)?)
+            .max_decoding_message_size(64 * 1024 * 1024),
+    )
 }
 
 /// Connects to the agent protocol.
-pub async fn connect_agent(url: &str, ca_pem: &[u8], token: &str) -> Result<AgentClient, ConnectError> {
-    let channel = endpoint(url, ca_pem)?
-        .connect()
-        .await
-        .map_err(|source| ConnectError::Transport {
-            endpoint: url.to_string(),
-            source,
-        })?;
-    Ok(AgentServiceClient::with_interceptor(channel, BearerToken::new(token)?))
+pub async fn connect_agent(
+    url: &str,
+    ca_pem: &[u8],
+    token: &str,
+) -> Result<AgentClient, ConnectError> {
+    let channel =
+        endpoint(url, ca_pem)?
+            .connect()
+            .await
+            .map_err(|source| ConnectError::Transport {
+                endpoint: url.to_string(),
+                source,
+            })?;
+    Ok(AgentServiceClient::with_interceptor(
+        channel,
+        BearerToken::new(token)?,
+    ))
 }

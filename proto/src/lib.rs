@@ -8,7 +8,8 @@ pub mod v1 {
 }
 
 /// Encoded `FileDescriptorSet` of the whole API, for gRPC server reflection.
-pub const FILE_DESCRIPTOR_SET: &[u8] = include_bytes!(concat!(env!("OUT_DIR"), "/nembo_descriptor.bin"));
+pub const FILE_DESCRIPTOR_SET: &[u8] =
+    include_bytes!(concat!(env!("OUT_DIR"), "/nembo_descriptor.bin"));
 
 /// Largest task (YAML or structured) a coordinator accepts, in bytes.
 pub const MAX_TASK_BYTES: usize = 256 * 1024;

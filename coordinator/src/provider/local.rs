@@ -138,10 +138,13 @@ impl Provider for LocalProvider {
             if let Some(pid) = read_pid(&pid_file).filter(|p| alive(*p)) {
                 return Ok(format!("pid-{pid}"));
             }
-            fs::create_dir_all(&dir).map_err(|e| ProviderError::InvalidRequest(format!("{}: {e}", dir.display())))?;
+            fs::create_dir_all(&dir)
+                .map_err(|e| ProviderError::InvalidRequest(format!("{}: {e}", dir.display())))?;
             let log = fs::File::create(dir.join("agent.log"))
                 .map_err(|e| ProviderError::Transient(e.to_string()))?;
-            let log2 = log.try_clone().map_err(|e| ProviderError::Transient(e.to_string()))?;
+            let log2 = log
+                .try_clone()
+                .map_err(|e| ProviderError::Transient(e.to_string()))?;
             let mut cmd = tokio::process::Command::new(&self.cfg.agent_bin);
             cmd.arg("--coordinator")
                 .arg(&self.cfg.endpoint)
@@ -175,7 +178,8 @@ impl Provider for LocalProvider {
                 ))
             })?;
             let pid = child.id().unwrap_or(0) as i32;
-            fs::write(&pid_file, pid.to_string()).map_err(|e| ProviderError::Transient(e.to_string()))?;
+            fs::write(&pid_file, pid.to_string())
+                .map_err(|e| ProviderError::Transient(e.to_string()))?;
             // Reap it when it exits, so no zombie is left behind.
             tokio::spawn(async move {
                 let _ = child.wait().await;
@@ -223,7 +227,8 @@ mod tests {
         let c = LocalProvider::catalog();
         assert!(REGIONS.len() >= 2);
         for r in REGIONS {
-            assert!(c.iter().any(|o| o.region == *r && o.instance_type == "local-h100-8"
+            assert!(c.iter().any(|o| o.region == *r
+                && o.instance_type == "local-h100-8"
                 && o.resources.accelerators["H100"] == 8.0));
         }
     }

@@ -120,7 +120,9 @@ impl RaftHandle {
 }
 
 /// Opens the store, recovers the state and starts the member's thread.
-pub fn start(cfg: RaftConfig) -> Result<(RaftHandle, std::thread::JoinHandle<()>), CoordinatorError> {
+pub fn start(
+    cfg: RaftConfig,
+) -> Result<(RaftHandle, std::thread::JoinHandle<()>), CoordinatorError> {
     let recovered = RaftStore::open(&cfg.dir, &cfg.voters)?;
     let raft_cfg = raft::Config {
         id: cfg.id,
@@ -139,7 +141,14 @@ pub fn start(cfg: RaftConfig) -> Result<(RaftHandle, std::thread::JoinHandle<()>
     let logger = slog::Logger::root(slog::Discard, slog::o!());
     let mut node = RawNode::new(&raft_cfg, recovered.store.storage(), &logger)
         .map_err(|e| CoordinatorError::Storage(format!("raft: {e}")))?;
-    let voters = node.raft.prs().conf().voters().ids().iter().collect::<Vec<_>>();
+    let voters = node
+        .raft
+        .prs()
+        .conf()
+        .voters()
+        .ids()
+        .iter()
+        .collect::<Vec<_>>();
     if voters == [cfg.id] {
         // A lone voter need not wait out an election timeout to lead.
         let _ = node.campaign();
@@ -193,6 +202,11 @@ struct Member {
 impl Member {
     fn run(&mut self, rx: mpsc::Receiver<Input>) {
         let mut last_tick = Instant::now();
+        // A lone voter's campaign is ready to process before any input arrives.
+        if let Err(e) = self.on_ready() {
+            tracing::error!(error = %e, "raft storage failed at start");
+            return;
+        }
         loop {
             let wait = self.cfg.tick.saturating_sub(last_tick.elapsed());
             match rx.recv_timeout(wait) {
@@ -378,5 +392,74 @@ impl Member {
             snapshot_index: self.store.snapshot_index(),
             voters: raft.prs().conf().voters().ids().iter().collect(),
         }));
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use nembo_domain::task::parse_task_yaml;
+
+    fn submit(name: &str) -> Command {
+        Command::SubmitJob {
+            spec: parse_task_yaml(&format!("name: {name}\nrun: echo"), &Default::default())
+                .unwrap(),
+            idempotency_key: Some(name.to_string()),
+            at_ms: 1,
+        }
+    }
+
+    fn cfg(dir: &std::path::Path) -> RaftConfig {
+        RaftConfig {
+            id: 1,
+            voters: vec![1],
+            dir: dir.to_path_buf(),
+            tick: Duration::from_millis(10),
+            snapshot_every: 4,
+        }
+    }
+
+    #[tokio::test]
+    async fn acknowledged_commands_survive_restart_through_snapshots() {
+        let d = tempfile::tempdir().unwrap();
+        let (h, thread) = start(cfg(d.path())).unwrap();
+        let mut rx = h.subscribe();
+        rx.wait_for(|v| v.is_leader()).await.unwrap();
+        for i in 0..11 {
+            let out = h.propose(submit(&format!("j{i}"))).await.unwrap();
+            assert_eq!(
+                out,
+                Outcome::Job {
+                    job_id: i + 1,
+                    existing: false
+                }
+            );
+        }
+        let before = h.view();
+        assert!(
+            before.snapshot_index >= 8,
+            "snapshots were taken: {}",
+            before.snapshot_index
+        );
+        drop((h, rx));
+        thread.join().unwrap();
+
+        let (h, _thread) = start(cfg(d.path())).unwrap();
+        let mut rx = h.subscribe();
+        let after = rx
+            .wait_for(|v| v.applied >= before.applied)
+            .await
+            .unwrap()
+            .clone();
+        assert_eq!(*after.state, *before.state);
+        // Idempotency keys came back with the state.
+        let out = h.propose(submit("j3")).await.unwrap();
+        assert_eq!(
+            out,
+            Outcome::Job {
+                job_id: 4,
+                existing: true
+            }
+        );
     }
 }

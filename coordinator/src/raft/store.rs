@@ -92,9 +92,11 @@ impl RaftStore {
                 md.mut_conf_state().voters = s.voters.clone();
                 md.mut_conf_state().learners = s.learners.clone();
                 mem.wl().apply_snapshot(snap).map_err(storage_err)?;
-                let mut cs = ConfState::default();
-                cs.voters = s.voters;
-                cs.learners = s.learners;
+                let cs = ConfState {
+                    voters: s.voters,
+                    learners: s.learners,
+                    ..Default::default()
+                };
                 (s.state, s.index, Some(cs))
             }
             None => (State::default(), 0, None),
@@ -116,10 +118,9 @@ impl RaftStore {
         {
             conf = Some(cs);
         }
-        let conf = conf.unwrap_or_else(|| {
-            let mut cs = ConfState::default();
-            cs.voters = initial_voters.to_vec();
-            cs
+        let conf = conf.unwrap_or_else(|| ConfState {
+            voters: initial_voters.to_vec(),
+            ..Default::default()
         });
         mem.wl().set_conf_state(conf);
         if let Some(mut hs) = engine
@@ -153,7 +154,12 @@ impl RaftStore {
 
     /// Appends entries and hard state in one batch; with `sync`, fsyncs
     /// before returning. Only then is the in-memory mirror updated.
-    pub fn append(&self, entries: &[Entry], hs: Option<&HardState>, sync: bool) -> Result<(), CoordinatorError> {
+    pub fn append(
+        &self,
+        entries: &[Entry],
+        hs: Option<&HardState>,
+        sync: bool,
+    ) -> Result<(), CoordinatorError> {
         let mut batch = LogBatch::default();
         if !entries.is_empty() {
             batch
@@ -224,8 +230,10 @@ impl RaftStore {
         fs::File::open(&self.dir)
             .and_then(|d| d.sync_all())
             .map_err(storage_err)?;
-        self.engine.compact_to(GROUP, index + 1);
-        self.mem.wl().compact(index + 1).map_err(storage_err)?;
+        // Keep the entry at `index` itself: MemStorage derives its last index
+        // from its entries, and would fall back to 0 with none left.
+        self.engine.compact_to(GROUP, index);
+        self.mem.wl().compact(index).map_err(storage_err)?;
         self.engine.purge_expired_files().map_err(storage_err)?;
         self.snapshot_index = index;
         Ok(())
