@@ -273,9 +273,15 @@ pub async fn run(
 
     let cert = std::fs::read(&creds.server_cert).map_err(startup("server certificate"))?;
     let key = std::fs::read(&creds.server_key).map_err(startup("server key"))?;
+    // Both reflection versions: grpcurl speaks v1, grpcio's Python client v1alpha.
+    // Reflection is open without a token: it reveals the public schema only.
     let reflection = tonic_reflection::server::Builder::configure()
         .register_encoded_file_descriptor_set(nembo_proto::FILE_DESCRIPTOR_SET)
         .build_v1()
+        .map_err(|e| CoordinatorError::Internal(format!("reflection: {e}")))?;
+    let reflection_alpha = tonic_reflection::server::Builder::configure()
+        .register_encoded_file_descriptor_set(nembo_proto::FILE_DESCRIPTOR_SET)
+        .build_v1alpha()
         .map_err(|e| CoordinatorError::Internal(format!("reflection: {e}")))?;
     let api =
         CoordinatorServer::new(Api::new(ctx.clone())).max_decoding_message_size(8 * 1024 * 1024);
@@ -302,6 +308,7 @@ pub async fn run(
         .add_service(InterceptedService::new(api, RequireToken(client_token)))
         .add_service(InterceptedService::new(agents, RequireToken(agent_token)))
         .add_service(reflection)
+        .add_service(reflection_alpha)
         .serve_with_incoming_shutdown(
             tokio_stream::wrappers::TcpListenerStream::new(listener),
             shutdown,

@@ -391,6 +391,9 @@ pub fn plan(state: &State, offerings: &[Offering], policy: Policy, now_ms: i64) 
         }
     }
     for job in state.jobs.values().filter(|j| j.state == JobState::Pending) {
+        // At the node cap only existing nodes can help: skip ranking offerings.
+        let room = live_nodes + u64::from(job.spec.num_nodes) <= u64::from(policy.max_nodes);
+        let offerings = if room { offerings } else { &[] };
         match place(state, &job.spec, offerings, &round) {
             Some(Placement::Existing {
                 candidate,

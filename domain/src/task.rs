@@ -1301,3 +1301,42 @@ mod tests {
         assert_eq!(back.num_nodes, 1);
     }
 }
+
+#[cfg(test)]
+mod example_tests {
+    use super::*;
+
+    #[test]
+    fn shipped_examples_parse() {
+        let none = BTreeMap::new();
+        let hello = parse_task_yaml(include_str!("../../examples/hello.yaml"), &none).unwrap();
+        assert_eq!(hello.name.as_deref(), Some("hello"));
+        let train = parse_task_yaml(include_str!("../../examples/gpu-train.yaml"), &none).unwrap();
+        assert_eq!(train.num_nodes, 2);
+        assert_eq!(train.gpus_per_node(0), 8);
+        let any = parse_task_yaml(include_str!("../../examples/any-gpu.yaml"), &none).unwrap();
+        assert_eq!(any.resources.candidates.len(), 3);
+        let y = include_str!("../../examples/needs-token.yaml");
+        assert_eq!(parse_task_yaml(y, &none).unwrap_err().path, "envs.HF_TOKEN");
+        let mut o = BTreeMap::new();
+        o.insert("HF_TOKEN".to_string(), "hf_x".to_string());
+        assert_eq!(parse_task_yaml(y, &o).unwrap().envs["HF_TOKEN"], "hf_x");
+    }
+
+    #[test]
+    fn skypilot_reference_task_parses() {
+        // The example from skypilot-compat.md, minus file_mounts and
+        // job_recovery, which Nembo rejects as not supported yet.
+        let y = "name: llama-ft\nnum_nodes: 2\nresources:\n  accelerators: {H100: 8}\n  use_spot: true\n  any_of:\n    - infra: aws/us-east-1\n    - infra: aws/us-west-2\n      use_spot: false\nenvs: {EPOCHS: \"3\", HF_TOKEN: null}\nsetup: pip install -r requirements.txt\nrun: torchrun train.py\n";
+        let mut o = BTreeMap::new();
+        o.insert("HF_TOKEN".to_string(), "t".to_string());
+        let s = parse_task_yaml(y, &o).unwrap();
+        assert_eq!(s.resources.candidates.len(), 2);
+        assert_eq!(s.resources.candidates[0].infra.region.as_deref(), Some("us-east-1"));
+        let with_recovery = y.replace("  use_spot: true\n", "  use_spot: true\n  job_recovery: FAILOVER\n");
+        assert!(parse_task_yaml(&with_recovery, &o)
+            .unwrap_err()
+            .to_string()
+            .contains("resources.job_recovery"));
+    }
+}

@@ -18,9 +18,13 @@ use serde_json::Value;
 /// The target dir's binaries.
 pub fn bin(name: &str) -> PathBuf {
     let exe = std::env::current_exe().expect("current exe");
-    // target/debug/deps/<test> -> target/debug/<name>
-    let dir = exe.parent().and_then(Path::parent).expect("target dir");
-    let p = dir.join(name);
+    // Tests run from target/<profile>/deps/, the bench from target/<profile>/.
+    let here = exe.parent().expect("exe dir");
+    let p = [here, here.parent().unwrap_or(here)]
+        .iter()
+        .map(|d| d.join(name))
+        .find(|p| p.is_file())
+        .unwrap_or_else(|| here.join(name));
     assert!(
         p.is_file(),
         "{} is missing: build the binaries first with `cargo build --workspace`",

@@ -583,3 +583,21 @@ async fn multi_node_job_runs_every_rank_and_down_releases_the_nodes() {
         "{nodes:?}"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_python_client_using_only_reflection_runs_a_job() {
+    let c = Coordinator::start(&[]).await;
+    let script = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("python/reflection_client.py");
+    let out = std::process::Command::new("python3")
+        .arg(&script)
+        .arg(c.dir.path().join("api.json"))
+        .output()
+        .expect("python3");
+    assert!(
+        out.status.success(),
+        "python client failed (deps: pip install -r tests/python/requirements.txt): {}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(String::from_utf8_lossy(&out.stdout).contains("SUCCEEDED"));
+}
