@@ -28,22 +28,19 @@ pub enum Placement {
     },
 }
 
+/// Whether a candidate's `infra` and `instance_type` admit this place and type.
+fn place_matches(c: &ResourceCandidate, provider: &str, region: &str, instance_type: &str) -> bool {
+    c.infra.cloud.as_deref().is_none_or(|x| x == provider)
+        && c.infra.region.as_deref().is_none_or(|x| x == region)
+        && c.instance_type
+            .as_deref()
+            .is_none_or(|x| x == instance_type)
+}
+
 /// Whether an offering can host a candidate: shape, place and price.
 pub fn offering_matches(c: &ResourceCandidate, o: &Offering) -> bool {
-    if let Some(cloud) = &c.infra.cloud {
-        if *cloud != o.provider {
-            return false;
-        }
-    }
-    if let Some(region) = &c.infra.region {
-        if *region != o.region {
-            return false;
-        }
-    }
-    if let Some(t) = &c.instance_type {
-        if *t != o.instance_type {
-            return false;
-        }
+    if !place_matches(c, &o.provider, &o.region, &o.instance_type) {
+        return false;
     }
     if c.use_spot && o.spot_price.is_none() {
         return false;
@@ -85,27 +82,8 @@ fn price_of(c: &ResourceCandidate, o: &Offering) -> f64 {
 
 /// Whether an existing node can take one rank of a candidate.
 fn node_matches(c: &ResourceCandidate, node: &crate::state::Node) -> bool {
-    if let Some(cloud) = &c.infra.cloud {
-        if *cloud != node.provider {
-            return false;
-        }
-    }
-    if let Some(region) = &c.infra.region {
-        if *region != node.region {
-            return false;
-        }
-    }
-    if let Some(t) = &c.instance_type {
-        if *t != node.instance_type {
-            return false;
-        }
-    }
-    if let Some(max) = c.max_hourly_cost {
-        if node.hourly_price > max {
-            return false;
-        }
-    }
-    true
+    place_matches(c, &node.provider, &node.region, &node.instance_type)
+        && c.max_hourly_cost.is_none_or(|max| node.hourly_price <= max)
 }
 
 /// The cheapest offering for each candidate, in the order the task prefers.

@@ -1332,8 +1332,14 @@ mod example_tests {
         o.insert("HF_TOKEN".to_string(), "t".to_string());
         let s = parse_task_yaml(y, &o).unwrap();
         assert_eq!(s.resources.candidates.len(), 2);
-        assert_eq!(s.resources.candidates[0].infra.region.as_deref(), Some("us-east-1"));
-        let with_recovery = y.replace("  use_spot: true\n", "  use_spot: true\n  job_recovery: FAILOVER\n");
+        assert_eq!(
+            s.resources.candidates[0].infra.region.as_deref(),
+            Some("us-east-1")
+        );
+        let with_recovery = y.replace(
+            "  use_spot: true\n",
+            "  use_spot: true\n  job_recovery: FAILOVER\n",
+        );
         assert!(parse_task_yaml(&with_recovery, &o)
             .unwrap_err()
             .to_string()

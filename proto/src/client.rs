@@ -88,18 +88,20 @@ pub fn endpoint(url: &str, ca_pem: &[u8]) -> Result<Endpoint, ConnectError> {
         })
 }
 
+async fn channel(url: &str, ca_pem: &[u8]) -> Result<Channel, ConnectError> {
+    endpoint(url, ca_pem)?
+        .connect()
+        .await
+        .map_err(|source| ConnectError::Transport {
+            endpoint: url.to_string(),
+            source,
+        })
+}
+
 /// Connects to the public API.
 pub async fn connect(url: &str, ca_pem: &[u8], token: &str) -> Result<Client, ConnectError> {
-    let channel =
-        endpoint(url, ca_pem)?
-            .connect()
-            .await
-            .map_err(|source| ConnectError::Transport {
-                endpoint: url.to_string(),
-                source,
-            })?;
     Ok(
-        CoordinatorClient::with_interceptor(channel, BearerToken::new(token)?)
+        CoordinatorClient::with_interceptor(channel(url, ca_pem).await?, BearerToken::new(token)?)
             .max_decoding_message_size(64 * 1024 * 1024),
     )
 }
@@ -110,16 +112,8 @@ pub async fn connect_agent(
     ca_pem: &[u8],
     token: &str,
 ) -> Result<AgentClient, ConnectError> {
-    let channel =
-        endpoint(url, ca_pem)?
-            .connect()
-            .await
-            .map_err(|source| ConnectError::Transport {
-                endpoint: url.to_string(),
-                source,
-            })?;
     Ok(AgentServiceClient::with_interceptor(
-        channel,
+        channel(url, ca_pem).await?,
         BearerToken::new(token)?,
     ))
 }

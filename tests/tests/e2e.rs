@@ -8,6 +8,18 @@ use tonic::Code;
 
 const SECS: fn(u64) -> Duration = Duration::from_secs;
 
+/// A task that records each run in `runs`, then waits for the file `go`
+/// before printing `finished`.
+fn gated_task(dir: &std::path::Path) -> (String, std::path::PathBuf, std::path::PathBuf) {
+    let (go, runs) = (dir.join("go"), dir.join("runs"));
+    let yaml = format!(
+        "run: |\n  echo run >> {runs}\n  while [ ! -f {go} ]; do sleep 0.05; done\n  echo finished\n",
+        runs = runs.display(),
+        go = go.display()
+    );
+    (yaml, go, runs)
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn launch_streams_logs_and_succeeds_with_skypilot_env() {
     let c = Coordinator::start(&[]).await;
@@ -155,14 +167,8 @@ async fn cancel_kills_the_whole_process_tree() {
 async fn coordinator_kill9_loses_nothing_and_the_running_job_reconciles() {
     let mut c = Coordinator::start(&[]).await;
     let dir = c.dir.path().to_path_buf();
-    let (go, runs) = (dir.join("go"), dir.join("runs"));
-    let id = c
-        .submit(&format!(
-            "run: |\n  echo run >> {runs}\n  while [ ! -f {go} ]; do sleep 0.05; done\n  echo finished\n",
-            runs = runs.display(),
-            go = go.display()
-        ))
-        .await;
+    let (yaml, go, runs) = gated_task(&dir);
+    let id = c.submit(&yaml).await;
     c.wait_state(&id, pb::JobState::Running, SECS(15)).await;
     let mut client = c.client().await;
     let queued = client
@@ -253,14 +259,8 @@ async fn state_survives_snapshot_compaction_and_kill9() {
 async fn agent_restart_readopts_the_running_job() {
     let c = Coordinator::start(&[]).await;
     let dir = c.dir.path().to_path_buf();
-    let (go, runs) = (dir.join("go"), dir.join("runs"));
-    let id = c
-        .submit(&format!(
-            "run: |\n  echo run >> {runs}\n  while [ ! -f {go} ]; do sleep 0.05; done\n  echo finished\n",
-            runs = runs.display(),
-            go = go.display()
-        ))
-        .await;
+    let (yaml, go, runs) = gated_task(&dir);
+    let id = c.submit(&yaml).await;
     let job = c.wait_state(&id, pb::JobState::Running, SECS(15)).await;
     let node = job.node_ids[0].clone();
     let pid = c.agent_pid(&node);
@@ -587,7 +587,8 @@ async fn multi_node_job_runs_every_rank_and_down_releases_the_nodes() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_python_client_using_only_reflection_runs_a_job() {
     let c = Coordinator::start(&[]).await;
-    let script = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("python/reflection_client.py");
+    let script =
+        std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("python/reflection_client.py");
     let out = std::process::Command::new("python3")
         .arg(&script)
         .arg(c.dir.path().join("api.json"))

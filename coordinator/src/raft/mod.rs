@@ -16,6 +16,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use nembo_domain::state::{Command, Outcome, State};
+use protobuf::Message as _;
 use raft::eraftpb::{ConfChange, ConfChangeV2, Entry, EntryType, Message};
 use raft::prelude::RawNode;
 use raft::storage::MemStorage;
@@ -341,22 +342,16 @@ impl Member {
                         self.replies.push((reply, result));
                     }
                 }
-                EntryType::EntryConfChange => {
-                    let cc: ConfChange = protobuf::Message::parse_from_bytes(&entry.data)
-                        .map_err(|e| CoordinatorError::Storage(e.to_string()))?;
-                    let cs = self
-                        .node
-                        .apply_conf_change(&cc)
-                        .map_err(|e| CoordinatorError::Storage(e.to_string()))?;
-                    self.store.set_conf_state(&cs)?;
-                }
-                EntryType::EntryConfChangeV2 => {
-                    let cc: ConfChangeV2 = protobuf::Message::parse_from_bytes(&entry.data)
-                        .map_err(|e| CoordinatorError::Storage(e.to_string()))?;
-                    let cs = self
-                        .node
-                        .apply_conf_change(&cc)
-                        .map_err(|e| CoordinatorError::Storage(e.to_string()))?;
+                EntryType::EntryConfChange | EntryType::EntryConfChangeV2 => {
+                    let fail = |e: &dyn std::fmt::Display| CoordinatorError::Storage(e.to_string());
+                    let applied = if entry.get_entry_type() == EntryType::EntryConfChange {
+                        ConfChange::parse_from_bytes(&entry.data)
+                            .map(|cc| self.node.apply_conf_change(&cc))
+                    } else {
+                        ConfChangeV2::parse_from_bytes(&entry.data)
+                            .map(|cc| self.node.apply_conf_change(&cc))
+                    };
+                    let cs = applied.map_err(|e| fail(&e))?.map_err(|e| fail(&e))?;
                     self.store.set_conf_state(&cs)?;
                 }
             }

@@ -63,12 +63,23 @@ fn launch_once(c: &Coordinator, task: &std::path::Path) -> f64 {
 async fn down_all(c: &Coordinator) {
     let mut client = c.client().await;
     client
-        .down(pb::DownRequest { node_ids: vec![], all: true })
+        .down(pb::DownRequest {
+            node_ids: vec![],
+            all: true,
+        })
         .await
         .expect("down");
     loop {
-        let nodes = client.list_nodes(pb::ListNodesRequest {}).await.expect("nodes").into_inner().nodes;
-        if nodes.iter().all(|n| n.state == pb::NodeState::Terminated as i32) {
+        let nodes = client
+            .list_nodes(pb::ListNodesRequest {})
+            .await
+            .expect("nodes")
+            .into_inner()
+            .nodes;
+        if nodes
+            .iter()
+            .all(|n| n.state == pb::NodeState::Terminated as i32)
+        {
             return;
         }
         tokio::time::sleep(Duration::from_millis(20)).await;
@@ -159,22 +170,44 @@ async fn main() {
     let warm = summary(warm);
     let cold = summary(cold);
     println!("Launch to first log line (nembo launch CLI, local provider, warm coordinator)");
-    println!("{:<28} {:>5} {:>9} {:>9} {:>9}", "case", "n", "p50 ms", "p99 ms", "max ms");
-    for (name, s) in [("idle node ready", &warm), ("node provisioned for job", &cold)] {
+    println!(
+        "{:<28} {:>5} {:>9} {:>9} {:>9}",
+        "case", "n", "p50 ms", "p99 ms", "max ms"
+    );
+    for (name, s) in [
+        ("idle node ready", &warm),
+        ("node provisioned for job", &cold),
+    ] {
         println!(
             "{:<28} {:>5} {:>9.1} {:>9.1} {:>9.1}",
-            name, s["n"], s["p50_ms"].as_f64().unwrap_or(0.0), s["p99_ms"].as_f64().unwrap_or(0.0), s["max_ms"].as_f64().unwrap_or(0.0)
+            name,
+            s["n"],
+            s["p50_ms"].as_f64().unwrap_or(0.0),
+            s["p99_ms"].as_f64().unwrap_or(0.0),
+            s["max_ms"].as_f64().unwrap_or(0.0)
         );
     }
     println!("target: < 300 ms; dstack users report 10-15 s [anchors.md, published]");
     println!();
     println!("Committed SubmitJob/s (raft-engine, fsync per batch, single voter)");
-    println!("{:>8} {:>6} {:>10} {:>9} {:>9}   {:>22}", "clients", "conns", "per sec", "p50 ms", "p99 ms", "etcd 3-member anchor");
-    let etcd = [(1, "1248/s p99 1.28"), (16, "5383/s p99 6.78"), (64, "10593/s p99 14.5")];
+    println!(
+        "{:>8} {:>6} {:>10} {:>9} {:>9}   {:>22}",
+        "clients", "conns", "per sec", "p50 ms", "p99 ms", "etcd 3-member anchor"
+    );
+    let etcd = [
+        (1, "1248/s p99 1.28"),
+        (16, "5383/s p99 6.78"),
+        (64, "10593/s p99 14.5"),
+    ];
     for (s, (_, anchor)) in submits.iter().zip(etcd) {
         println!(
             "{:>8} {:>6} {:>10} {:>9.2} {:>9.2}   {:>22}",
-            s["clients"], s["connections"], s["per_sec"], s["p50_ms"].as_f64().unwrap_or(0.0), s["p99_ms"].as_f64().unwrap_or(0.0), anchor
+            s["clients"],
+            s["connections"],
+            s["per_sec"],
+            s["p50_ms"].as_f64().unwrap_or(0.0),
+            s["p99_ms"].as_f64().unwrap_or(0.0),
+            anchor
         );
     }
     println!();
