@@ -525,3 +525,80 @@ pub fn parse_accelerators(s: &str) -> Result<BTreeMap<String, f64>, String> {
     }
     Ok(out)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn job(id: &str, setup: &str, run: &str) -> pb::RunJob {
+        pb::RunJob {
+            job_id: id.into(),
+            attempt: 1,
+            setup: setup.into(),
+            run: run.into(),
+            env: [("GREETING".to_string(), "hi".to_string())].into(),
+            ..Default::default()
+        }
+    }
+
+    async fn ended(ev: &mut mpsc::UnboundedReceiver<Event>, id: &str) -> JobView {
+        loop {
+            let Some(Event::Report(v)) = ev.recv().await else {
+                panic!("supervisor stopped")
+            };
+            if v.report.job_id == id && v.report.phase != pb::JobPhase::Started as i32 {
+                return v;
+            }
+        }
+    }
+
+    #[tokio::test]
+    async fn setup_then_run_with_env_and_exit_codes() {
+        let d = tempfile::tempdir().unwrap();
+        let (sup, mut ev) = Supervisor::start(d.path().to_path_buf());
+        sup.run(job("1", "echo setting-up", "echo $GREETING; exit 3"));
+        let v = ended(&mut ev, "1").await;
+        assert_eq!(v.report.phase, pb::JobPhase::Exited as i32);
+        assert_eq!(v.report.exit_code, Some(3));
+        let log = fs::read_to_string(&v.log_path).unwrap();
+        assert_eq!(log, "setting-up\nhi\n");
+        assert_eq!(v.report.log_bytes, log.len() as u64);
+
+        sup.run(job("2", "exit 5", "echo never"));
+        let v = ended(&mut ev, "2").await;
+        assert_eq!(v.report.phase, pb::JobPhase::SetupFailed as i32);
+        assert_eq!(v.report.exit_code, Some(5));
+        assert!(!fs::read_to_string(&v.log_path).unwrap().contains("never"));
+
+        // A repeated RunJob for a known attempt does nothing.
+        sup.run(job("1", "", "echo again"));
+        let snap = sup.snapshot().await;
+        assert_eq!(snap.len(), 2);
+        assert_eq!(
+            fs::read_to_string(&snap[0].log_path).unwrap(),
+            "setting-up\nhi\n"
+        );
+    }
+
+    #[tokio::test]
+    async fn stopping_an_unknown_attempt_reports_it_cancelled() {
+        let d = tempfile::tempdir().unwrap();
+        let (sup, mut ev) = Supervisor::start(d.path().to_path_buf());
+        sup.stop(pb::StopJob {
+            job_id: "9".into(),
+            attempt: 1,
+            grace_ms: 10,
+        });
+        let v = ended(&mut ev, "9").await;
+        assert_eq!(v.report.phase, pb::JobPhase::Cancelled as i32);
+    }
+
+    #[test]
+    fn accelerator_flags() {
+        let a = parse_accelerators("H100:8, A100").unwrap();
+        assert_eq!(a["H100"], 8.0);
+        assert_eq!(a["A100"], 1.0);
+        assert!(parse_accelerators("H100:-1").is_err());
+        assert!(parse_accelerators("").unwrap().is_empty());
+    }
+}

@@ -5,7 +5,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use nembo_domain::scheduler::{self, Placement, Round};
-use nembo_domain::state::{Command, JobId, Outcome, Rejection};
+use nembo_domain::state::{Command, JobId, Outcome, RankOutcome, Rejection};
 use nembo_domain::task::{self, TaskSpec};
 use nembo_proto::v1 as pb;
 use nembo_proto::v1::coordinator_server::Coordinator;
@@ -20,8 +20,8 @@ use crate::logs::LogKey;
 use crate::server::{now_ms, Ctx};
 
 /// How long a follower of a finished job's logs waits for output still in
-/// flight from a node that may be gone.
-const LOG_DRAIN_GRACE: Duration = Duration::from_secs(3);
+/// flight from a node whose final log size never arrived.
+const LOG_DRAIN_GRACE: Duration = Duration::from_secs(10);
 const LOG_CHUNK: usize = 64 * 1024;
 const MAX_IDEMPOTENCY_KEY: usize = 256;
 
@@ -360,6 +360,13 @@ async fn stream_logs(
                     attempt: a.number,
                     rank,
                 };
+                // Completeness is judged before reading, so that a chunk
+                // landing between the read and the check is never skipped.
+                let gone = matches!(
+                    a.ranks[rank as usize].outcome,
+                    Some(RankOutcome::Lost(_) | RankOutcome::FailedToStart(_))
+                );
+                complete &= gone || ctx.logs.is_complete(key);
                 let cursor = cursors.entry((a.number, rank)).or_insert(0);
                 loop {
                     let data = ctx.logs.read(key, *cursor, LOG_CHUNK)?;
@@ -376,7 +383,6 @@ async fn stream_logs(
                         return Ok(());
                     }
                 }
-                complete &= ctx.logs.is_complete(key);
             }
         }
         if !follow {

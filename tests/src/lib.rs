@@ -247,6 +247,15 @@ impl Coordinator {
 impl Drop for Coordinator {
     fn drop(&mut self) {
         self.kill9();
+        if std::env::var_os("NEMBO_TEST_KEEP").is_some() {
+            eprintln!("keeping {}", self.dir.path().display());
+            let kept = tempfile::Builder::new()
+                .prefix("nembo-test")
+                .tempdir()
+                .expect("tempdir");
+            let dir = std::mem::replace(&mut self.dir, kept);
+            let _ = dir.keep();
+        }
         // Take the local nodes and their jobs down with the test.
         if let Ok(nodes) = std::fs::read_dir(self.dir.path().join("nodes")) {
             for n in nodes.flatten() {

@@ -111,7 +111,11 @@ async fn follow_streams_output_while_the_job_runs() {
     {
         rest.extend(chunk.unwrap().data);
     }
-    assert_eq!(String::from_utf8_lossy(&rest), "last-line\n");
+    assert_eq!(
+        String::from_utf8_lossy(&rest),
+        "last-line\n",
+        "after first-line, with job {id}"
+    );
     c.wait_state(&id, pb::JobState::Succeeded, SECS(5)).await;
 }
 

@@ -144,13 +144,17 @@ async fn submit_load(c: &Coordinator, clients: usize, seconds: u64) -> serde_jso
 #[tokio::main]
 async fn main() {
     let launches = arg("--launches", 20) as usize;
+    let skip_launch = std::env::args().any(|a| a == "--no-launch");
     let seconds = arg("--seconds", 5);
 
     let c = Coordinator::start(&[]).await;
     let task = c.dir.path().join("first-line.yaml");
     std::fs::write(&task, "run: echo first-line\n").expect("task");
     // Warm the coordinator (and the page cache for the binaries).
-    launch_once(&c, &task);
+    if !skip_launch {
+        launch_once(&c, &task);
+    }
+    let launches = if skip_launch { 0 } else { launches };
     let warm: Vec<f64> = (0..launches).map(|_| launch_once(&c, &task)).collect();
     let mut cold = Vec::new();
     for _ in 0..launches.div_ceil(2) {
@@ -163,7 +167,11 @@ async fn main() {
     // durable Raft commit, not the provider.
     let c = Coordinator::start(&["--max-nodes", "0"]).await;
     let mut submits = Vec::new();
-    for clients in [1usize, 16, 64] {
+    let levels: Vec<usize> = std::env::var("BENCH_LEVELS")
+        .ok()
+        .map(|v| v.split(',').filter_map(|x| x.parse().ok()).collect())
+        .unwrap_or_else(|| vec![1, 16, 64]);
+    for clients in levels {
         submits.push(submit_load(&c, clients, seconds).await);
     }
 
