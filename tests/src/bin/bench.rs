@@ -189,7 +189,7 @@ async fn main() {
         println!(
             "{:<28} {:>5} {:>9.1} {:>9.1} {:>9.1}",
             name,
-            s["n"],
+            s["n"].as_u64().unwrap_or(0),
             s["p50_ms"].as_f64().unwrap_or(0.0),
             s["p99_ms"].as_f64().unwrap_or(0.0),
             s["max_ms"].as_f64().unwrap_or(0.0)
@@ -209,10 +209,10 @@ async fn main() {
     ];
     for (s, (_, anchor)) in submits.iter().zip(etcd) {
         println!(
-            "{:>8} {:>6} {:>10} {:>9.2} {:>9.2}   {:>22}",
-            s["clients"],
-            s["connections"],
-            s["per_sec"],
+            "{:>8} {:>6} {:>10.0} {:>9.2} {:>9.2}   {:>22}",
+            s["clients"].as_u64().unwrap_or(0),
+            s["connections"].as_u64().unwrap_or(0),
+            s["per_sec"].as_f64().unwrap_or(0.0),
             s["p50_ms"].as_f64().unwrap_or(0.0),
             s["p99_ms"].as_f64().unwrap_or(0.0),
             anchor
