@@ -207,7 +207,11 @@ async fn main() {
         (16, "5383/s p99 6.78"),
         (64, "10593/s p99 14.5"),
     ];
-    for (s, (_, anchor)) in submits.iter().zip(etcd) {
+    for s in &submits {
+        let anchor = etcd
+            .iter()
+            .find(|(n, _)| Some(*n) == s["clients"].as_u64())
+            .map_or("-", |(_, a)| *a);
         println!(
             "{:>8} {:>6} {:>10.0} {:>9.2} {:>9.2}   {:>22}",
             s["clients"].as_u64().unwrap_or(0),
