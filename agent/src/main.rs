@@ -13,26 +13,36 @@ use nembo_proto::v1 as pb;
 #[command(name = "nembo-agent", version)]
 struct Args {
     /// Coordinator URL, e.g. https://10.0.0.2:7443.
-    #[arg(long, env = "NEMBO_COORDINATOR")]
-    coordinator: String,
+    #[arg(
+        long,
+        env = "NEMBO_COORDINATOR",
+        required_unless_present = "probe_gpus"
+    )]
+    coordinator: Option<String>,
     /// Cluster CA certificate.
-    #[arg(long, env = "NEMBO_CA_CERT")]
-    ca_cert: PathBuf,
+    #[arg(long, env = "NEMBO_CA_CERT", required_unless_present = "probe_gpus")]
+    ca_cert: Option<PathBuf>,
     /// File holding the join token (must be 0600).
-    #[arg(long, env = "NEMBO_TOKEN_FILE")]
-    token_file: PathBuf,
+    #[arg(long, env = "NEMBO_TOKEN_FILE", required_unless_present = "probe_gpus")]
+    token_file: Option<PathBuf>,
     /// This node's id.
-    #[arg(long, env = "NEMBO_NODE_ID")]
-    node_id: String,
+    #[arg(long, env = "NEMBO_NODE_ID", required_unless_present = "probe_gpus")]
+    node_id: Option<String>,
     /// Work directory for jobs and their logs.
-    #[arg(long, env = "NEMBO_WORK_DIR")]
-    work_dir: PathBuf,
+    #[arg(long, env = "NEMBO_WORK_DIR", required_unless_present = "probe_gpus")]
+    work_dir: Option<PathBuf>,
     /// Address other nodes reach this one at.
     #[arg(long, default_value = "127.0.0.1")]
     address: String,
-    /// Declared accelerators, e.g. H100:8.
+    /// Declared accelerators, e.g. H100:8 (default: the GPUs NVML finds).
     #[arg(long, default_value = "")]
     accelerators: String,
+    /// NVML library to load (default: libnvidia-ml.so.1).
+    #[arg(long, env = "NEMBO_NVML_LIB")]
+    nvml_lib: Option<PathBuf>,
+    /// Print this node's GPUs and one reading of each as JSON, then exit.
+    #[arg(long)]
+    probe_gpus: bool,
     /// Declared vCPUs.
     #[arg(long, default_value_t = 2.0)]
     cpus: f64,
@@ -53,15 +63,27 @@ fn main() -> anyhow::Result<()> {
         .with_writer(std::io::stderr)
         .init();
     let a = Args::parse();
-    let accelerators = nembo_agent::supervisor::parse_accelerators(&a.accelerators)
+    if a.probe_gpus {
+        let probe = nembo_agent::gpu::probe(a.nvml_lib.as_deref());
+        println!("{}", serde_json::to_string_pretty(&probe)?);
+        return Ok(());
+    }
+    let mut accelerators = nembo_agent::supervisor::parse_accelerators(&a.accelerators)
         .map_err(anyhow::Error::msg)
         .context("--accelerators")?;
+    if accelerators.is_empty() {
+        match nembo_agent::gpu::Gpus::open(a.nvml_lib.as_deref()) {
+            Ok(g) => accelerators = g.accelerators(),
+            Err(e) => tracing::info!(reason = %e, "NVML not available: this node reports no GPUs"),
+        }
+    }
+    let required = |v: Option<String>| v.context("missing a required flag");
     let cfg = AgentConfig {
-        coordinator: a.coordinator,
-        ca_cert: a.ca_cert,
-        token_file: a.token_file,
-        node_id: a.node_id,
-        work_dir: a.work_dir,
+        coordinator: required(a.coordinator)?,
+        ca_cert: a.ca_cert.context("--ca-cert")?,
+        token_file: a.token_file.context("--token-file")?,
+        node_id: required(a.node_id)?,
+        work_dir: a.work_dir.context("--work-dir")?,
         address: a.address,
         resources: pb::NodeResources {
             accelerators,

@@ -191,6 +191,9 @@ pub async fn run(
 ) -> Result<(), CoordinatorError> {
     let dir = &cfg.data_dir;
     std::fs::create_dir_all(dir).map_err(startup("data dir"))?;
+    // Job output and state may hold secrets: the data dir is the owner's alone.
+    std::fs::set_permissions(dir, std::os::unix::fs::PermissionsExt::from_mode(0o700))
+        .map_err(startup("data dir permissions"))?;
     let creds =
         tls::ensure(dir, &cfg.hosts).map_err(|e| CoordinatorError::Internal(e.to_string()))?;
     let client_token: Arc<str> = tls::read_secret(&creds.token)

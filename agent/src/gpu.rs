@@ -1,0 +1,292 @@
+//! GPUs through NVML, loaded at run time (`libnvidia-ml.so.1`), so the agent
+//! runs on machines without NVIDIA libraries and reports zero GPUs there.
+//!
+//! Every metric is optional: a board that does not support one (MIG, older
+//! parts) simply lacks it. NVML calls take a driver-wide lock, so callers
+//! should sample from a blocking thread, not from the async runtime.
+
+use std::collections::BTreeMap;
+use std::ffi::OsStr;
+use std::path::Path;
+use std::time::Instant;
+
+use nvml_wrapper::enum_wrappers::device::{
+    Clock, EccCounter, MemoryError, PcieUtilCounter, TemperatureSensor,
+};
+use nvml_wrapper::Nvml;
+use serde::Serialize;
+
+/// What does not change while the node runs.
+#[derive(Debug, Clone, Serialize)]
+pub struct GpuInfo {
+    /// NVML index.
+    pub index: u32,
+    /// Board name as NVML reports it (`NVIDIA H200`).
+    pub name: String,
+    /// The scheduler's name for it (`H200`).
+    pub model: String,
+    /// `GPU-…`.
+    pub uuid: Option<String>,
+    /// PCI bus id.
+    pub pci_bus_id: Option<String>,
+    /// Framebuffer size.
+    pub memory_total_bytes: Option<u64>,
+    /// MIG mode (1 = enabled), where supported.
+    pub mig_mode: Option<u32>,
+}
+
+/// One reading of one GPU.
+#[derive(Debug, Clone, Serialize, Default)]
+pub struct GpuSample {
+    /// NVML index.
+    pub index: u32,
+    /// Percent of time a kernel ran.
+    pub gpu_util_percent: Option<u32>,
+    /// Percent of time memory was read or written.
+    pub mem_util_percent: Option<u32>,
+    /// Framebuffer in use.
+    pub fb_used_bytes: Option<u64>,
+    /// Framebuffer free.
+    pub fb_free_bytes: Option<u64>,
+    /// Framebuffer size.
+    pub fb_total_bytes: Option<u64>,
+    /// Core temperature.
+    pub temperature_c: Option<u32>,
+    /// Power draw.
+    pub power_w: Option<f64>,
+    /// Enforced power limit.
+    pub power_limit_w: Option<f64>,
+    /// Energy since the driver loaded.
+    pub energy_mj: Option<u64>,
+    /// SM clock.
+    pub sm_clock_mhz: Option<u32>,
+    /// Memory clock.
+    pub mem_clock_mhz: Option<u32>,
+    /// NVML throttle-reason bits.
+    pub throttle_reasons: Option<u64>,
+    /// PCIe receive.
+    pub pcie_rx_kib_s: Option<u32>,
+    /// PCIe transmit.
+    pub pcie_tx_kib_s: Option<u32>,
+    /// Corrected ECC errors since the driver loaded.
+    pub ecc_corrected: Option<u64>,
+    /// Uncorrected ECC errors since the driver loaded.
+    pub ecc_uncorrected: Option<u64>,
+    /// Compute processes on it.
+    pub processes: Option<u32>,
+}
+
+/// An open NVML.
+pub struct Gpus {
+    nvml: Nvml,
+}
+
+/// Where NVML is looked for when no path is given.
+const DEFAULT_LIBS: &[&str] = &["libnvidia-ml.so.1", "libnvidia-ml.so"];
+
+impl Gpus {
+    /// Loads NVML from `lib` (else the usual names). The error says why
+    /// there are no GPUs; it is not a failure of the agent.
+    pub fn open(lib: Option<&Path>) -> Result<Gpus, String> {
+        let candidates: Vec<&OsStr> = match lib {
+            Some(p) => vec![p.as_os_str()],
+            None => DEFAULT_LIBS.iter().map(OsStr::new).collect(),
+        };
+        let mut last = String::new();
+        for path in candidates {
+            match Nvml::builder().lib_path(path).init() {
+                Ok(nvml) => return Ok(Gpus { nvml }),
+                Err(e) => last = format!("{}: {e}", path.to_string_lossy()),
+            }
+        }
+        Err(last)
+    }
+
+    /// Driver version string.
+    pub fn driver_version(&self) -> Option<String> {
+        self.nvml.sys_driver_version().ok()
+    }
+
+    /// CUDA version the driver supports, as `13.0`.
+    pub fn cuda_version(&self) -> Option<String> {
+        self.nvml.sys_cuda_driver_version().ok().map(|v| {
+            format!(
+                "{}.{}",
+                nvml_wrapper::cuda_driver_version_major(v),
+                nvml_wrapper::cuda_driver_version_minor(v)
+            )
+        })
+    }
+
+    /// Identity of every GPU.
+    pub fn inventory(&self) -> Vec<GpuInfo> {
+        let n = self.nvml.device_count().unwrap_or(0);
+        (0..n)
+            .filter_map(|i| {
+                let d = self.nvml.device_by_index(i).ok()?;
+                let name = d.name().unwrap_or_default();
+                Some(GpuInfo {
+                    index: i,
+                    model: canonical_model(&name),
+                    name,
+                    uuid: d.uuid().ok(),
+                    pci_bus_id: d.pci_info().ok().map(|p| p.bus_id),
+                    memory_total_bytes: d.memory_info().ok().map(|m| m.total),
+                    mig_mode: d.mig_mode().ok().map(|m| m.current),
+                })
+            })
+            .collect()
+    }
+
+    /// One reading of every GPU.
+    pub fn sample(&self) -> Vec<GpuSample> {
+        let n = self.nvml.device_count().unwrap_or(0);
+        (0..n)
+            .filter_map(|i| {
+                let d = self.nvml.device_by_index(i).ok()?;
+                let util = d.utilization_rates().ok();
+                let mem = d.memory_info().ok();
+                Some(GpuSample {
+                    index: i,
+                    gpu_util_percent: util.as_ref().map(|u| u.gpu),
+                    mem_util_percent: util.as_ref().map(|u| u.memory),
+                    fb_used_bytes: mem.as_ref().map(|m| m.used),
+                    fb_free_bytes: mem.as_ref().map(|m| m.free),
+                    fb_total_bytes: mem.as_ref().map(|m| m.total),
+                    temperature_c: d.temperature(TemperatureSensor::Gpu).ok(),
+                    power_w: d.power_usage().ok().map(|mw| f64::from(mw) / 1000.0),
+                    power_limit_w: d
+                        .enforced_power_limit()
+                        .ok()
+                        .map(|mw| f64::from(mw) / 1000.0),
+                    energy_mj: d.total_energy_consumption().ok(),
+                    sm_clock_mhz: d.clock_info(Clock::SM).ok(),
+                    mem_clock_mhz: d.clock_info(Clock::Memory).ok(),
+                    throttle_reasons: d.current_throttle_reasons().ok().map(|r| r.bits()),
+                    pcie_rx_kib_s: d.pcie_throughput(PcieUtilCounter::Receive).ok(),
+                    pcie_tx_kib_s: d.pcie_throughput(PcieUtilCounter::Send).ok(),
+                    ecc_corrected: d
+                        .total_ecc_errors(MemoryError::Corrected, EccCounter::Volatile)
+                        .ok(),
+                    ecc_uncorrected: d
+                        .total_ecc_errors(MemoryError::Uncorrected, EccCounter::Volatile)
+                        .ok(),
+                    processes: d.running_compute_processes().ok().map(|p| p.len() as u32),
+                })
+            })
+            .collect()
+    }
+
+    /// Accelerators to declare: scheduler model name -> count.
+    pub fn accelerators(&self) -> BTreeMap<String, f64> {
+        let mut out = BTreeMap::new();
+        for g in self.inventory() {
+            *out.entry(g.model).or_insert(0.0) += 1.0;
+        }
+        out
+    }
+}
+
+/// What `nembo-agent --probe-gpus` prints.
+#[derive(Debug, Serialize)]
+pub struct Probe {
+    /// Why NVML did not load, if it did not.
+    pub nvml_error: Option<String>,
+    /// Driver version.
+    pub driver_version: Option<String>,
+    /// CUDA version the driver supports.
+    pub cuda_version: Option<String>,
+    /// Identity.
+    pub gpus: Vec<GpuInfo>,
+    /// One reading.
+    pub samples: Vec<GpuSample>,
+    /// What one full sweep (every metric of every GPU) took, in µs; median of 20.
+    pub sweep_us: Option<u64>,
+}
+
+/// Loads NVML and takes one inventory and one sample.
+pub fn probe(lib: Option<&Path>) -> Probe {
+    match Gpus::open(lib) {
+        Err(e) => Probe {
+            nvml_error: Some(e),
+            driver_version: None,
+            cuda_version: None,
+            gpus: Vec::new(),
+            samples: Vec::new(),
+            sweep_us: None,
+        },
+        Ok(g) => {
+            let mut sweeps: Vec<u64> = (0..20)
+                .map(|_| {
+                    let t = Instant::now();
+                    let _ = g.sample();
+                    t.elapsed().as_micros() as u64
+                })
+                .collect();
+            sweeps.sort_unstable();
+            Probe {
+                nvml_error: None,
+                driver_version: g.driver_version(),
+                cuda_version: g.cuda_version(),
+                gpus: g.inventory(),
+                samples: g.sample(),
+                sweep_us: sweeps.get(sweeps.len() / 2).copied(),
+            }
+        }
+    }
+}
+
+/// The scheduler's name for an NVML board name: `NVIDIA H100 80GB HBM3` ->
+/// `H100`, `NVIDIA A100-SXM4-80GB` -> `A100-80GB`, `Tesla T4` -> `T4`.
+pub fn canonical_model(name: &str) -> String {
+    const KNOWN: &[&str] = &[
+        "GB200", "B200", "H200", "H100", "A100", "L40S", "L40", "L4", "A10G", "A10", "T4", "V100",
+        "MI300X", "RTX4090", "RTX6000",
+    ];
+    let upper = name.to_ascii_uppercase();
+    let tokens: Vec<&str> = upper
+        .split(|c: char| !c.is_ascii_alphanumeric())
+        .filter(|t| !t.is_empty())
+        .collect();
+    for k in KNOWN {
+        if tokens.contains(k) {
+            if *k == "A100" && tokens.contains(&"80GB") {
+                return "A100-80GB".into();
+            }
+            if *k == "V100" && tokens.contains(&"32GB") {
+                return "V100-32GB".into();
+            }
+            return k.to_string();
+        }
+    }
+    tokens
+        .into_iter()
+        .filter(|t| *t != "NVIDIA" && *t != "TESLA" && *t != "GEFORCE")
+        .collect::<Vec<_>>()
+        .join("-")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn board_names_map_to_scheduler_names() {
+        assert_eq!(canonical_model("NVIDIA H100 80GB HBM3"), "H100");
+        assert_eq!(canonical_model("NVIDIA H200"), "H200");
+        assert_eq!(canonical_model("NVIDIA A100-SXM4-80GB"), "A100-80GB");
+        assert_eq!(canonical_model("NVIDIA A100-SXM4-40GB"), "A100");
+        assert_eq!(canonical_model("Tesla T4"), "T4");
+        assert_eq!(canonical_model("NVIDIA L40S"), "L40S");
+        assert_eq!(canonical_model("NVIDIA L4"), "L4");
+        assert_eq!(canonical_model("NVIDIA A10G"), "A10G");
+        assert_eq!(canonical_model("NVIDIA RTX A6000"), "RTX-A6000");
+    }
+
+    #[test]
+    fn a_missing_library_means_no_gpus_not_a_failure() {
+        let p = probe(Some(Path::new("/nonexistent/libnvidia-ml.so.1")));
+        assert!(p.nvml_error.is_some());
+        assert!(p.gpus.is_empty());
+    }
+}
