@@ -23,10 +23,9 @@ pub async fn up() -> Result<()> {
     Ok(())
 }
 
-/// `down [NODE...]`: release nodes; all when none are named.
-pub async fn down(nodes: Vec<String>) -> Result<()> {
+/// `down NODE...` / `down --all`: release nodes.
+pub async fn down(nodes: Vec<String>, all: bool) -> Result<()> {
     let mut c = connect::client().await?;
-    let all = nodes.is_empty();
     let r = c
         .down(pb::DownRequest {
             node_ids: nodes,
@@ -87,7 +86,7 @@ pub async fn local_down() -> Result<()> {
         println!("The local coordinator is not running.");
         return Ok(());
     };
-    down(Vec::new()).await?;
+    down(Vec::new(), true).await?;
     let pid = nix::unistd::Pid::from_raw(info.pid as i32);
     nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGTERM)
         .context("stop the coordinator")?;

@@ -48,10 +48,14 @@ enum Cmd {
         #[arg(required = true)]
         jobs: Vec<String>,
     },
-    /// Release nodes (all of them when none are named); their jobs are cancelled.
+    /// Release nodes; their jobs are cancelled.
     Down {
         /// Node ids.
+        #[arg(required_unless_present = "all")]
         nodes: Vec<String>,
+        /// Every node.
+        #[arg(short, long, conflicts_with = "nodes")]
+        all: bool,
     },
     /// How to reach the API.
     Api {
@@ -124,7 +128,7 @@ async fn run(cli: Cli) -> Result<i32> {
         Cmd::Queue { json } => jobs::status(json, false).await.map(|()| 0),
         Cmd::Logs { job, follow } => jobs::logs(&job, follow).await.map(|()| 0),
         Cmd::Cancel { jobs } => jobs::cancel(&jobs).await.map(|()| 0),
-        Cmd::Down { nodes } => local::down(nodes).await.map(|()| 0),
+        Cmd::Down { nodes, all } => local::down(nodes, all).await.map(|()| 0),
         Cmd::Api {
             command: ApiCmd::Info { json },
         } => local::api_info(json).await.map(|()| 0),

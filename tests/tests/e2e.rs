@@ -483,6 +483,31 @@ async fn bad_input_gets_a_clear_error_and_changes_nothing() {
             err.message()
         );
     }
+    let bad_spec = pb::TaskSpec {
+        run: "echo".into(),
+        resources: Some(pb::ResourceRequest {
+            candidates: vec![pb::ResourceCandidate {
+                accelerator: "H100:zero".into(),
+                ..Default::default()
+            }],
+            ..Default::default()
+        }),
+        ..Default::default()
+    };
+    let err = client
+        .submit_job(pb::SubmitJobRequest {
+            task: Some(pb::submit_job_request::Task::Spec(bad_spec)),
+            ..Default::default()
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Code::InvalidArgument);
+    assert!(
+        err.message()
+            .starts_with("spec.resources.candidates[0].accelerator:"),
+        "{}",
+        err.message()
+    );
     let err = client
         .get_job(pb::GetJobRequest {
             job_id: "999".into(),
@@ -566,7 +591,7 @@ async fn multi_node_job_runs_every_rank_and_down_releases_the_nodes() {
         "{logs}"
     );
     let pids: Vec<i32> = job.node_ids.iter().map(|n| c.agent_pid(n)).collect();
-    let out = c.cli(&["down"]);
+    let out = c.cli(&["down", "--all"]);
     assert!(out.status.success(), "{out:?}");
     wait_for("agents to exit", SECS(10), || {
         let gone = pids.iter().all(|p| !alive(*p));
@@ -605,4 +630,50 @@ async fn a_python_client_using_only_reflection_runs_a_job() {
         String::from_utf8_lossy(&out.stderr)
     );
     assert!(String::from_utf8_lossy(&out.stdout).contains("SUCCEEDED"));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_structured_spec_runs_like_yaml_and_secrets_stay_hidden() {
+    let c = Coordinator::start(&[]).await;
+    let mut client = c.client().await;
+    let spec = pb::TaskSpec {
+        name: "structured".into(),
+        run: "echo token-length=${#API_KEY} mode=$MODE".into(),
+        envs: [("MODE".to_string(), "fast".to_string())].into(),
+        secrets: [("API_KEY".to_string(), "s3cr3t-value".to_string())].into(),
+        resources: Some(pb::ResourceRequest {
+            candidates: vec![pb::ResourceCandidate {
+                infra: "local/eu-west".into(),
+                accelerator: "L4:1".into(),
+                ..Default::default()
+            }],
+            ..Default::default()
+        }),
+        ..Default::default()
+    };
+    let id = client
+        .submit_job(pb::SubmitJobRequest {
+            task: Some(pb::submit_job_request::Task::Spec(spec)),
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .job_id;
+    let job = c.wait_state(&id, pb::JobState::Succeeded, SECS(20)).await;
+    assert!(c.logs(&id).await.contains("token-length=12 mode=fast"));
+    let shown = format!("{job:?}");
+    assert!(
+        !shown.contains("s3cr3t-value"),
+        "GetJob must not return secret values"
+    );
+    assert!(shown.contains("<redacted>"));
+    let nodes = client
+        .list_nodes(pb::ListNodesRequest {})
+        .await
+        .unwrap()
+        .into_inner()
+        .nodes;
+    assert_eq!(nodes[0].region, "eu-west");
+    assert_eq!(nodes[0].instance_type, "local-l4-1");
 }
