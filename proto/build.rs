@@ -5,6 +5,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     let files = [
         "proto/nembo/v1/coordinator.proto",
         "proto/nembo/v1/agent.proto",
+        "proto/nembo/v1/peer.proto",
     ];
     for f in &files {
         println!("cargo:rerun-if-changed={f}");

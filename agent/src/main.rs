@@ -12,13 +12,14 @@ use nembo_proto::v1 as pb;
 #[derive(Parser, Debug)]
 #[command(name = "nembo-agent", version)]
 struct Args {
-    /// Coordinator URL, e.g. https://10.0.0.2:7443.
+    /// Coordinator URLs, comma-separated, e.g. https://10.0.0.2:7443.
     #[arg(
         long,
         env = "NEMBO_COORDINATOR",
+        value_delimiter = ',',
         required_unless_present = "probe_gpus"
     )]
-    coordinator: Option<String>,
+    coordinator: Vec<String>,
     /// Cluster CA certificate.
     #[arg(long, env = "NEMBO_CA_CERT", required_unless_present = "probe_gpus")]
     ca_cert: Option<PathBuf>,
@@ -79,7 +80,7 @@ fn main() -> anyhow::Result<()> {
     }
     let required = |v: Option<String>| v.context("missing a required flag");
     let cfg = AgentConfig {
-        coordinator: required(a.coordinator)?,
+        coordinators: a.coordinator,
         ca_cert: a.ca_cert.context("--ca-cert")?,
         token_file: a.token_file.context("--token-file")?,
         node_id: required(a.node_id)?,

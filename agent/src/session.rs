@@ -22,8 +22,9 @@ use crate::supervisor::{now_ms, Event, JobKey, JobView, Supervisor};
 /// How the agent reaches its coordinator and describes its node.
 #[derive(Debug, Clone)]
 pub struct AgentConfig {
-    /// Coordinator URL (`https://127.0.0.1:7443`).
-    pub coordinator: String,
+    /// Every coordinator's URL (`https://127.0.0.1:7443`); the session goes
+    /// to whichever leads.
+    pub coordinators: Vec<String>,
     /// CA certificate to trust.
     pub ca_cert: PathBuf,
     /// Join token file (0600).
@@ -53,6 +54,7 @@ pub enum AgentError {
 
 enum SessionEnd {
     Retry(String),
+    Redirect(String),
     Fatal(AgentError),
 }
 
@@ -67,12 +69,27 @@ pub async fn run(
 ) -> Result<(), AgentError> {
     let ca = std::fs::read(&cfg.ca_cert)
         .map_err(|e| AgentError::Setup(format!("{}: {e}", cfg.ca_cert.display())))?;
+    if cfg.coordinators.is_empty() {
+        return Err(AgentError::Setup("no coordinator given".into()));
+    }
     let mut backoff = Duration::from_millis(100);
+    let mut target = 0usize;
+    let mut url = cfg.coordinators[0].clone();
     loop {
-        match session(&cfg, &ca, &sup, &mut events).await {
+        match session(&cfg, &url, &ca, &sup, &mut events).await {
             SessionEnd::Fatal(e) => return Err(e),
+            SessionEnd::Redirect(leader) => {
+                // A follower named the leader: go there at once.
+                tracing::info!(leader = %leader, "redirected to the leader");
+                url = leader;
+                backoff = Duration::from_millis(100);
+                continue;
+            }
             SessionEnd::Retry(why) => {
-                tracing::warn!(reason = %why, retry_in_ms = backoff.as_millis() as u64, "session ended; reconnecting");
+                tracing::warn!(coordinator = %url, reason = %why, retry_in_ms = backoff.as_millis() as u64, "session ended; reconnecting");
+                // Try the next coordinator: the one we had may be down.
+                target = (target + 1) % cfg.coordinators.len();
+                url = cfg.coordinators[target].clone();
             }
         }
         // Jitter keeps a fleet from reconnecting in lockstep after an outage.
@@ -80,12 +97,15 @@ pub async fn run(
             u64::from(std::process::id() % 7) * backoff.as_millis() as u64 / 20,
         );
         tokio::time::sleep(backoff + jitter).await;
-        backoff = (backoff * 2).min(Duration::from_secs(2));
+        // Capped low: after a leader change the agent must find the new
+        // leader within about a second, and each try is one cheap handshake.
+        backoff = (backoff * 2).min(Duration::from_millis(500));
     }
 }
 
 async fn session(
     cfg: &AgentConfig,
+    url: &str,
     ca: &[u8],
     sup: &Supervisor,
     events: &mut mpsc::UnboundedReceiver<Event>,
@@ -94,7 +114,7 @@ async fn session(
         Ok(t) => t,
         Err(e) => return SessionEnd::Fatal(e),
     };
-    let mut client = match nembo_proto::client::connect_agent(&cfg.coordinator, ca, &token).await {
+    let mut client = match nembo_proto::client::connect_agent(url, ca, &token).await {
         Ok(c) => c,
         Err(e) => return SessionEnd::Retry(e.to_string()),
     };
@@ -116,6 +136,16 @@ async fn session(
         Err(s) if matches!(s.code(), Code::NotFound | Code::FailedPrecondition) => {
             return SessionEnd::Fatal(AgentError::Retired(s.message().to_string()))
         }
+        Err(s) if s.metadata().get("nembo-leader-url").is_some() => {
+            let leader = s
+                .metadata()
+                .get("nembo-leader-url")
+                .and_then(|v| v.to_str().ok());
+            return match leader {
+                Some(l) if l != url => SessionEnd::Redirect(l.to_string()),
+                _ => SessionEnd::Retry(s.message().to_string()),
+            };
+        }
         Err(s) => return SessionEnd::Retry(format!("{}: {}", s.code(), s.message())),
     };
     let welcome = match inbound.message().await {
@@ -125,7 +155,7 @@ async fn session(
         Ok(_) => return SessionEnd::Retry("no welcome".into()),
         Err(s) => return SessionEnd::Retry(s.to_string()),
     };
-    tracing::info!(node = %cfg.node_id, coordinator = %cfg.coordinator, jobs = jobs.len(), "session open");
+    tracing::info!(node = %cfg.node_id, coordinator = %url, jobs = jobs.len(), "session open");
     let offsets: BTreeMap<(String, u32), u64> = welcome
         .log_offsets
         .iter()

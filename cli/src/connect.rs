@@ -21,6 +21,18 @@ pub struct ApiInfo {
     /// Coordinator pid (local only).
     #[serde(default)]
     pub pid: u32,
+    /// Every member's URL, for a cluster; calls go to any that answers.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub endpoints: Vec<String>,
+    /// Every member's pid, for a local cluster.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub pids: Vec<u32>,
+}
+
+impl ApiInfo {
+    fn alive(&self) -> bool {
+        pid_alive(self.pid) || self.pids.iter().any(|p| pid_alive(*p))
+    }
 }
 
 /// `$NEMBO_HOME`, else `$HOME/.nembo`.
@@ -51,11 +63,14 @@ fn configured() -> Result<Option<ApiInfo>> {
             .context("NEMBO_ENDPOINT is set; set NEMBO_CA_CERT too")?;
         let token = std::env::var("NEMBO_TOKEN_FILE")
             .context("NEMBO_ENDPOINT is set; set NEMBO_TOKEN_FILE too")?;
+        let endpoints: Vec<String> = endpoint.split(',').map(|s| s.trim().to_string()).collect();
         return Ok(Some(ApiInfo {
-            endpoint,
+            endpoint: endpoints[0].clone(),
             ca_cert_path: ca,
             token_path: token,
             pid: 0,
+            endpoints,
+            pids: Vec::new(),
         }));
     }
     Ok(None)
@@ -65,15 +80,28 @@ pub fn pid_alive(pid: u32) -> bool {
     pid != 0 && nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid as i32), None).is_ok()
 }
 
-/// The local coordinator's `api.json`, if its process is alive.
+/// The local cluster's directory (`local up --coordinators N`, N > 1).
+pub fn local_cluster_dir() -> Result<PathBuf> {
+    Ok(nembo_home()?.join("cluster"))
+}
+
+/// The running local coordinator(s): a local cluster if one runs, else
+/// the single local coordinator, if its process is alive.
 pub fn running_local() -> Result<Option<ApiInfo>> {
-    let path = local_data_dir()?.join("api.json");
-    let Ok(bytes) = std::fs::read(&path) else {
-        return Ok(None);
-    };
-    let info: ApiInfo =
-        serde_json::from_slice(&bytes).with_context(|| format!("parse {}", path.display()))?;
-    Ok(pid_alive(info.pid).then_some(info))
+    for path in [
+        local_cluster_dir()?.join("api.json"),
+        local_data_dir()?.join("api.json"),
+    ] {
+        let Ok(bytes) = std::fs::read(&path) else {
+            continue;
+        };
+        let info: ApiInfo =
+            serde_json::from_slice(&bytes).with_context(|| format!("parse {}", path.display()))?;
+        if info.alive() {
+            return Ok(Some(info));
+        }
+    }
+    Ok(None)
 }
 
 fn find_bin(name: &str, env: &str) -> PathBuf {
@@ -87,25 +115,20 @@ fn find_bin(name: &str, env: &str) -> PathBuf {
         .unwrap_or_else(|| PathBuf::from(name))
 }
 
-/// Starts the local coordinator in the background and waits until it serves.
-pub async fn start_local(quiet: bool) -> Result<ApiInfo> {
-    let dir = local_data_dir()?;
-    std::fs::create_dir_all(&dir).with_context(|| format!("create {}", dir.display()))?;
+/// Starts `nembo-coordinator` with `args` in the background, in its own
+/// process group (Ctrl-C on `nembo launch` must not stop it), logging to
+/// `log_path`. Returns its pid.
+fn spawn_coordinator(args: &[String], log_path: &Path) -> Result<u32> {
     let bin = find_bin("nembo-coordinator", "NEMBO_COORDINATOR_BIN");
     let log = std::fs::OpenOptions::new()
         .create(true)
         .append(true)
-        .open(dir.join("coordinator.log"))?;
-    if !quiet {
-        eprintln!("Starting a local coordinator in {} ...", dir.display());
-    }
+        .open(log_path)?;
     let mut cmd = std::process::Command::new(&bin);
-    cmd.arg("--data-dir")
-        .arg(&dir)
+    cmd.args(args)
         .stdin(Stdio::null())
         .stdout(Stdio::from(log.try_clone()?))
         .stderr(Stdio::from(log));
-    // Its own process group: Ctrl-C on `nembo launch` must not stop the coordinator.
     std::os::unix::process::CommandExt::process_group(&mut cmd, 0);
     let mut child = cmd.spawn().with_context(|| {
         format!(
@@ -118,24 +141,126 @@ pub async fn start_local(quiet: bool) -> Result<ApiInfo> {
     std::thread::spawn(move || {
         let _ = child.wait();
     });
+    Ok(pid)
+}
+
+fn startup_failure(what: &str, log_path: &Path) -> anyhow::Error {
+    let tail = std::fs::read_to_string(log_path).unwrap_or_default();
+    let tail: Vec<&str> = tail.lines().rev().take(10).collect();
+    anyhow::anyhow!(
+        "{what} did not start; last lines of {}:\n{}",
+        log_path.display(),
+        tail.into_iter().rev().collect::<Vec<_>>().join("\n")
+    )
+}
+
+/// Starts the local coordinator in the background and waits until it serves.
+pub async fn start_local(quiet: bool) -> Result<ApiInfo> {
+    let dir = local_data_dir()?;
+    std::fs::create_dir_all(&dir).with_context(|| format!("create {}", dir.display()))?;
+    if !quiet {
+        eprintln!("Starting a local coordinator in {} ...", dir.display());
+    }
+    let log_path = dir.join("coordinator.log");
+    let pid = spawn_coordinator(&["--data-dir".into(), dir.display().to_string()], &log_path)?;
     let deadline = std::time::Instant::now() + Duration::from_secs(30);
     loop {
-        if let Some(info) = running_local()? {
+        let path = dir.join("api.json");
+        if let Some(info) = std::fs::read(&path)
+            .ok()
+            .and_then(|b| serde_json::from_slice::<ApiInfo>(&b).ok())
+        {
             if info.pid == pid && connect_info(&info).await.is_ok() {
                 return Ok(info);
             }
         }
         if !pid_alive(pid) || std::time::Instant::now() > deadline {
-            let tail = std::fs::read_to_string(dir.join("coordinator.log")).unwrap_or_default();
-            let tail: Vec<&str> = tail.lines().rev().take(10).collect();
-            bail!(
-                "the local coordinator did not start; last lines of {}:\n{}",
-                dir.join("coordinator.log").display(),
-                tail.into_iter().rev().collect::<Vec<_>>().join("\n")
-            );
+            return Err(startup_failure("the local coordinator", &log_path));
         }
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
+}
+
+/// Starts a local cluster of `n` coordinators on loopback (one Raft member
+/// each, shared CA, tokens and node dirs) and waits until it has a leader.
+pub async fn start_local_cluster(n: u64) -> Result<ApiInfo> {
+    let dir = local_cluster_dir()?;
+    std::fs::create_dir_all(&dir).with_context(|| format!("create {}", dir.display()))?;
+    // Keep the members' addresses across restarts when we can: running
+    // agents know them.
+    let previous: Option<ApiInfo> = std::fs::read(dir.join("api.json"))
+        .ok()
+        .and_then(|b| serde_json::from_slice(&b).ok());
+    let mut urls: Vec<String> = previous
+        .map(|p| p.endpoints)
+        .filter(|e| e.len() as u64 == n)
+        .unwrap_or_default();
+    if urls.is_empty() {
+        for _ in 0..n {
+            let l = std::net::TcpListener::bind("127.0.0.1:0")?;
+            urls.push(format!("https://127.0.0.1:{}", l.local_addr()?.port()));
+        }
+    }
+    eprintln!(
+        "Starting a local cluster of {n} coordinators in {} ...",
+        dir.display()
+    );
+    let members: Vec<String> = urls
+        .iter()
+        .enumerate()
+        .flat_map(|(i, u)| ["--member".to_string(), format!("{}={u}", i + 1)])
+        .collect();
+    let mut pids = Vec::new();
+    for (i, url) in urls.iter().enumerate() {
+        let id = i + 1;
+        let mut args = vec![
+            "--data-dir".to_string(),
+            dir.join(format!("member-{id}")).display().to_string(),
+            "--member-id".into(),
+            id.to_string(),
+            "--listen".into(),
+            url.trim_start_matches("https://").to_string(),
+            "--cluster-dir".into(),
+            dir.display().to_string(),
+            "--nodes-dir".into(),
+            dir.join("nodes").display().to_string(),
+        ];
+        args.extend(members.iter().cloned());
+        pids.push(spawn_coordinator(
+            &args,
+            &dir.join(format!("member-{id}.log")),
+        )?);
+    }
+    let info = ApiInfo {
+        endpoint: urls[0].clone(),
+        ca_cert_path: dir.join("tls").join("ca.pem").display().to_string(),
+        token_path: dir.join("token").display().to_string(),
+        pid: pids[0],
+        endpoints: urls,
+        pids,
+    };
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    loop {
+        if std::time::Instant::now() > deadline || !info.alive() {
+            return Err(startup_failure(
+                "the local cluster",
+                &dir.join("member-1.log"),
+            ));
+        }
+        if let Ok(mut c) = connect_info(&info).await {
+            if let Ok(s) = c
+                .get_cluster_status(nembo_proto::v1::GetClusterStatusRequest {})
+                .await
+            {
+                if s.into_inner().leader_id != 0 {
+                    break;
+                }
+            }
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    std::fs::write(dir.join("api.json"), serde_json::to_vec_pretty(&info)?)?;
+    Ok(info)
 }
 
 /// Where the API is: the environment's coordinator, else the local one
@@ -153,11 +278,42 @@ pub async fn resolve(start: bool) -> Result<ApiInfo> {
     start_local(false).await
 }
 
-async fn connect_info(info: &ApiInfo) -> Result<Client> {
+pub(crate) async fn connect_info(info: &ApiInfo) -> Result<Client> {
     let ca = std::fs::read(&info.ca_cert_path)
         .with_context(|| format!("read CA {}", info.ca_cert_path))?;
     let token = read_token(Path::new(&info.token_path))?;
+    if info.endpoints.len() > 1 {
+        return Ok(nembo_proto::client::connect_any(
+            &info.endpoints,
+            &ca,
+            &token,
+        )?);
+    }
     Ok(connect(&info.endpoint, &ca, &token).await?)
+}
+
+/// Calls `f` until it succeeds, retrying while the cluster is unavailable
+/// (a leader change takes a second or two). Safe for every call the CLI
+/// makes: submissions carry an idempotency key, the rest are reads or
+/// idempotent.
+pub async fn call<T, R, F, Fut>(client: &Client, req: R, f: F) -> Result<T>
+where
+    R: Clone,
+    F: Fn(Client, R) -> Fut,
+    Fut: std::future::Future<Output = Result<tonic::Response<T>, tonic::Status>>,
+{
+    let deadline = std::time::Instant::now() + Duration::from_secs(15);
+    loop {
+        match f(client.clone(), req.clone()).await {
+            Ok(r) => return Ok(r.into_inner()),
+            Err(s)
+                if s.code() == tonic::Code::Unavailable && std::time::Instant::now() < deadline =>
+            {
+                tokio::time::sleep(Duration::from_millis(200)).await;
+            }
+            Err(s) => return Err(s.into()),
+        }
+    }
 }
 
 fn read_token(path: &Path) -> Result<String> {

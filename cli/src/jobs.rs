@@ -100,11 +100,17 @@ pub async fn launch(a: LaunchArgs) -> Result<i32> {
         env_overrides: crate::env_map(&a.envs),
     };
     if a.dry_run {
-        let r = client.dry_run(req).await?.into_inner();
+        let r = connect::call(&client, req, |mut c, r| async move { c.dry_run(r).await }).await?;
         print_dry_run(&r, a.json);
         return Ok(0);
     }
-    let job_id = client.submit_job(req).await?.into_inner().job_id;
+    let job_id = connect::call(
+        &client,
+        req,
+        |mut c, r| async move { c.submit_job(r).await },
+    )
+    .await?
+    .job_id;
     if a.detach {
         if a.json {
             println!("{}", json!({ "job_id": job_id }));
@@ -147,12 +153,10 @@ pub async fn launch(a: LaunchArgs) -> Result<i32> {
 
 async fn wait_terminal(client: &mut Client, job_id: &str) -> Result<pb::Job> {
     for _ in 0..600 {
-        let job = client
-            .get_job(pb::GetJobRequest {
-                job_id: job_id.to_string(),
-            })
-            .await?
-            .into_inner();
+        let req = pb::GetJobRequest {
+            job_id: job_id.to_string(),
+        };
+        let job = connect::call(client, req, |mut c, r| async move { c.get_job(r).await }).await?;
         if is_terminal(job.state) {
             return Ok(job);
         }
@@ -162,18 +166,17 @@ async fn wait_terminal(client: &mut Client, job_id: &str) -> Result<pb::Job> {
 }
 
 /// Prints each state change until the job runs (to stderr: stdout is the job's).
-async fn show_progress(mut client: Client, job_id: String) {
+async fn show_progress(client: Client, job_id: String) {
     let mut last = (0, String::new());
     loop {
-        let Ok(job) = client
-            .get_job(pb::GetJobRequest {
-                job_id: job_id.clone(),
-            })
-            .await
+        let req = pb::GetJobRequest {
+            job_id: job_id.clone(),
+        };
+        let Ok(job) =
+            connect::call(&client, req, |mut c, r| async move { c.get_job(r).await }).await
         else {
             return;
         };
-        let job = job.into_inner();
         let now = (job.state, job.message.clone());
         if now != last {
             let mut line = format!("  {}", state_name(job.state));
@@ -193,32 +196,62 @@ async fn show_progress(mut client: Client, job_id: String) {
     }
 }
 
-/// Copies a job's output to stdout; ranks other than 0 get a `(rank N)` prefix.
+/// Copies a job's output to stdout; ranks other than 0 get a `(rank N)`
+/// prefix. If the coordinator serving the stream goes away (a leader
+/// change), the stream is reopened and what was already printed is skipped.
 async fn stream_output(client: &mut Client, job_id: &str, follow: bool) -> Result<()> {
-    let mut stream = client
-        .stream_logs(pb::StreamLogsRequest {
-            job_id: job_id.to_string(),
-            follow,
-        })
-        .await?
-        .into_inner();
     let mut partial: BTreeMap<(u32, u32), Vec<u8>> = BTreeMap::new();
+    let mut printed: BTreeMap<(u32, u32), u64> = BTreeMap::new();
     let stdout = std::io::stdout();
-    while let Some(chunk) = stream.next().await {
-        let chunk = chunk?;
-        let mut out = stdout.lock();
-        if chunk.rank == 0 {
-            out.write_all(&chunk.data)?;
-        } else {
-            let buf = partial.entry((chunk.attempt, chunk.rank)).or_default();
-            buf.extend_from_slice(&chunk.data);
-            while let Some(pos) = buf.iter().position(|b| *b == b'\n') {
-                let line: Vec<u8> = buf.drain(..=pos).collect();
-                write!(out, "(rank {}) ", chunk.rank)?;
-                out.write_all(&line)?;
+    let req = pb::StreamLogsRequest {
+        job_id: job_id.to_string(),
+        follow,
+    };
+    let mut reopen_until = std::time::Instant::now() + Duration::from_secs(30);
+    'reopen: loop {
+        let mut stream = connect::call(client, req.clone(), |mut c, r| async move {
+            c.stream_logs(r).await
+        })
+        .await?;
+        let mut seen: BTreeMap<(u32, u32), u64> = BTreeMap::new();
+        while let Some(chunk) = stream.next().await {
+            let chunk = match chunk {
+                Ok(c) => c,
+                Err(s)
+                    if std::time::Instant::now() < reopen_until
+                        && matches!(
+                            s.code(),
+                            tonic::Code::Unavailable | tonic::Code::Unknown | tonic::Code::Internal
+                        ) =>
+                {
+                    tokio::time::sleep(Duration::from_millis(200)).await;
+                    continue 'reopen;
+                }
+                Err(s) => return Err(s.into()),
+            };
+            reopen_until = std::time::Instant::now() + Duration::from_secs(30);
+            let key = (chunk.attempt, chunk.rank);
+            let before = seen.entry(key).or_insert(0);
+            let done = printed.entry(key).or_insert(0);
+            let skip = (*done).saturating_sub(*before).min(chunk.data.len() as u64) as usize;
+            *before += chunk.data.len() as u64;
+            let data = &chunk.data[skip..];
+            *done += data.len() as u64;
+            let mut out = stdout.lock();
+            if chunk.rank == 0 {
+                out.write_all(data)?;
+            } else {
+                let buf = partial.entry(key).or_default();
+                buf.extend_from_slice(data);
+                while let Some(pos) = buf.iter().position(|b| *b == b'\n') {
+                    let line: Vec<u8> = buf.drain(..=pos).collect();
+                    write!(out, "(rank {}) ", chunk.rank)?;
+                    out.write_all(&line)?;
+                }
             }
+            out.flush()?;
         }
-        out.flush()?;
+        break;
     }
     let mut out = stdout.lock();
     for ((_, rank), rest) in partial {
@@ -331,17 +364,18 @@ fn accels(r: &Option<pb::NodeResources>) -> String {
 
 /// `status` (nodes and jobs) or `queue` (jobs).
 pub async fn status(as_json: bool, with_nodes: bool) -> Result<()> {
-    let mut c = connect::client().await?;
-    let jobs = c
-        .list_jobs(pb::ListJobsRequest::default())
-        .await?
-        .into_inner()
-        .jobs;
+    let c = connect::client().await?;
+    let jobs = connect::call(&c, pb::ListJobsRequest::default(), |mut c, r| async move {
+        c.list_jobs(r).await
+    })
+    .await?
+    .jobs;
     let nodes = if with_nodes {
-        c.list_nodes(pb::ListNodesRequest {})
-            .await?
-            .into_inner()
-            .nodes
+        connect::call(&c, pb::ListNodesRequest {}, |mut c, r| async move {
+            c.list_nodes(r).await
+        })
+        .await?
+        .nodes
     } else {
         Vec::new()
     };
@@ -443,13 +477,12 @@ pub async fn logs(job: &str, follow: bool) -> Result<()> {
 
 /// `cancel JOB...`.
 pub async fn cancel(jobs: &[String]) -> Result<()> {
-    let mut c = connect::client().await?;
+    let c = connect::client().await?;
     for j in jobs {
-        let r = c
-            .cancel_job(pb::CancelJobRequest { job_id: j.clone() })
+        let req = pb::CancelJobRequest { job_id: j.clone() };
+        let r = connect::call(&c, req, |mut c, r| async move { c.cancel_job(r).await })
             .await
-            .with_context(|| format!("cancel job {j}"))?
-            .into_inner();
+            .with_context(|| format!("cancel job {j}"))?;
         println!("Job {j}: {}", state_name(r.state));
     }
     Ok(())

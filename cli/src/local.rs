@@ -2,7 +2,7 @@
 
 use std::time::Duration;
 
-use anyhow::{Context, Result};
+use anyhow::Result;
 use nembo_proto::v1 as pb;
 use serde_json::json;
 
@@ -10,29 +10,36 @@ use crate::connect;
 use crate::jobs::{node_json, node_state};
 use crate::table;
 
-/// `local up`.
-pub async fn up() -> Result<()> {
+/// `local up [--coordinators N]`.
+pub async fn up(coordinators: u64) -> Result<()> {
     let info = match connect::running_local()? {
         Some(info) => {
             println!("The local coordinator is already running.");
             info
         }
+        None if coordinators > 1 => connect::start_local_cluster(coordinators).await?,
         None => connect::start_local(false).await?,
     };
-    println!("Local coordinator: {} (pid {})", info.endpoint, info.pid);
+    if info.endpoints.len() > 1 {
+        println!(
+            "Local cluster: {} (pids {:?})",
+            info.endpoints.join(", "),
+            info.pids
+        );
+    } else {
+        println!("Local coordinator: {} (pid {})", info.endpoint, info.pid);
+    }
     Ok(())
 }
 
 /// `down NODE...` / `down --all`: release nodes.
 pub async fn down(nodes: Vec<String>, all: bool) -> Result<()> {
     let mut c = connect::client().await?;
-    let r = c
-        .down(pb::DownRequest {
-            node_ids: nodes,
-            all,
-        })
-        .await?
-        .into_inner();
+    let req = pb::DownRequest {
+        node_ids: nodes,
+        all,
+    };
+    let r = connect::call(&c, req, |mut c, r| async move { c.down(r).await }).await?;
     if r.node_ids.is_empty() {
         println!("No nodes to release.");
         return Ok(());
@@ -48,11 +55,11 @@ async fn wait_terminated(
 ) -> Result<()> {
     let deadline = tokio::time::Instant::now() + limit;
     loop {
-        let nodes = c
-            .list_nodes(pb::ListNodesRequest {})
-            .await?
-            .into_inner()
-            .nodes;
+        let nodes = connect::call(c, pb::ListNodesRequest {}, |mut c, r| async move {
+            c.list_nodes(r).await
+        })
+        .await?
+        .nodes;
         let left: Vec<&pb::Node> = nodes
             .iter()
             .filter(|n| ids.contains(&n.node_id))
@@ -87,20 +94,30 @@ pub async fn local_down() -> Result<()> {
         return Ok(());
     };
     down(Vec::new(), true).await?;
-    let pid = nix::unistd::Pid::from_raw(info.pid as i32);
-    nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGTERM)
-        .context("stop the coordinator")?;
+    let pids: Vec<u32> = if info.pids.is_empty() {
+        vec![info.pid]
+    } else {
+        info.pids.clone()
+    };
+    for p in &pids {
+        let _ = nix::sys::signal::kill(
+            nix::unistd::Pid::from_raw(*p as i32),
+            nix::sys::signal::Signal::SIGTERM,
+        );
+    }
     for _ in 0..100 {
-        if !connect::pid_alive(info.pid) {
-            println!(
-                "Local coordinator stopped (state kept in {}).",
-                connect::local_data_dir()?.display()
-            );
+        if !pids.iter().any(|p| connect::pid_alive(*p)) {
+            let dir = if info.pids.is_empty() {
+                connect::local_data_dir()?
+            } else {
+                connect::local_cluster_dir()?
+            };
+            println!("Stopped (state kept in {}).", dir.display());
             return Ok(());
         }
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
-    anyhow::bail!("the coordinator (pid {}) did not stop", info.pid)
+    anyhow::bail!("the coordinator(s) {pids:?} did not stop")
 }
 
 /// `local status`.
@@ -113,16 +130,16 @@ pub async fn local_status(as_json: bool) -> Result<()> {
         }
         return Ok(());
     };
-    let mut c = connect::client().await?;
-    let status = c
-        .get_cluster_status(pb::GetClusterStatusRequest {})
-        .await?
-        .into_inner();
-    let nodes = c
-        .list_nodes(pb::ListNodesRequest {})
-        .await?
-        .into_inner()
-        .nodes;
+    let c = connect::client().await?;
+    let status = connect::call(&c, pb::GetClusterStatusRequest {}, |mut c, r| async move {
+        c.get_cluster_status(r).await
+    })
+    .await?;
+    let nodes = connect::call(&c, pb::ListNodesRequest {}, |mut c, r| async move {
+        c.list_nodes(r).await
+    })
+    .await?
+    .nodes;
     if as_json {
         let v = json!({
             "running": true,

@@ -82,7 +82,11 @@ enum ApiCmd {
 #[derive(Subcommand, Debug)]
 enum LocalCmd {
     /// Start the local coordinator (if it is not running).
-    Up,
+    Up {
+        /// Run a cluster of this many coordinators (3 or 5 tolerate 1 or 2 failures).
+        #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u64).range(1..=7))]
+        coordinators: u64,
+    },
     /// Release every local node and stop the local coordinator.
     Down,
     /// Whether the local coordinator runs, and its nodes.
@@ -133,7 +137,7 @@ async fn run(cli: Cli) -> Result<i32> {
             command: ApiCmd::Info { json },
         } => local::api_info(json).await.map(|()| 0),
         Cmd::Local { command } => match command {
-            LocalCmd::Up => local::up().await.map(|()| 0),
+            LocalCmd::Up { coordinators } => local::up(coordinators).await.map(|()| 0),
             LocalCmd::Down => local::local_down().await.map(|()| 0),
             LocalCmd::Status { json } => local::local_status(json).await.map(|()| 0),
         },

@@ -93,6 +93,9 @@ impl Coordinator for Api {
         &self,
         request: Request<pb::SubmitJobRequest>,
     ) -> Result<Response<pb::SubmitJobResponse>, Status> {
+        if let Some(mut leader) = self.ctx.leader().await? {
+            return leader.submit_job(request.into_inner()).await;
+        }
         let req = request.into_inner();
         let spec = self.parse_request(&req)?;
         let key = (!req.idempotency_key.is_empty()).then(|| req.idempotency_key.clone());
@@ -122,6 +125,9 @@ impl Coordinator for Api {
         &self,
         request: Request<pb::SubmitJobRequest>,
     ) -> Result<Response<pb::DryRunResponse>, Status> {
+        if let Some(mut leader) = self.ctx.leader().await? {
+            return leader.dry_run(request.into_inner()).await;
+        }
         let spec = self.parse_request(request.get_ref())?;
         let view = self.ctx.raft.view();
         let placement =
@@ -169,6 +175,9 @@ impl Coordinator for Api {
         &self,
         request: Request<pb::GetJobRequest>,
     ) -> Result<Response<pb::Job>, Status> {
+        if let Some(mut leader) = self.ctx.leader().await? {
+            return leader.get_job(request.into_inner()).await;
+        }
         let id = parse_job_id(&request.get_ref().job_id)?;
         let view = self.ctx.raft.view();
         let job = view
@@ -183,6 +192,9 @@ impl Coordinator for Api {
         &self,
         request: Request<pb::ListJobsRequest>,
     ) -> Result<Response<pb::ListJobsResponse>, Status> {
+        if let Some(mut leader) = self.ctx.leader().await? {
+            return leader.list_jobs(request.into_inner()).await;
+        }
         let filter: Vec<_> = request
             .get_ref()
             .states
@@ -204,6 +216,9 @@ impl Coordinator for Api {
         &self,
         request: Request<pb::CancelJobRequest>,
     ) -> Result<Response<pb::CancelJobResponse>, Status> {
+        if let Some(mut leader) = self.ctx.leader().await? {
+            return leader.cancel_job(request.into_inner()).await;
+        }
         let id = parse_job_id(&request.get_ref().job_id)?;
         let out = self
             .ctx
@@ -237,6 +252,19 @@ impl Coordinator for Api {
         &self,
         request: Request<pb::StreamLogsRequest>,
     ) -> Result<Response<Self::StreamLogsStream>, Status> {
+        if let Some(mut leader) = self.ctx.leader().await? {
+            let mut upstream = leader.stream_logs(request.into_inner()).await?.into_inner();
+            let (tx, rx) = mpsc::channel(16);
+            tokio::spawn(async move {
+                use tokio_stream::StreamExt;
+                while let Some(item) = upstream.next().await {
+                    if tx.send(item).await.is_err() {
+                        return;
+                    }
+                }
+            });
+            return Ok(Response::new(ReceiverStream::new(rx)));
+        }
         let req = request.into_inner();
         let id = parse_job_id(&req.job_id)?;
         if !self.ctx.raft.view().state.jobs.contains_key(&id) {
@@ -254,8 +282,11 @@ impl Coordinator for Api {
 
     async fn list_nodes(
         &self,
-        _request: Request<pb::ListNodesRequest>,
+        request: Request<pb::ListNodesRequest>,
     ) -> Result<Response<pb::ListNodesResponse>, Status> {
+        if let Some(mut leader) = self.ctx.leader().await? {
+            return leader.list_nodes(request.into_inner()).await;
+        }
         let view = self.ctx.raft.view();
         let nodes = view
             .state
@@ -270,6 +301,9 @@ impl Coordinator for Api {
         &self,
         request: Request<pb::DownRequest>,
     ) -> Result<Response<pb::DownResponse>, Status> {
+        if let Some(mut leader) = self.ctx.leader().await? {
+            return leader.down(request.into_inner()).await;
+        }
         let req = request.into_inner();
         let view = self.ctx.raft.view();
         let node_ids: Vec<String> = if req.all {
@@ -317,11 +351,7 @@ impl Coordinator for Api {
                 .iter()
                 .map(|id| pb::Member {
                     id: *id,
-                    address: if *id == v.id {
-                        self.ctx.endpoint.clone()
-                    } else {
-                        String::new()
-                    },
+                    address: self.ctx.members.get(id).cloned().unwrap_or_default(),
                     is_leader: *id == v.leader_id,
                 })
                 .collect(),

@@ -8,6 +8,7 @@ pub mod control;
 pub mod convert;
 pub mod error;
 pub mod logs;
+pub mod peer;
 pub mod provider;
 pub mod raft;
 pub mod server;

@@ -45,6 +45,34 @@ struct Args {
     /// Extra host names or IPs for the serving certificate.
     #[arg(long = "host")]
     hosts: Vec<String>,
+    /// A cluster member as ID=URL (repeat for each, this one included).
+    /// None: a single-member cluster.
+    #[arg(long = "member", value_parser = parse_member)]
+    members: Vec<(u64, String)>,
+    /// Directory with the cluster CA and tokens shared by all members
+    /// (default: the data dir).
+    #[arg(long)]
+    cluster_dir: Option<PathBuf>,
+    /// Parent of the local provider's node dirs (default: <data dir>/nodes).
+    #[arg(long)]
+    nodes_dir: Option<PathBuf>,
+}
+
+fn parse_member(s: &str) -> Result<(u64, String), String> {
+    let (id, url) = s
+        .split_once('=')
+        .ok_or_else(|| format!("'{s}' is not ID=URL"))?;
+    let id: u64 = id
+        .trim()
+        .parse()
+        .map_err(|_| format!("member id '{id}' is not a number"))?;
+    if id == 0 {
+        return Err("member ids start at 1".into());
+    }
+    if !url.starts_with("https://") {
+        return Err(format!("member {id}: '{url}' must be an https:// URL"));
+    }
+    Ok((id, url.trim().to_string()))
 }
 
 #[tokio::main]
@@ -68,6 +96,9 @@ async fn main() -> anyhow::Result<()> {
         snapshot_every: a.snapshot_every.max(1),
         agent_bin: a.agent_bin,
         hosts: a.hosts,
+        members: a.members.into_iter().collect(),
+        cluster_dir: a.cluster_dir,
+        nodes_dir: a.nodes_dir,
         ..CoordinatorConfig::new(a.data_dir.clone())
     };
     let pid_file = a.data_dir.join("coordinator.pid");

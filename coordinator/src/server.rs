@@ -10,12 +10,14 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use nembo_domain::scheduler::Policy;
 use nembo_domain::state::{Command, Offering};
+use nembo_proto::client::{connect, Client};
 use nembo_proto::v1::agent_service_server::AgentServiceServer;
 use nembo_proto::v1::coordinator_server::CoordinatorServer;
+use nembo_proto::v1::raft_peer_server::RaftPeerServer;
 use serde::{Deserialize, Serialize};
 use tokio::sync::mpsc;
 use tonic::service::interceptor::InterceptedService;
-use tonic::transport::{Identity, Server, ServerTlsConfig};
+use tonic::transport::{Certificate, Identity, Server, ServerTlsConfig};
 use tonic::{Request, Status};
 
 use crate::agent_service::Agents;
@@ -63,6 +65,16 @@ pub struct CoordinatorConfig {
     pub agent_bin: Option<PathBuf>,
     /// Extra names for the serving certificate.
     pub hosts: Vec<String>,
+    /// Every member of the cluster (this one included) by id, with its URL.
+    /// Empty: a single-member cluster.
+    pub members: BTreeMap<u64, String>,
+    /// Where the cluster CA and tokens live (shared by all members);
+    /// default: the data dir.
+    pub cluster_dir: Option<PathBuf>,
+    /// Parent of the local provider's node dirs (shared by all members of a
+    /// local cluster, so any leader can terminate any node); default:
+    /// `<data dir>/nodes`.
+    pub nodes_dir: Option<PathBuf>,
 }
 
 impl CoordinatorConfig {
@@ -81,6 +93,9 @@ impl CoordinatorConfig {
             max_nodes: 64,
             agent_bin: None,
             hosts: Vec::new(),
+            members: BTreeMap::new(),
+            cluster_dir: None,
+            nodes_dir: None,
         }
     }
 }
@@ -114,7 +129,18 @@ pub struct Ctx {
     pub heartbeat_ms: u32,
     /// Grace for stopping jobs.
     pub stop_grace_ms: u32,
+    /// Every member's URL by id (just this one in a single-member cluster).
+    pub members: BTreeMap<u64, String>,
     heartbeats: mpsc::Sender<String>,
+    /// How this member reaches the leader to forward a request.
+    forward: Forwarder,
+}
+
+/// A client of the current leader, kept while the leader stays the same.
+struct Forwarder {
+    ca: Vec<u8>,
+    token: String,
+    cached: tokio::sync::Mutex<Option<(u64, Client)>>,
 }
 
 impl Ctx {
@@ -122,6 +148,38 @@ impl Ctx {
     /// the timer was reset moments ago.
     pub fn heartbeat(&self, node_id: &str) {
         let _ = self.heartbeats.try_send(node_id.to_string());
+    }
+
+    /// `None` when this member leads; otherwise a client of the leader, to
+    /// which followers forward every call, so that any member serves any
+    /// client and reads are as fresh as the leader's.
+    pub async fn leader(&self) -> Result<Option<Client>, Status> {
+        let view = self.raft.view();
+        if view.is_leader() {
+            return Ok(None);
+        }
+        let leader = view.leader_id;
+        let Some(url) = self.members.get(&leader) else {
+            return Err(Status::unavailable("no leader elected yet; retry shortly"));
+        };
+        let mut cached = self.forward.cached.lock().await;
+        if let Some((id, c)) = &*cached {
+            if *id == leader {
+                return Ok(Some(c.clone()));
+            }
+        }
+        let client = connect(url, &self.forward.ca, &self.forward.token)
+            .await
+            .map_err(|e| Status::unavailable(format!("leader {leader} unreachable: {e}")))?;
+        *cached = Some((leader, client.clone()));
+        Ok(Some(client))
+    }
+
+    /// The leader's URL, for redirecting agents.
+    pub fn leader_url(&self) -> Option<&str> {
+        self.members
+            .get(&self.raft.view().leader_id)
+            .map(String::as_str)
     }
 
     /// Proposes a command whose failure only needs logging (loops retry on
@@ -194,8 +252,9 @@ pub async fn run(
     // Job output and state may hold secrets: the data dir is the owner's alone.
     std::fs::set_permissions(dir, std::os::unix::fs::PermissionsExt::from_mode(0o700))
         .map_err(startup("data dir permissions"))?;
-    let creds =
-        tls::ensure(dir, &cfg.hosts).map_err(|e| CoordinatorError::Internal(e.to_string()))?;
+    let cluster_dir = cfg.cluster_dir.clone().unwrap_or_else(|| dir.clone());
+    let creds = tls::ensure(&cluster_dir, dir, cfg.member_id, &cfg.hosts)
+        .map_err(|e| CoordinatorError::Internal(e.to_string()))?;
     let client_token: Arc<str> = tls::read_secret(&creds.token)
         .map_err(|e| CoordinatorError::Internal(e.to_string()))?
         .into();
@@ -227,22 +286,50 @@ pub async fn run(
     };
     let endpoint = format!("https://{host}:{}", addr.port());
 
-    let (raft, _raft_thread) = raft::start(RaftConfig {
-        id: cfg.member_id,
-        voters: vec![cfg.member_id],
-        dir: dir.join("raft"),
-        tick: cfg.tick,
-        snapshot_every: cfg.snapshot_every,
-    })?;
+    let mut members = cfg.members.clone();
+    members
+        .entry(cfg.member_id)
+        .or_insert_with(|| endpoint.clone());
+    let ca_pem = std::fs::read(&creds.ca_cert).map_err(startup("CA certificate"))?;
+    let cert = std::fs::read(&creds.server_cert).map_err(startup("server certificate"))?;
+    let key = std::fs::read(&creds.server_key).map_err(startup("server key"))?;
 
-    // Serve once there is a leader, so the first request is not refused.
-    let mut views = raft.subscribe();
-    let _ = tokio::time::timeout(cfg.tick * 30, views.wait_for(|v| v.leader_id != 0)).await;
+    let raft_cell = Arc::new(std::sync::OnceLock::new());
+    let transport: Box<dyn raft::Transport> = if members.len() > 1 {
+        let tls = crate::peer::PeerTls {
+            ca: ca_pem.clone(),
+            cert: cert.clone(),
+            key: key.clone(),
+        };
+        Box::new(
+            crate::peer::start(cfg.member_id, &members, tls, raft_cell.clone())
+                .map_err(|e| CoordinatorError::Internal(format!("peers: {e}")))?,
+        )
+    } else {
+        Box::new(raft::NoPeers)
+    };
+    let (raft, _raft_thread) = raft::start(
+        RaftConfig {
+            id: cfg.member_id,
+            voters: members.keys().copied().collect(),
+            dir: dir.join("raft"),
+            tick: cfg.tick,
+            snapshot_every: cfg.snapshot_every,
+        },
+        transport,
+    )?;
+    let _ = raft_cell.set(raft.clone());
+
+    if members.len() == 1 {
+        // Serve once there is a leader, so the first request is not refused.
+        let mut views = raft.subscribe();
+        let _ = tokio::time::timeout(cfg.tick * 30, views.wait_for(|v| v.leader_id != 0)).await;
+    }
 
     let local: Arc<dyn Provider> = Arc::new(LocalProvider::new(LocalConfig {
-        nodes_dir: dir.join("nodes"),
+        nodes_dir: cfg.nodes_dir.clone().unwrap_or_else(|| dir.join("nodes")),
         agent_bin: find_agent_bin(cfg.agent_bin.as_deref()),
-        endpoint: endpoint.clone(),
+        endpoints: members.values().cloned().collect(),
         ca_cert: creds.ca_cert.clone(),
         agent_token: creds.agent_token.clone(),
         heartbeat_ms: cfg.heartbeat_ms,
@@ -260,7 +347,13 @@ pub async fn run(
         endpoint: endpoint.clone(),
         heartbeat_ms: cfg.heartbeat_ms,
         stop_grace_ms: cfg.stop_grace_ms,
+        members: members.clone(),
         heartbeats: hb_tx,
+        forward: Forwarder {
+            ca: ca_pem.clone(),
+            token: client_token.to_string(),
+            cached: tokio::sync::Mutex::new(None),
+        },
     });
     tokio::spawn(control::supervise(
         ctx.clone(),
@@ -274,8 +367,6 @@ pub async fn run(
         hb_rx,
     ));
 
-    let cert = std::fs::read(&creds.server_cert).map_err(startup("server certificate"))?;
-    let key = std::fs::read(&creds.server_key).map_err(startup("server key"))?;
     // Both reflection versions: grpcurl speaks v1, grpcio's Python client v1alpha.
     // Reflection is open without a token: it reveals the public schema only.
     let reflection = tonic_reflection::server::Builder::configure()
@@ -290,6 +381,8 @@ pub async fn run(
         CoordinatorServer::new(Api::new(ctx.clone())).max_decoding_message_size(8 * 1024 * 1024);
     let agents = AgentServiceServer::new(Agents::new(ctx.clone()))
         .max_decoding_message_size(8 * 1024 * 1024);
+    let peers = RaftPeerServer::new(crate::peer::PeerService::new(ctx.raft.clone()))
+        .max_decoding_message_size(crate::peer::MAX_PEER_MESSAGE);
 
     let info = ApiInfo {
         endpoint: endpoint.clone(),
@@ -305,11 +398,19 @@ pub async fn run(
     tracing::info!(%endpoint, data_dir = %dir.display(), "coordinator serving");
 
     Server::builder()
-        .tls_config(ServerTlsConfig::new().identity(Identity::from_pem(cert, key)))
+        .tls_config(
+            ServerTlsConfig::new()
+                .identity(Identity::from_pem(cert, key))
+                // Members prove themselves with certificates; clients and
+                // agents use tokens and present none.
+                .client_ca_root(Certificate::from_pem(&ca_pem))
+                .client_auth_optional(true),
+        )
         .map_err(|e| CoordinatorError::Internal(format!("tls: {e}")))?
         .tcp_nodelay(true)
         .add_service(InterceptedService::new(api, RequireToken(client_token)))
         .add_service(InterceptedService::new(agents, RequireToken(agent_token)))
+        .add_service(peers)
         .add_service(reflection)
         .add_service(reflection_alpha)
         .serve_with_incoming_shutdown(

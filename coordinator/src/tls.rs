@@ -84,38 +84,56 @@ pub fn random_token() -> String {
     b.iter().map(|x| format!("{x:02x}")).collect()
 }
 
-/// Creates whatever credentials `dir` lacks; existing ones are kept.
-/// `hosts` are extra names or IPs the serving certificate must cover.
-pub fn ensure(dir: &Path, hosts: &[String]) -> Result<Credentials, CredentialError> {
-    let tls = dir.join("tls");
-    fs::create_dir_all(&tls).map_err(io(&tls))?;
-    let creds = Credentials {
-        ca_cert: tls.join("ca.pem"),
-        server_cert: tls.join("server.pem"),
-        server_key: tls.join("server.key"),
-        token: dir.join("token"),
-        agent_token: dir.join("agent-token"),
-    };
-    let ca_key_path = tls.join("ca.key");
-    if !creds.server_key.exists() || !creds.ca_cert.exists() {
-        let ca_key = KeyPair::generate()?;
-        let mut ca_params = CertificateParams::new(Vec::<String>::new())?;
-        ca_params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
-        ca_params
-            .distinguished_name
-            .push(DnType::CommonName, "Nembo cluster CA");
-        ca_params.key_usages = vec![
-            KeyUsagePurpose::KeyCertSign,
-            KeyUsagePurpose::CrlSign,
-            KeyUsagePurpose::DigitalSignature,
-        ];
-        let ca = ca_params.self_signed(&ca_key)?;
+fn ca_params() -> Result<CertificateParams, rcgen::Error> {
+    // Deterministic, so that a member can rebuild the issuer from the CA key
+    // alone: children it signs carry the same issuer name and key identifier.
+    let mut p = CertificateParams::new(Vec::<String>::new())?;
+    p.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+    p.distinguished_name
+        .push(DnType::CommonName, "Nembo cluster CA");
+    p.key_usages = vec![
+        KeyUsagePurpose::KeyCertSign,
+        KeyUsagePurpose::CrlSign,
+        KeyUsagePurpose::DigitalSignature,
+    ];
+    Ok(p)
+}
 
+/// Creates the cluster's CA and tokens in `cluster_dir` once (several
+/// members may race to do it), and this member's serving certificate in
+/// `member_dir`. Existing files are kept. `hosts` are extra names or IPs
+/// for the certificate; `member_id` goes in as `nembo-member-<id>`.
+pub fn ensure(
+    cluster_dir: &Path,
+    member_dir: &Path,
+    member_id: u64,
+    hosts: &[String],
+) -> Result<Credentials, CredentialError> {
+    let cluster_tls = cluster_dir.join("tls");
+    let member_tls = member_dir.join("tls");
+    for d in [&cluster_tls, &member_tls] {
+        fs::create_dir_all(d).map_err(io(d))?;
+    }
+    let creds = Credentials {
+        ca_cert: cluster_tls.join("ca.pem"),
+        server_cert: member_tls.join("server.pem"),
+        server_key: member_tls.join("server.key"),
+        token: cluster_dir.join("token"),
+        agent_token: cluster_dir.join("agent-token"),
+    };
+    let ca_key_path = cluster_tls.join("ca.key");
+    ensure_cluster_secrets(&cluster_tls, &creds, &ca_key_path)?;
+    if !creds.server_key.exists() || !creds.server_cert.exists() {
+        let ca_key = KeyPair::from_pem(&read_secret(&ca_key_path)?)?;
+        let ca = ca_params()?.self_signed(&ca_key)?;
         let server_key = KeyPair::generate()?;
-        let mut params = CertificateParams::new(vec!["localhost".to_string()])?;
+        let mut params = CertificateParams::new(vec![
+            "localhost".to_string(),
+            format!("nembo-member-{member_id}"),
+        ])?;
         params
             .distinguished_name
-            .push(DnType::CommonName, "nembo-coordinator");
+            .push(DnType::CommonName, format!("nembo-coordinator-{member_id}"));
         for ip in ["127.0.0.1", "::1"] {
             if let Ok(ip) = ip.parse::<IpAddr>() {
                 params.subject_alt_names.push(SanType::IpAddress(ip));
@@ -130,17 +148,61 @@ pub fn ensure(dir: &Path, hosts: &[String]) -> Result<Credentials, CredentialErr
             }
         }
         let cert = params.signed_by(&server_key, &ca, &ca_key)?;
-        write_secret(&ca_key_path, ca_key.serialize_pem().as_bytes())?;
         write_secret(&creds.server_key, server_key.serialize_pem().as_bytes())?;
         fs::write(&creds.server_cert, cert.pem()).map_err(io(&creds.server_cert))?;
-        fs::write(&creds.ca_cert, ca.pem()).map_err(io(&creds.ca_cert))?;
-    }
-    for path in [&creds.token, &creds.agent_token] {
-        if !path.exists() {
-            write_secret(path, random_token().as_bytes())?;
-        }
     }
     Ok(creds)
+}
+
+/// The CA and the tokens, made by whichever member gets the lock first.
+fn ensure_cluster_secrets(
+    cluster_tls: &Path,
+    creds: &Credentials,
+    ca_key_path: &Path,
+) -> Result<(), CredentialError> {
+    let done = || creds.ca_cert.exists() && creds.token.exists() && creds.agent_token.exists();
+    if done() {
+        return Ok(());
+    }
+    let lock = cluster_tls.join(".init.lock");
+    match fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .open(&lock)
+    {
+        Ok(_) => {
+            if !creds.ca_cert.exists() {
+                let ca_key = KeyPair::generate()?;
+                let ca = ca_params()?.self_signed(&ca_key)?;
+                write_secret(ca_key_path, ca_key.serialize_pem().as_bytes())?;
+                let tmp = creds.ca_cert.with_extension("tmp");
+                fs::write(&tmp, ca.pem()).map_err(io(&tmp))?;
+                fs::rename(&tmp, &creds.ca_cert).map_err(io(&creds.ca_cert))?;
+            }
+            for path in [&creds.token, &creds.agent_token] {
+                if !path.exists() {
+                    write_secret(path, random_token().as_bytes())?;
+                }
+            }
+            let _ = fs::remove_file(&lock);
+            Ok(())
+        }
+        Err(_) => {
+            // Another member is creating them: wait for it.
+            for _ in 0..200 {
+                if done() {
+                    return Ok(());
+                }
+                std::thread::sleep(std::time::Duration::from_millis(50));
+            }
+            Err(CredentialError::Io {
+                path: lock.display().to_string(),
+                source: std::io::Error::other(
+                    "cluster credentials were not created; remove the stale lock",
+                ),
+            })
+        }
+    }
 }
 
 /// Constant-time comparison, so a token cannot be guessed byte by byte.
@@ -156,7 +218,7 @@ mod tests {
     #[test]
     fn credentials_are_created_once_with_private_modes() {
         let d = tempfile::tempdir().unwrap();
-        let c = ensure(d.path(), &[]).unwrap();
+        let c = ensure(d.path(), d.path(), 1, &[]).unwrap();
         for p in [
             &c.server_key,
             &c.token,
@@ -171,13 +233,27 @@ mod tests {
         }
         let token = read_secret(&c.token).unwrap();
         assert_eq!(token.len(), 64);
-        let again = ensure(d.path(), &[]).unwrap();
+        let again = ensure(d.path(), d.path(), 1, &[]).unwrap();
         assert_eq!(read_secret(&again.token).unwrap(), token);
         fs::set_permissions(&c.token, fs::Permissions::from_mode(0o644)).unwrap();
         assert!(matches!(
             read_secret(&c.token),
             Err(CredentialError::Exposed(_))
         ));
+    }
+
+    #[test]
+    fn members_share_the_cluster_ca_and_tokens() {
+        let cluster = tempfile::tempdir().unwrap();
+        let (m1, m2) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+        let a = ensure(cluster.path(), m1.path(), 1, &[]).unwrap();
+        let b = ensure(cluster.path(), m2.path(), 2, &[]).unwrap();
+        assert_eq!(a.ca_cert, b.ca_cert);
+        assert_eq!(a.token, b.token);
+        assert_ne!(
+            fs::read(&a.server_cert).unwrap(),
+            fs::read(&b.server_cert).unwrap()
+        );
     }
 
     #[test]

@@ -59,6 +59,16 @@ pub type AgentClient = AgentServiceClient<InterceptedService<Channel, BearerToke
 /// A TLS endpoint that trusts only `ca_pem`. `https://127.0.0.1:PORT` is
 /// verified against the certificate's `localhost` name.
 pub fn endpoint(url: &str, ca_pem: &[u8]) -> Result<Endpoint, ConnectError> {
+    endpoint_with_identity(url, ca_pem, None)
+}
+
+/// Like [`endpoint`], presenting a client certificate (mutual TLS between
+/// cluster members): `identity` is (certificate PEM, key PEM).
+pub fn endpoint_with_identity(
+    url: &str,
+    ca_pem: &[u8],
+    identity: Option<(&[u8], &[u8])>,
+) -> Result<Endpoint, ConnectError> {
     let domain = url
         .trim_start_matches("https://")
         .split([':', '/'])
@@ -69,9 +79,12 @@ pub fn endpoint(url: &str, ca_pem: &[u8]) -> Result<Endpoint, ConnectError> {
     } else {
         domain
     };
-    let tls = ClientTlsConfig::new()
+    let mut tls = ClientTlsConfig::new()
         .ca_certificate(Certificate::from_pem(ca_pem))
         .domain_name(domain);
+    if let Some((cert, key)) = identity {
+        tls = tls.identity(tonic::transport::Identity::from_pem(cert, key));
+    }
     Endpoint::from_shared(url.to_string())
         .map_err(|_| ConnectError::BadEndpoint(url.to_string()))?
         .tls_config(tls)
@@ -102,6 +115,21 @@ async fn channel(url: &str, ca_pem: &[u8]) -> Result<Channel, ConnectError> {
 pub async fn connect(url: &str, ca_pem: &[u8], token: &str) -> Result<Client, ConnectError> {
     Ok(
         CoordinatorClient::with_interceptor(channel(url, ca_pem).await?, BearerToken::new(token)?)
+            .max_decoding_message_size(64 * 1024 * 1024),
+    )
+}
+
+/// A client of the public API over several coordinators: calls go to any
+/// that answers (each forwards to the leader), so one member being down
+/// does not stop the client. Connections are made lazily.
+pub fn connect_any(urls: &[String], ca_pem: &[u8], token: &str) -> Result<Client, ConnectError> {
+    let endpoints = urls
+        .iter()
+        .map(|u| endpoint(u, ca_pem))
+        .collect::<Result<Vec<_>, _>>()?;
+    let channel = Channel::balance_list(endpoints.into_iter());
+    Ok(
+        CoordinatorClient::with_interceptor(channel, BearerToken::new(token)?)
             .max_decoding_message_size(64 * 1024 * 1024),
     )
 }

@@ -37,8 +37,8 @@ pub struct LocalConfig {
     pub nodes_dir: PathBuf,
     /// The `nembo-agent` binary.
     pub agent_bin: PathBuf,
-    /// Coordinator URL the agents dial.
-    pub endpoint: String,
+    /// Every coordinator's URL; agents find the leader among them.
+    pub endpoints: Vec<String>,
     /// CA certificate the agents trust.
     pub ca_cert: PathBuf,
     /// Agent join token file.
@@ -147,7 +147,7 @@ impl Provider for LocalProvider {
                 .map_err(|e| ProviderError::Transient(e.to_string()))?;
             let mut cmd = tokio::process::Command::new(&self.cfg.agent_bin);
             cmd.arg("--coordinator")
-                .arg(&self.cfg.endpoint)
+                .arg(self.cfg.endpoints.join(","))
                 .arg("--ca-cert")
                 .arg(&self.cfg.ca_cert)
                 .arg("--token-file")

@@ -19,12 +19,11 @@ use nembo_domain::state::{Command, Outcome, State};
 use protobuf::Message as _;
 use raft::eraftpb::{ConfChange, ConfChangeV2, Entry, EntryType, Message};
 use raft::prelude::RawNode;
-use raft::storage::MemStorage;
 use raft::StateRole;
 use tokio::sync::{oneshot, watch};
 
 use crate::error::CoordinatorError;
-pub use store::RaftStore;
+pub use store::{NemboStorage, RaftStore};
 
 /// How a member is set up.
 #[derive(Debug, Clone)]
@@ -88,8 +87,27 @@ pub enum ProposeError {
 
 type Reply = oneshot::Sender<Result<Outcome, ProposeError>>;
 
+/// Carries raft messages to other members. Called on the Raft thread: it
+/// must queue, never block.
+pub trait Transport: Send + 'static {
+    /// Queues `msg` for `msg.to`.
+    fn send(&self, msg: Message);
+}
+
+/// No peers: a single-member cluster.
+pub struct NoPeers;
+
+impl Transport for NoPeers {
+    fn send(&self, msg: Message) {
+        tracing::warn!(to = msg.to, kind = ?msg.msg_type, "dropping raft message: no peer transport");
+    }
+}
+
 enum Input {
     Propose(Box<Command>, Reply),
+    Step(Box<Message>),
+    Unreachable(u64),
+    SnapshotDone { to: u64, ok: bool },
 }
 
 /// Handle to a running member. Cheap to clone.
@@ -109,6 +127,21 @@ impl RaftHandle {
         rx.await.map_err(|_| ProposeError::Stopped)?
     }
 
+    /// Feeds a message from another member.
+    pub fn step(&self, msg: Message) {
+        let _ = self.tx.send(Input::Step(Box::new(msg)));
+    }
+
+    /// Tells Raft that a member could not be reached.
+    pub fn report_unreachable(&self, id: u64) {
+        let _ = self.tx.send(Input::Unreachable(id));
+    }
+
+    /// Tells Raft whether a snapshot reached a member.
+    pub fn report_snapshot(&self, to: u64, ok: bool) {
+        let _ = self.tx.send(Input::SnapshotDone { to, ok });
+    }
+
     /// The latest applied view.
     pub fn view(&self) -> Arc<ClusterView> {
         self.view.borrow().clone()
@@ -123,6 +156,7 @@ impl RaftHandle {
 /// Opens the store, recovers the state and starts the member's thread.
 pub fn start(
     cfg: RaftConfig,
+    transport: Box<dyn Transport>,
 ) -> Result<(RaftHandle, std::thread::JoinHandle<()>), CoordinatorError> {
     let recovered = RaftStore::open(&cfg.dir, &cfg.voters)?;
     let raft_cfg = raft::Config {
@@ -175,6 +209,7 @@ pub fn start(
         pending: HashMap::new(),
         replies: Vec::new(),
         dirty: false,
+        transport,
         view_tx,
         cfg: cfg.clone(),
     };
@@ -186,7 +221,7 @@ pub fn start(
 }
 
 struct Member {
-    node: RawNode<MemStorage>,
+    node: RawNode<NemboStorage>,
     store: RaftStore,
     state: State,
     applied: u64,
@@ -196,6 +231,7 @@ struct Member {
     replies: Vec<(Reply, Result<Outcome, ProposeError>)>,
     /// Whether anything applied since the last publish changed the state.
     dirty: bool,
+    transport: Box<dyn Transport>,
     view_tx: watch::Sender<Arc<ClusterView>>,
     cfg: RaftConfig,
 }
@@ -238,6 +274,20 @@ impl Member {
 
     fn handle(&mut self, input: Input) {
         match input {
+            Input::Step(msg) => {
+                if let Err(e) = self.node.step(*msg) {
+                    tracing::debug!(error = %e, "raft message ignored");
+                }
+            }
+            Input::Unreachable(id) => self.node.report_unreachable(id),
+            Input::SnapshotDone { to, ok } => {
+                let status = if ok {
+                    raft::SnapshotStatus::Finish
+                } else {
+                    raft::SnapshotStatus::Failure
+                };
+                self.node.report_snapshot(to, status);
+            }
             Input::Propose(cmd, reply) => {
                 if self.node.raft.state != StateRole::Leader {
                     let _ = reply.send(Err(ProposeError::NotLeader {
@@ -274,10 +324,12 @@ impl Member {
         let mut ready = self.node.ready();
         self.send(ready.take_messages());
         if !ready.snapshot().is_empty() {
-            // Only a leader with followers sends snapshots; replication is not built yet.
-            return Err(CoordinatorError::Storage(
-                "received a raft snapshot, but this build runs a single member".into(),
-            ));
+            // We were too far behind the leader's compacted log: take its state whole.
+            let snap = ready.snapshot().clone();
+            self.state = self.store.install_snapshot(&snap)?;
+            self.applied = snap.get_metadata().index;
+            self.dirty = true;
+            tracing::info!(index = self.applied, "installed snapshot from the leader");
         }
         self.apply(ready.take_committed_entries())?;
         self.store
@@ -307,9 +359,8 @@ impl Member {
     }
 
     fn send(&mut self, msgs: Vec<Message>) {
-        // A single voter has no peers; anything addressed elsewhere is a bug.
         for m in msgs {
-            tracing::warn!(to = m.to, kind = ?m.msg_type, "dropping raft message: no peer transport");
+            self.transport.send(m);
         }
     }
 
@@ -417,7 +468,7 @@ mod tests {
     #[tokio::test]
     async fn acknowledged_commands_survive_restart_through_snapshots() {
         let d = tempfile::tempdir().unwrap();
-        let (h, thread) = start(cfg(d.path())).unwrap();
+        let (h, thread) = start(cfg(d.path()), Box::new(NoPeers)).unwrap();
         let mut rx = h.subscribe();
         rx.wait_for(|v| v.is_leader()).await.unwrap();
         for i in 0..11 {
@@ -439,7 +490,7 @@ mod tests {
         drop((h, rx));
         thread.join().unwrap();
 
-        let (h, _thread) = start(cfg(d.path())).unwrap();
+        let (h, _thread) = start(cfg(d.path()), Box::new(NoPeers)).unwrap();
         let mut rx = h.subscribe();
         let after = rx
             .wait_for(|v| v.applied >= before.applied)

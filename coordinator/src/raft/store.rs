@@ -9,13 +9,13 @@
 use std::fs;
 use std::io::Write;
 use std::path::{Path, PathBuf};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 
 use nembo_domain::state::State;
 use raft::eraftpb::{ConfState, Entry, HardState, Snapshot};
 use raft::storage::MemStorage;
 use raft::Storage;
-use raft_engine::{Engine, LogBatch, MessageExt};
+use raft_engine::{Command as EngineCommand, Engine, LogBatch, MessageExt};
 use serde::{Deserialize, Serialize};
 
 use crate::error::CoordinatorError;
@@ -47,9 +47,51 @@ struct SnapshotFile {
     state: State,
 }
 
+/// What raft-rs reads: the in-memory mirror of the log, plus the newest
+/// state-machine snapshot *with its data*, which is what a follower behind
+/// the compacted log is sent. (`MemStorage` alone would send metadata only.)
+#[derive(Clone)]
+pub struct NemboStorage {
+    mem: MemStorage,
+    latest: Arc<Mutex<Option<Snapshot>>>,
+}
+
+impl Storage for NemboStorage {
+    fn initial_state(&self) -> raft::Result<raft::RaftState> {
+        self.mem.initial_state()
+    }
+    fn entries(
+        &self,
+        low: u64,
+        high: u64,
+        max_size: impl Into<Option<u64>>,
+        context: raft::GetEntriesContext,
+    ) -> raft::Result<Vec<Entry>> {
+        self.mem.entries(low, high, max_size, context)
+    }
+    fn term(&self, idx: u64) -> raft::Result<u64> {
+        self.mem.term(idx)
+    }
+    fn first_index(&self) -> raft::Result<u64> {
+        self.mem.first_index()
+    }
+    fn last_index(&self) -> raft::Result<u64> {
+        self.mem.last_index()
+    }
+    fn snapshot(&self, request_index: u64, _to: u64) -> raft::Result<Snapshot> {
+        match &*self.latest.lock().unwrap_or_else(|p| p.into_inner()) {
+            Some(s) if s.get_metadata().index >= request_index => Ok(s.clone()),
+            _ => Err(raft::Error::Store(
+                raft::StorageError::SnapshotTemporarilyUnavailable,
+            )),
+        }
+    }
+}
+
 /// Log, hard state and snapshots of one member.
 pub struct RaftStore {
     engine: Arc<Engine>,
+    storage: NemboStorage,
     mem: MemStorage,
     dir: PathBuf,
     snapshot_index: u64,
@@ -83,15 +125,12 @@ impl RaftStore {
         let engine = Arc::new(Engine::open(cfg).map_err(storage_err)?);
         let mem = MemStorage::new();
 
+        let mut latest = None;
         let (state, applied, mut conf) = match read_snapshot(dir)? {
-            Some(s) => {
-                let mut snap = Snapshot::default();
-                let md = snap.mut_metadata();
-                md.index = s.index;
-                md.term = s.term;
-                md.mut_conf_state().voters = s.voters.clone();
-                md.mut_conf_state().learners = s.learners.clone();
-                mem.wl().apply_snapshot(snap).map_err(storage_err)?;
+            Some((s, bytes)) => {
+                let snap = to_raft_snapshot(&s, bytes);
+                mem.wl().apply_snapshot(snap.clone()).map_err(storage_err)?;
+                latest = Some(snap);
                 let cs = ConfState {
                     voters: s.voters,
                     learners: s.learners,
@@ -133,6 +172,10 @@ impl RaftStore {
         Ok(Recovered {
             store: RaftStore {
                 engine,
+                storage: NemboStorage {
+                    mem: mem.clone(),
+                    latest: Arc::new(Mutex::new(latest)),
+                },
                 mem,
                 dir: dir.to_path_buf(),
                 snapshot_index: applied,
@@ -143,8 +186,8 @@ impl RaftStore {
     }
 
     /// The `Storage` raft-rs reads.
-    pub fn storage(&self) -> MemStorage {
-        self.mem.clone()
+    pub fn storage(&self) -> NemboStorage {
+        self.storage.clone()
     }
 
     /// Index of the newest snapshot.
@@ -220,16 +263,12 @@ impl RaftStore {
             state: state.clone(),
         };
         let bytes = serde_json::to_vec(&file).map_err(storage_err)?;
-        let tmp = self.dir.join(format!("{SNAPSHOT_FILE}.tmp"));
-        {
-            let mut f = fs::File::create(&tmp).map_err(storage_err)?;
-            f.write_all(&bytes).map_err(storage_err)?;
-            f.sync_all().map_err(storage_err)?;
-        }
-        fs::rename(&tmp, self.dir.join(SNAPSHOT_FILE)).map_err(storage_err)?;
-        fs::File::open(&self.dir)
-            .and_then(|d| d.sync_all())
-            .map_err(storage_err)?;
+        self.write_snapshot_file(&bytes)?;
+        *self
+            .storage
+            .latest
+            .lock()
+            .unwrap_or_else(|p| p.into_inner()) = Some(to_raft_snapshot(&file, bytes));
         // Keep the entry at `index` itself: MemStorage derives its last index
         // from its entries, and would fall back to 0 with none left.
         self.engine.compact_to(GROUP, index);
@@ -238,13 +277,71 @@ impl RaftStore {
         self.snapshot_index = index;
         Ok(())
     }
+
+    /// Installs a snapshot received from the leader: it replaces the state
+    /// machine and the whole log. Returns the state it carries.
+    pub fn install_snapshot(&mut self, snap: &Snapshot) -> Result<State, CoordinatorError> {
+        let file: SnapshotFile = serde_json::from_slice(&snap.data)
+            .map_err(|e| storage_err(format!("snapshot from leader: {e}")))?;
+        self.write_snapshot_file(&snap.data)?;
+        let md = snap.get_metadata();
+        let mut hs = self.mem.initial_state().map_err(storage_err)?.hard_state;
+        hs.commit = hs.commit.max(md.index);
+        let mut batch = LogBatch::default();
+        batch.add_command(GROUP, EngineCommand::Clean);
+        batch
+            .put_message(GROUP, KEY_HARD_STATE.to_vec(), &hs)
+            .map_err(storage_err)?;
+        batch
+            .put_message(GROUP, KEY_CONF_STATE.to_vec(), md.get_conf_state())
+            .map_err(storage_err)?;
+        self.engine.write(&mut batch, true).map_err(storage_err)?;
+        let mut w = self.mem.wl();
+        w.apply_snapshot(snap.clone()).map_err(storage_err)?;
+        w.set_hardstate(hs);
+        drop(w);
+        *self
+            .storage
+            .latest
+            .lock()
+            .unwrap_or_else(|p| p.into_inner()) = Some(snap.clone());
+        self.snapshot_index = md.index;
+        Ok(file.state)
+    }
+
+    fn write_snapshot_file(&self, bytes: &[u8]) -> Result<(), CoordinatorError> {
+        let tmp = self.dir.join(format!("{SNAPSHOT_FILE}.tmp"));
+        {
+            let mut f = fs::File::create(&tmp).map_err(storage_err)?;
+            f.write_all(bytes).map_err(storage_err)?;
+            f.sync_all().map_err(storage_err)?;
+        }
+        fs::rename(&tmp, self.dir.join(SNAPSHOT_FILE)).map_err(storage_err)?;
+        fs::File::open(&self.dir)
+            .and_then(|d| d.sync_all())
+            .map_err(storage_err)
+    }
 }
 
-fn read_snapshot(dir: &Path) -> Result<Option<SnapshotFile>, CoordinatorError> {
+/// A raft-rs snapshot whose data is `bytes`, the encoded [`SnapshotFile`] `s`.
+fn to_raft_snapshot(s: &SnapshotFile, bytes: Vec<u8>) -> Snapshot {
+    let mut snap = Snapshot {
+        data: bytes.into(),
+        ..Default::default()
+    };
+    let md = snap.mut_metadata();
+    md.index = s.index;
+    md.term = s.term;
+    md.mut_conf_state().voters = s.voters.clone();
+    md.mut_conf_state().learners = s.learners.clone();
+    snap
+}
+
+fn read_snapshot(dir: &Path) -> Result<Option<(SnapshotFile, Vec<u8>)>, CoordinatorError> {
     let path = dir.join(SNAPSHOT_FILE);
     match fs::read(&path) {
         Ok(bytes) => serde_json::from_slice(&bytes)
-            .map(Some)
+            .map(|f| Some((f, bytes)))
             .map_err(|e| storage_err(format!("{}: {e}", path.display()))),
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
         Err(e) => Err(storage_err(e)),

@@ -1,0 +1,146 @@
+//! Raft traffic between coordinators: the `nembo.v1.RaftPeer` service and a
+//! sender task per peer. Messages travel as opaque rust-protobuf bytes in
+//! batches; only callers presenting a certificate signed by the cluster CA
+//! are accepted (the listener asks every client for one and verifies it).
+
+use std::collections::{BTreeMap, HashMap};
+use std::sync::{Arc, OnceLock};
+use std::time::Duration;
+
+use nembo_proto::v1 as pb;
+use nembo_proto::v1::raft_peer_client::RaftPeerClient;
+use nembo_proto::v1::raft_peer_server::RaftPeer;
+use protobuf::Message as _;
+use raft::eraftpb::{Message, MessageType};
+use tokio::sync::mpsc;
+use tonic::transport::Channel;
+use tonic::{Request, Response, Status};
+
+use crate::raft::{RaftHandle, Transport};
+
+/// Largest peer message: a snapshot of the whole state travels in one.
+pub const MAX_PEER_MESSAGE: usize = 512 * 1024 * 1024;
+const QUEUE: usize = 4096;
+const MAX_BATCH: usize = 512;
+
+/// Queues messages for each peer's sender task.
+pub struct PeerTransport {
+    queues: HashMap<u64, mpsc::Sender<Message>>,
+}
+
+impl Transport for PeerTransport {
+    fn send(&self, msg: Message) {
+        match self.queues.get(&msg.to) {
+            // A full queue drops the message; Raft retransmits what matters.
+            Some(q) => {
+                let _ = q.try_send(msg);
+            }
+            None => tracing::warn!(to = msg.to, "raft message for an unknown member"),
+        }
+    }
+}
+
+/// TLS material a member dials its peers with.
+#[derive(Clone)]
+pub struct PeerTls {
+    /// Cluster CA.
+    pub ca: Vec<u8>,
+    /// This member's certificate (presented as a client certificate).
+    pub cert: Vec<u8>,
+    /// Its key.
+    pub key: Vec<u8>,
+}
+
+/// Starts one sender task per peer. `raft` is filled in once the member has
+/// started (the member needs the transport first).
+pub fn start(
+    me: u64,
+    peers: &BTreeMap<u64, String>,
+    tls: PeerTls,
+    raft: Arc<OnceLock<RaftHandle>>,
+) -> Result<PeerTransport, nembo_proto::client::ConnectError> {
+    let mut queues = HashMap::new();
+    for (&id, url) in peers.iter().filter(|(id, _)| **id != me) {
+        let channel =
+            nembo_proto::client::endpoint_with_identity(url, &tls.ca, Some((&tls.cert, &tls.key)))?
+                .connect_timeout(Duration::from_millis(500))
+                .timeout(Duration::from_secs(10))
+                .connect_lazy();
+        let client = RaftPeerClient::new(channel)
+            .max_encoding_message_size(MAX_PEER_MESSAGE)
+            .max_decoding_message_size(MAX_PEER_MESSAGE);
+        let (tx, rx) = mpsc::channel(QUEUE);
+        queues.insert(id, tx);
+        tokio::spawn(send_loop(me, id, client, rx, raft.clone()));
+    }
+    Ok(PeerTransport { queues })
+}
+
+async fn send_loop(
+    me: u64,
+    to: u64,
+    mut client: RaftPeerClient<Channel>,
+    mut rx: mpsc::Receiver<Message>,
+    raft: Arc<OnceLock<RaftHandle>>,
+) {
+    while let Some(first) = rx.recv().await {
+        let mut batch = vec![first];
+        while batch.len() < MAX_BATCH {
+            match rx.try_recv() {
+                Ok(m) => batch.push(m),
+                Err(_) => break,
+            }
+        }
+        let has_snapshot = batch
+            .iter()
+            .any(|m| m.get_msg_type() == MessageType::MsgSnapshot);
+        let messages = batch
+            .iter()
+            .filter_map(|m| m.write_to_bytes().ok())
+            .collect();
+        let ok = client
+            .send(pb::RaftBatch { from: me, messages })
+            .await
+            .is_ok();
+        if let Some(raft) = raft.get() {
+            if !ok {
+                raft.report_unreachable(to);
+            }
+            if has_snapshot {
+                raft.report_snapshot(to, ok);
+            }
+        }
+    }
+}
+
+/// The receiving side.
+pub struct PeerService {
+    raft: RaftHandle,
+}
+
+impl PeerService {
+    /// Feeds received messages to `raft`.
+    pub fn new(raft: RaftHandle) -> Self {
+        Self { raft }
+    }
+}
+
+#[tonic::async_trait]
+impl RaftPeer for PeerService {
+    async fn send(&self, request: Request<pb::RaftBatch>) -> Result<Response<pb::RaftAck>, Status> {
+        // The TLS layer verified any certificate against the cluster CA;
+        // here we insist there was one. Clients and agents present none.
+        if request.peer_certs().is_none_or(|c| c.is_empty()) {
+            return Err(Status::unauthenticated(
+                "raft traffic needs a member certificate signed by the cluster CA",
+            ));
+        }
+        for bytes in &request.get_ref().messages {
+            match Message::parse_from_bytes(bytes) {
+                Ok(m) => self.raft.step(m),
+                Err(e) => return Err(Status::invalid_argument(format!("bad raft message: {e}"))),
+            }
+        }
+        Ok(Response::new(pb::RaftAck {}))
+    }
+}
