@@ -292,28 +292,14 @@ pub(crate) async fn connect_info(info: &ApiInfo) -> Result<Client> {
     Ok(connect(&info.endpoint, &ca, &token).await?)
 }
 
-/// Calls `f` until it succeeds, retrying while the cluster is unavailable
-/// (a leader change takes a second or two). Safe for every call the CLI
-/// makes: submissions carry an idempotency key, the rest are reads or
-/// idempotent.
+/// [`nembo_proto::client::call`], with errors the CLI can report.
 pub async fn call<T, R, F, Fut>(client: &Client, req: R, f: F) -> Result<T>
 where
     R: Clone,
     F: Fn(Client, R) -> Fut,
     Fut: std::future::Future<Output = Result<tonic::Response<T>, tonic::Status>>,
 {
-    let deadline = std::time::Instant::now() + Duration::from_secs(15);
-    loop {
-        match f(client.clone(), req.clone()).await {
-            Ok(r) => return Ok(r.into_inner()),
-            Err(s)
-                if s.code() == tonic::Code::Unavailable && std::time::Instant::now() < deadline =>
-            {
-                tokio::time::sleep(Duration::from_millis(200)).await;
-            }
-            Err(s) => return Err(s.into()),
-        }
-    }
+    Ok(nembo_proto::client::call(client, req, f).await?)
 }
 
 fn read_token(path: &Path) -> Result<String> {

@@ -145,3 +145,28 @@ pub async fn connect_agent(
         BearerToken::new(token)?,
     ))
 }
+
+/// Calls `f` until it succeeds, retrying while the cluster answers
+/// `UNAVAILABLE` (a member down, or a leader change in progress, which
+/// takes a second or two), for up to 15 s. Safe for submissions that carry
+/// an idempotency key, for reads, and for idempotent calls.
+pub async fn call<T, R, F, Fut>(client: &Client, req: R, f: F) -> Result<T, tonic::Status>
+where
+    R: Clone,
+    F: Fn(Client, R) -> Fut,
+    Fut: std::future::Future<Output = Result<tonic::Response<T>, tonic::Status>>,
+{
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(15);
+    loop {
+        match f(client.clone(), req.clone()).await {
+            Ok(r) => return Ok(r.into_inner()),
+            Err(s)
+                if s.code() == tonic::Code::Unavailable
+                    && tokio::time::Instant::now() < deadline =>
+            {
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+            Err(s) => return Err(s),
+        }
+    }
+}

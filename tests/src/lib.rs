@@ -277,3 +277,201 @@ impl Drop for Coordinator {
 fn read_pid(p: &Path) -> Option<i32> {
     std::fs::read_to_string(p).ok()?.trim().parse().ok()
 }
+
+/// A cluster of coordinator processes on loopback, sharing a CA, tokens
+/// and node dirs, as `nembo local up --coordinators N` runs them.
+pub struct Cluster {
+    /// Cluster dir: CA, tokens, `member-<id>/` data dirs, `nodes/`.
+    pub root: tempfile::TempDir,
+    /// Member URLs by id - 1.
+    pub urls: Vec<String>,
+    children: Vec<Option<Child>>,
+    extra: Vec<String>,
+}
+
+impl Cluster {
+    /// Starts `n` members with fast test timings plus `extra` flags, and
+    /// waits until they agree on a leader.
+    pub async fn start(n: usize, extra: &[&str]) -> Cluster {
+        let root = tempfile::Builder::new()
+            .prefix("nembo-cluster")
+            .tempdir()
+            .expect("tempdir");
+        let urls = (0..n)
+            .map(|_| {
+                let l = std::net::TcpListener::bind("127.0.0.1:0").expect("free port");
+                format!("https://127.0.0.1:{}", l.local_addr().expect("addr").port())
+            })
+            .collect();
+        let mut c = Cluster {
+            root,
+            urls,
+            children: (0..n).map(|_| None).collect(),
+            extra: extra.iter().map(|s| s.to_string()).collect(),
+        };
+        for id in 1..=n as u64 {
+            c.spawn(id);
+        }
+        c.leader().await;
+        c
+    }
+
+    /// A member's data dir.
+    pub fn member_dir(&self, id: u64) -> PathBuf {
+        self.root.path().join(format!("member-{id}"))
+    }
+
+    fn spawn(&mut self, id: u64) {
+        let dir = self.member_dir(id);
+        std::fs::create_dir_all(&dir).expect("member dir");
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(self.root.path().join(format!("member-{id}.log")))
+            .expect("log");
+        let mut cmd = Command::new(bin("nembo-coordinator"));
+        cmd.arg("--data-dir")
+            .arg(&dir)
+            .arg("--member-id")
+            .arg(id.to_string())
+            .arg("--listen")
+            .arg(self.urls[id as usize - 1].trim_start_matches("https://"))
+            .arg("--cluster-dir")
+            .arg(self.root.path())
+            .arg("--nodes-dir")
+            .arg(self.root.path().join("nodes"))
+            .args(["--heartbeat-ms", "200", "--stop-grace-ms", "1000"])
+            .args(&self.extra);
+        for (i, u) in self.urls.iter().enumerate() {
+            cmd.arg("--member").arg(format!("{}={u}", i + 1));
+        }
+        let child = cmd
+            .env("NEMBO_AGENT_BIN", bin("nembo-agent"))
+            .stdin(Stdio::null())
+            .stdout(Stdio::from(log.try_clone().expect("log")))
+            .stderr(Stdio::from(log))
+            .spawn()
+            .expect("start member");
+        self.children[id as usize - 1] = Some(child);
+    }
+
+    /// CA certificate.
+    pub fn ca(&self) -> Vec<u8> {
+        wait_file(&self.root.path().join("tls").join("ca.pem"))
+    }
+
+    /// Client token.
+    pub fn token(&self) -> String {
+        String::from_utf8_lossy(&wait_file(&self.root.path().join("token")))
+            .trim()
+            .to_string()
+    }
+
+    /// A client of one member (no failover: for reading that member's view).
+    pub async fn member_client(&self, id: u64) -> Option<Client> {
+        connect(&self.urls[id as usize - 1], &self.ca(), &self.token())
+            .await
+            .ok()
+    }
+
+    /// A client over every member, as the CLI makes for a cluster.
+    pub fn client(&self) -> Client {
+        nembo_proto::client::connect_any(&self.urls, &self.ca(), &self.token()).expect("client")
+    }
+
+    /// Waits until a running member reports a leader, and returns its id.
+    pub async fn leader(&self) -> u64 {
+        wait_for("a leader", Duration::from_secs(20), || async {
+            for id in 1..=self.urls.len() as u64 {
+                if self.children[id as usize - 1].is_none() {
+                    continue;
+                }
+                if let Some(mut c) = self.member_client(id).await {
+                    if let Ok(s) = c.get_cluster_status(pb::GetClusterStatusRequest {}).await {
+                        let s = s.into_inner();
+                        let live =
+                            s.leader_id != 0 && self.children[s.leader_id as usize - 1].is_some();
+                        if live {
+                            return Some(s.leader_id);
+                        }
+                    }
+                }
+            }
+            None
+        })
+        .await
+    }
+
+    /// A member's own view of Raft.
+    pub async fn status(&self, id: u64) -> Option<pb::ClusterStatus> {
+        let mut c = self.member_client(id).await?;
+        c.get_cluster_status(pb::GetClusterStatusRequest {})
+            .await
+            .ok()
+            .map(|r| r.into_inner())
+    }
+
+    /// SIGKILL one member.
+    pub fn kill9(&mut self, id: u64) {
+        if let Some(mut c) = self.children[id as usize - 1].take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+
+    /// Starts a killed member again; with `wipe`, from an empty data dir.
+    pub fn restart(&mut self, id: u64, wipe: bool) {
+        self.kill9(id);
+        if wipe {
+            let _ = std::fs::remove_dir_all(self.member_dir(id));
+        }
+        self.spawn(id);
+    }
+
+    /// An `api.json` for the CLI naming every member.
+    pub fn api_info(&self) -> PathBuf {
+        let path = self.root.path().join("api.json");
+        let v = serde_json::json!({
+            "endpoint": self.urls[0],
+            "endpoints": self.urls,
+            "ca_cert_path": self.root.path().join("tls").join("ca.pem"),
+            "token_path": self.root.path().join("token"),
+        });
+        std::fs::write(&path, v.to_string()).expect("api.json");
+        path
+    }
+}
+
+fn wait_file(p: &Path) -> Vec<u8> {
+    for _ in 0..200 {
+        if let Ok(b) = std::fs::read(p) {
+            if !b.is_empty() {
+                return b;
+            }
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    panic!("{} never appeared", p.display())
+}
+
+impl Drop for Cluster {
+    fn drop(&mut self) {
+        for id in 1..=self.children.len() as u64 {
+            self.kill9(id);
+        }
+        if let Ok(nodes) = std::fs::read_dir(self.root.path().join("nodes")) {
+            for n in nodes.flatten() {
+                if let Some(pid) = read_pid(&n.path().join("agent.pid")) {
+                    let _ = kill(Pid::from_raw(pid), Signal::SIGKILL);
+                }
+                if let Ok(jobs) = std::fs::read_dir(n.path().join("jobs")) {
+                    for j in jobs.flatten() {
+                        if let Some(pgid) = read_pid(&j.path().join("pid")) {
+                            let _ = killpg(Pid::from_raw(pgid), Signal::SIGKILL);
+                        }
+                    }
+                }
+            }
+        }
+    }
+}

@@ -274,7 +274,15 @@ impl Member {
 
     fn handle(&mut self, input: Input) {
         match input {
-            Input::Step(msg) => {
+            Input::Step(mut msg) => {
+                // A member restarted without its disk is still counted by the
+                // leader as holding what it had; the leader's heartbeat then
+                // names a commit index beyond our log, which raft-rs treats
+                // as fatal. We can only ever commit what we hold, so clamp:
+                // the leader soon finds the gap and sends a snapshot.
+                if msg.get_msg_type() == raft::eraftpb::MessageType::MsgHeartbeat {
+                    msg.commit = msg.commit.min(self.node.raft.raft_log.last_index());
+                }
                 if let Err(e) = self.node.step(*msg) {
                     tracing::debug!(error = %e, "raft message ignored");
                 }

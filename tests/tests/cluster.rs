@@ -1,0 +1,243 @@
+//! Three coordinator processes on loopback: crashes, lost quorum, catch-up.
+
+use std::collections::BTreeMap;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use nembo_proto::client::{call, Client};
+use nembo_proto::v1 as pb;
+use nembo_tests::{wait_for, Cluster};
+
+const SECS: fn(u64) -> Duration = Duration::from_secs;
+
+fn submit_req(key: &str) -> pb::SubmitJobRequest {
+    pb::SubmitJobRequest {
+        task: Some(pb::submit_job_request::Task::TaskYaml(format!(
+            "name: {key}\nrun: echo {key}\n"
+        ))),
+        idempotency_key: key.to_string(),
+        ..Default::default()
+    }
+}
+
+/// Submits through any member, retrying while the cluster is unavailable.
+async fn submit(c: &Client, key: &str) -> Result<String, tonic::Status> {
+    call(c, submit_req(key), |mut c, r| async move {
+        c.submit_job(r).await
+    })
+    .await
+    .map(|r| r.job_id)
+}
+
+async fn all_jobs(c: &Client) -> Vec<pb::Job> {
+    call(c, pb::ListJobsRequest::default(), |mut c, r| async move {
+        c.list_jobs(r).await
+    })
+    .await
+    .unwrap()
+    .jobs
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn killing_the_leader_under_load_loses_no_acknowledged_submit() {
+    // max-nodes 0: jobs stay pending; this is about the control plane.
+    let mut cluster = Cluster::start(3, &["--max-nodes", "0"]).await;
+    let client = cluster.client();
+    let acked: Arc<Mutex<BTreeMap<String, String>>> = Arc::default();
+    let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let writer = {
+        let (client, acked, stop) = (client.clone(), acked.clone(), stop.clone());
+        tokio::spawn(async move {
+            let mut i = 0;
+            while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                let key = format!("k{i}");
+                // Retry the same key until it is acknowledged: its fate may be
+                // unknown across the leader change, the key makes it safe.
+                loop {
+                    match submit(&client, &key).await {
+                        Ok(id) => {
+                            acked.lock().unwrap().insert(key.clone(), id);
+                            break;
+                        }
+                        Err(_) => tokio::time::sleep(Duration::from_millis(50)).await,
+                    }
+                }
+                i += 1;
+            }
+        })
+    };
+    wait_for("some acknowledged submits", SECS(20), || {
+        let n = acked.lock().unwrap().len();
+        async move { (n >= 30).then_some(()) }
+    })
+    .await;
+    let old = cluster.leader().await;
+    cluster.kill9(old);
+    let before_kill = acked.lock().unwrap().len();
+    wait_for("submits to resume through the survivors", SECS(20), || {
+        let n = acked.lock().unwrap().len();
+        async move { (n >= before_kill + 30).then_some(()) }
+    })
+    .await;
+    let new = cluster.leader().await;
+    assert_ne!(new, old);
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    writer.await.unwrap();
+
+    let acked = acked.lock().unwrap().clone();
+    let jobs = all_jobs(&cluster.client()).await;
+    let by_key: BTreeMap<String, String> = jobs
+        .iter()
+        .map(|j| (j.idempotency_key.clone(), j.job_id.clone()))
+        .collect();
+    assert_eq!(
+        by_key.len(),
+        jobs.len(),
+        "one job per key: a retried submit never doubled"
+    );
+    for (key, id) in &acked {
+        assert_eq!(
+            by_key.get(key),
+            Some(id),
+            "acknowledged {key} -> job {id} is missing"
+        );
+    }
+
+    // The killed member comes back from its disk and catches up.
+    cluster.restart(old, false);
+    let leader_applied = cluster.status(new).await.unwrap().applied_index;
+    wait_for("the restarted member to catch up", SECS(20), || {
+        let c = &cluster;
+        async move {
+            let s = c.status(old).await?;
+            (s.applied_index >= leader_applied).then_some(())
+        }
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_minority_cannot_commit() {
+    let mut cluster = Cluster::start(3, &["--max-nodes", "0"]).await;
+    let client = cluster.client();
+    submit(&client, "before").await.unwrap();
+    let leader = cluster.leader().await;
+    let others: Vec<u64> = (1..=3).filter(|id| *id != leader).collect();
+    cluster.kill9(others[0]);
+    cluster.kill9(others[1]);
+    // The lone leader steps down (check_quorum) and nothing commits.
+    let mut lone = cluster.member_client(leader).await.unwrap();
+    let attempt = tokio::time::timeout(SECS(5), lone.submit_job(submit_req("lonely"))).await;
+    assert!(
+        !matches!(attempt, Ok(Ok(_))),
+        "a single member of three must not acknowledge a write"
+    );
+    // With one member back there is a majority again, and the key is safe to retry.
+    cluster.restart(others[0], false);
+    let id = wait_for("a write to commit with a majority", SECS(20), || {
+        let c = client.clone();
+        async move { submit(&c, "lonely").await.ok() }
+    })
+    .await;
+    let jobs = all_jobs(&client).await;
+    assert_eq!(
+        jobs.iter()
+            .filter(|j| j.idempotency_key == "lonely")
+            .count(),
+        1
+    );
+    assert!(jobs.iter().any(|j| j.job_id == id));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_member_restarted_with_an_empty_disk_catches_up_from_a_snapshot() {
+    let mut cluster = Cluster::start(3, &["--max-nodes", "0", "--snapshot-every", "5"]).await;
+    let client = cluster.client();
+    for i in 0..20 {
+        submit(&client, &format!("s{i}")).await.unwrap();
+    }
+    let leader = cluster.leader().await;
+    let follower = (1..=3).find(|id| *id != leader).unwrap();
+    cluster.kill9(follower);
+    for i in 20..30 {
+        submit(&client, &format!("s{i}")).await.unwrap();
+    }
+    let target = cluster.status(leader).await.unwrap();
+    assert!(
+        target.snapshot_index > 0,
+        "the leader compacted its log: {target:?}"
+    );
+    cluster.restart(follower, true);
+    let caught_up = wait_for("the wiped member to catch up", SECS(20), || {
+        let c = &cluster;
+        async move {
+            let s = c.status(follower).await?;
+            (s.applied_index >= target.applied_index).then_some(s)
+        }
+    })
+    .await;
+    assert!(
+        caught_up.snapshot_index > 0,
+        "it caught up through a snapshot: {caught_up:?}"
+    );
+    // And it serves: writes through it land (forwarded to the leader).
+    let mut via = cluster.member_client(follower).await.unwrap();
+    via.submit_job(submit_req("after")).await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_launch_carries_on_when_the_leader_dies() {
+    let mut cluster = Cluster::start(3, &[]).await;
+    let task = cluster.root.path().join("long.yaml");
+    std::fs::write(
+        &task,
+        "run: |\n  for i in 1 2 3 4 5 6; do echo tick $i; sleep 0.4; done\n",
+    )
+    .unwrap();
+    let api = cluster.api_info();
+    let launch = std::process::Command::new(nembo_tests::bin("nembo"))
+        .arg("launch")
+        .arg(&task)
+        .env("NEMBO_API_INFO", &api)
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let client = cluster.client();
+    wait_for("the job to run", SECS(20), || {
+        let c = client.clone();
+        async move {
+            let req = pb::GetJobRequest { job_id: "1".into() };
+            let j = call(&c, req, |mut c, r| async move { c.get_job(r).await })
+                .await
+                .ok()?;
+            (j.state == pb::JobState::Running as i32).then_some(())
+        }
+    })
+    .await;
+    let leader = cluster.leader().await;
+    cluster.kill9(leader);
+    let out = tokio::task::spawn_blocking(move || launch.wait_with_output().unwrap())
+        .await
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{stdout}\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let ticks: Vec<&str> = stdout.lines().filter(|l| l.starts_with("tick")).collect();
+    assert_eq!(
+        ticks,
+        ["tick 1", "tick 2", "tick 3", "tick 4", "tick 5", "tick 6"],
+        "{stdout}"
+    );
+    // `nembo status` answers through the survivors.
+    let status = std::process::Command::new(nembo_tests::bin("nembo"))
+        .arg("status")
+        .env("NEMBO_API_INFO", &api)
+        .output()
+        .unwrap();
+    assert!(status.status.success());
+    assert!(String::from_utf8_lossy(&status.stdout).contains("SUCCEEDED"));
+}
