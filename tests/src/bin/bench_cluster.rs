@@ -51,7 +51,9 @@ struct PutResponse {}
 
 async fn etcd_put(ch: Channel, key: Vec<u8>, value: Vec<u8>) -> Result<(), tonic::Status> {
     let mut grpc = tonic::client::Grpc::new(ch);
-    grpc.ready().await.map_err(|e| tonic::Status::unavailable(e.to_string()))?;
+    grpc.ready()
+        .await
+        .map_err(|e| tonic::Status::unavailable(e.to_string()))?;
     let codec = tonic_prost::ProstCodec::<PutRequest, PutResponse>::default();
     let path = tonic::codegen::http::uri::PathAndQuery::from_static("/etcdserverpb.KV/Put");
     grpc.unary(tonic::Request::new(PutRequest { key, value }), path, codec)
@@ -72,14 +74,17 @@ impl Writer {
             Writer::Nembo(c) => c
                 .clone()
                 .submit_job(pb::SubmitJobRequest {
-                    task: Some(pb::submit_job_request::Task::TaskYaml(format!("run: echo {n}\n"))),
+                    task: Some(pb::submit_job_request::Task::TaskYaml(format!(
+                        "run: echo {n}\n"
+                    ))),
                     idempotency_key: format!("b-{client}-{n}-{}", std::process::id()),
                     ..Default::default()
                 })
                 .await
                 .map(|_| ()),
             Writer::Etcd(ch) => {
-                let key = format!("{:08}", (client as u64 * 1_000_003 + n) % 100_000_000).into_bytes();
+                let key =
+                    format!("{:08}", (client as u64 * 1_000_003 + n) % 100_000_000).into_bytes();
                 etcd_put(ch.clone(), key, vec![b'x'; 256]).await
             }
         }
@@ -141,7 +146,9 @@ impl Etcd {
         Command::new("etcd").arg("--version").output().ok()?;
         let dir = tempfile::tempdir().ok()?;
         let peers: Vec<u16> = (0..3).map(|_| free_port()).collect();
-        let clients: Vec<String> = (0..3).map(|_| format!("http://127.0.0.1:{}", free_port())).collect();
+        let clients: Vec<String> = (0..3)
+            .map(|_| format!("http://127.0.0.1:{}", free_port()))
+            .collect();
         let cluster = (0..3)
             .map(|i| format!("e{i}=http://127.0.0.1:{}", peers[i]))
             .collect::<Vec<_>>()
@@ -152,8 +159,8 @@ impl Etcd {
             procs: (0..3).map(|_| None).collect(),
             cluster,
         };
-        for i in 0..3 {
-            e.spawn(i, peers[i], "new");
+        for (i, peer) in peers.into_iter().enumerate() {
+            e.spawn(i, peer, "new");
         }
         Some(e)
     }
@@ -161,12 +168,35 @@ impl Etcd {
     fn spawn(&mut self, i: usize, peer: u16, state: &str) {
         let child = Command::new("etcd")
             .args(["--name", &format!("e{i}")])
-            .args(["--data-dir", &self.dir.path().join(format!("e{i}")).display().to_string()])
-            .args(["--listen-client-urls", &self.clients[i], "--advertise-client-urls", &self.clients[i]])
+            .args([
+                "--data-dir",
+                &self.dir.path().join(format!("e{i}")).display().to_string(),
+            ])
+            .args([
+                "--listen-client-urls",
+                &self.clients[i],
+                "--advertise-client-urls",
+                &self.clients[i],
+            ])
             .args(["--listen-peer-urls", &format!("http://127.0.0.1:{peer}")])
-            .args(["--initial-advertise-peer-urls", &format!("http://127.0.0.1:{peer}")])
-            .args(["--initial-cluster", &self.cluster, "--initial-cluster-state", state])
-            .args(["--heartbeat-interval", "100", "--election-timeout", "1000", "--log-level", "error"])
+            .args([
+                "--initial-advertise-peer-urls",
+                &format!("http://127.0.0.1:{peer}"),
+            ])
+            .args([
+                "--initial-cluster",
+                &self.cluster,
+                "--initial-cluster-state",
+                state,
+            ])
+            .args([
+                "--heartbeat-interval",
+                "100",
+                "--election-timeout",
+                "1000",
+                "--log-level",
+                "error",
+            ])
             .env("ETCD_UNSUPPORTED_ARCH", "")
             .stdout(Stdio::null())
             .stderr(Stdio::null())
@@ -176,14 +206,29 @@ impl Etcd {
     }
 
     fn peer_port(&self, i: usize) -> u16 {
-        self.cluster.split(',').nth(i).and_then(|s| s.rsplit(':').next()).and_then(|p| p.parse().ok()).unwrap_or(0)
+        self.cluster
+            .split(',')
+            .nth(i)
+            .and_then(|s| s.rsplit(':').next())
+            .and_then(|p| p.parse().ok())
+            .unwrap_or(0)
     }
 
     /// Index of the leader, from `etcdctl endpoint status`.
     fn leader(&self) -> Option<usize> {
-        let live: Vec<String> = (0..3).filter(|i| self.procs[*i].is_some()).map(|i| self.clients[i].clone()).collect();
+        let live: Vec<String> = (0..3)
+            .filter(|i| self.procs[*i].is_some())
+            .map(|i| self.clients[i].clone())
+            .collect();
         let out = Command::new("etcdctl")
-            .args(["--endpoints", &live.join(","), "endpoint", "status", "-w", "json"])
+            .args([
+                "--endpoints",
+                &live.join(","),
+                "endpoint",
+                "status",
+                "-w",
+                "json",
+            ])
             .env("ETCDCTL_API", "3")
             .output()
             .ok()?;
@@ -215,7 +260,9 @@ impl Drop for Etcd {
 }
 
 async fn etcd_channel(url: &str) -> Channel {
-    Channel::from_shared(url.to_string()).expect("url").connect_lazy()
+    Channel::from_shared(url.to_string())
+        .expect("url")
+        .connect_lazy()
 }
 
 async fn wait_until<F: FnMut() -> bool>(mut f: F, limit: Duration) -> bool {
@@ -240,7 +287,8 @@ async fn time_to_first_write(survivors: &[Writer]) -> f64 {
         let w = survivors[n as usize % survivors.len()].clone();
         let tx = tx.clone();
         tokio::spawn(async move {
-            let attempt = tokio::time::timeout(Duration::from_secs(1), w.write(1_000_000 + n, 999)).await;
+            let attempt =
+                tokio::time::timeout(Duration::from_secs(1), w.write(1_000_000 + n, 999)).await;
             if matches!(attempt, Ok(Ok(()))) {
                 let _ = tx.try_send(t0.elapsed().as_secs_f64() * 1000.0);
             }
@@ -270,7 +318,9 @@ async fn main() {
     for &clients in &levels {
         let mut writers = Vec::new();
         for _ in 0..clients.div_ceil(10) {
-            writers.push(Writer::Nembo(cluster.member_client(leader).await.expect("leader client")));
+            writers.push(Writer::Nembo(
+                cluster.member_client(leader).await.expect("leader client"),
+            ));
         }
         nembo_rows.push(load(writers, clients, seconds).await);
     }
@@ -279,14 +329,24 @@ async fn main() {
         let leader = cluster.leader().await;
         let mut survivors = Vec::new();
         for id in (1..=3).filter(|id| *id != leader) {
-            survivors.push(Writer::Nembo(cluster.member_client(id).await.expect("client")));
+            survivors.push(Writer::Nembo(
+                cluster.member_client(id).await.expect("client"),
+            ));
         }
         cluster.kill9(leader);
         nembo_failover.push(time_to_first_write(&survivors).await);
         cluster.restart(leader, false);
-        let target = cluster.status(cluster.leader().await).await.map(|s| s.applied_index).unwrap_or(0);
+        let target = cluster
+            .status(cluster.leader().await)
+            .await
+            .map(|s| s.applied_index)
+            .unwrap_or(0);
         for _ in 0..200 {
-            if cluster.status(leader).await.is_some_and(|s| s.applied_index >= target) {
+            if cluster
+                .status(leader)
+                .await
+                .is_some_and(|s| s.applied_index >= target)
+            {
                 break;
             }
             tokio::time::sleep(Duration::from_millis(50)).await;
@@ -327,14 +387,23 @@ async fn main() {
     }
 
     println!("Committed writes/s with fsync, 3 members on 127.0.0.1, writes to the leader");
-    println!("{:>8} {:>6} | {:>9} {:>8} {:>8} | {:>9} {:>8} {:>8}", "clients", "conns", "nembo/s", "p50 ms", "p99 ms", "etcd/s", "p50 ms", "p99 ms");
+    println!(
+        "{:>8} {:>6} | {:>9} {:>8} {:>8} | {:>9} {:>8} {:>8}",
+        "clients", "conns", "nembo/s", "p50 ms", "p99 ms", "etcd/s", "p50 ms", "p99 ms"
+    );
     for (i, n) in nembo_rows.iter().enumerate() {
         let e = etcd_rows.get(i).cloned().unwrap_or(json!({}));
         let f = |v: &serde_json::Value, k: &str| v[k].as_f64().unwrap_or(f64::NAN);
         println!(
             "{:>8} {:>6} | {:>9.0} {:>8.2} {:>8.2} | {:>9.0} {:>8.2} {:>8.2}",
-            f(n, "clients"), f(n, "connections"), f(n, "per_sec"), f(n, "p50_ms"), f(n, "p99_ms"),
-            f(&e, "per_sec"), f(&e, "p50_ms"), f(&e, "p99_ms")
+            f(n, "clients"),
+            f(n, "connections"),
+            f(n, "per_sec"),
+            f(n, "p50_ms"),
+            f(n, "p99_ms"),
+            f(&e, "per_sec"),
+            f(&e, "p50_ms"),
+            f(&e, "p99_ms")
         );
     }
     let summarize = |v: &mut Vec<f64>| {
@@ -344,7 +413,9 @@ async fn main() {
     let nf = summarize(&mut nembo_failover);
     let ef = summarize(&mut etcd_failover);
     println!();
-    println!("Leader failover: kill -9, then time to the first successful write through a survivor");
+    println!(
+        "Leader failover: kill -9, then time to the first successful write through a survivor"
+    );
     for (name, s) in [("nembo", &nf), ("etcd", &ef)] {
         println!(
             "{:<6} trials {:>2}  min {:>7.0} ms  median {:>7.0} ms  max {:>7.0} ms",
