@@ -362,17 +362,29 @@ fn accels(r: &Option<pb::NodeResources>) -> String {
     }
 }
 
+/// A read request, marked as allowed to be stale if asked.
+fn read_request<T>(r: T, stale: bool) -> tonic::Request<T> {
+    let mut req = tonic::Request::new(r);
+    if stale {
+        req.metadata_mut().insert(
+            "nembo-stale",
+            tonic::metadata::MetadataValue::from_static("true"),
+        );
+    }
+    req
+}
+
 /// `status` (nodes and jobs) or `queue` (jobs).
-pub async fn status(as_json: bool, with_nodes: bool) -> Result<()> {
+pub async fn status(as_json: bool, with_nodes: bool, stale: bool) -> Result<()> {
     let c = connect::client().await?;
     let jobs = connect::call(&c, pb::ListJobsRequest::default(), |mut c, r| async move {
-        c.list_jobs(r).await
+        c.list_jobs(read_request(r, stale)).await
     })
     .await?
     .jobs;
     let nodes = if with_nodes {
         connect::call(&c, pb::ListNodesRequest {}, |mut c, r| async move {
-            c.list_nodes(r).await
+            c.list_nodes(read_request(r, stale)).await
         })
         .await?
         .nodes

@@ -27,12 +27,19 @@ enum Cmd {
         /// Machine-readable output.
         #[arg(long)]
         json: bool,
+        /// Answer from whichever coordinator responds, possibly slightly
+        /// behind, instead of a linearizable read through the leader.
+        #[arg(long)]
+        stale: bool,
     },
     /// The job queue.
     Queue {
         /// Machine-readable output.
         #[arg(long)]
         json: bool,
+        /// See `status --stale`.
+        #[arg(long)]
+        stale: bool,
     },
     /// A job's output.
     Logs {
@@ -128,8 +135,8 @@ async fn main() {
 async fn run(cli: Cli) -> Result<i32> {
     match cli.command {
         Cmd::Launch(a) => jobs::launch(a).await,
-        Cmd::Status { json } => jobs::status(json, true).await.map(|()| 0),
-        Cmd::Queue { json } => jobs::status(json, false).await.map(|()| 0),
+        Cmd::Status { json, stale } => jobs::status(json, true, stale).await.map(|()| 0),
+        Cmd::Queue { json, stale } => jobs::status(json, false, stale).await.map(|()| 0),
         Cmd::Logs { job, follow } => jobs::logs(&job, follow).await.map(|()| 0),
         Cmd::Cancel { jobs } => jobs::cancel(&jobs).await.map(|()| 0),
         Cmd::Down { nodes, all } => local::down(nodes, all).await.map(|()| 0),

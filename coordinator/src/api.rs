@@ -125,7 +125,7 @@ impl Coordinator for Api {
         &self,
         request: Request<pb::SubmitJobRequest>,
     ) -> Result<Response<pb::DryRunResponse>, Status> {
-        if let Some(mut leader) = self.ctx.leader().await? {
+        if let Some(mut leader) = self.ctx.read_route(&request).await? {
             return leader.dry_run(request.into_inner()).await;
         }
         let spec = self.parse_request(request.get_ref())?;
@@ -175,7 +175,7 @@ impl Coordinator for Api {
         &self,
         request: Request<pb::GetJobRequest>,
     ) -> Result<Response<pb::Job>, Status> {
-        if let Some(mut leader) = self.ctx.leader().await? {
+        if let Some(mut leader) = self.ctx.read_route(&request).await? {
             return leader.get_job(request.into_inner()).await;
         }
         let id = parse_job_id(&request.get_ref().job_id)?;
@@ -192,7 +192,7 @@ impl Coordinator for Api {
         &self,
         request: Request<pb::ListJobsRequest>,
     ) -> Result<Response<pb::ListJobsResponse>, Status> {
-        if let Some(mut leader) = self.ctx.leader().await? {
+        if let Some(mut leader) = self.ctx.read_route(&request).await? {
             return leader.list_jobs(request.into_inner()).await;
         }
         let filter: Vec<_> = request
@@ -284,7 +284,7 @@ impl Coordinator for Api {
         &self,
         request: Request<pb::ListNodesRequest>,
     ) -> Result<Response<pb::ListNodesResponse>, Status> {
-        if let Some(mut leader) = self.ctx.leader().await? {
+        if let Some(mut leader) = self.ctx.read_route(&request).await? {
             return leader.list_nodes(request.into_inner()).await;
         }
         let view = self.ctx.raft.view();

@@ -30,6 +30,9 @@ use crate::provider::Provider;
 use crate::raft::{self, RaftConfig, RaftHandle};
 use crate::tls;
 
+/// Request metadata that allows a read from any member's own state.
+pub const STALE_READ_KEY: &str = "nembo-stale";
+
 /// Unix time in ms: the one clock read that goes into commands.
 pub fn now_ms() -> i64 {
     SystemTime::now()
@@ -173,6 +176,31 @@ impl Ctx {
             .map_err(|e| Status::unavailable(format!("leader {leader} unreachable: {e}")))?;
         *cached = Some((leader, client.clone()));
         Ok(Some(client))
+    }
+
+    /// Where a read is served. Default: linearizable, so the leader serves
+    /// it after confirming its leadership with a quorum (read index) and a
+    /// follower forwards it. With `nembo-stale: true` in the request
+    /// metadata, any member answers at once from its own applied state.
+    pub async fn read_route<T>(&self, req: &tonic::Request<T>) -> Result<Option<Client>, Status> {
+        let stale = req
+            .metadata()
+            .get(STALE_READ_KEY)
+            .and_then(|v| v.to_str().ok())
+            .is_some_and(|v| v == "true" || v == "1");
+        if stale {
+            return Ok(None);
+        }
+        match self.leader().await? {
+            Some(client) => Ok(Some(client)),
+            None => {
+                self.raft
+                    .read_index()
+                    .await
+                    .map_err(CoordinatorError::from)?;
+                Ok(None)
+            }
+        }
     }
 
     /// The leader's URL, for redirecting agents.

@@ -241,3 +241,44 @@ async fn a_launch_carries_on_when_the_leader_dies() {
     assert!(status.status.success());
     assert!(String::from_utf8_lossy(&status.stdout).contains("SUCCEEDED"));
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn reads_are_linearizable_by_default_and_stale_on_request() {
+    let mut cluster = Cluster::start(3, &["--max-nodes", "0"]).await;
+    let leader = cluster.leader().await;
+    let followers: Vec<u64> = (1..=3).filter(|id| *id != leader).collect();
+    // A write through one follower is seen at once through the other.
+    let mut a = cluster.member_client(followers[0]).await.unwrap();
+    let mut b = cluster.member_client(followers[1]).await.unwrap();
+    for i in 0..5 {
+        let id = a
+            .submit_job(submit_req(&format!("r{i}")))
+            .await
+            .unwrap()
+            .into_inner()
+            .job_id;
+        let job = b
+            .get_job(pb::GetJobRequest { job_id: id.clone() })
+            .await
+            .unwrap()
+            .into_inner();
+        assert_eq!(job.job_id, id);
+    }
+    // Without a majority no member can prove its reads are current...
+    cluster.kill9(followers[0]);
+    cluster.kill9(followers[1]);
+    let mut lone = cluster.member_client(leader).await.unwrap();
+    let fresh = tokio::time::timeout(SECS(6), lone.list_jobs(pb::ListJobsRequest::default())).await;
+    assert!(
+        !matches!(fresh, Ok(Ok(_))),
+        "a linearizable read needs a quorum"
+    );
+    // ...but a stale read is answered from the member's own state.
+    let mut req = tonic::Request::new(pb::ListJobsRequest::default());
+    req.metadata_mut().insert(
+        "nembo-stale",
+        tonic::metadata::MetadataValue::from_static("true"),
+    );
+    let jobs = lone.list_jobs(req).await.unwrap().into_inner().jobs;
+    assert_eq!(jobs.len(), 5);
+}

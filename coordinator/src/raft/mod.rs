@@ -105,6 +105,7 @@ impl Transport for NoPeers {
 
 enum Input {
     Propose(Box<Command>, Reply),
+    ReadIndex(oneshot::Sender<u64>),
     Step(Box<Message>),
     Unreachable(u64),
     SnapshotDone { to: u64, ok: bool },
@@ -125,6 +126,37 @@ impl RaftHandle {
             .send(Input::Propose(Box::new(cmd), tx))
             .map_err(|_| ProposeError::Stopped)?;
         rx.await.map_err(|_| ProposeError::Stopped)?
+    }
+
+    /// Waits until this member may serve a linearizable read: the leader
+    /// confirms with a quorum that it still leads (Raft's read index) and
+    /// has applied up to the commit index it had when asked. Fails on a
+    /// follower, and times out when no leadership can be confirmed (a new
+    /// leader that has not committed in its term drops the request).
+    pub async fn read_index(&self) -> Result<(), ProposeError> {
+        let view = self.view();
+        if !view.is_leader() {
+            return Err(ProposeError::NotLeader {
+                leader: view.leader_id,
+            });
+        }
+        let (tx, rx) = oneshot::channel();
+        self.tx
+            .send(Input::ReadIndex(tx))
+            .map_err(|_| ProposeError::Stopped)?;
+        let index = tokio::time::timeout(Duration::from_secs(2), rx)
+            .await
+            .map_err(|_| ProposeError::Dropped)?
+            .map_err(|_| ProposeError::Dropped)?;
+        let mut views = self.view.clone();
+        tokio::time::timeout(
+            Duration::from_secs(2),
+            views.wait_for(|v| v.applied >= index),
+        )
+        .await
+        .map_err(|_| ProposeError::Dropped)?
+        .map_err(|_| ProposeError::Stopped)?;
+        Ok(())
     }
 
     /// Feeds a message from another member.
@@ -213,6 +245,8 @@ pub fn start(
         applied: recovered.applied,
         pending: HashMap::new(),
         replies: Vec::new(),
+        reads: HashMap::new(),
+        next_read: 0,
         dirty: false,
         transport,
         view_tx,
@@ -232,6 +266,9 @@ struct Member {
     applied: u64,
     /// Proposals waiting to be applied: index -> (term, reply).
     pending: HashMap<u64, (u64, Reply)>,
+    /// Read-index requests waiting for their ReadState: context -> reply.
+    reads: HashMap<u64, oneshot::Sender<u64>>,
+    next_read: u64,
     /// Replies held until the view that contains their effect is published.
     replies: Vec<(Reply, Result<Outcome, ProposeError>)>,
     /// Whether anything applied since the last publish changed the state.
@@ -293,6 +330,11 @@ impl Member {
                 }
             }
             Input::Unreachable(id) => self.node.report_unreachable(id),
+            Input::ReadIndex(reply) => {
+                self.next_read += 1;
+                self.reads.insert(self.next_read, reply);
+                self.node.read_index(self.next_read.to_be_bytes().to_vec());
+            }
             Input::SnapshotDone { to, ok } => {
                 let status = if ok {
                     raft::SnapshotStatus::Finish
@@ -336,6 +378,12 @@ impl Member {
         let was_leader = self.node.raft.state == StateRole::Leader;
         let mut ready = self.node.ready();
         self.send(ready.take_messages());
+        for rs in ready.take_read_states() {
+            let ctx = <[u8; 8]>::try_from(rs.request_ctx.as_slice()).map(u64::from_be_bytes);
+            if let Some(reply) = ctx.ok().and_then(|c| self.reads.remove(&c)) {
+                let _ = reply.send(rs.index);
+            }
+        }
         if !ready.snapshot().is_empty() {
             // We were too far behind the leader's compacted log: take its state whole.
             let snap = ready.snapshot().clone();
@@ -360,6 +408,7 @@ impl Member {
             for (_, (_, reply)) in self.pending.drain() {
                 let _ = reply.send(Err(ProposeError::Dropped));
             }
+            self.reads.clear(); // their callers time out and retry elsewhere
         }
         if self.applied >= self.store.snapshot_index() + self.cfg.snapshot_every {
             self.store.snapshot(&self.state, self.applied)?;
