@@ -194,3 +194,79 @@ pub async fn api_info(as_json: bool) -> Result<()> {
     }
     Ok(())
 }
+
+/// A membership change.
+pub enum MemberOp {
+    /// Add (learner, catch up, promote).
+    Add(u64, String),
+    /// Remove.
+    Remove(u64),
+    /// Hand leadership over.
+    TransferLeader(u64),
+}
+
+/// `admin members list|add|remove|transfer-leader`.
+pub async fn members(op: Option<MemberOp>, as_json: bool) -> Result<()> {
+    let c = connect::client().await?;
+    let status = match op {
+        None => {
+            connect::call(&c, pb::GetClusterStatusRequest {}, |mut c, r| async move {
+                c.get_cluster_status(r).await
+            })
+            .await?
+        }
+        Some(MemberOp::Add(id, url)) => {
+            eprintln!(
+                "Adding member {id} as a learner; it becomes a voter once it has caught up ..."
+            );
+            let req = pb::AddMemberRequest { id, url };
+            connect::call(&c, req, |mut c, r| async move { c.add_member(r).await }).await?
+        }
+        Some(MemberOp::Remove(id)) => {
+            let req = pb::RemoveMemberRequest { id };
+            connect::call(&c, req, |mut c, r| async move { c.remove_member(r).await }).await?
+        }
+        Some(MemberOp::TransferLeader(id)) => {
+            let req = pb::TransferLeaderRequest { id };
+            connect::call(
+                &c,
+                req,
+                |mut c, r| async move { c.transfer_leader(r).await },
+            )
+            .await?
+        }
+    };
+    if as_json {
+        let v = json!({
+            "leader_id": status.leader_id,
+            "term": status.term,
+            "commit_index": status.commit_index,
+            "applied_index": status.applied_index,
+            "members": status.members.iter().map(|m| json!({
+                "id": m.id, "url": m.address, "leader": m.is_leader, "learner": m.is_learner,
+            })).collect::<Vec<_>>(),
+        });
+        println!("{}", serde_json::to_string_pretty(&v)?);
+        return Ok(());
+    }
+    let rows: Vec<Vec<String>> = status
+        .members
+        .iter()
+        .map(|m| {
+            let role = if m.is_leader {
+                "leader"
+            } else if m.is_learner {
+                "learner"
+            } else {
+                "voter"
+            };
+            vec![m.id.to_string(), role.to_string(), m.address.clone()]
+        })
+        .collect();
+    table::print(&["ID", "ROLE", "URL"], &rows);
+    println!(
+        "term {}, commit {}, applied {}",
+        status.term, status.commit_index, status.applied_index
+    );
+    Ok(())
+}

@@ -74,6 +74,48 @@ enum Cmd {
         #[command(subcommand)]
         command: LocalCmd,
     },
+    /// Cluster administration.
+    Admin {
+        #[command(subcommand)]
+        command: AdminCmd,
+    },
+}
+
+#[derive(Subcommand, Debug)]
+enum AdminCmd {
+    /// Coordinator membership.
+    Members {
+        #[command(subcommand)]
+        command: MembersCmd,
+    },
+}
+
+#[derive(Subcommand, Debug)]
+enum MembersCmd {
+    /// Members, their roles and the Raft position.
+    List {
+        /// Machine-readable output.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Add a member (started with `nembo-coordinator --join`): it joins as a
+    /// learner, catches up, then becomes a voter.
+    Add {
+        /// New member id.
+        id: u64,
+        /// Its https:// URL.
+        url: String,
+    },
+    /// Remove a member.
+    Remove {
+        /// Member id.
+        id: u64,
+    },
+    /// Hand leadership to another voter (before maintenance).
+    TransferLeader {
+        /// Member id.
+        id: u64,
+    },
 }
 
 #[derive(Subcommand, Debug)]
@@ -143,6 +185,24 @@ async fn run(cli: Cli) -> Result<i32> {
         Cmd::Api {
             command: ApiCmd::Info { json },
         } => local::api_info(json).await.map(|()| 0),
+        Cmd::Admin {
+            command: AdminCmd::Members { command },
+        } => match command {
+            MembersCmd::List { json } => local::members(None, json).await.map(|()| 0),
+            MembersCmd::Add { id, url } => {
+                local::members(Some(local::MemberOp::Add(id, url)), false)
+                    .await
+                    .map(|()| 0)
+            }
+            MembersCmd::Remove { id } => local::members(Some(local::MemberOp::Remove(id)), false)
+                .await
+                .map(|()| 0),
+            MembersCmd::TransferLeader { id } => {
+                local::members(Some(local::MemberOp::TransferLeader(id)), false)
+                    .await
+                    .map(|()| 0)
+            }
+        },
         Cmd::Local { command } => match command {
             LocalCmd::Up { coordinators } => local::up(coordinators).await.map(|()| 0),
             LocalCmd::Down => local::local_down().await.map(|()| 0),

@@ -17,13 +17,17 @@ use tonic::{Request, Response, Status};
 use crate::convert;
 use crate::error::CoordinatorError;
 use crate::logs::LogKey;
+use crate::raft::ProposeError;
 use crate::server::{now_ms, Ctx};
+use raft::eraftpb::{ConfChangeSingle, ConfChangeType, ConfChangeV2};
 
 /// How long a follower of a finished job's logs waits for output still in
 /// flight from a node whose final log size never arrived.
 const LOG_DRAIN_GRACE: Duration = Duration::from_secs(10);
 const LOG_CHUNK: usize = 64 * 1024;
 const MAX_IDEMPOTENCY_KEY: usize = 256;
+/// How long a new member may take to catch up before it is promoted.
+const MEMBER_CATCH_UP: Duration = Duration::from_secs(30);
 
 /// Serves the public API from the coordinator's context.
 pub struct Api {
@@ -34,6 +38,49 @@ impl Api {
     /// The service over `ctx`.
     pub fn new(ctx: Arc<Ctx>) -> Self {
         Self { ctx }
+    }
+
+    fn cluster_status(&self) -> pb::ClusterStatus {
+        let v = self.ctx.raft.view();
+        let member = |id: &u64, is_learner: bool| pb::Member {
+            id: *id,
+            address: v.members.get(id).cloned().unwrap_or_default(),
+            is_leader: *id == v.leader_id,
+            is_learner,
+        };
+        pb::ClusterStatus {
+            members: v
+                .voters
+                .iter()
+                .map(|id| member(id, false))
+                .chain(v.learners.iter().map(|id| member(id, true)))
+                .collect(),
+            leader_id: v.leader_id,
+            term: v.term,
+            commit_index: v.commit,
+            applied_index: v.applied,
+            snapshot_index: v.snapshot_index,
+            version: env!("CARGO_PKG_VERSION").to_string(),
+        }
+    }
+
+    /// One single-step membership change (never a joint configuration).
+    async fn change(
+        &self,
+        kind: ConfChangeType,
+        id: u64,
+        context: Vec<u8>,
+    ) -> Result<(), CoordinatorError> {
+        let mut single = ConfChangeSingle::default();
+        single.set_change_type(kind);
+        single.node_id = id;
+        let mut cc = ConfChangeV2::default();
+        cc.set_changes(vec![single].into());
+        cc.context = context.into();
+        match self.ctx.raft.change_membership(cc).await? {
+            Outcome::Rejected(r) => Err(rejection(r)),
+            _ => Ok(()),
+        }
     }
 
     fn parse_request(&self, req: &pb::SubmitJobRequest) -> Result<TaskSpec, CoordinatorError> {
@@ -72,6 +119,22 @@ impl Api {
     }
 }
 
+/// A forwarded call whose connection to the leader broke says nothing about
+/// the call: report it as UNAVAILABLE, which clients retry.
+fn forwarded<T>(r: Result<Response<T>, Status>) -> Result<Response<T>, Status> {
+    r.map_err(|s| match s.code() {
+        tonic::Code::Unknown | tonic::Code::Cancelled
+            if s.message().contains("transport") || s.message().contains("canceled") =>
+        {
+            Status::unavailable(format!(
+                "lost the connection to the leader: {}",
+                s.message()
+            ))
+        }
+        _ => s,
+    })
+}
+
 fn parse_job_id(s: &str) -> Result<JobId, CoordinatorError> {
     s.trim()
         .parse()
@@ -94,7 +157,7 @@ impl Coordinator for Api {
         request: Request<pb::SubmitJobRequest>,
     ) -> Result<Response<pb::SubmitJobResponse>, Status> {
         if let Some(mut leader) = self.ctx.leader().await? {
-            return leader.submit_job(request.into_inner()).await;
+            return forwarded(leader.submit_job(request.into_inner()).await);
         }
         let req = request.into_inner();
         let spec = self.parse_request(&req)?;
@@ -126,7 +189,7 @@ impl Coordinator for Api {
         request: Request<pb::SubmitJobRequest>,
     ) -> Result<Response<pb::DryRunResponse>, Status> {
         if let Some(mut leader) = self.ctx.read_route(&request).await? {
-            return leader.dry_run(request.into_inner()).await;
+            return forwarded(leader.dry_run(request.into_inner()).await);
         }
         let spec = self.parse_request(request.get_ref())?;
         let view = self.ctx.raft.view();
@@ -176,7 +239,7 @@ impl Coordinator for Api {
         request: Request<pb::GetJobRequest>,
     ) -> Result<Response<pb::Job>, Status> {
         if let Some(mut leader) = self.ctx.read_route(&request).await? {
-            return leader.get_job(request.into_inner()).await;
+            return forwarded(leader.get_job(request.into_inner()).await);
         }
         let id = parse_job_id(&request.get_ref().job_id)?;
         let view = self.ctx.raft.view();
@@ -193,7 +256,7 @@ impl Coordinator for Api {
         request: Request<pb::ListJobsRequest>,
     ) -> Result<Response<pb::ListJobsResponse>, Status> {
         if let Some(mut leader) = self.ctx.read_route(&request).await? {
-            return leader.list_jobs(request.into_inner()).await;
+            return forwarded(leader.list_jobs(request.into_inner()).await);
         }
         let filter: Vec<_> = request
             .get_ref()
@@ -217,7 +280,7 @@ impl Coordinator for Api {
         request: Request<pb::CancelJobRequest>,
     ) -> Result<Response<pb::CancelJobResponse>, Status> {
         if let Some(mut leader) = self.ctx.leader().await? {
-            return leader.cancel_job(request.into_inner()).await;
+            return forwarded(leader.cancel_job(request.into_inner()).await);
         }
         let id = parse_job_id(&request.get_ref().job_id)?;
         let out = self
@@ -285,7 +348,7 @@ impl Coordinator for Api {
         request: Request<pb::ListNodesRequest>,
     ) -> Result<Response<pb::ListNodesResponse>, Status> {
         if let Some(mut leader) = self.ctx.read_route(&request).await? {
-            return leader.list_nodes(request.into_inner()).await;
+            return forwarded(leader.list_nodes(request.into_inner()).await);
         }
         let view = self.ctx.raft.view();
         let nodes = view
@@ -302,7 +365,7 @@ impl Coordinator for Api {
         request: Request<pb::DownRequest>,
     ) -> Result<Response<pb::DownResponse>, Status> {
         if let Some(mut leader) = self.ctx.leader().await? {
-            return leader.down(request.into_inner()).await;
+            return forwarded(leader.down(request.into_inner()).await);
         }
         let req = request.into_inner();
         let view = self.ctx.raft.view();
@@ -344,24 +407,128 @@ impl Coordinator for Api {
         &self,
         _request: Request<pb::GetClusterStatusRequest>,
     ) -> Result<Response<pb::ClusterStatus>, Status> {
-        let v = self.ctx.raft.view();
-        Ok(Response::new(pb::ClusterStatus {
-            members: v
-                .voters
-                .iter()
-                .map(|id| pb::Member {
-                    id: *id,
-                    address: self.ctx.members.get(id).cloned().unwrap_or_default(),
-                    is_leader: *id == v.leader_id,
-                })
-                .collect(),
-            leader_id: v.leader_id,
-            term: v.term,
-            commit_index: v.commit,
-            applied_index: v.applied,
-            snapshot_index: v.snapshot_index,
-            version: env!("CARGO_PKG_VERSION").to_string(),
-        }))
+        Ok(Response::new(self.cluster_status()))
+    }
+
+    async fn add_member(
+        &self,
+        request: Request<pb::AddMemberRequest>,
+    ) -> Result<Response<pb::ClusterStatus>, Status> {
+        if let Some(mut leader) = self.ctx.leader().await? {
+            return forwarded(leader.add_member(request.into_inner()).await);
+        }
+        let req = request.into_inner();
+        if req.id == 0 {
+            return Err(
+                CoordinatorError::InvalidArgument("id: member ids start at 1".into()).into(),
+            );
+        }
+        if !req.url.starts_with("https://") {
+            return Err(CoordinatorError::InvalidArgument(format!(
+                "url: '{}' must be an https:// URL",
+                req.url
+            ))
+            .into());
+        }
+        let view = self.ctx.raft.view();
+        if view.voters.contains(&req.id) {
+            return Err(CoordinatorError::FailedPrecondition(format!(
+                "member {} is already a voter",
+                req.id
+            ))
+            .into());
+        }
+        let context = serde_json::json!({ "url": req.url })
+            .to_string()
+            .into_bytes();
+        if !view.learners.contains(&req.id) {
+            self.change(ConfChangeType::AddLearnerNode, req.id, context.clone())
+                .await?;
+            // Then compact, so the new member starts from a snapshot that
+            // carries a configuration naming it (raft-rs refuses one that
+            // does not) and everything it has never seen.
+            self.ctx
+                .raft
+                .compact()
+                .await
+                .map_err(CoordinatorError::Storage)?;
+        }
+        // Promote only once the learner holds the log: a voter that lags
+        // would weaken the quorum.
+        let deadline = tokio::time::Instant::now() + MEMBER_CATCH_UP;
+        loop {
+            match self.ctx.raft.progress(req.id).await {
+                Some((matched, last)) if matched >= last => break,
+                None => return Err(CoordinatorError::Propose(ProposeError::Dropped).into()),
+                _ if tokio::time::Instant::now() > deadline => {
+                    return Err(CoordinatorError::FailedPrecondition(format!(
+                        "member {} did not catch up within {}s; it stays a learner (is it running with --join?)",
+                        req.id,
+                        MEMBER_CATCH_UP.as_secs()
+                    ))
+                    .into())
+                }
+                _ => tokio::time::sleep(Duration::from_millis(100)).await,
+            }
+        }
+        self.change(ConfChangeType::AddNode, req.id, context)
+            .await?;
+        Ok(Response::new(self.cluster_status()))
+    }
+
+    async fn remove_member(
+        &self,
+        request: Request<pb::RemoveMemberRequest>,
+    ) -> Result<Response<pb::ClusterStatus>, Status> {
+        if let Some(mut leader) = self.ctx.leader().await? {
+            return forwarded(leader.remove_member(request.into_inner()).await);
+        }
+        let id = request.into_inner().id;
+        let view = self.ctx.raft.view();
+        if !view.voters.contains(&id) && !view.learners.contains(&id) {
+            return Err(CoordinatorError::NotFound(format!("member {id} not found")).into());
+        }
+        if id == view.id {
+            return Err(CoordinatorError::FailedPrecondition(
+                "this member leads: transfer leadership first (nembo admin members transfer-leader)".into(),
+            )
+            .into());
+        }
+        if view.voters == [id] {
+            return Err(CoordinatorError::FailedPrecondition(
+                "cannot remove the last voter".into(),
+            )
+            .into());
+        }
+        self.change(ConfChangeType::RemoveNode, id, Vec::new())
+            .await?;
+        Ok(Response::new(self.cluster_status()))
+    }
+
+    async fn transfer_leader(
+        &self,
+        request: Request<pb::TransferLeaderRequest>,
+    ) -> Result<Response<pb::ClusterStatus>, Status> {
+        if let Some(mut leader) = self.ctx.leader().await? {
+            return forwarded(leader.transfer_leader(request.into_inner()).await);
+        }
+        let id = request.into_inner().id;
+        if !self.ctx.raft.view().voters.contains(&id) {
+            return Err(CoordinatorError::NotFound(format!("voter {id} not found")).into());
+        }
+        self.ctx.raft.transfer_leader(id);
+        let mut views = self.ctx.raft.subscribe();
+        let moved = tokio::time::timeout(
+            Duration::from_secs(5),
+            views.wait_for(|v| v.leader_id == id),
+        )
+        .await;
+        if !matches!(moved, Ok(Ok(_))) {
+            return Err(Status::unavailable(format!(
+                "leadership did not move to {id}; retry"
+            )));
+        }
+        Ok(Response::new(self.cluster_status()))
     }
 }
 

@@ -56,6 +56,10 @@ struct Args {
     /// Parent of the local provider's node dirs (default: <data dir>/nodes).
     #[arg(long)]
     nodes_dir: Option<PathBuf>,
+    /// Start empty and wait to be added to an existing cluster
+    /// (`nembo admin members add ID URL`); --member names the cluster.
+    #[arg(long)]
+    join: bool,
 }
 
 fn parse_member(s: &str) -> Result<(u64, String), String> {
@@ -99,6 +103,7 @@ async fn main() -> anyhow::Result<()> {
         members: a.members.into_iter().collect(),
         cluster_dir: a.cluster_dir,
         nodes_dir: a.nodes_dir,
+        join: a.join,
         ..CoordinatorConfig::new(a.data_dir.clone())
     };
     let pid_file = a.data_dir.join("coordinator.pid");

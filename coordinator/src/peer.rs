@@ -4,7 +4,7 @@
 //! are accepted (the listener asks every client for one and verifies it).
 
 use std::collections::{BTreeMap, HashMap};
-use std::sync::{Arc, OnceLock};
+use std::sync::{Arc, Mutex, OnceLock};
 use std::time::Duration;
 
 use nembo_proto::v1 as pb;
@@ -23,20 +23,71 @@ pub const MAX_PEER_MESSAGE: usize = 512 * 1024 * 1024;
 const QUEUE: usize = 4096;
 const MAX_BATCH: usize = 512;
 
-/// Queues messages for each peer's sender task.
+/// Queues messages for each peer's sender task; peers come and go with
+/// membership changes.
 pub struct PeerTransport {
-    queues: HashMap<u64, mpsc::Sender<Message>>,
+    me: u64,
+    tls: PeerTls,
+    raft: Arc<OnceLock<RaftHandle>>,
+    runtime: tokio::runtime::Handle,
+    // A std mutex: taken on the Raft thread for a map lookup, never held
+    // across an await.
+    queues: Mutex<HashMap<u64, (String, mpsc::Sender<Message>)>>,
 }
 
 impl Transport for PeerTransport {
     fn send(&self, msg: Message) {
-        match self.queues.get(&msg.to) {
+        let queues = self.queues.lock().unwrap_or_else(|p| p.into_inner());
+        match queues.get(&msg.to) {
             // A full queue drops the message; Raft retransmits what matters.
-            Some(q) => {
+            Some((_, q)) => {
                 let _ = q.try_send(msg);
             }
-            None => tracing::warn!(to = msg.to, "raft message for an unknown member"),
+            None => tracing::debug!(
+                to = msg.to,
+                "raft message for a member with no known address"
+            ),
         }
+    }
+
+    fn set_members(&self, members: &BTreeMap<u64, String>) {
+        let mut queues = self.queues.lock().unwrap_or_else(|p| p.into_inner());
+        // Dropping a sender ends its task.
+        queues.retain(|id, (url, _)| members.get(id) == Some(url));
+        for (&id, url) in members {
+            if id == self.me || queues.contains_key(&id) {
+                continue;
+            }
+            match self.sender(id, url) {
+                Ok(tx) => {
+                    queues.insert(id, (url.clone(), tx));
+                }
+                Err(e) => tracing::error!(member = id, %url, error = %e, "cannot reach member"),
+            }
+        }
+    }
+}
+
+impl PeerTransport {
+    fn sender(
+        &self,
+        id: u64,
+        url: &str,
+    ) -> Result<mpsc::Sender<Message>, nembo_proto::client::ConnectError> {
+        let tls = &self.tls;
+        let channel =
+            nembo_proto::client::endpoint_with_identity(url, &tls.ca, Some((&tls.cert, &tls.key)))?
+                .connect_timeout(Duration::from_millis(500))
+                .timeout(Duration::from_secs(10));
+        let (tx, rx) = mpsc::channel(QUEUE);
+        let (me, raft) = (self.me, self.raft.clone());
+        self.runtime.spawn(async move {
+            let client = RaftPeerClient::new(channel.connect_lazy())
+                .max_encoding_message_size(MAX_PEER_MESSAGE)
+                .max_decoding_message_size(MAX_PEER_MESSAGE);
+            send_loop(me, id, client, rx, raft).await
+        });
+        Ok(tx)
     }
 }
 
@@ -51,29 +102,17 @@ pub struct PeerTls {
     pub key: Vec<u8>,
 }
 
-/// Starts one sender task per peer. `raft` is filled in once the member has
-/// started (the member needs the transport first).
-pub fn start(
-    me: u64,
-    peers: &BTreeMap<u64, String>,
-    tls: PeerTls,
-    raft: Arc<OnceLock<RaftHandle>>,
-) -> Result<PeerTransport, nembo_proto::client::ConnectError> {
-    let mut queues = HashMap::new();
-    for (&id, url) in peers.iter().filter(|(id, _)| **id != me) {
-        let channel =
-            nembo_proto::client::endpoint_with_identity(url, &tls.ca, Some((&tls.cert, &tls.key)))?
-                .connect_timeout(Duration::from_millis(500))
-                .timeout(Duration::from_secs(10))
-                .connect_lazy();
-        let client = RaftPeerClient::new(channel)
-            .max_encoding_message_size(MAX_PEER_MESSAGE)
-            .max_decoding_message_size(MAX_PEER_MESSAGE);
-        let (tx, rx) = mpsc::channel(QUEUE);
-        queues.insert(id, tx);
-        tokio::spawn(send_loop(me, id, client, rx, raft.clone()));
+/// A transport for member `me`, with no peers until [`Transport::set_members`].
+/// `raft` is filled in once the member has started (the member needs the
+/// transport first). Call from within the Tokio runtime.
+pub fn start(me: u64, tls: PeerTls, raft: Arc<OnceLock<RaftHandle>>) -> PeerTransport {
+    PeerTransport {
+        me,
+        tls,
+        raft,
+        runtime: tokio::runtime::Handle::current(),
+        queues: Mutex::new(HashMap::new()),
     }
-    Ok(PeerTransport { queues })
 }
 
 async fn send_loop(

@@ -78,6 +78,9 @@ pub struct CoordinatorConfig {
     /// local cluster, so any leader can terminate any node); default:
     /// `<data dir>/nodes`.
     pub nodes_dir: Option<PathBuf>,
+    /// Start with no configuration, to be added to an existing cluster
+    /// (`nembo admin members add`).
+    pub join: bool,
 }
 
 impl CoordinatorConfig {
@@ -99,6 +102,7 @@ impl CoordinatorConfig {
             members: BTreeMap::new(),
             cluster_dir: None,
             nodes_dir: None,
+            join: false,
         }
     }
 }
@@ -132,8 +136,6 @@ pub struct Ctx {
     pub heartbeat_ms: u32,
     /// Grace for stopping jobs.
     pub stop_grace_ms: u32,
-    /// Every member's URL by id (just this one in a single-member cluster).
-    pub members: BTreeMap<u64, String>,
     heartbeats: mpsc::Sender<String>,
     /// How this member reaches the leader to forward a request.
     forward: Forwarder,
@@ -162,7 +164,7 @@ impl Ctx {
             return Ok(None);
         }
         let leader = view.leader_id;
-        let Some(url) = self.members.get(&leader) else {
+        let Some(url) = view.members.get(&leader).cloned() else {
             return Err(Status::unavailable("no leader elected yet; retry shortly"));
         };
         let mut cached = self.forward.cached.lock().await;
@@ -171,7 +173,7 @@ impl Ctx {
                 return Ok(Some(c.clone()));
             }
         }
-        let client = connect(url, &self.forward.ca, &self.forward.token)
+        let client = connect(&url, &self.forward.ca, &self.forward.token)
             .await
             .map_err(|e| Status::unavailable(format!("leader {leader} unreachable: {e}")))?;
         *cached = Some((leader, client.clone()));
@@ -204,10 +206,9 @@ impl Ctx {
     }
 
     /// The leader's URL, for redirecting agents.
-    pub fn leader_url(&self) -> Option<&str> {
-        self.members
-            .get(&self.raft.view().leader_id)
-            .map(String::as_str)
+    pub fn leader_url(&self) -> Option<String> {
+        let view = self.raft.view();
+        view.members.get(&view.leader_id).cloned()
     }
 
     /// Proposes a command whose failure only needs logging (loops retry on
@@ -323,23 +324,24 @@ pub async fn run(
     let key = std::fs::read(&creds.server_key).map_err(startup("server key"))?;
 
     let raft_cell = Arc::new(std::sync::OnceLock::new());
-    let transport: Box<dyn raft::Transport> = if members.len() > 1 {
-        let tls = crate::peer::PeerTls {
-            ca: ca_pem.clone(),
-            cert: cert.clone(),
-            key: key.clone(),
-        };
-        Box::new(
-            crate::peer::start(cfg.member_id, &members, tls, raft_cell.clone())
-                .map_err(|e| CoordinatorError::Internal(format!("peers: {e}")))?,
-        )
-    } else {
-        Box::new(raft::NoPeers)
+    // Even a single member gets a peer transport: members can be added later.
+    let tls = crate::peer::PeerTls {
+        ca: ca_pem.clone(),
+        cert: cert.clone(),
+        key: key.clone(),
     };
+    let transport = Box::new(crate::peer::start(cfg.member_id, tls, raft_cell.clone()));
     let (raft, _raft_thread) = raft::start(
         RaftConfig {
             id: cfg.member_id,
-            voters: members.keys().copied().collect(),
+            // A joining member starts with no configuration: it learns the
+            // cluster's from the leader's snapshot once it is added.
+            voters: if cfg.join {
+                Vec::new()
+            } else {
+                members.keys().copied().collect()
+            },
+            members: members.clone(),
             dir: dir.join("raft"),
             tick: cfg.tick,
             snapshot_every: cfg.snapshot_every,
@@ -348,7 +350,7 @@ pub async fn run(
     )?;
     let _ = raft_cell.set(raft.clone());
 
-    if members.len() == 1 {
+    if members.len() == 1 && !cfg.join {
         // Serve once there is a leader, so the first request is not refused.
         let mut views = raft.subscribe();
         let _ = tokio::time::timeout(cfg.tick * 30, views.wait_for(|v| v.leader_id != 0)).await;
@@ -375,7 +377,6 @@ pub async fn run(
         endpoint: endpoint.clone(),
         heartbeat_ms: cfg.heartbeat_ms,
         stop_grace_ms: cfg.stop_grace_ms,
-        members: members.clone(),
         heartbeats: hb_tx,
         forward: Forwarder {
             ca: ca_pem.clone(),

@@ -160,13 +160,17 @@ where
     loop {
         match f(client.clone(), req.clone()).await {
             Ok(r) => return Ok(r.into_inner()),
-            Err(s)
-                if s.code() == tonic::Code::Unavailable
-                    && tokio::time::Instant::now() < deadline =>
-            {
+            Err(s) if retryable(&s) && tokio::time::Instant::now() < deadline => {
                 tokio::time::sleep(Duration::from_millis(100)).await;
             }
             Err(s) => return Err(s),
         }
     }
+}
+
+/// A failure that says nothing about the call itself: the member was down,
+/// had no leader yet, or the connection broke.
+fn retryable(s: &tonic::Status) -> bool {
+    s.code() == tonic::Code::Unavailable
+        || (s.code() == tonic::Code::Unknown && s.message().contains("transport error"))
 }

@@ -321,6 +321,22 @@ impl Cluster {
         self.root.path().join(format!("member-{id}"))
     }
 
+    /// Starts a new member that waits to be added (`--join`); returns its id.
+    pub fn spawn_joiner(&mut self) -> u64 {
+        let l = std::net::TcpListener::bind("127.0.0.1:0").expect("free port");
+        self.urls.push(format!(
+            "https://127.0.0.1:{}",
+            l.local_addr().expect("addr").port()
+        ));
+        drop(l);
+        self.children.push(None);
+        let id = self.urls.len() as u64;
+        self.extra.push("--join".into());
+        self.spawn(id);
+        self.extra.pop();
+        id
+    }
+
     fn spawn(&mut self, id: u64) {
         let dir = self.member_dir(id);
         std::fs::create_dir_all(&dir).expect("member dir");
@@ -458,6 +474,14 @@ impl Drop for Cluster {
     fn drop(&mut self) {
         for id in 1..=self.children.len() as u64 {
             self.kill9(id);
+        }
+        if std::env::var_os("NEMBO_TEST_KEEP").is_some() {
+            eprintln!("keeping {}", self.root.path().display());
+            let kept = tempfile::Builder::new()
+                .prefix("nembo-cluster")
+                .tempdir()
+                .expect("tempdir");
+            let _ = std::mem::replace(&mut self.root, kept).keep();
         }
         if let Ok(nodes) = std::fs::read_dir(self.root.path().join("nodes")) {
             for n in nodes.flatten() {

@@ -181,8 +181,8 @@ async fn a_member_restarted_with_an_empty_disk_catches_up_from_a_snapshot() {
         "it caught up through a snapshot: {caught_up:?}"
     );
     // And it serves: writes through it land (forwarded to the leader).
-    let mut via = cluster.member_client(follower).await.unwrap();
-    via.submit_job(submit_req("after")).await.unwrap();
+    let via = cluster.member_client(follower).await.unwrap();
+    submit(&via, "after").await.unwrap();
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -281,4 +281,90 @@ async fn reads_are_linearizable_by_default_and_stale_on_request() {
     );
     let jobs = lone.list_jobs(req).await.unwrap().into_inner().jobs;
     assert_eq!(jobs.len(), 5);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_member_is_replaced_through_add_and_remove() {
+    let mut cluster = Cluster::start(3, &["--max-nodes", "0"]).await;
+    let client = cluster.client();
+    for i in 0..10 {
+        submit(&client, &format!("m{i}")).await.unwrap();
+    }
+    // A fourth member joins: learner, catches up from a snapshot, promoted.
+    let new = cluster.spawn_joiner();
+    let req = pb::AddMemberRequest {
+        id: new,
+        url: cluster.urls[new as usize - 1].clone(),
+    };
+    let status = call(
+        &client,
+        req,
+        |mut c, r| async move { c.add_member(r).await },
+    )
+    .await
+    .unwrap();
+    let voters: Vec<u64> = status
+        .members
+        .iter()
+        .filter(|m| !m.is_learner)
+        .map(|m| m.id)
+        .collect();
+    assert_eq!(voters.len(), 4, "{status:?}");
+    assert!(voters.contains(&new));
+    // Retire member 1, handing leadership over first if it leads.
+    let old = 1;
+    if cluster.leader().await == old {
+        let req = pb::TransferLeaderRequest { id: 2 };
+        call(&client, req, |mut c, r| async move {
+            c.transfer_leader(r).await
+        })
+        .await
+        .unwrap();
+    }
+    let req = pb::RemoveMemberRequest { id: old };
+    let status = call(
+        &client,
+        req,
+        |mut c, r| async move { c.remove_member(r).await },
+    )
+    .await
+    .unwrap();
+    assert!(status.members.iter().all(|m| m.id != old), "{status:?}");
+    cluster.kill9(old);
+    // The cluster of 2, 3 and the new member commits, and the new member
+    // holds everything.
+    for i in 10..15 {
+        submit(&client, &format!("m{i}")).await.unwrap();
+    }
+    let mut via_new = cluster.member_client(new).await.unwrap();
+    let mut req = tonic::Request::new(pb::ListJobsRequest::default());
+    req.metadata_mut().insert(
+        "nembo-stale",
+        tonic::metadata::MetadataValue::from_static("true"),
+    );
+    wait_for("the new member to hold every job", SECS(10), || {
+        let mut c = via_new.clone();
+        async move {
+            let mut req = tonic::Request::new(pb::ListJobsRequest::default());
+            req.metadata_mut().insert(
+                "nembo-stale",
+                tonic::metadata::MetadataValue::from_static("true"),
+            );
+            let n = c.list_jobs(req).await.ok()?.into_inner().jobs.len();
+            (n == 15).then_some(())
+        }
+    })
+    .await;
+    // And it can lead: the others step aside.
+    let req = pb::TransferLeaderRequest { id: new };
+    let status = call(&client, req, |mut c, r| async move {
+        c.transfer_leader(r).await
+    })
+    .await
+    .unwrap();
+    assert_eq!(status.leader_id, new);
+    assert!(via_new
+        .list_jobs(pb::ListJobsRequest::default())
+        .await
+        .is_ok());
 }

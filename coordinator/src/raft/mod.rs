@@ -9,7 +9,7 @@
 
 mod store;
 
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
 use std::path::PathBuf;
 use std::sync::mpsc::{self, RecvTimeoutError};
 use std::sync::Arc;
@@ -17,7 +17,7 @@ use std::time::{Duration, Instant};
 
 use nembo_domain::state::{Command, Outcome, State};
 use protobuf::Message as _;
-use raft::eraftpb::{ConfChange, ConfChangeV2, Entry, EntryType, Message};
+use raft::eraftpb::{ConfChange, ConfChangeType, ConfChangeV2, Entry, EntryType, Message};
 use raft::prelude::RawNode;
 use raft::StateRole;
 use tokio::sync::{oneshot, watch};
@@ -30,8 +30,11 @@ pub use store::{NemboStorage, RaftStore};
 pub struct RaftConfig {
     /// This member's id (non-zero).
     pub id: u64,
-    /// Voters of a fresh cluster (ignored once the store has a configuration).
+    /// Voters of a fresh cluster (ignored once the store has a configuration);
+    /// empty for a member that joins an existing cluster.
     pub voters: Vec<u64>,
+    /// Member URLs known at start (this one included); conf changes update them.
+    pub members: BTreeMap<u64, String>,
     /// Data directory for the log and snapshots.
     pub dir: PathBuf,
     /// Raft tick; heartbeat every tick, election after 6-10 silent ticks.
@@ -59,6 +62,10 @@ pub struct ClusterView {
     pub snapshot_index: u64,
     /// Voting members.
     pub voters: Vec<u64>,
+    /// Learners (receive the log, do not vote).
+    pub learners: Vec<u64>,
+    /// URLs of the members, by id.
+    pub members: BTreeMap<u64, String>,
 }
 
 impl ClusterView {
@@ -92,6 +99,8 @@ type Reply = oneshot::Sender<Result<Outcome, ProposeError>>;
 pub trait Transport: Send + 'static {
     /// Queues `msg` for `msg.to`.
     fn send(&self, msg: Message);
+    /// The members (this one included) and their URLs changed.
+    fn set_members(&self, _members: &BTreeMap<u64, String>) {}
 }
 
 /// No peers: a single-member cluster.
@@ -105,10 +114,19 @@ impl Transport for NoPeers {
 
 enum Input {
     Propose(Box<Command>, Reply),
+    ConfChange(Box<ConfChangeV2>, Reply),
+    TransferLeader(u64),
+    /// How far a member's log matches the leader's: (matched, leader's last index).
+    Progress(u64, oneshot::Sender<Option<(u64, u64)>>),
+    /// Snapshot and compact now.
+    Compact(oneshot::Sender<Result<(), String>>),
     ReadIndex(oneshot::Sender<u64>),
     Step(Box<Message>),
     Unreachable(u64),
-    SnapshotDone { to: u64, ok: bool },
+    SnapshotDone {
+        to: u64,
+        ok: bool,
+    },
 }
 
 /// Handle to a running member. Cheap to clone.
@@ -157,6 +175,38 @@ impl RaftHandle {
         .map_err(|_| ProposeError::Dropped)?
         .map_err(|_| ProposeError::Stopped)?;
         Ok(())
+    }
+
+    /// Proposes a membership change; resolves once it is applied. Adds carry
+    /// the new member's URL as the change's context (JSON `{"url": ...}`).
+    pub async fn change_membership(&self, cc: ConfChangeV2) -> Result<Outcome, ProposeError> {
+        let (tx, rx) = oneshot::channel();
+        self.tx
+            .send(Input::ConfChange(Box::new(cc), tx))
+            .map_err(|_| ProposeError::Stopped)?;
+        rx.await.map_err(|_| ProposeError::Stopped)?
+    }
+
+    /// Asks the leader to hand leadership to `to`.
+    pub fn transfer_leader(&self, to: u64) {
+        let _ = self.tx.send(Input::TransferLeader(to));
+    }
+
+    /// On the leader: (matched index of member `id`, leader's last index).
+    pub async fn progress(&self, id: u64) -> Option<(u64, u64)> {
+        let (tx, rx) = oneshot::channel();
+        self.tx.send(Input::Progress(id, tx)).ok()?;
+        rx.await.ok().flatten()
+    }
+
+    /// Snapshots the state and compacts the log now (so that a member added
+    /// next starts from a snapshot that carries the configuration).
+    pub async fn compact(&self) -> Result<(), String> {
+        let (tx, rx) = oneshot::channel();
+        self.tx
+            .send(Input::Compact(tx))
+            .map_err(|_| "raft member stopped".to_string())?;
+        rx.await.map_err(|_| "raft member stopped".to_string())?
     }
 
     /// Feeds a message from another member.
@@ -226,6 +276,13 @@ pub fn start(
         let _ = node.campaign();
     }
     let state = recovered.state;
+    let members = if recovered.members.is_empty() {
+        cfg.members.clone()
+    } else {
+        recovered.members
+    };
+    transport.set_members(&members);
+    let learners = node.raft.prs().conf().learners().iter().copied().collect();
     let view = Arc::new(ClusterView {
         state: Arc::new(state.clone()),
         id: cfg.id,
@@ -235,6 +292,8 @@ pub fn start(
         applied: recovered.applied,
         snapshot_index: recovered.store.snapshot_index(),
         voters,
+        learners,
+        members: members.clone(),
     });
     let (view_tx, view_rx) = watch::channel(view);
     let (tx, rx) = mpsc::channel();
@@ -248,6 +307,7 @@ pub fn start(
         reads: HashMap::new(),
         next_read: 0,
         dirty: false,
+        members,
         transport,
         view_tx,
         cfg: cfg.clone(),
@@ -273,6 +333,8 @@ struct Member {
     replies: Vec<(Reply, Result<Outcome, ProposeError>)>,
     /// Whether anything applied since the last publish changed the state.
     dirty: bool,
+    /// Member URLs, as of the last applied conf change.
+    members: BTreeMap<u64, String>,
     transport: Box<dyn Transport>,
     view_tx: watch::Sender<Arc<ClusterView>>,
     cfg: RaftConfig,
@@ -325,11 +387,57 @@ impl Member {
                 if msg.get_msg_type() == raft::eraftpb::MessageType::MsgHeartbeat {
                     msg.commit = msg.commit.min(self.node.raft.raft_log.last_index());
                 }
+                // A member that joined with no configuration must start from
+                // the leader's snapshot: replaying entries from an empty
+                // configuration would apply conf changes to nothing.
+                let unconfigured = {
+                    let conf = self.node.raft.prs().conf();
+                    conf.voters().ids().iter().next().is_none() && conf.learners().is_empty()
+                };
+                if unconfigured && msg.get_msg_type() == raft::eraftpb::MessageType::MsgAppend {
+                    return;
+                }
                 if let Err(e) = self.node.step(*msg) {
                     tracing::debug!(error = %e, "raft message ignored");
                 }
             }
             Input::Unreachable(id) => self.node.report_unreachable(id),
+            Input::ConfChange(cc, reply) => {
+                if self.node.raft.state != StateRole::Leader {
+                    let _ = reply.send(Err(ProposeError::NotLeader {
+                        leader: self.node.raft.leader_id,
+                    }));
+                    return;
+                }
+                let before = self.node.raft.raft_log.last_index();
+                match self.node.propose_conf_change(vec![], *cc) {
+                    Ok(()) if self.node.raft.raft_log.last_index() > before => {
+                        let index = self.node.raft.raft_log.last_index();
+                        self.pending.insert(index, (self.node.raft.term, reply));
+                    }
+                    // e.g. a change while another is still pending
+                    _ => {
+                        let _ = reply.send(Ok(Outcome::Rejected(
+                            nembo_domain::state::Rejection::Conflict(
+                                "membership change refused (another one is in progress?)".into(),
+                            ),
+                        )));
+                    }
+                }
+            }
+            Input::TransferLeader(to) => self.node.transfer_leader(to),
+            Input::Progress(id, reply) => {
+                let last = self.node.raft.raft_log.last_index();
+                let matched = self.node.raft.prs().get(id).map(|p| (p.matched, last));
+                let _ = reply.send(matched.filter(|_| self.node.raft.state == StateRole::Leader));
+            }
+            Input::Compact(reply) => {
+                let result = self
+                    .store
+                    .snapshot(&self.state, &self.members, self.applied)
+                    .map_err(|e| e.to_string());
+                let _ = reply.send(result);
+            }
             Input::ReadIndex(reply) => {
                 self.next_read += 1;
                 self.reads.insert(self.next_read, reply);
@@ -387,7 +495,12 @@ impl Member {
         if !ready.snapshot().is_empty() {
             // We were too far behind the leader's compacted log: take its state whole.
             let snap = ready.snapshot().clone();
-            self.state = self.store.install_snapshot(&snap)?;
+            let (state, members) = self.store.install_snapshot(&snap)?;
+            self.state = state;
+            if !members.is_empty() {
+                self.members = members;
+                self.transport.set_members(&self.members);
+            }
             self.applied = snap.get_metadata().index;
             self.dirty = true;
             tracing::info!(index = self.applied, "installed snapshot from the leader");
@@ -411,7 +524,8 @@ impl Member {
             self.reads.clear(); // their callers time out and retry elsewhere
         }
         if self.applied >= self.store.snapshot_index() + self.cfg.snapshot_every {
-            self.store.snapshot(&self.state, self.applied)?;
+            self.store
+                .snapshot(&self.state, &self.members, self.applied)?;
         }
         self.publish();
         for (reply, result) in self.replies.drain(..) {
@@ -455,17 +569,53 @@ impl Member {
                         self.replies.push((reply, result));
                     }
                 }
-                EntryType::EntryConfChange | EntryType::EntryConfChangeV2 => {
-                    let fail = |e: &dyn std::fmt::Display| CoordinatorError::Storage(e.to_string());
-                    let applied = if entry.get_entry_type() == EntryType::EntryConfChange {
-                        ConfChange::parse_from_bytes(&entry.data)
-                            .map(|cc| self.node.apply_conf_change(&cc))
-                    } else {
-                        ConfChangeV2::parse_from_bytes(&entry.data)
-                            .map(|cc| self.node.apply_conf_change(&cc))
-                    };
-                    let cs = applied.map_err(|e| fail(&e))?.map_err(|e| fail(&e))?;
-                    self.store.set_conf_state(&cs)?;
+                EntryType::EntryConfChange => {
+                    // We only ever propose V2 changes; a V1 entry carries no URL.
+                    let cc = ConfChange::parse_from_bytes(&entry.data)
+                        .map_err(|e| CoordinatorError::Storage(e.to_string()))?;
+                    let cs = self
+                        .node
+                        .apply_conf_change(&cc)
+                        .map_err(|e| CoordinatorError::Storage(e.to_string()))?;
+                    self.store.set_conf_state(&cs, &self.members)?;
+                }
+                EntryType::EntryConfChangeV2 => {
+                    let cc = ConfChangeV2::parse_from_bytes(&entry.data)
+                        .map_err(|e| CoordinatorError::Storage(e.to_string()))?;
+                    let cs = self
+                        .node
+                        .apply_conf_change(&cc)
+                        .map_err(|e| CoordinatorError::Storage(e.to_string()))?;
+                    let url = serde_json::from_slice::<serde_json::Value>(&cc.context)
+                        .ok()
+                        .and_then(|v| v["url"].as_str().map(str::to_string));
+                    for ch in &cc.changes {
+                        match ch.get_change_type() {
+                            ConfChangeType::AddNode | ConfChangeType::AddLearnerNode => {
+                                if let Some(u) = &url {
+                                    self.members.insert(ch.node_id, u.clone());
+                                }
+                            }
+                            ConfChangeType::RemoveNode => {
+                                self.members.remove(&ch.node_id);
+                                if ch.node_id == self.cfg.id {
+                                    tracing::warn!("this member was removed from the cluster");
+                                }
+                            }
+                        }
+                    }
+                    self.store.set_conf_state(&cs, &self.members)?;
+                    self.transport.set_members(&self.members);
+                    self.dirty = true;
+                    tracing::info!(voters = ?cs.voters, learners = ?cs.learners, "membership changed");
+                    if let Some((term, reply)) = self.pending.remove(&entry.index) {
+                        let result = if term == entry.term {
+                            Ok(Outcome::Applied)
+                        } else {
+                            Err(ProposeError::Dropped)
+                        };
+                        self.replies.push((reply, result));
+                    }
                 }
             }
         }
@@ -499,6 +649,8 @@ impl Member {
             applied: self.applied,
             snapshot_index: self.store.snapshot_index(),
             voters: raft.prs().conf().voters().ids().iter().collect(),
+            learners: raft.prs().conf().learners().iter().copied().collect(),
+            members: self.members.clone(),
         }));
     }
 }
@@ -521,6 +673,7 @@ mod tests {
         RaftConfig {
             id: 1,
             voters: vec![1],
+            members: BTreeMap::new(),
             dir: dir.to_path_buf(),
             tick: Duration::from_millis(10),
             snapshot_every: 4,

@@ -6,6 +6,7 @@
 //! mirror that is only ever written after the same data is durable in
 //! raft-engine, and rebuilt from raft-engine at start.
 
+use std::collections::BTreeMap;
 use std::fs;
 use std::io::Write;
 use std::path::{Path, PathBuf};
@@ -24,6 +25,7 @@ use crate::error::CoordinatorError;
 const GROUP: u64 = 1;
 const KEY_HARD_STATE: &[u8] = b"hard_state";
 const KEY_CONF_STATE: &[u8] = b"conf_state";
+const KEY_MEMBERS: &[u8] = b"members";
 const SNAPSHOT_FILE: &str = "snapshot.json";
 
 /// Tells raft-engine how to index raft-rs entries.
@@ -44,6 +46,9 @@ struct SnapshotFile {
     term: u64,
     voters: Vec<u64>,
     learners: Vec<u64>,
+    /// Member URLs as of `index` (conf changes carry them).
+    #[serde(default)]
+    members: BTreeMap<u64, String>,
     state: State,
 }
 
@@ -105,6 +110,8 @@ pub struct Recovered {
     pub state: State,
     /// Index the state machine reflects; pass as `Config::applied`.
     pub applied: u64,
+    /// Member URLs last persisted (empty on a fresh store).
+    pub members: BTreeMap<u64, String>,
 }
 
 fn storage_err(e: impl std::fmt::Display) -> CoordinatorError {
@@ -126,7 +133,7 @@ impl RaftStore {
         let mem = MemStorage::new();
 
         let mut latest = None;
-        let (state, applied, mut conf) = match read_snapshot(dir)? {
+        let (state, applied, mut conf, mut members) = match read_snapshot(dir)? {
             Some((s, bytes)) => {
                 let snap = to_raft_snapshot(&s, bytes);
                 mem.wl().apply_snapshot(snap.clone()).map_err(storage_err)?;
@@ -136,10 +143,13 @@ impl RaftStore {
                     learners: s.learners,
                     ..Default::default()
                 };
-                (s.state, s.index, Some(cs))
+                (s.state, s.index, Some(cs), s.members)
             }
-            None => (State::default(), 0, None),
+            None => (State::default(), 0, None, BTreeMap::new()),
         };
+        if let Some(bytes) = engine.get(GROUP, KEY_MEMBERS) {
+            members = serde_json::from_slice(&bytes).map_err(storage_err)?;
+        }
 
         if let (Some(first), Some(last)) = (engine.first_index(GROUP), engine.last_index(GROUP)) {
             let from = first.max(applied + 1);
@@ -182,6 +192,7 @@ impl RaftStore {
             },
             state,
             applied,
+            members,
         })
     }
 
@@ -239,11 +250,22 @@ impl RaftStore {
         self.append(&[], Some(&hs), false)
     }
 
-    /// Persists the configuration after a conf change.
-    pub fn set_conf_state(&self, cs: &ConfState) -> Result<(), CoordinatorError> {
+    /// Persists the configuration and member URLs after a conf change.
+    pub fn set_conf_state(
+        &self,
+        cs: &ConfState,
+        members: &BTreeMap<u64, String>,
+    ) -> Result<(), CoordinatorError> {
         let mut batch = LogBatch::default();
         batch
             .put_message(GROUP, KEY_CONF_STATE.to_vec(), cs)
+            .map_err(storage_err)?;
+        batch
+            .put(
+                GROUP,
+                KEY_MEMBERS.to_vec(),
+                serde_json::to_vec(members).map_err(storage_err)?,
+            )
             .map_err(storage_err)?;
         self.engine.write(&mut batch, true).map_err(storage_err)?;
         self.mem.wl().set_conf_state(cs.clone());
@@ -252,7 +274,12 @@ impl RaftStore {
 
     /// Writes the state machine as of `index` durably, then drops the log
     /// before it.
-    pub fn snapshot(&mut self, state: &State, index: u64) -> Result<(), CoordinatorError> {
+    pub fn snapshot(
+        &mut self,
+        state: &State,
+        members: &BTreeMap<u64, String>,
+        index: u64,
+    ) -> Result<(), CoordinatorError> {
         let term = self.mem.term(index).map_err(storage_err)?;
         let cs = self.mem.initial_state().map_err(storage_err)?.conf_state;
         let file = SnapshotFile {
@@ -260,6 +287,7 @@ impl RaftStore {
             term,
             voters: cs.voters.clone(),
             learners: cs.learners.clone(),
+            members: members.clone(),
             state: state.clone(),
         };
         let bytes = serde_json::to_vec(&file).map_err(storage_err)?;
@@ -269,18 +297,52 @@ impl RaftStore {
             .latest
             .lock()
             .unwrap_or_else(|p| p.into_inner()) = Some(to_raft_snapshot(&file, bytes));
-        // Keep the entry at `index` itself: MemStorage derives its last index
-        // from its entries, and would fall back to 0 with none left.
-        self.engine.compact_to(GROUP, index);
-        self.mem.wl().compact(index).map_err(storage_err)?;
+        self.engine.compact_to(GROUP, index + 1);
+        // Compact the in-memory log through `index` itself. MemStorage's
+        // `compact` would leave its snapshot index behind (and derive a last
+        // index of 0 from an empty log), so rebase it on the snapshot and put
+        // back what follows. A member added later then starts from the
+        // snapshot, which carries the configuration it has never seen.
+        let last = self.mem.last_index().map_err(storage_err)?;
+        let rest = if last > index {
+            self.mem
+                .entries(
+                    index + 1,
+                    last + 1,
+                    None,
+                    raft::GetEntriesContext::empty(false),
+                )
+                .map_err(storage_err)?
+        } else {
+            Vec::new()
+        };
+        let mut meta_only = Snapshot::default();
+        let md = meta_only.mut_metadata();
+        md.index = index;
+        md.term = term;
+        md.set_conf_state(cs);
+        let first = self.mem.first_index().map_err(storage_err)?;
+        let mut w = self.mem.wl();
+        let hs = w.hard_state().clone();
+        if first <= index {
+            w.apply_snapshot(meta_only).map_err(storage_err)?;
+            w.set_hardstate(hs);
+            if !rest.is_empty() {
+                w.append(&rest).map_err(storage_err)?;
+            }
+        }
+        drop(w);
         self.engine.purge_expired_files().map_err(storage_err)?;
         self.snapshot_index = index;
         Ok(())
     }
 
     /// Installs a snapshot received from the leader: it replaces the state
-    /// machine and the whole log. Returns the state it carries.
-    pub fn install_snapshot(&mut self, snap: &Snapshot) -> Result<State, CoordinatorError> {
+    /// machine and the whole log. Returns the state and member URLs it carries.
+    pub fn install_snapshot(
+        &mut self,
+        snap: &Snapshot,
+    ) -> Result<(State, BTreeMap<u64, String>), CoordinatorError> {
         let file: SnapshotFile = serde_json::from_slice(&snap.data)
             .map_err(|e| storage_err(format!("snapshot from leader: {e}")))?;
         self.write_snapshot_file(&snap.data)?;
@@ -295,6 +357,13 @@ impl RaftStore {
         batch
             .put_message(GROUP, KEY_CONF_STATE.to_vec(), md.get_conf_state())
             .map_err(storage_err)?;
+        batch
+            .put(
+                GROUP,
+                KEY_MEMBERS.to_vec(),
+                serde_json::to_vec(&file.members).map_err(storage_err)?,
+            )
+            .map_err(storage_err)?;
         self.engine.write(&mut batch, true).map_err(storage_err)?;
         let mut w = self.mem.wl();
         w.apply_snapshot(snap.clone()).map_err(storage_err)?;
@@ -306,7 +375,7 @@ impl RaftStore {
             .lock()
             .unwrap_or_else(|p| p.into_inner()) = Some(snap.clone());
         self.snapshot_index = md.index;
-        Ok(file.state)
+        Ok((file.state, file.members))
     }
 
     fn write_snapshot_file(&self, bytes: &[u8]) -> Result<(), CoordinatorError> {
