@@ -103,15 +103,6 @@ pub trait Transport: Send + 'static {
     fn set_members(&self, _members: &BTreeMap<u64, String>) {}
 }
 
-/// No peers: a single-member cluster.
-pub struct NoPeers;
-
-impl Transport for NoPeers {
-    fn send(&self, msg: Message) {
-        tracing::warn!(to = msg.to, kind = ?msg.msg_type, "dropping raft message: no peer transport");
-    }
-}
-
 enum Input {
     Propose(Box<Command>, Reply),
     ConfChange(Box<ConfChangeV2>, Reply),
@@ -382,8 +373,9 @@ impl Member {
                 // A member restarted without its disk is still counted by the
                 // leader as holding what it had; the leader's heartbeat then
                 // names a commit index beyond our log, which raft-rs treats
-                // as fatal. We can only ever commit what we hold, so clamp:
-                // the leader soon finds the gap and sends a snapshot.
+                // as fatal. We can only ever commit what we hold, so clamp.
+                // (Such a member must still be replaced - removed, then added
+                // back empty with --join - since it forgot its votes.)
                 if msg.get_msg_type() == raft::eraftpb::MessageType::MsgHeartbeat {
                     msg.commit = msg.commit.min(self.node.raft.raft_log.last_index());
                 }
@@ -658,6 +650,15 @@ impl Member {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A member with no peers.
+    struct NoPeers;
+
+    impl Transport for NoPeers {
+        fn send(&self, msg: Message) {
+            panic!("a lone member sent a raft message to {}", msg.to);
+        }
+    }
     use nembo_domain::task::parse_task_yaml;
 
     fn submit(name: &str) -> Command {

@@ -306,8 +306,13 @@ async fn time_to_first_write(survivors: &[Writer]) -> f64 {
 
 #[tokio::main]
 async fn main() {
+    let only_catchup = std::env::args().any(|a| a == "--only-catchup");
     let seconds = arg("--seconds", 5);
-    let trials = arg("--trials", 15) as usize;
+    let trials = if only_catchup {
+        0
+    } else {
+        arg("--trials", 15) as usize
+    };
     let levels = [1usize, 16, 64, 256];
     let mut doc = json!({});
 
@@ -315,7 +320,7 @@ async fn main() {
     let mut cluster = Cluster::start(3, &["--max-nodes", "0"]).await;
     let leader = cluster.leader().await;
     let mut nembo_rows = Vec::new();
-    for &clients in &levels {
+    for &clients in levels.iter().filter(|_| !only_catchup) {
         let mut writers = Vec::new();
         for _ in 0..clients.div_ceil(10) {
             writers.push(Writer::Nembo(
@@ -352,12 +357,62 @@ async fn main() {
             tokio::time::sleep(Duration::from_millis(50)).await;
         }
     }
+    // Snapshot catch-up: a member restarted with an empty disk, `jobs` jobs
+    // in the state (submitted 256 at a time).
+    let jobs = arg("--catchup-jobs", 100_000);
+    let leader = cluster.leader().await;
+    let writer = cluster.member_client(leader).await.expect("leader client");
+    let target_jobs = jobs as usize;
+    let mut submitted = 0usize;
+    while submitted < target_jobs {
+        let batch: Vec<_> = (submitted..(submitted + 256).min(target_jobs))
+            .map(|n| {
+                let w = Writer::Nembo(writer.clone());
+                tokio::spawn(async move { w.write(n as u64, 7_000_000).await.is_ok() })
+            })
+            .collect();
+        for t in batch {
+            if t.await.unwrap_or(false) {
+                submitted += 1;
+            }
+        }
+    }
+    // A new, empty member joins (as a replacement for a lost disk would):
+    // learner, snapshot, promotion.
+    let joiner = cluster.spawn_joiner();
+    let url = cluster.urls[joiner as usize - 1].clone();
+    let t0 = Instant::now();
+    let added = nembo_proto::client::call(
+        &writer,
+        pb::AddMemberRequest { id: joiner, url },
+        |mut c, r| async move { c.add_member(r).await },
+    )
+    .await;
+    let catchup_ms = if added.is_ok() {
+        t0.elapsed().as_secs_f64() * 1000.0
+    } else {
+        eprintln!("add member failed: {added:?}");
+        f64::NAN
+    };
+    let snapshot_bytes = std::fs::metadata(
+        cluster
+            .member_dir(leader)
+            .join("raft")
+            .join("snapshot.json"),
+    )
+    .map(|m| m.len())
+    .unwrap_or(0);
+    doc["snapshot_catchup"] = json!({
+        "jobs": submitted,
+        "ms_to_add_a_member": catchup_ms,
+        "leader_snapshot_bytes": snapshot_bytes,
+    });
     drop(cluster);
 
     // etcd, three members, same machine, same run.
     let mut etcd_rows = Vec::new();
     let mut etcd_failover = Vec::new();
-    if let Some(mut etcd) = Etcd::start() {
+    if let Some(mut etcd) = Etcd::start().filter(|_| !only_catchup) {
         let ok = wait_until(|| etcd.leader().is_some(), Duration::from_secs(20)).await;
         if ok {
             let li = etcd.leader().unwrap_or(0);
@@ -426,6 +481,12 @@ async fn main() {
             s["max_ms"].as_f64().unwrap_or(f64::NAN)
         );
     }
+    println!(
+        "Snapshot catch-up: a new member added (learner, snapshot, promotion) with {} jobs in the state: {:.0} ms (leader's snapshot file {} bytes)",
+        doc["snapshot_catchup"]["jobs"],
+        doc["snapshot_catchup"]["ms_to_add_a_member"].as_f64().unwrap_or(f64::NAN),
+        doc["snapshot_catchup"]["leader_snapshot_bytes"]
+    );
     doc["nembo_writes"] = json!(nembo_rows);
     doc["etcd_writes"] = json!(etcd_rows);
     doc["nembo_failover"] = nf;
