@@ -15,25 +15,8 @@ use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use nembo_proto::v1 as pb;
-use nembo_tests::{bin, Coordinator};
+use nembo_tests::{bin, cli_arg, percentile, Coordinator};
 use serde_json::json;
-
-fn pct(sorted: &[f64], p: f64) -> f64 {
-    if sorted.is_empty() {
-        return f64::NAN;
-    }
-    let i = ((sorted.len() as f64 - 1.0) * p).round() as usize;
-    sorted[i.min(sorted.len() - 1)]
-}
-
-fn arg(name: &str, default: u64) -> u64 {
-    let args: Vec<String> = std::env::args().collect();
-    args.iter()
-        .position(|a| a == name)
-        .and_then(|i| args.get(i + 1))
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(default)
-}
 
 /// Runs `nembo launch` and returns ms until its first stdout line.
 fn launch_once(c: &Coordinator, task: &std::path::Path) -> f64 {
@@ -87,8 +70,13 @@ async fn down_all(c: &Coordinator) {
 }
 
 fn summary(mut v: Vec<f64>) -> serde_json::Value {
-    v.sort_by(|a, b| a.partial_cmp(b).unwrap_or(std::cmp::Ordering::Equal));
-    json!({ "n": v.len(), "p50_ms": pct(&v, 0.5), "p99_ms": pct(&v, 0.99), "min_ms": pct(&v, 0.0), "max_ms": pct(&v, 1.0) })
+    json!({
+        "n": v.len(),
+        "p50_ms": percentile(&mut v, 0.5),
+        "p99_ms": percentile(&mut v, 0.99),
+        "min_ms": percentile(&mut v, 0.0),
+        "max_ms": percentile(&mut v, 1.0),
+    })
 }
 
 async fn submit_load(c: &Coordinator, clients: usize, seconds: u64) -> serde_json::Value {
@@ -143,9 +131,9 @@ async fn submit_load(c: &Coordinator, clients: usize, seconds: u64) -> serde_jso
 
 #[tokio::main]
 async fn main() {
-    let launches = arg("--launches", 20) as usize;
+    let launches = cli_arg("--launches", 20) as usize;
     let skip_launch = std::env::args().any(|a| a == "--no-launch");
-    let seconds = arg("--seconds", 5);
+    let seconds = cli_arg("--seconds", 5);
 
     let c = Coordinator::start(&[]).await;
     let task = c.dir.path().join("first-line.yaml");

@@ -16,26 +16,9 @@ use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use nembo_proto::v1 as pb;
-use nembo_tests::Cluster;
+use nembo_tests::{cli_arg, percentile, Cluster};
 use serde_json::json;
 use tonic::transport::Channel;
-
-fn arg(name: &str, default: u64) -> u64 {
-    let args: Vec<String> = std::env::args().collect();
-    args.iter()
-        .position(|a| a == name)
-        .and_then(|i| args.get(i + 1))
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(default)
-}
-
-fn pct(v: &mut [f64], p: f64) -> f64 {
-    if v.is_empty() {
-        return f64::NAN;
-    }
-    v.sort_by(|a, b| a.partial_cmp(b).unwrap_or(std::cmp::Ordering::Equal));
-    v[((v.len() as f64 - 1.0) * p).round() as usize]
-}
 
 /// etcd's `KV/Put`, declared by hand: only the fields we send.
 #[derive(Clone, PartialEq, prost::Message)]
@@ -120,8 +103,8 @@ async fn load(writers: Vec<Writer>, clients: usize, seconds: u64) -> serde_json:
         "clients": clients,
         "connections": writers.len(),
         "per_sec": per_sec.round(),
-        "p50_ms": pct(&mut all, 0.5),
-        "p99_ms": pct(&mut all, 0.99),
+        "p50_ms": percentile(&mut all, 0.5),
+        "p99_ms": percentile(&mut all, 0.99),
     })
 }
 
@@ -307,11 +290,11 @@ async fn time_to_first_write(survivors: &[Writer]) -> f64 {
 #[tokio::main]
 async fn main() {
     let only_catchup = std::env::args().any(|a| a == "--only-catchup");
-    let seconds = arg("--seconds", 5);
+    let seconds = cli_arg("--seconds", 5);
     let trials = if only_catchup {
         0
     } else {
-        arg("--trials", 15) as usize
+        cli_arg("--trials", 15) as usize
     };
     let levels = [1usize, 16, 64, 256];
     let mut doc = json!({});
@@ -359,7 +342,7 @@ async fn main() {
     }
     // Snapshot catch-up: a member restarted with an empty disk, `jobs` jobs
     // in the state (submitted 256 at a time).
-    let jobs = arg("--catchup-jobs", 100_000);
+    let jobs = cli_arg("--catchup-jobs", 100_000);
     let leader = cluster.leader().await;
     let writer = cluster.member_client(leader).await.expect("leader client");
     let target_jobs = jobs as usize;
@@ -462,8 +445,8 @@ async fn main() {
         );
     }
     let summarize = |v: &mut Vec<f64>| {
-        let min = pct(v, 0.0);
-        json!({ "trials_ms": v.clone(), "min_ms": min, "median_ms": pct(v, 0.5), "max_ms": pct(v, 1.0) })
+        let min = percentile(v, 0.0);
+        json!({ "trials_ms": v.clone(), "min_ms": min, "median_ms": percentile(v, 0.5), "max_ms": percentile(v, 1.0) })
     };
     let nf = summarize(&mut nembo_failover);
     let ef = summarize(&mut etcd_failover);
