@@ -83,6 +83,8 @@ pub async fn run(
                 tracing::info!(leader = %leader, "redirected to the leader");
                 url = leader;
                 backoff = Duration::from_millis(100);
+                // Two members may name each other while an election settles.
+                tokio::time::sleep(Duration::from_millis(20)).await;
                 continue;
             }
             SessionEnd::Retry(why) => {
