@@ -171,6 +171,10 @@ where
 /// A failure that says nothing about the call itself: the member was down,
 /// had no leader yet, or the connection broke.
 fn retryable(s: &tonic::Status) -> bool {
+    use std::error::Error as _;
+    let transport = s
+        .source()
+        .is_some_and(|e| e.downcast_ref::<tonic::transport::Error>().is_some());
     s.code() == tonic::Code::Unavailable
-        || (s.code() == tonic::Code::Unknown && s.message().contains("transport error"))
+        || (matches!(s.code(), tonic::Code::Unknown | tonic::Code::Cancelled) && transport)
 }
