@@ -77,8 +77,7 @@ impl PeerTransport {
         let tls = &self.tls;
         let channel =
             nembo_proto::client::endpoint_with_identity(url, &tls.ca, Some((&tls.cert, &tls.key)))?
-                .connect_timeout(Duration::from_millis(500))
-                .timeout(Duration::from_secs(10));
+                .connect_timeout(Duration::from_millis(500));
         let (tx, rx) = mpsc::channel(QUEUE);
         let (me, raft) = (self.me, self.raft.clone());
         self.runtime.spawn(async move {
@@ -122,32 +121,49 @@ async fn send_loop(
     mut rx: mpsc::Receiver<Message>,
     raft: Arc<OnceLock<RaftHandle>>,
 ) {
-    while let Some(first) = rx.recv().await {
-        let mut batch = vec![first];
-        while batch.len() < MAX_BATCH {
-            match rx.try_recv() {
-                Ok(m) => batch.push(m),
-                Err(_) => break,
-            }
-        }
-        let has_snapshot = batch
-            .iter()
-            .any(|m| m.get_msg_type() == MessageType::MsgSnapshot);
-        let messages = batch
-            .iter()
-            .filter_map(|m| m.write_to_bytes().ok())
-            .collect();
-        let ok = client
-            .send(pb::RaftBatch { from: me, messages })
-            .await
-            .is_ok();
+    let report = |ok: bool, snapshot: bool| {
         if let Some(raft) = raft.get() {
             if !ok {
                 raft.report_unreachable(to);
             }
-            if has_snapshot {
+            if snapshot {
                 raft.report_snapshot(to, ok);
             }
+        }
+    };
+    // One stream at a time; reopened whenever it breaks.
+    loop {
+        let (stream_tx, stream_rx) = mpsc::channel::<pb::RaftBatch>(64);
+        let mut call =
+            Box::pin(client.stream(tokio_stream::wrappers::ReceiverStream::new(stream_rx)));
+        let broken = loop {
+            tokio::select! {
+                first = rx.recv() => {
+                    let Some(first) = first else { return };
+                    let mut batch = vec![first];
+                    while batch.len() < MAX_BATCH {
+                        match rx.try_recv() {
+                            Ok(m) => batch.push(m),
+                            Err(_) => break,
+                        }
+                    }
+                    let has_snapshot = batch.iter().any(|m| m.get_msg_type() == MessageType::MsgSnapshot);
+                    let messages = batch.iter().filter_map(|m| m.write_to_bytes().ok()).collect();
+                    let sent = stream_tx.send(pb::RaftBatch { from: me, messages }).await.is_ok();
+                    report(sent, has_snapshot);
+                    if !sent {
+                        break true;
+                    }
+                }
+                _ = &mut call => break true,
+            }
+        };
+        if broken {
+            report(false, false);
+            // Drop what queued up meanwhile (Raft resends what matters) and
+            // give the peer a moment before reconnecting.
+            tokio::time::sleep(Duration::from_millis(50)).await;
+            while rx.try_recv().is_ok() {}
         }
     }
 }
@@ -166,7 +182,10 @@ impl PeerService {
 
 #[tonic::async_trait]
 impl RaftPeer for PeerService {
-    async fn send(&self, request: Request<pb::RaftBatch>) -> Result<Response<pb::RaftAck>, Status> {
+    async fn stream(
+        &self,
+        request: Request<tonic::Streaming<pb::RaftBatch>>,
+    ) -> Result<Response<pb::RaftAck>, Status> {
         // The TLS layer verified any certificate against the cluster CA;
         // here we insist there was one. Clients and agents present none.
         if request.peer_certs().is_none_or(|c| c.is_empty()) {
@@ -174,10 +193,15 @@ impl RaftPeer for PeerService {
                 "raft traffic needs a member certificate signed by the cluster CA",
             ));
         }
-        for bytes in &request.get_ref().messages {
-            match Message::parse_from_bytes(bytes) {
-                Ok(m) => self.raft.step(m),
-                Err(e) => return Err(Status::invalid_argument(format!("bad raft message: {e}"))),
+        let mut batches = request.into_inner();
+        while let Some(batch) = batches.message().await? {
+            for bytes in &batch.messages {
+                match Message::parse_from_bytes(bytes) {
+                    Ok(m) => self.raft.step(m),
+                    Err(e) => {
+                        return Err(Status::invalid_argument(format!("bad raft message: {e}")))
+                    }
+                }
             }
         }
         Ok(Response::new(pb::RaftAck {}))
