@@ -367,6 +367,12 @@ pub fn plan(state: &State, offerings: &[Offering], policy: Policy, now_ms: i64) 
             });
         }
     }
+    // With no node to place on and no room to provision, a backlog of pending
+    // jobs cannot move: do not scan it on every state change.
+    let any_ready = state.nodes.values().any(|n| n.state == NodeState::Ready);
+    if !any_ready && live_nodes >= u64::from(policy.max_nodes) {
+        return out;
+    }
     for job in state.active_jobs().filter(|j| j.state == JobState::Pending) {
         // At the node cap only existing nodes can help: skip ranking offerings.
         let room = live_nodes + u64::from(job.spec.num_nodes) <= u64::from(policy.max_nodes);
