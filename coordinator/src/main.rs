@@ -110,7 +110,8 @@ async fn main() -> anyhow::Result<()> {
     std::fs::create_dir_all(&a.data_dir)
         .with_context(|| format!("create {}", a.data_dir.display()))?;
     std::fs::write(&pid_file, std::process::id().to_string()).context("write pid file")?;
-    let shutdown = async {
+    let grace_pid_file = pid_file.clone();
+    let shutdown = async move {
         let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
             .expect("install SIGTERM handler");
         tokio::select! {
@@ -118,6 +119,13 @@ async fn main() -> anyhow::Result<()> {
             _ = tokio::signal::ctrl_c() => {}
         }
         tracing::info!("shutting down");
+        // Graceful shutdown waits for open calls, and peer and agent streams
+        // never end on their own: give them a moment, then go.
+        tokio::spawn(async move {
+            tokio::time::sleep(std::time::Duration::from_secs(2)).await;
+            let _ = std::fs::remove_file(&grace_pid_file);
+            std::process::exit(0);
+        });
     };
     let result = run(cfg, shutdown).await;
     let _ = std::fs::remove_file(&pid_file);

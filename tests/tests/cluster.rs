@@ -369,3 +369,51 @@ async fn a_member_is_replaced_through_add_and_remove() {
         .await
         .is_ok());
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn local_up_with_three_coordinators_launches_and_local_down_stops_everything() {
+    let home = tempfile::tempdir().unwrap();
+    let nembo = |args: &[&str]| {
+        std::process::Command::new(nembo_tests::bin("nembo"))
+            .args(args)
+            .env("NEMBO_HOME", home.path())
+            .env("NEMBO_AGENT_BIN", nembo_tests::bin("nembo-agent"))
+            .env(
+                "NEMBO_COORDINATOR_BIN",
+                nembo_tests::bin("nembo-coordinator"),
+            )
+            .output()
+            .unwrap()
+    };
+    let up = nembo(&["local", "up", "--coordinators", "3"]);
+    assert!(up.status.success(), "{up:?}");
+    let info: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(home.path().join("cluster/api.json")).unwrap())
+            .unwrap();
+    let pids: Vec<i32> = info["pids"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|p| p.as_i64().unwrap() as i32)
+        .collect();
+    assert_eq!(pids.len(), 3);
+    let task = home.path().join("t.yaml");
+    std::fs::write(&task, "run: echo from-the-cluster\n").unwrap();
+    let launch = nembo(&["launch", task.to_str().unwrap()]);
+    assert!(launch.status.success(), "{launch:?}");
+    assert!(String::from_utf8_lossy(&launch.stdout).contains("from-the-cluster"));
+    let members = nembo(&["admin", "members", "list"]);
+    assert_eq!(
+        String::from_utf8_lossy(&members.stdout)
+            .matches("https://")
+            .count(),
+        3
+    );
+    let down = nembo(&["local", "down"]);
+    assert!(down.status.success(), "{down:?}");
+    wait_for("every coordinator to exit", SECS(10), || {
+        let gone = pids.iter().all(|p| !nembo_tests::alive(*p));
+        async move { gone.then_some(()) }
+    })
+    .await;
+}
