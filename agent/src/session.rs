@@ -210,18 +210,7 @@ fn msg(m: AgentMsg) -> pb::AgentMessage {
 }
 
 fn read_token(path: &std::path::Path) -> Result<String, AgentError> {
-    use std::os::unix::fs::PermissionsExt;
-    let meta = std::fs::metadata(path)
-        .map_err(|e| AgentError::Setup(format!("{}: {e}", path.display())))?;
-    if meta.permissions().mode() & 0o077 != 0 {
-        return Err(AgentError::Setup(format!(
-            "{} is readable by other users; run chmod 600 on it",
-            path.display()
-        )));
-    }
-    std::fs::read_to_string(path)
-        .map(|s| s.trim().to_string())
-        .map_err(|e| AgentError::Setup(format!("{}: {e}", path.display())))
+    nembo_proto::client::read_secret(path).map_err(|e| AgentError::Setup(e.to_string()))
 }
 
 fn hostname() -> String {

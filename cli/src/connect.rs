@@ -303,15 +303,7 @@ where
 }
 
 fn read_token(path: &Path) -> Result<String> {
-    use std::os::unix::fs::PermissionsExt;
-    let meta = std::fs::metadata(path).with_context(|| format!("read token {}", path.display()))?;
-    if meta.permissions().mode() & 0o077 != 0 {
-        bail!(
-            "{} is readable by other users; run chmod 600 on it",
-            path.display()
-        );
-    }
-    Ok(std::fs::read_to_string(path)?.trim().to_string())
+    nembo_proto::client::read_secret(path).context("read token")
 }
 
 /// A connected client, starting the local coordinator if nothing is configured.

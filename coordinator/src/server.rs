@@ -130,8 +130,6 @@ pub struct Ctx {
     pub providers: BTreeMap<String, Arc<dyn Provider>>,
     /// Every provider's offerings.
     pub offerings: Vec<Offering>,
-    /// Our endpoint.
-    pub endpoint: String,
     /// Heartbeat period given to agents.
     pub heartbeat_ms: u32,
     /// Grace for stopping jobs.
@@ -374,7 +372,6 @@ pub async fn run(
         logs: LogStore::new(dir.join("logs")).map_err(startup("logs dir"))?,
         providers,
         offerings,
-        endpoint: endpoint.clone(),
         heartbeat_ms: cfg.heartbeat_ms,
         stop_grace_ms: cfg.stop_grace_ms,
         heartbeats: hb_tx,

@@ -4,7 +4,7 @@
 use std::fs;
 use std::io::Write;
 use std::net::IpAddr;
-use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
+use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
 
 use rcgen::{BasicConstraints, CertificateParams, DnType, IsCa, KeyPair, KeyUsagePurpose, SanType};
@@ -38,9 +38,9 @@ pub enum CredentialError {
     /// Certificate generation.
     #[error("certificate: {0}")]
     Cert(#[from] rcgen::Error),
-    /// A secret file others can read.
-    #[error("{0} is readable by other users; run chmod 600 on it")]
-    Exposed(String),
+    /// A secret file that is unreadable or readable by others.
+    #[error(transparent)]
+    Secret(#[from] nembo_proto::client::SecretError),
 }
 
 fn io(path: &Path) -> impl FnOnce(std::io::Error) -> CredentialError + '_ {
@@ -67,14 +67,7 @@ pub fn write_secret(path: &Path, data: &[u8]) -> Result<(), CredentialError> {
 
 /// Reads a secret file, refusing one that group or others can read.
 pub fn read_secret(path: &Path) -> Result<String, CredentialError> {
-    let meta = fs::metadata(path).map_err(io(path))?;
-    if meta.permissions().mode() & 0o077 != 0 {
-        return Err(CredentialError::Exposed(path.display().to_string()));
-    }
-    Ok(fs::read_to_string(path)
-        .map_err(io(path))?
-        .trim()
-        .to_string())
+    Ok(nembo_proto::client::read_secret(path)?)
 }
 
 /// 256 random bits, hex.
@@ -214,6 +207,7 @@ pub fn token_matches(presented: &str, expected: &str) -> bool {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::os::unix::fs::PermissionsExt;
 
     #[test]
     fn credentials_are_created_once_with_private_modes() {
@@ -238,7 +232,9 @@ mod tests {
         fs::set_permissions(&c.token, fs::Permissions::from_mode(0o644)).unwrap();
         assert!(matches!(
             read_secret(&c.token),
-            Err(CredentialError::Exposed(_))
+            Err(CredentialError::Secret(
+                nembo_proto::client::SecretError::Exposed(_)
+            ))
         ));
     }
 

@@ -59,21 +59,6 @@ impl Resources {
         out.memory_gb -= other.memory_gb;
         out
     }
-
-    /// Accelerators as `H100:8`, or `-`.
-    pub fn accelerator_summary(&self) -> String {
-        let parts: Vec<String> = self
-            .accelerators
-            .iter()
-            .filter(|(_, n)| **n > 0.0)
-            .map(|(k, n)| format!("{k}:{}", crate::task::fmt_num(*n)))
-            .collect();
-        if parts.is_empty() {
-            "-".into()
-        } else {
-            parts.join(",")
-        }
-    }
 }
 
 /// Life of a job, as clients see it.

@@ -32,6 +32,40 @@ impl tonic::service::Interceptor for BearerToken {
     }
 }
 
+/// Why a secret file (token, key) could not be used.
+#[derive(Debug, thiserror::Error)]
+pub enum SecretError {
+    /// It could not be read.
+    #[error("{path}: {source}")]
+    Io {
+        /// Which file.
+        path: String,
+        /// Why.
+        source: std::io::Error,
+    },
+    /// Group or others can read it.
+    #[error("{0} is readable by other users; run chmod 600 on it")]
+    Exposed(String),
+}
+
+/// Reads a secret file (trimmed), refusing one that group or others can
+/// read. Every binary reads tokens and keys through this one check.
+pub fn read_secret(path: &std::path::Path) -> Result<String, SecretError> {
+    use std::os::unix::fs::PermissionsExt;
+    let io = |source| SecretError::Io {
+        path: path.display().to_string(),
+        source,
+    };
+    let meta = std::fs::metadata(path).map_err(io)?;
+    if meta.permissions().mode() & 0o077 != 0 {
+        return Err(SecretError::Exposed(path.display().to_string()));
+    }
+    Ok(std::fs::read_to_string(path)
+        .map_err(io)?
+        .trim()
+        .to_string())
+}
+
 /// Why a connection could not be set up.
 #[derive(Debug, thiserror::Error)]
 pub enum ConnectError {
