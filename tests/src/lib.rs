@@ -266,30 +266,36 @@ impl Coordinator {
 impl Drop for Coordinator {
     fn drop(&mut self) {
         self.kill9();
-        if std::env::var_os("NEMBO_TEST_KEEP").is_some() {
-            eprintln!("keeping {}", self.dir.path().display());
-            let kept = tempfile::Builder::new()
-                .prefix("nembo-test")
-                .tempdir()
-                .expect("tempdir");
-            let dir = std::mem::replace(&mut self.dir, kept);
-            let _ = dir.keep();
-        }
-        // Take the local nodes and their jobs down with the test.
-        if let Ok(nodes) = std::fs::read_dir(self.dir.path().join("nodes")) {
-            for n in nodes.flatten() {
-                if let Ok(jobs) = std::fs::read_dir(n.path().join("jobs")) {
-                    for j in jobs.flatten() {
-                        if let Some(pgid) = read_pid(&j.path().join("pid")) {
-                            let _ = killpg(Pid::from_raw(pgid), Signal::SIGKILL);
-                        }
+        let nodes = self.dir.path().join("nodes");
+        tear_down(&mut self.dir, &nodes, "nembo-test");
+    }
+}
+
+/// Takes the local nodes under `nodes` (agents and their jobs' process
+/// groups) down with the test, then keeps `dir` for inspection when
+/// `NEMBO_TEST_KEEP` is set (it is removed on drop otherwise).
+fn tear_down(dir: &mut tempfile::TempDir, nodes: &Path, prefix: &str) {
+    if let Ok(entries) = std::fs::read_dir(nodes) {
+        for n in entries.flatten() {
+            if let Ok(jobs) = std::fs::read_dir(n.path().join("jobs")) {
+                for j in jobs.flatten() {
+                    if let Some(pgid) = read_pid(&j.path().join("pid")) {
+                        let _ = killpg(Pid::from_raw(pgid), Signal::SIGKILL);
                     }
                 }
-                if let Some(pid) = read_pid(&n.path().join("agent.pid")) {
-                    let _ = kill(Pid::from_raw(pid), Signal::SIGKILL);
-                }
+            }
+            if let Some(pid) = read_pid(&n.path().join("agent.pid")) {
+                let _ = kill(Pid::from_raw(pid), Signal::SIGKILL);
             }
         }
+    }
+    if std::env::var_os("NEMBO_TEST_KEEP").is_some() {
+        eprintln!("keeping {}", dir.path().display());
+        let fresh = tempfile::Builder::new()
+            .prefix(prefix)
+            .tempdir()
+            .expect("tempdir");
+        let _ = std::mem::replace(dir, fresh).keep();
     }
 }
 
@@ -494,27 +500,7 @@ impl Drop for Cluster {
         for id in 1..=self.children.len() as u64 {
             self.kill9(id);
         }
-        if std::env::var_os("NEMBO_TEST_KEEP").is_some() {
-            eprintln!("keeping {}", self.root.path().display());
-            let kept = tempfile::Builder::new()
-                .prefix("nembo-cluster")
-                .tempdir()
-                .expect("tempdir");
-            let _ = std::mem::replace(&mut self.root, kept).keep();
-        }
-        if let Ok(nodes) = std::fs::read_dir(self.root.path().join("nodes")) {
-            for n in nodes.flatten() {
-                if let Some(pid) = read_pid(&n.path().join("agent.pid")) {
-                    let _ = kill(Pid::from_raw(pid), Signal::SIGKILL);
-                }
-                if let Ok(jobs) = std::fs::read_dir(n.path().join("jobs")) {
-                    for j in jobs.flatten() {
-                        if let Some(pgid) = read_pid(&j.path().join("pid")) {
-                            let _ = killpg(Pid::from_raw(pgid), Signal::SIGKILL);
-                        }
-                    }
-                }
-            }
-        }
+        let nodes = self.root.path().join("nodes");
+        tear_down(&mut self.root, &nodes, "nembo-cluster");
     }
 }
