@@ -5,6 +5,9 @@
 //! The binaries are taken from the target dir this test runs from; build
 //! them first (`cargo build --workspace`, as the README's test command does).
 
+pub mod history;
+pub mod sim;
+
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};
 use std::time::{Duration, Instant};

@@ -231,15 +231,31 @@ pub fn start(
     cfg: RaftConfig,
     transport: Box<dyn Transport>,
 ) -> Result<(RaftHandle, std::thread::JoinHandle<()>), CoordinatorError> {
+    // At a 100 ms tick: heartbeats every 100 ms, elections after a random
+    // 0.6-1.0 s of silence (etcd: 1-2 s). The spread keeps split votes rare;
+    // the low end bounds failover (measured in BENCHMARKS.md).
+    let (mut member, view) = open_member(cfg.clone(), transport, 6..10)?;
+    let (tx, rx) = mpsc::channel();
+    let join = std::thread::Builder::new()
+        .name(format!("raft-{}", cfg.id))
+        .spawn(move || member.run(rx))
+        .map_err(|e| CoordinatorError::Storage(format!("spawn raft thread: {e}")))?;
+    Ok((RaftHandle { tx, view }, join))
+}
+
+/// Recovers a member from its store. `election` is the range (in ticks)
+/// raft-rs draws each election timeout from.
+fn open_member(
+    cfg: RaftConfig,
+    transport: Box<dyn Transport>,
+    election: std::ops::Range<usize>,
+) -> Result<(Member, watch::Receiver<Arc<ClusterView>>), CoordinatorError> {
     let recovered = RaftStore::open(&cfg.dir, &cfg.voters)?;
     let raft_cfg = raft::Config {
         id: cfg.id,
-        // At a 100 ms tick: heartbeats every 100 ms, elections after a random
-        // 0.6-1.0 s of silence (etcd: 1-2 s). The spread keeps split votes rare;
-        // the low end bounds failover (measured in BENCHMARKS.md).
-        election_tick: 6,
-        min_election_tick: 6,
-        max_election_tick: 10,
+        election_tick: election.start,
+        min_election_tick: election.start,
+        max_election_tick: election.end,
         heartbeat_tick: 1,
         applied: recovered.applied,
         pre_vote: true,
@@ -287,8 +303,7 @@ pub fn start(
         members: members.clone(),
     });
     let (view_tx, view_rx) = watch::channel(view);
-    let (tx, rx) = mpsc::channel();
-    let mut member = Member {
+    let member = Member {
         node,
         store: recovered.store,
         state,
@@ -297,17 +312,110 @@ pub fn start(
         replies: Vec::new(),
         reads: HashMap::new(),
         next_read: 0,
+        leading: false,
         dirty: false,
         members,
         transport,
         view_tx,
-        cfg: cfg.clone(),
+        cfg,
     };
-    let join = std::thread::Builder::new()
-        .name(format!("raft-{}", cfg.id))
-        .spawn(move || member.run(rx))
-        .map_err(|e| CoordinatorError::Storage(format!("spawn raft thread: {e}")))?;
-    Ok((RaftHandle { tx, view: view_rx }, join))
+    Ok((member, view_rx))
+}
+
+/// A member with no thread and no clock: its owner feeds every input and
+/// decides when time passes. The deterministic cluster simulation drives
+/// members this way, so that a seed replays the same run. Election timeouts
+/// are fixed (`election_ticks`) rather than drawn at random; the driver's
+/// seeded choice of whom to tick supplies the randomness.
+pub struct DrivenMember {
+    member: Member,
+    view: watch::Receiver<Arc<ClusterView>>,
+}
+
+impl DrivenMember {
+    /// Recovers the member from `cfg.dir`.
+    pub fn open(
+        cfg: RaftConfig,
+        transport: Box<dyn Transport>,
+        election_ticks: usize,
+    ) -> Result<Self, CoordinatorError> {
+        let (member, view) = open_member(cfg, transport, election_ticks..election_ticks + 1)?;
+        Ok(DrivenMember { member, view })
+    }
+
+    /// One Raft tick.
+    pub fn tick(&mut self) {
+        self.member.node.tick();
+    }
+
+    /// A message from another member.
+    pub fn step(&mut self, msg: Message) {
+        self.member.handle(Input::Step(Box::new(msg)));
+    }
+
+    /// Proposes `cmd`. On the leader, returns the log index it was given
+    /// and where its outcome will arrive.
+    pub fn propose(
+        &mut self,
+        cmd: Command,
+    ) -> Result<(u64, oneshot::Receiver<Result<Outcome, ProposeError>>), ProposeError> {
+        let (tx, mut rx) = oneshot::channel();
+        self.member.handle(Input::Propose(Box::new(cmd), tx));
+        match rx.try_recv() {
+            Ok(Err(e)) => Err(e),
+            Ok(Ok(_)) => unreachable!("a proposal is never answered before it is applied"),
+            Err(_) => Ok((self.member.node.raft.raft_log.last_index(), rx)),
+        }
+    }
+
+    /// Asks for a read index; the answer arrives once a quorum confirmed.
+    pub fn read_index(&mut self) -> oneshot::Receiver<u64> {
+        let (tx, rx) = oneshot::channel();
+        self.member.handle(Input::ReadIndex(tx));
+        rx
+    }
+
+    /// Proposes a membership change.
+    pub fn change_membership(
+        &mut self,
+        cc: ConfChangeV2,
+    ) -> oneshot::Receiver<Result<Outcome, ProposeError>> {
+        let (tx, rx) = oneshot::channel();
+        self.member.handle(Input::ConfChange(Box::new(cc), tx));
+        rx
+    }
+
+    /// Processes whatever Raft has ready: persist (fsync), send, apply.
+    pub fn process_ready(&mut self) -> Result<(), CoordinatorError> {
+        self.member.on_ready()
+    }
+
+    /// Snapshots the state and compacts the log now.
+    pub fn compact(&mut self) -> Result<(), String> {
+        let (tx, mut rx) = oneshot::channel();
+        self.member.handle(Input::Compact(tx));
+        rx.try_recv().map_err(|e| e.to_string())?
+    }
+
+    /// Whether a snapshot sent to `to` arrived.
+    pub fn report_snapshot(&mut self, to: u64, ok: bool) {
+        self.member.handle(Input::SnapshotDone { to, ok });
+    }
+
+    /// Whether Raft's role is leader right now (the view may lag a step).
+    pub fn is_leader(&self) -> bool {
+        self.member.node.raft.state == StateRole::Leader
+    }
+
+    /// Current term.
+    pub fn term(&self) -> u64 {
+        self.member.node.raft.term
+    }
+
+    /// The latest published view.
+    pub fn view(&self) -> Arc<ClusterView> {
+        self.view.borrow().clone()
+    }
 }
 
 struct Member {
@@ -322,6 +430,8 @@ struct Member {
     next_read: u64,
     /// Replies held until the view that contains their effect is published.
     replies: Vec<(Reply, Result<Outcome, ProposeError>)>,
+    /// Whether this member led at the end of the last Ready.
+    leading: bool,
     /// Whether anything applied since the last publish changed the state.
     dirty: bool,
     /// Member URLs, as of the last applied conf change.
@@ -475,7 +585,6 @@ impl Member {
         if !self.node.has_ready() {
             return Ok(());
         }
-        let was_leader = self.node.raft.state == StateRole::Leader;
         let mut ready = self.node.ready();
         self.send(ready.take_messages());
         for rs in ready.take_read_states() {
@@ -509,12 +618,16 @@ impl Member {
         self.apply(light.take_committed_entries())?;
         self.node.advance_apply();
 
-        if was_leader && self.node.raft.state != StateRole::Leader {
+        // Leadership may have been lost here or in `handle` (a message
+        // with a higher term): either way, what it was waiting for is moot.
+        let leading = self.node.raft.state == StateRole::Leader;
+        if self.leading && !leading {
             for (_, (_, reply)) in self.pending.drain() {
                 let _ = reply.send(Err(ProposeError::Dropped));
             }
             self.reads.clear(); // their callers time out and retry elsewhere
         }
+        self.leading = leading;
         if self.applied >= self.store.snapshot_index() + self.cfg.snapshot_every {
             self.store
                 .snapshot(&self.state, &self.members, self.applied)?;
