@@ -463,12 +463,36 @@ impl Cluster {
         }
     }
 
-    /// Starts a killed member again; with `wipe`, from an empty data dir.
-    pub fn restart(&mut self, id: u64, wipe: bool) {
-        self.kill9(id);
-        if wipe {
-            let _ = std::fs::remove_dir_all(self.member_dir(id));
+    /// SIGSTOP one member: to the others it is cut off by a partition; to
+    /// itself, no time passes until [`Cluster::resume`].
+    pub fn pause(&self, id: u64) {
+        self.signal(id, Signal::SIGSTOP);
+    }
+
+    /// SIGCONT a paused member: the partition heals.
+    pub fn resume(&self, id: u64) {
+        self.signal(id, Signal::SIGCONT);
+    }
+
+    fn signal(&self, id: u64, sig: Signal) {
+        if let Some(c) = &self.children[id as usize - 1] {
+            let _ = kill(Pid::from_raw(c.id() as i32), sig);
         }
+    }
+
+    /// Starts a member that lost its disk with an empty data dir, waiting
+    /// to be added back (`--join`), as the replacement procedure says.
+    pub fn restart_empty_as_joiner(&mut self, id: u64) {
+        self.kill9(id);
+        let _ = std::fs::remove_dir_all(self.member_dir(id));
+        self.extra.push("--join".into());
+        self.spawn(id);
+        self.extra.pop();
+    }
+
+    /// Starts a killed member again from its data dir.
+    pub fn restart(&mut self, id: u64) {
+        self.kill9(id);
         self.spawn(id);
     }
 

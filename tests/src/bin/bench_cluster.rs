@@ -323,7 +323,7 @@ async fn main() {
         }
         cluster.kill9(leader);
         nembo_failover.push(time_to_first_write(&survivors).await);
-        cluster.restart(leader, false);
+        cluster.restart(leader);
         let target = cluster
             .status(cluster.leader().await)
             .await
