@@ -18,10 +18,15 @@ use tonic::{Request, Response, Status};
 
 use crate::raft::{RaftHandle, Transport};
 
-/// Largest peer message: a snapshot of the whole state travels in one.
-pub const MAX_PEER_MESSAGE: usize = 512 * 1024 * 1024;
+/// Largest peer message: a batch of raft messages (each at most
+/// `max_size_per_msg`, 1 MiB, plus one entry) or a snapshot chunk.
+pub const MAX_PEER_MESSAGE: usize = 16 * 1024 * 1024;
+/// Largest snapshot a member accepts (the whole state, encoded).
+pub const MAX_SNAPSHOT: usize = 2 * 1024 * 1024 * 1024;
+const SNAPSHOT_CHUNK: usize = 1024 * 1024;
 const QUEUE: usize = 4096;
 const MAX_BATCH: usize = 512;
+const MAX_BATCH_BYTES: usize = 4 * 1024 * 1024;
 
 /// Queues messages for each peer's sender task; peers come and go with
 /// membership changes.
@@ -121,16 +126,13 @@ async fn send_loop(
     mut rx: mpsc::Receiver<Message>,
     raft: Arc<OnceLock<RaftHandle>>,
 ) {
-    let report = |ok: bool, snapshot: bool| {
-        if let Some(raft) = raft.get() {
-            if !ok {
-                raft.report_unreachable(to);
-            }
-            if snapshot {
-                raft.report_snapshot(to, ok);
-            }
+    let report = |ok: bool| {
+        if let (Some(raft), false) = (raft.get(), ok) {
+            raft.report_unreachable(to);
         }
     };
+    // Snapshots go over their own calls on the same connection.
+    let snapshot_client = client.clone();
     // One stream at a time; reopened whenever it breaks.
     loop {
         let (stream_tx, stream_rx) = mpsc::channel::<pb::RaftBatch>(64);
@@ -140,18 +142,27 @@ async fn send_loop(
             tokio::select! {
                 first = rx.recv() => {
                     let Some(first) = first else { return };
-                    let mut batch = vec![first];
-                    while batch.len() < MAX_BATCH {
-                        match rx.try_recv() {
-                            Ok(m) => batch.push(m),
-                            Err(_) => break,
+                    let mut next = Some(first);
+                    let (mut messages, mut bytes) = (Vec::new(), 0);
+                    while let Some(m) = next.take() {
+                        if m.get_msg_type() == MessageType::MsgSnapshot {
+                            // Raft sends no other snapshot to this peer until
+                            // this one is reported.
+                            tokio::spawn(send_snapshot(me, snapshot_client.clone(), m, raft.clone()));
+                        } else if let Ok(b) = m.write_to_bytes() {
+                            bytes += b.len();
+                            messages.push(b);
+                        }
+                        if messages.len() < MAX_BATCH && bytes < MAX_BATCH_BYTES {
+                            next = rx.try_recv().ok();
                         }
                     }
-                    let has_snapshot = batch.iter().any(|m| m.get_msg_type() == MessageType::MsgSnapshot);
-                    let messages = batch.iter().filter_map(|m| m.write_to_bytes().ok()).collect();
+                    if messages.is_empty() {
+                        continue;
+                    }
                     let sent = stream_tx.send(pb::RaftBatch { from: me, messages }).await.is_ok();
-                    report(sent, has_snapshot);
                     if !sent {
+                        report(false);
                         break true;
                     }
                 }
@@ -159,12 +170,53 @@ async fn send_loop(
             }
         };
         if broken {
-            report(false, false);
+            report(false);
             // Drop what queued up meanwhile (Raft resends what matters) and
             // give the peer a moment before reconnecting.
             tokio::time::sleep(Duration::from_millis(50)).await;
             while rx.try_recv().is_ok() {}
         }
+    }
+}
+
+/// Streams one snapshot message in chunks and tells Raft whether it arrived.
+async fn send_snapshot(
+    me: u64,
+    mut client: RaftPeerClient<Channel>,
+    msg: Message,
+    raft: Arc<OnceLock<RaftHandle>>,
+) {
+    let to = msg.to;
+    let ok = match msg.write_to_bytes() {
+        Ok(bytes) => {
+            let chunks: Vec<pb::SnapshotChunk> = bytes
+                .chunks(SNAPSHOT_CHUNK)
+                .map(|c| pb::SnapshotChunk {
+                    from: me,
+                    data: c.to_vec(),
+                })
+                .collect();
+            tracing::info!(
+                to,
+                bytes = bytes.len(),
+                chunks = chunks.len(),
+                "sending snapshot"
+            );
+            match client.snapshot(tokio_stream::iter(chunks)).await {
+                Ok(_) => true,
+                Err(e) => {
+                    tracing::warn!(to, error = %e, "snapshot not delivered");
+                    false
+                }
+            }
+        }
+        Err(_) => false,
+    };
+    if let Some(raft) = raft.get() {
+        if !ok {
+            raft.report_unreachable(to);
+        }
+        raft.report_snapshot(to, ok);
     }
 }
 
@@ -204,6 +256,35 @@ impl RaftPeer for PeerService {
                 }
             }
         }
+        Ok(Response::new(pb::RaftAck {}))
+    }
+
+    async fn snapshot(
+        &self,
+        request: Request<tonic::Streaming<pb::SnapshotChunk>>,
+    ) -> Result<Response<pb::RaftAck>, Status> {
+        if request.peer_certs().is_none_or(|c| c.is_empty()) {
+            return Err(Status::unauthenticated(
+                "raft traffic needs a member certificate signed by the cluster CA",
+            ));
+        }
+        let mut chunks = request.into_inner();
+        let mut bytes = Vec::new();
+        while let Some(chunk) = chunks.message().await? {
+            if bytes.len() + chunk.data.len() > MAX_SNAPSHOT {
+                return Err(Status::resource_exhausted(format!(
+                    "snapshot larger than {MAX_SNAPSHOT} bytes"
+                )));
+            }
+            bytes.extend_from_slice(&chunk.data);
+        }
+        let msg = Message::parse_from_bytes(&bytes)
+            .map_err(|e| Status::invalid_argument(format!("bad snapshot message: {e}")))?;
+        if msg.get_msg_type() != MessageType::MsgSnapshot {
+            return Err(Status::invalid_argument("not a snapshot message"));
+        }
+        tracing::info!(from = msg.from, bytes = bytes.len(), "received snapshot");
+        self.raft.step(msg);
         Ok(Response::new(pb::RaftAck {}))
     }
 }

@@ -230,10 +230,27 @@ async fn a_member_behind_the_compacted_log_catches_up_from_a_snapshot() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_member_that_lost_its_disk_rejoins_empty_and_catches_up_from_a_snapshot() {
-    let mut cluster = Cluster::start(3, &["--max-nodes", "0", "--snapshot-every", "5"]).await;
+    let mut cluster = Cluster::start(3, &["--max-nodes", "0", "--snapshot-every", "40"]).await;
     let client = cluster.client();
-    for i in 0..20 {
-        submit(&client, &format!("d{i}")).await.unwrap();
+    // 200 KiB scripts: the state (about 17 MiB) is larger than any one peer
+    // message may be, so the snapshot can only arrive in chunks.
+    let filler = "#".repeat(200 * 1024);
+    for i in 0..85 {
+        let key = format!("d{i}");
+        let req = pb::SubmitJobRequest {
+            task: Some(pb::submit_job_request::Task::TaskYaml(format!(
+                "name: {key}\nrun: |\n  echo {key}\n  {filler}\n"
+            ))),
+            idempotency_key: key,
+            ..Default::default()
+        };
+        call(
+            &client,
+            req,
+            |mut c, r| async move { c.submit_job(r).await },
+        )
+        .await
+        .unwrap();
     }
     let leader = cluster.leader().await;
     let lost = (1..=3).find(|id| *id != leader).unwrap();
@@ -249,7 +266,7 @@ async fn a_member_that_lost_its_disk_rejoins_empty_and_catches_up_from_a_snapsho
     )
     .await
     .unwrap();
-    for i in 20..30 {
+    for i in 85..90 {
         submit(&client, &format!("d{i}")).await.unwrap();
     }
     cluster.restart_empty_as_joiner(lost);
@@ -281,6 +298,26 @@ async fn a_member_that_lost_its_disk_rejoins_empty_and_catches_up_from_a_snapsho
         back.snapshot_index > 0,
         "it started from a snapshot: {back:?}"
     );
+    let log = std::fs::read_to_string(cluster.root.path().join(format!("member-{lost}.log")))
+        .unwrap_or_default();
+    let received: Vec<u64> = log
+        .lines()
+        .filter(|l| l.contains("received snapshot"))
+        .filter_map(|l| {
+            l.split("bytes=")
+                .nth(1)?
+                .split_whitespace()
+                .next()?
+                .parse()
+                .ok()
+        })
+        .collect();
+    assert!(
+        received
+            .iter()
+            .any(|b| *b > nembo_coordinator::peer::MAX_PEER_MESSAGE as u64),
+        "a snapshot larger than one peer message arrived (in chunks): {received:?}"
+    );
     // It holds every job, and can lead.
     let req = pb::TransferLeaderRequest { id: lost };
     let status = call(&client, req, |mut c, r| async move {
@@ -296,7 +333,7 @@ async fn a_member_that_lost_its_disk_rejoins_empty_and_catches_up_from_a_snapsho
         .unwrap()
         .into_inner()
         .jobs;
-    assert_eq!(jobs.len(), 30);
+    assert_eq!(jobs.len(), 90);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
