@@ -6,6 +6,7 @@
 //! It links no Raft and no provider code: its only dependency on the
 //! coordinator side is the `nembo-proto` contract.
 
+pub mod fence;
 pub mod gpu;
 pub mod session;
 pub mod supervisor;

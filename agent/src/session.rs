@@ -17,6 +17,7 @@ use tokio::task::JoinSet;
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::Code;
 
+use crate::fence::Fence;
 use crate::supervisor::{now_ms, Event, JobKey, JobView, Supervisor};
 
 /// How the agent reaches its coordinator and describes its node.
@@ -72,11 +73,13 @@ pub async fn run(
     if cfg.coordinators.is_empty() {
         return Err(AgentError::Setup("no coordinator given".into()));
     }
+    let mut fence = Fence::open(&cfg.work_dir)
+        .map_err(|e| AgentError::Setup(format!("{}: {e}", cfg.work_dir.display())))?;
     let mut backoff = Duration::from_millis(100);
     let mut target = 0usize;
     let mut url = cfg.coordinators[0].clone();
     loop {
-        match session(&cfg, &url, &ca, &sup, &mut events).await {
+        match session(&cfg, &url, &ca, &sup, &mut events, &mut fence).await {
             SessionEnd::Fatal(e) => return Err(e),
             SessionEnd::Redirect(leader) => {
                 // A follower named the leader: go there at once.
@@ -111,6 +114,7 @@ async fn session(
     ca: &[u8],
     sup: &Supervisor,
     events: &mut mpsc::UnboundedReceiver<Event>,
+    fence: &mut Fence,
 ) -> SessionEnd {
     let token = match read_token(&cfg.token_file) {
         Ok(t) => t,
@@ -157,6 +161,10 @@ async fn session(
         Ok(_) => return SessionEnd::Retry("no welcome".into()),
         Err(s) => return SessionEnd::Retry(s.to_string()),
     };
+    if let Err(stale) = fence.admit(welcome.term) {
+        // A deposed leader that does not know it yet: find the new one.
+        return SessionEnd::Retry(stale.to_string());
+    }
     tracing::info!(node = %cfg.node_id, coordinator = %url, jobs = jobs.len(), "session open");
     let offsets: BTreeMap<(String, u32), u64> = welcome
         .log_offsets
@@ -181,8 +189,20 @@ async fn session(
     loop {
         tokio::select! {
             m = inbound.message() => match m {
-                Ok(Some(pb::CoordinatorMessage { msg: Some(CoordMsg::RunJob(r)) })) => sup.run(r),
-                Ok(Some(pb::CoordinatorMessage { msg: Some(CoordMsg::StopJob(s)) })) => sup.stop(s),
+                Ok(Some(pb::CoordinatorMessage { msg: Some(CoordMsg::RunJob(r)) })) => match fence.admit(r.term) {
+                    Ok(()) => sup.run(r),
+                    Err(stale) => {
+                        tracing::warn!(job = %r.job_id, reason = %stale, "RunJob refused");
+                        return SessionEnd::Retry(stale.to_string());
+                    }
+                },
+                Ok(Some(pb::CoordinatorMessage { msg: Some(CoordMsg::StopJob(s)) })) => match fence.admit(s.term) {
+                    Ok(()) => sup.stop(s),
+                    Err(stale) => {
+                        tracing::warn!(job = %s.job_id, reason = %stale, "StopJob refused");
+                        return SessionEnd::Retry(stale.to_string());
+                    }
+                },
                 Ok(Some(_)) => {}
                 Ok(None) => return SessionEnd::Retry("coordinator closed the session".into()),
                 Err(s) => return SessionEnd::Retry(s.to_string()),

@@ -588,6 +588,7 @@ mod tests {
             job_id: "9".into(),
             attempt: 1,
             grace_ms: 10,
+            term: 1,
         });
         let v = ended(&mut ev, "9").await;
         assert_eq!(v.report.phase, pb::JobPhase::Cancelled as i32);

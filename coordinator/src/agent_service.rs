@@ -118,6 +118,7 @@ async fn run_session(
         node_id: node_id.clone(),
         heartbeat_interval_ms: ctx.heartbeat_ms,
         log_offsets: log_offsets(&ctx, &view.state, &node_id),
+        term: view.term,
     };
     send(&tx, CoordMsg::Welcome(welcome)).await?;
     tracing::info!(node = %node_id, jobs = hello.jobs.len(), "agent session open");
@@ -228,6 +229,7 @@ async fn dispatch(
                         job_id: job.id.to_string(),
                         attempt: a.number,
                         grace_ms: ctx.stop_grace_ms,
+                        term: view.term,
                     }),
                 )
                 .await?;

@@ -119,7 +119,10 @@ async fn provider_call(ctx: Arc<Ctx>, node: Node, term: u64) -> String {
     let mut backoff = Duration::from_millis(200);
     for attempt in 1..=5 {
         let result = if node.state == NodeState::Terminating {
-            provider.terminate(&node.id).await.map(|()| String::new())
+            provider
+                .terminate(&node.id, term)
+                .await
+                .map(|()| String::new())
         } else {
             provider
                 .launch(LaunchRequest {
@@ -146,6 +149,11 @@ async fn provider_call(ctx: Arc<Ctx>, node: Node, term: u64) -> String {
                 tokio::time::sleep(backoff).await;
                 backoff *= 2;
                 continue;
+            }
+            (Err(ProviderError::Fenced(e)), _) => {
+                // A newer leader owns this node now; leave it to that one.
+                tracing::warn!(node = %node.id, error = %e, "provider call fenced off");
+                return node.id;
             }
             (Err(e), NodeState::Terminating) => {
                 tracing::error!(node = %node.id, error = %e, "terminate failed");

@@ -191,15 +191,27 @@ impl Ctx {
         if stale {
             return Ok(None);
         }
-        match self.leader().await? {
-            Some(client) => Ok(Some(client)),
-            None => {
-                self.raft
-                    .read_index()
-                    .await
-                    .map_err(CoordinatorError::from)?;
-                Ok(None)
+        // A read changes nothing, so it is always safe to try again: when
+        // leadership moves while we confirm it (an old leader back from a
+        // partition learns it was deposed), follow the new leader instead
+        // of failing the client.
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(3);
+        let mut views = self.raft.subscribe();
+        loop {
+            let failure = match self.leader().await {
+                Ok(Some(client)) => return Ok(Some(client)),
+                Ok(None) => match self.raft.read_index().await {
+                    Ok(()) => return Ok(None),
+                    Err(e) => Status::unavailable(format!(
+                        "leadership could not be confirmed for a linearizable read ({e}); retry"
+                    )),
+                },
+                Err(status) => status,
+            };
+            if tokio::time::Instant::now() >= deadline {
+                return Err(failure);
             }
+            let _ = tokio::time::timeout_at(deadline, views.changed()).await;
         }
     }
 

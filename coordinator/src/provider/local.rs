@@ -105,6 +105,32 @@ impl LocalProvider {
     }
 }
 
+/// The node's "instance tag" naming the newest leader term that acted on
+/// it (`<node dir>/provider-term`): calls from older leaders are refused,
+/// as a cloud refuses a request whose precondition no longer holds.
+/// Coordinators on one machine share node dirs; the check and the write
+/// are not one atomic step, which is acceptable for processes that can
+/// only race within one election timeout.
+fn fence(dir: &Path, term: u64) -> Result<(), ProviderError> {
+    let path = dir.join("provider-term");
+    let newest: u64 = fs::read_to_string(&path)
+        .ok()
+        .and_then(|s| s.trim().parse().ok())
+        .unwrap_or(0);
+    if term < newest {
+        return Err(ProviderError::Fenced(format!(
+            "a leader of term {newest} has acted on this node; this call is from term {term}"
+        )));
+    }
+    if term > newest {
+        let tmp = dir.join("provider-term.tmp");
+        fs::write(&tmp, term.to_string())
+            .and_then(|()| fs::rename(&tmp, &path))
+            .map_err(|e| ProviderError::Transient(format!("{}: {e}", path.display())))?;
+    }
+    Ok(())
+}
+
 fn read_pid(path: &Path) -> Option<i32> {
     fs::read_to_string(path).ok()?.trim().parse().ok()
 }
@@ -134,12 +160,13 @@ impl Provider for LocalProvider {
     fn launch(&self, req: LaunchRequest) -> BoxFuture<'_, Result<String, ProviderError>> {
         Box::pin(async move {
             let dir = self.node_dir(&req.node_id);
+            fs::create_dir_all(&dir)
+                .map_err(|e| ProviderError::InvalidRequest(format!("{}: {e}", dir.display())))?;
+            fence(&dir, req.term)?;
             let pid_file = dir.join("agent.pid");
             if let Some(pid) = read_pid(&pid_file).filter(|p| alive(*p)) {
                 return Ok(format!("pid-{pid}"));
             }
-            fs::create_dir_all(&dir)
-                .map_err(|e| ProviderError::InvalidRequest(format!("{}: {e}", dir.display())))?;
             let log = fs::File::create(dir.join("agent.log"))
                 .map_err(|e| ProviderError::Transient(e.to_string()))?;
             let log2 = log
@@ -189,9 +216,16 @@ impl Provider for LocalProvider {
         })
     }
 
-    fn terminate<'a>(&'a self, node_id: &'a str) -> BoxFuture<'a, Result<(), ProviderError>> {
+    fn terminate<'a>(
+        &'a self,
+        node_id: &'a str,
+        term: u64,
+    ) -> BoxFuture<'a, Result<(), ProviderError>> {
         Box::pin(async move {
             let dir = self.node_dir(node_id);
+            if dir.is_dir() {
+                fence(&dir, term)?;
+            }
             // A VM going away takes its jobs with it: kill every job's process group.
             if let Ok(entries) = fs::read_dir(dir.join("jobs")) {
                 for e in entries.flatten() {
@@ -231,5 +265,38 @@ mod tests {
                 && o.instance_type == "local-h100-8"
                 && o.resources.accelerators["H100"] == 8.0));
         }
+    }
+
+    #[tokio::test]
+    async fn a_deposed_leader_cannot_touch_a_node_a_newer_leader_acted_on() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = LocalProvider::new(LocalConfig {
+            nodes_dir: dir.path().to_path_buf(),
+            agent_bin: "/nonexistent/nembo-agent".into(),
+            endpoints: vec![],
+            ca_cert: "/nonexistent/ca.pem".into(),
+            agent_token: "/nonexistent/token".into(),
+            heartbeat_ms: 1000,
+        });
+        fs::create_dir_all(dir.path().join("node-1")).unwrap();
+        p.terminate("node-1", 7).await.unwrap();
+        let stale = p.terminate("node-1", 6).await;
+        assert!(matches!(stale, Err(ProviderError::Fenced(_))), "{stale:?}");
+        let launch = p
+            .launch(LaunchRequest {
+                node_id: "node-1".into(),
+                region: "us-east".into(),
+                instance_type: "local-cpu-2".into(),
+                resources: Resources::default(),
+                term: 5,
+            })
+            .await;
+        assert!(
+            matches!(launch, Err(ProviderError::Fenced(_))),
+            "{launch:?}"
+        );
+        // The same or a newer leader may.
+        p.terminate("node-1", 7).await.unwrap();
+        p.terminate("node-1", 8).await.unwrap();
     }
 }

@@ -22,7 +22,9 @@ pub struct LaunchRequest {
     pub instance_type: String,
     /// What the node declares.
     pub resources: Resources,
-    /// Raft term of the leader asking (fencing token for later providers).
+    /// Raft term of the leader asking: a fencing token. A provider refuses
+    /// a call about a node from a leader older than the last one that
+    /// acted on it.
     pub term: u64,
 }
 
@@ -35,6 +37,9 @@ pub enum ProviderError {
     /// Worth retrying.
     #[error("transient: {0}")]
     Transient(String),
+    /// A newer leader has acted on this node: the caller is deposed.
+    #[error("fenced: {0}")]
+    Fenced(String),
 }
 
 /// A source of nodes.
@@ -45,6 +50,10 @@ pub trait Provider: Send + Sync {
     fn offerings(&self) -> Vec<Offering>;
     /// Launches a node; returns the provider's instance id. Idempotent per node id.
     fn launch(&self, req: LaunchRequest) -> BoxFuture<'_, Result<String, ProviderError>>;
-    /// Terminates a node and everything on it. Idempotent.
-    fn terminate<'a>(&'a self, node_id: &'a str) -> BoxFuture<'a, Result<(), ProviderError>>;
+    /// Terminates a node and everything on it, for a leader of `term`. Idempotent.
+    fn terminate<'a>(
+        &'a self,
+        node_id: &'a str,
+        term: u64,
+    ) -> BoxFuture<'a, Result<(), ProviderError>>;
 }
