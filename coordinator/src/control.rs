@@ -16,6 +16,9 @@ use tokio::time::Instant;
 use crate::provider::{LaunchRequest, ProviderError};
 use crate::server::{now_ms, Ctx};
 
+/// The scheduler plans at most once per this window.
+const SCHEDULE_COALESCE: Duration = Duration::from_millis(5);
+
 /// Tunables of the control loops.
 #[derive(Debug, Clone, Copy)]
 pub struct LoopConfig {
@@ -69,6 +72,10 @@ async fn scheduler(ctx: Arc<Ctx>, policy: Policy) {
             for cmd in plan(&view.state, &ctx.offerings, policy, now_ms()) {
                 ctx.propose_quietly(cmd).await;
             }
+            // Under a stream of submissions the state changes every few
+            // milliseconds; planning once per short window instead of once
+            // per change keeps a long queue from costing O(queue) per commit.
+            tokio::time::sleep(SCHEDULE_COALESCE).await;
         }
         if views.changed().await.is_err() {
             return;

@@ -36,8 +36,9 @@ struct Args {
     /// Most nodes that may exist at once.
     #[arg(long, default_value_t = 64)]
     max_nodes: u32,
-    /// Snapshot the state and compact the log every this many entries.
-    #[arg(long, default_value_t = 10_000)]
+    /// Snapshot the state and compact the log every this many entries
+    /// (etcd's default), or once they reach 64 MiB.
+    #[arg(long, default_value_t = 100_000)]
     snapshot_every: u64,
     /// The nembo-agent binary the local provider starts.
     #[arg(long, env = "NEMBO_AGENT_BIN")]

@@ -91,7 +91,7 @@ impl CoordinatorConfig {
             listen: None,
             member_id: 1,
             tick: Duration::from_millis(100),
-            snapshot_every: 10_000,
+            snapshot_every: 100_000,
             heartbeat_ms: 1000,
             node_ttl: Duration::from_secs(10),
             provision_timeout: Duration::from_secs(120),

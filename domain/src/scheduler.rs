@@ -340,7 +340,7 @@ pub fn plan(state: &State, offerings: &[Offering], policy: Policy, now_ms: i64) 
     let mut live_nodes = state.nodes.values().filter(|n| !n.state.is_final()).count() as u64;
     // Jobs whose provisioned nodes are up come first: those nodes are theirs.
     for job in state
-        .active_jobs()
+        .placed_jobs()
         .filter(|j| j.state == JobState::Provisioning)
     {
         let ready = !job.reserved_nodes.is_empty()
@@ -373,7 +373,7 @@ pub fn plan(state: &State, offerings: &[Offering], policy: Policy, now_ms: i64) 
     if !any_ready && live_nodes >= u64::from(policy.max_nodes) {
         return out;
     }
-    for job in state.active_jobs().filter(|j| j.state == JobState::Pending) {
+    for job in state.queued_jobs() {
         // At the node cap only existing nodes can help: skip ranking offerings.
         let room = live_nodes + u64::from(job.spec.num_nodes) <= u64::from(policy.max_nodes);
         let offerings = if room { offerings } else { &[] };

@@ -410,6 +410,7 @@ pub enum Rejection {
 
 /// The whole replicated state.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize, Default)]
+#[serde(from = "StateOnDisk")]
 pub struct State {
     /// All jobs by id. A persistent map of shared jobs: cloning the state
     /// to publish it after every apply batch is O(1), not O(jobs).
@@ -418,14 +419,51 @@ pub struct State {
     pub nodes: BTreeMap<String, Node>,
     /// idempotency key -> job.
     pub idempotency: imbl::OrdMap<String, JobId>,
-    /// Jobs that are not finished or still hold a rank on a node: the only
-    /// ones placement and resource accounting need to look at.
-    #[serde(default)]
+    /// Derived (rebuilt on load, never stored): jobs that are not finished
+    /// or still hold a rank on a node.
+    #[serde(skip)]
     pub active: imbl::OrdSet<JobId>,
     /// Last job id handed out.
     pub last_job_id: JobId,
     /// Last node number handed out.
     pub last_node_seq: u64,
+    /// Derived from `jobs` (rebuilt on load, never stored): PENDING jobs,
+    /// which the scheduler scans.
+    #[serde(skip)]
+    queued: imbl::OrdSet<JobId>,
+    /// Derived: active jobs that hold or reserve a node, which resource
+    /// accounting scans. A backlog of queued jobs costs neither anything.
+    #[serde(skip)]
+    placed: imbl::OrdSet<JobId>,
+}
+
+/// [`State`] as stored: everything but the derived indexes.
+#[derive(Deserialize)]
+struct StateOnDisk {
+    jobs: imbl::OrdMap<JobId, Arc<Job>>,
+    nodes: BTreeMap<String, Node>,
+    idempotency: imbl::OrdMap<String, JobId>,
+    last_job_id: JobId,
+    last_node_seq: u64,
+}
+
+impl From<StateOnDisk> for State {
+    fn from(d: StateOnDisk) -> State {
+        let mut s = State {
+            jobs: d.jobs,
+            nodes: d.nodes,
+            idempotency: d.idempotency,
+            active: imbl::OrdSet::new(),
+            last_job_id: d.last_job_id,
+            last_node_seq: d.last_node_seq,
+            queued: imbl::OrdSet::new(),
+            placed: imbl::OrdSet::new(),
+        };
+        for id in s.jobs.keys().copied().collect::<Vec<_>>() {
+            s.reindex(id);
+        }
+        s
+    }
 }
 
 fn conflict(msg: impl Into<String>) -> Outcome {
@@ -457,7 +495,7 @@ impl State {
             return Resources::default();
         };
         let mut free = node.resources.clone();
-        for job in self.active_jobs() {
+        for job in self.placed_jobs() {
             for a in &job.attempts {
                 for (rank, n) in a.node_ids.iter().enumerate() {
                     if n == node_id && a.holds(rank) {
@@ -471,7 +509,7 @@ impl State {
 
     /// Jobs with a rank still holding `node_id`.
     pub fn jobs_on(&self, node_id: &str) -> Vec<JobId> {
-        self.active_jobs()
+        self.placed_jobs()
             .filter(|j| {
                 j.attempts.iter().any(|a| {
                     a.node_ids
@@ -486,7 +524,7 @@ impl State {
 
     /// Node reserved for a job still waiting for it, if any.
     pub fn reserved_by(&self, node_id: &str) -> Option<JobId> {
-        self.active_jobs()
+        self.placed_jobs()
             .find(|j| !j.state.is_terminal() && j.reserved_nodes.iter().any(|n| n == node_id))
             .map(|j| j.id)
     }
@@ -496,6 +534,49 @@ impl State {
         self.active
             .iter()
             .filter_map(|id| self.jobs.get(id).map(|j| &**j))
+    }
+
+    /// PENDING jobs, oldest first.
+    pub fn queued_jobs(&self) -> impl Iterator<Item = &Job> + '_ {
+        self.queued
+            .iter()
+            .filter_map(|id| self.jobs.get(id).map(|j| &**j))
+    }
+
+    /// Active jobs that hold or reserve a node, oldest first.
+    pub fn placed_jobs(&self) -> impl Iterator<Item = &Job> + '_ {
+        self.placed
+            .iter()
+            .filter_map(|id| self.jobs.get(id).map(|j| &**j))
+    }
+
+    /// Puts job `id` in the indexes its current state calls for.
+    fn reindex(&mut self, id: JobId) {
+        let (live, queued, placed) = match self.jobs.get(&id) {
+            None => (false, false, false),
+            Some(j) => {
+                let holds = j
+                    .attempts
+                    .iter()
+                    .any(|a| (0..a.ranks.len()).any(|r| a.holds(r)));
+                let live = !j.state.is_terminal() || holds;
+                let queued = j.state == JobState::Pending;
+                let placed =
+                    live && (j.state != JobState::Pending || holds || !j.reserved_nodes.is_empty());
+                (live, queued, placed)
+            }
+        };
+        for (set, member) in [
+            (&mut self.active, live),
+            (&mut self.queued, queued),
+            (&mut self.placed, placed),
+        ] {
+            if member {
+                set.insert(id);
+            } else {
+                set.remove(&id);
+            }
+        }
     }
 
     /// Applies one committed command. Deterministic; never panics on any input.
@@ -523,17 +604,7 @@ impl State {
             touched.push(job_id);
         }
         for id in touched {
-            let live = self.jobs.get(&id).is_some_and(|j| {
-                !j.state.is_terminal()
-                    || j.attempts
-                        .iter()
-                        .any(|a| (0..a.ranks.len()).any(|r| a.holds(r)))
-            });
-            if live {
-                self.active.insert(id);
-            } else {
-                self.active.remove(&id);
-            }
+            self.reindex(id);
         }
         outcome
     }
@@ -1249,5 +1320,24 @@ mod tests {
             serde_json::to_string(&s).unwrap()
         };
         assert_eq!(run(), run());
+    }
+
+    #[test]
+    fn a_stored_state_comes_back_with_its_indexes() {
+        let mut s = State::default();
+        let queued = submit(&mut s, "run: x", None);
+        let placed = submit(&mut s, "run: y", None);
+        ready_node(&mut s, placed, 0.0);
+        let ended = submit(&mut s, "run: z", None);
+        s.apply(&Command::CancelJob {
+            job_id: ended,
+            at_ms: 9,
+        });
+        let back: State = serde_json::from_str(&serde_json::to_string(&s).unwrap()).unwrap();
+        assert_eq!(back, s, "indexes are rebuilt exactly as apply keeps them");
+        let ids = |it: Vec<&Job>| it.iter().map(|j| j.id).collect::<Vec<_>>();
+        assert_eq!(ids(back.queued_jobs().collect()), vec![queued]);
+        assert_eq!(ids(back.placed_jobs().collect()), vec![placed]);
+        assert_eq!(ids(back.active_jobs().collect()), vec![queued, placed]);
     }
 }

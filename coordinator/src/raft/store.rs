@@ -52,6 +52,47 @@ struct SnapshotFile {
     state: State,
 }
 
+/// A snapshot captured on the Raft thread, not yet encoded or written.
+pub struct PendingSnapshot {
+    file: SnapshotFile,
+    conf_state: ConfState,
+    dir: PathBuf,
+}
+
+/// A snapshot durable in its temp file, not yet the current one.
+pub struct WrittenSnapshot {
+    file: SnapshotFile,
+    conf_state: ConfState,
+    bytes: Vec<u8>,
+    tmp: PathBuf,
+}
+
+impl PendingSnapshot {
+    /// Its index.
+    pub fn index(&self) -> u64 {
+        self.file.index
+    }
+
+    /// Encodes and writes it to a temp file of its own, fsynced. The costly
+    /// part of a snapshot (tens of MB for 100k jobs), so callers run it off
+    /// the Raft thread.
+    pub fn write(self) -> Result<WrittenSnapshot, CoordinatorError> {
+        let bytes = serde_json::to_vec(&self.file).map_err(storage_err)?;
+        let tmp = self
+            .dir
+            .join(format!("{SNAPSHOT_FILE}.{}.tmp", self.file.index));
+        let mut f = fs::File::create(&tmp).map_err(storage_err)?;
+        f.write_all(&bytes).map_err(storage_err)?;
+        f.sync_all().map_err(storage_err)?;
+        Ok(WrittenSnapshot {
+            file: self.file,
+            conf_state: self.conf_state,
+            bytes,
+            tmp,
+        })
+    }
+}
+
 /// What raft-rs reads: the in-memory mirror of the log, plus the newest
 /// state-machine snapshot *with its data*, which is what a follower behind
 /// the compacted log is sent. (`MemStorage` alone would send metadata only.)
@@ -273,25 +314,61 @@ impl RaftStore {
     }
 
     /// Writes the state machine as of `index` durably, then drops the log
-    /// before it.
+    /// before it, all on this thread.
     pub fn snapshot(
         &mut self,
         state: &State,
         members: &BTreeMap<u64, String>,
         index: u64,
     ) -> Result<(), CoordinatorError> {
+        let written = self.begin_snapshot(state, members, index)?.write()?;
+        self.finish_snapshot(written)
+    }
+
+    /// Captures the state as of `index` for [`PendingSnapshot::write`],
+    /// which may run on another thread (the state is a persistent map:
+    /// capturing it copies nothing).
+    pub fn begin_snapshot(
+        &self,
+        state: &State,
+        members: &BTreeMap<u64, String>,
+        index: u64,
+    ) -> Result<PendingSnapshot, CoordinatorError> {
         let term = self.mem.term(index).map_err(storage_err)?;
         let cs = self.mem.initial_state().map_err(storage_err)?.conf_state;
-        let file = SnapshotFile {
-            index,
-            term,
-            voters: cs.voters.clone(),
-            learners: cs.learners.clone(),
-            members: members.clone(),
-            state: state.clone(),
-        };
-        let bytes = serde_json::to_vec(&file).map_err(storage_err)?;
-        self.write_snapshot_file(&bytes)?;
+        Ok(PendingSnapshot {
+            file: SnapshotFile {
+                index,
+                term,
+                voters: cs.voters.clone(),
+                learners: cs.learners.clone(),
+                members: members.clone(),
+                state: state.clone(),
+            },
+            conf_state: cs,
+            dir: self.dir.clone(),
+        })
+    }
+
+    /// Makes a written snapshot the current one and compacts the log behind
+    /// it, unless a newer snapshot (one installed from the leader, or an
+    /// explicit compaction) overtook it meanwhile.
+    pub fn finish_snapshot(&mut self, written: WrittenSnapshot) -> Result<(), CoordinatorError> {
+        let WrittenSnapshot {
+            file,
+            conf_state: cs,
+            bytes,
+            tmp,
+        } = written;
+        let (index, term) = (file.index, file.term);
+        if index <= self.snapshot_index {
+            let _ = fs::remove_file(&tmp);
+            return Ok(());
+        }
+        fs::rename(&tmp, self.dir.join(SNAPSHOT_FILE)).map_err(storage_err)?;
+        fs::File::open(&self.dir)
+            .and_then(|d| d.sync_all())
+            .map_err(storage_err)?;
         *self
             .storage
             .latest
@@ -322,11 +399,14 @@ impl RaftStore {
         md.term = term;
         md.set_conf_state(cs);
         let first = self.mem.first_index().map_err(storage_err)?;
+        // A conf change may have been applied since the snapshot was begun.
+        let conf_now = self.mem.initial_state().map_err(storage_err)?.conf_state;
         let mut w = self.mem.wl();
         let hs = w.hard_state().clone();
         if first <= index {
             w.apply_snapshot(meta_only).map_err(storage_err)?;
             w.set_hardstate(hs);
+            w.set_conf_state(conf_now);
             if !rest.is_empty() {
                 w.append(&rest).map_err(storage_err)?;
             }
