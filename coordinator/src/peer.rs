@@ -189,19 +189,14 @@ async fn send_snapshot(
     let to = msg.to;
     let ok = match msg.write_to_bytes() {
         Ok(bytes) => {
-            let chunks: Vec<pb::SnapshotChunk> = bytes
-                .chunks(SNAPSHOT_CHUNK)
-                .map(|c| pb::SnapshotChunk {
-                    from: me,
-                    data: c.to_vec(),
-                })
-                .collect();
-            tracing::info!(
-                to,
-                bytes = bytes.len(),
-                chunks = chunks.len(),
-                "sending snapshot"
-            );
+            let (len, count) = (bytes.len(), bytes.len().div_ceil(SNAPSHOT_CHUNK));
+            tracing::info!(to, bytes = len, chunks = count, "sending snapshot");
+            // Chunks are cut as the stream is polled: one copy in flight,
+            // not a second copy of the whole state.
+            let chunks = (0..count).map(move |i| pb::SnapshotChunk {
+                from: me,
+                data: bytes[i * SNAPSHOT_CHUNK..len.min((i + 1) * SNAPSHOT_CHUNK)].to_vec(),
+            });
             match client.snapshot(tokio_stream::iter(chunks)).await {
                 Ok(_) => true,
                 Err(e) => {

@@ -572,7 +572,9 @@ impl Member {
                 let _ = reply.send(matched.filter(|_| self.node.raft.state == StateRole::Leader));
             }
             Input::Compact(reply) => {
-                if self.snapshots.is_none() {
+                if self.applied <= self.store.snapshot_index() {
+                    let _ = reply.send(Ok(())); // nothing applied since the last one
+                } else if self.snapshots.is_none() {
                     let result = self
                         .store
                         .snapshot(&self.state, &self.members, self.applied)
@@ -680,10 +682,6 @@ impl Member {
         Ok(())
     }
 
-    /// Snapshots the state and compacts the log. Encoding and writing a
-    /// large state takes a while (about 0.3 s for 150k jobs), so a threaded
-    /// member does it on a helper thread while the Ready loop goes on; the
-    /// log is compacted when the file is durable.
     /// Snapshots when the log has grown by count or by size, or when asked.
     fn maybe_snapshot(&mut self) -> Result<(), CoordinatorError> {
         let due = self.snapshot_due
@@ -697,6 +695,10 @@ impl Member {
         Ok(())
     }
 
+    /// Snapshots the state and compacts the log. Encoding and writing a
+    /// large state takes a while (about 0.3 s for 150k jobs), so a threaded
+    /// member does it on a helper thread while the Ready loop goes on; the
+    /// log is compacted when the file is durable.
     fn take_snapshot(&mut self) -> Result<(), CoordinatorError> {
         let Some((done, _)) = &self.snapshots else {
             return self
