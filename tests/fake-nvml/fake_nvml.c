@@ -1,0 +1,302 @@
+/*
+ * A fake libnvidia-ml.so for tests: it exports the NVML symbols the agent
+ * calls (through nvml-wrapper, exactly as with the real library) and answers
+ * from a plain text file that the test writes and may rewrite at any time.
+ *
+ * The file is named by NEMBO_FAKE_NVML (default: ./fake-nvml.txt). One
+ * "key value" pair per line; "key.N value" overrides "key value" for GPU N:
+ *
+ *   gpus 8                      number of GPUs
+ *   name NVIDIA H100 80GB HBM3  board name (the rest of the line)
+ *   util 40      mem_util 10    percent
+ *   fb_total 85899345920   fb_used 1073741824   (bytes; free = total - used)
+ *   temp 45      power_mw 300000   power_limit_mw 700000   energy_mj 123456
+ *   sm_clock 1980   mem_clock 2619   throttle 0   pcie_rx 1000   pcie_tx 2000
+ *   ecc_corrected 0   ecc_uncorrected 0   mig 0   procs 0
+ *   xid 3 79                    an XID event on GPU 3 (each line is one event,
+ *                               delivered once, in file order)
+ *   unsupported.N temp          this metric answers NOT_SUPPORTED on GPU N
+ *   lost.N 1                    GPU N has fallen off the bus (GPU_IS_LOST)
+ *
+ * Missing keys read as 0. This is test support, not a model of a GPU.
+ */
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <time.h>
+
+typedef int nvmlReturn_t;
+#define OK 0
+#define ERR_INVALID_ARGUMENT 2
+#define ERR_NOT_SUPPORTED 3
+#define ERR_INSUFFICIENT_SIZE 7
+#define ERR_TIMEOUT 10
+#define ERR_GPU_IS_LOST 15
+
+typedef struct { int index; } fake_device;
+typedef fake_device *nvmlDevice_t;
+typedef struct { int delivered; } fake_event_set;
+typedef fake_event_set *nvmlEventSet_t;
+
+typedef struct { unsigned int gpu, memory; } nvmlUtilization_t;
+typedef struct {
+    unsigned int version;
+    unsigned long long total, reserved, free, used;
+} nvmlMemory_v2_t;
+typedef struct {
+    char busIdLegacy[16];
+    unsigned int domain, bus, device, pciDeviceId, pciSubSystemId;
+    char busId[32];
+} nvmlPciInfo_t;
+typedef struct {
+    unsigned int pid;
+    unsigned long long usedGpuMemory;
+    unsigned int gpuInstanceId, computeInstanceId;
+} nvmlProcessInfo_t;
+typedef struct {
+    nvmlDevice_t device;
+    unsigned long long eventType, eventData;
+    unsigned int gpuInstanceId, computeInstanceId;
+} nvmlEventData_t;
+
+#define MAX_GPUS 64
+static fake_device devices[MAX_GPUS];
+
+static const char *path(void) {
+    const char *p = getenv("NEMBO_FAKE_NVML");
+    return p ? p : "fake-nvml.txt";
+}
+
+/* Finds "key.N" (or "key") in the file; copies the value into out. */
+static int lookup(const char *key, int index, char *out, size_t len) {
+    FILE *f = fopen(path(), "r");
+    if (!f) return 0;
+    char line[512], specific[128], general[128];
+    snprintf(specific, sizeof specific, "%s.%d", key, index);
+    snprintf(general, sizeof general, "%s", key);
+    int found = 0;
+    while (fgets(line, sizeof line, f)) {
+        line[strcspn(line, "\r\n")] = 0;
+        char *space = strchr(line, ' ');
+        if (!space) continue;
+        *space = 0;
+        if (strcmp(line, specific) == 0 || (found != 2 && strcmp(line, general) == 0)) {
+            found = strcmp(line, specific) == 0 ? 2 : 1;
+            snprintf(out, len, "%s", space + 1);
+        }
+    }
+    fclose(f);
+    return found;
+}
+
+static unsigned long long num(const char *key, int index) {
+    char v[128];
+    return lookup(key, index, v, sizeof v) ? strtoull(v, NULL, 10) : 0;
+}
+
+/* NOT_SUPPORTED or GPU_IS_LOST for this metric on this GPU, else OK. */
+static nvmlReturn_t check(nvmlDevice_t d, const char *metric) {
+    if (!d) return ERR_INVALID_ARGUMENT;
+    if (num("lost", d->index)) return ERR_GPU_IS_LOST;
+    char v[256];
+    if (lookup("unsupported", d->index, v, sizeof v) && strstr(v, metric)) return ERR_NOT_SUPPORTED;
+    return OK;
+}
+
+nvmlReturn_t nvmlInit_v2(void) { return OK; }
+nvmlReturn_t nvmlInitWithFlags(unsigned int flags) { (void)flags; return OK; }
+nvmlReturn_t nvmlShutdown(void) { return OK; }
+const char *nvmlErrorString(nvmlReturn_t r) {
+    switch (r) {
+    case ERR_NOT_SUPPORTED: return "Not Supported";
+    case ERR_TIMEOUT: return "Timeout";
+    case ERR_GPU_IS_LOST: return "GPU is lost";
+    default: return "fake NVML error";
+    }
+}
+
+nvmlReturn_t nvmlSystemGetDriverVersion(char *version, unsigned int length) {
+    snprintf(version, length, "580.00-fake");
+    return OK;
+}
+nvmlReturn_t nvmlSystemGetCudaDriverVersion_v2(int *v) { *v = 13000; return OK; }
+
+nvmlReturn_t nvmlDeviceGetCount_v2(unsigned int *count) {
+    unsigned long long n = num("gpus", -1);
+    *count = (unsigned int)(n > MAX_GPUS ? MAX_GPUS : n);
+    return OK;
+}
+
+nvmlReturn_t nvmlDeviceGetHandleByIndex_v2(unsigned int index, nvmlDevice_t *device) {
+    if (index >= MAX_GPUS || index >= num("gpus", -1)) return ERR_INVALID_ARGUMENT;
+    devices[index].index = (int)index;
+    *device = &devices[index];
+    return OK;
+}
+
+nvmlReturn_t nvmlDeviceGetName(nvmlDevice_t d, char *name, unsigned int length) {
+    nvmlReturn_t r = check(d, "name");
+    if (r) return r;
+    if (!lookup("name", d->index, name, length)) snprintf(name, length, "NVIDIA H100 80GB HBM3");
+    return OK;
+}
+
+nvmlReturn_t nvmlDeviceGetUUID(nvmlDevice_t d, char *uuid, unsigned int length) {
+    nvmlReturn_t r = check(d, "uuid");
+    if (r) return r;
+    snprintf(uuid, length, "GPU-fa4e0000-0000-4000-8000-%012d", d->index);
+    return OK;
+}
+
+nvmlReturn_t nvmlDeviceGetPciInfo_v3(nvmlDevice_t d, nvmlPciInfo_t *pci) {
+    nvmlReturn_t r = check(d, "pci");
+    if (r) return r;
+    memset(pci, 0, sizeof *pci);
+    pci->bus = (unsigned int)(0x10 + d->index);
+    snprintf(pci->busId, sizeof pci->busId, "00000000:%02X:00.0", pci->bus);
+    snprintf(pci->busIdLegacy, sizeof pci->busIdLegacy, "0000:%02X:00.0", pci->bus);
+    return OK;
+}
+
+nvmlReturn_t nvmlDeviceGetMemoryInfo_v2(nvmlDevice_t d, nvmlMemory_v2_t *m) {
+    nvmlReturn_t r = check(d, "memory");
+    if (r) return r;
+    m->total = num("fb_total", d->index);
+    m->used = num("fb_used", d->index);
+    m->reserved = 0;
+    m->free = m->total > m->used ? m->total - m->used : 0;
+    return OK;
+}
+
+nvmlReturn_t nvmlDeviceGetUtilizationRates(nvmlDevice_t d, nvmlUtilization_t *u) {
+    nvmlReturn_t r = check(d, "util");
+    if (r) return r;
+    u->gpu = (unsigned int)num("util", d->index);
+    u->memory = (unsigned int)num("mem_util", d->index);
+    return OK;
+}
+
+#define SCALAR(fn, metric, type, key)                       \
+    nvmlReturn_t fn(nvmlDevice_t d, type *out) {            \
+        nvmlReturn_t r = check(d, metric);                  \
+        if (r) return r;                                    \
+        *out = (type)num(key, d->index);                    \
+        return OK;                                          \
+    }
+
+SCALAR(nvmlDeviceGetPowerUsage, "power", unsigned int, "power_mw")
+SCALAR(nvmlDeviceGetEnforcedPowerLimit, "power_limit", unsigned int, "power_limit_mw")
+SCALAR(nvmlDeviceGetTotalEnergyConsumption, "energy", unsigned long long, "energy_mj")
+SCALAR(nvmlDeviceGetCurrentClocksThrottleReasons, "throttle", unsigned long long, "throttle")
+
+nvmlReturn_t nvmlDeviceGetTemperature(nvmlDevice_t d, int sensor, unsigned int *t) {
+    (void)sensor;
+    nvmlReturn_t r = check(d, "temp");
+    if (r) return r;
+    *t = (unsigned int)num("temp", d->index);
+    return OK;
+}
+
+nvmlReturn_t nvmlDeviceGetClockInfo(nvmlDevice_t d, int type, unsigned int *clock) {
+    nvmlReturn_t r = check(d, "clock");
+    if (r) return r;
+    /* NVML_CLOCK_SM = 1, NVML_CLOCK_MEM = 2 */
+    *clock = (unsigned int)num(type == 2 ? "mem_clock" : "sm_clock", d->index);
+    return OK;
+}
+
+nvmlReturn_t nvmlDeviceGetPcieThroughput(nvmlDevice_t d, int counter, unsigned int *value) {
+    nvmlReturn_t r = check(d, "pcie");
+    if (r) return r;
+    /* NVML_PCIE_UTIL_TX_BYTES = 0, NVML_PCIE_UTIL_RX_BYTES = 1 */
+    *value = (unsigned int)num(counter == 1 ? "pcie_rx" : "pcie_tx", d->index);
+    return OK;
+}
+
+nvmlReturn_t nvmlDeviceGetTotalEccErrors(nvmlDevice_t d, int error_type, int counter,
+                                         unsigned long long *count) {
+    (void)counter;
+    nvmlReturn_t r = check(d, "ecc");
+    if (r) return r;
+    /* NVML_MEMORY_ERROR_TYPE_CORRECTED = 0, UNCORRECTED = 1 */
+    *count = num(error_type == 1 ? "ecc_uncorrected" : "ecc_corrected", d->index);
+    return OK;
+}
+
+nvmlReturn_t nvmlDeviceGetMigMode(nvmlDevice_t d, unsigned int *current, unsigned int *pending) {
+    nvmlReturn_t r = check(d, "mig");
+    if (r) return r;
+    *current = *pending = (unsigned int)num("mig", d->index);
+    return OK;
+}
+
+nvmlReturn_t nvmlDeviceGetComputeRunningProcesses_v3(nvmlDevice_t d, unsigned int *count,
+                                                     nvmlProcessInfo_t *infos) {
+    nvmlReturn_t r = check(d, "procs");
+    if (r) return r;
+    unsigned int n = (unsigned int)num("procs", d->index);
+    if (*count < n || !infos) {
+        *count = n;
+        return n == 0 ? OK : ERR_INSUFFICIENT_SIZE;
+    }
+    for (unsigned int i = 0; i < n; i++) {
+        infos[i].pid = 1000 + i;
+        infos[i].usedGpuMemory = 1ULL << 30;
+        infos[i].gpuInstanceId = infos[i].computeInstanceId = 0xFFFFFFFF;
+    }
+    *count = n;
+    return OK;
+}
+
+/* ---- XID events ---- */
+
+nvmlReturn_t nvmlEventSetCreate(nvmlEventSet_t *set) {
+    *set = calloc(1, sizeof(fake_event_set));
+    return *set ? OK : ERR_INVALID_ARGUMENT;
+}
+nvmlReturn_t nvmlEventSetFree(nvmlEventSet_t set) { free(set); return OK; }
+nvmlReturn_t nvmlDeviceGetSupportedEventTypes(nvmlDevice_t d, unsigned long long *types) {
+    nvmlReturn_t r = check(d, "events");
+    if (r) return r;
+    *types = 8; /* nvmlEventTypeXidCriticalError */
+    return OK;
+}
+nvmlReturn_t nvmlDeviceRegisterEvents(nvmlDevice_t d, unsigned long long types, nvmlEventSet_t set) {
+    (void)types;
+    (void)set;
+    return check(d, "events");
+}
+
+/* The n-th "xid GPU CODE" line of the file, if there is one. */
+static int nth_xid(int n, int *gpu, unsigned long long *code) {
+    FILE *f = fopen(path(), "r");
+    if (!f) return 0;
+    char line[512];
+    int seen = 0, found = 0;
+    while (!found && fgets(line, sizeof line, f)) {
+        if (strncmp(line, "xid ", 4) == 0 && seen++ == n) {
+            found = sscanf(line + 4, "%d %llu", gpu, code) == 2;
+        }
+    }
+    fclose(f);
+    return found;
+}
+
+nvmlReturn_t nvmlEventSetWait_v2(nvmlEventSet_t set, nvmlEventData_t *data, unsigned int timeout_ms) {
+    struct timespec tick = {0, 10 * 1000 * 1000};
+    for (unsigned int waited = 0;; waited += 10) {
+        int gpu;
+        unsigned long long code;
+        if (nth_xid(set->delivered, &gpu, &code) && gpu >= 0 && gpu < MAX_GPUS) {
+            set->delivered++;
+            devices[gpu].index = gpu;
+            memset(data, 0, sizeof *data);
+            data->device = &devices[gpu];
+            data->eventType = 8;
+            data->eventData = code;
+            return OK;
+        }
+        if (waited >= timeout_ms) return ERR_TIMEOUT;
+        nanosleep(&tick, NULL);
+    }
+}
