@@ -138,8 +138,15 @@ impl Gpus {
             .collect()
     }
 
-    /// One reading of every GPU.
+    /// One reading of every GPU, every metric.
     pub fn sample(&self) -> Vec<GpuSample> {
+        self.sample_some(true)
+    }
+
+    /// One reading of every GPU. Without `slow`, the metrics that cost
+    /// milliseconds (PCIe throughput samples a ~20 ms window per direction;
+    /// the process list walks the driver's tables) are left out.
+    pub fn sample_some(&self, slow: bool) -> Vec<GpuSample> {
         let n = self.nvml.device_count().unwrap_or(0);
         (0..n)
             .filter_map(|i| {
@@ -163,15 +170,21 @@ impl Gpus {
                     sm_clock_mhz: d.clock_info(Clock::SM).ok(),
                     mem_clock_mhz: d.clock_info(Clock::Memory).ok(),
                     throttle_reasons: d.current_throttle_reasons().ok().map(|r| r.bits()),
-                    pcie_rx_kib_s: d.pcie_throughput(PcieUtilCounter::Receive).ok(),
-                    pcie_tx_kib_s: d.pcie_throughput(PcieUtilCounter::Send).ok(),
+                    pcie_rx_kib_s: slow
+                        .then(|| d.pcie_throughput(PcieUtilCounter::Receive).ok())
+                        .flatten(),
+                    pcie_tx_kib_s: slow
+                        .then(|| d.pcie_throughput(PcieUtilCounter::Send).ok())
+                        .flatten(),
                     ecc_corrected: d
                         .total_ecc_errors(MemoryError::Corrected, EccCounter::Volatile)
                         .ok(),
                     ecc_uncorrected: d
                         .total_ecc_errors(MemoryError::Uncorrected, EccCounter::Volatile)
                         .ok(),
-                    processes: d.running_compute_processes().ok().map(|p| p.len() as u32),
+                    processes: slow
+                        .then(|| d.running_compute_processes().ok().map(|p| p.len() as u32))
+                        .flatten(),
                 })
             })
             .collect()

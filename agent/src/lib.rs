@@ -10,6 +10,7 @@ pub mod fence;
 pub mod gpu;
 pub mod session;
 pub mod supervisor;
+pub mod telemetry;
 
 pub use session::{AgentConfig, AgentError};
 

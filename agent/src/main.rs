@@ -53,6 +53,9 @@ struct Args {
     /// Heartbeat period (ms) until the coordinator sets one.
     #[arg(long, default_value_t = 1000)]
     heartbeat_ms: u64,
+    /// How often to read the GPUs (ms).
+    #[arg(long, default_value_t = 1000)]
+    gpu_sample_ms: u64,
 }
 
 fn main() -> anyhow::Result<()> {
@@ -74,12 +77,19 @@ fn main() -> anyhow::Result<()> {
     let mut accelerators = nembo_agent::supervisor::parse_accelerators(&a.accelerators)
         .map_err(anyhow::Error::msg)
         .context("--accelerators")?;
-    if accelerators.is_empty() {
-        match nembo_agent::gpu::Gpus::open(a.nvml_lib.as_deref()) {
-            Ok(g) => accelerators = g.accelerators(),
-            Err(e) => tracing::info!(reason = %e, "NVML not available: this node reports no GPUs"),
+    let telemetry = match nembo_agent::gpu::Gpus::open(a.nvml_lib.as_deref()) {
+        Ok(g) => {
+            if accelerators.is_empty() {
+                accelerators = g.accelerators();
+            }
+            let interval = Duration::from_millis(a.gpu_sample_ms.max(100));
+            nembo_agent::telemetry::start(g, interval)
         }
-    }
+        Err(e) => {
+            tracing::info!(reason = %e, "NVML not available: this node reports no GPUs");
+            nembo_agent::telemetry::Telemetry::none()
+        }
+    };
     let required = |v: Option<String>| v.context("missing a required flag");
     let cfg = AgentConfig {
         coordinators: a.coordinator,
@@ -94,6 +104,7 @@ fn main() -> anyhow::Result<()> {
             memory_gb: a.memory_gb,
         },
         heartbeat: Duration::from_millis(a.heartbeat_ms.max(50)),
+        telemetry,
     };
     // A small agent: two worker threads are plenty for one session and a few jobs.
     let rt = tokio::runtime::Builder::new_multi_thread()

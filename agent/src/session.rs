@@ -19,6 +19,7 @@ use tonic::Code;
 
 use crate::fence::Fence;
 use crate::supervisor::{now_ms, Event, JobKey, JobView, Supervisor};
+use crate::telemetry::Telemetry;
 
 /// How the agent reaches its coordinator and describes its node.
 #[derive(Debug, Clone)]
@@ -40,6 +41,8 @@ pub struct AgentConfig {
     pub resources: pb::NodeResources,
     /// Heartbeat period until the coordinator says otherwise.
     pub heartbeat: Duration,
+    /// The node's GPUs and their newest readings.
+    pub telemetry: Telemetry,
 }
 
 /// Why the agent should stop trying.
@@ -135,6 +138,9 @@ async fn session(
         resources: Some(cfg.resources.clone()),
         jobs: jobs.iter().map(|j| j.report.clone()).collect(),
         agent_version: env!("CARGO_PKG_VERSION").to_string(),
+        gpus: cfg.telemetry.gpus.clone(),
+        driver_version: cfg.telemetry.driver_version.clone(),
+        cuda_version: cfg.telemetry.cuda_version.clone(),
     };
     let _ = out.send(msg(AgentMsg::Hello(hello))).await;
     let mut inbound = match client.session(ReceiverStream::new(out_rx)).await {
@@ -216,7 +222,8 @@ async fn session(
             }
             _ = heartbeat.tick() => {
                 seq += 1;
-                let hb = pb::Heartbeat { seq, sent_at_unix_ms: now_ms() };
+                let gpus = cfg.telemetry.latest.borrow().as_ref().clone();
+                let hb = pb::Heartbeat { seq, sent_at_unix_ms: now_ms(), gpus };
                 if out.send(msg(AgentMsg::Heartbeat(hb))).await.is_err() {
                     return SessionEnd::Retry("send failed".into());
                 }

@@ -1,6 +1,7 @@
 //! `nembo`: the command-line interface.
 
 mod connect;
+mod gpus;
 mod jobs;
 mod local;
 mod table;
@@ -31,6 +32,21 @@ enum Cmd {
         /// behind, instead of a linearizable read through the leader.
         #[arg(long)]
         stale: bool,
+    },
+    /// Every GPU in the fleet: utilisation, memory, temperature, power, job.
+    Gpus {
+        /// Machine-readable output.
+        #[arg(long)]
+        json: bool,
+        /// Redraw every second until interrupted.
+        #[arg(long)]
+        watch: bool,
+        /// Only this node's GPUs.
+        #[arg(long)]
+        node: Option<String>,
+        /// Only this model (`H100`).
+        #[arg(long)]
+        model: Option<String>,
     },
     /// The job queue.
     Queue {
@@ -179,6 +195,12 @@ async fn run(cli: Cli) -> Result<i32> {
         Cmd::Launch(a) => jobs::launch(a).await,
         Cmd::Status { json, stale } => jobs::status(json, true, stale).await.map(|()| 0),
         Cmd::Queue { json, stale } => jobs::status(json, false, stale).await.map(|()| 0),
+        Cmd::Gpus {
+            json,
+            watch,
+            node,
+            model,
+        } => gpus::gpus(json, watch, node, model).await.map(|()| 0),
         Cmd::Logs { job, follow } => jobs::logs(&job, follow).await.map(|()| 0),
         Cmd::Cancel { jobs } => jobs::cancel(&jobs).await.map(|()| 0),
         Cmd::Down { nodes, all } => local::down(nodes, all).await.map(|()| 0),

@@ -96,6 +96,9 @@ async fn run_session(
 ) -> Result<(), Status> {
     let node_id = hello.node_id.clone();
     ctx.heartbeat(&node_id);
+    ctx.fleet
+        .hello(&node_id, hello.gpus.clone(), hello.driver_version.clone())
+        .await;
     let view = ctx.raft.view();
     let needs_up = view
         .state
@@ -132,7 +135,10 @@ async fn run_session(
             msg = inbound.message() => {
                 let Some(msg) = msg? else { return Ok(()) };
                 match msg.msg {
-                    Some(AgentMsg::Heartbeat(_)) => ctx.heartbeat(&node_id),
+                    Some(AgentMsg::Heartbeat(hb)) => {
+                        ctx.heartbeat(&node_id);
+                        ctx.fleet.readings(&node_id, hb.gpus, now_ms());
+                    }
                     Some(AgentMsg::JobReport(r)) => {
                         ctx.heartbeat(&node_id);
                         handle_report(&ctx, &node_id, &r).await;
@@ -159,6 +165,7 @@ async fn run_session(
                 }
                 let node_gone = view.state.nodes.get(&node_id).is_none_or(|n| n.state.is_final());
                 if node_gone {
+                    ctx.fleet.forget(&node_id).await;
                     return Ok(());
                 }
                 dispatch(&ctx, &view, &node_id, &tx, &mut sent_run, &mut sent_stop).await?;

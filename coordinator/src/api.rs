@@ -360,6 +360,51 @@ impl Coordinator for Api {
         Ok(Response::new(pb::ListNodesResponse { nodes }))
     }
 
+    async fn get_fleet_metrics(
+        &self,
+        request: Request<pb::GetFleetMetricsRequest>,
+    ) -> Result<Response<pb::FleetMetrics>, Status> {
+        // The leader holds the agents' sessions, so it alone has telemetry.
+        if let Some(mut leader) = self.ctx.leader().await? {
+            return forwarded(leader.get_fleet_metrics(request.into_inner()).await);
+        }
+        let req = request.into_inner();
+        let view = self.ctx.raft.view();
+        let now = now_ms();
+        let gpus = self
+            .ctx
+            .fleet
+            .snapshot()
+            .await
+            .into_iter()
+            .filter(|(node, _)| req.node_id.is_empty() || *node == req.node_id)
+            .filter(|(_, g)| req.model.is_empty() || g.identity.model == req.model)
+            .map(|(node, g)| {
+                let n = view.state.nodes.get(&node);
+                pb::GpuMetrics {
+                    provider: n.map(|n| n.provider.clone()).unwrap_or_default(),
+                    region: n.map(|n| n.region.clone()).unwrap_or_default(),
+                    job_ids: view
+                        .state
+                        .jobs_on(&node)
+                        .iter()
+                        .map(ToString::to_string)
+                        .collect(),
+                    identity: Some(g.identity),
+                    age_ms: g
+                        .latest
+                        .as_ref()
+                        .map_or(0, |_| (now - g.received_at_ms).max(0) as u64),
+                    latest: g.latest,
+                    driver_version: g.driver_version,
+                    node_id: node,
+                }
+            })
+            .filter(|g| req.job_id.is_empty() || g.job_ids.contains(&req.job_id))
+            .collect();
+        Ok(Response::new(pb::FleetMetrics { gpus }))
+    }
+
     async fn down(
         &self,
         request: Request<pb::DownRequest>,

@@ -7,6 +7,7 @@ pub mod api;
 pub mod control;
 pub mod convert;
 pub mod error;
+pub mod fleet;
 pub mod logs;
 pub mod peer;
 pub mod provider;

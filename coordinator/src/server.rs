@@ -24,6 +24,7 @@ use crate::agent_service::Agents;
 use crate::api::Api;
 use crate::control::{self, LoopConfig};
 use crate::error::CoordinatorError;
+use crate::fleet::Fleet;
 use crate::logs::LogStore;
 use crate::provider::local::{LocalConfig, LocalProvider};
 use crate::provider::Provider;
@@ -134,6 +135,8 @@ pub struct Ctx {
     pub heartbeat_ms: u32,
     /// Grace for stopping jobs.
     pub stop_grace_ms: u32,
+    /// GPU telemetry of the nodes whose sessions this member holds.
+    pub fleet: Fleet,
     heartbeats: mpsc::Sender<String>,
     /// How this member reaches the leader to forward a request.
     forward: Forwarder,
@@ -386,6 +389,7 @@ pub async fn run(
         offerings,
         heartbeat_ms: cfg.heartbeat_ms,
         stop_grace_ms: cfg.stop_grace_ms,
+        fleet: Fleet::start(),
         heartbeats: hb_tx,
         forward: Forwarder {
             ca: ca_pem.clone(),

@@ -85,6 +85,7 @@ pub struct Coordinator {
     pub dir: tempfile::TempDir,
     child: Option<Child>,
     args: Vec<String>,
+    env: Vec<(String, String)>,
     /// Its `api.json`.
     pub info: Value,
 }
@@ -92,6 +93,11 @@ pub struct Coordinator {
 impl Coordinator {
     /// Starts one with fast test timings plus `extra` flags.
     pub async fn start(extra: &[&str]) -> Coordinator {
+        Self::start_with_env(extra, &[]).await
+    }
+
+    /// Same, with extra environment (which the agents it starts inherit).
+    pub async fn start_with_env(extra: &[&str], env: &[(&str, &str)]) -> Coordinator {
         let dir = tempfile::Builder::new()
             .prefix("nembo-test")
             .tempdir()
@@ -107,6 +113,10 @@ impl Coordinator {
             dir,
             child: None,
             args,
+            env: env
+                .iter()
+                .map(|(k, v)| (k.to_string(), v.to_string()))
+                .collect(),
             info: Value::Null,
         };
         c.spawn().await;
@@ -125,6 +135,7 @@ impl Coordinator {
             .args(&self.args)
             .env("NEMBO_AGENT_BIN", bin("nembo-agent"))
             .env("NEMBO_LOG", "info")
+            .envs(self.env.iter().map(|(k, v)| (k, v)))
             .stdin(Stdio::null())
             .stdout(Stdio::from(log.try_clone().expect("log")))
             .stderr(Stdio::from(log))

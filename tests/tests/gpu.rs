@@ -5,7 +5,10 @@
 use std::path::Path;
 use std::process::Command;
 
-use nembo_tests::bin;
+use std::time::Duration;
+
+use nembo_proto::v1 as pb;
+use nembo_tests::{bin, wait_for, Coordinator};
 use serde_json::Value;
 
 /// Where the fake NVML library was built.
@@ -73,4 +76,107 @@ fn without_the_library_the_agent_reports_no_gpus() {
     let p: Value = serde_json::from_slice(&out.stdout).unwrap();
     assert!(p["nvml_error"].as_str().is_some());
     assert_eq!(p["gpus"].as_array().unwrap().len(), 0);
+}
+
+const EIGHT_H100: &str = "gpus 8\nname NVIDIA H100 80GB HBM3\nfb_total 85899345920\n\
+     fb_used 1073741824\nutil 40\nutil.2 77\ntemp 45\npower_mw 312500\n";
+
+async fn fleet(c: &Coordinator, req: pb::GetFleetMetricsRequest) -> Vec<pb::GpuMetrics> {
+    c.client()
+        .await
+        .get_fleet_metrics(req)
+        .await
+        .expect("GetFleetMetrics")
+        .into_inner()
+        .gpus
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_nodes_gpus_show_up_live_in_the_fleet_view_and_in_nembo_gpus() {
+    let dir = tempfile::tempdir().unwrap();
+    let values = dir.path().join("nvml.txt");
+    std::fs::write(&values, EIGHT_H100).unwrap();
+    let values_env = values.display().to_string();
+    // The local provider's agents inherit NEMBO_NVML_LIB from the coordinator.
+    let c = Coordinator::start_with_env(
+        &[],
+        &[
+            ("NEMBO_NVML_LIB", FAKE_NVML),
+            ("NEMBO_FAKE_NVML", values_env.as_str()),
+        ],
+    )
+    .await;
+    let job = c.submit("name: train\nrun: sleep 30\n").await;
+    c.wait_state(&job, pb::JobState::Running, Duration::from_secs(20))
+        .await;
+    let gpus = wait_for("8 GPUs with readings", Duration::from_secs(10), || async {
+        let g = fleet(&c, Default::default()).await;
+        (g.len() == 8 && g.iter().all(|g| g.latest.is_some())).then_some(g)
+    })
+    .await;
+    for g in &gpus {
+        let id = g.identity.as_ref().unwrap();
+        assert_eq!(id.model, "H100");
+        assert_eq!(g.node_id, "node-1");
+        assert_eq!(g.provider, "local");
+        assert!(!g.region.is_empty());
+        assert_eq!(g.job_ids, vec![job.clone()], "the job running there");
+        assert_eq!(g.driver_version, "580.00-fake");
+    }
+    let util = |gs: &[pb::GpuMetrics], i: u32| {
+        gs.iter()
+            .find(|g| g.identity.as_ref().unwrap().index == i)
+            .and_then(|g| g.latest.as_ref()?.gpu_util_percent)
+    };
+    assert_eq!(util(&gpus, 2), Some(77));
+    assert_eq!(util(&gpus, 0), Some(40));
+
+    // Live: the next samples carry what the GPU reports now.
+    std::fs::write(&values, format!("{EIGHT_H100}util.2 12\n")).unwrap();
+    wait_for("the new reading", Duration::from_secs(5), || async {
+        (util(&fleet(&c, Default::default()).await, 2) == Some(12)).then_some(())
+    })
+    .await;
+
+    // Filters.
+    let none = fleet(
+        &c,
+        pb::GetFleetMetricsRequest {
+            model: "A100".into(),
+            ..Default::default()
+        },
+    )
+    .await;
+    assert!(none.is_empty());
+    let by_job = fleet(
+        &c,
+        pb::GetFleetMetricsRequest {
+            job_id: job.clone(),
+            ..Default::default()
+        },
+    )
+    .await;
+    assert_eq!(by_job.len(), 8);
+
+    // The CLI, as JSON and as a table.
+    let out = c.cli(&["gpus", "--json"]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let v: Value = serde_json::from_slice(&out.stdout).unwrap();
+    let listed = v["gpus"].as_array().unwrap();
+    assert_eq!(listed.len(), 8);
+    assert_eq!(listed[2]["gpu_util_percent"], 12);
+    assert_eq!(listed[0]["power_w"], 312.5);
+    let out = c.cli(&["gpus"]);
+    let table = String::from_utf8_lossy(&out.stdout);
+    assert!(table.lines().next().unwrap().starts_with("NODE"), "{table}");
+    assert_eq!(
+        table.lines().filter(|l| l.starts_with("node-1")).count(),
+        8,
+        "{table}"
+    );
+    assert!(table.contains("77%") || table.contains("12%"), "{table}");
 }

@@ -1,0 +1,121 @@
+//! The GPU sampler: one OS thread owns NVML (its calls take a driver-wide
+//! lock and may block), reads every GPU each interval, and publishes the
+//! newest readings for the session to put on its next heartbeat.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use nembo_proto::v1 as pb;
+use tokio::sync::watch;
+
+use crate::gpu::{GpuSample, Gpus};
+use crate::supervisor::now_ms;
+
+/// Full sweeps (PCIe, processes) happen once per this many samples.
+const SLOW_EVERY: u32 = 10;
+
+/// What the session reports about the node's GPUs.
+#[derive(Clone, Debug)]
+pub struct Telemetry {
+    /// Identity of every GPU, sent once in the hello.
+    pub gpus: Vec<pb::GpuIdentity>,
+    /// Driver version.
+    pub driver_version: String,
+    /// CUDA version the driver supports.
+    pub cuda_version: String,
+    /// The newest sample of every GPU.
+    pub latest: watch::Receiver<Arc<Vec<pb::GpuTelemetry>>>,
+}
+
+impl Telemetry {
+    /// No GPUs: nothing to report.
+    pub fn none() -> Telemetry {
+        Telemetry {
+            gpus: Vec::new(),
+            driver_version: String::new(),
+            cuda_version: String::new(),
+            latest: watch::channel(Arc::new(Vec::new())).1,
+        }
+    }
+}
+
+/// Starts sampling `gpus` every `interval` on a thread of its own.
+pub fn start(gpus: Gpus, interval: Duration) -> Telemetry {
+    let identity = gpus
+        .inventory()
+        .into_iter()
+        .map(|g| pb::GpuIdentity {
+            index: g.index,
+            name: g.name,
+            model: g.model,
+            uuid: g.uuid.unwrap_or_default(),
+            pci_bus_id: g.pci_bus_id.unwrap_or_default(),
+            memory_total_bytes: g.memory_total_bytes.unwrap_or(0),
+            mig_enabled: g.mig_mode == Some(1),
+        })
+        .collect();
+    let driver_version = gpus.driver_version().unwrap_or_default();
+    let cuda_version = gpus.cuda_version().unwrap_or_default();
+    let (tx, rx) = watch::channel(Arc::new(Vec::new()));
+    let spawned = std::thread::Builder::new()
+        .name("gpu-sampler".into())
+        .spawn(move || sample_loop(gpus, interval, tx));
+    if let Err(e) = spawned {
+        tracing::warn!(error = %e, "could not start the GPU sampler; no telemetry");
+    }
+    Telemetry {
+        gpus: identity,
+        driver_version,
+        cuda_version,
+        latest: rx,
+    }
+}
+
+fn sample_loop(gpus: Gpus, interval: Duration, tx: watch::Sender<Arc<Vec<pb::GpuTelemetry>>>) {
+    let mut slow_values: Vec<GpuSample> = Vec::new();
+    for sweep in 0u32.. {
+        let started = std::time::Instant::now();
+        let slow = sweep % SLOW_EVERY == 0;
+        let mut samples = gpus.sample_some(slow);
+        if slow {
+            slow_values = samples.clone();
+        } else {
+            // Between full sweeps, carry the slow metrics forward.
+            for (s, old) in samples.iter_mut().zip(&slow_values) {
+                s.pcie_rx_kib_s = old.pcie_rx_kib_s;
+                s.pcie_tx_kib_s = old.pcie_tx_kib_s;
+                s.processes = old.processes;
+            }
+        }
+        let at = now_ms();
+        let readings = samples.iter().map(|s| to_proto(s, at)).collect();
+        if tx.send(Arc::new(readings)).is_err() {
+            return; // the agent is gone
+        }
+        std::thread::sleep(interval.saturating_sub(started.elapsed()));
+    }
+}
+
+fn to_proto(s: &GpuSample, at: i64) -> pb::GpuTelemetry {
+    let mw = |w: Option<f64>| w.map(|w| (w * 1000.0).round() as u32);
+    pb::GpuTelemetry {
+        index: s.index,
+        sampled_at_unix_ms: at,
+        gpu_util_percent: s.gpu_util_percent,
+        mem_util_percent: s.mem_util_percent,
+        fb_used_bytes: s.fb_used_bytes,
+        fb_free_bytes: s.fb_free_bytes,
+        temperature_c: s.temperature_c,
+        power_mw: mw(s.power_w),
+        power_limit_mw: mw(s.power_limit_w),
+        energy_mj: s.energy_mj,
+        sm_clock_mhz: s.sm_clock_mhz,
+        mem_clock_mhz: s.mem_clock_mhz,
+        throttle_reasons: s.throttle_reasons,
+        pcie_rx_kib_s: s.pcie_rx_kib_s,
+        pcie_tx_kib_s: s.pcie_tx_kib_s,
+        ecc_corrected: s.ecc_corrected,
+        ecc_uncorrected: s.ecc_uncorrected,
+        processes: s.processes,
+    }
+}
