@@ -10,9 +10,11 @@ use std::ffi::OsStr;
 use std::path::Path;
 use std::time::Instant;
 
+use nvml_wrapper::bitmasks::event::EventTypes;
 use nvml_wrapper::enum_wrappers::device::{
     Clock, EccCounter, MemoryError, PcieUtilCounter, TemperatureSensor,
 };
+use nvml_wrapper::error::NvmlError;
 use nvml_wrapper::Nvml;
 use serde::Serialize;
 
@@ -74,6 +76,8 @@ pub struct GpuSample {
     pub ecc_uncorrected: Option<u64>,
     /// Compute processes on it.
     pub processes: Option<u32>,
+    /// The GPU has fallen off the bus (NVML answers GPU_IS_LOST).
+    pub lost: bool,
 }
 
 /// An open NVML.
@@ -150,11 +154,24 @@ impl Gpus {
         let n = self.nvml.device_count().unwrap_or(0);
         (0..n)
             .filter_map(|i| {
-                let d = self.nvml.device_by_index(i).ok()?;
-                let util = d.utilization_rates().ok();
+                let d = match self.nvml.device_by_index(i) {
+                    Ok(d) => d,
+                    Err(NvmlError::GpuLost) => {
+                        return Some(GpuSample {
+                            index: i,
+                            lost: true,
+                            ..Default::default()
+                        })
+                    }
+                    Err(_) => return None,
+                };
+                let util = d.utilization_rates();
+                let lost = matches!(util, Err(NvmlError::GpuLost));
+                let util = util.ok();
                 let mem = d.memory_info().ok();
                 Some(GpuSample {
                     index: i,
+                    lost,
                     gpu_util_percent: util.as_ref().map(|u| u.gpu),
                     mem_util_percent: util.as_ref().map(|u| u.memory),
                     fb_used_bytes: mem.as_ref().map(|m| m.used),
@@ -188,6 +205,61 @@ impl Gpus {
                 })
             })
             .collect()
+    }
+
+    /// Blocks, calling `on_xid(gpu index, xid)` for every critical XID the
+    /// driver reports, until it returns false. Returns at once when no GPU
+    /// supports events.
+    pub fn watch_xids(&self, mut on_xid: impl FnMut(u32, u64) -> bool) {
+        let Ok(mut set) = self.nvml.create_event_set() else {
+            return;
+        };
+        let mut registered = 0;
+        for i in 0..self.nvml.device_count().unwrap_or(0) {
+            let Ok(d) = self.nvml.device_by_index(i) else {
+                continue;
+            };
+            let supported = d
+                .supported_event_types()
+                .is_ok_and(|t| t.contains(EventTypes::CRITICAL_XID_ERROR));
+            if !supported {
+                continue;
+            }
+            // A failed registration consumes the set: stop there rather
+            // than watch a set in an undefined state.
+            match d.register_events(EventTypes::CRITICAL_XID_ERROR, set) {
+                Ok(s) => {
+                    set = s;
+                    registered += 1;
+                }
+                Err(e) => {
+                    tracing::warn!(gpu = i, error = %e.error, "cannot watch XIDs");
+                    return;
+                }
+            }
+        }
+        if registered == 0 {
+            return;
+        }
+        loop {
+            match set.wait(1000) {
+                Ok(ev) => {
+                    let index = ev.device.index().unwrap_or(u32::MAX);
+                    let xid = match ev.event_data {
+                        Some(nvml_wrapper::enums::event::XidError::Value(v)) => v,
+                        _ => 0,
+                    };
+                    if !on_xid(index, xid) {
+                        return;
+                    }
+                }
+                Err(NvmlError::Timeout) => {}
+                Err(e) => {
+                    tracing::warn!(error = %e, "XID event wait failed; XIDs are no longer watched");
+                    return;
+                }
+            }
+        }
     }
 
     /// Accelerators to declare: scheduler model name -> count.

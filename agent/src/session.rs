@@ -191,6 +191,8 @@ async fn session(
         ms => Duration::from_millis(u64::from(ms)),
     };
     let mut heartbeat = tokio::time::interval(period);
+    let mut urgent = cfg.telemetry.urgent.clone();
+    urgent.mark_unchanged();
     let mut seq = 0u64;
     loop {
         tokio::select! {
@@ -219,6 +221,15 @@ async fn session(
                     return SessionEnd::Retry("send failed".into());
                 }
                 start_tailer(&mut tailers, &mut tailing, view, 0, out.clone());
+            }
+            // An XID: report it now rather than at the next period.
+            Ok(()) = urgent.changed() => {
+                seq += 1;
+                let gpus = cfg.telemetry.latest.borrow().as_ref().clone();
+                let hb = pb::Heartbeat { seq, sent_at_unix_ms: now_ms(), gpus };
+                if out.send(msg(AgentMsg::Heartbeat(hb))).await.is_err() {
+                    return SessionEnd::Retry("send failed".into());
+                }
             }
             _ = heartbeat.tick() => {
                 seq += 1;

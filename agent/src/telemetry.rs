@@ -2,7 +2,8 @@
 //! lock and may block), reads every GPU each interval, and publishes the
 //! newest readings for the session to put on its next heartbeat.
 
-use std::sync::Arc;
+use std::collections::BTreeMap;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use nembo_proto::v1 as pb;
@@ -25,6 +26,9 @@ pub struct Telemetry {
     pub cuda_version: String,
     /// The newest sample of every GPU.
     pub latest: watch::Receiver<Arc<Vec<pb::GpuTelemetry>>>,
+    /// Changes when something must be reported at once (an XID): the
+    /// session then sends a heartbeat without waiting for its period.
+    pub urgent: watch::Receiver<u64>,
 }
 
 impl Telemetry {
@@ -35,12 +39,19 @@ impl Telemetry {
             driver_version: String::new(),
             cuda_version: String::new(),
             latest: watch::channel(Arc::new(Vec::new())).1,
+            urgent: watch::channel(0).1,
         }
     }
 }
 
-/// Starts sampling `gpus` every `interval` on a thread of its own.
+/// Per GPU index: (last critical XID, XIDs seen since the agent started).
+type Xids = Arc<Mutex<BTreeMap<u32, (u64, u64)>>>;
+type Readings = Arc<watch::Sender<Arc<Vec<pb::GpuTelemetry>>>>;
+
+/// Starts sampling `gpus` every `interval` on a thread of its own, and
+/// watching for XIDs on another (NVML's event wait blocks).
 pub fn start(gpus: Gpus, interval: Duration) -> Telemetry {
+    let gpus = Arc::new(gpus);
     let identity = gpus
         .inventory()
         .into_iter()
@@ -57,21 +68,49 @@ pub fn start(gpus: Gpus, interval: Duration) -> Telemetry {
     let driver_version = gpus.driver_version().unwrap_or_default();
     let cuda_version = gpus.cuda_version().unwrap_or_default();
     let (tx, rx) = watch::channel(Arc::new(Vec::new()));
-    let spawned = std::thread::Builder::new()
+    let tx: Readings = Arc::new(tx);
+    let (urgent_tx, urgent) = watch::channel(0u64);
+    let xids: Xids = Arc::default();
+    let (g, t, x) = (gpus.clone(), tx.clone(), xids.clone());
+    let sampler = std::thread::Builder::new()
         .name("gpu-sampler".into())
-        .spawn(move || sample_loop(gpus, interval, tx));
-    if let Err(e) = spawned {
-        tracing::warn!(error = %e, "could not start the GPU sampler; no telemetry");
+        .spawn(move || sample_loop(&g, interval, &t, &x));
+    let watcher = std::thread::Builder::new()
+        .name("gpu-xids".into())
+        .spawn(move || {
+            gpus.watch_xids(|index, xid| {
+                tracing::warn!(gpu = index, xid, "GPU reported a critical XID");
+                let count = {
+                    let mut all = xids.lock().unwrap_or_else(|p| p.into_inner());
+                    let e = all.entry(index).or_insert((0, 0));
+                    *e = (xid, e.1 + 1);
+                    e.1
+                };
+                tx.send_modify(|readings| {
+                    let mut now = readings.as_ref().clone();
+                    for r in now.iter_mut().filter(|r| r.index == index) {
+                        r.last_xid = Some(xid);
+                        r.xid_count = count;
+                    }
+                    *readings = Arc::new(now);
+                });
+                urgent_tx.send_modify(|n| *n += 1);
+                !urgent_tx.is_closed()
+            })
+        });
+    if let Err(e) = sampler.and(watcher) {
+        tracing::warn!(error = %e, "could not start GPU telemetry threads");
     }
     Telemetry {
         gpus: identity,
         driver_version,
         cuda_version,
         latest: rx,
+        urgent,
     }
 }
 
-fn sample_loop(gpus: Gpus, interval: Duration, tx: watch::Sender<Arc<Vec<pb::GpuTelemetry>>>) {
+fn sample_loop(gpus: &Gpus, interval: Duration, tx: &Readings, xids: &Xids) {
     let mut slow_values: Vec<GpuSample> = Vec::new();
     for sweep in 0u32.. {
         let started = std::time::Instant::now();
@@ -88,7 +127,15 @@ fn sample_loop(gpus: Gpus, interval: Duration, tx: watch::Sender<Arc<Vec<pb::Gpu
             }
         }
         let at = now_ms();
-        let readings = samples.iter().map(|s| to_proto(s, at)).collect();
+        let mut readings: Vec<pb::GpuTelemetry> = samples.iter().map(|s| to_proto(s, at)).collect();
+        for r in &mut readings {
+            if let Some((last, count)) =
+                xids.lock().unwrap_or_else(|p| p.into_inner()).get(&r.index)
+            {
+                r.last_xid = Some(*last);
+                r.xid_count = *count;
+            }
+        }
         if tx.send(Arc::new(readings)).is_err() {
             return; // the agent is gone
         }
@@ -117,5 +164,8 @@ fn to_proto(s: &GpuSample, at: i64) -> pb::GpuTelemetry {
         ecc_corrected: s.ecc_corrected,
         ecc_uncorrected: s.ecc_uncorrected,
         processes: s.processes,
+        last_xid: None,
+        xid_count: 0,
+        lost: s.lost,
     }
 }

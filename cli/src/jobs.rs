@@ -335,6 +335,7 @@ pub fn node_json(n: &pb::Node) -> Value {
         "job_ids": n.job_ids,
         "hourly_price": n.hourly_price,
         "message": n.message,
+        "unhealthy_reason": (!n.unhealthy_reason.is_empty()).then_some(&n.unhealthy_reason),
     })
 }
 
@@ -406,9 +407,18 @@ pub async fn status(as_json: bool, with_nodes: bool, stale: bool) -> Result<()> 
             .filter(|n| n.state != pb::NodeState::Terminated as i32)
             .map(|n| {
                 let r = n.resources.clone().unwrap_or_default();
+                // An unhealthy node shows why: it takes no new work.
+                let (state, message) = if n.unhealthy_reason.is_empty() {
+                    (node_state(n.state), n.message.clone())
+                } else {
+                    (
+                        format!("{} (UNHEALTHY)", node_state(n.state)),
+                        n.unhealthy_reason.clone(),
+                    )
+                };
                 vec![
                     n.node_id.clone(),
-                    node_state(n.state),
+                    state,
                     format!("{}/{}", n.provider, n.region),
                     n.instance_type.clone(),
                     accels(&n.resources),
@@ -418,7 +428,7 @@ pub async fn status(as_json: bool, with_nodes: bool, stale: bool) -> Result<()> 
                     } else {
                         n.job_ids.join(",")
                     },
-                    n.message.clone(),
+                    message,
                 ]
             })
             .collect();

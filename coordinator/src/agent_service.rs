@@ -6,9 +6,10 @@
 //! the agent ignores repeats, so a reconnect never runs a job twice. Agent
 //! reports become Raft commands; heartbeats only reset the liveness timer.
 
-use std::collections::{BTreeMap, HashSet};
+use std::collections::{BTreeMap, HashMap, HashSet};
 use std::sync::Arc;
 
+use nembo_domain::health::{gpu_problem, GpuReading};
 use nembo_domain::state::{Command, Job, JobState, NodeState, RankOutcome, State};
 use nembo_proto::v1 as pb;
 use nembo_proto::v1::agent_message::Msg as AgentMsg;
@@ -127,6 +128,8 @@ async fn run_session(
     tracing::info!(node = %node_id, jobs = hello.jobs.len(), "agent session open");
 
     let mut views = ctx.raft.subscribe();
+    // Per GPU: XIDs already accounted for.
+    let mut xids_seen: HashMap<u32, u64> = HashMap::new();
     let mut sent_run: HashSet<(u64, u32)> = HashSet::new();
     let mut sent_stop: HashSet<(u64, u32)> = HashSet::new();
     dispatch(&ctx, &view, &node_id, &tx, &mut sent_run, &mut sent_stop).await?;
@@ -137,6 +140,7 @@ async fn run_session(
                 match msg.msg {
                     Some(AgentMsg::Heartbeat(hb)) => {
                         ctx.heartbeat(&node_id);
+                        check_gpu_health(&ctx, &node_id, &hb.gpus, &mut xids_seen).await;
                         ctx.fleet.readings(&node_id, hb.gpus, now_ms());
                     }
                     Some(AgentMsg::JobReport(r)) => {
@@ -170,6 +174,46 @@ async fn run_session(
                 }
                 dispatch(&ctx, &view, &node_id, &tx, &mut sent_run, &mut sent_stop).await?;
             }
+        }
+    }
+}
+
+/// Marks the node unhealthy (a Raft write, so every member and every later
+/// leader knows) when a reading shows a critical XID, uncorrectable ECC
+/// errors or a GPU off the bus.
+async fn check_gpu_health(
+    ctx: &Ctx,
+    node_id: &str,
+    gpus: &[pb::GpuTelemetry],
+    xids_seen: &mut HashMap<u32, u64>,
+) {
+    for g in gpus {
+        let reading = GpuReading {
+            index: g.index,
+            xid_count: g.xid_count,
+            last_xid: g.last_xid,
+            ecc_uncorrected: g.ecc_uncorrected,
+            lost: g.lost,
+        };
+        let seen = xids_seen.insert(g.index, g.xid_count).unwrap_or(0);
+        let Some(reason) = gpu_problem(&reading, seen) else {
+            continue;
+        };
+        let healthy = ctx
+            .raft
+            .view()
+            .state
+            .nodes
+            .get(node_id)
+            .is_some_and(|n| n.unhealthy.is_none());
+        if healthy {
+            tracing::warn!(node = %node_id, %reason, "node unhealthy");
+            ctx.propose_quietly(Command::NodeUnhealthy {
+                node_id: node_id.to_string(),
+                reason,
+                at_ms: now_ms(),
+            })
+            .await;
         }
     }
 }

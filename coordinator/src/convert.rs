@@ -184,6 +184,7 @@ pub fn node_to_proto(state: &st::State, node: &Node) -> pb::Node {
         created_at_unix_ms: node.created_at_ms,
         message: node.message.clone(),
         hourly_price: node.hourly_price,
+        unhealthy_reason: node.unhealthy.clone().unwrap_or_default(),
     }
 }
 

@@ -147,8 +147,11 @@ impl FleetStore {
                 .as_ref()
                 .is_some_and(|l| l.sampled_at_unix_ms == t.sampled_at_unix_ms)
             {
+                // The same sample again (an XID sent at once amends it):
+                // newest fields, no second history point.
+                rec.latest = Some(*t);
                 rec.received_at_ms = now_ms;
-                continue; // the same sample on a second heartbeat
+                continue;
             }
             let p = Point::of(t);
             rec.recent.push_back(p);

@@ -3,6 +3,7 @@
 //! every decision can be tested, replayed and compared across replicas.
 #![deny(missing_docs)]
 
+pub mod health;
 pub mod scheduler;
 pub mod state;
 pub mod task;

@@ -270,7 +270,8 @@ fn existing_nodes(
     let mut chosen = Vec::new();
     for node in state.nodes.values() {
         let reserved = state.reserved_by(&node.id).is_some() && !round.released.contains(&node.id);
-        if node.state != NodeState::Ready || !node_matches(c, node) || reserved {
+        let usable = node.state == NodeState::Ready && node.unhealthy.is_none();
+        if !usable || !node_matches(c, node) || reserved {
             continue;
         }
         // The node must also be a shape this candidate accepts (its whole size).

@@ -240,6 +240,9 @@ pub struct Node {
     pub created_at_ms: i64,
     /// Why it is in its state.
     pub message: String,
+    /// Why it takes no new work, if a GPU made it unhealthy.
+    #[serde(default)]
+    pub unhealthy: Option<String>,
 }
 
 /// A provider's machine shape in a region, with its price.
@@ -322,6 +325,16 @@ pub enum Command {
         node_id: String,
         /// Why.
         message: String,
+        /// Time.
+        at_ms: i64,
+    },
+    /// A GPU of the node failed (critical XID, uncorrectable ECC, off the
+    /// bus): it takes no new work. Running jobs are left to their owners.
+    NodeUnhealthy {
+        /// Node.
+        node_id: String,
+        /// Why, for `nembo status`.
+        reason: String,
         /// Time.
         at_ms: i64,
     },
@@ -595,9 +608,10 @@ impl State {
             | Command::AssignJob { job_id, .. }
             | Command::RankStarted { job_id, .. }
             | Command::RankEnded { job_id, .. } => vec![*job_id],
-            Command::SubmitJob { .. } | Command::NodeLaunched { .. } | Command::NodeUp { .. } => {
-                Vec::new()
-            }
+            Command::SubmitJob { .. }
+            | Command::NodeLaunched { .. }
+            | Command::NodeUp { .. }
+            | Command::NodeUnhealthy { .. } => Vec::new(),
         };
         let outcome = self.apply_inner(cmd);
         if let Outcome::Job { job_id, .. } = outcome {
@@ -696,6 +710,7 @@ impl State {
                             instance_id: None,
                             created_at_ms: *at_ms,
                             message: String::new(),
+                            unhealthy: None,
                         },
                     );
                     ids.push(id);
@@ -775,6 +790,20 @@ impl State {
                 node.message = message.clone();
                 let msg = format!("node {node_id} lost: {message}");
                 self.fail_ranks_on(node_id, &msg, *at_ms);
+                Outcome::Applied
+            }
+            Command::NodeUnhealthy {
+                node_id, reason, ..
+            } => {
+                let Some(node) = self.nodes.get_mut(node_id) else {
+                    return Outcome::Rejected(Rejection::NoSuchNode(node_id.clone()));
+                };
+                if node.state.is_final() {
+                    return conflict(format!("node {node_id} is {:?}", node.state));
+                }
+                if node.unhealthy.is_none() {
+                    node.unhealthy = Some(reason.clone());
+                }
                 Outcome::Applied
             }
             Command::AssignJob {
@@ -898,6 +927,9 @@ impl State {
             };
             if node.state != NodeState::Ready {
                 return conflict(format!("node {id} is not ready"));
+            }
+            if let Some(why) = &node.unhealthy {
+                return conflict(format!("node {id} is unhealthy: {why}"));
             }
             if let Some(other) = self.reserved_by(id) {
                 if other != job_id {

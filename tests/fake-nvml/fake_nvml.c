@@ -134,6 +134,12 @@ nvmlReturn_t nvmlDeviceGetHandleByIndex_v2(unsigned int index, nvmlDevice_t *dev
     return OK;
 }
 
+nvmlReturn_t nvmlDeviceGetIndex(nvmlDevice_t d, unsigned int *index) {
+    if (!d) return ERR_INVALID_ARGUMENT;
+    *index = (unsigned int)d->index;
+    return OK;
+}
+
 nvmlReturn_t nvmlDeviceGetName(nvmlDevice_t d, char *name, unsigned int length) {
     nvmlReturn_t r = check(d, "name");
     if (r) return r;

@@ -180,3 +180,85 @@ async fn a_nodes_gpus_show_up_live_in_the_fleet_view_and_in_nembo_gpus() {
     );
     assert!(table.contains("77%") || table.contains("12%"), "{table}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_critical_xid_makes_the_node_unhealthy_and_no_new_job_lands_on_it() {
+    let dir = tempfile::tempdir().unwrap();
+    let values = dir.path().join("nvml.txt");
+    std::fs::write(&values, EIGHT_H100).unwrap();
+    let values_env = values.display().to_string();
+    // One node at most: a job that cannot use it must wait, not move.
+    let c = Coordinator::start_with_env(
+        &["--max-nodes", "1"],
+        &[
+            ("NEMBO_NVML_LIB", FAKE_NVML),
+            ("NEMBO_FAKE_NVML", values_env.as_str()),
+        ],
+    )
+    .await;
+    let running = c.submit("name: long\nrun: sleep 60\n").await;
+    c.wait_state(&running, pb::JobState::Running, Duration::from_secs(20))
+        .await;
+    wait_for("GPU readings", Duration::from_secs(10), || async {
+        (fleet(&c, Default::default()).await.len() == 8).then_some(())
+    })
+    .await;
+
+    // The driver reports XID 79 (fallen off the bus) on GPU 3.
+    let injected = std::time::Instant::now();
+    std::fs::write(&values, format!("{EIGHT_H100}xid 3 79\n")).unwrap();
+    let reason = wait_for(
+        "node-1 to turn unhealthy",
+        Duration::from_secs(10),
+        || async {
+            let nodes = c
+                .client()
+                .await
+                .list_nodes(pb::ListNodesRequest {})
+                .await
+                .ok()?
+                .into_inner()
+                .nodes;
+            let n = nodes.into_iter().find(|n| n.node_id == "node-1")?;
+            (!n.unhealthy_reason.is_empty()).then_some(n.unhealthy_reason)
+        },
+    )
+    .await;
+    eprintln!("XID 79 -> node unhealthy in {:?}", injected.elapsed());
+    assert_eq!(reason, "GPU 3 reported critical XID 79");
+    let xid = fleet(&c, Default::default())
+        .await
+        .into_iter()
+        .find(|g| g.identity.as_ref().unwrap().index == 3)
+        .and_then(|g| g.latest?.last_xid);
+    assert_eq!(xid, Some(79), "the fleet view carries the XID");
+
+    // New work does not land there; what runs there keeps running.
+    let waiting = c.submit("name: next\nrun: echo hi\n").await;
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let job = c
+        .client()
+        .await
+        .get_job(pb::GetJobRequest {
+            job_id: waiting.clone(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(job.state, pb::JobState::Pending as i32, "{job:?}");
+    let job = c
+        .client()
+        .await
+        .get_job(pb::GetJobRequest { job_id: running })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(job.state, pb::JobState::Running as i32);
+    let out = c.cli(&["status"]);
+    let text = String::from_utf8_lossy(&out.stdout);
+    let line = text.lines().find(|l| l.starts_with("node-1")).unwrap_or("");
+    assert!(
+        line.contains("UNHEALTHY") && line.contains("critical XID 79"),
+        "{text}"
+    );
+}
