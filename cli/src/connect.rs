@@ -27,6 +27,13 @@ pub struct ApiInfo {
     /// Every member's pid, for a local cluster.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub pids: Vec<u32>,
+    /// Prometheus endpoint of the (first) coordinator.
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub metrics_url: String,
+    /// Every member's Prometheus endpoint, for a cluster (scrape them all:
+    /// GPU series come from the leader).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub metrics_urls: Vec<String>,
 }
 
 impl ApiInfo {
@@ -71,6 +78,8 @@ fn configured() -> Result<Option<ApiInfo>> {
             pid: 0,
             endpoints,
             pids: Vec::new(),
+            metrics_url: std::env::var("NEMBO_METRICS_URL").unwrap_or_default(),
+            metrics_urls: Vec::new(),
         }));
     }
     Ok(None)
@@ -231,13 +240,15 @@ pub async fn start_local_cluster(n: u64) -> Result<ApiInfo> {
             &dir.join(format!("member-{id}.log")),
         )?);
     }
-    let info = ApiInfo {
+    let mut info = ApiInfo {
         endpoint: urls[0].clone(),
         ca_cert_path: dir.join("tls").join("ca.pem").display().to_string(),
         token_path: dir.join("token").display().to_string(),
         pid: pids[0],
         endpoints: urls,
         pids,
+        metrics_url: String::new(),
+        metrics_urls: Vec::new(),
     };
     let deadline = std::time::Instant::now() + Duration::from_secs(30);
     loop {
@@ -259,6 +270,15 @@ pub async fn start_local_cluster(n: u64) -> Result<ApiInfo> {
         }
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
+    // Each member wrote its own api.json (with its metrics URL) by now.
+    info.metrics_urls = (1..=info.endpoints.len())
+        .filter_map(|id| {
+            let member = dir.join(format!("member-{id}")).join("api.json");
+            let v: serde_json::Value = serde_json::from_slice(&std::fs::read(member).ok()?).ok()?;
+            Some(v["metrics_url"].as_str()?.to_string())
+        })
+        .collect();
+    info.metrics_url = info.metrics_urls.first().cloned().unwrap_or_default();
     std::fs::write(dir.join("api.json"), serde_json::to_vec_pretty(&info)?)?;
     Ok(info)
 }

@@ -181,16 +181,21 @@ pub async fn local_status(as_json: bool) -> Result<()> {
 pub async fn api_info(as_json: bool) -> Result<()> {
     let info = connect::resolve(true).await?;
     if as_json {
-        let v = json!({
+        let mut v = json!({
             "endpoint": info.endpoint,
             "ca_cert_path": info.ca_cert_path,
             "token_path": info.token_path,
+            "metrics_url": info.metrics_url,
         });
+        if !info.metrics_urls.is_empty() {
+            v["metrics_urls"] = json!(info.metrics_urls);
+        }
         println!("{}", serde_json::to_string_pretty(&v)?);
     } else {
         println!("endpoint:     {}", info.endpoint);
         println!("ca_cert_path: {}", info.ca_cert_path);
         println!("token_path:   {}", info.token_path);
+        println!("metrics_url:  {}", info.metrics_url);
     }
     Ok(())
 }

@@ -140,6 +140,7 @@ async fn run_session(
                 match msg.msg {
                     Some(AgentMsg::Heartbeat(hb)) => {
                         ctx.heartbeat(&node_id);
+                        ctx.heartbeat_delay.observe_ms(now_ms() - hb.sent_at_unix_ms);
                         check_gpu_health(&ctx, &node_id, &hb.gpus, &mut xids_seen).await;
                         ctx.fleet.readings(&node_id, hb.gpus, now_ms());
                     }

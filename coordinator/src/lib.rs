@@ -9,6 +9,7 @@ pub mod convert;
 pub mod error;
 pub mod fleet;
 pub mod logs;
+pub mod metrics;
 pub mod peer;
 pub mod provider;
 pub mod raft;

@@ -24,6 +24,10 @@ struct Args {
     /// Listen address (default: the last one used, else 127.0.0.1 on a free port).
     #[arg(long)]
     listen: Option<SocketAddr>,
+    /// Prometheus /metrics address, plain HTTP (`none` to disable). The
+    /// default keeps it on loopback; its URL is in api.json.
+    #[arg(long, default_value = "127.0.0.1:0")]
+    metrics_listen: String,
     /// Raft member id.
     #[arg(long, default_value_t = 1)]
     member_id: u64,
@@ -100,6 +104,10 @@ async fn main() -> anyhow::Result<()> {
     let a = Args::parse();
     let cfg = CoordinatorConfig {
         listen: a.listen,
+        metrics_listen: match a.metrics_listen.as_str() {
+            "none" => None,
+            addr => Some(addr.parse().context("--metrics-listen")?),
+        },
         member_id: a.member_id,
         heartbeat_ms: a.heartbeat_ms,
         node_ttl: Duration::from_millis(a.node_ttl_ms),

@@ -26,6 +26,7 @@ use crate::control::{self, LoopConfig};
 use crate::error::CoordinatorError;
 use crate::fleet::Fleet;
 use crate::logs::LogStore;
+use crate::metrics::DelayHistogram;
 use crate::provider::local::{LocalConfig, LocalProvider};
 use crate::provider::Provider;
 use crate::raft::{self, RaftConfig, RaftHandle};
@@ -49,6 +50,8 @@ pub struct CoordinatorConfig {
     pub data_dir: PathBuf,
     /// Listen address; default: the one used last time, else 127.0.0.1:0.
     pub listen: Option<SocketAddr>,
+    /// Prometheus `/metrics` (plain HTTP); None: no metrics listener.
+    pub metrics_listen: Option<SocketAddr>,
     /// Raft member id.
     pub member_id: u64,
     /// Raft tick.
@@ -90,6 +93,7 @@ impl CoordinatorConfig {
         Self {
             data_dir,
             listen: None,
+            metrics_listen: Some(SocketAddr::from(([127, 0, 0, 1], 0))),
             member_id: 1,
             tick: Duration::from_millis(100),
             snapshot_every: 100_000,
@@ -119,6 +123,9 @@ pub struct ApiInfo {
     pub token_path: String,
     /// Coordinator process id.
     pub pid: u32,
+    /// Prometheus endpoint (`http://host:port/metrics`), if served.
+    #[serde(skip_serializing_if = "String::is_empty")]
+    pub metrics_url: String,
 }
 
 /// Shared by the services and loops of one coordinator.
@@ -137,6 +144,8 @@ pub struct Ctx {
     pub stop_grace_ms: u32,
     /// GPU telemetry of the nodes whose sessions this member holds.
     pub fleet: Fleet,
+    /// Agent heartbeat delays, for `/metrics`.
+    pub heartbeat_delay: DelayHistogram,
     heartbeats: mpsc::Sender<String>,
     /// How this member reaches the leader to forward a request.
     forward: Forwarder,
@@ -390,6 +399,7 @@ pub async fn run(
         heartbeat_ms: cfg.heartbeat_ms,
         stop_grace_ms: cfg.stop_grace_ms,
         fleet: Fleet::start(),
+        heartbeat_delay: DelayHistogram::default(),
         heartbeats: hb_tx,
         forward: Forwarder {
             ca: ca_pem.clone(),
@@ -426,11 +436,26 @@ pub async fn run(
     let peers = RaftPeerServer::new(crate::peer::PeerService::new(ctx.raft.clone()))
         .max_decoding_message_size(crate::peer::MAX_PEER_MESSAGE);
 
+    let metrics_url = match cfg.metrics_listen {
+        Some(addr) => {
+            let listener = tokio::net::TcpListener::bind(addr)
+                .await
+                .map_err(startup("metrics listener"))?;
+            let url = format!(
+                "http://{}/metrics",
+                listener.local_addr().map_err(startup("metrics listener"))?
+            );
+            tokio::spawn(crate::metrics::serve(listener, ctx.clone()));
+            url
+        }
+        None => String::new(),
+    };
     let info = ApiInfo {
         endpoint: endpoint.clone(),
         ca_cert_path: creds.ca_cert.display().to_string(),
         token_path: creds.token.display().to_string(),
         pid: std::process::id(),
+        metrics_url,
     };
     std::fs::write(
         dir.join("api.json"),

@@ -1,0 +1,343 @@
+//! Prometheus `/metrics` on each coordinator (plain HTTP, loopback by
+//! default). GPU series use dcgm-exporter's names and labels, so existing
+//! Grafana dashboards work unchanged, plus Nembo's own labels (node,
+//! provider, region, job); control-plane series describe Raft, jobs, nodes
+//! and agent heartbeats. GPU series come from the leader, which holds the
+//! agents' sessions: scrape every member.
+
+use std::fmt::Write as _;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+
+use nembo_domain::state::{JobState, NodeState};
+use nembo_proto::v1 as pb;
+
+use crate::server::Ctx;
+
+/// Upper bounds (seconds) of the heartbeat-delay histogram's buckets.
+const DELAY_BUCKETS: [f64; 9] = [0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0];
+
+/// A lock-free histogram of agent heartbeat delays (agent clock to
+/// coordinator clock: on one host, transport and queueing time).
+#[derive(Debug, Default)]
+pub struct DelayHistogram {
+    buckets: [AtomicU64; DELAY_BUCKETS.len()],
+    count: AtomicU64,
+    sum_us: AtomicU64,
+}
+
+impl DelayHistogram {
+    /// Records one delay.
+    pub fn observe_ms(&self, ms: i64) {
+        let s = ms.max(0) as f64 / 1000.0;
+        for (i, bound) in DELAY_BUCKETS.iter().enumerate() {
+            if s <= *bound {
+                self.buckets[i].fetch_add(1, Ordering::Relaxed);
+            }
+        }
+        self.count.fetch_add(1, Ordering::Relaxed);
+        self.sum_us
+            .fetch_add(ms.max(0) as u64 * 1000, Ordering::Relaxed);
+    }
+}
+
+/// Serves `GET /metrics` on `listener` until the process ends.
+pub async fn serve(listener: tokio::net::TcpListener, ctx: Arc<Ctx>) {
+    let app = axum::Router::new().route(
+        "/metrics",
+        axum::routing::get(move || {
+            let ctx = ctx.clone();
+            async move {
+                (
+                    [(
+                        axum::http::header::CONTENT_TYPE,
+                        "text/plain; version=0.0.4; charset=utf-8",
+                    )],
+                    render(&ctx).await,
+                )
+            }
+        }),
+    );
+    if let Err(e) = axum::serve(listener, app).await {
+        tracing::error!(error = %e, "metrics listener failed");
+    }
+}
+
+/// The whole exposition.
+pub async fn render(ctx: &Ctx) -> String {
+    let mut out = String::new();
+    let view = ctx.raft.view();
+    let fleet = ctx.fleet.snapshot().await;
+
+    // GPU series, dcgm-exporter style.
+    type Field = fn(&pb::GpuTelemetry) -> Option<f64>;
+    let fields: [(&str, &str, Field); 13] = [
+        ("DCGM_FI_DEV_GPU_UTIL", "GPU utilization (in %).", |t| {
+            t.gpu_util_percent.map(f64::from)
+        }),
+        (
+            "DCGM_FI_DEV_MEM_COPY_UTIL",
+            "Memory utilization (in %).",
+            |t| t.mem_util_percent.map(f64::from),
+        ),
+        (
+            "DCGM_FI_DEV_FB_USED",
+            "Framebuffer memory used (in MiB).",
+            |t| t.fb_used_bytes.map(|b| (b >> 20) as f64),
+        ),
+        (
+            "DCGM_FI_DEV_FB_FREE",
+            "Framebuffer memory free (in MiB).",
+            |t| t.fb_free_bytes.map(|b| (b >> 20) as f64),
+        ),
+        ("DCGM_FI_DEV_GPU_TEMP", "GPU temperature (in C).", |t| {
+            t.temperature_c.map(f64::from)
+        }),
+        ("DCGM_FI_DEV_POWER_USAGE", "Power draw (in W).", |t| {
+            t.power_mw.map(|p| f64::from(p) / 1000.0)
+        }),
+        (
+            "DCGM_FI_DEV_TOTAL_ENERGY_CONSUMPTION",
+            "Total energy consumption since boot (in mJ).",
+            |t| t.energy_mj.map(|e| e as f64),
+        ),
+        (
+            "DCGM_FI_DEV_SM_CLOCK",
+            "SM clock frequency (in MHz).",
+            |t| t.sm_clock_mhz.map(f64::from),
+        ),
+        (
+            "DCGM_FI_DEV_MEM_CLOCK",
+            "Memory clock frequency (in MHz).",
+            |t| t.mem_clock_mhz.map(f64::from),
+        ),
+        (
+            "DCGM_FI_DEV_CLOCK_THROTTLE_REASONS",
+            "Current clock throttle reasons (bitmask).",
+            |t| t.throttle_reasons.map(|r| r as f64),
+        ),
+        (
+            "DCGM_FI_DEV_XID_ERRORS",
+            "Value of the last XID error encountered.",
+            |t| Some(t.last_xid.unwrap_or(0) as f64),
+        ),
+        (
+            "DCGM_FI_DEV_ECC_SBE_VOL_TOTAL",
+            "Total number of single-bit volatile ECC errors.",
+            |t| t.ecc_corrected.map(|e| e as f64),
+        ),
+        (
+            "DCGM_FI_DEV_ECC_DBE_VOL_TOTAL",
+            "Total number of double-bit volatile ECC errors.",
+            |t| t.ecc_uncorrected.map(|e| e as f64),
+        ),
+    ];
+    let labelled: Vec<(String, &pb::GpuTelemetry)> = fleet
+        .iter()
+        .filter_map(|(node, g)| {
+            let t = g.latest.as_ref()?;
+            let n = view.state.nodes.get(node);
+            let jobs: Vec<String> = view
+                .state
+                .jobs_on(node)
+                .iter()
+                .map(ToString::to_string)
+                .collect();
+            let id = &g.identity;
+            let labels = [
+                ("gpu", id.index.to_string()),
+                ("UUID", id.uuid.clone()),
+                ("device", format!("nvidia{}", id.index)),
+                ("modelName", id.name.clone()),
+                ("Hostname", node.clone()),
+                ("node", node.clone()),
+                (
+                    "provider",
+                    n.map(|n| n.provider.clone()).unwrap_or_default(),
+                ),
+                ("region", n.map(|n| n.region.clone()).unwrap_or_default()),
+                ("job", jobs.join(",")),
+            ];
+            Some((label_set(&labels), t))
+        })
+        .collect();
+    for (name, help, field) in fields {
+        let values: Vec<(&String, f64)> = labelled
+            .iter()
+            .filter_map(|(l, t)| field(t).map(|v| (l, v)))
+            .collect();
+        if values.is_empty() {
+            continue;
+        }
+        header(&mut out, name, help, "gauge");
+        for (labels, v) in values {
+            let _ = writeln!(out, "{name}{labels} {v}");
+        }
+    }
+
+    // Control plane.
+    let gauge = |out: &mut String, name: &str, help: &str, v: f64| {
+        header(out, name, help, "gauge");
+        let _ = writeln!(out, "{name} {v}");
+    };
+    gauge(
+        &mut out,
+        "nembo_raft_term",
+        "Current Raft term.",
+        view.term as f64,
+    );
+    gauge(
+        &mut out,
+        "nembo_raft_commit_index",
+        "Highest committed Raft index.",
+        view.commit as f64,
+    );
+    gauge(
+        &mut out,
+        "nembo_raft_applied_index",
+        "Highest applied Raft index.",
+        view.applied as f64,
+    );
+    gauge(
+        &mut out,
+        "nembo_raft_is_leader",
+        "1 if this member leads.",
+        f64::from(u8::from(view.is_leader())),
+    );
+    gauge(
+        &mut out,
+        "nembo_raft_leader_id",
+        "Member id of the current leader (0: none known).",
+        view.leader_id as f64,
+    );
+    header(&mut out, "nembo_jobs", "Jobs by state.", "gauge");
+    for (state, n) in count_by(view.state.jobs.values().map(|j| job_state(j.state))) {
+        let _ = writeln!(out, "nembo_jobs{{state=\"{state}\"}} {n}");
+    }
+    header(&mut out, "nembo_nodes", "Nodes by state.", "gauge");
+    for (state, n) in count_by(view.state.nodes.values().map(|n| node_state(n.state))) {
+        let _ = writeln!(out, "nembo_nodes{{state=\"{state}\"}} {n}");
+    }
+    gauge(
+        &mut out,
+        "nembo_nodes_unhealthy",
+        "Nodes a GPU made unhealthy (they take no new work).",
+        view.state
+            .nodes
+            .values()
+            .filter(|n| n.unhealthy.is_some() && !n.state.is_final())
+            .count() as f64,
+    );
+    gauge(
+        &mut out,
+        "nembo_fleet_gpus",
+        "GPUs reporting telemetry to this member.",
+        fleet.len() as f64,
+    );
+    let h = &ctx.heartbeat_delay;
+    header(
+        &mut out,
+        "nembo_agent_heartbeat_delay_seconds",
+        "Delay from an agent sending a heartbeat to this member receiving it.",
+        "histogram",
+    );
+    for (i, bound) in DELAY_BUCKETS.iter().enumerate() {
+        let n = h.buckets[i].load(Ordering::Relaxed);
+        let _ = writeln!(
+            out,
+            "nembo_agent_heartbeat_delay_seconds_bucket{{le=\"{bound}\"}} {n}"
+        );
+    }
+    let count = h.count.load(Ordering::Relaxed);
+    let _ = writeln!(
+        out,
+        "nembo_agent_heartbeat_delay_seconds_bucket{{le=\"+Inf\"}} {count}"
+    );
+    let _ = writeln!(
+        out,
+        "nembo_agent_heartbeat_delay_seconds_sum {}",
+        h.sum_us.load(Ordering::Relaxed) as f64 / 1e6
+    );
+    let _ = writeln!(out, "nembo_agent_heartbeat_delay_seconds_count {count}");
+    out
+}
+
+fn header(out: &mut String, name: &str, help: &str, kind: &str) {
+    let _ = writeln!(out, "# HELP {name} {help}");
+    let _ = writeln!(out, "# TYPE {name} {kind}");
+}
+
+fn label_set(labels: &[(&str, String)]) -> String {
+    let body: Vec<String> = labels
+        .iter()
+        .map(|(k, v)| format!("{k}=\"{}\"", escape(v)))
+        .collect();
+    format!("{{{}}}", body.join(","))
+}
+
+/// Label values escape backslash, double quote and newline.
+fn escape(v: &str) -> String {
+    v.replace('\\', "\\\\")
+        .replace('"', "\\\"")
+        .replace('\n', "\\n")
+}
+
+fn count_by(
+    items: impl Iterator<Item = &'static str>,
+) -> std::collections::BTreeMap<&'static str, u64> {
+    let mut m = std::collections::BTreeMap::new();
+    for i in items {
+        *m.entry(i).or_insert(0) += 1;
+    }
+    m
+}
+
+fn job_state(s: JobState) -> &'static str {
+    match s {
+        JobState::Pending => "pending",
+        JobState::Provisioning => "provisioning",
+        JobState::Starting => "starting",
+        JobState::Running => "running",
+        JobState::Recovering => "recovering",
+        JobState::Succeeded => "succeeded",
+        JobState::Failed => "failed",
+        JobState::FailedSetup => "failed_setup",
+        JobState::Cancelled => "cancelled",
+    }
+}
+
+fn node_state(s: NodeState) -> &'static str {
+    match s {
+        NodeState::Provisioning => "provisioning",
+        NodeState::Ready => "ready",
+        NodeState::Lost => "lost",
+        NodeState::Terminating => "terminating",
+        NodeState::Terminated => "terminated",
+        NodeState::Failed => "failed",
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn label_values_are_escaped() {
+        assert_eq!(escape(r#"a"b\c"#), r#"a\"b\\c"#);
+        assert_eq!(
+            label_set(&[("gpu", "0".into()), ("modelName", "X \"Y\"".into())]),
+            r#"{gpu="0",modelName="X \"Y\""}"#
+        );
+    }
+
+    #[test]
+    fn the_histogram_counts_into_every_bucket_at_or_above() {
+        let h = DelayHistogram::default();
+        h.observe_ms(3);
+        h.observe_ms(200);
+        assert_eq!(h.buckets[0].load(Ordering::Relaxed), 0); // 1 ms
+        assert_eq!(h.buckets[1].load(Ordering::Relaxed), 1); // 5 ms
+        assert_eq!(h.buckets[6].load(Ordering::Relaxed), 2); // 250 ms
+        assert_eq!(h.count.load(Ordering::Relaxed), 2);
+    }
+}
