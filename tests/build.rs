@@ -11,7 +11,7 @@ fn main() {
     let status = cc::Build::new()
         .get_compiler()
         .to_command()
-        .args(["-shared", "-fPIC", "-O1", "-Wall", "-o"])
+        .args(["-shared", "-fPIC", "-pthread", "-O1", "-Wall", "-o"])
         .arg(&lib)
         .arg(src)
         .status()

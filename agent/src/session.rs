@@ -64,6 +64,8 @@ enum SessionEnd {
 
 const LOG_CHUNK: usize = 64 * 1024;
 const LOG_POLL: Duration = Duration::from_millis(25);
+/// Slowest log polling, reached after a quiet stretch.
+const LOG_POLL_IDLE: Duration = Duration::from_millis(250);
 
 /// Runs sessions until the coordinator retires the node.
 pub async fn run(
@@ -278,6 +280,10 @@ fn start_tailer(
 /// everything it wrote has been sent.
 async fn tail(mut job: JobView, mut offset: u64, out: mpsc::Sender<pb::AgentMessage>) {
     let mut buf = vec![0u8; LOG_CHUNK];
+    // Poll fast while output flows (a launch shows its first line within
+    // tens of ms); back off while a job is quiet, so that a node of
+    // long-running jobs costs next to nothing between their lines.
+    let mut poll = LOG_POLL;
     loop {
         let final_size = *job.ended.borrow_and_update();
         let n = read_at(&job.log_path, offset, &mut buf).unwrap_or(0);
@@ -293,15 +299,17 @@ async fn tail(mut job: JobView, mut offset: u64, out: mpsc::Sender<pb::AgentMess
                 return;
             }
             offset += n as u64;
+            poll = LOG_POLL;
             continue;
         }
         if final_size.is_some_and(|f| offset >= f) {
             return;
         }
         tokio::select! {
-            _ = tokio::time::sleep(LOG_POLL) => {}
+            _ = tokio::time::sleep(poll) => {}
             _ = job.ended.changed() => {}
         }
+        poll = (poll * 2).min(LOG_POLL_IDLE);
     }
 }
 

@@ -24,6 +24,8 @@
 #include <stdlib.h>
 #include <string.h>
 #include <time.h>
+#include <sys/stat.h>
+#include <pthread.h>
 
 typedef int nvmlReturn_t;
 #define OK 0
@@ -67,25 +69,67 @@ static const char *path(void) {
     return p ? p : "fake-nvml.txt";
 }
 
-/* Finds "key.N" (or "key") in the file; copies the value into out. */
-static int lookup(const char *key, int index, char *out, size_t len) {
+/* The file's contents, re-read only when it changes (a real NVML call
+ * costs microseconds; re-reading on every call would make the agent's
+ * footprint measurements measure this fake instead). */
+/* Guards `contents`: the agent samples and waits for events on two threads. */
+static pthread_mutex_t mu = PTHREAD_MUTEX_INITIALIZER;
+static char *contents;
+static struct timespec seen_mtime;
+static off_t seen_size = -1;
+
+static const char *values(void) {
+    struct stat st;
+    if (stat(path(), &st) != 0) return NULL;
+    if (contents && st.st_size == seen_size && st.st_mtim.tv_sec == seen_mtime.tv_sec &&
+        st.st_mtim.tv_nsec == seen_mtime.tv_nsec)
+        return contents;
     FILE *f = fopen(path(), "r");
-    if (!f) return 0;
-    char line[512], specific[128], general[128];
+    if (!f) return NULL;
+    char *buf = calloc(1, (size_t)st.st_size + 1);
+    size_t n = buf ? fread(buf, 1, (size_t)st.st_size, f) : 0;
+    fclose(f);
+    if (!buf) return NULL;
+    buf[n] = 0;
+    free(contents);
+    contents = buf;
+    seen_mtime = st.st_mtim;
+    seen_size = st.st_size;
+    return contents;
+}
+
+/* Finds "key.N" (or "key") in the file; copies the value into out. */
+static int lookup_locked(const char *key, int index, char *out, size_t len);
+
+static int lookup(const char *key, int index, char *out, size_t len) {
+    pthread_mutex_lock(&mu);
+    int found = lookup_locked(key, index, out, len);
+    pthread_mutex_unlock(&mu);
+    return found;
+}
+
+static int lookup_locked(const char *key, int index, char *out, size_t len) {
+    const char *text = values();
+    if (!text) return 0;
+    char specific[128];
     snprintf(specific, sizeof specific, "%s.%d", key, index);
-    snprintf(general, sizeof general, "%s", key);
+    size_t klen = strlen(key), slen = strlen(specific);
     int found = 0;
-    while (fgets(line, sizeof line, f)) {
-        line[strcspn(line, "\r\n")] = 0;
-        char *space = strchr(line, ' ');
+    for (const char *line = text; *line; line = strchr(line, '\n') ? strchr(line, '\n') + 1 : "") {
+        size_t n = strcspn(line, "\r\n");
+        const char *space = memchr(line, ' ', n);
         if (!space) continue;
-        *space = 0;
-        if (strcmp(line, specific) == 0 || (found != 2 && strcmp(line, general) == 0)) {
-            found = strcmp(line, specific) == 0 ? 2 : 1;
-            snprintf(out, len, "%s", space + 1);
+        size_t name = (size_t)(space - line);
+        int is_specific = name == slen && strncmp(line, specific, slen) == 0;
+        int is_general = name == klen && strncmp(line, key, klen) == 0;
+        if (is_specific || (found != 2 && is_general)) {
+            found = is_specific ? 2 : 1;
+            size_t vlen = n - name - 1;
+            if (vlen >= len) vlen = len - 1;
+            memcpy(out, space + 1, vlen);
+            out[vlen] = 0;
         }
     }
-    fclose(f);
     return found;
 }
 
@@ -275,22 +319,24 @@ nvmlReturn_t nvmlDeviceRegisterEvents(nvmlDevice_t d, unsigned long long types, 
 
 /* The n-th "xid GPU CODE" line of the file, if there is one. */
 static int nth_xid(int n, int *gpu, unsigned long long *code) {
-    FILE *f = fopen(path(), "r");
-    if (!f) return 0;
-    char line[512];
+    pthread_mutex_lock(&mu);
+    const char *text = values();
     int seen = 0, found = 0;
-    while (!found && fgets(line, sizeof line, f)) {
+    for (const char *line = text; line && *line && !found;
+         line = strchr(line, '\n') ? strchr(line, '\n') + 1 : "") {
         if (strncmp(line, "xid ", 4) == 0 && seen++ == n) {
             found = sscanf(line + 4, "%d %llu", gpu, code) == 2;
+            if (!found) break;
         }
     }
-    fclose(f);
+    pthread_mutex_unlock(&mu);
     return found;
 }
 
 nvmlReturn_t nvmlEventSetWait_v2(nvmlEventSet_t set, nvmlEventData_t *data, unsigned int timeout_ms) {
-    struct timespec tick = {0, 10 * 1000 * 1000};
-    for (unsigned int waited = 0;; waited += 10) {
+    /* Polls the (cached) file: a real driver blocks in the kernel instead. */
+    struct timespec tick = {0, 100 * 1000 * 1000};
+    for (unsigned int waited = 0;; waited += 100) {
         int gpu;
         unsigned long long code;
         if (nth_xid(set->delivered, &gpu, &code) && gpu >= 0 && gpu < MAX_GPUS) {

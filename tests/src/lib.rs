@@ -102,12 +102,12 @@ impl Coordinator {
             .prefix("nembo-test")
             .tempdir()
             .expect("tempdir");
-        let mut args: Vec<String> = vec![
-            "--heartbeat-ms".into(),
-            "200".into(),
-            "--stop-grace-ms".into(),
-            "1000".into(),
-        ];
+        let mut args: Vec<String> = Vec::new();
+        for (flag, fast) in [("--heartbeat-ms", "200"), ("--stop-grace-ms", "1000")] {
+            if !extra.contains(&flag) {
+                args.extend([flag.to_string(), fast.to_string()]);
+            }
+        }
         args.extend(extra.iter().map(|s| s.to_string()));
         let mut c = Coordinator {
             dir,
