@@ -9,7 +9,8 @@ use serde_json::json;
 
 use crate::{connect, table};
 
-/// Prints the fleet once, or every second with `watch`.
+/// Prints the fleet once, or live with `watch` (a stream from the
+/// coordinator, one update a second).
 pub async fn gpus(
     as_json: bool,
     watch: bool,
@@ -22,11 +23,7 @@ pub async fn gpus(
         model: model.unwrap_or_default(),
         job_id: String::new(),
     };
-    loop {
-        let fleet = connect::call(&c, req.clone(), |mut c, r| async move {
-            c.get_fleet_metrics(r).await
-        })
-        .await?;
+    let show = |fleet: &pb::FleetMetrics| -> Result<()> {
         if as_json {
             let gpus: Vec<_> = fleet.gpus.iter().map(gpu_json).collect();
             println!(
@@ -39,8 +36,31 @@ pub async fn gpus(
             }
             print_table(&fleet.gpus);
         }
-        if !watch {
-            return Ok(());
+        Ok(())
+    };
+    if !watch {
+        let fleet = connect::call(
+            &c,
+            req,
+            |mut c, r| async move { c.get_fleet_metrics(r).await },
+        )
+        .await?;
+        return show(&fleet);
+    }
+    // Reopened if it breaks: the member it went through may have died.
+    let watch_req = pb::WatchFleetMetricsRequest {
+        filter: Some(req),
+        interval_ms: 1000,
+    };
+    loop {
+        let stream = connect::call(&c, watch_req.clone(), |mut c, r| async move {
+            c.watch_fleet_metrics(r).await
+        })
+        .await;
+        if let Ok(mut stream) = stream {
+            while let Ok(Some(fleet)) = stream.message().await {
+                show(&fleet)?;
+            }
         }
         tokio::time::sleep(Duration::from_secs(1)).await;
     }

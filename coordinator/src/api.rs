@@ -364,45 +364,44 @@ impl Coordinator for Api {
         &self,
         request: Request<pb::GetFleetMetricsRequest>,
     ) -> Result<Response<pb::FleetMetrics>, Status> {
-        // The leader holds the agents' sessions, so it alone has telemetry.
-        if let Some(mut leader) = self.ctx.leader().await? {
-            return forwarded(leader.get_fleet_metrics(request.into_inner()).await);
-        }
-        let req = request.into_inner();
-        let view = self.ctx.raft.view();
-        let now = now_ms();
-        let gpus = self
-            .ctx
-            .fleet
-            .snapshot()
+        fleet_metrics(&self.ctx, request.into_inner())
             .await
-            .into_iter()
-            .filter(|(node, _)| req.node_id.is_empty() || *node == req.node_id)
-            .filter(|(_, g)| req.model.is_empty() || g.identity.model == req.model)
-            .map(|(node, g)| {
-                let n = view.state.nodes.get(&node);
-                pb::GpuMetrics {
-                    provider: n.map(|n| n.provider.clone()).unwrap_or_default(),
-                    region: n.map(|n| n.region.clone()).unwrap_or_default(),
-                    job_ids: view
-                        .state
-                        .jobs_on(&node)
-                        .iter()
-                        .map(ToString::to_string)
-                        .collect(),
-                    identity: Some(g.identity),
-                    age_ms: g
-                        .latest
-                        .as_ref()
-                        .map_or(0, |_| (now - g.received_at_ms).max(0) as u64),
-                    latest: g.latest,
-                    driver_version: g.driver_version,
-                    node_id: node,
+            .map(Response::new)
+    }
+
+    type WatchFleetMetricsStream = ReceiverStream<Result<pb::FleetMetrics, Status>>;
+
+    async fn watch_fleet_metrics(
+        &self,
+        request: Request<pb::WatchFleetMetricsRequest>,
+    ) -> Result<Response<Self::WatchFleetMetricsStream>, Status> {
+        let req = request.into_inner();
+        let filter = req.filter.unwrap_or_default();
+        let interval = Duration::from_millis(u64::from(match req.interval_ms {
+            0 => 1000,
+            ms => ms.max(100),
+        }));
+        let (tx, rx) = mpsc::channel(4);
+        let ctx = self.ctx.clone();
+        tokio::spawn(async move {
+            let mut tick = tokio::time::interval(interval);
+            tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+            loop {
+                tick.tick().await;
+                // Each round asks whoever leads now, so the stream survives
+                // a leader change; a round that fails is skipped, not fatal.
+                let Ok(m) = fleet_metrics(&ctx, filter.clone()).await else {
+                    if tx.is_closed() {
+                        return;
+                    }
+                    continue;
+                };
+                if tx.send(Ok(m)).await.is_err() {
+                    return; // the client went away
                 }
-            })
-            .filter(|g| req.job_id.is_empty() || g.job_ids.contains(&req.job_id))
-            .collect();
-        Ok(Response::new(pb::FleetMetrics { gpus }))
+            }
+        });
+        Ok(Response::new(ReceiverStream::new(rx)))
     }
 
     async fn down(
@@ -643,4 +642,48 @@ async fn stream_logs(
             _ = tx.closed() => return Ok(()),
         }
     }
+}
+
+/// Every GPU with labels, filtered. The leader holds the agents' sessions,
+/// so it alone has telemetry: a follower asks it.
+async fn fleet_metrics(
+    ctx: &Ctx,
+    req: pb::GetFleetMetricsRequest,
+) -> Result<pb::FleetMetrics, Status> {
+    if let Some(mut leader) = ctx.leader().await? {
+        return forwarded(leader.get_fleet_metrics(req).await).map(Response::into_inner);
+    }
+    let view = ctx.raft.view();
+    let now = now_ms();
+    let gpus = ctx
+        .fleet
+        .snapshot()
+        .await
+        .into_iter()
+        .filter(|(node, _)| req.node_id.is_empty() || *node == req.node_id)
+        .filter(|(_, g)| req.model.is_empty() || g.identity.model == req.model)
+        .map(|(node, g)| {
+            let n = view.state.nodes.get(&node);
+            pb::GpuMetrics {
+                provider: n.map(|n| n.provider.clone()).unwrap_or_default(),
+                region: n.map(|n| n.region.clone()).unwrap_or_default(),
+                job_ids: view
+                    .state
+                    .jobs_on(&node)
+                    .iter()
+                    .map(ToString::to_string)
+                    .collect(),
+                identity: Some(g.identity),
+                age_ms: g
+                    .latest
+                    .as_ref()
+                    .map_or(0, |_| (now - g.received_at_ms).max(0) as u64),
+                latest: g.latest,
+                driver_version: g.driver_version,
+                node_id: node,
+            }
+        })
+        .filter(|g| req.job_id.is_empty() || g.job_ids.contains(&req.job_id))
+        .collect();
+    Ok(pb::FleetMetrics { gpus })
 }

@@ -19,6 +19,20 @@ use crate::server::{now_ms, Ctx};
 /// The scheduler plans at most once per this window.
 const SCHEDULE_COALESCE: Duration = Duration::from_millis(5);
 
+/// How often the leader looks for nodes that turned unhealthy.
+const HEALTH_CHECK: Duration = Duration::from_millis(100);
+
+/// A node a GPU made unhealthy, as the hooks hear of it.
+#[derive(Debug, Clone)]
+pub struct NodeUnhealthy {
+    /// Node.
+    pub node_id: String,
+    /// Why.
+    pub reason: String,
+    /// Jobs with a rank on it.
+    pub job_ids: Vec<u64>,
+}
+
 /// Tunables of the control loops.
 #[derive(Debug, Clone, Copy)]
 pub struct LoopConfig {
@@ -46,6 +60,7 @@ pub async fn supervise(ctx: Arc<Ctx>, cfg: LoopConfig, heartbeats: mpsc::Receive
             let mut set = JoinSet::new();
             set.spawn(scheduler(ctx.clone(), cfg.policy));
             set.spawn(provisioner(ctx.clone()));
+            set.spawn(health_hooks(ctx.clone()));
             leader_loops = Some(set);
         } else if !leading && leader_loops.is_some() {
             tracing::info!("lost leadership; stopping control loops");
@@ -238,6 +253,64 @@ async fn liveness(ctx: Arc<Ctx>, cfg: LoopConfig, mut heartbeats: mpsc::Receiver
                     }
                 }
             }
+        }
+    }
+}
+
+/// Tells in-process subscribers (`Ctx::node_health`) and the operator's
+/// `--on-unhealthy` command about every node that turns unhealthy while
+/// this member leads. Nodes already unhealthy when leadership was gained
+/// were announced by the leader that saw them turn.
+async fn health_hooks(ctx: Arc<Ctx>) {
+    let unhealthy = |state: &State| -> HashSet<String> {
+        state
+            .nodes
+            .values()
+            .filter(|n| n.unhealthy.is_some())
+            .map(|n| n.id.clone())
+            .collect()
+    };
+    let mut views = ctx.raft.subscribe();
+    let mut known = unhealthy(&views.borrow_and_update().state);
+    loop {
+        if views.changed().await.is_err() {
+            return;
+        }
+        let view = views.borrow_and_update().clone();
+        for id in unhealthy(&view.state) {
+            if !known.insert(id.clone()) {
+                continue;
+            }
+            let event = NodeUnhealthy {
+                reason: view.state.nodes[&id].unhealthy.clone().unwrap_or_default(),
+                job_ids: view.state.jobs_on(&id),
+                node_id: id,
+            };
+            let _ = ctx.node_health.send(event.clone());
+            if let Some(cmd) = &ctx.on_unhealthy {
+                run_hook(cmd, &event).await;
+            }
+        }
+        tokio::time::sleep(HEALTH_CHECK).await;
+    }
+}
+
+async fn run_hook(cmd: &str, e: &NodeUnhealthy) {
+    let jobs: Vec<String> = e.job_ids.iter().map(ToString::to_string).collect();
+    let status = tokio::process::Command::new("sh")
+        .arg("-c")
+        .arg(cmd)
+        .env("NEMBO_NODE_ID", &e.node_id)
+        .env("NEMBO_UNHEALTHY_REASON", &e.reason)
+        .env("NEMBO_JOB_IDS", jobs.join(","))
+        .stdin(std::process::Stdio::null())
+        .status()
+        .await;
+    match status {
+        Ok(s) if s.success() => tracing::info!(node = %e.node_id, "on-unhealthy hook ran"),
+        Ok(s) => tracing::warn!(node = %e.node_id, status = %s, "on-unhealthy hook failed"),
+        Err(err) => {
+            tracing::warn!(node = %e.node_id, error = %err, "on-unhealthy hook did not start")
         }
     }
 }

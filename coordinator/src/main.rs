@@ -46,6 +46,10 @@ struct Args {
     /// Most nodes that may exist at once.
     #[arg(long, default_value_t = 64)]
     max_nodes: u32,
+    /// Shell command the leader runs when a GPU makes a node unhealthy, with
+    /// NEMBO_NODE_ID, NEMBO_UNHEALTHY_REASON and NEMBO_JOB_IDS set.
+    #[arg(long)]
+    on_unhealthy: Option<String>,
     /// Snapshot the state and compact the log every this many entries
     /// (etcd's default), or once they reach 64 MiB.
     #[arg(long, default_value_t = 100_000)]
@@ -114,6 +118,7 @@ async fn main() -> anyhow::Result<()> {
         provision_timeout: Duration::from_millis(a.provision_timeout_ms),
         stop_grace_ms: a.stop_grace_ms,
         max_nodes: a.max_nodes,
+        on_unhealthy: a.on_unhealthy,
         snapshot_every: a.snapshot_every.max(1),
         agent_bin: a.agent_bin,
         hosts: a.hosts,

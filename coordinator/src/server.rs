@@ -68,6 +68,8 @@ pub struct CoordinatorConfig {
     pub stop_grace_ms: u32,
     /// Most nodes at once.
     pub max_nodes: u32,
+    /// Shell command the leader runs when a node turns unhealthy.
+    pub on_unhealthy: Option<String>,
     /// `nembo-agent` for the local provider.
     pub agent_bin: Option<PathBuf>,
     /// Extra names for the serving certificate.
@@ -102,6 +104,7 @@ impl CoordinatorConfig {
             provision_timeout: Duration::from_secs(120),
             stop_grace_ms: 5000,
             max_nodes: 64,
+            on_unhealthy: None,
             agent_bin: None,
             hosts: Vec::new(),
             members: BTreeMap::new(),
@@ -146,6 +149,10 @@ pub struct Ctx {
     pub fleet: Fleet,
     /// Agent heartbeat delays, for `/metrics`.
     pub heartbeat_delay: DelayHistogram,
+    /// Shell command run (on the leader) when a node turns unhealthy.
+    pub on_unhealthy: Option<String>,
+    /// In-process subscribers to nodes turning unhealthy (leader only).
+    pub node_health: tokio::sync::broadcast::Sender<crate::control::NodeUnhealthy>,
     heartbeats: mpsc::Sender<String>,
     /// How this member reaches the leader to forward a request.
     forward: Forwarder,
@@ -400,6 +407,8 @@ pub async fn run(
         stop_grace_ms: cfg.stop_grace_ms,
         fleet: Fleet::start(),
         heartbeat_delay: DelayHistogram::default(),
+        on_unhealthy: cfg.on_unhealthy.clone(),
+        node_health: tokio::sync::broadcast::channel(64).0,
         heartbeats: hb_tx,
         forward: Forwarder {
             ca: ca_pem.clone(),

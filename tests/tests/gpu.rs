@@ -138,6 +138,41 @@ async fn a_nodes_gpus_show_up_live_in_the_fleet_view_and_in_nembo_gpus() {
     })
     .await;
 
+    // The live stream: one update per interval, carrying new readings.
+    let mut stream = c
+        .client()
+        .await
+        .watch_fleet_metrics(pb::WatchFleetMetricsRequest {
+            filter: Some(pb::GetFleetMetricsRequest {
+                node_id: "node-1".into(),
+                ..Default::default()
+            }),
+            interval_ms: 200,
+        })
+        .await
+        .expect("WatchFleetMetrics")
+        .into_inner();
+    let first = stream.message().await.unwrap().expect("a first update");
+    assert_eq!(first.gpus.len(), 8);
+    std::fs::write(&values, format!("{EIGHT_H100}util.2 55\n")).unwrap();
+    tokio::time::timeout(Duration::from_secs(5), async {
+        while let Some(m) = stream.message().await.unwrap() {
+            if util(&m.gpus, 2) == Some(55) {
+                return;
+            }
+        }
+    })
+    .await
+    .expect("the stream carried the new reading");
+    drop(stream);
+    std::fs::write(&values, format!("{EIGHT_H100}util.2 12\n")).unwrap();
+    wait_for(
+        "the reading to settle back",
+        Duration::from_secs(5),
+        || async { (util(&fleet(&c, Default::default()).await, 2) == Some(12)).then_some(()) },
+    )
+    .await;
+
     // Filters.
     let none = fleet(
         &c,
@@ -311,8 +346,13 @@ async fn a_critical_xid_makes_the_node_unhealthy_and_no_new_job_lands_on_it() {
     std::fs::write(&values, EIGHT_H100).unwrap();
     let values_env = values.display().to_string();
     // One node at most: a job that cannot use it must wait, not move.
+    let hook_out = dir.path().join("hook.txt");
+    let hook = format!(
+        "echo \"$NEMBO_NODE_ID|$NEMBO_UNHEALTHY_REASON|$NEMBO_JOB_IDS\" >> {}",
+        hook_out.display()
+    );
     let c = Coordinator::start_with_env(
-        &["--max-nodes", "1"],
+        &["--max-nodes", "1", "--on-unhealthy", &hook],
         &[
             ("NEMBO_NVML_LIB", FAKE_NVML),
             ("NEMBO_FAKE_NVML", values_env.as_str()),
@@ -355,6 +395,15 @@ async fn a_critical_xid_makes_the_node_unhealthy_and_no_new_job_lands_on_it() {
         .find(|g| g.identity.as_ref().unwrap().index == 3)
         .and_then(|g| g.latest?.last_xid);
     assert_eq!(xid, Some(79), "the fleet view carries the XID");
+    let ran = wait_for("the on-unhealthy hook", Duration::from_secs(5), || async {
+        std::fs::read_to_string(&hook_out).ok()
+    })
+    .await;
+    assert_eq!(
+        ran,
+        format!("node-1|GPU 3 reported critical XID 79|{running}\n"),
+        "the hook ran once, with the node, the reason and its jobs"
+    );
 
     // New work does not land there; what runs there keeps running.
     let waiting = c.submit("name: next\nrun: echo hi\n").await;
