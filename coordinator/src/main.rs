@@ -50,6 +50,10 @@ struct Args {
     /// NEMBO_NODE_ID, NEMBO_UNHEALTHY_REASON and NEMBO_JOB_IDS set.
     #[arg(long)]
     on_unhealthy: Option<String>,
+    /// Also offer a simulated cloud (`infra: sim`) whose nodes are records
+    /// only: load generators speak the agent protocol for them.
+    #[arg(long)]
+    sim_provider: bool,
     /// Snapshot the state and compact the log every this many entries
     /// (etcd's default), or once they reach 64 MiB.
     #[arg(long, default_value_t = 100_000)]
@@ -119,6 +123,7 @@ async fn main() -> anyhow::Result<()> {
         stop_grace_ms: a.stop_grace_ms,
         max_nodes: a.max_nodes,
         on_unhealthy: a.on_unhealthy,
+        sim_provider: a.sim_provider,
         snapshot_every: a.snapshot_every.max(1),
         agent_bin: a.agent_bin,
         hosts: a.hosts,

@@ -41,10 +41,13 @@ impl DelayHistogram {
     }
 }
 
-/// Serves `GET /metrics` on `listener` until the process ends.
+/// Serves `GET /metrics` (everything) and `GET /metrics/control` (the
+/// control plane only: small enough to scrape often however large the
+/// fleet; a fleet of 80 000 GPUs makes `/metrics` about a million series)
+/// on `listener` until the process ends.
 pub async fn serve(listener: tokio::net::TcpListener, ctx: Arc<Ctx>) {
-    let app = axum::Router::new().route(
-        "/metrics",
+    let route = |gpus: bool| {
+        let ctx = ctx.clone();
         axum::routing::get(move || {
             let ctx = ctx.clone();
             async move {
@@ -53,21 +56,28 @@ pub async fn serve(listener: tokio::net::TcpListener, ctx: Arc<Ctx>) {
                         axum::http::header::CONTENT_TYPE,
                         "text/plain; version=0.0.4; charset=utf-8",
                     )],
-                    render(&ctx).await,
+                    render(&ctx, gpus).await,
                 )
             }
-        }),
-    );
+        })
+    };
+    let app = axum::Router::new()
+        .route("/metrics", route(true))
+        .route("/metrics/control", route(false));
     if let Err(e) = axum::serve(listener, app).await {
         tracing::error!(error = %e, "metrics listener failed");
     }
 }
 
-/// The whole exposition.
-pub async fn render(ctx: &Ctx) -> String {
+/// The exposition; GPU series only with `gpus`.
+pub async fn render(ctx: &Ctx, gpus: bool) -> String {
     let mut out = String::new();
     let view = ctx.raft.view();
-    let fleet = ctx.fleet.snapshot().await;
+    let fleet = if gpus {
+        ctx.fleet.snapshot().await
+    } else {
+        Vec::new()
+    };
 
     // GPU series, dcgm-exporter style.
     type Field = fn(&pb::GpuTelemetry) -> Option<f64>;
@@ -228,12 +238,14 @@ pub async fn render(ctx: &Ctx) -> String {
             .filter(|n| n.unhealthy.is_some() && !n.state.is_final())
             .count() as f64,
     );
-    gauge(
-        &mut out,
-        "nembo_fleet_gpus",
-        "GPUs reporting telemetry to this member.",
-        fleet.len() as f64,
-    );
+    if gpus {
+        gauge(
+            &mut out,
+            "nembo_fleet_gpus",
+            "GPUs reporting telemetry to this member.",
+            fleet.len() as f64,
+        );
+    }
     let h = &ctx.heartbeat_delay;
     header(
         &mut out,

@@ -70,6 +70,8 @@ pub struct CoordinatorConfig {
     pub max_nodes: u32,
     /// Shell command the leader runs when a node turns unhealthy.
     pub on_unhealthy: Option<String>,
+    /// Also offer the simulated cloud (`infra: sim`), for benchmarks.
+    pub sim_provider: bool,
     /// `nembo-agent` for the local provider.
     pub agent_bin: Option<PathBuf>,
     /// Extra names for the serving certificate.
@@ -105,6 +107,7 @@ impl CoordinatorConfig {
             stop_grace_ms: 5000,
             max_nodes: 64,
             on_unhealthy: None,
+            sim_provider: false,
             agent_bin: None,
             hosts: Vec::new(),
             members: BTreeMap::new(),
@@ -393,9 +396,14 @@ pub async fn run(
         agent_token: creds.agent_token.clone(),
         heartbeat_ms: cfg.heartbeat_ms,
     }));
-    let offerings = local.offerings();
+    let mut offerings = local.offerings();
     let mut providers = BTreeMap::new();
     providers.insert(local.name().to_string(), local);
+    if cfg.sim_provider {
+        let sim: Arc<dyn Provider> = Arc::new(crate::provider::sim::SimProvider);
+        offerings.extend(sim.offerings());
+        providers.insert(sim.name().to_string(), sim);
+    }
 
     let (hb_tx, hb_rx) = mpsc::channel(4096);
     let ctx = Arc::new(Ctx {

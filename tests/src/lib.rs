@@ -395,8 +395,12 @@ impl Cluster {
             .arg(self.root.path())
             .arg("--nodes-dir")
             .arg(self.root.path().join("nodes"))
-            .args(["--heartbeat-ms", "200", "--stop-grace-ms", "1000"])
             .args(&self.extra);
+        for (flag, fast) in [("--heartbeat-ms", "200"), ("--stop-grace-ms", "1000")] {
+            if !self.extra.iter().any(|e| e == flag) {
+                cmd.args([flag, fast]);
+            }
+        }
         for (i, u) in self.urls.iter().enumerate() {
             cmd.arg("--member").arg(format!("{}={u}", i + 1));
         }
@@ -464,6 +468,11 @@ impl Cluster {
             .await
             .ok()
             .map(|r| r.into_inner())
+    }
+
+    /// A running member's process id.
+    pub fn pid(&self, id: u64) -> Option<u32> {
+        self.children[id as usize - 1].as_ref().map(Child::id)
     }
 
     /// SIGKILL one member.

@@ -2,6 +2,7 @@
 //! implements [`Provider`]; the leader's provisioner is the only caller.
 
 pub mod local;
+pub mod sim;
 
 use std::future::Future;
 use std::pin::Pin;
