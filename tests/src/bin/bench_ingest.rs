@@ -204,13 +204,22 @@ async fn main() {
         .await
         .expect("submit a fleet job");
     }
-    wait_for("the nodes to be provisioned", Duration::from_secs(120), || {
-        let mut c = client.clone();
-        async move {
-            let nodes = c.list_nodes(pb::ListNodesRequest {}).await.ok()?.into_inner().nodes;
-            (nodes.len() >= n).then_some(())
-        }
-    })
+    wait_for(
+        "the nodes to be provisioned",
+        Duration::from_secs(120),
+        || {
+            let mut c = client.clone();
+            async move {
+                let nodes = c
+                    .list_nodes(pb::ListNodesRequest {})
+                    .await
+                    .ok()?
+                    .into_inner()
+                    .nodes;
+                (nodes.len() >= n).then_some(())
+            }
+        },
+    )
     .await;
     let leader_pid = cluster.pid(leader).expect("leader pid");
     let info: serde_json::Value = serde_json::from_slice(
@@ -247,7 +256,10 @@ async fn main() {
         let failed = failed.clone();
         tokio::spawn(async move {
             if let Err(e) = agent(client, format!("node-{}", i + 1), offset).await {
-                failed.lock().unwrap().push(format!("node-{}: {}", i + 1, e.message()));
+                failed
+                    .lock()
+                    .unwrap()
+                    .push(format!("node-{}: {}", i + 1, e.message()));
             }
         });
     }
@@ -261,11 +273,16 @@ async fn main() {
     let wall = t0.elapsed().as_secs_f64();
     let failures = failed.lock().unwrap().clone();
     if !failures.is_empty() {
-        eprintln!("{} sessions failed, e.g. {:?}", failures.len(), &failures[..failures.len().min(3)]);
+        eprintln!(
+            "{} sessions failed, e.g. {:?}",
+            failures.len(),
+            &failures[..failures.len().min(3)]
+        );
     }
     let (rss_after, cpu1) = proc_usage(leader_pid);
     let after = delay_buckets(&metrics_url);
-    let count = after.last().map(|a| a.1).unwrap_or(0.0) - before.last().map(|b| b.1).unwrap_or(0.0);
+    let count =
+        after.last().map(|a| a.1).unwrap_or(0.0) - before.last().map(|b| b.1).unwrap_or(0.0);
     let cpu = (cpu1 - cpu0) / wall * 100.0;
     let p50 = quantile(&before, &after, 0.5) * 1000.0;
     let p99 = quantile(&before, &after, 0.99) * 1000.0;
@@ -276,7 +293,12 @@ async fn main() {
     );
     println!(
         "{:>8} {:>12} {:>14} {:>16} {:>16} {:>16}",
-        "agents", "GPU rows/s", "heartbeats/s", "hb delay p50 ms", "hb delay p99 ms", "leader CPU %"
+        "agents",
+        "GPU rows/s",
+        "heartbeats/s",
+        "hb delay p50 ms",
+        "hb delay p99 ms",
+        "leader CPU %"
     );
     println!(
         "{:>8} {:>12.0} {:>14.0} {:>16} {:>16} {:>16.1}",
