@@ -174,6 +174,10 @@ async fn run_session(
                     return Ok(());
                 }
                 dispatch(&ctx, &view, &node_id, &tx, &mut sent_run, &mut sent_stop).await?;
+                // Every session wakes on every commit; with thousands of
+                // agents, looking once per short window instead keeps the
+                // leader's CPU for Raft while a fleet comes up.
+                tokio::time::sleep(SESSION_COALESCE).await;
             }
         }
     }
@@ -252,6 +256,9 @@ fn log_offsets(ctx: &Ctx, state: &State, node_id: &str) -> Vec<pb::LogOffset> {
     out
 }
 
+/// A session looks at the state at most once per this window.
+const SESSION_COALESCE: std::time::Duration = std::time::Duration::from_millis(20);
+
 /// Tells the agent what the state says it should run or stop.
 async fn dispatch(
     ctx: &Ctx,
@@ -261,11 +268,12 @@ async fn dispatch(
     sent_run: &mut HashSet<(u64, u32)>,
     sent_stop: &mut HashSet<(u64, u32)>,
 ) -> Result<(), Status> {
-    for job in view.state.jobs.values() {
-        let Some(a) = job.current_attempt() else {
+    let ranks = ctx.ranks_by_node(&view.state);
+    for &(job_id, rank) in ranks.get(node_id).map(Vec::as_slice).unwrap_or_default() {
+        let Some(job) = view.state.jobs.get(&job_id) else {
             continue;
         };
-        let Some(rank) = a.node_ids.iter().position(|n| n == node_id) else {
+        let Some(a) = job.current_attempt() else {
             continue;
         };
         let r = &a.ranks[rank];

@@ -1,7 +1,7 @@
 //! Wiring: credentials, listener, Raft member, services and control loops.
 //! [`run`] is the one entry point, used by `main.rs` and by tests alike.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap};
 use std::future::Future;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
@@ -9,7 +9,7 @@ use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use nembo_domain::scheduler::Policy;
-use nembo_domain::state::{Command, Offering};
+use nembo_domain::state::{Command, JobId, Offering, State};
 use nembo_proto::client::{connect, Client};
 use nembo_proto::v1::agent_service_server::AgentServiceServer;
 use nembo_proto::v1::coordinator_server::CoordinatorServer;
@@ -154,6 +154,8 @@ pub struct Ctx {
     pub heartbeat_delay: DelayHistogram,
     /// Shell command run (on the leader) when a node turns unhealthy.
     pub on_unhealthy: Option<String>,
+    /// Ranks by node for the newest state, shared by every agent session.
+    ranks: std::sync::Mutex<Option<(Arc<State>, RanksByNode)>>,
     /// In-process subscribers to nodes turning unhealthy (leader only).
     pub node_health: tokio::sync::broadcast::Sender<crate::control::NodeUnhealthy>,
     heartbeats: mpsc::Sender<String>,
@@ -168,7 +170,36 @@ struct Forwarder {
     cached: tokio::sync::Mutex<Option<(u64, Client)>>,
 }
 
+/// node id -> (job, rank) of every current attempt's rank placed there.
+pub type RanksByNode = Arc<HashMap<String, Vec<(JobId, usize)>>>;
+
 impl Ctx {
+    /// Where each job's current ranks are, for `state`: built once per
+    /// state version (O(ranks)) instead of once per agent session (which
+    /// made every commit cost sessions x ranks).
+    pub fn ranks_by_node(&self, state: &Arc<State>) -> RanksByNode {
+        let mut cached = self.ranks.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some((s, r)) = cached.as_ref() {
+            if Arc::ptr_eq(s, state) {
+                return r.clone();
+            }
+        }
+        let mut by_node: HashMap<String, Vec<(JobId, usize)>> = HashMap::new();
+        for job in state.placed_jobs() {
+            if let Some(a) = job.current_attempt() {
+                for (rank, node) in a.node_ids.iter().enumerate() {
+                    by_node
+                        .entry(node.clone())
+                        .or_default()
+                        .push((job.id, rank));
+                }
+            }
+        }
+        let r = Arc::new(by_node);
+        *cached = Some((state.clone(), r.clone()));
+        r
+    }
+
     /// Resets a node's liveness timer. Never blocks: a full mailbox means
     /// the timer was reset moments ago.
     pub fn heartbeat(&self, node_id: &str) {
@@ -417,6 +448,7 @@ pub async fn run(
         heartbeat_delay: DelayHistogram::default(),
         on_unhealthy: cfg.on_unhealthy.clone(),
         node_health: tokio::sync::broadcast::channel(64).0,
+        ranks: std::sync::Mutex::new(None),
         heartbeats: hb_tx,
         forward: Forwarder {
             ca: ca_pem.clone(),

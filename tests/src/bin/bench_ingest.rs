@@ -2,12 +2,12 @@
 //! simulated cloud provisions N nodes (one gang job, `infra: sim`); this
 //! process then speaks the agent protocol for every one of them: a hello
 //! with 8 GPUs, then a heartbeat carrying 8 GPU readings every second
-//! (starts spread over the first second). Measured on the leader over
+//! (agents come up `--ramp` per second, default 1000). Measured on the leader over
 //! `--seconds` after a warm-up: CPU (from /proc), RSS growth per GPU, and the
 //! heartbeat delay histogram from its /metrics. Prints a table, then JSON.
 //!
 //! Build with `cargo build --release --workspace` and run
-//! `target/release/bench_ingest [--agents N] [--seconds S]`.
+//! `target/release/bench_ingest [--agents N] [--seconds S] [--ramp PER_SECOND]`.
 
 use std::time::{Duration, Instant};
 
@@ -250,9 +250,15 @@ async fn main() {
     }
     let started = Instant::now();
     let failed: std::sync::Arc<std::sync::Mutex<Vec<String>>> = Default::default();
+    // Agents come up at --ramp per second (default 1000), as a fleet's
+    // nodes do when they boot; heartbeats then run at 1 Hz each.
+    let ramp = cli_arg("--ramp", 1000).max(1);
     for i in 0..n {
+        if i > 0 && (i as u64).is_multiple_of(ramp) {
+            tokio::time::sleep(Duration::from_secs(1)).await;
+        }
         let client = conns[i / SESSIONS_PER_CONNECTION].clone();
-        let offset = Duration::from_micros((i as u64 * 1_000_000) / n as u64);
+        let offset = Duration::from_micros(((i as u64 % ramp) * 1_000_000) / ramp);
         let failed = failed.clone();
         tokio::spawn(async move {
             if let Err(e) = agent(client, format!("node-{}", i + 1), offset).await {
