@@ -257,7 +257,7 @@ fn log_offsets(ctx: &Ctx, state: &State, node_id: &str) -> Vec<pb::LogOffset> {
 }
 
 /// A session looks at the state at most once per this window.
-const SESSION_COALESCE: std::time::Duration = std::time::Duration::from_millis(20);
+const SESSION_COALESCE: std::time::Duration = std::time::Duration::from_millis(5);
 
 /// Tells the agent what the state says it should run or stop.
 async fn dispatch(
