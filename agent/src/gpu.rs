@@ -76,6 +76,9 @@ pub struct GpuSample {
     pub ecc_uncorrected: Option<u64>,
     /// Compute processes on it.
     pub processes: Option<u32>,
+    /// Their process ids.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub process_pids: Vec<u32>,
     /// The GPU has fallen off the bus (NVML answers GPU_IS_LOST).
     pub lost: bool,
 }
@@ -165,6 +168,7 @@ impl Gpus {
                     }
                     Err(_) => return None,
                 };
+                let procs = slow.then(|| d.running_compute_processes().ok()).flatten();
                 let util = d.utilization_rates();
                 let lost = matches!(util, Err(NvmlError::GpuLost));
                 let util = util.ok();
@@ -199,9 +203,10 @@ impl Gpus {
                     ecc_uncorrected: d
                         .total_ecc_errors(MemoryError::Uncorrected, EccCounter::Volatile)
                         .ok(),
-                    processes: slow
-                        .then(|| d.running_compute_processes().ok().map(|p| p.len() as u32))
-                        .flatten(),
+                    processes: procs.as_ref().map(|p| p.len() as u32),
+                    process_pids: procs
+                        .map(|p| p.iter().map(|p| p.pid).collect())
+                        .unwrap_or_default(),
                 })
             })
             .collect()

@@ -54,7 +54,7 @@ struct Args {
     #[arg(long, default_value_t = 1000)]
     heartbeat_ms: u64,
     /// How often to read the GPUs (ms).
-    #[arg(long, default_value_t = 1000)]
+    #[arg(long, env = "NEMBO_GPU_SAMPLE_MS", default_value_t = 1000)]
     gpu_sample_ms: u64,
 }
 
@@ -83,7 +83,8 @@ fn main() -> anyhow::Result<()> {
                 accelerators = g.accelerators();
             }
             let interval = Duration::from_millis(a.gpu_sample_ms.max(100));
-            nembo_agent::telemetry::start(g, interval)
+            let work_dir = a.work_dir.clone().unwrap_or_default();
+            nembo_agent::telemetry::start(g, interval, work_dir)
         }
         Err(e) => {
             tracing::info!(reason = %e, "NVML not available: this node reports no GPUs");

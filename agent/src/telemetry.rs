@@ -3,6 +3,7 @@
 //! newest readings for the session to put on its next heartbeat.
 
 use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -50,7 +51,7 @@ type Readings = Arc<watch::Sender<Arc<Vec<pb::GpuTelemetry>>>>;
 
 /// Starts sampling `gpus` every `interval` on a thread of its own, and
 /// watching for XIDs on another (NVML's event wait blocks).
-pub fn start(gpus: Gpus, interval: Duration) -> Telemetry {
+pub fn start(gpus: Gpus, interval: Duration, work_dir: PathBuf) -> Telemetry {
     let gpus = Arc::new(gpus);
     let identity = gpus
         .inventory()
@@ -74,7 +75,7 @@ pub fn start(gpus: Gpus, interval: Duration) -> Telemetry {
     let (g, t, x) = (gpus.clone(), tx.clone(), xids.clone());
     let sampler = std::thread::Builder::new()
         .name("gpu-sampler".into())
-        .spawn(move || sample_loop(&g, interval, &t, &x));
+        .spawn(move || sample_loop(&g, interval, &t, &x, &work_dir));
     let watcher = std::thread::Builder::new()
         .name("gpu-xids".into())
         .spawn(move || {
@@ -110,14 +111,20 @@ pub fn start(gpus: Gpus, interval: Duration) -> Telemetry {
     }
 }
 
-fn sample_loop(gpus: &Gpus, interval: Duration, tx: &Readings, xids: &Xids) {
+fn sample_loop(gpus: &Gpus, interval: Duration, tx: &Readings, xids: &Xids, work_dir: &Path) {
     let mut slow_values: Vec<GpuSample> = Vec::new();
+    let mut jobs_by_gpu: BTreeMap<u32, Vec<String>> = BTreeMap::new();
     for sweep in 0u32.. {
         let started = std::time::Instant::now();
         let slow = sweep % SLOW_EVERY == 0;
         let mut samples = gpus.sample_some(slow);
         if slow {
             slow_values = samples.clone();
+            let groups = job_process_groups(work_dir);
+            jobs_by_gpu = samples
+                .iter()
+                .map(|s| (s.index, jobs_of(&s.process_pids, &groups)))
+                .collect();
         } else {
             // Between full sweeps, carry the slow metrics forward.
             for (s, old) in samples.iter_mut().zip(&slow_values) {
@@ -129,6 +136,7 @@ fn sample_loop(gpus: &Gpus, interval: Duration, tx: &Readings, xids: &Xids) {
         let at = now_ms();
         let mut readings: Vec<pb::GpuTelemetry> = samples.iter().map(|s| to_proto(s, at)).collect();
         for r in &mut readings {
+            r.job_ids = jobs_by_gpu.get(&r.index).cloned().unwrap_or_default();
             if let Some((last, count)) =
                 xids.lock().unwrap_or_else(|p| p.into_inner()).get(&r.index)
             {
@@ -167,5 +175,44 @@ fn to_proto(s: &GpuSample, at: i64) -> pb::GpuTelemetry {
         last_xid: None,
         xid_count: 0,
         lost: s.lost,
+        job_ids: Vec::new(),
     }
+}
+
+/// Process group -> job id, from the job dirs (`jobs/<job>-<attempt>/pid`
+/// holds the group the supervisor started the job in).
+fn job_process_groups(work_dir: &Path) -> BTreeMap<u32, String> {
+    let Ok(dirs) = std::fs::read_dir(work_dir.join("jobs")) else {
+        return BTreeMap::new();
+    };
+    dirs.flatten()
+        .filter_map(|d| {
+            let name = d.file_name().to_string_lossy().into_owned();
+            let job = name.rsplit_once('-')?.0.to_string();
+            let pgid = std::fs::read_to_string(d.path().join("pid")).ok()?;
+            Some((pgid.trim().parse().ok()?, job))
+        })
+        .collect()
+}
+
+/// The jobs whose process groups hold any of `pids`, sorted, once each.
+fn jobs_of(pids: &[u32], groups: &BTreeMap<u32, String>) -> Vec<String> {
+    let mut jobs: Vec<String> = pids
+        .iter()
+        .filter_map(|pid| {
+            let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+            // After the parenthesised name: state, ppid, pgrp.
+            let pgrp: u32 = stat
+                .rsplit_once(')')?
+                .1
+                .split_whitespace()
+                .nth(2)?
+                .parse()
+                .ok()?;
+            groups.get(&pgrp).cloned()
+        })
+        .collect();
+    jobs.sort();
+    jobs.dedup();
+    jobs
 }

@@ -77,7 +77,7 @@ fn print_table(gpus: &[pb::GpuMetrics]) {
         .iter()
         .map(|g| {
             let id = g.identity.clone().unwrap_or_default();
-            let t = g.latest.unwrap_or_default();
+            let t = g.latest.clone().unwrap_or_default();
             let mem = match (t.fb_used_bytes, t.fb_free_bytes) {
                 (Some(u), Some(f)) => format!("{:.1}/{:.1} GiB", gib(u), gib(u + f)),
                 _ => "-".into(),
@@ -109,7 +109,7 @@ fn print_table(gpus: &[pb::GpuMetrics]) {
 
 fn gpu_json(g: &pb::GpuMetrics) -> serde_json::Value {
     let id = g.identity.clone().unwrap_or_default();
-    let t = g.latest.unwrap_or_default();
+    let t = g.latest.clone().unwrap_or_default();
     json!({
         "node_id": g.node_id,
         "provider": g.provider,
@@ -139,5 +139,6 @@ fn gpu_json(g: &pb::GpuMetrics) -> serde_json::Value {
         "ecc_corrected": t.ecc_corrected,
         "ecc_uncorrected": t.ecc_uncorrected,
         "processes": t.processes,
+        "gpu_job_ids": t.job_ids,
     })
 }

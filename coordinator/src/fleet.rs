@@ -149,7 +149,7 @@ impl FleetStore {
             {
                 // The same sample again (an XID sent at once amends it):
                 // newest fields, no second history point.
-                rec.latest = Some(*t);
+                rec.latest = Some(t.clone());
                 rec.received_at_ms = now_ms;
                 continue;
             }
@@ -168,7 +168,7 @@ impl FleetStore {
             }
             rec.minute.minute = minute;
             rec.minute.add(&p);
-            rec.latest = Some(*t);
+            rec.latest = Some(t.clone());
             rec.received_at_ms = now_ms;
         }
     }
@@ -233,7 +233,7 @@ impl Fleet {
                                 let light = GpuRecord {
                                     identity: r.identity.clone(),
                                     driver_version: r.driver_version.clone(),
-                                    latest: r.latest,
+                                    latest: r.latest.clone(),
                                     received_at_ms: r.received_at_ms,
                                     ..Default::default()
                                 };

@@ -147,12 +147,17 @@ pub async fn render(ctx: &Ctx, gpus: bool) -> String {
         .filter_map(|(node, g)| {
             let t = g.latest.as_ref()?;
             let n = view.state.nodes.get(node);
-            let jobs: Vec<String> = view
-                .state
-                .jobs_on(node)
-                .iter()
-                .map(ToString::to_string)
-                .collect();
+            // The jobs using this GPU when the agent could tell (by
+            // process); else every job with a rank on the node.
+            let jobs: Vec<String> = if t.job_ids.is_empty() {
+                view.state
+                    .jobs_on(node)
+                    .iter()
+                    .map(ToString::to_string)
+                    .collect()
+            } else {
+                t.job_ids.clone()
+            };
             let id = &g.identity;
             let labels = [
                 ("gpu", id.index.to_string()),

@@ -13,6 +13,7 @@
  *   temp 45      power_mw 300000   power_limit_mw 700000   energy_mj 123456
  *   sm_clock 1980   mem_clock 2619   throttle 0   pcie_rx 1000   pcie_tx 2000
  *   ecc_corrected 0   ecc_uncorrected 0   mig 0   procs 0
+ *   pids.N 1234 5678            the compute processes on GPU N (else procs.N fake ones)
  *   xid 3 79                    an XID event on GPU 3 (each line is one event,
  *                               delivered once, in file order)
  *   unsupported.N temp          this metric answers NOT_SUPPORTED on GPU N
@@ -284,13 +285,23 @@ nvmlReturn_t nvmlDeviceGetComputeRunningProcesses_v3(nvmlDevice_t d, unsigned in
                                                      nvmlProcessInfo_t *infos) {
     nvmlReturn_t r = check(d, "procs");
     if (r) return r;
-    unsigned int n = (unsigned int)num("procs", d->index);
+    /* "pids.N 123 456" names the processes; else "procs.N" counts fake ones. */
+    unsigned int pids[64], n = 0;
+    char list[512];
+    if (lookup("pids", d->index, list, sizeof list)) {
+        for (char *tok = strtok(list, " "); tok && n < 64; tok = strtok(NULL, " "))
+            pids[n++] = (unsigned int)strtoul(tok, NULL, 10);
+    } else {
+        n = (unsigned int)num("procs", d->index);
+        if (n > 64) n = 64;
+        for (unsigned int i = 0; i < n; i++) pids[i] = 1000 + i;
+    }
     if (*count < n || !infos) {
         *count = n;
         return n == 0 ? OK : ERR_INSUFFICIENT_SIZE;
     }
     for (unsigned int i = 0; i < n; i++) {
-        infos[i].pid = 1000 + i;
+        infos[i].pid = pids[i];
         infos[i].usedGpuMemory = 1ULL << 30;
         infos[i].gpuInstanceId = infos[i].computeInstanceId = 0xFFFFFFFF;
     }

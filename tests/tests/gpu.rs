@@ -434,3 +434,65 @@ async fn a_critical_xid_makes_the_node_unhealthy_and_no_new_job_lands_on_it() {
         "{text}"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_gpu_process_is_mapped_to_its_job() {
+    let dir = tempfile::tempdir().unwrap();
+    let values = dir.path().join("nvml.txt");
+    std::fs::write(&values, EIGHT_H100).unwrap();
+    let values_env = values.display().to_string();
+    // Sample every 100 ms, so the process list (every 10th sweep) is fresh each second.
+    let c = Coordinator::start_with_env(
+        &[],
+        &[
+            ("NEMBO_NVML_LIB", FAKE_NVML),
+            ("NEMBO_FAKE_NVML", values_env.as_str()),
+            ("NEMBO_GPU_SAMPLE_MS", "100"),
+        ],
+    )
+    .await;
+    let job = c.submit("name: train\nrun: sleep 30\n").await;
+    c.wait_state(&job, pb::JobState::Running, Duration::from_secs(20))
+        .await;
+    // The driver reports the job's process (its group leader) on GPU 1 and
+    // an unrelated process on GPU 2.
+    let pgid = std::fs::read_to_string(
+        c.dir
+            .path()
+            .join("nodes/node-1/jobs")
+            .join(format!("{job}-1"))
+            .join("pid"),
+    )
+    .expect("the job's process group")
+    .trim()
+    .to_string();
+    std::fs::write(
+        &values,
+        format!("{EIGHT_H100}pids.1 {pgid}\npids.2 {}\n", std::process::id()),
+    )
+    .unwrap();
+    let jobs_on = |gs: &[pb::GpuMetrics], i: u32| {
+        gs.iter()
+            .find(|g| g.identity.as_ref().unwrap().index == i)
+            .and_then(|g| g.latest.clone())
+            .map(|t| (t.processes, t.job_ids))
+    };
+    let (procs, jobs) = wait_for(
+        "GPU 1's process mapped to the job",
+        Duration::from_secs(10),
+        || async {
+            let g = fleet(&c, Default::default()).await;
+            jobs_on(&g, 1).filter(|(_, j)| !j.is_empty())
+        },
+    )
+    .await;
+    assert_eq!(procs, Some(1));
+    assert_eq!(jobs, vec![job.clone()]);
+    let g = fleet(&c, Default::default()).await;
+    assert_eq!(
+        jobs_on(&g, 2),
+        Some((Some(1), Vec::new())),
+        "a process that is not a job's maps to nothing"
+    );
+    assert_eq!(jobs_on(&g, 0), Some((Some(0), Vec::new())));
+}
