@@ -369,6 +369,40 @@ impl Coordinator for Api {
             .map(Response::new)
     }
 
+    async fn get_gpu_history(
+        &self,
+        request: Request<pb::GetGpuHistoryRequest>,
+    ) -> Result<Response<pb::GpuHistory>, Status> {
+        if let Some(mut leader) = self.ctx.leader().await? {
+            return forwarded(leader.get_gpu_history(request.into_inner()).await);
+        }
+        let req = request.into_inner();
+        let points = self
+            .ctx
+            .fleet
+            .history(&req.node_id, req.index, req.minutes)
+            .await
+            .ok_or_else(|| {
+                CoordinatorError::NotFound(format!(
+                    "node_id/index: no GPU {} reporting on node {:?}",
+                    req.index, req.node_id
+                ))
+            })?;
+        let points = points
+            .into_iter()
+            .map(|p| pb::GpuPoint {
+                at_unix_ms: i64::from(p.at_s) * 1000,
+                gpu_util_percent: u32::from(p.util),
+                mem_util_percent: u32::from(p.mem_util),
+                temperature_c: u32::from(p.temp_c),
+                power_w: u32::from(p.power_w),
+                fb_used_mib: u64::from(p.fb_used_mib),
+                ecc_uncorrected: p.flags & 1 != 0,
+            })
+            .collect();
+        Ok(Response::new(pb::GpuHistory { points }))
+    }
+
     type WatchFleetMetricsStream = ReceiverStream<Result<pb::FleetMetrics, Status>>;
 
     async fn watch_fleet_metrics(

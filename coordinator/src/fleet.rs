@@ -178,6 +178,13 @@ impl FleetStore {
         self.gpus.retain(|(n, _), _| n != node);
     }
 
+    /// One GPU's points, oldest first: full resolution, or minute means.
+    pub fn history(&self, node: &str, index: u32, minutes: bool) -> Option<Vec<Point>> {
+        let rec = self.gpus.get(&(node.to_string(), index))?;
+        let points = if minutes { &rec.minutes } else { &rec.recent };
+        Some(points.iter().copied().collect())
+    }
+
     /// Every GPU, by node then index.
     pub fn gpus(&self) -> impl Iterator<Item = (&str, &GpuRecord)> {
         self.gpus.iter().map(|((n, _), r)| (n.as_str(), r))
@@ -197,6 +204,12 @@ enum FleetMsg {
     },
     Forget(String),
     Snapshot(oneshot::Sender<Vec<(String, GpuRecord)>>),
+    History {
+        node: String,
+        index: u32,
+        minutes: bool,
+        reply: oneshot::Sender<Option<Vec<Point>>>,
+    },
 }
 
 /// Mailbox of the fleet's owner task. Cheap to clone.
@@ -242,6 +255,14 @@ impl Fleet {
                             .collect();
                         let _ = reply.send(all);
                     }
+                    FleetMsg::History {
+                        node,
+                        index,
+                        minutes,
+                        reply,
+                    } => {
+                        let _ = reply.send(store.history(&node, index, minutes));
+                    }
                 }
             }
         });
@@ -275,6 +296,19 @@ impl Fleet {
     /// Forgets a node's GPUs.
     pub async fn forget(&self, node: &str) {
         let _ = self.tx.send(FleetMsg::Forget(node.to_string())).await;
+    }
+
+    /// One GPU's history (None: no such GPU).
+    pub async fn history(&self, node: &str, index: u32, minutes: bool) -> Option<Vec<Point>> {
+        let (reply, rx) = oneshot::channel();
+        let msg = FleetMsg::History {
+            node: node.to_string(),
+            index,
+            minutes,
+            reply,
+        };
+        self.tx.send(msg).await.ok()?;
+        rx.await.ok().flatten()
     }
 
     /// Every GPU with its newest reading.

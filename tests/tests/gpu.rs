@@ -495,4 +495,32 @@ async fn a_gpu_process_is_mapped_to_its_job() {
         "a process that is not a job's maps to nothing"
     );
     assert_eq!(jobs_on(&g, 0), Some((Some(0), Vec::new())));
+
+    // The history the leader keeps: every sample so far, oldest first.
+    let mut client = c.client().await;
+    let history = |index: u32, minutes: bool| pb::GetGpuHistoryRequest {
+        node_id: "node-1".into(),
+        index,
+        minutes,
+    };
+    let points = client
+        .get_gpu_history(history(0, false))
+        .await
+        .unwrap()
+        .into_inner()
+        .points;
+    assert!(points.len() >= 5, "{} points", points.len());
+    assert!(points
+        .iter()
+        .all(|p| p.gpu_util_percent == 40 && p.power_w == 312));
+    assert!(points
+        .windows(2)
+        .all(|w| w[0].at_unix_ms <= w[1].at_unix_ms));
+    let minutes = client.get_gpu_history(history(0, true)).await.unwrap();
+    assert!(
+        minutes.into_inner().points.len() <= 1,
+        "no minute is complete yet"
+    );
+    let missing = client.get_gpu_history(history(9, false)).await.unwrap_err();
+    assert_eq!(missing.code(), tonic::Code::NotFound);
 }
