@@ -74,6 +74,83 @@ where
     }
 }
 
+/// (RSS in KiB, CPU seconds used so far) of a process, from /proc.
+pub fn proc_usage(pid: u32) -> (u64, f64) {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
+    let rss = status
+        .lines()
+        .find(|l| l.starts_with("VmRSS:"))
+        .and_then(|l| l.split_whitespace().nth(1)?.parse().ok())
+        .unwrap_or(0);
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+    // Fields after the parenthesised command name; utime and stime are 14 and 15.
+    let rest = stat.rsplit_once(')').map(|(_, r)| r).unwrap_or("");
+    let f: Vec<u64> = rest
+        .split_whitespace()
+        .map(|x| x.parse().unwrap_or(0))
+        .collect();
+    let ticks = f.get(11).copied().unwrap_or(0) + f.get(12).copied().unwrap_or(0);
+    (rss, ticks as f64 / 100.0)
+}
+
+/// GET `http://host:port/path` over plain HTTP/1.1: (status line and
+/// headers, body), or None when nothing answered.
+pub fn http_get(url: &str) -> Option<(String, String)> {
+    use std::io::{Read, Write};
+    let rest = url.trim_start_matches("http://");
+    let (host, path) = rest.split_once('/').unwrap_or((rest, ""));
+    let mut s = std::net::TcpStream::connect(host).ok()?;
+    write!(
+        s,
+        "GET /{path} HTTP/1.1\r\nHost: {host}\r\nConnection: close\r\n\r\n"
+    )
+    .ok()?;
+    let mut resp = String::new();
+    s.read_to_string(&mut resp).ok()?;
+    let (head, body) = resp.split_once("\r\n\r\n")?;
+    Some((head.to_string(), body.to_string()))
+}
+
+/// The fake `libnvidia-ml.so.1` built by this crate's build script.
+pub const FAKE_NVML: &str = env!("NEMBO_FAKE_NVML_LIB");
+
+/// Values for the fake NVML library, in a file of their own that a test may
+/// rewrite at any time (the agent sees the change on its next sample).
+pub struct FakeGpus {
+    dir: tempfile::TempDir,
+    /// The value file (tests/fake-nvml/fake_nvml.c describes its format).
+    pub values: PathBuf,
+}
+
+impl FakeGpus {
+    /// Starts with `values`.
+    pub fn new(values: &str) -> FakeGpus {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("nvml.txt");
+        std::fs::write(&path, values).expect("fake NVML values");
+        FakeGpus { dir, values: path }
+    }
+
+    /// Replaces the values.
+    pub fn set(&self, values: &str) {
+        std::fs::write(&self.values, values).expect("fake NVML values");
+    }
+
+    /// A scratch dir beside the values, removed with them.
+    pub fn dir(&self) -> &Path {
+        self.dir.path()
+    }
+
+    /// The environment under which agents load these GPUs; a coordinator
+    /// started with it passes it on to the agents it starts.
+    pub fn env(&self) -> Vec<(&'static str, String)> {
+        vec![
+            ("NEMBO_NVML_LIB", FAKE_NVML.to_string()),
+            ("NEMBO_FAKE_NVML", self.values.display().to_string()),
+        ]
+    }
+}
+
 /// Whether a process exists.
 pub fn alive(pid: i32) -> bool {
     kill(Pid::from_raw(pid), None).is_ok()
@@ -93,11 +170,14 @@ pub struct Coordinator {
 impl Coordinator {
     /// Starts one with fast test timings plus `extra` flags.
     pub async fn start(extra: &[&str]) -> Coordinator {
-        Self::start_with_env(extra, &[]).await
+        Self::start_with_env::<&str, &str>(extra, &[]).await
     }
 
     /// Same, with extra environment (which the agents it starts inherit).
-    pub async fn start_with_env(extra: &[&str], env: &[(&str, &str)]) -> Coordinator {
+    pub async fn start_with_env<K: AsRef<str>, V: AsRef<str>>(
+        extra: &[&str],
+        env: &[(K, V)],
+    ) -> Coordinator {
         let dir = tempfile::Builder::new()
             .prefix("nembo-test")
             .tempdir()
@@ -115,7 +195,7 @@ impl Coordinator {
             args,
             env: env
                 .iter()
-                .map(|(k, v)| (k.to_string(), v.to_string()))
+                .map(|(k, v)| (k.as_ref().to_string(), v.as_ref().to_string()))
                 .collect(),
             info: Value::Null,
         };
@@ -457,6 +537,15 @@ impl Cluster {
                 }
             }
             None
+        })
+        .await
+    }
+
+    /// Waits until member `id` has applied `index`; returns its status.
+    pub async fn wait_applied(&self, id: u64, index: u64, what: &str) -> pb::ClusterStatus {
+        wait_for(what, Duration::from_secs(20), || async move {
+            let s = self.status(id).await?;
+            (s.applied_index >= index).then_some(s)
         })
         .await
     }

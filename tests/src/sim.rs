@@ -415,24 +415,22 @@ impl Sim {
                 since: now,
                 rx: member.read_index(),
             }),
-            Op::Submit(key) => {
-                let cmd = Command::SubmitJob {
-                    spec: parse_task_yaml(&format!("name: {key}\nrun: echo"), &Default::default())
+            Op::Submit(_) | Op::Cancel(_) => {
+                let cmd = match &op {
+                    Op::Submit(key) => Command::SubmitJob {
+                        spec: parse_task_yaml(
+                            &format!("name: {key}\nrun: echo"),
+                            &Default::default(),
+                        )
                         .expect("valid task"),
-                    idempotency_key: Some(key.clone()),
-                    at_ms: now as i64,
-                };
-                member.propose(cmd).ok().map(|(index, rx)| Pending::Write {
-                    node,
-                    index,
-                    op: op.clone(),
-                    rx,
-                })
-            }
-            Op::Cancel(job_id) => {
-                let cmd = Command::CancelJob {
-                    job_id: *job_id,
-                    at_ms: now as i64,
+                        idempotency_key: Some(key.clone()),
+                        at_ms: now as i64,
+                    },
+                    Op::Cancel(job_id) => Command::CancelJob {
+                        job_id: *job_id,
+                        at_ms: now as i64,
+                    },
+                    Op::Read => unreachable!("reads take a read index"),
                 };
                 member.propose(cmd).ok().map(|(index, rx)| Pending::Write {
                     node,

@@ -107,14 +107,9 @@ async fn killing_the_leader_under_load_loses_no_acknowledged_submit() {
     // The killed member comes back from its disk and catches up.
     cluster.restart(old);
     let leader_applied = cluster.status(new).await.unwrap().applied_index;
-    wait_for("the restarted member to catch up", SECS(20), || {
-        let c = &cluster;
-        async move {
-            let s = c.status(old).await?;
-            (s.applied_index >= leader_applied).then_some(())
-        }
-    })
-    .await;
+    cluster
+        .wait_applied(old, leader_applied, "the restarted member to catch up")
+        .await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -211,14 +206,13 @@ async fn a_member_behind_the_compacted_log_catches_up_from_a_snapshot() {
     );
     // Its log ends before the leader's first entry: only a snapshot helps.
     cluster.restart(follower);
-    let caught_up = wait_for("the lagging member to catch up", SECS(20), || {
-        let c = &cluster;
-        async move {
-            let s = c.status(follower).await?;
-            (s.applied_index >= target.applied_index).then_some(s)
-        }
-    })
-    .await;
+    let caught_up = cluster
+        .wait_applied(
+            follower,
+            target.applied_index,
+            "the lagging member to catch up",
+        )
+        .await;
     assert!(
         caught_up.snapshot_index > 0,
         "it caught up through a snapshot: {caught_up:?}"
@@ -286,14 +280,9 @@ async fn a_member_that_lost_its_disk_rejoins_empty_and_catches_up_from_a_snapsho
         "{status:?}"
     );
     let target = cluster.status(cluster.leader().await).await.unwrap();
-    let back = wait_for("the emptied member to catch up", SECS(20), || {
-        let c = &cluster;
-        async move {
-            let s = c.status(lost).await?;
-            (s.applied_index >= target.applied_index).then_some(s)
-        }
-    })
-    .await;
+    let back = cluster
+        .wait_applied(lost, target.applied_index, "the emptied member to catch up")
+        .await;
     assert!(
         back.snapshot_index > 0,
         "it started from a snapshot: {back:?}"

@@ -8,11 +8,8 @@ use std::process::Command;
 use std::time::Duration;
 
 use nembo_proto::v1 as pb;
-use nembo_tests::{bin, wait_for, Coordinator};
+use nembo_tests::{bin, http_get, wait_for, Coordinator, FakeGpus, FAKE_NVML};
 use serde_json::Value;
-
-/// Where the fake NVML library was built.
-const FAKE_NVML: &str = env!("NEMBO_FAKE_NVML_LIB");
 
 fn probe(values: &Path) -> Value {
     let out = Command::new(bin("nembo-agent"))
@@ -30,17 +27,13 @@ fn probe(values: &Path) -> Value {
 
 #[test]
 fn the_agent_reads_every_metric_of_eight_gpus_and_skips_unsupported_ones() {
-    let dir = tempfile::tempdir().unwrap();
-    let values = dir.path().join("nvml.txt");
-    std::fs::write(
-        &values,
+    let fake = FakeGpus::new(
         "gpus 8\nname NVIDIA H100 80GB HBM3\nfb_total 85899345920\nfb_used 1073741824\n\
          util 40\nutil.3 97\nmem_util 12\ntemp 45\npower_mw 312500\npower_limit_mw 700000\n\
          energy_mj 5000\nsm_clock 1980\nmem_clock 2619\nthrottle 4\npcie_rx 100\npcie_tx 200\n\
          ecc_uncorrected.5 2\nprocs.1 2\nunsupported.7 temp power\n",
-    )
-    .unwrap();
-    let p = probe(&values);
+    );
+    let p = probe(&fake.values);
     assert_eq!(p["nvml_error"], Value::Null);
     assert_eq!(p["driver_version"], "580.00-fake");
     let gpus = p["gpus"].as_array().unwrap();
@@ -93,19 +86,9 @@ async fn fleet(c: &Coordinator, req: pb::GetFleetMetricsRequest) -> Vec<pb::GpuM
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_nodes_gpus_show_up_live_in_the_fleet_view_and_in_nembo_gpus() {
-    let dir = tempfile::tempdir().unwrap();
-    let values = dir.path().join("nvml.txt");
-    std::fs::write(&values, EIGHT_H100).unwrap();
-    let values_env = values.display().to_string();
+    let fake = FakeGpus::new(EIGHT_H100);
     // The local provider's agents inherit NEMBO_NVML_LIB from the coordinator.
-    let c = Coordinator::start_with_env(
-        &[],
-        &[
-            ("NEMBO_NVML_LIB", FAKE_NVML),
-            ("NEMBO_FAKE_NVML", values_env.as_str()),
-        ],
-    )
-    .await;
+    let c = Coordinator::start_with_env(&[], &fake.env()).await;
     let job = c.submit("name: train\nrun: sleep 30\n").await;
     c.wait_state(&job, pb::JobState::Running, Duration::from_secs(20))
         .await;
@@ -132,7 +115,7 @@ async fn a_nodes_gpus_show_up_live_in_the_fleet_view_and_in_nembo_gpus() {
     assert_eq!(util(&gpus, 0), Some(40));
 
     // Live: the next samples carry what the GPU reports now.
-    std::fs::write(&values, format!("{EIGHT_H100}util.2 12\n")).unwrap();
+    fake.set(&format!("{EIGHT_H100}util.2 12\n"));
     wait_for("the new reading", Duration::from_secs(5), || async {
         (util(&fleet(&c, Default::default()).await, 2) == Some(12)).then_some(())
     })
@@ -154,7 +137,7 @@ async fn a_nodes_gpus_show_up_live_in_the_fleet_view_and_in_nembo_gpus() {
         .into_inner();
     let first = stream.message().await.unwrap().expect("a first update");
     assert_eq!(first.gpus.len(), 8);
-    std::fs::write(&values, format!("{EIGHT_H100}util.2 55\n")).unwrap();
+    fake.set(&format!("{EIGHT_H100}util.2 55\n"));
     tokio::time::timeout(Duration::from_secs(5), async {
         while let Some(m) = stream.message().await.unwrap() {
             if util(&m.gpus, 2) == Some(55) {
@@ -165,7 +148,7 @@ async fn a_nodes_gpus_show_up_live_in_the_fleet_view_and_in_nembo_gpus() {
     .await
     .expect("the stream carried the new reading");
     drop(stream);
-    std::fs::write(&values, format!("{EIGHT_H100}util.2 12\n")).unwrap();
+    fake.set(&format!("{EIGHT_H100}util.2 12\n"));
     wait_for(
         "the reading to settle back",
         Duration::from_secs(5),
@@ -223,7 +206,7 @@ async fn a_nodes_gpus_show_up_live_in_the_fleet_view_and_in_nembo_gpus() {
         url.starts_with("http://127.0.0.1:") && url.ends_with("/metrics"),
         "{url}"
     );
-    let text = http_get(&url);
+    let text = get_metrics(&url);
     let line = text
         .lines()
         .find(|l| l.starts_with("DCGM_FI_DEV_GPU_UTIL{gpu=\"2\""))
@@ -257,27 +240,16 @@ async fn a_nodes_gpus_show_up_live_in_the_fleet_view_and_in_nembo_gpus() {
     check_exposition(&text);
 }
 
-/// GET over plain HTTP/1.1, body only.
-fn http_get(url: &str) -> String {
-    use std::io::{Read, Write};
-    let rest = url.trim_start_matches("http://");
-    let (host, path) = rest.split_once('/').unwrap();
-    let mut s = std::net::TcpStream::connect(host).unwrap();
-    write!(
-        s,
-        "GET /{path} HTTP/1.1\r\nHost: {host}\r\nConnection: close\r\n\r\n"
-    )
-    .unwrap();
-    let mut resp = String::new();
-    s.read_to_string(&mut resp).unwrap();
-    let (head, body) = resp.split_once("\r\n\r\n").unwrap();
+/// GETs /metrics: a 200 in Prometheus' text format; the body.
+fn get_metrics(url: &str) -> String {
+    let (head, body) = http_get(url).expect("an answer from /metrics");
     assert!(head.starts_with("HTTP/1.1 200"), "{head}");
     assert!(
         head.to_ascii_lowercase()
             .contains("content-type: text/plain; version=0.0.4"),
         "{head}"
     );
-    body.to_string()
+    body
 }
 
 /// The exposition parses with the Prometheus Python client and, where
@@ -341,24 +313,16 @@ fn check_exposition(text: &str) {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_critical_xid_makes_the_node_unhealthy_and_no_new_job_lands_on_it() {
-    let dir = tempfile::tempdir().unwrap();
-    let values = dir.path().join("nvml.txt");
-    std::fs::write(&values, EIGHT_H100).unwrap();
-    let values_env = values.display().to_string();
+    let fake = FakeGpus::new(EIGHT_H100);
     // One node at most: a job that cannot use it must wait, not move.
-    let hook_out = dir.path().join("hook.txt");
+    let hook_out = fake.dir().join("hook.txt");
     let hook = format!(
         "echo \"$NEMBO_NODE_ID|$NEMBO_UNHEALTHY_REASON|$NEMBO_JOB_IDS\" >> {}",
         hook_out.display()
     );
-    let c = Coordinator::start_with_env(
-        &["--max-nodes", "1", "--on-unhealthy", &hook],
-        &[
-            ("NEMBO_NVML_LIB", FAKE_NVML),
-            ("NEMBO_FAKE_NVML", values_env.as_str()),
-        ],
-    )
-    .await;
+    let c =
+        Coordinator::start_with_env(&["--max-nodes", "1", "--on-unhealthy", &hook], &fake.env())
+            .await;
     let running = c.submit("name: long\nrun: sleep 60\n").await;
     c.wait_state(&running, pb::JobState::Running, Duration::from_secs(20))
         .await;
@@ -369,7 +333,7 @@ async fn a_critical_xid_makes_the_node_unhealthy_and_no_new_job_lands_on_it() {
 
     // The driver reports XID 79 (fallen off the bus) on GPU 3.
     let injected = std::time::Instant::now();
-    std::fs::write(&values, format!("{EIGHT_H100}xid 3 79\n")).unwrap();
+    fake.set(&format!("{EIGHT_H100}xid 3 79\n"));
     let reason = wait_for(
         "node-1 to turn unhealthy",
         Duration::from_secs(10),
@@ -437,20 +401,11 @@ async fn a_critical_xid_makes_the_node_unhealthy_and_no_new_job_lands_on_it() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_gpu_process_is_mapped_to_its_job() {
-    let dir = tempfile::tempdir().unwrap();
-    let values = dir.path().join("nvml.txt");
-    std::fs::write(&values, EIGHT_H100).unwrap();
-    let values_env = values.display().to_string();
+    let fake = FakeGpus::new(EIGHT_H100);
     // Sample every 100 ms, so the process list (every 10th sweep) is fresh each second.
-    let c = Coordinator::start_with_env(
-        &[],
-        &[
-            ("NEMBO_NVML_LIB", FAKE_NVML),
-            ("NEMBO_FAKE_NVML", values_env.as_str()),
-            ("NEMBO_GPU_SAMPLE_MS", "100"),
-        ],
-    )
-    .await;
+    let mut env = fake.env();
+    env.push(("NEMBO_GPU_SAMPLE_MS", "100".into()));
+    let c = Coordinator::start_with_env(&[], &env).await;
     let job = c.submit("name: train\nrun: sleep 30\n").await;
     c.wait_state(&job, pb::JobState::Running, Duration::from_secs(20))
         .await;
@@ -466,11 +421,10 @@ async fn a_gpu_process_is_mapped_to_its_job() {
     .expect("the job's process group")
     .trim()
     .to_string();
-    std::fs::write(
-        &values,
-        format!("{EIGHT_H100}pids.1 {pgid}\npids.2 {}\n", std::process::id()),
-    )
-    .unwrap();
+    fake.set(&format!(
+        "{EIGHT_H100}pids.1 {pgid}\npids.2 {}\n",
+        std::process::id()
+    ));
     let jobs_on = |gs: &[pb::GpuMetrics], i: u32| {
         gs.iter()
             .find(|g| g.identity.as_ref().unwrap().index == i)

@@ -13,31 +13,10 @@ use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use nembo_proto::v1 as pb;
-use nembo_tests::{cli_arg, wait_for, Coordinator};
+use nembo_tests::{cli_arg, http_get, proc_usage as usage, wait_for, Coordinator, FakeGpus};
 use serde_json::json;
 
-const FAKE_NVML: &str = env!("NEMBO_FAKE_NVML_LIB");
-
-/// (RSS in KiB, CPU seconds used so far) of a process.
-fn usage(pid: u32) -> (u64, f64) {
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
-    let rss = status
-        .lines()
-        .find(|l| l.starts_with("VmRSS:"))
-        .and_then(|l| l.split_whitespace().nth(1)?.parse().ok())
-        .unwrap_or(0);
-    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
-    // Fields after the parenthesised command name; utime and stime are 14 and 15.
-    let rest = stat.rsplit_once(')').map(|(_, r)| r).unwrap_or("");
-    let f: Vec<u64> = rest
-        .split_whitespace()
-        .map(|x| x.parse().unwrap_or(0))
-        .collect();
-    let ticks = f.get(11).copied().unwrap_or(0) + f.get(12).copied().unwrap_or(0);
-    (rss, ticks as f64 / 100.0)
-}
-
-fn write_gpus(path: &std::path::Path, second: u64) {
+fn write_gpus(fake: &FakeGpus, second: u64) {
     // Values move every second, as a busy GPU's do.
     let mut s = String::from(
         "gpus 8\nname NVIDIA H100 80GB HBM3\nfb_total 85899345920\npower_limit_mw 700000\n\
@@ -54,25 +33,16 @@ fn write_gpus(path: &std::path::Path, second: u64) {
             second * 300_000
         ));
     }
-    std::fs::write(path, s).expect("fake NVML values");
+    fake.set(&s);
 }
 
 #[tokio::main]
 async fn main() {
     let seconds = cli_arg("--seconds", 300);
-    let dir = tempfile::tempdir().expect("tempdir");
-    let values = dir.path().join("nvml.txt");
-    write_gpus(&values, 0);
-    let values_env = values.display().to_string();
+    let fake = FakeGpus::new("");
+    write_gpus(&fake, 0);
     // Production's heartbeat period, not the tests' faster one.
-    let c = Coordinator::start_with_env(
-        &["--heartbeat-ms", "1000"],
-        &[
-            ("NEMBO_NVML_LIB", FAKE_NVML),
-            ("NEMBO_FAKE_NVML", values_env.as_str()),
-        ],
-    )
-    .await;
+    let c = Coordinator::start_with_env(&["--heartbeat-ms", "1000"], &fake.env()).await;
     // A job makes the local provider start a node (one agent).
     let job = c.submit("name: idle\nrun: sleep 100000\n").await;
     c.wait_state(&job, pb::JobState::Running, Duration::from_secs(30))
@@ -110,15 +80,7 @@ async fn main() {
         );
     }
     let scrape = move || {
-        use std::io::{Read, Write};
-        if let Ok(mut s) = std::net::TcpStream::connect(("127.0.0.1", port)) {
-            let _ = write!(
-                s,
-                "GET /metrics HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n"
-            );
-            let mut sink = Vec::new();
-            let _ = s.read_to_end(&mut sink);
-        }
+        let _ = http_get(&format!("http://127.0.0.1:{port}/metrics"));
     };
 
     // Warm-up minute, then measure.
@@ -132,7 +94,7 @@ async fn main() {
     while second < warmup + seconds {
         tick.tick().await;
         second += 1;
-        write_gpus(&values, second);
+        write_gpus(&fake, second);
         if exporter_pid.is_some() {
             tokio::task::spawn_blocking(scrape).await.ok();
         }

@@ -11,9 +11,10 @@
 
 use std::time::{Duration, Instant};
 
+use nembo_coordinator::server::now_ms;
 use nembo_proto::v1 as pb;
 use nembo_proto::v1::agent_message::Msg as AgentMsg;
-use nembo_tests::{cli_arg, wait_for, Cluster};
+use nembo_tests::{cli_arg, http_get, proc_usage, wait_for, Cluster};
 use serde_json::json;
 use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
@@ -21,37 +22,11 @@ use tokio_stream::wrappers::ReceiverStream;
 const GPUS: u32 = 8;
 const SESSIONS_PER_CONNECTION: usize = 100;
 
-fn proc_usage(pid: u32) -> (u64, f64) {
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
-    let rss = status
-        .lines()
-        .find(|l| l.starts_with("VmRSS:"))
-        .and_then(|l| l.split_whitespace().nth(1)?.parse().ok())
-        .unwrap_or(0);
-    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
-    let rest = stat.rsplit_once(')').map(|(_, r)| r).unwrap_or("");
-    let f: Vec<u64> = rest
-        .split_whitespace()
-        .map(|x| x.parse().unwrap_or(0))
-        .collect();
-    let ticks = f.get(11).copied().unwrap_or(0) + f.get(12).copied().unwrap_or(0);
-    (rss, ticks as f64 / 100.0)
-}
-
 /// Cumulative heartbeat-delay buckets (le seconds -> count) from /metrics.
 fn delay_buckets(metrics_url: &str) -> Vec<(f64, f64)> {
-    use std::io::{Read, Write};
-    let rest = metrics_url.trim_start_matches("http://");
-    let (host, path) = rest.split_once('/').unwrap_or((rest, "metrics"));
-    let Ok(mut s) = std::net::TcpStream::connect(host) else {
+    let Some((_, body)) = http_get(metrics_url) else {
         return Vec::new();
     };
-    let _ = write!(
-        s,
-        "GET /{path} HTTP/1.1\r\nHost: {host}\r\nConnection: close\r\n\r\n"
-    );
-    let mut body = String::new();
-    let _ = s.read_to_string(&mut body);
     body.lines()
         .filter_map(|l| l.strip_prefix("nembo_agent_heartbeat_delay_seconds_bucket{le=\""))
         .filter_map(|l| {
@@ -123,7 +98,7 @@ async fn agent(
     let mut tick = tokio::time::interval(Duration::from_secs(1));
     for seq in 1u64.. {
         tick.tick().await;
-        let now = nembo_tests_now_ms();
+        let now = now_ms();
         let readings = (0..GPUS)
             .map(|i| {
                 let v = ((seq + u64::from(i)) % 100) as u32;
@@ -163,13 +138,6 @@ async fn agent(
         }
     }
     Ok(())
-}
-
-fn nembo_tests_now_ms() -> i64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.as_millis() as i64)
-        .unwrap_or(0)
 }
 
 #[tokio::main]
