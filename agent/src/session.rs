@@ -197,23 +197,23 @@ async fn session(
     urgent.mark_unchanged();
     let mut seq = 0u64;
     loop {
-        tokio::select! {
+        let beat = tokio::select! {
             m = inbound.message() => match m {
-                Ok(Some(pb::CoordinatorMessage { msg: Some(CoordMsg::RunJob(r)) })) => match fence.admit(r.term) {
-                    Ok(()) => sup.run(r),
-                    Err(stale) => {
-                        tracing::warn!(job = %r.job_id, reason = %stale, "RunJob refused");
-                        return SessionEnd::Retry(stale.to_string());
+                Ok(Some(pb::CoordinatorMessage { msg: Some(CoordMsg::RunJob(r)) })) => {
+                    if let Err(end) = admit(fence, r.term, "RunJob", &r.job_id) {
+                        return end;
                     }
-                },
-                Ok(Some(pb::CoordinatorMessage { msg: Some(CoordMsg::StopJob(s)) })) => match fence.admit(s.term) {
-                    Ok(()) => sup.stop(s),
-                    Err(stale) => {
-                        tracing::warn!(job = %s.job_id, reason = %stale, "StopJob refused");
-                        return SessionEnd::Retry(stale.to_string());
+                    sup.run(r);
+                    false
+                }
+                Ok(Some(pb::CoordinatorMessage { msg: Some(CoordMsg::StopJob(s)) })) => {
+                    if let Err(end) = admit(fence, s.term, "StopJob", &s.job_id) {
+                        return end;
                     }
-                },
-                Ok(Some(_)) => {}
+                    sup.stop(s);
+                    false
+                }
+                Ok(Some(_)) => false,
                 Ok(None) => return SessionEnd::Retry("coordinator closed the session".into()),
                 Err(s) => return SessionEnd::Retry(s.to_string()),
             },
@@ -223,26 +223,35 @@ async fn session(
                     return SessionEnd::Retry("send failed".into());
                 }
                 start_tailer(&mut tailers, &mut tailing, view, 0, out.clone());
+                false
             }
             // An XID: report it now rather than at the next period.
-            Ok(()) = urgent.changed() => {
-                seq += 1;
-                let gpus = cfg.telemetry.latest.borrow().as_ref().clone();
-                let hb = pb::Heartbeat { seq, sent_at_unix_ms: now_ms(), gpus };
-                if out.send(msg(AgentMsg::Heartbeat(hb))).await.is_err() {
-                    return SessionEnd::Retry("send failed".into());
-                }
-            }
-            _ = heartbeat.tick() => {
-                seq += 1;
-                let gpus = cfg.telemetry.latest.borrow().as_ref().clone();
-                let hb = pb::Heartbeat { seq, sent_at_unix_ms: now_ms(), gpus };
-                if out.send(msg(AgentMsg::Heartbeat(hb))).await.is_err() {
-                    return SessionEnd::Retry("send failed".into());
-                }
+            Ok(()) = urgent.changed() => true,
+            _ = heartbeat.tick() => true,
+        };
+        if beat {
+            seq += 1;
+            let gpus = cfg.telemetry.latest.borrow().as_ref().clone();
+            let hb = pb::Heartbeat {
+                seq,
+                sent_at_unix_ms: now_ms(),
+                gpus,
+            };
+            if out.send(msg(AgentMsg::Heartbeat(hb))).await.is_err() {
+                return SessionEnd::Retry("send failed".into());
             }
         }
     }
+}
+
+/// Refuses (and logs) an order from a leader older than one already heard:
+/// the session is with a deposed leader, so it ends and the agent looks for
+/// the new one.
+fn admit(fence: &mut Fence, term: u64, order: &str, job_id: &str) -> Result<(), SessionEnd> {
+    fence.admit(term).map_err(|stale| {
+        tracing::warn!(job = %job_id, reason = %stale, "{order} refused");
+        SessionEnd::Retry(stale.to_string())
+    })
 }
 
 fn msg(m: AgentMsg) -> pb::AgentMessage {
