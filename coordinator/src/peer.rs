@@ -227,19 +227,24 @@ impl PeerService {
     }
 }
 
+/// The TLS layer verified any certificate against the cluster CA; here we
+/// insist there was one. Clients and agents present none.
+fn require_member<T>(request: &Request<T>) -> Result<(), Status> {
+    if request.peer_certs().is_none_or(|c| c.is_empty()) {
+        return Err(Status::unauthenticated(
+            "raft traffic needs a member certificate signed by the cluster CA",
+        ));
+    }
+    Ok(())
+}
+
 #[tonic::async_trait]
 impl RaftPeer for PeerService {
     async fn stream(
         &self,
         request: Request<tonic::Streaming<pb::RaftBatch>>,
     ) -> Result<Response<pb::RaftAck>, Status> {
-        // The TLS layer verified any certificate against the cluster CA;
-        // here we insist there was one. Clients and agents present none.
-        if request.peer_certs().is_none_or(|c| c.is_empty()) {
-            return Err(Status::unauthenticated(
-                "raft traffic needs a member certificate signed by the cluster CA",
-            ));
-        }
+        require_member(&request)?;
         let mut batches = request.into_inner();
         while let Some(batch) = batches.message().await? {
             for bytes in &batch.messages {
@@ -258,11 +263,7 @@ impl RaftPeer for PeerService {
         &self,
         request: Request<tonic::Streaming<pb::SnapshotChunk>>,
     ) -> Result<Response<pb::RaftAck>, Status> {
-        if request.peer_certs().is_none_or(|c| c.is_empty()) {
-            return Err(Status::unauthenticated(
-                "raft traffic needs a member certificate signed by the cluster CA",
-            ));
-        }
+        require_member(&request)?;
         let mut chunks = request.into_inner();
         let mut bytes = Vec::new();
         while let Some(chunk) = chunks.message().await? {

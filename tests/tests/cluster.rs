@@ -30,6 +30,17 @@ async fn submit(c: &Client, key: &str) -> Result<String, tonic::Status> {
     .map(|r| r.job_id)
 }
 
+/// Adds member `id` (started with --join) at its URL; its status once promoted.
+async fn add_member(cluster: &Cluster, client: &Client, id: u64) -> pb::ClusterStatus {
+    let req = pb::AddMemberRequest {
+        id,
+        url: cluster.urls[id as usize - 1].clone(),
+    };
+    call(client, req, |mut c, r| async move { c.add_member(r).await })
+        .await
+        .unwrap()
+}
+
 async fn all_jobs(c: &Client) -> Vec<pb::Job> {
     call(c, pb::ListJobsRequest::default(), |mut c, r| async move {
         c.list_jobs(r).await
@@ -264,17 +275,7 @@ async fn a_member_that_lost_its_disk_rejoins_empty_and_catches_up_from_a_snapsho
         submit(&client, &format!("d{i}")).await.unwrap();
     }
     cluster.restart_empty_as_joiner(lost);
-    let req = pb::AddMemberRequest {
-        id: lost,
-        url: cluster.urls[lost as usize - 1].clone(),
-    };
-    let status = call(
-        &client,
-        req,
-        |mut c, r| async move { c.add_member(r).await },
-    )
-    .await
-    .unwrap();
+    let status = add_member(&cluster, &client, lost).await;
     assert!(
         status.members.iter().any(|m| m.id == lost && !m.is_learner),
         "{status:?}"
@@ -432,17 +433,7 @@ async fn a_member_is_replaced_through_add_and_remove() {
     }
     // A fourth member joins: learner, catches up from a snapshot, promoted.
     let new = cluster.spawn_joiner();
-    let req = pb::AddMemberRequest {
-        id: new,
-        url: cluster.urls[new as usize - 1].clone(),
-    };
-    let status = call(
-        &client,
-        req,
-        |mut c, r| async move { c.add_member(r).await },
-    )
-    .await
-    .unwrap();
+    let status = add_member(&cluster, &client, new).await;
     let voters: Vec<u64> = status
         .members
         .iter()
