@@ -16,6 +16,7 @@ use tonic::{Request, Response, Status};
 
 use crate::convert;
 use crate::error::CoordinatorError;
+use crate::fleet::LabelCache;
 use crate::logs::LogKey;
 use crate::raft::ProposeError;
 use crate::server::{now_ms, Ctx};
@@ -689,6 +690,7 @@ async fn fleet_metrics(
     }
     let view = ctx.raft.view();
     let now = now_ms();
+    let mut nodes = LabelCache::default();
     let gpus = ctx
         .fleet
         .snapshot()
@@ -697,16 +699,11 @@ async fn fleet_metrics(
         .filter(|(node, _)| req.node_id.is_empty() || *node == req.node_id)
         .filter(|(_, g)| req.model.is_empty() || g.identity.model == req.model)
         .map(|(node, g)| {
-            let n = view.state.nodes.get(&node);
+            let n = nodes.get(&view.state, &node).clone();
             pb::GpuMetrics {
-                provider: n.map(|n| n.provider.clone()).unwrap_or_default(),
-                region: n.map(|n| n.region.clone()).unwrap_or_default(),
-                job_ids: view
-                    .state
-                    .jobs_on(&node)
-                    .iter()
-                    .map(ToString::to_string)
-                    .collect(),
+                provider: n.provider,
+                region: n.region,
+                job_ids: n.jobs,
                 identity: Some(g.identity),
                 age_ms: g
                     .latest

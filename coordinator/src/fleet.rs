@@ -191,6 +191,40 @@ impl FleetStore {
     }
 }
 
+/// Where a node is and what runs there, as GPU series carry it.
+#[derive(Debug, Clone, Default)]
+pub struct NodeLabels {
+    /// Provider.
+    pub provider: String,
+    /// Region.
+    pub region: String,
+    /// Jobs with a rank holding the node.
+    pub jobs: Vec<String>,
+}
+
+/// Labels for the GPUs of every node, each node looked up once (a node has
+/// several GPUs; `jobs_on` scans the placed jobs).
+#[derive(Default)]
+pub struct LabelCache(BTreeMap<String, NodeLabels>);
+
+impl LabelCache {
+    /// `node`'s labels in `state`.
+    pub fn get(&mut self, state: &nembo_domain::state::State, node: &str) -> &NodeLabels {
+        self.0.entry(node.to_string()).or_insert_with(|| {
+            let n = state.nodes.get(node);
+            NodeLabels {
+                provider: n.map(|n| n.provider.clone()).unwrap_or_default(),
+                region: n.map(|n| n.region.clone()).unwrap_or_default(),
+                jobs: state
+                    .jobs_on(node)
+                    .iter()
+                    .map(ToString::to_string)
+                    .collect(),
+            }
+        })
+    }
+}
+
 enum FleetMsg {
     Hello {
         node: String,

@@ -12,6 +12,7 @@ use std::sync::Arc;
 use nembo_domain::state::{JobState, NodeState};
 use nembo_proto::v1 as pb;
 
+use crate::fleet::LabelCache;
 use crate::server::Ctx;
 
 /// Upper bounds (seconds) of the heartbeat-delay histogram's buckets.
@@ -142,21 +143,18 @@ pub async fn render(ctx: &Ctx, gpus: bool) -> String {
             |t| t.ecc_uncorrected.map(|e| e as f64),
         ),
     ];
+    let mut nodes = LabelCache::default();
     let labelled: Vec<(String, &pb::GpuTelemetry)> = fleet
         .iter()
         .filter_map(|(node, g)| {
             let t = g.latest.as_ref()?;
-            let n = view.state.nodes.get(node);
+            let n = nodes.get(&view.state, node);
             // The jobs using this GPU when the agent could tell (by
             // process); else every job with a rank on the node.
-            let jobs: Vec<String> = if t.job_ids.is_empty() {
-                view.state
-                    .jobs_on(node)
-                    .iter()
-                    .map(ToString::to_string)
-                    .collect()
+            let jobs = if t.job_ids.is_empty() {
+                &n.jobs
             } else {
-                t.job_ids.clone()
+                &t.job_ids
             };
             let id = &g.identity;
             let labels = [
@@ -166,11 +164,8 @@ pub async fn render(ctx: &Ctx, gpus: bool) -> String {
                 ("modelName", id.name.clone()),
                 ("Hostname", node.clone()),
                 ("node", node.clone()),
-                (
-                    "provider",
-                    n.map(|n| n.provider.clone()).unwrap_or_default(),
-                ),
-                ("region", n.map(|n| n.region.clone()).unwrap_or_default()),
+                ("provider", n.provider.clone()),
+                ("region", n.region.clone()),
                 ("job", jobs.join(",")),
             ];
             Some((label_set(&labels), t))
