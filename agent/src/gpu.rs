@@ -12,10 +12,11 @@ use std::time::Instant;
 
 use nvml_wrapper::bitmasks::event::EventTypes;
 use nvml_wrapper::enum_wrappers::device::{
-    Clock, EccCounter, MemoryError, PcieUtilCounter, TemperatureSensor,
+    Clock, EccCounter, MemoryError, PcieUtilCounter, RetirementCause, TemperatureSensor,
 };
 use nvml_wrapper::error::NvmlError;
 use nvml_wrapper::Nvml;
+use nvml_wrapper_sys::bindings::{field_id, nvmlFieldValue_t, NvmlLib};
 use serde::Serialize;
 
 /// What does not change while the node runs.
@@ -74,6 +75,16 @@ pub struct GpuSample {
     pub ecc_corrected: Option<u64>,
     /// Uncorrected ECC errors since the driver loaded.
     pub ecc_uncorrected: Option<u64>,
+    /// NVLink data received, KiB since the driver loaded, all links.
+    pub nvlink_rx_kib: Option<u64>,
+    /// NVLink data sent, likewise.
+    pub nvlink_tx_kib: Option<u64>,
+    /// Pages retired after repeated single-bit ECC errors.
+    pub retired_pages_sbe: Option<u32>,
+    /// Pages retired after a double-bit ECC error.
+    pub retired_pages_dbe: Option<u32>,
+    /// Pages waiting for a GPU reset to retire.
+    pub retired_pages_pending: Option<bool>,
     /// Compute processes on it.
     pub processes: Option<u32>,
     /// Their process ids.
@@ -86,6 +97,9 @@ pub struct GpuSample {
 /// An open NVML.
 pub struct Gpus {
     nvml: Nvml,
+    /// The same library, for the one call nvml-wrapper cannot make: field
+    /// values scoped to all NVLinks at once (it always asks for link 0).
+    raw: Option<NvmlLib>,
 }
 
 /// Where NVML is looked for when no path is given.
@@ -102,7 +116,13 @@ impl Gpus {
         let mut last = String::new();
         for path in candidates {
             match Nvml::builder().lib_path(path).init() {
-                Ok(nvml) => return Ok(Gpus { nvml }),
+                // SAFETY: loading the library NVML already loaded only
+                // resolves its symbols; nothing runs at load time.
+                Ok(nvml) => {
+                    #[allow(unsafe_code)]
+                    let raw = unsafe { NvmlLib::new(path) }.ok();
+                    return Ok(Gpus { nvml, raw });
+                }
                 Err(e) => last = format!("{}: {e}", path.to_string_lossy()),
             }
         }
@@ -169,6 +189,11 @@ impl Gpus {
                     Err(_) => return None,
                 };
                 let procs = slow.then(|| d.running_compute_processes().ok()).flatten();
+                let (nvlink_rx_kib, nvlink_tx_kib) = self.nvlink_kib(&d);
+                let retired = |cause| {
+                    slow.then(|| d.retired_pages(cause).ok().map(|p| p.len() as u32))
+                        .flatten()
+                };
                 let util = d.utilization_rates();
                 let lost = matches!(util, Err(NvmlError::GpuLost));
                 let util = util.ok();
@@ -203,6 +228,13 @@ impl Gpus {
                     ecc_uncorrected: d
                         .total_ecc_errors(MemoryError::Uncorrected, EccCounter::Volatile)
                         .ok(),
+                    nvlink_rx_kib,
+                    nvlink_tx_kib,
+                    retired_pages_sbe: retired(RetirementCause::MultipleSingleBitEccErrors),
+                    retired_pages_dbe: retired(RetirementCause::DoubleBitEccError),
+                    retired_pages_pending: slow
+                        .then(|| d.are_pages_pending_retired().ok())
+                        .flatten(),
                     processes: procs.as_ref().map(|p| p.len() as u32),
                     process_pids: procs
                         .map(|p| p.iter().map(|p| p.pid).collect())
@@ -210,6 +242,46 @@ impl Gpus {
                 })
             })
             .collect()
+    }
+
+    /// NVLink data counters (rx, tx) summed over every link, where the
+    /// board has NVLink. One driver call for both.
+    #[allow(unsafe_code)]
+    fn nvlink_kib(&self, d: &nvml_wrapper::Device<'_>) -> (Option<u64>, Option<u64>) {
+        let Some(get) = self
+            .raw
+            .as_ref()
+            .and_then(|l| l.nvmlDeviceGetFieldValues.as_ref().ok())
+        else {
+            return (None, None);
+        };
+        // SAFETY: an all-zero nvmlFieldValue_t is a valid value (plain
+        // integers and a union of numbers).
+        let mut fields: [nvmlFieldValue_t; 2] = unsafe { std::mem::zeroed() };
+        fields[0].fieldId = field_id::NVML_FI_DEV_NVLINK_THROUGHPUT_DATA_RX;
+        fields[1].fieldId = field_id::NVML_FI_DEV_NVLINK_THROUGHPUT_DATA_TX;
+        for f in &mut fields {
+            f.scopeId = u32::MAX; // every link
+        }
+        // SAFETY: the handle belongs to this library and outlives the call;
+        // the array holds exactly the count passed.
+        let status = unsafe { get(d.handle(), fields.len() as i32, fields.as_mut_ptr()) };
+        if status != 0 {
+            return (None, None);
+        }
+        // SAFETY: valueType says which union member the driver wrote.
+        let value = |f: &nvmlFieldValue_t| {
+            (f.nvmlReturn == 0).then(|| unsafe {
+                match f.valueType {
+                    1 => u64::from(f.value.uiVal),
+                    2 => f.value.ulVal,
+                    3 => f.value.ullVal,
+                    _ => u64::MAX,
+                }
+            })
+        };
+        let pick = |f| value(f).filter(|v| *v != u64::MAX);
+        (pick(&fields[0]), pick(&fields[1]))
     }
 
     /// Blocks, calling `on_xid(gpu index, xid)` for every critical XID the

@@ -113,6 +113,7 @@ pub fn start(gpus: Gpus, interval: Duration, work_dir: PathBuf) -> Telemetry {
 
 fn sample_loop(gpus: &Gpus, interval: Duration, tx: &Readings, xids: &Xids, work_dir: &Path) {
     let mut slow_values: Vec<GpuSample> = Vec::new();
+    let mut nvlink = NvlinkRates::default();
     let mut jobs_by_gpu: BTreeMap<u32, Vec<String>> = BTreeMap::new();
     for sweep in 0u32.. {
         let started = std::time::Instant::now();
@@ -131,10 +132,16 @@ fn sample_loop(gpus: &Gpus, interval: Duration, tx: &Readings, xids: &Xids, work
                 s.pcie_rx_kib_s = old.pcie_rx_kib_s;
                 s.pcie_tx_kib_s = old.pcie_tx_kib_s;
                 s.processes = old.processes;
+                s.retired_pages_sbe = old.retired_pages_sbe;
+                s.retired_pages_dbe = old.retired_pages_dbe;
+                s.retired_pages_pending = old.retired_pages_pending;
             }
         }
         let at = now_ms();
         let mut readings: Vec<pb::GpuTelemetry> = samples.iter().map(|s| to_proto(s, at)).collect();
+        for (r, s) in readings.iter_mut().zip(&samples) {
+            (r.nvlink_rx_bytes_s, r.nvlink_tx_bytes_s) = nvlink.update(s, started);
+        }
         for r in &mut readings {
             r.job_ids = jobs_by_gpu.get(&r.index).cloned().unwrap_or_default();
             if let Some((last, count)) =
@@ -148,6 +155,35 @@ fn sample_loop(gpus: &Gpus, interval: Duration, tx: &Readings, xids: &Xids, work
             return; // the agent is gone
         }
         std::thread::sleep(interval.saturating_sub(started.elapsed()));
+    }
+}
+
+/// NVML gives NVLink traffic as counters; the fleet wants rates. Keeps each
+/// GPU's previous counters to turn them into bytes per second.
+#[derive(Default)]
+struct NvlinkRates {
+    last: BTreeMap<u32, (std::time::Instant, u64, u64)>,
+}
+
+impl NvlinkRates {
+    fn update(&mut self, s: &GpuSample, at: std::time::Instant) -> (Option<u64>, Option<u64>) {
+        let (Some(rx), Some(tx)) = (s.nvlink_rx_kib, s.nvlink_tx_kib) else {
+            self.last.remove(&s.index);
+            return (None, None);
+        };
+        let Some((then, rx0, tx0)) = self.last.insert(s.index, (at, rx, tx)) else {
+            return (None, None); // a rate needs two readings
+        };
+        let secs = at.duration_since(then).as_secs_f64();
+        if secs <= 0.0 {
+            return (None, None);
+        }
+        // A counter that went backwards was reset (driver reload): no rate this time.
+        let rate = |now: u64, before: u64| {
+            now.checked_sub(before)
+                .map(|kib| (kib as f64 * 1024.0 / secs).round() as u64)
+        };
+        (rate(rx, rx0), rate(tx, tx0))
     }
 }
 
@@ -176,6 +212,11 @@ fn to_proto(s: &GpuSample, at: i64) -> pb::GpuTelemetry {
         xid_count: 0,
         lost: s.lost,
         job_ids: Vec::new(),
+        nvlink_rx_bytes_s: None,
+        nvlink_tx_bytes_s: None,
+        retired_pages_sbe: s.retired_pages_sbe,
+        retired_pages_dbe: s.retired_pages_dbe,
+        retired_pages_pending: s.retired_pages_pending,
     }
 }
 
@@ -215,4 +256,37 @@ fn jobs_of(pids: &[u32], groups: &BTreeMap<u32, String>) -> Vec<String> {
     jobs.sort();
     jobs.dedup();
     jobs
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn nvlink_counters_become_byte_rates() {
+        let mut rates = NvlinkRates::default();
+        let t0 = std::time::Instant::now();
+        let sample = |rx, tx| GpuSample {
+            index: 1,
+            nvlink_rx_kib: Some(rx),
+            nvlink_tx_kib: Some(tx),
+            ..Default::default()
+        };
+        assert_eq!(rates.update(&sample(100, 100), t0), (None, None));
+        let t1 = t0 + Duration::from_millis(500);
+        // 1024 KiB received and 512 KiB sent in half a second.
+        assert_eq!(
+            rates.update(&sample(1124, 612), t1),
+            (Some(2 * 1024 * 1024), Some(1024 * 1024))
+        );
+        // A reset counter gives no rate rather than a huge one.
+        let t2 = t1 + Duration::from_secs(1);
+        assert_eq!(rates.update(&sample(5, 700), t2), (None, Some(88 * 1024)));
+        // A board without NVLink has none.
+        let none = GpuSample {
+            index: 1,
+            ..Default::default()
+        };
+        assert_eq!(rates.update(&none, t2), (None, None));
+    }
 }

@@ -138,6 +138,11 @@ fn gpu_json(g: &pb::GpuMetrics) -> serde_json::Value {
         "pcie_tx_kib_s": t.pcie_tx_kib_s,
         "ecc_corrected": t.ecc_corrected,
         "ecc_uncorrected": t.ecc_uncorrected,
+        "nvlink_rx_bytes_s": t.nvlink_rx_bytes_s,
+        "nvlink_tx_bytes_s": t.nvlink_tx_bytes_s,
+        "retired_pages_sbe": t.retired_pages_sbe,
+        "retired_pages_dbe": t.retired_pages_dbe,
+        "retired_pages_pending": t.retired_pages_pending,
         "processes": t.processes,
         "gpu_job_ids": t.job_ids,
     })

@@ -199,6 +199,7 @@ async fn check_gpu_health(
             last_xid: g.last_xid,
             ecc_uncorrected: g.ecc_uncorrected,
             lost: g.lost,
+            retired_pages_pending: g.retired_pages_pending.unwrap_or(false),
         };
         let seen = xids_seen.insert(g.index, g.xid_count).unwrap_or(0);
         let Some(reason) = gpu_problem(&reading, seen) else {

@@ -82,7 +82,7 @@ pub async fn render(ctx: &Ctx, gpus: bool) -> String {
 
     // GPU series, dcgm-exporter style.
     type Field = fn(&pb::GpuTelemetry) -> Option<f64>;
-    let fields: [(&str, &str, Field); 13] = [
+    let fields: [(&str, &str, Field); 21] = [
         ("DCGM_FI_DEV_GPU_UTIL", "GPU utilization (in %).", |t| {
             t.gpu_util_percent.map(f64::from)
         }),
@@ -141,6 +141,46 @@ pub async fn render(ctx: &Ctx, gpus: bool) -> String {
             "DCGM_FI_DEV_ECC_DBE_VOL_TOTAL",
             "Total number of double-bit volatile ECC errors.",
             |t| t.ecc_uncorrected.map(|e| e as f64),
+        ),
+        (
+            "DCGM_FI_DEV_POWER_MGMT_LIMIT",
+            "Power management limit (in W).",
+            |t| t.power_limit_mw.map(|p| f64::from(p) / 1000.0),
+        ),
+        (
+            "DCGM_FI_PROF_PCIE_RX_BYTES",
+            "The rate of data received over the PCIe bus (in B/s).",
+            |t| t.pcie_rx_kib_s.map(|k| f64::from(k) * 1024.0),
+        ),
+        (
+            "DCGM_FI_PROF_PCIE_TX_BYTES",
+            "The rate of data transmitted over the PCIe bus (in B/s).",
+            |t| t.pcie_tx_kib_s.map(|k| f64::from(k) * 1024.0),
+        ),
+        (
+            "DCGM_FI_PROF_NVLINK_RX_BYTES",
+            "The rate of data received over NVLink, all links (in B/s).",
+            |t| t.nvlink_rx_bytes_s.map(|b| b as f64),
+        ),
+        (
+            "DCGM_FI_PROF_NVLINK_TX_BYTES",
+            "The rate of data transmitted over NVLink, all links (in B/s).",
+            |t| t.nvlink_tx_bytes_s.map(|b| b as f64),
+        ),
+        (
+            "DCGM_FI_DEV_RETIRED_SBE",
+            "Total number of retired pages due to single-bit errors.",
+            |t| t.retired_pages_sbe.map(f64::from),
+        ),
+        (
+            "DCGM_FI_DEV_RETIRED_DBE",
+            "Total number of retired pages due to double-bit errors.",
+            |t| t.retired_pages_dbe.map(f64::from),
+        ),
+        (
+            "DCGM_FI_DEV_RETIRED_PENDING",
+            "Whether pages are pending retirement (1) or not (0).",
+            |t| t.retired_pages_pending.map(|p| f64::from(u8::from(p))),
         ),
     ];
     let mut nodes = LabelCache::default();

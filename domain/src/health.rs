@@ -21,6 +21,8 @@ pub struct GpuReading {
     pub ecc_uncorrected: Option<u64>,
     /// Fallen off the bus.
     pub lost: bool,
+    /// Pages wait for a GPU reset to retire.
+    pub retired_pages_pending: bool,
 }
 
 /// Why `now` makes the node unhealthy, if it does. `xids_seen` is the XID
@@ -35,10 +37,12 @@ pub fn gpu_problem(now: &GpuReading, xids_seen: u64) -> Option<String> {
             return Some(format!("GPU {gpu} reported critical XID {xid}"));
         }
     }
-    match now.ecc_uncorrected {
-        Some(n) if n > 0 => Some(format!("GPU {gpu} has {n} uncorrectable ECC errors")),
-        _ => None,
+    if let Some(n) = now.ecc_uncorrected.filter(|n| *n > 0) {
+        return Some(format!("GPU {gpu} has {n} uncorrectable ECC errors"));
     }
+    // NVIDIA's guidance: drain and reset; until then the bad pages stay mapped.
+    now.retired_pages_pending
+        .then(|| format!("GPU {gpu} has memory pages pending retirement (needs a GPU reset)"))
 }
 
 #[cfg(test)]
@@ -77,6 +81,13 @@ mod tests {
         assert!(gpu_problem(&ecc, 0)
             .unwrap()
             .contains("2 uncorrectable ECC"));
+        let pending = GpuReading {
+            retired_pages_pending: true,
+            ..ok
+        };
+        assert!(gpu_problem(&pending, 0)
+            .unwrap()
+            .contains("pending retirement"));
         let lost = GpuReading { lost: true, ..ok };
         assert!(gpu_problem(&lost, 0)
             .unwrap()

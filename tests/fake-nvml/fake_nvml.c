@@ -13,6 +13,10 @@
  *   temp 45      power_mw 300000   power_limit_mw 700000   energy_mj 123456
  *   sm_clock 1980   mem_clock 2619   throttle 0   pcie_rx 1000   pcie_tx 2000
  *   ecc_corrected 0   ecc_uncorrected 0   mig 0   procs 0
+ *   nvlink_tx_kib 0   nvlink_rx_kib 0   NVLink data counters, KiB since the
+ *                               driver loaded (all links together)
+ *   retired_sbe 0   retired_dbe 0   pages retired for single-/double-bit ECC
+ *   retired_pending 0           1: pages wait for a reset to retire
  *   pids.N 1234 5678            the compute processes on GPU N (else procs.N fake ones)
  *   xid 3 79                    an XID event on GPU 3 (each line is one event,
  *                               delivered once, in file order)
@@ -56,6 +60,21 @@ typedef struct {
     unsigned long long usedGpuMemory;
     unsigned int gpuInstanceId, computeInstanceId;
 } nvmlProcessInfo_t;
+typedef union {
+    double dVal;
+    unsigned int uiVal;
+    unsigned long ulVal;
+    unsigned long long ullVal;
+    signed long long sllVal;
+    signed int siVal;
+} nvmlValue_t;
+typedef struct {
+    unsigned int fieldId, scopeId;
+    long long timestamp, latencyUsec;
+    int valueType;
+    nvmlReturn_t nvmlReturn;
+    nvmlValue_t value;
+} nvmlFieldValue_t;
 typedef struct {
     nvmlDevice_t device;
     unsigned long long eventType, eventData;
@@ -271,6 +290,61 @@ nvmlReturn_t nvmlDeviceGetTotalEccErrors(nvmlDevice_t d, int error_type, int cou
     if (r) return r;
     /* NVML_MEMORY_ERROR_TYPE_CORRECTED = 0, UNCORRECTED = 1 */
     *count = num(error_type == 1 ? "ecc_uncorrected" : "ecc_corrected", d->index);
+    return OK;
+}
+
+/* NVML_FI_DEV_NVLINK_THROUGHPUT_DATA_TX / _RX, for the aggregate of all
+ * links (scopeId UINT_MAX); anything else is NOT_SUPPORTED per value. */
+nvmlReturn_t nvmlDeviceGetFieldValues(nvmlDevice_t d, int count, nvmlFieldValue_t *values) {
+    if (!d || count <= 0 || !values) return ERR_INVALID_ARGUMENT;
+    nvmlReturn_t r = check(d, "nvlink");
+    for (int i = 0; i < count; i++) {
+        nvmlFieldValue_t *v = &values[i];
+        const char *key = v->fieldId == 138 ? "nvlink_tx_kib" : v->fieldId == 139 ? "nvlink_rx_kib" : NULL;
+        v->valueType = 3; /* NVML_VALUE_TYPE_UNSIGNED_LONG_LONG */
+        if (r || !key || v->scopeId != 0xFFFFFFFFu) {
+            v->nvmlReturn = r ? r : ERR_NOT_SUPPORTED;
+            continue;
+        }
+        v->nvmlReturn = OK;
+        v->value.ullVal = num(key, d->index);
+    }
+    return OK;
+}
+
+static nvmlReturn_t retired(nvmlDevice_t d, int cause, unsigned int *count,
+                            unsigned long long *addresses, unsigned long long *timestamps) {
+    nvmlReturn_t r = check(d, "retired");
+    if (r) return r;
+    /* NVML_PAGE_RETIREMENT_CAUSE_MULTIPLE_SINGLE_BIT_ECC_ERRORS = 0, DOUBLE_BIT = 1 */
+    unsigned int n = (unsigned int)num(cause == 1 ? "retired_dbe" : "retired_sbe", d->index);
+    if (*count < n) {
+        *count = n;
+        return n ? ERR_INSUFFICIENT_SIZE : OK;
+    }
+    for (unsigned int i = 0; i < n; i++) {
+        if (addresses) addresses[i] = 0x1000ull * (i + 1);
+        if (timestamps) timestamps[i] = 1700000000ull + i;
+    }
+    *count = n;
+    return OK;
+}
+
+nvmlReturn_t nvmlDeviceGetRetiredPages(nvmlDevice_t d, int cause, unsigned int *count,
+                                       unsigned long long *addresses) {
+    return retired(d, cause, count, addresses, NULL);
+}
+
+nvmlReturn_t nvmlDeviceGetRetiredPages_v2(nvmlDevice_t d, int cause, unsigned int *count,
+                                          unsigned long long *addresses,
+                                          unsigned long long *timestamps) {
+    return retired(d, cause, count, addresses, timestamps);
+}
+
+nvmlReturn_t nvmlDeviceGetRetiredPagesPendingStatus(nvmlDevice_t d, int *pending) {
+    nvmlReturn_t r = check(d, "retired");
+    if (r) return r;
+    *pending = num("retired_pending", d->index) ? 1 : 0;
     return OK;
 }
 

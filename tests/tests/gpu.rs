@@ -31,7 +31,9 @@ fn the_agent_reads_every_metric_of_eight_gpus_and_skips_unsupported_ones() {
         "gpus 8\nname NVIDIA H100 80GB HBM3\nfb_total 85899345920\nfb_used 1073741824\n\
          util 40\nutil.3 97\nmem_util 12\ntemp 45\npower_mw 312500\npower_limit_mw 700000\n\
          energy_mj 5000\nsm_clock 1980\nmem_clock 2619\nthrottle 4\npcie_rx 100\npcie_tx 200\n\
-         ecc_uncorrected.5 2\nprocs.1 2\nunsupported.7 temp power\n",
+         ecc_uncorrected.5 2\nprocs.1 2\nunsupported.7 temp power nvlink retired\n\
+         nvlink_rx_kib 5000\nnvlink_tx_kib 7000\nretired_sbe.2 3\nretired_dbe.2 1\n\
+         retired_pending.2 1\n",
     );
     let p = probe(&fake.values);
     assert_eq!(p["nvml_error"], Value::Null);
@@ -49,6 +51,14 @@ fn the_agent_reads_every_metric_of_eight_gpus_and_skips_unsupported_ones() {
     assert_eq!(s[0]["throttle_reasons"], 4);
     assert_eq!(s[5]["ecc_uncorrected"], 2);
     assert_eq!(s[1]["processes"], 2);
+    assert_eq!(s[0]["nvlink_rx_kib"], 5000);
+    assert_eq!(s[0]["nvlink_tx_kib"], 7000);
+    assert_eq!(s[2]["retired_pages_sbe"], 3);
+    assert_eq!(s[2]["retired_pages_dbe"], 1);
+    assert_eq!(s[2]["retired_pages_pending"], true);
+    assert_eq!(s[0]["retired_pages_pending"], false);
+    assert_eq!(s[7]["nvlink_rx_kib"], Value::Null);
+    assert_eq!(s[7]["retired_pages_sbe"], Value::Null);
     // What a board does not support is absent, not an error.
     assert_eq!(s[7]["temperature_c"], Value::Null);
     assert_eq!(s[7]["power_w"], Value::Null);
@@ -72,7 +82,8 @@ fn without_the_library_the_agent_reports_no_gpus() {
 }
 
 const EIGHT_H100: &str = "gpus 8\nname NVIDIA H100 80GB HBM3\nfb_total 85899345920\n\
-     fb_used 1073741824\nutil 40\nutil.2 77\ntemp 45\npower_mw 312500\n";
+     fb_used 1073741824\nutil 40\nutil.2 77\ntemp 45\npower_mw 312500\n\
+     nvlink_rx_kib 1000\nnvlink_tx_kib 2000\nretired_sbe.4 2\nunsupported.7 nvlink retired\n";
 
 async fn fleet(c: &Coordinator, req: pb::GetFleetMetricsRequest) -> Vec<pb::GpuMetrics> {
     c.client()
@@ -228,6 +239,18 @@ async fn a_nodes_gpus_show_up_live_in_the_fleet_view_and_in_nembo_gpus() {
         .count();
     assert_eq!(fb_used, 8);
     assert!(text.contains("DCGM_FI_DEV_POWER_USAGE{"));
+    // Counters that do not move: NVLink idle. GPU 7 has no NVLink at all.
+    let nvlink: Vec<&str> = text
+        .lines()
+        .filter(|l| l.starts_with("DCGM_FI_PROF_NVLINK_RX_BYTES{"))
+        .collect();
+    assert_eq!(nvlink.len(), 7, "{nvlink:?}");
+    assert!(nvlink.iter().all(|l| l.ends_with(" 0")), "{nvlink:?}");
+    assert!(
+        text.lines()
+            .any(|l| l.starts_with("DCGM_FI_DEV_RETIRED_SBE{gpu=\"4\"") && l.ends_with(" 2")),
+        "{text}"
+    );
     assert!(
         text.lines().any(|l| l == "nembo_raft_is_leader 1"),
         "{text}"
@@ -286,7 +309,7 @@ fn check_exposition(text: &str) {
             .lines()
             .filter(|l| !l.trim().is_empty())
             .filter(|l| {
-                !(l.starts_with("DCGM_FI_DEV_")
+                !(l.starts_with("DCGM_FI_")
                     && l.ends_with("label names should be written in 'snake_case' not 'camelCase'"))
             })
             .collect();
