@@ -168,6 +168,9 @@ async fn wait_terminal(client: &mut Client, job_id: &str) -> Result<pb::Job> {
 /// Prints each state change until the job runs (to stderr: stdout is the job's).
 async fn show_progress(client: Client, job_id: String) {
     let mut last = (0, String::new());
+    // Each provisioning try, once when asked for and once when answered,
+    // however quickly the state moved between two polls.
+    let mut tries_shown: Vec<(String, bool)> = Vec::new();
     loop {
         let req = pb::GetJobRequest {
             job_id: job_id.clone(),
@@ -177,6 +180,19 @@ async fn show_progress(client: Client, job_id: String) {
         else {
             return;
         };
+        for (i, t) in job.provision_tries.iter().enumerate() {
+            if i == tries_shown.len() {
+                eprintln!(
+                    "  trying {} x {} at ${:.2}/h each",
+                    t.count, t.place, t.hourly_price
+                );
+                tries_shown.push((t.place.clone(), false));
+            }
+            if !t.outcome.is_empty() && !tries_shown[i].1 {
+                eprintln!("  {}: {}", t.place, t.outcome);
+                tries_shown[i].1 = true;
+            }
+        }
         let now = (job.state, job.message.clone());
         if now != last {
             let mut line = format!("  {}", state_name(job.state));
@@ -280,6 +296,7 @@ fn print_dry_run(r: &pb::DryRunResponse, as_json: bool) {
                 "new_nodes": p.new_nodes,
                 "summary": p.summary,
             },
+            "candidates": r.candidates.iter().map(crate::catalog::offering_json).collect::<Vec<_>>(),
         });
         println!("{}", serde_json::to_string_pretty(&v).unwrap_or_default());
     } else {
@@ -287,12 +304,59 @@ fn print_dry_run(r: &pb::DryRunResponse, as_json: bool) {
         for l in r.normalized_yaml.lines() {
             println!("  {l}");
         }
+        if !r.candidates.is_empty() {
+            println!("\nCandidates, best first:\n");
+            let rows: Vec<Vec<String>> = r
+                .candidates
+                .iter()
+                .enumerate()
+                .map(|(i, c)| {
+                    let chosen = p.existing_node_ids.is_empty() && i == 0 && r.placement.is_some();
+                    vec![
+                        if chosen { "->".into() } else { String::new() },
+                        c.provider.clone(),
+                        if c.zone.is_empty() {
+                            c.region.clone()
+                        } else {
+                            format!("{}/{}", c.region, c.zone)
+                        },
+                        c.instance_type.clone(),
+                        gpus_cell(&c.accelerator, c.accelerator_count),
+                        if c.spot { "spot" } else { "on-demand" }.into(),
+                        format!("${:.2}", c.node_price),
+                        format!("${:.2}", c.hourly_cost),
+                    ]
+                })
+                .collect();
+            crate::table::print(
+                &[
+                    "",
+                    "PROVIDER",
+                    "REGION",
+                    "INSTANCE",
+                    "GPUS",
+                    "MARKET",
+                    "$/H/NODE",
+                    "$/H TOTAL",
+                ],
+                &rows,
+            );
+        }
         if r.placement.is_some() {
             println!("\nWould run {}.", p.summary);
         } else {
             println!("\nNo capacity right now; the job would wait.");
         }
         println!("(dry run: nothing was launched)");
+    }
+}
+
+/// `H100:8`, or `-` for none.
+pub fn gpus_cell(name: &str, count: f64) -> String {
+    if name.is_empty() {
+        "-".into()
+    } else {
+        format!("{name}:{count}")
     }
 }
 

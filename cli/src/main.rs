@@ -1,5 +1,6 @@
 //! `nembo`: the command-line interface.
 
+mod catalog;
 mod connect;
 mod gpus;
 mod jobs;
@@ -47,6 +48,32 @@ enum Cmd {
         /// Only this model (`H100`).
         #[arg(long)]
         model: Option<String>,
+    },
+    /// GPU offerings and prices across enabled providers, cheapest first.
+    ShowGpus {
+        /// `H100` or `H100:8`.
+        accelerator: Option<String>,
+        /// Only this provider.
+        #[arg(long)]
+        cloud: Option<String>,
+        /// Spot offerings, priced and sorted by the spot price.
+        #[arg(long)]
+        spot: bool,
+        /// Machine-readable output.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Whether each provider's credentials work, and why not.
+    Check {
+        /// Machine-readable output.
+        #[arg(long)]
+        json: bool,
+    },
+    /// What each node and job has cost so far (catalog price x run time).
+    CostReport {
+        /// Machine-readable output.
+        #[arg(long)]
+        json: bool,
     },
     /// The job queue.
     Queue {
@@ -201,6 +228,16 @@ async fn run(cli: Cli) -> Result<i32> {
             node,
             model,
         } => gpus::gpus(json, watch, node, model).await.map(|()| 0),
+        Cmd::ShowGpus {
+            accelerator,
+            cloud,
+            spot,
+            json,
+        } => catalog::show_gpus(accelerator, cloud, spot, json)
+            .await
+            .map(|()| 0),
+        Cmd::Check { json } => catalog::check(json).await,
+        Cmd::CostReport { json } => catalog::cost_report(json).await.map(|()| 0),
         Cmd::Logs { job, follow } => jobs::logs(&job, follow).await.map(|()| 0),
         Cmd::Cancel { jobs } => jobs::cancel(&jobs).await.map(|()| 0),
         Cmd::Down { nodes, all } => local::down(nodes, all).await.map(|()| 0),

@@ -4,6 +4,7 @@ use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::time::Duration;
 
+use nembo_domain::optimizer;
 use nembo_domain::scheduler::{self, Placement, Round};
 use nembo_domain::state::{Command, JobId, Outcome, RankOutcome, Rejection};
 use nembo_domain::task::{self, TaskSpec};
@@ -115,7 +116,7 @@ impl Api {
                 )));
             }
         }
-        scheduler::check_feasible(&spec, &self.ctx.offerings)?;
+        optimizer::check_feasible(&spec, &self.ctx.offerings)?;
         Ok(spec)
     }
 }
@@ -194,44 +195,55 @@ impl Coordinator for Api {
         }
         let spec = self.parse_request(request.get_ref())?;
         let view = self.ctx.raft.view();
-        let placement =
-            scheduler::place(&view.state, &spec, &self.ctx.offerings, &Round::default()).map(|p| {
-                match p {
-                    Placement::Existing {
-                        candidate,
-                        node_ids,
-                    } => pb::Placement {
-                        candidate_index: candidate as u32,
-                        summary: format!("on existing node(s) {}", node_ids.join(", ")),
-                        existing_node_ids: node_ids,
-                        ..Default::default()
-                    },
-                    Placement::Provision {
-                        candidate,
-                        offering,
-                        count,
-                    } => pb::Placement {
-                        candidate_index: candidate as u32,
-                        summary: format!(
-                            "{count} new {} node(s) in {}/{} at ${:.2}/h each",
-                            offering.instance_type,
-                            offering.provider,
-                            offering.region,
-                            offering.hourly_price
-                        ),
-                        existing_node_ids: vec![],
-                        provider: offering.provider,
-                        region: offering.region,
-                        instance_type: offering.instance_type,
-                        hourly_price: offering.hourly_price,
-                        new_nodes: count,
-                    },
-                }
-            });
+        let now = now_ms();
+        let candidates = optimizer::rank(&spec, &self.ctx.offerings, &view.state.blocked, now)
+            .iter()
+            .take(10)
+            .map(convert::choice_to_proto)
+            .collect();
+        let placement = scheduler::place(
+            &view.state,
+            &spec,
+            &self.ctx.offerings,
+            &Round::default(),
+            now,
+        )
+        .map(|p| match p {
+            Placement::Existing {
+                candidate,
+                node_ids,
+            } => pb::Placement {
+                candidate_index: candidate as u32,
+                summary: format!("on existing node(s) {}", node_ids.join(", ")),
+                existing_node_ids: node_ids,
+                ..Default::default()
+            },
+            Placement::Provision {
+                candidate,
+                offering,
+                count,
+                spot,
+            } => pb::Placement {
+                candidate_index: candidate as u32,
+                summary: format!(
+                    "{count} new {} node(s) in {} at ${:.2}/h each",
+                    offering.instance_type,
+                    offering.place_key(spot),
+                    offering.price(spot)
+                ),
+                existing_node_ids: vec![],
+                hourly_price: offering.price(spot),
+                provider: offering.provider,
+                region: offering.region,
+                instance_type: offering.instance_type,
+                new_nodes: count,
+            },
+        });
         Ok(Response::new(pb::DryRunResponse {
             normalized_yaml: task::to_normalized_yaml(&spec),
             spec: Some(convert::spec_to_proto(&spec)),
             placement,
+            candidates,
         }))
     }
 
@@ -368,6 +380,110 @@ impl Coordinator for Api {
         fleet_metrics(&self.ctx, request.into_inner())
             .await
             .map(Response::new)
+    }
+
+    async fn list_offerings(
+        &self,
+        request: Request<pb::ListOfferingsRequest>,
+    ) -> Result<Response<pb::ListOfferingsResponse>, Status> {
+        let req = request.into_inner();
+        let want_gpu = (!req.accelerator.is_empty()).then(|| req.accelerator.to_ascii_lowercase());
+        let mut offerings: Vec<&nembo_domain::state::Offering> = self
+            .ctx
+            .offerings
+            .iter()
+            .filter(|o| req.cloud.is_empty() || o.provider == req.cloud)
+            .filter(|o| !req.spot || o.spot_price.is_some())
+            .filter(|o| match &want_gpu {
+                None => !o.resources.accelerators.is_empty(),
+                Some(g) => o.resources.accelerators.iter().any(|(k, n)| {
+                    k.to_ascii_lowercase() == *g
+                        && (req.accelerator_count <= 0.0 || *n == req.accelerator_count)
+                }),
+            })
+            .collect();
+        offerings.sort_by(|a, b| {
+            a.price(req.spot)
+                .total_cmp(&b.price(req.spot))
+                .then_with(|| (&a.provider, &a.region).cmp(&(&b.provider, &b.region)))
+        });
+        Ok(Response::new(pb::ListOfferingsResponse {
+            offerings: offerings
+                .into_iter()
+                .map(convert::offering_to_proto)
+                .collect(),
+        }))
+    }
+
+    async fn check_providers(
+        &self,
+        _request: Request<pb::CheckProvidersRequest>,
+    ) -> Result<Response<pb::CheckProvidersResponse>, Status> {
+        let mut providers = Vec::new();
+        for (name, p) in &self.ctx.providers {
+            let answer = tokio::time::timeout(std::time::Duration::from_secs(20), p.check()).await;
+            let (ok, message) = match answer {
+                Ok(Ok(m)) => (true, m),
+                Ok(Err(e)) => (false, e.to_string()),
+                Err(_) => (false, "no answer within 20 s".to_string()),
+            };
+            providers.push(pb::ProviderCheck {
+                provider: name.clone(),
+                ok,
+                message,
+            });
+        }
+        Ok(Response::new(pb::CheckProvidersResponse { providers }))
+    }
+
+    async fn get_cost_report(
+        &self,
+        request: Request<pb::GetCostReportRequest>,
+    ) -> Result<Response<pb::CostReport>, Status> {
+        if let Some(mut leader) = self.ctx.read_route(&request).await? {
+            return forwarded(leader.get_cost_report(request.into_inner()).await);
+        }
+        let view = self.ctx.raft.view();
+        let now = now_ms();
+        let report = nembo_domain::cost::report(&view.state, now);
+        let nodes = report
+            .nodes
+            .iter()
+            .filter_map(|c| {
+                let n = view.state.nodes.get(&c.node_id)?;
+                Some(pb::NodeCost {
+                    node_id: n.id.clone(),
+                    provider: n.provider.clone(),
+                    region: n.region.clone(),
+                    instance_type: n.instance_type.clone(),
+                    spot: n.spot,
+                    hourly_price: n.hourly_price,
+                    state: convert::node_state(n.state) as i32,
+                    hours: c.hours,
+                    cost: c.cost,
+                })
+            })
+            .collect();
+        let jobs = report
+            .jobs
+            .iter()
+            .filter_map(|c| {
+                let j = view.state.jobs.get(&c.job_id)?;
+                Some(pb::JobCost {
+                    job_id: j.id.to_string(),
+                    name: j.name().to_string(),
+                    state: convert::job_state(j.state) as i32,
+                    node_hours: c.node_hours,
+                    cost: c.cost,
+                })
+            })
+            .collect();
+        Ok(Response::new(pb::CostReport {
+            nodes,
+            jobs,
+            total: report.total,
+            at_unix_ms: now,
+        }))
     }
 
     async fn get_gpu_history(

@@ -8,7 +8,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use nembo_domain::scheduler::{plan, Policy};
-use nembo_domain::state::{Command, Node, NodeState, State};
+use nembo_domain::state::{Command, LaunchFailure, Node, NodeState, State};
 use tokio::sync::mpsc;
 use tokio::task::JoinSet;
 use tokio::time::Instant;
@@ -42,6 +42,8 @@ pub struct LoopConfig {
     pub node_ttl: Duration,
     /// A launched node whose agent has not enrolled by then failed.
     pub provision_timeout: Duration,
+    /// How often the leader looks for instances no node wants (leaks).
+    pub reconcile_every: Duration,
 }
 
 /// Runs the liveness owner and starts/stops the leader-only loops as
@@ -61,6 +63,7 @@ pub async fn supervise(ctx: Arc<Ctx>, cfg: LoopConfig, heartbeats: mpsc::Receive
             set.spawn(scheduler(ctx.clone(), cfg.policy));
             set.spawn(provisioner(ctx.clone()));
             set.spawn(health_hooks(ctx.clone()));
+            set.spawn(reconcile(ctx.clone(), cfg.reconcile_every));
             leader_loops = Some(set);
         } else if !leading && leader_loops.is_some() {
             tracing::info!("lost leadership; stopping control loops");
@@ -133,6 +136,7 @@ async fn provider_call(ctx: Arc<Ctx>, node: Node, term: u64) -> String {
         ctx.propose_quietly(Command::NodeLaunchFailed {
             node_id: node.id.clone(),
             message: format!("provider '{}' is not configured", node.provider),
+            failure: LaunchFailure::Other,
             at_ms: now_ms(),
         })
         .await;
@@ -150,8 +154,10 @@ async fn provider_call(ctx: Arc<Ctx>, node: Node, term: u64) -> String {
                 .launch(LaunchRequest {
                     node_id: node.id.clone(),
                     region: node.region.clone(),
+                    zone: node.zone.clone(),
                     instance_type: node.instance_type.clone(),
                     resources: node.resources.clone(),
+                    spot: node.spot,
                     term,
                 })
                 .await
@@ -181,16 +187,66 @@ async fn provider_call(ctx: Arc<Ctx>, node: Node, term: u64) -> String {
                 tracing::error!(node = %node.id, error = %e, "terminate failed");
                 return node.id;
             }
-            (Err(e), _) => Command::NodeLaunchFailed {
-                node_id: node.id.clone(),
-                message: e.to_string(),
-                at_ms: now_ms(),
-            },
+            (Err(e), _) => {
+                tracing::warn!(node = %node.id, provider = %node.provider, region = %node.region, instance_type = %node.instance_type, error = %e, "launch failed");
+                Command::NodeLaunchFailed {
+                    node_id: node.id.clone(),
+                    message: e.to_string(),
+                    failure: e.launch_failure(),
+                    at_ms: now_ms(),
+                }
+            }
         };
         ctx.propose_quietly(cmd).await;
         break;
     }
     node.id
+}
+
+/// Finds instances that no live node wants, and terminates them: what a
+/// deposed or crashed leader launched after its node was given up (a launch
+/// that outlived its timeout, a node failed while its call was in flight).
+/// An instance is a leak only when seen twice in a row, a full period
+/// apart, so a launch racing its own record is never mistaken for one.
+async fn reconcile(ctx: Arc<Ctx>, every: Duration) {
+    let mut suspects: HashSet<(String, String)> = HashSet::new();
+    let mut tick = tokio::time::interval(every);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tick.tick().await;
+        let mut now_suspect = HashSet::new();
+        for (name, provider) in &ctx.providers {
+            let owned = match provider.list_owned().await {
+                Ok(o) => o,
+                Err(e) => {
+                    tracing::warn!(provider = %name, error = %e, "cannot list instances");
+                    continue;
+                }
+            };
+            let view = ctx.raft.view();
+            for inst in owned.into_iter().filter(|i| i.live) {
+                let wanted = view
+                    .state
+                    .nodes
+                    .get(&inst.node_id)
+                    .is_some_and(|n| n.provider == *name && !n.state.is_final());
+                if wanted {
+                    continue;
+                }
+                let key = (name.clone(), inst.node_id.clone());
+                if suspects.contains(&key) {
+                    tracing::warn!(provider = %name, node = %inst.node_id, instance = %inst.instance_id, "terminating an instance no node wants");
+                    if let Err(e) = provider.terminate(&inst.node_id, view.term).await {
+                        tracing::warn!(node = %inst.node_id, error = %e, "could not terminate leaked instance");
+                        now_suspect.insert(key);
+                    }
+                } else {
+                    now_suspect.insert(key);
+                }
+            }
+        }
+        suspects = now_suspect;
+    }
 }
 
 /// Heartbeat timers, Nomad-style: a heartbeat only resets an in-memory
@@ -239,6 +295,7 @@ async fn liveness(ctx: Arc<Ctx>, cfg: LoopConfig, mut heartbeats: mpsc::Receiver
                             let age = now_ms() - node.created_at_ms;
                             if age > cfg.provision_timeout.as_millis() as i64 {
                                 ctx.propose_quietly(Command::NodeLaunchFailed {
+                                    failure: LaunchFailure::Other,
                                     node_id: node.id.clone(),
                                     message: format!(
                                         "agent did not enroll within {}s",

@@ -24,7 +24,7 @@ pub fn job_state(s: JobState) -> pb::JobState {
     }
 }
 
-fn node_state(s: NodeState) -> pb::NodeState {
+pub fn node_state(s: NodeState) -> pb::NodeState {
     match s {
         NodeState::Provisioning => pb::NodeState::Provisioning,
         NodeState::Ready => pb::NodeState::Ready,
@@ -162,6 +162,52 @@ pub fn job_to_proto(job: &Job) -> pb::Job {
         message: job.message.clone(),
         spec: Some(spec_to_proto(&job.spec)),
         idempotency_key: job.idempotency_key.clone().unwrap_or_default(),
+        provision_tries: job
+            .provision_tries
+            .iter()
+            .map(|t| pb::ProvisionTry {
+                place: t.place.clone(),
+                hourly_price: t.hourly_price,
+                count: t.count,
+                at_unix_ms: t.at_ms,
+                outcome: t.outcome.clone(),
+            })
+            .collect(),
+    }
+}
+
+/// Wire offering (catalog fields only).
+pub fn offering_to_proto(o: &st::Offering) -> pb::Offering {
+    let (accelerator, accelerator_count) = o
+        .resources
+        .accelerators
+        .iter()
+        .next()
+        .map(|(k, n)| (k.clone(), *n))
+        .unwrap_or_default();
+    pb::Offering {
+        provider: o.provider.clone(),
+        region: o.region.clone(),
+        zone: o.zone.clone().unwrap_or_default(),
+        instance_type: o.instance_type.clone(),
+        accelerator,
+        accelerator_count,
+        cpus: o.resources.cpus,
+        memory_gb: o.resources.memory_gb,
+        hourly_price: o.hourly_price,
+        spot_price: o.spot_price,
+        ..Default::default()
+    }
+}
+
+/// Wire optimizer choice.
+pub fn choice_to_proto(c: &nembo_domain::optimizer::Choice) -> pb::Offering {
+    pb::Offering {
+        spot: c.spot,
+        node_price: c.node_price,
+        hourly_cost: c.hourly_cost,
+        candidate_index: c.candidate as u32,
+        ..offering_to_proto(&c.offering)
     }
 }
 

@@ -12,6 +12,7 @@ use clap::Parser;
 // under load.
 #[global_allocator]
 static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+use nembo_coordinator::provider::sim::SimCloud;
 use nembo_coordinator::{run, CoordinatorConfig};
 
 /// Nembo coordinator.
@@ -40,6 +41,10 @@ struct Args {
     /// A launched node whose agent has not enrolled by then has failed (ms).
     #[arg(long, default_value_t = 120_000)]
     provision_timeout_ms: u64,
+    /// How often the leader lists every provider's instances and
+    /// terminates those no node wants (ms); a leak lives at most two periods.
+    #[arg(long, default_value_t = 30_000)]
+    reconcile_ms: u64,
     /// Grace between SIGTERM and SIGKILL when stopping a job (ms).
     #[arg(long, default_value_t = 5000)]
     stop_grace_ms: u32,
@@ -50,10 +55,15 @@ struct Args {
     /// NEMBO_NODE_ID, NEMBO_UNHEALTHY_REASON and NEMBO_JOB_IDS set.
     #[arg(long)]
     on_unhealthy: Option<String>,
-    /// Also offer a simulated cloud (`infra: sim`) whose nodes are records
-    /// only: load generators speak the agent protocol for them.
+    /// Also offer a small simulated cloud (`infra: sim`) whose nodes are
+    /// records only: load generators speak the agent protocol for them.
     #[arg(long)]
     sim_provider: bool,
+    /// Also offer the simulated cloud this JSON file describes (regions,
+    /// prices, capacity, quota, API failures, real agents or not; see
+    /// coordinator/src/provider/sim.rs).
+    #[arg(long, value_name = "FILE")]
+    sim_cloud: Option<PathBuf>,
     /// Snapshot the state and compact the log every this many entries
     /// (etcd's default), or once they reach 64 MiB.
     #[arg(long, default_value_t = 100_000)]
@@ -120,10 +130,15 @@ async fn main() -> anyhow::Result<()> {
         heartbeat_ms: a.heartbeat_ms,
         node_ttl: Duration::from_millis(a.node_ttl_ms),
         provision_timeout: Duration::from_millis(a.provision_timeout_ms),
+        reconcile_every: Duration::from_millis(a.reconcile_ms.max(100)),
         stop_grace_ms: a.stop_grace_ms,
         max_nodes: a.max_nodes,
         on_unhealthy: a.on_unhealthy,
-        sim_provider: a.sim_provider,
+        sim_cloud: match (&a.sim_cloud, a.sim_provider) {
+            (Some(path), _) => Some(SimCloud::load(path).map_err(anyhow::Error::msg)?),
+            (None, true) => Some(SimCloud::default_cloud()),
+            (None, false) => None,
+        },
         snapshot_every: a.snapshot_every.max(1),
         agent_bin: a.agent_bin,
         hosts: a.hosts,

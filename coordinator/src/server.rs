@@ -64,14 +64,16 @@ pub struct CoordinatorConfig {
     pub node_ttl: Duration,
     /// A node whose agent has not enrolled by then failed.
     pub provision_timeout: Duration,
+    /// How often the leader looks for leaked instances.
+    pub reconcile_every: Duration,
     /// SIGTERM-to-SIGKILL grace when stopping a job.
     pub stop_grace_ms: u32,
     /// Most nodes at once.
     pub max_nodes: u32,
     /// Shell command the leader runs when a node turns unhealthy.
     pub on_unhealthy: Option<String>,
-    /// Also offer the simulated cloud (`infra: sim`), for benchmarks.
-    pub sim_provider: bool,
+    /// Also offer a simulated cloud (`infra: sim`): for tests and benchmarks.
+    pub sim_cloud: Option<crate::provider::sim::SimCloud>,
     /// `nembo-agent` for the local provider.
     pub agent_bin: Option<PathBuf>,
     /// Extra names for the serving certificate.
@@ -104,10 +106,11 @@ impl CoordinatorConfig {
             heartbeat_ms: 1000,
             node_ttl: Duration::from_secs(10),
             provision_timeout: Duration::from_secs(120),
+            reconcile_every: Duration::from_secs(30),
             stop_grace_ms: 5000,
             max_nodes: 64,
             on_unhealthy: None,
-            sim_provider: false,
+            sim_cloud: None,
             agent_bin: None,
             hosts: Vec::new(),
             members: BTreeMap::new(),
@@ -419,19 +422,23 @@ pub async fn run(
         let _ = tokio::time::timeout(cfg.tick * 30, views.wait_for(|v| v.leader_id != 0)).await;
     }
 
-    let local: Arc<dyn Provider> = Arc::new(LocalProvider::new(LocalConfig {
+    let local_cfg = LocalConfig {
         nodes_dir: cfg.nodes_dir.clone().unwrap_or_else(|| dir.join("nodes")),
         agent_bin: find_agent_bin(cfg.agent_bin.as_deref()),
         endpoints: members.values().cloned().collect(),
         ca_cert: creds.ca_cert.clone(),
         agent_token: creds.agent_token.clone(),
         heartbeat_ms: cfg.heartbeat_ms,
-    }));
+    };
+    let local: Arc<dyn Provider> = Arc::new(LocalProvider::new(local_cfg.clone()));
     let mut offerings = local.offerings();
     let mut providers = BTreeMap::new();
     providers.insert(local.name().to_string(), local);
-    if cfg.sim_provider {
-        let sim: Arc<dyn Provider> = Arc::new(crate::provider::sim::SimProvider);
+    if let Some(cloud) = &cfg.sim_cloud {
+        let sim: Arc<dyn Provider> = Arc::new(crate::provider::sim::SimProvider::new(
+            cloud.clone(),
+            Some(LocalProvider::new(local_cfg)),
+        ));
         offerings.extend(sim.offerings());
         providers.insert(sim.name().to_string(), sim);
     }
@@ -464,6 +471,7 @@ pub async fn run(
             },
             node_ttl: cfg.node_ttl,
             provision_timeout: cfg.provision_timeout,
+            reconcile_every: cfg.reconcile_every,
         },
         hb_rx,
     ));

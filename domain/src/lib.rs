@@ -3,7 +3,9 @@
 //! every decision can be tested, replayed and compared across replicas.
 #![deny(missing_docs)]
 
+pub mod cost;
 pub mod health;
+pub mod optimizer;
 pub mod scheduler;
 pub mod state;
 pub mod task;

@@ -4,8 +4,9 @@
 
 use std::collections::BTreeMap;
 
+use crate::optimizer::{blocked_matches, node_matches, offering_matches, rank};
 use crate::state::{Command, JobState, NodeState, Offering, Resources, State};
-use crate::task::{ResourceCandidate, SpecError, TaskSpec};
+use crate::task::{ResourceCandidate, TaskSpec};
 
 /// Where a job would go.
 #[derive(Debug, Clone, PartialEq)]
@@ -23,185 +24,11 @@ pub enum Placement {
         candidate: usize,
         /// What to launch.
         offering: Offering,
+        /// On spot capacity.
+        spot: bool,
         /// How many.
         count: u32,
     },
-}
-
-/// Whether a candidate's `infra` and `instance_type` admit this place and type.
-fn place_matches(c: &ResourceCandidate, provider: &str, region: &str, instance_type: &str) -> bool {
-    c.infra.cloud.as_deref().is_none_or(|x| x == provider)
-        && c.infra.region.as_deref().is_none_or(|x| x == region)
-        && c.instance_type
-            .as_deref()
-            .is_none_or(|x| x == instance_type)
-}
-
-/// Whether an offering can host a candidate: shape, place and price.
-pub fn offering_matches(c: &ResourceCandidate, o: &Offering) -> bool {
-    if !place_matches(c, &o.provider, &o.region, &o.instance_type) {
-        return false;
-    }
-    if c.use_spot && o.spot_price.is_none() {
-        return false;
-    }
-    let gpus: f64 = o.resources.accelerators.values().sum();
-    let has = |name: &str| o.resources.accelerators.get(name).copied().unwrap_or(0.0);
-    match &c.accelerator {
-        // Like SkyPilot: an instance carries exactly the GPUs asked for (fractions round up).
-        Some(a) if has(&a.name) != a.count.ceil() => return false,
-        // A CPU task does not take a GPU machine unless its type is named.
-        None if c.instance_type.is_none() && gpus > 0.0 => return false,
-        _ => {}
-    }
-    if let Some(q) = &c.cpus {
-        if !q.admits(o.resources.cpus) {
-            return false;
-        }
-    }
-    if let Some(m) = &c.memory {
-        if !m.admits(o.resources.cpus, o.resources.memory_gb) {
-            return false;
-        }
-    }
-    if let Some(max) = c.max_hourly_cost {
-        if price_of(c, o) > max {
-            return false;
-        }
-    }
-    true
-}
-
-fn price_of(c: &ResourceCandidate, o: &Offering) -> f64 {
-    if c.use_spot {
-        o.spot_price.unwrap_or(o.hourly_price)
-    } else {
-        o.hourly_price
-    }
-}
-
-/// Whether an existing node can take one rank of a candidate.
-fn node_matches(c: &ResourceCandidate, node: &crate::state::Node) -> bool {
-    place_matches(c, &node.provider, &node.region, &node.instance_type)
-        && c.max_hourly_cost.is_none_or(|max| node.hourly_price <= max)
-}
-
-/// The cheapest offering for each candidate, in the order the task prefers.
-pub fn ranked_offerings(spec: &TaskSpec, offerings: &[Offering]) -> Vec<(usize, Offering)> {
-    let mut out: Vec<(usize, Offering)> = Vec::new();
-    for (i, c) in spec.resources.candidates.iter().enumerate() {
-        let best = offerings
-            .iter()
-            .filter(|o| offering_matches(c, o))
-            .min_by(|a, b| {
-                cost_key(c, a)
-                    .partial_cmp(&cost_key(c, b))
-                    .unwrap_or(std::cmp::Ordering::Equal)
-            });
-        if let Some(o) = best {
-            out.push((i, o.clone()));
-        }
-    }
-    if !spec.resources.ordered {
-        out.sort_by(|(ia, a), (ib, b)| {
-            let ka = cost_key(&spec.resources.candidates[*ia], a);
-            let kb = cost_key(&spec.resources.candidates[*ib], b);
-            ka.partial_cmp(&kb)
-                .unwrap_or(std::cmp::Ordering::Equal)
-                .then(ia.cmp(ib))
-        });
-    }
-    out
-}
-
-/// Price first; among equal prices the smallest machine.
-fn cost_key(c: &ResourceCandidate, o: &Offering) -> (f64, f64, f64, f64) {
-    (
-        price_of(c, o),
-        o.resources.accelerators.values().sum(),
-        o.resources.cpus,
-        o.resources.memory_gb,
-    )
-}
-
-/// Checks that some offering could ever host the task, naming the field
-/// that rules everything out.
-pub fn check_feasible(spec: &TaskSpec, offerings: &[Offering]) -> Result<(), SpecError> {
-    if !ranked_offerings(spec, offerings).is_empty() {
-        return Ok(());
-    }
-    let c = &spec.resources.candidates[0];
-    let providers: std::collections::BTreeSet<&str> =
-        offerings.iter().map(|o| o.provider.as_str()).collect();
-    let list = |v: Vec<String>| v.join(", ");
-    if let Some(cloud) = &c.infra.cloud {
-        if !providers.contains(cloud.as_str()) {
-            return Err(SpecError::new(
-                "resources.infra",
-                format!(
-                    "cloud '{cloud}' is not enabled (enabled: {})",
-                    list(providers.iter().map(|s| s.to_string()).collect())
-                ),
-            ));
-        }
-        if let Some(r) = &c.infra.region {
-            if !offerings
-                .iter()
-                .any(|o| &o.provider == cloud && &o.region == r)
-            {
-                let mut regions: Vec<String> = offerings
-                    .iter()
-                    .filter(|o| &o.provider == cloud)
-                    .map(|o| o.region.clone())
-                    .collect();
-                regions.dedup();
-                return Err(SpecError::new(
-                    "resources.infra",
-                    format!("{cloud} has no region '{r}' (regions: {})", list(regions)),
-                ));
-            }
-        }
-    }
-    if c.use_spot && offerings.iter().all(|o| o.spot_price.is_none()) {
-        return Err(SpecError::new(
-            "resources.use_spot",
-            "no enabled provider offers spot capacity",
-        ));
-    }
-    if let Some(a) = &c.accelerator {
-        let mut names: Vec<String> = offerings
-            .iter()
-            .flat_map(|o| o.resources.accelerators.keys().cloned())
-            .collect();
-        names.sort();
-        names.dedup();
-        if !names.contains(&a.name) {
-            return Err(SpecError::new(
-                "resources.accelerators",
-                format!(
-                    "no enabled provider offers '{}' (offered: {})",
-                    a.name,
-                    list(names)
-                ),
-            ));
-        }
-        return Err(SpecError::new(
-            "resources.accelerators",
-            format!("no instance offers {a} with the requested cpus, memory, place and price"),
-        ));
-    }
-    if let Some(t) = &c.instance_type {
-        if !offerings.iter().any(|o| &o.instance_type == t) {
-            return Err(SpecError::new(
-                "resources.instance_type",
-                format!("no enabled provider has instance type '{t}'"),
-            ));
-        }
-    }
-    Err(SpecError::new(
-        "resources",
-        "no instance of any enabled provider satisfies these resources",
-    ))
 }
 
 /// What one planning round has already promised, so that later jobs in the
@@ -223,13 +50,27 @@ impl Round {
 
 /// Where `spec` would go now: on existing nodes with room (every candidate
 /// is tried there first, since idle capacity costs nothing more), else on
-/// new ones.
+/// new ones in the optimizer's best place that is not blocked.
 pub fn place(
     state: &State,
     spec: &TaskSpec,
     offerings: &[Offering],
     round: &Round,
+    now_ms: i64,
 ) -> Option<Placement> {
+    let mut ranked: Option<Vec<crate::optimizer::Choice>> = None;
+    let mut best_new = |candidate: Option<usize>| {
+        let choices = ranked.get_or_insert_with(|| rank(spec, offerings, &state.blocked, now_ms));
+        choices
+            .iter()
+            .find(|c| candidate.is_none_or(|i| c.candidate == i))
+            .map(|c| Placement::Provision {
+                candidate: c.candidate,
+                offering: c.offering.clone(),
+                spot: c.spot,
+                count: spec.num_nodes,
+            })
+    };
     for i in 0..spec.resources.candidates.len() {
         if let Some(nodes) = existing_nodes(state, spec, i, round) {
             return Some(Placement::Existing {
@@ -238,26 +79,12 @@ pub fn place(
             });
         }
         if spec.resources.ordered {
-            if let Some((_, o)) = ranked_offerings(spec, offerings)
-                .into_iter()
-                .find(|(c, _)| *c == i)
-            {
-                return Some(Placement::Provision {
-                    candidate: i,
-                    offering: o,
-                    count: spec.num_nodes,
-                });
+            if let Some(p) = best_new(Some(i)) {
+                return Some(p);
             }
         }
     }
-    ranked_offerings(spec, offerings)
-        .into_iter()
-        .next()
-        .map(|(candidate, offering)| Placement::Provision {
-            candidate,
-            offering,
-            count: spec.num_nodes,
-        })
+    best_new(None)
 }
 
 fn existing_nodes(
@@ -282,6 +109,7 @@ fn existing_nodes(
             resources: node.resources.clone(),
             hourly_price: node.hourly_price,
             spot_price: None,
+            zone: node.zone.clone(),
         };
         let shape_ok = match &c.accelerator {
             Some(a) => {
@@ -378,7 +206,7 @@ pub fn plan(state: &State, offerings: &[Offering], policy: Policy, now_ms: i64) 
         // At the node cap only existing nodes can help: skip ranking offerings.
         let room = live_nodes + u64::from(job.spec.num_nodes) <= u64::from(policy.max_nodes);
         let offerings = if room { offerings } else { &[] };
-        match place(state, &job.spec, offerings, &round) {
+        match place(state, &job.spec, offerings, &round, now_ms) {
             Some(Placement::Existing {
                 candidate,
                 node_ids,
@@ -397,7 +225,10 @@ pub fn plan(state: &State, offerings: &[Offering], policy: Policy, now_ms: i64) 
                 });
             }
             Some(Placement::Provision {
-                offering, count, ..
+                offering,
+                count,
+                spot,
+                ..
             }) => {
                 if live_nodes + u64::from(count) > u64::from(policy.max_nodes) {
                     continue;
@@ -407,8 +238,29 @@ pub fn plan(state: &State, offerings: &[Offering], policy: Policy, now_ms: i64) 
                     job_id: job.id,
                     offering,
                     count,
+                    spot,
                     at_ms: now_ms,
                 });
+            }
+            // Nowhere to go only because every fitting place refused
+            // capacity or quota lately: fail now, naming them, rather than
+            // wait silently (SkyPilot's ResourcesUnavailableError).
+            None if room => {
+                let blocked = blocked_matches(&job.spec, offerings, &state.blocked, now_ms);
+                if !blocked.is_empty() {
+                    let tried: Vec<String> = blocked
+                        .iter()
+                        .map(|(place, why)| format!("{place} ({why})"))
+                        .collect();
+                    out.push(Command::JobUnplaceable {
+                        job_id: job.id,
+                        message: format!(
+                            "no capacity in any place that fits: {}",
+                            tried.join("; ")
+                        ),
+                        at_ms: now_ms,
+                    });
+                }
             }
             None => {}
         }
@@ -428,6 +280,7 @@ fn candidate_for_nodes(state: &State, spec: &TaskSpec, nodes: &[String]) -> usiz
         resources: node.resources.clone(),
         hourly_price: node.hourly_price,
         spot_price: Some(node.hourly_price),
+        zone: node.zone.clone(),
     };
     spec.resources
         .candidates
@@ -439,8 +292,16 @@ fn candidate_for_nodes(state: &State, spec: &TaskSpec, nodes: &[String]) -> usiz
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::state::Outcome;
+    use crate::optimizer::{check_feasible, rank};
+    use crate::state::{LaunchFailure, Outcome, BLOCK_COOLDOWN_MS};
     use crate::task::parse_task_yaml;
+
+    fn ranked(t: &TaskSpec) -> Vec<Offering> {
+        rank(t, &offerings(), &BTreeMap::new(), 0)
+            .into_iter()
+            .map(|c| c.offering)
+            .collect()
+    }
 
     fn offerings() -> Vec<Offering> {
         let mk = |region: &str, t: &str, gpu: Option<(&str, f64)>, cpus: f64, price: f64| {
@@ -459,6 +320,7 @@ mod tests {
                 resources: r,
                 hourly_price: price,
                 spot_price: None,
+                zone: None,
             }
         };
         vec![
@@ -498,26 +360,134 @@ mod tests {
     #[test]
     fn ordered_preference_beats_price() {
         let t = spec("resources: {accelerators: ['H100:8', 'A100:8']}");
-        let r = ranked_offerings(&t, &offerings());
-        assert_eq!(r[0].1.instance_type, "h100-8");
+        assert_eq!(ranked(&t)[0].instance_type, "h100-8");
         let t = spec("resources: {accelerators: {H100: 8, A100: 8}}");
-        assert_eq!(
-            ranked_offerings(&t, &offerings())[0].1.instance_type,
-            "a100-8"
-        );
+        assert_eq!(ranked(&t)[0].instance_type, "a100-8");
     }
 
     #[test]
     fn pinned_region_and_cpu_constraints_are_honoured() {
         let t = spec("resources: {accelerators: H100:8, infra: local/us-east}");
-        assert_eq!(ranked_offerings(&t, &offerings())[0].1.region, "us-east");
+        assert_eq!(ranked(&t)[0].region, "us-east");
         let t = spec("resources: {cpus: 4+}");
-        assert_eq!(
-            ranked_offerings(&t, &offerings())[0].1.instance_type,
-            "cpu-8"
-        );
+        assert_eq!(ranked(&t)[0].instance_type, "cpu-8");
         let t = spec("resources: {max_hourly_cost: 20, accelerators: H100:8}");
-        assert!(ranked_offerings(&t, &offerings()).is_empty());
+        assert!(ranked(&t).is_empty());
+    }
+
+    /// The job walks the places cheapest first; each capacity refusal
+    /// blocks that place for the cool-down; with none left it fails naming
+    /// them all; after the cool-down the places are tried again.
+    #[test]
+    fn capacity_errors_move_the_job_on_and_end_it_when_nothing_is_left() {
+        let mut s = State::default();
+        s.apply(&Command::SubmitJob {
+            spec: spec("resources: {accelerators: H100:8}"),
+            idempotency_key: None,
+            at_ms: 0,
+        });
+        let mut tried = Vec::new();
+        for now in [1, 2] {
+            let p = plan(&s, &offerings(), Policy::default(), now);
+            let [cmd @ Command::ProvisionNodes { offering, .. }] = p.as_slice() else {
+                panic!("{p:?}")
+            };
+            tried.push(offering.region.clone());
+            let Outcome::Nodes(nodes) = s.apply(cmd) else {
+                panic!()
+            };
+            s.apply(&Command::NodeLaunchFailed {
+                node_id: nodes[0].clone(),
+                message: "InsufficientInstanceCapacity".into(),
+                failure: LaunchFailure::Capacity,
+                at_ms: now,
+            });
+            let job = &s.jobs[&1];
+            assert_eq!(job.state, JobState::Pending, "{}", job.message);
+            assert!(job.message.contains("trying the next candidate"));
+        }
+        assert_eq!(tried, ["eu-west", "us-east"], "cheapest first");
+        let job = &s.jobs[&1];
+        assert_eq!(job.provision_tries.len(), 2);
+        assert_eq!(
+            job.provision_tries[0].place,
+            "local/eu-west/h100-8".to_string()
+        );
+        assert_eq!(
+            job.provision_tries[0].outcome,
+            "InsufficientInstanceCapacity"
+        );
+        // Nothing left: the job fails, naming both places.
+        let p = plan(&s, &offerings(), Policy::default(), 3);
+        let [cmd @ Command::JobUnplaceable { message, .. }] = p.as_slice() else {
+            panic!("{p:?}")
+        };
+        assert!(
+            message.contains("local/eu-west/h100-8") && message.contains("local/us-east/h100-8")
+        );
+        // A later job, after the cool-down, gets the cheapest place again.
+        let later = BLOCK_COOLDOWN_MS + 10;
+        s.apply(cmd);
+        assert_eq!(s.jobs[&1].state, JobState::Failed);
+        s.apply(&Command::SubmitJob {
+            spec: spec("resources: {accelerators: H100:8}"),
+            idempotency_key: None,
+            at_ms: later,
+        });
+        let p = plan(&s, &offerings(), Policy::default(), later);
+        assert!(
+            matches!(p.as_slice(), [Command::ProvisionNodes { offering, .. }] if offering.region == "eu-west"),
+            "{p:?}"
+        );
+    }
+
+    /// A launch that fails for any other reason (auth, bad request) fails
+    /// the job and blocks nothing.
+    #[test]
+    fn other_launch_errors_fail_the_job() {
+        let mut s = State::default();
+        s.apply(&Command::SubmitJob {
+            spec: spec("resources: {accelerators: H100:8}"),
+            idempotency_key: None,
+            at_ms: 0,
+        });
+        let p = plan(&s, &offerings(), Policy::default(), 1);
+        let Outcome::Nodes(nodes) = s.apply(&p[0]) else {
+            panic!()
+        };
+        s.apply(&Command::NodeLaunchFailed {
+            node_id: nodes[0].clone(),
+            message: "AuthFailure".into(),
+            failure: LaunchFailure::Other,
+            at_ms: 2,
+        });
+        assert_eq!(s.jobs[&1].state, JobState::Failed);
+        assert!(s.blocked.is_empty());
+    }
+
+    /// A multi-node job whose second node hits a capacity error lets go of
+    /// the first rather than pay for it idle.
+    #[test]
+    fn a_gang_that_hits_capacity_releases_its_other_nodes() {
+        let mut s = State::default();
+        s.apply(&Command::SubmitJob {
+            spec: spec("num_nodes: 2\nresources: {accelerators: H100:8}"),
+            idempotency_key: None,
+            at_ms: 0,
+        });
+        let p = plan(&s, &offerings(), Policy::default(), 1);
+        let Outcome::Nodes(nodes) = s.apply(&p[0]) else {
+            panic!()
+        };
+        s.apply(&Command::NodeLaunchFailed {
+            node_id: nodes[1].clone(),
+            message: "no capacity".into(),
+            failure: LaunchFailure::Capacity,
+            at_ms: 2,
+        });
+        assert_eq!(s.nodes[&nodes[0]].state, NodeState::Terminating);
+        assert_eq!(s.jobs[&1].state, JobState::Pending);
+        assert!(s.jobs[&1].reserved_nodes.is_empty());
     }
 
     #[test]
@@ -594,6 +564,7 @@ mod tests {
             job_id: 1,
             offering: off[0].clone(),
             count: 1,
+            spot: false,
             at_ms: 1,
         });
         s.apply(&Command::NodeUp {

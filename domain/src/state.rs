@@ -177,6 +177,9 @@ pub struct Job {
     pub attempts: Vec<Attempt>,
     /// Nodes provisioned for this job and not yet assigned.
     pub reserved_nodes: Vec<String>,
+    /// Every place provisioning was tried, oldest first.
+    #[serde(default)]
+    pub provision_tries: Vec<ProvisionTry>,
 }
 
 impl Job {
@@ -243,6 +246,18 @@ pub struct Node {
     /// Why it takes no new work, if a GPU made it unhealthy.
     #[serde(default)]
     pub unhealthy: Option<String>,
+    /// Zone, where the provider has zones.
+    #[serde(default)]
+    pub zone: Option<String>,
+    /// Spot (preemptible) capacity, billed at the spot price.
+    #[serde(default)]
+    pub spot: bool,
+    /// When the provider reported it launched: billing starts.
+    #[serde(default)]
+    pub launched_at_ms: Option<i64>,
+    /// When it was terminated or failed: billing stops.
+    #[serde(default)]
+    pub ended_at_ms: Option<i64>,
 }
 
 /// A provider's machine shape in a region, with its price.
@@ -260,6 +275,95 @@ pub struct Offering {
     pub hourly_price: f64,
     /// Spot price per hour, where spot exists.
     pub spot_price: Option<f64>,
+    /// Zone, where the provider prices by zone.
+    #[serde(default)]
+    pub zone: Option<String>,
+}
+
+impl Offering {
+    /// The price per hour of one instance, on spot or on demand.
+    pub fn price(&self, spot: bool) -> f64 {
+        if spot {
+            self.spot_price.unwrap_or(self.hourly_price)
+        } else {
+            self.hourly_price
+        }
+    }
+
+    /// The place this offering is launched in, as the blocked set keys it.
+    pub fn place_key(&self, spot: bool) -> String {
+        place_key(
+            &self.provider,
+            &self.region,
+            self.zone.as_deref(),
+            &self.instance_type,
+            spot,
+        )
+    }
+}
+
+/// `provider/region[/zone]/instance_type[/spot]`: what a capacity or quota
+/// error rules out for a while. Spot and on-demand capacity are separate
+/// pools at every cloud, so they are blocked separately.
+pub fn place_key(
+    provider: &str,
+    region: &str,
+    zone: Option<&str>,
+    instance_type: &str,
+    spot: bool,
+) -> String {
+    let mut k = format!("{provider}/{region}");
+    if let Some(z) = zone {
+        k.push('/');
+        k.push_str(z);
+    }
+    k.push('/');
+    k.push_str(instance_type);
+    if spot {
+        k.push_str("/spot");
+    }
+    k
+}
+
+/// Why a provider could not launch a node, as far as placement cares.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
+pub enum LaunchFailure {
+    /// The place has no capacity now: try the next candidate.
+    Capacity,
+    /// The account's quota is used up there: try the next candidate.
+    Quota,
+    /// Anything else (auth, invalid request, retries exhausted): the job fails.
+    #[default]
+    Other,
+}
+
+/// How long a place that answered "no capacity" or "no quota" is skipped.
+/// Ten minutes: long enough for a launch to walk every other candidate,
+/// short enough that capacity coming back is used the same hour.
+pub const BLOCK_COOLDOWN_MS: i64 = 10 * 60 * 1000;
+
+/// A place ruled out until `until_ms`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Block {
+    /// Skipped until then.
+    pub until_ms: i64,
+    /// What the provider said.
+    pub reason: String,
+}
+
+/// One provisioning try of a job, as the user sees it in the launch progress.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ProvisionTry {
+    /// `provider/region[/zone]/instance_type[/spot]`.
+    pub place: String,
+    /// Price per node per hour.
+    pub hourly_price: f64,
+    /// How many nodes.
+    pub count: u32,
+    /// When it was asked for.
+    pub at_ms: i64,
+    /// How it ended: empty while in flight, `launched`, or the error.
+    pub outcome: String,
 }
 
 /// A state change. Each carries its own time (`at_ms`, Unix ms).
@@ -289,6 +393,9 @@ pub enum Command {
         offering: Offering,
         /// How many.
         count: u32,
+        /// On spot capacity.
+        #[serde(default)]
+        spot: bool,
         /// Time.
         at_ms: i64,
     },
@@ -306,6 +413,21 @@ pub enum Command {
         /// Node.
         node_id: String,
         /// Why.
+        message: String,
+        /// What kind of failure: capacity and quota send the job on to
+        /// its next candidate, anything else fails it.
+        #[serde(default)]
+        failure: LaunchFailure,
+        /// Time.
+        at_ms: i64,
+    },
+    /// Every place that could host a pending job is blocked: it fails with
+    /// the list (the scheduler proposes this; apply re-checks nothing but
+    /// that the job still waits).
+    JobUnplaceable {
+        /// Job.
+        job_id: JobId,
+        /// Why, naming the blocked places.
         message: String,
         /// Time.
         at_ms: i64,
@@ -440,6 +562,10 @@ pub struct State {
     pub last_job_id: JobId,
     /// Last node number handed out.
     pub last_node_seq: u64,
+    /// Places skipped after capacity or quota errors, by [`place_key`].
+    /// Entries past their time are ignored and dropped on the next block.
+    #[serde(default)]
+    pub blocked: BTreeMap<String, Block>,
     /// Derived from `jobs` (rebuilt on load, never stored): PENDING jobs,
     /// which the scheduler scans.
     #[serde(skip)]
@@ -458,6 +584,8 @@ struct StateOnDisk {
     idempotency: imbl::OrdMap<String, JobId>,
     last_job_id: JobId,
     last_node_seq: u64,
+    #[serde(default)]
+    blocked: BTreeMap<String, Block>,
 }
 
 impl From<StateOnDisk> for State {
@@ -469,6 +597,7 @@ impl From<StateOnDisk> for State {
             active: imbl::OrdSet::new(),
             last_job_id: d.last_job_id,
             last_node_seq: d.last_node_seq,
+            blocked: d.blocked,
             queued: imbl::OrdSet::new(),
             placed: imbl::OrdSet::new(),
         };
@@ -607,7 +736,8 @@ impl State {
             | Command::ProvisionNodes { job_id, .. }
             | Command::AssignJob { job_id, .. }
             | Command::RankStarted { job_id, .. }
-            | Command::RankEnded { job_id, .. } => vec![*job_id],
+            | Command::RankEnded { job_id, .. }
+            | Command::JobUnplaceable { job_id, .. } => vec![*job_id],
             Command::SubmitJob { .. }
             | Command::NodeLaunched { .. }
             | Command::NodeUp { .. }
@@ -660,6 +790,7 @@ impl State {
                         message: String::new(),
                         attempts: Vec::new(),
                         reserved_nodes: Vec::new(),
+                        provision_tries: Vec::new(),
                     }),
                 );
                 if let Some(key) = idempotency_key {
@@ -684,6 +815,7 @@ impl State {
                 job_id,
                 offering,
                 count,
+                spot,
                 at_ms,
             } => {
                 let Some(job) = self.jobs.get(job_id) else {
@@ -705,12 +837,16 @@ impl State {
                             region: offering.region.clone(),
                             instance_type: offering.instance_type.clone(),
                             resources: offering.resources.clone(),
-                            hourly_price: offering.hourly_price,
+                            hourly_price: offering.price(*spot),
                             address: String::new(),
                             instance_id: None,
                             created_at_ms: *at_ms,
                             message: String::new(),
                             unhealthy: None,
+                            zone: offering.zone.clone(),
+                            spot: *spot,
+                            launched_at_ms: None,
+                            ended_at_ms: None,
                         },
                     );
                     ids.push(id);
@@ -718,27 +854,37 @@ impl State {
                 if let Some(job) = self.jobs.get_mut(job_id).map(Arc::make_mut) {
                     job.state = JobState::Provisioning;
                     job.reserved_nodes = ids.clone();
+                    let place = offering.place_key(*spot);
                     job.message = format!(
-                        "provisioning {count} x {} in {}/{}",
-                        offering.instance_type, offering.provider, offering.region
+                        "provisioning {count} x {place} at {:.2}/h each",
+                        offering.price(*spot)
                     );
+                    job.provision_tries.push(ProvisionTry {
+                        place,
+                        hourly_price: offering.price(*spot),
+                        count: *count,
+                        at_ms: *at_ms,
+                        outcome: String::new(),
+                    });
                 }
                 Outcome::Nodes(ids)
             }
             Command::NodeLaunched {
                 node_id,
                 instance_id,
-                at_ms: _,
+                at_ms,
             } => {
                 let Some(node) = self.nodes.get_mut(node_id) else {
                     return Outcome::Rejected(Rejection::NoSuchNode(node_id.clone()));
                 };
                 node.instance_id = Some(instance_id.clone());
+                node.launched_at_ms.get_or_insert(*at_ms);
                 Outcome::Applied
             }
             Command::NodeLaunchFailed {
                 node_id,
                 message,
+                failure,
                 at_ms,
             } => {
                 let Some(node) = self.nodes.get_mut(node_id) else {
@@ -749,12 +895,67 @@ impl State {
                 }
                 node.state = NodeState::Failed;
                 node.message = message.clone();
-                if let Some(job_id) = self.reserved_by(node_id) {
-                    if let Some(job) = self.jobs.get_mut(&job_id).map(Arc::make_mut) {
-                        let msg = format!("provisioning {node_id} failed: {message}");
-                        end_job(job, JobState::Failed, None, &msg, *at_ms);
+                node.ended_at_ms = Some(*at_ms);
+                let place = place_key(
+                    &node.provider,
+                    &node.region,
+                    node.zone.as_deref(),
+                    &node.instance_type,
+                    node.spot,
+                );
+                let next_candidate = *failure != LaunchFailure::Other;
+                if next_candidate {
+                    self.blocked.retain(|_, b| b.until_ms > *at_ms);
+                    self.blocked.insert(
+                        place.clone(),
+                        Block {
+                            until_ms: at_ms + BLOCK_COOLDOWN_MS,
+                            reason: message.clone(),
+                        },
+                    );
+                }
+                let Some(job_id) = self.reserved_by(node_id) else {
+                    return Outcome::Applied;
+                };
+                let Some(job) = self.jobs.get_mut(&job_id).map(Arc::make_mut) else {
+                    return Outcome::Applied;
+                };
+                if let Some(t) = job.provision_tries.last_mut().filter(|t| t.place == place) {
+                    t.outcome = message.clone();
+                }
+                if !next_candidate {
+                    let msg = format!("provisioning {node_id} failed: {message}");
+                    end_job(job, JobState::Failed, None, &msg, *at_ms);
+                    return Outcome::Applied;
+                }
+                // Gang placement: the job moves on as a whole, so the rest of
+                // its nodes in the blocked place are let go (not paid for idle).
+                let others: Vec<String> = std::mem::take(&mut job.reserved_nodes)
+                    .into_iter()
+                    .filter(|n| n != node_id)
+                    .collect();
+                job.state = JobState::Pending;
+                job.message = format!("{place}: {message}; trying the next candidate");
+                for other in others {
+                    if let Some(n) = self.nodes.get_mut(&other).filter(|n| !n.state.is_final()) {
+                        n.state = NodeState::Terminating;
+                        n.message = format!("released: {place} was blocked");
                     }
                 }
+                Outcome::Applied
+            }
+            Command::JobUnplaceable {
+                job_id,
+                message,
+                at_ms,
+            } => {
+                let Some(job) = self.jobs.get_mut(job_id).map(Arc::make_mut) else {
+                    return Outcome::Rejected(Rejection::NoSuchJob(*job_id));
+                };
+                if job.state != JobState::Pending {
+                    return conflict(format!("job {job_id} is not pending"));
+                }
+                end_job(job, JobState::Failed, None, message, *at_ms);
                 Outcome::Applied
             }
             Command::NodeUp {
@@ -883,6 +1084,7 @@ impl State {
                     return Outcome::Rejected(Rejection::NoSuchNode(node_id.clone()));
                 };
                 node.state = NodeState::Terminated;
+                node.ended_at_ms.get_or_insert(*at_ms);
                 let msg = format!("node {node_id} terminated");
                 self.fail_ranks_on(node_id, &msg, *at_ms);
                 Outcome::Applied
@@ -1091,6 +1293,7 @@ mod tests {
             resources: r,
             hourly_price: 0.0,
             spot_price: None,
+            zone: None,
         }
     }
 
@@ -1110,6 +1313,7 @@ mod tests {
             job_id: job,
             offering: offering(gpus),
             count: 1,
+            spot: false,
             at_ms: 2,
         }) else {
             panic!()
@@ -1329,6 +1533,7 @@ mod tests {
                     job_id: j,
                     offering: offering(0.0),
                     count: 1,
+                    spot: false,
                     at_ms: 2,
                 },
                 Command::NodeUp {

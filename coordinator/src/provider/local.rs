@@ -14,7 +14,7 @@ use nembo_domain::task::fmt_num;
 use nix::sys::signal::{kill, killpg, Signal};
 use nix::unistd::Pid;
 
-use super::{BoxFuture, LaunchRequest, Provider, ProviderError};
+use super::{BoxFuture, Instance, LaunchRequest, Provider, ProviderError};
 
 /// Regions the local provider offers.
 pub const REGIONS: &[&str] = &["us-east", "eu-west"];
@@ -95,6 +95,7 @@ impl LocalProvider {
                     resources: r.clone(),
                     hourly_price: 0.0,
                     spot_price: None,
+                    zone: None,
                 })
             })
             .collect()
@@ -216,6 +217,42 @@ impl Provider for LocalProvider {
         })
     }
 
+    fn list_owned(&self) -> BoxFuture<'_, Result<Vec<Instance>, ProviderError>> {
+        Box::pin(async move {
+            let entries = match fs::read_dir(&self.cfg.nodes_dir) {
+                Ok(e) => e,
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(Vec::new()),
+                Err(e) => return Err(ProviderError::Transient(e.to_string())),
+            };
+            Ok(entries
+                .flatten()
+                .filter_map(|e| {
+                    let pid = read_pid(&e.path().join("agent.pid")).filter(|p| alive(*p))?;
+                    Some(Instance {
+                        instance_id: format!("pid-{pid}"),
+                        node_id: e.file_name().to_string_lossy().into_owned(),
+                        live: true,
+                    })
+                })
+                .collect())
+        })
+    }
+
+    fn check(&self) -> BoxFuture<'_, Result<String, ProviderError>> {
+        Box::pin(async move {
+            if !self.cfg.agent_bin.is_file() {
+                return Err(ProviderError::InvalidRequest(format!(
+                    "agent binary {} not found (set NEMBO_AGENT_BIN)",
+                    self.cfg.agent_bin.display()
+                )));
+            }
+            Ok(format!(
+                "agents run as processes on this machine ({})",
+                self.cfg.agent_bin.display()
+            ))
+        })
+    }
+
     fn terminate<'a>(
         &'a self,
         node_id: &'a str,
@@ -286,8 +323,10 @@ mod tests {
             .launch(LaunchRequest {
                 node_id: "node-1".into(),
                 region: "us-east".into(),
+                zone: None,
                 instance_type: "local-cpu-2".into(),
                 resources: Resources::default(),
+                spot: false,
                 term: 5,
             })
             .await;

@@ -1,0 +1,204 @@
+//! Prices and spend: `show-gpus`, `check`, `cost-report`.
+
+use anyhow::Result;
+use nembo_proto::v1 as pb;
+use serde_json::{json, Value};
+
+use crate::connect;
+use crate::jobs::gpus_cell;
+use crate::table;
+
+/// An offering as JSON.
+pub fn offering_json(o: &pb::Offering) -> Value {
+    json!({
+        "provider": o.provider,
+        "region": o.region,
+        "zone": (!o.zone.is_empty()).then_some(&o.zone),
+        "instance_type": o.instance_type,
+        "accelerator": (!o.accelerator.is_empty()).then_some(&o.accelerator),
+        "accelerator_count": o.accelerator_count,
+        "cpus": o.cpus,
+        "memory_gb": o.memory_gb,
+        "hourly_price": o.hourly_price,
+        "spot_price": o.spot_price,
+        "spot": o.spot,
+        "node_price": o.node_price,
+        "hourly_cost": o.hourly_cost,
+    })
+}
+
+/// `nembo show-gpus [H100[:8]] [--cloud X] [--spot]`.
+pub async fn show_gpus(
+    filter: Option<String>,
+    cloud: Option<String>,
+    spot: bool,
+    as_json: bool,
+) -> Result<()> {
+    let (accelerator, accelerator_count) = match filter.as_deref() {
+        None => (String::new(), 0.0),
+        Some(f) => match f.split_once(':') {
+            Some((name, n)) => (
+                name.to_string(),
+                n.parse::<f64>().ok().filter(|n| *n > 0.0).ok_or_else(|| {
+                    anyhow::anyhow!("'{f}': the count after ':' must be a positive number")
+                })?,
+            ),
+            None => (f.to_string(), 0.0),
+        },
+    };
+    let client = connect::client().await?;
+    let req = pb::ListOfferingsRequest {
+        accelerator,
+        accelerator_count,
+        cloud: cloud.unwrap_or_default(),
+        spot,
+    };
+    let r = connect::call(
+        &client,
+        req,
+        |mut c, r| async move { c.list_offerings(r).await },
+    )
+    .await?;
+    if as_json {
+        let v: Vec<Value> = r.offerings.iter().map(offering_json).collect();
+        println!(
+            "{}",
+            serde_json::to_string_pretty(&json!({ "offerings": v }))?
+        );
+        return Ok(());
+    }
+    if r.offerings.is_empty() {
+        println!("No enabled provider offers that.");
+        return Ok(());
+    }
+    let rows: Vec<Vec<String>> = r
+        .offerings
+        .iter()
+        .map(|o| {
+            vec![
+                gpus_cell(&o.accelerator, o.accelerator_count),
+                o.provider.clone(),
+                if o.zone.is_empty() {
+                    o.region.clone()
+                } else {
+                    format!("{}/{}", o.region, o.zone)
+                },
+                o.instance_type.clone(),
+                format!("{}", o.cpus),
+                format!("{}", o.memory_gb),
+                format!("${:.2}", o.hourly_price),
+                o.spot_price
+                    .map(|p| format!("${p:.2}"))
+                    .unwrap_or_else(|| "-".into()),
+            ]
+        })
+        .collect();
+    table::print(
+        &[
+            "GPUS", "PROVIDER", "REGION", "INSTANCE", "VCPUS", "MEM_GB", "$/H", "SPOT $/H",
+        ],
+        &rows,
+    );
+    Ok(())
+}
+
+/// `nembo check`: exits non-zero when no provider is usable.
+pub async fn check(as_json: bool) -> Result<i32> {
+    let client = connect::client().await?;
+    let r = connect::call(
+        &client,
+        pb::CheckProvidersRequest {},
+        |mut c, r| async move { c.check_providers(r).await },
+    )
+    .await?;
+    if as_json {
+        let v: Vec<Value> = r
+            .providers
+            .iter()
+            .map(|p| json!({"provider": p.provider, "ok": p.ok, "message": p.message}))
+            .collect();
+        println!(
+            "{}",
+            serde_json::to_string_pretty(&json!({ "providers": v }))?
+        );
+    } else {
+        for p in &r.providers {
+            let mark = if p.ok { "enabled " } else { "disabled" };
+            println!("  {mark}  {:<8} {}", p.provider, p.message);
+        }
+    }
+    Ok(if r.providers.iter().any(|p| p.ok) {
+        0
+    } else {
+        1
+    })
+}
+
+/// `nembo cost-report`.
+pub async fn cost_report(as_json: bool) -> Result<()> {
+    let client = connect::client().await?;
+    let r = connect::call(
+        &client,
+        pb::GetCostReportRequest {},
+        |mut c, r| async move { c.get_cost_report(r).await },
+    )
+    .await?;
+    if as_json {
+        let nodes: Vec<Value> = r
+            .nodes
+            .iter()
+            .map(|n| {
+                json!({"node_id": n.node_id, "provider": n.provider, "region": n.region,
+                       "instance_type": n.instance_type, "spot": n.spot,
+                       "hourly_price": n.hourly_price, "hours": n.hours, "cost": n.cost})
+            })
+            .collect();
+        let jobs: Vec<Value> = r
+            .jobs
+            .iter()
+            .map(|j| json!({"job_id": j.job_id, "name": j.name, "node_hours": j.node_hours, "cost": j.cost}))
+            .collect();
+        println!(
+            "{}",
+            serde_json::to_string_pretty(&json!({"nodes": nodes, "jobs": jobs, "total": r.total}))?
+        );
+        return Ok(());
+    }
+    let rows: Vec<Vec<String>> = r
+        .nodes
+        .iter()
+        .map(|n| {
+            vec![
+                n.node_id.clone(),
+                format!("{}/{}", n.provider, n.region),
+                n.instance_type.clone(),
+                if n.spot { "spot" } else { "on-demand" }.into(),
+                format!("${:.2}", n.hourly_price),
+                format!("{:.2}", n.hours),
+                format!("${:.2}", n.cost),
+            ]
+        })
+        .collect();
+    table::print(
+        &[
+            "NODE", "WHERE", "INSTANCE", "MARKET", "$/H", "HOURS", "COST",
+        ],
+        &rows,
+    );
+    println!();
+    let rows: Vec<Vec<String>> = r
+        .jobs
+        .iter()
+        .map(|j| {
+            vec![
+                j.job_id.clone(),
+                j.name.clone(),
+                format!("{:.2}", j.node_hours),
+                format!("${:.2}", j.cost),
+            ]
+        })
+        .collect();
+    table::print(&["JOB", "NAME", "NODE-HOURS", "COST"], &rows);
+    println!("\nTotal: ${:.2}", r.total);
+    Ok(())
+}
