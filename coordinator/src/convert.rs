@@ -231,6 +231,9 @@ pub fn node_to_proto(state: &st::State, node: &Node) -> pb::Node {
         message: node.message.clone(),
         hourly_price: node.hourly_price,
         unhealthy_reason: node.unhealthy.clone().unwrap_or_default(),
+        instance_id: node.instance_id.clone().unwrap_or_default(),
+        spot: node.spot,
+        zone: node.zone.clone().unwrap_or_default(),
     }
 }
 

@@ -6,16 +6,17 @@
 use std::cmp::Ordering;
 use std::collections::BTreeMap;
 
-use crate::state::{Block, Node, Offering};
+use crate::state::{place_key_into, Block, Node, Offering};
 use crate::task::{ResourceCandidate, SpecError, TaskSpec};
 
-/// One place a task could go, with what it would cost.
+/// One place a task could go, with what it would cost. Borrows the
+/// catalog: ranking a large one allocates nothing per offering.
 #[derive(Debug, Clone, PartialEq)]
-pub struct Choice {
+pub struct Choice<'a> {
     /// Index of the task's resource candidate it satisfies.
     pub candidate: usize,
     /// What to launch.
-    pub offering: Offering,
+    pub offering: &'a Offering,
     /// On spot capacity.
     pub spot: bool,
     /// Price of one node per hour.
@@ -97,31 +98,44 @@ pub fn node_matches(c: &ResourceCandidate, node: &Node) -> bool {
 /// else by the hourly cost of all its nodes; among equal prices the
 /// smaller machine, then a stable order (provider, region, zone, type), so
 /// that every replica and every run ranks alike.
-pub fn rank(
+pub fn rank<'a>(
     spec: &TaskSpec,
-    offerings: &[Offering],
+    offerings: &'a [Offering],
     blocked: &BTreeMap<String, Block>,
     now_ms: i64,
-) -> Vec<Choice> {
+) -> Vec<Choice<'a>> {
     let nodes = f64::from(spec.num_nodes.max(1));
     let mut out: Vec<Choice> = Vec::new();
+    // (offering, spot) already taken through an earlier candidate: keep the first.
+    let mut seen = vec![[false; 2]; offerings.len()];
+    let mut key = String::new();
     for (i, c) in spec.resources.candidates.iter().enumerate() {
-        for o in offerings.iter().filter(|o| offering_matches(c, o)) {
-            if !blocked.is_empty()
-                && blocked
-                    .get(&o.place_key(c.use_spot))
+        let market = usize::from(c.use_spot);
+        for (k, o) in offerings.iter().enumerate() {
+            if seen[k][market] || !offering_matches(c, o) {
+                continue;
+            }
+            if !blocked.is_empty() {
+                place_key_into(
+                    &mut key,
+                    &o.provider,
+                    &o.region,
+                    o.zone.as_deref(),
+                    &o.instance_type,
+                    c.use_spot,
+                );
+                if blocked
+                    .get(key.as_str())
                     .is_some_and(|b| b.until_ms > now_ms)
-            {
-                continue;
+                {
+                    continue;
+                }
             }
-            // The same offering reached through two candidates: keep the first.
-            if out.iter().any(|x| x.spot == c.use_spot && &x.offering == o) {
-                continue;
-            }
+            seen[k][market] = true;
             let node_price = o.price(c.use_spot);
             out.push(Choice {
                 candidate: i,
-                offering: o.clone(),
+                offering: o,
                 spot: c.use_spot,
                 node_price,
                 hourly_cost: node_price * nodes,
@@ -137,8 +151,8 @@ pub fn rank(
         };
         by_candidate
             .then(a.hourly_cost.total_cmp(&b.hourly_cost))
-            .then(size(&a.offering).total_cmp(&size(&b.offering)))
-            .then_with(|| place_order(&a.offering).cmp(&place_order(&b.offering)))
+            .then(size(a.offering).total_cmp(&size(b.offering)))
+            .then_with(|| place_order(a.offering).cmp(&place_order(b.offering)))
             .then(a.candidate.cmp(&b.candidate))
     });
     out
@@ -440,7 +454,7 @@ mod tests {
             seen_choices += choices.len();
             for ch in &choices {
                 let c = &spec.resources.candidates[ch.candidate];
-                assert_eq!(violates(c, &ch.offering), None, "seed {seed}: {ch:?}");
+                assert_eq!(violates(c, ch.offering), None, "seed {seed}: {ch:?}");
                 let key = ch.offering.place_key(ch.spot);
                 assert!(
                     blocked.get(&key).is_none_or(|b| b.until_ms <= now),
@@ -476,7 +490,7 @@ mod tests {
                         assert!(
                             choices
                                 .iter()
-                                .any(|ch| &ch.offering == o && ch.spot == c.use_spot),
+                                .any(|ch| ch.offering == o && ch.spot == c.use_spot),
                             "seed {seed}: {o:?} fits but is missing"
                         );
                     }

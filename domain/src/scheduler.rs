@@ -58,7 +58,7 @@ pub fn place(
     round: &Round,
     now_ms: i64,
 ) -> Option<Placement> {
-    let mut ranked: Option<Vec<crate::optimizer::Choice>> = None;
+    let mut ranked: Option<Vec<crate::optimizer::Choice<'_>>> = None;
     let mut best_new = |candidate: Option<usize>| {
         let choices = ranked.get_or_insert_with(|| rank(spec, offerings, &state.blocked, now_ms));
         choices
@@ -299,7 +299,7 @@ mod tests {
     fn ranked(t: &TaskSpec) -> Vec<Offering> {
         rank(t, &offerings(), &BTreeMap::new(), 0)
             .into_iter()
-            .map(|c| c.offering)
+            .map(|c| c.offering.clone())
             .collect()
     }
 

@@ -312,17 +312,33 @@ pub fn place_key(
     instance_type: &str,
     spot: bool,
 ) -> String {
-    let mut k = format!("{provider}/{region}");
-    if let Some(z) = zone {
-        k.push('/');
-        k.push_str(z);
+    let mut k = String::new();
+    place_key_into(&mut k, provider, region, zone, instance_type, spot);
+    k
+}
+
+/// [`place_key`] into a reused buffer (the optimizer builds one per offering).
+pub fn place_key_into(
+    k: &mut String,
+    provider: &str,
+    region: &str,
+    zone: Option<&str>,
+    instance_type: &str,
+    spot: bool,
+) {
+    k.clear();
+    for part in [Some(provider), Some(region), zone, Some(instance_type)]
+        .into_iter()
+        .flatten()
+    {
+        if !k.is_empty() {
+            k.push('/');
+        }
+        k.push_str(part);
     }
-    k.push('/');
-    k.push_str(instance_type);
     if spot {
         k.push_str("/spot");
     }
-    k
 }
 
 /// Why a provider could not launch a node, as far as placement cares.
