@@ -207,7 +207,7 @@ pub fn choice_to_proto(c: &nembo_domain::optimizer::Choice) -> pb::Offering {
         node_price: c.node_price,
         hourly_cost: c.hourly_cost,
         candidate_index: c.candidate as u32,
-        ..offering_to_proto(&c.offering)
+        ..offering_to_proto(c.offering)
     }
 }
 

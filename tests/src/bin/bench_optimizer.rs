@@ -59,7 +59,7 @@ fn catalog(n: usize) -> Vec<Offering> {
                                 ),
                                 resources,
                                 hourly_price: price,
-                                spot_price: (i % 2 == 0).then_some(price * 0.4),
+                                spot_price: i.is_multiple_of(2).then_some(price * 0.4),
                             });
                         }
                     }
