@@ -375,33 +375,55 @@ mod tests {
         assert!(ranked(&t).is_empty());
     }
 
+    /// A state holding job 1, submitted at 0.
+    fn submitted(yaml: &str) -> State {
+        let mut s = State::default();
+        s.apply(&Command::SubmitJob {
+            spec: spec(yaml),
+            idempotency_key: None,
+            at_ms: 0,
+        });
+        s
+    }
+
+    /// Plans at `now`, applies the one provisioning intent it must give,
+    /// returns the nodes it created.
+    fn provision(s: &mut State, now: i64) -> Vec<String> {
+        let p = plan(s, &offerings(), Policy::default(), now);
+        let [cmd @ Command::ProvisionNodes { .. }] = p.as_slice() else {
+            panic!("{p:?}")
+        };
+        let Outcome::Nodes(nodes) = s.apply(cmd) else {
+            panic!()
+        };
+        nodes
+    }
+
+    fn launch_failed(node_id: &str, message: &str, failure: LaunchFailure, at_ms: i64) -> Command {
+        Command::NodeLaunchFailed {
+            node_id: node_id.into(),
+            message: message.into(),
+            failure,
+            at_ms,
+        }
+    }
+
     /// The job walks the places cheapest first; each capacity refusal
     /// blocks that place for the cool-down; with none left it fails naming
     /// them all; after the cool-down the places are tried again.
     #[test]
     fn capacity_errors_move_the_job_on_and_end_it_when_nothing_is_left() {
-        let mut s = State::default();
-        s.apply(&Command::SubmitJob {
-            spec: spec("resources: {accelerators: H100:8}"),
-            idempotency_key: None,
-            at_ms: 0,
-        });
+        let mut s = submitted("resources: {accelerators: H100:8}");
         let mut tried = Vec::new();
         for now in [1, 2] {
-            let p = plan(&s, &offerings(), Policy::default(), now);
-            let [cmd @ Command::ProvisionNodes { offering, .. }] = p.as_slice() else {
-                panic!("{p:?}")
-            };
-            tried.push(offering.region.clone());
-            let Outcome::Nodes(nodes) = s.apply(cmd) else {
-                panic!()
-            };
-            s.apply(&Command::NodeLaunchFailed {
-                node_id: nodes[0].clone(),
-                message: "InsufficientInstanceCapacity".into(),
-                failure: LaunchFailure::Capacity,
-                at_ms: now,
-            });
+            let nodes = provision(&mut s, now);
+            tried.push(s.nodes[&nodes[0]].region.clone());
+            s.apply(&launch_failed(
+                &nodes[0],
+                "InsufficientInstanceCapacity",
+                LaunchFailure::Capacity,
+                now,
+            ));
             let job = &s.jobs[&1];
             assert_eq!(job.state, JobState::Pending, "{}", job.message);
             assert!(job.message.contains("trying the next candidate"));
@@ -445,22 +467,14 @@ mod tests {
     /// the job and blocks nothing.
     #[test]
     fn other_launch_errors_fail_the_job() {
-        let mut s = State::default();
-        s.apply(&Command::SubmitJob {
-            spec: spec("resources: {accelerators: H100:8}"),
-            idempotency_key: None,
-            at_ms: 0,
-        });
-        let p = plan(&s, &offerings(), Policy::default(), 1);
-        let Outcome::Nodes(nodes) = s.apply(&p[0]) else {
-            panic!()
-        };
-        s.apply(&Command::NodeLaunchFailed {
-            node_id: nodes[0].clone(),
-            message: "AuthFailure".into(),
-            failure: LaunchFailure::Other,
-            at_ms: 2,
-        });
+        let mut s = submitted("resources: {accelerators: H100:8}");
+        let nodes = provision(&mut s, 1);
+        s.apply(&launch_failed(
+            &nodes[0],
+            "AuthFailure",
+            LaunchFailure::Other,
+            2,
+        ));
         assert_eq!(s.jobs[&1].state, JobState::Failed);
         assert!(s.blocked.is_empty());
     }
@@ -469,22 +483,14 @@ mod tests {
     /// the first rather than pay for it idle.
     #[test]
     fn a_gang_that_hits_capacity_releases_its_other_nodes() {
-        let mut s = State::default();
-        s.apply(&Command::SubmitJob {
-            spec: spec("num_nodes: 2\nresources: {accelerators: H100:8}"),
-            idempotency_key: None,
-            at_ms: 0,
-        });
-        let p = plan(&s, &offerings(), Policy::default(), 1);
-        let Outcome::Nodes(nodes) = s.apply(&p[0]) else {
-            panic!()
-        };
-        s.apply(&Command::NodeLaunchFailed {
-            node_id: nodes[1].clone(),
-            message: "no capacity".into(),
-            failure: LaunchFailure::Capacity,
-            at_ms: 2,
-        });
+        let mut s = submitted("num_nodes: 2\nresources: {accelerators: H100:8}");
+        let nodes = provision(&mut s, 1);
+        s.apply(&launch_failed(
+            &nodes[1],
+            "no capacity",
+            LaunchFailure::Capacity,
+            2,
+        ));
         assert_eq!(s.nodes[&nodes[0]].state, NodeState::Terminating);
         assert_eq!(s.jobs[&1].state, JobState::Pending);
         assert!(s.jobs[&1].reserved_nodes.is_empty());

@@ -270,6 +270,26 @@ impl Coordinator {
             .expect("connect")
     }
 
+    /// Every node, or `None` while the coordinator does not answer (for
+    /// `wait_for` loops).
+    pub async fn try_nodes(&self) -> Option<Vec<pb::Node>> {
+        let mut client = self.client().await;
+        let r = client.list_nodes(pb::ListNodesRequest {}).await.ok()?;
+        Some(r.into_inner().nodes)
+    }
+
+    /// Every node.
+    pub async fn nodes(&self) -> Vec<pb::Node> {
+        self.try_nodes().await.expect("ListNodes")
+    }
+
+    /// Every job.
+    pub async fn jobs(&self) -> Vec<pb::Job> {
+        let mut client = self.client().await;
+        let r = client.list_jobs(pb::ListJobsRequest::default()).await;
+        r.expect("ListJobs").into_inner().jobs
+    }
+
     /// Runs the CLI against this coordinator.
     pub fn cli(&self, args: &[&str]) -> Output {
         Command::new(bin("nembo"))

@@ -241,16 +241,12 @@ async fn state_survives_snapshot_compaction_and_kill9() {
     assert!(before.snapshot_index >= 9, "{before:?}");
     c.kill9();
     c.restart().await;
-    let mut client = c.client().await;
-    let jobs = client
-        .list_jobs(pb::ListJobsRequest::default())
-        .await
-        .unwrap()
-        .into_inner()
-        .jobs;
+    let jobs = c.jobs().await;
     let names: Vec<String> = jobs.iter().map(|j| j.name.clone()).collect();
     assert_eq!(names, (0..10).map(|i| format!("j{i}")).collect::<Vec<_>>());
-    let after = client
+    let after = c
+        .client()
+        .await
         .get_cluster_status(pb::GetClusterStatusRequest {})
         .await
         .unwrap()

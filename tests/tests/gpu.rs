@@ -361,14 +361,7 @@ async fn a_critical_xid_makes_the_node_unhealthy_and_no_new_job_lands_on_it() {
         "node-1 to turn unhealthy",
         Duration::from_secs(10),
         || async {
-            let nodes = c
-                .client()
-                .await
-                .list_nodes(pb::ListNodesRequest {})
-                .await
-                .ok()?
-                .into_inner()
-                .nodes;
+            let nodes = c.try_nodes().await?;
             let n = nodes.into_iter().find(|n| n.node_id == "node-1")?;
             (!n.unhealthy_reason.is_empty()).then_some(n.unhealthy_reason)
         },

@@ -98,13 +98,7 @@ async fn launch_fails_over_across_five_full_regions_to_the_sixth_and_runs() {
         progress.contains("trying 1 x sim/r6/sim-h100-1 at $4.00/h"),
         "{progress}"
     );
-    let mut client = c.client().await;
-    let jobs = client
-        .list_jobs(pb::ListJobsRequest::default())
-        .await
-        .unwrap()
-        .into_inner()
-        .jobs;
+    let jobs = c.jobs().await;
     let job = &jobs[0];
     assert_eq!(job.state, pb::JobState::Succeeded as i32);
     let tried: Vec<&str> = job
@@ -114,12 +108,7 @@ async fn launch_fails_over_across_five_full_regions_to_the_sixth_and_runs() {
         .collect();
     assert_eq!(tried.len(), 6, "{tried:?}");
     assert_eq!(tried[5], "sim/r6/sim-h100-1");
-    let nodes = client
-        .list_nodes(pb::ListNodesRequest {})
-        .await
-        .unwrap()
-        .into_inner()
-        .nodes;
+    let nodes = c.nodes().await;
     let ran = nodes.iter().find(|n| n.node_id == job.node_ids[0]).unwrap();
     assert_eq!(ran.region, "r6");
     assert_eq!(ran.hourly_price, 4.0);
@@ -177,14 +166,7 @@ async fn launch_fails_over_across_five_full_regions_to_the_sixth_and_runs() {
         "the node to be terminated",
         Duration::from_secs(10),
         || async {
-            let nodes = c
-                .client()
-                .await
-                .list_nodes(pb::ListNodesRequest {})
-                .await
-                .ok()?
-                .into_inner()
-                .nodes;
+            let nodes = c.try_nodes().await?;
             nodes
                 .iter()
                 .any(|n| n.node_id == ran.node_id && n.state == pb::NodeState::Terminated as i32)

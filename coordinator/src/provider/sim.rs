@@ -158,8 +158,6 @@ struct Books {
     instances: BTreeMap<String, SimInstance>,
     next_id: u64,
     rng: u64,
-    /// API calls answered, failures included (benchmarks report it).
-    calls: u64,
 }
 
 /// The simulated cloud as a provider.
@@ -178,7 +176,6 @@ impl SimProvider {
                 instances: BTreeMap::new(),
                 next_id: 0,
                 rng: cloud.seed.max(1),
-                calls: 0,
             }),
             cloud,
             agents,
@@ -189,10 +186,9 @@ impl SimProvider {
         self.books.lock().unwrap_or_else(|p| p.into_inner())
     }
 
-    /// Counts a call and decides, from the seed, whether it fails.
+    /// Decides, from the seed, whether a call fails.
     fn api_call(&self, what: &str) -> Result<(), ProviderError> {
         let mut b = self.books();
-        b.calls += 1;
         // xorshift64: the same seed fails the same calls.
         b.rng ^= b.rng << 13;
         b.rng ^= b.rng >> 7;
@@ -203,11 +199,6 @@ impl SimProvider {
             )));
         }
         Ok(())
-    }
-
-    /// Calls answered so far.
-    pub fn calls(&self) -> u64 {
-        self.books().calls
     }
 
     /// Admits a launch against the region's capacity and quota, booking it.
