@@ -5,7 +5,7 @@ use nembo_proto::v1 as pb;
 use serde_json::{json, Value};
 
 use crate::connect;
-use crate::jobs::gpus_cell;
+use crate::jobs::{gpus_cell, region_cell};
 use crate::table;
 
 /// An offering as JSON.
@@ -78,11 +78,7 @@ pub async fn show_gpus(
             vec![
                 gpus_cell(&o.accelerator, o.accelerator_count),
                 o.provider.clone(),
-                if o.zone.is_empty() {
-                    o.region.clone()
-                } else {
-                    format!("{}/{}", o.region, o.zone)
-                },
+                region_cell(o),
                 o.instance_type.clone(),
                 format!("{}", o.cpus),
                 format!("{}", o.memory_gb),

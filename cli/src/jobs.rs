@@ -315,11 +315,7 @@ fn print_dry_run(r: &pb::DryRunResponse, as_json: bool) {
                     vec![
                         if chosen { "->".into() } else { String::new() },
                         c.provider.clone(),
-                        if c.zone.is_empty() {
-                            c.region.clone()
-                        } else {
-                            format!("{}/{}", c.region, c.zone)
-                        },
+                        region_cell(c),
                         c.instance_type.clone(),
                         gpus_cell(&c.accelerator, c.accelerator_count),
                         if c.spot { "spot" } else { "on-demand" }.into(),
@@ -348,6 +344,15 @@ fn print_dry_run(r: &pb::DryRunResponse, as_json: bool) {
             println!("\nNo capacity right now; the job would wait.");
         }
         println!("(dry run: nothing was launched)");
+    }
+}
+
+/// `region` or `region/zone`.
+pub fn region_cell(o: &pb::Offering) -> String {
+    if o.zone.is_empty() {
+        o.region.clone()
+    } else {
+        format!("{}/{}", o.region, o.zone)
     }
 }
 
