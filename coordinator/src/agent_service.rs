@@ -21,7 +21,7 @@ use tonic::{Request, Response, Status, Streaming};
 
 use crate::logs::LogKey;
 use crate::raft::ClusterView;
-use crate::server::{now_ms, Ctx};
+use crate::server::{now_ms, BoundNode, Ctx};
 
 /// Metadata key of the leader's URL on a follower's refusal.
 pub const LEADER_URL_KEY: &str = "nembo-leader-url";
@@ -46,6 +46,7 @@ impl AgentService for Agents {
         &self,
         request: Request<Streaming<pb::AgentMessage>>,
     ) -> Result<Response<Self::SessionStream>, Status> {
+        let bound = request.extensions().get::<BoundNode>().cloned();
         let mut inbound = request.into_inner();
         let hello = match inbound.message().await? {
             Some(pb::AgentMessage {
@@ -53,6 +54,12 @@ impl AgentService for Agents {
             }) => h,
             _ => return Err(Status::invalid_argument("the first message must be hello")),
         };
+        if let Some(BoundNode(node)) = bound.filter(|b| b.0 != hello.node_id) {
+            return Err(Status::permission_denied(format!(
+                "this token is for node {node}, not {}",
+                hello.node_id
+            )));
+        }
         let view = self.ctx.raft.view();
         match view.state.nodes.get(&hello.node_id) {
             None => {

@@ -85,6 +85,11 @@ struct Args {
     /// Parent of the local provider's node dirs (default: <data dir>/nodes).
     #[arg(long)]
     nodes_dir: Option<PathBuf>,
+    /// Providers beyond local (aws, seeweb, ssh), local prices and
+    /// capacity, and cloud VM bootstrap: see README "Providers". Default:
+    /// <cluster dir>/providers.yaml if it exists.
+    #[arg(long, env = "NEMBO_PROVIDERS", value_name = "FILE")]
+    providers: Option<PathBuf>,
     /// Start empty and wait to be added to an existing cluster
     /// (`nembo admin members add ID URL`); --member names the cluster.
     #[arg(long)]
@@ -146,6 +151,7 @@ async fn main() -> anyhow::Result<()> {
         cluster_dir: a.cluster_dir,
         nodes_dir: a.nodes_dir,
         join: a.join,
+        providers_file: a.providers,
         ..CoordinatorConfig::new(a.data_dir.clone())
     };
     let pid_file = a.data_dir.join("coordinator.pid");

@@ -27,8 +27,9 @@ use crate::error::CoordinatorError;
 use crate::fleet::Fleet;
 use crate::logs::LogStore;
 use crate::metrics::DelayHistogram;
-use crate::provider::local::{LocalConfig, LocalProvider};
-use crate::provider::Provider;
+use crate::provider::bootstrap::Bootstrap;
+use crate::provider::local::LocalConfig;
+use crate::provider::{Provider, ProviderContext, ProvidersFile};
 use crate::raft::{self, RaftConfig, RaftHandle};
 use crate::tls;
 
@@ -91,6 +92,8 @@ pub struct CoordinatorConfig {
     /// Start with no configuration, to be added to an existing cluster
     /// (`nembo admin members add`).
     pub join: bool,
+    /// providers.yaml; default: `<cluster dir>/providers.yaml` if it exists.
+    pub providers_file: Option<PathBuf>,
 }
 
 impl CoordinatorConfig {
@@ -117,6 +120,7 @@ impl CoordinatorConfig {
             cluster_dir: None,
             nodes_dir: None,
             join: false,
+            providers_file: None,
         }
     }
 }
@@ -147,6 +151,10 @@ pub struct Ctx {
     pub providers: BTreeMap<String, Arc<dyn Provider>>,
     /// Every provider's offerings.
     pub offerings: Vec<Offering>,
+    /// Providers that providers.yaml leaves off, and how to enable them.
+    pub providers_not_enabled: Vec<(&'static str, &'static str)>,
+    /// Where refreshed catalogs are written.
+    pub catalog_dir: PathBuf,
     /// Heartbeat period given to agents.
     pub heartbeat_ms: u32,
     /// Grace for stopping jobs.
@@ -301,13 +309,7 @@ struct RequireToken(Arc<str>);
 
 impl tonic::service::Interceptor for RequireToken {
     fn call(&mut self, req: Request<()>) -> Result<Request<()>, Status> {
-        let ok = req
-            .metadata()
-            .get("authorization")
-            .and_then(|v| v.to_str().ok())
-            .and_then(|v| v.strip_prefix("Bearer "))
-            .is_some_and(|t| tls::token_matches(t.trim(), &self.0));
-        if ok {
+        if bearer(&req).is_some_and(|t| tls::token_matches(t, &self.0)) {
             Ok(req)
         } else {
             Err(Status::unauthenticated("missing or invalid bearer token"))
@@ -315,8 +317,48 @@ impl tonic::service::Interceptor for RequireToken {
     }
 }
 
+fn bearer(req: &Request<()>) -> Option<&str> {
+    req.metadata()
+        .get("authorization")
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.strip_prefix("Bearer "))
+        .map(str::trim)
+}
+
+/// Agents present the cluster's agent token (local agents) or a node token
+/// (cloud VMs), which binds the session to that one node.
+#[derive(Clone)]
+struct RequireAgentToken(Arc<str>);
+
+/// The only node a session may speak for, when its token was a node token.
+#[derive(Clone, Debug)]
+pub struct BoundNode(pub String);
+
+impl tonic::service::Interceptor for RequireAgentToken {
+    fn call(&mut self, mut req: Request<()>) -> Result<Request<()>, Status> {
+        let Some(token) = bearer(&req) else {
+            return Err(Status::unauthenticated("missing bearer token"));
+        };
+        if tls::token_matches(token, &self.0) {
+            return Ok(req);
+        }
+        let Some(node) = tls::node_token_owner(&self.0, token).map(str::to_string) else {
+            return Err(Status::unauthenticated("invalid agent token"));
+        };
+        req.extensions_mut().insert(BoundNode(node));
+        Ok(req)
+    }
+}
+
 fn startup(what: &str) -> impl FnOnce(std::io::Error) -> CoordinatorError + '_ {
     move |e| CoordinatorError::Internal(format!("{what}: {e}"))
+}
+
+/// This cluster's id: a digest of its CA, so two clusters sharing one cloud
+/// account never take each other's instances for their own.
+fn cluster_id(ca_pem: &[u8]) -> String {
+    let d = ring::digest::digest(&ring::digest::SHA256, ca_pem);
+    d.as_ref()[..8].iter().map(|b| format!("{b:02x}")).collect()
 }
 
 /// Finds `nembo-agent`: flag, `NEMBO_AGENT_BIN`, next to this binary, PATH.
@@ -422,26 +464,56 @@ pub async fn run(
         let _ = tokio::time::timeout(cfg.tick * 30, views.wait_for(|v| v.leader_id != 0)).await;
     }
 
-    let local_cfg = LocalConfig {
-        nodes_dir: cfg.nodes_dir.clone().unwrap_or_else(|| dir.join("nodes")),
-        agent_bin: find_agent_bin(cfg.agent_bin.as_deref()),
-        endpoints: members.values().cloned().collect(),
-        ca_cert: creds.ca_cert.clone(),
-        agent_token: creds.agent_token.clone(),
+    let providers_path = cfg
+        .providers_file
+        .clone()
+        .or_else(|| Some(cluster_dir.join("providers.yaml")).filter(|p| p.is_file()));
+    let providers_file = match &providers_path {
+        Some(path) => ProvidersFile::load(path).map_err(CoordinatorError::Internal)?,
+        None => ProvidersFile::default(),
+    };
+    let endpoints: Vec<String> = members.values().cloned().collect();
+    let bootstrap = Bootstrap {
+        coordinators: if providers_file.bootstrap.coordinators.is_empty() {
+            endpoints.clone()
+        } else {
+            providers_file.bootstrap.coordinators.clone()
+        },
+        ca_pem: String::from_utf8_lossy(&ca_pem).into_owned(),
+        agent_token: agent_token.clone(),
+        agent_url: providers_file
+            .bootstrap
+            .agent_url
+            .clone()
+            .unwrap_or_else(crate::provider::bootstrap::default_agent_url),
+        agent_sha256: providers_file.bootstrap.agent_sha256.clone(),
         heartbeat_ms: cfg.heartbeat_ms,
     };
-    let local: Arc<dyn Provider> = Arc::new(LocalProvider::new(local_cfg.clone()));
-    let mut offerings = local.offerings();
-    let mut providers = BTreeMap::new();
-    providers.insert(local.name().to_string(), local);
-    if let Some(cloud) = &cfg.sim_cloud {
-        let sim: Arc<dyn Provider> = Arc::new(crate::provider::sim::SimProvider::new(
-            cloud.clone(),
-            Some(LocalProvider::new(local_cfg)),
-        ));
-        offerings.extend(sim.offerings());
-        providers.insert(sim.name().to_string(), sim);
-    }
+    let providers = crate::provider::build(
+        &providers_file,
+        ProviderContext {
+            local: LocalConfig {
+                nodes_dir: cfg.nodes_dir.clone().unwrap_or_else(|| dir.join("nodes")),
+                agent_bin: find_agent_bin(cfg.agent_bin.as_deref()),
+                endpoints,
+                ca_cert: creds.ca_cert.clone(),
+                agent_token: creds.agent_token.clone(),
+                heartbeat_ms: cfg.heartbeat_ms,
+                settings: Default::default(),
+            },
+            cluster: cluster_id(&ca_pem),
+            bootstrap,
+            catalog_dir: cluster_dir.join("catalog"),
+            sim: cfg.sim_cloud.clone(),
+        },
+    )
+    .map_err(|e| {
+        CoordinatorError::Internal(match &providers_path {
+            Some(p) => format!("{}: {e}", p.display()),
+            None => e,
+        })
+    })?;
+    let offerings = providers.values().flat_map(|p| p.offerings()).collect();
 
     let (hb_tx, hb_rx) = mpsc::channel(4096);
     let ctx = Arc::new(Ctx {
@@ -449,6 +521,8 @@ pub async fn run(
         logs: LogStore::new(dir.join("logs")).map_err(startup("logs dir"))?,
         providers,
         offerings,
+        providers_not_enabled: crate::provider::not_enabled(&providers_file),
+        catalog_dir: cluster_dir.join("catalog"),
         heartbeat_ms: cfg.heartbeat_ms,
         stop_grace_ms: cfg.stop_grace_ms,
         fleet: Fleet::start(),
@@ -533,7 +607,10 @@ pub async fn run(
         .map_err(|e| CoordinatorError::Internal(format!("tls: {e}")))?
         .tcp_nodelay(true)
         .add_service(InterceptedService::new(api, RequireToken(client_token)))
-        .add_service(InterceptedService::new(agents, RequireToken(agent_token)))
+        .add_service(InterceptedService::new(
+            agents,
+            RequireAgentToken(agent_token),
+        ))
         .add_service(peers)
         .add_service(reflection)
         .add_service(reflection_alpha)

@@ -204,10 +204,40 @@ pub fn token_matches(presented: &str, expected: &str) -> bool {
     a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
 }
 
+/// A token that admits only the agent of one node: what a cloud VM gets in
+/// its user-data instead of the cluster's agent token, so a VM (or its
+/// leaked user-data) can neither pose as another node nor outlive its own,
+/// since a node that has ended is refused whatever its token.
+pub fn node_token(agent_token: &str, node_id: &str) -> String {
+    format!("node.{node_id}.{}", node_mac(agent_token, node_id))
+}
+
+fn node_mac(agent_token: &str, node_id: &str) -> String {
+    let key = ring::hmac::Key::new(ring::hmac::HMAC_SHA256, agent_token.as_bytes());
+    let tag = ring::hmac::sign(&key, format!("nembo-node-token:{node_id}").as_bytes());
+    tag.as_ref().iter().map(|b| format!("{b:02x}")).collect()
+}
+
+/// The node a node token admits, if `presented` is a genuine one.
+pub fn node_token_owner<'a>(agent_token: &str, presented: &'a str) -> Option<&'a str> {
+    let (node_id, mac) = presented.strip_prefix("node.")?.rsplit_once('.')?;
+    token_matches(mac, &node_mac(agent_token, node_id)).then_some(node_id)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
     use std::os::unix::fs::PermissionsExt;
+
+    #[test]
+    fn a_node_token_admits_its_node_only() {
+        let t = node_token("secret", "node-7.a");
+        assert_eq!(node_token_owner("secret", &t), Some("node-7.a"));
+        assert_eq!(node_token_owner("other", &t), None);
+        let forged = t.replace("node-7.a", "node-8");
+        assert_eq!(node_token_owner("secret", &forged), None);
+        assert_eq!(node_token_owner("secret", "secret"), None);
+    }
 
     #[test]
     fn credentials_are_created_once_with_private_modes() {

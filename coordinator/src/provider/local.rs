@@ -30,6 +30,62 @@ const GPU_SHAPES: &[(&str, f64, f64)] = &[
     ("T4", 4.0, 16.0),
 ];
 
+/// Prices and capacity the local provider declares (`local:` in
+/// providers.yaml), so the optimizer and capacity failover can be shown on
+/// one machine. By default everything is free and unlimited.
+#[derive(Debug, Clone, Default, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct LocalSettings {
+    /// Price per GPU-hour by model (`H100: 2.0`); unlisted models are free.
+    #[serde(default)]
+    pub gpu_hourly: BTreeMap<String, f64>,
+    /// Price per vCPU-hour.
+    #[serde(default)]
+    pub cpu_hourly: f64,
+    /// Spot price as a fraction of the on-demand price; none: no spot.
+    pub spot_factor: Option<f64>,
+    /// Per region: a price factor and the most nodes alive at once.
+    #[serde(default)]
+    pub regions: BTreeMap<String, LocalRegion>,
+}
+
+/// One local region's declared limits.
+#[derive(Debug, Clone, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct LocalRegion {
+    /// Multiplies every price in the region.
+    #[serde(default = "one")]
+    pub price_factor: f64,
+    /// Most nodes alive at once; 0: every launch fails for capacity.
+    pub capacity: Option<u32>,
+}
+
+fn one() -> f64 {
+    1.0
+}
+
+impl LocalSettings {
+    /// Refuses unknown regions and negative prices, naming the field.
+    pub fn validate(&self) -> Result<(), String> {
+        for r in self.regions.keys() {
+            if !REGIONS.contains(&r.as_str()) {
+                return Err(format!(
+                    "local.regions.{r}: no such local region (have {})",
+                    REGIONS.join(", ")
+                ));
+            }
+        }
+        let negative = self.gpu_hourly.iter().find(|(_, p)| !(**p >= 0.0));
+        if let Some((gpu, _)) = negative {
+            return Err(format!("local.gpu_hourly.{gpu}: must be 0 or more"));
+        }
+        if !(self.cpu_hourly >= 0.0) || self.spot_factor.is_some_and(|f| !(f > 0.0)) {
+            return Err("local.cpu_hourly and local.spot_factor must be positive".into());
+        }
+        Ok(())
+    }
+}
+
 /// How agents are started.
 #[derive(Debug, Clone)]
 pub struct LocalConfig {
@@ -45,6 +101,8 @@ pub struct LocalConfig {
     pub agent_token: PathBuf,
     /// Heartbeat period handed to agents.
     pub heartbeat_ms: u32,
+    /// Declared prices and capacity.
+    pub settings: LocalSettings,
 }
 
 /// Agents as local processes.
@@ -58,8 +116,8 @@ impl LocalProvider {
         Self { cfg }
     }
 
-    /// Every simulated shape in every region.
-    pub fn catalog() -> Vec<Offering> {
+    /// Every simulated shape in every region, at the declared prices.
+    pub fn catalog(settings: &LocalSettings) -> Vec<Offering> {
         let mut shapes: Vec<(String, Resources)> = Vec::new();
         for cpus in [2.0, 4.0, 8.0, 16.0, 32.0] {
             shapes.push((
@@ -88,17 +146,59 @@ impl LocalProvider {
         REGIONS
             .iter()
             .flat_map(|region| {
-                shapes.iter().map(move |(t, r)| Offering {
-                    provider: "local".into(),
-                    region: region.to_string(),
-                    instance_type: t.clone(),
-                    resources: r.clone(),
-                    hourly_price: 0.0,
-                    spot_price: None,
-                    zone: None,
+                let factor = settings
+                    .regions
+                    .get(*region)
+                    .map_or(1.0, |r| r.price_factor);
+                shapes.iter().map(move |(t, r)| {
+                    let gpus: f64 = r
+                        .accelerators
+                        .iter()
+                        .map(|(gpu, n)| n * settings.gpu_hourly.get(gpu).copied().unwrap_or(0.0))
+                        .sum();
+                    let price = (gpus + r.cpus * settings.cpu_hourly) * factor;
+                    Offering {
+                        provider: "local".into(),
+                        region: region.to_string(),
+                        instance_type: t.clone(),
+                        resources: r.clone(),
+                        hourly_price: price,
+                        spot_price: settings.spot_factor.map(|f| price * f),
+                        zone: None,
+                    }
                 })
             })
             .collect()
+    }
+
+    /// Refuses a launch past the region's declared capacity.
+    fn check_capacity(&self, region: &str) -> Result<(), ProviderError> {
+        let Some(cap) = self
+            .cfg
+            .settings
+            .regions
+            .get(region)
+            .and_then(|r| r.capacity)
+        else {
+            return Ok(());
+        };
+        let alive = fs::read_dir(&self.cfg.nodes_dir)
+            .map(|entries| {
+                entries
+                    .flatten()
+                    .filter(|e| {
+                        fs::read_to_string(e.path().join("region")).is_ok_and(|r| r == region)
+                            && read_pid(&e.path().join("agent.pid")).is_some_and(alive)
+                    })
+                    .count()
+            })
+            .unwrap_or(0);
+        if alive >= cap as usize {
+            return Err(ProviderError::Capacity(format!(
+                "local region {region} is full ({alive} of {cap} nodes)"
+            )));
+        }
+        Ok(())
     }
 
     fn node_dir(&self, node_id: &str) -> PathBuf {
@@ -155,7 +255,7 @@ impl Provider for LocalProvider {
     }
 
     fn offerings(&self) -> Vec<Offering> {
-        Self::catalog()
+        Self::catalog(&self.cfg.settings)
     }
 
     fn launch(&self, req: LaunchRequest) -> BoxFuture<'_, Result<String, ProviderError>> {
@@ -168,6 +268,9 @@ impl Provider for LocalProvider {
             if let Some(pid) = read_pid(&pid_file).filter(|p| alive(*p)) {
                 return Ok(format!("pid-{pid}"));
             }
+            self.check_capacity(&req.region)?;
+            fs::write(dir.join("region"), &req.region)
+                .map_err(|e| ProviderError::Transient(e.to_string()))?;
             let log = fs::File::create(dir.join("agent.log"))
                 .map_err(|e| ProviderError::Transient(e.to_string()))?;
             let log2 = log
@@ -295,7 +398,7 @@ mod tests {
 
     #[test]
     fn catalog_has_two_regions_and_gpu_shapes() {
-        let c = LocalProvider::catalog();
+        let c = LocalProvider::catalog(&LocalSettings::default());
         assert!(REGIONS.len() >= 2);
         for r in REGIONS {
             assert!(c.iter().any(|o| o.region == *r
@@ -314,6 +417,7 @@ mod tests {
             ca_cert: "/nonexistent/ca.pem".into(),
             agent_token: "/nonexistent/token".into(),
             heartbeat_ms: 1000,
+            settings: LocalSettings::default(),
         });
         fs::create_dir_all(dir.path().join("node-1")).unwrap();
         p.terminate("node-1", 7).await.unwrap();

@@ -6,8 +6,14 @@
 //! old one launched: adopt it if the node still wants it, terminate it if
 //! not (`control::reconcile`).
 
+pub mod aws;
+pub mod bootstrap;
+pub mod catalog;
+pub mod http;
 pub mod local;
+pub mod seeweb;
 pub mod sim;
+pub mod ssh;
 
 use std::future::Future;
 use std::pin::Pin;
@@ -102,4 +108,128 @@ pub trait Provider: Send + Sync {
     /// Whether the provider can be used as configured (credentials work),
     /// and what it answered: for `nembo check`.
     fn check(&self) -> BoxFuture<'_, Result<String, ProviderError>>;
+    /// The offerings the provider's API lists now, for `nembo catalog
+    /// refresh`; providers with a fixed catalog have nothing to fetch.
+    fn refresh_catalog(&self) -> BoxFuture<'_, Result<Vec<Offering>, ProviderError>> {
+        Box::pin(async move {
+            Err(ProviderError::InvalidRequest(format!(
+                "provider '{}' has no catalog API to refresh from",
+                self.name()
+            )))
+        })
+    }
+}
+
+/// `providers.yaml`: which providers beyond `local` this cluster uses, and
+/// how. A section's presence enables its provider.
+#[derive(Debug, Clone, Default, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ProvidersFile {
+    /// How cloud VMs install and reach the agent.
+    #[serde(default)]
+    pub bootstrap: bootstrap::BootstrapSettings,
+    /// Prices and capacity the local provider declares.
+    #[serde(default)]
+    pub local: local::LocalSettings,
+    /// AWS EC2.
+    pub aws: Option<aws::AwsSettings>,
+    /// Seeweb ECS.
+    pub seeweb: Option<seeweb::SeewebSettings>,
+    /// Existing hosts over SSH.
+    pub ssh: Option<ssh::SshSettings>,
+}
+
+impl ProvidersFile {
+    /// Reads and checks the file; unknown fields are refused by name.
+    pub fn load(path: &std::path::Path) -> Result<Self, String> {
+        let text = std::fs::read_to_string(path).map_err(|e| format!("{}: {e}", path.display()))?;
+        serde_yaml::from_str(&text).map_err(|e| format!("{}: {e}", path.display()))
+    }
+}
+
+/// What building the providers takes besides providers.yaml.
+pub struct ProviderContext {
+    /// How the local provider starts agents (prices and capacity are
+    /// replaced by providers.yaml's).
+    pub local: local::LocalConfig,
+    /// This cluster's id, the tag that tells its instances from others'.
+    pub cluster: String,
+    /// First-boot settings for cloud VMs.
+    pub bootstrap: bootstrap::Bootstrap,
+    /// Refreshed catalogs (`<cluster dir>/catalog`).
+    pub catalog_dir: std::path::PathBuf,
+    /// The simulated cloud, if asked for.
+    pub sim: Option<sim::SimCloud>,
+}
+
+/// Every configured provider by name; `local` is always there.
+pub fn build(
+    file: &ProvidersFile,
+    cx: ProviderContext,
+) -> Result<std::collections::BTreeMap<String, std::sync::Arc<dyn Provider>>, String> {
+    use std::sync::Arc;
+    file.local.validate()?;
+    let catalog_dir = Some(cx.catalog_dir.as_path());
+    let local_cfg = local::LocalConfig {
+        settings: file.local.clone(),
+        ..cx.local
+    };
+    let mut all: Vec<Arc<dyn Provider>> =
+        vec![Arc::new(local::LocalProvider::new(local_cfg.clone()))];
+    if let Some(cloud) = cx.sim {
+        all.push(Arc::new(sim::SimProvider::new(
+            cloud,
+            Some(local::LocalProvider::new(local_cfg.clone())),
+        )));
+    }
+    if let Some(s) = &file.aws {
+        let rows = catalog::load("aws", catalog_dir, catalog::AWS)?;
+        all.push(Arc::new(aws::AwsProvider::new(
+            s.clone(),
+            cx.cluster.clone(),
+            rows,
+            cx.bootstrap.clone(),
+        )));
+    }
+    if let Some(s) = &file.seeweb {
+        let rows = catalog::load("seeweb", catalog_dir, catalog::SEEWEB)?;
+        all.push(Arc::new(seeweb::SeewebProvider::new(
+            s.clone(),
+            cx.cluster.clone(),
+            rows,
+            cx.bootstrap.clone(),
+        )));
+    }
+    if let Some(s) = &file.ssh {
+        all.push(Arc::new(ssh::SshProvider::new(
+            s.clone(),
+            local_cfg.agent_bin.clone(),
+            cx.bootstrap.clone(),
+        )?));
+    }
+    Ok(all.into_iter().map(|p| (p.name().to_string(), p)).collect())
+}
+
+/// Providers Nembo has that providers.yaml does not enable, for `nembo check`.
+pub fn not_enabled(file: &ProvidersFile) -> Vec<(&'static str, &'static str)> {
+    let mut out = Vec::new();
+    if file.aws.is_none() {
+        out.push((
+            "aws",
+            "not enabled: add an `aws:` section to providers.yaml",
+        ));
+    }
+    if file.seeweb.is_none() {
+        out.push((
+            "seeweb",
+            "not enabled: add a `seeweb:` section to providers.yaml",
+        ));
+    }
+    if file.ssh.is_none() {
+        out.push((
+            "ssh",
+            "not enabled: add an `ssh:` section with hosts to providers.yaml",
+        ));
+    }
+    out
 }
