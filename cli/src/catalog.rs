@@ -1,6 +1,6 @@
 //! Prices and spend: `show-gpus`, `check`, `cost-report`.
 
-use anyhow::Result;
+use anyhow::{Context, Result};
 use nembo_proto::v1 as pb;
 use serde_json::{json, Value};
 
@@ -128,6 +128,28 @@ pub async fn check(as_json: bool) -> Result<i32> {
     } else {
         1
     })
+}
+
+/// `nembo catalog refresh PROVIDER`.
+pub async fn refresh(provider: &str, out: Option<&std::path::Path>) -> Result<()> {
+    let client = connect::client().await?;
+    let r = connect::call(
+        &client,
+        pb::RefreshCatalogRequest {
+            provider: provider.to_string(),
+        },
+        |mut c, r| async move { c.refresh_catalog(r).await },
+    )
+    .await?;
+    println!(
+        "{} offerings written to {} (used from the coordinators' next start)",
+        r.offerings, r.path
+    );
+    if let Some(out) = out {
+        std::fs::write(out, &r.csv).with_context(|| format!("write {}", out.display()))?;
+        println!("and to {}", out.display());
+    }
+    Ok(())
 }
 
 /// `nembo cost-report`.

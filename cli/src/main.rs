@@ -20,6 +20,20 @@ struct Cli {
     command: Cmd,
 }
 
+/// `nembo catalog …`.
+#[derive(Subcommand, Debug)]
+enum CatalogCmd {
+    /// Rebuild a provider's catalog from its API (seeweb: GET /plans); the
+    /// coordinators use it from their next start.
+    Refresh {
+        /// Provider (`seeweb`).
+        provider: String,
+        /// Also write the CSV here (e.g. catalog/seeweb.csv in a checkout).
+        #[arg(long)]
+        out: Option<std::path::PathBuf>,
+    },
+}
+
 #[derive(Subcommand, Debug)]
 enum Cmd {
     /// Launch a task (SkyPilot YAML); streams its output and exits with its exit code.
@@ -68,6 +82,11 @@ enum Cmd {
         /// Machine-readable output.
         #[arg(long)]
         json: bool,
+    },
+    /// Provider catalogs.
+    Catalog {
+        #[command(subcommand)]
+        command: CatalogCmd,
     },
     /// What each node and job has cost so far (catalog price x run time).
     CostReport {
@@ -237,6 +256,11 @@ async fn run(cli: Cli) -> Result<i32> {
             .await
             .map(|()| 0),
         Cmd::Check { json } => catalog::check(json).await,
+        Cmd::Catalog {
+            command: CatalogCmd::Refresh { provider, out },
+        } => catalog::refresh(&provider, out.as_deref())
+            .await
+            .map(|()| 0),
         Cmd::CostReport { json } => catalog::cost_report(json).await.map(|()| 0),
         Cmd::Logs { job, follow } => jobs::logs(&job, follow).await.map(|()| 0),
         Cmd::Cancel { jobs } => jobs::cancel(&jobs).await.map(|()| 0),

@@ -433,7 +433,54 @@ impl Coordinator for Api {
                 message,
             });
         }
+        providers.extend(self.ctx.providers_not_enabled.iter().map(|(name, why)| {
+            pb::ProviderCheck {
+                provider: name.to_string(),
+                ok: false,
+                message: why.to_string(),
+            }
+        }));
         Ok(Response::new(pb::CheckProvidersResponse { providers }))
+    }
+
+    async fn refresh_catalog(
+        &self,
+        request: Request<pb::RefreshCatalogRequest>,
+    ) -> Result<Response<pb::RefreshCatalogResponse>, Status> {
+        let name = request.into_inner().provider;
+        let provider = self.ctx.providers.get(&name).ok_or_else(|| {
+            Status::invalid_argument(format!("provider: '{name}' is not enabled here"))
+        })?;
+        let offerings = provider
+            .refresh_catalog()
+            .await
+            .map_err(|e| Status::failed_precondition(e.to_string()))?;
+        if offerings.is_empty() {
+            return Err(Status::failed_precondition(format!(
+                "{name} listed no GPU offerings; the catalog is left as it was"
+            )));
+        }
+        let csv = crate::provider::catalog::render(
+            &[
+                format!("source: {name}'s API, fetched by `nembo catalog refresh {name}`"),
+                format!("date: {} (unix ms)", now_ms()),
+                "prices: per hour, as the API answered (Seeweb: EUR)".into(),
+            ],
+            &offerings,
+        );
+        let path = self.ctx.catalog_dir.join(format!("{name}.csv"));
+        let write = || -> std::io::Result<()> {
+            std::fs::create_dir_all(&self.ctx.catalog_dir)?;
+            let tmp = path.with_extension("csv.tmp");
+            std::fs::write(&tmp, &csv)?;
+            std::fs::rename(&tmp, &path)
+        };
+        write().map_err(|e| Status::internal(format!("{}: {e}", path.display())))?;
+        Ok(Response::new(pb::RefreshCatalogResponse {
+            path: path.display().to_string(),
+            offerings: offerings.len() as u32,
+            csv,
+        }))
     }
 
     async fn get_cost_report(

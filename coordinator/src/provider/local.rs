@@ -75,11 +75,13 @@ impl LocalSettings {
                 ));
             }
         }
-        let negative = self.gpu_hourly.iter().find(|(_, p)| !(**p >= 0.0));
+        let price_ok = |p: f64| p.is_finite() && p >= 0.0;
+        let negative = self.gpu_hourly.iter().find(|(_, p)| !price_ok(**p));
         if let Some((gpu, _)) = negative {
             return Err(format!("local.gpu_hourly.{gpu}: must be 0 or more"));
         }
-        if !(self.cpu_hourly >= 0.0) || self.spot_factor.is_some_and(|f| !(f > 0.0)) {
+        if !price_ok(self.cpu_hourly) || self.spot_factor.is_some_and(|f| !price_ok(f) || f == 0.0)
+        {
             return Err("local.cpu_hourly and local.spot_factor must be positive".into());
         }
         Ok(())
@@ -108,12 +110,18 @@ pub struct LocalConfig {
 /// Agents as local processes.
 pub struct LocalProvider {
     cfg: LocalConfig,
+    /// Held from the capacity check until the agent's pid is written, so
+    /// concurrent launches cannot both take a region's last place.
+    launching: tokio::sync::Mutex<()>,
 }
 
 impl LocalProvider {
     /// A provider that starts agents as configured.
     pub fn new(cfg: LocalConfig) -> Self {
-        Self { cfg }
+        Self {
+            cfg,
+            launching: tokio::sync::Mutex::new(()),
+        }
     }
 
     /// Every simulated shape in every region, at the declared prices.
@@ -268,6 +276,7 @@ impl Provider for LocalProvider {
             if let Some(pid) = read_pid(&pid_file).filter(|p| alive(*p)) {
                 return Ok(format!("pid-{pid}"));
             }
+            let _launching = self.launching.lock().await;
             self.check_capacity(&req.region)?;
             fs::write(dir.join("region"), &req.region)
                 .map_err(|e| ProviderError::Transient(e.to_string()))?;

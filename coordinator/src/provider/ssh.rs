@@ -1,9 +1,9 @@
 //! Existing hosts over SSH: each configured host is one offering (its
 //! instance type is the host's name), holding one node at a time. Launch
-//! copies `nembo-agent` to the host (only when its checksum differs),
+//! streams `nembo-agent` to the host (only when its checksum differs),
 //! writes the CA and a node token there (0600), and starts the agent
 //! detached in its own session; terminate kills it and its jobs. The
-//! system `ssh`/`scp` are used, so `~/.ssh/config`, agents and jump hosts
+//! system `ssh` is used, so `~/.ssh/config`, agents and jump hosts
 //! work as the user expects.
 
 use std::path::PathBuf;
@@ -206,24 +206,10 @@ impl SshProvider {
         if remote.split_whitespace().next() == Some(sum.as_str()) {
             return Ok(());
         }
-        let mut cmd = tokio::process::Command::new("scp");
-        cmd.args(self.base_args(h, "-P"))
-            .arg("-q")
-            .arg(&self.agent_bin)
-            .arg(format!("{}:{dir}/nembo-agent.new", Self::target(h)))
-            .stdin(Stdio::null())
-            .kill_on_drop(true);
-        let out = cmd
-            .output()
-            .await
-            .map_err(|e| ProviderError::InvalidRequest(format!("cannot run scp: {e}")))?;
-        if !out.status.success() {
-            return Err(ProviderError::Transient(format!(
-                "scp to {}: {}",
-                h.name(),
-                String::from_utf8_lossy(&out.stderr).trim()
-            )));
-        }
+        // Streamed over ssh rather than scp: scp needs the SFTP subsystem,
+        // which minimal sshd setups leave out.
+        self.run(h, &format!("cat > '{dir}/nembo-agent.new'"), &local)
+            .await?;
         self.run(
             h,
             &format!("chmod 755 '{dir}/nembo-agent.new' && mv '{dir}/nembo-agent.new' '{dir}/nembo-agent'"),
@@ -348,7 +334,7 @@ fi"#
             )
             .await?;
             let mut args = format!(
-                "--coordinator '{}' --ca-cert ca.pem --token-file agent-token --node-id '{node}' --work-dir . --cpus {} --memory-gb {} --heartbeat-ms {}",
+                "--coordinator '{}' --ca-cert \"$PWD/ca.pem\" --token-file \"$PWD/agent-token\" --node-id '{node}' --work-dir \"$PWD\" --cpus {} --memory-gb {} --heartbeat-ms {}",
                 self.bootstrap.coordinators.join(","),
                 fmt_num(req.resources.cpus),
                 fmt_num(req.resources.memory_gb),
@@ -357,9 +343,11 @@ fi"#
             if !h.accelerators.is_empty() {
                 args.push_str(&format!(" --accelerators '{}'", h.accelerators));
             }
-            // setsid: its own session, so the ssh session ending does not end it.
+            // setsid: its own session, so the ssh session ending does not
+            // end it. Only the agent goes to the background, with every fd
+            // redirected, or ssh would wait for it to exit.
             let start = format!(
-                "cd '{dir}/nodes/{node}' && setsid ../../nembo-agent {args} > agent.log 2>&1 < /dev/null & echo $! > '{dir}/nodes/{node}/agent.pid'; cat '{dir}/nodes/{node}/agent.pid'"
+                "cd '{dir}/nodes/{node}' || exit 1\nsetsid ../../nembo-agent {args} > agent.log 2>&1 < /dev/null &\necho $! > agent.pid\ncat agent.pid"
             );
             let pid = self.run(h, &start, b"").await?;
             tracing::info!(

@@ -1,0 +1,59 @@
+#!/usr/bin/env python3
+"""Test helper around a moto_server started with INITIAL_NO_AUTH_ACTION_COUNT=3.
+
+    moto_ec2.py setup ENDPOINT
+        Spends the three unsigned calls on IAM (CreateUser, CreateAccessKey,
+        PutUserPolicy allowing everything), so that every later request is
+        SigV4-verified, and prints {"key_id", "secret", "image_id"} as JSON.
+    moto_ec2.py instances ENDPOINT KEY_ID SECRET [REGION]
+        Prints every instance with its state, lifecycle, zone, tags and
+        decoded user data, as JSON.
+"""
+
+import base64
+import json
+import sys
+
+import boto3
+
+
+def client(service, endpoint, key_id="testing", secret="testing", region="us-east-1"):
+    return boto3.client(service, endpoint_url=endpoint, region_name=region,
+                        aws_access_key_id=key_id, aws_secret_access_key=secret)
+
+
+def setup(endpoint):
+    iam = client("iam", endpoint)
+    iam.create_user(UserName="nembo")
+    key = iam.create_access_key(UserName="nembo")["AccessKey"]
+    iam.put_user_policy(UserName="nembo", PolicyName="all", PolicyDocument=json.dumps({
+        "Version": "2012-10-17",
+        "Statement": [{"Effect": "Allow", "Action": "*", "Resource": "*"}],
+    }))
+    ec2 = client("ec2", endpoint, key["AccessKeyId"], key["SecretAccessKey"])
+    image = ec2.describe_images(Owners=["amazon"])["Images"][0]["ImageId"]
+    print(json.dumps({"key_id": key["AccessKeyId"], "secret": key["SecretAccessKey"],
+                      "image_id": image}))
+
+
+def instances(endpoint, key_id, secret, region="us-east-1"):
+    ec2 = client("ec2", endpoint, key_id, secret, region)
+    out = []
+    for r in ec2.describe_instances()["Reservations"]:
+        for i in r["Instances"]:
+            attr = ec2.describe_instance_attribute(InstanceId=i["InstanceId"], Attribute="userData")
+            data = attr.get("UserData", {}).get("Value")
+            out.append({
+                "id": i["InstanceId"],
+                "type": i["InstanceType"],
+                "state": i["State"]["Name"],
+                "lifecycle": i.get("InstanceLifecycle", "normal"),
+                "zone": i["Placement"]["AvailabilityZone"],
+                "tags": {t["Key"]: t["Value"] for t in i.get("Tags", [])},
+                "user_data": base64.b64decode(data).decode() if data else "",
+            })
+    print(json.dumps(out))
+
+
+if __name__ == "__main__":
+    {"setup": setup, "instances": instances}[sys.argv[1]](*sys.argv[2:])

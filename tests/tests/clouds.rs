@@ -1,0 +1,594 @@
+//! The cloud providers against their real wire formats: EC2 against
+//! moto_server with signature checking on, Seeweb against the fake Seeweb
+//! server (tests/fakes/seeweb_fake.py), the SSH pool against a real sshd on
+//! loopback, and the local provider's declared prices and capacity. Each
+//! runs a real coordinator and the real CLI.
+
+use std::io::{BufRead, BufReader};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::Duration;
+
+use nembo_proto::v1 as pb;
+use nembo_tests::{bin, wait_for, Coordinator};
+use serde_json::Value;
+
+/// A helper process killed when the test ends, however it ends.
+struct Daemon(Child);
+
+impl Drop for Daemon {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+fn repo() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .unwrap()
+        .to_path_buf()
+}
+
+fn stdout(o: &std::process::Output) -> String {
+    String::from_utf8_lossy(&o.stdout).into_owned()
+}
+
+fn stderr(o: &std::process::Output) -> String {
+    String::from_utf8_lossy(&o.stderr).into_owned()
+}
+
+fn json_out(o: &std::process::Output) -> Value {
+    assert!(o.status.success(), "{}{}", stdout(o), stderr(o));
+    serde_json::from_str(&stdout(o)).unwrap_or_else(|e| panic!("{e}: {}", stdout(o)))
+}
+
+/// A coordinator using `providers` as its providers.yaml.
+async fn start_with(
+    providers: &str,
+    env: &[(&str, &str)],
+    extra: &[&str],
+) -> (Coordinator, tempfile::TempDir) {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("providers.yaml");
+    std::fs::write(&path, providers).unwrap();
+    let mut args = vec!["--providers", path.to_str().unwrap()];
+    args.extend_from_slice(extra);
+    let c = Coordinator::start_with_env(&args, env).await;
+    (c, dir)
+}
+
+async fn node_of(c: &Coordinator, job: &str) -> pb::Node {
+    wait_for(
+        "the job's node to be launched",
+        Duration::from_secs(60),
+        || async {
+            let jobs = c.jobs().await;
+            let j = jobs.iter().find(|j| j.job_id == job)?;
+            let node_id = j.node_ids.first()?.clone();
+            c.nodes()
+                .await
+                .into_iter()
+                .find(|n| n.node_id == node_id && !n.instance_id.is_empty())
+        },
+    )
+    .await
+}
+
+fn write_task(dir: &Path, name: &str, yaml: &str) -> String {
+    let p = dir.join(name);
+    std::fs::write(&p, yaml).unwrap();
+    p.to_str().unwrap().to_string()
+}
+
+// ---------------------------------------------------------------- EC2 / moto
+
+fn moto_helper(args: &[&str]) -> Value {
+    let out = Command::new("python3")
+        .arg(repo().join("tests/fakes/moto_ec2.py"))
+        .args(args)
+        .output()
+        .expect("python3");
+    json_out(&out)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn aws_launches_tagged_spot_instances_with_signed_calls_and_terminates_them() {
+    let port = free_port();
+    let endpoint = format!("http://127.0.0.1:{port}");
+    let _moto = Daemon(
+        Command::new("python3")
+            .args([
+                "-m",
+                "moto.server",
+                "-H",
+                "127.0.0.1",
+                "-p",
+                &port.to_string(),
+            ])
+            // Three unsigned calls to create a user; every later call is checked.
+            .env("INITIAL_NO_AUTH_ACTION_COUNT", "3")
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("python3"),
+    );
+    wait_for("moto_server", Duration::from_secs(30), || async {
+        std::net::TcpStream::connect(("127.0.0.1", port)).ok()
+    })
+    .await;
+    let creds = moto_helper(&["setup", &endpoint]);
+    let (key, secret) = (
+        creds["key_id"].as_str().unwrap(),
+        creds["secret"].as_str().unwrap(),
+    );
+    let providers = format!(
+        "aws:\n  regions: [us-east-1]\n  image_id: {}\n  endpoint: {endpoint}\n",
+        creds["image_id"].as_str().unwrap()
+    );
+    let env = [
+        ("AWS_ACCESS_KEY_ID", key),
+        ("AWS_SECRET_ACCESS_KEY", secret),
+    ];
+    let (c, dir) = start_with(&providers, &env, &["--provision-timeout-ms", "600000"]).await;
+
+    let check = json_out(&c.cli(&["check", "--json"]));
+    let aws = check["providers"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|p| p["provider"] == "aws")
+        .expect("aws in check")
+        .clone();
+    assert_eq!(aws["ok"], true, "{aws}");
+    assert!(
+        aws["message"]
+            .as_str()
+            .unwrap()
+            .contains("credentials accepted"),
+        "{aws}"
+    );
+
+    // The cheapest spot L4 in us-east-1, from the shipped catalog.
+    let task = write_task(
+        dir.path(),
+        "l4.yaml",
+        "name: l4\nresources: {infra: aws/us-east-1, accelerators: L4:1, use_spot: true}\nrun: nvidia-smi\n",
+    );
+    let plan = json_out(&c.cli(&["launch", "--dry-run", "--json", &task]));
+    assert_eq!(plan["placement"]["provider"], "aws");
+    let yaml = std::fs::read_to_string(&task).unwrap();
+    let job = c.submit(&yaml).await;
+    let node = node_of(&c, &job).await;
+    assert!(node.instance_id.starts_with("i-"), "{node:?}");
+
+    let instances = moto_helper(&["instances", &endpoint, key, secret]);
+    let inst = instances
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|i| i["id"] == node.instance_id.as_str())
+        .unwrap_or_else(|| panic!("{} not in moto: {instances}", node.instance_id))
+        .clone();
+    assert_eq!(inst["type"], node.instance_type.as_str());
+    assert_eq!(inst["type"], plan["placement"]["instance_type"]);
+    assert_eq!(inst["lifecycle"], "spot", "{inst}");
+    assert_eq!(inst["tags"]["nembo-node"], node.node_id.as_str());
+    assert!(inst["tags"]["nembo-cluster"]
+        .as_str()
+        .is_some_and(|t| t.len() == 16));
+    // The zone the catalog priced (a zone ID) became that zone's name.
+    assert!(
+        inst["zone"].as_str().unwrap().starts_with("us-east-1"),
+        "{inst}"
+    );
+    let user_data = inst["user_data"].as_str().unwrap();
+    assert!(
+        user_data.contains("systemctl enable nembo-agent.service"),
+        "{user_data}"
+    );
+    assert!(user_data.contains(&format!("--node-id {}", node.node_id)));
+    assert!(
+        !user_data.contains(&c.agent_token()),
+        "the cluster's agent token is in user data"
+    );
+
+    // Cancelling lets the node go: the instance is terminated for real.
+    let out = c.cli(&["cancel", &job]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    let out = c.cli(&["down", &node.node_id]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    wait_for(
+        "the instance to be terminated",
+        Duration::from_secs(30),
+        || async {
+            let all = moto_helper(&["instances", &endpoint, key, secret]);
+            all.as_array()
+                .unwrap()
+                .iter()
+                .find(|i| i["id"] == node.instance_id.as_str())
+                .filter(|i| i["state"] == "terminated" || i["state"] == "shutting-down")
+                .cloned()
+        },
+    )
+    .await;
+
+    // A wrong secret is refused by moto's signature check, and check says so.
+    let bad = [
+        ("AWS_ACCESS_KEY_ID", key),
+        ("AWS_SECRET_ACCESS_KEY", "wrong"),
+    ];
+    let (c2, _d2) = start_with(&providers, &bad, &[]).await;
+    let out = c2.cli(&["check", "--json"]);
+    let check: Value = serde_json::from_str(&stdout(&out)).unwrap();
+    let aws = check["providers"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|p| p["provider"] == "aws")
+        .unwrap()
+        .clone();
+    assert_eq!(aws["ok"], false, "{aws}");
+    assert!(
+        aws["message"].as_str().unwrap().contains("not authorized"),
+        "{aws}"
+    );
+}
+
+// ---------------------------------------------------------- Seeweb / fake
+
+struct FakeSeeweb {
+    _proc: Daemon,
+    base: String,
+}
+
+impl FakeSeeweb {
+    fn start(token: &str, args: &[&str]) -> FakeSeeweb {
+        let mut child = Command::new("python3")
+            .arg(repo().join("tests/fakes/seeweb_fake.py"))
+            .args(["--port", "0", "--token", token])
+            .args(args)
+            .stdout(Stdio::piped())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("python3");
+        let mut line = String::new();
+        BufReader::new(child.stdout.take().unwrap())
+            .read_line(&mut line)
+            .unwrap();
+        let base = line
+            .trim()
+            .strip_prefix("LISTENING ")
+            .unwrap_or_else(|| panic!("fake Seeweb said {line:?}"))
+            .to_string();
+        FakeSeeweb {
+            _proc: Daemon(child),
+            base,
+        }
+    }
+
+    fn get(&self, path: &str) -> Value {
+        let url = format!("{}{path}", self.base.trim_end_matches("/ecs/v2"));
+        let (_, body) = nembo_tests::http_get(&url).unwrap_or_else(|| panic!("GET {url}"));
+        serde_json::from_str(&body).unwrap()
+    }
+}
+
+/// Plays the VM: runs the first-boot script the fake received, with
+/// `systemctl` recorded, then "reboots" by starting the unit's ExecStart as
+/// systemd would. Returns the agent process and what systemctl was asked.
+fn boot_vm(script: &str, root: &Path) -> (Daemon, String) {
+    let bin_dir = root.join("stub-bin");
+    std::fs::create_dir_all(&bin_dir).unwrap();
+    let calls = root.join("systemctl.calls");
+    let stub = bin_dir.join("systemctl");
+    std::fs::write(
+        &stub,
+        format!("#!/bin/sh\necho \"$@\" >> {}\n", calls.display()),
+    )
+    .unwrap();
+    std::fs::set_permissions(&stub, std::os::unix::fs::PermissionsExt::from_mode(0o755)).unwrap();
+    let vm = root.join("vm");
+    let out = Command::new("bash")
+        .arg("-c")
+        .arg(script)
+        .env("NEMBO_ROOT", &vm)
+        .env(
+            "PATH",
+            format!("{}:{}", bin_dir.display(), std::env::var("PATH").unwrap()),
+        )
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "first-boot script: {}", stderr(&out));
+    let unit = std::fs::read_to_string(vm.join("etc/systemd/system/nembo-agent.service")).unwrap();
+    let exec = unit
+        .lines()
+        .find_map(|l| l.strip_prefix("ExecStart="))
+        .expect("ExecStart");
+    let mut words = exec.split_whitespace();
+    let agent = Command::new(words.next().unwrap())
+        .args(words)
+        .stdout(Stdio::null())
+        .stderr(std::fs::File::create(root.join("agent.log")).unwrap())
+        .spawn()
+        .unwrap();
+    (
+        Daemon(agent),
+        std::fs::read_to_string(calls).unwrap_or_default(),
+    )
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn seeweb_creates_boots_through_the_reboot_and_the_bootstrapped_agent_runs_the_job() {
+    let fake = FakeSeeweb::start(
+        "sw-token",
+        &[
+            "--action-polls",
+            "2",
+            "--boot-polls",
+            "2",
+            "--not-found-polls",
+            "1",
+            "--reboot",
+        ],
+    );
+    let providers = format!(
+        "bootstrap:\n  agent_url: file://{}\nseeweb:\n  endpoint: {}\n  poll_ms: 100\n  boot_timeout_s: 60\n",
+        bin("nembo-agent").display(),
+        fake.base
+    );
+    let (c, dir) = start_with(&providers, &[("SEEWEB_API_TOKEN", "sw-token")], &[]).await;
+
+    // The showcase lands on Seeweb's one-H200 plan at the catalog price.
+    let example = repo().join("examples/ollama-rag-seeweb.yaml");
+    let plan = json_out(&c.cli(&["launch", "--dry-run", "--json", example.to_str().unwrap()]));
+    assert_eq!(plan["placement"]["provider"], "seeweb", "{plan}");
+    assert_eq!(plan["placement"]["instance_type"], "ECS1GPU10");
+    assert_eq!(plan["placement"]["region"], "it-fr2");
+    assert_eq!(plan["placement"]["hourly_price"], 2.6);
+
+    // The catalog refreshed from the fake's GET /plans has its plans, normalised.
+    let csv = dir.path().join("seeweb.csv");
+    let out = c.cli(&[
+        "catalog",
+        "refresh",
+        "seeweb",
+        "--out",
+        csv.to_str().unwrap(),
+    ]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    let text = std::fs::read_to_string(&csv).unwrap();
+    assert!(
+        text.contains("ECS1GPU10,H200,1,24,240,2.6,,it-fr2,"),
+        "{text}"
+    );
+    assert!(text.contains("ECS4GPU7,L40S,8,"), "{text}");
+    assert!(
+        !text.contains("ECS1,"),
+        "CPU plans are not GPU offerings: {text}"
+    );
+
+    let job = c
+        .submit("name: sw\nresources: {infra: seeweb, accelerators: H100:1}\nrun: echo hello from the seeweb vm\n")
+        .await;
+    let node = node_of(&c, &job).await;
+    let server = fake.get(&format!("/_fake/servers/{}", node.instance_id));
+    let server = &server["server"];
+    assert_eq!(server["plan"], "ECS1GPU8");
+    assert_eq!(server["image"], "ubuntu-2204-nvidia-driver");
+    assert!(server["notes"]
+        .as_str()
+        .unwrap()
+        .ends_with(&format!(":{}", node.node_id)));
+    // The provider polled the create action and the boot, through the reboot.
+    let log = fake.get("/_fake/log");
+    let paths: Vec<String> = log["requests"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|e| {
+            format!(
+                "{} {}",
+                e["method"].as_str().unwrap(),
+                e["path"].as_str().unwrap()
+            )
+        })
+        .collect();
+    assert!(
+        paths.iter().any(|p| p.starts_with("GET /ecs/v2/actions/")),
+        "{paths:?}"
+    );
+    assert!(
+        paths.iter().any(|p| p == "GET /ecs/v2/plans/availables"),
+        "{paths:?}"
+    );
+    assert!(log["requests"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .all(|e| e["had_valid_token"] == true));
+
+    let script = server["user_customize"].as_str().unwrap();
+    let vm = tempfile::tempdir().unwrap();
+    let (_agent, calls) = boot_vm(script, vm.path());
+    assert!(calls.contains("enable nembo-agent.service"), "{calls}");
+    assert!(
+        !calls.contains("start nembo-agent"),
+        "Seeweb reboots after first boot: the unit must wait for it ({calls})"
+    );
+    let done = c
+        .wait_state(&job, pb::JobState::Succeeded, Duration::from_secs(60))
+        .await;
+    assert_eq!(done.node_ids, vec![node.node_id.clone()]);
+    assert!(c.logs(&job).await.contains("hello from the seeweb vm"));
+
+    // down deletes the server at Seeweb.
+    let out = c.cli(&["down", &node.node_id]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    wait_for(
+        "the server to be deleted",
+        Duration::from_secs(30),
+        || async {
+            let s = fake.get(&format!("/_fake/servers/{}", node.instance_id));
+            (s["server"]["status"] == "Deleted" || s["server"]["status"] == "Deleting")
+                .then_some(())
+        },
+    )
+    .await;
+}
+
+// ------------------------------------------------------------ SSH / sshd
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn ssh_pool_copies_the_agent_runs_a_job_and_down_stops_it() {
+    let sshd_bin = Path::new("/usr/sbin/sshd");
+    assert!(
+        sshd_bin.is_file(),
+        "this test needs openssh-server (scripts/test installs it with apt when run as root)"
+    );
+    let d = tempfile::tempdir().unwrap();
+    let p = d.path();
+    for (key, kind) in [("host_key", "ed25519"), ("id", "ed25519")] {
+        let st = Command::new("ssh-keygen")
+            .args(["-q", "-t", kind, "-N", "", "-f"])
+            .arg(p.join(key))
+            .status()
+            .unwrap();
+        assert!(st.success());
+    }
+    std::fs::copy(p.join("id.pub"), p.join("authorized_keys")).unwrap();
+    let port = free_port();
+    std::fs::write(
+        p.join("sshd_config"),
+        format!(
+            "Port {port}\nListenAddress 127.0.0.1\nHostKey {dir}/host_key\nAuthorizedKeysFile {dir}/authorized_keys\nPasswordAuthentication no\nKbdInteractiveAuthentication no\nUsePAM no\nPermitRootLogin prohibit-password\nStrictModes no\nPidFile {dir}/sshd.pid\n",
+            dir = p.display()
+        ),
+    )
+    .unwrap();
+    let _ = std::fs::create_dir_all("/run/sshd");
+    let _sshd = Daemon(
+        Command::new(sshd_bin)
+            .args(["-D", "-e", "-f"])
+            .arg(p.join("sshd_config"))
+            .stderr(std::fs::File::create(p.join("sshd.log")).unwrap())
+            .spawn()
+            .unwrap(),
+    );
+    wait_for("sshd", Duration::from_secs(10), || async {
+        std::net::TcpStream::connect(("127.0.0.1", port)).ok()
+    })
+    .await;
+    let user = String::from_utf8(Command::new("id").arg("-un").output().unwrap().stdout).unwrap();
+    let remote = p.join("remote");
+    let providers = format!(
+        "ssh:\n  known_hosts: {dir}/known_hosts\n  remote_dir: {remote}\n  hosts:\n    - name: box1\n      host: 127.0.0.1\n      port: {port}\n      user: {user}\n      identity_file: {dir}/id\n      region: lab\n      accelerators: H100:2\n      cpus: 8\n      memory_gb: 32\n      hourly_price: 1.5\n",
+        dir = p.display(),
+        remote = remote.display(),
+        user = user.trim(),
+    );
+    let (c, _pd) = start_with(&providers, &[], &[]).await;
+    let check = json_out(&c.cli(&["check", "--json"]));
+    let ssh = check["providers"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|x| x["provider"] == "ssh")
+        .unwrap()
+        .clone();
+    assert_eq!(
+        ssh["ok"],
+        true,
+        "{ssh} (sshd log: {})",
+        std::fs::read_to_string(p.join("sshd.log")).unwrap_or_default()
+    );
+
+    let job = c
+        .submit("name: onbox\nresources: {infra: ssh/lab, accelerators: H100:2}\nrun: echo ran over ssh with $SKYPILOT_NUM_GPUS_PER_NODE gpus\n")
+        .await;
+    let done = c
+        .wait_state(&job, pb::JobState::Succeeded, Duration::from_secs(60))
+        .await;
+    // The agent may enroll before the launch call has answered.
+    let node = wait_for("the instance id", Duration::from_secs(30), || async {
+        c.nodes()
+            .await
+            .into_iter()
+            .find(|n| Some(&n.node_id) == done.node_ids.first() && !n.instance_id.is_empty())
+    })
+    .await;
+    assert_eq!(node.provider, "ssh");
+    assert!(node.instance_id.starts_with("box1:"), "{node:?}");
+    assert!(c.logs(&job).await.contains("ran over ssh with 2 gpus"));
+    // The agent binary and the node's private files are on the host.
+    assert!(remote.join("nembo-agent").is_file());
+    let token = remote.join("nodes").join(&node.node_id).join("agent-token");
+    let mode = std::fs::metadata(&token).unwrap().permissions();
+    assert_eq!(std::os::unix::fs::PermissionsExt::mode(&mode) & 0o077, 0);
+    let pid: i32 = node.instance_id.split_once(':').unwrap().1.parse().unwrap();
+    assert!(nembo_tests::alive(pid));
+
+    let out = c.cli(&["down", &node.node_id]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    wait_for("the agent to stop", Duration::from_secs(30), || async {
+        (!nembo_tests::alive(pid)).then_some(())
+    })
+    .await;
+}
+
+// ------------------------------------------------- local prices, capacity
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn local_declared_prices_rank_regions_and_a_full_region_fails_over() {
+    let providers = "local:\n  gpu_hourly: {H100: 2.0}\n  regions:\n    us-east: {capacity: 0}\n    eu-west: {price_factor: 1.5}\n";
+    let (c, dir) = start_with(providers, &[], &[]).await;
+    let task = write_task(
+        dir.path(),
+        "h100.yaml",
+        "name: priced\nresources: {infra: local, accelerators: H100:1}\nrun: echo priced run\n",
+    );
+    let plan = json_out(&c.cli(&["launch", "--dry-run", "--json", &task]));
+    assert_eq!(plan["placement"]["region"], "us-east");
+    assert_eq!(plan["placement"]["hourly_price"], 2.0);
+    let out = c.cli(&["launch", &task]);
+    let progress = stderr(&out);
+    assert!(out.status.success(), "{progress}");
+    assert!(
+        progress.contains("local/us-east") && progress.contains("full"),
+        "{progress}"
+    );
+    assert!(stdout(&out).contains("priced run"), "{}", stdout(&out));
+    let nodes = c.nodes().await;
+    assert!(
+        nodes
+            .iter()
+            .any(|n| n.region == "eu-west" && n.hourly_price == 3.0),
+        "{nodes:?}"
+    );
+
+    // A bad providers.yaml stops the coordinator with the field named.
+    let bad = tempfile::tempdir().unwrap();
+    let path = bad.path().join("providers.yaml");
+    std::fs::write(&path, "local:\n  regions:\n    mars: {capacity: 1}\n").unwrap();
+    let out = Command::new(bin("nembo-coordinator"))
+        .arg("--data-dir")
+        .arg(bad.path().join("data"))
+        .arg("--providers")
+        .arg(&path)
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    assert!(
+        stderr(&out).contains("local.regions.mars"),
+        "{}",
+        stderr(&out)
+    );
+}
