@@ -131,7 +131,7 @@ async fn launch_fails_over_across_five_full_regions_to_the_sixth_and_runs() {
         "{table}"
     );
 
-    // check: both providers usable.
+    // check: both providers usable; those providers.yaml leaves off say how to enable them.
     let out = c.cli(&["check", "--json"]);
     assert!(out.status.success(), "{}", stderr(&out));
     let v: Value = serde_json::from_str(&stdout(&out)).unwrap();
@@ -141,7 +141,20 @@ async fn launch_fails_over_across_five_full_regions_to_the_sixth_and_runs() {
         .iter()
         .map(|p| (p["provider"].as_str().unwrap(), p["ok"].as_bool().unwrap()))
         .collect();
-    assert_eq!(ok, [("local", true), ("sim", true)]);
+    assert_eq!(
+        ok,
+        [
+            ("local", true),
+            ("sim", true),
+            ("aws", false),
+            ("seeweb", false),
+            ("ssh", false)
+        ]
+    );
+    assert!(v["providers"][2]["message"]
+        .as_str()
+        .unwrap()
+        .contains("providers.yaml"));
 
     // cost-report: the r6 node is billed at $4/h for the time it has run.
     let out = c.cli(&["cost-report", "--json"]);

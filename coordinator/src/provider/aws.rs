@@ -170,7 +170,7 @@ impl AwsProvider {
     }
 
     /// Instances of this cluster in `region`, optionally of one node.
-    async fn describe(
+    async fn describe_in(
         &self,
         region: &str,
         node_id: Option<&str>,
@@ -311,7 +311,7 @@ impl Provider for AwsProvider {
                 .lock()
                 .expect("node regions")
                 .insert(req.node_id.clone(), region.to_string());
-            let existing = self.describe(region, Some(&req.node_id)).await?;
+            let existing = self.describe_in(region, Some(&req.node_id)).await?;
             Self::fence(&existing, req.term)?;
             if let Some(i) = existing.iter().find(|i| i.live()) {
                 return Ok(i.id.clone());
@@ -391,11 +391,31 @@ impl Provider for AwsProvider {
         })
     }
 
+    fn describe<'a>(
+        &'a self,
+        node_id: &'a str,
+    ) -> BoxFuture<'a, Result<Option<Instance>, ProviderError>> {
+        Box::pin(async move {
+            for region in self.regions_of(node_id) {
+                let found = self.describe_in(&region, Some(node_id)).await?;
+                // The live one if there is one, else the newest record of it.
+                if let Some(i) = found.iter().find(|i| i.live()).or(found.last()) {
+                    return Ok(Some(Instance {
+                        instance_id: i.id.clone(),
+                        node_id: node_id.to_string(),
+                        live: i.live(),
+                    }));
+                }
+            }
+            Ok(None)
+        })
+    }
+
     fn list_owned(&self) -> BoxFuture<'_, Result<Vec<Instance>, ProviderError>> {
         Box::pin(async move {
             let mut all = Vec::new();
             for region in &self.regions {
-                for i in self.describe(region, None).await? {
+                for i in self.describe_in(region, None).await? {
                     if let Some(node_id) = i.node_id.clone() {
                         all.push(Instance {
                             live: i.live(),
@@ -416,7 +436,7 @@ impl Provider for AwsProvider {
     ) -> BoxFuture<'a, Result<(), ProviderError>> {
         Box::pin(async move {
             for region in self.regions_of(node_id) {
-                let found = self.describe(&region, Some(node_id)).await?;
+                let found = self.describe_in(&region, Some(node_id)).await?;
                 Self::fence(&found, term)?;
                 let live: Vec<&Ec2Instance> = found.iter().filter(|i| i.live()).collect();
                 if live.is_empty() {
@@ -443,7 +463,7 @@ impl Provider for AwsProvider {
             let region = self.regions.first().cloned().ok_or_else(|| {
                 ProviderError::InvalidRequest("no regions configured or in the catalog".into())
             })?;
-            let held = self.describe(&region, None).await?;
+            let held = self.describe_in(&region, None).await?;
             let live = held.iter().filter(|i| i.live()).count();
             Ok(format!(
                 "credentials accepted by {}; {live} instances held in {region}; regions: {}",

@@ -99,6 +99,16 @@ pub trait Provider: Send + Sync {
     fn launch(&self, req: LaunchRequest) -> BoxFuture<'_, Result<String, ProviderError>>;
     /// Every instance this cluster holds at the provider (found by tag).
     fn list_owned(&self) -> BoxFuture<'_, Result<Vec<Instance>, ProviderError>>;
+    /// The instance a node has at the provider now, if any (found by tag).
+    fn describe<'a>(
+        &'a self,
+        node_id: &'a str,
+    ) -> BoxFuture<'a, Result<Option<Instance>, ProviderError>> {
+        Box::pin(async move {
+            let all = self.list_owned().await?;
+            Ok(all.into_iter().find(|i| i.node_id == node_id))
+        })
+    }
     /// Terminates a node and everything on it, for a leader of `term`. Idempotent.
     fn terminate<'a>(
         &'a self,

@@ -121,7 +121,11 @@ impl SeewebProvider {
         let path = self.settings.token_file.as_ref().ok_or_else(|| {
             ProviderError::Auth("no Seeweb token: set SEEWEB_API_TOKEN or seeweb.token_file".into())
         })?;
-        nembo_proto::client::read_secret(path)
+        let path = match (path.strip_prefix("~"), std::env::var_os("HOME")) {
+            (Ok(rest), Some(home)) => PathBuf::from(home).join(rest),
+            _ => path.clone(),
+        };
+        nembo_proto::client::read_secret(&path)
             .map(|t| t.trim().to_string())
             .map_err(|e| ProviderError::Auth(format!("Seeweb token: {e}")))
     }
