@@ -90,14 +90,16 @@ fn fresh_key() -> String {
     format!("cli-{}-{}", std::process::id(), table::now_ms())
 }
 
-/// Launches; returns the job's exit code.
-pub async fn launch(a: LaunchArgs) -> Result<i32> {
+/// Launches; returns the job's exit code. A managed job is recovered by
+/// the coordinators across preemptions (`nembo jobs launch`).
+pub async fn launch(a: LaunchArgs, managed: bool) -> Result<i32> {
     let task_yaml = read_task(&a.task, a.name.as_deref())?;
     let mut client = connect::client().await?;
     let req = pb::SubmitJobRequest {
         task: Some(pb::submit_job_request::Task::TaskYaml(task_yaml)),
         idempotency_key: a.idempotency_key.clone().unwrap_or_else(fresh_key),
         env_overrides: crate::env_map(&a.envs),
+        managed,
     };
     if a.dry_run {
         let r = connect::call(&client, req, |mut c, r| async move { c.dry_run(r).await }).await?;
@@ -120,9 +122,17 @@ pub async fn launch(a: LaunchArgs) -> Result<i32> {
         return Ok(0);
     }
     eprintln!("Job {job_id} submitted.");
-    let progress = tokio::spawn(show_progress(client.clone(), job_id.clone()));
+    let progress = tokio::spawn(show_progress(client.clone(), job_id.clone(), managed));
     let result = stream_output(&mut client, &job_id, true).await;
-    progress.abort();
+    // Let it print what happened since its last poll (a failover that took
+    // less than a poll), then stop it.
+    let mut progress = progress;
+    if tokio::time::timeout(Duration::from_secs(2), &mut progress)
+        .await
+        .is_err()
+    {
+        progress.abort();
+    }
     result?;
     let job = wait_terminal(&mut client, &job_id).await?;
     let took = if job.started_at_unix_ms > 0 {
@@ -165,8 +175,9 @@ async fn wait_terminal(client: &mut Client, job_id: &str) -> Result<pb::Job> {
     bail!("job {job_id} did not reach a final state")
 }
 
-/// Prints each state change until the job runs (to stderr: stdout is the job's).
-async fn show_progress(client: Client, job_id: String) {
+/// Prints each state change until the job runs, or for a managed job until
+/// it ends (to stderr: stdout is the job's).
+async fn show_progress(client: Client, job_id: String, managed: bool) {
     let mut last = (0, String::new());
     // Each provisioning try, once when asked for and once when answered,
     // however quickly the state moved between two polls.
@@ -205,7 +216,7 @@ async fn show_progress(client: Client, job_id: String) {
             eprintln!("{line}");
             last = now;
         }
-        if job.state == pb::JobState::Running as i32 || is_terminal(job.state) {
+        if (job.state == pb::JobState::Running as i32 && !managed) || is_terminal(job.state) {
             return;
         }
         tokio::time::sleep(Duration::from_millis(50)).await;
@@ -377,6 +388,13 @@ pub fn job_json(j: &pb::Job) -> Value {
         "ended_at_unix_ms": j.ended_at_unix_ms,
         "node_ids": j.node_ids,
         "message": j.message,
+        "managed": j.managed.as_ref().map(|m| json!({
+            "recoveries": m.recoveries,
+            "restarts_on_errors": m.restarts_on_errors,
+            "notice_node_id": m.notice_node_id,
+            "notice_deadline_unix_ms": m.notice_deadline_unix_ms,
+            "events": m.events.iter().map(|e| json!({"at_unix_ms": e.at_unix_ms, "what": e.what})).collect::<Vec<_>>(),
+        })),
         "attempts": j.attempts.iter().map(|a| json!({
             "attempt": a.attempt,
             "node_ids": a.node_ids,
@@ -576,5 +594,63 @@ pub async fn cancel(jobs: &[String]) -> Result<()> {
             .with_context(|| format!("cancel job {j}"))?;
         println!("Job {j}: {}", state_name(r.state));
     }
+    Ok(())
+}
+
+/// `nembo jobs queue`: managed jobs with their recoveries and latest event.
+pub async fn managed_queue(as_json: bool) -> Result<()> {
+    let c = connect::client().await?;
+    let jobs: Vec<pb::Job> =
+        connect::call(&c, pb::ListJobsRequest::default(), |mut c, r| async move {
+            c.list_jobs(r).await
+        })
+        .await?
+        .jobs
+        .into_iter()
+        .filter(|j| j.managed.is_some())
+        .collect();
+    if as_json {
+        let v = json!({ "jobs": jobs.iter().map(job_json).collect::<Vec<_>>() });
+        println!("{}", serde_json::to_string_pretty(&v)?);
+        return Ok(());
+    }
+    let rows: Vec<Vec<String>> = jobs
+        .iter()
+        .rev()
+        .map(|j| {
+            let m = j.managed.clone().unwrap_or_default();
+            vec![
+                j.job_id.clone(),
+                if j.name.is_empty() {
+                    "-".into()
+                } else {
+                    j.name.clone()
+                },
+                state_name(j.state),
+                table::ago(j.submitted_at_unix_ms),
+                j.attempts.len().to_string(),
+                m.recoveries.to_string(),
+                if j.node_ids.is_empty() {
+                    "-".into()
+                } else {
+                    j.node_ids.join(",")
+                },
+                m.events.last().map(|e| e.what.clone()).unwrap_or_default(),
+            ]
+        })
+        .collect();
+    table::print(
+        &[
+            "ID",
+            "NAME",
+            "STATE",
+            "SUBMITTED",
+            "ATTEMPTS",
+            "RECOVERIES",
+            "NODES",
+            "LAST EVENT",
+        ],
+        &rows,
+    );
     Ok(())
 }

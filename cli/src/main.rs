@@ -34,10 +34,44 @@ enum CatalogCmd {
     },
 }
 
+/// `nembo jobs …`: managed jobs, recovered across preemptions and failures.
+#[derive(Subcommand, Debug)]
+enum JobsCmd {
+    /// Launch a managed job: the coordinators move it to new nodes when its
+    /// nodes are preempted (per `resources.job_recovery`), resuming from its
+    /// checkpoint.
+    Launch(jobs::LaunchArgs),
+    /// Managed jobs: state, attempts, recoveries, latest event.
+    Queue {
+        /// Machine-readable output (with each job's events).
+        #[arg(long)]
+        json: bool,
+    },
+    /// A managed job's output, across all its attempts.
+    Logs {
+        /// Job id.
+        job: String,
+        /// Keep following until the job ends.
+        #[arg(short, long)]
+        follow: bool,
+    },
+    /// Cancel managed jobs.
+    Cancel {
+        /// Job ids.
+        #[arg(required = true)]
+        jobs: Vec<String>,
+    },
+}
+
 #[derive(Subcommand, Debug)]
 enum Cmd {
     /// Launch a task (SkyPilot YAML); streams its output and exits with its exit code.
     Launch(jobs::LaunchArgs),
+    /// Managed jobs.
+    Jobs {
+        #[command(subcommand)]
+        command: JobsCmd,
+    },
     /// Nodes and jobs.
     Status {
         /// Machine-readable output.
@@ -238,7 +272,13 @@ async fn main() {
 
 async fn run(cli: Cli) -> Result<i32> {
     match cli.command {
-        Cmd::Launch(a) => jobs::launch(a).await,
+        Cmd::Launch(a) => jobs::launch(a, false).await,
+        Cmd::Jobs { command } => match command {
+            JobsCmd::Launch(a) => jobs::launch(a, true).await,
+            JobsCmd::Queue { json } => jobs::managed_queue(json).await.map(|()| 0),
+            JobsCmd::Logs { job, follow } => jobs::logs(&job, follow).await.map(|()| 0),
+            JobsCmd::Cancel { jobs } => jobs::cancel(&jobs).await.map(|()| 0),
+        },
         Cmd::Status { json, stale } => jobs::status(json, true, stale).await.map(|()| 0),
         Cmd::Queue { json, stale } => jobs::status(json, false, stale).await.map(|()| 0),
         Cmd::Gpus {

@@ -162,6 +162,10 @@ async fn run_session(
                             tracing::warn!(node = %node_id, error = %e, "log chunk refused");
                         }
                     }
+                    Some(AgentMsg::Preemption(p)) => {
+                        ctx.heartbeat(&node_id);
+                        handle_notice(&ctx, &node_id, &p).await;
+                    }
                     Some(AgentMsg::Hello(_)) | None => {
                         return Err(Status::invalid_argument("unexpected message"));
                     }
@@ -289,7 +293,9 @@ async fn dispatch(
             continue;
         }
         let key = (job.id, a.number);
-        if job.state.is_terminal() {
+        // The job is over, or this attempt is (a managed job recovering):
+        // its ranks still running must stop.
+        if job.state.is_terminal() || a.state.is_terminal() {
             if sent_stop.insert(key) {
                 send(
                     tx,
@@ -379,7 +385,36 @@ fn run_job(state: &State, job: &Job, rank: usize, term: u64) -> pb::RunJob {
         workdir: job.spec.workdir.clone().unwrap_or_default(),
         env,
         term,
+        checkpoint: job.spec.checkpoint.as_ref().map(|c| pb::CheckpointSpec {
+            store: c.store.clone(),
+            path: c.path.clone(),
+            interval_s: c.interval_s,
+            signal: c.signal.clone(),
+        }),
     }
+}
+
+/// A node's cloud announced it is taking the node back. An advisory one
+/// (AWS rebalance) is only logged: the agent checkpoints on it.
+async fn handle_notice(ctx: &Ctx, node_id: &str, p: &pb::PreemptionNotice) {
+    tracing::warn!(node = node_id, kind = %p.kind, deadline = p.deadline_unix_ms, advisory = p.advisory, "preemption notice");
+    if p.advisory {
+        return;
+    }
+    let now = now_ms();
+    // No deadline given: assume the shortest warning a cloud gives (GCP spot, 30 s).
+    let deadline_ms = if p.deadline_unix_ms > 0 {
+        p.deadline_unix_ms
+    } else {
+        now + 30_000
+    };
+    ctx.propose_quietly(Command::NodePreempted {
+        node_id: node_id.to_string(),
+        kind: p.kind.chars().take(64).collect(),
+        deadline_ms,
+        at_ms: now,
+    })
+    .await;
 }
 
 /// Turns an agent's report into Raft commands. Reports are idempotent:

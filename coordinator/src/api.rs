@@ -98,7 +98,7 @@ impl Api {
                 "idempotency_key: must be at most {MAX_IDEMPOTENCY_KEY} bytes"
             )));
         }
-        let spec = match &req.task {
+        let mut spec = match &req.task {
             Some(pb::submit_job_request::Task::TaskYaml(y)) => {
                 task::parse_task_yaml(y, &overrides)?
             }
@@ -116,6 +116,15 @@ impl Api {
                 )));
             }
         }
+        // job_recovery only means something to a managed job: say so
+        // rather than ignore it.
+        if spec.recovery.is_some() && !req.managed {
+            return Err(CoordinatorError::InvalidArgument(
+                "resources.job_recovery: only managed jobs recover; launch with `nembo jobs launch`"
+                    .into(),
+            ));
+        }
+        spec.managed = req.managed;
         optimizer::check_feasible(&spec, &self.ctx.offerings)?;
         Ok(spec)
     }

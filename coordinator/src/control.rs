@@ -95,11 +95,17 @@ async fn scheduler(ctx: Arc<Ctx>, policy: Policy) {
             // per change keeps a long queue from costing O(queue) per commit.
             tokio::time::sleep(SCHEDULE_COALESCE).await;
         }
-        if views.changed().await.is_err() {
-            return;
+        // Time alone changes plans too: a preemption deadline passes, a
+        // block expires for a waiting managed job.
+        tokio::select! {
+            changed = views.changed() => if changed.is_err() { return },
+            _ = tokio::time::sleep(REPLAN_EVERY) => planned = None,
         }
     }
 }
+
+/// How often the scheduler plans again with no state change.
+const REPLAN_EVERY: Duration = Duration::from_secs(1);
 
 /// Calls providers for nodes the state wants launched or terminated. The
 /// intent is already committed (ProvisionNodes / TerminateNodes); the result

@@ -4,8 +4,8 @@ use std::collections::BTreeMap;
 
 use nembo_domain::state::{self as st, Job, JobState, Node, NodeState, Resources};
 use nembo_domain::task::{
-    self, Accelerator, Infra, Memory, Quantity, ResourceCandidate, ResourceRequest, SpecError,
-    TaskSpec,
+    self, Accelerator, Infra, Memory, Quantity, RecoveryStrategy, ResourceCandidate,
+    ResourceRequest, SpecError, TaskSpec,
 };
 use nembo_proto::v1 as pb;
 
@@ -76,6 +76,20 @@ pub fn spec_to_proto(spec: &TaskSpec) -> pb::TaskSpec {
             ordered: s.resources.ordered,
             labels: s.resources.labels,
         }),
+        job_recovery: s.recovery.map(|r| pb::JobRecovery {
+            strategy: match r.strategy {
+                RecoveryStrategy::EagerNextRegion => "EAGER_NEXT_REGION".into(),
+                RecoveryStrategy::Failover => "FAILOVER".into(),
+            },
+            max_restarts_on_errors: r.max_restarts_on_errors,
+            recover_on_exit_codes: r.recover_on_exit_codes,
+        }),
+        checkpoint: s.checkpoint.map(|c| pb::Checkpoint {
+            store: c.store,
+            path: c.path,
+            interval_s: c.interval_s,
+            signal: c.signal,
+        }),
     }
 }
 
@@ -127,6 +141,37 @@ pub fn spec_from_proto(
             ordered: res.ordered,
             labels: res.labels,
         },
+        recovery: p
+            .job_recovery
+            .as_ref()
+            .map(|r| {
+                Ok::<_, SpecError>(task::JobRecovery {
+                    strategy: match r.strategy.to_ascii_uppercase().as_str() {
+                        "" | "EAGER_NEXT_REGION" => RecoveryStrategy::EagerNextRegion,
+                        "FAILOVER" => RecoveryStrategy::Failover,
+                        other => {
+                            return Err(SpecError::new(
+                                "spec.job_recovery.strategy",
+                                format!("expected EAGER_NEXT_REGION or FAILOVER, got '{other}'"),
+                            ))
+                        }
+                    },
+                    max_restarts_on_errors: r.max_restarts_on_errors,
+                    recover_on_exit_codes: r.recover_on_exit_codes.clone(),
+                })
+            })
+            .transpose()?,
+        checkpoint: p.checkpoint.as_ref().map(|c| task::Checkpoint {
+            store: c.store.clone(),
+            path: c.path.clone(),
+            interval_s: if c.interval_s == 0 { 60 } else { c.interval_s },
+            signal: if c.signal.is_empty() {
+                "SIGUSR1".into()
+            } else {
+                c.signal.clone()
+            },
+        }),
+        managed: false,
     };
     task::validate(&spec).map_err(|e| SpecError::new(format!("spec.{}", e.path), e.message))?;
     Ok(spec)
@@ -173,6 +218,24 @@ pub fn job_to_proto(job: &Job) -> pb::Job {
                 outcome: t.outcome.clone(),
             })
             .collect(),
+        managed: job.managed.as_ref().map(|m| pb::ManagedInfo {
+            recoveries: m.recoveries,
+            restarts_on_errors: m.restarts_on_errors,
+            notice_node_id: m
+                .notice
+                .as_ref()
+                .map(|n| n.node_id.clone())
+                .unwrap_or_default(),
+            notice_deadline_unix_ms: m.notice.as_ref().map_or(0, |n| n.deadline_ms),
+            events: m
+                .events
+                .iter()
+                .map(|e| pb::JobEvent {
+                    at_unix_ms: e.at_ms,
+                    what: e.what.clone(),
+                })
+                .collect(),
+        }),
     }
 }
 

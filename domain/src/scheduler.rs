@@ -5,7 +5,7 @@
 use std::collections::BTreeMap;
 
 use crate::optimizer::{blocked_matches, node_matches, offering_matches, rank};
-use crate::state::{Command, JobState, NodeState, Offering, Resources, State};
+use crate::state::{Command, Job, JobState, NodeState, Offering, Resources, State};
 use crate::task::{ResourceCandidate, TaskSpec};
 
 /// Where a job would go.
@@ -58,6 +58,18 @@ pub fn place(
     round: &Round,
     now_ms: i64,
 ) -> Option<Placement> {
+    place_avoiding(state, spec, offerings, round, now_ms, &[])
+}
+
+/// [`place`], staying out of the (provider, region) pairs in `avoid`.
+fn place_avoiding(
+    state: &State,
+    spec: &TaskSpec,
+    offerings: &[Offering],
+    round: &Round,
+    now_ms: i64,
+    avoid: &[(String, String)],
+) -> Option<Placement> {
     let mut ranked: Option<Vec<crate::optimizer::Choice<'_>>> = None;
     let mut best_new = |candidate: Option<usize>| {
         let choices = ranked.get_or_insert_with(|| rank(spec, offerings, &state.blocked, now_ms));
@@ -72,7 +84,7 @@ pub fn place(
             })
     };
     for i in 0..spec.resources.candidates.len() {
-        if let Some(nodes) = existing_nodes(state, spec, i, round) {
+        if let Some(nodes) = existing_nodes(state, spec, i, round, avoid) {
             return Some(Placement::Existing {
                 candidate: i,
                 node_ids: nodes,
@@ -92,12 +104,18 @@ fn existing_nodes(
     spec: &TaskSpec,
     candidate: usize,
     round: &Round,
+    avoid: &[(String, String)],
 ) -> Option<Vec<String>> {
     let c = &spec.resources.candidates[candidate];
     let mut chosen = Vec::new();
     for node in state.nodes.values() {
         let reserved = state.reserved_by(&node.id).is_some() && !round.released.contains(&node.id);
-        let usable = node.state == NodeState::Ready && node.unhealthy.is_none();
+        let usable = node.state == NodeState::Ready
+            && node.unhealthy.is_none()
+            && node.preemption.is_none()
+            && !avoid
+                .iter()
+                .any(|(p, r)| *p == node.provider && *r == node.region);
         if !usable || !node_matches(c, node) || reserved {
             continue;
         }
@@ -165,14 +183,38 @@ impl Default for Policy {
 /// room, and provisioning intents where nothing fits. Oldest job first.
 pub fn plan(state: &State, offerings: &[Offering], policy: Policy, now_ms: i64) -> Vec<Command> {
     let mut out = Vec::new();
+    // A node whose cloud's deadline has passed is gone, whether or not its
+    // heartbeats have stopped yet: its ranks are lost and it is released.
+    for n in state.nodes.values() {
+        let due = n
+            .preemption
+            .as_ref()
+            .is_some_and(|p| p.deadline_ms <= now_ms);
+        if due && n.state == NodeState::Ready {
+            out.push(Command::NodeLost {
+                node_id: n.id.clone(),
+                message: "preempted: the cloud's deadline passed".into(),
+                at_ms: now_ms,
+            });
+            out.push(Command::TerminateNodes {
+                node_ids: vec![n.id.clone()],
+                at_ms: now_ms,
+            });
+        }
+    }
     let mut round = Round::default();
     let mut live_nodes = state.nodes.values().filter(|n| !n.state.is_final()).count() as u64;
     // Jobs whose provisioned nodes are up come first: those nodes are theirs.
-    for job in state
-        .placed_jobs()
-        .filter(|j| j.state == JobState::Provisioning)
-    {
-        let ready = !job.reserved_nodes.is_empty()
+    for job in state.placed_jobs().filter(|j| {
+        matches!(j.state, JobState::Provisioning | JobState::Recovering)
+            && !j.reserved_nodes.is_empty()
+    }) {
+        // A recovering job's old attempt must be gone first: never two at once.
+        let old_runs = job
+            .attempts
+            .iter()
+            .any(|a| (0..a.ranks.len()).any(|r| a.holds(r)));
+        let ready = !old_runs
             && job.reserved_nodes.iter().all(|n| {
                 state
                     .nodes
@@ -206,7 +248,7 @@ pub fn plan(state: &State, offerings: &[Offering], policy: Policy, now_ms: i64) 
         // At the node cap only existing nodes can help: skip ranking offerings.
         let room = live_nodes + u64::from(job.spec.num_nodes) <= u64::from(policy.max_nodes);
         let offerings = if room { offerings } else { &[] };
-        match place(state, &job.spec, offerings, &round, now_ms) {
+        match place_job(state, job, offerings, &round, now_ms) {
             Some(Placement::Existing {
                 candidate,
                 node_ids,
@@ -244,8 +286,9 @@ pub fn plan(state: &State, offerings: &[Offering], policy: Policy, now_ms: i64) 
             }
             // Nowhere to go only because every fitting place refused
             // capacity or quota lately: fail now, naming them, rather than
-            // wait silently (SkyPilot's ResourcesUnavailableError).
-            None if room => {
+            // wait silently (SkyPilot's ResourcesUnavailableError). A managed
+            // job waits instead: blocks expire, and it is tried again.
+            None if room && job.managed.is_none() => {
                 let blocked = blocked_matches(&job.spec, offerings, &state.blocked, now_ms);
                 if !blocked.is_empty() {
                     let tried: Vec<String> = blocked
@@ -266,6 +309,42 @@ pub fn plan(state: &State, offerings: &[Offering], policy: Policy, now_ms: i64) 
         }
     }
     out
+}
+
+/// Places a job; a managed job recovering under EAGER_NEXT_REGION stays out
+/// of the preempted region when anywhere else fits, and goes back to it
+/// only when nothing else does (SkyPilot's order).
+fn place_job(
+    state: &State,
+    job: &Job,
+    offerings: &[Offering],
+    round: &Round,
+    now_ms: i64,
+) -> Option<Placement> {
+    let avoid: Vec<(String, String)> = job
+        .managed
+        .as_ref()
+        .map(|m| {
+            m.avoided(now_ms)
+                .map(|a| (a.provider.clone(), a.region.clone()))
+                .collect()
+        })
+        .unwrap_or_default();
+    if !avoid.is_empty() {
+        let elsewhere: Vec<Offering> = offerings
+            .iter()
+            .filter(|o| {
+                !avoid
+                    .iter()
+                    .any(|(p, r)| *p == o.provider && *r == o.region)
+            })
+            .cloned()
+            .collect();
+        if let Some(p) = place_avoiding(state, &job.spec, &elsewhere, round, now_ms, &avoid) {
+            return Some(p);
+        }
+    }
+    place(state, &job.spec, offerings, round, now_ms)
 }
 
 /// The candidate that provisioned nodes were chosen for.
@@ -293,7 +372,7 @@ fn candidate_for_nodes(state: &State, spec: &TaskSpec, nodes: &[String]) -> usiz
 mod tests {
     use super::*;
     use crate::optimizer::{check_feasible, rank};
-    use crate::state::{LaunchFailure, Outcome, BLOCK_COOLDOWN_MS};
+    use crate::state::{LaunchFailure, Outcome, RankOutcome, BLOCK_COOLDOWN_MS};
     use crate::task::parse_task_yaml;
 
     fn ranked(t: &TaskSpec) -> Vec<Offering> {
@@ -603,5 +682,271 @@ mod tests {
         let p = plan(&s, &offerings(), Policy { max_nodes: 2 }, 1);
         assert_eq!(p.len(), 2, "{p:?}");
         assert!(plan(&s, &offerings(), Policy { max_nodes: 0 }, 1).is_empty());
+    }
+
+    // ---- managed jobs -------------------------------------------------
+
+    fn managed(yaml: &str) -> State {
+        let mut t = spec(yaml);
+        t.managed = true;
+        let mut s = State::default();
+        s.apply(&Command::SubmitJob {
+            spec: t,
+            idempotency_key: None,
+            at_ms: 0,
+        });
+        s
+    }
+
+    fn up(s: &mut State, node: &str, at_ms: i64) {
+        let out = s.apply(&Command::NodeUp {
+            node_id: node.into(),
+            address: "10.0.0.1".into(),
+            at_ms,
+        });
+        assert_eq!(out, Outcome::Applied, "{out:?}");
+    }
+
+    /// Plans and applies everything, returning the commands.
+    fn step(s: &mut State, now: i64) -> Vec<Command> {
+        let p = plan(s, &offerings(), Policy::default(), now);
+        for c in &p {
+            s.apply(c);
+        }
+        check_never_two_attempts(s);
+        p
+    }
+
+    /// The fencing invariant: at most one attempt of a job holds ranks.
+    fn check_never_two_attempts(s: &State) {
+        for j in s.jobs.values() {
+            let holding = j
+                .attempts
+                .iter()
+                .filter(|a| (0..a.ranks.len()).any(|r| a.holds(r)))
+                .count();
+            assert!(
+                holding <= 1,
+                "job {} has {holding} attempts holding ranks",
+                j.id
+            );
+        }
+    }
+
+    fn start_ranks(s: &mut State, attempt: u32, ranks: u32, at_ms: i64) {
+        for rank in 0..ranks {
+            s.apply(&Command::RankStarted {
+                job_id: 1,
+                attempt,
+                rank,
+                at_ms,
+            });
+        }
+    }
+
+    /// Submitted, provisioned, up and running: returns the first node.
+    fn running_managed(yaml: &str) -> (State, Vec<String>) {
+        let mut s = managed(yaml);
+        let nodes = provision(&mut s, 1);
+        for n in &nodes {
+            up(&mut s, n, 2);
+        }
+        step(&mut s, 3);
+        assert_eq!(s.jobs[&1].attempts.len(), 1);
+        start_ranks(&mut s, 1, nodes.len() as u32, 4);
+        assert_eq!(s.jobs[&1].state, JobState::Running);
+        (s, nodes)
+    }
+
+    fn preempt(node: &str, at_ms: i64) -> Command {
+        Command::NodePreempted {
+            node_id: node.into(),
+            kind: "aws:terminate".into(),
+            deadline_ms: at_ms + 120_000,
+            at_ms,
+        }
+    }
+
+    /// The notice makes the job RECOVERING while its attempt still runs;
+    /// the replacement is provisioned at once, in another region
+    /// (EAGER_NEXT_REGION); the new attempt starts only once the old one
+    /// has ended, and the recovery uses no error budget.
+    #[test]
+    fn a_notice_provisions_the_replacement_elsewhere_at_once_and_starts_it_after_the_old_attempt() {
+        let (mut s, old) = running_managed("resources: {accelerators: H100:8}");
+        assert_eq!(s.nodes[&old[0]].region, "eu-west", "cheapest first");
+        s.apply(&preempt(&old[0], 10));
+        let job = &s.jobs[&1];
+        assert_eq!(job.state, JobState::Recovering);
+        assert!(
+            job.attempts[0].state == JobState::Running,
+            "the old attempt keeps running"
+        );
+        let p = step(&mut s, 11);
+        let [Command::ProvisionNodes { offering, .. }] = p.as_slice() else {
+            panic!("{p:?}")
+        };
+        assert_eq!(
+            offering.region, "us-east",
+            "the preempted region is avoided"
+        );
+        let new = s.jobs[&1].reserved_nodes.clone();
+        up(&mut s, &new[0], 20);
+        assert!(
+            !step(&mut s, 21)
+                .iter()
+                .any(|c| matches!(c, Command::AssignJob { .. })),
+            "no new attempt while the old one runs"
+        );
+        // The old attempt ends (the job was told to checkpoint and exited).
+        s.apply(&Command::RankEnded {
+            job_id: 1,
+            attempt: 1,
+            rank: 0,
+            outcome: RankOutcome::Exited(143),
+            at_ms: 30,
+        });
+        assert_eq!(s.jobs[&1].state, JobState::Recovering);
+        let p = step(&mut s, 31);
+        assert!(
+            matches!(p.as_slice(), [Command::AssignJob { node_ids, .. }] if *node_ids == new),
+            "{p:?}"
+        );
+        start_ranks(&mut s, 2, 1, 32);
+        let job = &s.jobs[&1];
+        assert_eq!(job.state, JobState::Running);
+        let m = job.managed.as_ref().unwrap();
+        assert_eq!((m.recoveries, m.restarts_on_errors), (1, 0));
+        let events: Vec<&str> = m.events.iter().map(|e| e.what.as_str()).collect();
+        assert!(
+            events.iter().any(|e| e.starts_with("preemption notice")),
+            "{events:?}"
+        );
+        assert!(events
+            .iter()
+            .any(|e| e.starts_with("replacement requested")));
+        assert!(events.last().unwrap().starts_with("attempt 2 running"));
+        // A node under notice takes no new work.
+        assert!(s.nodes[&old[0]].preemption.is_some());
+    }
+
+    /// FAILOVER stays in the region when it can; past the deadline the
+    /// node is lost and released even if its heartbeats go on.
+    #[test]
+    fn failover_keeps_the_region_and_a_passed_deadline_loses_the_node() {
+        let (mut s, old) =
+            running_managed("resources: {accelerators: H100:8, job_recovery: FAILOVER}");
+        s.apply(&preempt(&old[0], 10));
+        let p = step(&mut s, 11);
+        let [Command::ProvisionNodes { offering, .. }] = p.as_slice() else {
+            panic!("{p:?}")
+        };
+        assert_eq!(offering.region, "eu-west");
+        let p = step(&mut s, 10 + 120_000);
+        assert!(
+            matches!(
+                p.as_slice(),
+                [Command::NodeLost { .. }, Command::TerminateNodes { .. }]
+            ),
+            "{p:?}"
+        );
+        assert_eq!(s.nodes[&old[0]].state, NodeState::Terminating);
+        let a = &s.jobs[&1].attempts[0];
+        assert!(a.state.is_terminal() && !a.holds(0));
+        assert_eq!(s.jobs[&1].state, JobState::Recovering);
+    }
+
+    /// Errors use max_restarts_on_errors; listed exit codes never do; a
+    /// job that exits 0 under a notice has simply finished.
+    #[test]
+    fn restarts_on_errors_are_bounded_and_recover_on_exit_codes_are_free() {
+        let ended = |s: &mut State, attempt: u32, code: i32| {
+            s.apply(&Command::RankEnded {
+                job_id: 1,
+                attempt,
+                rank: 0,
+                outcome: RankOutcome::Exited(code),
+                at_ms: 100 + i64::from(attempt),
+            });
+        };
+        let (mut s, _) = running_managed(
+            "resources: {accelerators: H100:8, job_recovery: {max_restarts_on_errors: 1, recover_on_exit_codes: [75]}}",
+        );
+        ended(&mut s, 1, 75);
+        assert_eq!(s.jobs[&1].state, JobState::Recovering);
+        step(&mut s, 200); // back on the idle node
+        start_ranks(&mut s, 2, 1, 201);
+        ended(&mut s, 2, 1);
+        assert_eq!(
+            s.jobs[&1].state,
+            JobState::Recovering,
+            "{}",
+            s.jobs[&1].message
+        );
+        assert!(s.jobs[&1].message.contains("restart 1 of 1"));
+        step(&mut s, 300);
+        start_ranks(&mut s, 3, 1, 301);
+        ended(&mut s, 3, 1);
+        assert_eq!(s.jobs[&1].state, JobState::Failed);
+        assert_eq!(s.jobs[&1].attempts.len(), 3);
+
+        let (mut s, old) = running_managed("resources: {accelerators: H100:8}");
+        s.apply(&preempt(&old[0], 10));
+        ended(&mut s, 1, 0);
+        assert_eq!(s.jobs[&1].state, JobState::Succeeded);
+        // Unmanaged jobs are not recovered.
+        let mut s = submitted("resources: {accelerators: H100:8}");
+        let n = provision(&mut s, 1);
+        up(&mut s, &n[0], 2);
+        step(&mut s, 3);
+        s.apply(&Command::NodeLost {
+            node_id: n[0].clone(),
+            message: "gone".into(),
+            at_ms: 4,
+        });
+        assert_eq!(s.jobs[&1].state, JobState::Failed);
+    }
+
+    /// One node of a gang preempted: the whole gang is recovered together,
+    /// and the surviving rank's attempt is over (its agent is told to stop).
+    #[test]
+    fn a_gang_recovers_together() {
+        let (mut s, old) = running_managed(
+            "num_nodes: 2\nresources: {accelerators: H100:8, job_recovery: FAILOVER}",
+        );
+        s.apply(&Command::NodeLost {
+            node_id: old[1].clone(),
+            message: "heartbeats stopped".into(),
+            at_ms: 10,
+        });
+        let job = &s.jobs[&1];
+        assert_eq!(job.state, JobState::Recovering);
+        assert!(job.attempts[0].state.is_terminal());
+        assert!(
+            job.attempts[0].holds(0),
+            "rank 0 must still be stopped by its agent"
+        );
+        // The replacement gang is provisioned but not started while rank 0 holds.
+        let p = step(&mut s, 11);
+        assert!(
+            matches!(p.as_slice(), [Command::ProvisionNodes { count: 2, .. }]),
+            "{p:?}"
+        );
+        for n in s.jobs[&1].reserved_nodes.clone() {
+            up(&mut s, &n, 12);
+        }
+        assert!(!step(&mut s, 13)
+            .iter()
+            .any(|c| matches!(c, Command::AssignJob { .. })));
+        s.apply(&Command::RankEnded {
+            job_id: 1,
+            attempt: 1,
+            rank: 0,
+            outcome: RankOutcome::Cancelled,
+            at_ms: 14,
+        });
+        let p = step(&mut s, 15);
+        assert!(matches!(p.as_slice(), [Command::AssignJob { .. }]), "{p:?}");
+        assert_eq!(s.jobs[&1].managed.as_ref().unwrap().recoveries, 1);
     }
 }

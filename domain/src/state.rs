@@ -11,7 +11,7 @@ use std::sync::Arc;
 
 use serde::{Deserialize, Serialize};
 
-use crate::task::TaskSpec;
+use crate::task::{RecoveryStrategy, TaskSpec};
 
 /// Job id: a counter, shown as a decimal string.
 pub type JobId = u64;
@@ -180,6 +180,75 @@ pub struct Job {
     /// Every place provisioning was tried, oldest first.
     #[serde(default)]
     pub provision_tries: Vec<ProvisionTry>,
+    /// Recovery bookkeeping of a managed job.
+    #[serde(default)]
+    pub managed: Option<Managed>,
+}
+
+/// What the coordinators track to recover a managed job.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, Default)]
+pub struct Managed {
+    /// Restarts after errors so far (bounded by `max_restarts_on_errors`).
+    pub restarts_on_errors: u32,
+    /// Recoveries from preemption or node loss so far (unbounded).
+    pub recoveries: u32,
+    /// Regions this job stays out of for a while after a preemption there
+    /// (EAGER_NEXT_REGION).
+    pub avoid: Vec<Avoid>,
+    /// The preemption notice the current attempt is running under.
+    pub notice: Option<Notice>,
+    /// What happened, oldest first (the newest [`MAX_EVENTS`]).
+    pub events: Vec<JobEvent>,
+}
+
+/// Most events kept per managed job.
+pub const MAX_EVENTS: usize = 64;
+
+/// A region a managed job avoids until a time.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Avoid {
+    /// Provider.
+    pub provider: String,
+    /// Region.
+    pub region: String,
+    /// Until then.
+    pub until_ms: i64,
+}
+
+/// A cloud's warning that a node is about to go.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Notice {
+    /// The node.
+    pub node_id: String,
+    /// What the cloud said (`aws:terminate`, `gcp:preempted`, `azure:Preempt`).
+    pub kind: String,
+    /// When the node goes.
+    pub deadline_ms: i64,
+    /// When the coordinators learnt of it.
+    pub at_ms: i64,
+}
+
+/// One line of a managed job's timeline.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct JobEvent {
+    /// When.
+    pub at_ms: i64,
+    /// What, in prose.
+    pub what: String,
+}
+
+impl Managed {
+    fn event(&mut self, at_ms: i64, what: String) {
+        if self.events.len() >= MAX_EVENTS {
+            self.events.remove(0);
+        }
+        self.events.push(JobEvent { at_ms, what });
+    }
+
+    /// The (provider, region) pairs avoided at `now_ms`.
+    pub fn avoided(&self, now_ms: i64) -> impl Iterator<Item = &Avoid> + '_ {
+        self.avoid.iter().filter(move |a| a.until_ms > now_ms)
+    }
 }
 
 impl Job {
@@ -258,6 +327,9 @@ pub struct Node {
     /// When it was terminated or failed: billing stops.
     #[serde(default)]
     pub ended_at_ms: Option<i64>,
+    /// The cloud's notice that it is about to go: it takes no new work.
+    #[serde(default)]
+    pub preemption: Option<Notice>,
 }
 
 /// A provider's machine shape in a region, with its price.
@@ -463,6 +535,19 @@ pub enum Command {
         node_id: String,
         /// Why.
         message: String,
+        /// Time.
+        at_ms: i64,
+    },
+    /// The node's cloud announced it will reclaim the node (the agent read
+    /// the notice): it takes no new work, and the managed jobs on it start
+    /// recovering at once, while it still runs.
+    NodePreempted {
+        /// Node.
+        node_id: String,
+        /// What the cloud said.
+        kind: String,
+        /// When the node goes.
+        deadline_ms: i64,
         /// Time.
         at_ms: i64,
     },
@@ -718,7 +803,8 @@ impl State {
                     .iter()
                     .any(|a| (0..a.ranks.len()).any(|r| a.holds(r)));
                 let live = !j.state.is_terminal() || holds;
-                let queued = j.state == JobState::Pending;
+                let queued = j.state == JobState::Pending
+                    || (j.state == JobState::Recovering && j.reserved_nodes.is_empty());
                 let placed =
                     live && (j.state != JobState::Pending || holds || !j.reserved_nodes.is_empty());
                 (live, queued, placed)
@@ -742,6 +828,7 @@ impl State {
         // Jobs a node-level command can end, found before it changes them.
         let mut touched: Vec<JobId> = match cmd {
             Command::NodeLost { node_id, .. }
+            | Command::NodePreempted { node_id, .. }
             | Command::NodeTerminated { node_id, .. }
             | Command::NodeLaunchFailed { node_id, .. } => self.jobs_on_or_reserving(node_id),
             Command::TerminateNodes { node_ids, .. } => node_ids
@@ -807,6 +894,7 @@ impl State {
                         attempts: Vec::new(),
                         reserved_nodes: Vec::new(),
                         provision_tries: Vec::new(),
+                        managed: spec.managed.then(Managed::default),
                     }),
                 );
                 if let Some(key) = idempotency_key {
@@ -837,8 +925,10 @@ impl State {
                 let Some(job) = self.jobs.get(job_id) else {
                     return Outcome::Rejected(Rejection::NoSuchJob(*job_id));
                 };
-                if job.state != JobState::Pending {
-                    return conflict(format!("job {job_id} is not pending"));
+                let recovering = job.state == JobState::Recovering;
+                if !(job.state == JobState::Pending || recovering) || !job.reserved_nodes.is_empty()
+                {
+                    return conflict(format!("job {job_id} is not waiting for a place"));
                 }
                 let mut ids = Vec::new();
                 for _ in 0..*count {
@@ -863,18 +953,25 @@ impl State {
                             spot: *spot,
                             launched_at_ms: None,
                             ended_at_ms: None,
+                            preemption: None,
                         },
                     );
                     ids.push(id);
                 }
                 if let Some(job) = self.jobs.get_mut(job_id).map(Arc::make_mut) {
-                    job.state = JobState::Provisioning;
+                    // A recovering job stays RECOVERING: its old attempt may still run.
+                    if !recovering {
+                        job.state = JobState::Provisioning;
+                    }
                     job.reserved_nodes = ids.clone();
                     let place = offering.place_key(*spot);
                     job.message = format!(
                         "provisioning {count} x {place} at {:.2}/h each",
                         offering.price(*spot)
                     );
+                    if let Some(m) = job.managed.as_mut() {
+                        m.event(*at_ms, format!("replacement requested: {count} x {place}"));
+                    }
                     job.provision_tries.push(ProvisionTry {
                         place,
                         hourly_price: offering.price(*spot),
@@ -919,7 +1016,13 @@ impl State {
                     &node.instance_type,
                     node.spot,
                 );
-                let next_candidate = *failure != LaunchFailure::Other;
+                let managed = self
+                    .reserved_by(node_id)
+                    .and_then(|j| self.jobs.get(&j))
+                    .is_some_and(|j| j.managed.is_some());
+                // A managed job never gives up on a launch failure: the place
+                // is blocked and the job moves on (SkyPilot retries forever).
+                let next_candidate = *failure != LaunchFailure::Other || managed;
                 if next_candidate {
                     self.blocked.retain(|_, b| b.until_ms > *at_ms);
                     self.blocked.insert(
@@ -950,7 +1053,9 @@ impl State {
                     .into_iter()
                     .filter(|n| n != node_id)
                     .collect();
-                job.state = JobState::Pending;
+                if job.state != JobState::Recovering {
+                    job.state = JobState::Pending;
+                }
                 job.message = format!("{place}: {message}; trying the next candidate");
                 for other in others {
                     if let Some(n) = self.nodes.get_mut(&other).filter(|n| !n.state.is_final()) {
@@ -1009,6 +1114,12 @@ impl State {
                 self.fail_ranks_on(node_id, &msg, *at_ms);
                 Outcome::Applied
             }
+            Command::NodePreempted {
+                node_id,
+                kind,
+                deadline_ms,
+                at_ms,
+            } => self.node_preempted(node_id, kind, *deadline_ms, *at_ms),
             Command::NodeUnhealthy {
                 node_id, reason, ..
             } => {
@@ -1055,6 +1166,11 @@ impl State {
                     job.state = JobState::Running;
                     job.started_at_ms.get_or_insert(*at_ms);
                     job.message.clear();
+                    let number = a.number;
+                    let nodes = a.node_ids.join(", ");
+                    if let Some(m) = job.managed.as_mut() {
+                        m.event(*at_ms, format!("attempt {number} running on {nodes}"));
+                    }
                 }
                 Outcome::Applied
             }
@@ -1118,11 +1234,22 @@ impl State {
         let Some(job) = self.jobs.get(&job_id) else {
             return Outcome::Rejected(Rejection::NoSuchJob(job_id));
         };
-        if !matches!(job.state, JobState::Pending | JobState::Provisioning) {
+        if !matches!(
+            job.state,
+            JobState::Pending | JobState::Provisioning | JobState::Recovering
+        ) {
             return conflict(format!(
                 "job {job_id} is {:?}, not waiting for nodes",
                 job.state
             ));
+        }
+        // Never two attempts at once: the old one must have let go of every rank.
+        if let Some(old) = job
+            .attempts
+            .iter()
+            .find(|a| (0..a.ranks.len()).any(|r| a.holds(r)))
+        {
+            return conflict(format!("job {job_id}: attempt {} still runs", old.number));
         }
         if node_ids.len() != job.spec.num_nodes as usize {
             return conflict(format!(
@@ -1179,6 +1306,67 @@ impl State {
         job.state = JobState::Starting;
         job.reserved_nodes.clear();
         job.message.clear();
+        if let Some(m) = job.managed.as_mut() {
+            m.event(
+                at_ms,
+                format!("attempt {number} assigned to {}", node_ids.join(", ")),
+            );
+        }
+        Outcome::Applied
+    }
+
+    fn node_preempted(
+        &mut self,
+        node_id: &str,
+        kind: &str,
+        deadline_ms: i64,
+        at_ms: i64,
+    ) -> Outcome {
+        let Some(node) = self.nodes.get_mut(node_id) else {
+            return Outcome::Rejected(Rejection::NoSuchNode(node_id.to_string()));
+        };
+        if node.state.is_final() || node.preemption.is_some() {
+            return Outcome::Applied;
+        }
+        let notice = Notice {
+            node_id: node_id.to_string(),
+            kind: kind.to_string(),
+            deadline_ms,
+            at_ms,
+        };
+        node.preemption = Some(notice.clone());
+        node.message = format!("preemption notice ({kind}): goes at {deadline_ms}");
+        let (provider, region) = (node.provider.clone(), node.region.clone());
+        for job_id in self.jobs_on(node_id) {
+            let Some(job) = self.jobs.get_mut(&job_id).map(Arc::make_mut) else {
+                continue;
+            };
+            let strategy = job
+                .spec
+                .recovery
+                .as_ref()
+                .map(|r| r.strategy)
+                .unwrap_or_default();
+            let running = job.attempts.last().is_some_and(|a| !a.state.is_terminal());
+            let Some(m) = job.managed.as_mut().filter(|_| running) else {
+                continue;
+            };
+            m.notice = Some(notice.clone());
+            m.event(at_ms, format!("preemption notice on {node_id} ({kind})"));
+            if strategy == RecoveryStrategy::EagerNextRegion {
+                m.avoid.retain(|a| a.until_ms > at_ms);
+                m.avoid.push(Avoid {
+                    provider: provider.clone(),
+                    region: region.clone(),
+                    until_ms: at_ms + BLOCK_COOLDOWN_MS,
+                });
+            }
+            // RECOVERING while the old attempt still runs: the scheduler
+            // provisions the replacement now, and starts it once the old
+            // attempt has let go.
+            job.state = JobState::Recovering;
+            job.message = format!("preemption notice on {node_id}: provisioning a replacement");
+        }
         Outcome::Applied
     }
 
@@ -1232,7 +1420,12 @@ impl State {
         if a.state.is_terminal() || !is_current {
             return Outcome::Applied;
         }
-        if let Some((state, code, msg)) = failure {
+        if let (Some((state, code, msg)), Some(_)) = (&failure, &job.managed) {
+            match recovery_after(job, outcome) {
+                Some(why) => recover(job, &format!("{msg}; {why}"), at_ms),
+                None => end_job(job, *state, *code, msg, at_ms),
+            }
+        } else if let Some((state, code, msg)) = failure {
             end_job(job, state, code, &msg, at_ms);
         } else if all_ended && all_ok {
             end_job(job, JobState::Succeeded, Some(0), "", at_ms);
@@ -1281,6 +1474,55 @@ fn end_job(job: &mut Job, state: JobState, exit_code: Option<i32>, msg: &str, at
             a.ended_at_ms = Some(at_ms);
             a.message = msg.to_string();
         }
+    }
+}
+
+/// Whether a managed job's failed attempt is recovered, and why; `None`:
+/// the job fails. A preemption (a notice, a lost node) always recovers and
+/// uses no budget; an exit code in `recover_on_exit_codes` neither; other
+/// failures use `max_restarts_on_errors`.
+fn recovery_after(job: &mut Job, outcome: &RankOutcome) -> Option<String> {
+    let policy = job.spec.recovery.clone().unwrap_or_default();
+    let m = job.managed.as_mut()?;
+    if m.notice.is_some() || matches!(outcome, RankOutcome::Lost(_)) {
+        m.recoveries += 1;
+        return Some("recovering from the preemption".into());
+    }
+    let code = match outcome {
+        RankOutcome::Exited(c) | RankOutcome::SetupFailed(c) => Some(*c),
+        _ => None,
+    };
+    if code.is_some_and(|c| policy.recover_on_exit_codes.contains(&c)) {
+        return Some(format!(
+            "exit code {} is in recover_on_exit_codes: restarting",
+            code.unwrap_or_default()
+        ));
+    }
+    if m.restarts_on_errors < policy.max_restarts_on_errors {
+        m.restarts_on_errors += 1;
+        return Some(format!(
+            "restart {} of {} (max_restarts_on_errors)",
+            m.restarts_on_errors, policy.max_restarts_on_errors
+        ));
+    }
+    None
+}
+
+/// Ends the current attempt and sends the job back for a new place.
+fn recover(job: &mut Job, msg: &str, at_ms: i64) {
+    if let Some(a) = job.attempts.last_mut() {
+        if !a.state.is_terminal() {
+            a.state = JobState::Failed;
+            a.ended_at_ms = Some(at_ms);
+            a.message = msg.to_string();
+        }
+    }
+    job.state = JobState::Recovering;
+    job.message = msg.to_string();
+    if let Some(m) = job.managed.as_mut() {
+        m.notice = None;
+        let n = job.attempts.last().map_or(0, |a| a.number);
+        m.event(at_ms, format!("attempt {n} ended: {msg}"));
     }
 }
 

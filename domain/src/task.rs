@@ -55,6 +55,54 @@ pub struct TaskSpec {
     pub secrets: BTreeMap<String, String>,
     /// What each node needs.
     pub resources: ResourceRequest,
+    /// `resources.job_recovery`: how a managed job recovers (SkyPilot's
+    /// semantics); only `nembo jobs launch` honours it.
+    #[serde(default)]
+    pub recovery: Option<JobRecovery>,
+    /// `checkpoint` (a Nembo extension): a directory synced to object
+    /// storage, restored before each attempt.
+    #[serde(default)]
+    pub checkpoint: Option<Checkpoint>,
+    /// A managed job (`nembo jobs launch`): the coordinators recover it
+    /// from preemptions and, per `recovery`, from failures. Set by the API,
+    /// never by the YAML.
+    #[serde(default)]
+    pub managed: bool,
+}
+
+/// Where a managed job goes after a preemption.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
+pub enum RecoveryStrategy {
+    /// Anywhere but the preempted region first (SkyPilot's default).
+    #[default]
+    EagerNextRegion,
+    /// The same region first, then anywhere.
+    Failover,
+}
+
+/// `resources.job_recovery`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, Default)]
+pub struct JobRecovery {
+    /// Where to go after a preemption.
+    pub strategy: RecoveryStrategy,
+    /// Restarts after a non-zero exit (not a preemption); default 0.
+    pub max_restarts_on_errors: u32,
+    /// Exit codes that always restart, without using the budget.
+    pub recover_on_exit_codes: Vec<i32>,
+}
+
+/// `checkpoint:` — `{store: s3://bucket/prefix | file:///dir, path: /ckpt,
+/// interval: 60s, signal: SIGUSR1}`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Checkpoint {
+    /// Object store URL (s3://, gs://, az://, file://).
+    pub store: String,
+    /// The directory on the node (absolute), `NEMBO_CHECKPOINT_DIR`.
+    pub path: String,
+    /// Sync period, seconds.
+    pub interval_s: u32,
+    /// Signal sent to the job on a preemption notice.
+    pub signal: String,
 }
 
 /// Alternatives for the shape of each node.
@@ -365,6 +413,7 @@ const TOP_LEVEL_SUPPORTED: &[&str] = &[
     "secrets",
     "setup",
     "run",
+    "checkpoint",
 ];
 const TOP_LEVEL_NOT_YET: &[&str] = &[
     "file_mounts",
@@ -391,9 +440,9 @@ const RESOURCE_SUPPORTED: &[&str] = &[
     "max_hourly_cost",
     "any_of",
     "ordered",
+    "job_recovery",
 ];
 const RESOURCE_NOT_YET: &[&str] = &[
-    "job_recovery",
     "disk_size",
     "disk_tier",
     "network_tier",
@@ -446,7 +495,14 @@ pub fn parse_task_yaml(yaml: &str, env_overrides: &BTreeMap<String, String>) -> 
             "run" => spec.run = opt_string(v, "run")?,
             "envs" => spec.envs = parse_env_map(v, "envs")?.into_iter().collect_envs(),
             "secrets" => spec.secrets = parse_env_map(v, "secrets")?.into_iter().collect_envs(),
-            "resources" => spec.resources = parse_resources(v)?,
+            "resources" => {
+                spec.resources = parse_resources(v)?;
+                spec.recovery = match v.as_mapping().and_then(|m| m.get("job_recovery")) {
+                    Some(r) => parse_job_recovery(r)?,
+                    None => None,
+                };
+            }
+            "checkpoint" => spec.checkpoint = parse_checkpoint(v)?,
             _ => {}
         }
     }
@@ -500,6 +556,21 @@ pub fn validate(spec: &TaskSpec) -> Result<()> {
     }
     if spec.resources.candidates.is_empty() {
         return Err(SpecError::new("resources", "needs at least one candidate"));
+    }
+    if let Some(c) = &spec.checkpoint {
+        check_checkpoint(c)?;
+    }
+    if let Some(r) = &spec.recovery {
+        if let Some(c) = r
+            .recover_on_exit_codes
+            .iter()
+            .find(|c| !(0..=255).contains(*c))
+        {
+            return Err(SpecError::new(
+                "job_recovery.recover_on_exit_codes",
+                format!("exit codes are 0..255, got {c}"),
+            ));
+        }
     }
     for (i, c) in spec.resources.candidates.iter().enumerate() {
         let path = if spec.resources.candidates.len() == 1 {
@@ -802,6 +873,191 @@ impl PartialResources {
     }
 }
 
+fn parse_job_recovery(v: &Value) -> Result<Option<JobRecovery>> {
+    const PATH: &str = "resources.job_recovery";
+    let strategy = |v: &Value, path: &str| -> Result<RecoveryStrategy> {
+        match v.as_str().map(|s| s.to_ascii_uppercase()).as_deref() {
+            Some("EAGER_NEXT_REGION") => Ok(RecoveryStrategy::EagerNextRegion),
+            Some("FAILOVER") => Ok(RecoveryStrategy::Failover),
+            _ => Err(SpecError::new(
+                path,
+                format!("expected EAGER_NEXT_REGION or FAILOVER, got {}", show(v)),
+            )),
+        }
+    };
+    match v {
+        Value::Null => Ok(None),
+        Value::String(_) => Ok(Some(JobRecovery {
+            strategy: strategy(v, PATH)?,
+            ..Default::default()
+        })),
+        Value::Mapping(m) => {
+            check_keys(
+                m,
+                PATH,
+                &[
+                    "strategy",
+                    "max_restarts_on_errors",
+                    "recover_on_exit_codes",
+                ],
+                &[],
+            )?;
+            let mut r = JobRecovery::default();
+            if let Some(s) = m.get("strategy").filter(|s| !s.is_null()) {
+                r.strategy = strategy(s, &format!("{PATH}.strategy"))?;
+            }
+            if let Some(n) = m.get("max_restarts_on_errors").filter(|s| !s.is_null()) {
+                r.max_restarts_on_errors = n
+                    .as_u64()
+                    .and_then(|n| u32::try_from(n).ok())
+                    .ok_or_else(|| {
+                        SpecError::new(
+                            format!("{PATH}.max_restarts_on_errors"),
+                            format!("expected a whole number >= 0, got {}", show(n)),
+                        )
+                    })?;
+            }
+            if let Some(codes) = m.get("recover_on_exit_codes").filter(|s| !s.is_null()) {
+                let path = format!("{PATH}.recover_on_exit_codes");
+                let list: Vec<&Value> = match codes {
+                    Value::Sequence(s) => s.iter().collect(),
+                    one => vec![one],
+                };
+                for c in list {
+                    let code = c
+                        .as_i64()
+                        .filter(|c| (0..=255).contains(c))
+                        .ok_or_else(|| {
+                            SpecError::new(
+                                &path,
+                                format!("expected exit codes 0..255, got {}", show(c)),
+                            )
+                        })?;
+                    r.recover_on_exit_codes.push(code as i32);
+                }
+            }
+            Ok(Some(r))
+        }
+        other => Err(SpecError::new(
+            PATH,
+            format!("expected a strategy or a mapping, got {}", kind(other)),
+        )),
+    }
+}
+
+fn parse_checkpoint(v: &Value) -> Result<Option<Checkpoint>> {
+    if v.is_null() {
+        return Ok(None);
+    }
+    let m = as_map(v, "checkpoint")?;
+    check_keys(
+        m,
+        "checkpoint",
+        &["store", "path", "interval", "signal"],
+        &[],
+    )?;
+    let store = m
+        .get("store")
+        .and_then(Value::as_str)
+        .filter(|s| !s.is_empty())
+        .ok_or_else(|| {
+            SpecError::new(
+                "checkpoint.store",
+                "required: s3://bucket/prefix, gs://, az:// or file:///dir",
+            )
+        })?;
+    let path = m
+        .get("path")
+        .and_then(Value::as_str)
+        .ok_or_else(|| SpecError::new("checkpoint.path", "required: the directory on the node"))?;
+    let interval_s = match m.get("interval") {
+        None | Some(Value::Null) => 60,
+        Some(i) => parse_duration_s(i).ok_or_else(|| {
+            SpecError::new(
+                "checkpoint.interval",
+                format!("expected seconds (60, 60s, 5m), got {}", show(i)),
+            )
+        })?,
+    };
+    let signal = match m.get("signal") {
+        None | Some(Value::Null) => "SIGUSR1".to_string(),
+        Some(s) => {
+            let name = s.as_str().unwrap_or_default().to_ascii_uppercase();
+            if name.starts_with("SIG") {
+                name
+            } else {
+                format!("SIG{name}")
+            }
+        }
+    };
+    let c = Checkpoint {
+        store: store.trim_end_matches('/').to_string(),
+        path: path.trim_end_matches('/').to_string(),
+        interval_s,
+        signal,
+    };
+    check_checkpoint(&c)?;
+    Ok(Some(c))
+}
+
+/// What a checkpoint setting must be, however it arrived.
+fn check_checkpoint(c: &Checkpoint) -> Result<()> {
+    let scheme_ok = ["s3://", "gs://", "az://", "file:///"]
+        .iter()
+        .any(|p| c.store.starts_with(p) && c.store.len() > p.len());
+    if !scheme_ok {
+        return Err(SpecError::new(
+            "checkpoint.store",
+            format!(
+                "'{}' is not s3://bucket/prefix, gs://, az:// or file:///dir",
+                c.store
+            ),
+        ));
+    }
+    if !c.path.starts_with('/') || c.path.split('/').any(|p| p == "..") || c.path == "/" {
+        return Err(SpecError::new(
+            "checkpoint.path",
+            format!("'{}' must be an absolute path below / without '..'", c.path),
+        ));
+    }
+    if !SIGNALS.contains(&c.signal.as_str()) {
+        return Err(SpecError::new(
+            "checkpoint.signal",
+            format!("expected one of {}, got '{}'", SIGNALS.join(", "), c.signal),
+        ));
+    }
+    if c.interval_s == 0 {
+        return Err(SpecError::new(
+            "checkpoint.interval",
+            "must be at least 1 s",
+        ));
+    }
+    Ok(())
+}
+
+/// Signals a job may ask to be sent on a preemption notice.
+pub const SIGNALS: &[&str] = &[
+    "SIGUSR1", "SIGUSR2", "SIGTERM", "SIGINT", "SIGHUP", "SIGCONT",
+];
+
+fn parse_duration_s(v: &Value) -> Option<u32> {
+    let (num, unit) = match v {
+        Value::Number(n) => (n.as_u64()?, 1),
+        Value::String(s) => {
+            let s = s.trim();
+            let (n, mult) = match s.char_indices().last()? {
+                (i, 's') => (&s[..i], 1),
+                (i, 'm') => (&s[..i], 60),
+                (i, 'h') => (&s[..i], 3600),
+                _ => (s, 1),
+            };
+            (n.trim().parse().ok()?, mult)
+        }
+        _ => return None,
+    };
+    u32::try_from(num * unit).ok().filter(|s| *s > 0)
+}
+
 fn parse_resources(v: &Value) -> Result<ResourceRequest> {
     if v.is_null() {
         return Ok(ResourceRequest::default());
@@ -861,7 +1117,7 @@ fn parse_resources(v: &Value) -> Result<ResourceRequest> {
                 let nested: Vec<&str> = RESOURCE_SUPPORTED
                     .iter()
                     .copied()
-                    .filter(|k| *k != "any_of" && *k != "ordered" && *k != "labels")
+                    .filter(|k| !matches!(*k, "any_of" | "ordered" | "labels" | "job_recovery"))
                     .collect();
                 check_keys(imap, &ipath, &nested, RESOURCE_NOT_YET)?;
                 let over = parse_partial(imap, &ipath)?;
@@ -1325,8 +1581,8 @@ mod example_tests {
 
     #[test]
     fn skypilot_reference_task_parses() {
-        // The example from skypilot-compat.md, minus file_mounts and
-        // job_recovery, which Nembo rejects as not supported yet.
+        // The example from skypilot-compat.md, minus file_mounts, which
+        // Nembo rejects as not supported yet.
         let y = "name: llama-ft\nnum_nodes: 2\nresources:\n  accelerators: {H100: 8}\n  use_spot: true\n  any_of:\n    - infra: aws/us-east-1\n    - infra: aws/us-west-2\n      use_spot: false\nenvs: {EPOCHS: \"3\", HF_TOKEN: null}\nsetup: pip install -r requirements.txt\nrun: torchrun train.py\n";
         let mut o = BTreeMap::new();
         o.insert("HF_TOKEN".to_string(), "t".to_string());
@@ -1338,11 +1594,103 @@ mod example_tests {
         );
         let with_recovery = y.replace(
             "  use_spot: true\n",
-            "  use_spot: true\n  job_recovery: FAILOVER\n",
+            "  use_spot: true\n  job_recovery: {strategy: EAGER_NEXT_REGION, max_restarts_on_errors: 2, recover_on_exit_codes: [75]}\n",
         );
-        assert!(parse_task_yaml(&with_recovery, &o)
-            .unwrap_err()
-            .to_string()
-            .contains("resources.job_recovery"));
+        let r = parse_task_yaml(&with_recovery, &o)
+            .unwrap()
+            .recovery
+            .unwrap();
+        assert_eq!(r.strategy, RecoveryStrategy::EagerNextRegion);
+        assert_eq!(
+            (r.max_restarts_on_errors, r.recover_on_exit_codes),
+            (2, vec![75])
+        );
+    }
+
+    #[test]
+    fn job_recovery_and_checkpoint_are_checked_field_by_field() {
+        let ok = |y: &str| parse_task_yaml(y, &BTreeMap::new()).unwrap();
+        assert_eq!(
+            ok("resources: {job_recovery: failover}")
+                .recovery
+                .unwrap()
+                .strategy,
+            RecoveryStrategy::Failover
+        );
+        let r = ok("resources: {job_recovery: {recover_on_exit_codes: 3}}")
+            .recovery
+            .unwrap();
+        assert_eq!(r.recover_on_exit_codes, vec![3]);
+        for (y, path) in [
+            (
+                "resources: {job_recovery: SOMETIMES}",
+                "resources.job_recovery",
+            ),
+            (
+                "resources: {job_recovery: {strategy: X}}",
+                "resources.job_recovery.strategy",
+            ),
+            (
+                "resources: {job_recovery: {max_restarts_on_errors: -1}}",
+                "resources.job_recovery.max_restarts_on_errors",
+            ),
+            (
+                "resources: {job_recovery: {recover_on_exit_codes: [300]}}",
+                "resources.job_recovery.recover_on_exit_codes",
+            ),
+            (
+                "resources: {job_recovery: {retries: 1}}",
+                "resources.job_recovery.retries",
+            ),
+            (
+                "resources: {any_of: [{job_recovery: FAILOVER}]}",
+                "resources.any_of[0].job_recovery",
+            ),
+            ("checkpoint: {path: /ckpt}", "checkpoint.store"),
+            (
+                "checkpoint: {store: http://x, path: /ckpt}",
+                "checkpoint.store",
+            ),
+            ("checkpoint: {store: s3://b/p}", "checkpoint.path"),
+            (
+                "checkpoint: {store: s3://b/p, path: ckpt}",
+                "checkpoint.path",
+            ),
+            (
+                "checkpoint: {store: s3://b/p, path: /c, interval: soon}",
+                "checkpoint.interval",
+            ),
+            (
+                "checkpoint: {store: s3://b/p, path: /c, signal: SIGKILL}",
+                "checkpoint.signal",
+            ),
+            (
+                "checkpoint: {store: s3://b/p, path: /c, every: 1}",
+                "checkpoint.every",
+            ),
+        ] {
+            let e = parse_task_yaml(y, &BTreeMap::new()).unwrap_err();
+            assert_eq!(e.path, path, "{y}");
+        }
+        let c =
+            ok("checkpoint: {store: s3://bucket/run1/, path: /ckpt/, interval: 2m, signal: usr2}")
+                .checkpoint
+                .unwrap();
+        assert_eq!(
+            (
+                c.store.as_str(),
+                c.path.as_str(),
+                c.interval_s,
+                c.signal.as_str()
+            ),
+            ("s3://bucket/run1", "/ckpt", 120, "SIGUSR2")
+        );
+        assert_eq!(
+            ok("checkpoint: {store: file:///tmp/s, path: /c}")
+                .checkpoint
+                .unwrap()
+                .interval_s,
+            60
+        );
     }
 }
