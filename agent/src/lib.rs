@@ -6,8 +6,10 @@
 //! It links no Raft and no provider code: its only dependency on the
 //! coordinator side is the `nembo-proto` contract.
 
+pub mod checkpoint;
 pub mod fence;
 pub mod gpu;
+pub mod preempt;
 pub mod session;
 pub mod supervisor;
 pub mod telemetry;
@@ -18,6 +20,26 @@ pub use session::{AgentConfig, AgentError};
 pub async fn run(cfg: AgentConfig) -> Result<(), AgentError> {
     std::fs::create_dir_all(cfg.work_dir.join("jobs"))
         .map_err(|e| AgentError::Setup(format!("{}: {e}", cfg.work_dir.display())))?;
-    let (sup, events) = supervisor::Supervisor::start(cfg.work_dir.clone());
-    session::run(cfg, sup, events).await
+    let (sup, events) =
+        supervisor::Supervisor::start(cfg.work_dir.clone(), cfg.checkpoint_root.clone());
+    // The newest notice: every session reports it (again) to the coordinators.
+    let (notice_tx, notice_rx) = tokio::sync::watch::channel(None);
+    let mut notices = preempt::start(cfg.watch.clone());
+    let jobs = sup.clone();
+    let azure = cfg.watch.azure.clone();
+    tokio::spawn(async move {
+        while let Some(n) = notices.recv().await {
+            tracing::warn!(kind = %n.kind, deadline = n.deadline_ms, advisory = n.advisory, "preemption notice");
+            notice_tx.send_replace(Some(n.clone()));
+            if n.advisory {
+                continue;
+            }
+            // Jobs checkpoint and exit; Azure hears that the VM may go.
+            jobs.notice(n.clone()).await;
+            if let (Some(base), Some(id)) = (&azure, &n.azure_event) {
+                preempt::ack_azure(base, id).await;
+            }
+        }
+    });
+    session::run(cfg, sup, events, notice_rx).await
 }

@@ -56,6 +56,28 @@ struct Args {
     /// How often to read the GPUs (ms).
     #[arg(long, env = "NEMBO_GPU_SAMPLE_MS", default_value_t = 1000)]
     gpu_sample_ms: u64,
+    /// Watch AWS's instance metadata (IMDSv2) at this base URL for spot
+    /// interruption notices (on EC2: http://169.254.169.254).
+    #[arg(long, env = "AWS_EC2_METADATA_SERVICE_ENDPOINT")]
+    aws_metadata_url: Option<String>,
+    /// Watch GCP's metadata server at this base URL (on GCE:
+    /// http://metadata.google.internal/computeMetadata/v1).
+    #[arg(long)]
+    gcp_metadata_url: Option<String>,
+    /// Watch Azure Scheduled Events at this base URL (on Azure:
+    /// http://169.254.169.254/metadata).
+    #[arg(long)]
+    azure_metadata_url: Option<String>,
+    /// This VM's name in Azure events (default: every event counts).
+    #[arg(long)]
+    azure_vm_name: Option<String>,
+    /// How often AWS and Azure metadata are polled (ms); GCP's are hanging GETs.
+    #[arg(long, default_value_t = 1000)]
+    preemption_poll_ms: u64,
+    /// Root tasks' checkpoint paths here instead of at / (nodes that share
+    /// a machine, as the local provider's do).
+    #[arg(long)]
+    checkpoint_root: Option<PathBuf>,
 }
 
 fn main() -> anyhow::Result<()> {
@@ -106,6 +128,14 @@ fn main() -> anyhow::Result<()> {
         },
         heartbeat: Duration::from_millis(a.heartbeat_ms.max(50)),
         telemetry,
+        watch: nembo_agent::preempt::WatchConfig {
+            aws: a.aws_metadata_url,
+            gcp: a.gcp_metadata_url,
+            azure: a.azure_metadata_url,
+            azure_vm_name: a.azure_vm_name,
+            poll: Duration::from_millis(a.preemption_poll_ms.max(100)),
+        },
+        checkpoint_root: a.checkpoint_root,
     };
     // A small agent: two worker threads are plenty for one session and a few jobs.
     let rt = tokio::runtime::Builder::new_multi_thread()

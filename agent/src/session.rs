@@ -12,12 +12,13 @@ use std::time::Duration;
 use nembo_proto::v1 as pb;
 use nembo_proto::v1::agent_message::Msg as AgentMsg;
 use nembo_proto::v1::coordinator_message::Msg as CoordMsg;
-use tokio::sync::mpsc;
+use tokio::sync::{mpsc, watch};
 use tokio::task::JoinSet;
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::Code;
 
 use crate::fence::Fence;
+use crate::preempt::Notice;
 use crate::supervisor::{now_ms, Event, JobKey, JobView, Supervisor};
 use crate::telemetry::Telemetry;
 
@@ -43,6 +44,10 @@ pub struct AgentConfig {
     pub heartbeat: Duration,
     /// The node's GPUs and their newest readings.
     pub telemetry: Telemetry,
+    /// The cloud metadata services to watch for preemption notices.
+    pub watch: crate::preempt::WatchConfig,
+    /// Where tasks' checkpoint paths are rooted on this node (none: `/`).
+    pub checkpoint_root: Option<PathBuf>,
 }
 
 /// Why the agent should stop trying.
@@ -72,6 +77,7 @@ pub async fn run(
     cfg: AgentConfig,
     sup: Supervisor,
     mut events: mpsc::UnboundedReceiver<Event>,
+    mut notices: watch::Receiver<Option<Notice>>,
 ) -> Result<(), AgentError> {
     let ca = std::fs::read(&cfg.ca_cert)
         .map_err(|e| AgentError::Setup(format!("{}: {e}", cfg.ca_cert.display())))?;
@@ -84,7 +90,7 @@ pub async fn run(
     let mut target = 0usize;
     let mut url = cfg.coordinators[0].clone();
     loop {
-        match session(&cfg, &url, &ca, &sup, &mut events, &mut fence).await {
+        match session(&cfg, &url, &ca, &sup, &mut events, &mut fence, &mut notices).await {
             SessionEnd::Fatal(e) => return Err(e),
             SessionEnd::Redirect(leader) => {
                 // A follower named the leader: go there at once.
@@ -120,6 +126,7 @@ async fn session(
     sup: &Supervisor,
     events: &mut mpsc::UnboundedReceiver<Event>,
     fence: &mut Fence,
+    notices: &mut watch::Receiver<Option<Notice>>,
 ) -> SessionEnd {
     let token = match read_token(&cfg.token_file) {
         Ok(t) => t,
@@ -196,8 +203,24 @@ async fn session(
     let mut urgent = cfg.telemetry.urgent.clone();
     urgent.mark_unchanged();
     let mut seq = 0u64;
+    // A notice heard while disconnected is reported first thing.
+    notices.mark_changed();
     loop {
         let beat = tokio::select! {
+            Ok(()) = notices.changed() => {
+                let n = notices.borrow_and_update().clone();
+                if let Some(n) = n {
+                    let m = pb::PreemptionNotice {
+                        kind: n.kind,
+                        deadline_unix_ms: n.deadline_ms,
+                        advisory: n.advisory,
+                    };
+                    if out.send(msg(AgentMsg::Preemption(m))).await.is_err() {
+                        return SessionEnd::Retry("send failed".into());
+                    }
+                }
+                false
+            }
             m = inbound.message() => match m {
                 Ok(Some(pb::CoordinatorMessage { msg: Some(CoordMsg::RunJob(r)) })) => {
                     if let Err(end) = admit(fence, r.term, "RunJob", &r.job_id) {

@@ -14,6 +14,7 @@ use std::os::unix::fs::PermissionsExt;
 use std::os::unix::process::ExitStatusExt;
 use std::path::{Path, PathBuf};
 use std::process::Stdio;
+use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use nembo_proto::v1 as pb;
@@ -21,6 +22,8 @@ use nix::sys::signal::{killpg, Signal};
 use nix::unistd::Pid;
 use serde::{Deserialize, Serialize};
 use tokio::sync::{mpsc, oneshot, watch};
+
+use crate::checkpoint::Checkpoints;
 
 /// Unix time in ms.
 pub fn now_ms() -> i64 {
@@ -70,6 +73,18 @@ struct Meta {
     attempt: u32,
     rank: u32,
     started_at_ms: i64,
+    #[serde(default)]
+    checkpoint: Option<CkptMeta>,
+}
+
+/// A job's checkpoint settings, as this node applies them.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+struct CkptMeta {
+    store: String,
+    /// The directory on this node (`NEMBO_CHECKPOINT_DIR`).
+    dir: PathBuf,
+    interval_s: u32,
+    signal: String,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -87,6 +102,10 @@ struct Entry {
     pgid: Option<i32>,
     ended: Option<Ended>,
     ended_tx: watch::Sender<Option<u64>>,
+    /// Serialises this job's checkpoint syncs.
+    sync_lock: Arc<tokio::sync::Mutex<()>>,
+    /// The process has exited and its last checkpoint is being synced.
+    final_sync: bool,
 }
 
 impl Entry {
@@ -126,6 +145,11 @@ enum Msg {
     Stop(pb::StopJob),
     Snapshot(oneshot::Sender<Vec<JobView>>),
     Exited(JobKey, Option<std::process::ExitStatus>),
+    /// The checkpoint was restored (or there was none): start the process.
+    Restored(Box<pb::RunJob>, Result<(), String>),
+    /// The final checkpoint sync after an exit is done.
+    Synced(JobKey, Option<std::process::ExitStatus>),
+    Notice(crate::preempt::Notice, oneshot::Sender<()>),
 }
 
 /// Handle to the supervisor task.
@@ -136,7 +160,12 @@ pub struct Supervisor {
 
 impl Supervisor {
     /// Starts the supervisor over `work_dir`, re-adopting jobs found there.
-    pub fn start(work_dir: PathBuf) -> (Supervisor, mpsc::UnboundedReceiver<Event>) {
+    /// A task's checkpoint path is taken below `checkpoint_root` when one
+    /// is given (nodes sharing one machine keep their own directories).
+    pub fn start(
+        work_dir: PathBuf,
+        checkpoint_root: Option<PathBuf>,
+    ) -> (Supervisor, mpsc::UnboundedReceiver<Event>) {
         let (tx, rx) = mpsc::unbounded_channel();
         let (ev_tx, ev_rx) = mpsc::unbounded_channel();
         let mut owner = Owner {
@@ -144,6 +173,7 @@ impl Supervisor {
             jobs: HashMap::new(),
             events: ev_tx,
             me: tx.clone(),
+            checkpoint_root,
         };
         tokio::spawn(async move {
             owner.recover();
@@ -162,6 +192,16 @@ impl Supervisor {
         let _ = self.tx.send(Msg::Stop(stop));
     }
 
+    /// A preemption notice: each running job finds the deadline in
+    /// `NEMBO_PREEMPTION_FILE` and gets its checkpoint signal. Resolves once
+    /// those jobs have ended and synced their checkpoints, or after 25 s.
+    pub async fn notice(&self, n: crate::preempt::Notice) {
+        let (tx, rx) = oneshot::channel();
+        if self.tx.send(Msg::Notice(n, tx)).is_ok() {
+            let _ = rx.await;
+        }
+    }
+
     /// Every known job.
     pub async fn snapshot(&self) -> Vec<JobView> {
         let (tx, rx) = oneshot::channel();
@@ -177,6 +217,7 @@ struct Owner {
     jobs: HashMap<JobKey, Entry>,
     events: mpsc::UnboundedSender<Event>,
     me: mpsc::UnboundedSender<Msg>,
+    checkpoint_root: Option<PathBuf>,
 }
 
 fn group_alive(pgid: i32) -> bool {
@@ -202,6 +243,9 @@ fn log_size(dir: &Path) -> u64 {
 const WRAPPER: &str = r#"#!/bin/bash
 # Written by nembo-agent: runs setup, then run, and records which ended how.
 job_dir="$(cd "$(dirname "$0")" && pwd)"
+# The checkpoint signal goes to the whole group: it is for the job, not for
+# this wrapper (a handler, not an ignore, so the job keeps the default).
+trap ':' USR1 USR2
 finish() { echo "$1 $2" > "$job_dir/result.tmp" && mv "$job_dir/result.tmp" "$job_dir/result"; exit "$2"; }
 cd "$job_dir/work" || finish setup 1
 if [ -n "$NEMBO_WORKDIR_SOURCE" ]; then
@@ -241,6 +285,8 @@ impl Owner {
                 pgid,
                 ended,
                 ended_tx,
+                sync_lock: Default::default(),
+                final_sync: false,
             };
             let running = entry.ended.is_none();
             self.jobs.insert(key.clone(), entry);
@@ -248,6 +294,7 @@ impl Owner {
                 match pgid.filter(|p| group_alive(*p)) {
                     Some(pgid) => {
                         tracing::info!(job = %key.job_id, attempt = key.attempt, pgid, "re-adopted running job");
+                        self.start_periodic_sync(&key);
                         self.watch_adopted(key, pgid);
                     }
                     None => self.finish(&key, None),
@@ -269,7 +316,10 @@ impl Owner {
                     });
                     let _ = reply.send(v);
                 }
-                Msg::Exited(key, status) => self.finish(&key, status),
+                Msg::Exited(key, status) => self.exited(key, status),
+                Msg::Synced(key, status) => self.finish(&key, status),
+                Msg::Restored(job, result) => self.restored(*job, result),
+                Msg::Notice(n, done) => self.notice(n, done),
             }
         }
     }
@@ -288,12 +338,33 @@ impl Owner {
         if self.jobs.contains_key(&key) {
             return; // a repeat after a reconnect: never run an attempt twice
         }
+        // A newer attempt of the job has been here: this order is stale.
+        if let Some(newer) = self
+            .jobs
+            .keys()
+            .filter(|k| k.job_id == key.job_id && k.attempt > key.attempt)
+            .map(|k| k.attempt)
+            .max()
+        {
+            tracing::warn!(job = %key.job_id, attempt = key.attempt, newer, "RunJob for a stale attempt refused");
+            return;
+        }
         let dir = self.jobs_dir.join(key.dir_name());
+        let checkpoint = job.checkpoint.as_ref().map(|c| CkptMeta {
+            store: c.store.clone(),
+            dir: match &self.checkpoint_root {
+                Some(root) => root.join(c.path.trim_start_matches('/')),
+                None => PathBuf::from(&c.path),
+            },
+            interval_s: c.interval_s.max(1),
+            signal: c.signal.clone(),
+        });
         let meta = Meta {
             job_id: job.job_id.clone(),
             attempt: job.attempt,
             rank: job.rank,
             started_at_ms: now_ms(),
+            checkpoint: checkpoint.clone(),
         };
         let (ended_tx, _) = watch::channel(None);
         self.jobs.insert(
@@ -304,14 +375,58 @@ impl Owner {
                 pgid: None,
                 ended: None,
                 ended_tx,
+                sync_lock: Default::default(),
+                final_sync: false,
             },
         );
+        match checkpoint {
+            // Restore the newest checkpoint of an earlier attempt first.
+            Some(c) => {
+                let me = self.me.clone();
+                tokio::spawn(async move {
+                    let result = restore(&c, &job.job_id, job.attempt).await;
+                    let _ = me.send(Msg::Restored(Box::new(job), result));
+                });
+            }
+            None => self.launch(job),
+        }
+    }
+
+    fn restored(&mut self, job: pb::RunJob, result: Result<(), String>) {
+        let key = JobKey {
+            job_id: job.job_id.clone(),
+            attempt: job.attempt,
+        };
+        match result {
+            Ok(()) => self.launch(job),
+            Err(e) => {
+                tracing::warn!(job = %key.job_id, error = %e, "checkpoint restore failed");
+                self.record_end(
+                    &key,
+                    pb::JobPhase::FailedToStart,
+                    None,
+                    format!("checkpoint restore: {e}"),
+                );
+            }
+        }
+    }
+
+    fn launch(&mut self, job: pb::RunJob) {
+        let key = JobKey {
+            job_id: job.job_id.clone(),
+            attempt: job.attempt,
+        };
+        let dir = self.jobs_dir.join(key.dir_name());
+        if self.jobs.get(&key).is_none_or(|e| e.ended.is_some()) {
+            return; // stopped while its checkpoint was being restored
+        }
         match self.spawn(&dir, &job) {
             Ok(pgid) => {
                 if let Some(e) = self.jobs.get_mut(&key) {
                     e.pgid = Some(pgid);
                 }
                 tracing::info!(job = %key.job_id, attempt = key.attempt, rank = job.rank, pgid, "job started");
+                self.start_periodic_sync(&key);
                 self.emit(&key);
             }
             Err(err) => {
@@ -354,6 +469,18 @@ impl Owner {
             cmd.env("NEMBO_WORKDIR_SOURCE", &job.workdir);
         }
         cmd.env("NEMBO_JOB_DIR", dir);
+        cmd.env("NEMBO_PREEMPTION_FILE", dir.join("preemption.json"));
+        if let Some(c) = self
+            .jobs
+            .get(&JobKey {
+                job_id: job.job_id.clone(),
+                attempt: job.attempt,
+            })
+            .and_then(|e| e.meta.checkpoint.as_ref())
+        {
+            fs::create_dir_all(&c.dir)?;
+            cmd.env("NEMBO_CHECKPOINT_DIR", &c.dir);
+        }
         let mut child = cmd.spawn()?;
         let pid = child.id().unwrap_or(0) as i32;
         fs::write(dir.join("pid"), pid.to_string())?;
@@ -398,11 +525,14 @@ impl Owner {
                         attempt: s.attempt,
                         rank: 0,
                         started_at_ms: now_ms(),
+                        checkpoint: None,
                     },
                     dir,
                     pgid: None,
                     ended: None,
                     ended_tx,
+                    sync_lock: Default::default(),
+                    final_sync: false,
                 },
             );
             self.record_end(
@@ -430,6 +560,99 @@ impl Owner {
             if group_alive(pgid) {
                 let _ = killpg(Pid::from_raw(pgid), Signal::SIGKILL);
             }
+        });
+    }
+
+    /// The job's main process is gone: sync its last checkpoint first, so
+    /// that the next attempt, started once this end is reported, finds it.
+    fn exited(&mut self, key: JobKey, status: Option<std::process::ExitStatus>) {
+        let Some(entry) = self.jobs.get_mut(&key) else {
+            return;
+        };
+        let Some(c) = entry
+            .meta
+            .checkpoint
+            .clone()
+            .filter(|_| !entry.final_sync && entry.ended.is_none())
+        else {
+            return self.finish(&key, status);
+        };
+        entry.final_sync = true;
+        let lock = entry.sync_lock.clone();
+        let me = self.me.clone();
+        tokio::spawn(async move {
+            sync_now(&c, &key, &lock, "final").await;
+            let _ = me.send(Msg::Synced(key, status));
+        });
+    }
+
+    /// Syncs a job's checkpoint every interval while it runs.
+    fn start_periodic_sync(&self, key: &JobKey) {
+        let Some(e) = self.jobs.get(key) else { return };
+        let Some(c) = e.meta.checkpoint.clone() else {
+            return;
+        };
+        let (lock, mut ended) = (e.sync_lock.clone(), e.ended_tx.subscribe());
+        let key = key.clone();
+        tokio::spawn(async move {
+            loop {
+                tokio::select! {
+                    _ = tokio::time::sleep(Duration::from_secs(u64::from(c.interval_s))) => {}
+                    _ = ended.changed() => return,
+                }
+                if ended.borrow().is_some() {
+                    return;
+                }
+                sync_now(&c, &key, &lock, "periodic").await;
+            }
+        });
+    }
+
+    fn notice(&mut self, n: crate::preempt::Notice, done: oneshot::Sender<()>) {
+        let mut waits = Vec::new();
+        for (key, e) in &self.jobs {
+            let (Some(pgid), None) = (e.pgid, &e.ended) else {
+                continue;
+            };
+            let file = serde_json::json!({
+                "kind": n.kind,
+                "deadline_unix_ms": n.deadline_ms,
+                "advisory": n.advisory,
+            });
+            if let Err(err) = write_json(&e.dir.join("preemption.json"), &file) {
+                tracing::warn!(job = %key.job_id, error = %err, "cannot write the preemption file");
+            }
+            let signal = e
+                .meta
+                .checkpoint
+                .as_ref()
+                .map(|c| c.signal.as_str())
+                .unwrap_or("SIGUSR1")
+                .parse::<Signal>()
+                .unwrap_or(Signal::SIGUSR1);
+            tracing::warn!(job = %key.job_id, attempt = key.attempt, kind = %n.kind, ?signal, "preemption notice: telling the job");
+            let _ = killpg(Pid::from_raw(pgid), signal);
+            // Catch what it saves on the signal even if it keeps running.
+            if let Some(c) = e.meta.checkpoint.clone() {
+                let (lock, key) = (e.sync_lock.clone(), key.clone());
+                let ended = e.ended_tx.subscribe();
+                tokio::spawn(async move {
+                    tokio::time::sleep(Duration::from_secs(2)).await;
+                    if ended.borrow().is_none() {
+                        sync_now(&c, &key, &lock, "on notice").await;
+                    }
+                });
+            }
+            waits.push(e.ended_tx.subscribe());
+        }
+        tokio::spawn(async move {
+            let all_ended = async {
+                for mut w in waits {
+                    let _ = w.wait_for(|v| v.is_some()).await;
+                }
+            };
+            let _ = tokio::time::timeout(Duration::from_secs(25), all_ended).await;
+            let _ = done.send(());
         });
     }
 
@@ -510,6 +733,43 @@ impl Owner {
     }
 }
 
+async fn restore(c: &CkptMeta, job_id: &str, attempt: u32) -> Result<(), String> {
+    let store = Checkpoints::open(&c.store, job_id).map_err(|e| e.to_string())?;
+    match store.restore(&c.dir, attempt).await {
+        Ok(Some(m)) => {
+            tracing::info!(
+                job = job_id,
+                attempt,
+                from_attempt = m.epoch,
+                seq = m.seq,
+                files = m.files.len(),
+                "checkpoint restored"
+            );
+            Ok(())
+        }
+        Ok(None) => Ok(()),
+        Err(e) => Err(e.to_string()),
+    }
+}
+
+async fn sync_now(c: &CkptMeta, key: &JobKey, lock: &tokio::sync::Mutex<()>, why: &str) {
+    let _one_at_a_time = lock.lock().await;
+    let result = async {
+        let store = Checkpoints::open(&c.store, &key.job_id)?;
+        store.sync_next(&c.dir, key.attempt).await
+    }
+    .await;
+    match result {
+        Ok(Some(m)) => {
+            tracing::info!(job = %key.job_id, attempt = key.attempt, seq = m.seq, files = m.files.len(), why, "checkpoint synced")
+        }
+        Ok(None) => {}
+        Err(e) => {
+            tracing::warn!(job = %key.job_id, attempt = key.attempt, error = %e, why, "checkpoint sync failed")
+        }
+    }
+}
+
 /// Accelerators as given on the command line: `H100:8,A100:1`.
 pub fn parse_accelerators(s: &str) -> Result<BTreeMap<String, f64>, String> {
     let mut out = BTreeMap::new();
@@ -555,7 +815,7 @@ mod tests {
     #[tokio::test]
     async fn setup_then_run_with_env_and_exit_codes() {
         let d = tempfile::tempdir().unwrap();
-        let (sup, mut ev) = Supervisor::start(d.path().to_path_buf());
+        let (sup, mut ev) = Supervisor::start(d.path().to_path_buf(), None);
         sup.run(job("1", "echo setting-up", "echo $GREETING; exit 3"));
         let v = ended(&mut ev, "1").await;
         assert_eq!(v.report.phase, pb::JobPhase::Exited as i32);
@@ -583,7 +843,7 @@ mod tests {
     #[tokio::test]
     async fn stopping_an_unknown_attempt_reports_it_cancelled() {
         let d = tempfile::tempdir().unwrap();
-        let (sup, mut ev) = Supervisor::start(d.path().to_path_buf());
+        let (sup, mut ev) = Supervisor::start(d.path().to_path_buf(), None);
         sup.stop(pb::StopJob {
             job_id: "9".into(),
             attempt: 1,

@@ -275,3 +275,26 @@ pub async fn members(op: Option<MemberOp>, as_json: bool) -> Result<()> {
     );
     Ok(())
 }
+
+/// `nembo local preempt NODE`: the node's metadata service announces its
+/// preemption; its agent reads it like a cloud's notice.
+pub async fn preempt(node: &str, format: &str, in_ms: u32) -> Result<()> {
+    let c = connect::client().await?;
+    let req = pb::InjectPreemptionRequest {
+        node_id: node.to_string(),
+        format: format.to_string(),
+        in_ms,
+    };
+    let r = connect::call(
+        &c,
+        req,
+        |mut c, r| async move { c.inject_preemption(r).await },
+    )
+    .await?;
+    let left = (r.deadline_unix_ms - crate::table::now_ms()).max(0);
+    println!(
+        "{node}: {format} preemption notice served; the node goes in {:.0} s",
+        left as f64 / 1000.0
+    );
+    Ok(())
+}

@@ -240,6 +240,38 @@ enum LocalCmd {
         #[arg(long)]
         json: bool,
     },
+    /// Make a local or simulated node's metadata service announce its
+    /// preemption, as a cloud would: its agent reads the notice.
+    Preempt {
+        /// Node id.
+        node: String,
+        /// The cloud's notice format.
+        #[arg(long, default_value = "aws", value_parser = ["aws", "gcp", "azure"])]
+        format: String,
+        /// Warning before the node goes (30s, 2m, 1500ms).
+        #[arg(long = "in", default_value = "30s", value_parser = parse_duration_ms)]
+        in_ms: u32,
+    },
+}
+
+/// `30s`, `2m`, `1500ms`, `45` (seconds).
+fn parse_duration_ms(s: &str) -> Result<u32, String> {
+    let s = s.trim();
+    let (n, mult) = if let Some(n) = s.strip_suffix("ms") {
+        (n, 1)
+    } else if let Some(n) = s.strip_suffix('s') {
+        (n, 1000)
+    } else if let Some(n) = s.strip_suffix('m') {
+        (n, 60_000)
+    } else {
+        (s, 1000)
+    };
+    n.trim()
+        .parse::<u32>()
+        .ok()
+        .and_then(|n| n.checked_mul(mult))
+        .filter(|ms| *ms > 0)
+        .ok_or_else(|| format!("'{s}' is not a duration like 30s, 2m or 1500ms"))
 }
 
 /// Parses `NAME=VALUE`.
@@ -330,6 +362,11 @@ async fn run(cli: Cli) -> Result<i32> {
             LocalCmd::Up { coordinators } => local::up(coordinators).await.map(|()| 0),
             LocalCmd::Down => local::local_down().await.map(|()| 0),
             LocalCmd::Status { json } => local::local_status(json).await.map(|()| 0),
+            LocalCmd::Preempt {
+                node,
+                format,
+                in_ms,
+            } => local::preempt(&node, &format, in_ms).await.map(|()| 0),
         },
     }
 }

@@ -133,6 +133,39 @@ async fn run_session(
     };
     send(&tx, CoordMsg::Welcome(welcome)).await?;
     tracing::info!(node = %node_id, jobs = hello.jobs.len(), "agent session open");
+    // An attempt that resurfaces (a node back from a partition, after its
+    // ranks were declared lost and the job moved on) is killed at once:
+    // never two attempts of a job running.
+    for r in &hello.jobs {
+        if r.phase != pb::JobPhase::Started as i32 {
+            continue;
+        }
+        let stale = r
+            .job_id
+            .parse::<u64>()
+            .ok()
+            .and_then(|id| view.state.jobs.get(&id))
+            .is_none_or(|job| {
+                job.attempts
+                    .iter()
+                    .find(|a| a.number == r.attempt)
+                    .and_then(|a| a.ranks.get(r.rank as usize))
+                    .is_none_or(|rank| rank.outcome.is_some())
+            });
+        if stale {
+            tracing::warn!(node = %node_id, job = %r.job_id, attempt = r.attempt, "stopping an attempt that resurfaced after it was given up");
+            send(
+                &tx,
+                CoordMsg::StopJob(pb::StopJob {
+                    job_id: r.job_id.clone(),
+                    attempt: r.attempt,
+                    grace_ms: 0,
+                    term: view.term,
+                }),
+            )
+            .await?;
+        }
+    }
 
     let mut views = ctx.raft.subscribe();
     // Per GPU: XIDs already accounted for.

@@ -452,6 +452,49 @@ impl Coordinator for Api {
         Ok(Response::new(pb::CheckProvidersResponse { providers }))
     }
 
+    async fn inject_preemption(
+        &self,
+        request: Request<pb::InjectPreemptionRequest>,
+    ) -> Result<Response<pb::InjectPreemptionResponse>, Status> {
+        let r = request.into_inner();
+        let view = self.ctx.raft.view();
+        let node = view
+            .state
+            .nodes
+            .get(&r.node_id)
+            .ok_or_else(|| Status::not_found(format!("node_id: no node {}", r.node_id)))?;
+        if node.state.is_final() {
+            return Err(Status::failed_precondition(format!(
+                "node {} is {:?}",
+                r.node_id, node.state
+            )));
+        }
+        let provider = self.ctx.providers.get(&node.provider).ok_or_else(|| {
+            Status::failed_precondition(format!("provider '{}' is not configured", node.provider))
+        })?;
+        let format = if r.format.is_empty() {
+            "aws"
+        } else {
+            r.format.as_str()
+        };
+        let lead = if r.in_ms == 0 {
+            30_000
+        } else {
+            i64::from(r.in_ms)
+        };
+        let deadline = now_ms() + lead;
+        provider
+            .inject_notice(&r.node_id, format, deadline)
+            .await
+            .map_err(|e| match e {
+                crate::provider::ProviderError::InvalidRequest(m) => Status::invalid_argument(m),
+                other => Status::unavailable(other.to_string()),
+            })?;
+        Ok(Response::new(pb::InjectPreemptionResponse {
+            deadline_unix_ms: deadline,
+        }))
+    }
+
     async fn refresh_catalog(
         &self,
         request: Request<pb::RefreshCatalogRequest>,

@@ -949,4 +949,39 @@ mod tests {
         assert!(matches!(p.as_slice(), [Command::AssignJob { .. }]), "{p:?}");
         assert_eq!(s.jobs[&1].managed.as_ref().unwrap().recoveries, 1);
     }
+
+    /// A GPU turning unhealthy (critical XID) ends the managed job's
+    /// attempt at once and places the next one on a healthy node.
+    #[test]
+    fn an_unhealthy_node_moves_a_managed_job_off_it() {
+        let (mut s, old) = running_managed("resources: {accelerators: H100:8}");
+        s.apply(&Command::NodeUnhealthy {
+            node_id: old[0].clone(),
+            reason: "GPU 3 reported critical XID 79".into(),
+            at_ms: 10,
+        });
+        let job = &s.jobs[&1];
+        assert_eq!(job.state, JobState::Recovering, "{}", job.message);
+        assert!(job.attempts[0].state.is_terminal() && job.attempts[0].holds(0));
+        // Its rank is stopped (the agent reports it), then a new node is used.
+        s.apply(&Command::RankEnded {
+            job_id: 1,
+            attempt: 1,
+            rank: 0,
+            outcome: RankOutcome::Cancelled,
+            at_ms: 11,
+        });
+        let p = step(&mut s, 12);
+        assert!(
+            matches!(p.as_slice(), [Command::ProvisionNodes { .. }]),
+            "{p:?}: never the unhealthy node"
+        );
+        let new = s.jobs[&1].reserved_nodes.clone();
+        up(&mut s, &new[0], 13);
+        let p = step(&mut s, 14);
+        assert!(
+            matches!(p.as_slice(), [Command::AssignJob { node_ids, .. }] if *node_ids == new),
+            "{p:?}"
+        );
+    }
 }

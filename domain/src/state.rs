@@ -828,6 +828,7 @@ impl State {
         // Jobs a node-level command can end, found before it changes them.
         let mut touched: Vec<JobId> = match cmd {
             Command::NodeLost { node_id, .. }
+            | Command::NodeUnhealthy { node_id, .. }
             | Command::NodePreempted { node_id, .. }
             | Command::NodeTerminated { node_id, .. }
             | Command::NodeLaunchFailed { node_id, .. } => self.jobs_on_or_reserving(node_id),
@@ -841,10 +842,9 @@ impl State {
             | Command::RankStarted { job_id, .. }
             | Command::RankEnded { job_id, .. }
             | Command::JobUnplaceable { job_id, .. } => vec![*job_id],
-            Command::SubmitJob { .. }
-            | Command::NodeLaunched { .. }
-            | Command::NodeUp { .. }
-            | Command::NodeUnhealthy { .. } => Vec::new(),
+            Command::SubmitJob { .. } | Command::NodeLaunched { .. } | Command::NodeUp { .. } => {
+                Vec::new()
+            }
         };
         let outcome = self.apply_inner(cmd);
         if let Outcome::Job { job_id, .. } = outcome {
@@ -970,7 +970,12 @@ impl State {
                         offering.price(*spot)
                     );
                     if let Some(m) = job.managed.as_mut() {
-                        m.event(*at_ms, format!("replacement requested: {count} x {place}"));
+                        let what = if recovering {
+                            "replacement requested"
+                        } else {
+                            "nodes requested"
+                        };
+                        m.event(*at_ms, format!("{what}: {count} x {place}"));
                     }
                     job.provision_tries.push(ProvisionTry {
                         place,
@@ -1121,7 +1126,9 @@ impl State {
                 at_ms,
             } => self.node_preempted(node_id, kind, *deadline_ms, *at_ms),
             Command::NodeUnhealthy {
-                node_id, reason, ..
+                node_id,
+                reason,
+                at_ms,
             } => {
                 let Some(node) = self.nodes.get_mut(node_id) else {
                     return Outcome::Rejected(Rejection::NoSuchNode(node_id.clone()));
@@ -1129,8 +1136,26 @@ impl State {
                 if node.state.is_final() {
                     return conflict(format!("node {node_id} is {:?}", node.state));
                 }
-                if node.unhealthy.is_none() {
-                    node.unhealthy = Some(reason.clone());
+                if node.unhealthy.is_some() {
+                    return Outcome::Applied;
+                }
+                node.unhealthy = Some(reason.clone());
+                // Managed jobs leave a broken GPU at once: the attempt ends
+                // (its ranks are stopped, checkpointing on the way out) and
+                // a new one is placed on a healthy node.
+                for job_id in self.jobs_on(node_id) {
+                    let Some(job) = self.jobs.get_mut(&job_id).map(Arc::make_mut) else {
+                        continue;
+                    };
+                    let running = job.attempts.last().is_some_and(|a| !a.state.is_terminal());
+                    if let Some(m) = job.managed.as_mut().filter(|_| running) {
+                        m.recoveries += 1;
+                        recover(
+                            job,
+                            &format!("node {node_id} unhealthy: {reason}; recovering"),
+                            *at_ms,
+                        );
+                    }
                 }
                 Outcome::Applied
             }

@@ -91,11 +91,11 @@ pub struct JobRecovery {
     pub recover_on_exit_codes: Vec<i32>,
 }
 
-/// `checkpoint:` — `{store: s3://bucket/prefix | file:///dir, path: /ckpt,
+/// `checkpoint:` — `{store: file:///dir, path: /ckpt,
 /// interval: 60s, signal: SIGUSR1}`.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct Checkpoint {
-    /// Object store URL (s3://, gs://, az://, file://).
+    /// Object store URL (`file:///dir` for now; s3://, gs://, az:// later).
     pub store: String,
     /// The directory on the node (absolute), `NEMBO_CHECKPOINT_DIR`.
     pub path: String,
@@ -960,12 +960,7 @@ fn parse_checkpoint(v: &Value) -> Result<Option<Checkpoint>> {
         .get("store")
         .and_then(Value::as_str)
         .filter(|s| !s.is_empty())
-        .ok_or_else(|| {
-            SpecError::new(
-                "checkpoint.store",
-                "required: s3://bucket/prefix, gs://, az:// or file:///dir",
-            )
-        })?;
+        .ok_or_else(|| SpecError::new("checkpoint.store", "required: file:///dir"))?;
     let path = m
         .get("path")
         .and_then(Value::as_str)
@@ -1002,16 +997,22 @@ fn parse_checkpoint(v: &Value) -> Result<Option<Checkpoint>> {
 
 /// What a checkpoint setting must be, however it arrived.
 fn check_checkpoint(c: &Checkpoint) -> Result<()> {
-    let scheme_ok = ["s3://", "gs://", "az://", "file:///"]
+    if ["s3://", "gs://", "az://"]
         .iter()
-        .any(|p| c.store.starts_with(p) && c.store.len() > p.len());
-    if !scheme_ok {
+        .any(|p| c.store.starts_with(p))
+    {
         return Err(SpecError::new(
             "checkpoint.store",
             format!(
-                "'{}' is not s3://bucket/prefix, gs://, az:// or file:///dir",
+                "'{}': object-store checkpoints (s3://, gs://, az://) are not supported by Nembo yet; use file:///dir (a directory every node mounts)",
                 c.store
             ),
+        ));
+    }
+    if !(c.store.starts_with("file:///") && c.store.len() > "file:///".len()) {
+        return Err(SpecError::new(
+            "checkpoint.store",
+            format!("'{}' is not file:///dir", c.store),
         ));
     }
     if !c.path.starts_with('/') || c.path.split('/').any(|p| p == "..") || c.path == "/" {
@@ -1651,31 +1652,32 @@ mod example_tests {
                 "checkpoint: {store: http://x, path: /ckpt}",
                 "checkpoint.store",
             ),
-            ("checkpoint: {store: s3://b/p}", "checkpoint.path"),
+            ("checkpoint: {store: file:///b/p}", "checkpoint.path"),
             (
-                "checkpoint: {store: s3://b/p, path: ckpt}",
+                "checkpoint: {store: file:///b/p, path: ckpt}",
                 "checkpoint.path",
             ),
             (
-                "checkpoint: {store: s3://b/p, path: /c, interval: soon}",
+                "checkpoint: {store: file:///b/p, path: /c, interval: soon}",
                 "checkpoint.interval",
             ),
             (
-                "checkpoint: {store: s3://b/p, path: /c, signal: SIGKILL}",
+                "checkpoint: {store: file:///b/p, path: /c, signal: SIGKILL}",
                 "checkpoint.signal",
             ),
             (
-                "checkpoint: {store: s3://b/p, path: /c, every: 1}",
+                "checkpoint: {store: file:///b/p, path: /c, every: 1}",
                 "checkpoint.every",
             ),
         ] {
             let e = parse_task_yaml(y, &BTreeMap::new()).unwrap_err();
             assert_eq!(e.path, path, "{y}");
         }
-        let c =
-            ok("checkpoint: {store: s3://bucket/run1/, path: /ckpt/, interval: 2m, signal: usr2}")
-                .checkpoint
-                .unwrap();
+        let c = ok(
+            "checkpoint: {store: file:///bucket/run1/, path: /ckpt/, interval: 2m, signal: usr2}",
+        )
+        .checkpoint
+        .unwrap();
         assert_eq!(
             (
                 c.store.as_str(),
@@ -1683,7 +1685,7 @@ mod example_tests {
                 c.interval_s,
                 c.signal.as_str()
             ),
-            ("s3://bucket/run1", "/ckpt", 120, "SIGUSR2")
+            ("file:///bucket/run1", "/ckpt", 120, "SIGUSR2")
         );
         assert_eq!(
             ok("checkpoint: {store: file:///tmp/s, path: /c}")

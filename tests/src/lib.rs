@@ -358,13 +358,22 @@ impl Coordinator {
 
     /// All of a job's output (waits for the job to end).
     pub async fn logs(&self, job_id: &str) -> String {
+        self.read_logs(job_id, true).await
+    }
+
+    /// A job's output so far, without waiting for it to end.
+    pub async fn logs_so_far(&self, job_id: &str) -> String {
+        self.read_logs(job_id, false).await
+    }
+
+    async fn read_logs(&self, job_id: &str, follow: bool) -> String {
         use tokio_stream::StreamExt;
         let mut s = self
             .client()
             .await
             .stream_logs(pb::StreamLogsRequest {
                 job_id: job_id.into(),
-                follow: true,
+                follow,
             })
             .await
             .expect("logs")

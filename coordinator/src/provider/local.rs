@@ -110,6 +110,9 @@ pub struct LocalConfig {
 /// Agents as local processes.
 pub struct LocalProvider {
     cfg: LocalConfig,
+    /// The nodes' metadata service (AWS, GCP and Azure formats), started
+    /// with the first node.
+    metadata: tokio::sync::OnceCell<String>,
     /// Held from the capacity check until the agent's pid is written, so
     /// concurrent launches cannot both take a region's last place.
     launching: tokio::sync::Mutex<()>,
@@ -121,6 +124,7 @@ impl LocalProvider {
         Self {
             cfg,
             launching: tokio::sync::Mutex::new(()),
+            metadata: tokio::sync::OnceCell::new(),
         }
     }
 
@@ -285,8 +289,25 @@ impl Provider for LocalProvider {
             let log2 = log
                 .try_clone()
                 .map_err(|e| ProviderError::Transient(e.to_string()))?;
+            let metadata = self
+                .metadata
+                .get_or_try_init(|| super::metadata::start(self.cfg.nodes_dir.clone()))
+                .await
+                .map_err(|e| ProviderError::Transient(format!("metadata service: {e}")))?;
+            let node_meta = format!("{metadata}/{}", req.node_id);
             let mut cmd = tokio::process::Command::new(&self.cfg.agent_bin);
-            cmd.arg("--coordinator")
+            cmd.arg("--aws-metadata-url")
+                .arg(format!("{node_meta}/aws"))
+                .arg("--gcp-metadata-url")
+                .arg(format!("{node_meta}/gcp"))
+                .arg("--azure-metadata-url")
+                .arg(format!("{node_meta}/azure"))
+                .arg("--azure-vm-name")
+                .arg(&req.node_id)
+                // Nodes share this machine: each keeps its checkpoint dirs in its own dir.
+                .arg("--checkpoint-root")
+                .arg(dir.join("root"))
+                .arg("--coordinator")
                 .arg(self.cfg.endpoints.join(","))
                 .arg("--ca-cert")
                 .arg(&self.cfg.ca_cert)
@@ -347,6 +368,36 @@ impl Provider for LocalProvider {
                     })
                 })
                 .collect())
+        })
+    }
+
+    fn inject_notice<'a>(
+        &'a self,
+        node_id: &'a str,
+        format: &'a str,
+        deadline_ms: i64,
+    ) -> BoxFuture<'a, Result<(), ProviderError>> {
+        Box::pin(async move {
+            if !matches!(format, "aws" | "gcp" | "azure") {
+                return Err(ProviderError::InvalidRequest(format!(
+                    "format '{format}': expected aws, gcp or azure"
+                )));
+            }
+            let dir = self.node_dir(node_id);
+            if !dir.is_dir() {
+                return Err(ProviderError::InvalidRequest(format!(
+                    "no local node {node_id}"
+                )));
+            }
+            let notice = super::metadata::InjectedNotice {
+                format: format.to_string(),
+                deadline_ms,
+            };
+            let path = super::metadata::notice_path(&dir);
+            let tmp = path.with_extension("tmp");
+            fs::write(&tmp, serde_json::to_vec(&notice).unwrap_or_default())
+                .and_then(|()| fs::rename(&tmp, &path))
+                .map_err(|e| ProviderError::Transient(e.to_string()))
         })
     }
 

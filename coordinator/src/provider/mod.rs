@@ -11,6 +11,7 @@ pub mod bootstrap;
 pub mod catalog;
 pub mod http;
 pub mod local;
+pub mod metadata;
 pub mod seeweb;
 pub mod sim;
 pub mod ssh;
@@ -118,6 +119,23 @@ pub trait Provider: Send + Sync {
     /// Whether the provider can be used as configured (credentials work),
     /// and what it answered: for `nembo check`.
     fn check(&self) -> BoxFuture<'_, Result<String, ProviderError>>;
+    /// Makes a node's metadata service announce its preemption in a
+    /// cloud's format (`aws`, `gcp`, `azure`), as due at `deadline_ms`:
+    /// `nembo local preempt`. Only simulated providers can.
+    fn inject_notice<'a>(
+        &'a self,
+        node_id: &'a str,
+        format: &'a str,
+        deadline_ms: i64,
+    ) -> BoxFuture<'a, Result<(), ProviderError>> {
+        let _ = (node_id, format, deadline_ms);
+        Box::pin(async move {
+            Err(ProviderError::InvalidRequest(format!(
+                "provider '{}' cannot simulate a preemption notice",
+                self.name()
+            )))
+        })
+    }
     /// The offerings the provider's API lists now, for `nembo catalog
     /// refresh`; providers with a fixed catalog have nothing to fetch.
     fn refresh_catalog(&self) -> BoxFuture<'_, Result<Vec<Offering>, ProviderError>> {

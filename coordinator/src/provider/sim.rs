@@ -356,6 +356,22 @@ impl Provider for SimProvider {
         })
     }
 
+    fn inject_notice<'a>(
+        &'a self,
+        node_id: &'a str,
+        format: &'a str,
+        deadline_ms: i64,
+    ) -> BoxFuture<'a, Result<(), ProviderError>> {
+        Box::pin(async move {
+            match &self.agents {
+                Some(local) => local.inject_notice(node_id, format, deadline_ms).await,
+                None => Err(ProviderError::InvalidRequest(
+                    "this simulated cloud runs no agents: nothing would read the notice".into(),
+                )),
+            }
+        })
+    }
+
     fn check(&self) -> BoxFuture<'_, Result<String, ProviderError>> {
         Box::pin(async move {
             Ok(format!(

@@ -1,0 +1,268 @@
+//! Managed jobs end to end: a real coordinator, real agents on the local
+//! provider, the real CLI. A preemption notice is served by the node's
+//! metadata service in AWS, GCP or Azure format and read by the agent's
+//! real watchers; the job checkpoints on the signal, the replacement is
+//! provisioned in the other region, and the next attempt resumes from the
+//! checkpoint.
+
+use std::time::Duration;
+
+use nembo_proto::v1 as pb;
+use nembo_tests::{wait_for, Coordinator};
+use serde_json::Value;
+
+/// Two local regions, us-east the cheaper; spot GPUs.
+const PROVIDERS: &str = "local:\n  gpu_hourly: {H100: 2.0}\n  spot_factor: 0.4\n  regions:\n    eu-west: {price_factor: 1.5}\n";
+
+/// Counts steps, checkpoints every 5 and on SIGUSR1 (then exits, as a
+/// trainer told to stop would), resumes from the checkpoint.
+fn train_task(store: &str, target: u32) -> String {
+    format!(
+        r#"name: train
+resources: {{accelerators: H100:1, use_spot: true, infra: local}}
+checkpoint: {{store: "file://{store}", path: /ckpt, interval: 1}}
+envs: {{TARGET: "{target}"}}
+run: |
+  ckpt="$NEMBO_CHECKPOINT_DIR/step"
+  step=0; [ -f "$ckpt" ] && step=$(cat "$ckpt")
+  echo "attempt $NEMBO_ATTEMPT starts at step $step"
+  trap 'echo $step > "$ckpt"; echo "checkpointed step $step on notice $(cat $NEMBO_PREEMPTION_FILE)"; exit 143' USR1
+  while [ "$step" -lt "$TARGET" ]; do
+    step=$((step+1)); echo "step $step"
+    [ $((step % 5)) -eq 0 ] && echo $step > "$ckpt"
+    sleep 0.1
+  done
+  echo $step > "$ckpt"
+  echo "done at step $step"
+"#
+    )
+}
+
+async fn start() -> (Coordinator, tempfile::TempDir) {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("providers.yaml");
+    std::fs::write(&path, PROVIDERS).unwrap();
+    let c = Coordinator::start(&[
+        "--providers",
+        path.to_str().unwrap(),
+        "--node-ttl-ms",
+        "3000",
+    ])
+    .await;
+    (c, dir)
+}
+
+fn submit_managed(c: &Coordinator, dir: &std::path::Path, yaml: &str) -> String {
+    let task = dir.join(format!("task-{}.yaml", rand_suffix()));
+    std::fs::write(&task, yaml).unwrap();
+    let out = c.cli(&["jobs", "launch", "-d", task.to_str().unwrap()]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).trim().to_string()
+}
+
+fn rand_suffix() -> u128 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_nanos()
+}
+
+async fn job(c: &Coordinator, id: &str) -> pb::Job {
+    c.jobs().await.into_iter().find(|j| j.job_id == id).unwrap()
+}
+
+/// Waits until the job runs attempt `n` and its log shows `text`.
+async fn running(c: &Coordinator, id: &str, n: usize, text: &str) -> pb::Job {
+    wait_for(
+        &format!("attempt {n} running with '{text}'"),
+        Duration::from_secs(60),
+        || async {
+            let j = job(c, id).await;
+            // It may have finished since: attempt n started is enough.
+            let ran = j
+                .attempts
+                .get(n - 1)
+                .is_some_and(|a| a.state != pb::JobState::Starting as i32);
+            (ran && c.logs_so_far(id).await.contains(text)).then_some(j)
+        },
+    )
+    .await
+}
+
+/// The newest checkpoint's step in the store, if any.
+fn newest_manifest(store: &std::path::Path, id: &str) -> Option<(u32, u32)> {
+    let dir = store.join(format!("job-{id}/manifests"));
+    let mut names: Vec<String> = std::fs::read_dir(dir)
+        .ok()?
+        .flatten()
+        .map(|e| e.file_name().to_string_lossy().into_owned())
+        .collect();
+    names.sort();
+    let last = names.last()?.trim_end_matches(".json").to_string();
+    let (e, s) = last.split_once('-')?;
+    Some((e.parse().ok()?, s.parse().ok()?))
+}
+
+/// One recovery per notice format, each checked for what a user would
+/// notice: the job moved to the other region at once, resumed from its
+/// checkpoint, lost no step before it, and finished.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn each_notice_format_leads_to_a_recovery_from_the_checkpoint_in_the_other_region() {
+    let (c, dir) = start().await;
+    let store = dir.path().join("store");
+    for format in ["aws", "gcp", "azure"] {
+        let id = submit_managed(&c, dir.path(), &train_task(store.to_str().unwrap(), 40));
+        let first = running(&c, &id, 1, "step 8").await;
+        let node = first.node_ids[0].clone();
+        let region = |n: &str, nodes: &[pb::Node]| {
+            nodes
+                .iter()
+                .find(|x| x.node_id == n)
+                .unwrap()
+                .region
+                .clone()
+        };
+        let nodes = c.nodes().await;
+        let old_region = region(&node, &nodes);
+        let out = c.cli(&["local", "preempt", &node, "--format", format, "--in", "20s"]);
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+
+        let second = running(&c, &id, 2, "attempt 2 starts").await;
+        let nodes = c.nodes().await;
+        assert_ne!(
+            region(&second.node_ids[0], &nodes),
+            old_region,
+            "{format}: EAGER_NEXT_REGION"
+        );
+        let done = c
+            .wait_state(&id, pb::JobState::Succeeded, Duration::from_secs(60))
+            .await;
+        let logs = c.logs(&id).await;
+        assert!(
+            logs.contains(&format!("\"kind\":\"{format}:")),
+            "{format}: the job saw the notice: {logs}"
+        );
+        let saved: u32 = logs
+            .lines()
+            .find_map(|l| {
+                l.strip_prefix("checkpointed step ")?
+                    .split_whitespace()
+                    .next()?
+                    .parse()
+                    .ok()
+            })
+            .unwrap_or_else(|| panic!("{format}: no checkpoint on the notice: {logs}"));
+        let resumed: u32 = logs
+            .lines()
+            .find_map(|l| l.strip_prefix("attempt 2 starts at step ")?.parse().ok())
+            .unwrap();
+        assert_eq!(
+            resumed, saved,
+            "{format}: no step before the last checkpoint was lost"
+        );
+        assert!(logs.contains("done at step 40"));
+        let m = done.managed.clone().unwrap();
+        assert_eq!(m.recoveries, 1, "{format}");
+        let events: Vec<&str> = m.events.iter().map(|e| e.what.as_str()).collect();
+        assert!(
+            events.iter().any(|e| e.starts_with("preemption notice")),
+            "{events:?}"
+        );
+        assert!(
+            events
+                .iter()
+                .any(|e| e.starts_with("replacement requested")),
+            "{events:?}"
+        );
+        // The job's own queue view.
+        let q: Value = serde_json::from_slice(&c.cli(&["jobs", "queue", "--json"]).stdout).unwrap();
+        assert!(q["jobs"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|j| j["job_id"] == id.as_str()));
+        // The preempted node is released once its deadline passes (or its
+        // attempt ended and nothing else wants it).
+        assert!(newest_manifest(&store, &id).is_some_and(|(e, _)| e == 2));
+    }
+}
+
+/// A node whose heartbeats stop (frozen, partitioned) is lost: the job
+/// recovers on another node. When the old node comes back, its attempt is
+/// killed on reconnect, and it cannot write a checkpoint over the newer one.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn heartbeat_loss_recovers_and_the_resurfacing_attempt_is_fenced() {
+    use nix::sys::signal::{kill, killpg, Signal};
+    use nix::unistd::Pid;
+    let (c, dir) = start().await;
+    let store = dir.path().join("store");
+    let id = submit_managed(&c, dir.path(), &train_task(store.to_str().unwrap(), 60));
+    let first = running(&c, &id, 1, "step 8").await;
+    let node = first.node_ids[0].clone();
+    let agent = c.agent_pid(&node);
+    // Freeze the whole "VM": the agent and the job's process group.
+    let job_pgid: i32 = wait_for("the job's pid", Duration::from_secs(10), || async {
+        let p = c.dir.path().join(format!("nodes/{node}/jobs/{id}-1/pid"));
+        std::fs::read_to_string(p).ok()?.trim().parse().ok()
+    })
+    .await;
+    let agent_frozen = kill(Pid::from_raw(agent), Signal::SIGSTOP);
+    let job_frozen = killpg(Pid::from_raw(job_pgid), Signal::SIGSTOP);
+    assert!(
+        agent_frozen.is_ok() && job_frozen.is_ok(),
+        "{agent_frozen:?} {job_frozen:?}: agent {agent}, pgid {job_pgid}, {:?}",
+        job(&c, &id).await
+    );
+
+    let second = running(&c, &id, 2, "attempt 2 starts").await;
+    assert_ne!(second.node_ids[0], node);
+    let a1 = &second.attempts[0];
+    assert!(a1.message.contains("lost"), "{}", a1.message);
+    // Let attempt 2 checkpoint, then thaw the old node.
+    wait_for(
+        "attempt 2 to checkpoint",
+        Duration::from_secs(30),
+        || async { newest_manifest(&store, &id).filter(|(e, _)| *e == 2) },
+    )
+    .await;
+    killpg(Pid::from_raw(job_pgid), Signal::SIGCONT).unwrap();
+    kill(Pid::from_raw(agent), Signal::SIGCONT).unwrap();
+    // The resurfaced attempt is stopped on reconnect.
+    wait_for(
+        "the old attempt to be killed",
+        Duration::from_secs(30),
+        || async { (!nembo_tests::alive(job_pgid)).then_some(()) },
+    )
+    .await;
+    let done = c
+        .wait_state(&id, pb::JobState::Succeeded, Duration::from_secs(60))
+        .await;
+    assert_eq!(done.attempts.len(), 2);
+    // Never a checkpoint of attempt 1 after one of attempt 2.
+    let names: Vec<String> = {
+        let mut v: Vec<String> = std::fs::read_dir(store.join(format!("job-{id}/manifests")))
+            .unwrap()
+            .flatten()
+            .map(|e| e.file_name().to_string_lossy().into_owned())
+            .collect();
+        v.sort_by_key(|n| {
+            let p = store.join(format!("job-{id}/manifests/{n}"));
+            let m: Value = serde_json::from_slice(&std::fs::read(p).unwrap()).unwrap();
+            m["at_ms"].as_i64().unwrap()
+        });
+        v
+    };
+    let epochs: Vec<u32> = names.iter().map(|n| n[..10].parse().unwrap()).collect();
+    assert!(
+        epochs.windows(2).all(|w| w[0] <= w[1]),
+        "manifests by time: {names:?}"
+    );
+}
