@@ -193,7 +193,12 @@ pub async fn start_local(quiet: bool) -> Result<ApiInfo> {
 /// Starts a local cluster of `n` coordinators on loopback (one Raft member
 /// each, shared CA, tokens and node dirs) and waits until it has a leader.
 pub async fn start_local_cluster(n: u64) -> Result<ApiInfo> {
-    let dir = local_cluster_dir()?;
+    start_cluster_in(&local_cluster_dir()?, n, &[]).await
+}
+
+/// Starts a cluster of `n` coordinators in `dir`, each with `extra` flags.
+pub async fn start_cluster_in(dir: &Path, n: u64, extra: &[String]) -> Result<ApiInfo> {
+    let dir = dir.to_path_buf();
     std::fs::create_dir_all(&dir).with_context(|| format!("create {}", dir.display()))?;
     // Keep the members' addresses across restarts when we can: running
     // agents know them.
@@ -235,6 +240,7 @@ pub async fn start_local_cluster(n: u64) -> Result<ApiInfo> {
             dir.join("nodes").display().to_string(),
         ];
         args.extend(members.iter().cloned());
+        args.extend(extra.iter().cloned());
         pids.push(spawn_coordinator(
             &args,
             &dir.join(format!("member-{id}.log")),

@@ -70,7 +70,7 @@ fn read_task(path: &PathBuf, name: Option<&str>) -> Result<String> {
     })
 }
 
-fn state_name(v: i32) -> String {
+pub(crate) fn state_name(v: i32) -> String {
     pb::JobState::try_from(v)
         .map(|s| s.as_str_name().to_string())
         .unwrap_or_else(|_| v.to_string())

@@ -2,6 +2,7 @@
 
 mod catalog;
 mod connect;
+mod demo;
 mod gpus;
 mod jobs;
 mod local;
@@ -63,6 +64,15 @@ enum JobsCmd {
     },
 }
 
+/// `nembo demo …`.
+#[derive(Subcommand, Debug)]
+enum DemoCmd {
+    /// Spot failover: 3 coordinators, two local clouds, a managed training
+    /// job, a preemption notice; prints the timeline and checks no step
+    /// before the last checkpoint was lost.
+    Failover,
+}
+
 #[derive(Subcommand, Debug)]
 enum Cmd {
     /// Launch a task (SkyPilot YAML); streams its output and exits with its exit code.
@@ -71,6 +81,11 @@ enum Cmd {
     Jobs {
         #[command(subcommand)]
         command: JobsCmd,
+    },
+    /// Demonstrations that run on this machine.
+    Demo {
+        #[command(subcommand)]
+        command: DemoCmd,
     },
     /// Nodes and jobs.
     Status {
@@ -305,6 +320,9 @@ async fn main() {
 async fn run(cli: Cli) -> Result<i32> {
     match cli.command {
         Cmd::Launch(a) => jobs::launch(a, false).await,
+        Cmd::Demo {
+            command: DemoCmd::Failover,
+        } => demo::failover().await,
         Cmd::Jobs { command } => match command {
             JobsCmd::Launch(a) => jobs::launch(a, true).await,
             JobsCmd::Queue { json } => jobs::managed_queue(json).await.map(|()| 0),

@@ -266,3 +266,32 @@ async fn heartbeat_loss_recovers_and_the_resurfacing_attempt_is_fenced() {
         "manifests by time: {names:?}"
     );
 }
+
+/// The README's demo, as a user runs it: exit 0, the timeline, the check.
+#[test]
+fn the_failover_demo_runs_and_checks_itself() {
+    let home = tempfile::tempdir().unwrap();
+    let out = std::process::Command::new(nembo_tests::bin("nembo"))
+        .args(["demo", "failover"])
+        .env("NEMBO_HOME", home.path())
+        .env_remove("NEMBO_API_INFO")
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{text}{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    for line in [
+        "AWS spot interruption notice served",
+        "coordinators aware: preemption notice",
+        "replacement requested: 1 x sim/",
+        "checkpoint synced by attempt 1",
+        "attempt 2 running on",
+        "completed: SUCCEEDED",
+        "no step before the last checkpoint was lost",
+    ] {
+        assert!(text.contains(line), "missing '{line}' in:\n{text}");
+    }
+}
