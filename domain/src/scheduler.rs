@@ -248,7 +248,14 @@ pub fn plan(state: &State, offerings: &[Offering], policy: Policy, now_ms: i64) 
         // At the node cap only existing nodes can help: skip ranking offerings.
         let room = live_nodes + u64::from(job.spec.num_nodes) <= u64::from(policy.max_nodes);
         let offerings = if room { offerings } else { &[] };
+        // A recovering job whose old attempt still runs can only have a
+        // node provisioned now; an idle node is taken once the attempt ends.
+        let old_runs = job
+            .attempts
+            .iter()
+            .any(|a| (0..a.ranks.len()).any(|r| a.holds(r)));
         match place_job(state, job, offerings, &round, now_ms) {
+            Some(Placement::Existing { .. }) if old_runs => {}
             Some(Placement::Existing {
                 candidate,
                 node_ids,
