@@ -74,21 +74,22 @@ pub struct Checkpoints {
 }
 
 impl Checkpoints {
-    /// Opens `url` (`file:///dir`) for job `job_id`.
+    /// Opens `url` (`file:///dir` or `s3://bucket/prefix`) for job `job_id`.
     pub fn open(url: &str, job_id: &str) -> Result<Self, CheckpointError> {
         let bad = |m: &str| CheckpointError::Store(url.to_string(), m.to_string());
-        let (store, base): (Arc<dyn ObjectStore>, String) = if let Some(dir) =
-            url.strip_prefix("file://")
-        {
-            std::fs::create_dir_all(dir).map_err(|e| bad(&e.to_string()))?;
-            let fs = object_store::local::LocalFileSystem::new_with_prefix(dir)
-                .map_err(|e| bad(&e.to_string()))?;
-            (Arc::new(fs), String::new())
-        } else {
-            return Err(bad(
-                    "only file:// stores are supported by this agent yet (s3://, gs:// and az:// are planned)",
+        let (store, base): (Arc<dyn ObjectStore>, String) =
+            if let Some(dir) = url.strip_prefix("file://") {
+                std::fs::create_dir_all(dir).map_err(|e| bad(&e.to_string()))?;
+                let fs = object_store::local::LocalFileSystem::new_with_prefix(dir)
+                    .map_err(|e| bad(&e.to_string()))?;
+                (Arc::new(fs), String::new())
+            } else if url.starts_with("s3://") {
+                crate::s3::open(url).map_err(|e| bad(&e))?
+            } else {
+                return Err(bad(
+                    "only file:// and s3:// stores are supported by this agent",
                 ));
-        };
+            };
         let prefix = if base.is_empty() {
             format!("job-{job_id}")
         } else {
@@ -360,7 +361,7 @@ mod tests {
             .await
             .unwrap()
             .is_none());
-        assert!(Checkpoints::open("s3://b/p", "1").is_err());
+        assert!(Checkpoints::open("gs://b/p", "1").is_err());
         // A directory Nembo did not create is never emptied.
         let foreign = work.path().join("home");
         std::fs::create_dir_all(&foreign).unwrap();

@@ -10,6 +10,7 @@ pub mod checkpoint;
 pub mod fence;
 pub mod gpu;
 pub mod preempt;
+mod s3;
 pub mod session;
 pub mod supervisor;
 pub mod telemetry;

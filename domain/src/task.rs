@@ -91,11 +91,11 @@ pub struct JobRecovery {
     pub recover_on_exit_codes: Vec<i32>,
 }
 
-/// `checkpoint:` — `{store: file:///dir, path: /ckpt,
+/// `checkpoint:` — `{store: s3://bucket/prefix | file:///dir, path: /ckpt,
 /// interval: 60s, signal: SIGUSR1}`.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct Checkpoint {
-    /// Object store URL (`file:///dir` for now; s3://, gs://, az:// later).
+    /// Object store URL: `s3://bucket/prefix` or `file:///dir` (gs://, az:// later).
     pub store: String,
     /// The directory on the node (absolute), `NEMBO_CHECKPOINT_DIR`.
     pub path: String,
@@ -960,7 +960,12 @@ fn parse_checkpoint(v: &Value) -> Result<Option<Checkpoint>> {
         .get("store")
         .and_then(Value::as_str)
         .filter(|s| !s.is_empty())
-        .ok_or_else(|| SpecError::new("checkpoint.store", "required: file:///dir"))?;
+        .ok_or_else(|| {
+            SpecError::new(
+                "checkpoint.store",
+                "required: s3://bucket/prefix or file:///dir",
+            )
+        })?;
     let path = m
         .get("path")
         .and_then(Value::as_str)
@@ -997,22 +1002,22 @@ fn parse_checkpoint(v: &Value) -> Result<Option<Checkpoint>> {
 
 /// What a checkpoint setting must be, however it arrived.
 fn check_checkpoint(c: &Checkpoint) -> Result<()> {
-    if ["s3://", "gs://", "az://"]
-        .iter()
-        .any(|p| c.store.starts_with(p))
-    {
+    if ["gs://", "az://"].iter().any(|p| c.store.starts_with(p)) {
         return Err(SpecError::new(
             "checkpoint.store",
             format!(
-                "'{}': object-store checkpoints (s3://, gs://, az://) are not supported by Nembo yet; use file:///dir (a directory every node mounts)",
+                "'{}': gs:// and az:// checkpoint stores are not supported by Nembo yet; use s3://bucket/prefix or file:///dir",
                 c.store
             ),
         ));
     }
-    if !(c.store.starts_with("file:///") && c.store.len() > "file:///".len()) {
+    let ok = ["s3://", "file:///"]
+        .iter()
+        .any(|p| c.store.starts_with(p) && c.store.len() > p.len());
+    if !ok {
         return Err(SpecError::new(
             "checkpoint.store",
-            format!("'{}' is not file:///dir", c.store),
+            format!("'{}' is not s3://bucket/prefix or file:///dir", c.store),
         ));
     }
     if !c.path.starts_with('/') || c.path.split('/').any(|p| p == "..") || c.path == "/" {
@@ -1654,6 +1659,10 @@ mod example_tests {
             ),
             ("checkpoint: {store: file:///b/p}", "checkpoint.path"),
             (
+                "checkpoint: {store: gs://b/p, path: /c}",
+                "checkpoint.store",
+            ),
+            (
                 "checkpoint: {store: file:///b/p, path: ckpt}",
                 "checkpoint.path",
             ),
@@ -1688,7 +1697,7 @@ mod example_tests {
             ("file:///bucket/run1", "/ckpt", 120, "SIGUSR2")
         );
         assert_eq!(
-            ok("checkpoint: {store: file:///tmp/s, path: /c}")
+            ok("checkpoint: {store: s3://bucket/run, path: /c}")
                 .checkpoint
                 .unwrap()
                 .interval_s,

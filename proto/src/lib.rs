@@ -15,3 +15,4 @@ pub const FILE_DESCRIPTOR_SET: &[u8] =
 pub const MAX_TASK_BYTES: usize = 256 * 1024;
 
 pub mod client;
+pub mod http;

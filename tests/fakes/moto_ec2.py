@@ -5,6 +5,10 @@
         Spends the three unsigned calls on IAM (CreateUser, CreateAccessKey,
         PutUserPolicy allowing everything), so that every later request is
         SigV4-verified, and prints {"key_id", "secret", "image_id"} as JSON.
+    moto_ec2.py bucket ENDPOINT NAME
+        Creates an S3 bucket (dummy credentials) and prints {"bucket": NAME}.
+    moto_ec2.py objects ENDPOINT NAME
+        Prints the bucket's object keys as a JSON list.
     moto_ec2.py instances ENDPOINT KEY_ID SECRET [REGION]
         Prints every instance with its state, lifecycle, zone, tags and
         decoded user data, as JSON.
@@ -55,5 +59,16 @@ def instances(endpoint, key_id, secret, region="us-east-1"):
     print(json.dumps(out))
 
 
+def bucket(endpoint, name):
+    client("s3", endpoint).create_bucket(Bucket=name)
+    print(json.dumps({"bucket": name}))
+
+
+def objects(endpoint, name):
+    s3 = client("s3", endpoint)
+    keys = [o["Key"] for o in s3.list_objects_v2(Bucket=name).get("Contents", [])]
+    print(json.dumps(keys))
+
+
 if __name__ == "__main__":
-    {"setup": setup, "instances": instances}[sys.argv[1]](*sys.argv[2:])
+    {"setup": setup, "instances": instances, "bucket": bucket, "objects": objects}[sys.argv[1]](*sys.argv[2:])

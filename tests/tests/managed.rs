@@ -295,3 +295,105 @@ fn the_failover_demo_runs_and_checks_itself() {
         assert!(text.contains(line), "missing '{line}' in:\n{text}");
     }
 }
+
+/// Checkpoints in S3 (moto, the real wire format through object_store):
+/// a preempted job resumes from what it saved there.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn checkpoints_in_s3_carry_a_job_across_a_preemption() {
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let endpoint = format!("http://127.0.0.1:{port}");
+    let mut moto = std::process::Command::new("python3")
+        .args([
+            "-m",
+            "moto.server",
+            "-H",
+            "127.0.0.1",
+            "-p",
+            &port.to_string(),
+        ])
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .expect("python3 -m moto.server (pip install 'moto[server]')");
+    wait_for("moto", Duration::from_secs(30), || async {
+        std::net::TcpStream::connect(("127.0.0.1", port)).ok()
+    })
+    .await;
+    let helper = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("fakes/moto_ec2.py");
+    let moto_cmd = |args: &[&str]| {
+        let out = std::process::Command::new("python3")
+            .arg(&helper)
+            .args(args)
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        serde_json::from_slice::<Value>(&out.stdout).unwrap()
+    };
+    moto_cmd(&["bucket", &endpoint, "ckpts"]);
+    let dir = tempfile::tempdir().unwrap();
+    let providers = dir.path().join("providers.yaml");
+    std::fs::write(&providers, PROVIDERS).unwrap();
+    let env = [
+        ("AWS_ACCESS_KEY_ID", "testing"),
+        ("AWS_SECRET_ACCESS_KEY", "testing"),
+        ("AWS_DEFAULT_REGION", "us-east-1"),
+        ("AWS_ENDPOINT_URL", endpoint.as_str()),
+        ("AWS_ALLOW_HTTP", "true"),
+    ];
+    let c = Coordinator::start_with_env(&["--providers", providers.to_str().unwrap()], &env).await;
+    let yaml = train_task("PLACEHOLDER", 40).replace("\"file://PLACEHOLDER\"", "s3://ckpts/run1");
+    let id = submit_managed(&c, dir.path(), &yaml);
+    let first = running(&c, &id, 1, "step 8").await;
+    let out = c.cli(&["local", "preempt", &first.node_ids[0], "--format", "gcp"]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let done = c
+        .wait_state(&id, pb::JobState::Succeeded, Duration::from_secs(60))
+        .await;
+    assert_eq!(done.attempts.len(), 2);
+    let logs = c.logs(&id).await;
+    let saved: u32 = logs
+        .lines()
+        .find_map(|l| {
+            l.strip_prefix("checkpointed step ")?
+                .split_whitespace()
+                .next()?
+                .parse()
+                .ok()
+        })
+        .unwrap_or_else(|| panic!("{logs}"));
+    assert!(
+        logs.contains(&format!("attempt 2 starts at step {saved}")),
+        "{logs}"
+    );
+    let keys = moto_cmd(&["objects", &endpoint, "ckpts"]);
+    let keys: Vec<&str> = keys
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter_map(|k| k.as_str())
+        .collect();
+    assert!(
+        keys.iter()
+            .any(|k| k.starts_with(&format!("run1/job-{id}/manifests/0000000001-"))),
+        "{keys:?}"
+    );
+    assert!(
+        keys.iter()
+            .any(|k| k.starts_with(&format!("run1/job-{id}/manifests/0000000002-"))),
+        "{keys:?}"
+    );
+    let _ = moto.kill();
+    let _ = moto.wait();
+}

@@ -1,0 +1,69 @@
+//! object_store's S3 client over nembo-proto's HTTP client (hyper + rustls
+//! with ring), so the agent needs neither reqwest nor aws-lc. Credentials,
+//! region and endpoint come from the standard `AWS_*` variables
+//! (`AWS_ENDPOINT_URL`, `AWS_ALLOW_HTTP` for a test server), as AWS's own
+//! tools read them.
+
+use std::sync::Arc;
+
+use object_store::aws::AmazonS3Builder;
+use object_store::client::{
+    HttpClient, HttpConnector, HttpError, HttpErrorKind, HttpRequest, HttpResponse, HttpService,
+};
+use object_store::{ClientOptions, ObjectStore};
+
+#[derive(Debug, Default)]
+struct Connector;
+
+impl HttpConnector for Connector {
+    fn connect(&self, _options: &ClientOptions) -> object_store::Result<HttpClient> {
+        Ok(HttpClient::new(Service(
+            nembo_proto::http::HttpClient::default(),
+        )))
+    }
+}
+
+struct Service(nembo_proto::http::HttpClient);
+
+impl std::fmt::Debug for Service {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("nembo http client")
+    }
+}
+
+#[async_trait::async_trait]
+impl HttpService for Service {
+    async fn call(&self, req: HttpRequest) -> Result<HttpResponse, HttpError> {
+        let (parts, body) = req.into_parts();
+        // Payloads are already in memory (checkpoint files are put whole).
+        let bytes = http_body_util::BodyExt::collect(body)
+            .await
+            .map_err(|e| HttpError::new(HttpErrorKind::Request, e))?
+            .to_bytes();
+        let resp = self
+            .0
+            .send(http::Request::from_parts(parts, bytes))
+            .await
+            .map_err(|e| HttpError::new(HttpErrorKind::Connect, e))?;
+        let mut out = http::Response::new(resp.body.into());
+        *out.status_mut() = http::StatusCode::from_u16(resp.status)
+            .map_err(|e| HttpError::new(HttpErrorKind::Decode, e))?;
+        *out.headers_mut() = resp.headers;
+        Ok(out)
+    }
+}
+
+/// The S3 bucket of `s3://bucket[/prefix]`, and the prefix.
+pub fn open(url: &str) -> Result<(Arc<dyn ObjectStore>, String), String> {
+    let rest = url.strip_prefix("s3://").ok_or("not an s3:// URL")?;
+    let (bucket, prefix) = rest.split_once('/').unwrap_or((rest, ""));
+    if bucket.is_empty() {
+        return Err("no bucket in the URL".into());
+    }
+    let store = AmazonS3Builder::from_env()
+        .with_bucket_name(bucket)
+        .with_http_connector(Connector)
+        .build()
+        .map_err(|e| e.to_string())?;
+    Ok((Arc::new(store), prefix.trim_matches('/').to_string()))
+}
