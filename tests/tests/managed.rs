@@ -397,3 +397,132 @@ async fn checkpoints_in_s3_carry_a_job_across_a_preemption() {
     let _ = moto.kill();
     let _ = moto.wait();
 }
+
+/// The cluster harness: the leader is cut off (SIGSTOP) while a managed
+/// job runs. The new leader finds the node silent, recovers the job on a
+/// new node, and when the old leader and the old attempt come back, the
+/// attempt is killed and its checkpoints are refused: the coordinators
+/// never see two attempts running, and no older checkpoint follows a newer.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_partitioned_leader_and_its_attempt_are_fenced_by_the_new_leader() {
+    let dir = tempfile::tempdir().unwrap();
+    let providers = dir.path().join("providers.yaml");
+    std::fs::write(&providers, PROVIDERS).unwrap();
+    let store = dir.path().join("store");
+    let cl = nembo_tests::Cluster::start(
+        3,
+        &[
+            "--providers",
+            providers.to_str().unwrap(),
+            "--node-ttl-ms",
+            "3000",
+        ],
+    )
+    .await;
+    let api = cl.api_info();
+    let task = dir.path().join("train.yaml");
+    std::fs::write(&task, train_task(store.to_str().unwrap(), 100)).unwrap();
+    let out = std::process::Command::new(nembo_tests::bin("nembo"))
+        .args(["jobs", "launch", "-d", task.to_str().unwrap()])
+        .env("NEMBO_API_INFO", &api)
+        .env("NEMBO_HOME", dir.path().join("home"))
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let id = String::from_utf8_lossy(&out.stdout).trim().to_string();
+    // A call that lands on the frozen member would wait forever: give up
+    // after a moment and ask again (the next try may go elsewhere).
+    let jobs = || async {
+        let mut c = cl.client();
+        let call = c.list_jobs(pb::ListJobsRequest::default());
+        tokio::time::timeout(Duration::from_secs(2), call)
+            .await
+            .ok()?
+            .ok()
+            .map(|r| r.into_inner().jobs)
+    };
+    let first = wait_for("attempt 1 running", Duration::from_secs(60), || async {
+        jobs()
+            .await?
+            .into_iter()
+            .find(|j| j.job_id == id && j.state == pb::JobState::Running as i32)
+    })
+    .await;
+    let node = first.node_ids[0].clone();
+    let pid_file = cl.root.path().join(format!("nodes/{node}/jobs/{id}-1/pid"));
+    let pgid: i32 = std::fs::read_to_string(&pid_file)
+        .unwrap()
+        .trim()
+        .parse()
+        .unwrap();
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+
+    let old_leader = cl.leader().await;
+    cl.pause(old_leader);
+    let second = wait_for(
+        "attempt 2 under the new leader",
+        Duration::from_secs(60),
+        || async {
+            let j = jobs().await?.into_iter().find(|j| j.job_id == id)?;
+            j.attempts.get(1).filter(|a| a.started_at_unix_ms > 0)?;
+            Some(j)
+        },
+    )
+    .await;
+    assert!(second.attempts[0].ended_at_unix_ms <= second.attempts[1].started_at_unix_ms);
+    assert!(
+        nembo_tests::alive(pgid),
+        "the cut-off attempt is still running on its node"
+    );
+    // Attempt 2 checkpoints; then the old leader and its node come back.
+    wait_for(
+        "attempt 2 to checkpoint",
+        Duration::from_secs(30),
+        || async { newest_manifest(&store, &id).filter(|(e, _)| *e == 2) },
+    )
+    .await;
+    cl.resume(old_leader);
+    wait_for(
+        "the resurfaced attempt to be killed",
+        Duration::from_secs(30),
+        || async { (!nembo_tests::alive(pgid)).then_some(()) },
+    )
+    .await;
+    let done = wait_for("the job to finish", Duration::from_secs(60), || async {
+        jobs()
+            .await?
+            .into_iter()
+            .find(|j| j.job_id == id && j.state == pb::JobState::Succeeded as i32)
+    })
+    .await;
+    assert_eq!(done.attempts.len(), 2, "{:?}", done.attempts);
+    let mut manifests: Vec<(i64, u32)> =
+        std::fs::read_dir(store.join(format!("job-{id}/manifests")))
+            .unwrap()
+            .flatten()
+            .map(|e| {
+                let m: Value = serde_json::from_slice(&std::fs::read(e.path()).unwrap()).unwrap();
+                (
+                    m["at_ms"].as_i64().unwrap(),
+                    m["epoch"].as_u64().unwrap() as u32,
+                )
+            })
+            .collect();
+    manifests.sort();
+    assert!(
+        manifests.windows(2).all(|w| w[0].1 <= w[1].1),
+        "an older attempt checkpointed after a newer one: {manifests:?}"
+    );
+    // Release the nodes: their agents would outlive the cluster.
+    let mut c = cl.client();
+    let down = c.down(pb::DownRequest {
+        node_ids: Vec::new(),
+        all: true,
+    });
+    let _ = tokio::time::timeout(Duration::from_secs(5), down).await;
+    tokio::time::sleep(Duration::from_secs(2)).await;
+}
