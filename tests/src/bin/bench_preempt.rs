@@ -115,7 +115,12 @@ async fn main() {
         };
         let a1_end = job.attempts[0].ended_at_unix_ms;
         let a2_run = job.attempts[1].started_at_unix_ms;
-        let logs = c.logs_so_far(&id).await;
+        // Attempt 2's first line may still be on its way from the agent.
+        let logs = wait_for("attempt 2's output", Duration::from_secs(10), || async {
+            let logs = c.logs_so_far(&id).await;
+            number_after(&logs, "resumed at ", 1).map(|_| logs)
+        })
+        .await;
         let last = number_after(&logs, "last step ", 0).unwrap_or(-1);
         let resumed = number_after(&logs, "resumed at ", 1).unwrap_or(-1);
         let row = (
@@ -127,6 +132,24 @@ async fn main() {
             (a2_run - a1_end) as f64,
             (last - resumed) as f64,
         );
+        if row.4 != 0.0 {
+            // Work was lost: show why, from the preempted node's agent.
+            let log = std::fs::read_to_string(c.dir.path().join(format!("nodes/{node}/agent.log")))
+                .unwrap_or_default();
+            for l in log
+                .lines()
+                .filter(|l| l.contains("checkpoint") || l.contains("WARN"))
+            {
+                eprintln!("  {node}: {l}");
+            }
+            eprintln!(
+                "  logs: {}",
+                logs.lines()
+                    .filter(|l| l.starts_with("resumed") || l.starts_with("last"))
+                    .collect::<Vec<_>>()
+                    .join(" | ")
+            );
+        }
         aware.push(row.1);
         requested.push(row.2);
         restart.push(row.3);
