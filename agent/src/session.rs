@@ -68,6 +68,8 @@ enum SessionEnd {
 }
 
 const LOG_CHUNK: usize = 64 * 1024;
+/// How long a coordinator has to connect, open the session and welcome us.
+const ESTABLISH_TIMEOUT: Duration = Duration::from_secs(5);
 const LOG_POLL: Duration = Duration::from_millis(25);
 /// Slowest log polling, reached after a quiet stretch.
 const LOG_POLL_IDLE: Duration = Duration::from_millis(250);
@@ -132,9 +134,20 @@ async fn session(
         Ok(t) => t,
         Err(e) => return SessionEnd::Fatal(e),
     };
-    let mut client = match nembo_proto::client::connect_agent(url, ca, &token).await {
-        Ok(c) => c,
-        Err(e) => return SessionEnd::Retry(e.to_string()),
+    // A coordinator that accepts the connection but never answers (a frozen
+    // or partitioned process) must not hold the agent: give each member a
+    // few seconds to welcome it, then try the next.
+    let deadline = tokio::time::Instant::now() + ESTABLISH_TIMEOUT;
+    let silent = || SessionEnd::Retry(format!("{url}: no welcome within {ESTABLISH_TIMEOUT:?}"));
+    let mut client = match tokio::time::timeout_at(
+        deadline,
+        nembo_proto::client::connect_agent(url, ca, &token),
+    )
+    .await
+    {
+        Err(_) => return silent(),
+        Ok(Ok(c)) => c,
+        Ok(Err(e)) => return SessionEnd::Retry(e.to_string()),
     };
     // The hello below supersedes anything queued while disconnected.
     while events.try_recv().is_ok() {}
@@ -152,7 +165,11 @@ async fn session(
         cuda_version: cfg.telemetry.cuda_version.clone(),
     };
     let _ = out.send(msg(AgentMsg::Hello(hello))).await;
-    let mut inbound = match client.session(ReceiverStream::new(out_rx)).await {
+    let opened = tokio::time::timeout_at(deadline, client.session(ReceiverStream::new(out_rx)));
+    let Ok(opened) = opened.await else {
+        return silent();
+    };
+    let mut inbound = match opened {
         Ok(r) => r.into_inner(),
         Err(s) if matches!(s.code(), Code::NotFound | Code::FailedPrecondition) => {
             return SessionEnd::Fatal(AgentError::Retired(s.message().to_string()))
@@ -169,7 +186,10 @@ async fn session(
         }
         Err(s) => return SessionEnd::Retry(format!("{}: {}", s.code(), s.message())),
     };
-    let welcome = match inbound.message().await {
+    let Ok(first) = tokio::time::timeout_at(deadline, inbound.message()).await else {
+        return silent();
+    };
+    let welcome = match first {
         Ok(Some(pb::CoordinatorMessage {
             msg: Some(CoordMsg::Welcome(w)),
         })) => w,

@@ -677,3 +677,67 @@ impl Drop for Cluster {
         tear_down(&mut self.root, &nodes, "nembo-cluster");
     }
 }
+
+/// A moto server (`python3 -m moto.server`) on a free loopback port, killed
+/// on drop: EC2 and S3 in their real wire formats.
+pub struct Moto {
+    child: Child,
+    /// `http://127.0.0.1:PORT`.
+    pub endpoint: String,
+}
+
+impl Moto {
+    /// Starts one; `env` goes to the server (INITIAL_NO_AUTH_ACTION_COUNT
+    /// turns signature checking on).
+    pub async fn start(env: &[(&str, &str)]) -> Moto {
+        let port = std::net::TcpListener::bind("127.0.0.1:0")
+            .and_then(|l| l.local_addr())
+            .expect("free port")
+            .port();
+        let child = Command::new("python3")
+            .args([
+                "-m",
+                "moto.server",
+                "-H",
+                "127.0.0.1",
+                "-p",
+                &port.to_string(),
+            ])
+            .envs(env.iter().copied())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("python3 -m moto.server (pip install 'moto[server]')");
+        wait_for("moto", Duration::from_secs(30), || async {
+            std::net::TcpStream::connect(("127.0.0.1", port)).ok()
+        })
+        .await;
+        Moto {
+            child,
+            endpoint: format!("http://127.0.0.1:{port}"),
+        }
+    }
+
+    /// Runs tests/fakes/moto_ec2.py with `args`; its JSON answer.
+    pub fn helper(args: &[&str]) -> Value {
+        let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("fakes/moto_ec2.py");
+        let out = Command::new("python3")
+            .arg(script)
+            .args(args)
+            .output()
+            .expect("python3");
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        serde_json::from_slice(&out.stdout).expect("moto_ec2.py prints JSON")
+    }
+}
+
+impl Drop for Moto {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}

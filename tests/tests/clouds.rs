@@ -91,41 +91,12 @@ fn write_task(dir: &Path, name: &str, yaml: &str) -> String {
 
 // ---------------------------------------------------------------- EC2 / moto
 
-fn moto_helper(args: &[&str]) -> Value {
-    let out = Command::new("python3")
-        .arg(repo().join("tests/fakes/moto_ec2.py"))
-        .args(args)
-        .output()
-        .expect("python3");
-    json_out(&out)
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn aws_launches_tagged_spot_instances_with_signed_calls_and_terminates_them() {
-    let port = free_port();
-    let endpoint = format!("http://127.0.0.1:{port}");
-    let _moto = Daemon(
-        Command::new("python3")
-            .args([
-                "-m",
-                "moto.server",
-                "-H",
-                "127.0.0.1",
-                "-p",
-                &port.to_string(),
-            ])
-            // Three unsigned calls to create a user; every later call is checked.
-            .env("INITIAL_NO_AUTH_ACTION_COUNT", "3")
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .expect("python3"),
-    );
-    wait_for("moto_server", Duration::from_secs(30), || async {
-        std::net::TcpStream::connect(("127.0.0.1", port)).ok()
-    })
-    .await;
-    let creds = moto_helper(&["setup", &endpoint]);
+    // Three unsigned calls to create a user; every later call is checked.
+    let moto = nembo_tests::Moto::start(&[("INITIAL_NO_AUTH_ACTION_COUNT", "3")]).await;
+    let endpoint = moto.endpoint.clone();
+    let creds = nembo_tests::Moto::helper(&["setup", &endpoint]);
     let (key, secret) = (
         creds["key_id"].as_str().unwrap(),
         creds["secret"].as_str().unwrap(),
@@ -170,7 +141,7 @@ async fn aws_launches_tagged_spot_instances_with_signed_calls_and_terminates_the
     let node = node_of(&c, &job).await;
     assert!(node.instance_id.starts_with("i-"), "{node:?}");
 
-    let instances = moto_helper(&["instances", &endpoint, key, secret]);
+    let instances = nembo_tests::Moto::helper(&["instances", &endpoint, key, secret]);
     let inst = instances
         .as_array()
         .unwrap()
@@ -210,7 +181,7 @@ async fn aws_launches_tagged_spot_instances_with_signed_calls_and_terminates_the
         "the instance to be terminated",
         Duration::from_secs(30),
         || async {
-            let all = moto_helper(&["instances", &endpoint, key, secret]);
+            let all = nembo_tests::Moto::helper(&["instances", &endpoint, key, secret]);
             all.as_array()
                 .unwrap()
                 .iter()

@@ -93,6 +93,17 @@ async fn running(c: &Coordinator, id: &str, n: usize, text: &str) -> pb::Job {
     .await
 }
 
+/// The step the job saved when the notice's signal came.
+fn saved_step(logs: &str) -> Option<u32> {
+    logs.lines().find_map(|l| {
+        l.strip_prefix("checkpointed step ")?
+            .split_whitespace()
+            .next()?
+            .parse()
+            .ok()
+    })
+}
+
 /// The newest checkpoint's step in the store, if any.
 fn newest_manifest(store: &std::path::Path, id: &str) -> Option<(u32, u32)> {
     let dir = store.join(format!("job-{id}/manifests"));
@@ -150,15 +161,7 @@ async fn each_notice_format_leads_to_a_recovery_from_the_checkpoint_in_the_other
             logs.contains(&format!("\"kind\":\"{format}:")),
             "{format}: the job saw the notice: {logs}"
         );
-        let saved: u32 = logs
-            .lines()
-            .find_map(|l| {
-                l.strip_prefix("checkpointed step ")?
-                    .split_whitespace()
-                    .next()?
-                    .parse()
-                    .ok()
-            })
+        let saved = saved_step(&logs)
             .unwrap_or_else(|| panic!("{format}: no checkpoint on the notice: {logs}"));
         let resumed: u32 = logs
             .lines()
@@ -300,43 +303,9 @@ fn the_failover_demo_runs_and_checks_itself() {
 /// a preempted job resumes from what it saved there.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn checkpoints_in_s3_carry_a_job_across_a_preemption() {
-    let port = std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port();
-    let endpoint = format!("http://127.0.0.1:{port}");
-    let mut moto = std::process::Command::new("python3")
-        .args([
-            "-m",
-            "moto.server",
-            "-H",
-            "127.0.0.1",
-            "-p",
-            &port.to_string(),
-        ])
-        .stdout(std::process::Stdio::null())
-        .stderr(std::process::Stdio::null())
-        .spawn()
-        .expect("python3 -m moto.server (pip install 'moto[server]')");
-    wait_for("moto", Duration::from_secs(30), || async {
-        std::net::TcpStream::connect(("127.0.0.1", port)).ok()
-    })
-    .await;
-    let helper = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("fakes/moto_ec2.py");
-    let moto_cmd = |args: &[&str]| {
-        let out = std::process::Command::new("python3")
-            .arg(&helper)
-            .args(args)
-            .output()
-            .unwrap();
-        assert!(
-            out.status.success(),
-            "{}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-        serde_json::from_slice::<Value>(&out.stdout).unwrap()
-    };
+    let moto = nembo_tests::Moto::start(&[]).await;
+    let endpoint = moto.endpoint.clone();
+    let moto_cmd = nembo_tests::Moto::helper;
     moto_cmd(&["bucket", &endpoint, "ckpts"]);
     let dir = tempfile::tempdir().unwrap();
     let providers = dir.path().join("providers.yaml");
@@ -363,16 +332,7 @@ async fn checkpoints_in_s3_carry_a_job_across_a_preemption() {
         .await;
     assert_eq!(done.attempts.len(), 2);
     let logs = c.logs(&id).await;
-    let saved: u32 = logs
-        .lines()
-        .find_map(|l| {
-            l.strip_prefix("checkpointed step ")?
-                .split_whitespace()
-                .next()?
-                .parse()
-                .ok()
-        })
-        .unwrap_or_else(|| panic!("{logs}"));
+    let saved = saved_step(&logs).unwrap_or_else(|| panic!("{logs}"));
     assert!(
         logs.contains(&format!("attempt 2 starts at step {saved}")),
         "{logs}"
@@ -394,8 +354,6 @@ async fn checkpoints_in_s3_carry_a_job_across_a_preemption() {
             .any(|k| k.starts_with(&format!("run1/job-{id}/manifests/0000000002-"))),
         "{keys:?}"
     );
-    let _ = moto.kill();
-    let _ = moto.wait();
 }
 
 /// The cluster harness: the leader is cut off (SIGSTOP) while a managed
@@ -463,16 +421,31 @@ async fn a_partitioned_leader_and_its_attempt_are_fenced_by_the_new_leader() {
 
     let old_leader = cl.leader().await;
     cl.pause(old_leader);
-    let second = wait_for(
-        "attempt 2 under the new leader",
-        Duration::from_secs(60),
-        || async {
-            let j = jobs().await?.into_iter().find(|j| j.job_id == id)?;
-            j.attempts.get(1).filter(|a| a.started_at_unix_ms > 0)?;
-            Some(j)
-        },
-    )
-    .await;
+    let deadline = std::time::Instant::now() + Duration::from_secs(60);
+    let second = loop {
+        let j = jobs()
+            .await
+            .and_then(|j| j.into_iter().find(|j| j.job_id == id));
+        if let Some(j) = j.filter(|j| j.attempts.get(1).is_some_and(|a| a.started_at_unix_ms > 0)) {
+            break j;
+        }
+        if std::time::Instant::now() > deadline {
+            let mut why = String::new();
+            for entry in std::fs::read_dir(cl.root.path()).unwrap().flatten() {
+                let name = entry.file_name().to_string_lossy().into_owned();
+                if name.ends_with(".log") {
+                    let text = std::fs::read_to_string(entry.path()).unwrap_or_default();
+                    for l in text.lines().filter(|l| {
+                        !l.contains(" INFO ") || l.contains("node") || l.contains("leader")
+                    }) {
+                        why.push_str(&format!("{name}: {l}\n"));
+                    }
+                }
+            }
+            panic!("no attempt 2 after 60 s (old leader {old_leader}):\n{why}");
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    };
     assert!(second.attempts[0].ended_at_unix_ms <= second.attempts[1].started_at_unix_ms);
     assert!(
         nembo_tests::alive(pgid),

@@ -192,7 +192,7 @@ impl AwsProvider {
             let xml = self.call(region, "DescribeInstances", params).await?;
             for item in xml.find_all("instancesSet") {
                 for i in item.children_named("item") {
-                    found.push(Ec2Instance::from_xml(i, region));
+                    found.push(Ec2Instance::from_xml(i));
                 }
             }
             next = xml
@@ -520,7 +520,7 @@ struct Ec2Instance {
 }
 
 impl Ec2Instance {
-    fn from_xml(item: &Element, _region: &str) -> Self {
+    fn from_xml(item: &Element) -> Self {
         let tags: BTreeMap<&str, &str> = item
             .child("tagSet")
             .map(|t| {

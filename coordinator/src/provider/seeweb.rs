@@ -517,18 +517,17 @@ impl Provider for SeewebProvider {
                 if s.node_id != node_id || matches!(s.status.as_str(), "Deleting" | "Deleted") {
                     continue;
                 }
-                match self
-                    .call(http::Method::DELETE, &format!("/servers/{}", s.name), None)
-                    .await
-                {
-                    Ok(_) => {
-                        tracing::info!(node = node_id, server = %s.name, "Seeweb server deleted")
-                    }
-                    // Already gone.
-                    Err(ProviderError::InvalidRequest(m))
-                        if m.contains("not_found") || m.contains("404") => {}
-                    Err(e) => return Err(e),
+                let path = format!("/servers/{}", s.name);
+                let resp = self.request(http::Method::DELETE, &path, None).await?;
+                // 404 (or "status": "not_found"): already gone, which is the goal.
+                let gone = resp.status == 404 || resp.text().contains("\"not_found\"");
+                if resp.status >= 400 && !gone {
+                    return Err(classify(
+                        resp.status,
+                        &format!("DELETE {path}: {}", resp.text()),
+                    ));
                 }
+                tracing::info!(node = node_id, server = %s.name, "Seeweb server deleted");
             }
             Ok(())
         })
