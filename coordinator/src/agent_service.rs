@@ -347,7 +347,7 @@ async fn dispatch(
         {
             send(
                 tx,
-                CoordMsg::RunJob(run_job(&view.state, job, rank, view.term)),
+                CoordMsg::RunJob(run_job(&view.state, job, rank, view.term, &ctx.secrets)),
             )
             .await?;
         }
@@ -356,7 +356,13 @@ async fn dispatch(
 }
 
 /// The `RunJob` for one rank: the task plus every variable SkyPilot scripts expect.
-fn run_job(state: &State, job: &Job, rank: usize, term: u64) -> pb::RunJob {
+fn run_job(
+    state: &State,
+    job: &Job,
+    rank: usize,
+    term: u64,
+    secrets: &crate::sealed::SecretBox,
+) -> pb::RunJob {
     let a = job
         .current_attempt()
         .expect("dispatch checks for an attempt");
@@ -384,7 +390,15 @@ fn run_job(state: &State, job: &Job, rank: usize, term: u64) -> pb::RunJob {
     })
     .to_string();
     let mut env: BTreeMap<String, String> = job.spec.envs.clone();
-    env.extend(job.spec.secrets.clone());
+    for (name, sealed) in &job.spec.secrets {
+        match secrets.open(name, sealed) {
+            Ok(value) => {
+                env.insert(name.clone(), value);
+            }
+            // Never the value: only that it could not be opened.
+            Err(e) => tracing::error!(job = job.id, secret = %name, error = %e, "secret left out"),
+        }
+    }
     let node_ips = ips.join("\n");
     for (k, v) in [
         ("NEMBO_JOB_ID", job.id.to_string()),

@@ -85,6 +85,15 @@ impl Api {
         }
     }
 
+    /// The spec with every secret sealed: the Raft log and snapshots never
+    /// hold a secret in plain text.
+    fn sealed(&self, mut spec: TaskSpec) -> TaskSpec {
+        for (name, value) in spec.secrets.iter_mut() {
+            *value = self.ctx.secrets.seal(name, value);
+        }
+        spec
+    }
+
     fn parse_request(&self, req: &pb::SubmitJobRequest) -> Result<TaskSpec, CoordinatorError> {
         let overrides: BTreeMap<String, String> = req.env_overrides.clone();
         let size = prost::Message::encoded_len(req);
@@ -177,7 +186,7 @@ impl Coordinator for Api {
             .ctx
             .raft
             .propose(Command::SubmitJob {
-                spec,
+                spec: self.sealed(spec),
                 idempotency_key: key,
                 at_ms: now_ms(),
             })

@@ -13,6 +13,7 @@ pub mod metrics;
 pub mod peer;
 pub mod provider;
 pub mod raft;
+pub mod sealed;
 pub mod server;
 pub mod tls;
 

@@ -151,6 +151,8 @@ pub struct Ctx {
     pub providers: BTreeMap<String, Arc<dyn Provider>>,
     /// Every provider's offerings.
     pub offerings: Vec<Offering>,
+    /// Seals task secrets before they are proposed; opens them for agents.
+    pub secrets: crate::sealed::SecretBox,
     /// Providers that providers.yaml leaves off, and how to enable them.
     pub providers_not_enabled: Vec<(&'static str, &'static str)>,
     /// Where refreshed catalogs are written.
@@ -522,6 +524,11 @@ pub async fn run(
         providers,
         offerings,
         providers_not_enabled: crate::provider::not_enabled(&providers_file),
+        secrets: crate::sealed::SecretBox::from_hex(
+            &tls::read_secret(&creds.secrets_key)
+                .map_err(|e| CoordinatorError::Internal(e.to_string()))?,
+        )
+        .map_err(|e| CoordinatorError::Internal(format!("{}: {e}", creds.secrets_key.display())))?,
         catalog_dir: cluster_dir.join("catalog"),
         heartbeat_ms: cfg.heartbeat_ms,
         stop_grace_ms: cfg.stop_grace_ms,

@@ -22,6 +22,8 @@ pub struct Credentials {
     pub token: PathBuf,
     /// Agent join token (0600).
     pub agent_token: PathBuf,
+    /// Key that seals task secrets at rest (0600, 64 hex characters).
+    pub secrets_key: PathBuf,
 }
 
 /// Why credentials could not be made or read.
@@ -113,6 +115,7 @@ pub fn ensure(
         server_key: member_tls.join("server.key"),
         token: cluster_dir.join("token"),
         agent_token: cluster_dir.join("agent-token"),
+        secrets_key: cluster_dir.join("secrets-key"),
     };
     let ca_key_path = cluster_tls.join("ca.key");
     ensure_cluster_secrets(&cluster_tls, &creds, &ca_key_path)?;
@@ -153,7 +156,12 @@ fn ensure_cluster_secrets(
     creds: &Credentials,
     ca_key_path: &Path,
 ) -> Result<(), CredentialError> {
-    let done = || creds.ca_cert.exists() && creds.token.exists() && creds.agent_token.exists();
+    let done = || {
+        creds.ca_cert.exists()
+            && creds.token.exists()
+            && creds.agent_token.exists()
+            && creds.secrets_key.exists()
+    };
     if done() {
         return Ok(());
     }
@@ -172,7 +180,7 @@ fn ensure_cluster_secrets(
                 fs::write(&tmp, ca.pem()).map_err(io(&tmp))?;
                 fs::rename(&tmp, &creds.ca_cert).map_err(io(&creds.ca_cert))?;
             }
-            for path in [&creds.token, &creds.agent_token] {
+            for path in [&creds.token, &creds.agent_token, &creds.secrets_key] {
                 if !path.exists() {
                     write_secret(path, random_token().as_bytes())?;
                 }

@@ -1,0 +1,21 @@
+//! Every message between agents and coordinators: decoding arbitrary bytes
+//! never panics, and what decodes re-encodes to something that decodes the
+//! same.
+#![no_main]
+
+use libfuzzer_sys::fuzz_target;
+use nembo_proto::v1 as pb;
+use prost::Message;
+
+fn round_trip<M: Message + Default + PartialEq + std::fmt::Debug>(data: &[u8]) {
+    if let Ok(m) = M::decode(data) {
+        let again = M::decode(m.encode_to_vec().as_slice()).expect("re-encoded message decodes");
+        assert_eq!(m, again);
+    }
+}
+
+fuzz_target!(|data: &[u8]| {
+    round_trip::<pb::AgentMessage>(data);
+    round_trip::<pb::CoordinatorMessage>(data);
+    round_trip::<pb::SubmitJobRequest>(data);
+});

@@ -1,0 +1,73 @@
+//! Secrets kept secret (issue 7, first part): a task secret reaches the
+//! job's environment, and is found nowhere else: not in API answers, not in
+//! the dry run, not in the Raft log or snapshots, not in any log file.
+
+use std::path::Path;
+use std::time::Duration;
+
+use nembo_proto::v1 as pb;
+use nembo_tests::Coordinator;
+
+const SECRET: &str = "s3cr3t-Value-7f2b9c";
+
+/// Every file under `dir` that holds `needle`.
+fn files_holding(dir: &Path, needle: &[u8]) -> Vec<String> {
+    let mut found = Vec::new();
+    let mut stack = vec![dir.to_path_buf()];
+    while let Some(d) = stack.pop() {
+        for e in std::fs::read_dir(&d).into_iter().flatten().flatten() {
+            let p = e.path();
+            if p.is_dir() {
+                stack.push(p);
+            } else if std::fs::read(&p).is_ok_and(|b| b.windows(needle.len()).any(|w| w == needle))
+            {
+                found.push(p.display().to_string());
+            }
+        }
+    }
+    found
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_secret_reaches_the_job_and_nowhere_else() {
+    // Snapshot often, so the state is written out as a snapshot too.
+    let c = Coordinator::start(&["--snapshot-every", "3"]).await;
+    // The job checks the value reversed, so that the task itself never
+    // holds the secret.
+    let reversed: String = SECRET.chars().rev().collect();
+    let yaml = format!(
+        "name: sec\nsecrets: {{API_KEY: {SECRET}}}\nrun: |\n  [ \"$(printf %s \"$API_KEY\" | rev)\" = \"{reversed}\" ] && echo secret-ok\n"
+    );
+    let task = c.dir.path().join("sec.yaml");
+    std::fs::write(&task, &yaml).unwrap();
+    let dry = c.cli(&["launch", "--dry-run", "--json", task.to_str().unwrap()]);
+    assert!(dry.status.success());
+    let shown = String::from_utf8_lossy(&dry.stdout);
+    assert!(
+        !shown.contains(SECRET),
+        "the dry run shows the secret: {shown}"
+    );
+    let id = c.submit(&yaml).await;
+    let job = c
+        .wait_state(&id, pb::JobState::Succeeded, Duration::from_secs(30))
+        .await;
+    assert!(
+        !format!("{job:?}").contains(SECRET),
+        "GetJob returns the secret"
+    );
+    let logs = c.logs(&id).await;
+    assert!(
+        logs.contains("secret-ok"),
+        "the job did not get the secret: {logs}"
+    );
+    // A few more writes, so a snapshot is taken after the job ran.
+    for _ in 0..4 {
+        c.submit("run: 'true'\n").await;
+    }
+    std::fs::remove_file(&task).unwrap();
+    let snapshots = files_holding(c.dir.path(), b"\"SubmitJob\"").len()
+        + files_holding(c.dir.path(), b"\"last_job_id\"").len();
+    assert!(snapshots > 0, "no snapshot or log entry found to search");
+    let leaks = files_holding(c.dir.path(), SECRET.as_bytes());
+    assert!(leaks.is_empty(), "the secret is in plain text in {leaks:?}");
+}
