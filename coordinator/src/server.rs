@@ -431,7 +431,10 @@ pub async fn run(
         .or_insert_with(|| endpoint.clone());
     let ca_pem = std::fs::read(&creds.ca_cert).map_err(startup("CA certificate"))?;
     let cert = std::fs::read(&creds.server_cert).map_err(startup("server certificate"))?;
-    let key = std::fs::read(&creds.server_key).map_err(startup("server key"))?;
+    // Through the same check as tokens: a key others can read is refused.
+    let key = tls::read_secret(&creds.server_key)
+        .map_err(|e| CoordinatorError::Internal(e.to_string()))?
+        .into_bytes();
 
     let raft_cell = Arc::new(std::sync::OnceLock::new());
     // Even a single member gets a peer transport: members can be added later.

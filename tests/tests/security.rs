@@ -71,3 +71,65 @@ async fn a_secret_reaches_the_job_and_nowhere_else() {
     let leaks = files_holding(c.dir.path(), SECRET.as_bytes());
     assert!(leaks.is_empty(), "the secret is in plain text in {leaks:?}");
 }
+
+/// Every binary refuses a token or key file that others can read, naming it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn token_and_key_files_readable_by_others_are_refused() {
+    use std::os::unix::fs::PermissionsExt;
+    let mut c = Coordinator::start(&[]).await;
+    let token = c.dir.path().join("token");
+    let key = c.dir.path().join("tls/server.key");
+    for f in [
+        &token,
+        &key,
+        &c.dir.path().join("agent-token"),
+        &c.dir.path().join("secrets-key"),
+    ] {
+        let mode = std::fs::metadata(f).unwrap().permissions().mode();
+        assert_eq!(mode & 0o077, 0, "{} is {mode:o}", f.display());
+    }
+    // The CLI.
+    std::fs::set_permissions(&token, std::fs::Permissions::from_mode(0o644)).unwrap();
+    let out = c.cli(&["status"]);
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("readable by other users"));
+    // The agent.
+    let out = std::process::Command::new(nembo_tests::bin("nembo-agent"))
+        .args([
+            "--coordinator",
+            &c.endpoint(),
+            "--node-id",
+            "node-x",
+            "--ca-cert",
+        ])
+        .arg(c.dir.path().join("tls/ca.pem"))
+        .arg("--token-file")
+        .arg(&token)
+        .arg("--work-dir")
+        .arg(c.dir.path().join("agent-x"))
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("readable by other users"));
+    // The coordinator, at its next start: the token, then its TLS key.
+    c.kill9();
+    for exposed in [&token, &key] {
+        std::fs::set_permissions(exposed, std::fs::Permissions::from_mode(0o644)).unwrap();
+        let out = std::process::Command::new(nembo_tests::bin("nembo-coordinator"))
+            .arg("--data-dir")
+            .arg(c.dir.path())
+            .output()
+            .unwrap();
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(
+            !out.status.success(),
+            "started with {} readable",
+            exposed.display()
+        );
+        assert!(
+            err.contains("readable by other users") && err.contains(&exposed.display().to_string()),
+            "{err}"
+        );
+        std::fs::set_permissions(exposed, std::fs::Permissions::from_mode(0o600)).unwrap();
+    }
+}
