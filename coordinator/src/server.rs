@@ -381,6 +381,9 @@ pub fn find_agent_bin(explicit: Option<&Path>) -> PathBuf {
     PathBuf::from("nembo-agent")
 }
 
+/// Streams and requests in flight on one client connection.
+pub const MAX_STREAMS_PER_CONNECTION: u32 = 128;
+
 /// Runs a coordinator until `shutdown` resolves.
 pub async fn run(
     cfg: CoordinatorConfig,
@@ -616,6 +619,13 @@ pub async fn run(
         )
         .map_err(|e| CoordinatorError::Internal(format!("tls: {e}")))?
         .tcp_nodelay(true)
+        // One client cannot take the coordinator for itself: each connection
+        // gets at most this many streams and requests in flight (more wait),
+        // and a peer that stops answering pings is dropped.
+        .max_concurrent_streams(Some(MAX_STREAMS_PER_CONNECTION))
+        .concurrency_limit_per_connection(MAX_STREAMS_PER_CONNECTION as usize)
+        .http2_keepalive_interval(Some(Duration::from_secs(10)))
+        .http2_keepalive_timeout(Some(Duration::from_secs(20)))
         .add_service(InterceptedService::new(api, RequireToken(client_token)))
         .add_service(InterceptedService::new(
             agents,

@@ -133,3 +133,51 @@ async fn token_and_key_files_readable_by_others_are_refused() {
         std::fs::set_permissions(exposed, std::fs::Permissions::from_mode(0o600)).unwrap();
     }
 }
+
+/// One client holding hundreds of log streams open on its connection gets
+/// at most the per-connection limit of them (the rest wait), and another
+/// client is served meanwhile.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_client_flooding_streams_is_limited_and_does_not_starve_another() {
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    use std::sync::Arc;
+    let c = Coordinator::start(&[]).await;
+    let id = c.submit("run: sleep 30\n").await;
+    let greedy = c.client().await;
+    let opened = Arc::new(AtomicUsize::new(0));
+    let mut held = Vec::new();
+    for _ in 0..300 {
+        let mut g = greedy.clone();
+        let (id, opened) = (id.clone(), opened.clone());
+        held.push(tokio::spawn(async move {
+            let req = pb::StreamLogsRequest {
+                job_id: id,
+                follow: true,
+            };
+            if let Ok(s) = g.stream_logs(req).await {
+                opened.fetch_add(1, Ordering::SeqCst);
+                let mut s = s.into_inner();
+                while let Some(Ok(_)) = tokio_stream::StreamExt::next(&mut s).await {}
+            }
+        }));
+    }
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    let n = opened.load(Ordering::SeqCst);
+    assert!(
+        n > 0 && n <= 128,
+        "{n} streams opened on one connection; the limit is 128"
+    );
+    let mut other = c.client().await;
+    let status = tokio::time::timeout(
+        Duration::from_secs(5),
+        other.get_cluster_status(pb::GetClusterStatusRequest {}),
+    )
+    .await;
+    assert!(
+        matches!(status, Ok(Ok(_))),
+        "another client was not served: {status:?}"
+    );
+    for h in held {
+        h.abort();
+    }
+}
