@@ -447,10 +447,9 @@ async fn a_partitioned_leader_and_its_attempt_are_fenced_by_the_new_leader() {
         tokio::time::sleep(Duration::from_millis(200)).await;
     };
     assert!(second.attempts[0].ended_at_unix_ms <= second.attempts[1].started_at_unix_ms);
-    assert!(
-        nembo_tests::alive(pgid),
-        "the cut-off attempt is still running on its node"
-    );
+    // The cut-off attempt may still run (its agent has not noticed the
+    // frozen leader yet) or may already have been stopped (it reconnected
+    // to the new leader first): both are correct; it must be gone below.
     // Attempt 2 checkpoints; then the old leader and its node come back.
     wait_for(
         "attempt 2 to checkpoint",
