@@ -74,8 +74,13 @@ pub struct Checkpoints {
 }
 
 impl Checkpoints {
-    /// Opens `url` (`file:///dir` or `s3://bucket/prefix`) for job `job_id`.
-    pub fn open(url: &str, job_id: &str) -> Result<Self, CheckpointError> {
+    /// Opens `url` (`file:///dir` or `s3://bucket/prefix`) for job `job_id`;
+    /// an S3 store takes its settings from the job's `AWS_*` variables.
+    pub fn open(
+        url: &str,
+        job_id: &str,
+        job_env: &std::collections::BTreeMap<String, String>,
+    ) -> Result<Self, CheckpointError> {
         let bad = |m: &str| CheckpointError::Store(url.to_string(), m.to_string());
         let (store, base): (Arc<dyn ObjectStore>, String) =
             if let Some(dir) = url.strip_prefix("file://") {
@@ -84,7 +89,7 @@ impl Checkpoints {
                     .map_err(|e| bad(&e.to_string()))?;
                 (Arc::new(fs), String::new())
             } else if url.starts_with("s3://") {
-                crate::s3::open(url).map_err(|e| bad(&e))?
+                crate::s3::open(url, job_env).map_err(|e| bad(&e))?
             } else {
                 return Err(bad(
                     "only file:// and s3:// stores are supported by this agent",
@@ -326,7 +331,7 @@ mod tests {
     async fn restore_takes_the_newest_older_epoch_and_a_stale_attempt_cannot_write() {
         let store = tempfile::tempdir().unwrap();
         let url = format!("file://{}", store.path().display());
-        let c = Checkpoints::open(&url, "7").unwrap();
+        let c = Checkpoints::open(&url, "7", &Default::default()).unwrap();
         let work = tempfile::tempdir().unwrap();
         let dir = work.path().join("ckpt");
         std::fs::create_dir_all(dir.join("sub")).unwrap();
@@ -355,13 +360,13 @@ mod tests {
         // A manifest name is never reused.
         assert!(c.sync(&dir2, 2, 1).await.is_err());
         // A first attempt starts empty.
-        assert!(Checkpoints::open(&url, "8")
+        assert!(Checkpoints::open(&url, "8", &Default::default())
             .unwrap()
             .restore(&dir2, 1)
             .await
             .unwrap()
             .is_none());
-        assert!(Checkpoints::open("gs://b/p", "1").is_err());
+        assert!(Checkpoints::open("gs://b/p", "1", &Default::default()).is_err());
         // A directory Nembo did not create is never emptied.
         let foreign = work.path().join("home");
         std::fs::create_dir_all(&foreign).unwrap();

@@ -1,12 +1,15 @@
 //! object_store's S3 client over nembo-proto's HTTP client (hyper + rustls
 //! with ring), so the agent needs neither reqwest nor aws-lc. Credentials,
-//! region and endpoint come from the standard `AWS_*` variables
-//! (`AWS_ENDPOINT_URL`, `AWS_ALLOW_HTTP` for a test server), as AWS's own
-//! tools read them.
+//! region and endpoint are the job's own `AWS_*` variables (its `envs` and
+//! `secrets`: `AWS_ACCESS_KEY_ID`, `AWS_ENDPOINT_URL`, `AWS_ALLOW_HTTP` for a
+//! test server, ...), else the agent's environment (an instance role on a
+//! cloud VM): never the coordinators' credentials.
 
 use std::sync::Arc;
 
-use object_store::aws::AmazonS3Builder;
+use std::collections::BTreeMap;
+
+use object_store::aws::{AmazonS3Builder, AmazonS3ConfigKey};
 use object_store::client::{
     HttpClient, HttpConnector, HttpError, HttpErrorKind, HttpRequest, HttpResponse, HttpService,
 };
@@ -54,13 +57,22 @@ impl HttpService for Service {
 }
 
 /// The S3 bucket of `s3://bucket[/prefix]`, and the prefix.
-pub fn open(url: &str) -> Result<(Arc<dyn ObjectStore>, String), String> {
+pub fn open(
+    url: &str,
+    job_env: &BTreeMap<String, String>,
+) -> Result<(Arc<dyn ObjectStore>, String), String> {
     let rest = url.strip_prefix("s3://").ok_or("not an s3:// URL")?;
     let (bucket, prefix) = rest.split_once('/').unwrap_or((rest, ""));
     if bucket.is_empty() {
         return Err("no bucket in the URL".into());
     }
-    let store = AmazonS3Builder::from_env()
+    let mut builder = AmazonS3Builder::from_env();
+    for (name, value) in job_env.iter().filter(|(k, _)| k.starts_with("AWS_")) {
+        if let Ok(key) = name.to_ascii_lowercase().parse::<AmazonS3ConfigKey>() {
+            builder = builder.with_config(key, value);
+        }
+    }
+    let store = builder
         .with_bucket_name(bucket)
         .with_http_connector(Connector)
         .build()

@@ -85,6 +85,11 @@ struct CkptMeta {
     dir: PathBuf,
     interval_s: u32,
     signal: String,
+    /// The job's `AWS_*` variables, for an S3 store. In memory only: never
+    /// written to the job's directory (a re-adopted job syncs with the
+    /// agent's own environment).
+    #[serde(skip)]
+    store_env: BTreeMap<String, String>,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -358,6 +363,12 @@ impl Owner {
             },
             interval_s: c.interval_s.max(1),
             signal: c.signal.clone(),
+            store_env: job
+                .env
+                .iter()
+                .filter(|(k, _)| k.starts_with("AWS_"))
+                .map(|(k, v)| (k.clone(), v.clone()))
+                .collect(),
         });
         let meta = Meta {
             job_id: job.job_id.clone(),
@@ -734,7 +745,7 @@ impl Owner {
 }
 
 async fn restore(c: &CkptMeta, job_id: &str, attempt: u32) -> Result<(), String> {
-    let store = Checkpoints::open(&c.store, job_id).map_err(|e| e.to_string())?;
+    let store = Checkpoints::open(&c.store, job_id, &c.store_env).map_err(|e| e.to_string())?;
     match store.restore(&c.dir, attempt).await {
         Ok(Some(m)) => {
             tracing::info!(
@@ -755,7 +766,7 @@ async fn restore(c: &CkptMeta, job_id: &str, attempt: u32) -> Result<(), String>
 async fn sync_now(c: &CkptMeta, key: &JobKey, lock: &tokio::sync::Mutex<()>, why: &str) {
     let _one_at_a_time = lock.lock().await;
     let result = async {
-        let store = Checkpoints::open(&c.store, &key.job_id)?;
+        let store = Checkpoints::open(&c.store, &key.job_id, &c.store_env)?;
         store.sync_next(&c.dir, key.attempt).await
     }
     .await;

@@ -310,15 +310,18 @@ async fn checkpoints_in_s3_carry_a_job_across_a_preemption() {
     let dir = tempfile::tempdir().unwrap();
     let providers = dir.path().join("providers.yaml");
     std::fs::write(&providers, PROVIDERS).unwrap();
-    let env = [
-        ("AWS_ACCESS_KEY_ID", "testing"),
-        ("AWS_SECRET_ACCESS_KEY", "testing"),
-        ("AWS_DEFAULT_REGION", "us-east-1"),
-        ("AWS_ENDPOINT_URL", endpoint.as_str()),
-        ("AWS_ALLOW_HTTP", "true"),
-    ];
-    let c = Coordinator::start_with_env(&["--providers", providers.to_str().unwrap()], &env).await;
-    let yaml = train_task("PLACEHOLDER", 40).replace("\"file://PLACEHOLDER\"", "s3://ckpts/run1");
+    let c = Coordinator::start(&["--providers", providers.to_str().unwrap()]).await;
+    // The store's settings are the job's own (envs, and secrets for the
+    // keys): the coordinators' environment never reaches a node.
+    let yaml = train_task("PLACEHOLDER", 40)
+        .replace("\"file://PLACEHOLDER\"", "s3://ckpts/run1")
+        .replace(
+            "envs: {TARGET: \"40\"}",
+            &format!(
+                "envs: {{TARGET: \"40\", AWS_ENDPOINT_URL: \"{endpoint}\", AWS_ALLOW_HTTP: \"true\", AWS_DEFAULT_REGION: us-east-1}}\nsecrets: {{AWS_ACCESS_KEY_ID: testing, AWS_SECRET_ACCESS_KEY: testing}}"
+            ),
+        );
+    assert!(yaml.contains("AWS_ENDPOINT_URL"), "{yaml}");
     let id = submit_managed(&c, dir.path(), &yaml);
     let first = running(&c, &id, 1, "step 8").await;
     let out = c.cli(&["local", "preempt", &first.node_ids[0], "--format", "gcp"]);

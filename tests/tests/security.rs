@@ -181,3 +181,31 @@ async fn a_client_flooding_streams_is_limited_and_does_not_starve_another() {
         h.abort();
     }
 }
+
+/// Provider credentials live with the coordinators only: a local node's
+/// agent, and the jobs it runs, never see them.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn provider_credentials_never_reach_agents_or_jobs() {
+    let env = [
+        ("AWS_SECRET_ACCESS_KEY", "coordinator-only-aws-secret"),
+        ("SEEWEB_API_TOKEN", "coordinator-only-seeweb-token"),
+    ];
+    let c = Coordinator::start_with_env(&[], &env).await;
+    let id = c.submit("run: env\n").await;
+    let job = c
+        .wait_state(&id, pb::JobState::Succeeded, Duration::from_secs(30))
+        .await;
+    let logs = c.logs(&id).await;
+    assert!(logs.contains("NEMBO_JOB_ID="), "{logs}");
+    assert!(
+        !logs.contains("coordinator-only"),
+        "a job saw provider credentials: {logs}"
+    );
+    let pid = c.agent_pid(&job.node_ids[0]);
+    let environ = std::fs::read(format!("/proc/{pid}/environ")).unwrap();
+    let environ = String::from_utf8_lossy(&environ);
+    assert!(
+        !environ.contains("coordinator-only"),
+        "the agent holds provider credentials"
+    );
+}

@@ -16,6 +16,24 @@ use nix::unistd::Pid;
 
 use super::{BoxFuture, Instance, LaunchRequest, Provider, ProviderError};
 
+/// The coordinator's variables a local agent inherits: the basics of a
+/// process environment, and the agent's own settings.
+const AGENT_ENV: &[&str] = &[
+    "PATH",
+    "HOME",
+    "USER",
+    "LOGNAME",
+    "LANG",
+    "LC_ALL",
+    "TZ",
+    "TMPDIR",
+    "RUST_BACKTRACE",
+    "NEMBO_LOG",
+    "NEMBO_NVML_LIB",
+    "NEMBO_FAKE_NVML",
+    "NEMBO_GPU_SAMPLE_MS",
+];
+
 /// Regions the local provider offers.
 pub const REGIONS: &[&str] = &["us-east", "eu-west"];
 
@@ -326,6 +344,11 @@ impl Provider for LocalProvider {
             if let Some(a) = accelerator_arg(&req.resources) {
                 cmd.arg("--accelerators").arg(a);
             }
+            // A node gets nothing of the coordinator's environment but what an
+            // agent needs: provider credentials (AWS_*, SEEWEB_API_TOKEN) stay
+            // with the coordinators, and jobs never see them.
+            cmd.env_clear()
+                .envs(std::env::vars().filter(|(k, _)| AGENT_ENV.contains(&k.as_str())));
             // Its own process group: a coordinator crash or Ctrl-C must not take nodes down.
             cmd.process_group(0)
                 .stdin(Stdio::null())
