@@ -210,10 +210,7 @@ pub fn plan(state: &State, offerings: &[Offering], policy: Policy, now_ms: i64) 
             && !j.reserved_nodes.is_empty()
     }) {
         // A recovering job's old attempt must be gone first: never two at once.
-        let old_runs = job
-            .attempts
-            .iter()
-            .any(|a| (0..a.ranks.len()).any(|r| a.holds(r)));
+        let old_runs = job.attempt_holding_ranks().is_some();
         let ready = !old_runs
             && job.reserved_nodes.iter().all(|n| {
                 state
@@ -250,10 +247,7 @@ pub fn plan(state: &State, offerings: &[Offering], policy: Policy, now_ms: i64) 
         let offerings = if room { offerings } else { &[] };
         // A recovering job whose old attempt still runs can only have a
         // node provisioned now; an idle node is taken once the attempt ends.
-        let old_runs = job
-            .attempts
-            .iter()
-            .any(|a| (0..a.ranks.len()).any(|r| a.holds(r)));
+        let old_runs = job.attempt_holding_ranks().is_some();
         match place_job(state, job, offerings, &round, now_ms) {
             Some(Placement::Existing { .. }) if old_runs => {}
             Some(Placement::Existing {
@@ -727,11 +721,7 @@ mod tests {
     /// The fencing invariant: at most one attempt of a job holds ranks.
     fn check_never_two_attempts(s: &State) {
         for j in s.jobs.values() {
-            let holding = j
-                .attempts
-                .iter()
-                .filter(|a| (0..a.ranks.len()).any(|r| a.holds(r)))
-                .count();
+            let holding = j.attempts.iter().filter(|a| a.holds_any()).count();
             assert!(
                 holding <= 1,
                 "job {} has {holding} attempts holding ranks",

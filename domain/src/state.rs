@@ -150,6 +150,11 @@ impl Attempt {
     pub fn holds(&self, rank: usize) -> bool {
         self.ranks.get(rank).is_some_and(|r| r.outcome.is_none())
     }
+
+    /// Some rank still holds resources: the attempt is not over on its nodes.
+    pub fn holds_any(&self) -> bool {
+        (0..self.ranks.len()).any(|r| self.holds(r))
+    }
 }
 
 /// A submitted task and its history.
@@ -255,6 +260,12 @@ impl Job {
     /// The newest attempt.
     pub fn current_attempt(&self) -> Option<&Attempt> {
         self.attempts.last()
+    }
+
+    /// The attempt still holding ranks on its nodes, if any (at most one:
+    /// a new attempt is only assigned once the old one has let go).
+    pub fn attempt_holding_ranks(&self) -> Option<&Attempt> {
+        self.attempts.iter().find(|a| a.holds_any())
     }
 
     /// Display name.
@@ -798,10 +809,7 @@ impl State {
         let (live, queued, placed) = match self.jobs.get(&id) {
             None => (false, false, false),
             Some(j) => {
-                let holds = j
-                    .attempts
-                    .iter()
-                    .any(|a| (0..a.ranks.len()).any(|r| a.holds(r)));
+                let holds = j.attempt_holding_ranks().is_some();
                 let live = !j.state.is_terminal() || holds;
                 let queued = j.state == JobState::Pending
                     || (j.state == JobState::Recovering && j.reserved_nodes.is_empty());
@@ -1269,11 +1277,7 @@ impl State {
             ));
         }
         // Never two attempts at once: the old one must have let go of every rank.
-        if let Some(old) = job
-            .attempts
-            .iter()
-            .find(|a| (0..a.ranks.len()).any(|r| a.holds(r)))
-        {
+        if let Some(old) = job.attempt_holding_ranks() {
             return conflict(format!("job {job_id}: attempt {} still runs", old.number));
         }
         if node_ids.len() != job.spec.num_nodes as usize {
