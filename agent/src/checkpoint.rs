@@ -139,12 +139,44 @@ impl Checkpoints {
         epoch: u32,
         seq: u32,
     ) -> Result<Manifest, CheckpointError> {
-        self.refuse_if_stale(epoch).await?;
+        refuse_if_stale(&self.manifests().await?, epoch)?;
+        self.upload(walk(dir)?, epoch, seq).await
+    }
+
+    /// Syncs `dir` as the next sync of attempt `epoch`; nothing when the
+    /// directory holds no file yet.
+    pub async fn sync_next(
+        &self,
+        dir: &Path,
+        epoch: u32,
+    ) -> Result<Option<Manifest>, CheckpointError> {
+        let files = walk(dir)?;
+        if files.is_empty() {
+            return Ok(None);
+        }
+        let existing = self.manifests().await?;
+        refuse_if_stale(&existing, epoch)?;
+        let seq = existing
+            .iter()
+            .filter(|(e, _)| *e == epoch)
+            .map(|(_, s)| s + 1)
+            .max()
+            .unwrap_or(1);
+        self.upload(files, epoch, seq).await.map(Some)
+    }
+
+    /// Puts `files` as sync `seq` of attempt `epoch`, the manifest last.
+    async fn upload(
+        &self,
+        files: Vec<(String, PathBuf)>,
+        epoch: u32,
+        seq: u32,
+    ) -> Result<Manifest, CheckpointError> {
         let name = Manifest::name(epoch, seq);
         let data_name = format!("{name}-{:08x}", nonce());
         let data = self.prefix.clone().join("data").join(data_name.as_str());
-        let mut files = Vec::new();
-        for (rel, abs) in walk(dir)? {
+        let mut uploaded = Vec::new();
+        for (rel, abs) in files {
             let bytes = tokio::fs::read(&abs).await?;
             let len = bytes.len() as u64;
             let mut key = data.clone();
@@ -152,19 +184,19 @@ impl Checkpoints {
                 key = key.join(part);
             }
             self.store.put(&key, PutPayload::from(bytes)).await?;
-            files.push((rel, len));
+            uploaded.push((rel, len));
         }
         let manifest = Manifest {
             epoch,
             seq,
-            files,
+            files: uploaded,
             data: data_name,
             at_ms: crate::supervisor::now_ms(),
         };
-        // The check above and this write race only with an attempt of the
-        // same or an older epoch, which Raft has already ended; Create makes
-        // a manifest name impossible to reuse.
-        self.refuse_if_stale(epoch).await?;
+        // Checked again now that the data is up: what remains is a race only
+        // with an attempt of the same or an older epoch, which Raft has
+        // already ended; Create makes a manifest name impossible to reuse.
+        refuse_if_stale(&self.manifests().await?, epoch)?;
         let body = serde_json::to_vec(&manifest).map_err(std::io::Error::other)?;
         self.store
             .put_opts(
@@ -181,36 +213,6 @@ impl Checkpoints {
             )
             .await?;
         Ok(manifest)
-    }
-
-    /// Syncs `dir` as the next sync of attempt `epoch`; nothing when the
-    /// directory holds no file yet.
-    pub async fn sync_next(
-        &self,
-        dir: &Path,
-        epoch: u32,
-    ) -> Result<Option<Manifest>, CheckpointError> {
-        if walk(dir)?.is_empty() {
-            return Ok(None);
-        }
-        let seq = self
-            .manifests()
-            .await?
-            .iter()
-            .filter(|(e, _)| *e == epoch)
-            .map(|(_, s)| s + 1)
-            .max()
-            .unwrap_or(1);
-        self.sync(dir, epoch, seq).await.map(Some)
-    }
-
-    async fn refuse_if_stale(&self, epoch: u32) -> Result<(), CheckpointError> {
-        match self.manifests().await?.last() {
-            Some(&(newer, _)) if newer > epoch => {
-                Err(CheckpointError::Stale { mine: epoch, newer })
-            }
-            _ => Ok(()),
-        }
     }
 
     /// Restores into `dir` the newest checkpoint of an attempt before
@@ -267,6 +269,14 @@ impl Checkpoints {
             tokio::fs::write(target, bytes).await?;
         }
         Ok(Some(manifest))
+    }
+}
+
+/// Refuses attempt `epoch` once a newer attempt has a complete checkpoint.
+fn refuse_if_stale(existing: &[(u32, u32)], epoch: u32) -> Result<(), CheckpointError> {
+    match existing.last() {
+        Some(&(newer, _)) if newer > epoch => Err(CheckpointError::Stale { mine: epoch, newer }),
+        _ => Ok(()),
     }
 }
 
