@@ -9,6 +9,7 @@
 pub mod checkpoint;
 pub mod fence;
 pub mod gpu;
+pub mod identity;
 pub mod preempt;
 mod s3;
 pub mod session;

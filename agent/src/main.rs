@@ -23,11 +23,14 @@ struct Args {
     /// Cluster CA certificate.
     #[arg(long, env = "NEMBO_CA_CERT", required_unless_present = "probe_gpus")]
     ca_cert: Option<PathBuf>,
-    /// File holding the join token (must be 0600).
-    #[arg(long, env = "NEMBO_TOKEN_FILE", required_unless_present = "probe_gpus")]
-    token_file: Option<PathBuf>,
-    /// This node's id.
-    #[arg(long, env = "NEMBO_NODE_ID", required_unless_present = "probe_gpus")]
+    /// File holding a one-time join token (must be 0600): traded, with a
+    /// key made here, for this node's certificate, then deleted. Not needed
+    /// while the certificate saved in the work dir is valid.
+    #[arg(long, env = "NEMBO_JOIN_TOKEN_FILE")]
+    join_token_file: Option<PathBuf>,
+    /// This node's id, for a node a provider launched; a machine joining on
+    /// its own leaves it out and is named by the coordinators.
+    #[arg(long, env = "NEMBO_NODE_ID")]
     node_id: Option<String>,
     /// Work directory for jobs and their logs.
     #[arg(long, env = "NEMBO_WORK_DIR", required_unless_present = "probe_gpus")]
@@ -113,12 +116,11 @@ fn main() -> anyhow::Result<()> {
             nembo_agent::telemetry::Telemetry::none()
         }
     };
-    let required = |v: Option<String>| v.context("missing a required flag");
     let cfg = AgentConfig {
         coordinators: a.coordinator,
         ca_cert: a.ca_cert.context("--ca-cert")?,
-        token_file: a.token_file.context("--token-file")?,
-        node_id: required(a.node_id)?,
+        join_token_file: a.join_token_file,
+        node_id: a.node_id,
         work_dir: a.work_dir.context("--work-dir")?,
         address: a.address,
         resources: pb::NodeResources {

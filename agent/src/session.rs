@@ -18,6 +18,7 @@ use tokio_stream::wrappers::ReceiverStream;
 use tonic::Code;
 
 use crate::fence::Fence;
+use crate::identity::Identity;
 use crate::preempt::Notice;
 use crate::supervisor::{now_ms, Event, JobKey, JobView, Supervisor};
 use crate::telemetry::Telemetry;
@@ -30,10 +31,13 @@ pub struct AgentConfig {
     pub coordinators: Vec<String>,
     /// CA certificate to trust.
     pub ca_cert: PathBuf,
-    /// Join token file (0600).
-    pub token_file: PathBuf,
-    /// This node's id, as the provider named it.
-    pub node_id: String,
+    /// One-time join token file (0600): a node token from the coordinator
+    /// that launched this node, or an admin's (`nembo admin tokens
+    /// create`). Spent, then deleted, when the node has no certificate.
+    pub join_token_file: Option<PathBuf>,
+    /// This node's id, as the provider named it; none for a machine joining
+    /// on its own with an admin's token (the coordinators name it).
+    pub node_id: Option<String>,
     /// Where jobs live.
     pub work_dir: PathBuf,
     /// Address other nodes reach this one at.
@@ -59,7 +63,14 @@ pub enum AgentError {
     /// Local setup failed.
     #[error("{0}")]
     Setup(String),
+    /// The coordinators refused this node's credentials (a join token used,
+    /// expired or revoked; the node revoked).
+    #[error("refused by the coordinators: {0}")]
+    Refused(String),
 }
+
+/// Metadata key of the leader's URL on a follower's refusal.
+pub const LEADER_URL_KEY: &str = "nembo-leader-url";
 
 enum SessionEnd {
     Retry(String),
@@ -91,8 +102,26 @@ pub async fn run(
     let mut backoff = Duration::from_millis(100);
     let mut target = 0usize;
     let mut url = cfg.coordinators[0].clone();
+    let mut identity = Identity::load(&cfg.work_dir)
+        .filter(|i| cfg.node_id.as_ref().is_none_or(|n| *n == i.node_id));
     loop {
-        match session(&cfg, &url, &ca, &sup, &mut events, &mut fence, &mut notices).await {
+        let end = match ensure_identity(&cfg, &url, &ca, &mut identity).await {
+            Ok(id) => {
+                session(
+                    &cfg,
+                    &id,
+                    &url,
+                    &ca,
+                    &sup,
+                    &mut events,
+                    &mut fence,
+                    &mut notices,
+                )
+                .await
+            }
+            Err(end) => end,
+        };
+        match end {
             SessionEnd::Fatal(e) => return Err(e),
             SessionEnd::Redirect(leader) => {
                 // A follower named the leader: go there at once.
@@ -121,8 +150,136 @@ pub async fn run(
     }
 }
 
+/// A certificate that is good for now: the saved one, renewed when due, or
+/// a new one for the join token.
+async fn ensure_identity(
+    cfg: &AgentConfig,
+    url: &str,
+    ca: &[u8],
+    saved: &mut Option<Identity>,
+) -> Result<Identity, SessionEnd> {
+    let now = now_ms();
+    if let Some(id) = saved.as_ref().filter(|i| !i.expired(now)) {
+        if now < id.renew_at_ms() {
+            return Ok(id.clone());
+        }
+        match renew(cfg, url, ca, id).await {
+            Ok(new) => {
+                tracing::info!(node = %new.node_id, valid_until_ms = new.not_after_ms, "certificate renewed");
+                *saved = Some(new.clone());
+                return Ok(new);
+            }
+            Err(SessionEnd::Fatal(e)) => return Err(SessionEnd::Fatal(e)),
+            // Still valid: use it, and try again at the next connection.
+            Err(other) => {
+                if let SessionEnd::Retry(why) | SessionEnd::Redirect(why) = &other {
+                    tracing::warn!(reason = %why, "certificate renewal failed; keeping the current one");
+                }
+                return Ok(id.clone());
+            }
+        }
+    }
+    let new = enroll(cfg, url, ca).await?;
+    tracing::info!(node = %new.node_id, valid_until_ms = new.not_after_ms, "enrolled");
+    *saved = Some(new.clone());
+    Ok(new)
+}
+
+fn refused(s: &tonic::Status, url: &str) -> SessionEnd {
+    if let Some(leader) = s
+        .metadata()
+        .get(crate::session::LEADER_URL_KEY)
+        .and_then(|v| v.to_str().ok())
+    {
+        if leader != url {
+            return SessionEnd::Redirect(leader.to_string());
+        }
+    }
+    match s.code() {
+        Code::PermissionDenied | Code::Unauthenticated | Code::InvalidArgument => {
+            SessionEnd::Fatal(AgentError::Refused(s.message().to_string()))
+        }
+        _ => SessionEnd::Retry(format!("{}: {}", s.code(), s.message())),
+    }
+}
+
+async fn enroll(cfg: &AgentConfig, url: &str, ca: &[u8]) -> Result<Identity, SessionEnd> {
+    let Some(token_file) = &cfg.join_token_file else {
+        return Err(SessionEnd::Fatal(AgentError::Setup(
+            "this node has no valid certificate and no join token: start it with --join-token-file (nembo admin tokens create)".into(),
+        )));
+    };
+    let token = read_token(token_file).map_err(|e| {
+        SessionEnd::Fatal(AgentError::Setup(format!(
+            "{e} (a join token is spent at the first enrollment; an expired certificate needs a new one: nembo admin tokens create)"
+        )))
+    })?;
+    let (key_pem, public_key) =
+        crate::identity::new_key().map_err(|e| SessionEnd::Fatal(AgentError::Setup(e)))?;
+    let mut client = tokio::time::timeout(
+        ESTABLISH_TIMEOUT,
+        nembo_proto::client::connect_enrollment(url, ca),
+    )
+    .await
+    .map_err(|_| SessionEnd::Retry(format!("{url}: no answer within {ESTABLISH_TIMEOUT:?}")))?
+    .map_err(|e| SessionEnd::Retry(e.to_string()))?;
+    let req = pb::EnrollRequest {
+        join_token: token,
+        node_id: cfg.node_id.clone().unwrap_or_default(),
+        public_key,
+        hostname: hostname(),
+        resources: Some(cfg.resources.clone()),
+    };
+    let answer = tokio::time::timeout(ESTABLISH_TIMEOUT, client.enroll(req))
+        .await
+        .map_err(|_| SessionEnd::Retry(format!("{url}: no answer within {ESTABLISH_TIMEOUT:?}")))?
+        .map_err(|s| refused(&s, url))?
+        .into_inner();
+    let id = Identity::issued(key_pem, answer);
+    id.save(&cfg.work_dir).map_err(|e| {
+        SessionEnd::Fatal(AgentError::Setup(format!(
+            "{}: {e}",
+            cfg.work_dir.display()
+        )))
+    })?;
+    // Spent: nobody should find it on this machine later.
+    let _ = std::fs::remove_file(token_file);
+    Ok(id)
+}
+
+async fn renew(
+    cfg: &AgentConfig,
+    url: &str,
+    ca: &[u8],
+    current: &Identity,
+) -> Result<Identity, SessionEnd> {
+    let (key_pem, public_key) =
+        crate::identity::new_key().map_err(|e| SessionEnd::Fatal(AgentError::Setup(e)))?;
+    let mut client = tokio::time::timeout(
+        ESTABLISH_TIMEOUT,
+        nembo_proto::client::connect_agent_tls(url, ca, &current.cert_pem, &current.key_pem),
+    )
+    .await
+    .map_err(|_| SessionEnd::Retry(format!("{url}: no answer within {ESTABLISH_TIMEOUT:?}")))?
+    .map_err(|e| SessionEnd::Retry(e.to_string()))?;
+    let answer = tokio::time::timeout(
+        ESTABLISH_TIMEOUT,
+        client.renew(pb::RenewRequest { public_key }),
+    )
+    .await
+    .map_err(|_| SessionEnd::Retry(format!("{url}: no answer within {ESTABLISH_TIMEOUT:?}")))?
+    .map_err(|s| refused(&s, url))?
+    .into_inner();
+    let id = Identity::issued(key_pem, answer);
+    id.save(&cfg.work_dir)
+        .map_err(|e| SessionEnd::Retry(format!("{}: {e}", cfg.work_dir.display())))?;
+    Ok(id)
+}
+
+#[allow(clippy::too_many_arguments)]
 async fn session(
     cfg: &AgentConfig,
+    identity: &Identity,
     url: &str,
     ca: &[u8],
     sup: &Supervisor,
@@ -130,10 +287,6 @@ async fn session(
     fence: &mut Fence,
     notices: &mut watch::Receiver<Option<Notice>>,
 ) -> SessionEnd {
-    let token = match read_token(&cfg.token_file) {
-        Ok(t) => t,
-        Err(e) => return SessionEnd::Fatal(e),
-    };
     // A coordinator that accepts the connection but never answers (a frozen
     // or partitioned process) must not hold the agent: give each member a
     // few seconds to welcome it, then try the next.
@@ -141,7 +294,7 @@ async fn session(
     let silent = || SessionEnd::Retry(format!("{url}: no welcome within {ESTABLISH_TIMEOUT:?}"));
     let mut client = match tokio::time::timeout_at(
         deadline,
-        nembo_proto::client::connect_agent(url, ca, &token),
+        nembo_proto::client::connect_agent_tls(url, ca, &identity.cert_pem, &identity.key_pem),
     )
     .await
     {
@@ -154,7 +307,7 @@ async fn session(
     let jobs = sup.snapshot().await;
     let (out, out_rx) = mpsc::channel::<pb::AgentMessage>(1024);
     let hello = pb::Hello {
-        node_id: cfg.node_id.clone(),
+        node_id: identity.node_id.clone(),
         hostname: hostname(),
         address: cfg.address.clone(),
         resources: Some(cfg.resources.clone()),
@@ -174,10 +327,13 @@ async fn session(
         Err(s) if matches!(s.code(), Code::NotFound | Code::FailedPrecondition) => {
             return SessionEnd::Fatal(AgentError::Retired(s.message().to_string()))
         }
-        Err(s) if s.metadata().get("nembo-leader-url").is_some() => {
+        Err(s) if s.code() == Code::PermissionDenied => {
+            return SessionEnd::Fatal(AgentError::Refused(s.message().to_string()))
+        }
+        Err(s) if s.metadata().get(LEADER_URL_KEY).is_some() => {
             let leader = s
                 .metadata()
-                .get("nembo-leader-url")
+                .get(LEADER_URL_KEY)
                 .and_then(|v| v.to_str().ok());
             return match leader {
                 Some(l) if l != url => SessionEnd::Redirect(l.to_string()),
@@ -200,7 +356,11 @@ async fn session(
         // A deposed leader that does not know it yet: find the new one.
         return SessionEnd::Retry(stale.to_string());
     }
-    tracing::info!(node = %cfg.node_id, coordinator = %url, jobs = jobs.len(), "session open");
+    tracing::info!(node = %identity.node_id, coordinator = %url, jobs = jobs.len(), "session open");
+    // Reconnect with a renewed certificate once it is due.
+    let renew_in = Duration::from_millis((identity.renew_at_ms() - now_ms()).max(0) as u64);
+    let renewal = tokio::time::sleep(renew_in);
+    tokio::pin!(renewal);
     let offsets: BTreeMap<(String, u32), u64> = welcome
         .log_offsets
         .iter()
@@ -258,8 +418,12 @@ async fn session(
                 }
                 Ok(Some(_)) => false,
                 Ok(None) => return SessionEnd::Retry("coordinator closed the session".into()),
+                Err(s) if s.code() == Code::PermissionDenied => {
+                    return SessionEnd::Fatal(AgentError::Refused(s.message().to_string()))
+                }
                 Err(s) => return SessionEnd::Retry(s.to_string()),
             },
+            () = &mut renewal => return SessionEnd::Retry("certificate renewal due".into()),
             ev = events.recv() => {
                 let Some(Event::Report(view)) = ev else { return SessionEnd::Fatal(AgentError::Setup("supervisor stopped".into())) };
                 if out.send(msg(AgentMsg::JobReport(view.report.clone()))).await.is_err() {

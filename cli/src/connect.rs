@@ -307,7 +307,10 @@ pub async fn resolve(start: bool) -> Result<ApiInfo> {
 pub(crate) async fn connect_info(info: &ApiInfo) -> Result<Client> {
     let ca = std::fs::read(&info.ca_cert_path)
         .with_context(|| format!("read CA {}", info.ca_cert_path))?;
-    let token = read_token(Path::new(&info.token_path))?;
+    // A user's own token (`nembo admin users create`) instead of the
+    // cluster's, for the same coordinators.
+    let token_path = std::env::var("NEMBO_TOKEN_FILE").unwrap_or_else(|_| info.token_path.clone());
+    let token = read_token(Path::new(&token_path))?;
     if info.endpoints.len() > 1 {
         return Ok(nembo_proto::client::connect_any(
             &info.endpoints,

@@ -1,5 +1,6 @@
 //! `nembo`: the command-line interface.
 
+mod admin;
 mod catalog;
 mod connect;
 mod demo;
@@ -185,6 +186,8 @@ enum Cmd {
         #[command(subcommand)]
         command: LocalCmd,
     },
+    /// The user the token in use belongs to, and its role.
+    Whoami,
     /// Cluster administration.
     Admin {
         #[command(subcommand)]
@@ -198,6 +201,92 @@ enum AdminCmd {
     Members {
         #[command(subcommand)]
         command: MembersCmd,
+    },
+    /// API users and their roles (admin, user, viewer).
+    Users {
+        #[command(subcommand)]
+        command: UsersCmd,
+    },
+    /// One-time join tokens that let a machine's agent enroll.
+    Tokens {
+        #[command(subcommand)]
+        command: TokensCmd,
+    },
+    /// Nodes.
+    Nodes {
+        #[command(subcommand)]
+        command: NodesCmd,
+    },
+    /// Every call that changed something or was refused, newest last.
+    Audit {
+        /// How many records.
+        #[arg(long, default_value_t = 100)]
+        limit: u32,
+        /// Machine-readable output.
+        #[arg(long)]
+        json: bool,
+    },
+}
+
+#[derive(Subcommand, Debug)]
+enum UsersCmd {
+    /// Create a user; its token is printed once, on stdout.
+    Create {
+        /// Name (owns the jobs it submits).
+        name: String,
+        /// viewer (reads status and metrics), user (runs and manages its
+        /// own jobs) or admin (everything).
+        #[arg(long, default_value = "user", value_parser = ["viewer", "user", "admin"])]
+        role: String,
+    },
+    /// List users.
+    List {
+        /// Machine-readable output.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Revoke a user's token (create the user again for a new one).
+    Revoke {
+        /// Name.
+        name: String,
+    },
+}
+
+#[derive(Subcommand, Debug)]
+enum TokensCmd {
+    /// Create a join token; it is printed once, on stdout.
+    Create {
+        /// How long it may be used (30m, 1h, 3600).
+        #[arg(long, default_value = "1h", value_parser = parse_duration_ms)]
+        ttl: u32,
+        /// How many agents may enroll with it.
+        #[arg(long, default_value_t = 1)]
+        uses: u32,
+        /// What it is for.
+        #[arg(long, default_value = "")]
+        description: String,
+    },
+    /// List join tokens with their uses left and the nodes they enrolled.
+    List {
+        /// Machine-readable output.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Revoke a join token.
+    Revoke {
+        /// Token id.
+        id: String,
+    },
+}
+
+#[derive(Subcommand, Debug)]
+enum NodesCmd {
+    /// Cut a node off: its session ends, its certificate is refused and
+    /// cannot be renewed, its jobs' ranks are lost (managed jobs recover
+    /// elsewhere) and it is terminated.
+    Revoke {
+        /// Node id.
+        node: String,
     },
 }
 
@@ -269,11 +358,13 @@ enum LocalCmd {
     },
 }
 
-/// `30s`, `2m`, `1500ms`, `45` (seconds).
+/// `30s`, `2m`, `1h`, `1500ms`, `45` (seconds).
 fn parse_duration_ms(s: &str) -> Result<u32, String> {
     let s = s.trim();
     let (n, mult) = if let Some(n) = s.strip_suffix("ms") {
         (n, 1)
+    } else if let Some(n) = s.strip_suffix('h') {
+        (n, 3_600_000)
     } else if let Some(n) = s.strip_suffix('s') {
         (n, 1000)
     } else if let Some(n) = s.strip_suffix('m') {
@@ -376,6 +467,36 @@ async fn run(cli: Cli) -> Result<i32> {
                     .map(|()| 0)
             }
         },
+        Cmd::Admin {
+            command: AdminCmd::Users { command },
+        } => match command {
+            UsersCmd::Create { name, role } => admin::user_create(&name, &role).await,
+            UsersCmd::List { json } => admin::user_list(json).await,
+            UsersCmd::Revoke { name } => admin::user_revoke(&name).await,
+        }
+        .map(|()| 0),
+        Cmd::Admin {
+            command: AdminCmd::Tokens { command },
+        } => match command {
+            TokensCmd::Create {
+                ttl,
+                uses,
+                description,
+            } => admin::token_create(ttl, uses, &description).await,
+            TokensCmd::List { json } => admin::token_list(json).await,
+            TokensCmd::Revoke { id } => admin::token_revoke(&id).await,
+        }
+        .map(|()| 0),
+        Cmd::Admin {
+            command:
+                AdminCmd::Nodes {
+                    command: NodesCmd::Revoke { node },
+                },
+        } => admin::node_revoke(&node).await.map(|()| 0),
+        Cmd::Admin {
+            command: AdminCmd::Audit { limit, json },
+        } => admin::audit(limit, json).await.map(|()| 0),
+        Cmd::Whoami => admin::whoami().await.map(|()| 0),
         Cmd::Local { command } => match command {
             LocalCmd::Up { coordinators } => local::up(coordinators).await.map(|()| 0),
             LocalCmd::Down => local::local_down().await.map(|()| 0),

@@ -19,9 +19,10 @@ use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Request, Response, Status, Streaming};
 
+use crate::enroll::AgentCaller;
 use crate::logs::LogKey;
 use crate::raft::ClusterView;
-use crate::server::{now_ms, BoundNode, Ctx};
+use crate::server::{now_ms, Ctx};
 
 /// Metadata key of the leader's URL on a follower's refusal.
 pub const LEADER_URL_KEY: &str = "nembo-leader-url";
@@ -42,11 +43,18 @@ impl Agents {
 impl AgentService for Agents {
     type SessionStream = ReceiverStream<Result<pb::CoordinatorMessage, Status>>;
 
+    async fn renew(
+        &self,
+        request: Request<pb::RenewRequest>,
+    ) -> Result<Response<pb::EnrollResponse>, Status> {
+        crate::enroll::renew(&self.ctx, request).await
+    }
+
     async fn session(
         &self,
         request: Request<Streaming<pb::AgentMessage>>,
     ) -> Result<Response<Self::SessionStream>, Status> {
-        let bound = request.extensions().get::<BoundNode>().cloned();
+        let caller = request.extensions().get::<AgentCaller>().cloned();
         let mut inbound = request.into_inner();
         let hello = match inbound.message().await? {
             Some(pb::AgentMessage {
@@ -54,14 +62,37 @@ impl AgentService for Agents {
             }) => h,
             _ => return Err(Status::invalid_argument("the first message must be hello")),
         };
-        if let Some(BoundNode(node)) = bound.filter(|b| b.0 != hello.node_id) {
+        let view = self.ctx.raft.view();
+        let node = view.state.nodes.get(&hello.node_id);
+        match &caller {
+            Some(AgentCaller::Node(n)) if *n == hello.node_id => {}
+            Some(AgentCaller::Node(n)) => {
+                return Err(Status::permission_denied(format!(
+                    "this certificate is for node {n}, not {}",
+                    hello.node_id
+                )))
+            }
+            Some(AgentCaller::Simulated)
+                if node.is_some_and(|n| {
+                    self.ctx
+                        .providers
+                        .get(&n.provider)
+                        .is_some_and(|p| p.records_only())
+                }) => {}
+            _ => {
+                return Err(Status::permission_denied(format!(
+                    "node {} must connect with its own certificate",
+                    hello.node_id
+                )))
+            }
+        }
+        if node.is_some_and(|n| n.revoked_at_ms.is_some()) {
             return Err(Status::permission_denied(format!(
-                "this token is for node {node}, not {}",
+                "node {} is revoked",
                 hello.node_id
             )));
         }
-        let view = self.ctx.raft.view();
-        match view.state.nodes.get(&hello.node_id) {
+        match node {
             None => {
                 return Err(Status::not_found(format!(
                     "node {} is not known",
@@ -88,8 +119,10 @@ impl AgentService for Agents {
         let ctx = self.ctx.clone();
         tokio::spawn(async move {
             let node = hello.node_id.clone();
-            if let Err(e) = run_session(ctx, hello, inbound, tx).await {
+            if let Err(e) = run_session(ctx, hello, inbound, tx.clone()).await {
                 tracing::info!(node = %node, error = %e, "agent session ended");
+                // The agent learns why (a revoked node stops retrying).
+                let _ = tx.send(Err(e)).await;
             }
         });
         Ok(Response::new(ReceiverStream::new(rx)))
@@ -211,6 +244,10 @@ async fn run_session(
                 let view = views.borrow_and_update().clone();
                 if !view.is_leader() {
                     return Err(Status::unavailable("leadership lost"));
+                }
+                if view.state.nodes.get(&node_id).is_some_and(|n| n.revoked_at_ms.is_some()) {
+                    ctx.fleet.forget(&node_id).await;
+                    return Err(Status::permission_denied(format!("node {node_id} is revoked")));
                 }
                 let node_gone = view.state.nodes.get(&node_id).is_none_or(|n| n.state.is_final());
                 if node_gone {

@@ -18,9 +18,11 @@ use tonic::{Request, Response, Status};
 use crate::convert;
 use crate::error::CoordinatorError;
 use crate::fleet::LabelCache;
+use crate::gate::{audited, on_behalf, principal, Principal};
 use crate::logs::LogKey;
 use crate::raft::ProposeError;
 use crate::server::{now_ms, Ctx};
+use nembo_domain::access::{AccessCommand, JoinToken, Role};
 use raft::eraftpb::{ConfChangeSingle, ConfChangeType, ConfChangeV2};
 
 /// How long a follower of a finished job's logs waits for output still in
@@ -161,6 +163,25 @@ fn parse_job_id(s: &str) -> Result<JobId, CoordinatorError> {
         .map_err(|_| CoordinatorError::NotFound(format!("job '{s}' not found")))
 }
 
+/// Users act on their own jobs only; admins on all.
+fn check_owner(who: &Principal, id: JobId, owner: &str) -> Result<(), CoordinatorError> {
+    if who.owns(owner) {
+        Ok(())
+    } else {
+        Err(CoordinatorError::PermissionDenied(format!(
+            "job {id} belongs to another user"
+        )))
+    }
+}
+
+/// `<prefix><id><sep><secret>` with fresh random halves, and the secret's digest.
+fn new_token(prefix: &str, sep: char) -> (String, String, String) {
+    let id = crate::tls::random_token()[..16].to_string();
+    let secret = crate::tls::random_token();
+    let digest = crate::gate::sha256_hex(&secret);
+    (format!("{prefix}{id}{sep}{secret}"), id, digest)
+}
+
 fn rejection(r: Rejection) -> CoordinatorError {
     match r {
         Rejection::NoSuchJob(_) | Rejection::NoSuchNode(_) => {
@@ -177,8 +198,9 @@ impl Coordinator for Api {
         request: Request<pb::SubmitJobRequest>,
     ) -> Result<Response<pb::SubmitJobResponse>, Status> {
         if let Some(mut leader) = self.ctx.leader().await? {
-            return forwarded(leader.submit_job(request.into_inner()).await);
+            return forwarded(leader.submit_job(on_behalf(request)).await);
         }
+        let who = principal(&request)?;
         let req = request.into_inner();
         let spec = self.parse_request(&req)?;
         let key = (!req.idempotency_key.is_empty()).then(|| req.idempotency_key.clone());
@@ -188,15 +210,19 @@ impl Coordinator for Api {
             .propose(Command::SubmitJob {
                 spec: self.sealed(spec),
                 idempotency_key: key,
+                owner: who.name,
                 at_ms: now_ms(),
             })
             .await
             .map_err(CoordinatorError::from)?;
         match out {
-            Outcome::Job { job_id, existing } => Ok(Response::new(pb::SubmitJobResponse {
-                job_id: job_id.to_string(),
-                existing,
-            })),
+            Outcome::Job { job_id, existing } => Ok(audited(
+                pb::SubmitJobResponse {
+                    job_id: job_id.to_string(),
+                    existing,
+                },
+                format!("job {job_id}"),
+            )),
             Outcome::Rejected(r) => Err(rejection(r).into()),
             other => {
                 Err(CoordinatorError::Internal(format!("unexpected outcome {other:?}")).into())
@@ -209,7 +235,7 @@ impl Coordinator for Api {
         request: Request<pb::SubmitJobRequest>,
     ) -> Result<Response<pb::DryRunResponse>, Status> {
         if let Some(mut leader) = self.ctx.read_route(&request).await? {
-            return forwarded(leader.dry_run(request.into_inner()).await);
+            return forwarded(leader.dry_run(on_behalf(request)).await);
         }
         let spec = self.parse_request(request.get_ref())?;
         let view = self.ctx.raft.view();
@@ -270,8 +296,9 @@ impl Coordinator for Api {
         request: Request<pb::GetJobRequest>,
     ) -> Result<Response<pb::Job>, Status> {
         if let Some(mut leader) = self.ctx.read_route(&request).await? {
-            return forwarded(leader.get_job(request.into_inner()).await);
+            return forwarded(leader.get_job(on_behalf(request)).await);
         }
+        let who = principal(&request)?;
         let id = parse_job_id(&request.get_ref().job_id)?;
         let view = self.ctx.raft.view();
         let job = view
@@ -279,6 +306,10 @@ impl Coordinator for Api {
             .jobs
             .get(&id)
             .ok_or_else(|| CoordinatorError::NotFound(format!("job {id} not found")))?;
+        // Viewers read every job's status; users only their own.
+        if who.role != Role::Viewer {
+            check_owner(&who, id, &job.owner)?;
+        }
         Ok(Response::new(convert::job_to_proto(job)))
     }
 
@@ -287,8 +318,9 @@ impl Coordinator for Api {
         request: Request<pb::ListJobsRequest>,
     ) -> Result<Response<pb::ListJobsResponse>, Status> {
         if let Some(mut leader) = self.ctx.read_route(&request).await? {
-            return forwarded(leader.list_jobs(request.into_inner()).await);
+            return forwarded(leader.list_jobs(on_behalf(request)).await);
         }
+        let who = principal(&request)?;
         let filter: Vec<_> = request
             .get_ref()
             .states
@@ -301,6 +333,7 @@ impl Coordinator for Api {
             .jobs
             .values()
             .filter(|j| filter.is_empty() || filter.contains(&j.state))
+            .filter(|j| who.role != Role::User || who.owns(&j.owner))
             .map(|j| convert::job_to_proto(j))
             .collect();
         Ok(Response::new(pb::ListJobsResponse { jobs }))
@@ -311,9 +344,13 @@ impl Coordinator for Api {
         request: Request<pb::CancelJobRequest>,
     ) -> Result<Response<pb::CancelJobResponse>, Status> {
         if let Some(mut leader) = self.ctx.leader().await? {
-            return forwarded(leader.cancel_job(request.into_inner()).await);
+            return forwarded(leader.cancel_job(on_behalf(request)).await);
         }
+        let who = principal(&request)?;
         let id = parse_job_id(&request.get_ref().job_id)?;
+        if let Some(job) = self.ctx.raft.view().state.jobs.get(&id) {
+            check_owner(&who, id, &job.owner)?;
+        }
         let out = self
             .ctx
             .raft
@@ -335,9 +372,12 @@ impl Coordinator for Api {
             .get(&id)
             .map(|j| convert::job_state(j.state))
             .unwrap_or(pb::JobState::Unspecified);
-        Ok(Response::new(pb::CancelJobResponse {
-            state: state as i32,
-        }))
+        Ok(audited(
+            pb::CancelJobResponse {
+                state: state as i32,
+            },
+            format!("job {id}"),
+        ))
     }
 
     type StreamLogsStream = ReceiverStream<Result<pb::LogChunk, Status>>;
@@ -347,7 +387,7 @@ impl Coordinator for Api {
         request: Request<pb::StreamLogsRequest>,
     ) -> Result<Response<Self::StreamLogsStream>, Status> {
         if let Some(mut leader) = self.ctx.leader().await? {
-            let mut upstream = leader.stream_logs(request.into_inner()).await?.into_inner();
+            let mut upstream = leader.stream_logs(on_behalf(request)).await?.into_inner();
             let (tx, rx) = mpsc::channel(16);
             tokio::spawn(async move {
                 use tokio_stream::StreamExt;
@@ -359,10 +399,12 @@ impl Coordinator for Api {
             });
             return Ok(Response::new(ReceiverStream::new(rx)));
         }
+        let who = principal(&request)?;
         let req = request.into_inner();
         let id = parse_job_id(&req.job_id)?;
-        if !self.ctx.raft.view().state.jobs.contains_key(&id) {
-            return Err(CoordinatorError::NotFound(format!("job {id} not found")).into());
+        match self.ctx.raft.view().state.jobs.get(&id) {
+            None => return Err(CoordinatorError::NotFound(format!("job {id} not found")).into()),
+            Some(job) => check_owner(&who, id, &job.owner)?,
         }
         let (tx, rx) = mpsc::channel(16);
         let ctx = self.ctx.clone();
@@ -379,7 +421,7 @@ impl Coordinator for Api {
         request: Request<pb::ListNodesRequest>,
     ) -> Result<Response<pb::ListNodesResponse>, Status> {
         if let Some(mut leader) = self.ctx.read_route(&request).await? {
-            return forwarded(leader.list_nodes(request.into_inner()).await);
+            return forwarded(leader.list_nodes(on_behalf(request)).await);
         }
         let view = self.ctx.raft.view();
         let nodes = view
@@ -499,9 +541,12 @@ impl Coordinator for Api {
                 crate::provider::ProviderError::InvalidRequest(m) => Status::invalid_argument(m),
                 other => Status::unavailable(other.to_string()),
             })?;
-        Ok(Response::new(pb::InjectPreemptionResponse {
-            deadline_unix_ms: deadline,
-        }))
+        Ok(audited(
+            pb::InjectPreemptionResponse {
+                deadline_unix_ms: deadline,
+            },
+            format!("node {}", r.node_id),
+        ))
     }
 
     async fn refresh_catalog(
@@ -537,11 +582,14 @@ impl Coordinator for Api {
             std::fs::rename(&tmp, &path)
         };
         write().map_err(|e| Status::internal(format!("{}: {e}", path.display())))?;
-        Ok(Response::new(pb::RefreshCatalogResponse {
-            path: path.display().to_string(),
-            offerings: offerings.len() as u32,
-            csv,
-        }))
+        Ok(audited(
+            pb::RefreshCatalogResponse {
+                path: path.display().to_string(),
+                offerings: offerings.len() as u32,
+                csv,
+            },
+            format!("catalog {}", path.display()),
+        ))
     }
 
     async fn get_cost_report(
@@ -549,7 +597,7 @@ impl Coordinator for Api {
         request: Request<pb::GetCostReportRequest>,
     ) -> Result<Response<pb::CostReport>, Status> {
         if let Some(mut leader) = self.ctx.read_route(&request).await? {
-            return forwarded(leader.get_cost_report(request.into_inner()).await);
+            return forwarded(leader.get_cost_report(on_behalf(request)).await);
         }
         let view = self.ctx.raft.view();
         let now = now_ms();
@@ -599,7 +647,7 @@ impl Coordinator for Api {
         request: Request<pb::GetGpuHistoryRequest>,
     ) -> Result<Response<pb::GpuHistory>, Status> {
         if let Some(mut leader) = self.ctx.leader().await? {
-            return forwarded(leader.get_gpu_history(request.into_inner()).await);
+            return forwarded(leader.get_gpu_history(on_behalf(request)).await);
         }
         let req = request.into_inner();
         let points = self
@@ -668,7 +716,7 @@ impl Coordinator for Api {
         request: Request<pb::DownRequest>,
     ) -> Result<Response<pb::DownResponse>, Status> {
         if let Some(mut leader) = self.ctx.leader().await? {
-            return forwarded(leader.down(request.into_inner()).await);
+            return forwarded(leader.down(on_behalf(request)).await);
         }
         let req = request.into_inner();
         let view = self.ctx.raft.view();
@@ -703,7 +751,8 @@ impl Coordinator for Api {
         if let Outcome::Rejected(r) = out {
             return Err(rejection(r).into());
         }
-        Ok(Response::new(pb::DownResponse { node_ids }))
+        let target = format!("nodes {}", node_ids.join(","));
+        Ok(audited(pb::DownResponse { node_ids }, target))
     }
 
     async fn get_cluster_status(
@@ -718,7 +767,7 @@ impl Coordinator for Api {
         request: Request<pb::AddMemberRequest>,
     ) -> Result<Response<pb::ClusterStatus>, Status> {
         if let Some(mut leader) = self.ctx.leader().await? {
-            return forwarded(leader.add_member(request.into_inner()).await);
+            return forwarded(leader.add_member(on_behalf(request)).await);
         }
         let req = request.into_inner();
         if req.id == 0 {
@@ -776,7 +825,7 @@ impl Coordinator for Api {
         }
         self.change(ConfChangeType::AddNode, req.id, context)
             .await?;
-        Ok(Response::new(self.cluster_status()))
+        Ok(audited(self.cluster_status(), format!("member {}", req.id)))
     }
 
     async fn remove_member(
@@ -784,7 +833,7 @@ impl Coordinator for Api {
         request: Request<pb::RemoveMemberRequest>,
     ) -> Result<Response<pb::ClusterStatus>, Status> {
         if let Some(mut leader) = self.ctx.leader().await? {
-            return forwarded(leader.remove_member(request.into_inner()).await);
+            return forwarded(leader.remove_member(on_behalf(request)).await);
         }
         let id = request.into_inner().id;
         let view = self.ctx.raft.view();
@@ -805,7 +854,7 @@ impl Coordinator for Api {
         }
         self.change(ConfChangeType::RemoveNode, id, Vec::new())
             .await?;
-        Ok(Response::new(self.cluster_status()))
+        Ok(audited(self.cluster_status(), format!("member {id}")))
     }
 
     async fn transfer_leader(
@@ -813,7 +862,7 @@ impl Coordinator for Api {
         request: Request<pb::TransferLeaderRequest>,
     ) -> Result<Response<pb::ClusterStatus>, Status> {
         if let Some(mut leader) = self.ctx.leader().await? {
-            return forwarded(leader.transfer_leader(request.into_inner()).await);
+            return forwarded(leader.transfer_leader(on_behalf(request)).await);
         }
         let id = request.into_inner().id;
         if !self.ctx.raft.view().voters.contains(&id) {
@@ -831,7 +880,255 @@ impl Coordinator for Api {
                 "leadership did not move to {id}; retry"
             )));
         }
-        Ok(Response::new(self.cluster_status()))
+        Ok(audited(self.cluster_status(), format!("member {id}")))
+    }
+
+    async fn who_am_i(
+        &self,
+        request: Request<pb::WhoAmIRequest>,
+    ) -> Result<Response<pb::WhoAmIResponse>, Status> {
+        let who = principal(&request)?;
+        Ok(Response::new(pb::WhoAmIResponse {
+            user: who.name,
+            role: who.role.as_str().into(),
+        }))
+    }
+
+    async fn create_user(
+        &self,
+        request: Request<pb::CreateUserRequest>,
+    ) -> Result<Response<pb::CreateUserResponse>, Status> {
+        if let Some(mut leader) = self.ctx.leader().await? {
+            return forwarded(leader.create_user(on_behalf(request)).await);
+        }
+        let req = request.into_inner();
+        let name = req.name.trim().to_string();
+        if name.is_empty()
+            || name.len() > 64
+            || name == crate::gate::ROOT
+            || !name
+                .chars()
+                .all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.' | '@'))
+        {
+            return Err(CoordinatorError::InvalidArgument(format!(
+                "name: '{name}' must be 1 to 64 letters, digits, '-', '_', '.' or '@', and not root"
+            ))
+            .into());
+        }
+        let role: Role = req
+            .role
+            .parse()
+            .map_err(|e| CoordinatorError::InvalidArgument(format!("role: {e}")))?;
+        let (token, token_id, token_sha256) = new_token(crate::gate::USER_TOKEN_PREFIX, '_');
+        self.propose_access(AccessCommand::CreateUser {
+            name: name.clone(),
+            role,
+            token_id,
+            token_sha256,
+            at_ms: now_ms(),
+        })
+        .await?;
+        Ok(audited(
+            pb::CreateUserResponse {
+                name: name.clone(),
+                role: role.as_str().into(),
+                token,
+            },
+            format!("user {name} ({})", role.as_str()),
+        ))
+    }
+
+    async fn list_users(
+        &self,
+        request: Request<pb::ListUsersRequest>,
+    ) -> Result<Response<pb::ListUsersResponse>, Status> {
+        if let Some(mut leader) = self.ctx.read_route(&request).await? {
+            return forwarded(leader.list_users(on_behalf(request)).await);
+        }
+        let view = self.ctx.raft.view();
+        let users = view
+            .state
+            .access
+            .users
+            .values()
+            .map(|u| pb::User {
+                name: u.name.clone(),
+                role: u.role.as_str().into(),
+                token_id: u.token_id.clone(),
+                created_unix_ms: u.created_at_ms,
+                revoked_unix_ms: u.revoked_at_ms.unwrap_or(0),
+            })
+            .collect();
+        Ok(Response::new(pb::ListUsersResponse { users }))
+    }
+
+    async fn revoke_user(
+        &self,
+        request: Request<pb::RevokeUserRequest>,
+    ) -> Result<Response<pb::RevokeUserResponse>, Status> {
+        if let Some(mut leader) = self.ctx.leader().await? {
+            return forwarded(leader.revoke_user(on_behalf(request)).await);
+        }
+        let name = request.into_inner().name;
+        self.propose_access(AccessCommand::RevokeUser {
+            name: name.clone(),
+            at_ms: now_ms(),
+        })
+        .await?;
+        Ok(audited(pb::RevokeUserResponse {}, format!("user {name}")))
+    }
+
+    async fn create_join_token(
+        &self,
+        request: Request<pb::CreateJoinTokenRequest>,
+    ) -> Result<Response<pb::CreateJoinTokenResponse>, Status> {
+        if let Some(mut leader) = self.ctx.leader().await? {
+            return forwarded(leader.create_join_token(on_behalf(request)).await);
+        }
+        let who = principal(&request)?;
+        let req = request.into_inner();
+        let ttl_s = if req.ttl_s == 0 { 3600 } else { req.ttl_s };
+        if ttl_s > 30 * 24 * 3600 {
+            return Err(CoordinatorError::InvalidArgument("ttl_s: at most 30 days".into()).into());
+        }
+        let uses = if req.uses == 0 { 1 } else { req.uses };
+        let (token, id, sha256) = new_token(crate::enroll::JOIN_TOKEN_PREFIX, '.');
+        let now = now_ms();
+        let expires = now + i64::from(ttl_s) * 1000;
+        self.propose_access(AccessCommand::CreateJoinToken {
+            token: JoinToken {
+                id: id.clone(),
+                sha256,
+                description: req.description.chars().take(200).collect(),
+                created_by: who.name,
+                created_at_ms: now,
+                expires_at_ms: expires,
+                uses_left: uses,
+                revoked_at_ms: None,
+                nodes: Vec::new(),
+            },
+        })
+        .await?;
+        Ok(audited(
+            pb::CreateJoinTokenResponse {
+                id: id.clone(),
+                token,
+                expires_unix_ms: expires,
+            },
+            format!("join token {id} (uses {uses}, ttl {ttl_s}s)"),
+        ))
+    }
+
+    async fn list_join_tokens(
+        &self,
+        request: Request<pb::ListJoinTokensRequest>,
+    ) -> Result<Response<pb::ListJoinTokensResponse>, Status> {
+        if let Some(mut leader) = self.ctx.read_route(&request).await? {
+            return forwarded(leader.list_join_tokens(on_behalf(request)).await);
+        }
+        let view = self.ctx.raft.view();
+        let tokens = view
+            .state
+            .access
+            .join_tokens
+            .values()
+            .map(|t| pb::JoinToken {
+                id: t.id.clone(),
+                description: t.description.clone(),
+                created_by: t.created_by.clone(),
+                created_unix_ms: t.created_at_ms,
+                expires_unix_ms: t.expires_at_ms,
+                uses_left: t.uses_left,
+                revoked_unix_ms: t.revoked_at_ms.unwrap_or(0),
+                node_ids: t.nodes.clone(),
+            })
+            .collect();
+        Ok(Response::new(pb::ListJoinTokensResponse { tokens }))
+    }
+
+    async fn revoke_join_token(
+        &self,
+        request: Request<pb::RevokeJoinTokenRequest>,
+    ) -> Result<Response<pb::RevokeJoinTokenResponse>, Status> {
+        if let Some(mut leader) = self.ctx.leader().await? {
+            return forwarded(leader.revoke_join_token(on_behalf(request)).await);
+        }
+        let id = request.into_inner().id;
+        self.propose_access(AccessCommand::RevokeJoinToken {
+            id: id.clone(),
+            at_ms: now_ms(),
+        })
+        .await?;
+        Ok(audited(
+            pb::RevokeJoinTokenResponse {},
+            format!("join token {id}"),
+        ))
+    }
+
+    async fn revoke_node(
+        &self,
+        request: Request<pb::RevokeNodeRequest>,
+    ) -> Result<Response<pb::RevokeNodeResponse>, Status> {
+        if let Some(mut leader) = self.ctx.leader().await? {
+            return forwarded(leader.revoke_node(on_behalf(request)).await);
+        }
+        let node_id = request.into_inner().node_id;
+        let out = self
+            .ctx
+            .raft
+            .propose(Command::RevokeNode {
+                node_id: node_id.clone(),
+                at_ms: now_ms(),
+            })
+            .await
+            .map_err(CoordinatorError::from)?;
+        if let Outcome::Rejected(r) = out {
+            return Err(rejection(r).into());
+        }
+        Ok(audited(
+            pb::RevokeNodeResponse {},
+            format!("node {node_id}"),
+        ))
+    }
+
+    async fn get_audit_log(
+        &self,
+        request: Request<pb::GetAuditLogRequest>,
+    ) -> Result<Response<pb::AuditLog>, Status> {
+        if let Some(mut leader) = self.ctx.read_route(&request).await? {
+            return forwarded(leader.get_audit_log(on_behalf(request)).await);
+        }
+        let limit = match request.get_ref().limit {
+            0 => 100,
+            n => n as usize,
+        };
+        let view = self.ctx.raft.view();
+        let audit = &view.state.access.audit;
+        let records = audit
+            .iter()
+            .skip(audit.len().saturating_sub(limit))
+            .map(|r| pb::AuditRecord {
+                at_unix_ms: r.at_ms,
+                who: r.who.clone(),
+                role: r
+                    .role
+                    .map(|r| r.as_str().to_string())
+                    .unwrap_or_else(|| "agent".into()),
+                call: r.call.clone(),
+                target: r.target.clone(),
+                result: r.result.clone(),
+            })
+            .collect();
+        Ok(Response::new(pb::AuditLog { records }))
+    }
+}
+
+impl Api {
+    async fn propose_access(&self, cmd: AccessCommand) -> Result<(), CoordinatorError> {
+        match self.ctx.raft.propose(Command::Access(cmd)).await? {
+            Outcome::Rejected(r) => Err(rejection(r)),
+            _ => Ok(()),
+        }
     }
 }
 

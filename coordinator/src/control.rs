@@ -138,6 +138,17 @@ async fn provisioner(ctx: Arc<Ctx>) {
 }
 
 async fn provider_call(ctx: Arc<Ctx>, node: Node, term: u64) -> String {
+    if node.provider == nembo_domain::state::MANUAL_PROVIDER && node.state == NodeState::Terminating
+    {
+        // A machine that joined on its own: Nembo cannot stop it, only
+        // forget it (its agent is retired when its session sees this).
+        ctx.propose_quietly(Command::NodeTerminated {
+            node_id: node.id.clone(),
+            at_ms: now_ms(),
+        })
+        .await;
+        return node.id;
+    }
     let Some(provider) = ctx.providers.get(&node.provider).cloned() else {
         ctx.propose_quietly(Command::NodeLaunchFailed {
             node_id: node.id.clone(),

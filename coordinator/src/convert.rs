@@ -207,6 +207,7 @@ pub fn job_to_proto(job: &Job) -> pb::Job {
         message: job.message.clone(),
         spec: Some(spec_to_proto(&job.spec)),
         idempotency_key: job.idempotency_key.clone().unwrap_or_default(),
+        owner: job.owner.clone(),
         provision_tries: job
             .provision_tries
             .iter()
@@ -297,6 +298,7 @@ pub fn node_to_proto(state: &st::State, node: &Node) -> pb::Node {
         instance_id: node.instance_id.clone().unwrap_or_default(),
         spot: node.spot,
         zone: node.zone.clone().unwrap_or_default(),
+        revoked_unix_ms: node.revoked_at_ms.unwrap_or(0),
     }
 }
 

@@ -19,6 +19,12 @@ pub enum CoordinatorError {
     /// The state does not allow it.
     #[error("{0}")]
     FailedPrecondition(String),
+    /// No valid credential.
+    #[error("{0}")]
+    Unauthenticated(String),
+    /// A valid credential without the right to do this.
+    #[error("{0}")]
+    PermissionDenied(String),
     /// Raft did not apply the change.
     #[error(transparent)]
     Propose(#[from] ProposeError),
@@ -43,6 +49,8 @@ impl From<CoordinatorError> for Status {
             CoordinatorError::NotFound(_) => Code::NotFound,
             CoordinatorError::TooLarge(_) => Code::ResourceExhausted,
             CoordinatorError::FailedPrecondition(_) => Code::FailedPrecondition,
+            CoordinatorError::Unauthenticated(_) => Code::Unauthenticated,
+            CoordinatorError::PermissionDenied(_) => Code::PermissionDenied,
             CoordinatorError::Propose(_) => Code::Unavailable,
             CoordinatorError::Storage(_) | CoordinatorError::Internal(_) => Code::Internal,
         };

@@ -17,11 +17,13 @@ use nembo_coordinator::{run, CoordinatorConfig};
 
 /// Nembo coordinator.
 #[derive(Parser, Debug)]
-#[command(name = "nembo-coordinator", version)]
+#[command(name = "nembo-coordinator", version, subcommand_negates_reqs = true)]
 struct Args {
+    #[command(subcommand)]
+    command: Option<Sub>,
     /// Data directory: Raft log, snapshots, credentials, logs, node dirs.
-    #[arg(long, env = "NEMBO_DATA_DIR")]
-    data_dir: PathBuf,
+    #[arg(long, env = "NEMBO_DATA_DIR", required = true)]
+    data_dir: Option<PathBuf>,
     /// Listen address (default: the last one used, else 127.0.0.1 on a free port).
     #[arg(long)]
     listen: Option<SocketAddr>,
@@ -94,6 +96,32 @@ struct Args {
     /// (`nembo admin members add ID URL`); --member names the cluster.
     #[arg(long)]
     join: bool,
+    /// Lifetime of the client certificates agents enroll for (seconds);
+    /// agents renew at two thirds of it.
+    #[arg(long, default_value_t = 24 * 3600)]
+    agent_cert_ttl_s: u64,
+    /// Longest a public API call may take (seconds).
+    #[arg(long, default_value_t = 30)]
+    request_timeout_s: u64,
+}
+
+#[derive(clap::Subcommand, Debug)]
+enum Sub {
+    /// Create the cluster's CA, tokens and secrets key (or install an
+    /// existing CA) in a cluster dir, before the first start. A coordinator
+    /// started without it creates them itself.
+    Init {
+        /// Where the cluster's credentials go (a coordinator's --cluster-dir,
+        /// or its --data-dir).
+        #[arg(long)]
+        cluster_dir: PathBuf,
+        /// An existing CA certificate (PEM) to use instead of a new one.
+        #[arg(long, requires = "ca_key")]
+        ca_cert: Option<PathBuf>,
+        /// Its private key (PEM; the file must be 0600).
+        #[arg(long, requires = "ca_cert")]
+        ca_key: Option<PathBuf>,
+    },
 }
 
 fn parse_member(s: &str) -> Result<(u64, String), String> {
@@ -125,6 +153,23 @@ async fn main() -> anyhow::Result<()> {
         .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .init();
     let a = Args::parse();
+    if let Some(Sub::Init {
+        cluster_dir,
+        ca_cert,
+        ca_key,
+    }) = &a.command
+    {
+        let ca = ca_cert.as_deref().zip(ca_key.as_deref());
+        let written = nembo_coordinator::tls::init(cluster_dir, ca)?;
+        if written.is_empty() {
+            println!("{}: already initialised", cluster_dir.display());
+        }
+        for path in written {
+            println!("created {}", path.display());
+        }
+        return Ok(());
+    }
+    let data_dir = a.data_dir.clone().context("--data-dir")?;
     let cfg = CoordinatorConfig {
         listen: a.listen,
         metrics_listen: match a.metrics_listen.as_str() {
@@ -152,11 +197,12 @@ async fn main() -> anyhow::Result<()> {
         nodes_dir: a.nodes_dir,
         join: a.join,
         providers_file: a.providers,
-        ..CoordinatorConfig::new(a.data_dir.clone())
+        agent_cert_ttl: Duration::from_secs(a.agent_cert_ttl_s.max(10)),
+        request_timeout: Duration::from_secs(a.request_timeout_s.max(1)),
+        ..CoordinatorConfig::new(data_dir.clone())
     };
-    let pid_file = a.data_dir.join("coordinator.pid");
-    std::fs::create_dir_all(&a.data_dir)
-        .with_context(|| format!("create {}", a.data_dir.display()))?;
+    let pid_file = data_dir.join("coordinator.pid");
+    std::fs::create_dir_all(&data_dir).with_context(|| format!("create {}", data_dir.display()))?;
     std::fs::write(&pid_file, std::process::id().to_string()).context("write pid file")?;
     let grace_pid_file = pid_file.clone();
     let shutdown = async move {

@@ -228,14 +228,17 @@ impl PeerService {
 }
 
 /// The TLS layer verified any certificate against the cluster CA; here we
-/// insist there was one. Clients and agents present none.
-fn require_member<T>(request: &Request<T>) -> Result<(), Status> {
-    if request.peer_certs().is_none_or(|c| c.is_empty()) {
-        return Err(Status::unauthenticated(
-            "raft traffic needs a member certificate signed by the cluster CA",
-        ));
-    }
-    Ok(())
+/// insist it is member `from`'s, so that neither an agent's certificate
+/// (also from the cluster CA) nor one member posing as another gets a word
+/// into Raft.
+fn require_member(
+    certs: Option<&[tonic::transport::CertificateDer<'static>]>,
+    from: u64,
+) -> Result<(), Status> {
+    crate::identity::require_member(certs, from).map_err(|e| {
+        tracing::warn!(claimed = from, error = %e, "raft traffic refused");
+        Status::permission_denied(e.to_string())
+    })
 }
 
 #[tonic::async_trait]
@@ -244,11 +247,22 @@ impl RaftPeer for PeerService {
         &self,
         request: Request<tonic::Streaming<pb::RaftBatch>>,
     ) -> Result<Response<pb::RaftAck>, Status> {
-        require_member(&request)?;
+        let certs = request.peer_certs();
         let mut batches = request.into_inner();
+        let mut sender = None;
         while let Some(batch) = batches.message().await? {
+            if sender != Some(batch.from) {
+                require_member(certs.as_deref().map(Vec::as_slice), batch.from)?;
+                sender = Some(batch.from);
+            }
             for bytes in &batch.messages {
                 match Message::parse_from_bytes(bytes) {
+                    Ok(m) if m.from != batch.from => {
+                        return Err(Status::permission_denied(format!(
+                            "member {} sent a message from {}",
+                            batch.from, m.from
+                        )))
+                    }
                     Ok(m) => self.raft.step(m),
                     Err(e) => {
                         return Err(Status::invalid_argument(format!("bad raft message: {e}")))
@@ -263,10 +277,15 @@ impl RaftPeer for PeerService {
         &self,
         request: Request<tonic::Streaming<pb::SnapshotChunk>>,
     ) -> Result<Response<pb::RaftAck>, Status> {
-        require_member(&request)?;
+        let certs = request.peer_certs();
         let mut chunks = request.into_inner();
         let mut bytes = Vec::new();
+        let mut sender = None;
         while let Some(chunk) = chunks.message().await? {
+            if sender != Some(chunk.from) {
+                require_member(certs.as_deref().map(Vec::as_slice), chunk.from)?;
+                sender = Some(chunk.from);
+            }
             if bytes.len() + chunk.data.len() > MAX_SNAPSHOT {
                 return Err(Status::resource_exhausted(format!(
                     "snapshot larger than {MAX_SNAPSHOT} bytes"
@@ -278,6 +297,9 @@ impl RaftPeer for PeerService {
             .map_err(|e| Status::invalid_argument(format!("bad snapshot message: {e}")))?;
         if msg.get_msg_type() != MessageType::MsgSnapshot {
             return Err(Status::invalid_argument("not a snapshot message"));
+        }
+        if Some(msg.from) != sender {
+            return Err(Status::permission_denied("a snapshot from another member"));
         }
         tracing::info!(from = msg.from, bytes = bytes.len(), "received snapshot");
         self.raft.step(msg);

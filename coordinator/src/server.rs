@@ -13,6 +13,7 @@ use nembo_domain::state::{Command, JobId, Offering, State};
 use nembo_proto::client::{connect, Client};
 use nembo_proto::v1::agent_service_server::AgentServiceServer;
 use nembo_proto::v1::coordinator_server::CoordinatorServer;
+use nembo_proto::v1::enrollment_server::EnrollmentServer;
 use nembo_proto::v1::raft_peer_server::RaftPeerServer;
 use serde::{Deserialize, Serialize};
 use tokio::sync::mpsc;
@@ -23,8 +24,10 @@ use tonic::{Request, Status};
 use crate::agent_service::Agents;
 use crate::api::Api;
 use crate::control::{self, LoopConfig};
+use crate::enroll::{AgentCaller, EnrollmentService};
 use crate::error::CoordinatorError;
 use crate::fleet::Fleet;
+use crate::gate::Gate;
 use crate::logs::LogStore;
 use crate::metrics::DelayHistogram;
 use crate::provider::bootstrap::Bootstrap;
@@ -94,6 +97,11 @@ pub struct CoordinatorConfig {
     pub join: bool,
     /// providers.yaml; default: `<cluster dir>/providers.yaml` if it exists.
     pub providers_file: Option<PathBuf>,
+    /// Lifetime of the client certificates agents enroll for; they renew
+    /// at two thirds of it.
+    pub agent_cert_ttl: Duration,
+    /// Longest a public API call may take (membership changes: at least 60 s).
+    pub request_timeout: Duration,
 }
 
 impl CoordinatorConfig {
@@ -121,6 +129,8 @@ impl CoordinatorConfig {
             nodes_dir: None,
             join: false,
             providers_file: None,
+            agent_cert_ttl: Duration::from_secs(24 * 3600),
+            request_timeout: Duration::from_secs(30),
         }
     }
 }
@@ -153,6 +163,12 @@ pub struct Ctx {
     pub offerings: Vec<Offering>,
     /// Seals task secrets before they are proposed; opens them for agents.
     pub secrets: crate::sealed::SecretBox,
+    /// Signs agent certificates (none: this member has no CA key).
+    pub issuer: Option<crate::identity::Issuer>,
+    /// The secret node tokens are derived from.
+    pub join_secret: Arc<str>,
+    /// Lifetime of agent certificates.
+    pub agent_cert_ttl: Duration,
     /// Providers that providers.yaml leaves off, and how to enable them.
     pub providers_not_enabled: Vec<(&'static str, &'static str)>,
     /// Where refreshed catalogs are written.
@@ -305,20 +321,6 @@ struct Persisted {
     listen: SocketAddr,
 }
 
-/// Checks `authorization: Bearer <token>`.
-#[derive(Clone)]
-struct RequireToken(Arc<str>);
-
-impl tonic::service::Interceptor for RequireToken {
-    fn call(&mut self, req: Request<()>) -> Result<Request<()>, Status> {
-        if bearer(&req).is_some_and(|t| tls::token_matches(t, &self.0)) {
-            Ok(req)
-        } else {
-            Err(Status::unauthenticated("missing or invalid bearer token"))
-        }
-    }
-}
-
 fn bearer(req: &Request<()>) -> Option<&str> {
     req.metadata()
         .get("authorization")
@@ -327,28 +329,35 @@ fn bearer(req: &Request<()>) -> Option<&str> {
         .map(str::trim)
 }
 
-/// Agents present the cluster's agent token (local agents) or a node token
-/// (cloud VMs), which binds the session to that one node.
+/// Agents prove themselves with the certificate they enrolled for (the TLS
+/// layer checked it against the cluster CA; here: that it is an agent's).
+/// The cluster's agent token is taken only where a simulated cloud's
+/// record-only nodes exist, and only for those nodes (checked at hello).
 #[derive(Clone)]
-struct RequireAgentToken(Arc<str>);
+struct AgentAuth {
+    simulated: Option<Arc<str>>,
+}
 
-/// The only node a session may speak for, when its token was a node token.
-#[derive(Clone, Debug)]
-pub struct BoundNode(pub String);
-
-impl tonic::service::Interceptor for RequireAgentToken {
+impl tonic::service::Interceptor for AgentAuth {
     fn call(&mut self, mut req: Request<()>) -> Result<Request<()>, Status> {
-        let Some(token) = bearer(&req) else {
-            return Err(Status::unauthenticated("missing bearer token"));
-        };
-        if tls::token_matches(token, &self.0) {
+        if let Some(certs) = req.peer_certs() {
+            let Some(node) = certs.first().and_then(crate::identity::node_of) else {
+                return Err(Status::unauthenticated(
+                    "the certificate presented is not an agent's",
+                ));
+            };
+            req.extensions_mut().insert(AgentCaller::Node(node));
             return Ok(req);
         }
-        let Some(node) = tls::node_token_owner(&self.0, token).map(str::to_string) else {
-            return Err(Status::unauthenticated("invalid agent token"));
-        };
-        req.extensions_mut().insert(BoundNode(node));
-        Ok(req)
+        if let (Some(expected), Some(token)) = (&self.simulated, bearer(&req)) {
+            if tls::token_matches(token, expected) {
+                req.extensions_mut().insert(AgentCaller::Simulated);
+                return Ok(req);
+            }
+        }
+        Err(Status::unauthenticated(
+            "agents connect with the certificate they enrolled for (nembo-agent --join-token-file)",
+        ))
     }
 }
 
@@ -379,6 +388,21 @@ pub fn find_agent_bin(explicit: Option<&Path>) -> PathBuf {
         return sibling;
     }
     PathBuf::from("nembo-agent")
+}
+
+/// The CA that signs agent certificates, if this member holds its key.
+fn load_issuer(
+    ca_pem: &[u8],
+    ca_key: &Path,
+) -> Result<Option<crate::identity::Issuer>, CoordinatorError> {
+    if !ca_key.exists() {
+        tracing::warn!(path = %ca_key.display(), "no cluster CA key: agents cannot enroll through this member");
+        return Ok(None);
+    }
+    let key = tls::read_secret(ca_key).map_err(|e| CoordinatorError::Internal(e.to_string()))?;
+    crate::identity::Issuer::load(&String::from_utf8_lossy(ca_pem), &key)
+        .map(Some)
+        .map_err(|e| CoordinatorError::Internal(format!("cluster CA: {e}")))
 }
 
 /// Streams and requests in flight on one client connection.
@@ -505,7 +529,7 @@ pub async fn run(
                 agent_bin: find_agent_bin(cfg.agent_bin.as_deref()),
                 endpoints,
                 ca_cert: creds.ca_cert.clone(),
-                agent_token: creds.agent_token.clone(),
+                join_secret: agent_token.clone(),
                 heartbeat_ms: cfg.heartbeat_ms,
                 settings: Default::default(),
             },
@@ -536,6 +560,9 @@ pub async fn run(
         )
         .map_err(|e| CoordinatorError::Internal(format!("{}: {e}", creds.secrets_key.display())))?,
         catalog_dir: cluster_dir.join("catalog"),
+        issuer: load_issuer(&ca_pem, &creds.ca_key)?,
+        join_secret: agent_token.clone(),
+        agent_cert_ttl: cfg.agent_cert_ttl,
         heartbeat_ms: cfg.heartbeat_ms,
         stop_grace_ms: cfg.stop_grace_ms,
         fleet: Fleet::start(),
@@ -573,10 +600,21 @@ pub async fn run(
         .register_encoded_file_descriptor_set(nembo_proto::FILE_DESCRIPTOR_SET)
         .build_v1alpha()
         .map_err(|e| CoordinatorError::Internal(format!("reflection: {e}")))?;
-    let api =
-        CoordinatorServer::new(Api::new(ctx.clone())).max_decoding_message_size(8 * 1024 * 1024);
+    let api = Gate::new(
+        CoordinatorServer::new(Api::new(ctx.clone())).max_decoding_message_size(8 * 1024 * 1024),
+        ctx.clone(),
+        client_token,
+        cfg.request_timeout,
+    );
     let agents = AgentServiceServer::new(Agents::new(ctx.clone()))
         .max_decoding_message_size(8 * 1024 * 1024);
+    let enrollment = EnrollmentServer::new(EnrollmentService::new(ctx.clone()))
+        .max_decoding_message_size(64 * 1024);
+    let simulated = ctx
+        .providers
+        .values()
+        .any(|p| p.records_only())
+        .then(|| agent_token.clone());
     let peers = RaftPeerServer::new(crate::peer::PeerService::new(ctx.raft.clone()))
         .max_decoding_message_size(crate::peer::MAX_PEER_MESSAGE);
 
@@ -612,8 +650,9 @@ pub async fn run(
         .tls_config(
             ServerTlsConfig::new()
                 .identity(Identity::from_pem(cert, key))
-                // Members prove themselves with certificates; clients and
-                // agents use tokens and present none.
+                // Members and agents prove themselves with certificates
+                // (checked against the CA here, and for what they name by
+                // each service); clients use tokens and present none.
                 .client_ca_root(Certificate::from_pem(&ca_pem))
                 .client_auth_optional(true),
         )
@@ -626,11 +665,9 @@ pub async fn run(
         .concurrency_limit_per_connection(MAX_STREAMS_PER_CONNECTION as usize)
         .http2_keepalive_interval(Some(Duration::from_secs(10)))
         .http2_keepalive_timeout(Some(Duration::from_secs(20)))
-        .add_service(InterceptedService::new(api, RequireToken(client_token)))
-        .add_service(InterceptedService::new(
-            agents,
-            RequireAgentToken(agent_token),
-        ))
+        .add_service(api)
+        .add_service(InterceptedService::new(agents, AgentAuth { simulated }))
+        .add_service(enrollment)
         .add_service(peers)
         .add_service(reflection)
         .add_service(reflection_alpha)

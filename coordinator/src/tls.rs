@@ -24,6 +24,8 @@ pub struct Credentials {
     pub agent_token: PathBuf,
     /// Key that seals task secrets at rest (0600, 64 hex characters).
     pub secrets_key: PathBuf,
+    /// The cluster CA's key (0600): signs member and agent certificates.
+    pub ca_key: PathBuf,
 }
 
 /// Why credentials could not be made or read.
@@ -116,12 +118,15 @@ pub fn ensure(
         token: cluster_dir.join("token"),
         agent_token: cluster_dir.join("agent-token"),
         secrets_key: cluster_dir.join("secrets-key"),
+        ca_key: cluster_tls.join("ca.key"),
     };
-    let ca_key_path = cluster_tls.join("ca.key");
+    let ca_key_path = creds.ca_key.clone();
     ensure_cluster_secrets(&cluster_tls, &creds, &ca_key_path)?;
     if !creds.server_key.exists() || !creds.server_cert.exists() {
         let ca_key = KeyPair::from_pem(&read_secret(&ca_key_path)?)?;
-        let ca = ca_params()?.self_signed(&ca_key)?;
+        // The issuer as the CA certificate has it (also one made elsewhere).
+        let ca_pem = fs::read_to_string(&creds.ca_cert).map_err(io(&creds.ca_cert))?;
+        let ca = CertificateParams::from_ca_cert_pem(&ca_pem)?.self_signed(&ca_key)?;
         let server_key = KeyPair::generate()?;
         let mut params = CertificateParams::new(vec![
             "localhost".to_string(),
@@ -148,6 +153,107 @@ pub fn ensure(
         fs::write(&creds.server_cert, cert.pem()).map_err(io(&creds.server_cert))?;
     }
     Ok(creds)
+}
+
+/// `nembo-coordinator init`: creates the cluster's CA, tokens and secrets
+/// key in `cluster_dir`, or installs an existing CA (`ca`: certificate and
+/// key PEM files; the key file must be private). Refuses to replace a CA
+/// already there. Returns what it wrote.
+pub fn init(
+    cluster_dir: &Path,
+    ca: Option<(&Path, &Path)>,
+) -> Result<Vec<PathBuf>, CredentialError> {
+    let cluster_tls = cluster_dir.join("tls");
+    fs::create_dir_all(&cluster_tls).map_err(io(&cluster_tls))?;
+    let ca_cert = cluster_tls.join("ca.pem");
+    let ca_key = cluster_tls.join("ca.key");
+    let mut written = Vec::new();
+    if let Some((cert_path, key_path)) = ca {
+        let cert = fs::read_to_string(cert_path).map_err(io(cert_path))?;
+        let key = read_secret(key_path)?;
+        check_ca(&cert, &key).map_err(|e| CredentialError::Io {
+            path: cert_path.display().to_string(),
+            source: std::io::Error::other(e),
+        })?;
+        if ca_cert.exists() {
+            let existing = fs::read_to_string(&ca_cert).map_err(io(&ca_cert))?;
+            if existing.trim() != cert.trim() {
+                return Err(CredentialError::Io {
+                    path: ca_cert.display().to_string(),
+                    source: std::io::Error::other(
+                        "this cluster already has another CA; init will not replace it",
+                    ),
+                });
+            }
+        } else {
+            write_secret(&ca_key, key.as_bytes())?;
+            fs::write(&ca_cert, &cert).map_err(io(&ca_cert))?;
+            written.extend([ca_cert.clone(), ca_key.clone()]);
+        }
+    }
+    let before: Vec<bool> = cluster_files(cluster_dir)
+        .iter()
+        .map(|p| p.exists())
+        .collect();
+    let creds = Credentials {
+        ca_cert,
+        server_cert: PathBuf::new(),
+        server_key: PathBuf::new(),
+        token: cluster_dir.join("token"),
+        agent_token: cluster_dir.join("agent-token"),
+        secrets_key: cluster_dir.join("secrets-key"),
+        ca_key: ca_key.clone(),
+    };
+    ensure_cluster_secrets(&cluster_tls, &creds, &ca_key)?;
+    for (path, existed) in cluster_files(cluster_dir).into_iter().zip(before) {
+        if !existed && !written.contains(&path) {
+            written.push(path);
+        }
+    }
+    Ok(written)
+}
+
+fn cluster_files(cluster_dir: &Path) -> Vec<PathBuf> {
+    vec![
+        cluster_dir.join("tls/ca.pem"),
+        cluster_dir.join("tls/ca.key"),
+        cluster_dir.join("token"),
+        cluster_dir.join("agent-token"),
+        cluster_dir.join("secrets-key"),
+    ]
+}
+
+/// That `cert` is a CA whose key is `key`: a certificate it signs for a
+/// fresh key must verify against it.
+fn check_ca(cert: &str, key: &str) -> Result<(), String> {
+    use rustls_pki_types::pem::PemObject;
+    let issuer = crate::identity::Issuer::load(cert, key).map_err(|e| e.to_string())?;
+    let probe = KeyPair::generate().map_err(|e| e.to_string())?;
+    let issued = issuer
+        .sign_node(
+            "probe",
+            probe.public_key_raw(),
+            std::time::SystemTime::now(),
+            std::time::Duration::from_secs(60),
+        )
+        .map_err(|e| e.to_string())?;
+    let ca_der = rustls_pki_types::CertificateDer::from_pem_slice(cert.as_bytes())
+        .map_err(|e| format!("CA certificate: {e}"))?;
+    let ee_der = rustls_pki_types::CertificateDer::from_pem_slice(issued.pem.as_bytes())
+        .map_err(|e| e.to_string())?;
+    let anchor = webpki::anchor_from_trusted_cert(&ca_der).map_err(|e| e.to_string())?;
+    let ee = webpki::EndEntityCert::try_from(&ee_der).map_err(|e| e.to_string())?;
+    ee.verify_for_usage(
+        webpki::ALL_VERIFICATION_ALGS,
+        &[anchor],
+        &[],
+        rustls_pki_types::UnixTime::now(),
+        webpki::KeyUsage::client_auth(),
+        None,
+        None,
+    )
+    .map(|_| ())
+    .map_err(|e| format!("the key does not belong to this CA certificate ({e:?})"))
 }
 
 /// The CA and the tokens, made by whichever member gets the lock first.

@@ -113,6 +113,7 @@ mod tests {
         s.apply(&Command::SubmitJob {
             spec,
             idempotency_key: None,
+            owner: String::new(),
             at_ms: 0,
         });
         let mut resources = Resources {

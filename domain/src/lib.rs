@@ -3,6 +3,7 @@
 //! every decision can be tested, replayed and compared across replicas.
 #![deny(missing_docs)]
 
+pub mod access;
 pub mod cost;
 pub mod health;
 pub mod optimizer;

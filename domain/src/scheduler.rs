@@ -422,6 +422,7 @@ mod tests {
         s.apply(&Command::SubmitJob {
             spec: spec("resources: {accelerators: H100:8}"),
             idempotency_key: None,
+            owner: String::new(),
             at_ms: 0,
         });
         let p = plan(&s, &offerings(), Policy::default(), 1);
@@ -461,6 +462,7 @@ mod tests {
         s.apply(&Command::SubmitJob {
             spec: spec(yaml),
             idempotency_key: None,
+            owner: String::new(),
             at_ms: 0,
         });
         s
@@ -534,6 +536,7 @@ mod tests {
         s.apply(&Command::SubmitJob {
             spec: spec("resources: {accelerators: H100:8}"),
             idempotency_key: None,
+            owner: String::new(),
             at_ms: later,
         });
         let p = plan(&s, &offerings(), Policy::default(), later);
@@ -595,6 +598,7 @@ mod tests {
         let Outcome::Job { job_id: j1, .. } = s.apply(&Command::SubmitJob {
             spec: spec(y),
             idempotency_key: None,
+            owner: String::new(),
             at_ms: 0,
         }) else {
             panic!()
@@ -620,6 +624,7 @@ mod tests {
             s.apply(&Command::SubmitJob {
                 spec: spec(y),
                 idempotency_key: None,
+                owner: String::new(),
                 at_ms: 4,
             });
         }
@@ -640,6 +645,7 @@ mod tests {
             s.apply(&Command::SubmitJob {
                 spec: spec(y),
                 idempotency_key: None,
+                owner: String::new(),
                 at_ms: 0,
             });
         }
@@ -677,6 +683,7 @@ mod tests {
             s.apply(&Command::SubmitJob {
                 spec: spec("run: x"),
                 idempotency_key: None,
+                owner: String::new(),
                 at_ms: 0,
             });
         }
@@ -694,6 +701,7 @@ mod tests {
         s.apply(&Command::SubmitJob {
             spec: t,
             idempotency_key: None,
+            owner: String::new(),
             at_ms: 0,
         });
         s

@@ -168,6 +168,9 @@ pub struct Job {
     pub state: JobState,
     /// Client-chosen key for safe retries.
     pub idempotency_key: Option<String>,
+    /// The user who submitted it (`root`: the cluster's own token).
+    #[serde(default)]
+    pub owner: String,
     /// Submission time.
     pub submitted_at_ms: i64,
     /// When it first ran.
@@ -341,6 +344,31 @@ pub struct Node {
     /// The cloud's notice that it is about to go: it takes no new work.
     #[serde(default)]
     pub preemption: Option<Notice>,
+    /// SHA-256 (hex) of the public key its agent enrolled with: a node
+    /// token admits one enrollment only.
+    #[serde(default)]
+    pub enrolled_key: Option<String>,
+    /// When an admin revoked it: its certificates are refused from then on.
+    #[serde(default)]
+    pub revoked_at_ms: Option<i64>,
+}
+
+/// Provider name of nodes that joined on their own with an admin's join
+/// token (`nembo-agent --join-token-file`): machines Nembo did not launch
+/// and cannot stop; `down` only forgets them.
+pub const MANUAL_PROVIDER: &str = "manual";
+
+/// How an agent proved it may enroll.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub enum Enrollment {
+    /// The token the coordinator made for a node it launched (checked by
+    /// the coordinator; one enrollment per node).
+    NodeToken,
+    /// An admin's join token (its secret checked by the coordinator).
+    JoinToken {
+        /// Token id.
+        id: String,
+    },
 }
 
 /// A provider's machine shape in a region, with its price.
@@ -474,6 +502,9 @@ pub enum Command {
         spec: TaskSpec,
         /// Same key, same job.
         idempotency_key: Option<String>,
+        /// Who submits it.
+        #[serde(default)]
+        owner: String,
         /// Time.
         at_ms: i64,
     },
@@ -621,6 +652,31 @@ pub enum Command {
         /// Time.
         at_ms: i64,
     },
+    /// An agent traded a join token and a public key for a certificate.
+    EnrollNode {
+        /// Which token.
+        via: Enrollment,
+        /// The node it claims (a launched node), or none: a new manual node.
+        node_id: Option<String>,
+        /// Its host name (a manual node's instance type).
+        hostname: String,
+        /// What it has (a manual node's resources).
+        resources: Resources,
+        /// SHA-256 of its public key, hex.
+        key_sha256: String,
+        /// Time.
+        at_ms: i64,
+    },
+    /// An admin cut a node off: its certificates are refused, its ranks
+    /// are lost (managed jobs recover elsewhere) and it is terminated.
+    RevokeNode {
+        /// Node.
+        node_id: String,
+        /// Time.
+        at_ms: i64,
+    },
+    /// Users, join tokens, audit records.
+    Access(crate::access::AccessCommand),
 }
 
 /// What applying a command did.
@@ -678,6 +734,9 @@ pub struct State {
     /// Entries past their time are ignored and dropped on the next block.
     #[serde(default)]
     pub blocked: BTreeMap<String, Block>,
+    /// Users, join tokens and the audit trail.
+    #[serde(default)]
+    pub access: crate::access::Access,
     /// Derived from `jobs` (rebuilt on load, never stored): PENDING jobs,
     /// which the scheduler scans.
     #[serde(skip)]
@@ -698,6 +757,8 @@ struct StateOnDisk {
     last_node_seq: u64,
     #[serde(default)]
     blocked: BTreeMap<String, Block>,
+    #[serde(default)]
+    access: crate::access::Access,
 }
 
 impl From<StateOnDisk> for State {
@@ -710,6 +771,7 @@ impl From<StateOnDisk> for State {
             last_job_id: d.last_job_id,
             last_node_seq: d.last_node_seq,
             blocked: d.blocked,
+            access: d.access,
             queued: imbl::OrdSet::new(),
             placed: imbl::OrdSet::new(),
         };
@@ -836,6 +898,7 @@ impl State {
         // Jobs a node-level command can end, found before it changes them.
         let mut touched: Vec<JobId> = match cmd {
             Command::NodeLost { node_id, .. }
+            | Command::RevokeNode { node_id, .. }
             | Command::NodeUnhealthy { node_id, .. }
             | Command::NodePreempted { node_id, .. }
             | Command::NodeTerminated { node_id, .. }
@@ -850,9 +913,11 @@ impl State {
             | Command::RankStarted { job_id, .. }
             | Command::RankEnded { job_id, .. }
             | Command::JobUnplaceable { job_id, .. } => vec![*job_id],
-            Command::SubmitJob { .. } | Command::NodeLaunched { .. } | Command::NodeUp { .. } => {
-                Vec::new()
-            }
+            Command::SubmitJob { .. }
+            | Command::NodeLaunched { .. }
+            | Command::NodeUp { .. }
+            | Command::EnrollNode { .. }
+            | Command::Access(_) => Vec::new(),
         };
         let outcome = self.apply_inner(cmd);
         if let Outcome::Job { job_id, .. } = outcome {
@@ -875,6 +940,7 @@ impl State {
             Command::SubmitJob {
                 spec,
                 idempotency_key,
+                owner,
                 at_ms,
             } => {
                 if let Some(key) = idempotency_key {
@@ -894,6 +960,7 @@ impl State {
                         spec: spec.clone(),
                         state: JobState::Pending,
                         idempotency_key: idempotency_key.clone(),
+                        owner: owner.clone(),
                         submitted_at_ms: *at_ms,
                         started_at_ms: None,
                         ended_at_ms: None,
@@ -962,6 +1029,8 @@ impl State {
                             launched_at_ms: None,
                             ended_at_ms: None,
                             preemption: None,
+                            enrolled_key: None,
+                            revoked_at_ms: None,
                         },
                     );
                     ids.push(id);
@@ -1254,6 +1323,38 @@ impl State {
                 self.fail_ranks_on(node_id, &msg, *at_ms);
                 Outcome::Applied
             }
+            Command::EnrollNode {
+                via,
+                node_id,
+                hostname,
+                resources,
+                key_sha256,
+                at_ms,
+            } => self.enroll(
+                via,
+                node_id.as_deref(),
+                hostname,
+                resources,
+                key_sha256,
+                *at_ms,
+            ),
+            Command::RevokeNode { node_id, at_ms } => {
+                let Some(node) = self.nodes.get_mut(node_id) else {
+                    return Outcome::Rejected(Rejection::NoSuchNode(node_id.clone()));
+                };
+                node.revoked_at_ms.get_or_insert(*at_ms);
+                if !node.state.is_final() {
+                    node.state = NodeState::Terminating;
+                    node.message = "revoked by an admin".into();
+                }
+                let msg = format!("node {node_id} revoked");
+                self.fail_ranks_on(node_id, &msg, *at_ms);
+                Outcome::Applied
+            }
+            Command::Access(c) => match self.access.apply(c) {
+                Ok(()) => Outcome::Applied,
+                Err(why) => conflict(why),
+            },
         }
     }
 
@@ -1464,6 +1565,79 @@ impl State {
         Outcome::Applied
     }
 
+    fn enroll(
+        &mut self,
+        via: &Enrollment,
+        node_id: Option<&str>,
+        hostname: &str,
+        resources: &Resources,
+        key_sha256: &str,
+        at_ms: i64,
+    ) -> Outcome {
+        let id = match node_id {
+            Some(id) => {
+                let Some(node) = self.nodes.get(id) else {
+                    return Outcome::Rejected(Rejection::NoSuchNode(id.to_string()));
+                };
+                if node.revoked_at_ms.is_some() {
+                    return conflict(format!("node {id} is revoked"));
+                }
+                if node.state.is_final() || node.state == NodeState::Terminating {
+                    return conflict(format!("node {id} is {:?}", node.state));
+                }
+                // A node token is good for the node's first enrollment only;
+                // an admin's join token may re-enroll a node whose
+                // certificate ran out.
+                if *via == Enrollment::NodeToken && node.enrolled_key.is_some() {
+                    return conflict("join token already used");
+                }
+                id.to_string()
+            }
+            None => {
+                if *via == Enrollment::NodeToken {
+                    return conflict("a node token names its node");
+                }
+                format!("node-{}", self.last_node_seq + 1)
+            }
+        };
+        if let Enrollment::JoinToken { id: token } = via {
+            if let Err(why) = self.access.spend_join_token(token, &id, at_ms) {
+                return conflict(why);
+            }
+        }
+        if node_id.is_none() {
+            self.last_node_seq += 1;
+            self.nodes.insert(
+                id.clone(),
+                Node {
+                    id: id.clone(),
+                    state: NodeState::Provisioning,
+                    provider: MANUAL_PROVIDER.into(),
+                    region: MANUAL_PROVIDER.into(),
+                    instance_type: hostname.to_string(),
+                    resources: resources.clone(),
+                    hourly_price: 0.0,
+                    address: String::new(),
+                    instance_id: Some(hostname.to_string()),
+                    created_at_ms: at_ms,
+                    message: "enrolled with a join token".into(),
+                    unhealthy: None,
+                    zone: None,
+                    spot: false,
+                    launched_at_ms: Some(at_ms),
+                    ended_at_ms: None,
+                    preemption: None,
+                    enrolled_key: None,
+                    revoked_at_ms: None,
+                },
+            );
+        }
+        if let Some(node) = self.nodes.get_mut(&id) {
+            node.enrolled_key = Some(key_sha256.to_string());
+        }
+        Outcome::Nodes(vec![id])
+    }
+
     fn fail_ranks_on(&mut self, node_id: &str, msg: &str, at_ms: i64) {
         for job_id in self.jobs_on(node_id) {
             let ranks: Vec<(u32, u32)> = self.jobs[&job_id]
@@ -1588,6 +1762,7 @@ mod tests {
         match s.apply(&Command::SubmitJob {
             spec: spec(y),
             idempotency_key: key.map(Into::into),
+            owner: String::new(),
             at_ms: 1,
         }) {
             Outcome::Job { job_id, .. } => job_id,
@@ -1681,6 +1856,7 @@ mod tests {
         let out = s.apply(&Command::SubmitJob {
             spec: spec("run: b"),
             idempotency_key: Some("k".into()),
+            owner: String::new(),
             at_ms: 9,
         });
         assert_eq!(
@@ -1814,6 +1990,7 @@ mod tests {
                 Command::SubmitJob {
                     spec: spec("run: x"),
                     idempotency_key: None,
+                    owner: String::new(),
                     at_ms: 1,
                 },
                 Command::ProvisionNodes {

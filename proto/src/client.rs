@@ -27,7 +27,11 @@ impl BearerToken {
 
 impl tonic::service::Interceptor for BearerToken {
     fn call(&mut self, mut req: Request<()>) -> Result<Request<()>, Status> {
-        req.metadata_mut().insert("authorization", self.0.clone());
+        // A coordinator forwarding a call to its leader passes the caller's
+        // own token on, rather than acting with its own.
+        if !req.metadata().contains_key("authorization") {
+            req.metadata_mut().insert("authorization", self.0.clone());
+        }
         Ok(req)
     }
 }
@@ -177,6 +181,38 @@ pub async fn connect_agent(
     Ok(AgentServiceClient::with_interceptor(
         channel(url, ca_pem).await?,
         BearerToken::new(token)?,
+    ))
+}
+
+/// A client of the agent protocol that proves itself with the node's
+/// certificate (mutual TLS) rather than a token.
+pub type AgentTlsClient = AgentServiceClient<Channel>;
+
+/// Connects to the agent protocol with the node's certificate and key (PEM).
+pub async fn connect_agent_tls(
+    url: &str,
+    ca_pem: &[u8],
+    cert_pem: &[u8],
+    key_pem: &[u8],
+) -> Result<AgentTlsClient, ConnectError> {
+    let channel = endpoint_with_identity(url, ca_pem, Some((cert_pem, key_pem)))?
+        .connect()
+        .await
+        .map_err(|source| ConnectError::Transport {
+            endpoint: url.to_string(),
+            source,
+        })?;
+    Ok(AgentServiceClient::new(channel))
+}
+
+/// Connects to the enrollment service (no credentials: the join token
+/// travels in the request).
+pub async fn connect_enrollment(
+    url: &str,
+    ca_pem: &[u8],
+) -> Result<crate::v1::enrollment_client::EnrollmentClient<Channel>, ConnectError> {
+    Ok(crate::v1::enrollment_client::EnrollmentClient::new(
+        channel(url, ca_pem).await?,
     ))
 }
 

@@ -424,6 +424,7 @@ impl Sim {
                         )
                         .expect("valid task"),
                         idempotency_key: Some(key.clone()),
+                        owner: String::new(),
                         at_ms: now as i64,
                     },
                     Op::Cancel(job_id) => Command::CancelJob {

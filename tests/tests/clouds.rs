@@ -501,8 +501,13 @@ async fn ssh_pool_copies_the_agent_runs_a_job_and_down_stops_it() {
     assert!(c.logs(&job).await.contains("ran over ssh with 2 gpus"));
     // The agent binary and the node's private files are on the host.
     assert!(remote.join("nembo-agent").is_file());
-    let token = remote.join("nodes").join(&node.node_id).join("agent-token");
-    let mode = std::fs::metadata(&token).unwrap().permissions();
+    // It traded its one-time join token for a certificate: the token is
+    // gone, the key is private.
+    let node_dir = remote.join("nodes").join(&node.node_id);
+    assert!(!node_dir.join("join-token").exists());
+    let mode = std::fs::metadata(node_dir.join("identity/node.key"))
+        .unwrap()
+        .permissions();
     assert_eq!(std::os::unix::fs::PermissionsExt::mode(&mode) & 0o077, 0);
     let pid: i32 = node.instance_id.split_once(':').unwrap().1.parse().unwrap();
     assert!(nembo_tests::alive(pid));

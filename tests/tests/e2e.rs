@@ -374,21 +374,25 @@ async fn calls_without_a_valid_token_are_refused() {
             .unwrap_err();
         assert_eq!(err.code(), Code::Unauthenticated);
     }
-    // The client token does not open the agent protocol either.
-    let mut agent = nembo_proto::client::connect_agent(&c.endpoint(), &c.ca(), &c.token())
-        .await
-        .unwrap();
-    let hello = pb::AgentMessage {
-        msg: Some(pb::agent_message::Msg::Hello(pb::Hello {
-            node_id: "node-1".into(),
-            ..Default::default()
-        })),
-    };
-    let err = agent
-        .session(tokio_stream::iter(vec![hello]))
-        .await
-        .unwrap_err();
-    assert_eq!(err.code(), Code::Unauthenticated);
+    // Neither the client token nor the cluster's agent token opens the
+    // agent protocol: agents need a certificate (the agent token admits
+    // only a simulated cloud's record-only nodes, and none exist here).
+    for token in [c.token(), c.agent_token()] {
+        let mut agent = nembo_proto::client::connect_agent(&c.endpoint(), &c.ca(), &token)
+            .await
+            .unwrap();
+        let hello = pb::AgentMessage {
+            msg: Some(pb::agent_message::Msg::Hello(pb::Hello {
+                node_id: "node-1".into(),
+                ..Default::default()
+            })),
+        };
+        let err = agent
+            .session(tokio_stream::iter(vec![hello]))
+            .await
+            .unwrap_err();
+        assert_eq!(err.code(), Code::Unauthenticated);
+    }
     // And a client that does not trust the cluster CA cannot connect at all.
     let other = Coordinator::start(&[]).await;
     let res = nembo_proto::client::connect(&c.endpoint(), &other.ca(), &c.token()).await;
@@ -422,6 +426,13 @@ async fn bad_input_gets_a_clear_error_and_changes_nothing() {
         .await
         .unwrap()
         .into_inner();
+    let audited_before = client
+        .get_audit_log(pb::GetAuditLogRequest { limit: 10_000 })
+        .await
+        .unwrap()
+        .into_inner()
+        .records
+        .len() as u64;
     let cases: Vec<(String, Code, &str)> = vec![
         (
             "run: [unclosed".into(),
@@ -530,9 +541,20 @@ async fn bad_input_gets_a_clear_error_and_changes_nothing() {
         .await
         .unwrap()
         .into_inner();
+    // Each refused change is in the audit trail; nothing else was written.
+    let audited = client
+        .get_audit_log(pb::GetAuditLogRequest { limit: 10_000 })
+        .await
+        .unwrap()
+        .into_inner()
+        .records;
+    assert!(audited
+        .iter()
+        .any(|r| r.call == "SubmitJob" && r.result == "InvalidArgument"));
     assert_eq!(
-        after.applied_index, before.applied_index,
-        "nothing was written"
+        after.applied_index - before.applied_index,
+        audited.len() as u64 - audited_before,
+        "nothing but audit records was written"
     );
     assert!(client
         .list_jobs(pb::ListJobsRequest::default())

@@ -2,31 +2,12 @@
 //! job's environment, and is found nowhere else: not in API answers, not in
 //! the dry run, not in the Raft log or snapshots, not in any log file.
 
-use std::path::Path;
 use std::time::Duration;
 
 use nembo_proto::v1 as pb;
-use nembo_tests::Coordinator;
+use nembo_tests::{files_holding, Coordinator};
 
 const SECRET: &str = "s3cr3t-Value-7f2b9c";
-
-/// Every file under `dir` that holds `needle`.
-fn files_holding(dir: &Path, needle: &[u8]) -> Vec<String> {
-    let mut found = Vec::new();
-    let mut stack = vec![dir.to_path_buf()];
-    while let Some(d) = stack.pop() {
-        for e in std::fs::read_dir(&d).into_iter().flatten().flatten() {
-            let p = e.path();
-            if p.is_dir() {
-                stack.push(p);
-            } else if std::fs::read(&p).is_ok_and(|b| b.windows(needle.len()).any(|w| w == needle))
-            {
-                found.push(p.display().to_string());
-            }
-        }
-    }
-    found
-}
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_secret_reaches_the_job_and_nowhere_else() {
@@ -103,7 +84,7 @@ async fn token_and_key_files_readable_by_others_are_refused() {
             "--ca-cert",
         ])
         .arg(c.dir.path().join("tls/ca.pem"))
-        .arg("--token-file")
+        .arg("--join-token-file")
         .arg(&token)
         .arg("--work-dir")
         .arg(c.dir.path().join("agent-x"))

@@ -87,8 +87,8 @@ umask 077
 mkdir -p "$R/etc/nembo" "$R/var/lib/nembo" "$R/usr/local/bin" "$R/etc/systemd/system"
 cat > "$R/etc/nembo/ca.pem" <<'NEMBO_CA'
 {ca}NEMBO_CA
-printf '%s' {token} > "$R/etc/nembo/agent-token"
-chmod 600 "$R/etc/nembo/agent-token"
+printf '%s' {token} > "$R/etc/nembo/join-token"
+chmod 600 "$R/etc/nembo/join-token"
 curl -fsSL --retry 10 --retry-delay 3 -o "$R/usr/local/bin/nembo-agent.new" {url}
 {checksum}chmod 755 "$R/usr/local/bin/nembo-agent.new"
 mv "$R/usr/local/bin/nembo-agent.new" "$R/usr/local/bin/nembo-agent"
@@ -100,7 +100,7 @@ Wants=network-online.target
 After=network-online.target
 
 [Service]
-ExecStart=$R/usr/local/bin/nembo-agent --coordinator {endpoints} --ca-cert $R/etc/nembo/ca.pem --token-file $R/etc/nembo/agent-token --node-id {node} --work-dir $R/var/lib/nembo --cpus {cpus} --memory-gb {mem} --heartbeat-ms {hb}
+ExecStart=$R/usr/local/bin/nembo-agent --coordinator {endpoints} --ca-cert $R/etc/nembo/ca.pem --join-token-file $R/etc/nembo/join-token --node-id {node} --work-dir $R/var/lib/nembo --cpus {cpus} --memory-gb {mem} --heartbeat-ms {hb}
 Restart=always
 RestartSec=2
 KillMode=process
@@ -217,7 +217,7 @@ mod tests {
                 "{calls}"
             );
         }
-        let token_file = root.join("etc/nembo/agent-token");
+        let token_file = root.join("etc/nembo/join-token");
         let token = std::fs::read_to_string(&token_file).unwrap();
         assert_eq!(
             crate::tls::node_token_owner("cluster-secret", &token),

@@ -117,8 +117,9 @@ pub struct LocalConfig {
     pub endpoints: Vec<String>,
     /// CA certificate the agents trust.
     pub ca_cert: PathBuf,
-    /// Agent join token file.
-    pub agent_token: PathBuf,
+    /// The cluster secret node tokens are derived from
+    /// ([`crate::tls::node_token`]): each agent gets its node's, once.
+    pub join_secret: std::sync::Arc<str>,
     /// Heartbeat period handed to agents.
     pub heartbeat_ms: u32,
     /// Declared prices and capacity.
@@ -313,6 +314,13 @@ impl Provider for LocalProvider {
                 .await
                 .map_err(|e| ProviderError::Transient(format!("metadata service: {e}")))?;
             let node_meta = format!("{metadata}/{}", req.node_id);
+            // The agent trades this for its certificate and deletes it.
+            let join_token = dir.join("join-token");
+            crate::tls::write_secret(
+                &join_token,
+                crate::tls::node_token(&self.cfg.join_secret, &req.node_id).as_bytes(),
+            )
+            .map_err(|e| ProviderError::Transient(e.to_string()))?;
             let mut cmd = tokio::process::Command::new(&self.cfg.agent_bin);
             cmd.arg("--aws-metadata-url")
                 .arg(format!("{node_meta}/aws"))
@@ -329,8 +337,8 @@ impl Provider for LocalProvider {
                 .arg(self.cfg.endpoints.join(","))
                 .arg("--ca-cert")
                 .arg(&self.cfg.ca_cert)
-                .arg("--token-file")
-                .arg(&self.cfg.agent_token)
+                .arg("--join-token-file")
+                .arg(&join_token)
                 .arg("--node-id")
                 .arg(&req.node_id)
                 .arg("--work-dir")
@@ -498,7 +506,7 @@ mod tests {
             agent_bin: "/nonexistent/nembo-agent".into(),
             endpoints: vec![],
             ca_cert: "/nonexistent/ca.pem".into(),
-            agent_token: "/nonexistent/token".into(),
+            join_secret: "secret".into(),
             heartbeat_ms: 1000,
             settings: LocalSettings::default(),
         });

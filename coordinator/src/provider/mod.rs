@@ -96,6 +96,13 @@ pub trait Provider: Send + Sync {
     fn name(&self) -> &str;
     /// Every shape it can launch, with prices.
     fn offerings(&self) -> Vec<Offering>;
+
+    /// Its nodes are records that no real agent runs on (a simulated cloud
+    /// for load tests), so their sessions may use the cluster's agent token
+    /// instead of a node certificate.
+    fn records_only(&self) -> bool {
+        false
+    }
     /// Launches a node; returns the provider's instance id. Idempotent per node id.
     fn launch(&self, req: LaunchRequest) -> BoxFuture<'_, Result<String, ProviderError>>;
     /// Every instance this cluster holds at the provider (found by tag).

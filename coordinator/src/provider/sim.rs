@@ -270,6 +270,10 @@ fn fenced(newest: u64, term: u64) -> ProviderError {
 }
 
 impl Provider for SimProvider {
+    fn records_only(&self) -> bool {
+        self.agents.is_none()
+    }
+
     fn name(&self) -> &str {
         "sim"
     }

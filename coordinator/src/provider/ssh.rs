@@ -329,12 +329,12 @@ fi"#
             .await?;
             self.run(
                 h,
-                &format!("umask 077 && cat > '{dir}/nodes/{node}/agent-token'"),
+                &format!("umask 077 && cat > '{dir}/nodes/{node}/join-token'"),
                 token.as_bytes(),
             )
             .await?;
             let mut args = format!(
-                "--coordinator '{}' --ca-cert \"$PWD/ca.pem\" --token-file \"$PWD/agent-token\" --node-id '{node}' --work-dir \"$PWD\" --cpus {} --memory-gb {} --heartbeat-ms {}",
+                "--coordinator '{}' --ca-cert \"$PWD/ca.pem\" --join-token-file \"$PWD/join-token\" --node-id '{node}' --work-dir \"$PWD\" --cpus {} --memory-gb {} --heartbeat-ms {}",
                 self.bootstrap.coordinators.join(","),
                 fmt_num(req.resources.cpus),
                 fmt_num(req.resources.memory_gb),

@@ -905,6 +905,7 @@ mod tests {
             spec: parse_task_yaml(&format!("name: {name}\nrun: echo"), &Default::default())
                 .unwrap(),
             idempotency_key: Some(name.to_string()),
+            owner: String::new(),
             at_ms: 1,
         }
     }

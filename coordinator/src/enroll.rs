@@ -1,0 +1,208 @@
+//! Agent enrollment: a join token and a public key in, a short-lived client
+//! certificate bound to the node out; and its renewal over mutual TLS.
+//!
+//! Two kinds of join token are accepted. A node token (`node.<id>.<mac>`)
+//! is what the coordinator hands a node it launched: it names that node and
+//! is good for its first enrollment only. An admin's join token
+//! (`nembo-join.<id>.<secret>`, `nembo admin tokens create`) has a lifetime
+//! and a number of uses kept in the Raft state; an agent enrolling with one
+//! and no node id becomes a new `manual` node. Spending a token is a Raft
+//! command, so two agents racing for the last use cannot both win.
+
+use std::sync::Arc;
+use std::time::SystemTime;
+
+use nembo_domain::state::{Command, Enrollment, Outcome, Resources};
+use nembo_proto::v1 as pb;
+use nembo_proto::v1::enrollment_server::Enrollment as EnrollmentRpc;
+use tonic::{Code, Request, Response, Status};
+
+use crate::gate::sha256_hex;
+use crate::identity::{key_digest, Issued};
+use crate::server::Ctx;
+use crate::tls;
+
+/// Prefix of an admin's join tokens.
+pub const JOIN_TOKEN_PREFIX: &str = "nembo-join.";
+
+/// Who is on the other end of an agent connection.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum AgentCaller {
+    /// A certificate issued to this node.
+    Node(String),
+    /// The cluster's agent token: admitted only for a simulated cloud's
+    /// record-only nodes (load generators), never for a real machine.
+    Simulated,
+}
+
+/// The join token id `token` proves, if its secret matches the state's.
+fn admin_token_id(token: &str, access: &nembo_domain::access::Access) -> Option<String> {
+    let (id, secret) = token.strip_prefix(JOIN_TOKEN_PREFIX)?.split_once('.')?;
+    let stored = access.join_tokens.get(id)?;
+    tls::token_matches(&sha256_hex(secret), &stored.sha256).then(|| id.to_string())
+}
+
+/// Refuses on a follower, naming the leader: enrollment spends tokens, and
+/// agents talk to the leader anyway.
+pub fn require_leader(ctx: &Ctx) -> Result<(), Status> {
+    if ctx.raft.view().is_leader() {
+        return Ok(());
+    }
+    let mut status = Status::unavailable("not the leader");
+    if let Some(v) = ctx.leader_url().and_then(|u| u.parse().ok()) {
+        status
+            .metadata_mut()
+            .insert(crate::agent_service::LEADER_URL_KEY, v);
+    }
+    Err(status)
+}
+
+fn issue(ctx: &Ctx, node_id: &str, public_key: &[u8]) -> Result<pb::EnrollResponse, Status> {
+    let Some(issuer) = &ctx.issuer else {
+        return Err(Status::failed_precondition(
+            "this coordinator has no cluster CA key, so it cannot issue certificates",
+        ));
+    };
+    let Issued {
+        pem,
+        not_before_ms,
+        not_after_ms,
+    } = issuer
+        .sign_node(node_id, public_key, SystemTime::now(), ctx.agent_cert_ttl)
+        .map_err(|e| match e {
+            crate::identity::IdentityError::BadKey => Status::invalid_argument(e.to_string()),
+            other => Status::internal(other.to_string()),
+        })?;
+    Ok(pb::EnrollResponse {
+        node_id: node_id.to_string(),
+        certificate_pem: pem,
+        not_before_unix_ms: not_before_ms,
+        not_after_unix_ms: not_after_ms,
+    })
+}
+
+/// Serves `nembo.v1.Enrollment`.
+pub struct EnrollmentService {
+    ctx: Arc<Ctx>,
+}
+
+impl EnrollmentService {
+    /// The service over `ctx`.
+    pub fn new(ctx: Arc<Ctx>) -> Self {
+        Self { ctx }
+    }
+}
+
+#[tonic::async_trait]
+impl EnrollmentRpc for EnrollmentService {
+    async fn enroll(
+        &self,
+        request: Request<pb::EnrollRequest>,
+    ) -> Result<Response<pb::EnrollResponse>, Status> {
+        let ctx = &self.ctx;
+        require_leader(ctx)?;
+        let req = request.into_inner();
+        let view = ctx.raft.view();
+        let (via, who) =
+            if let Some(node) = tls::node_token_owner(&ctx.join_secret, &req.join_token) {
+                if req.node_id != node {
+                    return Err(Status::permission_denied(format!(
+                        "this join token is for node {node}"
+                    )));
+                }
+                (Enrollment::NodeToken, format!("node token of {node}"))
+            } else if let Some(id) = admin_token_id(&req.join_token, &view.state.access) {
+                (
+                    Enrollment::JoinToken { id: id.clone() },
+                    format!("join token {id}"),
+                )
+            } else {
+                tracing::warn!(node = %req.node_id, "enrollment refused: invalid join token");
+                return Err(Status::unauthenticated("invalid join token"));
+            };
+        if req.public_key.len() != 65 || req.public_key[0] != 4 {
+            return Err(Status::invalid_argument(
+                "public_key: must be an uncompressed ECDSA P-256 point (65 bytes)",
+            ));
+        }
+        let resources = req.resources.unwrap_or_default();
+        let out = ctx
+            .raft
+            .propose(Command::EnrollNode {
+                via,
+                node_id: (!req.node_id.is_empty()).then(|| req.node_id.clone()),
+                hostname: req.hostname.chars().take(64).collect(),
+                resources: Resources {
+                    accelerators: resources.accelerators,
+                    cpus: resources.cpus,
+                    memory_gb: resources.memory_gb,
+                },
+                key_sha256: key_digest(&req.public_key),
+                at_ms: crate::server::now_ms(),
+            })
+            .await
+            .map_err(|e| Status::unavailable(e.to_string()))?;
+        let node_id = match out {
+            Outcome::Nodes(ids) if ids.len() == 1 => ids[0].clone(),
+            Outcome::Rejected(r) => {
+                tracing::warn!(%who, reason = %r, "enrollment refused");
+                crate::gate::record(
+                    ctx,
+                    &who,
+                    None,
+                    "Enroll",
+                    req.node_id,
+                    Code::PermissionDenied,
+                )
+                .await;
+                return Err(Status::permission_denied(r.to_string()));
+            }
+            other => return Err(Status::internal(format!("unexpected outcome {other:?}"))),
+        };
+        let answer = issue(ctx, &node_id, &req.public_key)?;
+        tracing::info!(node = %node_id, %who, "agent enrolled");
+        crate::gate::record(
+            ctx,
+            &who,
+            None,
+            "Enroll",
+            format!("node {node_id}"),
+            Code::Ok,
+        )
+        .await;
+        Ok(Response::new(answer))
+    }
+}
+
+/// `AgentService.Renew`: a new certificate for the node the caller's names.
+pub async fn renew(
+    ctx: &Ctx,
+    request: Request<pb::RenewRequest>,
+) -> Result<Response<pb::EnrollResponse>, Status> {
+    let Some(AgentCaller::Node(node_id)) = request.extensions().get::<AgentCaller>().cloned()
+    else {
+        return Err(Status::unauthenticated(
+            "renewal needs the node's current certificate",
+        ));
+    };
+    require_leader(ctx)?;
+    let view = ctx.raft.view();
+    match view.state.nodes.get(&node_id) {
+        None => return Err(Status::not_found(format!("node {node_id} is not known"))),
+        Some(n) if n.revoked_at_ms.is_some() => {
+            return Err(Status::permission_denied(format!(
+                "node {node_id} is revoked"
+            )))
+        }
+        Some(n) if n.state.is_final() => {
+            return Err(Status::failed_precondition(format!(
+                "node {node_id} is {:?}",
+                n.state
+            )))
+        }
+        Some(_) => {}
+    }
+    let answer = issue(ctx, &node_id, &request.get_ref().public_key)?;
+    tracing::info!(node = %node_id, "agent certificate renewed");
+    Ok(Response::new(answer))
+}

@@ -1,0 +1,342 @@
+//! The door of the public API, in front of every `nembo.v1.Coordinator`
+//! call: who is calling (bearer token), may their role make this call (one
+//! table, [`required_role`], so no call can forget to check), how long the
+//! call may take, and the audit record of every call that changes
+//! something. Which jobs a user may touch is checked by the handlers, on
+//! the leader, against the job's owner.
+
+use std::convert::Infallible;
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::task::{Context, Poll};
+use std::time::Duration;
+
+use nembo_domain::access::{Access, AccessCommand, AuditRecord, Role};
+use nembo_domain::state::Command;
+use tonic::body::Body;
+use tonic::server::NamedService;
+use tonic::{Code, Status};
+
+use crate::server::{now_ms, Ctx};
+use crate::tls::token_matches;
+
+/// The caller of an API request, put in its extensions by the gate.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Principal {
+    /// User name; `root` for the cluster's own token.
+    pub name: String,
+    /// Role.
+    pub role: Role,
+}
+
+impl Principal {
+    /// Whether it may see and act on jobs owned by `owner`.
+    pub fn owns(&self, owner: &str) -> bool {
+        self.role == Role::Admin || self.name == owner
+    }
+}
+
+/// Name of the holder of the cluster's own token.
+pub const ROOT: &str = "root";
+
+/// The least role each call needs. A call not listed (one added later and
+/// forgotten here) is for admins only.
+pub fn required_role(call: &str) -> Role {
+    match call {
+        "GetJob" | "ListJobs" | "ListNodes" | "GetClusterStatus" | "GetFleetMetrics"
+        | "WatchFleetMetrics" | "GetGpuHistory" | "ListOfferings" | "GetCostReport" | "WhoAmI" => {
+            Role::Viewer
+        }
+        "SubmitJob" | "DryRun" | "CancelJob" | "StreamLogs" | "CheckProviders" => Role::User,
+        _ => Role::Admin,
+    }
+}
+
+/// Calls that change something: each one is recorded in the audit trail.
+pub fn mutating(call: &str) -> bool {
+    matches!(
+        call,
+        "SubmitJob"
+            | "CancelJob"
+            | "Down"
+            | "AddMember"
+            | "RemoveMember"
+            | "TransferLeader"
+            | "RefreshCatalog"
+            | "InjectPreemption"
+            | "CreateUser"
+            | "RevokeUser"
+            | "CreateJoinToken"
+            | "RevokeJoinToken"
+            | "RevokeNode"
+    )
+}
+
+/// Prefix of user tokens: `nembo_<id>_<secret>`.
+pub const USER_TOKEN_PREFIX: &str = "nembo_";
+
+/// Who holds `token`, if anyone.
+pub fn authenticate(token: &str, root: &str, access: &Access) -> Option<Principal> {
+    if token_matches(token, root) {
+        return Some(Principal {
+            name: ROOT.into(),
+            role: Role::Admin,
+        });
+    }
+    let (id, secret) = token.strip_prefix(USER_TOKEN_PREFIX)?.split_once('_')?;
+    let user = access.user_by_token_id(id)?;
+    token_matches(&sha256_hex(secret), &user.token_sha256).then(|| Principal {
+        name: user.name.clone(),
+        role: user.role,
+    })
+}
+
+/// SHA-256, hex.
+pub fn sha256_hex(s: &str) -> String {
+    crate::identity::hex(ring::digest::digest(&ring::digest::SHA256, s.as_bytes()).as_ref())
+}
+
+/// What a handled call named or made, for its audit record: handlers put it
+/// in their response's extensions ([`audited`]).
+#[derive(Debug, Clone)]
+pub struct AuditTarget(pub String);
+
+/// A response carrying its audit target.
+pub fn audited<T>(message: T, target: impl Into<String>) -> tonic::Response<T> {
+    let mut r = tonic::Response::new(message);
+    r.extensions_mut().insert(AuditTarget(target.into()));
+    r
+}
+
+/// Records a call in the replicated audit trail. Only the leader does: a
+/// follower forwards the calls it admits, and the leader's gate records
+/// them; a follower's refusals are only in its log.
+pub async fn record(
+    ctx: &Ctx,
+    who: &str,
+    role: Option<Role>,
+    call: &str,
+    target: String,
+    code: Code,
+) {
+    if !ctx.raft.view().is_leader() {
+        return;
+    }
+    let record = AuditRecord {
+        at_ms: now_ms(),
+        who: who.to_string(),
+        role,
+        call: call.to_string(),
+        target,
+        result: if code == Code::Ok {
+            "ok".into()
+        } else {
+            format!("{code:?}")
+        },
+    };
+    if let Err(e) = ctx
+        .raft
+        .propose(Command::Access(AccessCommand::Audit(record)))
+        .await
+    {
+        tracing::warn!(call, who, error = %e, "audit record not stored");
+    }
+}
+
+fn grpc_code(resp: &http::Response<Body>) -> Code {
+    resp.headers()
+        .get("grpc-status")
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse::<i32>().ok())
+        .map_or(Code::Ok, Code::from)
+}
+
+fn bearer(headers: &http::HeaderMap) -> Option<&str> {
+    headers
+        .get("authorization")
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.strip_prefix("Bearer "))
+        .map(str::trim)
+}
+
+/// Wraps the Coordinator service.
+#[derive(Clone)]
+pub struct Gate<S> {
+    inner: S,
+    ctx: Arc<Ctx>,
+    root: Arc<str>,
+    timeout: Duration,
+}
+
+impl<S> Gate<S> {
+    /// `inner` behind the gate; calls end DEADLINE_EXCEEDED after `timeout`
+    /// (membership changes get longer: they wait for a new member to catch up).
+    pub fn new(inner: S, ctx: Arc<Ctx>, root: Arc<str>, timeout: Duration) -> Self {
+        Self {
+            inner,
+            ctx,
+            root,
+            timeout,
+        }
+    }
+}
+
+impl<S: NamedService> NamedService for Gate<S> {
+    const NAME: &'static str = S::NAME;
+}
+
+type BoxFuture<T> = Pin<Box<dyn Future<Output = T> + Send + 'static>>;
+
+impl<S> tower_service::Service<http::Request<Body>> for Gate<S>
+where
+    S: tower_service::Service<
+            http::Request<Body>,
+            Response = http::Response<Body>,
+            Error = Infallible,
+        > + Clone
+        + Send
+        + 'static,
+    S::Future: Send + 'static,
+{
+    type Response = http::Response<Body>;
+    type Error = Infallible;
+    type Future = BoxFuture<Result<http::Response<Body>, Infallible>>;
+
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Infallible>> {
+        self.inner.poll_ready(cx)
+    }
+
+    fn call(&mut self, mut req: http::Request<Body>) -> Self::Future {
+        // The clone that was polled ready serves this call.
+        let clone = self.inner.clone();
+        let mut inner = std::mem::replace(&mut self.inner, clone);
+        let call = req
+            .uri()
+            .path()
+            .rsplit('/')
+            .next()
+            .unwrap_or("")
+            .to_string();
+        let (ctx, root) = (self.ctx.clone(), self.root.clone());
+        let limit = if matches!(call.as_str(), "AddMember" | "RemoveMember") {
+            self.timeout.max(Duration::from_secs(60))
+        } else {
+            self.timeout
+        };
+        Box::pin(async move {
+            let who = bearer(req.headers())
+                .and_then(|t| authenticate(t, &root, &ctx.raft.view().state.access));
+            let Some(who) = who else {
+                tracing::warn!(call, "refused: missing or invalid bearer token");
+                return Ok(Status::unauthenticated("missing or invalid bearer token").into_http());
+            };
+            let need = required_role(&call);
+            if who.role < need {
+                let status = Status::permission_denied(format!(
+                    "{call} needs the {} role; {} has {}",
+                    need.as_str(),
+                    who.name,
+                    who.role.as_str()
+                ));
+                tracing::warn!(call, who = %who.name, role = who.role.as_str(), "refused: role");
+                record(
+                    &ctx,
+                    &who.name,
+                    Some(who.role),
+                    &call,
+                    String::new(),
+                    status.code(),
+                )
+                .await;
+                return Ok(status.into_http());
+            }
+            req.extensions_mut().insert(who.clone());
+            let resp = match tokio::time::timeout(limit, inner.call(req)).await {
+                Ok(Ok(resp)) => resp,
+                Ok(Err(never)) => match never {},
+                Err(_) => Status::deadline_exceeded(format!("{call} took longer than {limit:?}"))
+                    .into_http(),
+            };
+            if mutating(&call) {
+                let target = resp
+                    .extensions()
+                    .get::<AuditTarget>()
+                    .map(|t| t.0.clone())
+                    .unwrap_or_default();
+                record(
+                    &ctx,
+                    &who.name,
+                    Some(who.role),
+                    &call,
+                    target,
+                    grpc_code(&resp),
+                )
+                .await;
+            }
+            Ok(resp)
+        })
+    }
+}
+
+/// The caller, as the gate found it.
+pub fn principal<T>(req: &tonic::Request<T>) -> Result<Principal, Status> {
+    req.extensions()
+        .get::<Principal>()
+        .cloned()
+        .ok_or_else(|| Status::unauthenticated("no caller identity"))
+}
+
+/// The same request for the leader, carrying the caller's own token, so the
+/// leader decides (and records) what the caller may do.
+pub fn on_behalf<T>(req: tonic::Request<T>) -> tonic::Request<T> {
+    let auth = req.metadata().get("authorization").cloned();
+    let mut out = tonic::Request::new(req.into_inner());
+    if let Some(a) = auth {
+        out.metadata_mut().insert("authorization", a);
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use nembo_domain::access::User;
+
+    #[test]
+    fn tokens_resolve_to_their_holder_only() {
+        let mut access = Access::default();
+        access.users.insert(
+            "alice".into(),
+            User {
+                name: "alice".into(),
+                role: Role::User,
+                token_id: "a1".into(),
+                token_sha256: sha256_hex("s3cret"),
+                created_at_ms: 0,
+                revoked_at_ms: None,
+            },
+        );
+        let root = "r00t";
+        assert_eq!(
+            authenticate("r00t", root, &access).unwrap().role,
+            Role::Admin
+        );
+        let alice = authenticate("nembo_a1_s3cret", root, &access).unwrap();
+        assert_eq!((alice.name.as_str(), alice.role), ("alice", Role::User));
+        assert!(authenticate("nembo_a1_wrong", root, &access).is_none());
+        assert!(authenticate("nembo_a2_s3cret", root, &access).is_none());
+        assert!(authenticate("", root, &access).is_none());
+        access.users.get_mut("alice").unwrap().revoked_at_ms = Some(1);
+        assert!(authenticate("nembo_a1_s3cret", root, &access).is_none());
+    }
+
+    #[test]
+    fn unknown_calls_are_for_admins_and_reads_for_viewers() {
+        assert_eq!(required_role("SomethingNew"), Role::Admin);
+        assert_eq!(required_role("ListJobs"), Role::Viewer);
+        assert_eq!(required_role("SubmitJob"), Role::User);
+        assert_eq!(required_role("GetAuditLog"), Role::Admin);
+        assert!(mutating("SubmitJob") && !mutating("GetJob"));
+    }
+}
