@@ -1952,6 +1952,98 @@ mod tests {
         assert_eq!(s.nodes[&n].state, NodeState::Ready);
     }
 
+    fn enroll(s: &mut State, via: Enrollment, node: Option<&str>, at_ms: i64) -> Outcome {
+        s.apply(&Command::EnrollNode {
+            via,
+            node_id: node.map(Into::into),
+            hostname: "box".into(),
+            resources: Resources {
+                cpus: 8.0,
+                ..Default::default()
+            },
+            key_sha256: format!("key-{at_ms}"),
+            at_ms,
+        })
+    }
+
+    #[test]
+    fn a_node_token_enrolls_its_node_once_and_a_join_token_makes_a_manual_node() {
+        let mut s = State::default();
+        let j = submit(&mut s, "run: x", None);
+        let n = ready_node(&mut s, j, 0.0);
+        assert_eq!(
+            enroll(&mut s, Enrollment::NodeToken, Some(&n), 10),
+            Outcome::Nodes(vec![n.clone()])
+        );
+        assert_eq!(s.nodes[&n].enrolled_key.as_deref(), Some("key-10"));
+        let again = enroll(&mut s, Enrollment::NodeToken, Some(&n), 11);
+        assert_eq!(again, conflict("join token already used"));
+        assert_eq!(s.nodes[&n].enrolled_key.as_deref(), Some("key-10"));
+        assert!(matches!(
+            enroll(&mut s, Enrollment::NodeToken, None, 12),
+            Outcome::Rejected(_)
+        ));
+        // An admin's token: a new manual node, named by the state.
+        s.apply(&Command::Access(
+            crate::access::AccessCommand::CreateJoinToken {
+                token: crate::access::JoinToken {
+                    id: "t".into(),
+                    sha256: "h".into(),
+                    description: String::new(),
+                    created_by: "root".into(),
+                    created_at_ms: 0,
+                    expires_at_ms: 100,
+                    uses_left: 1,
+                    revoked_at_ms: None,
+                    nodes: Vec::new(),
+                },
+            },
+        ));
+        let via = || Enrollment::JoinToken { id: "t".into() };
+        let Outcome::Nodes(ids) = enroll(&mut s, via(), None, 20) else {
+            panic!("not enrolled")
+        };
+        let manual = &s.nodes[&ids[0]];
+        assert_eq!(manual.provider, MANUAL_PROVIDER);
+        assert_eq!(manual.resources.cpus, 8.0);
+        assert_ne!(ids[0], n);
+        let seq = s.last_node_seq;
+        assert_eq!(
+            enroll(&mut s, via(), None, 21),
+            conflict("join token already used")
+        );
+        assert_eq!(s.last_node_seq, seq, "a refused enrollment makes no node");
+    }
+
+    #[test]
+    fn a_revoked_node_loses_its_ranks_and_cannot_enroll_again() {
+        let mut s = State::default();
+        let j = submit(&mut s, "run: x", None);
+        let n = ready_node(&mut s, j, 0.0);
+        s.apply(&Command::AssignJob {
+            job_id: j,
+            node_ids: vec![n.clone()],
+            candidate: 0,
+            at_ms: 4,
+        });
+        assert_eq!(
+            s.apply(&Command::RevokeNode {
+                node_id: n.clone(),
+                at_ms: 5,
+            }),
+            Outcome::Applied
+        );
+        assert_eq!(s.nodes[&n].revoked_at_ms, Some(5));
+        assert_eq!(s.nodes[&n].state, NodeState::Terminating);
+        assert_eq!(s.jobs[&j].state, JobState::Failed);
+        assert!(s.jobs[&j].message.contains("revoked"));
+        assert!(s.jobs_on(&n).is_empty());
+        assert_eq!(
+            enroll(&mut s, Enrollment::NodeToken, Some(&n), 6),
+            conflict(format!("node {n} is revoked"))
+        );
+    }
+
     #[test]
     fn unknown_ids_are_rejections_that_change_nothing() {
         let mut s = State::default();

@@ -534,3 +534,62 @@ async fn agents_renew_their_certificates_before_they_expire_and_jobs_run_on() {
         std::fs::read_to_string(c.dir.path().join("nodes").join(&node).join("agent.log")).unwrap();
     assert!(log.contains("certificate renewed"), "{log}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn init_installs_an_existing_ca_that_then_signs_members_and_agents() {
+    let dir = tempfile::tempdir().unwrap();
+    let key = KeyPair::generate().unwrap();
+    let mut p = CertificateParams::new(Vec::<String>::new()).unwrap();
+    p.is_ca = IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
+    p.distinguished_name
+        .push(DnType::OrganizationName, "Acme GPUs");
+    p.distinguished_name
+        .push(DnType::CommonName, "Acme internal root");
+    let ca_pem = p.self_signed(&key).unwrap().pem();
+    let (ca, ca_key, wrong_key) = (
+        dir.path().join("acme.pem"),
+        dir.path().join("acme.key"),
+        dir.path().join("other.key"),
+    );
+    std::fs::write(&ca, &ca_pem).unwrap();
+    write_private(&ca_key, &key.serialize_pem());
+    write_private(&wrong_key, &KeyPair::generate().unwrap().serialize_pem());
+    let cluster = dir.path().join("cluster");
+    let init = |key: &Path| {
+        Command::new(bin("nembo-coordinator"))
+            .args(["init", "--cluster-dir"])
+            .arg(&cluster)
+            .arg("--ca-cert")
+            .arg(&ca)
+            .arg("--ca-key")
+            .arg(key)
+            .output()
+            .unwrap()
+    };
+    let out = init(&wrong_key);
+    assert!(!out.status.success());
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("does not belong"),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let out = init(&ca_key);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(String::from_utf8_lossy(&out.stdout).contains("token"));
+    assert_eq!(
+        std::fs::read_to_string(cluster.join("tls/ca.pem")).unwrap(),
+        ca_pem
+    );
+    // A coordinator of that cluster serves with a certificate from the
+    // imported CA, and its agents enroll with certificates from it too.
+    let c = Coordinator::start(&["--cluster-dir", cluster.to_str().unwrap()]).await;
+    assert_eq!(c.ca(), ca_pem.as_bytes());
+    let id = c.submit("run: echo signed-by-acme").await;
+    c.wait_state(&id, pb::JobState::Succeeded, Duration::from_secs(30))
+        .await;
+    assert!(c.logs(&id).await.contains("signed-by-acme"));
+}
