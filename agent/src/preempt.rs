@@ -367,7 +367,14 @@ fn days_from_civil(y: i64, m: i64, d: i64) -> i64 {
 }
 
 fn to_ms(y: i64, mo: i64, d: i64, h: i64, mi: i64, s: i64) -> Option<i64> {
-    let ok = (1..=12).contains(&mo) && (1..=31).contains(&d) && h < 24 && mi < 60 && s < 61;
+    // Bounded, so that no field a metadata server sends can overflow the
+    // arithmetic (the fuzzer found a 16-digit year).
+    let ok = (1970..=9999).contains(&y)
+        && (1..=12).contains(&mo)
+        && (1..=31).contains(&d)
+        && (0..24).contains(&h)
+        && (0..60).contains(&mi)
+        && (0..61).contains(&s);
     ok.then(|| ((days_from_civil(y, mo, d) * 24 + h) * 60 + mi) * 60_000 + s * 1000)
 }
 
@@ -425,5 +432,23 @@ mod tests {
         assert_eq!(mine[0].azure_event.as_deref(), Some("A"));
         assert_eq!(mine[0].deadline_ms, 1_474_309_787_000);
         assert_eq!(parse_azure_events(body, None).len(), 2);
+    }
+
+    #[test]
+    fn out_of_range_dates_are_refused_not_overflowed() {
+        // Found by `scripts/fuzz` (fuzz/artifacts/notices): the year
+        // overflowed the day arithmetic.
+        let huge = r#"{"action":"terminate","time":"2024655640273416-+01-05T18:0:20Z"}"#;
+        assert_eq!(parse_aws_action(huge).unwrap().deadline_ms, 0);
+        assert_eq!(parse_rfc3339("2024655640273416-01-05T18:00:20Z"), None);
+        assert_eq!(parse_rfc3339("2026-01-05T-1:00:00Z"), None);
+        assert_eq!(
+            parse_rfc1123("Mon, 19 Sep 99999999999999 18:29:47 GMT"),
+            None
+        );
+        assert_eq!(
+            parse_rfc3339("2026-01-05T18:02:00Z"),
+            Some(1_767_636_120_000)
+        );
     }
 }

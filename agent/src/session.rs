@@ -75,6 +75,8 @@ pub const LEADER_URL_KEY: &str = "nembo-leader-url";
 enum SessionEnd {
     Retry(String),
     Redirect(String),
+    /// The certificate is due for renewal: reconnect to the same member.
+    Renew,
     Fatal(AgentError),
 }
 
@@ -132,6 +134,10 @@ pub async fn run(
                 tokio::time::sleep(Duration::from_millis(20)).await;
                 continue;
             }
+            SessionEnd::Renew => {
+                backoff = Duration::from_millis(100);
+                continue;
+            }
             SessionEnd::Retry(why) => {
                 tracing::warn!(coordinator = %url, reason = %why, retry_in_ms = backoff.as_millis() as u64, "session ended; reconnecting");
                 // Try the next coordinator: the one we had may be down.
@@ -163,7 +169,12 @@ async fn ensure_identity(
         if now < id.renew_at_ms() {
             return Ok(id.clone());
         }
-        match renew(cfg, url, ca, id).await {
+        // A follower names the leader: renew there.
+        let renewed = match renew(cfg, url, ca, id).await {
+            Err(SessionEnd::Redirect(leader)) => renew(cfg, &leader, ca, id).await,
+            other => other,
+        };
+        match renewed {
             Ok(new) => {
                 tracing::info!(node = %new.node_id, valid_until_ms = new.not_after_ms, "certificate renewed");
                 *saved = Some(new.clone());
@@ -357,8 +368,15 @@ async fn session(
         return SessionEnd::Retry(stale.to_string());
     }
     tracing::info!(node = %identity.node_id, coordinator = %url, jobs = jobs.len(), "session open");
-    // Reconnect with a renewed certificate once it is due.
-    let renew_in = Duration::from_millis((identity.renew_at_ms() - now_ms()).max(0) as u64);
+    // Reconnect with a renewed certificate once it is due; after a failed
+    // renewal, try again in a while rather than at once.
+    let now = now_ms();
+    let renew_in = if identity.renew_at_ms() > now {
+        identity.renew_at_ms() - now
+    } else {
+        ((identity.not_after_ms - now) / 4).clamp(1000, 30_000)
+    };
+    let renew_in = Duration::from_millis(renew_in as u64);
     let renewal = tokio::time::sleep(renew_in);
     tokio::pin!(renewal);
     let offsets: BTreeMap<(String, u32), u64> = welcome
@@ -423,7 +441,7 @@ async fn session(
                 }
                 Err(s) => return SessionEnd::Retry(s.to_string()),
             },
-            () = &mut renewal => return SessionEnd::Retry("certificate renewal due".into()),
+            () = &mut renewal => return SessionEnd::Renew,
             ev = events.recv() => {
                 let Some(Event::Report(view)) = ev else { return SessionEnd::Fatal(AgentError::Setup("supervisor stopped".into())) };
                 if out.send(msg(AgentMsg::JobReport(view.report.clone()))).await.is_err() {

@@ -507,6 +507,10 @@ impl Coordinator for Api {
         &self,
         request: Request<pb::InjectPreemptionRequest>,
     ) -> Result<Response<pb::InjectPreemptionResponse>, Status> {
+        // On the leader, like every change, so that its gate records it.
+        if let Some(mut leader) = self.ctx.leader().await? {
+            return forwarded(leader.inject_preemption(on_behalf(request)).await);
+        }
         let r = request.into_inner();
         let view = self.ctx.raft.view();
         let node = view
@@ -553,6 +557,9 @@ impl Coordinator for Api {
         &self,
         request: Request<pb::RefreshCatalogRequest>,
     ) -> Result<Response<pb::RefreshCatalogResponse>, Status> {
+        if let Some(mut leader) = self.ctx.leader().await? {
+            return forwarded(leader.refresh_catalog(on_behalf(request)).await);
+        }
         let name = request.into_inner().provider;
         let provider = self.ctx.providers.get(&name).ok_or_else(|| {
             Status::invalid_argument(format!("provider: '{name}' is not enabled here"))

@@ -1,4 +1,5 @@
-//! Every message between agents and coordinators: decoding arbitrary bytes
+//! Every message between agents and coordinators (enrollment included),
+//! and the API's submissions and admin requests: decoding arbitrary bytes
 //! never panics, and what decodes re-encodes to something that decodes the
 //! same.
 #![no_main]
@@ -18,4 +19,11 @@ fuzz_target!(|data: &[u8]| {
     round_trip::<pb::AgentMessage>(data);
     round_trip::<pb::CoordinatorMessage>(data);
     round_trip::<pb::SubmitJobRequest>(data);
+    // Enrollment is open to anyone: its request is the first thing an
+    // attacker gets to send.
+    round_trip::<pb::EnrollRequest>(data);
+    round_trip::<pb::RenewRequest>(data);
+    round_trip::<pb::EnrollResponse>(data);
+    round_trip::<pb::CreateUserRequest>(data);
+    round_trip::<pb::CreateJoinTokenRequest>(data);
 });
