@@ -18,7 +18,7 @@ use tonic::{Request, Response, Status};
 use crate::convert;
 use crate::error::CoordinatorError;
 use crate::fleet::LabelCache;
-use crate::gate::{audited, on_behalf, principal, Principal};
+use crate::gate::{audit_record, audited, mark_audited, on_behalf, principal, Principal};
 use crate::logs::LogKey;
 use crate::raft::ProposeError;
 use crate::server::{now_ms, Ctx};
@@ -163,6 +163,17 @@ fn parse_job_id(s: &str) -> Result<JobId, CoordinatorError> {
         .map_err(|_| CoordinatorError::NotFound(format!("job '{s}' not found")))
 }
 
+/// A job as `who` may see it: a viewer reads the status of others' jobs,
+/// not what they run (commands, environment, idempotency key).
+fn job_for(who: &Principal, job: &nembo_domain::state::Job) -> pb::Job {
+    let mut out = convert::job_to_proto(job);
+    if !who.owns(&job.owner) {
+        out.spec = None;
+        out.idempotency_key.clear();
+    }
+    out
+}
+
 /// Users act on their own jobs only; admins on all.
 fn check_owner(who: &Principal, id: JobId, owner: &str) -> Result<(), CoordinatorError> {
     if who.owns(owner) {
@@ -204,26 +215,36 @@ impl Coordinator for Api {
         let req = request.into_inner();
         let spec = self.parse_request(&req)?;
         let key = (!req.idempotency_key.is_empty()).then(|| req.idempotency_key.clone());
+        // The job and its audit record in one entry: auditing costs the
+        // hot path no second commit.
         let out = self
             .ctx
             .raft
-            .propose(Command::SubmitJob {
-                spec: self.sealed(spec),
-                idempotency_key: key,
-                owner: who.name,
-                at_ms: now_ms(),
+            .propose(Command::Audited {
+                command: Box::new(Command::SubmitJob {
+                    spec: self.sealed(spec),
+                    idempotency_key: key,
+                    owner: who.name.clone(),
+                    at_ms: now_ms(),
+                }),
+                record: audit_record(&who, "SubmitJob", String::new()),
             })
             .await
             .map_err(CoordinatorError::from)?;
         match out {
-            Outcome::Job { job_id, existing } => Ok(audited(
-                pb::SubmitJobResponse {
+            Outcome::Job { job_id, existing } => {
+                let mut r = Response::new(pb::SubmitJobResponse {
                     job_id: job_id.to_string(),
                     existing,
-                },
-                format!("job {job_id}"),
-            )),
-            Outcome::Rejected(r) => Err(rejection(r).into()),
+                });
+                mark_audited(r.metadata_mut());
+                Ok(r)
+            }
+            Outcome::Rejected(r) => {
+                let mut status: Status = rejection(r).into();
+                mark_audited(status.metadata_mut());
+                Err(status)
+            }
             other => {
                 Err(CoordinatorError::Internal(format!("unexpected outcome {other:?}")).into())
             }
@@ -310,7 +331,7 @@ impl Coordinator for Api {
         if who.role != Role::Viewer {
             check_owner(&who, id, &job.owner)?;
         }
-        Ok(Response::new(convert::job_to_proto(job)))
+        Ok(Response::new(job_for(&who, job)))
     }
 
     async fn list_jobs(
@@ -334,7 +355,7 @@ impl Coordinator for Api {
             .values()
             .filter(|j| filter.is_empty() || filter.contains(&j.state))
             .filter(|j| who.role != Role::User || who.owns(&j.owner))
-            .map(|j| convert::job_to_proto(j))
+            .map(|j| job_for(&who, j))
             .collect();
         Ok(Response::new(pb::ListJobsResponse { jobs }))
     }
@@ -354,14 +375,19 @@ impl Coordinator for Api {
         let out = self
             .ctx
             .raft
-            .propose(Command::CancelJob {
-                job_id: id,
-                at_ms: now_ms(),
+            .propose(Command::Audited {
+                command: Box::new(Command::CancelJob {
+                    job_id: id,
+                    at_ms: now_ms(),
+                }),
+                record: audit_record(&who, "CancelJob", format!("job {id}")),
             })
             .await
             .map_err(CoordinatorError::from)?;
         if let Outcome::Rejected(r) = out {
-            return Err(rejection(r).into());
+            let mut status: Status = rejection(r).into();
+            mark_audited(status.metadata_mut());
+            return Err(status);
         }
         let state = self
             .ctx
@@ -372,12 +398,11 @@ impl Coordinator for Api {
             .get(&id)
             .map(|j| convert::job_state(j.state))
             .unwrap_or(pb::JobState::Unspecified);
-        Ok(audited(
-            pb::CancelJobResponse {
-                state: state as i32,
-            },
-            format!("job {id}"),
-        ))
+        let mut r = Response::new(pb::CancelJobResponse {
+            state: state as i32,
+        });
+        mark_audited(r.metadata_mut());
+        Ok(r)
     }
 
     type StreamLogsStream = ReceiverStream<Result<pb::LogChunk, Status>>;

@@ -97,6 +97,31 @@ pub fn sha256_hex(s: &str) -> String {
     crate::identity::hex(ring::digest::digest(&ring::digest::SHA256, s.as_bytes()).as_ref())
 }
 
+/// Response metadata of a call whose audit record went into the same Raft
+/// entry as its change (`Command::Audited`): the gate records nothing more.
+pub const AUDITED_HEADER: &str = "nembo-audited";
+
+/// The audit record of `who` making `call`, for `Command::Audited` (apply
+/// fills in the result, and the target of a new job).
+pub fn audit_record(who: &Principal, call: &str, target: String) -> AuditRecord {
+    AuditRecord {
+        at_ms: now_ms(),
+        who: who.name.clone(),
+        role: Some(who.role),
+        call: call.into(),
+        target,
+        result: String::new(),
+    }
+}
+
+/// Marks a response or a refusal as already audited.
+pub fn mark_audited(metadata: &mut tonic::metadata::MetadataMap) {
+    metadata.insert(
+        AUDITED_HEADER,
+        tonic::metadata::MetadataValue::from_static("1"),
+    );
+}
+
 /// What a handled call named or made, for its audit record: handlers put it
 /// in their response's extensions ([`audited`]).
 #[derive(Debug, Clone)]
@@ -258,7 +283,7 @@ where
                 Err(_) => Status::deadline_exceeded(format!("{call} took longer than {limit:?}"))
                     .into_http(),
             };
-            if mutating(&call) {
+            if mutating(&call) && !resp.headers().contains_key(AUDITED_HEADER) {
                 let target = resp
                     .extensions()
                     .get::<AuditTarget>()

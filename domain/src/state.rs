@@ -677,6 +677,14 @@ pub enum Command {
     },
     /// Users, join tokens, audit records.
     Access(crate::access::AccessCommand),
+    /// A client's change and its audit record, in one entry: applied, then
+    /// recorded with its result (and the job it made, if it made one).
+    Audited {
+        /// The change.
+        command: Box<Command>,
+        /// Who asked, and for what; `result` is filled in by apply.
+        record: crate::access::AuditRecord,
+    },
 }
 
 /// What applying a command did.
@@ -695,6 +703,16 @@ pub enum Outcome {
     Nodes(Vec<String>),
     /// Nothing changed: the command no longer fits the state.
     Rejected(Rejection),
+}
+
+impl Rejection {
+    /// The gRPC code name the API answers it with, for the audit trail.
+    pub fn code_name(&self) -> &'static str {
+        match self {
+            Rejection::NoSuchJob(_) | Rejection::NoSuchNode(_) => "NotFound",
+            Rejection::Conflict(_) => "FailedPrecondition",
+        }
+    }
 }
 
 /// Why a command changed nothing.
@@ -895,6 +913,21 @@ impl State {
 
     /// Applies one committed command. Deterministic; never panics on any input.
     pub fn apply(&mut self, cmd: &Command) -> Outcome {
+        if let Command::Audited { command, record } = cmd {
+            let outcome = self.apply(command);
+            let mut record = record.clone();
+            if let (Outcome::Job { job_id, .. }, true) = (&outcome, record.target.is_empty()) {
+                record.target = format!("job {job_id}");
+            }
+            record.result = match &outcome {
+                Outcome::Rejected(r) => r.code_name().into(),
+                _ => "ok".into(),
+            };
+            let _ = self
+                .access
+                .apply(&crate::access::AccessCommand::Audit(record));
+            return outcome;
+        }
         // Jobs a node-level command can end, found before it changes them.
         let mut touched: Vec<JobId> = match cmd {
             Command::NodeLost { node_id, .. }
@@ -917,7 +950,8 @@ impl State {
             | Command::NodeLaunched { .. }
             | Command::NodeUp { .. }
             | Command::EnrollNode { .. }
-            | Command::Access(_) => Vec::new(),
+            | Command::Access(_)
+            | Command::Audited { .. } => Vec::new(),
         };
         let outcome = self.apply_inner(cmd);
         if let Outcome::Job { job_id, .. } = outcome {
@@ -1351,6 +1385,8 @@ impl State {
                 self.fail_ranks_on(node_id, &msg, *at_ms);
                 Outcome::Applied
             }
+            // Handled in apply, before the indexes are touched.
+            Command::Audited { command, .. } => self.apply_inner(command),
             Command::Access(c) => match self.access.apply(c) {
                 Ok(()) => Outcome::Applied,
                 Err(why) => conflict(why),
@@ -2041,6 +2077,57 @@ mod tests {
         assert_eq!(
             enroll(&mut s, Enrollment::NodeToken, Some(&n), 6),
             conflict(format!("node {n} is revoked"))
+        );
+    }
+
+    #[test]
+    fn an_audited_change_is_applied_and_recorded_with_its_result_in_one_step() {
+        let mut s = State::default();
+        let record = crate::access::AuditRecord {
+            at_ms: 1,
+            who: "alice".into(),
+            role: Some(crate::access::Role::User),
+            call: "SubmitJob".into(),
+            target: String::new(),
+            result: String::new(),
+        };
+        let out = s.apply(&Command::Audited {
+            command: Box::new(Command::SubmitJob {
+                spec: spec("run: x"),
+                idempotency_key: None,
+                owner: "alice".into(),
+                at_ms: 1,
+            }),
+            record: record.clone(),
+        });
+        let Outcome::Job { job_id, .. } = out else {
+            panic!("{out:?}")
+        };
+        assert_eq!(s.queued_jobs().count(), 1, "the indexes saw the job");
+        let out = s.apply(&Command::Audited {
+            command: Box::new(Command::CancelJob {
+                job_id: 99,
+                at_ms: 2,
+            }),
+            record: crate::access::AuditRecord {
+                call: "CancelJob".into(),
+                target: "job 99".into(),
+                ..record
+            },
+        });
+        assert!(matches!(out, Outcome::Rejected(_)));
+        let trail: Vec<(String, String)> = s
+            .access
+            .audit
+            .iter()
+            .map(|r| (r.target.clone(), r.result.clone()))
+            .collect();
+        assert_eq!(
+            trail,
+            vec![
+                (format!("job {job_id}"), "ok".to_string()),
+                ("job 99".to_string(), "NotFound".to_string())
+            ]
         );
     }
 

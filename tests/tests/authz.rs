@@ -211,6 +211,10 @@ async fn users_see_and_cancel_only_their_own_jobs_and_every_change_is_audited() 
         .into_inner()
         .jobs;
     assert_eq!(all.len(), 2);
+    assert!(
+        all.iter().all(|j| j.spec.is_none() && j.state != 0),
+        "a viewer reads status, not what others run"
+    );
     let cancel = v.cancel_job(pb::CancelJobRequest {
         job_id: job.clone(),
     });

@@ -190,3 +190,27 @@ async fn provider_credentials_never_reach_agents_or_jobs() {
         "the agent holds provider credentials"
     );
 }
+
+/// A call that would hang holds the coordinator no longer than the request
+/// timeout: moving leadership to a frozen member waits for an answer that
+/// never comes, and is cut off after 1 s.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_call_that_hangs_ends_at_the_request_timeout() {
+    let cluster = nembo_tests::Cluster::start(3, &["--request-timeout-s", "1"]).await;
+    let leader = cluster.leader().await;
+    let frozen = (1..=3).find(|id| *id != leader).unwrap();
+    cluster.pause(frozen);
+    let mut client = cluster.member_client(leader).await.unwrap();
+    let started = std::time::Instant::now();
+    let err = client
+        .transfer_leader(pb::TransferLeaderRequest { id: frozen })
+        .await
+        .unwrap_err();
+    let took = started.elapsed();
+    cluster.resume(frozen);
+    assert_eq!(err.code(), tonic::Code::DeadlineExceeded, "{err:?}");
+    assert!(
+        took < Duration::from_secs(4),
+        "the call took {took:?}, not about the 1 s timeout"
+    );
+}
