@@ -22,6 +22,7 @@ use crate::identity::Identity;
 use crate::preempt::Notice;
 use crate::supervisor::{now_ms, Event, JobKey, JobView, Supervisor};
 use crate::telemetry::Telemetry;
+use nembo_proto::LEADER_URL_KEY;
 
 /// How the agent reaches its coordinator and describes its node.
 #[derive(Debug, Clone)]
@@ -68,9 +69,6 @@ pub enum AgentError {
     #[error("refused by the coordinators: {0}")]
     Refused(String),
 }
-
-/// Metadata key of the leader's URL on a follower's refusal.
-pub const LEADER_URL_KEY: &str = "nembo-leader-url";
 
 enum SessionEnd {
     Retry(String),
@@ -196,10 +194,17 @@ async fn ensure_identity(
     Ok(new)
 }
 
+/// A member that took too long: try another.
+fn no_answer(url: &str) -> impl FnOnce(tokio::time::error::Elapsed) -> SessionEnd + '_ {
+    move |_| SessionEnd::Retry(format!("{url}: no answer within {ESTABLISH_TIMEOUT:?}"))
+}
+
+/// What a refusal (of an enrollment, a renewal or a session) means for the
+/// agent: follow the leader, stop (credentials refused), or try again.
 fn refused(s: &tonic::Status, url: &str) -> SessionEnd {
     if let Some(leader) = s
         .metadata()
-        .get(crate::session::LEADER_URL_KEY)
+        .get(LEADER_URL_KEY)
         .and_then(|v| v.to_str().ok())
     {
         if leader != url {
@@ -232,7 +237,7 @@ async fn enroll(cfg: &AgentConfig, url: &str, ca: &[u8]) -> Result<Identity, Ses
         nembo_proto::client::connect_enrollment(url, ca),
     )
     .await
-    .map_err(|_| SessionEnd::Retry(format!("{url}: no answer within {ESTABLISH_TIMEOUT:?}")))?
+    .map_err(no_answer(url))?
     .map_err(|e| SessionEnd::Retry(e.to_string()))?;
     let req = pb::EnrollRequest {
         join_token: token,
@@ -243,7 +248,7 @@ async fn enroll(cfg: &AgentConfig, url: &str, ca: &[u8]) -> Result<Identity, Ses
     };
     let answer = tokio::time::timeout(ESTABLISH_TIMEOUT, client.enroll(req))
         .await
-        .map_err(|_| SessionEnd::Retry(format!("{url}: no answer within {ESTABLISH_TIMEOUT:?}")))?
+        .map_err(no_answer(url))?
         .map_err(|s| refused(&s, url))?
         .into_inner();
     let id = Identity::issued(key_pem, answer);
@@ -271,14 +276,14 @@ async fn renew(
         nembo_proto::client::connect_agent_tls(url, ca, &current.cert_pem, &current.key_pem),
     )
     .await
-    .map_err(|_| SessionEnd::Retry(format!("{url}: no answer within {ESTABLISH_TIMEOUT:?}")))?
+    .map_err(no_answer(url))?
     .map_err(|e| SessionEnd::Retry(e.to_string()))?;
     let answer = tokio::time::timeout(
         ESTABLISH_TIMEOUT,
         client.renew(pb::RenewRequest { public_key }),
     )
     .await
-    .map_err(|_| SessionEnd::Retry(format!("{url}: no answer within {ESTABLISH_TIMEOUT:?}")))?
+    .map_err(no_answer(url))?
     .map_err(|s| refused(&s, url))?
     .into_inner();
     let id = Identity::issued(key_pem, answer);
@@ -338,20 +343,7 @@ async fn session(
         Err(s) if matches!(s.code(), Code::NotFound | Code::FailedPrecondition) => {
             return SessionEnd::Fatal(AgentError::Retired(s.message().to_string()))
         }
-        Err(s) if s.code() == Code::PermissionDenied => {
-            return SessionEnd::Fatal(AgentError::Refused(s.message().to_string()))
-        }
-        Err(s) if s.metadata().get(LEADER_URL_KEY).is_some() => {
-            let leader = s
-                .metadata()
-                .get(LEADER_URL_KEY)
-                .and_then(|v| v.to_str().ok());
-            return match leader {
-                Some(l) if l != url => SessionEnd::Redirect(l.to_string()),
-                _ => SessionEnd::Retry(s.message().to_string()),
-            };
-        }
-        Err(s) => return SessionEnd::Retry(format!("{}: {}", s.code(), s.message())),
+        Err(s) => return refused(&s, url),
     };
     let Ok(first) = tokio::time::timeout_at(deadline, inbound.message()).await else {
         return silent();

@@ -24,9 +24,6 @@ use crate::logs::LogKey;
 use crate::raft::ClusterView;
 use crate::server::{now_ms, Ctx};
 
-/// Metadata key of the leader's URL on a follower's refusal.
-pub const LEADER_URL_KEY: &str = "nembo-leader-url";
-
 /// Serves agent sessions.
 pub struct Agents {
     ctx: Arc<Ctx>,
@@ -107,14 +104,8 @@ impl AgentService for Agents {
             }
             Some(_) => {}
         }
-        if !view.is_leader() {
-            // Agents talk to the leader only; tell this one where it is.
-            let mut status = Status::unavailable("not the leader");
-            if let Some(v) = self.ctx.leader_url().and_then(|u| u.parse().ok()) {
-                status.metadata_mut().insert(LEADER_URL_KEY, v);
-            }
-            return Err(status);
-        }
+        // Agents talk to the leader only; tell this one where it is.
+        crate::enroll::require_leader(&self.ctx)?;
         let (tx, rx) = mpsc::channel(256);
         let ctx = self.ctx.clone();
         tokio::spawn(async move {

@@ -50,9 +50,7 @@ pub fn require_leader(ctx: &Ctx) -> Result<(), Status> {
     }
     let mut status = Status::unavailable("not the leader");
     if let Some(v) = ctx.leader_url().and_then(|u| u.parse().ok()) {
-        status
-            .metadata_mut()
-            .insert(crate::agent_service::LEADER_URL_KEY, v);
+        status.metadata_mut().insert(nembo_proto::LEADER_URL_KEY, v);
     }
     Err(status)
 }

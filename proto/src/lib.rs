@@ -14,5 +14,8 @@ pub const FILE_DESCRIPTOR_SET: &[u8] =
 /// Largest task (YAML or structured) a coordinator accepts, in bytes.
 pub const MAX_TASK_BYTES: usize = 256 * 1024;
 
+/// Metadata key of the leader's URL on a follower's refusal of an agent.
+pub const LEADER_URL_KEY: &str = "nembo-leader-url";
+
 pub mod client;
 pub mod http;
