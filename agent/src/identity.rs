@@ -83,22 +83,31 @@ impl Identity {
         work_dir.join("identity")
     }
 
-    /// The identity saved in `work_dir`, if there is a whole one.
-    pub fn load(work_dir: &Path) -> Option<Identity> {
+    /// The identity saved in `work_dir`, if there is a whole one. A key
+    /// that others can read is an error: the agent will not use it.
+    pub fn load(work_dir: &Path) -> Result<Option<Identity>, String> {
         let dir = Self::dir(work_dir);
-        let meta: Meta =
-            serde_json::from_slice(&std::fs::read(dir.join("node.json")).ok()?).ok()?;
-        let key_pem = nembo_proto::client::read_secret(&dir.join("node.key"))
-            .map_err(|e| tracing::error!(error = %e, "node key refused"))
-            .ok()?
-            .into_bytes();
-        Some(Identity {
+        let Some(meta) = std::fs::read(dir.join("node.json"))
+            .ok()
+            .and_then(|b| serde_json::from_slice::<Meta>(&b).ok())
+        else {
+            return Ok(None);
+        };
+        let key_pem = match nembo_proto::client::read_secret(&dir.join("node.key")) {
+            Ok(k) => k.into_bytes(),
+            Err(e @ nembo_proto::client::SecretError::Exposed(_)) => return Err(e.to_string()),
+            Err(_) => return Ok(None),
+        };
+        let Ok(cert_pem) = std::fs::read(dir.join("node.pem")) else {
+            return Ok(None);
+        };
+        Ok(Some(Identity {
             node_id: meta.node_id,
-            cert_pem: std::fs::read(dir.join("node.pem")).ok()?,
+            cert_pem,
             key_pem,
             not_before_ms: meta.not_before_ms,
             not_after_ms: meta.not_after_ms,
-        })
+        }))
     }
 
     /// The identity from a coordinator's answer for the key `key_pem`.
@@ -199,10 +208,14 @@ mod tests {
             .permissions()
             .mode();
         assert_eq!(mode & 0o777, 0o600);
-        let back = Identity::load(d.path()).unwrap();
+        let back = Identity::load(d.path()).unwrap().unwrap();
         assert_eq!(back.node_id, "node-3");
         assert_eq!(back.renew_at_ms(), 2000);
         assert!(!back.expired(2000));
         assert!(back.expired(2800));
+        let key = d.path().join("identity/node.key");
+        std::fs::set_permissions(&key, std::fs::Permissions::from_mode(0o640)).unwrap();
+        let refused = Identity::load(d.path()).unwrap_err();
+        assert!(refused.contains("node.key"), "{refused}");
     }
 }

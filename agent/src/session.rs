@@ -103,6 +103,7 @@ pub async fn run(
     let mut target = 0usize;
     let mut url = cfg.coordinators[0].clone();
     let mut identity = Identity::load(&cfg.work_dir)
+        .map_err(AgentError::Setup)?
         .filter(|i| cfg.node_id.as_ref().is_none_or(|n| *n == i.node_id));
     loop {
         let end = match ensure_identity(&cfg, &url, &ca, &mut identity).await {

@@ -92,6 +92,35 @@ async fn token_and_key_files_readable_by_others_are_refused() {
         .unwrap();
     assert!(!out.status.success());
     assert!(String::from_utf8_lossy(&out.stderr).contains("readable by other users"));
+    // The agent's own key, made at enrollment: exposed, the agent stops
+    // rather than use it (or quietly enroll again).
+    let work = c.dir.path().join("agent-y");
+    std::fs::create_dir_all(work.join("identity")).unwrap();
+    std::fs::write(
+        work.join("identity/node.json"),
+        r#"{"node_id":"node-y","not_before_ms":0,"not_after_ms":99999999999999}"#,
+    )
+    .unwrap();
+    std::fs::write(work.join("identity/node.pem"), "cert").unwrap();
+    std::fs::write(work.join("identity/node.key"), "key").unwrap();
+    std::fs::set_permissions(
+        work.join("identity/node.key"),
+        std::fs::Permissions::from_mode(0o644),
+    )
+    .unwrap();
+    let out = std::process::Command::new(nembo_tests::bin("nembo-agent"))
+        .args(["--coordinator", &c.endpoint(), "--ca-cert"])
+        .arg(c.dir.path().join("tls/ca.pem"))
+        .arg("--work-dir")
+        .arg(&work)
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success());
+    assert!(
+        err.contains("readable by other users") && err.contains("node.key"),
+        "{err}"
+    );
     // The coordinator, at its next start: the token, then its TLS key.
     c.kill9();
     for exposed in [&token, &key] {
