@@ -80,22 +80,29 @@ pub async fn user_revoke(name: &str) -> Result<()> {
 }
 
 /// Creates a join token and prints it once (stdout alone).
-pub async fn token_create(ttl_ms: u32, uses: u32, description: &str) -> Result<()> {
+pub async fn token_create(
+    ttl_ms: u32,
+    uses: u32,
+    description: &str,
+    node: Option<&str>,
+) -> Result<()> {
     let c = connect::client().await?;
     let req = pb::CreateJoinTokenRequest {
         ttl_s: (ttl_ms / 1000).max(1),
         uses,
         description: description.into(),
+        node_id: node.unwrap_or_default().into(),
     };
     let r = c.clone().create_join_token(req).await?.into_inner();
     eprintln!(
         "join token {} for {} enrollment(s), valid until {} ({}); it is not shown again.\n\
          On the machine: write it to a 0600 file and run\n  \
-         nembo-agent --coordinator URL --ca-cert ca.pem --join-token-file FILE --work-dir DIR",
+         nembo-agent --coordinator URL --ca-cert ca.pem --join-token-file FILE --work-dir DIR{}",
         r.id,
         uses.max(1),
         r.expires_unix_ms,
-        table::duration(r.expires_unix_ms - table::now_ms())
+        table::duration(r.expires_unix_ms - table::now_ms()),
+        node.map(|n| format!(" --node-id {n}")).unwrap_or_default()
     );
     println!("{}", r.token);
     Ok(())
@@ -112,7 +119,7 @@ pub async fn token_list(as_json: bool) -> Result<()> {
         let v: Vec<_> = r
             .tokens
             .iter()
-            .map(|t| json!({"id": t.id, "description": t.description, "created_by": t.created_by, "created_unix_ms": t.created_unix_ms, "expires_unix_ms": t.expires_unix_ms, "uses_left": t.uses_left, "revoked_unix_ms": t.revoked_unix_ms, "node_ids": t.node_ids}))
+            .map(|t| json!({"id": t.id, "description": t.description, "created_by": t.created_by, "created_unix_ms": t.created_unix_ms, "expires_unix_ms": t.expires_unix_ms, "uses_left": t.uses_left, "revoked_unix_ms": t.revoked_unix_ms, "node_ids": t.node_ids, "for_node_id": t.for_node_id}))
             .collect();
         println!("{}", serde_json::to_string_pretty(&v)?);
         return Ok(());

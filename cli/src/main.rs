@@ -265,6 +265,11 @@ enum TokensCmd {
         /// What it is for.
         #[arg(long, default_value = "")]
         description: String,
+        /// Re-enroll this existing node (its agent was down past its
+        /// certificate's end; run it with --node-id NODE). Without it, the
+        /// token makes new nodes only.
+        #[arg(long)]
+        node: Option<String>,
     },
     /// List join tokens with their uses left and the nodes they enrolled.
     List {
@@ -482,7 +487,8 @@ async fn run(cli: Cli) -> Result<i32> {
                 ttl,
                 uses,
                 description,
-            } => admin::token_create(ttl, uses, &description).await,
+                node,
+            } => admin::token_create(ttl, uses, &description, node.as_deref()).await,
             TokensCmd::List { json } => admin::token_list(json).await,
             TokensCmd::Revoke { id } => admin::token_revoke(&id).await,
         }

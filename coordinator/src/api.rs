@@ -1024,6 +1024,22 @@ impl Coordinator for Api {
             return Err(CoordinatorError::InvalidArgument("ttl_s: at most 30 days".into()).into());
         }
         let uses = if req.uses == 0 { 1 } else { req.uses };
+        let node = (!req.node_id.is_empty()).then(|| req.node_id.clone());
+        if let Some(n) = &node {
+            let view = self.ctx.raft.view();
+            match view.state.nodes.get(n) {
+                None => {
+                    return Err(CoordinatorError::NotFound(format!("node_id: no node {n}")).into())
+                }
+                Some(found) if found.revoked_at_ms.is_some() || found.state.is_final() => {
+                    return Err(CoordinatorError::FailedPrecondition(format!(
+                        "node_id: node {n} is revoked or gone"
+                    ))
+                    .into())
+                }
+                Some(_) => {}
+            }
+        }
         let (token, id, sha256) = new_token(crate::enroll::JOIN_TOKEN_PREFIX, '.');
         let now = now_ms();
         let expires = now + i64::from(ttl_s) * 1000;
@@ -1038,6 +1054,7 @@ impl Coordinator for Api {
                 uses_left: uses,
                 revoked_at_ms: None,
                 nodes: Vec::new(),
+                node: node.clone(),
             },
         })
         .await?;
@@ -1047,7 +1064,10 @@ impl Coordinator for Api {
                 token,
                 expires_unix_ms: expires,
             },
-            format!("join token {id} (uses {uses}, ttl {ttl_s}s)"),
+            match &node {
+                Some(n) => format!("join token {id} (node {n}, uses {uses}, ttl {ttl_s}s)"),
+                None => format!("join token {id} (uses {uses}, ttl {ttl_s}s)"),
+            },
         ))
     }
 
@@ -1073,6 +1093,7 @@ impl Coordinator for Api {
                 uses_left: t.uses_left,
                 revoked_unix_ms: t.revoked_at_ms.unwrap_or(0),
                 node_ids: t.nodes.clone(),
+                for_node_id: t.node.clone().unwrap_or_default(),
             })
             .collect();
         Ok(Response::new(pb::ListJoinTokensResponse { tokens }))

@@ -82,6 +82,10 @@ pub struct JoinToken {
     pub revoked_at_ms: Option<i64>,
     /// Nodes enrolled with it.
     pub nodes: Vec<String>,
+    /// The existing node it re-enrolls (one whose certificate ran out);
+    /// none: it makes new nodes only, so it can never take over a node.
+    #[serde(default)]
+    pub node: Option<String>,
 }
 
 impl JoinToken {
@@ -271,6 +275,7 @@ mod tests {
             uses_left: uses,
             revoked_at_ms: None,
             nodes: Vec::new(),
+            node: None,
         }
     }
 

@@ -1637,6 +1637,19 @@ impl State {
             }
         };
         if let Enrollment::JoinToken { id: token } = via {
+            // A leaked admin token must not make its holder an existing
+            // node (and hand it that node's jobs and secrets).
+            match self.access.join_tokens.get(token).map(|t| &t.node) {
+                Some(Some(bound)) if node_id != Some(bound.as_str()) => {
+                    return conflict(format!("this join token is for node {bound}"))
+                }
+                Some(None) if node_id.is_some() => {
+                    return conflict(
+                        "this join token makes a new node; re-enrolling an existing one takes a token made for it (--node)",
+                    )
+                }
+                _ => {}
+            }
             if let Err(why) = self.access.spend_join_token(token, &id, at_ms) {
                 return conflict(why);
             }
@@ -2029,13 +2042,20 @@ mod tests {
                     created_by: "root".into(),
                     created_at_ms: 0,
                     expires_at_ms: 100,
-                    uses_left: 1,
+                    uses_left: 2,
                     revoked_at_ms: None,
                     nodes: Vec::new(),
+                    node: None,
                 },
             },
         ));
         let via = || Enrollment::JoinToken { id: "t".into() };
+        // A token for new nodes cannot take over an existing one.
+        assert!(matches!(
+            enroll(&mut s, via(), Some(&n), 19),
+            Outcome::Rejected(_)
+        ));
+        assert_eq!(s.nodes[&n].enrolled_key.as_deref(), Some("key-10"));
         let Outcome::Nodes(ids) = enroll(&mut s, via(), None, 20) else {
             panic!("not enrolled")
         };
@@ -2044,11 +2064,28 @@ mod tests {
         assert_eq!(manual.resources.cpus, 8.0);
         assert_ne!(ids[0], n);
         let seq = s.last_node_seq;
+        s.access.join_tokens.get_mut("t").unwrap().uses_left = 0;
         assert_eq!(
             enroll(&mut s, via(), None, 21),
             conflict("join token already used")
         );
         assert_eq!(s.last_node_seq, seq, "a refused enrollment makes no node");
+        // A token made for the node re-enrolls it, with a new key.
+        let mut for_node = s.access.join_tokens["t"].clone();
+        for_node.id = "r".into();
+        for_node.uses_left = 1;
+        for_node.node = Some(n.clone());
+        s.apply(&Command::Access(
+            crate::access::AccessCommand::CreateJoinToken { token: for_node },
+        ));
+        let again = enroll(
+            &mut s,
+            Enrollment::JoinToken { id: "r".into() },
+            Some(&n),
+            22,
+        );
+        assert_eq!(again, Outcome::Nodes(vec![n.clone()]));
+        assert_eq!(s.nodes[&n].enrolled_key.as_deref(), Some("key-22"));
     }
 
     #[test]

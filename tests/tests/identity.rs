@@ -297,6 +297,33 @@ async fn certificates_prove_only_what_they_name() {
     let (cert, key) = (issued.certificate_pem, key.serialize_pem());
     assert!(issued.not_after_unix_ms > issued.not_before_unix_ms);
     assert_eq!(session_code(&c, &cert, &key, &node).await, Some(Code::Ok));
+    // A leaked admin token cannot make its holder an existing node (and get
+    // that node's jobs and secrets); only a token made for the node can.
+    let (other, _) = join_token(&c, "1h");
+    let takeover = enrollment
+        .enroll(pb::EnrollRequest {
+            join_token: other,
+            node_id: node.clone(),
+            public_key: KeyPair::generate().unwrap().public_key_raw().to_vec(),
+            ..Default::default()
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(takeover.code(), Code::PermissionDenied, "{takeover:?}");
+    let out = c.cli(&["admin", "tokens", "create", "--node", &node]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let for_node = String::from_utf8_lossy(&out.stdout).trim().to_string();
+    let reenrolled = enrollment
+        .enroll(pb::EnrollRequest {
+            join_token: for_node,
+            node_id: node.clone(),
+            public_key: KeyPair::generate().unwrap().public_key_raw().to_vec(),
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(reenrolled.node_id, node);
     // The same certificate cannot speak for another node.
     assert_eq!(
         session_code(&c, &cert, &key, "node-99").await,
