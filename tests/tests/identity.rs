@@ -311,7 +311,11 @@ async fn certificates_prove_only_what_they_name() {
         .unwrap_err();
     assert_eq!(takeover.code(), Code::PermissionDenied, "{takeover:?}");
     let out = c.cli(&["admin", "tokens", "create", "--node", &node]);
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     let for_node = String::from_utf8_lossy(&out.stdout).trim().to_string();
     let reenrolled = enrollment
         .enroll(pb::EnrollRequest {
