@@ -258,6 +258,11 @@ where
             };
             let need = required_role(&call);
             if who.role < need {
+                // A follower hands the refused call to the leader as it came,
+                // so the leader refuses it too and the refusal is recorded.
+                if let Some(channel) = ctx.leader_channel().await {
+                    return Ok(pass_on(channel, req).await);
+                }
                 let status = Status::permission_denied(format!(
                     "{call} needs the {} role; {} has {}",
                     need.as_str(),
@@ -302,6 +307,21 @@ where
             Ok(resp)
         })
     }
+}
+
+/// Sends `req` to the leader unchanged and returns its answer.
+async fn pass_on(
+    mut channel: tonic::transport::Channel,
+    req: http::Request<Body>,
+) -> http::Response<Body> {
+    use tower_service::Service;
+    let unreachable = |e: tonic::transport::Error| {
+        Status::unavailable(format!("leader unreachable: {e}")).into_http()
+    };
+    if let Err(e) = std::future::poll_fn(|cx| channel.poll_ready(cx)).await {
+        return unreachable(e);
+    }
+    channel.call(req).await.unwrap_or_else(unreachable)
 }
 
 /// The caller, as the gate found it.

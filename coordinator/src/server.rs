@@ -197,6 +197,8 @@ struct Forwarder {
     ca: Vec<u8>,
     token: String,
     cached: tokio::sync::Mutex<Option<(u64, Client)>>,
+    /// A bare channel to the leader, for passing a whole request on.
+    channel: tokio::sync::Mutex<Option<(u64, tonic::transport::Channel)>>,
 }
 
 /// node id -> (job, rank) of every current attempt's rank placed there.
@@ -295,6 +297,30 @@ impl Ctx {
             }
             let _ = tokio::time::timeout_at(deadline, views.changed()).await;
         }
+    }
+
+    /// A channel to the leader, or `None` when this member leads or no
+    /// leader is known: for handing a request on untouched.
+    pub async fn leader_channel(&self) -> Option<tonic::transport::Channel> {
+        let view = self.raft.view();
+        if view.is_leader() {
+            return None;
+        }
+        let leader = view.leader_id;
+        let url = view.members.get(&leader)?.clone();
+        let mut cached = self.forward.channel.lock().await;
+        if let Some((id, c)) = &*cached {
+            if *id == leader {
+                return Some(c.clone());
+            }
+        }
+        let channel = nembo_proto::client::endpoint(&url, &self.forward.ca)
+            .ok()?
+            .connect()
+            .await
+            .ok()?;
+        *cached = Some((leader, channel.clone()));
+        Some(channel)
     }
 
     /// The leader's URL, for redirecting agents.
@@ -575,6 +601,7 @@ pub async fn run(
             ca: ca_pem.clone(),
             token: client_token.to_string(),
             cached: tokio::sync::Mutex::new(None),
+            channel: tokio::sync::Mutex::new(None),
         },
     });
     tokio::spawn(control::supervise(

@@ -356,6 +356,22 @@ async fn a_follower_forwards_the_callers_own_identity_not_its_own() {
         .unwrap();
     let err = as_vera.submit_job(submit_req("echo no")).await.unwrap_err();
     assert_eq!(err.code(), Code::PermissionDenied);
+    // Refused by way of a follower, and still in the leader's audit trail.
+    let audit = root
+        .get_audit_log(pb::GetAuditLogRequest { limit: 100 })
+        .await
+        .unwrap()
+        .into_inner()
+        .records;
+    assert!(
+        audit
+            .iter()
+            .any(|r| r.who == "vera" && r.call == "SubmitJob" && r.result == "PermissionDenied"),
+        "{audit:?}"
+    );
+    assert!(audit
+        .iter()
+        .any(|r| r.who == "alice" && r.call == "SubmitJob" && r.result == "ok"));
     let err = as_alice.create_user(mk("eve", "admin")).await.unwrap_err();
     assert_eq!(
         err.code(),
