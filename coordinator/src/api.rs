@@ -189,7 +189,7 @@ fn check_owner(who: &Principal, id: JobId, owner: &str) -> Result<(), Coordinato
 fn new_token(prefix: &str, sep: char) -> (String, String, String) {
     let id = crate::tls::random_token()[..16].to_string();
     let secret = crate::tls::random_token();
-    let digest = crate::gate::sha256_hex(&secret);
+    let digest = crate::tls::sha256_hex(secret.as_bytes());
     (format!("{prefix}{id}{sep}{secret}"), id, digest)
 }
 

@@ -17,8 +17,7 @@ use nembo_proto::v1 as pb;
 use nembo_proto::v1::enrollment_server::Enrollment as EnrollmentRpc;
 use tonic::{Code, Request, Response, Status};
 
-use crate::gate::sha256_hex;
-use crate::identity::{key_digest, Issued};
+use crate::identity::Issued;
 use crate::server::Ctx;
 use crate::tls;
 
@@ -39,7 +38,7 @@ pub enum AgentCaller {
 fn admin_token_id(token: &str, access: &nembo_domain::access::Access) -> Option<String> {
     let (id, secret) = token.strip_prefix(JOIN_TOKEN_PREFIX)?.split_once('.')?;
     let stored = access.join_tokens.get(id)?;
-    tls::token_matches(&sha256_hex(secret), &stored.sha256).then(|| id.to_string())
+    tls::token_matches(&tls::sha256_hex(secret.as_bytes()), &stored.sha256).then(|| id.to_string())
 }
 
 /// Refuses on a follower, naming the leader: enrollment spends tokens, and
@@ -135,7 +134,7 @@ impl EnrollmentRpc for EnrollmentService {
                     cpus: resources.cpus,
                     memory_gb: resources.memory_gb,
                 },
-                key_sha256: key_digest(&req.public_key),
+                key_sha256: tls::sha256_hex(&req.public_key),
                 at_ms: crate::server::now_ms(),
             })
             .await

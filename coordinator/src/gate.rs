@@ -19,7 +19,7 @@ use tonic::server::NamedService;
 use tonic::{Code, Status};
 
 use crate::server::{now_ms, Ctx};
-use crate::tls::token_matches;
+use crate::tls::{sha256_hex, token_matches};
 
 /// The caller of an API request, put in its extensions by the gate.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -86,15 +86,10 @@ pub fn authenticate(token: &str, root: &str, access: &Access) -> Option<Principa
     }
     let (id, secret) = token.strip_prefix(USER_TOKEN_PREFIX)?.split_once('_')?;
     let user = access.user_by_token_id(id)?;
-    token_matches(&sha256_hex(secret), &user.token_sha256).then(|| Principal {
+    token_matches(&sha256_hex(secret.as_bytes()), &user.token_sha256).then(|| Principal {
         name: user.name.clone(),
         role: user.role,
     })
-}
-
-/// SHA-256, hex.
-pub fn sha256_hex(s: &str) -> String {
-    crate::identity::hex(ring::digest::digest(&ring::digest::SHA256, s.as_bytes()).as_ref())
 }
 
 /// Response metadata of a call whose audit record went into the same Raft
@@ -357,7 +352,7 @@ mod tests {
                 name: "alice".into(),
                 role: Role::User,
                 token_id: "a1".into(),
-                token_sha256: sha256_hex("s3cret"),
+                token_sha256: sha256_hex(b"s3cret"),
                 created_at_ms: 0,
                 revoked_at_ms: None,
             },

@@ -160,16 +160,6 @@ pub fn node_of(cert: &CertificateDer<'_>) -> Option<String> {
     }
 }
 
-/// SHA-256 of a raw public key, hex: what the state records per node.
-pub fn key_digest(public_key: &[u8]) -> String {
-    hex(ring::digest::digest(&ring::digest::SHA256, public_key).as_ref())
-}
-
-/// Lower-case hex.
-pub fn hex(bytes: &[u8]) -> String {
-    bytes.iter().map(|b| format!("{b:02x}")).collect()
-}
-
 /// Checks that the caller presented member `member_id`'s certificate.
 pub fn require_member(
     certs: Option<&[CertificateDer<'static>]>,

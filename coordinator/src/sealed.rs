@@ -49,7 +49,7 @@ impl SecretBox {
             .expect("AES-GCM sealing does not fail for in-memory data");
         let mut out = nonce.to_vec();
         out.extend(data);
-        format!("{PREFIX}{}", encode_hex(&out))
+        format!("{PREFIX}{}", crate::tls::hex(&out))
     }
 
     /// The plain value of the secret called `name`. A value that is not
@@ -70,10 +70,6 @@ impl SecretBox {
             .map_err(|_| SealError::Open)?;
         String::from_utf8(plain.to_vec()).map_err(|_| SealError::Open)
     }
-}
-
-fn encode_hex(b: &[u8]) -> String {
-    b.iter().map(|x| format!("{x:02x}")).collect()
 }
 
 fn decode_hex(s: &str) -> Option<Vec<u8>> {

@@ -394,8 +394,7 @@ fn startup(what: &str) -> impl FnOnce(std::io::Error) -> CoordinatorError + '_ {
 /// This cluster's id: a digest of its CA, so two clusters sharing one cloud
 /// account never take each other's instances for their own.
 fn cluster_id(ca_pem: &[u8]) -> String {
-    let d = ring::digest::digest(&ring::digest::SHA256, ca_pem);
-    d.as_ref()[..8].iter().map(|b| format!("{b:02x}")).collect()
+    tls::sha256_hex(ca_pem)[..16].to_string()
 }
 
 /// Finds `nembo-agent`: flag, `NEMBO_AGENT_BIN`, next to this binary, PATH.

@@ -78,7 +78,17 @@ pub fn read_secret(path: &Path) -> Result<String, CredentialError> {
 pub fn random_token() -> String {
     let mut b = [0u8; 32];
     getrandom::getrandom(&mut b).expect("the OS random source is unavailable");
-    b.iter().map(|x| format!("{x:02x}")).collect()
+    hex(&b)
+}
+
+/// Lower-case hex.
+pub fn hex(bytes: &[u8]) -> String {
+    bytes.iter().map(|b| format!("{b:02x}")).collect()
+}
+
+/// SHA-256 of `data`, hex: token digests, key digests, checksums.
+pub fn sha256_hex(data: &[u8]) -> String {
+    hex(ring::digest::digest(&ring::digest::SHA256, data).as_ref())
 }
 
 fn ca_params() -> Result<CertificateParams, rcgen::Error> {
@@ -329,7 +339,7 @@ pub fn node_token(agent_token: &str, node_id: &str) -> String {
 fn node_mac(agent_token: &str, node_id: &str) -> String {
     let key = ring::hmac::Key::new(ring::hmac::HMAC_SHA256, agent_token.as_bytes());
     let tag = ring::hmac::sign(&key, format!("nembo-node-token:{node_id}").as_bytes());
-    tag.as_ref().iter().map(|b| format!("{b:02x}")).collect()
+    hex(tag.as_ref())
 }
 
 /// The node a node token admits, if `presented` is a genuine one.

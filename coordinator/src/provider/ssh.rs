@@ -195,7 +195,7 @@ impl SshProvider {
         let local = tokio::fs::read(&self.agent_bin).await.map_err(|e| {
             ProviderError::InvalidRequest(format!("agent binary {}: {e}", self.agent_bin.display()))
         })?;
-        let sum = hex(ring::digest::digest(&ring::digest::SHA256, &local).as_ref());
+        let sum = crate::tls::sha256_hex(&local);
         let remote = self
             .run(
                 h,
@@ -218,10 +218,6 @@ impl SshProvider {
         .await
         .map(drop)
     }
-}
-
-fn hex(b: &[u8]) -> String {
-    b.iter().map(|x| format!("{x:02x}")).collect()
 }
 
 /// Checks an accelerator declaration the way the agent reads it.
