@@ -123,21 +123,10 @@ impl Identity {
 
     /// Writes it to `work_dir` (key 0600), replacing the one there.
     pub fn save(&self, work_dir: &Path) -> std::io::Result<()> {
-        use std::io::Write;
-        use std::os::unix::fs::OpenOptionsExt;
         let dir = Self::dir(work_dir);
         std::fs::create_dir_all(&dir)?;
-        let write = |name: &str, data: &[u8], mode: u32| -> std::io::Result<()> {
-            let tmp = dir.join(format!("{name}.tmp"));
-            let _ = std::fs::remove_file(&tmp);
-            let mut f = std::fs::OpenOptions::new()
-                .write(true)
-                .create_new(true)
-                .mode(mode)
-                .open(&tmp)?;
-            f.write_all(data)?;
-            f.sync_all()?;
-            std::fs::rename(&tmp, dir.join(name))
+        let write = |name: &str, data: &[u8], mode: u32| {
+            nembo_proto::client::write_atomically(&dir.join(name), data, mode)
         };
         write("node.key", &self.key_pem, 0o600)?;
         write("node.pem", &self.cert_pem, 0o644)?;

@@ -2,9 +2,7 @@
 //! client token and the agent join token. Secrets are written 0600.
 
 use std::fs;
-use std::io::Write;
 use std::net::IpAddr;
-use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
 
 use rcgen::{BasicConstraints, CertificateParams, DnType, IsCa, KeyPair, KeyUsagePurpose, SanType};
@@ -56,17 +54,7 @@ fn io(path: &Path) -> impl FnOnce(std::io::Error) -> CredentialError + '_ {
 
 /// Writes `data` to a new file that only the owner can read.
 pub fn write_secret(path: &Path, data: &[u8]) -> Result<(), CredentialError> {
-    let tmp = path.with_extension("tmp");
-    let _ = fs::remove_file(&tmp);
-    let mut f = fs::OpenOptions::new()
-        .write(true)
-        .create_new(true)
-        .mode(0o600)
-        .open(&tmp)
-        .map_err(io(&tmp))?;
-    f.write_all(data).map_err(io(&tmp))?;
-    f.sync_all().map_err(io(&tmp))?;
-    fs::rename(&tmp, path).map_err(io(path))
+    nembo_proto::client::write_atomically(path, data, 0o600).map_err(io(path))
 }
 
 /// Reads a secret file, refusing one that group or others can read.

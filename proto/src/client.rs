@@ -70,6 +70,26 @@ pub fn read_secret(path: &std::path::Path) -> Result<String, SecretError> {
         .to_string())
 }
 
+/// Writes `data` to `path` whole or not at all: a temp file beside it,
+/// created with `mode` (0600 for secrets, so they are never readable by
+/// others, not even for a moment), fsynced, then renamed over `path`.
+pub fn write_atomically(path: &std::path::Path, data: &[u8], mode: u32) -> std::io::Result<()> {
+    use std::io::Write;
+    use std::os::unix::fs::OpenOptionsExt;
+    let mut name = path.file_name().unwrap_or_default().to_os_string();
+    name.push(".tmp");
+    let tmp = path.with_file_name(name);
+    let _ = std::fs::remove_file(&tmp);
+    let mut f = std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(mode)
+        .open(&tmp)?;
+    f.write_all(data)?;
+    f.sync_all()?;
+    std::fs::rename(&tmp, path)
+}
+
 /// Why a connection could not be set up.
 #[derive(Debug, thiserror::Error)]
 pub enum ConnectError {
