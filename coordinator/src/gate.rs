@@ -255,7 +255,7 @@ where
             if who.role < need {
                 // A follower hands the refused call to the leader as it came,
                 // so the leader refuses it too and the refusal is recorded.
-                if let Some(channel) = ctx.leader_channel().await {
+                if let Ok(Some(channel)) = ctx.leader_channel().await {
                     return Ok(pass_on(channel, req).await);
                 }
                 let status = Status::permission_denied(format!(

@@ -10,7 +10,7 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use nembo_domain::scheduler::Policy;
 use nembo_domain::state::{Command, JobId, Offering, State};
-use nembo_proto::client::{connect, Client};
+use nembo_proto::client::Client;
 use nembo_proto::v1::agent_service_server::AgentServiceServer;
 use nembo_proto::v1::coordinator_server::CoordinatorServer;
 use nembo_proto::v1::enrollment_server::EnrollmentServer;
@@ -192,12 +192,12 @@ pub struct Ctx {
     forward: Forwarder,
 }
 
-/// A client of the current leader, kept while the leader stays the same.
+/// How a follower reaches the current leader: one channel, kept while the
+/// leader stays the same.
 struct Forwarder {
     ca: Vec<u8>,
-    token: String,
-    cached: tokio::sync::Mutex<Option<(u64, Client)>>,
-    /// A bare channel to the leader, for passing a whole request on.
+    /// Sent only where a forwarded request carries no caller's token.
+    token: nembo_proto::client::BearerToken,
     channel: tokio::sync::Mutex<Option<(u64, tonic::transport::Channel)>>,
 }
 
@@ -241,6 +241,16 @@ impl Ctx {
     /// which followers forward every call, so that any member serves any
     /// client and reads are as fresh as the leader's.
     pub async fn leader(&self) -> Result<Option<Client>, Status> {
+        Ok(self
+            .leader_channel()
+            .await?
+            .map(|channel| nembo_proto::client::client(channel, self.forward.token.clone())))
+    }
+
+    /// `None` when this member leads; otherwise a channel to the leader, kept
+    /// while the leader stays the same: under the client of [`Self::leader`],
+    /// and for handing a request on untouched.
+    pub async fn leader_channel(&self) -> Result<Option<tonic::transport::Channel>, Status> {
         let view = self.raft.view();
         if view.is_leader() {
             return Ok(None);
@@ -249,17 +259,21 @@ impl Ctx {
         let Some(url) = view.members.get(&leader).cloned() else {
             return Err(Status::unavailable("no leader elected yet; retry shortly"));
         };
-        let mut cached = self.forward.cached.lock().await;
+        let mut cached = self.forward.channel.lock().await;
         if let Some((id, c)) = &*cached {
             if *id == leader {
                 return Ok(Some(c.clone()));
             }
         }
-        let client = connect(&url, &self.forward.ca, &self.forward.token)
+        let unreachable =
+            |e: String| Status::unavailable(format!("leader {leader} unreachable: {e}"));
+        let channel = nembo_proto::client::endpoint(&url, &self.forward.ca)
+            .map_err(|e| unreachable(e.to_string()))?
+            .connect()
             .await
-            .map_err(|e| Status::unavailable(format!("leader {leader} unreachable: {e}")))?;
-        *cached = Some((leader, client.clone()));
-        Ok(Some(client))
+            .map_err(|e| unreachable(e.to_string()))?;
+        *cached = Some((leader, channel.clone()));
+        Ok(Some(channel))
     }
 
     /// Where a read is served. Default: linearizable, so the leader serves
@@ -297,30 +311,6 @@ impl Ctx {
             }
             let _ = tokio::time::timeout_at(deadline, views.changed()).await;
         }
-    }
-
-    /// A channel to the leader, or `None` when this member leads or no
-    /// leader is known: for handing a request on untouched.
-    pub async fn leader_channel(&self) -> Option<tonic::transport::Channel> {
-        let view = self.raft.view();
-        if view.is_leader() {
-            return None;
-        }
-        let leader = view.leader_id;
-        let url = view.members.get(&leader)?.clone();
-        let mut cached = self.forward.channel.lock().await;
-        if let Some((id, c)) = &*cached {
-            if *id == leader {
-                return Some(c.clone());
-            }
-        }
-        let channel = nembo_proto::client::endpoint(&url, &self.forward.ca)
-            .ok()?
-            .connect()
-            .await
-            .ok()?;
-        *cached = Some((leader, channel.clone()));
-        Some(channel)
     }
 
     /// The leader's URL, for redirecting agents.
@@ -598,8 +588,9 @@ pub async fn run(
         heartbeats: hb_tx,
         forward: Forwarder {
             ca: ca_pem.clone(),
-            token: client_token.to_string(),
-            cached: tokio::sync::Mutex::new(None),
+            token: nembo_proto::client::BearerToken::new(&client_token).map_err(|e| {
+                CoordinatorError::Internal(format!("{}: {e}", creds.token.display()))
+            })?,
             channel: tokio::sync::Mutex::new(None),
         },
     });

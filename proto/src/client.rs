@@ -171,10 +171,15 @@ async fn channel(url: &str, ca_pem: &[u8]) -> Result<Channel, ConnectError> {
 
 /// Connects to the public API.
 pub async fn connect(url: &str, ca_pem: &[u8], token: &str) -> Result<Client, ConnectError> {
-    Ok(
-        CoordinatorClient::with_interceptor(channel(url, ca_pem).await?, BearerToken::new(token)?)
-            .max_decoding_message_size(64 * 1024 * 1024),
-    )
+    Ok(client(
+        channel(url, ca_pem).await?,
+        BearerToken::new(token)?,
+    ))
+}
+
+/// A client of the public API over `channel`, sending `token`.
+pub fn client(channel: Channel, token: BearerToken) -> Client {
+    CoordinatorClient::with_interceptor(channel, token).max_decoding_message_size(64 * 1024 * 1024)
 }
 
 /// A client of the public API over several coordinators: calls go to any
@@ -186,10 +191,7 @@ pub fn connect_any(urls: &[String], ca_pem: &[u8], token: &str) -> Result<Client
         .map(|u| endpoint(u, ca_pem))
         .collect::<Result<Vec<_>, _>>()?;
     let channel = Channel::balance_list(endpoints.into_iter());
-    Ok(
-        CoordinatorClient::with_interceptor(channel, BearerToken::new(token)?)
-            .max_decoding_message_size(64 * 1024 * 1024),
-    )
+    Ok(client(channel, BearerToken::new(token)?))
 }
 
 /// Connects to the agent protocol.
