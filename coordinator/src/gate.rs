@@ -172,7 +172,8 @@ fn grpc_code(resp: &http::Response<Body>) -> Code {
         .map_or(Code::Ok, Code::from)
 }
 
-fn bearer(headers: &http::HeaderMap) -> Option<&str> {
+/// The token of `authorization: Bearer <token>`, if any.
+pub fn bearer(headers: &http::HeaderMap) -> Option<&str> {
     headers
         .get("authorization")
         .and_then(|v| v.to_str().ok())

@@ -337,14 +337,6 @@ struct Persisted {
     listen: SocketAddr,
 }
 
-fn bearer(req: &Request<()>) -> Option<&str> {
-    req.metadata()
-        .get("authorization")
-        .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.strip_prefix("Bearer "))
-        .map(str::trim)
-}
-
 /// Agents prove themselves with the certificate they enrolled for (the TLS
 /// layer checked it against the cluster CA; here: that it is an agent's).
 /// The cluster's agent token is taken only where a simulated cloud's
@@ -365,7 +357,10 @@ impl tonic::service::Interceptor for AgentAuth {
             req.extensions_mut().insert(AgentCaller::Node(node));
             return Ok(req);
         }
-        if let (Some(expected), Some(token)) = (&self.simulated, bearer(&req)) {
+        if let (Some(expected), Some(token)) = (
+            &self.simulated,
+            crate::gate::bearer(req.metadata().as_ref()),
+        ) {
             if tls::token_matches(token, expected) {
                 req.extensions_mut().insert(AgentCaller::Simulated);
                 return Ok(req);
