@@ -83,27 +83,8 @@ impl AgentService for Agents {
                 )))
             }
         }
-        if node.is_some_and(|n| n.revoked_at_ms.is_some()) {
-            return Err(Status::permission_denied(format!(
-                "node {} is revoked",
-                hello.node_id
-            )));
-        }
-        match node {
-            None => {
-                return Err(Status::not_found(format!(
-                    "node {} is not known",
-                    hello.node_id
-                )))
-            }
-            Some(n) if n.state.is_final() || n.state == NodeState::Terminating => {
-                return Err(Status::failed_precondition(format!(
-                    "node {} is {:?}",
-                    hello.node_id, n.state
-                )))
-            }
-            Some(_) => {}
-        }
+        // A node on its way out takes no new session.
+        crate::enroll::agent_may_speak_for(&view.state, &hello.node_id, &[NodeState::Terminating])?;
         // Agents talk to the leader only; tell this one where it is.
         crate::enroll::require_leader(&self.ctx)?;
         let (tx, rx) = mpsc::channel(256);

@@ -12,7 +12,7 @@
 use std::sync::Arc;
 use std::time::SystemTime;
 
-use nembo_domain::state::{Command, Enrollment, Outcome, Resources};
+use nembo_domain::state::{Command, Enrollment, NodeState, Outcome, Resources, State};
 use nembo_proto::v1 as pb;
 use nembo_proto::v1::enrollment_server::Enrollment as EnrollmentRpc;
 use tonic::{Code, Request, Response, Status};
@@ -171,6 +171,25 @@ impl EnrollmentRpc for EnrollmentService {
     }
 }
 
+/// Refuses an agent speaking for `node_id` unless the node is known, not
+/// revoked, not ended, and in none of the `also_refused` states.
+pub fn agent_may_speak_for(
+    state: &State,
+    node_id: &str,
+    also_refused: &[NodeState],
+) -> Result<(), Status> {
+    match state.nodes.get(node_id) {
+        None => Err(Status::not_found(format!("node {node_id} is not known"))),
+        Some(n) if n.revoked_at_ms.is_some() => Err(Status::permission_denied(format!(
+            "node {node_id} is revoked"
+        ))),
+        Some(n) if n.state.is_final() || also_refused.contains(&n.state) => Err(
+            Status::failed_precondition(format!("node {node_id} is {:?}", n.state)),
+        ),
+        Some(_) => Ok(()),
+    }
+}
+
 /// `AgentService.Renew`: a new certificate for the node the caller's names.
 pub async fn renew(
     ctx: &Ctx,
@@ -184,21 +203,7 @@ pub async fn renew(
     };
     require_leader(ctx)?;
     let view = ctx.raft.view();
-    match view.state.nodes.get(&node_id) {
-        None => return Err(Status::not_found(format!("node {node_id} is not known"))),
-        Some(n) if n.revoked_at_ms.is_some() => {
-            return Err(Status::permission_denied(format!(
-                "node {node_id} is revoked"
-            )))
-        }
-        Some(n) if n.state.is_final() => {
-            return Err(Status::failed_precondition(format!(
-                "node {node_id} is {:?}",
-                n.state
-            )))
-        }
-        Some(_) => {}
-    }
+    agent_may_speak_for(&view.state, &node_id, &[])?;
     let answer = issue(ctx, &node_id, &request.get_ref().public_key)?;
     tracing::info!(node = %node_id, "agent certificate renewed");
     Ok(Response::new(answer))
