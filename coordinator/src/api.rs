@@ -771,18 +771,11 @@ impl Coordinator for Api {
         if node_ids.is_empty() {
             return Ok(Response::new(pb::DownResponse { node_ids }));
         }
-        let out = self
-            .ctx
-            .raft
-            .propose(Command::TerminateNodes {
-                node_ids: node_ids.clone(),
-                at_ms: now_ms(),
-            })
-            .await
-            .map_err(CoordinatorError::from)?;
-        if let Outcome::Rejected(r) = out {
-            return Err(rejection(r).into());
-        }
+        self.propose_change(Command::TerminateNodes {
+            node_ids: node_ids.clone(),
+            at_ms: now_ms(),
+        })
+        .await?;
         let target = format!("nodes {}", node_ids.join(","));
         Ok(audited(pb::DownResponse { node_ids }, target))
     }
@@ -952,13 +945,13 @@ impl Coordinator for Api {
             .parse()
             .map_err(|e| CoordinatorError::InvalidArgument(format!("role: {e}")))?;
         let (token, token_id, token_sha256) = new_token(crate::gate::USER_TOKEN_PREFIX, '_');
-        self.propose_access(AccessCommand::CreateUser {
+        self.propose_change(Command::Access(AccessCommand::CreateUser {
             name: name.clone(),
             role,
             token_id,
             token_sha256,
             at_ms: now_ms(),
-        })
+        }))
         .await?;
         Ok(audited(
             pb::CreateUserResponse {
@@ -1002,10 +995,10 @@ impl Coordinator for Api {
             return forwarded(leader.revoke_user(on_behalf(request)).await);
         }
         let name = request.into_inner().name;
-        self.propose_access(AccessCommand::RevokeUser {
+        self.propose_change(Command::Access(AccessCommand::RevokeUser {
             name: name.clone(),
             at_ms: now_ms(),
-        })
+        }))
         .await?;
         Ok(audited(pb::RevokeUserResponse {}, format!("user {name}")))
     }
@@ -1043,7 +1036,7 @@ impl Coordinator for Api {
         let (token, id, sha256) = new_token(crate::enroll::JOIN_TOKEN_PREFIX, '.');
         let now = now_ms();
         let expires = now + i64::from(ttl_s) * 1000;
-        self.propose_access(AccessCommand::CreateJoinToken {
+        self.propose_change(Command::Access(AccessCommand::CreateJoinToken {
             token: JoinToken {
                 id: id.clone(),
                 sha256,
@@ -1056,7 +1049,7 @@ impl Coordinator for Api {
                 nodes: Vec::new(),
                 node: node.clone(),
             },
-        })
+        }))
         .await?;
         Ok(audited(
             pb::CreateJoinTokenResponse {
@@ -1107,10 +1100,10 @@ impl Coordinator for Api {
             return forwarded(leader.revoke_join_token(on_behalf(request)).await);
         }
         let id = request.into_inner().id;
-        self.propose_access(AccessCommand::RevokeJoinToken {
+        self.propose_change(Command::Access(AccessCommand::RevokeJoinToken {
             id: id.clone(),
             at_ms: now_ms(),
-        })
+        }))
         .await?;
         Ok(audited(
             pb::RevokeJoinTokenResponse {},
@@ -1126,18 +1119,11 @@ impl Coordinator for Api {
             return forwarded(leader.revoke_node(on_behalf(request)).await);
         }
         let node_id = request.into_inner().node_id;
-        let out = self
-            .ctx
-            .raft
-            .propose(Command::RevokeNode {
-                node_id: node_id.clone(),
-                at_ms: now_ms(),
-            })
-            .await
-            .map_err(CoordinatorError::from)?;
-        if let Outcome::Rejected(r) = out {
-            return Err(rejection(r).into());
-        }
+        self.propose_change(Command::RevokeNode {
+            node_id: node_id.clone(),
+            at_ms: now_ms(),
+        })
+        .await?;
         Ok(audited(
             pb::RevokeNodeResponse {},
             format!("node {node_id}"),
@@ -1177,8 +1163,9 @@ impl Coordinator for Api {
 }
 
 impl Api {
-    async fn propose_access(&self, cmd: AccessCommand) -> Result<(), CoordinatorError> {
-        match self.ctx.raft.propose(Command::Access(cmd)).await? {
+    /// Proposes `cmd`; a command the state rejects is an error.
+    async fn propose_change(&self, cmd: Command) -> Result<(), CoordinatorError> {
+        match self.ctx.raft.propose(cmd).await? {
             Outcome::Rejected(r) => Err(rejection(r)),
             _ => Ok(()),
         }
