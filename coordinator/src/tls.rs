@@ -94,6 +94,40 @@ fn ca_params() -> Result<CertificateParams, rcgen::Error> {
     Ok(p)
 }
 
+/// Where a cluster's shared credentials live in its cluster dir.
+struct ClusterFiles {
+    tls: PathBuf,
+    ca_cert: PathBuf,
+    ca_key: PathBuf,
+    token: PathBuf,
+    agent_token: PathBuf,
+    secrets_key: PathBuf,
+}
+
+impl ClusterFiles {
+    fn in_dir(cluster_dir: &Path) -> Self {
+        let tls = cluster_dir.join("tls");
+        Self {
+            ca_cert: tls.join("ca.pem"),
+            ca_key: tls.join("ca.key"),
+            tls,
+            token: cluster_dir.join("token"),
+            agent_token: cluster_dir.join("agent-token"),
+            secrets_key: cluster_dir.join("secrets-key"),
+        }
+    }
+
+    fn all(&self) -> [&PathBuf; 5] {
+        [
+            &self.ca_cert,
+            &self.ca_key,
+            &self.token,
+            &self.agent_token,
+            &self.secrets_key,
+        ]
+    }
+}
+
 /// Creates the cluster's CA and tokens in `cluster_dir` once (several
 /// members may race to do it), and this member's serving certificate in
 /// `member_dir`. Existing files are kept. `hosts` are extra names or IPs
@@ -104,24 +138,23 @@ pub fn ensure(
     member_id: u64,
     hosts: &[String],
 ) -> Result<Credentials, CredentialError> {
-    let cluster_tls = cluster_dir.join("tls");
+    let files = ClusterFiles::in_dir(cluster_dir);
     let member_tls = member_dir.join("tls");
-    for d in [&cluster_tls, &member_tls] {
+    for d in [&files.tls, &member_tls] {
         fs::create_dir_all(d).map_err(io(d))?;
     }
+    ensure_cluster_secrets(&files)?;
     let creds = Credentials {
-        ca_cert: cluster_tls.join("ca.pem"),
         server_cert: member_tls.join("server.pem"),
         server_key: member_tls.join("server.key"),
-        token: cluster_dir.join("token"),
-        agent_token: cluster_dir.join("agent-token"),
-        secrets_key: cluster_dir.join("secrets-key"),
-        ca_key: cluster_tls.join("ca.key"),
+        ca_cert: files.ca_cert,
+        token: files.token,
+        agent_token: files.agent_token,
+        secrets_key: files.secrets_key,
+        ca_key: files.ca_key,
     };
-    let ca_key_path = creds.ca_key.clone();
-    ensure_cluster_secrets(&cluster_tls, &creds, &ca_key_path)?;
     if !creds.server_key.exists() || !creds.server_cert.exists() {
-        let ca_key = KeyPair::from_pem(&read_secret(&ca_key_path)?)?;
+        let ca_key = KeyPair::from_pem(&read_secret(&creds.ca_key)?)?;
         // The issuer as the CA certificate has it (also one made elsewhere).
         let ca_pem = fs::read_to_string(&creds.ca_cert).map_err(io(&creds.ca_cert))?;
         let ca = CertificateParams::from_ca_cert_pem(&ca_pem)?.self_signed(&ca_key)?;
@@ -161,10 +194,9 @@ pub fn init(
     cluster_dir: &Path,
     ca: Option<(&Path, &Path)>,
 ) -> Result<Vec<PathBuf>, CredentialError> {
-    let cluster_tls = cluster_dir.join("tls");
-    fs::create_dir_all(&cluster_tls).map_err(io(&cluster_tls))?;
-    let ca_cert = cluster_tls.join("ca.pem");
-    let ca_key = cluster_tls.join("ca.key");
+    let files = ClusterFiles::in_dir(cluster_dir);
+    fs::create_dir_all(&files.tls).map_err(io(&files.tls))?;
+    let (ca_cert, ca_key) = (&files.ca_cert, &files.ca_key);
     let mut written = Vec::new();
     if let Some((cert_path, key_path)) = ca {
         let cert = fs::read_to_string(cert_path).map_err(io(cert_path))?;
@@ -174,7 +206,7 @@ pub fn init(
             source: std::io::Error::other(e),
         })?;
         if ca_cert.exists() {
-            let existing = fs::read_to_string(&ca_cert).map_err(io(&ca_cert))?;
+            let existing = fs::read_to_string(ca_cert).map_err(io(ca_cert))?;
             if existing.trim() != cert.trim() {
                 return Err(CredentialError::Io {
                     path: ca_cert.display().to_string(),
@@ -184,41 +216,19 @@ pub fn init(
                 });
             }
         } else {
-            write_secret(&ca_key, key.as_bytes())?;
-            fs::write(&ca_cert, &cert).map_err(io(&ca_cert))?;
+            write_secret(ca_key, key.as_bytes())?;
+            fs::write(ca_cert, &cert).map_err(io(ca_cert))?;
             written.extend([ca_cert.clone(), ca_key.clone()]);
         }
     }
-    let before: Vec<bool> = cluster_files(cluster_dir)
-        .iter()
-        .map(|p| p.exists())
-        .collect();
-    let creds = Credentials {
-        ca_cert,
-        server_cert: PathBuf::new(),
-        server_key: PathBuf::new(),
-        token: cluster_dir.join("token"),
-        agent_token: cluster_dir.join("agent-token"),
-        secrets_key: cluster_dir.join("secrets-key"),
-        ca_key: ca_key.clone(),
-    };
-    ensure_cluster_secrets(&cluster_tls, &creds, &ca_key)?;
-    for (path, existed) in cluster_files(cluster_dir).into_iter().zip(before) {
-        if !existed && !written.contains(&path) {
-            written.push(path);
+    let before = files.all().map(|p| p.exists());
+    ensure_cluster_secrets(&files)?;
+    for (path, existed) in files.all().into_iter().zip(before) {
+        if !existed && !written.contains(path) {
+            written.push(path.clone());
         }
     }
     Ok(written)
-}
-
-fn cluster_files(cluster_dir: &Path) -> Vec<PathBuf> {
-    vec![
-        cluster_dir.join("tls/ca.pem"),
-        cluster_dir.join("tls/ca.key"),
-        cluster_dir.join("token"),
-        cluster_dir.join("agent-token"),
-        cluster_dir.join("secrets-key"),
-    ]
 }
 
 /// That `cert` is a CA whose key is `key`: a certificate it signs for a
@@ -255,36 +265,32 @@ fn check_ca(cert: &str, key: &str) -> Result<(), String> {
 }
 
 /// The CA and the tokens, made by whichever member gets the lock first.
-fn ensure_cluster_secrets(
-    cluster_tls: &Path,
-    creds: &Credentials,
-    ca_key_path: &Path,
-) -> Result<(), CredentialError> {
+fn ensure_cluster_secrets(files: &ClusterFiles) -> Result<(), CredentialError> {
     let done = || {
-        creds.ca_cert.exists()
-            && creds.token.exists()
-            && creds.agent_token.exists()
-            && creds.secrets_key.exists()
+        files.ca_cert.exists()
+            && files.token.exists()
+            && files.agent_token.exists()
+            && files.secrets_key.exists()
     };
     if done() {
         return Ok(());
     }
-    let lock = cluster_tls.join(".init.lock");
+    let lock = files.tls.join(".init.lock");
     match fs::OpenOptions::new()
         .write(true)
         .create_new(true)
         .open(&lock)
     {
         Ok(_) => {
-            if !creds.ca_cert.exists() {
+            if !files.ca_cert.exists() {
                 let ca_key = KeyPair::generate()?;
                 let ca = ca_params()?.self_signed(&ca_key)?;
-                write_secret(ca_key_path, ca_key.serialize_pem().as_bytes())?;
-                let tmp = creds.ca_cert.with_extension("tmp");
+                write_secret(&files.ca_key, ca_key.serialize_pem().as_bytes())?;
+                let tmp = files.ca_cert.with_extension("tmp");
                 fs::write(&tmp, ca.pem()).map_err(io(&tmp))?;
-                fs::rename(&tmp, &creds.ca_cert).map_err(io(&creds.ca_cert))?;
+                fs::rename(&tmp, &files.ca_cert).map_err(io(&files.ca_cert))?;
             }
-            for path in [&creds.token, &creds.agent_token, &creds.secrets_key] {
+            for path in [&files.token, &files.agent_token, &files.secrets_key] {
                 if !path.exists() {
                     write_secret(path, random_token().as_bytes())?;
                 }
