@@ -164,6 +164,13 @@ pub fn alive(pid: i32) -> bool {
     kill(Pid::from_raw(pid), None).is_ok()
 }
 
+/// Writes a token or key file as the binaries want it: 0600.
+pub fn write_private(path: &Path, data: &str) {
+    std::fs::write(path, data).expect("write");
+    std::fs::set_permissions(path, std::os::unix::fs::PermissionsExt::from_mode(0o600))
+        .expect("chmod 600");
+}
+
 /// Every file under `dir` that holds `needle`.
 pub fn files_holding(dir: &Path, needle: &[u8]) -> Vec<String> {
     let mut found = Vec::new();

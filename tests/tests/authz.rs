@@ -233,12 +233,7 @@ async fn users_see_and_cancel_only_their_own_jobs_and_every_change_is_audited() 
     .unwrap();
     // The CLI takes a user's token from NEMBO_TOKEN_FILE.
     let token_file = c.dir.path().join("alice.token");
-    std::fs::write(&token_file, &alice).unwrap();
-    std::fs::set_permissions(
-        &token_file,
-        std::os::unix::fs::PermissionsExt::from_mode(0o600),
-    )
-    .unwrap();
+    nembo_tests::write_private(&token_file, &alice);
     let who = std::process::Command::new(nembo_tests::bin("nembo"))
         .arg("whoami")
         .env("NEMBO_API_INFO", c.dir.path().join("api.json"))

@@ -11,14 +11,9 @@ use std::time::Duration;
 use nembo_proto::v1 as pb;
 use nembo_proto::v1::agent_message::Msg as AgentMsg;
 use nembo_proto::v1::raft_peer_client::RaftPeerClient;
-use nembo_tests::{bin, wait_for, Coordinator};
+use nembo_tests::{bin, wait_for, write_private, Coordinator};
 use rcgen::{CertificateParams, DnType, IsCa, KeyPair};
 use tonic::Code;
-
-fn write_private(path: &Path, data: &str) {
-    std::fs::write(path, data).unwrap();
-    std::fs::set_permissions(path, std::os::unix::fs::PermissionsExt::from_mode(0o600)).unwrap();
-}
 
 /// `nembo-agent` on this machine, joining with `token` (no node id).
 fn agent(c: &Coordinator, work: &Path, token: &str) -> Child {
