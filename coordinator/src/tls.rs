@@ -1,5 +1,6 @@
 //! Cluster credentials: a CA, the coordinator's serving certificate, the
-//! client token and the agent join token. Secrets are written 0600.
+//! client token, the agent secret (node tokens are derived from it) and the
+//! secrets key. Secrets are written 0600.
 
 use std::fs;
 use std::net::IpAddr;
@@ -18,7 +19,8 @@ pub struct Credentials {
     pub server_key: PathBuf,
     /// Client API token (0600).
     pub token: PathBuf,
-    /// Agent join token (0600).
+    /// The agent secret (0600): node tokens are derived from it, and as a
+    /// bearer it admits only a simulated cloud's record-only nodes.
     pub agent_token: PathBuf,
     /// Key that seals task secrets at rest (0600, 64 hex characters).
     pub secrets_key: PathBuf,
@@ -322,10 +324,10 @@ pub fn token_matches(presented: &str, expected: &str) -> bool {
     a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
 }
 
-/// A token that admits only the agent of one node: what a cloud VM gets in
-/// its user-data instead of the cluster's agent token, so a VM (or its
-/// leaked user-data) can neither pose as another node nor outlive its own,
-/// since a node that has ended is refused whatever its token.
+/// The one-time join token of a node a provider launches (in its
+/// user-data or node dir): it names that node, and enrolls it once, while it
+/// is being provisioned; a leaked copy can pose as no other node and is
+/// worth nothing after the enrollment.
 pub fn node_token(agent_token: &str, node_id: &str) -> String {
     format!("node.{node_id}.{}", node_mac(agent_token, node_id))
 }
