@@ -43,12 +43,12 @@ pub struct LaunchArgs {
 /// current directory, as SkyPilot does) and applying `--name`.
 fn read_task(path: &PathBuf, name: Option<&str>) -> Result<String> {
     let text = std::fs::read_to_string(path).with_context(|| format!("read {}", path.display()))?;
-    let Ok(serde_yaml::Value::Mapping(mut map)) = serde_yaml::from_str::<serde_yaml::Value>(&text)
+    let Ok(yaml_serde::Value::Mapping(mut map)) = yaml_serde::from_str::<yaml_serde::Value>(&text)
     else {
         return Ok(text); // let the coordinator report what is wrong with it
     };
     let mut changed = false;
-    if let Some(serde_yaml::Value::String(w)) = map.get("workdir") {
+    if let Some(yaml_serde::Value::String(w)) = map.get("workdir") {
         let p = PathBuf::from(w);
         if !p.is_absolute() {
             let abs = std::env::current_dir()?.join(p);
@@ -64,7 +64,7 @@ fn read_task(path: &PathBuf, name: Option<&str>) -> Result<String> {
         changed = true;
     }
     Ok(if changed {
-        serde_yaml::to_string(&serde_yaml::Value::Mapping(map))?
+        yaml_serde::to_string(&yaml_serde::Value::Mapping(map))?
     } else {
         text
     })
@@ -87,7 +87,11 @@ fn is_terminal(v: i32) -> bool {
 }
 
 fn fresh_key() -> String {
-    format!("cli-{}-{}", std::process::id(), table::now_ms())
+    format!(
+        "cli-{}-{}",
+        std::process::id(),
+        nembo_proto::clock::now_ms()
+    )
 }
 
 /// Launches; returns the job's exit code. A managed job is recovered by
@@ -296,7 +300,7 @@ fn print_dry_run(r: &pb::DryRunResponse, as_json: bool) {
     let p = r.placement.clone().unwrap_or_default();
     if as_json {
         let v = json!({
-            "task": serde_yaml::from_str::<Value>(&r.normalized_yaml).unwrap_or(Value::Null),
+            "task": yaml_serde::from_str::<Value>(&r.normalized_yaml).unwrap_or(Value::Null),
             "placement": {
                 "candidate_index": p.candidate_index,
                 "existing_node_ids": p.existing_node_ids,
@@ -326,9 +330,9 @@ fn print_dry_run(r: &pb::DryRunResponse, as_json: bool) {
                     vec![
                         if chosen { "->".into() } else { String::new() },
                         c.provider.clone(),
-                        region_cell(c),
+                        table::region_cell(c),
                         c.instance_type.clone(),
-                        gpus_cell(&c.accelerator, c.accelerator_count),
+                        table::gpus_cell(&c.accelerator, c.accelerator_count),
                         if c.spot { "spot" } else { "on-demand" }.into(),
                         format!("${:.2}", c.node_price),
                         format!("${:.2}", c.hourly_cost),
@@ -355,24 +359,6 @@ fn print_dry_run(r: &pb::DryRunResponse, as_json: bool) {
             println!("\nNo capacity right now; the job would wait.");
         }
         println!("(dry run: nothing was launched)");
-    }
-}
-
-/// `region` or `region/zone`.
-pub fn region_cell(o: &pb::Offering) -> String {
-    if o.zone.is_empty() {
-        o.region.clone()
-    } else {
-        format!("{}/{}", o.region, o.zone)
-    }
-}
-
-/// `H100:8`, or `-` for none.
-pub fn gpus_cell(name: &str, count: f64) -> String {
-    if name.is_empty() {
-        "-".into()
-    } else {
-        format!("{name}:{count}")
     }
 }
 
@@ -534,7 +520,7 @@ pub async fn status(as_json: bool, with_nodes: bool, stale: bool) -> Result<()> 
             let end = if j.ended_at_unix_ms > 0 {
                 j.ended_at_unix_ms
             } else {
-                table::now_ms()
+                nembo_proto::clock::now_ms()
             };
             vec![
                 j.job_id.clone(),

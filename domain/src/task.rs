@@ -9,7 +9,7 @@ use std::collections::BTreeMap;
 use std::fmt;
 
 use serde::{Deserialize, Serialize};
-use serde_yaml::Value;
+use yaml_serde::Value;
 
 /// A task that cannot be accepted, and where in the task the problem is.
 #[derive(Debug, Clone, PartialEq, thiserror::Error)]
@@ -459,7 +459,7 @@ const RESOURCE_NOT_YET: &[&str] = &[
 /// values: they fill envs declared as null and may add new ones.
 pub fn parse_task_yaml(yaml: &str, env_overrides: &BTreeMap<String, String>) -> Result<TaskSpec> {
     let mut docs = Vec::new();
-    for doc in serde_yaml::Deserializer::from_str(yaml) {
+    for doc in yaml_serde::Deserializer::from_str(yaml) {
         let v = Value::deserialize(doc)
             .map_err(|e| SpecError::new("task", format!("invalid YAML: {e}")))?;
         docs.push(v);
@@ -608,7 +608,7 @@ impl<I: Iterator<Item = (String, Option<String>)>> CollectEnvs for I {
     }
 }
 
-fn as_map<'a>(v: &'a Value, path: &str) -> Result<&'a serde_yaml::Mapping> {
+fn as_map<'a>(v: &'a Value, path: &str) -> Result<&'a yaml_serde::Mapping> {
     v.as_mapping()
         .ok_or_else(|| SpecError::new(path, format!("expected a mapping, got {}", kind(v))))
 }
@@ -639,7 +639,7 @@ fn join(prefix: &str, key: &str) -> String {
 }
 
 fn check_keys(
-    map: &serde_yaml::Mapping,
+    map: &yaml_serde::Mapping,
     prefix: &str,
     supported: &[&str],
     not_yet: &[&str],
@@ -1138,7 +1138,7 @@ fn parse_resources(v: &Value) -> Result<ResourceRequest> {
     })
 }
 
-fn parse_partial(map: &serde_yaml::Mapping, prefix: &str) -> Result<PartialResources> {
+fn parse_partial(map: &yaml_serde::Mapping, prefix: &str) -> Result<PartialResources> {
     let mut p = PartialResources::default();
     let field = |k: &str| join(prefix, k);
     let has_infra = map.contains_key("infra");
@@ -1227,7 +1227,7 @@ fn parse_accelerators(v: &Value, path: &str) -> Result<(Vec<Accelerator>, bool)>
             let s = s.trim();
             // SkyPilot also accepts the set/dict forms written as strings.
             if s.starts_with('{') || s.starts_with('[') {
-                let inner: Value = serde_yaml::from_str(s)
+                let inner: Value = yaml_serde::from_str(s)
                     .map_err(|e| SpecError::new(path, format!("cannot parse '{s}': {e}")))?;
                 return parse_accelerators(&inner, path);
             }
@@ -1276,7 +1276,7 @@ fn parse_accelerators(v: &Value, path: &str) -> Result<(Vec<Accelerator>, bool)>
 /// The task as YAML, normalised, with secret values redacted.
 pub fn to_normalized_yaml(spec: &TaskSpec) -> String {
     let redacted = spec.redacted();
-    let mut root = serde_yaml::Mapping::new();
+    let mut root = yaml_serde::Mapping::new();
     let mut put = |k: &str, v: Value| {
         root.insert(Value::String(k.to_string()), v);
     };
@@ -1289,7 +1289,7 @@ pub fn to_normalized_yaml(spec: &TaskSpec) -> String {
         .candidates
         .iter()
         .map(|c| {
-            let mut m = serde_yaml::Mapping::new();
+            let mut m = yaml_serde::Mapping::new();
             let mut put = |k: &str, v: String| {
                 m.insert(Value::String(k.into()), Value::String(v));
             };
@@ -1317,7 +1317,7 @@ pub fn to_normalized_yaml(spec: &TaskSpec) -> String {
             Value::Mapping(m)
         })
         .collect();
-    let mut res = serde_yaml::Mapping::new();
+    let mut res = yaml_serde::Mapping::new();
     res.insert(
         Value::String(
             if redacted.resources.ordered {
@@ -1332,7 +1332,7 @@ pub fn to_normalized_yaml(spec: &TaskSpec) -> String {
     if !redacted.resources.labels.is_empty() {
         res.insert(
             Value::String("labels".into()),
-            serde_yaml::to_value(&redacted.resources.labels).unwrap_or(Value::Null),
+            yaml_serde::to_value(&redacted.resources.labels).unwrap_or(Value::Null),
         );
     }
     put("resources", Value::Mapping(res));
@@ -1341,7 +1341,7 @@ pub fn to_normalized_yaml(spec: &TaskSpec) -> String {
     }
     for (k, m) in [("envs", &redacted.envs), ("secrets", &redacted.secrets)] {
         if !m.is_empty() {
-            put(k, serde_yaml::to_value(m).unwrap_or(Value::Null));
+            put(k, yaml_serde::to_value(m).unwrap_or(Value::Null));
         }
     }
     if let Some(s) = &redacted.setup {
@@ -1350,7 +1350,7 @@ pub fn to_normalized_yaml(spec: &TaskSpec) -> String {
     if let Some(s) = &redacted.run {
         put("run", Value::String(s.clone()));
     }
-    serde_yaml::to_string(&Value::Mapping(root)).unwrap_or_default()
+    yaml_serde::to_string(&Value::Mapping(root)).unwrap_or_default()
 }
 
 /// Shown in place of a secret's value.

@@ -178,7 +178,7 @@ impl ProvidersFile {
     /// Reads and checks the file; unknown fields are refused by name.
     pub fn load(path: &std::path::Path) -> Result<Self, String> {
         let text = std::fs::read_to_string(path).map_err(|e| format!("{}: {e}", path.display()))?;
-        serde_yaml::from_str(&text).map_err(|e| format!("{}: {e}", path.display()))
+        yaml_serde::from_str(&text).map_err(|e| format!("{}: {e}", path.display()))
     }
 }
 
