@@ -13,9 +13,12 @@
 //! the local provider's per-node metadata endpoint) can stand in for
 //! 169.254.169.254.
 
+use std::sync::OnceLock;
 use std::time::Duration;
 
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use nembo_proto::http::{HttpClient, HttpError};
+use time::format_description::well_known::Rfc3339;
+use time::OffsetDateTime;
 use tokio::sync::mpsc;
 
 /// What a cloud said.
@@ -163,7 +166,7 @@ async fn watch_gcp(base: String, key: &'static str, tx: mpsc::Sender<Notice>) {
                 if let Some(n) = gcp_notice(key, r.body.trim()) {
                     // GCP gives Spot VMs 30 s from the flag to the hard stop.
                     let n = Notice {
-                        deadline_ms: crate::supervisor::now_ms() + 30_000,
+                        deadline_ms: nembo_proto::clock::now_ms() + 30_000,
                         ..n
                     };
                     let _ = tx.send(n).await;
@@ -283,126 +286,58 @@ pub async fn ack_azure(base: &str, event_id: &str) {
 pub struct Reply {
     /// Status code.
     pub status: u16,
-    headers: Vec<(String, String)>,
+    headers: http::HeaderMap,
     /// Body text.
     pub body: String,
 }
 
 impl Reply {
     fn header(&self, name: &str) -> Option<&str> {
-        self.headers
-            .iter()
-            .find(|(k, _)| k.eq_ignore_ascii_case(name))
-            .map(|(_, v)| v.as_str())
+        self.headers.get(name).and_then(|v| v.to_str().ok())
     }
 }
 
-/// Plain HTTP/1.1 with `Connection: close`: metadata services are
-/// link-local and unencrypted by design, and this keeps the agent free of
-/// an HTTP client stack. 70 s covers GCP's hanging GET.
+/// Metadata services are link-local plain HTTP; a reply may come chunked
+/// (GCP's hanging GET does), which hyper decodes. 70 s covers that GET.
+fn metadata_client() -> &'static HttpClient {
+    static CLIENT: OnceLock<HttpClient> = OnceLock::new();
+    CLIENT.get_or_init(|| HttpClient::new(Duration::from_secs(70)))
+}
+
+/// One call to a metadata service.
 pub async fn http(
     method: &str,
     url: &str,
     headers: &[(&str, &str)],
     body: &str,
-) -> std::io::Result<Reply> {
-    let err = |m: String| std::io::Error::new(std::io::ErrorKind::InvalidInput, m);
-    let rest = url
-        .strip_prefix("http://")
-        .ok_or_else(|| err(format!("{url}: only http:// is supported")))?;
-    let (authority, path) = match rest.find('/') {
-        Some(i) => (&rest[..i], &rest[i..]),
-        None => (rest, "/"),
-    };
-    let addr = if authority.contains(':') {
-        authority.to_string()
-    } else {
-        format!("{authority}:80")
-    };
-    let exchange = async {
-        let mut s = tokio::net::TcpStream::connect(&addr).await?;
-        let mut req = format!("{method} {path} HTTP/1.1\r\nHost: {authority}\r\nConnection: close\r\nContent-Length: {}\r\n", body.len());
-        for (k, v) in headers {
-            req.push_str(&format!("{k}: {v}\r\n"));
-        }
-        req.push_str("\r\n");
-        req.push_str(body);
-        s.write_all(req.as_bytes()).await?;
-        let mut raw = Vec::new();
-        s.take(1 << 20).read_to_end(&mut raw).await?;
-        Ok::<_, std::io::Error>(raw)
-    };
-    let raw = tokio::time::timeout(Duration::from_secs(70), exchange)
-        .await
-        .map_err(|_| {
-            std::io::Error::new(std::io::ErrorKind::TimedOut, format!("{url}: timed out"))
-        })??;
-    let text = String::from_utf8_lossy(&raw);
-    let (head, body) = text.split_once("\r\n\r\n").unwrap_or((&text, ""));
-    let mut lines = head.lines();
-    let status = lines
-        .next()
-        .and_then(|l| l.split_whitespace().nth(1))
-        .and_then(|s| s.parse().ok())
-        .ok_or_else(|| err(format!("{url}: not an HTTP answer")))?;
-    let headers = lines
-        .filter_map(|l| l.split_once(':'))
-        .map(|(k, v)| (k.trim().to_string(), v.trim().to_string()))
-        .collect();
+) -> Result<Reply, HttpError> {
+    let mut req = http::Request::builder().method(method).uri(url);
+    for (k, v) in headers {
+        req = req.header(*k, *v);
+    }
+    let req = req
+        .body(body.to_owned().into())
+        .map_err(|e| HttpError(format!("{url}: {e}")))?;
+    let r = metadata_client().send(req).await?;
     Ok(Reply {
-        status,
-        headers,
-        body: body.to_string(),
+        status: r.status,
+        body: r.text(),
+        headers: r.headers,
     })
 }
 
-/// Days since 1970-01-01 of a civil date (Howard Hinnant's algorithm).
-fn days_from_civil(y: i64, m: i64, d: i64) -> i64 {
-    let y = if m <= 2 { y - 1 } else { y };
-    let era = if y >= 0 { y } else { y - 399 } / 400;
-    let yoe = y - era * 400;
-    let doy = (153 * (m + if m > 2 { -3 } else { 9 }) + 2) / 5 + d - 1;
-    let doe = yoe * 365 + yoe / 4 - yoe / 100 + doy;
-    era * 146_097 + doe - 719_468
-}
-
-fn to_ms(y: i64, mo: i64, d: i64, h: i64, mi: i64, s: i64) -> Option<i64> {
-    // Bounded, so that no field a metadata server sends can overflow the
-    // arithmetic (the fuzzer found a 16-digit year).
-    let ok = (1970..=9999).contains(&y)
-        && (1..=12).contains(&mo)
-        && (1..=31).contains(&d)
-        && (0..24).contains(&h)
-        && (0..60).contains(&mi)
-        && (0..61).contains(&s);
-    ok.then(|| ((days_from_civil(y, mo, d) * 24 + h) * 60 + mi) * 60_000 + s * 1000)
-}
-
-/// `2026-01-05T18:02:00Z` (UTC, optional fraction).
+/// `2026-01-05T18:02:00Z` (RFC 3339) in unix ms.
 pub fn parse_rfc3339(t: &str) -> Option<i64> {
-    let t = t.trim().strip_suffix('Z')?;
-    let (date, time) = t.split_once('T')?;
-    let mut d = date.split('-').map(|x| x.parse::<i64>().ok());
-    let (y, mo, dd) = (d.next()??, d.next()??, d.next()??);
-    let time = time.split('.').next()?;
-    let mut c = time.split(':').map(|x| x.parse::<i64>().ok());
-    let (h, mi, s) = (c.next()??, c.next()??, c.next()??);
-    to_ms(y, mo, dd, h, mi, s)
+    let at = OffsetDateTime::parse(t.trim(), &Rfc3339).ok()?;
+    i64::try_from(at.unix_timestamp_nanos() / 1_000_000).ok()
 }
 
-/// `Mon, 19 Sep 2016 18:29:47 GMT`.
+/// `Mon, 19 Sep 2016 18:29:47 GMT` (an HTTP date, as Azure writes
+/// `NotBefore`) in unix ms.
 pub fn parse_rfc1123(t: &str) -> Option<i64> {
-    let parts: Vec<&str> = t.split_whitespace().collect();
-    let [_, d, mon, y, time, "GMT"] = parts[..] else {
-        return None;
-    };
-    const MONTHS: [&str; 12] = [
-        "Jan", "Feb", "Mar", "Apr", "May", "Jun", "Jul", "Aug", "Sep", "Oct", "Nov", "Dec",
-    ];
-    let mo = MONTHS.iter().position(|m| *m == mon)? as i64 + 1;
-    let mut c = time.split(':').map(|x| x.parse::<i64>().ok());
-    let (h, mi, s) = (c.next()??, c.next()??, c.next()??);
-    to_ms(y.parse().ok()?, mo, d.parse().ok()?, h, mi, s)
+    let at = httpdate::parse_http_date(t.trim()).ok()?;
+    let ms = at.duration_since(std::time::UNIX_EPOCH).ok()?.as_millis();
+    i64::try_from(ms).ok()
 }
 
 #[cfg(test)]
@@ -450,5 +385,74 @@ mod tests {
             parse_rfc3339("2026-01-05T18:02:00Z"),
             Some(1_767_636_120_000)
         );
+    }
+
+    /// A metadata server that answers every request with `Transfer-Encoding:
+    /// chunked`, the body cut into small chunks, as a proxy or GCP's
+    /// hanging GET may send it.
+    async fn chunked_server(answer: fn(&str) -> (u16, &'static str)) -> String {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        tokio::spawn(async move {
+            loop {
+                let Ok((mut sock, _)) = listener.accept().await else {
+                    return;
+                };
+                tokio::spawn(async move {
+                    let mut head = Vec::new();
+                    let mut byte = [0u8; 1];
+                    while !head.ends_with(b"\r\n\r\n") {
+                        if sock.read(&mut byte).await.unwrap_or(0) == 0 {
+                            return;
+                        }
+                        head.push(byte[0]);
+                    }
+                    let head = String::from_utf8_lossy(&head).into_owned();
+                    let (status, body) = answer(&head);
+                    let mut out = format!(
+                        "HTTP/1.1 {status} X\r\nTransfer-Encoding: chunked\r\nConnection: close\r\n\r\n"
+                    );
+                    for piece in body.as_bytes().chunks(7) {
+                        out.push_str(&format!("{:x}\r\n", piece.len()));
+                        out.push_str(std::str::from_utf8(piece).unwrap());
+                        out.push_str("\r\n");
+                    }
+                    out.push_str("0\r\n\r\n");
+                    let _ = sock.write_all(out.as_bytes()).await;
+                });
+            }
+        });
+        format!("http://{addr}")
+    }
+
+    #[tokio::test]
+    async fn an_aws_notice_sent_chunked_is_read() {
+        let base = chunked_server(|head| {
+            if head.starts_with("PUT /latest/api/token") {
+                (200, "token-1")
+            } else if head.starts_with("GET /latest/meta-data/spot/instance-action")
+                && head.contains("token-1")
+            {
+                (
+                    200,
+                    r#"{"action":"terminate","time":"2026-01-05T18:02:00Z"}"#,
+                )
+            } else {
+                (404, "")
+            }
+        })
+        .await;
+        let mut notices = start(WatchConfig {
+            aws: Some(base),
+            poll: Duration::from_millis(50),
+            ..Default::default()
+        });
+        let n = tokio::time::timeout(Duration::from_secs(10), notices.recv())
+            .await
+            .expect("a notice within 10 s")
+            .unwrap();
+        assert_eq!(n.kind, "aws:terminate");
+        assert_eq!(n.deadline_ms, 1_767_636_120_000);
     }
 }
