@@ -173,7 +173,7 @@ impl Checkpoints {
         seq: u32,
     ) -> Result<Manifest, CheckpointError> {
         let name = Manifest::name(epoch, seq);
-        let data_name = format!("{name}-{:08x}", nonce());
+        let data_name = format!("{name}-{:08x}", nembo_proto::client::random_u32());
         let data = self.prefix.clone().join("data").join(data_name.as_str());
         let mut uploaded = Vec::new();
         for (rel, abs) in files {
@@ -191,7 +191,7 @@ impl Checkpoints {
             seq,
             files: uploaded,
             data: data_name,
-            at_ms: crate::supervisor::now_ms(),
+            at_ms: nembo_proto::clock::now_ms(),
         };
         // Checked again now that the data is up: what remains is a race only
         // with an attempt of the same or an older epoch, which Raft has
@@ -297,14 +297,6 @@ fn reset_dir(dir: &Path) -> Result<(), CheckpointError> {
     std::fs::create_dir_all(dir)?;
     std::fs::write(dir.join(MARKER), b"")?;
     Ok(())
-}
-
-fn nonce() -> u32 {
-    let t = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.subsec_nanos())
-        .unwrap_or(0);
-    t ^ std::process::id().rotate_left(16)
 }
 
 /// Every regular file under `dir`, with its path relative to it.

@@ -20,8 +20,9 @@ use tonic::Code;
 use crate::fence::Fence;
 use crate::identity::Identity;
 use crate::preempt::Notice;
-use crate::supervisor::{now_ms, Event, JobKey, JobView, Supervisor};
+use crate::supervisor::{Event, JobKey, JobView, Supervisor};
 use crate::telemetry::Telemetry;
+use nembo_proto::clock::now_ms;
 use nembo_proto::LEADER_URL_KEY;
 
 /// How the agent reaches its coordinator and describes its node.
@@ -145,10 +146,7 @@ pub async fn run(
             }
         }
         // Jitter keeps a fleet from reconnecting in lockstep after an outage.
-        let jitter = Duration::from_millis(
-            u64::from(std::process::id() % 7) * backoff.as_millis() as u64 / 20,
-        );
-        tokio::time::sleep(backoff + jitter).await;
+        tokio::time::sleep(backoff + nembo_proto::client::jitter(backoff / 2)).await;
         // Capped low: after a leader change the agent must find the new
         // leader within about a second, and each try is one cheap handshake.
         backoff = (backoff * 2).min(Duration::from_millis(500));

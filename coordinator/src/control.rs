@@ -14,7 +14,8 @@ use tokio::task::JoinSet;
 use tokio::time::Instant;
 
 use crate::provider::{LaunchRequest, ProviderError};
-use crate::server::{now_ms, Ctx};
+use crate::server::Ctx;
+use nembo_proto::clock::now_ms;
 
 /// The scheduler plans at most once per this window.
 const SCHEDULE_COALESCE: Duration = Duration::from_millis(5);
@@ -191,7 +192,7 @@ async fn provider_call(ctx: Arc<Ctx>, node: Node, term: u64) -> String {
             },
             (Err(ProviderError::Transient(e)), _) if attempt < 5 => {
                 tracing::warn!(node = %node.id, error = %e, attempt, "provider call failed; retrying");
-                tokio::time::sleep(backoff).await;
+                tokio::time::sleep(backoff + nembo_proto::client::jitter(backoff / 2)).await;
                 backoff *= 2;
                 continue;
             }

@@ -253,7 +253,8 @@ where
         match f(client.clone(), req.clone()).await {
             Ok(r) => return Ok(r.into_inner()),
             Err(s) if retryable(&s) && tokio::time::Instant::now() < deadline => {
-                tokio::time::sleep(Duration::from_millis(100)).await;
+                let pause = Duration::from_millis(100);
+                tokio::time::sleep(pause + jitter(pause)).await;
             }
             Err(s) => return Err(s),
         }
@@ -269,4 +270,30 @@ fn retryable(s: &tonic::Status) -> bool {
         .is_some_and(|e| e.downcast_ref::<tonic::transport::Error>().is_some());
     s.code() == tonic::Code::Unavailable
         || (matches!(s.code(), tonic::Code::Unknown | tonic::Code::Cancelled) && transport)
+}
+
+/// A random pause in `[0, max)`, from the OS random source: machines booted
+/// from one image, or clients started by one script, must not retry in
+/// lockstep (a pid or a clock is the same, or close, on all of them).
+pub fn jitter(max: Duration) -> Duration {
+    max.mul_f64(random_fraction())
+}
+
+/// A uniform number in `[0, 1)`.
+fn random_fraction() -> f64 {
+    // Jitter needs no cryptographic strength, but the OS source is the one
+    // that differs between identical machines; it only fails where nothing
+    // else would work either, and then no jitter is still correct.
+    let mut b = [0u8; 8];
+    if getrandom::getrandom(&mut b).is_err() {
+        return 0.0;
+    }
+    (u64::from_le_bytes(b) >> 11) as f64 / (1u64 << 53) as f64
+}
+
+/// 32 random bits from the OS source, for names that must not collide.
+pub fn random_u32() -> u32 {
+    let mut b = [0u8; 4];
+    getrandom::getrandom(&mut b).expect("the OS random source is unavailable");
+    u32::from_le_bytes(b)
 }
