@@ -1,7 +1,7 @@
 //! Prometheus `/metrics` on each coordinator (plain HTTP, loopback by
 //! default). GPU series use dcgm-exporter's names and labels, so existing
 //! Grafana dashboards work unchanged, plus Nembo's own labels (node,
-//! provider, region, job); control-plane series describe Raft, jobs, nodes
+//! provider, region, nembo_job); control-plane series describe Raft, jobs, nodes
 //! and agent heartbeats. GPU series come from the leader, which holds the
 //! agents' sessions: scrape every member.
 
@@ -200,13 +200,17 @@ pub async fn render(ctx: &Ctx, gpus: bool) -> String {
             let labels = [
                 ("gpu", id.index.to_string()),
                 ("UUID", id.uuid.clone()),
+                ("pci_bus_id", id.pci_bus_id.clone()),
                 ("device", format!("nvidia{}", id.index)),
                 ("modelName", id.name.clone()),
                 ("Hostname", node.clone()),
                 ("node", node.clone()),
                 ("provider", n.provider.clone()),
                 ("region", n.region.clone()),
-                ("job", jobs.join(",")),
+                ("DCGM_FI_DRIVER_VERSION", g.driver_version.clone()),
+                // Not `job`: Prometheus sets that to the scrape job and would
+                // rename ours to `exported_job`.
+                ("nembo_job", jobs.join(",")),
             ];
             Some((label_set(&labels), t))
         })

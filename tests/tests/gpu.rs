@@ -231,7 +231,7 @@ async fn a_nodes_gpus_show_up_live_in_the_fleet_view_and_in_nembo_gpus() {
     ] {
         assert!(line.contains(label), "{label} missing from {line}");
     }
-    assert!(line.contains(&format!("job=\"{job}\"")), "{line}");
+    assert!(line.contains(&format!("nembo_job=\"{job}\"")), "{line}");
     assert!(line.ends_with(" 12"), "{line}");
     let fb_used = text
         .lines()
