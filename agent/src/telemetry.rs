@@ -11,7 +11,7 @@ use nembo_proto::v1 as pb;
 use tokio::sync::watch;
 
 use crate::gpu::{GpuSample, Gpus};
-use crate::supervisor::now_ms;
+use nembo_proto::clock::now_ms;
 
 /// Full sweeps (PCIe, processes) happen once per this many samples.
 const SLOW_EVERY: u32 = 10;

@@ -101,7 +101,7 @@ pub async fn token_create(
         r.id,
         uses.max(1),
         r.expires_unix_ms,
-        table::duration(r.expires_unix_ms - table::now_ms()),
+        table::duration(r.expires_unix_ms - nembo_proto::clock::now_ms()),
         node.map(|n| format!(" --node-id {n}")).unwrap_or_default()
     );
     println!("{}", r.token);
@@ -124,7 +124,7 @@ pub async fn token_list(as_json: bool) -> Result<()> {
         println!("{}", serde_json::to_string_pretty(&v)?);
         return Ok(());
     }
-    let now = table::now_ms();
+    let now = nembo_proto::clock::now_ms();
     let rows: Vec<Vec<String>> = r
         .tokens
         .iter()

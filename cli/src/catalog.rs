@@ -5,7 +5,6 @@ use nembo_proto::v1 as pb;
 use serde_json::{json, Value};
 
 use crate::connect;
-use crate::jobs::{gpus_cell, region_cell};
 use crate::table;
 
 /// An offering as JSON.
@@ -76,9 +75,9 @@ pub async fn show_gpus(
         .iter()
         .map(|o| {
             vec![
-                gpus_cell(&o.accelerator, o.accelerator_count),
+                table::gpus_cell(&o.accelerator, o.accelerator_count),
                 o.provider.clone(),
-                region_cell(o),
+                table::region_cell(o),
                 o.instance_type.clone(),
                 format!("{}", o.cpus),
                 format!("{}", o.memory_gb),

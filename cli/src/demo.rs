@@ -104,7 +104,7 @@ async fn run(dir: &Path) -> Result<i32> {
     };
     let client = connect::connect_info(&info).await?;
     let clock = Clock(Instant::now());
-    let t0 = crate::table::now_ms();
+    let t0 = nembo_proto::clock::now_ms();
     clock.line(&format!(
         "cluster up ({} coordinators, {:.1} s)",
         info.pids.len(),
@@ -140,7 +140,7 @@ async fn run(dir: &Path) -> Result<i32> {
     ));
     // Let it make progress, then the cloud takes the VM back.
     wait_log(&client, &id, "step 12").await?;
-    let notice_at = crate::table::now_ms();
+    let notice_at = nembo_proto::clock::now_ms();
     let req = pb::InjectPreemptionRequest {
         node_id: node1.clone(),
         format: "aws".into(),

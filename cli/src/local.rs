@@ -291,7 +291,7 @@ pub async fn preempt(node: &str, format: &str, in_ms: u32) -> Result<()> {
         |mut c, r| async move { c.inject_preemption(r).await },
     )
     .await?;
-    let left = (r.deadline_unix_ms - crate::table::now_ms()).max(0);
+    let left = (r.deadline_unix_ms - nembo_proto::clock::now_ms()).max(0);
     println!(
         "{node}: {format} preemption notice served; the node goes in {:.0} s",
         left as f64 / 1000.0

@@ -1,5 +1,7 @@
 //! Plain aligned tables for humans.
 
+use nembo_proto::v1 as pb;
+
 /// Prints rows under headers, columns padded to their widest cell.
 pub fn print(headers: &[&str], rows: &[Vec<String>]) {
     let mut widths: Vec<usize> = headers.iter().map(|h| h.len()).collect();
@@ -46,13 +48,23 @@ pub fn ago(at_ms: i64) -> String {
     if at_ms <= 0 {
         return "-".into();
     }
-    format!("{} ago", duration(now_ms() - at_ms))
+    format!("{} ago", duration(nembo_proto::clock::now_ms() - at_ms))
 }
 
-/// Unix time in ms.
-pub fn now_ms() -> i64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.as_millis() as i64)
-        .unwrap_or(0)
+/// `region` or `region/zone`.
+pub fn region_cell(o: &pb::Offering) -> String {
+    if o.zone.is_empty() {
+        o.region.clone()
+    } else {
+        format!("{}/{}", o.region, o.zone)
+    }
+}
+
+/// `H100:8`, or `-` for none.
+pub fn gpus_cell(name: &str, count: f64) -> String {
+    if name.is_empty() {
+        "-".into()
+    } else {
+        format!("{name}:{count}")
+    }
 }

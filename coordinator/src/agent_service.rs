@@ -22,7 +22,8 @@ use tonic::{Request, Response, Status, Streaming};
 use crate::enroll::AgentCaller;
 use crate::logs::LogKey;
 use crate::raft::ClusterView;
-use crate::server::{now_ms, Ctx};
+use crate::server::Ctx;
+use nembo_proto::clock::now_ms;
 
 /// Serves agent sessions.
 pub struct Agents {

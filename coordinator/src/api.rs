@@ -21,8 +21,9 @@ use crate::fleet::LabelCache;
 use crate::gate::{audit_record, audited, mark_audited, on_behalf, principal, Principal};
 use crate::logs::LogKey;
 use crate::raft::ProposeError;
-use crate::server::{now_ms, Ctx};
+use crate::server::Ctx;
 use nembo_domain::access::{AccessCommand, JoinToken, Role};
+use nembo_proto::clock::now_ms;
 use raft::eraftpb::{ConfChangeSingle, ConfChangeType, ConfChangeV2};
 
 /// How long a follower of a finished job's logs waits for output still in

@@ -135,7 +135,7 @@ impl EnrollmentRpc for EnrollmentService {
                     memory_gb: resources.memory_gb,
                 },
                 key_sha256: tls::sha256_hex(&req.public_key),
-                at_ms: crate::server::now_ms(),
+                at_ms: nembo_proto::clock::now_ms(),
             })
             .await
             .map_err(|e| Status::unavailable(e.to_string()))?;

@@ -2,7 +2,7 @@
 
 use tonic::{Code, Status};
 
-use crate::raft::ProposeError;
+use crate::raft::{ProposeError, StorageError};
 
 /// Everything a coordinator call can fail with.
 #[derive(Debug, thiserror::Error)]
@@ -34,6 +34,12 @@ pub enum CoordinatorError {
     /// A bug or an unexpected failure.
     #[error("internal: {0}")]
     Internal(String),
+}
+
+impl From<StorageError> for CoordinatorError {
+    fn from(e: StorageError) -> Self {
+        CoordinatorError::Storage(e.0)
+    }
 }
 
 impl From<nembo_domain::task::SpecError> for CoordinatorError {

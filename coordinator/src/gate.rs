@@ -18,8 +18,9 @@ use tonic::body::Body;
 use tonic::server::NamedService;
 use tonic::{Code, Status};
 
-use crate::server::{now_ms, Ctx};
+use crate::server::Ctx;
 use crate::tls::{sha256_hex, token_matches};
+use nembo_proto::clock::now_ms;
 
 /// The caller of an API request, put in its extensions by the gate.
 #[derive(Debug, Clone, PartialEq, Eq)]

@@ -6,7 +6,7 @@ use std::future::Future;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::Duration;
 
 use nembo_domain::scheduler::Policy;
 use nembo_domain::state::{Command, JobId, Offering, State};
@@ -38,14 +38,6 @@ use crate::tls;
 
 /// Request metadata that allows a read from any member's own state.
 pub const STALE_READ_KEY: &str = "nembo-stale";
-
-/// Unix time in ms: the one clock read that goes into commands.
-pub fn now_ms() -> i64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map(|d| d.as_millis() as i64)
-        .unwrap_or(0)
-}
 
 /// Everything a coordinator is started with.
 #[derive(Debug, Clone)]

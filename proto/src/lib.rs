@@ -18,4 +18,5 @@ pub const MAX_TASK_BYTES: usize = 256 * 1024;
 pub const LEADER_URL_KEY: &str = "nembo-leader-url";
 
 pub mod client;
+pub mod clock;
 pub mod http;

@@ -46,14 +46,6 @@ pub fn cli_arg(name: &str, default: u64) -> u64 {
         .unwrap_or(default)
 }
 
-/// Unix time in ms.
-pub fn now_ms() -> i64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.as_millis() as i64)
-        .unwrap_or(0)
-}
-
 /// The `p` quantile (0..=1) of `v` (sorted in place); NaN when empty.
 pub fn percentile(v: &mut [f64], p: f64) -> f64 {
     if v.is_empty() {

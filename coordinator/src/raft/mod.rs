@@ -7,6 +7,7 @@
 //! committed entries, persist entries + HardState (fsync), send persisted
 //! messages, advance, apply what the light ready committed.
 
+mod logger;
 mod store;
 
 use std::collections::{BTreeMap, HashMap};
@@ -22,7 +23,6 @@ use raft::prelude::RawNode;
 use raft::StateRole;
 use tokio::sync::{oneshot, watch};
 
-use crate::error::CoordinatorError;
 pub use store::{NemboStorage, PendingSnapshot, RaftStore, WrittenSnapshot};
 
 /// How a member is set up.
@@ -94,6 +94,12 @@ pub enum ProposeError {
     Stopped,
 }
 
+/// The member's durable storage (log, snapshots) or its thread failed: the
+/// member cannot go on.
+#[derive(Debug, thiserror::Error)]
+#[error("storage: {0}")]
+pub struct StorageError(pub String);
+
 /// Compaction by size: snapshot once the entries applied since the last
 /// snapshot add up to this many bytes, however few they are - or to the
 /// size of the last snapshot, if larger: writing the whole state then costs
@@ -103,8 +109,8 @@ pub const SNAPSHOT_LOG_BYTES: u64 = 64 * 1024 * 1024;
 
 type Reply = oneshot::Sender<Result<Outcome, ProposeError>>;
 type SnapshotChannel = (
-    mpsc::Sender<Result<WrittenSnapshot, CoordinatorError>>,
-    mpsc::Receiver<Result<WrittenSnapshot, CoordinatorError>>,
+    mpsc::Sender<Result<WrittenSnapshot, StorageError>>,
+    mpsc::Receiver<Result<WrittenSnapshot, StorageError>>,
 );
 
 /// Carries raft messages to other members. Called on the Raft thread: it
@@ -243,7 +249,7 @@ impl RaftHandle {
 pub fn start(
     cfg: RaftConfig,
     transport: Box<dyn Transport>,
-) -> Result<(RaftHandle, std::thread::JoinHandle<()>), CoordinatorError> {
+) -> Result<(RaftHandle, std::thread::JoinHandle<()>), StorageError> {
     // At a 100 ms tick: heartbeats every 100 ms, elections after a random
     // 0.6-1.0 s of silence (etcd: 1-2 s). The spread keeps split votes rare;
     // the low end bounds failover (measured in BENCHMARKS.md).
@@ -254,7 +260,7 @@ pub fn start(
     let join = std::thread::Builder::new()
         .name(format!("raft-{}", cfg.id))
         .spawn(move || member.run(rx))
-        .map_err(|e| CoordinatorError::Storage(format!("spawn raft thread: {e}")))?;
+        .map_err(|e| StorageError(format!("spawn raft thread: {e}")))?;
     Ok((RaftHandle { tx, view }, join))
 }
 
@@ -264,7 +270,7 @@ fn open_member(
     cfg: RaftConfig,
     transport: Box<dyn Transport>,
     election: std::ops::Range<usize>,
-) -> Result<(Member, watch::Receiver<Arc<ClusterView>>), CoordinatorError> {
+) -> Result<(Member, watch::Receiver<Arc<ClusterView>>), StorageError> {
     let recovered = RaftStore::open(&cfg.dir, &cfg.voters)?;
     let raft_cfg = raft::Config {
         id: cfg.id,
@@ -281,10 +287,10 @@ fn open_member(
     };
     raft_cfg
         .validate()
-        .map_err(|e| CoordinatorError::Storage(format!("raft config: {e}")))?;
-    let logger = slog::Logger::root(slog::Discard, slog::o!());
+        .map_err(|e| StorageError(format!("raft config: {e}")))?;
+    let logger = logger::logger(cfg.id);
     let mut node = RawNode::new(&raft_cfg, recovered.store.storage(), &logger)
-        .map_err(|e| CoordinatorError::Storage(format!("raft: {e}")))?;
+        .map_err(|e| StorageError(format!("raft: {e}")))?;
     let voters = node
         .raft
         .prs()
@@ -358,7 +364,7 @@ impl DrivenMember {
         cfg: RaftConfig,
         transport: Box<dyn Transport>,
         election_ticks: usize,
-    ) -> Result<Self, CoordinatorError> {
+    ) -> Result<Self, StorageError> {
         let (member, view) = open_member(cfg, transport, election_ticks..election_ticks + 1)?;
         Ok(DrivenMember { member, view })
     }
@@ -406,7 +412,7 @@ impl DrivenMember {
     }
 
     /// Processes whatever Raft has ready: persist (fsync), send, apply.
-    pub fn process_ready(&mut self) -> Result<(), CoordinatorError> {
+    pub fn process_ready(&mut self) -> Result<(), StorageError> {
         self.member.on_ready()
     }
 
@@ -627,7 +633,7 @@ impl Member {
         }
     }
 
-    fn on_ready(&mut self) -> Result<(), CoordinatorError> {
+    fn on_ready(&mut self) -> Result<(), StorageError> {
         if !self.node.has_ready() {
             return Ok(());
         }
@@ -683,7 +689,7 @@ impl Member {
     }
 
     /// Snapshots when the log has grown by count or by size, or when asked.
-    fn maybe_snapshot(&mut self) -> Result<(), CoordinatorError> {
+    fn maybe_snapshot(&mut self) -> Result<(), StorageError> {
         let due = self.snapshot_due
             || self.applied >= self.store.snapshot_index() + self.cfg.snapshot_every
             || self.log_bytes >= SNAPSHOT_LOG_BYTES.max(self.store.snapshot_bytes());
@@ -699,7 +705,7 @@ impl Member {
     /// large state takes a while (about 0.3 s for 150k jobs), so a threaded
     /// member does it on a helper thread while the Ready loop goes on; the
     /// log is compacted when the file is durable.
-    fn take_snapshot(&mut self) -> Result<(), CoordinatorError> {
+    fn take_snapshot(&mut self) -> Result<(), StorageError> {
         let Some((done, _)) = &self.snapshots else {
             return self
                 .store
@@ -723,11 +729,11 @@ impl Member {
                 }
                 let _ = done.send(pending.write());
             })
-            .map_err(|e| CoordinatorError::Storage(format!("spawn snapshot thread: {e}")))?;
+            .map_err(|e| StorageError(format!("spawn snapshot thread: {e}")))?;
         Ok(())
     }
 
-    fn finish_background_snapshot(&mut self) -> Result<(), CoordinatorError> {
+    fn finish_background_snapshot(&mut self) -> Result<(), StorageError> {
         let Some((_, written)) = &self.snapshots else {
             return Ok(());
         };
@@ -764,7 +770,7 @@ impl Member {
         }
     }
 
-    fn apply(&mut self, entries: Vec<Entry>) -> Result<(), CoordinatorError> {
+    fn apply(&mut self, entries: Vec<Entry>) -> Result<(), StorageError> {
         for entry in entries {
             self.applied = entry.index;
             self.log_bytes += entry.data.len() as u64;
@@ -797,20 +803,20 @@ impl Member {
                 EntryType::EntryConfChange => {
                     // We only ever propose V2 changes; a V1 entry carries no URL.
                     let cc = ConfChange::parse_from_bytes(&entry.data)
-                        .map_err(|e| CoordinatorError::Storage(e.to_string()))?;
+                        .map_err(|e| StorageError(e.to_string()))?;
                     let cs = self
                         .node
                         .apply_conf_change(&cc)
-                        .map_err(|e| CoordinatorError::Storage(e.to_string()))?;
+                        .map_err(|e| StorageError(e.to_string()))?;
                     self.store.set_conf_state(&cs, &self.members)?;
                 }
                 EntryType::EntryConfChangeV2 => {
                     let cc = ConfChangeV2::parse_from_bytes(&entry.data)
-                        .map_err(|e| CoordinatorError::Storage(e.to_string()))?;
+                        .map_err(|e| StorageError(e.to_string()))?;
                     let cs = self
                         .node
                         .apply_conf_change(&cc)
-                        .map_err(|e| CoordinatorError::Storage(e.to_string()))?;
+                        .map_err(|e| StorageError(e.to_string()))?;
                     let url = serde_json::from_slice::<serde_json::Value>(&cc.context)
                         .ok()
                         .and_then(|v| v["url"].as_str().map(str::to_string));

@@ -12,14 +12,13 @@ use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 
+use super::StorageError;
 use nembo_domain::state::State;
 use raft::eraftpb::{ConfState, Entry, HardState, Snapshot};
 use raft::storage::MemStorage;
 use raft::Storage;
 use raft_engine::{Command as EngineCommand, Engine, LogBatch, MessageExt};
 use serde::{Deserialize, Serialize};
-
-use crate::error::CoordinatorError;
 
 /// The single Raft group this coordinator runs.
 const GROUP: u64 = 1;
@@ -79,7 +78,7 @@ impl PendingSnapshot {
     /// Encodes and writes it to a temp file of its own, fsynced. The costly
     /// part of a snapshot (tens of MB for 100k jobs), so callers run it off
     /// the Raft thread.
-    pub fn write(self) -> Result<WrittenSnapshot, CoordinatorError> {
+    pub fn write(self) -> Result<WrittenSnapshot, StorageError> {
         let mut bytes = Vec::with_capacity((self.size_hint + self.size_hint / 8) as usize);
         serde_json::to_writer(&mut bytes, &self.file).map_err(storage_err)?;
         let tmp = self
@@ -160,14 +159,14 @@ pub struct Recovered {
     pub members: BTreeMap<u64, String>,
 }
 
-fn storage_err(e: impl std::fmt::Display) -> CoordinatorError {
-    CoordinatorError::Storage(e.to_string())
+fn storage_err(e: impl std::fmt::Display) -> StorageError {
+    StorageError(e.to_string())
 }
 
 impl RaftStore {
     /// Opens (or creates) the store in `dir`. A fresh store starts with
     /// `initial_voters` as its configuration.
-    pub fn open(dir: &Path, initial_voters: &[u64]) -> Result<Recovered, CoordinatorError> {
+    pub fn open(dir: &Path, initial_voters: &[u64]) -> Result<Recovered, StorageError> {
         fs::create_dir_all(dir).map_err(storage_err)?;
         let cfg = raft_engine::Config {
             dir: dir.join("raft-log").to_string_lossy().into_owned(),
@@ -266,7 +265,7 @@ impl RaftStore {
         entries: &[Entry],
         hs: Option<&HardState>,
         sync: bool,
-    ) -> Result<(), CoordinatorError> {
+    ) -> Result<(), StorageError> {
         let mut batch = LogBatch::default();
         if !entries.is_empty() {
             batch
@@ -294,7 +293,7 @@ impl RaftStore {
 
     /// Records a new commit index (not fsynced: a lost commit index is
     /// recomputed by Raft, a lost entry is not).
-    pub fn set_commit(&self, commit: u64) -> Result<(), CoordinatorError> {
+    pub fn set_commit(&self, commit: u64) -> Result<(), StorageError> {
         let mut hs = self.mem.initial_state().map_err(storage_err)?.hard_state;
         if hs.commit >= commit {
             return Ok(());
@@ -308,7 +307,7 @@ impl RaftStore {
         &self,
         cs: &ConfState,
         members: &BTreeMap<u64, String>,
-    ) -> Result<(), CoordinatorError> {
+    ) -> Result<(), StorageError> {
         let mut batch = LogBatch::default();
         batch
             .put_message(GROUP, KEY_CONF_STATE.to_vec(), cs)
@@ -332,7 +331,7 @@ impl RaftStore {
         state: &State,
         members: &BTreeMap<u64, String>,
         index: u64,
-    ) -> Result<(), CoordinatorError> {
+    ) -> Result<(), StorageError> {
         let written = self.begin_snapshot(state, members, index)?.write()?;
         self.finish_snapshot(written)
     }
@@ -345,7 +344,7 @@ impl RaftStore {
         state: &State,
         members: &BTreeMap<u64, String>,
         index: u64,
-    ) -> Result<PendingSnapshot, CoordinatorError> {
+    ) -> Result<PendingSnapshot, StorageError> {
         let term = self.mem.term(index).map_err(storage_err)?;
         let cs = self.mem.initial_state().map_err(storage_err)?.conf_state;
         Ok(PendingSnapshot {
@@ -366,7 +365,7 @@ impl RaftStore {
     /// Makes a written snapshot the current one and compacts the log behind
     /// it, unless a newer snapshot (one installed from the leader, or an
     /// explicit compaction) overtook it meanwhile.
-    pub fn finish_snapshot(&mut self, written: WrittenSnapshot) -> Result<(), CoordinatorError> {
+    pub fn finish_snapshot(&mut self, written: WrittenSnapshot) -> Result<(), StorageError> {
         let WrittenSnapshot {
             file,
             conf_state: cs,
@@ -437,7 +436,7 @@ impl RaftStore {
     pub fn install_snapshot(
         &mut self,
         snap: &Snapshot,
-    ) -> Result<(State, BTreeMap<u64, String>), CoordinatorError> {
+    ) -> Result<(State, BTreeMap<u64, String>), StorageError> {
         let file: SnapshotFile = serde_json::from_slice(&snap.data)
             .map_err(|e| storage_err(format!("snapshot from leader: {e}")))?;
         self.write_snapshot_file(&snap.data)?;
@@ -474,7 +473,7 @@ impl RaftStore {
         Ok((file.state, file.members))
     }
 
-    fn write_snapshot_file(&self, bytes: &[u8]) -> Result<(), CoordinatorError> {
+    fn write_snapshot_file(&self, bytes: &[u8]) -> Result<(), StorageError> {
         let tmp = self.dir.join(format!("{SNAPSHOT_FILE}.tmp"));
         {
             let mut f = fs::File::create(&tmp).map_err(storage_err)?;
@@ -502,7 +501,7 @@ fn to_raft_snapshot(s: &SnapshotFile, bytes: Vec<u8>) -> Snapshot {
     snap
 }
 
-fn read_snapshot(dir: &Path) -> Result<Option<(SnapshotFile, Vec<u8>)>, CoordinatorError> {
+fn read_snapshot(dir: &Path) -> Result<Option<(SnapshotFile, Vec<u8>)>, StorageError> {
     let path = dir.join(SNAPSHOT_FILE);
     match fs::read(&path) {
         Ok(bytes) => serde_json::from_slice(&bytes)

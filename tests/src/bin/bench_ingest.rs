@@ -11,7 +11,7 @@
 
 use std::time::{Duration, Instant};
 
-use nembo_coordinator::server::now_ms;
+use nembo_proto::clock::now_ms;
 use nembo_proto::v1 as pb;
 use nembo_proto::v1::agent_message::Msg as AgentMsg;
 use nembo_tests::{cli_arg, http_get, proc_usage, wait_for, Cluster};

@@ -87,7 +87,7 @@ async fn main() {
         // Let it run and checkpoint periodically for a moment.
         tokio::time::sleep(Duration::from_millis(1500)).await;
         let node = first.node_ids[0].clone();
-        let notice_at = nembo_tests::now_ms();
+        let notice_at = nembo_proto::clock::now_ms();
         client
             .inject_preemption(pb::InjectPreemptionRequest {
                 node_id: node.clone(),
