@@ -6,40 +6,12 @@ use std::process::Stdio;
 use std::time::Duration;
 
 use anyhow::{bail, Context, Result};
+pub use nembo_proto::api_info::ApiInfo;
 use nembo_proto::client::{connect, Client};
-use serde::{Deserialize, Serialize};
 
-/// What a client needs: the same shape the coordinator writes to `api.json`.
-#[derive(Debug, Clone, Serialize, Deserialize)]
-pub struct ApiInfo {
-    /// `https://host:port`.
-    pub endpoint: String,
-    /// CA to trust.
-    pub ca_cert_path: String,
-    /// Bearer token file.
-    pub token_path: String,
-    /// Coordinator pid (local only).
-    #[serde(default)]
-    pub pid: u32,
-    /// Every member's URL, for a cluster; calls go to any that answers.
-    #[serde(default, skip_serializing_if = "Vec::is_empty")]
-    pub endpoints: Vec<String>,
-    /// Every member's pid, for a local cluster.
-    #[serde(default, skip_serializing_if = "Vec::is_empty")]
-    pub pids: Vec<u32>,
-    /// Prometheus endpoint of the (first) coordinator.
-    #[serde(default, skip_serializing_if = "String::is_empty")]
-    pub metrics_url: String,
-    /// Every member's Prometheus endpoint, for a cluster (scrape them all:
-    /// GPU series come from the leader).
-    #[serde(default, skip_serializing_if = "Vec::is_empty")]
-    pub metrics_urls: Vec<String>,
-}
-
-impl ApiInfo {
-    fn alive(&self) -> bool {
-        pid_alive(self.pid) || self.pids.iter().any(|p| pid_alive(*p))
-    }
+/// Whether a local coordinator (or any member of a local cluster) runs.
+fn alive(info: &ApiInfo) -> bool {
+    pid_alive(info.pid) || info.pids.iter().any(|p| pid_alive(*p))
 }
 
 /// `$NEMBO_HOME`, else `$HOME/.nembo`.
@@ -106,7 +78,7 @@ pub fn running_local() -> Result<Option<ApiInfo>> {
         };
         let info: ApiInfo =
             serde_json::from_slice(&bytes).with_context(|| format!("parse {}", path.display()))?;
-        if info.alive() {
+        if alive(&info) {
             return Ok(Some(info));
         }
     }
@@ -258,7 +230,7 @@ pub async fn start_cluster_in(dir: &Path, n: u64, extra: &[String]) -> Result<Ap
     };
     let deadline = std::time::Instant::now() + Duration::from_secs(30);
     loop {
-        if std::time::Instant::now() > deadline || !info.alive() {
+        if std::time::Instant::now() > deadline || !alive(&info) {
             return Err(startup_failure(
                 "the local cluster",
                 &dir.join("member-1.log"),

@@ -13,8 +13,8 @@ use tokio::sync::mpsc;
 use tokio::task::JoinSet;
 use tokio::time::Instant;
 
+use crate::context::Ctx;
 use crate::provider::{LaunchRequest, ProviderError};
-use crate::server::Ctx;
 use nembo_proto::clock::now_ms;
 
 /// The scheduler plans at most once per this window.
@@ -332,8 +332,7 @@ async fn liveness(ctx: Arc<Ctx>, cfg: LoopConfig, mut heartbeats: mpsc::Receiver
     }
 }
 
-/// Tells in-process subscribers (`Ctx::node_health`) and the operator's
-/// `--on-unhealthy` command about every node that turns unhealthy while
+/// Tells the operator's `--on-unhealthy` command about every node that turns unhealthy while
 /// this member leads. Nodes already unhealthy when leadership was gained
 /// were announced by the leader that saw them turn.
 async fn health_hooks(ctx: Arc<Ctx>) {
@@ -361,7 +360,6 @@ async fn health_hooks(ctx: Arc<Ctx>) {
                 job_ids: view.state.jobs_on(&id),
                 node_id: id,
             };
-            let _ = ctx.node_health.send(event.clone());
             if let Some(cmd) = &ctx.on_unhealthy {
                 run_hook(cmd, &event).await;
             }

@@ -2,7 +2,7 @@
 
 use tonic::{Code, Status};
 
-use crate::raft::{ProposeError, StorageError};
+use crate::replication::raft::{ProposeError, StorageError};
 
 /// Everything a coordinator call can fail with.
 #[derive(Debug, thiserror::Error)]
@@ -60,12 +60,6 @@ impl From<CoordinatorError> for Status {
             CoordinatorError::Propose(_) => Code::Unavailable,
             CoordinatorError::Storage(_) | CoordinatorError::Internal(_) => Code::Internal,
         };
-        let mut status = Status::new(code, e.to_string());
-        if let CoordinatorError::Propose(ProposeError::NotLeader { leader }) = e {
-            if let Ok(v) = leader.to_string().parse() {
-                status.metadata_mut().insert("nembo-leader-id", v);
-            }
-        }
-        status
+        Status::new(code, e.to_string())
     }
 }

@@ -1,23 +1,19 @@
 //! The Nembo coordinator: cluster state in a raft-rs log on durable storage,
 //! the public gRPC API, the agent protocol, the leader-only control loops
-//! and the providers that supply nodes.
+//! and the providers that supply nodes. ARCHITECTURE.md maps the rooms.
 
-pub mod agent_service;
+pub mod agents;
 pub mod api;
+pub mod config;
+pub mod context;
 pub mod control;
-pub mod convert;
-pub mod enroll;
 pub mod error;
-pub mod fleet;
-pub mod gate;
 pub mod identity;
 pub mod logs;
-pub mod metrics;
-pub mod peer;
 pub mod provider;
-pub mod raft;
-pub mod sealed;
+pub mod replication;
 pub mod server;
-pub mod tls;
+pub mod telemetry;
 
-pub use server::{run, ApiInfo, CoordinatorConfig};
+pub use config::CoordinatorConfig;
+pub use server::run;

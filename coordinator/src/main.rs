@@ -160,7 +160,7 @@ async fn main() -> anyhow::Result<()> {
     }) = &a.command
     {
         let ca = ca_cert.as_deref().zip(ca_key.as_deref());
-        let written = nembo_coordinator::tls::init(cluster_dir, ca)?;
+        let written = nembo_coordinator::identity::tls::init(cluster_dir, ca)?;
         if written.is_empty() {
             println!("{}: already initialised", cluster_dir.display());
         }

@@ -17,6 +17,7 @@ pub const MAX_TASK_BYTES: usize = 256 * 1024;
 /// Metadata key of the leader's URL on a follower's refusal of an agent.
 pub const LEADER_URL_KEY: &str = "nembo-leader-url";
 
+pub mod api_info;
 pub mod client;
 pub mod clock;
 pub mod http;

@@ -18,7 +18,7 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
 
-use nembo_coordinator::raft::{DrivenMember, ProposeError, RaftConfig, Transport};
+use nembo_coordinator::replication::raft::{DrivenMember, ProposeError, RaftConfig, Transport};
 use nembo_domain::state::{Command, JobState, Outcome, Rejection, State};
 use nembo_domain::task::parse_task_yaml;
 use raft::eraftpb::{ConfChangeSingle, ConfChangeType, ConfChangeV2, Message, MessageType};

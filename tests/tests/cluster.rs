@@ -305,7 +305,7 @@ async fn a_member_that_lost_its_disk_rejoins_empty_and_catches_up_from_a_snapsho
     assert!(
         received
             .iter()
-            .any(|b| *b > nembo_coordinator::peer::MAX_PEER_MESSAGE as u64),
+            .any(|b| *b > nembo_coordinator::replication::peer::MAX_PEER_MESSAGE as u64),
         "a snapshot larger than one peer message arrived (in chunks): {received:?}"
     );
     // It holds every job, and can lead.

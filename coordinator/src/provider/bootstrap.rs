@@ -66,7 +66,7 @@ pub enum Start {
 impl Bootstrap {
     /// The bash script for the node of `req`.
     pub fn script(&self, req: &LaunchRequest, start: Start) -> String {
-        let token = crate::tls::node_token(&self.agent_token, &req.node_id);
+        let token = crate::identity::tls::node_token(&self.agent_token, &req.node_id);
         let checksum = match &self.agent_sha256 {
             Some(sum) => format!(
                 "echo \"{} $R/usr/local/bin/nembo-agent.new\" | sha256sum -c - >/dev/null\n",
@@ -220,7 +220,7 @@ mod tests {
         let token_file = root.join("etc/nembo/join-token");
         let token = std::fs::read_to_string(&token_file).unwrap();
         assert_eq!(
-            crate::tls::node_token_owner("cluster-secret", &token),
+            crate::identity::tls::node_token_owner("cluster-secret", &token),
             Some("node-42")
         );
         let mode = std::fs::metadata(&token_file).unwrap().permissions().mode();

@@ -118,7 +118,7 @@ pub struct LocalConfig {
     /// CA certificate the agents trust.
     pub ca_cert: PathBuf,
     /// The cluster secret node tokens are derived from
-    /// ([`crate::tls::node_token`]): each agent gets its node's, once.
+    /// ([`crate::identity::tls::node_token`]): each agent gets its node's, once.
     pub join_secret: std::sync::Arc<str>,
     /// Heartbeat period handed to agents.
     pub heartbeat_ms: u32,
@@ -316,9 +316,9 @@ impl Provider for LocalProvider {
             let node_meta = format!("{metadata}/{}", req.node_id);
             // The agent trades this for its certificate and deletes it.
             let join_token = dir.join("join-token");
-            crate::tls::write_secret(
+            crate::identity::tls::write_secret(
                 &join_token,
-                crate::tls::node_token(&self.cfg.join_secret, &req.node_id).as_bytes(),
+                crate::identity::tls::node_token(&self.cfg.join_secret, &req.node_id).as_bytes(),
             )
             .map_err(|e| ProviderError::Transient(e.to_string()))?;
             let mut cmd = tokio::process::Command::new(&self.cfg.agent_bin);

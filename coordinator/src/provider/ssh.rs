@@ -195,7 +195,7 @@ impl SshProvider {
         let local = tokio::fs::read(&self.agent_bin).await.map_err(|e| {
             ProviderError::InvalidRequest(format!("agent binary {}: {e}", self.agent_bin.display()))
         })?;
-        let sum = crate::tls::sha256_hex(&local);
+        let sum = crate::identity::tls::sha256_hex(&local);
         let remote = self
             .run(
                 h,
@@ -316,7 +316,7 @@ fi"#
                 return Ok(format!("{}:{pid}", h.name()));
             }
             self.copy_agent(h, dir).await?;
-            let token = crate::tls::node_token(&self.bootstrap.agent_token, node);
+            let token = crate::identity::tls::node_token(&self.bootstrap.agent_token, node);
             self.run(
                 h,
                 &format!("umask 077 && cat > '{dir}/nodes/{node}/ca.pem'"),

@@ -6,41 +6,13 @@
 //! agents' sessions: scrape every member.
 
 use std::fmt::Write as _;
-use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 
 use nembo_domain::state::{JobState, NodeState};
 use nembo_proto::v1 as pb;
 
-use crate::fleet::LabelCache;
-use crate::server::Ctx;
-
-/// Upper bounds (seconds) of the heartbeat-delay histogram's buckets.
-const DELAY_BUCKETS: [f64; 9] = [0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0];
-
-/// A lock-free histogram of agent heartbeat delays (agent clock to
-/// coordinator clock: on one host, transport and queueing time).
-#[derive(Debug, Default)]
-pub struct DelayHistogram {
-    buckets: [AtomicU64; DELAY_BUCKETS.len()],
-    count: AtomicU64,
-    sum_us: AtomicU64,
-}
-
-impl DelayHistogram {
-    /// Records one delay.
-    pub fn observe_ms(&self, ms: i64) {
-        let s = ms.max(0) as f64 / 1000.0;
-        for (i, bound) in DELAY_BUCKETS.iter().enumerate() {
-            if s <= *bound {
-                self.buckets[i].fetch_add(1, Ordering::Relaxed);
-            }
-        }
-        self.count.fetch_add(1, Ordering::Relaxed);
-        self.sum_us
-            .fetch_add(ms.max(0) as u64 * 1000, Ordering::Relaxed);
-    }
-}
+use crate::context::Ctx;
+use crate::telemetry::fleet::LabelCache;
 
 /// Serves `GET /metrics` (everything) and `GET /metrics/control` (the
 /// control plane only: small enough to scrape often however large the
@@ -290,31 +262,7 @@ pub async fn render(ctx: &Ctx, gpus: bool) -> String {
             fleet.len() as f64,
         );
     }
-    let h = &ctx.heartbeat_delay;
-    header(
-        &mut out,
-        "nembo_agent_heartbeat_delay_seconds",
-        "Delay from an agent sending a heartbeat to this member receiving it.",
-        "histogram",
-    );
-    for (i, bound) in DELAY_BUCKETS.iter().enumerate() {
-        let n = h.buckets[i].load(Ordering::Relaxed);
-        let _ = writeln!(
-            out,
-            "nembo_agent_heartbeat_delay_seconds_bucket{{le=\"{bound}\"}} {n}"
-        );
-    }
-    let count = h.count.load(Ordering::Relaxed);
-    let _ = writeln!(
-        out,
-        "nembo_agent_heartbeat_delay_seconds_bucket{{le=\"+Inf\"}} {count}"
-    );
-    let _ = writeln!(
-        out,
-        "nembo_agent_heartbeat_delay_seconds_sum {}",
-        h.sum_us.load(Ordering::Relaxed) as f64 / 1e6
-    );
-    let _ = writeln!(out, "nembo_agent_heartbeat_delay_seconds_count {count}");
+    ctx.heartbeat_delay.render(&mut out);
     out
 }
 
@@ -384,16 +332,5 @@ mod tests {
             label_set(&[("gpu", "0".into()), ("modelName", "X \"Y\"".into())]),
             r#"{gpu="0",modelName="X \"Y\""}"#
         );
-    }
-
-    #[test]
-    fn the_histogram_counts_into_every_bucket_at_or_above() {
-        let h = DelayHistogram::default();
-        h.observe_ms(3);
-        h.observe_ms(200);
-        assert_eq!(h.buckets[0].load(Ordering::Relaxed), 0); // 1 ms
-        assert_eq!(h.buckets[1].load(Ordering::Relaxed), 1); // 5 ms
-        assert_eq!(h.buckets[6].load(Ordering::Relaxed), 2); // 250 ms
-        assert_eq!(h.count.load(Ordering::Relaxed), 2);
     }
 }

@@ -1,9 +1,11 @@
-//! The door of the public API, in front of every `nembo.v1.Coordinator`
-//! call: who is calling (bearer token), may their role make this call (one
-//! table, [`required_role`], so no call can forget to check), how long the
-//! call may take, and the audit record of every call that changes
-//! something. Which jobs a user may touch is checked by the handlers, on
-//! the leader, against the job's owner.
+//! The one door of the public API, in front of every `nembo.v1.Coordinator`
+//! call: who is calling (bearer token), where the call is served ([`route`]:
+//! a follower hands every call that needs the leader to it, before any
+//! handler runs), may their role make this call (one table,
+//! [`required_role`], so no call can forget to check), how long the call
+//! may take, and the audit record of every call that changes something.
+//! Which jobs a user may touch is checked by the handlers, on the leader,
+//! against the job's owner.
 
 use std::convert::Infallible;
 use std::future::Future;
@@ -18,8 +20,9 @@ use tonic::body::Body;
 use tonic::server::NamedService;
 use tonic::{Code, Status};
 
-use crate::server::Ctx;
-use crate::tls::{sha256_hex, token_matches};
+use crate::api::forward::{pass_on, Forwarder, Hop};
+use crate::context::Ctx;
+use crate::identity::tls::{bearer, sha256_hex, token_matches};
 use nembo_proto::clock::now_ms;
 
 /// The caller of an API request, put in its extensions by the gate.
@@ -72,6 +75,41 @@ pub fn mutating(call: &str) -> bool {
             | "RevokeJoinToken"
             | "RevokeNode"
     )
+}
+
+/// Where a call is served.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Route {
+    /// By whichever member got it, from what every member holds alike (its
+    /// configuration, its own view of the cluster, the caller's identity).
+    AnyMember,
+    /// By the leader, once it has confirmed its leadership with a quorum;
+    /// by any member from its own applied state when the caller asks for a
+    /// stale read (`nembo-stale: true`).
+    Read,
+    /// By the leader: every change, and what only the leader holds (the
+    /// agents' sessions, so their telemetry and job output).
+    Leader,
+}
+
+/// Where each call is served. A call not listed goes to the leader.
+pub fn route(call: &str) -> Route {
+    match call {
+        "GetClusterStatus" | "WhoAmI" | "ListOfferings" | "CheckProviders" => Route::AnyMember,
+        "DryRun" | "GetJob" | "ListJobs" | "ListNodes" | "GetCostReport" | "ListUsers"
+        | "ListJoinTokens" | "GetAuditLog" => Route::Read,
+        _ => Route::Leader,
+    }
+}
+
+/// Request metadata that allows a read from any member's own state.
+pub const STALE_READ_KEY: &str = "nembo-stale";
+
+fn stale_read_asked(headers: &http::HeaderMap) -> bool {
+    headers
+        .get(STALE_READ_KEY)
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|v| v == "true" || v == "1")
 }
 
 /// Prefix of user tokens: `nembo_<id>_<secret>`.
@@ -173,15 +211,6 @@ fn grpc_code(resp: &http::Response<Body>) -> Code {
         .map_or(Code::Ok, Code::from)
 }
 
-/// The token of `authorization: Bearer <token>`, if any.
-pub fn bearer(headers: &http::HeaderMap) -> Option<&str> {
-    headers
-        .get("authorization")
-        .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.strip_prefix("Bearer "))
-        .map(str::trim)
-}
-
 /// Wraps the Coordinator service.
 #[derive(Clone)]
 pub struct Gate<S> {
@@ -189,17 +218,26 @@ pub struct Gate<S> {
     ctx: Arc<Ctx>,
     root: Arc<str>,
     timeout: Duration,
+    forward: Arc<Forwarder>,
 }
 
 impl<S> Gate<S> {
     /// `inner` behind the gate; calls end DEADLINE_EXCEEDED after `timeout`
-    /// (membership changes get longer: they wait for a new member to catch up).
-    pub fn new(inner: S, ctx: Arc<Ctx>, root: Arc<str>, timeout: Duration) -> Self {
+    /// (membership changes get longer: they wait for a new member to catch
+    /// up). `ca_pem` is trusted when reaching the leader.
+    pub fn new(
+        inner: S,
+        ctx: Arc<Ctx>,
+        root: Arc<str>,
+        timeout: Duration,
+        ca_pem: Vec<u8>,
+    ) -> Self {
         Self {
             inner,
             ctx,
             root,
             timeout,
+            forward: Arc::new(Forwarder::new(ca_pem)),
         }
     }
 }
@@ -240,7 +278,7 @@ where
             .next()
             .unwrap_or("")
             .to_string();
-        let (ctx, root) = (self.ctx.clone(), self.root.clone());
+        let (ctx, root, forward) = (self.ctx.clone(), self.root.clone(), self.forward.clone());
         let limit = if matches!(call.as_str(), "AddMember" | "RemoveMember") {
             self.timeout.max(Duration::from_secs(60))
         } else {
@@ -253,72 +291,92 @@ where
                 tracing::warn!(call, "refused: missing or invalid bearer token");
                 return Ok(Status::unauthenticated("missing or invalid bearer token").into_http());
             };
-            let need = required_role(&call);
-            if who.role < need {
-                // A follower hands the refused call to the leader as it came,
-                // so the leader refuses it too and the refusal is recorded.
-                if let Ok(Some(channel)) = ctx.leader_channel().await {
-                    return Ok(pass_on(channel, req).await);
-                }
-                let status = Status::permission_denied(format!(
-                    "{call} needs the {} role; {} has {}",
-                    need.as_str(),
-                    who.name,
-                    who.role.as_str()
-                ));
-                tracing::warn!(call, who = %who.name, role = who.role.as_str(), "refused: role");
-                record(
-                    &ctx,
-                    &who.name,
-                    Some(who.role),
-                    &call,
-                    String::new(),
-                    status.code(),
-                )
-                .await;
-                return Ok(status.into_http());
-            }
-            req.extensions_mut().insert(who.clone());
-            let resp = match tokio::time::timeout(limit, inner.call(req)).await {
-                Ok(Ok(resp)) => resp,
-                Ok(Err(never)) => match never {},
-                Err(_) => Status::deadline_exceeded(format!("{call} took longer than {limit:?}"))
-                    .into_http(),
+            let served_here = match route(&call) {
+                Route::AnyMember => true,
+                Route::Read => stale_read_asked(req.headers()),
+                Route::Leader => false,
             };
-            if mutating(&call) && !resp.headers().contains_key(AUDITED_HEADER) {
-                let target = resp
-                    .extensions()
-                    .get::<AuditTarget>()
-                    .map(|t| t.0.clone())
-                    .unwrap_or_default();
-                record(
-                    &ctx,
-                    &who.name,
-                    Some(who.role),
-                    &call,
-                    target,
-                    grpc_code(&resp),
-                )
-                .await;
-            }
-            Ok(resp)
+            let answer = async move {
+                if !served_here {
+                    match forward
+                        .find_leader(&ctx.raft, route(&call) == Route::Read)
+                        .await
+                    {
+                        Ok(Hop::Here) => {}
+                        Ok(Hop::Leader(channel)) => {
+                            return within(limit, &call, pass_on(channel, req)).await
+                        }
+                        Err(status) => return status.into_http(),
+                    }
+                }
+                let need = required_role(&call);
+                if who.role < need {
+                    // A follower hands a refused call to the leader as it
+                    // came, so that the refusal is recorded there.
+                    if let Ok(Some(channel)) = forward.leader_channel(&ctx.raft).await {
+                        return pass_on(channel, req).await;
+                    }
+                    let status = Status::permission_denied(format!(
+                        "{call} needs the {} role; {} has {}",
+                        need.as_str(),
+                        who.name,
+                        who.role.as_str()
+                    ));
+                    tracing::warn!(call, who = %who.name, role = who.role.as_str(), "refused: role");
+                    record(
+                        &ctx,
+                        &who.name,
+                        Some(who.role),
+                        &call,
+                        String::new(),
+                        status.code(),
+                    )
+                    .await;
+                    return status.into_http();
+                }
+                req.extensions_mut().insert(who.clone());
+                let served = async {
+                    match inner.call(req).await {
+                        Ok(resp) => resp,
+                        Err(never) => match never {},
+                    }
+                };
+                let resp = within(limit, &call, served).await;
+                if mutating(&call) && !resp.headers().contains_key(AUDITED_HEADER) {
+                    let target = resp
+                        .extensions()
+                        .get::<AuditTarget>()
+                        .map(|t| t.0.clone())
+                        .unwrap_or_default();
+                    record(
+                        &ctx,
+                        &who.name,
+                        Some(who.role),
+                        &call,
+                        target,
+                        grpc_code(&resp),
+                    )
+                    .await;
+                }
+                resp
+            };
+            Ok(answer.await)
         })
     }
 }
 
-/// Sends `req` to the leader unchanged and returns its answer.
-async fn pass_on(
-    mut channel: tonic::transport::Channel,
-    req: http::Request<Body>,
+/// The answer of `call`, or DEADLINE_EXCEEDED once it took `limit`. A
+/// stream is answered once its handler returns it: the stream runs on.
+async fn within(
+    limit: Duration,
+    call: &str,
+    answer: impl Future<Output = http::Response<Body>>,
 ) -> http::Response<Body> {
-    use tower_service::Service;
-    let unreachable = |e: tonic::transport::Error| {
-        Status::unavailable(format!("leader unreachable: {e}")).into_http()
-    };
-    if let Err(e) = std::future::poll_fn(|cx| channel.poll_ready(cx)).await {
-        return unreachable(e);
-    }
-    channel.call(req).await.unwrap_or_else(unreachable)
+    tokio::time::timeout(limit, answer)
+        .await
+        .unwrap_or_else(|_| {
+            Status::deadline_exceeded(format!("{call} took longer than {limit:?}")).into_http()
+        })
 }
 
 /// The caller, as the gate found it.
@@ -327,17 +385,6 @@ pub fn principal<T>(req: &tonic::Request<T>) -> Result<Principal, Status> {
         .get::<Principal>()
         .cloned()
         .ok_or_else(|| Status::unauthenticated("no caller identity"))
-}
-
-/// The same request for the leader, carrying the caller's own token, so the
-/// leader decides (and records) what the caller may do.
-pub fn on_behalf<T>(req: tonic::Request<T>) -> tonic::Request<T> {
-    let auth = req.metadata().get("authorization").cloned();
-    let mut out = tonic::Request::new(req.into_inner());
-    if let Some(a) = auth {
-        out.metadata_mut().insert("authorization", a);
-    }
-    out
 }
 
 #[cfg(test)]
@@ -380,5 +427,8 @@ mod tests {
         assert_eq!(required_role("SubmitJob"), Role::User);
         assert_eq!(required_role("GetAuditLog"), Role::Admin);
         assert!(mutating("SubmitJob") && !mutating("GetJob"));
+        assert_eq!(route("SubmitJob"), Route::Leader);
+        assert_eq!(route("SomethingNew"), Route::Leader);
+        assert_eq!(route("GetJob"), Route::Read);
     }
 }

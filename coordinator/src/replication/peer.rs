@@ -16,7 +16,7 @@ use tokio::sync::mpsc;
 use tonic::transport::Channel;
 use tonic::{Request, Response, Status};
 
-use crate::raft::{RaftHandle, Transport};
+use crate::replication::raft::{RaftHandle, Transport};
 
 /// Largest peer message: a batch of raft messages (each at most
 /// `max_size_per_msg`, 1 MiB, plus one entry) or a snapshot chunk.
@@ -235,7 +235,7 @@ fn require_member(
     certs: Option<&[tonic::transport::CertificateDer<'static>]>,
     from: u64,
 ) -> Result<(), Status> {
-    crate::identity::require_member(certs, from).map_err(|e| {
+    crate::identity::issuer::require_member(certs, from).map_err(|e| {
         tracing::warn!(claimed = from, error = %e, "raft traffic refused");
         Status::permission_denied(e.to_string())
     })

@@ -17,9 +17,9 @@ use nembo_proto::v1 as pb;
 use nembo_proto::v1::enrollment_server::Enrollment as EnrollmentRpc;
 use tonic::{Code, Request, Response, Status};
 
-use crate::identity::Issued;
-use crate::server::Ctx;
-use crate::tls;
+use crate::context::Ctx;
+use crate::identity::issuer::Issued;
+use crate::identity::tls;
 
 /// Prefix of an admin's join tokens.
 pub const JOIN_TOKEN_PREFIX: &str = "nembo-join.";
@@ -41,19 +41,6 @@ fn admin_token_id(token: &str, access: &nembo_domain::access::Access) -> Option<
     tls::token_matches(&tls::sha256_hex(secret.as_bytes()), &stored.sha256).then(|| id.to_string())
 }
 
-/// Refuses on a follower, naming the leader: enrollment spends tokens, and
-/// agents talk to the leader anyway.
-pub fn require_leader(ctx: &Ctx) -> Result<(), Status> {
-    if ctx.raft.view().is_leader() {
-        return Ok(());
-    }
-    let mut status = Status::unavailable("not the leader");
-    if let Some(v) = ctx.leader_url().and_then(|u| u.parse().ok()) {
-        status.metadata_mut().insert(nembo_proto::LEADER_URL_KEY, v);
-    }
-    Err(status)
-}
-
 fn issue(ctx: &Ctx, node_id: &str, public_key: &[u8]) -> Result<pb::EnrollResponse, Status> {
     let Some(issuer) = &ctx.issuer else {
         return Err(Status::failed_precondition(
@@ -67,7 +54,9 @@ fn issue(ctx: &Ctx, node_id: &str, public_key: &[u8]) -> Result<pb::EnrollRespon
     } = issuer
         .sign_node(node_id, public_key, SystemTime::now(), ctx.agent_cert_ttl)
         .map_err(|e| match e {
-            crate::identity::IdentityError::BadKey => Status::invalid_argument(e.to_string()),
+            crate::identity::issuer::IdentityError::BadKey => {
+                Status::invalid_argument(e.to_string())
+            }
             other => Status::internal(other.to_string()),
         })?;
     Ok(pb::EnrollResponse {
@@ -97,7 +86,7 @@ impl EnrollmentRpc for EnrollmentService {
         request: Request<pb::EnrollRequest>,
     ) -> Result<Response<pb::EnrollResponse>, Status> {
         let ctx = &self.ctx;
-        require_leader(ctx)?;
+        ctx.require_leader()?;
         let req = request.into_inner();
         let view = ctx.raft.view();
         let (via, who) =
@@ -143,7 +132,7 @@ impl EnrollmentRpc for EnrollmentService {
             Outcome::Nodes(ids) if ids.len() == 1 => ids[0].clone(),
             Outcome::Rejected(r) => {
                 tracing::warn!(%who, reason = %r, "enrollment refused");
-                crate::gate::record(
+                crate::api::gate::record(
                     ctx,
                     &who,
                     None,
@@ -158,7 +147,7 @@ impl EnrollmentRpc for EnrollmentService {
         };
         let answer = issue(ctx, &node_id, &req.public_key)?;
         tracing::info!(node = %node_id, %who, "agent enrolled");
-        crate::gate::record(
+        crate::api::gate::record(
             ctx,
             &who,
             None,
@@ -201,7 +190,7 @@ pub async fn renew(
             "renewal needs the node's current certificate",
         ));
     };
-    require_leader(ctx)?;
+    ctx.require_leader()?;
     let view = ctx.raft.view();
     agent_may_speak_for(&view.state, &node_id, &[])?;
     let answer = issue(ctx, &node_id, &request.get_ref().public_key)?;

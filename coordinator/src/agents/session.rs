@@ -19,10 +19,10 @@ use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Request, Response, Status, Streaming};
 
-use crate::enroll::AgentCaller;
+use crate::agents::enroll::AgentCaller;
+use crate::context::Ctx;
 use crate::logs::LogKey;
-use crate::raft::ClusterView;
-use crate::server::Ctx;
+use crate::replication::raft::ClusterView;
 use nembo_proto::clock::now_ms;
 
 /// Serves agent sessions.
@@ -45,7 +45,7 @@ impl AgentService for Agents {
         &self,
         request: Request<pb::RenewRequest>,
     ) -> Result<Response<pb::EnrollResponse>, Status> {
-        crate::enroll::renew(&self.ctx, request).await
+        crate::agents::enroll::renew(&self.ctx, request).await
     }
 
     async fn session(
@@ -85,9 +85,13 @@ impl AgentService for Agents {
             }
         }
         // A node on its way out takes no new session.
-        crate::enroll::agent_may_speak_for(&view.state, &hello.node_id, &[NodeState::Terminating])?;
+        crate::agents::enroll::agent_may_speak_for(
+            &view.state,
+            &hello.node_id,
+            &[NodeState::Terminating],
+        )?;
         // Agents talk to the leader only; tell this one where it is.
-        crate::enroll::require_leader(&self.ctx)?;
+        self.ctx.require_leader()?;
         let (tx, rx) = mpsc::channel(256);
         let ctx = self.ctx.clone();
         tokio::spawn(async move {
@@ -371,7 +375,7 @@ fn run_job(
     job: &Job,
     rank: usize,
     term: u64,
-    secrets: &crate::sealed::SecretBox,
+    secrets: &crate::identity::sealed::SecretBox,
 ) -> pb::RunJob {
     let a = job
         .current_attempt()

@@ -49,7 +49,7 @@ impl SecretBox {
             .expect("AES-GCM sealing does not fail for in-memory data");
         let mut out = nonce.to_vec();
         out.extend(data);
-        format!("{PREFIX}{}", crate::tls::hex(&out))
+        format!("{PREFIX}{}", crate::identity::tls::hex(&out))
     }
 
     /// The plain value of the secret called `name`. A value that is not

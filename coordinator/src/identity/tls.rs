@@ -237,7 +237,7 @@ pub fn init(
 /// fresh key must verify against it.
 fn check_ca(cert: &str, key: &str) -> Result<(), String> {
     use rustls_pki_types::pem::PemObject;
-    let issuer = crate::identity::Issuer::load(cert, key).map_err(|e| e.to_string())?;
+    let issuer = crate::identity::issuer::Issuer::load(cert, key).map_err(|e| e.to_string())?;
     let probe = KeyPair::generate().map_err(|e| e.to_string())?;
     let issued = issuer
         .sign_node(
@@ -316,6 +316,15 @@ fn ensure_cluster_secrets(files: &ClusterFiles) -> Result<(), CredentialError> {
             })
         }
     }
+}
+
+/// The token of `authorization: Bearer <token>`, if any.
+pub fn bearer(headers: &http::HeaderMap) -> Option<&str> {
+    headers
+        .get("authorization")
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.strip_prefix("Bearer "))
+        .map(str::trim)
 }
 
 /// Constant-time comparison, so a token cannot be guessed byte by byte.

@@ -1,0 +1,376 @@
+//! Jobs: submit (and dry-run), read, list, cancel, and follow their output.
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+use std::time::Duration;
+
+use nembo_domain::access::Role;
+use nembo_domain::optimizer;
+use nembo_domain::scheduler::{self, Placement, Round};
+use nembo_domain::state::{Command, JobId, Outcome, RankOutcome};
+use nembo_domain::task::{self, TaskSpec};
+use nembo_proto::clock::now_ms;
+use nembo_proto::v1 as pb;
+use nembo_proto::MAX_TASK_BYTES;
+use tokio::sync::mpsc;
+use tokio_stream::wrappers::ReceiverStream;
+use tonic::{Request, Response, Status};
+
+use super::convert;
+use super::gate::{audit_record, mark_audited, principal, Principal};
+use super::rejection;
+use crate::context::Ctx;
+use crate::error::CoordinatorError;
+use crate::logs::LogKey;
+
+/// How long a follower of a finished job's logs waits for output still in
+/// flight from a node whose final log size never arrived.
+const LOG_DRAIN_GRACE: Duration = Duration::from_secs(10);
+const LOG_CHUNK: usize = 64 * 1024;
+const MAX_IDEMPOTENCY_KEY: usize = 256;
+
+/// The stream of a job's output.
+pub type LogStream = ReceiverStream<Result<pb::LogChunk, Status>>;
+
+pub async fn submit_job(
+    ctx: &Ctx,
+    request: Request<pb::SubmitJobRequest>,
+) -> Result<Response<pb::SubmitJobResponse>, Status> {
+    let who = principal(&request)?;
+    let req = request.into_inner();
+    let spec = parse_request(ctx, &req)?;
+    let key = (!req.idempotency_key.is_empty()).then(|| req.idempotency_key.clone());
+    // The job and its audit record in one entry: auditing costs the
+    // hot path no second commit.
+    let out = ctx
+        .raft
+        .propose(Command::Audited {
+            command: Box::new(Command::SubmitJob {
+                spec: sealed(ctx, spec),
+                idempotency_key: key,
+                owner: who.name.clone(),
+                at_ms: now_ms(),
+            }),
+            record: audit_record(&who, "SubmitJob", String::new()),
+        })
+        .await
+        .map_err(CoordinatorError::from)?;
+    match out {
+        Outcome::Job { job_id, existing } => {
+            let mut r = Response::new(pb::SubmitJobResponse {
+                job_id: job_id.to_string(),
+                existing,
+            });
+            mark_audited(r.metadata_mut());
+            Ok(r)
+        }
+        Outcome::Rejected(r) => {
+            let mut status: Status = rejection(r).into();
+            mark_audited(status.metadata_mut());
+            Err(status)
+        }
+        other => Err(CoordinatorError::Internal(format!("unexpected outcome {other:?}")).into()),
+    }
+}
+
+pub async fn dry_run(
+    ctx: &Ctx,
+    request: Request<pb::SubmitJobRequest>,
+) -> Result<Response<pb::DryRunResponse>, Status> {
+    let spec = parse_request(ctx, request.get_ref())?;
+    let view = ctx.raft.view();
+    let now = now_ms();
+    let candidates = optimizer::rank(&spec, &ctx.offerings, &view.state.blocked, now)
+        .iter()
+        .take(10)
+        .map(convert::choice_to_proto)
+        .collect();
+    let placement = scheduler::place(&view.state, &spec, &ctx.offerings, &Round::default(), now)
+        .map(|p| match p {
+            Placement::Existing {
+                candidate,
+                node_ids,
+            } => pb::Placement {
+                candidate_index: candidate as u32,
+                summary: format!("on existing node(s) {}", node_ids.join(", ")),
+                existing_node_ids: node_ids,
+                ..Default::default()
+            },
+            Placement::Provision {
+                candidate,
+                offering,
+                count,
+                spot,
+            } => pb::Placement {
+                candidate_index: candidate as u32,
+                summary: format!(
+                    "{count} new {} node(s) in {} at ${:.2}/h each",
+                    offering.instance_type,
+                    offering.place_key(spot),
+                    offering.price(spot)
+                ),
+                existing_node_ids: vec![],
+                hourly_price: offering.price(spot),
+                provider: offering.provider,
+                region: offering.region,
+                instance_type: offering.instance_type,
+                new_nodes: count,
+            },
+        });
+    Ok(Response::new(pb::DryRunResponse {
+        normalized_yaml: task::to_normalized_yaml(&spec),
+        spec: Some(convert::spec_to_proto(&spec)),
+        placement,
+        candidates,
+    }))
+}
+
+pub async fn get_job(
+    ctx: &Ctx,
+    request: Request<pb::GetJobRequest>,
+) -> Result<Response<pb::Job>, Status> {
+    let who = principal(&request)?;
+    let id = parse_job_id(&request.get_ref().job_id)?;
+    let view = ctx.raft.view();
+    let job = view
+        .state
+        .jobs
+        .get(&id)
+        .ok_or_else(|| CoordinatorError::NotFound(format!("job {id} not found")))?;
+    // Viewers read every job's status; users only their own.
+    if who.role != Role::Viewer {
+        check_owner(&who, id, &job.owner)?;
+    }
+    Ok(Response::new(job_for(&who, job)))
+}
+
+pub async fn list_jobs(
+    ctx: &Ctx,
+    request: Request<pb::ListJobsRequest>,
+) -> Result<Response<pb::ListJobsResponse>, Status> {
+    let who = principal(&request)?;
+    let filter: Vec<_> = request
+        .get_ref()
+        .states
+        .iter()
+        .filter_map(|s| convert::job_state_from_proto(*s))
+        .collect();
+    let view = ctx.raft.view();
+    let jobs = view
+        .state
+        .jobs
+        .values()
+        .filter(|j| filter.is_empty() || filter.contains(&j.state))
+        .filter(|j| who.role != Role::User || who.owns(&j.owner))
+        .map(|j| job_for(&who, j))
+        .collect();
+    Ok(Response::new(pb::ListJobsResponse { jobs }))
+}
+
+pub async fn cancel_job(
+    ctx: &Ctx,
+    request: Request<pb::CancelJobRequest>,
+) -> Result<Response<pb::CancelJobResponse>, Status> {
+    let who = principal(&request)?;
+    let id = parse_job_id(&request.get_ref().job_id)?;
+    if let Some(job) = ctx.raft.view().state.jobs.get(&id) {
+        check_owner(&who, id, &job.owner)?;
+    }
+    let out = ctx
+        .raft
+        .propose(Command::Audited {
+            command: Box::new(Command::CancelJob {
+                job_id: id,
+                at_ms: now_ms(),
+            }),
+            record: audit_record(&who, "CancelJob", format!("job {id}")),
+        })
+        .await
+        .map_err(CoordinatorError::from)?;
+    if let Outcome::Rejected(r) = out {
+        let mut status: Status = rejection(r).into();
+        mark_audited(status.metadata_mut());
+        return Err(status);
+    }
+    let state = ctx
+        .raft
+        .view()
+        .state
+        .jobs
+        .get(&id)
+        .map(|j| convert::job_state(j.state))
+        .unwrap_or(pb::JobState::Unspecified);
+    let mut r = Response::new(pb::CancelJobResponse {
+        state: state as i32,
+    });
+    mark_audited(r.metadata_mut());
+    Ok(r)
+}
+
+pub async fn stream_logs(
+    ctx: &Arc<Ctx>,
+    request: Request<pb::StreamLogsRequest>,
+) -> Result<Response<LogStream>, Status> {
+    let who = principal(&request)?;
+    let req = request.into_inner();
+    let id = parse_job_id(&req.job_id)?;
+    match ctx.raft.view().state.jobs.get(&id) {
+        None => return Err(CoordinatorError::NotFound(format!("job {id} not found")).into()),
+        Some(job) => check_owner(&who, id, &job.owner)?,
+    }
+    let (tx, rx) = mpsc::channel(16);
+    let ctx = ctx.clone();
+    tokio::spawn(async move {
+        if let Err(e) = send_logs(ctx, id, req.follow, &tx).await {
+            let _ = tx.send(Err(Status::internal(e.to_string()))).await;
+        }
+    });
+    Ok(Response::new(ReceiverStream::new(rx)))
+}
+
+/// The spec with every secret sealed: the Raft log and snapshots never
+/// hold a secret in plain text.
+fn sealed(ctx: &Ctx, mut spec: TaskSpec) -> TaskSpec {
+    for (name, value) in spec.secrets.iter_mut() {
+        *value = ctx.secrets.seal(name, value);
+    }
+    spec
+}
+
+fn parse_request(ctx: &Ctx, req: &pb::SubmitJobRequest) -> Result<TaskSpec, CoordinatorError> {
+    let overrides: BTreeMap<String, String> = req.env_overrides.clone();
+    let size = prost::Message::encoded_len(req);
+    if size > MAX_TASK_BYTES {
+        return Err(CoordinatorError::TooLarge(format!(
+            "task is {size} bytes; the limit is {MAX_TASK_BYTES}"
+        )));
+    }
+    if req.idempotency_key.len() > MAX_IDEMPOTENCY_KEY {
+        return Err(CoordinatorError::InvalidArgument(format!(
+            "idempotency_key: must be at most {MAX_IDEMPOTENCY_KEY} bytes"
+        )));
+    }
+    let mut spec = match &req.task {
+        Some(pb::submit_job_request::Task::TaskYaml(y)) => task::parse_task_yaml(y, &overrides)?,
+        Some(pb::submit_job_request::Task::Spec(s)) => convert::spec_from_proto(s, &overrides)?,
+        None => {
+            return Err(CoordinatorError::InvalidArgument(
+                "task: give task_yaml or spec".into(),
+            ))
+        }
+    };
+    if let Some(w) = &spec.workdir {
+        if !w.starts_with('/') {
+            return Err(CoordinatorError::InvalidArgument(format!(
+                "workdir: '{w}' must be an absolute path (the CLI resolves relative ones)"
+            )));
+        }
+    }
+    // job_recovery only means something to a managed job: say so
+    // rather than ignore it.
+    if spec.recovery.is_some() && !req.managed {
+        return Err(CoordinatorError::InvalidArgument(
+            "resources.job_recovery: only managed jobs recover; launch with `nembo jobs launch`"
+                .into(),
+        ));
+    }
+    spec.managed = req.managed;
+    optimizer::check_feasible(&spec, &ctx.offerings)?;
+    Ok(spec)
+}
+
+fn parse_job_id(s: &str) -> Result<JobId, CoordinatorError> {
+    s.trim()
+        .parse()
+        .map_err(|_| CoordinatorError::NotFound(format!("job '{s}' not found")))
+}
+
+/// A job as `who` may see it: a viewer reads the status of others' jobs,
+/// not what they run (commands, environment, idempotency key).
+fn job_for(who: &Principal, job: &nembo_domain::state::Job) -> pb::Job {
+    let mut out = convert::job_to_proto(job);
+    if !who.owns(&job.owner) {
+        out.spec = None;
+        out.idempotency_key.clear();
+    }
+    out
+}
+
+/// Users act on their own jobs only; admins on all.
+fn check_owner(who: &Principal, id: JobId, owner: &str) -> Result<(), CoordinatorError> {
+    if who.owns(owner) {
+        Ok(())
+    } else {
+        Err(CoordinatorError::PermissionDenied(format!(
+            "job {id} belongs to another user"
+        )))
+    }
+}
+
+/// Sends everything held for the job's attempts and ranks, in order; with
+/// `follow`, keeps going until the job has ended and all its output is in.
+async fn send_logs(
+    ctx: Arc<Ctx>,
+    job_id: JobId,
+    follow: bool,
+    tx: &mpsc::Sender<Result<pb::LogChunk, Status>>,
+) -> std::io::Result<()> {
+    let mut cursors: BTreeMap<(u32, u32), u64> = BTreeMap::new();
+    let mut log_changes = ctx.logs.subscribe();
+    let mut views = ctx.raft.subscribe();
+    let mut ended_since: Option<tokio::time::Instant> = None;
+    loop {
+        let view = ctx.raft.view();
+        let Some(job) = view.state.jobs.get(&job_id) else {
+            return Ok(());
+        };
+        let mut complete = true;
+        for a in &job.attempts {
+            for rank in 0..a.node_ids.len() as u32 {
+                let key = LogKey {
+                    job: job_id,
+                    attempt: a.number,
+                    rank,
+                };
+                // Completeness is judged before reading, so that a chunk
+                // landing between the read and the check is never skipped.
+                let gone = matches!(
+                    a.ranks[rank as usize].outcome,
+                    Some(RankOutcome::Lost(_) | RankOutcome::FailedToStart(_))
+                );
+                complete &= gone || ctx.logs.is_complete(key);
+                let cursor = cursors.entry((a.number, rank)).or_insert(0);
+                loop {
+                    let data = ctx.logs.read(key, *cursor, LOG_CHUNK)?;
+                    if data.is_empty() {
+                        break;
+                    }
+                    *cursor += data.len() as u64;
+                    let chunk = pb::LogChunk {
+                        data,
+                        rank,
+                        attempt: a.number,
+                    };
+                    if tx.send(Ok(chunk)).await.is_err() {
+                        return Ok(());
+                    }
+                }
+            }
+        }
+        if !follow {
+            return Ok(());
+        }
+        if job.state.is_terminal() {
+            let since = *ended_since.get_or_insert_with(tokio::time::Instant::now);
+            if complete || since.elapsed() >= LOG_DRAIN_GRACE {
+                return Ok(());
+            }
+        }
+        tokio::select! {
+            _ = log_changes.changed() => {}
+            _ = views.changed() => {}
+            _ = tokio::time::sleep(Duration::from_millis(500)) => {}
+            _ = tx.closed() => return Ok(()),
+        }
+    }
+}

@@ -1,0 +1,263 @@
+//! The public `nembo.v1.Coordinator` service, one module per resource, as
+//! Nomad splits its endpoints. Every handler runs where the gate sent it
+//! (the leader, except for the calls any member answers: [`gate::route`]),
+//! so none of them forwards anything.
+
+pub mod access;
+pub mod catalog;
+pub mod convert;
+pub mod fleet;
+pub mod forward;
+pub mod gate;
+pub mod jobs;
+pub mod members;
+pub mod nodes;
+
+use std::sync::Arc;
+
+use nembo_domain::state::{Command, Outcome, Rejection};
+use nembo_proto::v1 as pb;
+use nembo_proto::v1::coordinator_server::Coordinator;
+use tonic::{Request, Response, Status};
+
+use crate::context::Ctx;
+use crate::error::CoordinatorError;
+
+/// Serves the public API from the coordinator's context.
+pub struct Api {
+    ctx: Arc<Ctx>,
+}
+
+impl Api {
+    /// The service over `ctx`.
+    pub fn new(ctx: Arc<Ctx>) -> Self {
+        Self { ctx }
+    }
+}
+
+fn rejection(r: Rejection) -> CoordinatorError {
+    match r {
+        Rejection::NoSuchJob(_) | Rejection::NoSuchNode(_) => {
+            CoordinatorError::NotFound(r.to_string())
+        }
+        Rejection::Conflict(m) => CoordinatorError::FailedPrecondition(m),
+    }
+}
+
+/// Proposes `cmd`; a command the state rejects is an error.
+async fn propose_change(ctx: &Ctx, cmd: Command) -> Result<(), CoordinatorError> {
+    match ctx.raft.propose(cmd).await? {
+        Outcome::Rejected(r) => Err(rejection(r)),
+        _ => Ok(()),
+    }
+}
+
+#[tonic::async_trait]
+impl Coordinator for Api {
+    async fn submit_job(
+        &self,
+        request: Request<pb::SubmitJobRequest>,
+    ) -> Result<Response<pb::SubmitJobResponse>, Status> {
+        jobs::submit_job(&self.ctx, request).await
+    }
+
+    async fn dry_run(
+        &self,
+        request: Request<pb::SubmitJobRequest>,
+    ) -> Result<Response<pb::DryRunResponse>, Status> {
+        jobs::dry_run(&self.ctx, request).await
+    }
+
+    async fn get_job(
+        &self,
+        request: Request<pb::GetJobRequest>,
+    ) -> Result<Response<pb::Job>, Status> {
+        jobs::get_job(&self.ctx, request).await
+    }
+
+    async fn list_jobs(
+        &self,
+        request: Request<pb::ListJobsRequest>,
+    ) -> Result<Response<pb::ListJobsResponse>, Status> {
+        jobs::list_jobs(&self.ctx, request).await
+    }
+
+    async fn cancel_job(
+        &self,
+        request: Request<pb::CancelJobRequest>,
+    ) -> Result<Response<pb::CancelJobResponse>, Status> {
+        jobs::cancel_job(&self.ctx, request).await
+    }
+
+    type StreamLogsStream = jobs::LogStream;
+
+    async fn stream_logs(
+        &self,
+        request: Request<pb::StreamLogsRequest>,
+    ) -> Result<Response<Self::StreamLogsStream>, Status> {
+        jobs::stream_logs(&self.ctx, request).await
+    }
+
+    async fn list_nodes(
+        &self,
+        request: Request<pb::ListNodesRequest>,
+    ) -> Result<Response<pb::ListNodesResponse>, Status> {
+        nodes::list_nodes(&self.ctx, request).await
+    }
+
+    async fn down(
+        &self,
+        request: Request<pb::DownRequest>,
+    ) -> Result<Response<pb::DownResponse>, Status> {
+        nodes::down(&self.ctx, request).await
+    }
+
+    async fn revoke_node(
+        &self,
+        request: Request<pb::RevokeNodeRequest>,
+    ) -> Result<Response<pb::RevokeNodeResponse>, Status> {
+        nodes::revoke_node(&self.ctx, request).await
+    }
+
+    async fn inject_preemption(
+        &self,
+        request: Request<pb::InjectPreemptionRequest>,
+    ) -> Result<Response<pb::InjectPreemptionResponse>, Status> {
+        nodes::inject_preemption(&self.ctx, request).await
+    }
+
+    async fn get_fleet_metrics(
+        &self,
+        request: Request<pb::GetFleetMetricsRequest>,
+    ) -> Result<Response<pb::FleetMetrics>, Status> {
+        fleet::get_fleet_metrics(&self.ctx, request).await
+    }
+
+    type WatchFleetMetricsStream = fleet::FleetStream;
+
+    async fn watch_fleet_metrics(
+        &self,
+        request: Request<pb::WatchFleetMetricsRequest>,
+    ) -> Result<Response<Self::WatchFleetMetricsStream>, Status> {
+        fleet::watch_fleet_metrics(&self.ctx, request).await
+    }
+
+    async fn get_gpu_history(
+        &self,
+        request: Request<pb::GetGpuHistoryRequest>,
+    ) -> Result<Response<pb::GpuHistory>, Status> {
+        fleet::get_gpu_history(&self.ctx, request).await
+    }
+
+    async fn list_offerings(
+        &self,
+        request: Request<pb::ListOfferingsRequest>,
+    ) -> Result<Response<pb::ListOfferingsResponse>, Status> {
+        catalog::list_offerings(&self.ctx, request).await
+    }
+
+    async fn check_providers(
+        &self,
+        request: Request<pb::CheckProvidersRequest>,
+    ) -> Result<Response<pb::CheckProvidersResponse>, Status> {
+        catalog::check_providers(&self.ctx, request).await
+    }
+
+    async fn refresh_catalog(
+        &self,
+        request: Request<pb::RefreshCatalogRequest>,
+    ) -> Result<Response<pb::RefreshCatalogResponse>, Status> {
+        catalog::refresh_catalog(&self.ctx, request).await
+    }
+
+    async fn get_cost_report(
+        &self,
+        request: Request<pb::GetCostReportRequest>,
+    ) -> Result<Response<pb::CostReport>, Status> {
+        catalog::get_cost_report(&self.ctx, request).await
+    }
+
+    async fn who_am_i(
+        &self,
+        request: Request<pb::WhoAmIRequest>,
+    ) -> Result<Response<pb::WhoAmIResponse>, Status> {
+        access::who_am_i(&self.ctx, request).await
+    }
+
+    async fn create_user(
+        &self,
+        request: Request<pb::CreateUserRequest>,
+    ) -> Result<Response<pb::CreateUserResponse>, Status> {
+        access::create_user(&self.ctx, request).await
+    }
+
+    async fn list_users(
+        &self,
+        request: Request<pb::ListUsersRequest>,
+    ) -> Result<Response<pb::ListUsersResponse>, Status> {
+        access::list_users(&self.ctx, request).await
+    }
+
+    async fn revoke_user(
+        &self,
+        request: Request<pb::RevokeUserRequest>,
+    ) -> Result<Response<pb::RevokeUserResponse>, Status> {
+        access::revoke_user(&self.ctx, request).await
+    }
+
+    async fn create_join_token(
+        &self,
+        request: Request<pb::CreateJoinTokenRequest>,
+    ) -> Result<Response<pb::CreateJoinTokenResponse>, Status> {
+        access::create_join_token(&self.ctx, request).await
+    }
+
+    async fn list_join_tokens(
+        &self,
+        request: Request<pb::ListJoinTokensRequest>,
+    ) -> Result<Response<pb::ListJoinTokensResponse>, Status> {
+        access::list_join_tokens(&self.ctx, request).await
+    }
+
+    async fn revoke_join_token(
+        &self,
+        request: Request<pb::RevokeJoinTokenRequest>,
+    ) -> Result<Response<pb::RevokeJoinTokenResponse>, Status> {
+        access::revoke_join_token(&self.ctx, request).await
+    }
+
+    async fn get_audit_log(
+        &self,
+        request: Request<pb::GetAuditLogRequest>,
+    ) -> Result<Response<pb::AuditLog>, Status> {
+        access::get_audit_log(&self.ctx, request).await
+    }
+
+    async fn get_cluster_status(
+        &self,
+        request: Request<pb::GetClusterStatusRequest>,
+    ) -> Result<Response<pb::ClusterStatus>, Status> {
+        members::get_cluster_status(&self.ctx, request).await
+    }
+
+    async fn add_member(
+        &self,
+        request: Request<pb::AddMemberRequest>,
+    ) -> Result<Response<pb::ClusterStatus>, Status> {
+        members::add_member(&self.ctx, request).await
+    }
+
+    async fn remove_member(
+        &self,
+        request: Request<pb::RemoveMemberRequest>,
+    ) -> Result<Response<pb::ClusterStatus>, Status> {
+        members::remove_member(&self.ctx, request).await
+    }
+
+    async fn transfer_leader(
+        &self,
+        request: Request<pb::TransferLeaderRequest>,
+    ) -> Result<Response<pb::ClusterStatus>, Status> {
+        members::transfer_leader(&self.ctx, request).await
+    }
+}
