@@ -19,7 +19,7 @@ pub enum Enrollment {
     NodeToken,
     /// An admin's join token (its secret checked by the coordinator).
     JoinToken {
-        /// Token id.
+        /// The [`JoinToken`](crate::access::JoinToken)'s id.
         id: String,
     },
 }

@@ -72,11 +72,13 @@ pub struct RankStatus {
 }
 
 /// One try at running a job on a set of nodes.
+// Undocumented fields are named for what they hold.
+#[allow(missing_docs)]
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct Attempt {
-    /// 1-based.
+    /// 1-based, in the order attempts were assigned.
     pub number: u32,
-    /// Rank order.
+    /// One per rank: rank `i` runs on `node_ids[i]`.
     pub node_ids: Vec<String>,
     /// Index of the resource candidate it was placed by.
     pub candidate: usize,
@@ -84,13 +86,12 @@ pub struct Attempt {
     pub demand: Resources,
     /// One per rank.
     pub ranks: Vec<RankStatus>,
-    /// This attempt's own state.
+    /// Its own state: an old attempt keeps how it ended while the job
+    /// moves on to the next.
     pub state: JobState,
-    /// When it was assigned.
     pub assigned_at_ms: i64,
     /// When every rank had started.
     pub started_at_ms: Option<i64>,
-    /// When it ended.
     pub ended_at_ms: Option<i64>,
     /// Exit code that decided its end.
     pub exit_code: Option<i32>,
@@ -111,26 +112,26 @@ impl Attempt {
 }
 
 /// A submitted task and its history.
+// Undocumented fields are named for what they hold.
+#[allow(missing_docs)]
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct Job {
-    /// Id.
     pub id: JobId,
     /// The normalised task (with secrets: state is internal).
     pub spec: TaskSpec,
-    /// Current state.
     pub state: JobState,
     /// Client-chosen key for safe retries.
     pub idempotency_key: Option<String>,
     /// The user who submitted it (`root`: the cluster's own token).
     #[serde(default)]
     pub owner: String,
-    /// Submission time.
     pub submitted_at_ms: i64,
-    /// When it first ran.
+    /// When an attempt first had every rank started; kept across recoveries.
     pub started_at_ms: Option<i64>,
     /// When it reached a terminal state.
     pub ended_at_ms: Option<i64>,
-    /// Exit code once ended.
+    /// The exit code that decided its end; `None` when no process did
+    /// (cancelled, lost, unplaceable, failed to start).
     pub exit_code: Option<i32>,
     /// Why it is in its state.
     pub message: String,

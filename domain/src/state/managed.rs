@@ -28,20 +28,22 @@ pub struct Managed {
 pub const MAX_EVENTS: usize = 64;
 
 /// A region a managed job avoids until a time.
+// Undocumented fields are named for what they hold.
+#[allow(missing_docs)]
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct Avoid {
-    /// Provider.
     pub provider: String,
-    /// Region.
     pub region: String,
-    /// Until then.
+    /// Past it the region is fair game again; expired entries are dropped
+    /// at the job's next preemption.
     pub until_ms: i64,
 }
 
 /// A cloud's warning that a node is about to go.
+// Undocumented fields are named for what they hold.
+#[allow(missing_docs)]
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct Notice {
-    /// The node.
     pub node_id: String,
     /// What the cloud said (`aws:terminate`, `gcp:preempted`, `azure:Preempt`).
     pub kind: String,
@@ -52,11 +54,12 @@ pub struct Notice {
 }
 
 /// One line of a managed job's timeline.
+// Undocumented fields are named for what they hold.
+#[allow(missing_docs)]
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct JobEvent {
-    /// When.
     pub at_ms: i64,
-    /// What, in prose.
+    /// What happened, in prose.
     pub what: String,
 }
 

@@ -4,7 +4,8 @@
 //! Determinism rules (as Nomad's FSM): apply reads no clock and no randomness.
 //! Every timestamp comes inside the command; ids are either carried in the
 //! command or drawn from counters kept in the state. Rejections are outcomes,
-//! never panics, so a bad command cannot stop the log.
+//! never panics, so a bad command cannot stop the log. Times (`*_ms`) are
+//! Unix milliseconds, as the commands carried them.
 //!
 //! [`State::apply`] dispatches each command to a method beside the model types
 //! it changes: `job.rs` (submit, cancel, assign, ranks), `node.rs` (provision,
@@ -34,11 +35,12 @@ pub use node::*;
 /// What applying a command did.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub enum Outcome {
-    /// Applied.
+    /// It took effect, or there was nothing left to do: most commands that
+    /// repeat one already applied answer this rather than a rejection.
     Applied,
     /// Applied; a job was created or found by its idempotency key.
     Job {
-        /// Its id.
+        /// The new job, or the one its key found.
         job_id: JobId,
         /// Found by key rather than created.
         existing: bool,
@@ -60,12 +62,12 @@ impl Rejection {
 }
 
 /// Why a command changed nothing.
+// Each variant's #[error] message is its documentation.
+#[allow(missing_docs)]
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, thiserror::Error)]
 pub enum Rejection {
-    /// No such job.
     #[error("job {0} not found")]
     NoSuchJob(JobId),
-    /// No such node.
     #[error("node {0} not found")]
     NoSuchNode(String),
     /// The command is stale or does not fit (e.g. a node already taken).

@@ -10,13 +10,14 @@ use serde::{Deserialize, Serialize};
 use super::{conflict, end_job, recover, JobId, JobState, Notice, Outcome, Rejection, State};
 
 /// Resources of a node, or what a job needs on one.
+// Undocumented fields are named for what they hold.
+#[allow(missing_docs)]
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize, Default)]
 pub struct Resources {
-    /// Accelerator model -> count.
+    /// Canonical accelerator model (`H100`) -> count; fractions share a GPU.
     pub accelerators: BTreeMap<String, f64>,
     /// vCPUs.
     pub cpus: f64,
-    /// GB.
     pub memory_gb: f64,
 }
 
@@ -65,7 +66,7 @@ pub enum NodeState {
     Lost,
     /// `down` asked for it to go.
     Terminating,
-    /// Gone.
+    /// The provider confirmed it is gone.
     Terminated,
     /// The provider could not launch it.
     Failed,
@@ -79,27 +80,29 @@ impl NodeState {
 }
 
 /// A machine with an agent.
+// Undocumented fields are named for what they hold.
+#[allow(missing_docs)]
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct Node {
     /// `node-N`.
     pub id: String,
-    /// Current state.
     pub state: NodeState,
-    /// Provider that owns it.
+    /// Provider that launched it, or
+    /// [`MANUAL_PROVIDER`](super::MANUAL_PROVIDER) for a node that joined
+    /// with an admin's join token (its region too).
     pub provider: String,
-    /// Provider region.
     pub region: String,
-    /// Provider instance type.
+    /// Provider instance type; a manual node's host name.
     pub instance_type: String,
-    /// What it has.
     pub resources: Resources,
-    /// Price per hour.
+    /// Price per hour of the capacity it runs on (spot or on demand); 0 for
+    /// a manual node.
     pub hourly_price: f64,
     /// Address the agent reported (used for `*_NODE_IPS`).
     pub address: String,
     /// The provider's id for it, once launched.
     pub instance_id: Option<String>,
-    /// Creation time.
+    /// When it was asked of a provider, or enrolled as a manual node.
     pub created_at_ms: i64,
     /// Why it is in its state.
     pub message: String,
@@ -131,13 +134,12 @@ pub struct Node {
 }
 
 /// A provider's machine shape in a region, with its price.
+// Undocumented fields are named for what they hold.
+#[allow(missing_docs)]
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct Offering {
-    /// Provider name.
     pub provider: String,
-    /// Region.
     pub region: String,
-    /// Instance type name.
     pub instance_type: String,
     /// What one instance has.
     pub resources: Resources,
@@ -229,22 +231,24 @@ pub enum LaunchFailure {
 pub const BLOCK_COOLDOWN_MS: i64 = 10 * 60 * 1000;
 
 /// A place ruled out until `until_ms`.
+// Undocumented fields are named for what they hold.
+#[allow(missing_docs)]
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct Block {
-    /// Skipped until then.
     pub until_ms: i64,
     /// What the provider said.
     pub reason: String,
 }
 
 /// One provisioning try of a job, as the user sees it in the launch progress.
+// Undocumented fields are named for what they hold.
+#[allow(missing_docs)]
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct ProvisionTry {
     /// `provider/region[/zone]/instance_type[/spot]`.
     pub place: String,
     /// Price per node per hour.
     pub hourly_price: f64,
-    /// How many nodes.
     pub count: u32,
     /// When it was asked for.
     pub at_ms: i64,

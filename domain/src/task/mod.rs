@@ -63,7 +63,7 @@ pub const MAX_NUM_NODES: u32 = 1024;
 /// A normalised task.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize, Default)]
 pub struct TaskSpec {
-    /// Display name.
+    /// For display only (not unique); at most 256 bytes.
     pub name: Option<String>,
     /// Nodes, all placed together or not at all.
     pub num_nodes: u32,

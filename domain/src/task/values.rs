@@ -11,11 +11,11 @@ use super::{Result, SpecError};
 /// Where a node may run.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, Default)]
 pub struct Infra {
-    /// Provider name, lowercase (`local`, `aws`).
+    /// Provider name, lowercase (`local`, `aws`); `None`: any.
     pub cloud: Option<String>,
-    /// Region name.
+    /// `None`: any region.
     pub region: Option<String>,
-    /// Zone name.
+    /// `None`: any zone.
     pub zone: Option<String>,
 }
 
@@ -97,7 +97,7 @@ impl fmt::Display for Accelerator {
 /// A count that is either exact or a lower bound (`8` vs `8+`).
 #[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
 pub struct Quantity {
-    /// The number.
+    /// Positive (the parser refuses anything else).
     pub value: f64,
     /// `N+`: at least N.
     pub at_least: bool,
