@@ -1,0 +1,290 @@
+//! The task model: SkyPilot-format task YAML parsed into a normalised
+//! [`TaskSpec`], with errors that name the offending field path.
+//!
+//! Parsing is strict, like SkyPilot's JSON-Schema validation: unknown keys are
+//! rejected, and a known key whose feature no provider supports yet is
+//! rejected too, with "not supported yet", rather than silently ignored.
+//!
+//! [`parse_task_yaml`] reads the document here; each part has its own file:
+//! `values.rs` (infra, accelerators, counts, memory), `resources.rs` (the
+//! `resources` block and its `any_of`/`ordered` alternatives), `sections.rs`
+//! (workdir, num_nodes, envs, job_recovery, checkpoint), `yaml.rs` (reading
+//! YAML values and checking keys), `validation.rs` (invariants however a
+//! spec was built) and `normalized.rs` (the normalised YAML shown back).
+
+use std::collections::BTreeMap;
+
+use serde::{Deserialize, Serialize};
+use yaml_serde::Value;
+
+mod normalized;
+mod resources;
+mod sections;
+mod validation;
+mod values;
+mod yaml;
+
+pub use normalized::*;
+pub use validation::*;
+pub use values::*;
+
+use resources::parse_resources;
+use sections::{
+    parse_checkpoint, parse_env_map, parse_env_nulls, parse_job_recovery, parse_num_nodes,
+    parse_workdir, CollectEnvs,
+};
+use yaml::{as_map, check_keys, key_str, opt_string};
+
+/// A task that cannot be accepted, and where in the task the problem is.
+#[derive(Debug, Clone, PartialEq, thiserror::Error)]
+#[error("{path}: {message}")]
+pub struct SpecError {
+    /// Dotted field path, e.g. `resources.accelerators`; `task` for the whole document.
+    pub path: String,
+    /// What is wrong, in lowercase prose.
+    pub message: String,
+}
+
+impl SpecError {
+    /// An error at `path`.
+    pub fn new(path: impl Into<String>, message: impl Into<String>) -> Self {
+        Self {
+            path: path.into(),
+            message: message.into(),
+        }
+    }
+}
+
+type Result<T> = std::result::Result<T, SpecError>;
+
+/// Most nodes one task may ask for.
+pub const MAX_NUM_NODES: u32 = 1024;
+
+/// A normalised task.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, Default)]
+pub struct TaskSpec {
+    /// For display only (not unique); at most 256 bytes.
+    pub name: Option<String>,
+    /// Nodes, all placed together or not at all.
+    pub num_nodes: u32,
+    /// Local directory copied into the job's work dir before `setup`.
+    pub workdir: Option<String>,
+    /// Run once per node before `run`.
+    pub setup: Option<String>,
+    /// Run on every node.
+    pub run: Option<String>,
+    /// Environment given to setup and run.
+    pub envs: BTreeMap<String, String>,
+    /// Like `envs`, but never shown or returned.
+    pub secrets: BTreeMap<String, String>,
+    /// What each node needs.
+    pub resources: ResourceRequest,
+    /// `resources.job_recovery`: how a managed job recovers (SkyPilot's
+    /// semantics); only `nembo jobs launch` honours it.
+    #[serde(default)]
+    pub recovery: Option<JobRecovery>,
+    /// `checkpoint` (a Nembo extension): a directory synced to object
+    /// storage, restored before each attempt.
+    #[serde(default)]
+    pub checkpoint: Option<Checkpoint>,
+    /// A managed job (`nembo jobs launch`): the coordinators recover it
+    /// from preemptions and, per `recovery`, from failures. Set by the API,
+    /// never by the YAML.
+    #[serde(default)]
+    pub managed: bool,
+}
+
+/// Where a managed job goes after a preemption.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
+pub enum RecoveryStrategy {
+    /// Anywhere but the preempted region first (SkyPilot's default).
+    #[default]
+    EagerNextRegion,
+    /// The same region first, then anywhere.
+    Failover,
+}
+
+/// `resources.job_recovery`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, Default)]
+pub struct JobRecovery {
+    /// Where to go after a preemption.
+    pub strategy: RecoveryStrategy,
+    /// Restarts after a non-zero exit (not a preemption); default 0.
+    pub max_restarts_on_errors: u32,
+    /// Exit codes that always restart, without using the budget.
+    pub recover_on_exit_codes: Vec<i32>,
+}
+
+/// `checkpoint:` — `{store: s3://bucket/prefix | file:///dir, path: /ckpt,
+/// interval: 60s, signal: SIGUSR1}`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Checkpoint {
+    /// Object store URL: `s3://bucket/prefix` or `file:///dir` (gs://, az:// later).
+    pub store: String,
+    /// The directory on the node (absolute), `NEMBO_CHECKPOINT_DIR`.
+    pub path: String,
+    /// Sync period, seconds.
+    pub interval_s: u32,
+    /// Signal sent to the job on a preemption notice.
+    pub signal: String,
+}
+
+/// Alternatives for the shape of each node.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, Default)]
+pub struct ResourceRequest {
+    /// At least one. Each is a complete alternative.
+    pub candidates: Vec<ResourceCandidate>,
+    /// Try in the written order (`ordered`, accelerator lists) rather than cheapest first.
+    pub ordered: bool,
+    /// User labels, carried for display.
+    pub labels: BTreeMap<String, String>,
+}
+
+/// One complete alternative for a node.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, Default)]
+pub struct ResourceCandidate {
+    /// Where: cloud / region / zone, each optional.
+    pub infra: Infra,
+    /// GPU model and count per node.
+    pub accelerator: Option<Accelerator>,
+    /// vCPUs per node.
+    pub cpus: Option<Quantity>,
+    /// Memory per node.
+    pub memory: Option<Memory>,
+    /// A provider's instance type name.
+    pub instance_type: Option<String>,
+    /// Spot capacity rather than on-demand.
+    pub use_spot: bool,
+    /// Upper bound on the price of one node, per hour.
+    pub max_hourly_cost: Option<f64>,
+}
+
+const TOP_LEVEL_SUPPORTED: &[&str] = &[
+    "name",
+    "workdir",
+    "num_nodes",
+    "resources",
+    "envs",
+    "secrets",
+    "setup",
+    "run",
+    "checkpoint",
+];
+const TOP_LEVEL_NOT_YET: &[&str] = &[
+    "file_mounts",
+    "service",
+    "config",
+    "volumes",
+    "pool",
+    "managed_secrets",
+    "event_callback",
+    "inputs",
+    "outputs",
+];
+
+/// Parses a SkyPilot-format task. `env_overrides` are `--env NAME=VALUE`
+/// values: they fill envs declared as null and may add new ones.
+pub fn parse_task_yaml(yaml: &str, env_overrides: &BTreeMap<String, String>) -> Result<TaskSpec> {
+    let mut docs = Vec::new();
+    for doc in yaml_serde::Deserializer::from_str(yaml) {
+        let v = Value::deserialize(doc)
+            .map_err(|e| SpecError::new("task", format!("invalid YAML: {e}")))?;
+        docs.push(v);
+    }
+    let root = match docs.len() {
+        0 => Value::Mapping(Default::default()),
+        1 => docs.pop().unwrap_or(Value::Null),
+        n => {
+            return Err(SpecError::new(
+                "task",
+                format!("found {n} YAML documents; multi-task pipelines are not supported yet"),
+            ))
+        }
+    };
+    let root = match root {
+        Value::Null => Value::Mapping(Default::default()),
+        v => v,
+    };
+    let map = as_map(&root, "task")?;
+    check_keys(map, "", TOP_LEVEL_SUPPORTED, TOP_LEVEL_NOT_YET)?;
+
+    let mut spec = TaskSpec {
+        num_nodes: 1,
+        ..Default::default()
+    };
+    for (k, v) in map {
+        let key = key_str(k, "task")?;
+        match key {
+            "name" => spec.name = opt_string(v, "name")?,
+            "workdir" => spec.workdir = parse_workdir(v)?,
+            "num_nodes" => spec.num_nodes = parse_num_nodes(v)?,
+            "setup" => spec.setup = opt_string(v, "setup")?,
+            "run" => spec.run = opt_string(v, "run")?,
+            "envs" => spec.envs = parse_env_map(v, "envs")?.into_iter().collect_envs(),
+            "secrets" => spec.secrets = parse_env_map(v, "secrets")?.into_iter().collect_envs(),
+            "resources" => {
+                spec.resources = parse_resources(v)?;
+                spec.recovery = match v.as_mapping().and_then(|m| m.get("job_recovery")) {
+                    Some(r) => parse_job_recovery(r)?,
+                    None => None,
+                };
+            }
+            "checkpoint" => spec.checkpoint = parse_checkpoint(v)?,
+            _ => {}
+        }
+    }
+    // Nulls must be filled from the command line; an override may also add a name.
+    let mut declared = parse_env_nulls(map.get("envs"), "envs");
+    declared.extend(parse_env_nulls(map.get("secrets"), "secrets"));
+    for (name, value) in env_overrides {
+        check_env_name(name, &format!("envs.{name}"))?;
+        if spec.secrets.contains_key(name) || declared.get(name) == Some(&"secrets") {
+            spec.secrets.insert(name.clone(), value.clone());
+        } else {
+            spec.envs.insert(name.clone(), value.clone());
+        }
+    }
+    for (name, section) in declared {
+        let filled = spec.envs.contains_key(&name) || spec.secrets.contains_key(&name);
+        if !filled {
+            return Err(SpecError::new(
+                format!("{section}.{name}"),
+                format!("no value given; pass --env {name}=VALUE"),
+            ));
+        }
+    }
+    if spec.resources.candidates.is_empty() {
+        spec.resources.candidates.push(ResourceCandidate::default());
+    }
+    validate(&spec)?;
+    Ok(spec)
+}
+
+/// Shown in place of a secret's value.
+pub const REDACTED: &str = "<redacted>";
+
+impl TaskSpec {
+    /// The same task with every secret value replaced by [`REDACTED`].
+    pub fn redacted(&self) -> TaskSpec {
+        let mut s = self.clone();
+        for v in s.secrets.values_mut() {
+            *v = REDACTED.to_string();
+        }
+        s
+    }
+
+    /// GPUs per node that the chosen candidate asks for, rounded up.
+    pub fn gpus_per_node(&self, candidate: usize) -> u32 {
+        self.resources
+            .candidates
+            .get(candidate)
+            .and_then(|c| c.accelerator.as_ref())
+            .map_or(0, |a| a.count.ceil() as u32)
+    }
+}
+
+#[cfg(test)]
+mod tests;
+
+#[cfg(test)]
+mod example_tests;

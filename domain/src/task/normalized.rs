@@ -1,0 +1,86 @@
+//! The task shown back as YAML: normalised (every alternative spelt out as a
+//! candidate) and with secret values redacted.
+
+use yaml_serde::Value;
+
+use super::{fmt_num, TaskSpec};
+
+/// The task as YAML, normalised, with secret values redacted.
+pub fn to_normalized_yaml(spec: &TaskSpec) -> String {
+    let redacted = spec.redacted();
+    let mut root = yaml_serde::Mapping::new();
+    let mut put = |k: &str, v: Value| {
+        root.insert(Value::String(k.to_string()), v);
+    };
+    if let Some(n) = &redacted.name {
+        put("name", Value::String(n.clone()));
+    }
+    put("num_nodes", Value::Number(redacted.num_nodes.into()));
+    let cands: Vec<Value> = redacted
+        .resources
+        .candidates
+        .iter()
+        .map(|c| {
+            let mut m = yaml_serde::Mapping::new();
+            let mut put = |k: &str, v: String| {
+                m.insert(Value::String(k.into()), Value::String(v));
+            };
+            if !c.infra.is_any() {
+                put("infra", c.infra.to_string());
+            }
+            if let Some(a) = &c.accelerator {
+                put("accelerators", a.to_string());
+            }
+            if let Some(q) = &c.cpus {
+                put("cpus", q.to_string());
+            }
+            if let Some(q) = &c.memory {
+                put("memory", q.to_string());
+            }
+            if let Some(t) = &c.instance_type {
+                put("instance_type", t.clone());
+            }
+            if c.use_spot {
+                put("use_spot", "true".into());
+            }
+            if let Some(x) = c.max_hourly_cost {
+                put("max_hourly_cost", fmt_num(x));
+            }
+            Value::Mapping(m)
+        })
+        .collect();
+    let mut res = yaml_serde::Mapping::new();
+    res.insert(
+        Value::String(
+            if redacted.resources.ordered {
+                "ordered"
+            } else {
+                "any_of"
+            }
+            .into(),
+        ),
+        Value::Sequence(cands),
+    );
+    if !redacted.resources.labels.is_empty() {
+        res.insert(
+            Value::String("labels".into()),
+            yaml_serde::to_value(&redacted.resources.labels).unwrap_or(Value::Null),
+        );
+    }
+    put("resources", Value::Mapping(res));
+    if let Some(w) = &redacted.workdir {
+        put("workdir", Value::String(w.clone()));
+    }
+    for (k, m) in [("envs", &redacted.envs), ("secrets", &redacted.secrets)] {
+        if !m.is_empty() {
+            put(k, yaml_serde::to_value(m).unwrap_or(Value::Null));
+        }
+    }
+    if let Some(s) = &redacted.setup {
+        put("setup", Value::String(s.clone()));
+    }
+    if let Some(s) = &redacted.run {
+        put("run", Value::String(s.clone()));
+    }
+    yaml_serde::to_string(&Value::Mapping(root)).unwrap_or_default()
+}

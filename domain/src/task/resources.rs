@@ -1,0 +1,311 @@
+//! The `resources` block: its fields, the `any_of`/`ordered` alternatives
+//! laid over it, and every accelerator form, expanded into candidates.
+
+use std::collections::BTreeMap;
+
+use yaml_serde::Value;
+
+use super::values::{canonical_accelerator, parse_count, parse_positive};
+use super::yaml::{as_map, check_keys, join, key_str, kind, opt_string, scalar_string, show};
+use super::{
+    Accelerator, Infra, Memory, Quantity, ResourceCandidate, ResourceRequest, Result, SpecError,
+};
+
+const RESOURCE_SUPPORTED: &[&str] = &[
+    "infra",
+    "cloud",
+    "region",
+    "zone",
+    "accelerators",
+    "cpus",
+    "memory",
+    "instance_type",
+    "use_spot",
+    "labels",
+    "max_hourly_cost",
+    "any_of",
+    "ordered",
+    "job_recovery",
+];
+const RESOURCE_NOT_YET: &[&str] = &[
+    "disk_size",
+    "disk_tier",
+    "network_tier",
+    "ports",
+    "image_id",
+    "autostop",
+    "priority",
+    "volumes",
+    "accelerator_args",
+    "local_disk",
+];
+
+/// The fields of one `resources` block (or one `any_of`/`ordered` entry),
+/// before accelerators are expanded into candidates.
+#[derive(Default, Clone)]
+struct PartialResources {
+    infra: Option<Infra>,
+    accelerators: Option<Vec<Accelerator>>,
+    accelerators_ordered: bool,
+    cpus: Option<Quantity>,
+    memory: Option<Memory>,
+    instance_type: Option<String>,
+    use_spot: Option<bool>,
+    max_hourly_cost: Option<f64>,
+}
+
+impl PartialResources {
+    fn overlay(&self, over: &PartialResources) -> PartialResources {
+        PartialResources {
+            infra: over.infra.clone().or_else(|| self.infra.clone()),
+            accelerators: over
+                .accelerators
+                .clone()
+                .or_else(|| self.accelerators.clone()),
+            accelerators_ordered: if over.accelerators.is_some() {
+                over.accelerators_ordered
+            } else {
+                self.accelerators_ordered
+            },
+            cpus: over.cpus.or(self.cpus),
+            memory: over.memory.or(self.memory),
+            instance_type: over
+                .instance_type
+                .clone()
+                .or_else(|| self.instance_type.clone()),
+            use_spot: over.use_spot.or(self.use_spot),
+            max_hourly_cost: over.max_hourly_cost.or(self.max_hourly_cost),
+        }
+    }
+
+    fn expand(&self) -> Vec<ResourceCandidate> {
+        let base = ResourceCandidate {
+            infra: self.infra.clone().unwrap_or_default(),
+            accelerator: None,
+            cpus: self.cpus,
+            memory: self.memory,
+            instance_type: self.instance_type.clone(),
+            use_spot: self.use_spot.unwrap_or(false),
+            max_hourly_cost: self.max_hourly_cost,
+        };
+        match &self.accelerators {
+            None => vec![base],
+            Some(accs) => accs
+                .iter()
+                .map(|a| ResourceCandidate {
+                    accelerator: Some(a.clone()),
+                    ..base.clone()
+                })
+                .collect(),
+        }
+    }
+}
+
+pub(super) fn parse_resources(v: &Value) -> Result<ResourceRequest> {
+    if v.is_null() {
+        return Ok(ResourceRequest::default());
+    }
+    let map = as_map(v, "resources")?;
+    check_keys(map, "resources", RESOURCE_SUPPORTED, RESOURCE_NOT_YET)?;
+    let base = parse_partial(map, "resources")?;
+    let mut labels = BTreeMap::new();
+    if let Some(l) = map.get("labels") {
+        if !l.is_null() {
+            for (k, val) in as_map(l, "resources.labels")? {
+                let key = key_str(k, "resources.labels")?;
+                labels.insert(
+                    key.to_string(),
+                    scalar_string(val, &format!("resources.labels.{key}"))?,
+                );
+            }
+        }
+    }
+    let any_of = map.get("any_of");
+    let ordered = map.get("ordered");
+    if any_of.is_some() && ordered.is_some() {
+        return Err(SpecError::new(
+            "resources",
+            "'any_of' and 'ordered' cannot both be given",
+        ));
+    }
+    let (list, list_name) = match (any_of, ordered) {
+        (Some(l), _) => (Some(l), "any_of"),
+        (_, Some(l)) => (Some(l), "ordered"),
+        _ => (None, ""),
+    };
+    let mut candidates = Vec::new();
+    let mut is_ordered = base.accelerators_ordered;
+    match list {
+        None => candidates.extend(base.expand()),
+        Some(list) => {
+            let path = format!("resources.{list_name}");
+            let items = list.as_sequence().ok_or_else(|| {
+                SpecError::new(&path, format!("expected a list, got {}", kind(list)))
+            })?;
+            if items.is_empty() {
+                return Err(SpecError::new(&path, "must not be empty"));
+            }
+            if list_name == "ordered" {
+                is_ordered = true;
+                if base.accelerators.as_ref().is_some_and(|a| a.len() > 1) {
+                    return Err(SpecError::new(
+                        "resources.accelerators",
+                        "several accelerators cannot be combined with 'ordered'",
+                    ));
+                }
+            }
+            for (i, item) in items.iter().enumerate() {
+                let ipath = format!("{path}[{i}]");
+                let imap = as_map(item, &ipath)?;
+                let nested: Vec<&str> = RESOURCE_SUPPORTED
+                    .iter()
+                    .copied()
+                    .filter(|k| !matches!(*k, "any_of" | "ordered" | "labels" | "job_recovery"))
+                    .collect();
+                check_keys(imap, &ipath, &nested, RESOURCE_NOT_YET)?;
+                let over = parse_partial(imap, &ipath)?;
+                candidates.extend(base.overlay(&over).expand());
+            }
+        }
+    }
+    Ok(ResourceRequest {
+        candidates,
+        ordered: is_ordered,
+        labels,
+    })
+}
+
+fn parse_partial(map: &yaml_serde::Mapping, prefix: &str) -> Result<PartialResources> {
+    let mut p = PartialResources::default();
+    let field = |k: &str| join(prefix, k);
+    let has_infra = map.contains_key("infra");
+    for legacy in ["cloud", "region", "zone"] {
+        if has_infra && map.contains_key(legacy) {
+            return Err(SpecError::new(
+                field(legacy),
+                "cannot be combined with 'infra'; use infra: cloud/region/zone",
+            ));
+        }
+    }
+    if let Some(v) = map.get("infra") {
+        if let Some(s) = opt_string(v, &field("infra"))? {
+            p.infra = Some(Infra::parse(&s, &field("infra"))?);
+        }
+    } else {
+        let get = |k: &str| -> Result<Option<String>> {
+            match map.get(k) {
+                Some(v) => opt_string(v, &field(k)),
+                None => Ok(None),
+            }
+        };
+        let (cloud, region, zone) = (get("cloud")?, get("region")?, get("zone")?);
+        if cloud.is_some() || region.is_some() || zone.is_some() {
+            p.infra = Some(Infra {
+                cloud: cloud.map(|c| c.to_ascii_lowercase()),
+                region,
+                zone,
+            });
+        }
+    }
+    if let Some(v) = map.get("accelerators") {
+        let (accs, ordered) = parse_accelerators(v, &field("accelerators"))?;
+        if !accs.is_empty() {
+            p.accelerators = Some(accs);
+            p.accelerators_ordered = ordered;
+        }
+    }
+    if let Some(v) = map.get("cpus") {
+        if !v.is_null() {
+            p.cpus = Some(Quantity::parse(
+                &scalar_string(v, &field("cpus"))?,
+                &field("cpus"),
+            )?);
+        }
+    }
+    if let Some(v) = map.get("memory") {
+        if !v.is_null() {
+            p.memory = Some(Memory::parse(
+                &scalar_string(v, &field("memory"))?,
+                &field("memory"),
+            )?);
+        }
+    }
+    if let Some(v) = map.get("instance_type") {
+        p.instance_type = opt_string(v, &field("instance_type"))?;
+    }
+    if let Some(v) = map.get("use_spot") {
+        p.use_spot = match v {
+            Value::Null => None,
+            Value::Bool(b) => Some(*b),
+            other => {
+                return Err(SpecError::new(
+                    field("use_spot"),
+                    format!("expected true or false, got {}", show(other)),
+                ))
+            }
+        };
+    }
+    if let Some(v) = map.get("max_hourly_cost") {
+        if !v.is_null() {
+            let s = scalar_string(v, &field("max_hourly_cost"))?;
+            p.max_hourly_cost = Some(parse_positive(&s, &field("max_hourly_cost"))?);
+        }
+    }
+    Ok(p)
+}
+
+/// Every accelerator form SkyPilot accepts: `H100`, `H100:8`, `{H100: 8}`,
+/// `{L4: 1, A10G: 1}` (any of them), `[H100:8, A100:8]` (in that order).
+/// Returns the alternatives and whether their order is a preference.
+fn parse_accelerators(v: &Value, path: &str) -> Result<(Vec<Accelerator>, bool)> {
+    match v {
+        Value::Null => Ok((Vec::new(), false)),
+        Value::String(s) => {
+            let s = s.trim();
+            // SkyPilot also accepts the set/dict forms written as strings.
+            if s.starts_with('{') || s.starts_with('[') {
+                let inner: Value = yaml_serde::from_str(s)
+                    .map_err(|e| SpecError::new(path, format!("cannot parse '{s}': {e}")))?;
+                return parse_accelerators(&inner, path);
+            }
+            Ok((vec![Accelerator::parse(s, path)?], false))
+        }
+        Value::Mapping(m) => {
+            if m.is_empty() {
+                return Err(SpecError::new(path, "must not be empty"));
+            }
+            let mut out = Vec::new();
+            for (k, c) in m {
+                let name = scalar_string(k, path)?;
+                let count = match c {
+                    Value::Null => 1.0,
+                    other => parse_count(&scalar_string(other, path)?, path)?,
+                };
+                out.push(Accelerator {
+                    name: canonical_accelerator(&name, path)?,
+                    count,
+                });
+            }
+            Ok((out, false))
+        }
+        Value::Sequence(items) => {
+            if items.is_empty() {
+                return Err(SpecError::new(path, "must not be empty"));
+            }
+            let mut out = Vec::new();
+            for (i, item) in items.iter().enumerate() {
+                let ipath = format!("{path}[{i}]");
+                let (accs, _) = parse_accelerators(item, &ipath)?;
+                out.extend(accs);
+            }
+            Ok((out, true))
+        }
+        other => Err(SpecError::new(
+            path,
+            format!(
+                "expected 'NAME', 'NAME:COUNT', a mapping or a list, got {}",
+                show(other)
+            ),
+        )),
+    }
+}

@@ -1,0 +1,246 @@
+//! The top-level sections other than `resources`: `workdir`, `num_nodes`,
+//! `envs` and `secrets`, `resources.job_recovery` and `checkpoint`.
+
+use std::collections::BTreeMap;
+
+use yaml_serde::Value;
+
+use super::validation::{check_checkpoint, check_env_name};
+use super::yaml::{as_map, check_keys, key_str, kind, scalar_string, show};
+use super::{Checkpoint, JobRecovery, RecoveryStrategy, Result, SpecError, MAX_NUM_NODES};
+
+pub(super) trait CollectEnvs {
+    fn collect_envs(self) -> BTreeMap<String, String>;
+}
+
+impl<I: Iterator<Item = (String, Option<String>)>> CollectEnvs for I {
+    fn collect_envs(self) -> BTreeMap<String, String> {
+        self.filter_map(|(k, v)| v.map(|v| (k, v))).collect()
+    }
+}
+
+pub(super) fn parse_workdir(v: &Value) -> Result<Option<String>> {
+    match v {
+        Value::Null => Ok(None),
+        Value::String(s) if s.trim().is_empty() => Ok(None),
+        Value::String(s) => Ok(Some(s.clone())),
+        Value::Mapping(_) => Err(SpecError::new(
+            "workdir",
+            "a git workdir ({url, ref}) is not supported by Nembo yet; use a local path",
+        )),
+        other => Err(SpecError::new(
+            "workdir",
+            format!("expected a path, got {}", kind(other)),
+        )),
+    }
+}
+
+pub(super) fn parse_num_nodes(v: &Value) -> Result<u32> {
+    let n = match v {
+        Value::Number(n) => n.as_i64(),
+        Value::String(s) => s.trim().parse::<i64>().ok(),
+        _ => None,
+    }
+    .ok_or_else(|| {
+        SpecError::new(
+            "num_nodes",
+            format!("expected a whole number, got {}", show(v)),
+        )
+    })?;
+    if n < 1 {
+        return Err(SpecError::new(
+            "num_nodes",
+            format!("must be at least 1, got {n}"),
+        ));
+    }
+    u32::try_from(n)
+        .ok()
+        .filter(|n| *n <= MAX_NUM_NODES)
+        .ok_or_else(|| {
+            SpecError::new(
+                "num_nodes",
+                format!("must be at most {MAX_NUM_NODES}, got {n}"),
+            )
+        })
+}
+
+pub(super) fn parse_env_map(v: &Value, section: &str) -> Result<Vec<(String, Option<String>)>> {
+    if v.is_null() {
+        return Ok(Vec::new());
+    }
+    let map = as_map(v, section)?;
+    let mut out = Vec::new();
+    for (k, val) in map {
+        let name = key_str(k, section)?;
+        let path = format!("{section}.{name}");
+        check_env_name(name, &path)?;
+        let value = match val {
+            Value::Null => None,
+            other => Some(scalar_string(other, &path)?),
+        };
+        out.push((name.to_string(), value));
+    }
+    Ok(out)
+}
+
+pub(super) fn parse_env_nulls(
+    v: Option<&Value>,
+    section: &'static str,
+) -> BTreeMap<String, &'static str> {
+    let mut out = BTreeMap::new();
+    if let Some(Value::Mapping(m)) = v {
+        for (k, val) in m {
+            if val.is_null() {
+                if let Some(name) = k.as_str() {
+                    out.insert(name.to_string(), section);
+                }
+            }
+        }
+    }
+    out
+}
+
+pub(super) fn parse_job_recovery(v: &Value) -> Result<Option<JobRecovery>> {
+    const PATH: &str = "resources.job_recovery";
+    let strategy = |v: &Value, path: &str| -> Result<RecoveryStrategy> {
+        match v.as_str().map(|s| s.to_ascii_uppercase()).as_deref() {
+            Some("EAGER_NEXT_REGION") => Ok(RecoveryStrategy::EagerNextRegion),
+            Some("FAILOVER") => Ok(RecoveryStrategy::Failover),
+            _ => Err(SpecError::new(
+                path,
+                format!("expected EAGER_NEXT_REGION or FAILOVER, got {}", show(v)),
+            )),
+        }
+    };
+    match v {
+        Value::Null => Ok(None),
+        Value::String(_) => Ok(Some(JobRecovery {
+            strategy: strategy(v, PATH)?,
+            ..Default::default()
+        })),
+        Value::Mapping(m) => {
+            check_keys(
+                m,
+                PATH,
+                &[
+                    "strategy",
+                    "max_restarts_on_errors",
+                    "recover_on_exit_codes",
+                ],
+                &[],
+            )?;
+            let mut r = JobRecovery::default();
+            if let Some(s) = m.get("strategy").filter(|s| !s.is_null()) {
+                r.strategy = strategy(s, &format!("{PATH}.strategy"))?;
+            }
+            if let Some(n) = m.get("max_restarts_on_errors").filter(|s| !s.is_null()) {
+                r.max_restarts_on_errors = n
+                    .as_u64()
+                    .and_then(|n| u32::try_from(n).ok())
+                    .ok_or_else(|| {
+                        SpecError::new(
+                            format!("{PATH}.max_restarts_on_errors"),
+                            format!("expected a whole number >= 0, got {}", show(n)),
+                        )
+                    })?;
+            }
+            if let Some(codes) = m.get("recover_on_exit_codes").filter(|s| !s.is_null()) {
+                let path = format!("{PATH}.recover_on_exit_codes");
+                let list: Vec<&Value> = match codes {
+                    Value::Sequence(s) => s.iter().collect(),
+                    one => vec![one],
+                };
+                for c in list {
+                    let code = c
+                        .as_i64()
+                        .filter(|c| (0..=255).contains(c))
+                        .ok_or_else(|| {
+                            SpecError::new(
+                                &path,
+                                format!("expected exit codes 0..255, got {}", show(c)),
+                            )
+                        })?;
+                    r.recover_on_exit_codes.push(code as i32);
+                }
+            }
+            Ok(Some(r))
+        }
+        other => Err(SpecError::new(
+            PATH,
+            format!("expected a strategy or a mapping, got {}", kind(other)),
+        )),
+    }
+}
+
+pub(super) fn parse_checkpoint(v: &Value) -> Result<Option<Checkpoint>> {
+    if v.is_null() {
+        return Ok(None);
+    }
+    let m = as_map(v, "checkpoint")?;
+    check_keys(
+        m,
+        "checkpoint",
+        &["store", "path", "interval", "signal"],
+        &[],
+    )?;
+    let store = m
+        .get("store")
+        .and_then(Value::as_str)
+        .filter(|s| !s.is_empty())
+        .ok_or_else(|| {
+            SpecError::new(
+                "checkpoint.store",
+                "required: s3://bucket/prefix or file:///dir",
+            )
+        })?;
+    let path = m
+        .get("path")
+        .and_then(Value::as_str)
+        .ok_or_else(|| SpecError::new("checkpoint.path", "required: the directory on the node"))?;
+    let interval_s = match m.get("interval") {
+        None | Some(Value::Null) => 60,
+        Some(i) => parse_duration_s(i).ok_or_else(|| {
+            SpecError::new(
+                "checkpoint.interval",
+                format!("expected seconds (60, 60s, 5m), got {}", show(i)),
+            )
+        })?,
+    };
+    let signal = match m.get("signal") {
+        None | Some(Value::Null) => "SIGUSR1".to_string(),
+        Some(s) => {
+            let name = s.as_str().unwrap_or_default().to_ascii_uppercase();
+            if name.starts_with("SIG") {
+                name
+            } else {
+                format!("SIG{name}")
+            }
+        }
+    };
+    let c = Checkpoint {
+        store: store.trim_end_matches('/').to_string(),
+        path: path.trim_end_matches('/').to_string(),
+        interval_s,
+        signal,
+    };
+    check_checkpoint(&c)?;
+    Ok(Some(c))
+}
+
+fn parse_duration_s(v: &Value) -> Option<u32> {
+    let (num, unit) = match v {
+        Value::Number(n) => (n.as_u64()?, 1),
+        Value::String(s) => {
+            let s = s.trim();
+            let (n, mult) = match s.char_indices().last()? {
+                (i, 's') => (&s[..i], 1),
+                (i, 'm') => (&s[..i], 60),
+                (i, 'h') => (&s[..i], 3600),
+                _ => (s, 1),
+            };
+            (n.trim().parse().ok()?, mult)
+        }
+        _ => return None,
+    };
+    u32::try_from(num * unit).ok().filter(|s| *s > 0)
+}

@@ -1,0 +1,184 @@
+use super::*;
+
+fn parse(y: &str) -> Result<TaskSpec> {
+    parse_task_yaml(y, &BTreeMap::new())
+}
+
+fn err(y: &str) -> SpecError {
+    parse(y).expect_err("should be rejected")
+}
+
+#[test]
+fn minimal_task_defaults_to_one_node_and_any_resources() {
+    let s = parse("run: echo hi\n").unwrap();
+    assert_eq!(s.num_nodes, 1);
+    assert_eq!(s.run.as_deref(), Some("echo hi"));
+    assert_eq!(s.resources.candidates, vec![ResourceCandidate::default()]);
+}
+
+#[test]
+fn accelerator_forms() {
+    let one = |y: &str| parse(y).unwrap().resources.candidates;
+    let a = |n: &str, c: f64| {
+        Some(Accelerator {
+            name: n.into(),
+            count: c,
+        })
+    };
+    assert_eq!(
+        one("resources: {accelerators: H100}")[0].accelerator,
+        a("H100", 1.0)
+    );
+    assert_eq!(
+        one("resources: {accelerators: 'h100:8'}")[0].accelerator,
+        a("H100", 8.0)
+    );
+    assert_eq!(
+        one("resources: {accelerators: {H100: 8}}")[0].accelerator,
+        a("H100", 8.0)
+    );
+    assert_eq!(
+        one("resources: {accelerators: 'A100:0.5'}")[0].accelerator,
+        a("A100", 0.5)
+    );
+    let any = parse("resources: {accelerators: {L4: 1, A10G: 1}}").unwrap();
+    assert!(!any.resources.ordered);
+    assert_eq!(any.resources.candidates.len(), 2);
+    let ord = parse("resources: {accelerators: ['H100:8', 'A100:8']}").unwrap();
+    assert!(ord.resources.ordered);
+    assert_eq!(ord.resources.candidates[1].accelerator, a("A100", 8.0));
+    assert_eq!(
+        one("resources: {accelerators: '{H100: 2}'}")[0].accelerator,
+        a("H100", 2.0)
+    );
+}
+
+#[test]
+fn bad_accelerators_name_the_field() {
+    for y in [
+        "resources: {accelerators: 'H100:-1'}",
+        "resources: {accelerators: 'H100:abc'}",
+        "resources: {accelerators: 'H100:0'}",
+        "resources: {accelerators: 'H100:1.5'}",
+        "resources: {accelerators: {H100: -2}}",
+        "resources: {accelerators: 'H 100'}",
+        "resources: {accelerators: []}",
+    ] {
+        let e = err(y);
+        assert_eq!(e.path, "resources.accelerators", "{y}: {e}");
+    }
+    assert!(err("resources: {accelerators: 'H100:-1'}")
+        .message
+        .contains("positive"));
+    assert!(err("resources: {accelerators: 'H100:abc'}")
+        .message
+        .contains("not a number"));
+}
+
+#[test]
+fn num_nodes_must_be_positive() {
+    assert_eq!(err("num_nodes: 0").path, "num_nodes");
+    assert_eq!(err("num_nodes: -3").path, "num_nodes");
+    assert_eq!(err("num_nodes: two").path, "num_nodes");
+    assert_eq!(parse("num_nodes: 4").unwrap().num_nodes, 4);
+}
+
+#[test]
+fn unknown_fields_are_rejected_with_a_hint() {
+    let e = err("nmae: x");
+    assert_eq!(e.path, "nmae");
+    assert!(e.message.contains("did you mean 'name'"), "{e}");
+    let e = err("resources: {acelerators: H100}");
+    assert_eq!(e.path, "resources.acelerators");
+    assert!(e.message.contains("accelerators"));
+    let e = err("resources: {spot_recovery: FAILOVER}");
+    assert!(e.message.contains("job_recovery"));
+    let e = err("resources: {any_of: [{infra: local, bogus: 1}]}");
+    assert_eq!(e.path, "resources.any_of[0].bogus");
+}
+
+#[test]
+fn known_but_unsupported_fields_are_rejected_not_ignored() {
+    let e = err("file_mounts: {/data: s3://b}");
+    assert_eq!(e.path, "file_mounts");
+    assert!(e.message.contains("not supported"));
+    let e = err("resources: {ports: 8080}");
+    assert_eq!(e.path, "resources.ports");
+    assert_eq!(err("workdir: {url: https://x/y.git}").path, "workdir");
+}
+
+#[test]
+fn malformed_yaml_is_an_error_not_a_panic() {
+    let e = err("run: [unclosed");
+    assert_eq!(e.path, "task");
+    assert!(e.message.contains("invalid YAML"));
+    assert_eq!(err("- just\n- a list").path, "task");
+    assert!(err("name: a\n---\nname: b").message.contains("documents"));
+}
+
+#[test]
+fn null_envs_must_come_from_the_command_line() {
+    let y = "envs: {EPOCHS: 3, HF_TOKEN: null}\nrun: x";
+    let e = err(y);
+    assert_eq!(e.path, "envs.HF_TOKEN");
+    let mut o = BTreeMap::new();
+    o.insert("HF_TOKEN".to_string(), "t0k".to_string());
+    let s = parse_task_yaml(y, &o).unwrap();
+    assert_eq!(s.envs["EPOCHS"], "3");
+    assert_eq!(s.envs["HF_TOKEN"], "t0k");
+    assert_eq!(err("envs: {1BAD: x}").path, "envs.1BAD");
+}
+
+#[test]
+fn cpus_memory_and_infra() {
+    let c = &parse("resources: {cpus: 8+, memory: 4x, infra: local/us-east}")
+        .unwrap()
+        .resources
+        .candidates[0];
+    assert_eq!(
+        c.cpus,
+        Some(Quantity {
+            value: 8.0,
+            at_least: true
+        })
+    );
+    assert!(c.memory.unwrap().per_cpu);
+    assert_eq!(c.infra.cloud.as_deref(), Some("local"));
+    assert_eq!(c.infra.region.as_deref(), Some("us-east"));
+    assert_eq!(err("resources: {cpus: -1}").path, "resources.cpus");
+    assert_eq!(err("resources: {memory: lots}").path, "resources.memory");
+    assert_eq!(err("resources: {infra: a/b/c/d}").path, "resources.infra");
+    assert_eq!(
+        err("resources: {infra: local, cloud: aws}").path,
+        "resources.cloud"
+    );
+    let legacy = parse("resources: {cloud: AWS, region: us-east-1}").unwrap();
+    assert_eq!(
+        legacy.resources.candidates[0].infra.cloud.as_deref(),
+        Some("aws")
+    );
+}
+
+#[test]
+fn any_of_overrides_base_fields() {
+    let s = parse(
+        "resources:\n  accelerators: {H100: 8}\n  use_spot: true\n  any_of:\n    - infra: aws/us-east-1\n    - infra: aws/us-west-2\n      use_spot: false\n",
+    )
+    .unwrap();
+    let c = &s.resources.candidates;
+    assert_eq!(c.len(), 2);
+    assert!(c[0].use_spot && !c[1].use_spot);
+    assert_eq!(c[1].accelerator.as_ref().unwrap().count, 8.0);
+    assert_eq!(err("resources: {any_of: [], }").path, "resources.any_of");
+}
+
+#[test]
+fn secrets_are_redacted_in_normalized_yaml() {
+    let s = parse("secrets: {KEY: hunter2}\nrun: echo").unwrap();
+    assert_eq!(s.secrets["KEY"], "hunter2");
+    let y = to_normalized_yaml(&s);
+    assert!(!y.contains("hunter2"), "{y}");
+    assert!(y.contains(REDACTED));
+    let back = parse(&y.replace(REDACTED, "x")).unwrap();
+    assert_eq!(back.num_nodes, 1);
+}
