@@ -4,8 +4,8 @@ use std::path::PathBuf;
 fn main() -> Result<(), Box<dyn std::error::Error>> {
     let files = [
         "proto/nembo/v1/coordinator.proto",
-        "proto/nembo/v1/agent.proto",
-        "proto/nembo/v1/peer.proto",
+        "proto/nembo/agent/v1/agent.proto",
+        "proto/nembo/raft/v1/raft.proto",
     ];
     for f in &files {
         println!("cargo:rerun-if-changed={f}");

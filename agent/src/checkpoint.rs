@@ -31,12 +31,7 @@ pub enum CheckpointError {
     Store(String, String),
     /// A newer attempt has checkpointed: this one is stale.
     #[error("attempt {mine} is stale: attempt {newer} has already checkpointed")]
-    Stale {
-        /// This attempt.
-        mine: u32,
-        /// The newer one.
-        newer: u32,
-    },
+    Stale { mine: u32, newer: u32 },
     /// Object store.
     #[error("object store: {0}")]
     Object(#[from] object_store::Error),

@@ -30,7 +30,6 @@ pub struct GpuInfo {
     pub model: String,
     /// `GPU-…`.
     pub uuid: Option<String>,
-    /// PCI bus id.
     pub pci_bus_id: Option<String>,
     /// Framebuffer size.
     pub memory_total_bytes: Option<u64>,
@@ -354,7 +353,6 @@ impl Gpus {
 pub struct Probe {
     /// Why NVML did not load, if it did not.
     pub nvml_error: Option<String>,
-    /// Driver version.
     pub driver_version: Option<String>,
     /// CUDA version the driver supports.
     pub cuda_version: Option<String>,

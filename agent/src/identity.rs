@@ -8,7 +8,7 @@
 
 use std::path::{Path, PathBuf};
 
-use nembo_proto::v1 as pb;
+use nembo_proto::agent::v1 as apb;
 use ring::rand::SystemRandom;
 use ring::signature::{EcdsaKeyPair, KeyPair as _, ECDSA_P256_SHA256_ASN1_SIGNING};
 use serde::{Deserialize, Serialize};
@@ -111,7 +111,7 @@ impl Identity {
     }
 
     /// The identity from a coordinator's answer for the key `key_pem`.
-    pub fn issued(key_pem: Vec<u8>, r: pb::EnrollResponse) -> Identity {
+    pub fn issued(key_pem: Vec<u8>, r: apb::NodeCertificate) -> Identity {
         Identity {
             node_id: r.node_id,
             cert_pem: r.certificate_pem.into_bytes(),

@@ -9,9 +9,10 @@ use std::io::{Read, Seek, SeekFrom};
 use std::path::PathBuf;
 use std::time::Duration;
 
+use nembo_proto::agent::v1 as apb;
+use nembo_proto::agent::v1::session_request::Msg as AgentMsg;
+use nembo_proto::agent::v1::session_response::Msg as CoordMsg;
 use nembo_proto::v1 as pb;
-use nembo_proto::v1::agent_message::Msg as AgentMsg;
-use nembo_proto::v1::coordinator_message::Msg as CoordMsg;
 use tokio::sync::{mpsc, watch};
 use tokio::task::JoinSet;
 use tokio_stream::wrappers::ReceiverStream;
@@ -153,6 +154,15 @@ pub async fn run(
     }
 }
 
+/// The certificate a coordinator answered with; an answer without one is
+/// a coordinator's bug, tried again elsewhere.
+fn certificate_in(
+    certificate: Option<apb::NodeCertificate>,
+    url: &str,
+) -> Result<apb::NodeCertificate, SessionEnd> {
+    certificate.ok_or_else(|| SessionEnd::Retry(format!("{url} answered without a certificate")))
+}
+
 /// A certificate that is good for now: the saved one, renewed when due, or
 /// a new one for the join token.
 async fn ensure_identity(
@@ -238,7 +248,7 @@ async fn enroll(cfg: &AgentConfig, url: &str, ca: &[u8]) -> Result<Identity, Ses
     .await
     .map_err(no_answer(url))?
     .map_err(|e| SessionEnd::Retry(e.to_string()))?;
-    let req = pb::EnrollRequest {
+    let req = apb::EnrollRequest {
         join_token: token,
         node_id: cfg.node_id.clone().unwrap_or_default(),
         public_key,
@@ -250,7 +260,7 @@ async fn enroll(cfg: &AgentConfig, url: &str, ca: &[u8]) -> Result<Identity, Ses
         .map_err(no_answer(url))?
         .map_err(|s| refused(&s, url))?
         .into_inner();
-    let id = Identity::issued(key_pem, answer);
+    let id = Identity::issued(key_pem, certificate_in(answer.certificate, url)?);
     id.save(&cfg.work_dir).map_err(|e| {
         SessionEnd::Fatal(AgentError::Setup(format!(
             "{}: {e}",
@@ -279,13 +289,13 @@ async fn renew(
     .map_err(|e| SessionEnd::Retry(e.to_string()))?;
     let answer = tokio::time::timeout(
         ESTABLISH_TIMEOUT,
-        client.renew(pb::RenewRequest { public_key }),
+        client.renew(apb::RenewRequest { public_key }),
     )
     .await
     .map_err(no_answer(url))?
     .map_err(|s| refused(&s, url))?
     .into_inner();
-    let id = Identity::issued(key_pem, answer);
+    let id = Identity::issued(key_pem, certificate_in(answer.certificate, url)?);
     id.save(&cfg.work_dir)
         .map_err(|e| SessionEnd::Retry(format!("{}: {e}", cfg.work_dir.display())))?;
     Ok(id)
@@ -320,8 +330,8 @@ async fn session(
     // The hello below supersedes anything queued while disconnected.
     while events.try_recv().is_ok() {}
     let jobs = sup.snapshot().await;
-    let (out, out_rx) = mpsc::channel::<pb::AgentMessage>(1024);
-    let hello = pb::Hello {
+    let (out, out_rx) = mpsc::channel::<apb::SessionRequest>(1024);
+    let hello = apb::Hello {
         node_id: identity.node_id.clone(),
         hostname: hostname(),
         address: cfg.address.clone(),
@@ -348,7 +358,7 @@ async fn session(
         return silent();
     };
     let welcome = match first {
-        Ok(Some(pb::CoordinatorMessage {
+        Ok(Some(apb::SessionResponse {
             msg: Some(CoordMsg::Welcome(w)),
         })) => w,
         Ok(_) => return SessionEnd::Retry("no welcome".into()),
@@ -399,7 +409,7 @@ async fn session(
             Ok(()) = notices.changed() => {
                 let n = notices.borrow_and_update().clone();
                 if let Some(n) = n {
-                    let m = pb::PreemptionNotice {
+                    let m = apb::PreemptionNotice {
                         kind: n.kind,
                         deadline_unix_ms: n.deadline_ms,
                         advisory: n.advisory,
@@ -411,14 +421,14 @@ async fn session(
                 false
             }
             m = inbound.message() => match m {
-                Ok(Some(pb::CoordinatorMessage { msg: Some(CoordMsg::RunJob(r)) })) => {
+                Ok(Some(apb::SessionResponse { msg: Some(CoordMsg::RunJob(r)) })) => {
                     if let Err(end) = admit(fence, r.term, "RunJob", &r.job_id) {
                         return end;
                     }
                     sup.run(r);
                     false
                 }
-                Ok(Some(pb::CoordinatorMessage { msg: Some(CoordMsg::StopJob(s)) })) => {
+                Ok(Some(apb::SessionResponse { msg: Some(CoordMsg::StopJob(s)) })) => {
                     if let Err(end) = admit(fence, s.term, "StopJob", &s.job_id) {
                         return end;
                     }
@@ -448,7 +458,7 @@ async fn session(
         if beat {
             seq += 1;
             let gpus = cfg.telemetry.latest.borrow().as_ref().clone();
-            let hb = pb::Heartbeat {
+            let hb = apb::Heartbeat {
                 seq,
                 sent_at_unix_ms: now_ms(),
                 gpus,
@@ -470,8 +480,8 @@ fn admit(fence: &mut Fence, term: u64, order: &str, job_id: &str) -> Result<(), 
     })
 }
 
-fn msg(m: AgentMsg) -> pb::AgentMessage {
-    pb::AgentMessage { msg: Some(m) }
+fn msg(m: AgentMsg) -> apb::SessionRequest {
+    apb::SessionRequest { msg: Some(m) }
 }
 
 fn read_token(path: &std::path::Path) -> Result<String, AgentError> {
@@ -489,7 +499,7 @@ fn start_tailer(
     tailing: &mut HashSet<JobKey>,
     job: JobView,
     from: u64,
-    out: mpsc::Sender<pb::AgentMessage>,
+    out: mpsc::Sender<apb::SessionRequest>,
 ) {
     let key = JobKey {
         job_id: job.report.job_id.clone(),
@@ -503,7 +513,7 @@ fn start_tailer(
 
 /// Ships a job's output file from `offset` until the job has ended and
 /// everything it wrote has been sent.
-async fn tail(mut job: JobView, mut offset: u64, out: mpsc::Sender<pb::AgentMessage>) {
+async fn tail(mut job: JobView, mut offset: u64, out: mpsc::Sender<apb::SessionRequest>) {
     let mut buf = vec![0u8; LOG_CHUNK];
     // Poll fast while output flows (a launch shows its first line within
     // tens of ms); back off while a job is quiet, so that a node of
@@ -513,7 +523,7 @@ async fn tail(mut job: JobView, mut offset: u64, out: mpsc::Sender<pb::AgentMess
         let final_size = *job.ended.borrow_and_update();
         let n = read_at(&job.log_path, offset, &mut buf).unwrap_or(0);
         if n > 0 {
-            let chunk = pb::JobLog {
+            let chunk = apb::JobLog {
                 job_id: job.report.job_id.clone(),
                 attempt: job.report.attempt,
                 rank: job.report.rank,

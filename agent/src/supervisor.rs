@@ -17,8 +17,8 @@ use std::process::Stdio;
 use std::sync::Arc;
 use std::time::Duration;
 
+use nembo_proto::agent::v1 as apb;
 use nembo_proto::clock::now_ms;
-use nembo_proto::v1 as pb;
 use nix::sys::signal::{killpg, Signal};
 use nix::unistd::Pid;
 use serde::{Deserialize, Serialize};
@@ -29,7 +29,6 @@ use crate::checkpoint::Checkpoints;
 /// A job attempt on this node.
 #[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub struct JobKey {
-    /// Job id.
     pub job_id: String,
     /// Attempt number.
     pub attempt: u32,
@@ -46,7 +45,7 @@ impl JobKey {
 #[derive(Debug, Clone)]
 pub struct JobView {
     /// Latest state.
-    pub report: pb::JobReport,
+    pub report: apb::JobReport,
     /// The output file.
     pub log_path: PathBuf,
     /// `Some(final size)` once the job has ended.
@@ -109,7 +108,7 @@ struct Entry {
 impl Entry {
     fn view(&self) -> JobView {
         let report = match &self.ended {
-            Some(e) => pb::JobReport {
+            Some(e) => apb::JobReport {
                 job_id: self.meta.job_id.clone(),
                 attempt: self.meta.attempt,
                 rank: self.meta.rank,
@@ -119,11 +118,11 @@ impl Entry {
                 at_unix_ms: e.at_ms,
                 log_bytes: e.log_bytes,
             },
-            None => pb::JobReport {
+            None => apb::JobReport {
                 job_id: self.meta.job_id.clone(),
                 attempt: self.meta.attempt,
                 rank: self.meta.rank,
-                phase: pb::JobPhase::Started as i32,
+                phase: apb::JobPhase::Started as i32,
                 exit_code: None,
                 message: String::new(),
                 at_unix_ms: self.meta.started_at_ms,
@@ -139,12 +138,12 @@ impl Entry {
 }
 
 enum Msg {
-    Run(Box<pb::RunJob>),
-    Stop(pb::StopJob),
+    Run(Box<apb::RunJob>),
+    Stop(apb::StopJob),
     Snapshot(oneshot::Sender<Vec<JobView>>),
     Exited(JobKey, Option<std::process::ExitStatus>),
     /// The checkpoint was restored (or there was none): start the process.
-    Restored(Box<pb::RunJob>, Result<(), String>),
+    Restored(Box<apb::RunJob>, Result<(), String>),
     /// The final checkpoint sync after an exit is done.
     Synced(JobKey, Option<std::process::ExitStatus>),
     Notice(crate::preempt::Notice, oneshot::Sender<()>),
@@ -181,12 +180,12 @@ impl Supervisor {
     }
 
     /// Starts a job unless this attempt is already known.
-    pub fn run(&self, job: pb::RunJob) {
+    pub fn run(&self, job: apb::RunJob) {
         let _ = self.tx.send(Msg::Run(Box::new(job)));
     }
 
     /// Stops a job: SIGTERM to its group, SIGKILL after the grace.
-    pub fn stop(&self, stop: pb::StopJob) {
+    pub fn stop(&self, stop: apb::StopJob) {
         let _ = self.tx.send(Msg::Stop(stop));
     }
 
@@ -328,7 +327,7 @@ impl Owner {
         }
     }
 
-    fn start(&mut self, job: pb::RunJob) {
+    fn start(&mut self, job: apb::RunJob) {
         let key = JobKey {
             job_id: job.job_id.clone(),
             attempt: job.attempt,
@@ -396,7 +395,7 @@ impl Owner {
         }
     }
 
-    fn restored(&mut self, job: pb::RunJob, result: Result<(), String>) {
+    fn restored(&mut self, job: apb::RunJob, result: Result<(), String>) {
         let key = JobKey {
             job_id: job.job_id.clone(),
             attempt: job.attempt,
@@ -407,7 +406,7 @@ impl Owner {
                 tracing::warn!(job = %key.job_id, error = %e, "checkpoint restore failed");
                 self.record_end(
                     &key,
-                    pb::JobPhase::FailedToStart,
+                    apb::JobPhase::FailedToStart,
                     None,
                     format!("checkpoint restore: {e}"),
                 );
@@ -415,7 +414,7 @@ impl Owner {
         }
     }
 
-    fn launch(&mut self, job: pb::RunJob) {
+    fn launch(&mut self, job: apb::RunJob) {
         let key = JobKey {
             job_id: job.job_id.clone(),
             attempt: job.attempt,
@@ -435,12 +434,12 @@ impl Owner {
             }
             Err(err) => {
                 tracing::warn!(job = %key.job_id, error = %err, "job failed to start");
-                self.record_end(&key, pb::JobPhase::FailedToStart, None, err.to_string());
+                self.record_end(&key, apb::JobPhase::FailedToStart, None, err.to_string());
             }
         }
     }
 
-    fn spawn(&mut self, dir: &Path, job: &pb::RunJob) -> std::io::Result<i32> {
+    fn spawn(&mut self, dir: &Path, job: &apb::RunJob) -> std::io::Result<i32> {
         fs::create_dir_all(dir.join("work"))?;
         if let Some(e) = self.jobs.get(&JobKey {
             job_id: job.job_id.clone(),
@@ -511,7 +510,7 @@ impl Owner {
         });
     }
 
-    fn stop(&mut self, s: pb::StopJob) {
+    fn stop(&mut self, s: apb::StopJob) {
         let key = JobKey {
             job_id: s.job_id.clone(),
             attempt: s.attempt,
@@ -541,7 +540,7 @@ impl Owner {
             );
             self.record_end(
                 &key,
-                pb::JobPhase::Cancelled,
+                apb::JobPhase::Cancelled,
                 None,
                 "cancelled before it started".into(),
             );
@@ -681,25 +680,25 @@ impl Owner {
         }
         let (phase, code, message) = if stopped {
             (
-                pb::JobPhase::Cancelled,
+                apb::JobPhase::Cancelled,
                 None,
                 "stopped on request".to_string(),
             )
         } else {
             match (parsed, status.and_then(|s| s.signal())) {
                 (Some((which, rc)), _) if which == "setup" && rc != 0 => (
-                    pb::JobPhase::SetupFailed,
+                    apb::JobPhase::SetupFailed,
                     Some(rc),
                     format!("setup exited with {rc}"),
                 ),
-                (Some((_, rc)), _) => (pb::JobPhase::Exited, Some(rc), String::new()),
+                (Some((_, rc)), _) => (apb::JobPhase::Exited, Some(rc), String::new()),
                 (None, Some(sig)) => (
-                    pb::JobPhase::Exited,
+                    apb::JobPhase::Exited,
                     Some(128 + sig),
                     format!("killed by signal {sig}"),
                 ),
                 (None, None) => (
-                    pb::JobPhase::Lost,
+                    apb::JobPhase::Lost,
                     None,
                     "the job's processes vanished without an exit status".to_string(),
                 ),
@@ -711,7 +710,7 @@ impl Owner {
     fn record_end(
         &mut self,
         key: &JobKey,
-        phase: pb::JobPhase,
+        phase: apb::JobPhase,
         code: Option<i32>,
         message: String,
     ) {
@@ -794,8 +793,8 @@ pub fn parse_accelerators(s: &str) -> Result<BTreeMap<String, f64>, String> {
 mod tests {
     use super::*;
 
-    fn job(id: &str, setup: &str, run: &str) -> pb::RunJob {
-        pb::RunJob {
+    fn job(id: &str, setup: &str, run: &str) -> apb::RunJob {
+        apb::RunJob {
             job_id: id.into(),
             attempt: 1,
             setup: setup.into(),
@@ -810,7 +809,7 @@ mod tests {
             let Some(Event::Report(v)) = ev.recv().await else {
                 panic!("supervisor stopped")
             };
-            if v.report.job_id == id && v.report.phase != pb::JobPhase::Started as i32 {
+            if v.report.job_id == id && v.report.phase != apb::JobPhase::Started as i32 {
                 return v;
             }
         }
@@ -822,7 +821,7 @@ mod tests {
         let (sup, mut ev) = Supervisor::start(d.path().to_path_buf(), None);
         sup.run(job("1", "echo setting-up", "echo $GREETING; exit 3"));
         let v = ended(&mut ev, "1").await;
-        assert_eq!(v.report.phase, pb::JobPhase::Exited as i32);
+        assert_eq!(v.report.phase, apb::JobPhase::Exited as i32);
         assert_eq!(v.report.exit_code, Some(3));
         let log = fs::read_to_string(&v.log_path).unwrap();
         assert_eq!(log, "setting-up\nhi\n");
@@ -830,7 +829,7 @@ mod tests {
 
         sup.run(job("2", "exit 5", "echo never"));
         let v = ended(&mut ev, "2").await;
-        assert_eq!(v.report.phase, pb::JobPhase::SetupFailed as i32);
+        assert_eq!(v.report.phase, apb::JobPhase::SetupFailed as i32);
         assert_eq!(v.report.exit_code, Some(5));
         assert!(!fs::read_to_string(&v.log_path).unwrap().contains("never"));
 
@@ -848,14 +847,14 @@ mod tests {
     async fn stopping_an_unknown_attempt_reports_it_cancelled() {
         let d = tempfile::tempdir().unwrap();
         let (sup, mut ev) = Supervisor::start(d.path().to_path_buf(), None);
-        sup.stop(pb::StopJob {
+        sup.stop(apb::StopJob {
             job_id: "9".into(),
             attempt: 1,
             grace_ms: 10,
             term: 1,
         });
         let v = ended(&mut ev, "9").await;
-        assert_eq!(v.report.phase, pb::JobPhase::Cancelled as i32);
+        assert_eq!(v.report.phase, apb::JobPhase::Cancelled as i32);
     }
 
     #[test]

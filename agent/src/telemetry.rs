@@ -21,7 +21,6 @@ const SLOW_EVERY: u32 = 10;
 pub struct Telemetry {
     /// Identity of every GPU, sent once in the hello.
     pub gpus: Vec<pb::GpuIdentity>,
-    /// Driver version.
     pub driver_version: String,
     /// CUDA version the driver supports.
     pub cuda_version: String,
@@ -191,7 +190,7 @@ fn to_proto(s: &GpuSample, at: i64) -> pb::GpuTelemetry {
     let mw = |w: Option<f64>| w.map(|w| (w * 1000.0).round() as u32);
     pb::GpuTelemetry {
         index: s.index,
-        sampled_at_unix_ms: at,
+        sample_time: nembo_proto::clock::timestamp(at),
         gpu_util_percent: s.gpu_util_percent,
         mem_util_percent: s.mem_util_percent,
         fb_used_bytes: s.fb_used_bytes,

@@ -8,6 +8,31 @@ use serde_json::json;
 use crate::connect;
 use crate::table;
 
+/// Unix ms of a wire time (0: unset).
+fn ms(t: &Option<nembo_proto::prost_types::Timestamp>) -> i64 {
+    nembo_proto::clock::unix_ms(t.as_ref())
+}
+
+/// `viewer`, `user`, `admin` (and `agent` in the audit trail).
+fn role_name(role: i32) -> &'static str {
+    match pb::Role::try_from(role) {
+        Ok(pb::Role::Viewer) => "viewer",
+        Ok(pb::Role::User) => "user",
+        Ok(pb::Role::Admin) => "admin",
+        Ok(pb::Role::Agent) => "agent",
+        _ => "?",
+    }
+}
+
+fn role_from_name(role: &str) -> Result<pb::Role> {
+    Ok(match role {
+        "viewer" => pb::Role::Viewer,
+        "user" => pb::Role::User,
+        "admin" => pb::Role::Admin,
+        other => anyhow::bail!("role '{other}' is not one of viewer, user, admin"),
+    })
+}
+
 fn stamp(ms: i64) -> String {
     if ms <= 0 {
         "-".into()
@@ -22,12 +47,13 @@ pub async fn user_create(name: &str, role: &str) -> Result<()> {
     let c = connect::client().await?;
     let req = pb::CreateUserRequest {
         name: name.into(),
-        role: role.into(),
+        role: role_from_name(role)? as i32,
     };
     let r = c.clone().create_user(req).await?.into_inner();
     eprintln!(
         "user {} ({}) created; its token is below and is not shown again:",
-        r.name, r.role
+        r.name,
+        role_name(r.role)
     );
     println!("{}", r.token);
     Ok(())
@@ -36,30 +62,36 @@ pub async fn user_create(name: &str, role: &str) -> Result<()> {
 /// Lists users.
 pub async fn user_list(as_json: bool) -> Result<()> {
     let c = connect::client().await?;
-    let r = connect::call(&c, pb::ListUsersRequest {}, |mut c, r| async move {
-        c.list_users(r).await
+    let users = connect::all_pages(|page_token| {
+        let req = pb::ListUsersRequest {
+            page_token,
+            ..Default::default()
+        };
+        let c = c.clone();
+        async move {
+            let r = connect::call(&c, req, |mut c, r| async move { c.list_users(r).await }).await?;
+            Ok((r.users, r.next_page_token))
+        }
     })
     .await?;
     if as_json {
-        let v: Vec<_> = r
-            .users
+        let v: Vec<_> = users
             .iter()
-            .map(|u| json!({"name": u.name, "role": u.role, "token_id": u.token_id, "created_unix_ms": u.created_unix_ms, "revoked_unix_ms": u.revoked_unix_ms}))
+            .map(|u| json!({"name": u.name, "role": role_name(u.role), "token_id": u.token_id, "created_unix_ms": ms(&u.create_time), "revoked_unix_ms": ms(&u.revoke_time)}))
             .collect();
         println!("{}", serde_json::to_string_pretty(&v)?);
         return Ok(());
     }
-    let rows: Vec<Vec<String>> = r
-        .users
+    let rows: Vec<Vec<String>> = users
         .iter()
         .map(|u| {
             vec![
                 u.name.clone(),
-                u.role.clone(),
+                role_name(u.role).into(),
                 u.token_id.clone(),
-                stamp(u.created_unix_ms),
-                if u.revoked_unix_ms > 0 {
-                    format!("revoked {}", stamp(u.revoked_unix_ms))
+                stamp(ms(&u.create_time)),
+                if u.revoke_time.is_some() {
+                    format!("revoked {}", stamp(ms(&u.revoke_time)))
                 } else {
                     "active".into()
                 },
@@ -88,7 +120,7 @@ pub async fn token_create(
 ) -> Result<()> {
     let c = connect::client().await?;
     let req = pb::CreateJoinTokenRequest {
-        ttl_s: (ttl_ms / 1000).max(1),
+        ttl: Some(nembo_proto::clock::duration(i64::from(ttl_ms.max(1000)))),
         uses,
         description: description.into(),
         node_id: node.unwrap_or_default().into(),
@@ -100,8 +132,8 @@ pub async fn token_create(
          nembo-agent --coordinator URL --ca-cert ca.pem --join-token-file FILE --work-dir DIR{}",
         r.id,
         uses.max(1),
-        r.expires_unix_ms,
-        table::duration(r.expires_unix_ms - nembo_proto::clock::now_ms()),
+        ms(&r.expire_time),
+        table::duration(ms(&r.expire_time) - nembo_proto::clock::now_ms()),
         node.map(|n| format!(" --node-id {n}")).unwrap_or_default()
     );
     println!("{}", r.token);
@@ -111,27 +143,38 @@ pub async fn token_create(
 /// Lists join tokens.
 pub async fn token_list(as_json: bool) -> Result<()> {
     let c = connect::client().await?;
-    let r = connect::call(&c, pb::ListJoinTokensRequest {}, |mut c, r| async move {
-        c.list_join_tokens(r).await
+    let tokens = connect::all_pages(|page_token| {
+        let req = pb::ListJoinTokensRequest {
+            page_token,
+            ..Default::default()
+        };
+        let c = c.clone();
+        async move {
+            let r = connect::call(
+                &c,
+                req,
+                |mut c, r| async move { c.list_join_tokens(r).await },
+            )
+            .await?;
+            Ok((r.tokens, r.next_page_token))
+        }
     })
     .await?;
     if as_json {
-        let v: Vec<_> = r
-            .tokens
+        let v: Vec<_> = tokens
             .iter()
-            .map(|t| json!({"id": t.id, "description": t.description, "created_by": t.created_by, "created_unix_ms": t.created_unix_ms, "expires_unix_ms": t.expires_unix_ms, "uses_left": t.uses_left, "revoked_unix_ms": t.revoked_unix_ms, "node_ids": t.node_ids, "for_node_id": t.for_node_id}))
+            .map(|t| json!({"id": t.id, "description": t.description, "created_by": t.created_by, "created_unix_ms": ms(&t.create_time), "expires_unix_ms": ms(&t.expire_time), "uses_left": t.uses_left, "revoked_unix_ms": ms(&t.revoke_time), "node_ids": t.node_ids, "for_node_id": t.for_node_id}))
             .collect();
         println!("{}", serde_json::to_string_pretty(&v)?);
         return Ok(());
     }
     let now = nembo_proto::clock::now_ms();
-    let rows: Vec<Vec<String>> = r
-        .tokens
+    let rows: Vec<Vec<String>> = tokens
         .iter()
         .map(|t| {
-            let status = if t.revoked_unix_ms > 0 {
+            let status = if t.revoke_time.is_some() {
                 "revoked".to_string()
-            } else if now >= t.expires_unix_ms {
+            } else if now >= ms(&t.expire_time) {
                 "expired".to_string()
             } else if t.uses_left == 0 {
                 "used".to_string()
@@ -139,13 +182,13 @@ pub async fn token_list(as_json: bool) -> Result<()> {
                 format!(
                     "{} left, expires in {}",
                     t.uses_left,
-                    table::duration(t.expires_unix_ms - now)
+                    table::duration(ms(&t.expire_time) - now)
                 )
             };
             vec![
                 t.id.clone(),
                 t.created_by.clone(),
-                stamp(t.created_unix_ms),
+                stamp(ms(&t.create_time)),
                 status,
                 t.node_ids.join(","),
                 t.description.clone(),
@@ -181,33 +224,43 @@ pub async fn node_revoke(node: &str) -> Result<()> {
     Ok(())
 }
 
-/// Prints the newest audit records.
+/// Prints the newest `limit` audit records, oldest of them first.
 pub async fn audit(limit: u32, as_json: bool) -> Result<()> {
     let c = connect::client().await?;
-    let r = connect::call(
-        &c,
-        pb::GetAuditLogRequest { limit },
-        |mut c, r| async move { c.get_audit_log(r).await },
-    )
-    .await
-    .context("read the audit log")?;
+    let limit = if limit == 0 { 100 } else { limit as usize };
+    let mut records = Vec::new();
+    let mut page_token = String::new();
+    while records.len() < limit {
+        let req = pb::GetAuditLogRequest {
+            page_size: (limit - records.len()).min(1000) as i32,
+            page_token,
+        };
+        let r = connect::call(&c, req, |mut c, r| async move { c.get_audit_log(r).await })
+            .await
+            .context("read the audit log")?;
+        records.extend(r.records);
+        if r.next_page_token.is_empty() {
+            break;
+        }
+        page_token = r.next_page_token;
+    }
+    // Pages come newest first; a log reads oldest first.
+    records.reverse();
     if as_json {
-        let v: Vec<_> = r
-            .records
+        let v: Vec<_> = records
             .iter()
-            .map(|a| json!({"at_unix_ms": a.at_unix_ms, "who": a.who, "role": a.role, "call": a.call, "target": a.target, "result": a.result}))
+            .map(|a| json!({"at_unix_ms": ms(&a.time), "who": a.who, "role": role_name(a.role), "call": a.call, "target": a.target, "result": a.result}))
             .collect();
         println!("{}", serde_json::to_string_pretty(&v)?);
         return Ok(());
     }
-    let rows: Vec<Vec<String>> = r
-        .records
+    let rows: Vec<Vec<String>> = records
         .iter()
         .map(|a| {
             vec![
-                a.at_unix_ms.to_string(),
+                ms(&a.time).to_string(),
                 a.who.clone(),
-                a.role.clone(),
+                role_name(a.role).into(),
                 a.call.clone(),
                 a.target.clone(),
                 a.result.clone(),
@@ -228,6 +281,6 @@ pub async fn whoami() -> Result<()> {
         c.who_am_i(r).await
     })
     .await?;
-    println!("{} ({})", r.user, r.role);
+    println!("{} ({})", r.user, role_name(r.role));
     Ok(())
 }

@@ -51,27 +51,38 @@ pub async fn show_gpus(
         accelerator_count,
         cloud: cloud.unwrap_or_default(),
         spot,
+        ..Default::default()
     };
-    let r = connect::call(
-        &client,
-        req,
-        |mut c, r| async move { c.list_offerings(r).await },
-    )
+    let offerings = connect::all_pages(|page_token| {
+        let req = pb::ListOfferingsRequest {
+            page_token,
+            ..req.clone()
+        };
+        let client = client.clone();
+        async move {
+            let r = connect::call(
+                &client,
+                req,
+                |mut c, r| async move { c.list_offerings(r).await },
+            )
+            .await?;
+            Ok((r.offerings, r.next_page_token))
+        }
+    })
     .await?;
     if as_json {
-        let v: Vec<Value> = r.offerings.iter().map(offering_json).collect();
+        let v: Vec<Value> = offerings.iter().map(offering_json).collect();
         println!(
             "{}",
             serde_json::to_string_pretty(&json!({ "offerings": v }))?
         );
         return Ok(());
     }
-    if r.offerings.is_empty() {
+    if offerings.is_empty() {
         println!("No enabled provider offers that.");
         return Ok(());
     }
-    let rows: Vec<Vec<String>> = r
-        .offerings
+    let rows: Vec<Vec<String>> = offerings
         .iter()
         .map(|o| {
             vec![

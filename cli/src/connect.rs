@@ -8,6 +8,7 @@ use std::time::Duration;
 use anyhow::{bail, Context, Result};
 pub use nembo_proto::api_info::ApiInfo;
 use nembo_proto::client::{connect, Client};
+use nembo_proto::v1 as pb;
 
 /// Whether a local coordinator (or any member of a local cluster) runs.
 fn alive(info: &ApiInfo) -> bool {
@@ -241,7 +242,7 @@ pub async fn start_cluster_in(dir: &Path, n: u64, extra: &[String]) -> Result<Ap
                 .get_cluster_status(nembo_proto::v1::GetClusterStatusRequest {})
                 .await
             {
-                if s.into_inner().leader_id != 0 {
+                if s.into_inner().status.is_some_and(|s| s.leader_id != 0) {
                     break;
                 }
             }
@@ -301,6 +302,50 @@ where
     Fut: std::future::Future<Output = Result<tonic::Response<T>, tonic::Status>>,
 {
     Ok(nembo_proto::client::call(client, req, f).await?)
+}
+
+/// One job (retrying while the cluster answers UNAVAILABLE).
+pub async fn get_job(client: &Client, job_id: &str) -> Result<pb::Job> {
+    let req = pb::GetJobRequest {
+        job_id: job_id.to_string(),
+    };
+    let r = call(client, req, |mut c, r| async move { c.get_job(r).await }).await?;
+    r.job
+        .context("the coordinator answered GetJob without a job")
+}
+
+/// Every node.
+pub async fn list_nodes(client: &Client) -> Result<Vec<pb::Node>> {
+    all_pages(|page_token| {
+        let req = pb::ListNodesRequest {
+            page_token,
+            ..Default::default()
+        };
+        async move {
+            let r = call(client, req, |mut c, r| async move { c.list_nodes(r).await }).await?;
+            Ok((r.nodes, r.next_page_token))
+        }
+    })
+    .await
+}
+
+/// Every item of a paginated list: `page(token)` fetches one page and
+/// returns its items with the next page's token (empty after the last).
+pub async fn all_pages<T, F, Fut>(mut page: F) -> Result<Vec<T>>
+where
+    F: FnMut(String) -> Fut,
+    Fut: std::future::Future<Output = Result<(Vec<T>, String)>>,
+{
+    let mut all = Vec::new();
+    let mut token = String::new();
+    loop {
+        let (items, next) = page(token).await?;
+        all.extend(items);
+        if next.is_empty() {
+            return Ok(all);
+        }
+        token = next;
+    }
 }
 
 fn read_token(path: &Path) -> Result<String> {

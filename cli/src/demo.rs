@@ -129,7 +129,7 @@ async fn run(dir: &Path) -> Result<i32> {
     ));
 
     let first = wait_job(&client, &id, "attempt 1 to run", |j| {
-        j.attempts.first().is_some_and(|a| a.started_at_unix_ms > 0)
+        j.attempts.first().is_some_and(|a| a.start_time.is_some())
     })
     .await?;
     let node1 = first.attempts[0].node_ids[0].clone();
@@ -143,8 +143,8 @@ async fn run(dir: &Path) -> Result<i32> {
     let notice_at = nembo_proto::clock::now_ms();
     let req = pb::InjectPreemptionRequest {
         node_id: node1.clone(),
-        format: "aws".into(),
-        in_ms: 30_000,
+        format: pb::NoticeFormat::Aws as i32,
+        warning: Some(nembo_proto::clock::duration(30_000)),
     };
     connect::call(&client, req, |mut c, r| async move {
         c.inject_preemption(r).await
@@ -166,16 +166,16 @@ async fn run(dir: &Path) -> Result<i32> {
     let event = |prefix: &str| {
         m.events
             .iter()
-            .find(|e| e.what.starts_with(prefix) && e.at_unix_ms >= notice_at)
+            .find(|e| e.what.starts_with(prefix) && ms(&e.time) >= notice_at)
     };
     let aware = event("preemption notice").context("no notice event")?;
     clock.at(
-        aware.at_unix_ms,
+        ms(&aware.time),
         t0,
         &format!("coordinators aware: {}", aware.what),
     );
     if let Some(e) = event("replacement requested") {
-        clock.at(e.at_unix_ms, t0, &e.what);
+        clock.at(ms(&e.time), t0, &e.what);
     }
     let synced = newest_manifest_of(&store, &id, 1).context("attempt 1 left no checkpoint")?;
     clock.at(
@@ -186,7 +186,7 @@ async fn run(dir: &Path) -> Result<i32> {
     let second = done.attempts.get(1).context("no second attempt")?;
     let n2 = node(&client, &second.node_ids[0]).await?;
     clock.at(
-        second.started_at_unix_ms,
+        ms(&second.start_time),
         t0,
         &format!(
             "attempt 2 running on {} ({}/{}, spot ${:.2}/h)",
@@ -194,7 +194,7 @@ async fn run(dir: &Path) -> Result<i32> {
         ),
     );
     clock.at(
-        done.ended_at_unix_ms,
+        ms(&done.end_time),
         t0,
         &format!("completed: {}", crate::jobs::state_name(done.state)),
     );
@@ -220,7 +220,7 @@ async fn run(dir: &Path) -> Result<i32> {
     }
     println!(
         "Notice to replacement requested: {} ms. Total {:.1} s.",
-        event("replacement requested").map_or(-1, |e| e.at_unix_ms - notice_at),
+        event("replacement requested").map_or(-1, |e| ms(&e.time) - notice_at),
         started.elapsed().as_secs_f64()
     );
     cluster.stop(&client).await;
@@ -257,6 +257,11 @@ impl Drop for Cluster {
     }
 }
 
+/// Unix ms of a wire time (0: unset).
+fn ms(t: &Option<nembo_proto::prost_types::Timestamp>) -> i64 {
+    nembo_proto::clock::unix_ms(t.as_ref())
+}
+
 async fn wait_job(
     client: &Client,
     id: &str,
@@ -265,10 +270,7 @@ async fn wait_job(
 ) -> Result<pb::Job> {
     let deadline = Instant::now() + Duration::from_secs(80);
     loop {
-        let req = pb::GetJobRequest {
-            job_id: id.to_string(),
-        };
-        let j = connect::call(client, req, |mut c, r| async move { c.get_job(r).await }).await?;
+        let j = connect::get_job(client, id).await?;
         if done(&j) {
             return Ok(j);
         }
@@ -284,11 +286,7 @@ async fn wait_job(
 }
 
 async fn node(client: &Client, id: &str) -> Result<pb::Node> {
-    let nodes = connect::call(client, pb::ListNodesRequest {}, |mut c, r| async move {
-        c.list_nodes(r).await
-    })
-    .await?
-    .nodes;
+    let nodes = connect::list_nodes(client).await?;
     nodes
         .into_iter()
         .find(|n| n.node_id == id)

@@ -18,14 +18,14 @@ pub async fn gpus(
     model: Option<String>,
 ) -> Result<()> {
     let c = connect::client().await?;
-    let req = pb::GetFleetMetricsRequest {
+    let filter = pb::GpuFilter {
         node_id: node.unwrap_or_default(),
         model: model.unwrap_or_default(),
         job_id: String::new(),
     };
-    let show = |fleet: &pb::FleetMetrics| -> Result<()> {
+    let show = |gpus: &[pb::GpuMetrics]| -> Result<()> {
         if as_json {
-            let gpus: Vec<_> = fleet.gpus.iter().map(gpu_json).collect();
+            let gpus: Vec<_> = gpus.iter().map(gpu_json).collect();
             println!(
                 "{}",
                 serde_json::to_string_pretty(&json!({ "gpus": gpus }))?
@@ -34,23 +34,26 @@ pub async fn gpus(
             if watch {
                 print!("\x1b[2J\x1b[H"); // clear the terminal, cursor home
             }
-            print_table(&fleet.gpus);
+            print_table(gpus);
         }
         Ok(())
     };
     if !watch {
+        let req = pb::GetFleetMetricsRequest {
+            filter: Some(filter),
+        };
         let fleet = connect::call(
             &c,
             req,
             |mut c, r| async move { c.get_fleet_metrics(r).await },
         )
         .await?;
-        return show(&fleet);
+        return show(&fleet.gpus);
     }
     // Reopened if it breaks: the member it went through may have died.
     let watch_req = pb::WatchFleetMetricsRequest {
-        filter: Some(req),
-        interval_ms: 1000,
+        filter: Some(filter),
+        interval: Some(nembo_proto::clock::duration(1000)),
     };
     loop {
         let stream = connect::call(&c, watch_req.clone(), |mut c, r| async move {
@@ -59,7 +62,7 @@ pub async fn gpus(
         .await;
         if let Ok(mut stream) = stream {
             while let Ok(Some(fleet)) = stream.message().await {
-                show(&fleet)?;
+                show(&fleet.gpus)?;
             }
         }
         tokio::time::sleep(Duration::from_secs(1)).await;
@@ -121,8 +124,8 @@ fn gpu_json(g: &pb::GpuMetrics) -> serde_json::Value {
         "uuid": id.uuid,
         "pci_bus_id": id.pci_bus_id,
         "driver_version": g.driver_version,
-        "age_ms": g.age_ms,
-        "sampled_at_unix_ms": t.sampled_at_unix_ms,
+        "age_ms": nembo_proto::clock::millis(g.age.as_ref()).unwrap_or(0),
+        "sampled_at_unix_ms": nembo_proto::clock::unix_ms(t.sample_time.as_ref()),
         "gpu_util_percent": t.gpu_util_percent,
         "mem_util_percent": t.mem_util_percent,
         "fb_used_bytes": t.fb_used_bytes,

@@ -70,10 +70,35 @@ fn read_task(path: &PathBuf, name: Option<&str>) -> Result<String> {
     })
 }
 
+/// `RUNNING`, `SUCCEEDED`, ... (the wire name without its prefix).
 pub(crate) fn state_name(v: i32) -> String {
     pb::JobState::try_from(v)
-        .map(|s| s.as_str_name().to_string())
+        .map(|s| s.as_str_name().trim_start_matches("JOB_STATE_").to_string())
         .unwrap_or_else(|_| v.to_string())
+}
+
+/// Unix ms of a wire time (0: unset).
+pub(crate) fn ms(t: &Option<nembo_proto::prost_types::Timestamp>) -> i64 {
+    nembo_proto::clock::unix_ms(t.as_ref())
+}
+
+/// Every job, in full (tasks redacted as the caller may see them).
+async fn all_jobs(c: &Client, stale: bool) -> Result<Vec<pb::Job>> {
+    connect::all_pages(|page_token| {
+        let req = pb::ListJobsRequest {
+            page_token,
+            view: pb::JobView::Full as i32,
+            ..Default::default()
+        };
+        async move {
+            let r = connect::call(c, req, |mut c, r| async move {
+                c.list_jobs(read_request(r, stale)).await
+            })
+            .await?;
+            Ok((r.jobs, r.next_page_token))
+        }
+    })
+    .await
 }
 
 fn is_terminal(v: i32) -> bool {
@@ -99,17 +124,22 @@ fn fresh_key() -> String {
 pub async fn launch(a: LaunchArgs, managed: bool) -> Result<i32> {
     let task_yaml = read_task(&a.task, a.name.as_deref())?;
     let mut client = connect::client().await?;
+    if a.dry_run {
+        let req = pb::DryRunRequest {
+            task: Some(pb::dry_run_request::Task::TaskYaml(task_yaml)),
+            env_overrides: crate::env_map(&a.envs),
+            managed,
+        };
+        let r = connect::call(&client, req, |mut c, r| async move { c.dry_run(r).await }).await?;
+        print_dry_run(&r, a.json);
+        return Ok(0);
+    }
     let req = pb::SubmitJobRequest {
         task: Some(pb::submit_job_request::Task::TaskYaml(task_yaml)),
         idempotency_key: a.idempotency_key.clone().unwrap_or_else(fresh_key),
         env_overrides: crate::env_map(&a.envs),
         managed,
     };
-    if a.dry_run {
-        let r = connect::call(&client, req, |mut c, r| async move { c.dry_run(r).await }).await?;
-        print_dry_run(&r, a.json);
-        return Ok(0);
-    }
     let job_id = connect::call(
         &client,
         req,
@@ -139,10 +169,10 @@ pub async fn launch(a: LaunchArgs, managed: bool) -> Result<i32> {
     }
     result?;
     let job = wait_terminal(&mut client, &job_id).await?;
-    let took = if job.started_at_unix_ms > 0 {
+    let took = if job.start_time.is_some() {
         format!(
             " after {}",
-            table::duration(job.ended_at_unix_ms - job.started_at_unix_ms)
+            table::duration(ms(&job.end_time) - ms(&job.start_time))
         )
     } else {
         String::new()
@@ -167,10 +197,7 @@ pub async fn launch(a: LaunchArgs, managed: bool) -> Result<i32> {
 
 async fn wait_terminal(client: &mut Client, job_id: &str) -> Result<pb::Job> {
     for _ in 0..600 {
-        let req = pb::GetJobRequest {
-            job_id: job_id.to_string(),
-        };
-        let job = connect::call(client, req, |mut c, r| async move { c.get_job(r).await }).await?;
+        let job = connect::get_job(client, job_id).await?;
         if is_terminal(job.state) {
             return Ok(job);
         }
@@ -187,12 +214,7 @@ async fn show_progress(client: Client, job_id: String, managed: bool) {
     // however quickly the state moved between two polls.
     let mut tries_shown: Vec<(String, bool)> = Vec::new();
     loop {
-        let req = pb::GetJobRequest {
-            job_id: job_id.clone(),
-        };
-        let Ok(job) =
-            connect::call(&client, req, |mut c, r| async move { c.get_job(r).await }).await
-        else {
+        let Ok(job) = connect::get_job(&client, &job_id).await else {
             return;
         };
         for (i, t) in job.provision_tries.iter().enumerate() {
@@ -369,17 +391,17 @@ pub fn job_json(j: &pb::Job) -> Value {
         "name": j.name,
         "state": state_name(j.state),
         "exit_code": j.exit_code,
-        "submitted_at_unix_ms": j.submitted_at_unix_ms,
-        "started_at_unix_ms": j.started_at_unix_ms,
-        "ended_at_unix_ms": j.ended_at_unix_ms,
+        "submitted_at_unix_ms": ms(&j.submit_time),
+        "started_at_unix_ms": ms(&j.start_time),
+        "ended_at_unix_ms": ms(&j.end_time),
         "node_ids": j.node_ids,
         "message": j.message,
         "managed": j.managed.as_ref().map(|m| json!({
             "recoveries": m.recoveries,
             "restarts_on_errors": m.restarts_on_errors,
             "notice_node_id": m.notice_node_id,
-            "notice_deadline_unix_ms": m.notice_deadline_unix_ms,
-            "events": m.events.iter().map(|e| json!({"at_unix_ms": e.at_unix_ms, "what": e.what})).collect::<Vec<_>>(),
+            "notice_deadline_unix_ms": ms(&m.notice_deadline),
+            "events": m.events.iter().map(|e| json!({"at_unix_ms": ms(&e.time), "what": e.what})).collect::<Vec<_>>(),
         })),
         "attempts": j.attempts.iter().map(|a| json!({
             "attempt": a.attempt,
@@ -451,17 +473,23 @@ fn read_request<T>(r: T, stale: bool) -> tonic::Request<T> {
 /// `status` (nodes and jobs) or `queue` (jobs).
 pub async fn status(as_json: bool, with_nodes: bool, stale: bool) -> Result<()> {
     let c = connect::client().await?;
-    let jobs = connect::call(&c, pb::ListJobsRequest::default(), |mut c, r| async move {
-        c.list_jobs(read_request(r, stale)).await
-    })
-    .await?
-    .jobs;
+    let jobs = all_jobs(&c, stale).await?;
     let nodes = if with_nodes {
-        connect::call(&c, pb::ListNodesRequest {}, |mut c, r| async move {
-            c.list_nodes(read_request(r, stale)).await
+        connect::all_pages(|page_token| {
+            let req = pb::ListNodesRequest {
+                page_token,
+                ..Default::default()
+            };
+            let c = &c;
+            async move {
+                let r = connect::call(c, req, |mut c, r| async move {
+                    c.list_nodes(read_request(r, stale)).await
+                })
+                .await?;
+                Ok((r.nodes, r.next_page_token))
+            }
         })
         .await?
-        .nodes
     } else {
         Vec::new()
     };
@@ -517,8 +545,8 @@ pub async fn status(as_json: bool, with_nodes: bool, stale: bool) -> Result<()> 
         .iter()
         .rev()
         .map(|j| {
-            let end = if j.ended_at_unix_ms > 0 {
-                j.ended_at_unix_ms
+            let end = if j.end_time.is_some() {
+                ms(&j.end_time)
             } else {
                 nembo_proto::clock::now_ms()
             };
@@ -530,9 +558,9 @@ pub async fn status(as_json: bool, with_nodes: bool, stale: bool) -> Result<()> 
                     j.name.clone()
                 },
                 state_name(j.state),
-                table::ago(j.submitted_at_unix_ms),
-                if j.started_at_unix_ms > 0 {
-                    table::duration(end - j.started_at_unix_ms)
+                table::ago(ms(&j.submit_time)),
+                if j.start_time.is_some() {
+                    table::duration(end - ms(&j.start_time))
                 } else {
                     "-".into()
                 },
@@ -586,12 +614,8 @@ pub async fn cancel(jobs: &[String]) -> Result<()> {
 /// `nembo jobs queue`: managed jobs with their recoveries and latest event.
 pub async fn managed_queue(as_json: bool) -> Result<()> {
     let c = connect::client().await?;
-    let jobs: Vec<pb::Job> =
-        connect::call(&c, pb::ListJobsRequest::default(), |mut c, r| async move {
-            c.list_jobs(r).await
-        })
+    let jobs: Vec<pb::Job> = all_jobs(&c, false)
         .await?
-        .jobs
         .into_iter()
         .filter(|j| j.managed.is_some())
         .collect();
@@ -613,7 +637,7 @@ pub async fn managed_queue(as_json: bool) -> Result<()> {
                     j.name.clone()
                 },
                 state_name(j.state),
-                table::ago(j.submitted_at_unix_ms),
+                table::ago(ms(&j.submit_time)),
                 j.attempts.len().to_string(),
                 m.recoveries.to_string(),
                 if j.node_ids.is_empty() {

@@ -55,11 +55,7 @@ async fn wait_terminated(
 ) -> Result<()> {
     let deadline = tokio::time::Instant::now() + limit;
     loop {
-        let nodes = connect::call(c, pb::ListNodesRequest {}, |mut c, r| async move {
-            c.list_nodes(r).await
-        })
-        .await?
-        .nodes;
+        let nodes = connect::list_nodes(c).await?;
         let left: Vec<&pb::Node> = nodes
             .iter()
             .filter(|n| ids.contains(&n.node_id))
@@ -131,15 +127,8 @@ pub async fn local_status(as_json: bool) -> Result<()> {
         return Ok(());
     };
     let c = connect::client().await?;
-    let status = connect::call(&c, pb::GetClusterStatusRequest {}, |mut c, r| async move {
-        c.get_cluster_status(r).await
-    })
-    .await?;
-    let nodes = connect::call(&c, pb::ListNodesRequest {}, |mut c, r| async move {
-        c.list_nodes(r).await
-    })
-    .await?
-    .nodes;
+    let status = cluster_status(&c).await?;
+    let nodes = connect::list_nodes(&c).await?;
     if as_json {
         let v = json!({
             "running": true,
@@ -167,7 +156,7 @@ pub async fn local_status(as_json: bool) -> Result<()> {
                 node_state(n.state),
                 n.region.clone(),
                 n.instance_type.clone(),
-                table::ago(n.created_at_unix_ms),
+                table::ago(nembo_proto::clock::unix_ms(n.create_time.as_ref())),
             ]
         })
         .collect();
@@ -214,22 +203,23 @@ pub enum MemberOp {
 pub async fn members(op: Option<MemberOp>, as_json: bool) -> Result<()> {
     let c = connect::client().await?;
     let status = match op {
-        None => {
-            connect::call(&c, pb::GetClusterStatusRequest {}, |mut c, r| async move {
-                c.get_cluster_status(r).await
-            })
-            .await?
-        }
+        None => cluster_status(&c).await?,
         Some(MemberOp::Add(id, url)) => {
             eprintln!(
                 "Adding member {id} as a learner; it becomes a voter once it has caught up ..."
             );
             let req = pb::AddMemberRequest { id, url };
-            connect::call(&c, req, |mut c, r| async move { c.add_member(r).await }).await?
+            connect::call(&c, req, |mut c, r| async move { c.add_member(r).await })
+                .await?
+                .status
+                .unwrap_or_default()
         }
         Some(MemberOp::Remove(id)) => {
             let req = pb::RemoveMemberRequest { id };
-            connect::call(&c, req, |mut c, r| async move { c.remove_member(r).await }).await?
+            connect::call(&c, req, |mut c, r| async move { c.remove_member(r).await })
+                .await?
+                .status
+                .unwrap_or_default()
         }
         Some(MemberOp::TransferLeader(id)) => {
             let req = pb::TransferLeaderRequest { id };
@@ -239,6 +229,8 @@ pub async fn members(op: Option<MemberOp>, as_json: bool) -> Result<()> {
                 |mut c, r| async move { c.transfer_leader(r).await },
             )
             .await?
+            .status
+            .unwrap_or_default()
         }
     };
     if as_json {
@@ -276,14 +268,29 @@ pub async fn members(op: Option<MemberOp>, as_json: bool) -> Result<()> {
     Ok(())
 }
 
+/// The cluster as the answering member sees it.
+async fn cluster_status(c: &nembo_proto::client::Client) -> Result<pb::ClusterStatus> {
+    let r = connect::call(c, pb::GetClusterStatusRequest {}, |mut c, r| async move {
+        c.get_cluster_status(r).await
+    })
+    .await?;
+    Ok(r.status.unwrap_or_default())
+}
+
 /// `nembo local preempt NODE`: the node's metadata service announces its
 /// preemption; its agent reads it like a cloud's notice.
 pub async fn preempt(node: &str, format: &str, in_ms: u32) -> Result<()> {
     let c = connect::client().await?;
+    let notice = match format {
+        "aws" => pb::NoticeFormat::Aws,
+        "gcp" => pb::NoticeFormat::Gcp,
+        "azure" => pb::NoticeFormat::Azure,
+        other => anyhow::bail!("--format {other}: expected aws, gcp or azure"),
+    };
     let req = pb::InjectPreemptionRequest {
         node_id: node.to_string(),
-        format: format.to_string(),
-        in_ms,
+        format: notice as i32,
+        warning: (in_ms > 0).then(|| nembo_proto::clock::duration(i64::from(in_ms))),
     };
     let r = connect::call(
         &c,
@@ -291,7 +298,8 @@ pub async fn preempt(node: &str, format: &str, in_ms: u32) -> Result<()> {
         |mut c, r| async move { c.inject_preemption(r).await },
     )
     .await?;
-    let left = (r.deadline_unix_ms - nembo_proto::clock::now_ms()).max(0);
+    let deadline = nembo_proto::clock::unix_ms(r.deadline.as_ref());
+    let left = (deadline - nembo_proto::clock::now_ms()).max(0);
     println!(
         "{node}: {format} preemption notice served; the node goes in {:.0} s",
         left as f64 / 1000.0

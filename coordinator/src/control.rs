@@ -26,9 +26,7 @@ const HEALTH_CHECK: Duration = Duration::from_millis(100);
 /// A node a GPU made unhealthy, as the hooks hear of it.
 #[derive(Debug, Clone)]
 pub struct NodeUnhealthy {
-    /// Node.
     pub node_id: String,
-    /// Why.
     pub reason: String,
     /// Jobs with a rank on it.
     pub job_ids: Vec<u64>,

@@ -17,11 +17,9 @@ use tokio::sync::watch;
 /// One log: a rank of an attempt of a job.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub struct LogKey {
-    /// Job.
     pub job: u64,
     /// Attempt number.
     pub attempt: u32,
-    /// Rank.
     pub rank: u32,
 }
 

@@ -8,11 +8,11 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use nembo_domain::scheduler::Policy;
+use nembo_proto::agent::v1::agent_service_server::AgentServiceServer;
+use nembo_proto::agent::v1::enrollment_service_server::EnrollmentServiceServer;
 use nembo_proto::api_info::ApiInfo;
-use nembo_proto::v1::agent_service_server::AgentServiceServer;
-use nembo_proto::v1::coordinator_server::CoordinatorServer;
-use nembo_proto::v1::enrollment_server::EnrollmentServer;
-use nembo_proto::v1::raft_peer_server::RaftPeerServer;
+use nembo_proto::raft::v1::raft_peer_service_server::RaftPeerServiceServer;
+use nembo_proto::v1::coordinator_service_server::CoordinatorServiceServer;
 use serde::{Deserialize, Serialize};
 use tokio::sync::mpsc;
 use tonic::service::interceptor::InterceptedService;
@@ -294,7 +294,8 @@ pub async fn run(
         .build_v1alpha()
         .map_err(|e| CoordinatorError::Internal(format!("reflection: {e}")))?;
     let api = Gate::new(
-        CoordinatorServer::new(Api::new(ctx.clone())).max_decoding_message_size(8 * 1024 * 1024),
+        CoordinatorServiceServer::new(Api::new(ctx.clone()))
+            .max_decoding_message_size(8 * 1024 * 1024),
         ctx.clone(),
         client_token,
         cfg.request_timeout,
@@ -302,15 +303,16 @@ pub async fn run(
     );
     let agents = AgentServiceServer::new(Agents::new(ctx.clone()))
         .max_decoding_message_size(8 * 1024 * 1024);
-    let enrollment = EnrollmentServer::new(EnrollmentService::new(ctx.clone()))
+    let enrollment = EnrollmentServiceServer::new(EnrollmentService::new(ctx.clone()))
         .max_decoding_message_size(64 * 1024);
     let simulated = ctx
         .providers
         .values()
         .any(|p| p.records_only())
         .then(|| agent_token.clone());
-    let peers = RaftPeerServer::new(crate::replication::peer::PeerService::new(ctx.raft.clone()))
-        .max_decoding_message_size(crate::replication::peer::MAX_PEER_MESSAGE);
+    let peers =
+        RaftPeerServiceServer::new(crate::replication::peer::PeerService::new(ctx.raft.clone()))
+            .max_decoding_message_size(crate::replication::peer::MAX_PEER_MESSAGE);
 
     let metrics_url = match cfg.metrics_listen {
         Some(addr) => {

@@ -133,6 +133,11 @@ pub struct Access {
     pub join_tokens: BTreeMap<String, JoinToken>,
     /// Oldest first, at most [`AUDIT_KEEP`].
     pub audit: imbl::Vector<AuditRecord>,
+    /// Records dropped from the front of `audit` so far: the record at
+    /// `audit[i]` is the `audit_dropped + i`-th ever kept, a position that
+    /// never changes (audit log pages are keyed by it).
+    #[serde(default)]
+    pub audit_dropped: u64,
 }
 
 /// A change to [`Access`].
@@ -232,6 +237,7 @@ impl Access {
                 self.audit.push_back(record.clone());
                 while self.audit.len() > AUDIT_KEEP {
                     self.audit.pop_front();
+                    self.audit_dropped += 1;
                 }
                 Ok(())
             }

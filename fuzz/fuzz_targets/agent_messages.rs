@@ -5,6 +5,7 @@
 #![no_main]
 
 use libfuzzer_sys::fuzz_target;
+use nembo_proto::agent::v1 as apb;
 use nembo_proto::v1 as pb;
 use prost::Message;
 
@@ -16,14 +17,14 @@ fn round_trip<M: Message + Default + PartialEq + std::fmt::Debug>(data: &[u8]) {
 }
 
 fuzz_target!(|data: &[u8]| {
-    round_trip::<pb::AgentMessage>(data);
-    round_trip::<pb::CoordinatorMessage>(data);
+    round_trip::<apb::SessionRequest>(data);
+    round_trip::<apb::SessionResponse>(data);
     round_trip::<pb::SubmitJobRequest>(data);
     // Enrollment is open to anyone: its request is the first thing an
     // attacker gets to send.
-    round_trip::<pb::EnrollRequest>(data);
-    round_trip::<pb::RenewRequest>(data);
-    round_trip::<pb::EnrollResponse>(data);
+    round_trip::<apb::EnrollRequest>(data);
+    round_trip::<apb::RenewRequest>(data);
+    round_trip::<apb::EnrollResponse>(data);
     round_trip::<pb::CreateUserRequest>(data);
     round_trip::<pb::CreateJoinTokenRequest>(data);
 });

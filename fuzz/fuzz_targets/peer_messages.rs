@@ -5,17 +5,17 @@
 
 use libfuzzer_sys::fuzz_target;
 use nembo_domain::state::{Command, State};
-use nembo_proto::v1 as pb;
+use nembo_proto::raft::v1 as rpb;
 use prost::Message as _;
 use protobuf::Message as _;
 
 fuzz_target!(|data: &[u8]| {
-    if let Ok(batch) = pb::RaftBatch::decode(data) {
+    if let Ok(batch) = rpb::StreamRequest::decode(data) {
         for m in &batch.messages {
             let _ = raft::eraftpb::Message::parse_from_bytes(m);
         }
     }
-    let _ = pb::SnapshotChunk::decode(data);
+    let _ = rpb::SnapshotRequest::decode(data);
     let _ = raft::eraftpb::Message::parse_from_bytes(data);
     // Entries carry JSON commands: a sequence of them, applied in order.
     if let Ok(cmds) = serde_json::from_slice::<Vec<Command>>(data) {

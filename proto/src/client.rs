@@ -8,8 +8,8 @@ use tonic::service::interceptor::InterceptedService;
 use tonic::transport::{Certificate, Channel, ClientTlsConfig, Endpoint};
 use tonic::{Request, Status};
 
-use crate::v1::agent_service_client::AgentServiceClient;
-use crate::v1::coordinator_client::CoordinatorClient;
+use crate::agent::v1::agent_service_client::AgentServiceClient;
+use crate::v1::coordinator_service_client::CoordinatorServiceClient;
 
 /// Adds `authorization: Bearer <token>` to every request.
 #[derive(Clone)]
@@ -42,9 +42,7 @@ pub enum SecretError {
     /// It could not be read.
     #[error("{path}: {source}")]
     Io {
-        /// Which file.
         path: String,
-        /// Why.
         source: std::io::Error,
     },
     /// Group or others can read it.
@@ -102,15 +100,13 @@ pub enum ConnectError {
     /// TLS setup or the connection failed.
     #[error("cannot connect to {endpoint}: {source}")]
     Transport {
-        /// Where.
         endpoint: String,
-        /// Why.
         source: tonic::transport::Error,
     },
 }
 
 /// An authenticated client of the public API.
-pub type Client = CoordinatorClient<InterceptedService<Channel, BearerToken>>;
+pub type Client = CoordinatorServiceClient<InterceptedService<Channel, BearerToken>>;
 /// An authenticated client of the agent protocol.
 pub type AgentClient = AgentServiceClient<InterceptedService<Channel, BearerToken>>;
 
@@ -179,7 +175,8 @@ pub async fn connect(url: &str, ca_pem: &[u8], token: &str) -> Result<Client, Co
 
 /// A client of the public API over `channel`, sending `token`.
 pub fn client(channel: Channel, token: BearerToken) -> Client {
-    CoordinatorClient::with_interceptor(channel, token).max_decoding_message_size(64 * 1024 * 1024)
+    CoordinatorServiceClient::with_interceptor(channel, token)
+        .max_decoding_message_size(64 * 1024 * 1024)
 }
 
 /// A client of the public API over several coordinators: calls go to any
@@ -232,10 +229,15 @@ pub async fn connect_agent_tls(
 pub async fn connect_enrollment(
     url: &str,
     ca_pem: &[u8],
-) -> Result<crate::v1::enrollment_client::EnrollmentClient<Channel>, ConnectError> {
-    Ok(crate::v1::enrollment_client::EnrollmentClient::new(
-        channel(url, ca_pem).await?,
-    ))
+) -> Result<
+    crate::agent::v1::enrollment_service_client::EnrollmentServiceClient<Channel>,
+    ConnectError,
+> {
+    Ok(
+        crate::agent::v1::enrollment_service_client::EnrollmentServiceClient::new(
+            channel(url, ca_pem).await?,
+        ),
+    )
 }
 
 /// Calls `f` until it succeeds, retrying while the cluster answers

@@ -24,7 +24,6 @@ const MAX_BODY: usize = 32 << 20;
 pub struct Response {
     /// HTTP status code.
     pub status: u16,
-    /// Headers.
     pub headers: http::HeaderMap,
     /// Body bytes.
     pub body: Bytes,

@@ -1,7 +1,7 @@
 """A gRPC client in another language that knows only Nembo's public names.
 
 It learns every message type from the coordinator's server reflection (no
-.proto files, no generated code), submits a task YAML, waits for SUCCEEDED
+.proto files, no generated code), submits a task YAML, waits for JOB_STATE_SUCCEEDED
 and reads the job's logs. Usage: reflection_client.py API_INFO_JSON
 """
 import json
@@ -14,7 +14,7 @@ from grpc_reflection.v1alpha.proto_reflection_descriptor_database import (
     ProtoReflectionDescriptorDatabase,
 )
 
-SERVICE = "nembo.v1.Coordinator"
+SERVICE = "nembo.v1.CoordinatorService"
 
 
 def main(api_info_path: str) -> None:
@@ -47,10 +47,10 @@ def main(api_info_path: str) -> None:
     job_id = submit(submit_req(task_yaml="name: from-python\nrun: echo hello from $NEMBO_JOB_ID via reflection\n",
                                idempotency_key="python-1"), metadata=auth).job_id
     state_enum = pool.FindEnumTypeByName("nembo.v1.JobState")
-    succeeded = state_enum.values_by_name["SUCCEEDED"].number
+    succeeded = state_enum.values_by_name["JOB_STATE_SUCCEEDED"].number
     deadline = time.time() + 30
     while True:
-        job = get_job(get_req(job_id=job_id), metadata=auth)
+        job = get_job(get_req(job_id=job_id), metadata=auth).job
         if job.state == succeeded:
             break
         if time.time() > deadline:

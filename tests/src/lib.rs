@@ -299,8 +299,20 @@ impl Coordinator {
     /// `wait_for` loops).
     pub async fn try_nodes(&self) -> Option<Vec<pb::Node>> {
         let mut client = self.client().await;
-        let r = client.list_nodes(pb::ListNodesRequest {}).await.ok()?;
-        Some(r.into_inner().nodes)
+        let mut nodes = Vec::new();
+        let mut page_token = String::new();
+        loop {
+            let req = pb::ListNodesRequest {
+                page_token,
+                ..Default::default()
+            };
+            let r = client.list_nodes(req).await.ok()?.into_inner();
+            nodes.extend(r.nodes);
+            if r.next_page_token.is_empty() {
+                return Some(nodes);
+            }
+            page_token = r.next_page_token;
+        }
     }
 
     /// Every node.
@@ -311,8 +323,21 @@ impl Coordinator {
     /// Every job.
     pub async fn jobs(&self) -> Vec<pb::Job> {
         let mut client = self.client().await;
-        let r = client.list_jobs(pb::ListJobsRequest::default()).await;
-        r.expect("ListJobs").into_inner().jobs
+        let mut jobs = Vec::new();
+        let mut page_token = String::new();
+        loop {
+            let req = pb::ListJobsRequest {
+                page_token,
+                view: pb::JobView::Full as i32,
+                ..Default::default()
+            };
+            let r = client.list_jobs(req).await.expect("ListJobs").into_inner();
+            jobs.extend(r.jobs);
+            if r.next_page_token.is_empty() {
+                return jobs;
+            }
+            page_token = r.next_page_token;
+        }
     }
 
     /// Runs the CLI against this coordinator.
@@ -374,7 +399,8 @@ impl Coordinator {
                     })
                     .await
                     .ok()?
-                    .into_inner();
+                    .into_inner()
+                    .job?;
                 (j.state == state as i32).then_some(j)
             }
         })
@@ -581,7 +607,7 @@ impl Cluster {
                 }
                 if let Some(mut c) = self.member_client(id).await {
                     if let Ok(s) = c.get_cluster_status(pb::GetClusterStatusRequest {}).await {
-                        let s = s.into_inner();
+                        let s = s.into_inner().status.unwrap_or_default();
                         let live =
                             s.leader_id != 0 && self.children[s.leader_id as usize - 1].is_some();
                         if live {
@@ -610,7 +636,7 @@ impl Cluster {
         c.get_cluster_status(pb::GetClusterStatusRequest {})
             .await
             .ok()
-            .map(|r| r.into_inner())
+            .and_then(|r| r.into_inner().status)
     }
 
     /// A running member's process id.
@@ -757,4 +783,9 @@ impl Drop for Moto {
         let _ = self.child.kill();
         let _ = self.child.wait();
     }
+}
+
+/// Unix ms of a wire time (0: unset).
+pub fn ms(t: &Option<nembo_proto::prost_types::Timestamp>) -> i64 {
+    nembo_proto::clock::unix_ms(t.as_ref())
 }

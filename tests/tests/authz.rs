@@ -11,7 +11,7 @@ use prost::Message as _;
 use tonic::transport::Channel;
 use tonic::Code;
 
-/// Every method of `nembo.v1.Coordinator`, as the served descriptor has it:
+/// Every method of `nembo.v1.CoordinatorService`, as the served descriptor has it:
 /// a method added later is covered without touching this test.
 fn coordinator_methods() -> Vec<(String, bool)> {
     let set = prost_types::FileDescriptorSet::decode(nembo_proto::FILE_DESCRIPTOR_SET)
@@ -20,8 +20,8 @@ fn coordinator_methods() -> Vec<(String, bool)> {
         .file
         .iter()
         .flat_map(|f| &f.service)
-        .find(|s| s.name() == "Coordinator")
-        .expect("Coordinator service");
+        .find(|s| s.name() == "CoordinatorService")
+        .expect("CoordinatorService");
     service
         .method
         .iter()
@@ -34,7 +34,9 @@ fn coordinator_methods() -> Vec<(String, bool)> {
 async fn call(channel: &Channel, token: &str, method: &str, streaming: bool) -> Code {
     let mut grpc = tonic::client::Grpc::new(channel.clone());
     grpc.ready().await.expect("ready");
-    let path: http::uri::PathAndQuery = format!("/nembo.v1.Coordinator/{method}").parse().unwrap();
+    let path: http::uri::PathAndQuery = format!("/nembo.v1.CoordinatorService/{method}")
+        .parse()
+        .unwrap();
     let mut req = tonic::Request::new(());
     req.metadata_mut()
         .insert("authorization", format!("Bearer {token}").parse().unwrap());
@@ -177,7 +179,9 @@ async fn users_see_and_cancel_only_their_own_jobs_and_every_change_is_audited() 
         })
         .await
         .unwrap()
-        .into_inner();
+        .into_inner()
+        .job
+        .unwrap();
     assert_eq!(got.owner, "alice");
     // Bob sees only his own job, and cannot read, follow or cancel Alice's.
     let listed: Vec<String> = b
@@ -309,18 +313,18 @@ async fn a_follower_forwards_the_callers_own_identity_not_its_own() {
     let leader = cluster.leader().await;
     let follower = (1..=3).find(|id| *id != leader).unwrap();
     let mut root = cluster.member_client(leader).await.unwrap();
-    let mk = |name: &str, role: &str| pb::CreateUserRequest {
+    let mk = |name: &str, role: pb::Role| pb::CreateUserRequest {
         name: name.into(),
-        role: role.into(),
+        role: role as i32,
     };
     let alice = root
-        .create_user(mk("alice", "user"))
+        .create_user(mk("alice", pb::Role::User))
         .await
         .unwrap()
         .into_inner()
         .token;
     let vera = root
-        .create_user(mk("vera", "viewer"))
+        .create_user(mk("vera", pb::Role::Viewer))
         .await
         .unwrap()
         .into_inner()
@@ -341,7 +345,9 @@ async fn a_follower_forwards_the_callers_own_identity_not_its_own() {
         .get_job(pb::GetJobRequest { job_id: id })
         .await
         .unwrap()
-        .into_inner();
+        .into_inner()
+        .job
+        .unwrap();
     assert_eq!(
         job.owner, "alice",
         "the job must belong to its caller, not to the follower"
@@ -353,7 +359,10 @@ async fn a_follower_forwards_the_callers_own_identity_not_its_own() {
     assert_eq!(err.code(), Code::PermissionDenied);
     // Refused by way of a follower, and still in the leader's audit trail.
     let audit = root
-        .get_audit_log(pb::GetAuditLogRequest { limit: 100 })
+        .get_audit_log(pb::GetAuditLogRequest {
+            page_size: 100,
+            ..Default::default()
+        })
         .await
         .unwrap()
         .into_inner()
@@ -367,7 +376,10 @@ async fn a_follower_forwards_the_callers_own_identity_not_its_own() {
     assert!(audit
         .iter()
         .any(|r| r.who == "alice" && r.call == "SubmitJob" && r.result == "ok"));
-    let err = as_alice.create_user(mk("eve", "admin")).await.unwrap_err();
+    let err = as_alice
+        .create_user(mk("eve", pb::Role::Admin))
+        .await
+        .unwrap_err();
     assert_eq!(
         err.code(),
         Code::PermissionDenied,

@@ -39,15 +39,30 @@ async fn add_member(cluster: &Cluster, client: &Client, id: u64) -> pb::ClusterS
     call(client, req, |mut c, r| async move { c.add_member(r).await })
         .await
         .unwrap()
+        .status
+        .unwrap()
+}
+
+/// Every job in full (with its idempotency key), in one page: these tests
+/// make far fewer than the largest page.
+fn full_list() -> pb::ListJobsRequest {
+    pb::ListJobsRequest {
+        view: pb::JobView::Full as i32,
+        page_size: 1000,
+        ..Default::default()
+    }
 }
 
 async fn all_jobs(c: &Client) -> Vec<pb::Job> {
-    call(c, pb::ListJobsRequest::default(), |mut c, r| async move {
-        c.list_jobs(r).await
-    })
+    let r = call(
+        c,
+        full_list(),
+        |mut c, r| async move { c.list_jobs(r).await },
+    )
     .await
-    .unwrap()
-    .jobs
+    .unwrap();
+    assert!(r.next_page_token.is_empty(), "more jobs than one page");
+    r.jobs
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -179,7 +194,7 @@ async fn a_minority_partition_cannot_commit_and_the_old_leaders_clients_are_redi
     let during = submit(&client, "while-cut-off").await.unwrap();
     cluster.resume(old);
     let read = old_client
-        .list_jobs(pb::ListJobsRequest::default())
+        .list_jobs(full_list())
         .await
         .expect("a read through the old leader");
     assert!(
@@ -270,6 +285,8 @@ async fn a_member_that_lost_its_disk_rejoins_empty_and_catches_up_from_a_snapsho
         |mut c, r| async move { c.remove_member(r).await },
     )
     .await
+    .unwrap()
+    .status
     .unwrap();
     for i in 85..90 {
         submit(&client, &format!("d{i}")).await.unwrap();
@@ -314,15 +331,12 @@ async fn a_member_that_lost_its_disk_rejoins_empty_and_catches_up_from_a_snapsho
         c.transfer_leader(r).await
     })
     .await
+    .unwrap()
+    .status
     .unwrap();
     assert_eq!(status.leader_id, lost);
     let mut via = cluster.member_client(lost).await.unwrap();
-    let jobs = via
-        .list_jobs(pb::ListJobsRequest::default())
-        .await
-        .unwrap()
-        .into_inner()
-        .jobs;
+    let jobs = via.list_jobs(full_list()).await.unwrap().into_inner().jobs;
     assert_eq!(jobs.len(), 90);
 }
 
@@ -351,7 +365,8 @@ async fn a_launch_carries_on_when_the_leader_dies() {
             let req = pb::GetJobRequest { job_id: "1".into() };
             let j = call(&c, req, |mut c, r| async move { c.get_job(r).await })
                 .await
-                .ok()?;
+                .ok()?
+                .job?;
             (j.state == pb::JobState::Running as i32).then_some(())
         }
     })
@@ -402,20 +417,22 @@ async fn reads_are_linearizable_by_default_and_stale_on_request() {
             .get_job(pb::GetJobRequest { job_id: id.clone() })
             .await
             .unwrap()
-            .into_inner();
+            .into_inner()
+            .job
+            .unwrap();
         assert_eq!(job.job_id, id);
     }
     // Without a majority no member can prove its reads are current...
     cluster.kill9(followers[0]);
     cluster.kill9(followers[1]);
     let mut lone = cluster.member_client(leader).await.unwrap();
-    let fresh = tokio::time::timeout(SECS(6), lone.list_jobs(pb::ListJobsRequest::default())).await;
+    let fresh = tokio::time::timeout(SECS(6), lone.list_jobs(full_list())).await;
     assert!(
         !matches!(fresh, Ok(Ok(_))),
         "a linearizable read needs a quorum"
     );
     // ...but a stale read is answered from the member's own state.
-    let mut req = tonic::Request::new(pb::ListJobsRequest::default());
+    let mut req = tonic::Request::new(full_list());
     req.metadata_mut().insert(
         "nembo-stale",
         tonic::metadata::MetadataValue::from_static("true"),
@@ -459,6 +476,8 @@ async fn a_member_is_replaced_through_add_and_remove() {
         |mut c, r| async move { c.remove_member(r).await },
     )
     .await
+    .unwrap()
+    .status
     .unwrap();
     assert!(status.members.iter().all(|m| m.id != old), "{status:?}");
     cluster.kill9(old);
@@ -468,7 +487,7 @@ async fn a_member_is_replaced_through_add_and_remove() {
         submit(&client, &format!("m{i}")).await.unwrap();
     }
     let mut via_new = cluster.member_client(new).await.unwrap();
-    let mut req = tonic::Request::new(pb::ListJobsRequest::default());
+    let mut req = tonic::Request::new(full_list());
     req.metadata_mut().insert(
         "nembo-stale",
         tonic::metadata::MetadataValue::from_static("true"),
@@ -476,7 +495,7 @@ async fn a_member_is_replaced_through_add_and_remove() {
     wait_for("the new member to hold every job", SECS(10), || {
         let mut c = via_new.clone();
         async move {
-            let mut req = tonic::Request::new(pb::ListJobsRequest::default());
+            let mut req = tonic::Request::new(full_list());
             req.metadata_mut().insert(
                 "nembo-stale",
                 tonic::metadata::MetadataValue::from_static("true"),
@@ -492,12 +511,11 @@ async fn a_member_is_replaced_through_add_and_remove() {
         c.transfer_leader(r).await
     })
     .await
+    .unwrap()
+    .status
     .unwrap();
     assert_eq!(status.leader_id, new);
-    assert!(via_new
-        .list_jobs(pb::ListJobsRequest::default())
-        .await
-        .is_ok());
+    assert!(via_new.list_jobs(full_list()).await.is_ok());
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -613,7 +631,7 @@ async fn history_client(
                 history.lock().unwrap().ret(thread, ret);
             }
             Op::Read => {
-                let req = timed(pb::ListJobsRequest::default());
+                let req = timed(full_list());
                 match c.list_jobs(req).await {
                     Ok(r) => {
                         let jobs = r

@@ -2,8 +2,9 @@
 
 use std::time::Duration;
 
+use nembo_proto::agent::v1 as apb;
 use nembo_proto::v1 as pb;
-use nembo_tests::{alive, wait_for, Coordinator};
+use nembo_tests::{alive, ms, wait_for, Coordinator};
 use tonic::Code;
 
 const SECS: fn(u64) -> Duration = Duration::from_secs;
@@ -47,11 +48,13 @@ async fn launch_streams_logs_and_succeeds_with_skypilot_env() {
         .get_job(pb::GetJobRequest { job_id: "1".into() })
         .await
         .unwrap()
-        .into_inner();
+        .into_inner()
+        .job
+        .unwrap();
     assert_eq!(job.state, pb::JobState::Succeeded as i32);
     assert_eq!(job.exit_code, Some(0));
     assert_eq!(job.attempts.len(), 1);
-    assert!(job.ended_at_unix_ms >= job.started_at_unix_ms && job.started_at_unix_ms > 0);
+    assert!(ms(&job.end_time) >= ms(&job.start_time) && ms(&job.start_time) > 0);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -159,7 +162,7 @@ async fn cancel_kills_the_whole_process_tree() {
     c.wait_state(&next, pb::JobState::Succeeded, SECS(15)).await;
     let mut client = c.client().await;
     let nodes = client
-        .list_nodes(pb::ListNodesRequest {})
+        .list_nodes(pb::ListNodesRequest::default())
         .await
         .unwrap()
         .into_inner()
@@ -237,7 +240,9 @@ async fn state_survives_snapshot_compaction_and_kill9() {
         .get_cluster_status(pb::GetClusterStatusRequest {})
         .await
         .unwrap()
-        .into_inner();
+        .into_inner()
+        .status
+        .unwrap();
     assert!(before.snapshot_index >= 9, "{before:?}");
     c.kill9();
     c.restart().await;
@@ -250,7 +255,9 @@ async fn state_survives_snapshot_compaction_and_kill9() {
         .get_cluster_status(pb::GetClusterStatusRequest {})
         .await
         .unwrap()
-        .into_inner();
+        .into_inner()
+        .status
+        .unwrap();
     assert!(after.applied_index >= before.applied_index);
     assert_eq!(after.leader_id, 1);
 }
@@ -315,7 +322,7 @@ async fn a_node_whose_heartbeats_stop_is_lost_and_its_job_fails() {
     assert!(job.message.contains("lost"), "{}", job.message);
     let mut client = c.client().await;
     let nodes = client
-        .list_nodes(pb::ListNodesRequest {})
+        .list_nodes(pb::ListNodesRequest::default())
         .await
         .unwrap()
         .into_inner()
@@ -381,8 +388,8 @@ async fn calls_without_a_valid_token_are_refused() {
         let mut agent = nembo_proto::client::connect_agent(&c.endpoint(), &c.ca(), &token)
             .await
             .unwrap();
-        let hello = pb::AgentMessage {
-            msg: Some(pb::agent_message::Msg::Hello(pb::Hello {
+        let hello = apb::SessionRequest {
+            msg: Some(apb::session_request::Msg::Hello(apb::Hello {
                 node_id: "node-1".into(),
                 ..Default::default()
             })),
@@ -425,9 +432,14 @@ async fn bad_input_gets_a_clear_error_and_changes_nothing() {
         .get_cluster_status(pb::GetClusterStatusRequest {})
         .await
         .unwrap()
-        .into_inner();
+        .into_inner()
+        .status
+        .unwrap();
     let audited_before = client
-        .get_audit_log(pb::GetAuditLogRequest { limit: 10_000 })
+        .get_audit_log(pb::GetAuditLogRequest {
+            page_size: 10_000,
+            ..Default::default()
+        })
         .await
         .unwrap()
         .into_inner()
@@ -540,10 +552,15 @@ async fn bad_input_gets_a_clear_error_and_changes_nothing() {
         .get_cluster_status(pb::GetClusterStatusRequest {})
         .await
         .unwrap()
-        .into_inner();
+        .into_inner()
+        .status
+        .unwrap();
     // Each refused change is in the audit trail; nothing else was written.
     let audited = client
-        .get_audit_log(pb::GetAuditLogRequest { limit: 10_000 })
+        .get_audit_log(pb::GetAuditLogRequest {
+            page_size: 10_000,
+            ..Default::default()
+        })
         .await
         .unwrap()
         .into_inner()
@@ -594,7 +611,7 @@ async fn dry_run_places_without_launching() {
         .jobs
         .is_empty());
     assert!(client
-        .list_nodes(pb::ListNodesRequest {})
+        .list_nodes(pb::ListNodesRequest::default())
         .await
         .unwrap()
         .into_inner()
@@ -625,7 +642,7 @@ async fn multi_node_job_runs_every_rank_and_down_releases_the_nodes() {
     .await;
     let mut client = c.client().await;
     let nodes = client
-        .list_nodes(pb::ListNodesRequest {})
+        .list_nodes(pb::ListNodesRequest::default())
         .await
         .unwrap()
         .into_inner()
@@ -694,11 +711,115 @@ async fn a_structured_spec_runs_like_yaml_and_secrets_stay_hidden() {
     );
     assert!(shown.contains("<redacted>"));
     let nodes = client
-        .list_nodes(pb::ListNodesRequest {})
+        .list_nodes(pb::ListNodesRequest::default())
         .await
         .unwrap()
         .into_inner()
         .nodes;
     assert_eq!(nodes[0].region, "eu-west");
     assert_eq!(nodes[0].instance_type, "local-l4-1");
+}
+
+/// Lists come in pages (AIP-158): a page token continues where the last
+/// page ended, even after the list grew; ListJobs gives summaries unless
+/// asked for the full job; a token of another list is refused.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn lists_come_in_pages_and_jobs_as_summaries_unless_asked_for_in_full() {
+    // No nodes: the jobs stay pending and the list stays put.
+    let c = Coordinator::start(&["--max-nodes", "0"]).await;
+    let mut ids = Vec::new();
+    for i in 0..5 {
+        ids.push(c.submit(&format!("name: paged-{i}\nrun: echo {i}")).await);
+    }
+    let mut client = c.client().await;
+    let page = |page_token: String, view: pb::JobView| pb::ListJobsRequest {
+        page_size: 2,
+        page_token,
+        view: view as i32,
+        ..Default::default()
+    };
+    let mut seen = Vec::new();
+    let mut token = String::new();
+    let mut pages = 0;
+    loop {
+        let r = client
+            .list_jobs(page(token, pb::JobView::Unspecified))
+            .await
+            .unwrap()
+            .into_inner();
+        assert!(r.jobs.len() <= 2);
+        assert!(
+            r.jobs
+                .iter()
+                .all(|j| j.spec.is_none() && j.attempts.is_empty()),
+            "the default view is a summary"
+        );
+        assert!(r.jobs.iter().all(|j| j.submit_time.is_some()));
+        seen.extend(r.jobs.into_iter().map(|j| j.job_id));
+        pages += 1;
+        if pages == 1 {
+            // A job submitted between pages shows up on a later page once.
+            ids.push(c.submit("name: late\nrun: echo late").await);
+        }
+        if r.next_page_token.is_empty() {
+            break;
+        }
+        token = r.next_page_token;
+    }
+    assert_eq!(seen, ids, "every job once, oldest first");
+    assert_eq!(pages, 3);
+    let full = client
+        .list_jobs(page(String::new(), pb::JobView::Full))
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(full.jobs.iter().all(|j| j.spec.is_some()), "{full:?}");
+
+    // The audit trail, newest first, page after page, never twice.
+    let mut records = Vec::new();
+    let mut token = String::new();
+    loop {
+        let r = client
+            .get_audit_log(pb::GetAuditLogRequest {
+                page_size: 4,
+                page_token: token,
+            })
+            .await
+            .unwrap()
+            .into_inner();
+        records.extend(r.records);
+        if r.next_page_token.is_empty() {
+            break;
+        }
+        token = r.next_page_token;
+    }
+    let submits = records.iter().filter(|r| r.call == "SubmitJob").count();
+    assert_eq!(submits, 6, "{records:?}");
+    assert!(records.windows(2).all(|w| ms(&w[0].time) >= ms(&w[1].time)));
+    assert_eq!(records[0].target, format!("job {}", ids.last().unwrap()));
+
+    // A token is good for its own list only, and a negative size is refused.
+    let jobs_token = client
+        .list_jobs(page(String::new(), pb::JobView::Unspecified))
+        .await
+        .unwrap()
+        .into_inner()
+        .next_page_token;
+    let err = client
+        .list_nodes(pb::ListNodesRequest {
+            page_token: jobs_token,
+            ..Default::default()
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Code::InvalidArgument, "{err:?}");
+    assert!(err.message().starts_with("page_token"), "{err:?}");
+    let err = client
+        .list_users(pb::ListUsersRequest {
+            page_size: -1,
+            ..Default::default()
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Code::InvalidArgument);
 }

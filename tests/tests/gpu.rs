@@ -85,7 +85,10 @@ const EIGHT_H100: &str = "gpus 8\nname NVIDIA H100 80GB HBM3\nfb_total 858993459
      fb_used 1073741824\nutil 40\nutil.2 77\ntemp 45\npower_mw 312500\n\
      nvlink_rx_kib 1000\nnvlink_tx_kib 2000\nretired_sbe.4 2\nunsupported.7 nvlink retired\n";
 
-async fn fleet(c: &Coordinator, req: pb::GetFleetMetricsRequest) -> Vec<pb::GpuMetrics> {
+async fn fleet(c: &Coordinator, filter: pb::GpuFilter) -> Vec<pb::GpuMetrics> {
+    let req = pb::GetFleetMetricsRequest {
+        filter: Some(filter),
+    };
     c.client()
         .await
         .get_fleet_metrics(req)
@@ -137,11 +140,11 @@ async fn a_nodes_gpus_show_up_live_in_the_fleet_view_and_in_nembo_gpus() {
         .client()
         .await
         .watch_fleet_metrics(pb::WatchFleetMetricsRequest {
-            filter: Some(pb::GetFleetMetricsRequest {
+            filter: Some(pb::GpuFilter {
                 node_id: "node-1".into(),
                 ..Default::default()
             }),
-            interval_ms: 200,
+            interval: Some(nembo_proto::clock::duration(200)),
         })
         .await
         .expect("WatchFleetMetrics")
@@ -170,7 +173,7 @@ async fn a_nodes_gpus_show_up_live_in_the_fleet_view_and_in_nembo_gpus() {
     // Filters.
     let none = fleet(
         &c,
-        pb::GetFleetMetricsRequest {
+        pb::GpuFilter {
             model: "A100".into(),
             ..Default::default()
         },
@@ -179,7 +182,7 @@ async fn a_nodes_gpus_show_up_live_in_the_fleet_view_and_in_nembo_gpus() {
     assert!(none.is_empty());
     let by_job = fleet(
         &c,
-        pb::GetFleetMetricsRequest {
+        pb::GpuFilter {
             job_id: job.clone(),
             ..Default::default()
         },
@@ -228,9 +231,16 @@ async fn a_nodes_gpus_show_up_live_in_the_fleet_view_and_in_nembo_gpus() {
         "Hostname=\"node-1\"",
         "node=\"node-1\"",
         "provider=\"local\"",
+        "pci_bus_id=\"",
+        "DCGM_FI_DRIVER_VERSION=\"",
     ] {
         assert!(line.contains(label), "{label} missing from {line}");
     }
+    // Not `job`: Prometheus would rename it `exported_job`.
+    assert!(
+        !line.contains(" job=\"") && !line.contains(",job=\""),
+        "{line}"
+    );
     assert!(line.contains(&format!("nembo_job=\"{job}\"")), "{line}");
     assert!(line.ends_with(" 12"), "{line}");
     let fb_used = text
@@ -260,6 +270,12 @@ async fn a_nodes_gpus_show_up_live_in_the_fleet_view_and_in_nembo_gpus() {
         "{text}"
     );
     assert!(text.contains("nembo_agent_heartbeat_delay_seconds_count "));
+    // raft-engine's own series, which it registers but nobody served.
+    assert!(
+        text.lines()
+            .any(|l| l.starts_with("raft_engine_write_duration_seconds_count")),
+        "{text}"
+    );
     check_exposition(&text);
 }
 
@@ -396,7 +412,9 @@ async fn a_critical_xid_makes_the_node_unhealthy_and_no_new_job_lands_on_it() {
         })
         .await
         .unwrap()
-        .into_inner();
+        .into_inner()
+        .job
+        .unwrap();
     assert_eq!(job.state, pb::JobState::Pending as i32, "{job:?}");
     let job = c
         .client()
@@ -404,7 +422,9 @@ async fn a_critical_xid_makes_the_node_unhealthy_and_no_new_job_lands_on_it() {
         .get_job(pb::GetJobRequest { job_id: running })
         .await
         .unwrap()
-        .into_inner();
+        .into_inner()
+        .job
+        .unwrap();
     assert_eq!(job.state, pb::JobState::Running as i32);
     let out = c.cli(&["status"]);
     let text = String::from_utf8_lossy(&out.stdout);
@@ -485,7 +505,7 @@ async fn a_gpu_process_is_mapped_to_its_job() {
         .all(|p| p.gpu_util_percent == 40 && p.power_w == 312));
     assert!(points
         .windows(2)
-        .all(|w| w[0].at_unix_ms <= w[1].at_unix_ms));
+        .all(|w| nembo_tests::ms(&w[0].time) <= nembo_tests::ms(&w[1].time)));
     let minutes = client.get_gpu_history(history(0, true)).await.unwrap();
     assert!(
         minutes.into_inner().points.len() <= 1,

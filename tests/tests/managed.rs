@@ -399,7 +399,10 @@ async fn a_partitioned_leader_and_its_attempt_are_fenced_by_the_new_leader() {
     // after a moment and ask again (the next try may go elsewhere).
     let jobs = || async {
         let mut c = cl.client();
-        let call = c.list_jobs(pb::ListJobsRequest::default());
+        let call = c.list_jobs(pb::ListJobsRequest {
+            view: pb::JobView::Full as i32,
+            ..Default::default()
+        });
         tokio::time::timeout(Duration::from_secs(2), call)
             .await
             .ok()?
@@ -429,7 +432,7 @@ async fn a_partitioned_leader_and_its_attempt_are_fenced_by_the_new_leader() {
         let j = jobs()
             .await
             .and_then(|j| j.into_iter().find(|j| j.job_id == id));
-        if let Some(j) = j.filter(|j| j.attempts.get(1).is_some_and(|a| a.started_at_unix_ms > 0)) {
+        if let Some(j) = j.filter(|j| j.attempts.get(1).is_some_and(|a| a.start_time.is_some())) {
             break j;
         }
         if std::time::Instant::now() > deadline {
@@ -449,7 +452,10 @@ async fn a_partitioned_leader_and_its_attempt_are_fenced_by_the_new_leader() {
         }
         tokio::time::sleep(Duration::from_millis(200)).await;
     };
-    assert!(second.attempts[0].ended_at_unix_ms <= second.attempts[1].started_at_unix_ms);
+    assert!(
+        nembo_tests::ms(&second.attempts[0].end_time)
+            <= nembo_tests::ms(&second.attempts[1].start_time)
+    );
     // The cut-off attempt may still run (its agent has not noticed the
     // frozen leader yet) or may already have been stopped (it reconnected
     // to the new leader first): both are correct; it must be gone below.

@@ -226,8 +226,8 @@ async fn with_every_place_full_the_job_fails_naming_them() {
     let r = c
         .client()
         .await
-        .dry_run(pb::SubmitJobRequest {
-            task: Some(pb::submit_job_request::Task::TaskYaml(
+        .dry_run(pb::DryRunRequest {
+            task: Some(pb::dry_run_request::Task::TaskYaml(
                 "resources: {accelerators: H100:1, infra: sim}\nrun: x\n".into(),
             )),
             ..Default::default()

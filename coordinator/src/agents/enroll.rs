@@ -13,8 +13,8 @@ use std::sync::Arc;
 use std::time::SystemTime;
 
 use nembo_domain::state::{Command, Enrollment, NodeState, Outcome, Resources, State};
-use nembo_proto::v1 as pb;
-use nembo_proto::v1::enrollment_server::Enrollment as EnrollmentRpc;
+use nembo_proto::agent::v1 as apb;
+use nembo_proto::agent::v1::enrollment_service_server::EnrollmentService as EnrollmentRpc;
 use tonic::{Code, Request, Response, Status};
 
 use crate::context::Ctx;
@@ -41,7 +41,7 @@ fn admin_token_id(token: &str, access: &nembo_domain::access::Access) -> Option<
     tls::token_matches(&tls::sha256_hex(secret.as_bytes()), &stored.sha256).then(|| id.to_string())
 }
 
-fn issue(ctx: &Ctx, node_id: &str, public_key: &[u8]) -> Result<pb::EnrollResponse, Status> {
+fn issue(ctx: &Ctx, node_id: &str, public_key: &[u8]) -> Result<apb::NodeCertificate, Status> {
     let Some(issuer) = &ctx.issuer else {
         return Err(Status::failed_precondition(
             "this coordinator has no cluster CA key, so it cannot issue certificates",
@@ -59,7 +59,7 @@ fn issue(ctx: &Ctx, node_id: &str, public_key: &[u8]) -> Result<pb::EnrollRespon
             }
             other => Status::internal(other.to_string()),
         })?;
-    Ok(pb::EnrollResponse {
+    Ok(apb::NodeCertificate {
         node_id: node_id.to_string(),
         certificate_pem: pem,
         not_before_unix_ms: not_before_ms,
@@ -67,7 +67,7 @@ fn issue(ctx: &Ctx, node_id: &str, public_key: &[u8]) -> Result<pb::EnrollRespon
     })
 }
 
-/// Serves `nembo.v1.Enrollment`.
+/// Serves `nembo.agent.v1.EnrollmentService`.
 pub struct EnrollmentService {
     ctx: Arc<Ctx>,
 }
@@ -83,8 +83,8 @@ impl EnrollmentService {
 impl EnrollmentRpc for EnrollmentService {
     async fn enroll(
         &self,
-        request: Request<pb::EnrollRequest>,
-    ) -> Result<Response<pb::EnrollResponse>, Status> {
+        request: Request<apb::EnrollRequest>,
+    ) -> Result<Response<apb::EnrollResponse>, Status> {
         let ctx = &self.ctx;
         ctx.require_leader()?;
         let req = request.into_inner();
@@ -156,7 +156,9 @@ impl EnrollmentRpc for EnrollmentService {
             Code::Ok,
         )
         .await;
-        Ok(Response::new(answer))
+        Ok(Response::new(apb::EnrollResponse {
+            certificate: Some(answer),
+        }))
     }
 }
 
@@ -182,8 +184,8 @@ pub fn agent_may_speak_for(
 /// `AgentService.Renew`: a new certificate for the node the caller's names.
 pub async fn renew(
     ctx: &Ctx,
-    request: Request<pb::RenewRequest>,
-) -> Result<Response<pb::EnrollResponse>, Status> {
+    request: Request<apb::RenewRequest>,
+) -> Result<Response<apb::RenewResponse>, Status> {
     let Some(AgentCaller::Node(node_id)) = request.extensions().get::<AgentCaller>().cloned()
     else {
         return Err(Status::unauthenticated(
@@ -193,7 +195,9 @@ pub async fn renew(
     ctx.require_leader()?;
     let view = ctx.raft.view();
     agent_may_speak_for(&view.state, &node_id, &[])?;
-    let answer = issue(ctx, &node_id, &request.get_ref().public_key)?;
+    let certificate = issue(ctx, &node_id, &request.get_ref().public_key)?;
     tracing::info!(node = %node_id, "agent certificate renewed");
-    Ok(Response::new(answer))
+    Ok(Response::new(apb::RenewResponse {
+        certificate: Some(certificate),
+    }))
 }

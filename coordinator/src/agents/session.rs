@@ -11,10 +11,11 @@ use std::sync::Arc;
 
 use nembo_domain::health::{gpu_problem, GpuReading};
 use nembo_domain::state::{Command, Job, JobState, NodeState, RankOutcome, State};
+use nembo_proto::agent::v1 as apb;
+use nembo_proto::agent::v1::agent_service_server::AgentService;
+use nembo_proto::agent::v1::session_request::Msg as AgentMsg;
+use nembo_proto::agent::v1::session_response::Msg as CoordMsg;
 use nembo_proto::v1 as pb;
-use nembo_proto::v1::agent_message::Msg as AgentMsg;
-use nembo_proto::v1::agent_service_server::AgentService;
-use nembo_proto::v1::coordinator_message::Msg as CoordMsg;
 use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Request, Response, Status, Streaming};
@@ -39,23 +40,23 @@ impl Agents {
 
 #[tonic::async_trait]
 impl AgentService for Agents {
-    type SessionStream = ReceiverStream<Result<pb::CoordinatorMessage, Status>>;
+    type SessionStream = ReceiverStream<Result<apb::SessionResponse, Status>>;
 
     async fn renew(
         &self,
-        request: Request<pb::RenewRequest>,
-    ) -> Result<Response<pb::EnrollResponse>, Status> {
+        request: Request<apb::RenewRequest>,
+    ) -> Result<Response<apb::RenewResponse>, Status> {
         crate::agents::enroll::renew(&self.ctx, request).await
     }
 
     async fn session(
         &self,
-        request: Request<Streaming<pb::AgentMessage>>,
+        request: Request<Streaming<apb::SessionRequest>>,
     ) -> Result<Response<Self::SessionStream>, Status> {
         let caller = request.extensions().get::<AgentCaller>().cloned();
         let mut inbound = request.into_inner();
         let hello = match inbound.message().await? {
-            Some(pb::AgentMessage {
+            Some(apb::SessionRequest {
                 msg: Some(AgentMsg::Hello(h)),
             }) => h,
             _ => return Err(Status::invalid_argument("the first message must be hello")),
@@ -108,9 +109,9 @@ impl AgentService for Agents {
 
 async fn run_session(
     ctx: Arc<Ctx>,
-    hello: pb::Hello,
-    mut inbound: Streaming<pb::AgentMessage>,
-    tx: mpsc::Sender<Result<pb::CoordinatorMessage, Status>>,
+    hello: apb::Hello,
+    mut inbound: Streaming<apb::SessionRequest>,
+    tx: mpsc::Sender<Result<apb::SessionResponse, Status>>,
 ) -> Result<(), Status> {
     let node_id = hello.node_id.clone();
     ctx.heartbeat(&node_id);
@@ -135,7 +136,7 @@ async fn run_session(
         handle_report(&ctx, &node_id, report).await;
     }
     let view = ctx.raft.view();
-    let welcome = pb::Welcome {
+    let welcome = apb::Welcome {
         node_id: node_id.clone(),
         heartbeat_interval_ms: ctx.heartbeat_ms,
         log_offsets: log_offsets(&ctx, &view.state, &node_id),
@@ -147,7 +148,7 @@ async fn run_session(
     // ranks were declared lost and the job moved on) is killed at once:
     // never two attempts of a job running.
     for r in &hello.jobs {
-        if r.phase != pb::JobPhase::Started as i32 {
+        if r.phase != apb::JobPhase::Started as i32 {
             continue;
         }
         let stale = r
@@ -166,7 +167,7 @@ async fn run_session(
             tracing::warn!(node = %node_id, job = %r.job_id, attempt = r.attempt, "stopping an attempt that resurfaced after it was given up");
             send(
                 &tx,
-                CoordMsg::StopJob(pb::StopJob {
+                CoordMsg::StopJob(apb::StopJob {
                     job_id: r.job_id.clone(),
                     attempt: r.attempt,
                     grace_ms: 0,
@@ -283,15 +284,15 @@ async fn check_gpu_health(
 }
 
 async fn send(
-    tx: &mpsc::Sender<Result<pb::CoordinatorMessage, Status>>,
+    tx: &mpsc::Sender<Result<apb::SessionResponse, Status>>,
     msg: CoordMsg,
 ) -> Result<(), Status> {
-    tx.send(Ok(pb::CoordinatorMessage { msg: Some(msg) }))
+    tx.send(Ok(apb::SessionResponse { msg: Some(msg) }))
         .await
         .map_err(|_| Status::cancelled("agent went away"))
 }
 
-fn log_offsets(ctx: &Ctx, state: &State, node_id: &str) -> Vec<pb::LogOffset> {
+fn log_offsets(ctx: &Ctx, state: &State, node_id: &str) -> Vec<apb::LogOffset> {
     let mut out = Vec::new();
     for job in state.jobs.values() {
         for a in &job.attempts {
@@ -302,7 +303,7 @@ fn log_offsets(ctx: &Ctx, state: &State, node_id: &str) -> Vec<pb::LogOffset> {
                         attempt: a.number,
                         rank: rank as u32,
                     };
-                    out.push(pb::LogOffset {
+                    out.push(apb::LogOffset {
                         job_id: job.id.to_string(),
                         attempt: a.number,
                         rank: rank as u32,
@@ -323,7 +324,7 @@ async fn dispatch(
     ctx: &Ctx,
     view: &ClusterView,
     node_id: &str,
-    tx: &mpsc::Sender<Result<pb::CoordinatorMessage, Status>>,
+    tx: &mpsc::Sender<Result<apb::SessionResponse, Status>>,
     sent_run: &mut HashSet<(u64, u32)>,
     sent_stop: &mut HashSet<(u64, u32)>,
 ) -> Result<(), Status> {
@@ -346,7 +347,7 @@ async fn dispatch(
             if sent_stop.insert(key) {
                 send(
                     tx,
-                    CoordMsg::StopJob(pb::StopJob {
+                    CoordMsg::StopJob(apb::StopJob {
                         job_id: job.id.to_string(),
                         attempt: a.number,
                         grace_ms: ctx.stop_grace_ms,
@@ -376,7 +377,7 @@ fn run_job(
     rank: usize,
     term: u64,
     secrets: &crate::identity::sealed::SecretBox,
-) -> pb::RunJob {
+) -> apb::RunJob {
     let a = job
         .current_attempt()
         .expect("dispatch checks for an attempt");
@@ -434,7 +435,7 @@ fn run_job(
     ] {
         env.insert(k.to_string(), v);
     }
-    pb::RunJob {
+    apb::RunJob {
         job_id: job.id.to_string(),
         attempt: a.number,
         rank: rank as u32,
@@ -446,7 +447,7 @@ fn run_job(
         workdir: job.spec.workdir.clone().unwrap_or_default(),
         env,
         term,
-        checkpoint: job.spec.checkpoint.as_ref().map(|c| pb::CheckpointSpec {
+        checkpoint: job.spec.checkpoint.as_ref().map(|c| apb::CheckpointSpec {
             store: c.store.clone(),
             path: c.path.clone(),
             interval_s: c.interval_s,
@@ -457,7 +458,7 @@ fn run_job(
 
 /// A node's cloud announced it is taking the node back. An advisory one
 /// (AWS rebalance) is only logged: the agent checkpoints on it.
-async fn handle_notice(ctx: &Ctx, node_id: &str, p: &pb::PreemptionNotice) {
+async fn handle_notice(ctx: &Ctx, node_id: &str, p: &apb::PreemptionNotice) {
     tracing::warn!(node = node_id, kind = %p.kind, deadline = p.deadline_unix_ms, advisory = p.advisory, "preemption notice");
     if p.advisory {
         return;
@@ -480,7 +481,7 @@ async fn handle_notice(ctx: &Ctx, node_id: &str, p: &pb::PreemptionNotice) {
 
 /// Turns an agent's report into Raft commands. Reports are idempotent:
 /// applying one twice changes nothing the second time.
-async fn handle_report(ctx: &Ctx, node_id: &str, r: &pb::JobReport) {
+async fn handle_report(ctx: &Ctx, node_id: &str, r: &apb::JobReport) {
     let Ok(job_id) = r.job_id.parse::<u64>() else {
         return;
     };
@@ -497,16 +498,16 @@ async fn handle_report(ctx: &Ctx, node_id: &str, r: &pb::JobReport) {
         return;
     };
     let rank = rank as u32;
-    let phase = pb::JobPhase::try_from(r.phase).unwrap_or(pb::JobPhase::Unspecified);
+    let phase = apb::JobPhase::try_from(r.phase).unwrap_or(apb::JobPhase::Unspecified);
     let code = r.exit_code.unwrap_or(-1);
     let outcome = match phase {
-        pb::JobPhase::Started => None,
-        pb::JobPhase::Exited => Some(RankOutcome::Exited(code)),
-        pb::JobPhase::SetupFailed => Some(RankOutcome::SetupFailed(code)),
-        pb::JobPhase::FailedToStart => Some(RankOutcome::FailedToStart(r.message.clone())),
-        pb::JobPhase::Cancelled => Some(RankOutcome::Cancelled),
-        pb::JobPhase::Lost => Some(RankOutcome::Lost(r.message.clone())),
-        pb::JobPhase::Unspecified => return,
+        apb::JobPhase::Started => None,
+        apb::JobPhase::Exited => Some(RankOutcome::Exited(code)),
+        apb::JobPhase::SetupFailed => Some(RankOutcome::SetupFailed(code)),
+        apb::JobPhase::FailedToStart => Some(RankOutcome::FailedToStart(r.message.clone())),
+        apb::JobPhase::Cancelled => Some(RankOutcome::Cancelled),
+        apb::JobPhase::Lost => Some(RankOutcome::Lost(r.message.clone())),
+        apb::JobPhase::Unspecified => return,
     };
     let at_ms = if r.at_unix_ms > 0 {
         r.at_unix_ms
@@ -514,7 +515,7 @@ async fn handle_report(ctx: &Ctx, node_id: &str, r: &pb::JobReport) {
         now_ms()
     };
     let rank_state = &a.ranks[rank as usize];
-    let ran = !matches!(phase, pb::JobPhase::FailedToStart | pb::JobPhase::Lost);
+    let ran = !matches!(phase, apb::JobPhase::FailedToStart | apb::JobPhase::Lost);
     if ran && !rank_state.started {
         ctx.propose_quietly(Command::RankStarted {
             job_id,

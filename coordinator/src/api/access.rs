@@ -1,17 +1,24 @@
 //! Who may do what: the caller's identity, users and their tokens, join
 //! tokens for agents, and the audit trail.
 
-use nembo_domain::access::{AccessCommand, JoinToken, Role};
+use std::ops::Bound::{Excluded, Unbounded};
+
+use nembo_domain::access::{AccessCommand, JoinToken};
 use nembo_domain::state::Command;
-use nembo_proto::clock::now_ms;
+use nembo_proto::clock::{millis, now_ms, timestamp};
 use nembo_proto::v1 as pb;
 use tonic::{Request, Response, Status};
 
+use super::convert;
 use super::gate::{audited, principal, ROOT, USER_TOKEN_PREFIX};
+use super::paging::PageRequest;
 use super::propose_change;
 use crate::agents::enroll::JOIN_TOKEN_PREFIX;
 use crate::context::Ctx;
 use crate::error::CoordinatorError;
+
+/// The longest a join token may live.
+const MAX_JOIN_TOKEN_TTL_S: i64 = 30 * 24 * 3600;
 
 pub async fn who_am_i(
     _ctx: &Ctx,
@@ -20,7 +27,7 @@ pub async fn who_am_i(
     let who = principal(&request)?;
     Ok(Response::new(pb::WhoAmIResponse {
         user: who.name,
-        role: who.role.as_str().into(),
+        role: convert::role(Some(who.role)) as i32,
     }))
 }
 
@@ -42,10 +49,12 @@ pub async fn create_user(
         ))
         .into());
     }
-    let role: Role = req
-        .role
-        .parse()
-        .map_err(|e| CoordinatorError::InvalidArgument(format!("role: {e}")))?;
+    let role = convert::role_from_proto(req.role).ok_or_else(|| {
+        CoordinatorError::InvalidArgument(format!(
+            "role: {} is not one of ROLE_VIEWER, ROLE_USER, ROLE_ADMIN",
+            req.role
+        ))
+    })?;
     let (token, token_id, token_sha256) = new_token(USER_TOKEN_PREFIX, '_');
     propose_change(
         ctx,
@@ -61,7 +70,7 @@ pub async fn create_user(
     Ok(audited(
         pb::CreateUserResponse {
             name: name.clone(),
-            role: role.as_str().into(),
+            role: convert::role(Some(role)) as i32,
             token,
         },
         format!("user {name} ({})", role.as_str()),
@@ -70,23 +79,32 @@ pub async fn create_user(
 
 pub async fn list_users(
     ctx: &Ctx,
-    _request: Request<pb::ListUsersRequest>,
+    request: Request<pb::ListUsersRequest>,
 ) -> Result<Response<pb::ListUsersResponse>, Status> {
+    let req = request.into_inner();
+    let page = PageRequest::<String>::new("users", req.page_size, &req.page_token)?;
     let view = ctx.raft.view();
-    let users = view
-        .state
-        .access
-        .users
-        .values()
-        .map(|u| pb::User {
-            name: u.name.clone(),
-            role: u.role.as_str().into(),
-            token_id: u.token_id.clone(),
-            created_unix_ms: u.created_at_ms,
-            revoked_unix_ms: u.revoked_at_ms.unwrap_or(0),
-        })
-        .collect();
-    Ok(Response::new(pb::ListUsersResponse { users }))
+    let after = page.after.clone().map_or(Unbounded, Excluded);
+    let (users, next_page_token) = page.take(
+        view.state
+            .access
+            .users
+            .range((after, Unbounded))
+            .map(|(name, u)| {
+                let user = pb::User {
+                    name: u.name.clone(),
+                    role: convert::role(Some(u.role)) as i32,
+                    token_id: u.token_id.clone(),
+                    create_time: timestamp(u.created_at_ms),
+                    revoke_time: u.revoked_at_ms.and_then(timestamp),
+                };
+                (name.clone(), user)
+            }),
+    );
+    Ok(Response::new(pb::ListUsersResponse {
+        users,
+        next_page_token,
+    }))
 }
 
 pub async fn revoke_user(
@@ -111,10 +129,19 @@ pub async fn create_join_token(
 ) -> Result<Response<pb::CreateJoinTokenResponse>, Status> {
     let who = principal(&request)?;
     let req = request.into_inner();
-    let ttl_s = if req.ttl_s == 0 { 3600 } else { req.ttl_s };
-    if ttl_s > 30 * 24 * 3600 {
-        return Err(CoordinatorError::InvalidArgument("ttl_s: at most 30 days".into()).into());
-    }
+    let ttl_s = match millis(req.ttl.as_ref()) {
+        None => 3600,
+        Some(ms) if ms < 1000 => {
+            return Err(CoordinatorError::InvalidArgument(format!(
+                "ttl: at least 1 s (got {ms} ms)"
+            ))
+            .into())
+        }
+        Some(ms) if ms > MAX_JOIN_TOKEN_TTL_S * 1000 => {
+            return Err(CoordinatorError::InvalidArgument("ttl: at most 30 days".into()).into())
+        }
+        Some(ms) => ms / 1000,
+    };
     let uses = if req.uses == 0 { 1 } else { req.uses };
     let node = (!req.node_id.is_empty()).then(|| req.node_id.clone());
     if let Some(n) = &node {
@@ -132,7 +159,7 @@ pub async fn create_join_token(
     }
     let (token, id, sha256) = new_token(JOIN_TOKEN_PREFIX, '.');
     let now = now_ms();
-    let expires = now + i64::from(ttl_s) * 1000;
+    let expires = now + ttl_s * 1000;
     propose_change(
         ctx,
         Command::Access(AccessCommand::CreateJoinToken {
@@ -155,7 +182,7 @@ pub async fn create_join_token(
         pb::CreateJoinTokenResponse {
             id: id.clone(),
             token,
-            expires_unix_ms: expires,
+            expire_time: timestamp(expires),
         },
         match &node {
             Some(n) => format!("join token {id} (node {n}, uses {uses}, ttl {ttl_s}s)"),
@@ -166,27 +193,31 @@ pub async fn create_join_token(
 
 pub async fn list_join_tokens(
     ctx: &Ctx,
-    _request: Request<pb::ListJoinTokensRequest>,
+    request: Request<pb::ListJoinTokensRequest>,
 ) -> Result<Response<pb::ListJoinTokensResponse>, Status> {
+    let req = request.into_inner();
+    let page = PageRequest::<String>::new("join_tokens", req.page_size, &req.page_token)?;
     let view = ctx.raft.view();
-    let tokens = view
-        .state
-        .access
-        .join_tokens
-        .values()
-        .map(|t| pb::JoinToken {
+    let after = page.after.clone().map_or(Unbounded, Excluded);
+    let tokens = view.state.access.join_tokens.range((after, Unbounded));
+    let (tokens, next_page_token) = page.take(tokens.map(|(id, t)| {
+        let token = pb::JoinToken {
             id: t.id.clone(),
             description: t.description.clone(),
             created_by: t.created_by.clone(),
-            created_unix_ms: t.created_at_ms,
-            expires_unix_ms: t.expires_at_ms,
+            create_time: timestamp(t.created_at_ms),
+            expire_time: timestamp(t.expires_at_ms),
             uses_left: t.uses_left,
-            revoked_unix_ms: t.revoked_at_ms.unwrap_or(0),
+            revoke_time: t.revoked_at_ms.and_then(timestamp),
             node_ids: t.nodes.clone(),
             for_node_id: t.node.clone().unwrap_or_default(),
-        })
-        .collect();
-    Ok(Response::new(pb::ListJoinTokensResponse { tokens }))
+        };
+        (id.clone(), token)
+    }));
+    Ok(Response::new(pb::ListJoinTokensResponse {
+        tokens,
+        next_page_token,
+    }))
 }
 
 pub async fn revoke_join_token(
@@ -211,29 +242,37 @@ pub async fn revoke_join_token(
 pub async fn get_audit_log(
     ctx: &Ctx,
     request: Request<pb::GetAuditLogRequest>,
-) -> Result<Response<pb::AuditLog>, Status> {
-    let limit = match request.get_ref().limit {
-        0 => 100,
-        n => n as usize,
-    };
+) -> Result<Response<pb::GetAuditLogResponse>, Status> {
+    let req = request.into_inner();
+    let page = PageRequest::<u64>::new("audit", req.page_size, &req.page_token)?;
     let view = ctx.raft.view();
-    let audit = &view.state.access.audit;
-    let records = audit
+    let access = &view.state.access;
+    // Newest first: a record's position (dropped + index) never changes, so
+    // the next page starts below the last position sent.
+    let first = access.audit_dropped;
+    let end = page.after.unwrap_or(u64::MAX);
+    let newest_first = access
+        .audit
         .iter()
-        .skip(audit.len().saturating_sub(limit))
-        .map(|r| pb::AuditRecord {
-            at_unix_ms: r.at_ms,
+        .enumerate()
+        .rev()
+        .map(|(i, r)| (first + i as u64, r))
+        .filter(|(position, _)| *position < end);
+    let (records, next_page_token) = page.take(newest_first.map(|(position, r)| {
+        let record = pb::AuditRecord {
+            time: timestamp(r.at_ms),
             who: r.who.clone(),
-            role: r
-                .role
-                .map(|r| r.as_str().to_string())
-                .unwrap_or_else(|| "agent".into()),
+            role: convert::role(r.role) as i32,
             call: r.call.clone(),
             target: r.target.clone(),
             result: r.result.clone(),
-        })
-        .collect();
-    Ok(Response::new(pb::AuditLog { records }))
+        };
+        (position, record)
+    }));
+    Ok(Response::new(pb::GetAuditLogResponse {
+        records,
+        next_page_token,
+    }))
 }
 
 /// `<prefix><id><sep><secret>` with fresh random halves, and the secret's digest.

@@ -1,12 +1,13 @@
 //! What can be bought and what it cost: offerings, provider checks, catalog
 //! refreshes and the cost report.
 
-use nembo_proto::clock::now_ms;
+use nembo_proto::clock::{now_ms, timestamp};
 use nembo_proto::v1 as pb;
 use tonic::{Request, Response, Status};
 
 use super::convert;
 use super::gate::audited;
+use super::paging::PageRequest;
 use crate::context::Ctx;
 
 pub async fn list_offerings(
@@ -14,6 +15,7 @@ pub async fn list_offerings(
     request: Request<pb::ListOfferingsRequest>,
 ) -> Result<Response<pb::ListOfferingsResponse>, Status> {
     let req = request.into_inner();
+    let page = PageRequest::<usize>::new("offerings", req.page_size, &req.page_token)?;
     let want_gpu = (!req.accelerator.is_empty()).then(|| req.accelerator.to_ascii_lowercase());
     let mut offerings: Vec<&nembo_domain::state::Offering> = ctx
         .offerings
@@ -33,11 +35,18 @@ pub async fn list_offerings(
             .total_cmp(&b.price(req.spot))
             .then_with(|| (&a.provider, &a.region).cmp(&(&b.provider, &b.region)))
     });
-    Ok(Response::new(pb::ListOfferingsResponse {
-        offerings: offerings
+    // Keyed by position: a member's offerings are fixed while it runs.
+    let start = page.after.map_or(0, |last| last + 1);
+    let (offerings, next_page_token) = page.take(
+        offerings
             .into_iter()
-            .map(convert::offering_to_proto)
-            .collect(),
+            .enumerate()
+            .skip(start)
+            .map(|(i, o)| (i, convert::offering_to_proto(o))),
+    );
+    Ok(Response::new(pb::ListOfferingsResponse {
+        offerings,
+        next_page_token,
     }))
 }
 
@@ -117,7 +126,7 @@ pub async fn refresh_catalog(
 pub async fn get_cost_report(
     ctx: &Ctx,
     _request: Request<pb::GetCostReportRequest>,
-) -> Result<Response<pb::CostReport>, Status> {
+) -> Result<Response<pb::GetCostReportResponse>, Status> {
     let view = ctx.raft.view();
     let now = now_ms();
     let report = nembo_domain::cost::report(&view.state, now);
@@ -153,10 +162,10 @@ pub async fn get_cost_report(
             })
         })
         .collect();
-    Ok(Response::new(pb::CostReport {
+    Ok(Response::new(pb::GetCostReportResponse {
         nodes,
         jobs,
         total: report.total,
-        at_unix_ms: now,
+        time: timestamp(now),
     }))
 }

@@ -2,11 +2,13 @@
 
 use std::collections::BTreeMap;
 
+use nembo_domain::access::Role;
 use nembo_domain::state::{self as st, Job, JobState, Node, NodeState, Resources};
 use nembo_domain::task::{
     self, Accelerator, Infra, Memory, Quantity, RecoveryStrategy, ResourceCandidate,
     ResourceRequest, SpecError, TaskSpec,
 };
+use nembo_proto::clock::{duration, millis, timestamp};
 use nembo_proto::v1 as pb;
 
 /// Wire job state.
@@ -78,16 +80,16 @@ pub fn spec_to_proto(spec: &TaskSpec) -> pb::TaskSpec {
         }),
         job_recovery: s.recovery.map(|r| pb::JobRecovery {
             strategy: match r.strategy {
-                RecoveryStrategy::EagerNextRegion => "EAGER_NEXT_REGION".into(),
-                RecoveryStrategy::Failover => "FAILOVER".into(),
-            },
+                RecoveryStrategy::EagerNextRegion => pb::RecoveryStrategy::EagerNextRegion,
+                RecoveryStrategy::Failover => pb::RecoveryStrategy::Failover,
+            } as i32,
             max_restarts_on_errors: r.max_restarts_on_errors,
             recover_on_exit_codes: r.recover_on_exit_codes,
         }),
         checkpoint: s.checkpoint.map(|c| pb::Checkpoint {
             store: c.store,
             path: c.path,
-            interval_s: c.interval_s,
+            interval: Some(duration(i64::from(c.interval_s) * 1000)),
             signal: c.signal,
         }),
     }
@@ -146,13 +148,16 @@ pub fn spec_from_proto(
             .as_ref()
             .map(|r| {
                 Ok::<_, SpecError>(task::JobRecovery {
-                    strategy: match r.strategy.to_ascii_uppercase().as_str() {
-                        "" | "EAGER_NEXT_REGION" => RecoveryStrategy::EagerNextRegion,
-                        "FAILOVER" => RecoveryStrategy::Failover,
-                        other => {
+                    strategy: match pb::RecoveryStrategy::try_from(r.strategy) {
+                        Ok(
+                            pb::RecoveryStrategy::Unspecified
+                            | pb::RecoveryStrategy::EagerNextRegion,
+                        ) => RecoveryStrategy::EagerNextRegion,
+                        Ok(pb::RecoveryStrategy::Failover) => RecoveryStrategy::Failover,
+                        Err(_) => {
                             return Err(SpecError::new(
                                 "spec.job_recovery.strategy",
-                                format!("expected EAGER_NEXT_REGION or FAILOVER, got '{other}'"),
+                                format!("{} is not a RecoveryStrategy", r.strategy),
                             ))
                         }
                     },
@@ -161,20 +166,54 @@ pub fn spec_from_proto(
                 })
             })
             .transpose()?,
-        checkpoint: p.checkpoint.as_ref().map(|c| task::Checkpoint {
-            store: c.store.clone(),
-            path: c.path.clone(),
-            interval_s: if c.interval_s == 0 { 60 } else { c.interval_s },
-            signal: if c.signal.is_empty() {
-                "SIGUSR1".into()
-            } else {
-                c.signal.clone()
-            },
-        }),
+        checkpoint: p
+            .checkpoint
+            .as_ref()
+            .map(|c| {
+                Ok::<_, SpecError>(task::Checkpoint {
+                    store: c.store.clone(),
+                    path: c.path.clone(),
+                    interval_s: checkpoint_interval_s(c.interval.as_ref())?,
+                    signal: if c.signal.is_empty() {
+                        "SIGUSR1".into()
+                    } else {
+                        c.signal.clone()
+                    },
+                })
+            })
+            .transpose()?,
         managed: false,
     };
     task::validate(&spec).map_err(|e| SpecError::new(format!("spec.{}", e.path), e.message))?;
     Ok(spec)
+}
+
+/// A checkpoint interval from the wire: whole seconds, at least 1 (default 60).
+fn checkpoint_interval_s(d: Option<&nembo_proto::prost_types::Duration>) -> Result<u32, SpecError> {
+    let Some(ms) = millis(d) else {
+        return Ok(60);
+    };
+    if ms < 1000 || ms % 1000 != 0 || ms / 1000 > i64::from(u32::MAX) {
+        return Err(SpecError::new(
+            "spec.checkpoint.interval",
+            format!("must be a whole number of seconds, at least 1 (got {ms} ms)"),
+        ));
+    }
+    Ok((ms / 1000) as u32)
+}
+
+/// The summary of a job (ListJobs' basic view): no task, attempts,
+/// provision tries or recovery events.
+pub fn job_summary(job: &Job) -> pb::Job {
+    let mut j = job_to_proto(job);
+    j.spec = None;
+    j.idempotency_key.clear();
+    j.attempts.clear();
+    j.provision_tries.clear();
+    if let Some(m) = j.managed.as_mut() {
+        m.events.clear();
+    }
+    j
 }
 
 /// Wire job, secrets redacted.
@@ -185,9 +224,9 @@ pub fn job_to_proto(job: &Job) -> pb::Job {
         name: job.name().to_string(),
         state: job_state(job.state) as i32,
         exit_code: job.exit_code,
-        submitted_at_unix_ms: job.submitted_at_ms,
-        started_at_unix_ms: job.started_at_ms.unwrap_or(0),
-        ended_at_unix_ms: job.ended_at_ms.unwrap_or(0),
+        submit_time: timestamp(job.submitted_at_ms),
+        start_time: job.started_at_ms.and_then(timestamp),
+        end_time: job.ended_at_ms.and_then(timestamp),
         node_ids: current
             .map(|a| a.node_ids.clone())
             .unwrap_or_else(|| job.reserved_nodes.clone()),
@@ -199,8 +238,8 @@ pub fn job_to_proto(job: &Job) -> pb::Job {
                 node_ids: a.node_ids.clone(),
                 state: job_state(a.state) as i32,
                 exit_code: a.exit_code,
-                started_at_unix_ms: a.started_at_ms.unwrap_or(0),
-                ended_at_unix_ms: a.ended_at_ms.unwrap_or(0),
+                start_time: a.started_at_ms.and_then(timestamp),
+                end_time: a.ended_at_ms.and_then(timestamp),
                 message: a.message.clone(),
             })
             .collect(),
@@ -215,7 +254,7 @@ pub fn job_to_proto(job: &Job) -> pb::Job {
                 place: t.place.clone(),
                 hourly_price: t.hourly_price,
                 count: t.count,
-                at_unix_ms: t.at_ms,
+                time: timestamp(t.at_ms),
                 outcome: t.outcome.clone(),
             })
             .collect(),
@@ -227,12 +266,12 @@ pub fn job_to_proto(job: &Job) -> pb::Job {
                 .as_ref()
                 .map(|n| n.node_id.clone())
                 .unwrap_or_default(),
-            notice_deadline_unix_ms: m.notice.as_ref().map_or(0, |n| n.deadline_ms),
+            notice_deadline: m.notice.as_ref().and_then(|n| timestamp(n.deadline_ms)),
             events: m
                 .events
                 .iter()
                 .map(|e| pb::JobEvent {
-                    at_unix_ms: e.at_ms,
+                    time: timestamp(e.at_ms),
                     what: e.what.clone(),
                 })
                 .collect(),
@@ -291,14 +330,34 @@ pub fn node_to_proto(state: &st::State, node: &Node) -> pb::Node {
             .iter()
             .map(|j| j.to_string())
             .collect(),
-        created_at_unix_ms: node.created_at_ms,
+        create_time: timestamp(node.created_at_ms),
         message: node.message.clone(),
         hourly_price: node.hourly_price,
         unhealthy_reason: node.unhealthy.clone().unwrap_or_default(),
         instance_id: node.instance_id.clone().unwrap_or_default(),
         spot: node.spot,
         zone: node.zone.clone().unwrap_or_default(),
-        revoked_unix_ms: node.revoked_at_ms.unwrap_or(0),
+        revoke_time: node.revoked_at_ms.and_then(timestamp),
+    }
+}
+
+/// Wire role; `None` (an agent's enrollment in the audit trail) is ROLE_AGENT.
+pub fn role(r: Option<Role>) -> pb::Role {
+    match r {
+        Some(Role::Viewer) => pb::Role::Viewer,
+        Some(Role::User) => pb::Role::User,
+        Some(Role::Admin) => pb::Role::Admin,
+        None => pb::Role::Agent,
+    }
+}
+
+/// A user's role from the wire; `None` for anything a user cannot have.
+pub fn role_from_proto(v: i32) -> Option<Role> {
+    match pb::Role::try_from(v).ok()? {
+        pb::Role::Viewer => Some(Role::Viewer),
+        pb::Role::User => Some(Role::User),
+        pb::Role::Admin => Some(Role::Admin),
+        pb::Role::Unspecified | pb::Role::Agent => None,
     }
 }
 

@@ -4,7 +4,7 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use nembo_proto::clock::now_ms;
+use nembo_proto::clock::{duration, millis, now_ms, timestamp};
 use nembo_proto::v1 as pb;
 use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
@@ -15,15 +15,16 @@ use crate::error::CoordinatorError;
 use crate::telemetry::fleet::LabelCache;
 
 /// The stream of fleet readings.
-pub type FleetStream = ReceiverStream<Result<pb::FleetMetrics, Status>>;
+pub type FleetStream = ReceiverStream<Result<pb::WatchFleetMetricsResponse, Status>>;
 
 pub async fn get_fleet_metrics(
     ctx: &Ctx,
     request: Request<pb::GetFleetMetricsRequest>,
-) -> Result<Response<pb::FleetMetrics>, Status> {
-    Ok(Response::new(
-        fleet_metrics(ctx, request.into_inner()).await,
-    ))
+) -> Result<Response<pb::GetFleetMetricsResponse>, Status> {
+    let filter = request.into_inner().filter.unwrap_or_default();
+    Ok(Response::new(pb::GetFleetMetricsResponse {
+        gpus: fleet_metrics(ctx, &filter).await,
+    }))
 }
 
 pub async fn watch_fleet_metrics(
@@ -32,10 +33,15 @@ pub async fn watch_fleet_metrics(
 ) -> Result<Response<FleetStream>, Status> {
     let req = request.into_inner();
     let filter = req.filter.unwrap_or_default();
-    let interval = Duration::from_millis(u64::from(match req.interval_ms {
-        0 => 1000,
-        ms => ms.max(100),
-    }));
+    let interval = match millis(req.interval.as_ref()) {
+        None | Some(0) => Duration::from_secs(1),
+        Some(ms) if ms < 0 => {
+            return Err(
+                CoordinatorError::InvalidArgument(format!("interval: {ms} ms is negative")).into(),
+            )
+        }
+        Some(ms) => Duration::from_millis(ms.max(100) as u64),
+    };
     let (tx, rx) = mpsc::channel(4);
     let ctx = ctx.clone();
     tokio::spawn(async move {
@@ -50,8 +56,12 @@ pub async fn watch_fleet_metrics(
                 let _ = tx.send(Err(moved)).await;
                 return;
             }
-            let m = fleet_metrics(&ctx, filter.clone()).await;
-            if tx.send(Ok(m)).await.is_err() {
+            let gpus = fleet_metrics(&ctx, &filter).await;
+            if tx
+                .send(Ok(pb::WatchFleetMetricsResponse { gpus }))
+                .await
+                .is_err()
+            {
                 return; // the client went away
             }
         }
@@ -62,7 +72,7 @@ pub async fn watch_fleet_metrics(
 pub async fn get_gpu_history(
     ctx: &Ctx,
     request: Request<pb::GetGpuHistoryRequest>,
-) -> Result<Response<pb::GpuHistory>, Status> {
+) -> Result<Response<pb::GetGpuHistoryResponse>, Status> {
     let req = request.into_inner();
     let points = ctx
         .fleet
@@ -77,7 +87,7 @@ pub async fn get_gpu_history(
     let points = points
         .into_iter()
         .map(|p| pb::GpuPoint {
-            at_unix_ms: i64::from(p.at_s) * 1000,
+            time: timestamp(i64::from(p.at_s) * 1000),
             gpu_util_percent: u32::from(p.util),
             mem_util_percent: u32::from(p.mem_util),
             temperature_c: u32::from(p.temp_c),
@@ -86,17 +96,16 @@ pub async fn get_gpu_history(
             ecc_uncorrected: p.flags & 1 != 0,
         })
         .collect();
-    Ok(Response::new(pb::GpuHistory { points }))
+    Ok(Response::new(pb::GetGpuHistoryResponse { points }))
 }
 
 /// Every GPU with labels, filtered. Served by the leader, which holds the
 /// agents' sessions and so their telemetry.
-async fn fleet_metrics(ctx: &Ctx, req: pb::GetFleetMetricsRequest) -> pb::FleetMetrics {
+async fn fleet_metrics(ctx: &Ctx, req: &pb::GpuFilter) -> Vec<pb::GpuMetrics> {
     let view = ctx.raft.view();
     let now = now_ms();
     let mut nodes = LabelCache::default();
-    let gpus = ctx
-        .fleet
+    ctx.fleet
         .snapshot()
         .await
         .into_iter()
@@ -109,16 +118,15 @@ async fn fleet_metrics(ctx: &Ctx, req: pb::GetFleetMetricsRequest) -> pb::FleetM
                 region: n.region,
                 job_ids: n.jobs,
                 identity: Some(g.identity),
-                age_ms: g
+                age: g
                     .latest
                     .as_ref()
-                    .map_or(0, |_| (now - g.received_at_ms).max(0) as u64),
+                    .map(|_| duration((now - g.received_at_ms).max(0))),
                 latest: g.latest,
                 driver_version: g.driver_version,
                 node_id: node,
             }
         })
         .filter(|g| req.job_id.is_empty() || g.job_ids.contains(&req.job_id))
-        .collect();
-    pb::FleetMetrics { gpus }
+        .collect()
 }

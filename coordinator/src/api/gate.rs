@@ -1,4 +1,4 @@
-//! The one door of the public API, in front of every `nembo.v1.Coordinator`
+//! The one door of the public API, in front of every `nembo.v1.CoordinatorService`
 //! call: who is calling (bearer token), where the call is served ([`route`]:
 //! a follower hands every call that needs the leader to it, before any
 //! handler runs), may their role make this call (one table,
@@ -30,7 +30,6 @@ use nembo_proto::clock::now_ms;
 pub struct Principal {
     /// User name; `root` for the cluster's own token.
     pub name: String,
-    /// Role.
     pub role: Role,
 }
 

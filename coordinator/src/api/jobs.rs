@@ -1,6 +1,7 @@
 //! Jobs: submit (and dry-run), read, list, cancel, and follow their output.
 
 use std::collections::BTreeMap;
+use std::ops::Bound::{Excluded, Unbounded};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -18,6 +19,7 @@ use tonic::{Request, Response, Status};
 
 use super::convert;
 use super::gate::{audit_record, mark_audited, principal, Principal};
+use super::paging::PageRequest;
 use super::rejection;
 use crate::context::Ctx;
 use crate::error::CoordinatorError;
@@ -30,7 +32,7 @@ const LOG_CHUNK: usize = 64 * 1024;
 const MAX_IDEMPOTENCY_KEY: usize = 256;
 
 /// The stream of a job's output.
-pub type LogStream = ReceiverStream<Result<pb::LogChunk, Status>>;
+pub type LogStream = ReceiverStream<Result<pb::StreamLogsResponse, Status>>;
 
 pub async fn submit_job(
     ctx: &Ctx,
@@ -75,9 +77,9 @@ pub async fn submit_job(
 
 pub async fn dry_run(
     ctx: &Ctx,
-    request: Request<pb::SubmitJobRequest>,
+    request: Request<pb::DryRunRequest>,
 ) -> Result<Response<pb::DryRunResponse>, Status> {
-    let spec = parse_request(ctx, request.get_ref())?;
+    let spec = parse_request(ctx, &request.into_inner().into())?;
     let view = ctx.raft.view();
     let now = now_ms();
     let candidates = optimizer::rank(&spec, &ctx.offerings, &view.state.blocked, now)
@@ -128,7 +130,7 @@ pub async fn dry_run(
 pub async fn get_job(
     ctx: &Ctx,
     request: Request<pb::GetJobRequest>,
-) -> Result<Response<pb::Job>, Status> {
+) -> Result<Response<pb::GetJobResponse>, Status> {
     let who = principal(&request)?;
     let id = parse_job_id(&request.get_ref().job_id)?;
     let view = ctx.raft.view();
@@ -141,7 +143,9 @@ pub async fn get_job(
     if who.role != Role::Viewer {
         check_owner(&who, id, &job.owner)?;
     }
-    Ok(Response::new(job_for(&who, job)))
+    Ok(Response::new(pb::GetJobResponse {
+        job: Some(job_for(&who, job)),
+    }))
 }
 
 pub async fn list_jobs(
@@ -149,22 +153,35 @@ pub async fn list_jobs(
     request: Request<pb::ListJobsRequest>,
 ) -> Result<Response<pb::ListJobsResponse>, Status> {
     let who = principal(&request)?;
-    let filter: Vec<_> = request
-        .get_ref()
+    let req = request.into_inner();
+    let page = PageRequest::<JobId>::new("jobs", req.page_size, &req.page_token)?;
+    let filter: Vec<_> = req
         .states
         .iter()
         .filter_map(|s| convert::job_state_from_proto(*s))
         .collect();
+    let full = req.view == pb::JobView::Full as i32;
     let view = ctx.raft.view();
+    let after = page.after.map_or(Unbounded, Excluded);
     let jobs = view
         .state
         .jobs
-        .values()
-        .filter(|j| filter.is_empty() || filter.contains(&j.state))
-        .filter(|j| who.role != Role::User || who.owns(&j.owner))
-        .map(|j| job_for(&who, j))
-        .collect();
-    Ok(Response::new(pb::ListJobsResponse { jobs }))
+        .range((after, Unbounded))
+        .filter(|(_, j)| filter.is_empty() || filter.contains(&j.state))
+        .filter(|(_, j)| who.role != Role::User || who.owns(&j.owner))
+        .map(|(id, j)| {
+            let job = if full {
+                job_for(&who, j)
+            } else {
+                convert::job_summary(j)
+            };
+            (*id, job)
+        });
+    let (jobs, next_page_token) = page.take(jobs);
+    Ok(Response::new(pb::ListJobsResponse {
+        jobs,
+        next_page_token,
+    }))
 }
 
 pub async fn cancel_job(
@@ -313,7 +330,7 @@ async fn send_logs(
     ctx: Arc<Ctx>,
     job_id: JobId,
     follow: bool,
-    tx: &mpsc::Sender<Result<pb::LogChunk, Status>>,
+    tx: &mpsc::Sender<Result<pb::StreamLogsResponse, Status>>,
 ) -> std::io::Result<()> {
     let mut cursors: BTreeMap<(u32, u32), u64> = BTreeMap::new();
     let mut log_changes = ctx.logs.subscribe();
@@ -346,7 +363,7 @@ async fn send_logs(
                         break;
                     }
                     *cursor += data.len() as u64;
-                    let chunk = pb::LogChunk {
+                    let chunk = pb::StreamLogsResponse {
                         data,
                         rank,
                         attempt: a.number,

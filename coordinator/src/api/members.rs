@@ -20,14 +20,16 @@ const MEMBER_CATCH_UP: Duration = Duration::from_secs(30);
 pub async fn get_cluster_status(
     ctx: &Ctx,
     _request: Request<pb::GetClusterStatusRequest>,
-) -> Result<Response<pb::ClusterStatus>, Status> {
-    Ok(Response::new(cluster_status(ctx)))
+) -> Result<Response<pb::GetClusterStatusResponse>, Status> {
+    Ok(Response::new(pb::GetClusterStatusResponse {
+        status: Some(cluster_status(ctx)),
+    }))
 }
 
 pub async fn add_member(
     ctx: &Ctx,
     request: Request<pb::AddMemberRequest>,
-) -> Result<Response<pb::ClusterStatus>, Status> {
+) -> Result<Response<pb::AddMemberResponse>, Status> {
     let req = request.into_inner();
     if req.id == 0 {
         return Err(CoordinatorError::InvalidArgument("id: member ids start at 1".into()).into());
@@ -79,13 +81,17 @@ pub async fn add_member(
         }
     }
     change(ctx, ConfChangeType::AddNode, req.id, context).await?;
-    Ok(audited(cluster_status(ctx), format!("member {}", req.id)))
+    let status = Some(cluster_status(ctx));
+    Ok(audited(
+        pb::AddMemberResponse { status },
+        format!("member {}", req.id),
+    ))
 }
 
 pub async fn remove_member(
     ctx: &Ctx,
     request: Request<pb::RemoveMemberRequest>,
-) -> Result<Response<pb::ClusterStatus>, Status> {
+) -> Result<Response<pb::RemoveMemberResponse>, Status> {
     let id = request.into_inner().id;
     let view = ctx.raft.view();
     if !view.voters.contains(&id) && !view.learners.contains(&id) {
@@ -104,13 +110,17 @@ pub async fn remove_member(
         );
     }
     change(ctx, ConfChangeType::RemoveNode, id, Vec::new()).await?;
-    Ok(audited(cluster_status(ctx), format!("member {id}")))
+    let status = Some(cluster_status(ctx));
+    Ok(audited(
+        pb::RemoveMemberResponse { status },
+        format!("member {id}"),
+    ))
 }
 
 pub async fn transfer_leader(
     ctx: &Ctx,
     request: Request<pb::TransferLeaderRequest>,
-) -> Result<Response<pb::ClusterStatus>, Status> {
+) -> Result<Response<pb::TransferLeaderResponse>, Status> {
     let id = request.into_inner().id;
     if !ctx.raft.view().voters.contains(&id) {
         return Err(CoordinatorError::NotFound(format!("voter {id} not found")).into());
@@ -127,7 +137,11 @@ pub async fn transfer_leader(
             "leadership did not move to {id}; retry"
         )));
     }
-    Ok(audited(cluster_status(ctx), format!("member {id}")))
+    let status = Some(cluster_status(ctx));
+    Ok(audited(
+        pb::TransferLeaderResponse { status },
+        format!("member {id}"),
+    ))
 }
 
 fn cluster_status(ctx: &Ctx) -> pb::ClusterStatus {

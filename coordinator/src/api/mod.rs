@@ -1,4 +1,4 @@
-//! The public `nembo.v1.Coordinator` service, one module per resource, as
+//! The public `nembo.v1.CoordinatorService`, one module per resource, as
 //! Nomad splits its endpoints. Every handler runs where the gate sent it
 //! (the leader, except for the calls any member answers: [`gate::route`]),
 //! so none of them forwards anything.
@@ -12,12 +12,13 @@ pub mod gate;
 pub mod jobs;
 pub mod members;
 pub mod nodes;
+pub mod paging;
 
 use std::sync::Arc;
 
 use nembo_domain::state::{Command, Outcome, Rejection};
 use nembo_proto::v1 as pb;
-use nembo_proto::v1::coordinator_server::Coordinator;
+use nembo_proto::v1::coordinator_service_server::CoordinatorService;
 use tonic::{Request, Response, Status};
 
 use crate::context::Ctx;
@@ -53,7 +54,7 @@ async fn propose_change(ctx: &Ctx, cmd: Command) -> Result<(), CoordinatorError>
 }
 
 #[tonic::async_trait]
-impl Coordinator for Api {
+impl CoordinatorService for Api {
     async fn submit_job(
         &self,
         request: Request<pb::SubmitJobRequest>,
@@ -63,7 +64,7 @@ impl Coordinator for Api {
 
     async fn dry_run(
         &self,
-        request: Request<pb::SubmitJobRequest>,
+        request: Request<pb::DryRunRequest>,
     ) -> Result<Response<pb::DryRunResponse>, Status> {
         jobs::dry_run(&self.ctx, request).await
     }
@@ -71,7 +72,7 @@ impl Coordinator for Api {
     async fn get_job(
         &self,
         request: Request<pb::GetJobRequest>,
-    ) -> Result<Response<pb::Job>, Status> {
+    ) -> Result<Response<pb::GetJobResponse>, Status> {
         jobs::get_job(&self.ctx, request).await
     }
 
@@ -129,7 +130,7 @@ impl Coordinator for Api {
     async fn get_fleet_metrics(
         &self,
         request: Request<pb::GetFleetMetricsRequest>,
-    ) -> Result<Response<pb::FleetMetrics>, Status> {
+    ) -> Result<Response<pb::GetFleetMetricsResponse>, Status> {
         fleet::get_fleet_metrics(&self.ctx, request).await
     }
 
@@ -145,7 +146,7 @@ impl Coordinator for Api {
     async fn get_gpu_history(
         &self,
         request: Request<pb::GetGpuHistoryRequest>,
-    ) -> Result<Response<pb::GpuHistory>, Status> {
+    ) -> Result<Response<pb::GetGpuHistoryResponse>, Status> {
         fleet::get_gpu_history(&self.ctx, request).await
     }
 
@@ -173,7 +174,7 @@ impl Coordinator for Api {
     async fn get_cost_report(
         &self,
         request: Request<pb::GetCostReportRequest>,
-    ) -> Result<Response<pb::CostReport>, Status> {
+    ) -> Result<Response<pb::GetCostReportResponse>, Status> {
         catalog::get_cost_report(&self.ctx, request).await
     }
 
@@ -229,35 +230,35 @@ impl Coordinator for Api {
     async fn get_audit_log(
         &self,
         request: Request<pb::GetAuditLogRequest>,
-    ) -> Result<Response<pb::AuditLog>, Status> {
+    ) -> Result<Response<pb::GetAuditLogResponse>, Status> {
         access::get_audit_log(&self.ctx, request).await
     }
 
     async fn get_cluster_status(
         &self,
         request: Request<pb::GetClusterStatusRequest>,
-    ) -> Result<Response<pb::ClusterStatus>, Status> {
+    ) -> Result<Response<pb::GetClusterStatusResponse>, Status> {
         members::get_cluster_status(&self.ctx, request).await
     }
 
     async fn add_member(
         &self,
         request: Request<pb::AddMemberRequest>,
-    ) -> Result<Response<pb::ClusterStatus>, Status> {
+    ) -> Result<Response<pb::AddMemberResponse>, Status> {
         members::add_member(&self.ctx, request).await
     }
 
     async fn remove_member(
         &self,
         request: Request<pb::RemoveMemberRequest>,
-    ) -> Result<Response<pb::ClusterStatus>, Status> {
+    ) -> Result<Response<pb::RemoveMemberResponse>, Status> {
         members::remove_member(&self.ctx, request).await
     }
 
     async fn transfer_leader(
         &self,
         request: Request<pb::TransferLeaderRequest>,
-    ) -> Result<Response<pb::ClusterStatus>, Status> {
+    ) -> Result<Response<pb::TransferLeaderResponse>, Status> {
         members::transfer_leader(&self.ctx, request).await
     }
 }

@@ -1,28 +1,34 @@
 //! Nodes: list them, take them down, revoke one, and (for tests and drills)
 //! make a provider send a node a preemption notice.
 
+use std::ops::Bound::{Excluded, Unbounded};
+
 use nembo_domain::state::Command;
-use nembo_proto::clock::now_ms;
+use nembo_proto::clock::{millis, now_ms, timestamp};
 use nembo_proto::v1 as pb;
 use tonic::{Request, Response, Status};
 
 use super::gate::audited;
+use super::paging::PageRequest;
 use super::{convert, propose_change};
 use crate::context::Ctx;
 use crate::error::CoordinatorError;
 
 pub async fn list_nodes(
     ctx: &Ctx,
-    _request: Request<pb::ListNodesRequest>,
+    request: Request<pb::ListNodesRequest>,
 ) -> Result<Response<pb::ListNodesResponse>, Status> {
+    let req = request.into_inner();
+    let page = PageRequest::<String>::new("nodes", req.page_size, &req.page_token)?;
     let view = ctx.raft.view();
-    let nodes = view
-        .state
-        .nodes
-        .values()
-        .map(|n| convert::node_to_proto(&view.state, n))
-        .collect();
-    Ok(Response::new(pb::ListNodesResponse { nodes }))
+    let after = page.after.clone().map_or(Unbounded, Excluded);
+    let nodes = view.state.nodes.range((after, Unbounded));
+    let (nodes, next_page_token) =
+        page.take(nodes.map(|(id, n)| (id.clone(), convert::node_to_proto(&view.state, n))));
+    Ok(Response::new(pb::ListNodesResponse {
+        nodes,
+        next_page_token,
+    }))
 }
 
 pub async fn down(
@@ -101,15 +107,25 @@ pub async fn inject_preemption(
     let provider = ctx.providers.get(&node.provider).ok_or_else(|| {
         Status::failed_precondition(format!("provider '{}' is not configured", node.provider))
     })?;
-    let format = if r.format.is_empty() {
-        "aws"
-    } else {
-        r.format.as_str()
+    let format = match pb::NoticeFormat::try_from(r.format) {
+        Ok(pb::NoticeFormat::Unspecified | pb::NoticeFormat::Aws) => "aws",
+        Ok(pb::NoticeFormat::Gcp) => "gcp",
+        Ok(pb::NoticeFormat::Azure) => "azure",
+        Err(_) => {
+            return Err(Status::invalid_argument(format!(
+                "format: {} is not a NoticeFormat",
+                r.format
+            )))
+        }
     };
-    let lead = if r.in_ms == 0 {
-        30_000
-    } else {
-        i64::from(r.in_ms)
+    let lead = match millis(r.warning.as_ref()) {
+        None | Some(0) => 30_000,
+        Some(ms) if !(0..=24 * 3600 * 1000).contains(&ms) => {
+            return Err(Status::invalid_argument(format!(
+                "warning: {ms} ms is not between 0 and 24 h"
+            )))
+        }
+        Some(ms) => ms,
     };
     let deadline = now_ms() + lead;
     provider
@@ -121,7 +137,7 @@ pub async fn inject_preemption(
         })?;
     Ok(audited(
         pb::InjectPreemptionResponse {
-            deadline_unix_ms: deadline,
+            deadline: timestamp(deadline),
         },
         format!("node {}", r.node_id),
     ))

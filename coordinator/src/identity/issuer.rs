@@ -62,7 +62,6 @@ impl PublicKeyData for P256 {
 /// A certificate issued to an agent.
 #[derive(Debug, Clone)]
 pub struct Issued {
-    /// PEM.
     pub pem: String,
     /// Issued at (Unix ms); the certificate itself is valid from a minute
     /// earlier, for clock skew.

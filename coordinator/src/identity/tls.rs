@@ -34,9 +34,7 @@ pub enum CredentialError {
     /// File system.
     #[error("{path}: {source}")]
     Io {
-        /// Which file.
         path: String,
-        /// Why.
         source: std::io::Error,
     },
     /// Certificate generation.

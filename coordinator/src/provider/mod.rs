@@ -29,11 +29,9 @@ pub type BoxFuture<'a, T> = Pin<Box<dyn Future<Output = T> + Send + 'a>>;
 pub struct LaunchRequest {
     /// Node id the agent must enroll with; the instance is tagged with it.
     pub node_id: String,
-    /// Region.
     pub region: String,
     /// Zone, where the offering named one.
     pub zone: Option<String>,
-    /// Instance type.
     pub instance_type: String,
     /// What the node declares.
     pub resources: Resources,

@@ -1,4 +1,4 @@
-//! Raft traffic between coordinators: the `nembo.v1.RaftPeer` service and a
+//! Raft traffic between coordinators: the `nembo.raft.v1.RaftPeerService` service and a
 //! sender task per peer. Messages travel as opaque rust-protobuf bytes in
 //! batches; only callers presenting a certificate signed by the cluster CA
 //! are accepted (the listener asks every client for one and verifies it).
@@ -7,9 +7,9 @@ use std::collections::{BTreeMap, HashMap};
 use std::sync::{Arc, Mutex, OnceLock};
 use std::time::Duration;
 
-use nembo_proto::v1 as pb;
-use nembo_proto::v1::raft_peer_client::RaftPeerClient;
-use nembo_proto::v1::raft_peer_server::RaftPeer;
+use nembo_proto::raft::v1 as rpb;
+use nembo_proto::raft::v1::raft_peer_service_client::RaftPeerServiceClient;
+use nembo_proto::raft::v1::raft_peer_service_server::RaftPeerService;
 use protobuf::Message as _;
 use raft::eraftpb::{Message, MessageType};
 use tokio::sync::mpsc;
@@ -86,7 +86,7 @@ impl PeerTransport {
         let (tx, rx) = mpsc::channel(QUEUE);
         let (me, raft) = (self.me, self.raft.clone());
         self.runtime.spawn(async move {
-            let client = RaftPeerClient::new(channel.connect_lazy())
+            let client = RaftPeerServiceClient::new(channel.connect_lazy())
                 .max_encoding_message_size(MAX_PEER_MESSAGE)
                 .max_decoding_message_size(MAX_PEER_MESSAGE);
             send_loop(me, id, client, rx, raft).await
@@ -122,7 +122,7 @@ pub fn start(me: u64, tls: PeerTls, raft: Arc<OnceLock<RaftHandle>>) -> PeerTran
 async fn send_loop(
     me: u64,
     to: u64,
-    mut client: RaftPeerClient<Channel>,
+    mut client: RaftPeerServiceClient<Channel>,
     mut rx: mpsc::Receiver<Message>,
     raft: Arc<OnceLock<RaftHandle>>,
 ) {
@@ -135,7 +135,7 @@ async fn send_loop(
     let snapshot_client = client.clone();
     // One stream at a time; reopened whenever it breaks.
     loop {
-        let (stream_tx, stream_rx) = mpsc::channel::<pb::RaftBatch>(64);
+        let (stream_tx, stream_rx) = mpsc::channel::<rpb::StreamRequest>(64);
         let mut call =
             Box::pin(client.stream(tokio_stream::wrappers::ReceiverStream::new(stream_rx)));
         let broken = loop {
@@ -160,7 +160,7 @@ async fn send_loop(
                     if messages.is_empty() {
                         continue;
                     }
-                    let sent = stream_tx.send(pb::RaftBatch { from: me, messages }).await.is_ok();
+                    let sent = stream_tx.send(rpb::StreamRequest { from: me, messages }).await.is_ok();
                     if !sent {
                         report(false);
                         break true;
@@ -182,7 +182,7 @@ async fn send_loop(
 /// Streams one snapshot message in chunks and tells Raft whether it arrived.
 async fn send_snapshot(
     me: u64,
-    mut client: RaftPeerClient<Channel>,
+    mut client: RaftPeerServiceClient<Channel>,
     msg: Message,
     raft: Arc<OnceLock<RaftHandle>>,
 ) {
@@ -193,7 +193,7 @@ async fn send_snapshot(
             tracing::info!(to, bytes = len, chunks = count, "sending snapshot");
             // Chunks are cut as the stream is polled: one copy in flight,
             // not a second copy of the whole state.
-            let chunks = (0..count).map(move |i| pb::SnapshotChunk {
+            let chunks = (0..count).map(move |i| rpb::SnapshotRequest {
                 from: me,
                 data: bytes[i * SNAPSHOT_CHUNK..len.min((i + 1) * SNAPSHOT_CHUNK)].to_vec(),
             });
@@ -242,11 +242,11 @@ fn require_member(
 }
 
 #[tonic::async_trait]
-impl RaftPeer for PeerService {
+impl RaftPeerService for PeerService {
     async fn stream(
         &self,
-        request: Request<tonic::Streaming<pb::RaftBatch>>,
-    ) -> Result<Response<pb::RaftAck>, Status> {
+        request: Request<tonic::Streaming<rpb::StreamRequest>>,
+    ) -> Result<Response<rpb::StreamResponse>, Status> {
         let certs = request.peer_certs();
         let mut batches = request.into_inner();
         let mut sender = None;
@@ -270,13 +270,13 @@ impl RaftPeer for PeerService {
                 }
             }
         }
-        Ok(Response::new(pb::RaftAck {}))
+        Ok(Response::new(rpb::StreamResponse {}))
     }
 
     async fn snapshot(
         &self,
-        request: Request<tonic::Streaming<pb::SnapshotChunk>>,
-    ) -> Result<Response<pb::RaftAck>, Status> {
+        request: Request<tonic::Streaming<rpb::SnapshotRequest>>,
+    ) -> Result<Response<rpb::SnapshotResponse>, Status> {
         let certs = request.peer_certs();
         let mut chunks = request.into_inner();
         let mut bytes = Vec::new();
@@ -303,6 +303,6 @@ impl RaftPeer for PeerService {
         }
         tracing::info!(from = msg.from, bytes = bytes.len(), "received snapshot");
         self.raft.step(msg);
-        Ok(Response::new(pb::RaftAck {}))
+        Ok(Response::new(rpb::SnapshotResponse {}))
     }
 }

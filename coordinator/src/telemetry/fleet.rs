@@ -14,6 +14,7 @@
 
 use std::collections::{BTreeMap, VecDeque};
 
+use nembo_proto::clock::unix_ms;
 use nembo_proto::v1 as pb;
 use tokio::sync::{mpsc, oneshot};
 
@@ -47,7 +48,7 @@ impl Point {
     fn of(t: &pb::GpuTelemetry) -> Point {
         let pct = |v: Option<u32>| v.unwrap_or(0).min(255) as u8;
         Point {
-            at_s: (t.sampled_at_unix_ms / 1000).clamp(0, i64::from(u32::MAX)) as u32,
+            at_s: (unix_ms(t.sample_time.as_ref()) / 1000).clamp(0, i64::from(u32::MAX)) as u32,
             util: pct(t.gpu_util_percent),
             mem_util: pct(t.mem_util_percent),
             temp_c: pct(t.temperature_c),
@@ -145,7 +146,7 @@ impl FleetStore {
             if rec
                 .latest
                 .as_ref()
-                .is_some_and(|l| l.sampled_at_unix_ms == t.sampled_at_unix_ms)
+                .is_some_and(|l| l.sample_time == t.sample_time)
             {
                 // The same sample again (an XID sent at once amends it):
                 // newest fields, no second history point.
@@ -158,7 +159,7 @@ impl FleetStore {
             if rec.recent.len() > RECENT_POINTS {
                 rec.recent.pop_front();
             }
-            let minute = t.sampled_at_unix_ms.div_euclid(MINUTE_MS);
+            let minute = unix_ms(t.sample_time.as_ref()).div_euclid(MINUTE_MS);
             if rec.minute.n > 0 && rec.minute.minute != minute {
                 rec.minutes.push_back(rec.minute.mean());
                 if rec.minutes.len() > MINUTE_POINTS {
@@ -194,9 +195,7 @@ impl FleetStore {
 /// Where a node is and what runs there, as GPU series carry it.
 #[derive(Debug, Clone, Default)]
 pub struct NodeLabels {
-    /// Provider.
     pub provider: String,
-    /// Region.
     pub region: String,
     /// Jobs with a rank holding the node.
     pub jobs: Vec<String>,
@@ -370,7 +369,7 @@ mod tests {
     fn reading(i: u32, at_ms: i64, util: u32) -> pb::GpuTelemetry {
         pb::GpuTelemetry {
             index: i,
-            sampled_at_unix_ms: at_ms,
+            sample_time: nembo_proto::clock::timestamp(at_ms),
             gpu_util_percent: Some(util),
             power_mw: Some(300_000),
             ..Default::default()

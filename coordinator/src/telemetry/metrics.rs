@@ -263,7 +263,21 @@ pub async fn render(ctx: &Ctx, gpus: bool) -> String {
         );
     }
     ctx.heartbeat_delay.render(&mut out);
+    raft_engine_series(&mut out);
     out
+}
+
+/// raft-engine's own series (write and sync latencies, log sizes, ...),
+/// which it registers in the process's default Prometheus registry.
+fn raft_engine_series(out: &mut String) {
+    use prometheus::Encoder as _;
+    let mut text = Vec::new();
+    if prometheus::TextEncoder::new()
+        .encode(&prometheus::gather(), &mut text)
+        .is_ok()
+    {
+        out.push_str(&String::from_utf8_lossy(&text));
+    }
 }
 
 fn header(out: &mut String, name: &str, help: &str, kind: &str) {

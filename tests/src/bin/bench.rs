@@ -54,7 +54,7 @@ async fn down_all(c: &Coordinator) {
         .expect("down");
     loop {
         let nodes = client
-            .list_nodes(pb::ListNodesRequest {})
+            .list_nodes(pb::ListNodesRequest::default())
             .await
             .expect("nodes")
             .into_inner()

@@ -11,9 +11,10 @@
 
 use std::time::{Duration, Instant};
 
+use nembo_proto::agent::v1 as apb;
+use nembo_proto::agent::v1::session_request::Msg as AgentMsg;
 use nembo_proto::clock::now_ms;
 use nembo_proto::v1 as pb;
-use nembo_proto::v1::agent_message::Msg as AgentMsg;
 use nembo_tests::{cli_arg, http_get, proc_usage, wait_for, Cluster};
 use serde_json::json;
 use tokio::sync::mpsc;
@@ -74,7 +75,7 @@ async fn agent(
             mig_enabled: false,
         })
         .collect();
-    let hello = pb::Hello {
+    let hello = apb::Hello {
         node_id: node_id.clone(),
         hostname: node_id.clone(),
         address: "127.0.0.1".into(),
@@ -85,7 +86,7 @@ async fn agent(
         driver_version: "bench".into(),
         cuda_version: String::new(),
     };
-    tx.send(pb::AgentMessage {
+    tx.send(apb::SessionRequest {
         msg: Some(AgentMsg::Hello(hello)),
     })
     .await
@@ -104,7 +105,7 @@ async fn agent(
                 let v = ((seq + u64::from(i)) % 100) as u32;
                 pb::GpuTelemetry {
                     index: i,
-                    sampled_at_unix_ms: now,
+                    sample_time: nembo_proto::clock::timestamp(now),
                     gpu_util_percent: Some(v),
                     mem_util_percent: Some(v / 2),
                     fb_used_bytes: Some(u64::from(v) << 28),
@@ -122,13 +123,13 @@ async fn agent(
                 }
             })
             .collect();
-        let hb = pb::Heartbeat {
+        let hb = apb::Heartbeat {
             seq,
             sent_at_unix_ms: now,
             gpus: readings,
         };
         if tx
-            .send(pb::AgentMessage {
+            .send(apb::SessionRequest {
                 msg: Some(AgentMsg::Heartbeat(hb)),
             })
             .await
@@ -179,7 +180,7 @@ async fn main() {
             let mut c = client.clone();
             async move {
                 let nodes = c
-                    .list_nodes(pb::ListNodesRequest {})
+                    .list_nodes(pb::ListNodesRequest::default())
                     .await
                     .ok()?
                     .into_inner()

@@ -91,14 +91,14 @@ async fn main() {
         client
             .inject_preemption(pb::InjectPreemptionRequest {
                 node_id: node.clone(),
-                format: format.into(),
-                in_ms: 5_000,
+                format: notice_format(format) as i32,
+                warning: Some(nembo_proto::clock::duration(5_000)),
             })
             .await
             .expect("inject");
         let job = wait_for("attempt 2 running", Duration::from_secs(60), || async {
             let j = c.jobs().await.into_iter().find(|j| j.job_id == id)?;
-            j.attempts.get(1).filter(|a| a.started_at_unix_ms > 0)?;
+            j.attempts.get(1).filter(|a| a.start_time.is_some())?;
             Some(j)
         })
         .await;
@@ -108,13 +108,13 @@ async fn main() {
             m.events
                 .iter()
                 .find(|e| {
-                    e.at_unix_ms >= notice_at && prefixes.iter().any(|p| e.what.starts_with(p))
+                    ms(&e.time) >= notice_at && prefixes.iter().any(|p| e.what.starts_with(p))
                 })
-                .map(|e| e.at_unix_ms)
+                .map(|e| ms(&e.time))
                 .unwrap_or_else(|| panic!("no {prefixes:?} in {:?}", m.events))
         };
-        let a1_end = job.attempts[0].ended_at_unix_ms;
-        let a2_run = job.attempts[1].started_at_unix_ms;
+        let a1_end = ms(&job.attempts[0].end_time);
+        let a2_run = ms(&job.attempts[1].start_time);
         // Attempt 2's first line may still be on its way from the agent.
         let logs = wait_for("attempt 2's output", Duration::from_secs(10), || async {
             let logs = c.logs_so_far(&id).await;
@@ -182,4 +182,17 @@ async fn main() {
         "steps_lost_total": lost.iter().sum::<f64>(),
     });
     println!("{}", serde_json::to_string_pretty(&out).unwrap());
+}
+
+/// Unix ms of a wire time (0: unset).
+fn ms(t: &Option<nembo_proto::prost_types::Timestamp>) -> i64 {
+    nembo_proto::clock::unix_ms(t.as_ref())
+}
+
+fn notice_format(name: &str) -> pb::NoticeFormat {
+    match name {
+        "gcp" => pb::NoticeFormat::Gcp,
+        "azure" => pb::NoticeFormat::Azure,
+        _ => pb::NoticeFormat::Aws,
+    }
 }

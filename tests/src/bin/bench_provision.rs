@@ -71,7 +71,7 @@ async fn main() {
     let submitted = t0.elapsed().as_secs_f64();
     let launched = loop {
         let nodes = client
-            .list_nodes(pb::ListNodesRequest {})
+            .list_nodes(pb::ListNodesRequest::default())
             .await
             .expect("nodes")
             .into_inner()
@@ -86,12 +86,22 @@ async fn main() {
         tokio::time::sleep(Duration::from_millis(50)).await;
     };
     let placed_s = t0.elapsed().as_secs_f64();
-    let jobs = client
-        .list_jobs(pb::ListJobsRequest::default())
-        .await
-        .expect("jobs")
-        .into_inner()
-        .jobs;
+    let mut jobs = Vec::new();
+    let mut page_token = String::new();
+    loop {
+        let req = pb::ListJobsRequest {
+            page_token,
+            view: pb::JobView::Full as i32,
+            page_size: 1000,
+            ..Default::default()
+        };
+        let r = client.list_jobs(req).await.expect("jobs").into_inner();
+        jobs.extend(r.jobs);
+        if r.next_page_token.is_empty() {
+            break;
+        }
+        page_token = r.next_page_token;
+    }
     let calls: u32 = jobs
         .iter()
         .flat_map(|j| &j.provision_tries)
