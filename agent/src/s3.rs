@@ -38,7 +38,10 @@ impl std::fmt::Debug for Service {
 impl HttpService for Service {
     async fn call(&self, req: HttpRequest) -> Result<HttpResponse, HttpError> {
         let (parts, body) = req.into_parts();
-        // Payloads are already in memory (checkpoint files are put whole).
+        // Payloads are already in memory: a checkpoint file smaller than a
+        // part, or one part of a multipart upload (checkpoint.rs). Answers
+        // are read whole too (nembo-proto's client caps them at 32 MiB),
+        // which is why restores read in 8 MiB ranges, never one GET.
         let bytes = http_body_util::BodyExt::collect(body)
             .await
             .map_err(|e| HttpError::new(HttpErrorKind::Request, e))?

@@ -9,6 +9,9 @@
         Creates an S3 bucket (dummy credentials) and prints {"bucket": NAME}.
     moto_ec2.py objects ENDPOINT NAME
         Prints the bucket's object keys as a JSON list.
+    moto_ec2.py etags ENDPOINT NAME
+        Prints {key: ETag} for the bucket's objects (a multipart upload's
+        ETag ends in -<parts>).
     moto_ec2.py instances ENDPOINT KEY_ID SECRET [REGION]
         Prints every instance with its state, lifecycle, zone, tags and
         decoded user data, as JSON.
@@ -70,5 +73,12 @@ def objects(endpoint, name):
     print(json.dumps(keys))
 
 
+def etags(endpoint, name):
+    s3 = client("s3", endpoint)
+    objs = s3.list_objects_v2(Bucket=name).get("Contents", [])
+    print(json.dumps({o["Key"]: o["ETag"].strip('"') for o in objs}))
+
+
 if __name__ == "__main__":
-    {"setup": setup, "instances": instances, "bucket": bucket, "objects": objects}[sys.argv[1]](*sys.argv[2:])
+    {"setup": setup, "instances": instances, "bucket": bucket, "objects": objects,
+     "etags": etags}[sys.argv[1]](*sys.argv[2:])

@@ -313,7 +313,25 @@ async fn checkpoints_in_s3_carry_a_job_across_a_preemption() {
     let c = Coordinator::start(&["--providers", providers.to_str().unwrap()]).await;
     // The store's settings are the job's own (envs, and secrets for the
     // keys): the coordinators' environment never reaches a node.
+    // Attempt 1 also saves 12 MiB of weights, more than one upload part
+    // (8 MiB): they go up as a multipart upload and come back in two
+    // ranged reads. Written aside and moved in, so no sync sees them half
+    // written, the digest after the weights.
+    let weights = r#"  echo "attempt $NEMBO_ATTEMPT starts at step $step"
+  d="$NEMBO_CHECKPOINT_DIR"
+  if [ "$NEMBO_ATTEMPT" = 1 ]; then
+    mkdir -p "$d/.new" && head -c 12582912 /dev/urandom > "$d/.new/w.bin"
+    (cd "$d/.new" && sha256sum w.bin > w.sha) && mv "$d/.new/w.bin" "$d/.new/w.sha" "$d/"
+  else
+    (cd "$d" && sha256sum -c w.sha) && echo "12 MiB of weights restored intact"
+  fi
+"#;
     let yaml = train_task("PLACEHOLDER", 40)
+        .replace(
+            "  echo \"attempt $NEMBO_ATTEMPT starts at step $step\"\n",
+            weights,
+        )
+        .replace("interval: 1", "interval: 2")
         .replace("\"file://PLACEHOLDER\"", "s3://ckpts/run1")
         .replace(
             "envs: {TARGET: \"40\"}",
@@ -340,6 +358,7 @@ async fn checkpoints_in_s3_carry_a_job_across_a_preemption() {
         logs.contains(&format!("attempt 2 starts at step {saved}")),
         "{logs}"
     );
+    assert!(logs.contains("12 MiB of weights restored intact"), "{logs}");
     let keys = moto_cmd(&["objects", &endpoint, "ckpts"]);
     let keys: Vec<&str> = keys
         .as_array()
@@ -357,6 +376,90 @@ async fn checkpoints_in_s3_carry_a_job_across_a_preemption() {
             .any(|k| k.starts_with(&format!("run1/job-{id}/manifests/0000000002-"))),
         "{keys:?}"
     );
+    // The weights went up in two parts (S3 gives a multipart upload's
+    // object the ETag `<digest>-<parts>`), the small files in one PUT.
+    let etags = moto_cmd(&["etags", &endpoint, "ckpts"]);
+    let etags = etags.as_object().unwrap();
+    let weights: Vec<&str> = etags
+        .iter()
+        .filter(|(k, _)| k.ends_with("/w.bin"))
+        .filter_map(|(_, e)| e.as_str())
+        .collect();
+    assert!(
+        !weights.is_empty() && weights.iter().all(|e| e.ends_with("-2")),
+        "{etags:?}"
+    );
+    assert!(
+        etags
+            .iter()
+            .filter(|(k, _)| k.ends_with("/step"))
+            .all(|(_, e)| !e.as_str().unwrap_or("-").contains('-')),
+        "{etags:?}"
+    );
+}
+
+/// The agent's peak resident memory (VmHWM) in bytes.
+fn peak_rss(pid: i32) -> u64 {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+    let kib: u64 = status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmHWM:"))
+        .and_then(|v| v.split_whitespace().next()?.parse().ok())
+        .unwrap();
+    kib << 10
+}
+
+/// A 2 GiB checkpoint file (sparse, so the test writes nothing) is synced
+/// by the real agent and restored for the next attempt while the agent
+/// stays under 64 MB: files go up in parts and come back in ranges, never
+/// whole (which would also pass S3's 5 GiB limit on one PUT).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_2_gib_checkpoint_syncs_and_restores_with_the_agent_under_64_mb() {
+    const SIZE: u64 = 2 << 30;
+    let began = std::time::Instant::now();
+    let (c, dir) = start().await;
+    let store = dir.path().join("store");
+    // Attempt 1 saves the file and fails; attempt 2 (a restart on error)
+    // finds it restored, and removes it so its own final sync is empty.
+    let yaml = format!(
+        r#"name: big
+resources: {{accelerators: H100:1, infra: local, job_recovery: {{max_restarts_on_errors: 1}}}}
+checkpoint: {{store: "file://{}", path: /ckpt, interval: 3600}}
+run: |
+  f="$NEMBO_CHECKPOINT_DIR/weights.bin"
+  if [ "$NEMBO_ATTEMPT" = 1 ]; then truncate -s {SIZE} "$f"; exit 3; fi
+  echo "restored $(stat -c %s "$f") bytes"
+  rm "$f"
+"#,
+        store.display()
+    );
+    let id = submit_managed(&c, dir.path(), &yaml);
+    let done = c
+        .wait_state(&id, pb::JobState::Succeeded, Duration::from_secs(90))
+        .await;
+    let took = began.elapsed();
+    assert_eq!(done.attempts.len(), 2, "{:?}", done.attempts);
+    let logs = c.logs(&id).await;
+    assert!(logs.contains(&format!("restored {SIZE} bytes")), "{logs}");
+    // The stored copy is whole.
+    let data = store.join(format!("job-{id}/data"));
+    let syncs: Vec<_> = std::fs::read_dir(&data).unwrap().flatten().collect();
+    assert_eq!(syncs.len(), 1, "{syncs:?}");
+    let stored = std::fs::metadata(syncs[0].path().join("weights.bin")).unwrap();
+    assert_eq!(stored.len(), SIZE);
+    for node in c.nodes().await {
+        let peak = peak_rss(c.agent_pid(&node.node_id));
+        eprintln!(
+            "{}: agent peak RSS {:.1} MiB; job done after {took:?}",
+            node.node_id,
+            peak as f64 / f64::from(1 << 20)
+        );
+        assert!(
+            peak < 64_000_000,
+            "{}: the agent peaked at {peak} bytes",
+            node.node_id
+        );
+    }
 }
 
 /// The cluster harness: the leader is cut off (SIGSTOP) while a managed
