@@ -12,7 +12,9 @@ snapshot() { # $1 = label
   "$bin/nembo" gpus --json > "$out/gpus-$1.json"
   nvidia-smi --query-gpu=$fields --format=csv,nounits > "$out/smi-$1.csv"
   curl -s "$(python3 -c 'import json,os;print(json.load(open(os.path.expanduser("~/.nembo/coordinator/api.json")))["metrics_url"])')" \
-    | grep -E '^(DCGM_FI_DEV_(GPU_UTIL|FB_USED|GPU_TEMP|POWER_USAGE|SM_CLOCK|XID_ERRORS)|nembo_fleet_gpus|nembo_agent_heartbeat_delay_seconds_(sum|count))' > "$out/metrics-$1.txt"
+    | grep -E '^(DCGM_FI_DEV_(GPU_UTIL|FB_USED|GPU_TEMP|POWER_USAGE|SM_CLOCK|XID_ERRORS)|DCGM_FI_PROF_(GR_ENGINE|SM|PIPE_TENSOR)_ACTIVE|nembo_fleet_gpus|nembo_agent_heartbeat_delay_seconds_(sum|count))' > "$out/metrics-$1.txt"
+  # GPM ratios (10 s means, Hopper+) beside DCGM's 1001/1002/1004, else nvidia-smi's GPM metrics 1/2/5 (percent), else plain sm%
+  { command -v dcgmi >/dev/null && dcgmi dmon -e 1001,1002,1004 -c 3; } > "$out/prof-$1.txt" 2>&1 || nvidia-smi dmon --gpm-metrics 1,2,5 -c 3 > "$out/prof-$1.txt" 2>&1 || nvidia-smi dmon -s u -c 3 > "$out/prof-$1.txt"; cat "$out/prof-$1.txt"
   "$bin/nembo" gpus
   cat "$out/smi-$1.csv" "$out/metrics-$1.txt"
 }

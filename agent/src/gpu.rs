@@ -8,14 +8,16 @@
 use std::collections::BTreeMap;
 use std::ffi::OsStr;
 use std::path::Path;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use nvml_wrapper::bitmasks::event::EventTypes;
 use nvml_wrapper::enum_wrappers::device::{
     Clock, EccCounter, MemoryError, PcieUtilCounter, RetirementCause, TemperatureSensor,
 };
+use nvml_wrapper::enums::gpm::GpmMetricId;
 use nvml_wrapper::error::NvmlError;
-use nvml_wrapper::Nvml;
+use nvml_wrapper::gpm::gpm_metrics_get;
+use nvml_wrapper::{GpmSample, Nvml};
 use nvml_wrapper_sys::bindings::{field_id, nvmlFieldValue_t, NvmlLib};
 use serde::Serialize;
 
@@ -89,6 +91,15 @@ pub struct GpuSample {
     /// Their process ids.
     #[serde(skip_serializing_if = "Vec::is_empty")]
     pub process_pids: Vec<u32>,
+    /// Fraction of time the graphics/compute engine was active over the
+    /// last GPM interval, 0..1 (DCGM_FI_PROF_GR_ENGINE_ACTIVE); GPM boards.
+    pub gr_engine_active: Option<f64>,
+    /// Fraction of time an SM had at least one warp assigned, averaged
+    /// over the SMs (DCGM_FI_PROF_SM_ACTIVE), likewise.
+    pub sm_active: Option<f64>,
+    /// Fraction of time the tensor pipes were active
+    /// (DCGM_FI_PROF_PIPE_TENSOR_ACTIVE), likewise.
+    pub tensor_active: Option<f64>,
     /// The GPU has fallen off the bus (NVML answers GPU_IS_LOST).
     pub lost: bool,
 }
@@ -238,6 +249,10 @@ impl Gpus {
                     process_pids: procs
                         .map(|p| p.iter().map(|p| p.pid).collect())
                         .unwrap_or_default(),
+                    // Means over an interval: `Gpm::update` sets them.
+                    gr_engine_active: None,
+                    sm_active: None,
+                    tensor_active: None,
                 })
             })
             .collect()
@@ -281,6 +296,23 @@ impl Gpus {
         };
         let pick = |f| value(f).filter(|v| *v != u64::MAX);
         (pick(&fields[0]), pick(&fields[1]))
+    }
+
+    /// GPM sampling state for the GPUs that support it (asked once, here).
+    pub fn gpm(&self) -> Gpm<'_> {
+        let last = (0..self.nvml.device_count().unwrap_or(0))
+            .filter(|&i| {
+                self.nvml
+                    .device_by_index(i)
+                    .and_then(|d| d.gpm_support())
+                    .unwrap_or(false)
+            })
+            .map(|i| (i, None))
+            .collect();
+        Gpm {
+            nvml: &self.nvml,
+            last,
+        }
     }
 
     /// Blocks, calling `on_xid(gpu index, xid)` for every critical XID the
@@ -348,6 +380,80 @@ impl Gpus {
     }
 }
 
+/// The GPM metrics read, in the order `Gpm::update` stores them.
+const GPM_METRICS: [GpmMetricId; 3] = [
+    GpmMetricId::GraphicsUtil,
+    GpmMetricId::SmUtil,
+    GpmMetricId::AnyTensorUtil,
+];
+
+/// GPM (GPU Performance Monitoring; Hopper and newer): DCGM's profiling
+/// fields, which NVML computes as means over the interval between two
+/// samples of a GPU. Each `update` closes the interval the previous one
+/// opened and opens the next, so the intervals follow one another without
+/// a gap: a slow cadence costs time resolution, never coverage. One sample
+/// per GPM GPU is held between updates; boards without GPM hold nothing
+/// and cost nothing.
+pub struct Gpm<'a> {
+    nvml: &'a Nvml,
+    /// GPU index -> its newest sample, for every GPU that supports GPM.
+    last: BTreeMap<u32, Option<GpmSample<'a>>>,
+}
+
+impl Gpm<'_> {
+    /// The GPUs that support GPM.
+    pub fn gpus(&self) -> Vec<u32> {
+        self.last.keys().copied().collect()
+    }
+
+    /// Samples every GPM GPU among `samples` and sets their profiling
+    /// metrics to the means since the previous update. None on the first
+    /// update, or when either sample failed (a failure is not reported: the
+    /// metric is simply absent, and the next update starts afresh).
+    pub fn update(&mut self, samples: &mut [GpuSample]) {
+        for s in samples {
+            let Some(last) = self.last.get_mut(&s.index) else {
+                continue;
+            };
+            let now = self
+                .nvml
+                .device_by_index(s.index)
+                .and_then(|d| d.gpm_sample())
+                .ok();
+            let means = match (last.as_ref(), now.as_ref()) {
+                (Some(before), Some(now)) => {
+                    gpm_metrics_get(self.nvml, before, now, &GPM_METRICS).ok()
+                }
+                _ => None,
+            };
+            // The older sample is freed here; the newer opens the next interval.
+            *last = now;
+            let Some(means) = means else {
+                continue;
+            };
+            let ratio = |i: usize| {
+                means
+                    .get(i)?
+                    .as_ref()
+                    .ok()
+                    .and_then(|m| percent_to_ratio(m.value))
+            };
+            s.gr_engine_active = ratio(0);
+            s.sm_active = ratio(1);
+            s.tensor_active = ratio(2);
+        }
+    }
+}
+
+/// NVML's GPM utilisations are percentages (0..100); DCGM's profiling
+/// fields, and so dashboards built on them, are ratios (0..1). Rounding can
+/// take a percentage a hair past its bounds: clamped. Not a number: none.
+pub fn percent_to_ratio(percent: f64) -> Option<f64> {
+    percent
+        .is_finite()
+        .then(|| (percent / 100.0).clamp(0.0, 1.0))
+}
+
 /// What `nembo-agent --probe-gpus` prints.
 #[derive(Debug, Serialize)]
 pub struct Probe {
@@ -362,6 +468,9 @@ pub struct Probe {
     pub samples: Vec<GpuSample>,
     /// What one full sweep (every metric of every GPU) took, in µs; median of 20.
     pub sweep_us: Option<u64>,
+    /// What one GPM update (a sample and the metrics of every GPM GPU)
+    /// took, in µs; absent without GPM GPUs.
+    pub gpm_us: Option<u64>,
 }
 
 /// Loads NVML and takes one inventory and one sample.
@@ -374,8 +483,14 @@ pub fn probe(lib: Option<&Path>) -> Probe {
             gpus: Vec::new(),
             samples: Vec::new(),
             sweep_us: None,
+            gpm_us: None,
         },
         Ok(g) => {
+            // GPM metrics are means over an interval: open it before the
+            // sweeps, close it after them (and at least 100 ms later).
+            let mut gpm = g.gpm();
+            let opened = Instant::now();
+            gpm.update(&mut g.sample_some(false));
             let mut sweeps: Vec<u64> = (0..20)
                 .map(|_| {
                     let t = Instant::now();
@@ -384,13 +499,19 @@ pub fn probe(lib: Option<&Path>) -> Probe {
                 })
                 .collect();
             sweeps.sort_unstable();
+            let mut samples = g.sample();
+            std::thread::sleep(Duration::from_millis(100).saturating_sub(opened.elapsed()));
+            let t = Instant::now();
+            gpm.update(&mut samples);
+            let gpm_us = (!gpm.gpus().is_empty()).then(|| t.elapsed().as_micros() as u64);
             Probe {
                 nvml_error: None,
                 driver_version: g.driver_version(),
                 cuda_version: g.cuda_version(),
                 gpus: g.inventory(),
-                samples: g.sample(),
+                samples,
                 sweep_us: sweeps.get(sweeps.len() / 2).copied(),
+                gpm_us,
             }
         }
     }
@@ -441,6 +562,18 @@ mod tests {
         assert_eq!(canonical_model("NVIDIA L4"), "L4");
         assert_eq!(canonical_model("NVIDIA A10G"), "A10G");
         assert_eq!(canonical_model("NVIDIA RTX A6000"), "RTX-A6000");
+    }
+
+    #[test]
+    fn gpm_percentages_become_dcgm_ratios() {
+        assert_eq!(percent_to_ratio(62.5), Some(0.625));
+        assert_eq!(percent_to_ratio(0.0), Some(0.0));
+        assert_eq!(percent_to_ratio(100.0), Some(1.0));
+        // Rounding past the bounds is clamped, not reported as >100%.
+        assert_eq!(percent_to_ratio(100.3), Some(1.0));
+        assert_eq!(percent_to_ratio(-0.01), Some(0.0));
+        assert_eq!(percent_to_ratio(f64::NAN), None);
+        assert_eq!(percent_to_ratio(f64::INFINITY), None);
     }
 
     #[test]

@@ -13,7 +13,10 @@ use tokio::sync::watch;
 use crate::gpu::{GpuSample, Gpus};
 use nembo_proto::clock::now_ms;
 
-/// Full sweeps (PCIe, processes) happen once per this many samples.
+/// Full sweeps (PCIe, processes, GPM) happen once per this many samples.
+/// GPM's profiling metrics are means over the time between two full
+/// sweeps (10 s at 1 Hz): the intervals join up, so nothing is missed, and
+/// the cadence is still finer than dcgm-exporter's default 30 s collection.
 const SLOW_EVERY: u32 = 10;
 
 /// What the session reports about the node's GPUs.
@@ -114,11 +117,16 @@ fn sample_loop(gpus: &Gpus, interval: Duration, tx: &Readings, xids: &Xids, work
     let mut slow_values: Vec<GpuSample> = Vec::new();
     let mut nvlink = NvlinkRates::default();
     let mut jobs_by_gpu: BTreeMap<u32, Vec<String>> = BTreeMap::new();
+    let mut gpm = gpus.gpm();
+    if !gpm.gpus().is_empty() {
+        tracing::info!(gpus = ?gpm.gpus(), "GPM profiling metrics every {SLOW_EVERY} samples");
+    }
     for sweep in 0u32.. {
         let started = std::time::Instant::now();
         let slow = sweep % SLOW_EVERY == 0;
         let mut samples = gpus.sample_some(slow);
         if slow {
+            gpm.update(&mut samples);
             slow_values = samples.clone();
             let groups = job_process_groups(work_dir);
             jobs_by_gpu = samples
@@ -134,6 +142,9 @@ fn sample_loop(gpus: &Gpus, interval: Duration, tx: &Readings, xids: &Xids, work
                 s.retired_pages_sbe = old.retired_pages_sbe;
                 s.retired_pages_dbe = old.retired_pages_dbe;
                 s.retired_pages_pending = old.retired_pages_pending;
+                s.gr_engine_active = old.gr_engine_active;
+                s.sm_active = old.sm_active;
+                s.tensor_active = old.tensor_active;
             }
         }
         let at = now_ms();
@@ -216,6 +227,9 @@ fn to_proto(s: &GpuSample, at: i64) -> pb::GpuTelemetry {
         retired_pages_sbe: s.retired_pages_sbe,
         retired_pages_dbe: s.retired_pages_dbe,
         retired_pages_pending: s.retired_pages_pending,
+        gr_engine_active: s.gr_engine_active,
+        sm_active: s.sm_active,
+        tensor_active: s.tensor_active,
     }
 }
 

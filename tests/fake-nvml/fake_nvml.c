@@ -22,9 +22,17 @@
  *                               delivered once, in file order)
  *   unsupported.N temp          this metric answers NOT_SUPPORTED on GPU N
  *   lost.N 1                    GPU N has fallen off the bus (GPU_IS_LOST)
+ *   gpm.N 1                     GPU N supports GPM (Hopper and newer); else
+ *                               nvmlGpmQueryDeviceSupport says it does not
+ *   gpm_gr 40.5   gpm_sm 30   gpm_tensor 12.25   what nvmlGpmMetricsGet
+ *                               answers for GRAPHICS_UTIL, SM_UTIL and
+ *                               ANY_TENSOR_UTIL: percent, as NVML reports
+ *                               them; unsupported.N gr_active / sm_active /
+ *                               tensor_active makes one answer NOT_SUPPORTED
  *
  * Missing keys read as 0. This is test support, not a model of a GPU.
  */
+#include <stddef.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -39,6 +47,7 @@ typedef int nvmlReturn_t;
 #define ERR_INSUFFICIENT_SIZE 7
 #define ERR_TIMEOUT 10
 #define ERR_GPU_IS_LOST 15
+#define ERR_ARGUMENT_VERSION_MISMATCH 25
 
 typedef struct { int index; } fake_device;
 typedef fake_device *nvmlDevice_t;
@@ -156,6 +165,11 @@ static int lookup_locked(const char *key, int index, char *out, size_t len) {
 static unsigned long long num(const char *key, int index) {
     char v[128];
     return lookup(key, index, v, sizeof v) ? strtoull(v, NULL, 10) : 0;
+}
+
+static double dbl(const char *key, int index) {
+    char v[128];
+    return lookup(key, index, v, sizeof v) ? strtod(v, NULL) : 0.0;
 }
 
 /* NOT_SUPPORTED or GPU_IS_LOST for this metric on this GPU, else OK. */
@@ -436,4 +450,122 @@ nvmlReturn_t nvmlEventSetWait_v2(nvmlEventSet_t set, nvmlEventData_t *data, unsi
         if (waited >= timeout_ms) return ERR_TIMEOUT;
         nanosleep(&tick, NULL);
     }
+}
+
+/* ---- GPM (GPU Performance Monitoring, Hopper and newer) ----
+ * Layouts as in nvml.h (and nvml-wrapper-sys's bindings): the caller
+ * allocates nvmlGpmMetricsGet_t with room for NVML_GPM_METRIC_MAX metrics. */
+
+#define NVML_GPM_METRIC_MAX 210
+#define NVML_GPM_METRICS_GET_VERSION 1
+#define NVML_GPM_SUPPORT_VERSION 1
+
+/* Opaque to callers; here: which GPU it was taken on, and when. */
+typedef struct nvmlGpmSample_st {
+    int index;
+    int taken;
+    struct timespec at;
+} *nvmlGpmSample_t;
+
+typedef struct {
+    unsigned int metricId;
+    nvmlReturn_t nvmlReturn;
+    double value;
+    struct {
+        char *shortName;
+        char *longName;
+        char *unit;
+    } metricInfo;
+} nvmlGpmMetric_t;
+
+typedef struct {
+    unsigned int version;
+    unsigned int numMetrics;
+    nvmlGpmSample_t sample1;
+    nvmlGpmSample_t sample2;
+    nvmlGpmMetric_t metrics[NVML_GPM_METRIC_MAX];
+} nvmlGpmMetricsGet_t;
+
+typedef struct {
+    unsigned int version;
+    unsigned int isSupportedDevice;
+} nvmlGpmSupport_t;
+
+_Static_assert(sizeof(nvmlGpmMetric_t) == 40, "nvmlGpmMetric_t as in nvml.h");
+_Static_assert(offsetof(nvmlGpmMetricsGet_t, metrics) == 24, "nvmlGpmMetricsGet_t as in nvml.h");
+_Static_assert(sizeof(nvmlGpmMetricsGet_t) == 24 + 40 * NVML_GPM_METRIC_MAX, "metrics[MAX]");
+_Static_assert(sizeof(nvmlGpmSupport_t) == 8, "nvmlGpmSupport_t as in nvml.h");
+
+nvmlReturn_t nvmlGpmQueryDeviceSupport(nvmlDevice_t d, nvmlGpmSupport_t *support) {
+    if (!support) return ERR_INVALID_ARGUMENT;
+    if (support->version != NVML_GPM_SUPPORT_VERSION) return ERR_ARGUMENT_VERSION_MISMATCH;
+    nvmlReturn_t r = check(d, "gpm");
+    if (r == ERR_NOT_SUPPORTED) {
+        support->isSupportedDevice = 0;
+        return OK;
+    }
+    if (r) return r;
+    support->isSupportedDevice = num("gpm", d->index) ? 1 : 0;
+    return OK;
+}
+
+nvmlReturn_t nvmlGpmSampleAlloc(nvmlGpmSample_t *sample) {
+    if (!sample) return ERR_INVALID_ARGUMENT;
+    *sample = calloc(1, sizeof **sample);
+    return *sample ? OK : ERR_INVALID_ARGUMENT;
+}
+
+nvmlReturn_t nvmlGpmSampleFree(nvmlGpmSample_t sample) {
+    if (!sample) return ERR_INVALID_ARGUMENT;
+    free(sample);
+    return OK;
+}
+
+nvmlReturn_t nvmlGpmSampleGet(nvmlDevice_t d, nvmlGpmSample_t sample) {
+    if (!sample) return ERR_INVALID_ARGUMENT;
+    nvmlReturn_t r = check(d, "gpm");
+    if (r) return r;
+    if (!num("gpm", d->index)) return ERR_NOT_SUPPORTED;
+    sample->index = d->index;
+    sample->taken = 1;
+    clock_gettime(CLOCK_MONOTONIC, &sample->at);
+    return OK;
+}
+
+/* The file's values for the interval between the two samples. Like NVML,
+ * it wants two samples of one GPU, the older first. */
+nvmlReturn_t nvmlGpmMetricsGet(nvmlGpmMetricsGet_t *m) {
+    if (!m) return ERR_INVALID_ARGUMENT;
+    if (m->version != NVML_GPM_METRICS_GET_VERSION) return ERR_ARGUMENT_VERSION_MISMATCH;
+    nvmlGpmSample_t a = m->sample1, b = m->sample2;
+    if (m->numMetrics > NVML_GPM_METRIC_MAX || !a || !b || !a->taken || !b->taken ||
+        a->index != b->index)
+        return ERR_INVALID_ARGUMENT;
+    if (a->at.tv_sec > b->at.tv_sec || (a->at.tv_sec == b->at.tv_sec && a->at.tv_nsec >= b->at.tv_nsec))
+        return ERR_INVALID_ARGUMENT;
+    static const struct {
+        unsigned int id;
+        const char *key, *name, *long_name;
+    } known[] = {
+        {1, "gpm_gr", "gr_active", "percent of time any compute/graphics app was active"},
+        {2, "gpm_sm", "sm_active", "percent of SMs that were busy"},
+        {5, "gpm_tensor", "tensor_active", "percent of time the SMs were doing any tensor operations"},
+    };
+    char unsupported[256] = "";
+    lookup("unsupported", b->index, unsupported, sizeof unsupported);
+    for (unsigned int i = 0; i < m->numMetrics; i++) {
+        nvmlGpmMetric_t *metric = &m->metrics[i];
+        metric->nvmlReturn = ERR_NOT_SUPPORTED;
+        metric->value = 0;
+        memset(&metric->metricInfo, 0, sizeof metric->metricInfo);
+        for (size_t k = 0; k < sizeof known / sizeof known[0]; k++) {
+            if (metric->metricId != known[k].id || strstr(unsupported, known[k].name)) continue;
+            metric->nvmlReturn = OK;
+            metric->value = dbl(known[k].key, b->index);
+            metric->metricInfo.shortName = (char *)known[k].name;
+            metric->metricInfo.longName = (char *)known[k].long_name;
+            metric->metricInfo.unit = (char *)"%";
+        }
+    }
+    return OK;
 }

@@ -65,6 +65,33 @@ fn the_agent_reads_every_metric_of_eight_gpus_and_skips_unsupported_ones() {
     assert_eq!(s[7]["gpu_util_percent"], 40);
 }
 
+/// GPU 0 and 2 have GPM (Hopper), GPU 1 has not (Ampere); GPU 2's driver
+/// cannot measure its tensor pipes. NVML answers percentages.
+const GPM_AND_NOT: &str = "gpus 3\nname NVIDIA H100 80GB HBM3\nname.1 NVIDIA A100-SXM4-80GB\n\
+     util 40\ngpm 1\ngpm.1 0\ngpm_gr 62.5\ngpm_sm 25\ngpm_tensor 12.5\ngpm_sm.2 50\n\
+     unsupported.2 tensor_active\n";
+
+#[test]
+fn gpm_profiling_metrics_are_ratios_where_the_board_has_gpm_and_absent_where_not() {
+    let fake = FakeGpus::new(GPM_AND_NOT);
+    let p = probe(&fake.values);
+    let s = p["samples"].as_array().unwrap();
+    assert_eq!(s[0]["gr_engine_active"], 0.625);
+    assert_eq!(s[0]["sm_active"], 0.25);
+    assert_eq!(s[0]["tensor_active"], 0.125);
+    // No GPM: the metrics are absent, the rest is there.
+    assert_eq!(s[1]["gr_engine_active"], Value::Null);
+    assert_eq!(s[1]["sm_active"], Value::Null);
+    assert_eq!(s[1]["tensor_active"], Value::Null);
+    assert_eq!(s[1]["gpu_util_percent"], 40);
+    // One metric the driver cannot give leaves the others.
+    assert_eq!(s[2]["sm_active"], 0.5);
+    assert_eq!(s[2]["gr_engine_active"], 0.625);
+    assert_eq!(s[2]["tensor_active"], Value::Null);
+    assert_eq!(s[2]["gpu_util_percent"], 40);
+    assert!(p["gpm_us"].as_u64().is_some(), "{p}");
+}
+
 #[test]
 fn without_the_library_the_agent_reports_no_gpus() {
     let out = Command::new(bin("nembo-agent"))
@@ -276,6 +303,110 @@ async fn a_nodes_gpus_show_up_live_in_the_fleet_view_and_in_nembo_gpus() {
             .any(|l| l.starts_with("raft_engine_write_duration_seconds_count")),
         "{text}"
     );
+    check_exposition(&text);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn gpm_metrics_reach_the_fleet_view_and_metrics_as_dcgm_profiling_fields() {
+    let fake = FakeGpus::new(GPM_AND_NOT);
+    // Sample every 100 ms: GPM (every 10th sweep) then closes an interval each second.
+    let mut env = fake.env();
+    env.push(("NEMBO_GPU_SAMPLE_MS", "100".into()));
+    let c = Coordinator::start_with_env(&[], &env).await;
+    let job = c.submit("name: train\nrun: sleep 30\n").await;
+    c.wait_state(&job, pb::JobState::Running, Duration::from_secs(20))
+        .await;
+    let latest = |gs: &[pb::GpuMetrics], i: u32| {
+        gs.iter()
+            .find(|g| g.identity.as_ref().unwrap().index == i)
+            .and_then(|g| g.latest.clone())
+    };
+    let gpm = |t: &pb::GpuTelemetry| (t.gr_engine_active, t.sm_active, t.tensor_active);
+    let gpus = wait_for("GPU 0's GPM metrics", Duration::from_secs(10), || async {
+        let g = fleet(&c, Default::default()).await;
+        let ready = g.len() == 3 && latest(&g, 0).is_some_and(|t| t.sm_active.is_some());
+        ready.then_some(g)
+    })
+    .await;
+    let t0 = latest(&gpus, 0).unwrap();
+    assert_eq!(gpm(&t0), (Some(0.625), Some(0.25), Some(0.125)));
+    let t1 = latest(&gpus, 1).expect("GPU 1 reports");
+    assert_eq!(gpm(&t1), (None, None, None), "no GPM, no profiling metrics");
+    assert_eq!(t1.gpu_util_percent, Some(40));
+    let t2 = wait_for("GPU 2's GPM metrics", Duration::from_secs(5), || async {
+        latest(&fleet(&c, Default::default()).await, 2).filter(|t| t.sm_active.is_some())
+    })
+    .await;
+    assert_eq!(gpm(&t2), (Some(0.625), Some(0.5), None));
+
+    // Each interval is measured afresh.
+    fake.set(&format!("{GPM_AND_NOT}gpm_sm.0 75\n"));
+    wait_for("the next GPM interval", Duration::from_secs(5), || async {
+        let t = latest(&fleet(&c, Default::default()).await, 0)?;
+        (t.sm_active == Some(0.75)).then_some(())
+    })
+    .await;
+
+    // /metrics: dcgm-exporter's profiling fields, its HELP, the GPU labels,
+    // and only for the GPUs that have them.
+    let out = c.cli(&["api", "info", "--json"]);
+    let info: Value = serde_json::from_slice(&out.stdout).unwrap();
+    let text = get_metrics(info["metrics_url"].as_str().unwrap());
+    for (name, help, gpu0, gpu2) in [
+        (
+            "DCGM_FI_PROF_GR_ENGINE_ACTIVE",
+            "Ratio of time the graphics engine is active.",
+            "0.625",
+            Some("0.625"),
+        ),
+        (
+            "DCGM_FI_PROF_SM_ACTIVE",
+            "The ratio of cycles an SM has at least 1 warp assigned.",
+            "0.75",
+            Some("0.5"),
+        ),
+        (
+            "DCGM_FI_PROF_PIPE_TENSOR_ACTIVE",
+            "Ratio of cycles the tensor (HMMA) pipe is active.",
+            "0.125",
+            None,
+        ),
+    ] {
+        assert!(
+            text.contains(&format!("# HELP {name} {help}\n# TYPE {name} gauge\n")),
+            "{name}'s header in\n{text}"
+        );
+        let series: Vec<&str> = text
+            .lines()
+            .filter(|l| l.starts_with(&format!("{name}{{")))
+            .collect();
+        let on = |gpu: u32| {
+            series
+                .iter()
+                .find(|l| l.starts_with(&format!("{name}{{gpu=\"{gpu}\",")))
+        };
+        let line = on(0).unwrap_or_else(|| panic!("no {name} for GPU 0 in {series:?}"));
+        for label in [
+            "UUID=\"GPU-fa4e0000-0000-4000-8000-000000000000\"",
+            "pci_bus_id=\"00000000:10:00.0\"",
+            "modelName=\"NVIDIA H100 80GB HBM3\"",
+            "Hostname=\"node-1\"",
+            "DCGM_FI_DRIVER_VERSION=\"580.00-fake\"",
+        ] {
+            assert!(line.contains(label), "{label} missing from {line}");
+        }
+        assert!(line.contains(&format!("nembo_job=\"{job}\"")), "{line}");
+        assert!(line.ends_with(&format!(" {gpu0}")), "{line}");
+        assert_eq!(on(1), None, "GPU 1 has no GPM: {series:?}");
+        match gpu2 {
+            Some(v) => assert!(
+                on(2).is_some_and(|l| l.ends_with(&format!(" {v}"))),
+                "{series:?}"
+            ),
+            None => assert_eq!(on(2), None, "{series:?}"),
+        }
+        assert_eq!(series.len(), 1 + usize::from(gpu2.is_some()), "{series:?}");
+    }
     check_exposition(&text);
 }
 

@@ -54,7 +54,7 @@ pub async fn render(ctx: &Ctx, gpus: bool) -> String {
 
     // GPU series, dcgm-exporter style.
     type Field = fn(&pb::GpuTelemetry) -> Option<f64>;
-    let fields: [(&str, &str, Field); 21] = [
+    let fields: [(&str, &str, Field); 24] = [
         ("DCGM_FI_DEV_GPU_UTIL", "GPU utilization (in %).", |t| {
             t.gpu_util_percent.map(f64::from)
         }),
@@ -153,6 +153,22 @@ pub async fn render(ctx: &Ctx, gpus: bool) -> String {
             "DCGM_FI_DEV_RETIRED_PENDING",
             "Whether pages are pending retirement (1) or not (0).",
             |t| t.retired_pages_pending.map(|p| f64::from(u8::from(p))),
+        ),
+        // Profiling fields: boards with GPM (Hopper and newer) only.
+        (
+            "DCGM_FI_PROF_GR_ENGINE_ACTIVE",
+            "Ratio of time the graphics engine is active.",
+            |t| t.gr_engine_active,
+        ),
+        (
+            "DCGM_FI_PROF_SM_ACTIVE",
+            "The ratio of cycles an SM has at least 1 warp assigned.",
+            |t| t.sm_active,
+        ),
+        (
+            "DCGM_FI_PROF_PIPE_TENSOR_ACTIVE",
+            "Ratio of cycles the tensor (HMMA) pipe is active.",
+            |t| t.tensor_active,
         ),
     ];
     let mut nodes = LabelCache::default();
