@@ -298,21 +298,19 @@ impl Coordinator {
     /// Every node, or `None` while the coordinator does not answer (for
     /// `wait_for` loops).
     pub async fn try_nodes(&self) -> Option<Vec<pb::Node>> {
-        let mut client = self.client().await;
-        let mut nodes = Vec::new();
-        let mut page_token = String::new();
-        loop {
-            let req = pb::ListNodesRequest {
-                page_token,
-                ..Default::default()
-            };
-            let r = client.list_nodes(req).await.ok()?.into_inner();
-            nodes.extend(r.nodes);
-            if r.next_page_token.is_empty() {
-                return Some(nodes);
+        let client = self.client().await;
+        all_pages(|page_token| {
+            let mut client = client.clone();
+            async move {
+                let req = pb::ListNodesRequest {
+                    page_token,
+                    ..Default::default()
+                };
+                let r = client.list_nodes(req).await.ok()?.into_inner();
+                Some((r.nodes, r.next_page_token))
             }
-            page_token = r.next_page_token;
-        }
+        })
+        .await
     }
 
     /// Every node.
@@ -322,22 +320,7 @@ impl Coordinator {
 
     /// Every job.
     pub async fn jobs(&self) -> Vec<pb::Job> {
-        let mut client = self.client().await;
-        let mut jobs = Vec::new();
-        let mut page_token = String::new();
-        loop {
-            let req = pb::ListJobsRequest {
-                page_token,
-                view: pb::JobView::Full as i32,
-                ..Default::default()
-            };
-            let r = client.list_jobs(req).await.expect("ListJobs").into_inner();
-            jobs.extend(r.jobs);
-            if r.next_page_token.is_empty() {
-                return jobs;
-            }
-            page_token = r.next_page_token;
-        }
+        all_jobs(&self.client().await).await.expect("ListJobs")
     }
 
     /// Runs the CLI against this coordinator.
@@ -788,4 +771,41 @@ impl Drop for Moto {
 /// Unix ms of a wire time (0: unset).
 pub fn ms(t: &Option<nembo_proto::prost_types::Timestamp>) -> i64 {
     nembo_proto::clock::unix_ms(t.as_ref())
+}
+
+/// Every item of a paginated list: `page(token)` fetches one page and its
+/// next page's token (empty after the last); `None` if a page failed.
+pub async fn all_pages<T, F, Fut>(mut page: F) -> Option<Vec<T>>
+where
+    F: FnMut(String) -> Fut,
+    Fut: std::future::Future<Output = Option<(Vec<T>, String)>>,
+{
+    let mut all = Vec::new();
+    let mut token = String::new();
+    loop {
+        let (items, next) = page(token).await?;
+        all.extend(items);
+        if next.is_empty() {
+            return Some(all);
+        }
+        token = next;
+    }
+}
+
+/// Every job in full (task, attempts, tries), through `client`.
+pub async fn all_jobs(client: &nembo_proto::client::Client) -> Option<Vec<pb::Job>> {
+    all_pages(|page_token| {
+        let mut client = client.clone();
+        async move {
+            let req = pb::ListJobsRequest {
+                page_token,
+                view: pb::JobView::Full as i32,
+                page_size: 1000,
+                ..Default::default()
+            };
+            let r = client.list_jobs(req).await.ok()?.into_inner();
+            Some((r.jobs, r.next_page_token))
+        }
+    })
+    .await
 }

@@ -86,22 +86,7 @@ async fn main() {
         tokio::time::sleep(Duration::from_millis(50)).await;
     };
     let placed_s = t0.elapsed().as_secs_f64();
-    let mut jobs = Vec::new();
-    let mut page_token = String::new();
-    loop {
-        let req = pb::ListJobsRequest {
-            page_token,
-            view: pb::JobView::Full as i32,
-            page_size: 1000,
-            ..Default::default()
-        };
-        let r = client.list_jobs(req).await.expect("jobs").into_inner();
-        jobs.extend(r.jobs);
-        if r.next_page_token.is_empty() {
-            break;
-        }
-        page_token = r.next_page_token;
-    }
+    let jobs = nembo_tests::all_jobs(&client).await.expect("jobs");
     let calls: u32 = jobs
         .iter()
         .flat_map(|j| &j.provision_tries)
