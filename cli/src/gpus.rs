@@ -146,6 +146,9 @@ fn gpu_json(g: &pb::GpuMetrics) -> serde_json::Value {
         "retired_pages_sbe": t.retired_pages_sbe,
         "retired_pages_dbe": t.retired_pages_dbe,
         "retired_pages_pending": t.retired_pages_pending,
+        "gr_engine_active": t.gr_engine_active,
+        "sm_active": t.sm_active,
+        "tensor_active": t.tensor_active,
         "processes": t.processes,
         "gpu_job_ids": t.job_ids,
     })

@@ -408,6 +408,21 @@ async fn gpm_metrics_reach_the_fleet_view_and_metrics_as_dcgm_profiling_fields()
         assert_eq!(series.len(), 1 + usize::from(gpu2.is_some()), "{series:?}");
     }
     check_exposition(&text);
+    // `nembo gpus --json` carries them too, null where the board has no GPM.
+    let out = c.cli(&["gpus", "--json"]);
+    let gpus: Value = serde_json::from_slice(&out.stdout).unwrap();
+    let by_index = |i: u64| {
+        gpus["gpus"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|g| g["index"] == i)
+            .cloned()
+            .unwrap()
+    };
+    assert_eq!(by_index(0)["sm_active"], 0.75, "{gpus}");
+    assert_eq!(by_index(0)["tensor_active"], 0.125, "{gpus}");
+    assert_eq!(by_index(1)["sm_active"], Value::Null, "{gpus}");
 }
 
 /// GETs /metrics: a 200 in Prometheus' text format; the body.
