@@ -349,8 +349,18 @@ async fn session(
     };
     let mut inbound = match opened {
         Ok(r) => r.into_inner(),
-        Err(s) if matches!(s.code(), Code::NotFound | Code::FailedPrecondition) => {
+        // A node that has ended is retired for good; one the coordinator does
+        // not know is not: a coordinator still replaying its log, or one
+        // restored from an older disk, must never make a live agent quit
+        // (only a revocation or the node's end may).
+        Err(s) if s.code() == Code::FailedPrecondition => {
             return SessionEnd::Fatal(AgentError::Retired(s.message().to_string()))
+        }
+        Err(s) if s.code() == Code::NotFound => {
+            return SessionEnd::Retry(format!(
+                "{url} does not know this node yet: {}",
+                s.message()
+            ))
         }
         Err(s) => return refused(&s, url),
     };

@@ -259,8 +259,8 @@ enum TokensCmd {
         /// How long it may be used (30m, 1h, 3600).
         #[arg(long, default_value = "1h", value_parser = parse_duration_ms)]
         ttl: u32,
-        /// How many agents may enroll with it.
-        #[arg(long, default_value_t = 1)]
+        /// How many agents may enroll with it (at least 1).
+        #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u32).range(1..))]
         uses: u32,
         /// What it is for.
         #[arg(long, default_value = "")]

@@ -2,10 +2,17 @@
 
 use nembo_proto::v1 as pb;
 
-/// Prints rows under headers, columns padded to their widest cell.
+/// Prints rows under headers, columns padded to their widest cell. Cells
+/// are shown with their control characters escaped: a job name holding a
+/// newline or a terminal escape must not fake rows or drive the reader's
+/// terminal.
 pub fn print(headers: &[&str], rows: &[Vec<String>]) {
+    let rows: Vec<Vec<String>> = rows
+        .iter()
+        .map(|r| r.iter().map(|c| visible(c)).collect())
+        .collect();
     let mut widths: Vec<usize> = headers.iter().map(|h| h.len()).collect();
-    for r in rows {
+    for r in &rows {
         for (i, c) in r.iter().enumerate() {
             if let Some(w) = widths.get_mut(i) {
                 *w = (*w).max(c.chars().count());
@@ -25,8 +32,27 @@ pub fn print(headers: &[&str], rows: &[Vec<String>]) {
     };
     line(headers.iter().map(|h| h.to_string()).collect());
     for r in rows {
-        line(r.clone());
+        line(r);
     }
+}
+
+/// `s` with every control character (C0, DEL, C1) and bidirectional
+/// override written as a visible escape (`\x1b`, `\n`, `\u{202e}`).
+pub fn visible(s: &str) -> String {
+    let mut out = String::with_capacity(s.len());
+    for c in s.chars() {
+        match c {
+            '\n' => out.push_str("\\n"),
+            '\r' => out.push_str("\\r"),
+            '\t' => out.push_str("\\t"),
+            c if c.is_control() => out.push_str(&format!("\\x{:02x}", c as u32)),
+            '\u{202a}'..='\u{202e}' | '\u{2066}'..='\u{2069}' => {
+                out.push_str(&format!("\\u{{{:04x}}}", c as u32))
+            }
+            c => out.push(c),
+        }
+    }
+    out
 }
 
 /// `1h2m`, `3m4s`, `5s`.
@@ -66,5 +92,20 @@ pub fn gpus_cell(name: &str, count: f64) -> String {
         "-".into()
     } else {
         format!("{name}:{count}")
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn control_characters_are_shown_not_obeyed() {
+        assert_eq!(visible("train"), "train");
+        assert_eq!(visible("a\nb"), "a\\nb");
+        assert_eq!(visible("\x1b[31mred\x07"), "\\x1b[31mred\\x07");
+        assert_eq!(visible("evil\u{202e}txt"), "evil\\u{202e}txt");
+        assert_eq!(visible("\u{9b}"), "\\x9b");
+        assert_eq!(visible("Zürich 東京"), "Zürich 東京");
     }
 }

@@ -12,6 +12,7 @@ use nembo_domain::state::{Command, JobId, Offering, State};
 use tokio::sync::mpsc;
 use tonic::Status;
 
+use crate::error::CoordinatorError;
 use crate::identity::issuer::Issuer;
 use crate::identity::sealed::SecretBox;
 use crate::logs::LogStore;
@@ -56,6 +57,8 @@ pub struct Ctx {
     pub(crate) ranks: RanksCache,
     /// The liveness loop's mailbox ([`Ctx::heartbeat`]).
     pub(crate) heartbeats: mpsc::Sender<String>,
+    /// Slots for work kept off the runtime's workers ([`Ctx::off_runtime`]).
+    pub(crate) blocking_slots: Arc<tokio::sync::Semaphore>,
 }
 
 /// The newest state's [`RanksByNode`], built once per state version.
@@ -96,6 +99,30 @@ impl Ctx {
     /// the timer was reset moments ago.
     pub fn heartbeat(&self, node_id: &str) {
         let _ = self.heartbeats.try_send(node_id.to_string());
+    }
+
+    /// Runs `work` (parsing a client's task, say) on a blocking thread, at
+    /// most one per core at once: however costly a request is, the runtime's
+    /// workers stay free for heartbeats, Raft traffic and other callers. The
+    /// caller's deadline still applies: a call that times out stops waiting.
+    pub async fn off_runtime<T: Send + 'static>(
+        &self,
+        work: impl FnOnce() -> T + Send + 'static,
+    ) -> Result<T, CoordinatorError> {
+        let slot = self
+            .blocking_slots
+            .clone()
+            .acquire_owned()
+            .await
+            .map_err(|_| CoordinatorError::Internal("shutting down".into()))?;
+        // The slot goes with the work, not with the waiting caller: work
+        // whose caller gave up still holds its slot until it is done.
+        tokio::task::spawn_blocking(move || {
+            let _slot = slot;
+            work()
+        })
+        .await
+        .map_err(|e| CoordinatorError::Internal(format!("blocking work failed: {e}")))
     }
 
     /// Agents talk to the leader alone (their sessions carry its orders,

@@ -100,6 +100,33 @@ fn load_issuer(
         .map_err(|e| CoordinatorError::Internal(format!("cluster CA: {e}")))
 }
 
+/// Waits until the member has applied every entry it had committed when it
+/// started (its snapshot is already in: the rest is the log's tail).
+async fn replay(raft: &raft::RaftHandle) {
+    let mut views = raft.subscribe();
+    let committed = views.borrow().commit;
+    let started = tokio::time::Instant::now();
+    loop {
+        let applied = views.borrow_and_update().applied;
+        if applied >= committed {
+            break;
+        }
+        // A long replay says so, so that a slow start is not taken for a hang.
+        match tokio::time::timeout(Duration::from_secs(5), views.changed()).await {
+            Ok(Ok(())) => {}
+            Ok(Err(_)) => return, // the member stopped; serving will fail loudly
+            Err(_) => tracing::info!(applied, committed, "replaying the log before serving"),
+        }
+    }
+    if started.elapsed() > Duration::from_secs(1) {
+        tracing::info!(
+            committed,
+            took_ms = started.elapsed().as_millis() as u64,
+            "log replayed"
+        );
+    }
+}
+
 /// Streams and requests in flight on one client connection.
 pub const MAX_STREAMS_PER_CONNECTION: u32 = 128;
 
@@ -188,6 +215,10 @@ pub async fn run(
         transport,
     )?;
     let _ = raft_cell.set(raft.clone());
+    // Nothing is served, to agents or clients, before this member has applied
+    // everything it had committed: an agent answered from the snapshot alone
+    // was told its node (made in the log's tail) did not exist.
+    replay(&raft).await;
 
     if members.len() == 1 && !cfg.join {
         // Serve once there is a leader, so the first request is not refused.
@@ -269,6 +300,9 @@ pub async fn run(
         on_unhealthy: cfg.on_unhealthy.clone(),
         ranks: RanksCache::default(),
         heartbeats: hb_tx,
+        blocking_slots: Arc::new(tokio::sync::Semaphore::new(
+            std::thread::available_parallelism().map_or(2, |n| n.get()),
+        )),
     });
     tokio::spawn(control::supervise(
         ctx.clone(),

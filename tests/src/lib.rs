@@ -290,7 +290,12 @@ impl Coordinator {
 
     /// An authenticated client.
     pub async fn client(&self) -> Client {
-        connect(&self.endpoint(), &self.ca(), &self.token())
+        self.client_with_token(&self.token()).await
+    }
+
+    /// A client presenting `token` (a user's, say).
+    pub async fn client_with_token(&self, token: &str) -> Client {
+        connect(&self.endpoint(), &self.ca(), token)
             .await
             .expect("connect")
     }

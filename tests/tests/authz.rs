@@ -77,12 +77,6 @@ fn create_user(c: &Coordinator, name: &str, role: &str) -> String {
     token
 }
 
-async fn client_as(c: &Coordinator, token: &str) -> nembo_proto::client::Client {
-    nembo_proto::client::connect(&c.endpoint(), &c.ca(), token)
-        .await
-        .unwrap()
-}
-
 fn submit_req(run: &str) -> pb::SubmitJobRequest {
     pb::SubmitJobRequest {
         task: Some(pb::submit_job_request::Task::TaskYaml(format!(
@@ -157,9 +151,9 @@ async fn users_see_and_cancel_only_their_own_jobs_and_every_change_is_audited() 
     let bob = create_user(&c, "bob", "user");
     let vera = create_user(&c, "vera", "viewer");
     let (mut a, mut b, mut v) = (
-        client_as(&c, &alice).await,
-        client_as(&c, &bob).await,
-        client_as(&c, &vera).await,
+        c.client_with_token(&alice).await,
+        c.client_with_token(&bob).await,
+        c.client_with_token(&vera).await,
     );
     let job = a
         .submit_job(submit_req("sleep 30"))

@@ -15,6 +15,7 @@ use std::time::SystemTime;
 use nembo_domain::state::{Command, Enrollment, NodeState, Outcome, Resources, State};
 use nembo_proto::agent::v1 as apb;
 use nembo_proto::agent::v1::enrollment_service_server::EnrollmentService as EnrollmentRpc;
+use nembo_proto::v1 as pb;
 use tonic::{Code, Request, Response, Status};
 
 use crate::context::Ctx;
@@ -67,6 +68,50 @@ fn issue(ctx: &Ctx, node_id: &str, public_key: &[u8]) -> Result<apb::NodeCertifi
     })
 }
 
+/// What a machine enrolling as a new node may declare: the scheduler and
+/// every table trust these numbers, so absurd ones are refused here.
+fn declared_resources(r: pb::NodeResources) -> Result<Resources, Status> {
+    const MAX_GPUS: f64 = 64.0;
+    const MAX_CPUS: f64 = 4096.0;
+    const MAX_MEMORY_GB: f64 = 64.0 * 1024.0;
+    let within = |v: f64, max: f64| v.is_finite() && (0.0..=max).contains(&v);
+    if r.accelerators.len() > 8 {
+        return Err(Status::invalid_argument(
+            "resources.accelerators: at most 8 kinds",
+        ));
+    }
+    for (name, count) in &r.accelerators {
+        let well_named = !name.is_empty()
+            && name.len() <= 64
+            && name
+                .chars()
+                .all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.'));
+        if !well_named || !within(*count, MAX_GPUS) {
+            return Err(Status::invalid_argument(format!(
+                "resources.accelerators: '{}:{count}' must be a name of letters, digits, '-', '_' or '.' and a count from 0 to {MAX_GPUS}",
+                name.escape_default()
+            )));
+        }
+    }
+    if !within(r.cpus, MAX_CPUS) {
+        return Err(Status::invalid_argument(format!(
+            "resources.cpus: {} must be from 0 to {MAX_CPUS}",
+            r.cpus
+        )));
+    }
+    if !within(r.memory_gb, MAX_MEMORY_GB) {
+        return Err(Status::invalid_argument(format!(
+            "resources.memory_gb: {} must be from 0 to {MAX_MEMORY_GB}",
+            r.memory_gb
+        )));
+    }
+    Ok(Resources {
+        accelerators: r.accelerators,
+        cpus: r.cpus,
+        memory_gb: r.memory_gb,
+    })
+}
+
 /// Serves `nembo.agent.v1.EnrollmentService`.
 pub struct EnrollmentService {
     ctx: Arc<Ctx>,
@@ -106,23 +151,19 @@ impl EnrollmentRpc for EnrollmentService {
                 tracing::warn!(node = %req.node_id, "enrollment refused: invalid join token");
                 return Err(Status::unauthenticated("invalid join token"));
             };
-        if req.public_key.len() != 65 || req.public_key[0] != 4 {
+        if !crate::identity::issuer::on_p256(&req.public_key) {
             return Err(Status::invalid_argument(
-                "public_key: must be an uncompressed ECDSA P-256 point (65 bytes)",
+                "public_key: must be an uncompressed point on the ECDSA P-256 curve (65 bytes)",
             ));
         }
-        let resources = req.resources.unwrap_or_default();
+        let resources = declared_resources(req.resources.unwrap_or_default())?;
         let out = ctx
             .raft
             .propose(Command::EnrollNode {
                 via,
                 node_id: (!req.node_id.is_empty()).then(|| req.node_id.clone()),
                 hostname: req.hostname.chars().take(64).collect(),
-                resources: Resources {
-                    accelerators: resources.accelerators,
-                    cpus: resources.cpus,
-                    memory_gb: resources.memory_gb,
-                },
+                resources,
                 key_sha256: tls::sha256_hex(&req.public_key),
                 at_ms: nembo_proto::clock::now_ms(),
             })

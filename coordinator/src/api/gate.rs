@@ -202,6 +202,27 @@ pub async fn record(
     }
 }
 
+/// A request that does not decode (a string that is not UTF-8, a field of
+/// the wrong wire type) is the caller's mistake: INVALID_ARGUMENT, not the
+/// INTERNAL that tonic's codec answers, which reads as a server fault.
+fn undecodable_is_invalid_argument(resp: &mut http::Response<Body>) {
+    let undecodable = grpc_code(resp) == Code::Internal
+        && resp
+            .headers()
+            .get("grpc-message")
+            .and_then(|m| m.to_str().ok())
+            .is_some_and(|m| {
+                m.starts_with("failed%20to%20decode%20Protobuf")
+                    || m.starts_with("failed to decode Protobuf")
+            });
+    if undecodable {
+        resp.headers_mut().insert(
+            "grpc-status",
+            http::HeaderValue::from(Code::InvalidArgument as i32),
+        );
+    }
+}
+
 fn grpc_code(resp: &http::Response<Body>) -> Code {
     resp.headers()
         .get("grpc-status")
@@ -340,7 +361,8 @@ where
                         Err(never) => match never {},
                     }
                 };
-                let resp = within(limit, &call, served).await;
+                let mut resp = within(limit, &call, served).await;
+                undecodable_is_invalid_argument(&mut resp);
                 if mutating(&call) && !resp.headers().contains_key(AUDITED_HEADER) {
                     let target = resp
                         .extensions()

@@ -40,7 +40,7 @@ pub async fn submit_job(
 ) -> Result<Response<pb::SubmitJobResponse>, Status> {
     let who = principal(&request)?;
     let req = request.into_inner();
-    let spec = parse_request(ctx, &req)?;
+    let spec = parse_request(ctx, &req).await?;
     let key = (!req.idempotency_key.is_empty()).then(|| req.idempotency_key.clone());
     // The job and its audit record in one entry: auditing costs the
     // hot path no second commit.
@@ -79,7 +79,7 @@ pub async fn dry_run(
     ctx: &Ctx,
     request: Request<pb::DryRunRequest>,
 ) -> Result<Response<pb::DryRunResponse>, Status> {
-    let spec = parse_request(ctx, &request.into_inner().into())?;
+    let spec = parse_request(ctx, &request.into_inner().into()).await?;
     let view = ctx.raft.view();
     let now = now_ms();
     let candidates = optimizer::rank(&spec, &ctx.offerings, &view.state.blocked, now)
@@ -254,7 +254,10 @@ fn sealed(ctx: &Ctx, mut spec: TaskSpec) -> TaskSpec {
     spec
 }
 
-fn parse_request(ctx: &Ctx, req: &pb::SubmitJobRequest) -> Result<TaskSpec, CoordinatorError> {
+async fn parse_request(
+    ctx: &Ctx,
+    req: &pb::SubmitJobRequest,
+) -> Result<TaskSpec, CoordinatorError> {
     let overrides: BTreeMap<String, String> = req.env_overrides.clone();
     let size = prost::Message::encoded_len(req);
     if size > MAX_TASK_BYTES {
@@ -268,7 +271,11 @@ fn parse_request(ctx: &Ctx, req: &pb::SubmitJobRequest) -> Result<TaskSpec, Coor
         )));
     }
     let mut spec = match &req.task {
-        Some(pb::submit_job_request::Task::TaskYaml(y)) => task::parse_task_yaml(y, &overrides)?,
+        Some(pb::submit_job_request::Task::TaskYaml(y)) => {
+            let (yaml, overrides) = (y.clone(), overrides.clone());
+            ctx.off_runtime(move || task::parse_task_yaml(&yaml, &overrides))
+                .await??
+        }
         Some(pb::submit_job_request::Task::Spec(s)) => convert::spec_from_proto(s, &overrides)?,
         None => {
             return Err(CoordinatorError::InvalidArgument(

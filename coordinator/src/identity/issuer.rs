@@ -109,7 +109,7 @@ impl Issuer {
         now: SystemTime,
         ttl: Duration,
     ) -> Result<Issued, IdentityError> {
-        if public_key.len() != 65 || public_key[0] != 4 {
+        if !on_p256(public_key) {
             return Err(IdentityError::BadKey);
         }
         let mut p = CertificateParams::new(vec![node_name(node_id)])?;
@@ -135,6 +135,21 @@ impl Issuer {
             not_after_ms: unix_ms(not_after),
         })
     }
+}
+
+/// Whether `point` is an uncompressed point on the P-256 curve (a length and
+/// a leading 4 are not enough: a certificate was signed for a point off the
+/// curve). ring validates the point when it agrees a key with it.
+pub fn on_p256(point: &[u8]) -> bool {
+    use ring::agreement::{agree_ephemeral, EphemeralPrivateKey, UnparsedPublicKey, ECDH_P256};
+    if point.len() != 65 || point[0] != 4 {
+        return false;
+    }
+    let rng = ring::rand::SystemRandom::new();
+    let Ok(mine) = EphemeralPrivateKey::generate(&ECDH_P256, &rng) else {
+        return false;
+    };
+    agree_ephemeral(mine, &UnparsedPublicKey::new(&ECDH_P256, point), |_| ()).is_ok()
 }
 
 /// Whether the end-entity certificate is valid for `name` (its chain and
@@ -237,5 +252,11 @@ mod tests {
             ),
             Err(IdentityError::BadKey)
         ));
+        // The right length and prefix, but not a point on the curve.
+        let mut off_curve = [7u8; 65];
+        off_curve[0] = 4;
+        assert!(!on_p256(&off_curve));
+        let real = KeyPair::generate().unwrap();
+        assert!(on_p256(real.public_key_raw()));
     }
 }

@@ -17,6 +17,7 @@ use std::collections::BTreeMap;
 use serde::{Deserialize, Serialize};
 use yaml_serde::Value;
 
+mod depth;
 mod normalized;
 mod resources;
 mod sections;
@@ -185,6 +186,7 @@ const TOP_LEVEL_NOT_YET: &[&str] = &[
 /// Parses a SkyPilot-format task. `env_overrides` are `--env NAME=VALUE`
 /// values: they fill envs declared as null and may add new ones.
 pub fn parse_task_yaml(yaml: &str, env_overrides: &BTreeMap<String, String>) -> Result<TaskSpec> {
+    depth::check_flow_depth(yaml)?;
     let mut docs = Vec::new();
     for doc in yaml_serde::Deserializer::from_str(yaml) {
         let v = Value::deserialize(doc)

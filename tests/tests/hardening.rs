@@ -1,0 +1,302 @@
+//! What an attacker and a careless operator broke (issue 14), each as it
+//! was reproduced, kept as a regression test.
+
+use std::time::{Duration, Instant};
+
+use nembo_proto::v1 as pb;
+use nembo_tests::{alive, wait_for, Coordinator};
+use tonic::Code;
+
+/// A task that nests 100 000 flow sequences: the parser used to take 43 s
+/// over it on a runtime worker, starving every other caller and the agents'
+/// heartbeats.
+fn nesting_bomb() -> String {
+    format!("run: x\nenvs: {}", "[".repeat(100_000))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_deeply_nested_task_is_refused_at_once_and_starves_no_one() {
+    let c = Coordinator::start(&[]).await;
+    let job = c.submit("name: survivor\nrun: sleep 60\n").await;
+    c.wait_state(&job, pb::JobState::Running, Duration::from_secs(30))
+        .await;
+    let user = c.cli(&["admin", "users", "create", "mallory", "--role", "user"]);
+    assert!(user.status.success());
+    let token = String::from_utf8_lossy(&user.stdout).trim().to_string();
+    let term_before = c
+        .client()
+        .await
+        .get_cluster_status(pb::GetClusterStatusRequest {})
+        .await
+        .unwrap()
+        .into_inner()
+        .status
+        .unwrap()
+        .term;
+
+    // Two attackers, two submissions each, at once; meanwhile another
+    // client keeps asking for the cluster's status.
+    let mut attacks = Vec::new();
+    for _ in 0..2 {
+        let mut as_mallory = c.client_with_token(&token).await;
+        attacks.push(tokio::spawn(async move {
+            let mut codes = Vec::new();
+            for _ in 0..2 {
+                let started = Instant::now();
+                let r = as_mallory
+                    .submit_job(pb::SubmitJobRequest {
+                        task: Some(pb::submit_job_request::Task::TaskYaml(nesting_bomb())),
+                        ..Default::default()
+                    })
+                    .await;
+                codes.push((
+                    r.map(|_| Code::Ok).unwrap_or_else(|s| s.code()),
+                    started.elapsed(),
+                ));
+            }
+            codes
+        }));
+    }
+    let mut slowest = Duration::ZERO;
+    let mut other = c.client().await;
+    for _ in 0..20 {
+        let started = Instant::now();
+        other
+            .get_cluster_status(pb::GetClusterStatusRequest {})
+            .await
+            .expect("another caller is answered");
+        slowest = slowest.max(started.elapsed());
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    for attack in attacks {
+        for (code, took) in attack.await.unwrap() {
+            assert_eq!(code, Code::InvalidArgument);
+            assert!(took < Duration::from_secs(5), "refused after {took:?}");
+        }
+    }
+    // Generous for a slow CI machine: the starved coordinator answered
+    // nobody for 43 s.
+    assert!(
+        slowest < Duration::from_secs(1),
+        "another caller waited {slowest:?}"
+    );
+    let running = c
+        .wait_state(&job, pb::JobState::Running, Duration::from_secs(1))
+        .await;
+    assert!(running.message.is_empty(), "{running:?}");
+    let status = c
+        .client()
+        .await
+        .get_cluster_status(pb::GetClusterStatusRequest {})
+        .await
+        .unwrap()
+        .into_inner()
+        .status
+        .unwrap();
+    assert_eq!(status.term, term_before, "no election happened");
+}
+
+/// Restarts of a coordinator whose state lives in a long log tail (no
+/// snapshot since): an agent reconnecting while the log was replayed was
+/// told its node did not exist, and quit for good, orphaning its job.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn restarts_while_the_log_replays_never_retire_a_live_agent() {
+    const PENDING: usize = 10_000;
+    let restarts: usize = std::env::var("NEMBO_TEST_RESTARTS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(8);
+    let mut c = Coordinator::start(&["--max-nodes", "1", "--snapshot-every", "10000000"]).await;
+    let gpu_job = "resources: {accelerators: H100:1}\nrun: sleep 600\n";
+    let first = c.submit(gpu_job).await;
+    c.wait_state(&first, pb::JobState::Running, Duration::from_secs(30))
+        .await;
+    // Jobs that wait for the one node: entries the log must replay.
+    let mut writers = Vec::new();
+    for w in 0..8 {
+        let client = c.client().await;
+        writers.push(tokio::spawn(async move {
+            for i in (w..PENDING).step_by(8) {
+                let mut client = client.clone();
+                client
+                    .submit_job(pb::SubmitJobRequest {
+                        task: Some(pb::submit_job_request::Task::TaskYaml(gpu_job.into())),
+                        idempotency_key: format!("pending-{i}"),
+                        ..Default::default()
+                    })
+                    .await
+                    .expect("submit");
+            }
+        }));
+    }
+    for w in writers {
+        w.await.unwrap();
+    }
+    // Release the node: the next job gets a new one, made at the log's end,
+    // after every entry above.
+    let down = c.cli(&["down", "--all"]);
+    assert!(
+        down.status.success(),
+        "{}",
+        String::from_utf8_lossy(&down.stderr)
+    );
+    let second = "2";
+    let job = c
+        .wait_state(second, pb::JobState::Running, Duration::from_secs(60))
+        .await;
+    let node = job.node_ids[0].clone();
+    let agent = c.agent_pid(&node);
+    for round in 0..restarts {
+        c.restart().await;
+        // The agent reconnects within a second or two of the restart.
+        wait_for(
+            &format!("round {round}: {node} back"),
+            Duration::from_secs(30),
+            || async {
+                let nodes = c.try_nodes().await?;
+                nodes
+                    .iter()
+                    .any(|n| n.node_id == node && n.state == pb::NodeState::Ready as i32)
+                    .then_some(())
+            },
+        )
+        .await;
+        assert!(alive(agent), "round {round}: the agent of {node} quit");
+    }
+    let job = c
+        .wait_state(second, pb::JobState::Running, Duration::from_secs(5))
+        .await;
+    assert_eq!(job.attempts.len(), 1, "{job:?}");
+}
+
+/// Bytes that are not UTF-8 where the API expects a string are the
+/// caller's mistake (INVALID_ARGUMENT), not a server fault (INTERNAL).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_request_that_is_not_utf8_is_an_invalid_argument() {
+    /// SubmitJobRequest's `task_yaml` (field 1) as raw bytes.
+    #[derive(Clone, PartialEq, prost::Message)]
+    struct RawSubmit {
+        #[prost(bytes = "vec", tag = "1")]
+        task_yaml: Vec<u8>,
+    }
+    let c = Coordinator::start(&["--max-nodes", "0"]).await;
+    let channel = nembo_proto::client::endpoint(&c.endpoint(), &c.ca())
+        .unwrap()
+        .connect()
+        .await
+        .unwrap();
+    let mut grpc = tonic::client::Grpc::new(channel);
+    grpc.ready().await.unwrap();
+    let mut req = tonic::Request::new(RawSubmit {
+        task_yaml: b"run: echo \xff\xfe".to_vec(),
+    });
+    req.metadata_mut().insert(
+        "authorization",
+        format!("Bearer {}", c.token()).parse().unwrap(),
+    );
+    let path = "/nembo.v1.CoordinatorService/SubmitJob".parse().unwrap();
+    let err = grpc
+        .unary::<_, pb::SubmitJobResponse, _>(req, path, tonic_prost::ProstCodec::default())
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Code::InvalidArgument, "{err:?}");
+    assert!(c.jobs().await.is_empty());
+}
+
+/// An enrolling machine proves nothing with a key off the P-256 curve, and
+/// cannot declare absurd resources; neither spends its join token.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn enrollment_refuses_keys_off_the_curve_and_absurd_resources() {
+    use nembo_proto::agent::v1 as apb;
+    let c = Coordinator::start(&[]).await;
+    let zero = c.cli(&["admin", "tokens", "create", "--uses", "0"]);
+    assert!(!zero.status.success(), "--uses 0 was accepted");
+    let out = c.cli(&["admin", "tokens", "create", "--uses", "1"]);
+    assert!(out.status.success());
+    let token = String::from_utf8_lossy(&out.stdout).trim().to_string();
+    let mut enrollment = nembo_proto::client::connect_enrollment(&c.endpoint(), &c.ca())
+        .await
+        .unwrap();
+    let mut off_curve = vec![7u8; 65];
+    off_curve[0] = 4;
+    let good_key = rcgen::KeyPair::generate()
+        .unwrap()
+        .public_key_raw()
+        .to_vec();
+    let shape = |accelerators: &[(&str, f64)], cpus: f64, memory_gb: f64| pb::NodeResources {
+        accelerators: accelerators
+            .iter()
+            .map(|(k, n)| (k.to_string(), *n))
+            .collect(),
+        cpus,
+        memory_gb,
+    };
+    let attempts = [
+        (off_curve, shape(&[], 4.0, 16.0), "public_key"),
+        (
+            good_key.clone(),
+            shape(&[("H100", 1e12)], 4.0, 16.0),
+            "resources.accelerators",
+        ),
+        (good_key.clone(), shape(&[], 1e308, 16.0), "resources.cpus"),
+        (
+            good_key.clone(),
+            shape(&[], 4.0, -5.0),
+            "resources.memory_gb",
+        ),
+        (
+            good_key.clone(),
+            shape(&[], f64::NAN, 16.0),
+            "resources.cpus",
+        ),
+        (
+            good_key.clone(),
+            shape(&[("H\u{1b}[2J", 1.0)], 4.0, 16.0),
+            "resources.accelerators",
+        ),
+    ];
+    for (public_key, resources, field) in attempts {
+        let err = enrollment
+            .enroll(apb::EnrollRequest {
+                join_token: token.clone(),
+                public_key,
+                hostname: "box".into(),
+                resources: Some(resources.clone()),
+                ..Default::default()
+            })
+            .await
+            .unwrap_err();
+        assert_eq!(err.code(), Code::InvalidArgument, "{resources:?}: {err:?}");
+        assert!(err.message().starts_with(field), "{err:?}");
+    }
+    // The token was not spent by any of them.
+    let ok = enrollment
+        .enroll(apb::EnrollRequest {
+            join_token: token,
+            public_key: good_key,
+            hostname: "box".into(),
+            resources: Some(shape(&[("H100", 2.0)], 8.0, 64.0)),
+            ..Default::default()
+        })
+        .await
+        .expect("a sane enrollment");
+    assert!(ok.into_inner().certificate.is_some());
+}
+
+/// A job's name is the user's to choose; the admin reading `nembo queue`
+/// sees its control characters escaped, not obeyed.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tables_show_control_characters_escaped() {
+    let c = Coordinator::start(&["--max-nodes", "0"]).await;
+    c.submit("name: \"evil\\e[2J\\nFAKE  ROW\\a\"\nrun: x\n")
+        .await;
+    let out = c.cli(&["queue"]);
+    assert!(out.status.success());
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        !text.contains('\u{1b}') && !text.contains('\u{7}'),
+        "{text:?}"
+    );
+    assert!(text.contains("evil\\x1b[2J\\nFAKE  ROW\\x07"), "{text}");
+    assert_eq!(text.lines().count(), 2, "one header, one job: {text}");
+}
