@@ -60,6 +60,9 @@ pub struct CoordinatorConfig {
     pub agent_cert_ttl: Duration,
     /// Longest a public API call may take (membership changes: at least 60 s).
     pub request_timeout: Duration,
+    /// A connection that has not finished its TLS handshake by then is
+    /// dropped: sockets that send nothing must not hold files for ever.
+    pub tls_handshake_timeout: Duration,
 }
 
 impl CoordinatorConfig {
@@ -89,6 +92,7 @@ impl CoordinatorConfig {
             providers_file: None,
             agent_cert_ttl: Duration::from_secs(24 * 3600),
             request_timeout: Duration::from_secs(30),
+            tls_handshake_timeout: Duration::from_secs(10),
         }
     }
 }

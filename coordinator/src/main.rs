@@ -103,6 +103,10 @@ struct Args {
     /// Longest a public API call may take (seconds).
     #[arg(long, default_value_t = 30)]
     request_timeout_s: u64,
+    /// A connection that has not finished its TLS handshake by then is
+    /// dropped (milliseconds).
+    #[arg(long, default_value_t = 10_000)]
+    tls_handshake_timeout_ms: u64,
 }
 
 #[derive(clap::Subcommand, Debug)]
@@ -153,6 +157,7 @@ async fn main() -> anyhow::Result<()> {
         .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .init();
     let a = Args::parse();
+    raise_file_limit();
     if let Some(Sub::Init {
         cluster_dir,
         ca_cert,
@@ -199,6 +204,7 @@ async fn main() -> anyhow::Result<()> {
         providers_file: a.providers,
         agent_cert_ttl: Duration::from_secs(a.agent_cert_ttl_s.max(10)),
         request_timeout: Duration::from_secs(a.request_timeout_s.max(1)),
+        tls_handshake_timeout: Duration::from_millis(a.tls_handshake_timeout_ms.max(100)),
         ..CoordinatorConfig::new(data_dir.clone())
     };
     let pid_file = data_dir.join("coordinator.pid");
@@ -224,4 +230,18 @@ async fn main() -> anyhow::Result<()> {
     let result = run(cfg, shutdown).await;
     let _ = std::fs::remove_file(&pid_file);
     result.context("coordinator failed")
+}
+
+/// Raises the soft limit on open files to the hard one: every client,
+/// agent and peer connection is a file, and a default soft limit of 1 024
+/// is easy to reach (log appends then fail too).
+fn raise_file_limit() {
+    use nix::sys::resource::{getrlimit, setrlimit, Resource};
+    if let Ok((soft, hard)) = getrlimit(Resource::RLIMIT_NOFILE) {
+        if soft < hard {
+            if let Err(e) = setrlimit(Resource::RLIMIT_NOFILE, hard, hard) {
+                tracing::warn!(soft, hard, error = %e, "could not raise the open-file limit");
+            }
+        }
+    }
 }

@@ -385,7 +385,8 @@ pub async fn run(
                 // (checked against the CA here, and for what they name by
                 // each service); clients use tokens and present none.
                 .client_ca_root(Certificate::from_pem(&ca_pem))
-                .client_auth_optional(true),
+                .client_auth_optional(true)
+                .timeout(cfg.tls_handshake_timeout),
         )
         .map_err(|e| CoordinatorError::Internal(format!("tls: {e}")))?
         .tcp_nodelay(true)

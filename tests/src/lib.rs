@@ -268,6 +268,11 @@ impl Coordinator {
     }
 
     /// The CA certificate.
+    /// The coordinator's process id.
+    pub fn pid(&self) -> u32 {
+        self.info["pid"].as_u64().unwrap_or_default() as u32
+    }
+
     pub fn ca(&self) -> Vec<u8> {
         std::fs::read(self.info["ca_cert_path"].as_str().unwrap_or_default()).expect("ca")
     }

@@ -300,3 +300,76 @@ async fn tables_show_control_characters_escaped() {
     assert!(text.contains("evil\\x1b[2J\\nFAKE  ROW\\x07"), "{text}");
     assert_eq!(text.lines().count(), 2, "one header, one job: {text}");
 }
+
+/// Sockets that never finish a TLS handshake (silent, or half a
+/// ClientHello) used to stay open for ever, until the coordinator ran out of
+/// files; now each is dropped at the handshake timeout.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn connections_that_never_finish_a_handshake_are_dropped() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let c = Coordinator::start(&["--tls-handshake-timeout-ms", "500"]).await;
+    let addr = c.endpoint().trim_start_matches("https://").to_string();
+    let mut sockets = Vec::new();
+    for i in 0..60 {
+        let mut s = tokio::net::TcpStream::connect(&addr).await.unwrap();
+        if i % 2 == 1 {
+            // A TLS record header announcing a ClientHello, and no more.
+            s.write_all(&[0x16, 0x03, 0x01, 0x02, 0x00, 0x01, 0x00])
+                .await
+                .unwrap();
+        }
+        sockets.push(s);
+    }
+    let mut waiting = tokio::task::JoinSet::new();
+    for mut s in sockets {
+        waiting.spawn(async move {
+            let mut buf = [0u8; 64];
+            loop {
+                match s.read(&mut buf).await {
+                    Ok(0) | Err(_) => return,
+                    Ok(_) => {} // an alert, then the close
+                }
+            }
+        });
+    }
+    let all_closed = tokio::time::timeout(Duration::from_secs(10), async {
+        while waiting.join_next().await.is_some() {}
+    })
+    .await;
+    assert!(
+        all_closed.is_ok(),
+        "{} of 60 sockets still open after 10 s",
+        waiting.len()
+    );
+    // A real client is served as ever.
+    assert_eq!(c.jobs().await.len(), 0);
+}
+
+/// A log chunk the coordinator could not store (it was out of files, in
+/// the attack) used to turn every later chunk into a "log gap" for as long as
+/// the session lasted; now the session is ended and the agent resends from
+/// the coordinator's offset.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn output_lost_to_a_failed_write_is_sent_again() {
+    let c = Coordinator::start(&[]).await;
+    let job = c
+        .submit("run: for i in $(seq 1 100); do echo line-$i; sleep 0.05; done\n")
+        .await;
+    c.wait_state(&job, pb::JobState::Running, Duration::from_secs(30))
+        .await;
+    tokio::time::sleep(Duration::from_millis(800)).await;
+    // For a second, the job's log cannot be opened (a directory stands in
+    // its place, which even root cannot append to).
+    let log = c.dir.path().join(format!("logs/{job}/1.0.log"));
+    let aside = log.with_extension("aside");
+    std::fs::rename(&log, &aside).unwrap();
+    std::fs::create_dir(&log).unwrap();
+    tokio::time::sleep(Duration::from_millis(1000)).await;
+    std::fs::remove_dir(&log).unwrap();
+    std::fs::rename(&aside, &log).unwrap();
+    c.wait_state(&job, pb::JobState::Succeeded, Duration::from_secs(60))
+        .await;
+    let logs = c.logs(&job).await;
+    let expected: String = (1..=100).map(|i| format!("line-{i}\n")).collect();
+    assert_eq!(logs, expected, "the output has a hole");
+}

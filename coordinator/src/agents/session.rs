@@ -203,7 +203,14 @@ async fn run_session(
                         let Ok(job) = l.job_id.parse() else { continue };
                         let key = LogKey { job, attempt: l.attempt, rank: l.rank };
                         if let Err(e) = ctx.logs.append(key, l.offset, &l.data) {
-                            tracing::warn!(node = %node_id, error = %e, "log chunk refused");
+                            // The agent sends on from its own offset: a chunk
+                            // lost here (no file could be opened, say) would
+                            // turn every later one into a gap. A new session
+                            // tells it where this member's copy ends.
+                            tracing::warn!(node = %node_id, error = %e, "log chunk refused; ending the session to resync");
+                            return Err(Status::unavailable(format!(
+                                "log chunk refused ({e}); reconnect to resume from the coordinator's offsets"
+                            )));
                         }
                     }
                     Some(AgentMsg::Preemption(p)) => {
