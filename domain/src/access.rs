@@ -121,8 +121,13 @@ pub struct AuditRecord {
     pub result: String,
 }
 
-/// Most audit records kept in the state; older ones are dropped first.
+/// Most records of changes kept in the state; older ones are dropped first.
 pub const AUDIT_KEEP: usize = 10_000;
+
+/// Most records of refused or failed calls kept. They have a ring of their
+/// own: any caller can make refusals at will, and 10 000 of them used to
+/// push every record of a change (users made, tokens, enrollments) out.
+pub const REFUSALS_KEEP: usize = 2_000;
 
 /// Users, join tokens and the audit trail: part of the replicated state.
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
@@ -131,13 +136,20 @@ pub struct Access {
     pub users: BTreeMap<String, User>,
     /// By id.
     pub join_tokens: BTreeMap<String, JoinToken>,
-    /// Oldest first, at most [`AUDIT_KEEP`].
+    /// Calls that changed something (result `ok`), oldest first, at most
+    /// [`AUDIT_KEEP`].
     pub audit: imbl::Vector<AuditRecord>,
     /// Records dropped from the front of `audit` so far: the record at
     /// `audit[i]` is the `audit_dropped + i`-th ever kept, a position that
     /// never changes (audit log pages are keyed by it).
     #[serde(default)]
     pub audit_dropped: u64,
+    /// Refused or failed calls, oldest first, at most [`REFUSALS_KEEP`].
+    #[serde(default)]
+    pub refusals: imbl::Vector<AuditRecord>,
+    /// As `audit_dropped`, for `refusals`.
+    #[serde(default)]
+    pub refusals_dropped: u64,
 }
 
 /// A change to [`Access`].
@@ -234,10 +246,19 @@ impl Access {
                 Ok(())
             }
             AccessCommand::Audit(record) => {
-                self.audit.push_back(record.clone());
-                while self.audit.len() > AUDIT_KEEP {
-                    self.audit.pop_front();
-                    self.audit_dropped += 1;
+                let (ring, dropped, keep) = if record.result == "ok" {
+                    (&mut self.audit, &mut self.audit_dropped, AUDIT_KEEP)
+                } else {
+                    (
+                        &mut self.refusals,
+                        &mut self.refusals_dropped,
+                        REFUSALS_KEEP,
+                    )
+                };
+                ring.push_back(record.clone());
+                while ring.len() > keep {
+                    ring.pop_front();
+                    *dropped += 1;
                 }
                 Ok(())
             }
@@ -355,6 +376,27 @@ mod tests {
         }
         assert_eq!(a.audit.len(), AUDIT_KEEP);
         assert_eq!(a.audit.front().unwrap().at_ms, 5);
+    }
+
+    #[test]
+    fn refusals_never_push_out_the_records_of_changes() {
+        let mut a = Access::default();
+        let record = |i: i64, result: &str| AuditRecord {
+            at_ms: i,
+            who: "vera".into(),
+            role: Some(Role::Viewer),
+            call: "SubmitJob".into(),
+            target: String::new(),
+            result: result.into(),
+        };
+        a.apply(&AccessCommand::Audit(record(0, "ok"))).unwrap();
+        for i in 1..=(REFUSALS_KEEP as i64 * 5) {
+            a.apply(&AccessCommand::Audit(record(i, "PermissionDenied")))
+                .unwrap();
+        }
+        assert_eq!(a.audit.len(), 1, "the change is still there");
+        assert_eq!(a.refusals.len(), REFUSALS_KEEP);
+        assert_eq!(a.refusals_dropped, REFUSALS_KEEP as u64 * 4);
     }
 
     #[test]

@@ -373,3 +373,118 @@ async fn output_lost_to_a_failed_write_is_sent_again() {
     let expected: String = (1..=100).map(|i| format!("line-{i}\n")).collect();
     assert_eq!(logs, expected, "the output has a hole");
 }
+
+/// 10 000 refused calls by one viewer used to fill the 10 000-record audit
+/// trail and push out every record of a change. Refusals now have a ring
+/// of their own and a budget per caller; refused reads are recorded too.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_flood_of_refusals_neither_erases_the_audit_trail_nor_goes_unthrottled() {
+    let c = Coordinator::start(&["--max-nodes", "0"]).await;
+    let token_of = |name: &str, role: &str| {
+        let out = c.cli(&["admin", "users", "create", name, "--role", role]);
+        assert!(out.status.success());
+        String::from_utf8_lossy(&out.stdout).trim().to_string()
+    };
+    let (alice, bob, vera) = (
+        token_of("alice", "user"),
+        token_of("bob", "user"),
+        token_of("vera", "viewer"),
+    );
+    let job = c
+        .client_with_token(&alice)
+        .await
+        .submit_job(pb::SubmitJobRequest {
+            task: Some(pb::submit_job_request::Task::TaskYaml("run: x\n".into())),
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .job_id;
+    // A refused read is recorded.
+    let err = c
+        .client_with_token(&bob)
+        .await
+        .get_job(pb::GetJobRequest {
+            job_id: job.clone(),
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Code::PermissionDenied);
+
+    let started = Instant::now();
+    let mut flood = tokio::task::JoinSet::new();
+    for _ in 0..6 {
+        let mut as_vera = c.client_with_token(&vera).await;
+        flood.spawn(async move {
+            let mut codes = Vec::new();
+            for _ in 0..500 {
+                let r = as_vera
+                    .submit_job(pb::SubmitJobRequest {
+                        task: Some(pb::submit_job_request::Task::TaskYaml("run: x\n".into())),
+                        ..Default::default()
+                    })
+                    .await;
+                codes.push(r.map(|_| Code::Ok).unwrap_or_else(|s| s.code()));
+            }
+            codes
+        });
+    }
+    let mut codes = Vec::new();
+    while let Some(r) = flood.join_next().await {
+        codes.extend(r.unwrap());
+    }
+    let took = started.elapsed().as_secs_f64();
+    let denied = codes
+        .iter()
+        .filter(|c| **c == Code::PermissionDenied)
+        .count();
+    let throttled = codes
+        .iter()
+        .filter(|c| **c == Code::ResourceExhausted)
+        .count();
+    assert_eq!(denied + throttled, codes.len(), "{codes:?}");
+    assert!(
+        throttled > 0,
+        "3 000 refusals in {took:.1} s were never throttled"
+    );
+
+    let mut records = Vec::new();
+    let mut page_token = String::new();
+    loop {
+        let r = c
+            .client()
+            .await
+            .get_audit_log(pb::GetAuditLogRequest {
+                page_size: 1000,
+                page_token,
+            })
+            .await
+            .unwrap()
+            .into_inner();
+        records.extend(r.records);
+        if r.next_page_token.is_empty() {
+            break;
+        }
+        page_token = r.next_page_token;
+    }
+    for user in ["alice", "bob", "vera"] {
+        assert!(
+            records
+                .iter()
+                .any(|r| r.call == "CreateUser" && r.target.starts_with(&format!("user {user}"))),
+            "the record of {user}'s creation is gone"
+        );
+    }
+    assert!(records
+        .iter()
+        .any(|r| r.who == "bob" && r.call == "GetJob" && r.result == "PermissionDenied"));
+    let recorded = records.iter().filter(|r| r.who == "vera").count();
+    // The burst of 100 and 10 a second, with room for a slow machine.
+    let allowed = 100.0 + 10.0 * (took + 2.0);
+    assert!(
+        (recorded as f64) <= allowed,
+        "{recorded} of vera's refusals recorded in {took:.1} s"
+    );
+    assert_eq!(recorded, denied, "every refusal answered is recorded");
+}

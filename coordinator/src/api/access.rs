@@ -3,7 +3,7 @@
 
 use std::ops::Bound::{Excluded, Unbounded};
 
-use nembo_domain::access::{AccessCommand, JoinToken};
+use nembo_domain::access::{AccessCommand, AuditRecord, JoinToken};
 use nembo_domain::state::Command;
 use nembo_proto::clock::{millis, now_ms, timestamp};
 use nembo_proto::v1 as pb;
@@ -244,21 +244,16 @@ pub async fn get_audit_log(
     request: Request<pb::GetAuditLogRequest>,
 ) -> Result<Response<pb::GetAuditLogResponse>, Status> {
     let req = request.into_inner();
-    let page = PageRequest::<u64>::new("audit", req.page_size, &req.page_token)?;
+    let page = PageRequest::<AuditKey>::new("audit", req.page_size, &req.page_token)?;
     let view = ctx.raft.view();
     let access = &view.state.access;
-    // Newest first: a record's position (dropped + index) never changes, so
-    // the next page starts below the last position sent.
-    let first = access.audit_dropped;
-    let end = page.after.unwrap_or(u64::MAX);
-    let newest_first = access
-        .audit
-        .iter()
-        .enumerate()
-        .rev()
-        .map(|(i, r)| (first + i as u64, r))
-        .filter(|(position, _)| *position < end);
-    let (records, next_page_token) = page.take(newest_first.map(|(position, r)| {
+    // Changes and refusals are kept apart (refusals cannot push changes
+    // out) and read together, newest first.
+    let mut all = keyed(0, access.audit_dropped, access.audit.iter());
+    all.extend(keyed(1, access.refusals_dropped, access.refusals.iter()));
+    all.retain(|(k, _)| page.after.as_ref().is_none_or(|after| k < after));
+    all.sort_unstable_by_key(|(key, _)| std::cmp::Reverse(*key));
+    let (records, next_page_token) = page.take(all.into_iter().map(|(key, r)| {
         let record = pb::AuditRecord {
             time: timestamp(r.at_ms),
             who: r.who.clone(),
@@ -267,12 +262,64 @@ pub async fn get_audit_log(
             target: r.target.clone(),
             result: r.result.clone(),
         };
-        (position, record)
+        (key, record)
     }));
     Ok(Response::new(pb::GetAuditLogResponse {
         records,
         next_page_token,
     }))
+}
+
+/// Where an audit record stands, newest last: its time, then its ring
+/// (changes, refusals) and its fixed position there. A page token holds
+/// the last one sent.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+pub struct AuditKey {
+    at_ms: i64,
+    ring: u8,
+    position: u64,
+}
+
+/// The records of one ring with their keys.
+fn keyed<'a>(
+    ring: u8,
+    dropped: u64,
+    records: impl Iterator<Item = &'a AuditRecord>,
+) -> Vec<(AuditKey, &'a AuditRecord)> {
+    records
+        .enumerate()
+        .map(|(i, r)| {
+            let position = dropped + i as u64;
+            (
+                AuditKey {
+                    at_ms: r.at_ms,
+                    ring,
+                    position,
+                },
+                r,
+            )
+        })
+        .collect()
+}
+
+impl std::fmt::Display for AuditKey {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}.{}.{}", self.at_ms, self.ring, self.position)
+    }
+}
+
+impl std::str::FromStr for AuditKey {
+    type Err = ();
+    fn from_str(s: &str) -> Result<Self, ()> {
+        let mut parts = s.split('.');
+        let mut next = || parts.next().ok_or(());
+        let key = AuditKey {
+            at_ms: next()?.parse().map_err(|_| ())?,
+            ring: next()?.parse().map_err(|_| ())?,
+            position: next()?.parse().map_err(|_| ())?,
+        };
+        Ok(key)
+    }
 }
 
 /// `<prefix><id><sep><secret>` with fresh random halves, and the secret's digest.

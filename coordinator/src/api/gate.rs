@@ -239,6 +239,7 @@ pub struct Gate<S> {
     root: Arc<str>,
     timeout: Duration,
     forward: Arc<Forwarder>,
+    refusals: Arc<RefusalBudget>,
 }
 
 impl<S> Gate<S> {
@@ -258,6 +259,7 @@ impl<S> Gate<S> {
             root,
             timeout,
             forward: Arc::new(Forwarder::new(ca_pem)),
+            refusals: Arc::new(RefusalBudget::default()),
         }
     }
 }
@@ -299,6 +301,7 @@ where
             .unwrap_or("")
             .to_string();
         let (ctx, root, forward) = (self.ctx.clone(), self.root.clone(), self.forward.clone());
+        let refusals = self.refusals.clone();
         let limit = if matches!(call.as_str(), "AddMember" | "RemoveMember") {
             self.timeout.max(Duration::from_secs(60))
         } else {
@@ -329,6 +332,17 @@ where
                         Err(status) => return status.into_http(),
                     }
                 }
+                // Admins may do everything already; the budget keeps users
+                // and viewers from flooding the log with their refusals.
+                let budgeted = who.role != Role::Admin;
+                if budgeted && refusals.exhausted(&who.name) {
+                    tracing::warn!(call, who = %who.name, "refused: too many refused calls");
+                    return Status::resource_exhausted(format!(
+                        "{} made too many refused calls; slow down",
+                        who.name
+                    ))
+                    .into_http();
+                }
                 let need = required_role(&call);
                 if who.role < need {
                     // A follower hands a refused call to the leader as it
@@ -343,6 +357,9 @@ where
                         who.role.as_str()
                     ));
                     tracing::warn!(call, who = %who.name, role = who.role.as_str(), "refused: role");
+                    if budgeted {
+                        refusals.spend(&who.name);
+                    }
                     record(
                         &ctx,
                         &who.name,
@@ -363,26 +380,97 @@ where
                 };
                 let mut resp = within(limit, &call, served).await;
                 undecodable_is_invalid_argument(&mut resp);
-                if mutating(&call) && !resp.headers().contains_key(AUDITED_HEADER) {
+                let code = grpc_code(&resp);
+                if budgeted
+                    && is_refusal(code)
+                    && (mutating(&call) || code == Code::PermissionDenied)
+                {
+                    refusals.spend(&who.name);
+                }
+                // Every change is recorded, and every refusal: a read
+                // refused for want of rights too.
+                let recorded_here = (mutating(&call) || code == Code::PermissionDenied)
+                    && !resp.headers().contains_key(AUDITED_HEADER);
+                if recorded_here {
                     let target = resp
                         .extensions()
                         .get::<AuditTarget>()
                         .map(|t| t.0.clone())
                         .unwrap_or_default();
-                    record(
-                        &ctx,
-                        &who.name,
-                        Some(who.role),
-                        &call,
-                        target,
-                        grpc_code(&resp),
-                    )
-                    .await;
+                    record(&ctx, &who.name, Some(who.role), &call, target, code).await;
                 }
                 resp
             };
             Ok(answer.await)
         })
+    }
+}
+
+/// A call the caller got wrong or was not allowed to make (not one the
+/// cluster failed: those say nothing about the caller).
+fn is_refusal(code: Code) -> bool {
+    !matches!(
+        code,
+        Code::Ok
+            | Code::Unavailable
+            | Code::DeadlineExceeded
+            | Code::Internal
+            | Code::Unknown
+            | Code::Cancelled
+            | Code::Aborted
+    )
+}
+
+/// How many refused calls each caller may make: a burst, then a steady
+/// rate. Past it the caller is answered RESOURCE_EXHAUSTED and nothing is
+/// recorded: each recorded refusal is a Raft write, and a flood of them
+/// (10 000 by one viewer in 6 s) must not load the log.
+pub struct RefusalBudget {
+    // A plain mutex: held for a few arithmetic operations, never across an
+    // await, and each call takes it at most twice.
+    per_caller: std::sync::Mutex<std::collections::HashMap<String, Bucket>>,
+}
+
+struct Bucket {
+    tokens: f64,
+    at: tokio::time::Instant,
+}
+
+/// Refused calls a caller may make at once.
+const REFUSAL_BURST: f64 = 100.0;
+/// And then per second.
+const REFUSALS_PER_SECOND: f64 = 10.0;
+
+impl Default for RefusalBudget {
+    fn default() -> Self {
+        Self {
+            per_caller: std::sync::Mutex::new(std::collections::HashMap::new()),
+        }
+    }
+}
+
+impl RefusalBudget {
+    fn with_bucket<T>(&self, who: &str, f: impl FnOnce(&mut Bucket) -> T) -> T {
+        let mut map = self.per_caller.lock().unwrap_or_else(|p| p.into_inner());
+        let now = tokio::time::Instant::now();
+        let bucket = map.entry(who.to_string()).or_insert(Bucket {
+            tokens: REFUSAL_BURST,
+            at: now,
+        });
+        let refill = now.duration_since(bucket.at).as_secs_f64() * REFUSALS_PER_SECOND;
+        bucket.tokens = (bucket.tokens + refill).min(REFUSAL_BURST);
+        bucket.at = now;
+        f(bucket)
+    }
+
+    /// Whether `who` has used up its refused calls for now.
+    fn exhausted(&self, who: &str) -> bool {
+        self.with_bucket(who, |b| b.tokens < 1.0)
+    }
+
+    /// Counts one refused call of `who`.
+    fn spend(&self, who: &str) {
+        self.with_bucket(who, |b| b.tokens = (b.tokens - 1.0).max(0.0));
     }
 }
 

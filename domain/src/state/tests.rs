@@ -375,6 +375,7 @@ fn an_audited_change_is_applied_and_recorded_with_its_result_in_one_step() {
         .access
         .audit
         .iter()
+        .chain(s.access.refusals.iter())
         .map(|r| (r.target.clone(), r.result.clone()))
         .collect();
     assert_eq!(
