@@ -63,6 +63,9 @@ pub struct CoordinatorConfig {
     /// A connection that has not finished its TLS handshake by then is
     /// dropped: sockets that send nothing must not hold files for ever.
     pub tls_handshake_timeout: Duration,
+    /// Connections that may be in their handshake (not yet authenticated)
+    /// at once; more wait in the kernel's backlog.
+    pub handshake_slots: usize,
 }
 
 impl CoordinatorConfig {
@@ -93,6 +96,7 @@ impl CoordinatorConfig {
             agent_cert_ttl: Duration::from_secs(24 * 3600),
             request_timeout: Duration::from_secs(30),
             tls_handshake_timeout: Duration::from_secs(10),
+            handshake_slots: 1024,
         }
     }
 }

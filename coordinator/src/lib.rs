@@ -9,6 +9,7 @@ pub mod context;
 pub mod control;
 pub mod error;
 pub mod identity;
+pub mod listener;
 pub mod logs;
 pub mod provider;
 pub mod replication;

@@ -107,6 +107,9 @@ struct Args {
     /// dropped (milliseconds).
     #[arg(long, default_value_t = 10_000)]
     tls_handshake_timeout_ms: u64,
+    /// Connections that may be in their TLS handshake at once; more wait.
+    #[arg(long, default_value_t = 1024)]
+    handshake_slots: usize,
 }
 
 #[derive(clap::Subcommand, Debug)]
@@ -205,6 +208,7 @@ async fn main() -> anyhow::Result<()> {
         agent_cert_ttl: Duration::from_secs(a.agent_cert_ttl_s.max(10)),
         request_timeout: Duration::from_secs(a.request_timeout_s.max(1)),
         tls_handshake_timeout: Duration::from_millis(a.tls_handshake_timeout_ms.max(100)),
+        handshake_slots: a.handshake_slots,
         ..CoordinatorConfig::new(data_dir.clone())
     };
     let pid_file = data_dir.join("coordinator.pid");

@@ -404,7 +404,7 @@ pub async fn run(
         .add_service(reflection)
         .add_service(reflection_alpha)
         .serve_with_incoming_shutdown(
-            tokio_stream::wrappers::TcpListenerStream::new(listener),
+            crate::listener::accept(listener, cfg.tls_handshake_timeout, cfg.handshake_slots),
             shutdown,
         )
         .await

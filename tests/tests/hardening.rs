@@ -488,3 +488,45 @@ async fn a_flood_of_refusals_neither_erases_the_audit_trail_nor_goes_unthrottled
     );
     assert_eq!(recorded, denied, "every refusal answered is recorded");
 }
+
+/// 320 sockets that never finished a handshake used up a coordinator whose
+/// file limit was 300. Connections in their handshake now have a fixed
+/// number of slots; the rest wait in the kernel's backlog, not in the
+/// coordinator's files, and a real client gets through as slots free.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn connections_in_their_handshake_are_capped() {
+    let c = Coordinator::start(&[
+        "--tls-handshake-timeout-ms",
+        "500",
+        "--handshake-slots",
+        "20",
+    ])
+    .await;
+    let pid = c.pid();
+    let sockets_held = || {
+        std::fs::read_dir(format!("/proc/{pid}/fd"))
+            .unwrap()
+            .flatten()
+            .filter(|e| {
+                std::fs::read_link(e.path())
+                    .is_ok_and(|l| l.to_string_lossy().starts_with("socket:"))
+            })
+            .count()
+    };
+    let before = sockets_held();
+    let addr = c.endpoint().trim_start_matches("https://").to_string();
+    let mut silent = Vec::new();
+    for _ in 0..200 {
+        silent.push(tokio::net::TcpStream::connect(&addr).await.unwrap());
+    }
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let during = sockets_held();
+    assert!(
+        during <= before + 20 + 5,
+        "200 silent sockets made the coordinator hold {during} sockets (it held {before})"
+    );
+    // A real client gets through as slots free, while the others wait.
+    let answered = tokio::time::timeout(Duration::from_secs(30), c.client()).await;
+    assert!(answered.is_ok(), "no slot for a real client in 30 s");
+    drop(silent);
+}
