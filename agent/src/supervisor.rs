@@ -440,6 +440,10 @@ impl Owner {
     }
 
     fn spawn(&mut self, dir: &Path, job: &apb::RunJob) -> std::io::Result<i32> {
+        if !job.workdir.is_empty() {
+            let (files, bytes) = nembo_proto::workdir::size(Path::new(&job.workdir))?;
+            tracing::info!(job = %job.job_id, workdir = %job.workdir, files, bytes, "copying the workdir");
+        }
         fs::create_dir_all(dir.join("work"))?;
         if let Some(e) = self.jobs.get(&JobKey {
             job_id: job.job_id.clone(),

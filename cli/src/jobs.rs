@@ -49,13 +49,27 @@ fn read_task(path: &PathBuf, name: Option<&str>) -> Result<String> {
     };
     let mut changed = false;
     if let Some(yaml_serde::Value::String(w)) = map.get("workdir") {
+        // Where it really is (`../..`, links and `/proc/self/root` resolved),
+        // so the coordinator judges the directory that would be copied.
         let p = PathBuf::from(w);
-        if !p.is_absolute() {
-            let abs = std::env::current_dir()?.join(p);
-            let abs = abs
-                .canonicalize()
-                .with_context(|| format!("workdir {}", abs.display()))?;
-            map.insert("workdir".into(), abs.display().to_string().into());
+        let abs = if p.is_absolute() {
+            p
+        } else {
+            std::env::current_dir()?.join(p)
+        };
+        let real = abs
+            .canonicalize()
+            .with_context(|| format!("workdir {}", abs.display()))?;
+        match nembo_proto::workdir::size(&real) {
+            Ok((files, bytes)) => eprintln!(
+                "Workdir {}: {files} entries, {:.1} MB, copied to the node before setup.",
+                real.display(),
+                bytes as f64 / 1e6
+            ),
+            Err(e) => anyhow::bail!("{e}"),
+        }
+        if real.as_os_str() != w.as_str() {
+            map.insert("workdir".into(), real.display().to_string().into());
             changed = true;
         }
     }

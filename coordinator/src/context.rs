@@ -43,6 +43,9 @@ pub struct Ctx {
     pub providers_not_enabled: Vec<(&'static str, &'static str)>,
     /// Where refreshed catalogs are written.
     pub catalog_dir: PathBuf,
+    /// Directories no task's workdir may be, hold or be inside: the
+    /// coordinator's data, the cluster's credentials, the nodes' dirs.
+    pub own_dirs: Vec<PathBuf>,
     /// Heartbeat period given to agents.
     pub heartbeat_ms: u32,
     /// Grace for stopping jobs.

@@ -290,6 +290,11 @@ pub async fn run(
         )
         .map_err(|e| CoordinatorError::Internal(format!("{}: {e}", creds.secrets_key.display())))?,
         catalog_dir: cluster_dir.join("catalog"),
+        own_dirs: vec![
+            dir.clone(),
+            cluster_dir.clone(),
+            cfg.nodes_dir.clone().unwrap_or_else(|| dir.join("nodes")),
+        ],
         issuer: load_issuer(&ca_pem, &creds.ca_key)?,
         join_secret: agent_token.clone(),
         agent_cert_ttl: cfg.agent_cert_ttl,

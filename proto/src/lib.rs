@@ -41,6 +41,7 @@ pub mod api_info;
 pub mod client;
 pub mod clock;
 pub mod http;
+pub mod workdir;
 
 /// A dry run is checked exactly as the submission it stands for.
 impl From<v1::DryRunRequest> for v1::SubmitJobRequest {

@@ -530,3 +530,83 @@ async fn connections_in_their_handshake_are_capped() {
     assert!(answered.is_ok(), "no slot for a real client in 30 s");
     drop(silent);
 }
+
+/// `workdir: ../../../../../..` resolved to `/`, `/proc/self/root/..` was
+/// taken as given, and the node began to copy the whole machine (the
+/// cluster's root token and CA key included). Now a workdir is a directory
+/// of the user's, of bounded size, and its size is reported at launch.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_workdir_is_never_the_machine_a_home_or_the_coordinators_files() {
+    let c = Coordinator::start(&[]).await;
+    let home = std::env::var("HOME").unwrap_or_else(|_| "/root".into());
+    let inside = c.dir.path().join("logs");
+    for w in [
+        "/".to_string(),
+        "/proc/self/root/..".into(),
+        "/tmp/../".into(),
+        home,
+        c.dir.path().display().to_string(),
+        inside.display().to_string(),
+        "relative/dir".into(),
+    ] {
+        let err = c
+            .client()
+            .await
+            .submit_job(pb::SubmitJobRequest {
+                task: Some(pb::submit_job_request::Task::TaskYaml(format!(
+                    "workdir: {w}\nrun: ls\n"
+                ))),
+                ..Default::default()
+            })
+            .await
+            .unwrap_err();
+        assert_eq!(err.code(), Code::InvalidArgument, "{w}: {err:?}");
+        assert!(err.message().starts_with("workdir:"), "{w}: {err:?}");
+    }
+    // Through the CLI, a relative path that climbs to `/` is refused too.
+    let task = c.dir.path().join("climb.yaml");
+    std::fs::write(&task, "workdir: ../../../../../../../../..\nrun: ls\n").unwrap();
+    let out = c.cli(&["launch", "-d", task.to_str().unwrap()]);
+    assert!(!out.status.success(), "a workdir of / was launched");
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("workdir"),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+
+    // A real project directory runs, and its size is said at launch.
+    let project = tempfile::tempdir().unwrap();
+    std::fs::write(project.path().join("train.py"), "print('hi')\n").unwrap();
+    let ok = c.dir.path().join("ok.yaml");
+    std::fs::write(
+        &ok,
+        format!("workdir: {}\nrun: cat train.py\n", project.path().display()),
+    )
+    .unwrap();
+    let out = c.cli(&["launch", ok.to_str().unwrap()]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(String::from_utf8_lossy(&out.stdout).contains("print('hi')"));
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("1 entries"),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+
+    // Past the size limit (a 3 GiB sparse file), the node refuses to copy it.
+    let big = tempfile::tempdir().unwrap();
+    std::fs::File::create(big.path().join("weights.bin"))
+        .unwrap()
+        .set_len(3 << 30)
+        .unwrap();
+    let job = c
+        .submit(&format!("workdir: {}\nrun: ls\n", big.path().display()))
+        .await;
+    let failed = c
+        .wait_state(&job, pb::JobState::Failed, Duration::from_secs(30))
+        .await;
+    assert!(failed.message.contains("the limit is"), "{failed:?}");
+}

@@ -284,11 +284,7 @@ async fn parse_request(
         }
     };
     if let Some(w) = &spec.workdir {
-        if !w.starts_with('/') {
-            return Err(CoordinatorError::InvalidArgument(format!(
-                "workdir: '{w}' must be an absolute path (the CLI resolves relative ones)"
-            )));
-        }
+        check_workdir(w, &ctx.own_dirs)?;
     }
     // job_recovery only means something to a managed job: say so
     // rather than ignore it.
@@ -301,6 +297,53 @@ async fn parse_request(
     spec.managed = req.managed;
     optimizer::check_feasible(&spec, &ctx.offerings)?;
     Ok(spec)
+}
+
+/// A workdir is copied whole onto the node: it must be a directory a user
+/// means to ship, not the machine, a home, or the coordinator's own files
+/// (`workdir: ../../../../..` resolved to `/`, and the copy would have
+/// carried the cluster's root token and CA key).
+fn check_workdir(w: &str, own_dirs: &[std::path::PathBuf]) -> Result<(), CoordinatorError> {
+    use std::path::{Component, Path};
+    let refuse = |why: String| Err(CoordinatorError::InvalidArgument(format!("workdir: {why}")));
+    let path = Path::new(w);
+    if !path.is_absolute()
+        || path
+            .components()
+            .any(|c| matches!(c, Component::ParentDir | Component::CurDir))
+    {
+        return refuse(format!(
+            "'{w}' must be an absolute path without . or .. (the CLI resolves relative ones)"
+        ));
+    }
+    // Where the path really leads on this host (`/proc/self/root/..` is `/`).
+    let real = std::fs::canonicalize(path).unwrap_or_else(|_| path.to_path_buf());
+    if real == Path::new("/") {
+        return refuse(format!(
+            "'{w}' is the root directory: it would copy the whole machine"
+        ));
+    }
+    if ["/proc", "/sys", "/dev"]
+        .iter()
+        .any(|p| real.starts_with(p))
+    {
+        return refuse(format!("'{w}' is a system directory, not files to ship"));
+    }
+    if std::env::var_os("HOME").is_some_and(|h| real == Path::new(&h)) {
+        return refuse(format!(
+            "'{w}' is a home directory itself; name the project's directory"
+        ));
+    }
+    for own in own_dirs {
+        let own = std::fs::canonicalize(own).unwrap_or_else(|_| own.clone());
+        if own.starts_with(&real) || real.starts_with(&own) {
+            return refuse(format!(
+                "'{w}' holds or is inside the coordinator's own files ({}), which hold its credentials",
+                own.display()
+            ));
+        }
+    }
+    Ok(())
 }
 
 fn parse_job_id(s: &str) -> Result<JobId, CoordinatorError> {
