@@ -89,7 +89,11 @@ pub async fn local_down() -> Result<()> {
         println!("The local coordinator is not running.");
         return Ok(());
     };
-    down(Vec::new(), true).await?;
+    // A coordinator that cannot release its nodes (its disk failed, say)
+    // is still stopped: `local down` stops whatever runs, in any state.
+    if let Err(e) = down(Vec::new(), true).await {
+        eprintln!("warning: could not release the nodes first ({e:#}); stopping the coordinator(s) anyway");
+    }
     let pids: Vec<u32> = if info.pids.is_empty() {
         vec![info.pid]
     } else {
@@ -101,7 +105,16 @@ pub async fn local_down() -> Result<()> {
             nix::sys::signal::Signal::SIGTERM,
         );
     }
-    for _ in 0..100 {
+    for round in 0..150 {
+        if round == 100 {
+            // Ten seconds of SIGTERM were not enough: no more asking.
+            for p in &pids {
+                let _ = nix::sys::signal::kill(
+                    nix::unistd::Pid::from_raw(*p as i32),
+                    nix::sys::signal::Signal::SIGKILL,
+                );
+            }
+        }
         if !pids.iter().any(|p| connect::pid_alive(*p)) {
             let dir = if info.pids.is_empty() {
                 connect::local_data_dir()?

@@ -382,7 +382,7 @@ pub async fn run(
     .map_err(startup("api.json"))?;
     tracing::info!(%endpoint, data_dir = %dir.display(), "coordinator serving");
 
-    Server::builder()
+    let serve = Server::builder()
         .tls_config(
             ServerTlsConfig::new()
                 .identity(Identity::from_pem(cert, key))
@@ -411,7 +411,18 @@ pub async fn run(
         .serve_with_incoming_shutdown(
             crate::listener::accept(listener, cfg.tls_handshake_timeout, cfg.handshake_slots),
             shutdown,
-        )
-        .await
-        .map_err(|e| CoordinatorError::Internal(format!("server: {e}")))
+        );
+    // A member whose storage failed (a full or failing disk) stops; the
+    // process must not stay up answering UNAVAILABLE for ever. It exits with
+    // the reason, so that a supervisor restarts it once the disk is fixed.
+    let mut raft_views = ctx.raft.subscribe();
+    let raft_stopped = async move { while raft_views.changed().await.is_ok() {} };
+    tokio::select! {
+        served = serve => served.map_err(|e| CoordinatorError::Internal(format!("server: {e}"))),
+        () = raft_stopped => Err(CoordinatorError::Storage(
+            "the Raft member stopped after a storage failure (a full or failing disk?); \
+             exiting so that this member can be restarted once the disk is fixed"
+                .into(),
+        )),
+    }
 }
