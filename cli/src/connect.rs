@@ -58,8 +58,20 @@ fn configured() -> Result<Option<ApiInfo>> {
     Ok(None)
 }
 
+/// Whether process `pid` runs. A zombie does not: a coordinator killed a
+/// moment ago (or in a container without an init to reap it) is dead.
 pub fn pid_alive(pid: u32) -> bool {
-    pid != 0 && nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid as i32), None).is_ok()
+    if pid == 0 || nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid as i32), None).is_err() {
+        return false;
+    }
+    // /proc/<pid>/stat: "pid (comm) state ..."; comm may hold spaces.
+    match std::fs::read_to_string(format!("/proc/{pid}/stat")) {
+        Ok(stat) => stat
+            .rsplit_once(')')
+            .and_then(|(_, rest)| rest.split_whitespace().next())
+            .is_some_and(|state| state != "Z" && state != "X"),
+        Err(_) => true, // no /proc: trust the signal
+    }
 }
 
 /// The local cluster's directory (`local up --coordinators N`, N > 1).
@@ -127,13 +139,44 @@ fn spawn_coordinator(args: &[String], log_path: &Path) -> Result<u32> {
 }
 
 fn startup_failure(what: &str, log_path: &Path) -> anyhow::Error {
-    let tail = std::fs::read_to_string(log_path).unwrap_or_default();
-    let tail: Vec<&str> = tail.lines().rev().take(10).collect();
+    let log = std::fs::read_to_string(log_path).unwrap_or_default();
     anyhow::anyhow!(
-        "{what} did not start; last lines of {}:\n{}",
+        "{what} did not start (log: {}):\n{}",
         log_path.display(),
-        tail.into_iter().rev().collect::<Vec<_>>().join("\n")
+        why_it_stopped(&log)
     )
+}
+
+/// What a coordinator's log says about why it stopped: its last error with
+/// the causes under it, without the backtrace `RUST_BACKTRACE` adds; else
+/// its last lines.
+pub fn why_it_stopped(log: &str) -> String {
+    let lines: Vec<&str> = log.lines().collect();
+    if let Some(start) = lines.iter().rposition(|l| l.starts_with("Error: ")) {
+        return lines[start..]
+            .iter()
+            .take_while(|l| !l.starts_with("Stack backtrace:"))
+            .copied()
+            .collect::<Vec<_>>()
+            .join("\n")
+            .trim_end()
+            .to_string();
+    }
+    let tail: Vec<&str> = lines
+        .iter()
+        .rev()
+        .filter(|l| !is_backtrace_frame(l))
+        .take(10)
+        .copied()
+        .collect();
+    tail.into_iter().rev().collect::<Vec<_>>().join("\n")
+}
+
+fn is_backtrace_frame(line: &str) -> bool {
+    let t = line.trim_start();
+    t.starts_with("at ")
+        || t.split_once(": ")
+            .is_some_and(|(n, _)| !n.is_empty() && n.chars().all(|c| c.is_ascii_digit()))
 }
 
 /// Starts the local coordinator in the background and waits until it serves.
@@ -192,32 +235,9 @@ pub async fn start_cluster_in(dir: &Path, n: u64, extra: &[String]) -> Result<Ap
         "Starting a local cluster of {n} coordinators in {} ...",
         dir.display()
     );
-    let members: Vec<String> = urls
-        .iter()
-        .enumerate()
-        .flat_map(|(i, u)| ["--member".to_string(), format!("{}={u}", i + 1)])
-        .collect();
     let mut pids = Vec::new();
-    for (i, url) in urls.iter().enumerate() {
-        let id = i + 1;
-        let mut args = vec![
-            "--data-dir".to_string(),
-            dir.join(format!("member-{id}")).display().to_string(),
-            "--member-id".into(),
-            id.to_string(),
-            "--listen".into(),
-            url.trim_start_matches("https://").to_string(),
-            "--cluster-dir".into(),
-            dir.display().to_string(),
-            "--nodes-dir".into(),
-            dir.join("nodes").display().to_string(),
-        ];
-        args.extend(members.iter().cloned());
-        args.extend(extra.iter().cloned());
-        pids.push(spawn_coordinator(
-            &args,
-            &dir.join(format!("member-{id}.log")),
-        )?);
+    for id in 1..=urls.len() {
+        pids.push(spawn_member(&dir, &urls, id, extra)?);
     }
     let mut info = ApiInfo {
         endpoint: urls[0].clone(),
@@ -260,6 +280,48 @@ pub async fn start_cluster_in(dir: &Path, n: u64, extra: &[String]) -> Result<Ap
     info.metrics_url = info.metrics_urls.first().cloned().unwrap_or_default();
     std::fs::write(dir.join("api.json"), serde_json::to_vec_pretty(&info)?)?;
     Ok(info)
+}
+
+/// Starts member `id` (from 1) of the local cluster in `dir` whose members
+/// are at `urls`, over its own disk; returns its pid.
+fn spawn_member(dir: &Path, urls: &[String], id: usize, extra: &[String]) -> Result<u32> {
+    let mut args = vec![
+        "--data-dir".to_string(),
+        dir.join(format!("member-{id}")).display().to_string(),
+        "--member-id".into(),
+        id.to_string(),
+        "--listen".into(),
+        urls[id - 1].trim_start_matches("https://").to_string(),
+        "--cluster-dir".into(),
+        dir.display().to_string(),
+        "--nodes-dir".into(),
+        dir.join("nodes").display().to_string(),
+    ];
+    for (i, u) in urls.iter().enumerate() {
+        args.extend(["--member".to_string(), format!("{}={u}", i + 1)]);
+    }
+    args.extend(extra.iter().cloned());
+    spawn_coordinator(&args, &dir.join(format!("member-{id}.log")))
+}
+
+/// Starts again, from their disks, the members of the running local
+/// cluster whose processes are gone; returns their ids.
+pub fn restart_dead_members() -> Result<Vec<usize>> {
+    let dir = local_cluster_dir()?;
+    let path = dir.join("api.json");
+    let mut info: ApiInfo = serde_json::from_slice(&std::fs::read(&path)?)?;
+    let mut restarted = Vec::new();
+    for id in 1..=info.pids.len() {
+        if !pid_alive(info.pids[id - 1]) {
+            info.pids[id - 1] = spawn_member(&dir, &info.endpoints, id, &[])?;
+            restarted.push(id);
+        }
+    }
+    if !restarted.is_empty() {
+        info.pid = info.pids[0];
+        std::fs::write(&path, serde_json::to_vec_pretty(&info)?)?;
+    }
+    Ok(restarted)
 }
 
 /// Where the API is: the environment's coordinator, else the local one

@@ -13,8 +13,29 @@ use crate::table;
 /// `local up [--coordinators N]`.
 pub async fn up(coordinators: u64) -> Result<()> {
     let info = match connect::running_local()? {
+        // A member of a local cluster that died is brought back from its
+        // disk, not left dead behind an "already running".
+        Some(info) if info.pids.len() > 1 => {
+            let restarted = connect::restart_dead_members()?;
+            if restarted.is_empty() {
+                println!("The local cluster is already running.");
+            } else {
+                println!(
+                    "Restarted member(s) {restarted:?} of the local cluster from their disks."
+                );
+            }
+            connect::running_local()?.unwrap_or(info)
+        }
         Some(info) => {
-            println!("The local coordinator is already running.");
+            if answers(&info).await {
+                println!("The local coordinator is already running.");
+            } else {
+                anyhow::bail!(
+                    "the local coordinator (pid {}) runs but does not answer at {}; `nembo local down` stops it",
+                    info.pid,
+                    info.endpoint
+                );
+            }
             info
         }
         None if coordinators > 1 => connect::start_local_cluster(coordinators).await?,
@@ -30,6 +51,63 @@ pub async fn up(coordinators: u64) -> Result<()> {
         println!("Local coordinator: {} (pid {})", info.endpoint, info.pid);
     }
     Ok(())
+}
+
+/// One member of a local cluster, as seen from outside.
+struct MemberHealth {
+    id: usize,
+    url: String,
+    pid: u32,
+    process: bool,
+    answers: bool,
+    leader: bool,
+}
+
+/// Each member's process and whether it answers (by itself, not through
+/// another member), with the role it reports.
+async fn member_health(info: &nembo_proto::api_info::ApiInfo) -> Vec<MemberHealth> {
+    let mut out = Vec::new();
+    for (i, (url, pid)) in info.endpoints.iter().zip(&info.pids).enumerate() {
+        let alone = nembo_proto::api_info::ApiInfo {
+            endpoint: url.clone(),
+            endpoints: vec![url.clone()],
+            ..info.clone()
+        };
+        let status = tokio::time::timeout(Duration::from_secs(3), async {
+            let mut c = connect::connect_info(&alone).await.ok()?;
+            c.get_cluster_status(pb::GetClusterStatusRequest {})
+                .await
+                .ok()?
+                .into_inner()
+                .status
+        })
+        .await
+        .ok()
+        .flatten();
+        out.push(MemberHealth {
+            id: i + 1,
+            url: url.clone(),
+            pid: *pid,
+            process: connect::pid_alive(*pid),
+            answers: status.is_some(),
+            leader: status.is_some_and(|s| s.leader_id == (i + 1) as u64),
+        });
+    }
+    out
+}
+
+/// Whether the coordinator at `info` answers within a few seconds.
+async fn answers(info: &nembo_proto::api_info::ApiInfo) -> bool {
+    tokio::time::timeout(Duration::from_secs(5), async {
+        let mut c = connect::connect_info(info).await.ok()?;
+        c.get_cluster_status(pb::GetClusterStatusRequest {})
+            .await
+            .ok()
+    })
+    .await
+    .ok()
+    .flatten()
+    .is_some()
 }
 
 /// `down NODE...` / `down --all`: release nodes.
@@ -139,6 +217,7 @@ pub async fn local_status(as_json: bool) -> Result<()> {
         }
         return Ok(());
     };
+    let members = member_health(&info).await;
     let c = connect::client().await?;
     let status = cluster_status(&c).await?;
     let nodes = connect::list_nodes(&c).await?;
@@ -147,6 +226,10 @@ pub async fn local_status(as_json: bool) -> Result<()> {
             "running": true,
             "endpoint": info.endpoint,
             "pid": info.pid,
+            "members": members.iter().map(|m| json!({
+                "id": m.id, "url": m.url, "pid": m.pid, "process": m.process,
+                "answers": m.answers, "leader": m.leader,
+            })).collect::<Vec<_>>(),
             "term": status.term,
             "leader_id": status.leader_id,
             "commit_index": status.commit_index,
@@ -160,6 +243,28 @@ pub async fn local_status(as_json: bool) -> Result<()> {
         "Local coordinator running at {} (pid {}); raft term {}, applied index {}.",
         info.endpoint, info.pid, status.term, status.applied_index
     );
+    if members.len() > 1 {
+        let rows: Vec<Vec<String>> = members
+            .iter()
+            .map(|m| {
+                vec![
+                    m.id.to_string(),
+                    m.url.clone(),
+                    m.pid.to_string(),
+                    if m.process { "running" } else { "gone" }.into(),
+                    match (m.answers, m.leader) {
+                        (false, _) => "no answer".into(),
+                        (true, true) => "leader".into(),
+                        (true, false) => "follower".into(),
+                    },
+                ]
+            })
+            .collect();
+        table::print(&["MEMBER", "URL", "PID", "PROCESS", "ROLE"], &rows);
+        if members.iter().any(|m| !m.process || !m.answers) {
+            println!("A member is down: `nembo local up` brings it back from its disk.");
+        }
+    }
     let rows: Vec<Vec<String>> = nodes
         .iter()
         .filter(|n| n.state != pb::NodeState::Terminated as i32)

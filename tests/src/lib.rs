@@ -151,9 +151,15 @@ impl FakeGpus {
     }
 }
 
-/// Whether a process exists.
+/// Whether a process runs (a zombie does not).
 pub fn alive(pid: i32) -> bool {
-    kill(Pid::from_raw(pid), None).is_ok()
+    // A zombie (exited, not yet reaped by whoever inherited it) is dead.
+    let zombie = std::fs::read_to_string(format!("/proc/{pid}/stat")).is_ok_and(|stat| {
+        stat.rsplit_once(')')
+            .and_then(|(_, rest)| rest.split_whitespace().next())
+            .is_some_and(|state| state == "Z" || state == "X")
+    });
+    !zombie && kill(Pid::from_raw(pid), None).is_ok()
 }
 
 /// Writes a token or key file as the binaries want it: 0600.

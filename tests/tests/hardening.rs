@@ -705,3 +705,103 @@ async fn a_full_disk_makes_the_coordinator_exit_and_a_restart_loses_nothing() {
     c.submit("run: echo again\n").await;
     c.kill9();
 }
+
+/// `nembo` run with its own home, as a user would run it.
+fn nembo_at(home: &std::path::Path, args: &[&str], env: &[(&str, &str)]) -> std::process::Output {
+    std::process::Command::new(nembo_tests::bin("nembo"))
+        .args(args)
+        .env("NEMBO_HOME", home)
+        .env("NEMBO_AGENT_BIN", nembo_tests::bin("nembo-agent"))
+        .env(
+            "NEMBO_COORDINATOR_BIN",
+            nembo_tests::bin("nembo-coordinator"),
+        )
+        .envs(env.iter().copied())
+        .output()
+        .unwrap()
+}
+
+/// After a member of a local cluster died, `local up` said "already
+/// running" and left it dead, and `local status` did not say so.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn local_up_brings_back_a_dead_member_and_status_shows_each_members_health() {
+    let home = tempfile::tempdir().unwrap();
+    let nembo = |args: &[&str]| nembo_at(home.path(), args, &[]);
+    let up = nembo(&["local", "up", "--coordinators", "3"]);
+    assert!(up.status.success(), "{up:?}");
+    let pids = || -> Vec<i32> {
+        let info: serde_json::Value =
+            serde_json::from_slice(&std::fs::read(home.path().join("cluster/api.json")).unwrap())
+                .unwrap();
+        info["pids"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|p| p.as_i64().unwrap() as i32)
+            .collect()
+    };
+    let before = pids();
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(before[1]),
+        nix::sys::signal::Signal::SIGKILL,
+    )
+    .unwrap();
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let status = nembo(&["local", "status"]);
+    let text = String::from_utf8_lossy(&status.stdout).to_string();
+    assert!(
+        text.contains("gone") && text.contains("A member is down"),
+        "{text}"
+    );
+    let again = nembo(&["local", "up", "--coordinators", "3"]);
+    assert!(again.status.success(), "{again:?}");
+    assert!(
+        String::from_utf8_lossy(&again.stdout).contains("Restarted member(s) [2]"),
+        "{again:?}"
+    );
+    let after = pids();
+    assert_ne!(after[1], before[1]);
+    assert!(alive(after[1]));
+    wait_for(
+        "every member answering",
+        Duration::from_secs(20),
+        || async {
+            let s = nembo(&["local", "status", "--json"]);
+            let v: serde_json::Value = serde_json::from_slice(&s.stdout).ok()?;
+            v["members"]
+                .as_array()?
+                .iter()
+                .all(|m| m["process"] == true && m["answers"] == true)
+                .then_some(())
+        },
+    )
+    .await;
+    let down = nembo(&["local", "down"]);
+    assert!(down.status.success(), "{down:?}");
+    assert!(after.iter().all(|p| !alive(*p)));
+}
+
+/// A coordinator that refused to start (here: a providers.yaml it cannot
+/// read) was reported with the last lines of its log, which were backtrace
+/// frames when RUST_BACKTRACE was set. Now the error itself is shown.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_coordinator_that_cannot_start_says_why() {
+    let home = tempfile::tempdir().unwrap();
+    let data = home.path().join("coordinator");
+    std::fs::create_dir_all(&data).unwrap();
+    std::fs::write(
+        data.join("providers.yaml"),
+        "local: [this is: not, a mapping\n",
+    )
+    .unwrap();
+    let up = nembo_at(home.path(), &["local", "up"], &[("RUST_BACKTRACE", "1")]);
+    assert!(!up.status.success());
+    let err = String::from_utf8_lossy(&up.stderr);
+    assert!(err.contains("providers.yaml"), "{err}");
+    assert!(
+        !err.contains("Stack backtrace") && !err.contains(" at /"),
+        "{err}"
+    );
+    let down = nembo_at(home.path(), &["local", "down"], &[]);
+    assert!(down.status.success(), "{down:?}");
+}
