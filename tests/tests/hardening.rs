@@ -805,3 +805,49 @@ async fn a_coordinator_that_cannot_start_says_why() {
     let down = nembo_at(home.path(), &["local", "down"], &[]);
     assert!(down.status.success(), "{down:?}");
 }
+
+/// `--env K=V` for a K the task does not declare was kept as a plain env
+/// and echoed by GetJob and the dry run: such a value is where tokens go.
+/// It now reaches the job as a secret; a declared env stays an env.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_undeclared_env_from_the_command_line_is_kept_secret() {
+    let c = Coordinator::start(&[]).await;
+    let task = c.dir.path().join("env.yaml");
+    std::fs::write(
+        &task,
+        "envs: {DECLARED: null}\nrun: echo token-len=${#HF_TOKEN} declared=$DECLARED\n",
+    )
+    .unwrap();
+    let t = task.to_str().unwrap();
+    let secret = "hf_s3cr3tValue";
+    let env = format!("HF_TOKEN={secret}");
+    let dry = c.cli(&[
+        "launch",
+        "--dry-run",
+        "--json",
+        "--env",
+        &env,
+        "--env",
+        "DECLARED=shown",
+        t,
+    ]);
+    assert!(dry.status.success(), "{dry:?}");
+    let shown = String::from_utf8_lossy(&dry.stdout);
+    assert!(!shown.contains(secret), "the dry run echoes it: {shown}");
+    assert!(shown.contains("shown"), "{shown}");
+    let run = c.cli(&["launch", "--env", &env, "--env", "DECLARED=shown", t]);
+    assert!(run.status.success(), "{run:?}");
+    let out = String::from_utf8_lossy(&run.stdout);
+    assert!(
+        out.contains(&format!("token-len={} declared=shown", secret.len())),
+        "{out}"
+    );
+    let job = c.jobs().await.pop().unwrap();
+    let spec = job.spec.unwrap();
+    assert_eq!(spec.envs.get("DECLARED").map(String::as_str), Some("shown"));
+    assert_eq!(
+        spec.secrets.get("HF_TOKEN").map(String::as_str),
+        Some("<redacted>")
+    );
+    assert!(!format!("{spec:?}").contains(secret));
+}

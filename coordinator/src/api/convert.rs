@@ -128,8 +128,17 @@ pub fn spec_from_proto(
     if candidates.is_empty() {
         candidates.push(ResourceCandidate::default());
     }
+    // As for YAML: an override of a declared env stays an env; a name the
+    // task does not declare is kept as a secret.
     let mut envs = p.envs.clone();
-    envs.extend(overrides.clone());
+    let mut secrets = p.secrets.clone();
+    for (name, value) in overrides {
+        if envs.contains_key(name) {
+            envs.insert(name.clone(), value.clone());
+        } else {
+            secrets.insert(name.clone(), value.clone());
+        }
+    }
     let spec = TaskSpec {
         name: non_empty(&p.name),
         num_nodes: if p.num_nodes == 0 { 1 } else { p.num_nodes },
@@ -137,7 +146,7 @@ pub fn spec_from_proto(
         setup: non_empty(&p.setup),
         run: non_empty(&p.run),
         envs,
-        secrets: p.secrets.clone(),
+        secrets,
         resources: ResourceRequest {
             candidates,
             ordered: res.ordered,

@@ -184,7 +184,8 @@ const TOP_LEVEL_NOT_YET: &[&str] = &[
 ];
 
 /// Parses a SkyPilot-format task. `env_overrides` are `--env NAME=VALUE`
-/// values: they fill envs declared as null and may add new ones.
+/// values: they fill envs declared as null and may add new ones, which are
+/// kept as secrets (the job gets them; nothing shows them back).
 pub fn parse_task_yaml(yaml: &str, env_overrides: &BTreeMap<String, String>) -> Result<TaskSpec> {
     depth::check_flow_depth(yaml)?;
     let mut docs = Vec::new();
@@ -240,7 +241,11 @@ pub fn parse_task_yaml(yaml: &str, env_overrides: &BTreeMap<String, String>) -> 
     declared.extend(parse_env_nulls(map.get("secrets"), "secrets"));
     for (name, value) in env_overrides {
         check_env_name(name, &format!("envs.{name}"))?;
-        if spec.secrets.contains_key(name) || declared.get(name) == Some(&"secrets") {
+        // A name the task does not declare is kept as a secret: sealed at
+        // rest and never shown back. Command lines are where tokens are
+        // passed (`--env HF_TOKEN=...`), and nothing says this one is not.
+        let undeclared = !spec.envs.contains_key(name) && !declared.contains_key(name);
+        if undeclared || spec.secrets.contains_key(name) || declared.get(name) == Some(&"secrets") {
             spec.secrets.insert(name.clone(), value.clone());
         } else {
             spec.envs.insert(name.clone(), value.clone());
