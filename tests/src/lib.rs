@@ -304,6 +304,18 @@ impl Coordinator {
         self.client_with_token(&self.token()).await
     }
 
+    /// The cluster as this coordinator sees it.
+    pub async fn cluster_status(&self) -> pb::ClusterStatus {
+        self.client()
+            .await
+            .get_cluster_status(pb::GetClusterStatusRequest {})
+            .await
+            .expect("GetClusterStatus")
+            .into_inner()
+            .status
+            .expect("a status")
+    }
+
     /// A client presenting `token` (a user's, say).
     pub async fn client_with_token(&self, token: &str) -> Client {
         connect(&self.endpoint(), &self.ca(), token)

@@ -234,30 +234,14 @@ async fn state_survives_snapshot_compaction_and_kill9() {
     for i in 0..10 {
         ids.push(c.submit(&format!("name: j{i}\nrun: echo {i}")).await);
     }
-    let before = c
-        .client()
-        .await
-        .get_cluster_status(pb::GetClusterStatusRequest {})
-        .await
-        .unwrap()
-        .into_inner()
-        .status
-        .unwrap();
+    let before = c.cluster_status().await;
     assert!(before.snapshot_index >= 9, "{before:?}");
     c.kill9();
     c.restart().await;
     let jobs = c.jobs().await;
     let names: Vec<String> = jobs.iter().map(|j| j.name.clone()).collect();
     assert_eq!(names, (0..10).map(|i| format!("j{i}")).collect::<Vec<_>>());
-    let after = c
-        .client()
-        .await
-        .get_cluster_status(pb::GetClusterStatusRequest {})
-        .await
-        .unwrap()
-        .into_inner()
-        .status
-        .unwrap();
+    let after = c.cluster_status().await;
     assert!(after.applied_index >= before.applied_index);
     assert_eq!(after.leader_id, 1);
 }

@@ -23,16 +23,7 @@ async fn a_deeply_nested_task_is_refused_at_once_and_starves_no_one() {
     let user = c.cli(&["admin", "users", "create", "mallory", "--role", "user"]);
     assert!(user.status.success());
     let token = String::from_utf8_lossy(&user.stdout).trim().to_string();
-    let term_before = c
-        .client()
-        .await
-        .get_cluster_status(pb::GetClusterStatusRequest {})
-        .await
-        .unwrap()
-        .into_inner()
-        .status
-        .unwrap()
-        .term;
+    let term_before = c.cluster_status().await.term;
 
     // Two attackers, two submissions each, at once; meanwhile another
     // client keeps asking for the cluster's status.
@@ -84,15 +75,7 @@ async fn a_deeply_nested_task_is_refused_at_once_and_starves_no_one() {
         .wait_state(&job, pb::JobState::Running, Duration::from_secs(1))
         .await;
     assert!(running.message.is_empty(), "{running:?}");
-    let status = c
-        .client()
-        .await
-        .get_cluster_status(pb::GetClusterStatusRequest {})
-        .await
-        .unwrap()
-        .into_inner()
-        .status
-        .unwrap();
+    let status = c.cluster_status().await;
     assert_eq!(status.term, term_before, "no election happened");
 }
 
