@@ -6,12 +6,8 @@ use nembo_proto::v1 as pb;
 use serde_json::json;
 
 use crate::connect;
+use crate::jobs::ms;
 use crate::table;
-
-/// Unix ms of a wire time (0: unset).
-fn ms(t: &Option<nembo_proto::prost_types::Timestamp>) -> i64 {
-    nembo_proto::clock::unix_ms(t.as_ref())
-}
 
 /// `viewer`, `user`, `admin` (and `agent` in the audit trail).
 fn role_name(role: i32) -> &'static str {

@@ -392,22 +392,13 @@ pub async fn list_nodes(client: &Client) -> Result<Vec<pb::Node>> {
 }
 
 /// Every item of a paginated list: `page(token)` fetches one page and
-/// returns its items with the next page's token (empty after the last).
-pub async fn all_pages<T, F, Fut>(mut page: F) -> Result<Vec<T>>
+/// returns its items with the next page's token (the CLI's errors).
+pub async fn all_pages<T, F, Fut>(page: F) -> Result<Vec<T>>
 where
     F: FnMut(String) -> Fut,
     Fut: std::future::Future<Output = Result<(Vec<T>, String)>>,
 {
-    let mut all = Vec::new();
-    let mut token = String::new();
-    loop {
-        let (items, next) = page(token).await?;
-        all.extend(items);
-        if next.is_empty() {
-            return Ok(all);
-        }
-        token = next;
-    }
+    nembo_proto::client::all_pages(page).await
 }
 
 fn read_token(path: &Path) -> Result<String> {

@@ -14,6 +14,7 @@ use nembo_proto::client::Client;
 use nembo_proto::v1 as pb;
 
 use crate::connect;
+use crate::jobs::ms;
 
 const STEPS: u32 = 60;
 
@@ -255,11 +256,6 @@ impl Drop for Cluster {
             );
         }
     }
-}
-
-/// Unix ms of a wire time (0: unset).
-fn ms(t: &Option<nembo_proto::prost_types::Timestamp>) -> i64 {
-    nembo_proto::clock::unix_ms(t.as_ref())
 }
 
 async fn wait_job(

@@ -299,3 +299,22 @@ pub fn random_u32() -> u32 {
     getrandom::getrandom(&mut b).expect("the OS random source is unavailable");
     u32::from_le_bytes(b)
 }
+
+/// Every item of a paginated list: `page(token)` fetches one page and
+/// returns its items with the next page's token (empty after the last).
+pub async fn all_pages<T, E, F, Fut>(mut page: F) -> Result<Vec<T>, E>
+where
+    F: FnMut(String) -> Fut,
+    Fut: std::future::Future<Output = Result<(Vec<T>, String), E>>,
+{
+    let mut all = Vec::new();
+    let mut token = String::new();
+    loop {
+        let (items, next) = page(token).await?;
+        all.extend(items);
+        if next.is_empty() {
+            return Ok(all);
+        }
+        token = next;
+    }
+}

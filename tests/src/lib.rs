@@ -327,18 +327,19 @@ impl Coordinator {
     /// `wait_for` loops).
     pub async fn try_nodes(&self) -> Option<Vec<pb::Node>> {
         let client = self.client().await;
-        all_pages(|page_token| {
+        nembo_proto::client::all_pages(|page_token| {
             let mut client = client.clone();
             async move {
                 let req = pb::ListNodesRequest {
                     page_token,
                     ..Default::default()
                 };
-                let r = client.list_nodes(req).await.ok()?.into_inner();
-                Some((r.nodes, r.next_page_token))
+                let r = client.list_nodes(req).await?.into_inner();
+                Ok::<_, tonic::Status>((r.nodes, r.next_page_token))
             }
         })
         .await
+        .ok()
     }
 
     /// Every node.
@@ -806,28 +807,30 @@ pub fn ms(t: &Option<nembo_proto::prost_types::Timestamp>) -> i64 {
     nembo_proto::clock::unix_ms(t.as_ref())
 }
 
-/// Every item of a paginated list: `page(token)` fetches one page and its
-/// next page's token (empty after the last); `None` if a page failed.
-pub async fn all_pages<T, F, Fut>(mut page: F) -> Option<Vec<T>>
-where
-    F: FnMut(String) -> Fut,
-    Fut: std::future::Future<Output = Option<(Vec<T>, String)>>,
-{
-    let mut all = Vec::new();
-    let mut token = String::new();
-    loop {
-        let (items, next) = page(token).await?;
-        all.extend(items);
-        if next.is_empty() {
-            return Some(all);
+/// The whole audit trail, newest first, read in pages of `page_size`.
+pub async fn audit_trail(
+    client: &nembo_proto::client::Client,
+    page_size: i32,
+) -> Vec<pb::AuditRecord> {
+    nembo_proto::client::all_pages(|page_token| {
+        let mut client = client.clone();
+        async move {
+            let req = pb::GetAuditLogRequest {
+                page_size,
+                page_token,
+            };
+            let r = client.get_audit_log(req).await?.into_inner();
+            Ok::<_, tonic::Status>((r.records, r.next_page_token))
         }
-        token = next;
-    }
+    })
+    .await
+    .expect("GetAuditLog")
 }
 
-/// Every job in full (task, attempts, tries), through `client`.
+/// Every job in full (task, attempts, tries), through `client`; `None` if
+/// a page could not be read.
 pub async fn all_jobs(client: &nembo_proto::client::Client) -> Option<Vec<pb::Job>> {
-    all_pages(|page_token| {
+    nembo_proto::client::all_pages(|page_token| {
         let mut client = client.clone();
         async move {
             let req = pb::ListJobsRequest {
@@ -836,9 +839,10 @@ pub async fn all_jobs(client: &nembo_proto::client::Client) -> Option<Vec<pb::Jo
                 page_size: 1000,
                 ..Default::default()
             };
-            let r = client.list_jobs(req).await.ok()?.into_inner();
-            Some((r.jobs, r.next_page_token))
+            let r = client.list_jobs(req).await?.into_inner();
+            Ok::<_, tonic::Status>((r.jobs, r.next_page_token))
         }
     })
     .await
+    .ok()
 }

@@ -760,23 +760,7 @@ async fn lists_come_in_pages_and_jobs_as_summaries_unless_asked_for_in_full() {
     assert!(full.jobs.iter().all(|j| j.spec.is_some()), "{full:?}");
 
     // The audit trail, newest first, page after page, never twice.
-    let mut records = Vec::new();
-    let mut token = String::new();
-    loop {
-        let r = client
-            .get_audit_log(pb::GetAuditLogRequest {
-                page_size: 4,
-                page_token: token,
-            })
-            .await
-            .unwrap()
-            .into_inner();
-        records.extend(r.records);
-        if r.next_page_token.is_empty() {
-            break;
-        }
-        token = r.next_page_token;
-    }
+    let records = nembo_tests::audit_trail(&client, 4).await;
     let submits = records.iter().filter(|r| r.call == "SubmitJob").count();
     assert_eq!(submits, 6, "{records:?}");
     assert!(records.windows(2).all(|w| ms(&w[0].time) >= ms(&w[1].time)));

@@ -306,16 +306,23 @@ async fn a_nodes_gpus_show_up_live_in_the_fleet_view_and_in_nembo_gpus() {
     check_exposition(&text);
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn gpm_metrics_reach_the_fleet_view_and_metrics_as_dcgm_profiling_fields() {
-    let fake = FakeGpus::new(GPM_AND_NOT);
-    // Sample every 100 ms: GPM (every 10th sweep) then closes an interval each second.
+/// A coordinator whose agents sample every 100 ms, so that the slow
+/// readings of every 10th sweep (GPM intervals, the process list) come each
+/// second, and a job running on its node.
+async fn running_with_fast_sweeps(fake: &FakeGpus) -> (Coordinator, String) {
     let mut env = fake.env();
     env.push(("NEMBO_GPU_SAMPLE_MS", "100".into()));
     let c = Coordinator::start_with_env(&[], &env).await;
     let job = c.submit("name: train\nrun: sleep 30\n").await;
     c.wait_state(&job, pb::JobState::Running, Duration::from_secs(20))
         .await;
+    (c, job)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn gpm_metrics_reach_the_fleet_view_and_metrics_as_dcgm_profiling_fields() {
+    let fake = FakeGpus::new(GPM_AND_NOT);
+    let (c, job) = running_with_fast_sweeps(&fake).await;
     let latest = |gs: &[pb::GpuMetrics], i: u32| {
         gs.iter()
             .find(|g| g.identity.as_ref().unwrap().index == i)
@@ -589,13 +596,7 @@ async fn a_critical_xid_makes_the_node_unhealthy_and_no_new_job_lands_on_it() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_gpu_process_is_mapped_to_its_job() {
     let fake = FakeGpus::new(EIGHT_H100);
-    // Sample every 100 ms, so the process list (every 10th sweep) is fresh each second.
-    let mut env = fake.env();
-    env.push(("NEMBO_GPU_SAMPLE_MS", "100".into()));
-    let c = Coordinator::start_with_env(&[], &env).await;
-    let job = c.submit("name: train\nrun: sleep 30\n").await;
-    c.wait_state(&job, pb::JobState::Running, Duration::from_secs(20))
-        .await;
+    let (c, job) = running_with_fast_sweeps(&fake).await;
     // The driver reports the job's process (its group leader) on GPU 1 and
     // an unrelated process on GPU 2.
     let pgid = std::fs::read_to_string(

@@ -432,25 +432,7 @@ async fn a_flood_of_refusals_neither_erases_the_audit_trail_nor_goes_unthrottled
         "3 000 refusals in {took:.1} s were never throttled"
     );
 
-    let mut records = Vec::new();
-    let mut page_token = String::new();
-    loop {
-        let r = c
-            .client()
-            .await
-            .get_audit_log(pb::GetAuditLogRequest {
-                page_size: 1000,
-                page_token,
-            })
-            .await
-            .unwrap()
-            .into_inner();
-        records.extend(r.records);
-        if r.next_page_token.is_empty() {
-            break;
-        }
-        page_token = r.next_page_token;
-    }
+    let records = nembo_tests::audit_trail(&c.client().await, 1000).await;
     for user in ["alice", "bob", "vera"] {
         assert!(
             records

@@ -314,17 +314,15 @@ where
                 tracing::warn!(call, "refused: missing or invalid bearer token");
                 return Ok(Status::unauthenticated("missing or invalid bearer token").into_http());
             };
-            let served_here = match route(&call) {
+            let route = route(&call);
+            let served_here = match route {
                 Route::AnyMember => true,
                 Route::Read => stale_read_asked(req.headers()),
                 Route::Leader => false,
             };
             let answer = async move {
                 if !served_here {
-                    match forward
-                        .find_leader(&ctx.raft, route(&call) == Route::Read)
-                        .await
-                    {
+                    match forward.find_leader(&ctx.raft, route == Route::Read).await {
                         Ok(Hop::Here) => {}
                         Ok(Hop::Leader(channel)) => {
                             return within(limit, &call, pass_on(channel, req)).await

@@ -20,7 +20,7 @@
 use std::time::Duration;
 
 use nembo_proto::v1 as pb;
-use nembo_tests::{cli_arg, percentile, wait_for, Coordinator};
+use nembo_tests::{cli_arg, ms, percentile, wait_for, Coordinator};
 use serde_json::json;
 
 const PROVIDERS: &str = "local:\n  gpu_hourly: {H100: 2.0}\n  spot_factor: 0.4\n  regions:\n    eu-west: {price_factor: 1.5}\n";
@@ -182,11 +182,6 @@ async fn main() {
         "steps_lost_total": lost.iter().sum::<f64>(),
     });
     println!("{}", serde_json::to_string_pretty(&out).unwrap());
-}
-
-/// Unix ms of a wire time (0: unset).
-fn ms(t: &Option<nembo_proto::prost_types::Timestamp>) -> i64 {
-    nembo_proto::clock::unix_ms(t.as_ref())
 }
 
 fn notice_format(name: &str) -> pb::NoticeFormat {
