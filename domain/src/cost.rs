@@ -126,6 +126,7 @@ mod tests {
             provider: "sim".into(),
             region: "r".into(),
             zone: None,
+            runs_as_coordinator_user: false,
             instance_type: "h100-8".into(),
             resources,
             hourly_price: 16.0,

@@ -70,6 +70,13 @@ fn place_avoiding(
     now_ms: i64,
     avoid: &[(String, String)],
 ) -> Option<Placement> {
+    let kept_off;
+    let (offerings, avoid) = if spec.keep_off_coordinator_user {
+        kept_off = without_coordinator_user(offerings, avoid);
+        (&kept_off.0[..], &kept_off.1[..])
+    } else {
+        (offerings, avoid)
+    };
     let mut ranked: Option<Vec<crate::optimizer::Choice<'_>>> = None;
     let mut best_new = |candidate: Option<usize>| {
         let choices = ranked.get_or_insert_with(|| rank(spec, offerings, &state.blocked, now_ms));
@@ -97,6 +104,25 @@ fn place_avoiding(
         }
     }
     best_new(None)
+}
+
+/// The offerings a non-admin's job may use, and `avoid` grown by every
+/// place whose nodes run jobs as the coordinators' Unix user, so that no
+/// existing node there is chosen either.
+fn without_coordinator_user(
+    offerings: &[Offering],
+    avoid: &[(String, String)],
+) -> (Vec<Offering>, Vec<(String, String)>) {
+    let mut avoid = avoid.to_vec();
+    let mut kept = Vec::with_capacity(offerings.len());
+    for o in offerings {
+        if o.runs_as_coordinator_user {
+            avoid.push((o.provider.clone(), o.region.clone()));
+        } else {
+            kept.push(o.clone());
+        }
+    }
+    (kept, avoid)
 }
 
 fn existing_nodes(
@@ -128,6 +154,7 @@ fn existing_nodes(
             hourly_price: node.hourly_price,
             spot_price: None,
             zone: node.zone.clone(),
+            runs_as_coordinator_user: false,
         };
         let shape_ok = match &c.accelerator {
             Some(a) => {
@@ -361,6 +388,7 @@ fn candidate_for_nodes(state: &State, spec: &TaskSpec, nodes: &[String]) -> usiz
         hourly_price: node.hourly_price,
         spot_price: Some(node.hourly_price),
         zone: node.zone.clone(),
+        runs_as_coordinator_user: false,
     };
     spec.resources
         .candidates
@@ -401,6 +429,7 @@ mod tests {
                 hourly_price: price,
                 spot_price: None,
                 zone: None,
+                runs_as_coordinator_user: false,
             }
         };
         vec![
@@ -635,6 +664,72 @@ mod tests {
                 .all(|c| matches!(c, Command::ProvisionNodes { .. })),
             "{p:?}"
         );
+    }
+
+    /// A job on a node that runs jobs as the coordinators' Unix user can
+    /// read the cluster's keys: a non-admin's job is never placed there,
+    /// neither on an idle node with room nor on a new one.
+    #[test]
+    fn a_non_admins_job_never_lands_where_jobs_run_as_the_coordinator() {
+        let mut off = offerings();
+        off.retain(|o| o.instance_type == "cpu-2" || o.instance_type == "cpu-8");
+        off[0].runs_as_coordinator_user = true;
+        off[1].provider = "aws".into();
+        let submit = |s: &mut State, keep_off: bool, at_ms: i64| {
+            let mut t = spec("resources: {cpus: 1+}");
+            t.keep_off_coordinator_user = keep_off;
+            s.apply(&Command::SubmitJob {
+                spec: t,
+                idempotency_key: None,
+                owner: String::new(),
+                at_ms,
+            });
+        };
+        let mut s = State::default();
+        submit(&mut s, false, 0);
+        let first = plan(&s, &off, Policy::default(), 1);
+        assert!(
+            matches!(&first[..], [Command::ProvisionNodes { offering, .. }] if offering.provider == "local"),
+            "{first:?}"
+        );
+        for c in &first {
+            s.apply(c);
+        }
+        s.apply(&Command::NodeUp {
+            node_id: "node-1".into(),
+            address: "a".into(),
+            at_ms: 2,
+        });
+        for c in plan(&s, &off, Policy::default(), 3) {
+            assert_eq!(s.apply(&c), Outcome::Applied);
+        }
+        // node-1 has a CPU to spare: an admin's job may share it, a
+        // non-admin's goes to a machine of its own elsewhere.
+        submit(&mut s, true, 4);
+        let p = plan(&s, &off, Policy::default(), 5);
+        assert!(
+            matches!(&p[..], [Command::ProvisionNodes { offering, .. }] if offering.provider == "aws"),
+            "{p:?}"
+        );
+        let mut admin = s.clone();
+        submit(&mut admin, false, 4);
+        let p = plan(&admin, &off, Policy::default(), 5);
+        assert!(
+            p.iter().any(
+                |c| matches!(c, Command::AssignJob { node_ids, .. } if node_ids == &["node-1"])
+            ),
+            "{p:?}"
+        );
+        // With nothing but such offerings, it is not placed at all.
+        off.truncate(1);
+        assert!(place(
+            &s,
+            &s.jobs.values().next_back().unwrap().spec,
+            &off,
+            &Round::default(),
+            6
+        )
+        .is_none());
     }
 
     #[test]

@@ -146,7 +146,7 @@ async fn every_rpc_checks_the_callers_role_and_refuses_bad_tokens() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn users_see_and_cancel_only_their_own_jobs_and_every_change_is_audited() {
-    let c = Coordinator::start(&[]).await;
+    let c = Coordinator::start(&["--sim-provider"]).await;
     let alice = create_user(&c, "alice", "user");
     let bob = create_user(&c, "bob", "user");
     let vera = create_user(&c, "vera", "viewer");
@@ -303,7 +303,7 @@ async fn users_see_and_cancel_only_their_own_jobs_and_every_change_is_audited() 
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_follower_forwards_the_callers_own_identity_not_its_own() {
-    let cluster = Cluster::start(3, &[]).await;
+    let cluster = Cluster::start(3, &["--sim-provider"]).await;
     let leader = cluster.leader().await;
     let follower = (1..=3).find(|id| *id != leader).unwrap();
     let mut root = cluster.member_client(leader).await.unwrap();

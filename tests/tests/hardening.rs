@@ -362,7 +362,7 @@ async fn output_lost_to_a_failed_write_is_sent_again() {
 /// of their own and a budget per caller; refused reads are recorded too.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_flood_of_refusals_neither_erases_the_audit_trail_nor_goes_unthrottled() {
-    let c = Coordinator::start(&["--max-nodes", "0"]).await;
+    let c = Coordinator::start(&["--max-nodes", "0", "--sim-provider"]).await;
     let token_of = |name: &str, role: &str| {
         let out = c.cli(&["admin", "users", "create", name, "--role", role]);
         assert!(out.status.success());
@@ -815,4 +815,86 @@ async fn an_undeclared_env_from_the_command_line_is_kept_secret() {
         Some("<redacted>")
     );
     assert!(!format!("{spec:?}").contains(secret));
+}
+
+/// Local jobs run as the coordinators' own Unix user: a `user` token's job
+/// there read the cluster's root token and CA key, and became an admin.
+/// Only admins' jobs go to the local provider; a non-admin's task goes to
+/// another provider, or is refused with the reason.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_users_job_never_runs_where_it_could_read_the_clusters_keys() {
+    let c = Coordinator::start(&[]).await;
+    let made = c.cli(&["admin", "users", "create", "mallory", "--role", "user"]);
+    assert!(made.status.success());
+    let token_file = c.dir.path().join("mallory.token");
+    nembo_tests::write_private(&token_file, String::from_utf8_lossy(&made.stdout).trim());
+    let token_path = c.info["token_path"].as_str().unwrap().to_string();
+    let task = c.dir.path().join("steal.yaml");
+    std::fs::write(&task, format!("run: cat {token_path}\n")).unwrap();
+    let as_mallory = |args: &[&str]| {
+        std::process::Command::new(nembo_tests::bin("nembo"))
+            .args(args)
+            .env("NEMBO_API_INFO", c.dir.path().join("api.json"))
+            .env("NEMBO_HOME", c.dir.path().join("cli-home"))
+            .env("NEMBO_TOKEN_FILE", &token_file)
+            .output()
+            .unwrap()
+    };
+    let task = task.to_str().unwrap();
+    for args in [
+        vec!["launch", task, "--detach"],
+        vec!["launch", task, "--dry-run"],
+    ] {
+        let out = as_mallory(&args);
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(!out.status.success(), "{args:?} was accepted");
+        assert!(
+            stderr.contains("only admins may run jobs on the local provider")
+                && stderr.contains("nembo check"),
+            "{args:?}: {stderr}"
+        );
+    }
+    assert!(c.jobs().await.is_empty(), "no job was created");
+    assert!(c.nodes().await.is_empty(), "no node was launched");
+    let refused = nembo_tests::audit_trail(&c.client().await, 1000)
+        .await
+        .into_iter()
+        .any(|r| r.who == "mallory" && r.call == "SubmitJob" && r.result == "PermissionDenied");
+    assert!(refused, "the refusal is in the audit trail");
+
+    // With another provider enabled, the same task is placed there, never
+    // on the local machine; an admin's still may use it.
+    let c = Coordinator::start(&["--sim-provider"]).await;
+    let made = c.cli(&["admin", "users", "create", "mallory", "--role", "user"]);
+    let mut user = c
+        .client_with_token(String::from_utf8_lossy(&made.stdout).trim())
+        .await;
+    let dry = |yaml: &str| pb::DryRunRequest {
+        task: Some(pb::dry_run_request::Task::TaskYaml(yaml.into())),
+        ..Default::default()
+    };
+    let plan = user
+        .dry_run(dry("run: cat /etc/hostname\n"))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(plan.placement.unwrap().provider, "sim");
+    assert!(
+        plan.candidates.iter().all(|o| o.provider != "local"),
+        "{:?}",
+        plan.candidates
+    );
+    let pinned = user
+        .dry_run(dry("run: x\nresources: {infra: local}\n"))
+        .await;
+    assert_eq!(pinned.unwrap_err().code(), Code::PermissionDenied);
+    let admin = c
+        .client()
+        .await
+        .dry_run(dry("run: x\nresources: {infra: local}\n"))
+        .await;
+    assert_eq!(
+        admin.unwrap().into_inner().placement.unwrap().provider,
+        "local"
+    );
 }

@@ -192,6 +192,7 @@ pub fn spec_from_proto(
             })
             .transpose()?,
         managed: false,
+        keep_off_coordinator_user: false,
     };
     task::validate(&spec).map_err(|e| SpecError::new(format!("spec.{}", e.path), e.message))?;
     Ok(spec)

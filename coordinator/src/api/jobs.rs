@@ -8,7 +8,7 @@ use std::time::Duration;
 use nembo_domain::access::Role;
 use nembo_domain::optimizer;
 use nembo_domain::scheduler::{self, Placement, Round};
-use nembo_domain::state::{Command, JobId, Outcome, RankOutcome};
+use nembo_domain::state::{Command, JobId, Offering, Outcome, RankOutcome};
 use nembo_domain::task::{self, TaskSpec};
 use nembo_proto::clock::now_ms;
 use nembo_proto::v1 as pb;
@@ -40,7 +40,7 @@ pub async fn submit_job(
 ) -> Result<Response<pb::SubmitJobResponse>, Status> {
     let who = principal(&request)?;
     let req = request.into_inner();
-    let spec = parse_request(ctx, &req).await?;
+    let spec = parse_request(ctx, &who, &req).await?;
     let key = (!req.idempotency_key.is_empty()).then(|| req.idempotency_key.clone());
     // The job and its audit record in one entry: auditing costs the
     // hot path no second commit.
@@ -79,16 +79,18 @@ pub async fn dry_run(
     ctx: &Ctx,
     request: Request<pb::DryRunRequest>,
 ) -> Result<Response<pb::DryRunResponse>, Status> {
-    let spec = parse_request(ctx, &request.into_inner().into()).await?;
+    let who = principal(&request)?;
+    let spec = parse_request(ctx, &who, &request.into_inner().into()).await?;
+    let offerings = offerings_for(ctx, &spec);
     let view = ctx.raft.view();
     let now = now_ms();
-    let candidates = optimizer::rank(&spec, &ctx.offerings, &view.state.blocked, now)
+    let candidates = optimizer::rank(&spec, &offerings, &view.state.blocked, now)
         .iter()
         .take(10)
         .map(convert::choice_to_proto)
         .collect();
-    let placement = scheduler::place(&view.state, &spec, &ctx.offerings, &Round::default(), now)
-        .map(|p| match p {
+    let placement =
+        scheduler::place(&view.state, &spec, &offerings, &Round::default(), now).map(|p| match p {
             Placement::Existing {
                 candidate,
                 node_ids,
@@ -256,6 +258,7 @@ fn sealed(ctx: &Ctx, mut spec: TaskSpec) -> TaskSpec {
 
 async fn parse_request(
     ctx: &Ctx,
+    who: &Principal,
     req: &pb::SubmitJobRequest,
 ) -> Result<TaskSpec, CoordinatorError> {
     let overrides: BTreeMap<String, String> = req.env_overrides.clone();
@@ -295,8 +298,39 @@ async fn parse_request(
         ));
     }
     spec.managed = req.managed;
-    optimizer::check_feasible(&spec, &ctx.offerings)?;
+    spec.keep_off_coordinator_user = who.role != Role::Admin;
+    if let Err(e) = optimizer::check_feasible(&spec, &offerings_for(ctx, &spec)) {
+        if spec.keep_off_coordinator_user
+            && optimizer::check_feasible(&spec, &ctx.offerings).is_ok()
+        {
+            return Err(CoordinatorError::PermissionDenied(
+                LOCAL_IS_FOR_ADMINS.replace("{role}", who.role.as_str()),
+            ));
+        }
+        return Err(e.into());
+    }
     Ok(spec)
+}
+
+/// Why a non-admin's task that only the local provider could host is refused.
+const LOCAL_IS_FOR_ADMINS: &str = "only admins may run jobs on the local provider: its jobs \
+run as the coordinators' own Unix user and could read the cluster's token and CA key, so a \
+{role} token would become an admin's (see SECURITY.md, 'Local jobs'); ask an admin to \
+run it, or enable a cloud provider (see `nembo check`)";
+
+/// The offerings this task may be placed on: a non-admin's never include
+/// those that run jobs as the coordinators' Unix user.
+fn offerings_for<'a>(ctx: &'a Ctx, spec: &TaskSpec) -> std::borrow::Cow<'a, [Offering]> {
+    if spec.keep_off_coordinator_user {
+        ctx.offerings
+            .iter()
+            .filter(|o| !o.runs_as_coordinator_user)
+            .cloned()
+            .collect::<Vec<_>>()
+            .into()
+    } else {
+        ctx.offerings[..].into()
+    }
 }
 
 /// A workdir is copied whole onto the node: it must be a directory a user

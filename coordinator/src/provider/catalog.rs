@@ -68,6 +68,7 @@ fn row(provider: &str, line: &str) -> Result<Offering, String> {
             Some(num("spot_price", spot)?)
         },
         zone: (!zone.is_empty()).then(|| zone.to_string()),
+        runs_as_coordinator_user: false,
     })
 }
 

@@ -196,6 +196,7 @@ impl LocalProvider {
                         hourly_price: price,
                         spot_price: settings.spot_factor.map(|f| price * f),
                         zone: None,
+                        runs_as_coordinator_user: true,
                     }
                 })
             })

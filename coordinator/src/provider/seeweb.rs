@@ -376,6 +376,7 @@ impl SeewebProvider {
                     hourly_price: price,
                     spot_price: None,
                     zone: None,
+                    runs_as_coordinator_user: false,
                 });
             }
         }

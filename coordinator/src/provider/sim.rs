@@ -290,6 +290,8 @@ impl Provider for SimProvider {
                     provider: "sim".into(),
                     region: r.name.clone(),
                     zone: None,
+                    // Its agents, where it starts any, are local processes.
+                    runs_as_coordinator_user: self.agents.is_some(),
                     instance_type: t.name.clone(),
                     resources: Resources {
                         accelerators,

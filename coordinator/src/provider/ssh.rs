@@ -279,6 +279,7 @@ impl Provider for SshProvider {
                     hourly_price: h.hourly_price,
                     spot_price: None,
                     zone: None,
+                    runs_as_coordinator_user: false,
                 }
             })
             .collect()

@@ -150,6 +150,11 @@ pub struct Offering {
     /// Zone, where the provider prices by zone.
     #[serde(default)]
     pub zone: Option<String>,
+    /// Its nodes run jobs as the coordinators' own Unix user (the local
+    /// provider), where a job can read the cluster's token and CA key:
+    /// only admins' jobs are placed there.
+    #[serde(default)]
+    pub runs_as_coordinator_user: bool,
 }
 
 impl Offering {

@@ -22,6 +22,7 @@ fn offering(gpus: f64) -> Offering {
         hourly_price: 0.0,
         spot_price: None,
         zone: None,
+        runs_as_coordinator_user: false,
     }
 }
 

@@ -93,6 +93,12 @@ pub struct TaskSpec {
     /// never by the YAML.
     #[serde(default)]
     pub managed: bool,
+    /// Submitted by a caller who is not an admin: never placed where jobs
+    /// run as the coordinators' Unix user (see
+    /// [`Offering::runs_as_coordinator_user`](crate::state::Offering)).
+    /// Set by the API, never by the YAML.
+    #[serde(default)]
+    pub keep_off_coordinator_user: bool,
 }
 
 /// Where a managed job goes after a preemption.

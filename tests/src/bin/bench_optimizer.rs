@@ -51,6 +51,7 @@ fn catalog(n: usize) -> Vec<Offering> {
                                 provider: provider.into(),
                                 region: format!("region-{region:02}"),
                                 zone: Some(zone.into()),
+                                runs_as_coordinator_user: false,
                                 instance_type: format!(
                                     "{}-{}x-{}",
                                     gpu.to_lowercase(),
