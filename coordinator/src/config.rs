@@ -58,6 +58,8 @@ pub struct CoordinatorConfig {
     /// Lifetime of the client certificates agents enroll for; they renew
     /// at two thirds of it.
     pub agent_cert_ttl: Duration,
+    /// Lifetime of the member's own certificate; renewed with a third left.
+    pub member_cert_life: Duration,
     /// Longest a public API call may take (membership changes: at least 60 s).
     pub request_timeout: Duration,
     /// A connection that has not finished its TLS handshake by then is
@@ -94,6 +96,7 @@ impl CoordinatorConfig {
             join: false,
             providers_file: None,
             agent_cert_ttl: Duration::from_secs(24 * 3600),
+            member_cert_life: crate::identity::member::DEFAULT_LIFE,
             request_timeout: Duration::from_secs(30),
             tls_handshake_timeout: Duration::from_secs(10),
             handshake_slots: 1024,

@@ -34,7 +34,7 @@ pub struct Ctx {
     /// Seals task secrets before they are proposed; opens them for agents.
     pub secrets: SecretBox,
     /// Signs agent certificates (none: this member has no CA key).
-    pub issuer: Option<Issuer>,
+    pub issuer: Option<Arc<Issuer>>,
     /// The secret node tokens are derived from.
     pub join_secret: Arc<str>,
     /// Lifetime of agent certificates.

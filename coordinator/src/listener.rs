@@ -1,108 +1,67 @@
-//! The coordinator's one listener, with a cap on connections still in their
-//! TLS handshake. Each accepted connection takes a slot for at most the
-//! handshake timeout (or until it closes, if sooner): by then it has either
-//! proved itself or been dropped by the TLS layer. When every slot is taken,
+//! The coordinator's one listener, which does the TLS handshakes itself:
+//! each with a deadline, and at most so many at once. A connection takes a
+//! slot from accept to the end of its handshake; when every slot is taken,
 //! accepting pauses and new connections wait in the kernel's backlog, so
 //! sockets that never finish a handshake cannot use up the process's files.
+//! Only connections that completed the handshake reach the gRPC server.
+//! The certificate served is resolved at each handshake, so a member's
+//! renewed certificate is served at once (see `identity::member`).
 
 use std::io;
-use std::pin::Pin;
 use std::sync::Arc;
-use std::task::{Context, Poll};
 use std::time::Duration;
 
-use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::{TcpListener, TcpStream};
-use tokio::sync::{mpsc, oneshot, Semaphore};
+use tokio::sync::{mpsc, Semaphore};
+use tokio_rustls::server::TlsStream;
+use tokio_rustls::TlsAcceptor;
 use tokio_stream::wrappers::ReceiverStream;
-use tonic::transport::server::{Connected, TcpConnectInfo};
 
 /// Accepts on `listener` for as long as the returned stream is read, with at
-/// most `slots` connections in their first `handshake_timeout`.
+/// most `slots` connections in their handshake, each for at most
+/// `handshake_timeout`.
 pub fn accept(
     listener: TcpListener,
+    tls: Arc<rustls::ServerConfig>,
     handshake_timeout: Duration,
     slots: usize,
-) -> ReceiverStream<io::Result<Connection>> {
+) -> ReceiverStream<io::Result<TlsStream<TcpStream>>> {
     let (tx, rx) = mpsc::channel(16);
     let slots = Arc::new(Semaphore::new(slots.max(1)));
+    let acceptor = TlsAcceptor::from(tls);
     tokio::spawn(async move {
         loop {
             let Ok(slot) = slots.clone().acquire_owned().await else {
                 return;
             };
-            let accepted = listener.accept().await.map(|(stream, _)| {
-                let _ = stream.set_nodelay(true);
-                let (closed, on_close) = oneshot::channel::<()>();
-                // The slot is given back at the timeout, or when the
-                // connection closes before it.
-                tokio::spawn(async move {
-                    let _slot = slot;
-                    let _ = tokio::time::timeout(handshake_timeout, on_close).await;
-                });
-                Connection {
-                    stream,
-                    _closed: closed,
+            let stream = match listener.accept().await {
+                Ok((stream, _)) => stream,
+                Err(e) => {
+                    // Out of files, most likely: wait for some to close
+                    // rather than spin.
+                    tracing::warn!(error = %e, "accept failed");
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                    continue;
                 }
-            });
-            if tx.send(accepted).await.is_err() {
+            };
+            if tx.is_closed() {
                 return; // the server stopped
             }
+            let _ = stream.set_nodelay(true);
+            let (acceptor, tx) = (acceptor.clone(), tx.clone());
+            tokio::spawn(async move {
+                let handshake = tokio::time::timeout(handshake_timeout, acceptor.accept(stream));
+                let done = handshake.await;
+                drop(slot);
+                match done {
+                    Ok(Ok(tls)) => {
+                        let _ = tx.send(Ok(tls)).await;
+                    }
+                    Ok(Err(e)) => tracing::debug!(error = %e, "TLS handshake failed"),
+                    Err(_) => tracing::debug!("TLS handshake timed out"),
+                }
+            });
         }
     });
     ReceiverStream::new(rx)
-}
-
-/// An accepted connection; dropping it gives its handshake slot back.
-pub struct Connection {
-    stream: TcpStream,
-    _closed: oneshot::Sender<()>,
-}
-
-impl Connected for Connection {
-    type ConnectInfo = TcpConnectInfo;
-
-    fn connect_info(&self) -> TcpConnectInfo {
-        self.stream.connect_info()
-    }
-}
-
-impl AsyncRead for Connection {
-    fn poll_read(
-        mut self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        buf: &mut ReadBuf<'_>,
-    ) -> Poll<io::Result<()>> {
-        Pin::new(&mut self.stream).poll_read(cx, buf)
-    }
-}
-
-impl AsyncWrite for Connection {
-    fn poll_write(
-        mut self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        buf: &[u8],
-    ) -> Poll<io::Result<usize>> {
-        Pin::new(&mut self.stream).poll_write(cx, buf)
-    }
-
-    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        Pin::new(&mut self.stream).poll_flush(cx)
-    }
-
-    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        Pin::new(&mut self.stream).poll_shutdown(cx)
-    }
-
-    fn poll_write_vectored(
-        mut self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        bufs: &[io::IoSlice<'_>],
-    ) -> Poll<io::Result<usize>> {
-        Pin::new(&mut self.stream).poll_write_vectored(cx, bufs)
-    }
-
-    fn is_write_vectored(&self) -> bool {
-        self.stream.is_write_vectored()
-    }
 }

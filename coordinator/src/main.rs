@@ -100,6 +100,10 @@ struct Args {
     /// agents renew at two thirds of it.
     #[arg(long, default_value_t = 24 * 3600)]
     agent_cert_ttl_s: u64,
+    /// Lifetime of this member's own certificate (seconds); it renews
+    /// itself with a third left. Default 30 days.
+    #[arg(long, default_value_t = 30 * 24 * 3600)]
+    member_cert_life_s: u64,
     /// Longest a public API call may take (seconds).
     #[arg(long, default_value_t = 30)]
     request_timeout_s: u64,
@@ -206,6 +210,7 @@ async fn main() -> anyhow::Result<()> {
         join: a.join,
         providers_file: a.providers,
         agent_cert_ttl: Duration::from_secs(a.agent_cert_ttl_s.max(10)),
+        member_cert_life: Duration::from_secs(a.member_cert_life_s.max(10)),
         request_timeout: Duration::from_secs(a.request_timeout_s.max(1)),
         tls_handshake_timeout: Duration::from_millis(a.tls_handshake_timeout_ms.max(100)),
         handshake_slots: a.handshake_slots,

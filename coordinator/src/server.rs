@@ -16,7 +16,7 @@ use nembo_proto::v1::coordinator_service_server::CoordinatorServiceServer;
 use serde::{Deserialize, Serialize};
 use tokio::sync::mpsc;
 use tonic::service::interceptor::InterceptedService;
-use tonic::transport::{Certificate, Identity, Server, ServerTlsConfig};
+use tonic::transport::Server;
 use tonic::{Request, Status};
 
 use crate::agents::enroll::{AgentCaller, EnrollmentService};
@@ -27,6 +27,7 @@ use crate::config::{find_agent_bin, CoordinatorConfig};
 use crate::context::{Ctx, RanksCache};
 use crate::control::{self, LoopConfig};
 use crate::error::CoordinatorError;
+use crate::identity::member::{self, MemberCertConfig};
 use crate::identity::tls;
 use crate::logs::LogStore;
 use crate::provider::bootstrap::Bootstrap;
@@ -141,8 +142,8 @@ pub async fn run(
     std::fs::set_permissions(dir, std::os::unix::fs::PermissionsExt::from_mode(0o700))
         .map_err(startup("data dir permissions"))?;
     let cluster_dir = cfg.cluster_dir.clone().unwrap_or_else(|| dir.clone());
-    let creds = tls::ensure(&cluster_dir, dir, cfg.member_id, &cfg.hosts)
-        .map_err(|e| CoordinatorError::Internal(e.to_string()))?;
+    let creds =
+        tls::ensure(&cluster_dir, dir).map_err(|e| CoordinatorError::Internal(e.to_string()))?;
     let client_token: Arc<str> = tls::read_secret(&creds.token)
         .map_err(|e| CoordinatorError::Internal(e.to_string()))?
         .into();
@@ -179,18 +180,25 @@ pub async fn run(
         .entry(cfg.member_id)
         .or_insert_with(|| endpoint.clone());
     let ca_pem = std::fs::read(&creds.ca_cert).map_err(startup("CA certificate"))?;
-    let cert = std::fs::read(&creds.server_cert).map_err(startup("server certificate"))?;
-    // Through the same check as tokens: a key others can read is refused.
-    let key = tls::read_secret(&creds.server_key)
-        .map_err(|e| CoordinatorError::Internal(e.to_string()))?
-        .into_bytes();
+    let issuer = load_issuer(&ca_pem, &creds.ca_key)?.map(Arc::new);
+    let member_cert = MemberCertConfig {
+        member_id: cfg.member_id,
+        hosts: cfg.hosts.clone(),
+        life: cfg.member_cert_life,
+        cert_path: creds.server_cert.clone(),
+        key_path: creds.server_key.clone(),
+    };
+    let identity = member::load_or_issue(&member_cert, issuer.as_deref())
+        .map_err(|e| CoordinatorError::Internal(format!("member certificate: {e}")))?;
+    let (identity_tx, identity_rx) = tokio::sync::watch::channel(Arc::new(identity));
+    let server_tls = member::server_config(&ca_pem, identity_rx.clone())
+        .map_err(|e| CoordinatorError::Internal(format!("tls: {e}")))?;
 
     let raft_cell = Arc::new(std::sync::OnceLock::new());
     // Even a single member gets a peer transport: members can be added later.
     let tls = crate::replication::peer::PeerTls {
         ca: ca_pem.clone(),
-        cert: cert.clone(),
-        key: key.clone(),
+        identity: identity_rx,
     };
     let transport = Box::new(crate::replication::peer::start(
         cfg.member_id,
@@ -215,6 +223,17 @@ pub async fn run(
         transport,
     )?;
     let _ = raft_cell.set(raft.clone());
+    let (seen_tx, seen_rx) = tokio::sync::mpsc::channel(64);
+    tokio::spawn(
+        member::Renewal {
+            cfg: member_cert,
+            issuer: issuer.clone(),
+            identity: identity_tx,
+            raft: raft.clone(),
+            seen: seen_rx,
+        }
+        .run(),
+    );
     // Nothing is served, to agents or clients, before this member has applied
     // everything it had committed: an agent answered from the snapshot alone
     // was told its node (made in the log's tail) did not exist.
@@ -295,7 +314,7 @@ pub async fn run(
             cluster_dir.clone(),
             cfg.nodes_dir.clone().unwrap_or_else(|| dir.join("nodes")),
         ],
-        issuer: load_issuer(&ca_pem, &creds.ca_key)?,
+        issuer,
         join_secret: agent_token.clone(),
         agent_cert_ttl: cfg.agent_cert_ttl,
         heartbeat_ms: cfg.heartbeat_ms,
@@ -349,9 +368,11 @@ pub async fn run(
         .values()
         .any(|p| p.records_only())
         .then(|| agent_token.clone());
-    let peers =
-        RaftPeerServiceServer::new(crate::replication::peer::PeerService::new(ctx.raft.clone()))
-            .max_decoding_message_size(crate::replication::peer::MAX_PEER_MESSAGE);
+    let peers = RaftPeerServiceServer::new(crate::replication::peer::PeerService::new(
+        ctx.raft.clone(),
+        seen_tx,
+    ))
+    .max_decoding_message_size(crate::replication::peer::MAX_PEER_MESSAGE);
 
     let metrics_url = match cfg.metrics_listen {
         Some(addr) => {
@@ -383,17 +404,6 @@ pub async fn run(
     tracing::info!(%endpoint, data_dir = %dir.display(), "coordinator serving");
 
     let serve = Server::builder()
-        .tls_config(
-            ServerTlsConfig::new()
-                .identity(Identity::from_pem(cert, key))
-                // Members and agents prove themselves with certificates
-                // (checked against the CA here, and for what they name by
-                // each service); clients use tokens and present none.
-                .client_ca_root(Certificate::from_pem(&ca_pem))
-                .client_auth_optional(true)
-                .timeout(cfg.tls_handshake_timeout),
-        )
-        .map_err(|e| CoordinatorError::Internal(format!("tls: {e}")))?
         .tcp_nodelay(true)
         // One client cannot take the coordinator for itself: each connection
         // gets at most this many streams and requests in flight (more wait),
@@ -409,7 +419,15 @@ pub async fn run(
         .add_service(reflection)
         .add_service(reflection_alpha)
         .serve_with_incoming_shutdown(
-            crate::listener::accept(listener, cfg.tls_handshake_timeout, cfg.handshake_slots),
+            // TLS is the listener's: members and agents prove themselves
+            // with certificates (checked against the CA there, and for what
+            // they name by each service); clients use tokens and present none.
+            crate::listener::accept(
+                listener,
+                server_tls,
+                cfg.tls_handshake_timeout,
+                cfg.handshake_slots,
+            ),
             shutdown,
         );
     // A member whose storage failed (a full or failing disk) stops; the

@@ -150,6 +150,40 @@ pub struct Access {
     /// As `audit_dropped`, for `refusals`.
     #[serde(default)]
     pub refusals_dropped: u64,
+    /// Each coordinator member's current certificate: on the Raft stream a
+    /// member's older certificate (rotated, or renewed) is refused.
+    #[serde(default)]
+    pub member_certs: BTreeMap<u64, MemberCert>,
+}
+
+/// A member certificate the cluster knows as that member's current one.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct MemberCert {
+    /// SHA-256 of its DER, hex.
+    pub sha256: String,
+    /// Its start of validity (Unix ms): a later certificate replaces it.
+    pub not_before_ms: i64,
+}
+
+impl MemberCert {
+    /// Whether `presented` is this member certificate or a later one. Of
+    /// two certificates issued in the same second, the one with the greater
+    /// digest counts as the later, so every member decides alike.
+    pub fn admits(&self, presented: &MemberCert) -> bool {
+        presented.sha256 == self.sha256
+            || (presented.not_before_ms, &presented.sha256) > (self.not_before_ms, &self.sha256)
+    }
+}
+
+impl Access {
+    /// Whether member `id` may speak with the certificate `presented`: any
+    /// certificate the CA issued to it until one is registered, then only
+    /// that one or a later one.
+    pub fn admits_member(&self, id: u64, presented: &MemberCert) -> bool {
+        self.member_certs
+            .get(&id)
+            .is_none_or(|current| current.admits(presented))
+    }
 }
 
 /// A change to [`Access`].
@@ -189,6 +223,23 @@ pub enum AccessCommand {
     },
     /// Record a call.
     Audit(AuditRecord),
+    /// Member `member_id` now uses `cert`; its earlier ones are refused.
+    /// Ignored unless `cert` is later than the one registered.
+    RegisterMemberCert {
+        /// The member.
+        member_id: u64,
+        /// Its certificate.
+        cert: MemberCert,
+    },
+    /// Member `member_id` left the cluster at `at_ms`: every certificate
+    /// it had is refused from now on (one issued later, for a member that
+    /// rejoins under the same id, is not).
+    RetireMember {
+        /// The member.
+        member_id: u64,
+        /// When it left.
+        at_ms: i64,
+    },
 }
 
 impl Access {
@@ -245,6 +296,26 @@ impl Access {
                 t.revoked_at_ms.get_or_insert(*at_ms);
                 Ok(())
             }
+            AccessCommand::RegisterMemberCert { member_id, cert } => {
+                let current = self.member_certs.get(member_id);
+                if current.is_some_and(|c| c == cert || !c.admits(cert)) {
+                    return Err(format!(
+                        "member {member_id} already has this certificate or a later one"
+                    ));
+                }
+                self.member_certs.insert(*member_id, cert.clone());
+                Ok(())
+            }
+            AccessCommand::RetireMember { member_id, at_ms } => {
+                self.member_certs.insert(
+                    *member_id,
+                    MemberCert {
+                        sha256: String::new(),
+                        not_before_ms: *at_ms,
+                    },
+                );
+                Ok(())
+            }
             AccessCommand::Audit(record) => {
                 let (ring, dropped, keep) = if record.result == "ok" {
                     (&mut self.audit, &mut self.audit_dropped, AUDIT_KEEP)
@@ -290,6 +361,47 @@ impl Access {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_members_later_certificate_replaces_and_shuts_out_the_earlier() {
+        let cert = |sha: &str, at: i64| MemberCert {
+            sha256: sha.into(),
+            not_before_ms: at,
+        };
+        let register = |a: &mut Access, c: &MemberCert| {
+            a.apply(&AccessCommand::RegisterMemberCert {
+                member_id: 2,
+                cert: c.clone(),
+            })
+        };
+        let mut a = Access::default();
+        let (old, new) = (cert("bb", 1_000), cert("aa", 2_000));
+        // Nothing registered: any certificate the CA issued to it.
+        assert!(a.admits_member(2, &old));
+        register(&mut a, &old).unwrap();
+        assert!(a.admits_member(2, &old) && a.admits_member(2, &new));
+        register(&mut a, &new).unwrap();
+        assert!(a.admits_member(2, &new));
+        assert!(
+            !a.admits_member(2, &old),
+            "the rotated certificate is refused"
+        );
+        assert!(register(&mut a, &old).is_err(), "and cannot come back");
+        assert!(register(&mut a, &new).is_err(), "nothing to do twice");
+        // The same second: the greater digest is the later, on every member.
+        assert!(a.admits_member(2, &cert("ab", 2_000)));
+        assert!(!a.admits_member(2, &cert("a0", 2_000)));
+        assert!(a.admits_member(3, &old), "other members are their own");
+        // A member that leaves: none of its certificates is taken again,
+        // but one issued after it left (it rejoins) is.
+        a.apply(&AccessCommand::RetireMember {
+            member_id: 2,
+            at_ms: 3_000,
+        })
+        .unwrap();
+        assert!(!a.admits_member(2, &new));
+        assert!(a.admits_member(2, &cert("cc", 4_000)));
+    }
 
     fn token(uses: u32) -> JoinToken {
         JoinToken {

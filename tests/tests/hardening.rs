@@ -898,3 +898,137 @@ async fn a_users_job_never_runs_where_it_could_read_the_clusters_keys() {
         "local"
     );
 }
+
+/// What Raft answers member `from` presenting `cert`/`key` to member `to`:
+/// a stream with one empty batch, so nothing reaches Raft itself.
+async fn raft_stream_as(
+    cluster: &nembo_tests::Cluster,
+    to: u64,
+    from: u64,
+    cert: &[u8],
+    key: &[u8],
+) -> Code {
+    use nembo_proto::raft::v1 as rpb;
+    let channel = nembo_proto::client::endpoint_with_identity(
+        &cluster.urls[to as usize - 1],
+        &cluster.ca(),
+        Some((cert, key)),
+    )
+    .unwrap()
+    .connect()
+    .await
+    .unwrap();
+    let batch = rpb::StreamRequest {
+        from,
+        messages: vec![],
+    };
+    let mut client = rpb::raft_peer_service_client::RaftPeerServiceClient::new(channel);
+    match client.stream(tokio_stream::iter([batch])).await {
+        Ok(_) => Code::Ok,
+        Err(s) => s.code(),
+    }
+}
+
+fn member_cert(cluster: &nembo_tests::Cluster, id: u64) -> (Vec<u8>, Vec<u8>) {
+    let tls = cluster.member_dir(id).join("tls");
+    (
+        std::fs::read(tls.join("server.pem")).unwrap(),
+        std::fs::read(tls.join("server.key")).unwrap(),
+    )
+}
+
+/// Member certificates were valid from 1975 to 4096, and after the
+/// documented rotation (delete `server.*`, restart) the old one still
+/// spoke Raft. Now each lives a bounded time and renews itself, and the
+/// state holds each member's current one: an earlier one is refused.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_rotated_or_renewed_member_certificate_no_longer_speaks_raft() {
+    let mut cluster =
+        nembo_tests::Cluster::start(3, &["--max-nodes", "0", "--member-cert-life-s", "30"]).await;
+    let leader = cluster.leader().await;
+    let rotated = (1..=3).find(|id| *id != leader).unwrap();
+    let (old_cert, old_key) = member_cert(&cluster, rotated);
+    assert_eq!(
+        raft_stream_as(&cluster, leader, rotated, &old_cert, &old_key).await,
+        Code::Ok
+    );
+
+    // The documented rotation.
+    cluster.kill9(rotated);
+    let tls = cluster.member_dir(rotated).join("tls");
+    std::fs::remove_file(tls.join("server.pem")).unwrap();
+    std::fs::remove_file(tls.join("server.key")).unwrap();
+    cluster.restart(rotated);
+    wait_for(
+        "the rotated certificate to be refused",
+        Duration::from_secs(20),
+        || async {
+            let code = raft_stream_as(&cluster, leader, rotated, &old_cert, &old_key).await;
+            (code == Code::PermissionDenied).then_some(())
+        },
+    )
+    .await;
+    let (new_cert, new_key) = member_cert(&cluster, rotated);
+    assert_ne!(new_cert, old_cert);
+    assert_eq!(
+        raft_stream_as(&cluster, leader, rotated, &new_cert, &new_key).await,
+        Code::Ok
+    );
+    // Every member refuses it, not only the leader.
+    let other = (1..=3).find(|id| *id != leader && *id != rotated).unwrap();
+    wait_for(
+        "every member to refuse it",
+        Duration::from_secs(10),
+        || async {
+            let code = raft_stream_as(&cluster, other, rotated, &old_cert, &old_key).await;
+            (code == Code::PermissionDenied).then_some(())
+        },
+    )
+    .await;
+
+    // Renewal: with a 30 s life each member replaces its certificate with
+    // 10 s left, and the cluster goes on committing through it.
+    let (before, before_key) = member_cert(&cluster, leader);
+    wait_for(
+        "the leader to renew its certificate",
+        Duration::from_secs(40),
+        || async { (member_cert(&cluster, leader).0 != before).then_some(()) },
+    )
+    .await;
+    let client = cluster.client();
+    for i in 0..3 {
+        let job = pb::SubmitJobRequest {
+            task: Some(pb::submit_job_request::Task::TaskYaml(format!(
+                "run: echo {i}\n"
+            ))),
+            ..Default::default()
+        };
+        nembo_proto::client::call(
+            &client,
+            job,
+            |mut c, r| async move { c.submit_job(r).await },
+        )
+        .await
+        .expect("a write commits after the renewal");
+    }
+    let target = cluster
+        .status(cluster.leader().await)
+        .await
+        .unwrap()
+        .commit_index;
+    for id in 1..=3 {
+        cluster
+            .wait_applied(id, target, "every member to apply it")
+            .await;
+    }
+    let to = (1..=3).find(|id| *id != leader).unwrap();
+    wait_for(
+        "the certificate it renewed away to be refused",
+        Duration::from_secs(10),
+        || async {
+            let code = raft_stream_as(&cluster, to, leader, &before, &before_key).await;
+            (code == Code::PermissionDenied).then_some(())
+        },
+    )
+    .await;
+}

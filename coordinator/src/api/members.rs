@@ -3,7 +3,9 @@
 
 use std::time::Duration;
 
-use nembo_domain::state::Outcome;
+use nembo_domain::access::AccessCommand;
+use nembo_domain::state::{Command, Outcome};
+use nembo_proto::clock::now_ms;
 use nembo_proto::v1 as pb;
 use raft::eraftpb::{ConfChangeSingle, ConfChangeType, ConfChangeV2};
 use tonic::{Request, Response, Status};
@@ -110,6 +112,18 @@ pub async fn remove_member(
         );
     }
     change(ctx, ConfChangeType::RemoveNode, id, Vec::new()).await?;
+    // Its certificates stay valid until they expire: the state says that
+    // none of them speaks for a member any more. Certificates start a
+    // minute before they are issued (clock skew), in whole seconds, so one
+    // issued from now on, for the member rejoining under its id, is still
+    // taken (and so is one issued in the minute before it left).
+    ctx.raft
+        .propose(Command::Access(AccessCommand::RetireMember {
+            member_id: id,
+            at_ms: now_ms() / 1000 * 1000 - 61_000,
+        }))
+        .await
+        .map_err(CoordinatorError::from)?;
     let status = Some(cluster_status(ctx));
     Ok(audited(
         pb::RemoveMemberResponse { status },

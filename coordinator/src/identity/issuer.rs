@@ -1,4 +1,4 @@
-//! Certificates for agents, and what a caller's certificate proves.
+//! Certificates for agents and members, and what a caller's certificate proves.
 //!
 //! Every certificate the listener accepts was verified by TLS against the
 //! cluster CA (chain and validity period). What it is *for* is in its names:
@@ -6,11 +6,12 @@
 //! `<node id>.node.nembo` and nothing else. So an agent's certificate can
 //! never pass as a member's (Raft), nor one node's as another's.
 
+use std::net::{IpAddr, Ipv6Addr};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use rcgen::{
     CertificateParams, DnType, ExtendedKeyUsagePurpose, IsCa, KeyPair, KeyUsagePurpose,
-    PublicKeyData, SignatureAlgorithm,
+    PublicKeyData, SanType, SignatureAlgorithm,
 };
 use rustls_pki_types::{CertificateDer, ServerName};
 
@@ -41,7 +42,7 @@ pub enum IdentityError {
     NotFor(String),
 }
 
-/// Signs agent certificates with the cluster CA.
+/// Signs agent and member certificates with the cluster CA.
 pub struct Issuer {
     ca: rcgen::Certificate,
     key: KeyPair,
@@ -70,7 +71,7 @@ pub struct Issued {
     pub not_after_ms: i64,
 }
 
-fn unix_ms(t: SystemTime) -> i64 {
+pub(crate) fn unix_ms(t: SystemTime) -> i64 {
     t.duration_since(UNIX_EPOCH)
         .map(|d| d.as_millis() as i64)
         .unwrap_or(0)
@@ -118,14 +119,7 @@ impl Issuer {
         p.is_ca = IsCa::ExplicitNoCa;
         p.key_usages = vec![KeyUsagePurpose::DigitalSignature];
         p.extended_key_usages = vec![ExtendedKeyUsagePurpose::ClientAuth];
-        let not_before = now - Duration::from_secs(60);
-        let not_after = now + ttl;
-        p.not_before = offset(not_before);
-        p.not_after = offset(not_after);
-        let mut serial = [0u8; 16];
-        getrandom::getrandom(&mut serial).map_err(|e| IdentityError::NotFor(e.to_string()))?;
-        serial[0] &= 0x7f;
-        p.serial_number = Some(serial.to_vec().into());
+        let not_after = valid_for_ttl(&mut p, now, ttl)?;
         let cert = p.signed_by(&P256(public_key.to_vec()), &self.ca, &self.key)?;
         // The agent times its renewal from the moment of issue, not from
         // the backdated start.
@@ -135,6 +129,62 @@ impl Issuer {
             not_after_ms: unix_ms(not_after),
         })
     }
+
+    /// A certificate and a fresh key for member `member_id`, valid for
+    /// `life` from `now` (backdated a minute for clock skew). It serves the
+    /// member's listener and is presented on its Raft streams, so it is
+    /// for both ends of TLS and nothing else; `hosts` are extra names or
+    /// addresses it serves under. Returns (certificate, key) in PEM.
+    pub fn sign_member(
+        &self,
+        member_id: u64,
+        hosts: &[String],
+        now: SystemTime,
+        life: Duration,
+    ) -> Result<(String, String), IdentityError> {
+        let key = KeyPair::generate()?;
+        let mut p = CertificateParams::new(vec!["localhost".to_string(), member_name(member_id)])?;
+        p.distinguished_name
+            .push(DnType::CommonName, format!("nembo-coordinator-{member_id}"));
+        for ip in [
+            IpAddr::from([127, 0, 0, 1]),
+            IpAddr::from(Ipv6Addr::LOCALHOST),
+        ] {
+            p.subject_alt_names.push(SanType::IpAddress(ip));
+        }
+        for h in hosts {
+            p.subject_alt_names.push(match h.parse::<IpAddr>() {
+                Ok(ip) => SanType::IpAddress(ip),
+                Err(_) => SanType::DnsName(h.clone().try_into()?),
+            });
+        }
+        p.is_ca = IsCa::ExplicitNoCa;
+        p.key_usages = vec![KeyUsagePurpose::DigitalSignature];
+        p.extended_key_usages = vec![
+            ExtendedKeyUsagePurpose::ServerAuth,
+            ExtendedKeyUsagePurpose::ClientAuth,
+        ];
+        valid_for_ttl(&mut p, now, life)?;
+        let cert = p.signed_by(&key, &self.ca, &self.key)?;
+        Ok((cert.pem(), key.serialize_pem()))
+    }
+}
+
+/// Sets a leaf certificate's validity (from a minute before `now`, for
+/// clock skew, to `now + ttl`) and a random serial; returns its end.
+fn valid_for_ttl(
+    p: &mut CertificateParams,
+    now: SystemTime,
+    ttl: Duration,
+) -> Result<SystemTime, IdentityError> {
+    let not_after = now + ttl;
+    p.not_before = offset(now - Duration::from_secs(60));
+    p.not_after = offset(not_after);
+    let mut serial = [0u8; 16];
+    getrandom::getrandom(&mut serial).map_err(|e| IdentityError::NotFor(e.to_string()))?;
+    serial[0] &= 0x7f;
+    p.serial_number = Some(serial.to_vec().into());
+    Ok(not_after)
 }
 
 /// Whether `point` is an uncompressed point on the P-256 curve (a length and

@@ -3,10 +3,9 @@
 //! secrets key. Secrets are written 0600.
 
 use std::fs;
-use std::net::IpAddr;
 use std::path::{Path, PathBuf};
 
-use rcgen::{BasicConstraints, CertificateParams, DnType, IsCa, KeyPair, KeyUsagePurpose, SanType};
+use rcgen::{BasicConstraints, CertificateParams, DnType, IsCa, KeyPair, KeyUsagePurpose};
 
 /// Paths of the credentials of one coordinator.
 #[derive(Debug, Clone)]
@@ -79,9 +78,10 @@ pub fn sha256_hex(data: &[u8]) -> String {
     hex(ring::digest::digest(&ring::digest::SHA256, data).as_ref())
 }
 
+/// How long a cluster CA made here is valid.
+pub const CA_LIFE: time::Duration = time::Duration::days(10 * 365);
+
 fn ca_params() -> Result<CertificateParams, rcgen::Error> {
-    // Deterministic, so that a member can rebuild the issuer from the CA key
-    // alone: children it signs carry the same issuer name and key identifier.
     let mut p = CertificateParams::new(Vec::<String>::new())?;
     p.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
     p.distinguished_name
@@ -91,6 +91,11 @@ fn ca_params() -> Result<CertificateParams, rcgen::Error> {
         KeyUsagePurpose::CrlSign,
         KeyUsagePurpose::DigitalSignature,
     ];
+    // A bounded life (rcgen's default runs from 1975 to 4096). The CA is
+    // replaced by making a new cluster (SECURITY.md, "Rotating keys").
+    let now = time::OffsetDateTime::now_utc();
+    p.not_before = now - time::Duration::hours(1);
+    p.not_after = now + CA_LIFE;
     Ok(p)
 }
 
@@ -129,15 +134,9 @@ impl ClusterFiles {
 }
 
 /// Creates the cluster's CA and tokens in `cluster_dir` once (several
-/// members may race to do it), and this member's serving certificate in
-/// `member_dir`. Existing files are kept. `hosts` are extra names or IPs
-/// for the certificate; `member_id` goes in as `nembo-member-<id>`.
-pub fn ensure(
-    cluster_dir: &Path,
-    member_dir: &Path,
-    member_id: u64,
-    hosts: &[String],
-) -> Result<Credentials, CredentialError> {
+/// members may race to do it); existing files are kept. The member's own
+/// certificate, at the paths returned, is [`super::member`]'s.
+pub fn ensure(cluster_dir: &Path, member_dir: &Path) -> Result<Credentials, CredentialError> {
     let files = ClusterFiles::in_dir(cluster_dir);
     let member_tls = member_dir.join("tls");
     for d in [&files.tls, &member_tls] {
@@ -153,36 +152,6 @@ pub fn ensure(
         secrets_key: files.secrets_key,
         ca_key: files.ca_key,
     };
-    if !creds.server_key.exists() || !creds.server_cert.exists() {
-        let ca_key = KeyPair::from_pem(&read_secret(&creds.ca_key)?)?;
-        // The issuer as the CA certificate has it (also one made elsewhere).
-        let ca_pem = fs::read_to_string(&creds.ca_cert).map_err(io(&creds.ca_cert))?;
-        let ca = CertificateParams::from_ca_cert_pem(&ca_pem)?.self_signed(&ca_key)?;
-        let server_key = KeyPair::generate()?;
-        let mut params = CertificateParams::new(vec![
-            "localhost".to_string(),
-            format!("nembo-member-{member_id}"),
-        ])?;
-        params
-            .distinguished_name
-            .push(DnType::CommonName, format!("nembo-coordinator-{member_id}"));
-        for ip in ["127.0.0.1", "::1"] {
-            if let Ok(ip) = ip.parse::<IpAddr>() {
-                params.subject_alt_names.push(SanType::IpAddress(ip));
-            }
-        }
-        for h in hosts {
-            match h.parse::<IpAddr>() {
-                Ok(ip) => params.subject_alt_names.push(SanType::IpAddress(ip)),
-                Err(_) => params
-                    .subject_alt_names
-                    .push(SanType::DnsName(h.clone().try_into()?)),
-            }
-        }
-        let cert = params.signed_by(&server_key, &ca, &ca_key)?;
-        write_secret(&creds.server_key, server_key.serialize_pem().as_bytes())?;
-        fs::write(&creds.server_cert, cert.pem()).map_err(io(&creds.server_cert))?;
-    }
     Ok(creds)
 }
 
@@ -369,13 +338,8 @@ mod tests {
     #[test]
     fn credentials_are_created_once_with_private_modes() {
         let d = tempfile::tempdir().unwrap();
-        let c = ensure(d.path(), d.path(), 1, &[]).unwrap();
-        for p in [
-            &c.server_key,
-            &c.token,
-            &c.agent_token,
-            &d.path().join("tls/ca.key"),
-        ] {
+        let c = ensure(d.path(), d.path()).unwrap();
+        for p in [&c.token, &c.agent_token, &d.path().join("tls/ca.key")] {
             assert_eq!(
                 fs::metadata(p).unwrap().permissions().mode() & 0o777,
                 0o600,
@@ -384,7 +348,7 @@ mod tests {
         }
         let token = read_secret(&c.token).unwrap();
         assert_eq!(token.len(), 64);
-        let again = ensure(d.path(), d.path(), 1, &[]).unwrap();
+        let again = ensure(d.path(), d.path()).unwrap();
         assert_eq!(read_secret(&again.token).unwrap(), token);
         fs::set_permissions(&c.token, fs::Permissions::from_mode(0o644)).unwrap();
         assert!(matches!(
@@ -399,14 +363,11 @@ mod tests {
     fn members_share_the_cluster_ca_and_tokens() {
         let cluster = tempfile::tempdir().unwrap();
         let (m1, m2) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
-        let a = ensure(cluster.path(), m1.path(), 1, &[]).unwrap();
-        let b = ensure(cluster.path(), m2.path(), 2, &[]).unwrap();
+        let a = ensure(cluster.path(), m1.path()).unwrap();
+        let b = ensure(cluster.path(), m2.path()).unwrap();
         assert_eq!(a.ca_cert, b.ca_cert);
         assert_eq!(a.token, b.token);
-        assert_ne!(
-            fs::read(&a.server_cert).unwrap(),
-            fs::read(&b.server_cert).unwrap()
-        );
+        assert_ne!(a.server_cert, b.server_cert);
     }
 
     #[test]

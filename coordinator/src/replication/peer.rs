@@ -7,15 +7,17 @@ use std::collections::{BTreeMap, HashMap};
 use std::sync::{Arc, Mutex, OnceLock};
 use std::time::Duration;
 
+use nembo_domain::access::MemberCert;
 use nembo_proto::raft::v1 as rpb;
 use nembo_proto::raft::v1::raft_peer_service_client::RaftPeerServiceClient;
 use nembo_proto::raft::v1::raft_peer_service_server::RaftPeerService;
 use protobuf::Message as _;
 use raft::eraftpb::{Message, MessageType};
-use tokio::sync::mpsc;
+use tokio::sync::{mpsc, watch};
 use tonic::transport::Channel;
 use tonic::{Request, Response, Status};
 
+use crate::identity::member::{self, MemberIdentity};
 use crate::replication::raft::{RaftHandle, Transport};
 
 /// Largest peer message: a batch of raft messages (each at most
@@ -79,18 +81,18 @@ impl PeerTransport {
         id: u64,
         url: &str,
     ) -> Result<mpsc::Sender<Message>, nembo_proto::client::ConnectError> {
-        let tls = &self.tls;
-        let channel =
-            nembo_proto::client::endpoint_with_identity(url, &tls.ca, Some((&tls.cert, &tls.key)))?
-                .connect_timeout(Duration::from_millis(500));
+        // The address is checked here, once; the connection is made (and
+        // remade with each renewed certificate) by the sender task.
+        nembo_proto::client::endpoint(url, &self.tls.ca)?;
         let (tx, rx) = mpsc::channel(QUEUE);
-        let (me, raft) = (self.me, self.raft.clone());
-        self.runtime.spawn(async move {
-            let client = RaftPeerServiceClient::new(channel.connect_lazy())
-                .max_encoding_message_size(MAX_PEER_MESSAGE)
-                .max_decoding_message_size(MAX_PEER_MESSAGE);
-            send_loop(me, id, client, rx, raft).await
-        });
+        let (me, raft, tls, url) = (
+            self.me,
+            self.raft.clone(),
+            self.tls.clone(),
+            url.to_string(),
+        );
+        self.runtime
+            .spawn(async move { send_loop(me, id, url, tls, rx, raft).await });
         Ok(tx)
     }
 }
@@ -100,10 +102,29 @@ impl PeerTransport {
 pub struct PeerTls {
     /// Cluster CA.
     pub ca: Vec<u8>,
-    /// This member's certificate (presented as a client certificate).
-    pub cert: Vec<u8>,
-    /// Its key.
-    pub key: Vec<u8>,
+    /// This member's current certificate and key, presented as the client
+    /// certificate; a renewal replaces it.
+    pub identity: watch::Receiver<Arc<MemberIdentity>>,
+}
+
+impl PeerTls {
+    /// A client of `url` that presents the current certificate.
+    fn client(
+        &mut self,
+        url: &str,
+    ) -> Result<RaftPeerServiceClient<Channel>, nembo_proto::client::ConnectError> {
+        let identity = self.identity.borrow_and_update().clone();
+        let channel = nembo_proto::client::endpoint_with_identity(
+            url,
+            &self.ca,
+            Some((&identity.cert_pem, &identity.key_pem)),
+        )?
+        .connect_timeout(Duration::from_millis(500))
+        .connect_lazy();
+        Ok(RaftPeerServiceClient::new(channel)
+            .max_encoding_message_size(MAX_PEER_MESSAGE)
+            .max_decoding_message_size(MAX_PEER_MESSAGE))
+    }
 }
 
 /// A transport for member `me`, with no peers until [`Transport::set_members`].
@@ -122,7 +143,8 @@ pub fn start(me: u64, tls: PeerTls, raft: Arc<OnceLock<RaftHandle>>) -> PeerTran
 async fn send_loop(
     me: u64,
     to: u64,
-    mut client: RaftPeerServiceClient<Channel>,
+    url: String,
+    mut tls: PeerTls,
     mut rx: mpsc::Receiver<Message>,
     raft: Arc<OnceLock<RaftHandle>>,
 ) {
@@ -131,10 +153,20 @@ async fn send_loop(
             raft.report_unreachable(to);
         }
     };
-    // Snapshots go over their own calls on the same connection.
-    let snapshot_client = client.clone();
-    // One stream at a time; reopened whenever it breaks.
+    // One stream at a time; reopened, on a new connection with the
+    // member's current certificate, whenever it breaks or the certificate
+    // is renewed.
     loop {
+        let mut client = match tls.client(&url) {
+            Ok(c) => c,
+            Err(e) => {
+                tracing::error!(member = to, %url, error = %e, "cannot reach member");
+                tokio::time::sleep(Duration::from_secs(1)).await;
+                continue;
+            }
+        };
+        // Snapshots go over their own calls on the same connection.
+        let snapshot_client = client.clone();
         let (stream_tx, stream_rx) = mpsc::channel::<rpb::StreamRequest>(64);
         let mut call =
             Box::pin(client.stream(tokio_stream::wrappers::ReceiverStream::new(stream_rx)));
@@ -167,6 +199,7 @@ async fn send_loop(
                     }
                 }
                 _ = &mut call => break true,
+                Ok(()) = tls.identity.changed() => break false,
             }
         };
         if broken {
@@ -218,27 +251,50 @@ async fn send_snapshot(
 /// The receiving side.
 pub struct PeerService {
     raft: RaftHandle,
+    seen: mpsc::Sender<(u64, MemberCert)>,
 }
 
 impl PeerService {
-    /// Feeds received messages to `raft`.
-    pub fn new(raft: RaftHandle) -> Self {
-        Self { raft }
+    /// Feeds received messages to `raft`, and the member certificates it
+    /// admits to `seen` (the owner of member certificates registers them).
+    pub fn new(raft: RaftHandle, seen: mpsc::Sender<(u64, MemberCert)>) -> Self {
+        Self { raft, seen }
     }
-}
 
-/// The TLS layer verified any certificate against the cluster CA; here we
-/// insist it is member `from`'s, so that neither an agent's certificate
-/// (also from the cluster CA) nor one member posing as another gets a word
-/// into Raft.
-fn require_member(
-    certs: Option<&[tonic::transport::CertificateDer<'static>]>,
-    from: u64,
-) -> Result<(), Status> {
-    crate::identity::issuer::require_member(certs, from).map_err(|e| {
-        tracing::warn!(claimed = from, error = %e, "raft traffic refused");
-        Status::permission_denied(e.to_string())
-    })
+    /// The TLS layer verified any certificate against the cluster CA; here
+    /// we insist it is member `from`'s, so that neither an agent's
+    /// certificate (also from the cluster CA) nor one member posing as
+    /// another gets a word into Raft, and that it is the member's current
+    /// one: not a certificate it has since replaced, nor one of a member
+    /// that left.
+    fn admit(
+        &self,
+        certs: Option<&[tonic::transport::CertificateDer<'static>]>,
+        from: u64,
+    ) -> Result<(), Status> {
+        let refuse = |why: String| {
+            tracing::warn!(claimed = from, error = %why, "raft traffic refused");
+            Status::permission_denied(why)
+        };
+        crate::identity::issuer::require_member(certs, from).map_err(|e| refuse(e.to_string()))?;
+        let presented = certs
+            .and_then(|c| c.first())
+            .and_then(member::presented)
+            .ok_or_else(|| refuse("the member certificate cannot be read".into()))?;
+        let view = self.raft.view();
+        if let Some(current) = view.state.access.member_certs.get(&from) {
+            if !current.admits(&presented) {
+                return Err(refuse(format!(
+                    "member {from}'s certificate (valid from Unix ms {}) was replaced by one \
+                     valid from {}, or the member left then: it is no longer accepted",
+                    presented.not_before_ms, current.not_before_ms
+                )));
+            }
+        }
+        // Full: the owner registers it from a later stream.
+        let _ = self.seen.try_send((from, presented));
+        Ok(())
+    }
 }
 
 #[tonic::async_trait]
@@ -252,7 +308,7 @@ impl RaftPeerService for PeerService {
         let mut sender = None;
         while let Some(batch) = batches.message().await? {
             if sender != Some(batch.from) {
-                require_member(certs.as_deref().map(Vec::as_slice), batch.from)?;
+                self.admit(certs.as_deref().map(Vec::as_slice), batch.from)?;
                 sender = Some(batch.from);
             }
             for bytes in &batch.messages {
@@ -283,7 +339,7 @@ impl RaftPeerService for PeerService {
         let mut sender = None;
         while let Some(chunk) = chunks.message().await? {
             if sender != Some(chunk.from) {
-                require_member(certs.as_deref().map(Vec::as_slice), chunk.from)?;
+                self.admit(certs.as_deref().map(Vec::as_slice), chunk.from)?;
                 sender = Some(chunk.from);
             }
             if bytes.len() + chunk.data.len() > MAX_SNAPSHOT {
