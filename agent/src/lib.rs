@@ -10,6 +10,7 @@ pub mod checkpoint;
 pub mod fence;
 pub mod gpu;
 pub mod identity;
+pub mod lease;
 pub mod preempt;
 mod s3;
 pub mod session;
@@ -43,5 +44,7 @@ pub async fn run(cfg: AgentConfig) -> Result<(), AgentError> {
             }
         }
     });
-    session::run(cfg, sup, events, notice_rx).await
+    let (contact_tx, contact_rx) = tokio::sync::watch::channel(None);
+    tokio::spawn(lease::enforce(contact_rx, sup.clone()));
+    session::run(cfg, sup, events, notice_rx, contact_tx).await
 }

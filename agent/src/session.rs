@@ -20,6 +20,7 @@ use tonic::Code;
 
 use crate::fence::Fence;
 use crate::identity::Identity;
+use crate::lease::Contact;
 use crate::preempt::Notice;
 use crate::supervisor::{Event, JobKey, JobView, Supervisor};
 use crate::telemetry::Telemetry;
@@ -93,6 +94,7 @@ pub async fn run(
     sup: Supervisor,
     mut events: mpsc::UnboundedReceiver<Event>,
     mut notices: watch::Receiver<Option<Notice>>,
+    contact: watch::Sender<Option<Contact>>,
 ) -> Result<(), AgentError> {
     let ca = std::fs::read(&cfg.ca_cert)
         .map_err(|e| AgentError::Setup(format!("{}: {e}", cfg.ca_cert.display())))?;
@@ -119,6 +121,7 @@ pub async fn run(
                     &mut events,
                     &mut fence,
                     &mut notices,
+                    &contact,
                 )
                 .await
             }
@@ -311,6 +314,7 @@ async fn session(
     events: &mut mpsc::UnboundedReceiver<Event>,
     fence: &mut Fence,
     notices: &mut watch::Receiver<Option<Notice>>,
+    contact: &watch::Sender<Option<Contact>>,
 ) -> SessionEnd {
     // A coordinator that accepts the connection but never answers (a frozen
     // or partitioned process) must not hold the agent: give each member a
@@ -378,6 +382,17 @@ async fn session(
         // A deposed leader that does not know it yet: find the new one.
         return SessionEnd::Retry(stale.to_string());
     }
+    let lease = Duration::from_millis(u64::from(welcome.contact_lease_ms));
+    let mut last_heard = tokio::time::Instant::now();
+    let mut heard = || {
+        last_heard = tokio::time::Instant::now();
+        contact.send_replace(Some(Contact {
+            at: last_heard,
+            lease,
+        }));
+        last_heard
+    };
+    heard();
     tracing::info!(node = %identity.node_id, coordinator = %url, jobs = jobs.len(), "session open");
     // Reconnect with a renewed certificate once it is due; after a failed
     // renewal, try again in a while rather than at once.
@@ -409,6 +424,17 @@ async fn session(
         ms => Duration::from_millis(u64::from(ms)),
     };
     let mut heartbeat = tokio::time::interval(period);
+    // A leader that gives leases answers every heartbeat: silence means the
+    // connection is dead (a partition drops packets, it closes nothing), so
+    // look for the new leader well within the lease.
+    let silence = (period * 3)
+        .max(Duration::from_millis(500))
+        .min(if lease.is_zero() {
+            Duration::MAX
+        } else {
+            lease / 2
+        });
+    let mut heard_at = tokio::time::Instant::now();
     let mut urgent = cfg.telemetry.urgent.clone();
     urgent.mark_unchanged();
     let mut seq = 0u64;
@@ -430,7 +456,14 @@ async fn session(
                 }
                 false
             }
-            m = inbound.message() => match m {
+            () = tokio::time::sleep_until(heard_at + silence), if !lease.is_zero() => {
+                return SessionEnd::Retry(format!("no word from {url} for {} ms", silence.as_millis()));
+            }
+            m = inbound.message() => {
+                if matches!(m, Ok(Some(_))) {
+                    heard_at = heard();
+                }
+                match m {
                 Ok(Some(apb::SessionResponse { msg: Some(CoordMsg::RunJob(r)) })) => {
                     if let Err(end) = admit(fence, r.term, "RunJob", &r.job_id) {
                         return end;
@@ -451,7 +484,7 @@ async fn session(
                     return SessionEnd::Fatal(AgentError::Refused(s.message().to_string()))
                 }
                 Err(s) => return SessionEnd::Retry(s.to_string()),
-            },
+            }},
             () = &mut renewal => return SessionEnd::Renew,
             ev = events.recv() => {
                 let Some(Event::Report(view)) = ev else { return SessionEnd::Fatal(AgentError::Setup("supervisor stopped".into())) };

@@ -67,6 +67,9 @@ struct Meta {
     started_at_ms: i64,
     #[serde(default)]
     checkpoint: Option<CkptMeta>,
+    /// The coordinators replace this attempt elsewhere if the node is lost.
+    #[serde(default)]
+    replaced_if_lost: bool,
 }
 
 /// A job's checkpoint settings, as this node applies them.
@@ -147,6 +150,7 @@ enum Msg {
     /// The final checkpoint sync after an exit is done.
     Synced(JobKey, Option<std::process::ExitStatus>),
     Notice(crate::preempt::Notice, oneshot::Sender<()>),
+    StopReplaceable(Duration, String),
 }
 
 /// Handle to the supervisor task.
@@ -197,6 +201,13 @@ impl Supervisor {
         if self.tx.send(Msg::Notice(n, tx)).is_ok() {
             let _ = rx.await;
         }
+    }
+
+    /// Stops every running attempt the coordinators would replace if this
+    /// node were lost, saying `why` in its end report: SIGTERM, then
+    /// SIGKILL after `grace`.
+    pub fn stop_replaceable(&self, grace: Duration, why: String) {
+        let _ = self.tx.send(Msg::StopReplaceable(grace, why));
     }
 
     /// Every known job.
@@ -317,6 +328,7 @@ impl Owner {
                 Msg::Synced(key, status) => self.finish(&key, status),
                 Msg::Restored(job, result) => self.restored(*job, result),
                 Msg::Notice(n, done) => self.notice(n, done),
+                Msg::StopReplaceable(grace, why) => self.stop_replaceable(grace, &why),
             }
         }
     }
@@ -368,6 +380,7 @@ impl Owner {
             rank: job.rank,
             started_at_ms: now_ms(),
             checkpoint: checkpoint.clone(),
+            replaced_if_lost: job.replaced_if_lost,
         };
         let (ended_tx, _) = watch::channel(None);
         self.jobs.insert(
@@ -533,6 +546,7 @@ impl Owner {
                         rank: 0,
                         started_at_ms: now_ms(),
                         checkpoint: None,
+                        replaced_if_lost: false,
                     },
                     dir,
                     pgid: None,
@@ -568,6 +582,28 @@ impl Owner {
                 let _ = killpg(Pid::from_raw(pgid), Signal::SIGKILL);
             }
         });
+    }
+
+    fn stop_replaceable(&mut self, grace: Duration, why: &str) {
+        let running: Vec<JobKey> = self
+            .jobs
+            .iter()
+            .filter(|(_, e)| e.meta.replaced_if_lost && e.ended.is_none() && e.pgid.is_some())
+            .map(|(k, _)| k.clone())
+            .collect();
+        for key in running {
+            tracing::warn!(job = %key.job_id, attempt = key.attempt, "{why}");
+            // Reported as lost, not cancelled: a managed job recovers.
+            if let Some(e) = self.jobs.get(&key) {
+                let _ = fs::write(e.dir.join("lost"), why);
+            }
+            self.stop(apb::StopJob {
+                job_id: key.job_id,
+                attempt: key.attempt,
+                grace_ms: grace.as_millis() as u32,
+                term: 0,
+            });
+        }
     }
 
     /// The job's main process is gone: sync its last checkpoint first, so
@@ -673,6 +709,7 @@ impl Owner {
         }
         let dir = entry.dir.clone();
         let stopped = dir.join("stop").exists();
+        let lost = fs::read_to_string(dir.join("lost")).ok();
         let result = fs::read_to_string(dir.join("result")).ok();
         let parsed = result.as_deref().and_then(|r| {
             let mut it = r.split_whitespace();
@@ -682,7 +719,9 @@ impl Owner {
         if let Some(pgid) = entry.pgid {
             let _ = killpg(Pid::from_raw(pgid), Signal::SIGKILL);
         }
-        let (phase, code, message) = if stopped {
+        let (phase, code, message) = if let Some(why) = lost {
+            (apb::JobPhase::Lost, None, why)
+        } else if stopped {
             (
                 apb::JobPhase::Cancelled,
                 None,

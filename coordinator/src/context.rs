@@ -48,6 +48,10 @@ pub struct Ctx {
     pub own_dirs: Vec<PathBuf>,
     /// Heartbeat period given to agents.
     pub heartbeat_ms: u32,
+    /// How long an agent may hear nothing from a leader before it stops
+    /// the attempts that would be replaced elsewhere: half the node TTL, so
+    /// they are over before its node can be declared lost.
+    pub contact_lease_ms: u32,
     /// Grace for stopping jobs.
     pub stop_grace_ms: u32,
     /// GPU telemetry of the nodes whose sessions this member holds.

@@ -318,6 +318,7 @@ pub async fn run(
         join_secret: agent_token.clone(),
         agent_cert_ttl: cfg.agent_cert_ttl,
         heartbeat_ms: cfg.heartbeat_ms,
+        contact_lease_ms: (cfg.node_ttl.as_millis() / 2).min(u128::from(u32::MAX)) as u32,
         stop_grace_ms: cfg.stop_grace_ms,
         fleet: Fleet::start(),
         heartbeat_delay: DelayHistogram::default(),

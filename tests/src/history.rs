@@ -19,6 +19,11 @@
 //! read that never got an answer) are forgotten.
 
 use std::collections::{BTreeMap, BTreeSet, HashSet};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use nembo_proto::client::Client;
+use nembo_proto::v1 as pb;
 
 /// What a client asks of the cluster.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -333,6 +338,131 @@ fn linearizable(events: &[Event]) -> bool {
             k = next[call];
         }
     }
+}
+
+/// A job submission under idempotency key `key`. It asks for a machine
+/// that only a provider offers, so with provisioning off (`--max-nodes 0`)
+/// it waits in the queue: histories are about the job table, and nodes
+/// that agents bring stay free for the jobs a test means to run.
+pub fn submit_req(key: &str) -> pb::SubmitJobRequest {
+    pb::SubmitJobRequest {
+        task: Some(pb::submit_job_request::Task::TaskYaml(format!(
+            "name: {key}\nresources: {{accelerators: H100:8}}\nrun: echo {key}\n"
+        ))),
+        idempotency_key: key.to_string(),
+        ..Default::default()
+    }
+}
+
+/// Every job in full (with its idempotency key), in one page of up to
+/// 1000: a history's reads must see the whole table at once, so its
+/// clients keep it smaller than that.
+pub fn full_list() -> pb::ListJobsRequest {
+    pb::ListJobsRequest {
+        view: pb::JobView::Full as i32,
+        page_size: 1000,
+        ..Default::default()
+    }
+}
+
+/// One client of a history: submits (three in five), cancels and reads
+/// (one in five each) through `client` until `stop`, recording every
+/// invocation and what came back. It cancels ids from `cancel_from` on
+/// (jobs below are a test's own), and rests `pause` between operations.
+pub async fn client_loop(
+    client: Client,
+    history: Arc<Mutex<History>>,
+    me: usize,
+    stop: Arc<std::sync::atomic::AtomicBool>,
+    pause: Duration,
+    cancel_from: u64,
+) {
+    let thread = history.lock().unwrap().thread();
+    let mut i = 0u64;
+    while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+        i += 1;
+        let seen = history.lock().unwrap().completed() as u64 + 2;
+        let op = match i % 5 {
+            0..=2 => Op::Submit(format!("c{me}-{i}")),
+            3 => Op::Cancel(cancel_from + (i * 7 + me as u64) % seen),
+            _ => Op::Read,
+        };
+        history.lock().unwrap().invoke(thread, op.clone());
+        let mut c = client.clone();
+        match op {
+            Op::Submit(_) => {
+                let key = match &op {
+                    Op::Submit(k) => k.clone(),
+                    _ => unreachable!(),
+                };
+                let mut retried = false;
+                let ret = loop {
+                    match c.submit_job(timed(submit_req(&key))).await {
+                        Ok(r) => {
+                            let r = r.into_inner();
+                            break Ret::Submitted {
+                                id: r.job_id.parse().unwrap(),
+                                existing: r.existing,
+                            };
+                        }
+                        // Its fate is unknown: the key makes retrying safe.
+                        Err(_) => {
+                            retried = true;
+                            tokio::time::sleep(Duration::from_millis(50)).await;
+                        }
+                    }
+                };
+                let mut h = history.lock().unwrap();
+                if retried {
+                    h.ret_after_retry(thread, ret);
+                } else {
+                    h.ret(thread, ret);
+                }
+            }
+            Op::Cancel(id) => {
+                let req = pb::CancelJobRequest {
+                    job_id: id.to_string(),
+                };
+                let ret = loop {
+                    match c.cancel_job(timed(req.clone())).await {
+                        Ok(_) => break Ret::Cancelled(true),
+                        Err(s) if s.code() == tonic::Code::NotFound => break Ret::Cancelled(false),
+                        // Cancelling twice is harmless: retry.
+                        Err(_) => tokio::time::sleep(Duration::from_millis(50)).await,
+                    }
+                };
+                history.lock().unwrap().ret(thread, ret);
+            }
+            Op::Read => {
+                let req = timed(full_list());
+                match c.list_jobs(req).await {
+                    Ok(r) => {
+                        let jobs = r
+                            .into_inner()
+                            .jobs
+                            .into_iter()
+                            .map(|j| {
+                                let cancelled = j.state == pb::JobState::Cancelled as i32;
+                                (j.job_id.parse().unwrap(), (j.idempotency_key, cancelled))
+                            })
+                            .collect();
+                        history.lock().unwrap().ret(thread, Ret::Jobs(jobs));
+                    }
+                    // A read that failed had no effect.
+                    Err(_) => history.lock().unwrap().forget(thread),
+                }
+            }
+        }
+        tokio::time::sleep(pause).await;
+    }
+}
+
+/// A request that gives up after 2 s: a paused member holds requests, and
+/// a user would give up on it too.
+fn timed<T>(msg: T) -> tonic::Request<T> {
+    let mut r = tonic::Request::new(msg);
+    r.set_timeout(Duration::from_secs(2));
+    r
 }
 
 #[cfg(test)]

@@ -5,6 +5,7 @@
 //! The binaries are taken from the target dir this test runs from; build
 //! them first (`cargo build --workspace`, as the README's test command does).
 
+pub mod faults;
 pub mod history;
 pub mod sim;
 

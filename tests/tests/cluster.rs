@@ -6,20 +6,10 @@ use std::time::Duration;
 
 use nembo_proto::client::{call, Client};
 use nembo_proto::v1 as pb;
-use nembo_tests::history::{History, Op, Ret};
+use nembo_tests::history::{client_loop, full_list, submit_req, History};
 use nembo_tests::{wait_for, Cluster};
 
 const SECS: fn(u64) -> Duration = Duration::from_secs;
-
-fn submit_req(key: &str) -> pb::SubmitJobRequest {
-    pb::SubmitJobRequest {
-        task: Some(pb::submit_job_request::Task::TaskYaml(format!(
-            "name: {key}\nrun: echo {key}\n"
-        ))),
-        idempotency_key: key.to_string(),
-        ..Default::default()
-    }
-}
 
 /// Submits through any member, retrying while the cluster is unavailable.
 async fn submit(c: &Client, key: &str) -> Result<String, tonic::Status> {
@@ -41,16 +31,6 @@ async fn add_member(cluster: &Cluster, client: &Client, id: u64) -> pb::ClusterS
         .unwrap()
         .status
         .unwrap()
-}
-
-/// Every job in full (with its idempotency key), in one page: these tests
-/// make far fewer than the largest page.
-fn full_list() -> pb::ListJobsRequest {
-    pb::ListJobsRequest {
-        view: pb::JobView::Full as i32,
-        page_size: 1000,
-        ..Default::default()
-    }
 }
 
 async fn all_jobs(c: &Client) -> Vec<pb::Job> {
@@ -568,100 +548,6 @@ async fn local_up_with_three_coordinators_launches_and_local_down_stops_everythi
 
 /// One client of the linearizability test: submits (retried with the same
 /// key until answered), cancels and reads, each recorded in `history`.
-async fn history_client(
-    client: Client,
-    history: Arc<Mutex<History>>,
-    me: usize,
-    stop: Arc<std::sync::atomic::AtomicBool>,
-) {
-    let thread = history.lock().unwrap().thread();
-    let mut i = 0u64;
-    while !stop.load(std::sync::atomic::Ordering::Relaxed) {
-        i += 1;
-        let seen = history.lock().unwrap().completed() as u64 + 2;
-        let op = match i % 5 {
-            0..=2 => Op::Submit(format!("c{me}-{i}")),
-            3 => Op::Cancel(1 + (i * 7 + me as u64) % seen),
-            _ => Op::Read,
-        };
-        history.lock().unwrap().invoke(thread, op.clone());
-        let mut c = client.clone();
-        match op {
-            Op::Submit(_) => {
-                let key = match &op {
-                    Op::Submit(k) => k.clone(),
-                    _ => unreachable!(),
-                };
-                let mut retried = false;
-                let ret = loop {
-                    match c.submit_job(timed(submit_req(&key))).await {
-                        Ok(r) => {
-                            let r = r.into_inner();
-                            break Ret::Submitted {
-                                id: r.job_id.parse().unwrap(),
-                                existing: r.existing,
-                            };
-                        }
-                        // Its fate is unknown: the key makes retrying safe.
-                        Err(_) => {
-                            retried = true;
-                            tokio::time::sleep(Duration::from_millis(50)).await;
-                        }
-                    }
-                };
-                let mut h = history.lock().unwrap();
-                if retried {
-                    h.ret_after_retry(thread, ret);
-                } else {
-                    h.ret(thread, ret);
-                }
-            }
-            Op::Cancel(id) => {
-                let req = pb::CancelJobRequest {
-                    job_id: id.to_string(),
-                };
-                let ret = loop {
-                    match c.cancel_job(timed(req.clone())).await {
-                        Ok(_) => break Ret::Cancelled(true),
-                        Err(s) if s.code() == tonic::Code::NotFound => break Ret::Cancelled(false),
-                        // Cancelling twice is harmless: retry.
-                        Err(_) => tokio::time::sleep(Duration::from_millis(50)).await,
-                    }
-                };
-                history.lock().unwrap().ret(thread, ret);
-            }
-            Op::Read => {
-                let req = timed(full_list());
-                match c.list_jobs(req).await {
-                    Ok(r) => {
-                        let jobs = r
-                            .into_inner()
-                            .jobs
-                            .into_iter()
-                            .map(|j| {
-                                let cancelled = j.state == pb::JobState::Cancelled as i32;
-                                (j.job_id.parse().unwrap(), (j.idempotency_key, cancelled))
-                            })
-                            .collect();
-                        history.lock().unwrap().ret(thread, Ret::Jobs(jobs));
-                    }
-                    // A read that failed had no effect.
-                    Err(_) => history.lock().unwrap().forget(thread),
-                }
-            }
-        }
-        // Keep the history small enough to search, big enough to matter.
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
-}
-
-/// A request that gives up after 2 s: a paused member holds requests, and
-/// a user would give up on it too.
-fn timed<T>(msg: T) -> tonic::Request<T> {
-    let mut r = tonic::Request::new(msg);
-    r.set_timeout(Duration::from_secs(2));
-    r
-}
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn client_histories_stay_linearizable_across_kills_and_partitions() {
@@ -682,7 +568,15 @@ async fn client_histories_stay_linearizable_across_kills_and_partitions() {
                 )
                 .unwrap()
             };
-            tokio::spawn(history_client(client, history.clone(), me, stop.clone()))
+            // Rests keep the history small enough to search, big enough to matter.
+            tokio::spawn(client_loop(
+                client,
+                history.clone(),
+                me,
+                stop.clone(),
+                Duration::from_millis(20),
+                1,
+            ))
         })
         .collect();
     let settle = || tokio::time::sleep(Duration::from_millis(1500));

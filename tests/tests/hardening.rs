@@ -1032,3 +1032,92 @@ async fn a_rotated_or_renewed_member_certificate_no_longer_speaks_raft() {
     )
     .await;
 }
+
+/// The process group of attempt `attempt` of job `job`, wherever it runs.
+fn attempt_pid(c: &Coordinator, job: &str, attempt: u32) -> Option<i32> {
+    let nodes = std::fs::read_dir(c.dir.path().join("nodes")).ok()?;
+    nodes.flatten().find_map(|n| {
+        let pid = n.path().join(format!("jobs/{job}-{attempt}/pid"));
+        std::fs::read_to_string(pid).ok()?.trim().parse().ok()
+    })
+}
+
+/// A node cut off from the coordinators kept running its managed job's
+/// attempt while the majority declared the node lost and started the job
+/// again elsewhere: two attempts of one job at once (the fault suite saw
+/// it with real network namespaces). Now an agent that hears nothing from
+/// a leader for its contact lease (half the node TTL) stops the attempts
+/// that would be replaced, before its node can be declared lost; a plain
+/// job, which nothing replaces, runs on.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_agent_cut_off_stops_what_would_be_replaced_before_its_node_is_lost() {
+    use nix::sys::signal::{kill, Signal};
+    use nix::unistd::Pid;
+    let c = Coordinator::start(&["--node-ttl-ms", "4000"]).await;
+    let managed = c
+        .client()
+        .await
+        .submit_job(pb::SubmitJobRequest {
+            task: Some(pb::submit_job_request::Task::TaskYaml(
+                "run: sleep 600\n".into(),
+            )),
+            managed: true,
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .job_id;
+    let plain = c.submit("run: sleep 600\n").await;
+    for job in [&managed, &plain] {
+        c.wait_state(job, pb::JobState::Running, Duration::from_secs(30))
+            .await;
+    }
+    let first = wait_for(
+        "the managed attempt's process",
+        Duration::from_secs(10),
+        || async { attempt_pid(&c, &managed, 1) },
+    )
+    .await;
+    let plain_pid = attempt_pid(&c, &plain, 1).expect("the plain job's process");
+
+    // Not a word from the coordinator for 3.5 s: past the 2 s lease and
+    // the 1 s stop grace, short of the 4 s node TTL.
+    let coordinator = Pid::from_raw(c.pid() as i32);
+    kill(coordinator, Signal::SIGSTOP).unwrap();
+    tokio::time::sleep(Duration::from_millis(3500)).await;
+    let managed_alive = alive(first);
+    let plain_alive = alive(plain_pid);
+    kill(coordinator, Signal::SIGCONT).unwrap();
+    assert!(
+        !managed_alive,
+        "the managed attempt outlived the contact lease"
+    );
+    assert!(plain_alive, "a plain job runs through a coordinator outage");
+
+    // The job recovers: a second attempt runs, and the first reported why
+    // it ended.
+    let job = wait_for(
+        "the managed job's second attempt",
+        Duration::from_secs(30),
+        || async {
+            let job = c
+                .wait_state(&managed, pb::JobState::Running, Duration::from_secs(30))
+                .await;
+            (job.attempts.len() == 2).then_some(job)
+        },
+    )
+    .await;
+    assert!(
+        job.attempts[0]
+            .message
+            .contains("no word from a coordinator"),
+        "{:?}",
+        job.attempts[0]
+    );
+    let plain_job = c
+        .wait_state(&plain, pb::JobState::Running, Duration::from_secs(5))
+        .await;
+    assert_eq!(plain_job.attempts.len(), 1);
+    assert!(alive(plain_pid));
+}

@@ -528,8 +528,21 @@ async fn a_partitioned_leader_and_its_attempt_are_fenced_by_the_new_leader() {
         .unwrap();
     tokio::time::sleep(Duration::from_millis(1500)).await;
 
+    // The leader and the node both freeze. (With the leader alone frozen,
+    // the agent finds the new leader within a second and its attempt just
+    // runs on: nothing to fence.) A frozen agent cannot stop its job, which
+    // runs in a process group of its own, so the node is lost, the job
+    // moves, and only fencing keeps the old attempt from doing harm.
     let old_leader = cl.leader().await;
+    let agent: i32 =
+        std::fs::read_to_string(cl.root.path().join(format!("nodes/{node}/agent.pid")))
+            .unwrap()
+            .trim()
+            .parse()
+            .unwrap();
+    let signal = |s| nix::sys::signal::kill(nix::unistd::Pid::from_raw(agent), s).unwrap();
     cl.pause(old_leader);
+    signal(nix::sys::signal::Signal::SIGSTOP);
     let deadline = std::time::Instant::now() + Duration::from_secs(60);
     let second = loop {
         let j = jobs()
@@ -559,16 +572,15 @@ async fn a_partitioned_leader_and_its_attempt_are_fenced_by_the_new_leader() {
         nembo_tests::ms(&second.attempts[0].end_time)
             <= nembo_tests::ms(&second.attempts[1].start_time)
     );
-    // The cut-off attempt may still run (its agent has not noticed the
-    // frozen leader yet) or may already have been stopped (it reconnected
-    // to the new leader first): both are correct; it must be gone below.
-    // Attempt 2 checkpoints; then the old leader and its node come back.
+    // The cut-off attempt still runs. Attempt 2 checkpoints; then the old
+    // leader and the node come back, and the old attempt must go.
     wait_for(
         "attempt 2 to checkpoint",
         Duration::from_secs(30),
         || async { newest_manifest(&store, &id).filter(|(e, _)| *e == 2) },
     )
     .await;
+    signal(nix::sys::signal::Signal::SIGCONT);
     cl.resume(old_leader);
     wait_for(
         "the resurfaced attempt to be killed",

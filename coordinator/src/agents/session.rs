@@ -141,6 +141,7 @@ async fn run_session(
         heartbeat_interval_ms: ctx.heartbeat_ms,
         log_offsets: log_offsets(&ctx, &view.state, &node_id),
         term: view.term,
+        contact_lease_ms: ctx.contact_lease_ms,
     };
     send(&tx, CoordMsg::Welcome(welcome)).await?;
     tracing::info!(node = %node_id, jobs = hello.jobs.len(), "agent session open");
@@ -191,6 +192,8 @@ async fn run_session(
                 match msg.msg {
                     Some(AgentMsg::Heartbeat(hb)) => {
                         ctx.heartbeat(&node_id);
+                        // The agent's contact lease runs from this answer.
+                        send(&tx, CoordMsg::HeartbeatAck(apb::HeartbeatAck { seq: hb.seq })).await?;
                         ctx.heartbeat_delay.observe_ms(now_ms() - hb.sent_at_unix_ms);
                         check_gpu_health(&ctx, &node_id, &hb.gpus, &mut xids_seen).await;
                         ctx.fleet.readings(&node_id, hb.gpus, now_ms());
@@ -460,6 +463,7 @@ fn run_job(
             interval_s: c.interval_s,
             signal: c.signal.clone(),
         }),
+        replaced_if_lost: job.managed.is_some(),
     }
 }
 
