@@ -731,12 +731,11 @@ async fn disk_suite(
     });
     drop(m);
     let _ = nembo_tests::faults::run(&["umount", data.to_str().unwrap()]);
-    if std::env::var_os("NEMBO_FAULTS_KEEP").is_some() {
-        let _ = std::fs::rename(
-            root.path().join("member-1.log"),
-            std::env::temp_dir().join("nembo-faults-full.log"),
-        );
-    }
+    // The fsync member gets a log of its own.
+    let _ = std::fs::rename(
+        root.path().join("member-1.log"),
+        root.path().join("member-1-disk-full.log"),
+    );
 
     // fsync fails (EIO) from a moment on.
     let _ = std::fs::remove_dir_all(&data);
@@ -786,14 +785,11 @@ async fn disk_suite(
     let why = std::fs::read_to_string(root.path().join("member-1.log"))
         .unwrap_or_default()
         .lines()
-        .find(|l| l.contains("storage"))
-        .map(|l| {
-            l.split_once("Z ")
-                .map_or(l, |(_, rest)| rest)
-                .trim()
-                .to_string()
-        })
-        .unwrap_or_default();
+        .skip_while(|l| !l.contains("storage failed") && !l.contains("panicked"))
+        .take(3)
+        .map(|l| l.split_once("Z ").map_or(l, |(_, rest)| rest).trim().to_string())
+        .collect::<Vec<_>>()
+        .join(" / ");
     out.insert("fsync_exit_reason".into(), json!(why));
     let lost = lost_writes(&m.client(), &acked).await?;
     out.insert("fsync_fails".into(), json!({"member_exited": exited, "acked_after_failure": after, "acked_writes": acked.len(), "acked_writes_lost": lost.len()}));
