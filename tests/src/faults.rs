@@ -159,6 +159,11 @@ impl Net {
         }
     }
 
+    /// The bridge's own address (this process's end of the network).
+    pub fn bridge_ip(&self) -> String {
+        format!("{}.1", self.subnet)
+    }
+
     /// A host's address.
     pub fn ip(&self, host: &str) -> String {
         let i = self

@@ -30,9 +30,17 @@ pub fn notice_path(node_dir: &Path) -> PathBuf {
     node_dir.join("preempt.json")
 }
 
-/// Starts the service over `nodes_dir`; its base URL.
+/// Starts the service over `nodes_dir` on loopback; its base URL.
 pub async fn start(nodes_dir: PathBuf) -> std::io::Result<String> {
-    let listener = tokio::net::TcpListener::bind(("127.0.0.1", 0)).await?;
+    serve(
+        tokio::net::TcpListener::bind(("127.0.0.1", 0)).await?,
+        nodes_dir,
+    )
+}
+
+/// Serves `nodes_dir` on `listener` (the fault suite's agents reach it over
+/// a bridge); its base URL.
+pub fn serve(listener: tokio::net::TcpListener, nodes_dir: PathBuf) -> std::io::Result<String> {
     let addr = listener.local_addr()?;
     let app = axum::Router::new().fallback(move |method: Method, uri: Uri, headers: HeaderMap| {
         let nodes_dir = nodes_dir.clone();

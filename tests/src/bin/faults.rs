@@ -197,10 +197,12 @@ struct Agents {
     procs: Vec<(String, Child)>,
     root: PathBuf,
     token_file: PathBuf,
+    /// Base URL of a metadata service answering as AWS's, per agent host.
+    metadata: Option<String>,
 }
 
 impl Agents {
-    async fn start(net: &Net, m: &Members<'_>, hosts: &[&str]) -> Agents {
+    async fn start(net: &Net, m: &Members<'_>, hosts: &[&str], metadata: Option<String>) -> Agents {
         let client = m.client();
         let req = pb::CreateJoinTokenRequest {
             uses: 100,
@@ -218,6 +220,7 @@ impl Agents {
             procs: Vec::new(),
             root: m.root.clone(),
             token_file,
+            metadata,
         };
         for h in hosts {
             a.spawn(net, m, h);
@@ -234,6 +237,10 @@ impl Agents {
         let mut cmd = net.command(host, &bin("nembo-agent"));
         for url in m.urls() {
             cmd.args(["--coordinator", &url]);
+        }
+        if let Some(base) = &self.metadata {
+            cmd.args(["--aws-metadata-url", &format!("{base}/{host}/aws")]);
+            cmd.args(["--preemption-poll-ms", "500"]);
         }
         let child = cmd
             .arg("--ca-cert")
@@ -362,7 +369,7 @@ async fn net_suite(
     let mut m = Members::start(&net, root.path(), 3, MEMBER_FLAGS, Vec::new());
     let mut leader = m.leader(Duration::from_secs(30)).await.ok_or("no leader")?;
     let client = m.client();
-    let mut agents = Agents::start(&net, &m, &["a1", "a2"]).await;
+    let mut agents = Agents::start(&net, &m, &["a1", "a2"], None).await;
     agents_ready(&client, 2, Duration::from_secs(30))
         .await
         .ok_or("agents never joined")?;
@@ -787,7 +794,12 @@ async fn disk_suite(
         .lines()
         .skip_while(|l| !l.contains("storage failed") && !l.contains("panicked"))
         .take(3)
-        .map(|l| l.split_once("Z ").map_or(l, |(_, rest)| rest).trim().to_string())
+        .map(|l| {
+            l.split_once("Z ")
+                .map_or(l, |(_, rest)| rest)
+                .trim()
+                .to_string()
+        })
         .collect::<Vec<_>>()
         .join(" / ");
     out.insert("fsync_exit_reason".into(), json!(why));
@@ -824,7 +836,14 @@ async fn soak(
     let mut m = Members::start(&net, root.path(), 3, MEMBER_FLAGS, Vec::new());
     m.leader(Duration::from_secs(30)).await.ok_or("no leader")?;
     let client = m.client();
-    let mut agents = Agents::start(&net, &m, &["a1", "a2"]).await;
+    // Spot notices in AWS's format, from a metadata service on the bridge.
+    let notices = root.path().join("metadata");
+    let listener = tokio::net::TcpListener::bind((net.bridge_ip(), 0))
+        .await
+        .map_err(|e| e.to_string())?;
+    let metadata = nembo_coordinator::provider::metadata::serve(listener, notices.clone())
+        .map_err(|e| e.to_string())?;
+    let mut agents = Agents::start(&net, &m, &["a1", "a2"], Some(metadata)).await;
     agents_ready(&client, 2, Duration::from_secs(30))
         .await
         .ok_or("agents never joined")?;
@@ -848,6 +867,7 @@ async fn soak(
     let mut peak: BTreeMap<String, u64> = BTreeMap::new();
     let mut submitted = 0u32;
     let mut step = 0u64;
+    let mut preemptions = 0u32;
     while started.elapsed() < Duration::from_secs(secs) {
         step += 1;
         // A new managed job every 5 s, 20 to 60 s of work each.
@@ -883,6 +903,28 @@ async fn soak(
                 tokio::time::sleep(Duration::from_secs(2)).await;
                 agents.spawn(&net, &m, a);
             }
+            0 => {
+                // A spot notice: the node goes in 10 s. Its agent is then
+                // replaced by a fresh node, as a cloud would.
+                let a = if (step / 12).is_multiple_of(2) {
+                    "a2"
+                } else {
+                    "a1"
+                };
+                let notice = notices.join(a).join("preempt.json");
+                let _ = std::fs::create_dir_all(notices.join(a));
+                let deadline = nembo_proto::clock::now_ms() + 10_000;
+                let _ = std::fs::write(
+                    &notice,
+                    json!({"format": "aws", "deadline_ms": deadline}).to_string(),
+                );
+                preemptions += 1;
+                tokio::time::sleep(Duration::from_secs(12)).await;
+                agents.kill9(a);
+                let _ = std::fs::remove_file(&notice);
+                let _ = std::fs::remove_dir_all(root.path().join(format!("agent-{a}")));
+                agents.spawn(&net, &m, a);
+            }
             9 => {
                 if let Some(l) = m.leader(Duration::from_secs(5)).await {
                     for p in (1..=3).filter(|id| *id != l) {
@@ -906,8 +948,8 @@ async fn soak(
         }
         tokio::time::sleep(Duration::from_secs(5)).await;
     }
-    // Let the last jobs finish.
-    tokio::time::sleep(Duration::from_secs(70)).await;
+    // Let the last jobs finish (a minute of work, and a recovery or two).
+    tokio::time::sleep(Duration::from_secs(120)).await;
     stop.store(true, Ordering::Relaxed);
     let _ = prober.await;
     let doubles = watcher.join().unwrap_or_default();
@@ -932,17 +974,27 @@ async fn soak(
         .collect();
     let attempts: usize = managed.iter().map(|j| j.attempts.len()).sum();
     // Work lost: managed jobs that did not complete (none should fail,
-    // and the last ones had 70 s to end).
+    // and the last ones had two minutes to end).
     let unfinished = managed.len() - done;
+    let not_done: Vec<String> = managed
+        .iter()
+        .filter(|j| j.state != pb::JobState::Succeeded as i32)
+        .map(|j| {
+            let state = pb::JobState::try_from(j.state).map_or("?", |s| s.as_str_name());
+            format!("{} {state} after {} attempts: {}", j.name, j.attempts.len(), j.message)
+        })
+        .collect();
     out.insert(
         "soak".into(),
         json!({
             "seconds": secs,
             "loss_1pct": netem,
+            "preemption_notices": preemptions,
             "managed_jobs": managed.len(),
             "completed": done,
             "failed": failed,
             "lost_work_jobs": unfinished,
+            "not_completed": not_done,
             "attempts": attempts,
             "acked_writes": acked.len(),
             "acked_writes_lost": lost.len(),
@@ -954,7 +1006,7 @@ async fn soak(
     rows.push(Row {
         fault: format!("churn soak ({secs} s{})", if netem { ", 1% loss" } else { ", no netem: no loss" }),
         result: format!(
-            "{} managed jobs, {done} completed, {} failed, {unfinished} not completed (lost work), {attempts} attempts; {} acked writes, {} lost; {} double live attempts; longest client wait {gap} ms; peak RSS KiB {peak:?}",
+            "{} managed jobs, {done} completed, {} failed, {unfinished} not completed (lost work), {attempts} attempts, {preemptions} spot notices; {} acked writes, {} lost; {} double live attempts; longest client wait {gap} ms; peak RSS KiB {peak:?}",
             managed.len(),
             failed.len(),
             acked.len(),
