@@ -218,6 +218,60 @@ impl Net {
         }
     }
 
+    /// Whether `nft` works here (for loss where netem does not).
+    pub fn has_nft() -> bool {
+        let ns = &format!("{}nft", prefix());
+        let _ = run(&["ip", "netns", "add", ns]);
+        let ok = run(&[
+            "ip", "netns", "exec", ns, "nft", "add", "table", "inet", "probe",
+        ])
+        .is_ok();
+        let _ = run(&["ip", "netns", "del", ns]);
+        ok
+    }
+
+    /// Drops `percent` % of the packets `host` sends, at random, with
+    /// nftables (0: none again). Loss without netem's added latency.
+    pub fn loss(&self, host: &str, percent: u32) -> Result<(), String> {
+        let ns = self.ns(host);
+        let nft = |args: &[&str]| {
+            let mut a = vec!["ip", "netns", "exec", &ns, "nft"];
+            a.extend_from_slice(args);
+            run(&a)
+        };
+        let _ = nft(&["delete", "table", "inet", "nembo_loss"]);
+        if percent == 0 {
+            return Ok(());
+        }
+        nft(&["add", "table", "inet", "nembo_loss"])?;
+        nft(&[
+            "add",
+            "chain",
+            "inet",
+            "nembo_loss",
+            "out",
+            "{ type filter hook output priority 0; }",
+        ])?;
+        let p = percent.to_string();
+        nft(&[
+            "add",
+            "rule",
+            "inet",
+            "nembo_loss",
+            "out",
+            "oifname",
+            "eth0",
+            "numgen",
+            "random",
+            "mod",
+            "100",
+            "<",
+            &p,
+            "drop",
+        ])
+        .map(|_| ())
+    }
+
     /// `netem` on `host`'s link (`None`: removed).
     pub fn netem(&self, host: &str, spec: Option<&str>) -> Result<(), String> {
         let ns = self.ns(host);

@@ -510,13 +510,33 @@ async fn net_suite(
         );
     } else {
         rows.push(Row {
-            fault: "200 ms latency + 5% loss".into(),
+            fault: "200 ms latency".into(),
             result: "NOT RUN: this kernel has no sch_netem".into(),
         });
         out.insert(
             "netem".into(),
             json!("not run: no sch_netem in this kernel"),
         );
+        if Net::has_nft() {
+            let t = Instant::now();
+            for h in ["c1", "c2", "c3", "a1", "a2"] {
+                net.loss(h, 5)?;
+            }
+            tokio::time::sleep(Duration::from_secs(15)).await;
+            for h in ["c1", "c2", "c3", "a1", "a2"] {
+                let _ = net.loss(h, 0);
+            }
+            let ready = agents_ready(&client, 2, Duration::from_secs(30)).await;
+            settle().await;
+            scenario(
+                rows,
+                out,
+                "5% loss on every link, nftables (15 s)",
+                t,
+                ready,
+                &probe_log,
+            );
+        }
     }
 
     // 5. An agent cut off from every coordinator for longer than a node
@@ -847,9 +867,12 @@ async fn soak(
     agents_ready(&client, 2, Duration::from_secs(30))
         .await
         .ok_or("agents never joined")?;
-    if netem {
-        for h in ["c1", "c2", "c3", "a1", "a2"] {
+    let lossy = netem || Net::has_nft();
+    for h in ["c1", "c2", "c3", "a1", "a2"] {
+        if netem {
             net.netem(h, Some("loss 1%"))?;
+        } else if lossy {
+            net.loss(h, 1)?;
         }
     }
     let stop = Arc::new(AtomicBool::new(false));
@@ -981,14 +1004,19 @@ async fn soak(
         .filter(|j| j.state != pb::JobState::Succeeded as i32)
         .map(|j| {
             let state = pb::JobState::try_from(j.state).map_or("?", |s| s.as_str_name());
-            format!("{} {state} after {} attempts: {}", j.name, j.attempts.len(), j.message)
+            format!(
+                "{} {state} after {} attempts: {}",
+                j.name,
+                j.attempts.len(),
+                j.message
+            )
         })
         .collect();
     out.insert(
         "soak".into(),
         json!({
             "seconds": secs,
-            "loss_1pct": netem,
+            "loss_1pct": lossy,
             "preemption_notices": preemptions,
             "managed_jobs": managed.len(),
             "completed": done,
@@ -1004,7 +1032,7 @@ async fn soak(
         }),
     );
     rows.push(Row {
-        fault: format!("churn soak ({secs} s{})", if netem { ", 1% loss" } else { ", no netem: no loss" }),
+        fault: format!("churn soak ({secs} s{})", if lossy { ", 1% loss" } else { ", no loss: neither netem nor nft here" }),
         result: format!(
             "{} managed jobs, {done} completed, {} failed, {unfinished} not completed (lost work), {attempts} attempts, {preemptions} spot notices; {} acked writes, {} lost; {} double live attempts; longest client wait {gap} ms; peak RSS KiB {peak:?}",
             managed.len(),
