@@ -240,10 +240,15 @@ pub fn server_config(
 /// certificates in the state. Peers' certificates arrive in `seen` from
 /// the Raft service, which has already checked that the state admits them.
 pub struct Renewal {
+    /// The member's certificate files and life.
     pub cfg: MemberCertConfig,
+    /// The cluster CA, where this member holds its key (else no renewal).
     pub issuer: Option<Arc<Issuer>>,
+    /// Where the listener and the peer senders read the current certificate.
     pub identity: watch::Sender<Arc<MemberIdentity>>,
+    /// To read the state and register certificates.
     pub raft: RaftHandle,
+    /// Peers' certificates the Raft service admitted.
     pub seen: mpsc::Receiver<(u64, MemberCert)>,
 }
 
