@@ -7,6 +7,7 @@
 //! the node can be declared lost. Other jobs, which nothing replaces, run
 //! on through any outage.
 
+use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use tokio::sync::watch;
@@ -23,11 +24,29 @@ pub struct Contact {
     pub lease: Duration,
 }
 
+/// The file the agent renews at each contact, holding the lease in ms:
+/// each replaceable attempt's watchdog (in its wrapper script) stops the
+/// attempt when the file grows older than the lease, should the agent be
+/// frozen or dead.
+pub fn contact_file(work_dir: &Path) -> PathBuf {
+    work_dir.join("contact")
+}
+
 /// Stops the replaceable attempts each time a contact's lease runs out
-/// without a newer one; runs until the sender is dropped.
-pub async fn enforce(mut contact: watch::Receiver<Option<Contact>>, sup: Supervisor) {
+/// without a newer one, and renews `contact_file` at each contact; runs
+/// until the sender is dropped.
+pub async fn enforce(
+    mut contact: watch::Receiver<Option<Contact>>,
+    sup: Supervisor,
+    work_dir: PathBuf,
+) {
+    let file = contact_file(&work_dir);
     loop {
         let current = *contact.borrow_and_update();
+        if let Some(c) = current {
+            // Rewritten, so its time is now: what the watchdogs read.
+            let _ = tokio::fs::write(&file, c.lease.as_millis().to_string()).await;
+        }
         match current {
             Some(c) if !c.lease.is_zero() => {
                 tokio::select! {

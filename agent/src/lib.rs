@@ -45,6 +45,10 @@ pub async fn run(cfg: AgentConfig) -> Result<(), AgentError> {
         }
     });
     let (contact_tx, contact_rx) = tokio::sync::watch::channel(None);
-    tokio::spawn(lease::enforce(contact_rx, sup.clone()));
+    tokio::spawn(lease::enforce(
+        contact_rx,
+        sup.clone(),
+        cfg.work_dir.clone(),
+    ));
     session::run(cfg, sup, events, notice_rx, contact_tx).await
 }

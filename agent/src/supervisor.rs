@@ -263,6 +263,24 @@ if [ -s "$job_dir/setup.sh" ]; then
   bash "$job_dir/setup.sh"; rc=$?
   [ "$rc" -eq 0 ] || finish setup "$rc"
 fi
+if [ -n "$NEMBO_CONTACT_FILE" ]; then
+  # An attempt the coordinators would replace must not outlive its agent's
+  # contact with them. The agent stops it itself; this covers an agent that
+  # is frozen or dead. The agent renews the file while a leader speaks to it
+  # and writes its lease (ms) in it.
+  (
+    while sleep 0.5; do
+      lease_ms=$(cat "$NEMBO_CONTACT_FILE" 2>/dev/null) || continue
+      seen=$(stat -c %Y "$NEMBO_CONTACT_FILE" 2>/dev/null) || continue
+      [ "${lease_ms:-0}" -gt 0 ] 2>/dev/null || continue
+      if [ $(( ($(date +%s) - seen) * 1000 )) -gt "$lease_ms" ]; then
+        echo "stopped by its watchdog: its agent heard no coordinator for over $((lease_ms / 1000)) s" > "$job_dir/lost"
+        kill -TERM -- -$$; sleep 1; kill -KILL -- -$$
+        exit
+      fi
+    done
+  ) &
+fi
 bash "$job_dir/run.sh"; rc=$?
 finish run "$rc"
 "#;
@@ -489,6 +507,10 @@ impl Owner {
             cmd.env("NEMBO_WORKDIR_SOURCE", &job.workdir);
         }
         cmd.env("NEMBO_JOB_DIR", dir);
+        if job.replaced_if_lost {
+            let work_dir = self.jobs_dir.parent().unwrap_or(&self.jobs_dir);
+            cmd.env("NEMBO_CONTACT_FILE", crate::lease::contact_file(work_dir));
+        }
         cmd.env("NEMBO_PREEMPTION_FILE", dir.join("preemption.json"));
         if let Some(c) = self
             .jobs
@@ -593,8 +615,9 @@ impl Owner {
             .collect();
         for key in running {
             tracing::warn!(job = %key.job_id, attempt = key.attempt, "{why}");
-            // Reported as lost, not cancelled: a managed job recovers.
-            if let Some(e) = self.jobs.get(&key) {
+            // Reported as lost, not cancelled: a managed job recovers. (Its
+            // watchdog may have said so first, while this agent was frozen.)
+            if let Some(e) = self.jobs.get(&key).filter(|e| !e.dir.join("lost").exists()) {
                 let _ = fs::write(e.dir.join("lost"), why);
             }
             self.stop(apb::StopJob {

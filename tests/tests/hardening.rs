@@ -1053,7 +1053,7 @@ fn attempt_pid(c: &Coordinator, job: &str, attempt: u32) -> Option<i32> {
 async fn an_agent_cut_off_stops_what_would_be_replaced_before_its_node_is_lost() {
     use nix::sys::signal::{kill, Signal};
     use nix::unistd::Pid;
-    let c = Coordinator::start(&["--node-ttl-ms", "4000"]).await;
+    let c = Coordinator::start(&["--node-ttl-ms", "6000"]).await;
     let managed = c
         .client()
         .await
@@ -1081,11 +1081,11 @@ async fn an_agent_cut_off_stops_what_would_be_replaced_before_its_node_is_lost()
     .await;
     let plain_pid = attempt_pid(&c, &plain, 1).expect("the plain job's process");
 
-    // Not a word from the coordinator for 3.5 s: past the 2 s lease and
-    // the 1 s stop grace, short of the 4 s node TTL.
+    // Not a word from the coordinator for 5 s: past the 3 s lease and the
+    // 1.5 s stop grace, short of the 6 s node TTL.
     let coordinator = Pid::from_raw(c.pid() as i32);
     kill(coordinator, Signal::SIGSTOP).unwrap();
-    tokio::time::sleep(Duration::from_millis(3500)).await;
+    tokio::time::sleep(Duration::from_millis(5000)).await;
     let managed_alive = alive(first);
     let plain_alive = alive(plain_pid);
     kill(coordinator, Signal::SIGCONT).unwrap();
@@ -1120,4 +1120,35 @@ async fn an_agent_cut_off_stops_what_would_be_replaced_before_its_node_is_lost()
         .await;
     assert_eq!(plain_job.attempts.len(), 1);
     assert!(alive(plain_pid));
+
+    // A frozen agent cannot stop anything: the attempt's own watchdog does,
+    // once the agent's contact file is older than the lease.
+    let second = wait_for(
+        "the second attempt's process",
+        Duration::from_secs(10),
+        || async { attempt_pid(&c, &managed, 2) },
+    )
+    .await;
+    let node = job.attempts[1].node_ids[0].clone();
+    let agent = Pid::from_raw(c.agent_pid(&node));
+    kill(agent, Signal::SIGSTOP).unwrap();
+    tokio::time::sleep(Duration::from_millis(5500)).await;
+    let second_alive = alive(second);
+    kill(agent, Signal::SIGCONT).unwrap();
+    assert!(
+        !second_alive,
+        "the attempt outlived its frozen agent's lease"
+    );
+    let job = wait_for("a third attempt", Duration::from_secs(30), || async {
+        let job = c
+            .wait_state(&managed, pb::JobState::Running, Duration::from_secs(30))
+            .await;
+        (job.attempts.len() == 3).then_some(job)
+    })
+    .await;
+    assert!(
+        job.attempts[1].message.contains("watchdog"),
+        "{:?}",
+        job.attempts[1]
+    );
 }

@@ -530,9 +530,10 @@ async fn a_partitioned_leader_and_its_attempt_are_fenced_by_the_new_leader() {
 
     // The leader and the node both freeze. (With the leader alone frozen,
     // the agent finds the new leader within a second and its attempt just
-    // runs on: nothing to fence.) A frozen agent cannot stop its job, which
-    // runs in a process group of its own, so the node is lost, the job
-    // moves, and only fencing keeps the old attempt from doing harm.
+    // runs on: nothing to fence.) The node is lost and the job moves; the
+    // old attempt's watchdog stops it once the frozen agent's contact file
+    // is older than the lease, and fencing keeps whatever it did until then
+    // from counting.
     let old_leader = cl.leader().await;
     let agent: i32 =
         std::fs::read_to_string(cl.root.path().join(format!("nodes/{node}/agent.pid")))
@@ -572,8 +573,8 @@ async fn a_partitioned_leader_and_its_attempt_are_fenced_by_the_new_leader() {
         nembo_tests::ms(&second.attempts[0].end_time)
             <= nembo_tests::ms(&second.attempts[1].start_time)
     );
-    // The cut-off attempt still runs. Attempt 2 checkpoints; then the old
-    // leader and the node come back, and the old attempt must go.
+    // Attempt 2 checkpoints; then the old leader and the node come back,
+    // and the old attempt must be gone.
     wait_for(
         "attempt 2 to checkpoint",
         Duration::from_secs(30),
