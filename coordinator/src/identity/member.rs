@@ -186,7 +186,9 @@ fn write_atomically(
     data: &[u8],
     secret: bool,
 ) -> Result<(), IdentityError> {
-    let tmp = path.with_extension("next");
+    let mut tmp = path.as_os_str().to_owned();
+    tmp.push(".next");
+    let tmp = PathBuf::from(tmp);
     let written = if secret {
         tls::write_secret(&tmp, data).map_err(|e| e.to_string())
     } else {
