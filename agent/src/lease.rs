@@ -7,13 +7,13 @@
 //! the node can be declared lost. Other jobs, which nothing replaces, run
 //! on through any outage.
 
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::time::Duration;
 
 use tokio::sync::watch;
 use tokio::time::Instant;
 
-use crate::supervisor::Supervisor;
+use crate::supervisor::{contact_file, Supervisor};
 
 /// The last word from a leader, and how long it holds.
 #[derive(Debug, Clone, Copy)]
@@ -24,16 +24,8 @@ pub struct Contact {
     pub lease: Duration,
 }
 
-/// The file the agent renews at each contact, holding the lease in ms:
-/// each replaceable attempt's watchdog (in its wrapper script) stops the
-/// attempt when the file grows older than the lease, should the agent be
-/// frozen or dead.
-pub fn contact_file(work_dir: &Path) -> PathBuf {
-    work_dir.join("contact")
-}
-
 /// Stops the replaceable attempts each time a contact's lease runs out
-/// without a newer one, and renews `contact_file` at each contact; runs
+/// without a newer one, and renews [`contact_file`] at each contact; runs
 /// until the sender is dropped.
 pub async fn enforce(
     mut contact: watch::Receiver<Option<Contact>>,

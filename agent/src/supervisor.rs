@@ -248,6 +248,14 @@ fn log_size(dir: &Path) -> u64 {
         .unwrap_or(0)
 }
 
+/// The file the agent renews at each word from a leader, holding its
+/// contact lease in ms (see `lease`): each replaceable attempt's watchdog,
+/// in its wrapper script, stops the attempt when the file grows older than
+/// the lease, should the agent be frozen or dead.
+pub fn contact_file(work_dir: &Path) -> PathBuf {
+    work_dir.join("contact")
+}
+
 const WRAPPER: &str = r#"#!/bin/bash
 # Written by nembo-agent: runs setup, then run, and records which ended how.
 job_dir="$(cd "$(dirname "$0")" && pwd)"
@@ -509,7 +517,7 @@ impl Owner {
         cmd.env("NEMBO_JOB_DIR", dir);
         if job.replaced_if_lost {
             let work_dir = self.jobs_dir.parent().unwrap_or(&self.jobs_dir);
-            cmd.env("NEMBO_CONTACT_FILE", crate::lease::contact_file(work_dir));
+            cmd.env("NEMBO_CONTACT_FILE", contact_file(work_dir));
         }
         cmd.env("NEMBO_PREEMPTION_FILE", dir.join("preemption.json"));
         if let Some(c) = self
