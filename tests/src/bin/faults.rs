@@ -197,6 +197,8 @@ struct Agents {
     procs: Vec<(String, Child)>,
     root: PathBuf,
     token_file: PathBuf,
+    /// The join token (uses for every node the run makes).
+    token: String,
     /// Base URL of a metadata service answering as AWS's, per agent host.
     metadata: Option<String>,
 }
@@ -215,11 +217,11 @@ impl Agents {
         .expect("join token")
         .token;
         let token_file = m.root.join("join-token");
-        nembo_tests::write_private(&token_file, &token);
         let mut a = Agents {
             procs: Vec::new(),
             root: m.root.clone(),
             token_file,
+            token,
             metadata,
         };
         for h in hosts {
@@ -229,6 +231,11 @@ impl Agents {
     }
 
     fn spawn(&mut self, net: &Net, m: &Members<'_>, host: &str) {
+        // An agent removes the token file once it has enrolled: a fresh
+        // node (after a preemption) needs it again.
+        if !self.token_file.exists() {
+            nembo_tests::write_private(&self.token_file, &self.token);
+        }
         let log = std::fs::OpenOptions::new()
             .create(true)
             .append(true)
@@ -899,16 +906,18 @@ async fn soak(
             &format!("soak-{submitted}"),
             20 + (submitted * 7) % 40,
         );
-        if call(
-            &client,
-            req,
-            |mut c, r| async move { c.submit_job(r).await },
-        )
-        .await
-        .is_ok()
-        {
+        // One try with a deadline: the loop keeps its pace through faults
+        // (the name is the idempotency key; a failed try is made again).
+        let mut c = client.clone();
+        let mut req = tonic::Request::new(req);
+        req.set_timeout(Duration::from_secs(3));
+        if c.submit_job(req).await.is_ok() {
             submitted += 1;
         }
+        eprintln!(
+            "soak: {:>5} s, step {step}, {submitted} jobs submitted",
+            started.elapsed().as_secs()
+        );
         match step % 12 {
             3 => {
                 let id = 1 + (step / 12) % 3;
