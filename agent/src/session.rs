@@ -383,16 +383,12 @@ async fn session(
         return SessionEnd::Retry(stale.to_string());
     }
     let lease = Duration::from_millis(u64::from(welcome.contact_lease_ms));
-    let mut last_heard = tokio::time::Instant::now();
-    let mut heard = || {
-        last_heard = tokio::time::Instant::now();
-        contact.send_replace(Some(Contact {
-            at: last_heard,
-            lease,
-        }));
-        last_heard
+    let heard = || {
+        let now = tokio::time::Instant::now();
+        contact.send_replace(Some(Contact { at: now, lease }));
+        now
     };
-    heard();
+    let mut heard_at = heard();
     tracing::info!(node = %identity.node_id, coordinator = %url, jobs = jobs.len(), "session open");
     // Reconnect with a renewed certificate once it is due; after a failed
     // renewal, try again in a while rather than at once.
@@ -427,14 +423,14 @@ async fn session(
     // A leader that gives leases answers every heartbeat: silence means the
     // connection is dead (a partition drops packets, it closes nothing), so
     // look for the new leader well within the lease.
-    let silence = (period * 3)
-        .max(Duration::from_millis(500))
-        .min(if lease.is_zero() {
-            Duration::MAX
-        } else {
-            lease / 2
-        });
-    let mut heard_at = tokio::time::Instant::now();
+    // (A coordinator that gives no lease sends no answers either: then
+    // silence means nothing, and its branch below is off. Its deadline is
+    // still computed, so it must not overflow.)
+    let silence = if lease.is_zero() {
+        Duration::from_secs(24 * 3600)
+    } else {
+        (period * 3).max(Duration::from_millis(500)).min(lease / 2)
+    };
     let mut urgent = cfg.telemetry.urgent.clone();
     urgent.mark_unchanged();
     let mut seq = 0u64;
