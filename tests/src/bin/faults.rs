@@ -23,7 +23,7 @@ use std::time::{Duration, Instant};
 use nembo_proto::client::{call, Client};
 use nembo_proto::v1 as pb;
 use nembo_tests::faults::{failing_fsync_shim, Members, Net};
-use nembo_tests::history::{client_loop, full_list, submit_req, History, Op, Ret};
+use nembo_tests::history::{client_loop, submit_req, History, Op, Ret};
 use nembo_tests::{alive, bin, proc_usage};
 use serde_json::{json, Value};
 
@@ -109,12 +109,9 @@ async fn probe(
     }
 }
 
-/// Acknowledged writes missing from the state (or under another id).
-async fn lost_writes(
-    client: &Client,
-    acked: &BTreeMap<String, String>,
-) -> Result<Vec<String>, String> {
-    let jobs = nembo_proto::client::all_pages(|page_token| {
+/// Every job in full, page by page (the state holds far more than a page).
+async fn every_job(client: &Client) -> Result<Vec<pb::Job>, String> {
+    nembo_proto::client::all_pages(|page_token| {
         let client = client.clone();
         async move {
             // Full: the idempotency key is there; small pages, since
@@ -130,7 +127,15 @@ async fn lost_writes(
         }
     })
     .await
-    .map_err(|e| format!("the jobs could not be listed: {e}"))?;
+    .map_err(|e| format!("the jobs could not be listed: {e}"))
+}
+
+/// Acknowledged writes missing from the state (or under another id).
+async fn lost_writes(
+    client: &Client,
+    acked: &BTreeMap<String, String>,
+) -> Result<Vec<String>, String> {
+    let jobs = every_job(client).await?;
     let by_key: BTreeMap<String, String> = jobs
         .into_iter()
         .map(|j| (j.idempotency_key, j.job_id))
@@ -659,18 +664,13 @@ fn busiest_agent(root: &Path) -> String {
 
 /// Attempts per managed job, by name.
 async fn attempts_of(client: &Client) -> BTreeMap<String, usize> {
-    let r = call(client, full_list(), |mut c, r| async move {
-        c.list_jobs(r).await
-    })
-    .await;
-    r.map(|r| {
-        r.jobs
-            .into_iter()
-            .filter(|j| j.managed.is_some())
-            .map(|j| (j.name, j.attempts.len()))
-            .collect()
-    })
-    .unwrap_or_default()
+    every_job(client)
+        .await
+        .unwrap_or_default()
+        .into_iter()
+        .filter(|j| j.managed.is_some())
+        .map(|j| (j.name, j.attempts.len()))
+        .collect()
 }
 
 /// A single coordinator whose disk fills up, then one whose fsync fails.
@@ -988,12 +988,7 @@ async fn soak(
     let acked = probe_log.lock().unwrap().acked.clone();
     let lost = lost_writes(&client, &acked).await?;
     let gap = longest_gap(&probe_log, started, Instant::now());
-    let jobs = call(&client, full_list(), |mut c, r| async move {
-        c.list_jobs(r).await
-    })
-    .await
-    .map(|r| r.jobs)
-    .unwrap_or_default();
+    let jobs = every_job(&client).await?;
     let managed: Vec<&pb::Job> = jobs.iter().filter(|j| j.managed.is_some()).collect();
     let done = managed
         .iter()
