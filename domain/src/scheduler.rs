@@ -695,11 +695,7 @@ mod tests {
         for c in &first {
             s.apply(c);
         }
-        s.apply(&Command::NodeUp {
-            node_id: "node-1".into(),
-            address: "a".into(),
-            at_ms: 2,
-        });
+        up(&mut s, "node-1", 2);
         for c in plan(&s, &off, Policy::default(), 3) {
             assert_eq!(s.apply(&c), Outcome::Applied);
         }

@@ -366,18 +366,25 @@ fn scenario(
     });
 }
 
+/// A run's directory, and in it the one where attempts mark themselves
+/// live (see [`watch_attempts`]).
+fn scratch(prefix: &str) -> Result<(tempfile::TempDir, PathBuf), String> {
+    let root = tempfile::Builder::new()
+        .prefix(prefix)
+        .tempdir()
+        .map_err(|e| e.to_string())?;
+    let live = root.path().join("live");
+    std::fs::create_dir_all(&live).map_err(|e| e.to_string())?;
+    Ok((root, live))
+}
+
 async fn net_suite(
     rows: &mut Vec<Row>,
     out: &mut serde_json::Map<String, Value>,
 ) -> Result<(), String> {
     let net = Net::up(&["c1", "c2", "c3", "a1", "a2"])?;
     let netem = Net::has_netem();
-    let root = tempfile::Builder::new()
-        .prefix("nembo-faults")
-        .tempdir()
-        .map_err(|e| e.to_string())?;
-    let live = root.path().join("live");
-    std::fs::create_dir_all(&live).map_err(|e| e.to_string())?;
+    let (root, live) = scratch("nembo-faults")?;
     let mut m = Members::start(&net, root.path(), 3, MEMBER_FLAGS, Vec::new());
     let mut leader = m.leader(Duration::from_secs(30)).await.ok_or("no leader")?;
     let client = m.client();
@@ -854,12 +861,7 @@ async fn soak(
 ) -> Result<(), String> {
     let net = Net::up(&["c1", "c2", "c3", "a1", "a2"])?;
     let netem = Net::has_netem();
-    let root = tempfile::Builder::new()
-        .prefix("nembo-soak")
-        .tempdir()
-        .map_err(|e| e.to_string())?;
-    let live = root.path().join("live");
-    std::fs::create_dir_all(&live).map_err(|e| e.to_string())?;
+    let (root, live) = scratch("nembo-soak")?;
     let mut m = Members::start(&net, root.path(), 3, MEMBER_FLAGS, Vec::new());
     m.leader(Duration::from_secs(30)).await.ok_or("no leader")?;
     let client = m.client();
