@@ -127,6 +127,8 @@ mod tests {
             region: "r".into(),
             zone: None,
             runs_as_coordinator_user: false,
+            simulated: false,
+            fixed_machines: None,
             instance_type: "h100-8".into(),
             resources,
             hourly_price: 16.0,

@@ -55,6 +55,14 @@ pub fn offering_matches(c: &ResourceCandidate, o: &Offering) -> bool {
     if c.use_spot && o.spot_price.is_none() {
         return false;
     }
+    if let Some(max) = c.max_hourly_cost {
+        if o.price(c.use_spot) > max {
+            return false;
+        }
+    }
+    if o.fixed_machines.is_some() {
+        return fits_fixed_machine(c, o);
+    }
     let gpus: f64 = o.resources.accelerators.values().sum();
     let has = |name: &str| o.resources.accelerators.get(name).copied().unwrap_or(0.0);
     match &c.accelerator {
@@ -74,12 +82,23 @@ pub fn offering_matches(c: &ResourceCandidate, o: &Offering) -> bool {
             return false;
         }
     }
-    if let Some(max) = c.max_hourly_cost {
-        if o.price(c.use_spot) > max {
-            return false;
-        }
-    }
     true
+}
+
+/// Whether a job of this candidate fits in a fixed machine: a machine that
+/// exists is not chosen by its exact shape, as an instance type is, but by
+/// room (`H100:1` runs on an 8-GPU box, `cpus: 4` on a 16-core one).
+fn fits_fixed_machine(c: &ResourceCandidate, o: &Offering) -> bool {
+    let has = |name: &str| o.resources.accelerators.get(name).copied().unwrap_or(0.0);
+    let gpus_fit = c
+        .accelerator
+        .as_ref()
+        .is_none_or(|a| has(&a.name) >= a.count);
+    let cpus = c.cpus.as_ref().map_or(0.0, |q| q.value);
+    let memory = c.memory.as_ref().map_or(0.0, |m| {
+        m.gb_for(if cpus > 0.0 { cpus } else { o.resources.cpus })
+    });
+    gpus_fit && cpus <= o.resources.cpus && memory <= o.resources.memory_gb
 }
 
 /// Whether an existing node can take one rank of a candidate.
@@ -112,7 +131,8 @@ pub fn rank<'a>(
     for (i, c) in spec.resources.candidates.iter().enumerate() {
         let market = usize::from(c.use_spot);
         for (k, o) in offerings.iter().enumerate() {
-            if seen[k][market] || !offering_matches(c, o) {
+            let too_few = o.fixed_machines.is_some_and(|m| m < spec.num_nodes);
+            if seen[k][market] || too_few || !offering_matches(c, o) {
                 continue;
             }
             if !blocked.is_empty() {
@@ -316,6 +336,8 @@ mod tests {
                     region: rng.pick(REGIONS).to_string(),
                     zone: rng.chance(30).then(|| rng.pick(&["a", "b"]).to_string()),
                     runs_as_coordinator_user: false,
+                    simulated: false,
+                    fixed_machines: None,
                     instance_type: format!("t{}", i % 40),
                     resources,
                     hourly_price: price,
@@ -518,6 +540,8 @@ mod tests {
                 region: "r1".into(),
                 zone: None,
                 runs_as_coordinator_user: false,
+                simulated: false,
+                fixed_machines: None,
                 instance_type: t.into(),
                 resources,
                 hourly_price: price,

@@ -155,26 +155,29 @@ fn existing_nodes(
             spot_price: None,
             zone: node.zone.clone(),
             runs_as_coordinator_user: false,
+            simulated: false,
+            fixed_machines: None,
         };
-        let shape_ok = match &c.accelerator {
-            Some(a) => {
-                node.resources
-                    .accelerators
-                    .get(&a.name)
-                    .copied()
-                    .unwrap_or(0.0)
-                    >= a.count
-            }
-            None => {
-                offering_matches(
-                    &ResourceCandidate {
-                        use_spot: false,
-                        ..c.clone()
-                    },
-                    &shape,
-                ) || (c.cpus.is_none() && c.memory.is_none())
-            }
-        };
+        let shape_ok = node.fixed_machine
+            || match &c.accelerator {
+                Some(a) => {
+                    node.resources
+                        .accelerators
+                        .get(&a.name)
+                        .copied()
+                        .unwrap_or(0.0)
+                        >= a.count
+                }
+                None => {
+                    offering_matches(
+                        &ResourceCandidate {
+                            use_spot: false,
+                            ..c.clone()
+                        },
+                        &shape,
+                    ) || (c.cpus.is_none() && c.memory.is_none())
+                }
+            };
         if !shape_ok {
             continue;
         }
@@ -230,6 +233,7 @@ pub fn plan(state: &State, offerings: &[Offering], policy: Policy, now_ms: i64) 
         }
     }
     let mut round = Round::default();
+    let mut fixed = FixedRoom::new(state, offerings);
     let mut live_nodes = state.nodes.values().filter(|n| !n.state.is_final()).count() as u64;
     // Jobs whose provisioned nodes are up come first: those nodes are theirs.
     for job in state.placed_jobs().filter(|j| {
@@ -271,7 +275,11 @@ pub fn plan(state: &State, offerings: &[Offering], policy: Policy, now_ms: i64) 
     for job in state.queued_jobs() {
         // At the node cap only existing nodes can help: skip ranking offerings.
         let room = live_nodes + u64::from(job.spec.num_nodes) <= u64::from(policy.max_nodes);
-        let offerings = if room { offerings } else { &[] };
+        let offerings = if room {
+            fixed.open(job.spec.num_nodes)
+        } else {
+            &[]
+        };
         // A recovering job whose old attempt still runs can only have a
         // node provisioned now; an idle node is taken once the attempt ends.
         let old_runs = job.attempt_holding_ranks().is_some();
@@ -304,6 +312,7 @@ pub fn plan(state: &State, offerings: &[Offering], policy: Policy, now_ms: i64) 
                     continue;
                 }
                 live_nodes += u64::from(count);
+                fixed.spend(&offering, count);
                 out.push(Command::ProvisionNodes {
                     job_id: job.id,
                     offering,
@@ -337,6 +346,70 @@ pub fn plan(state: &State, offerings: &[Offering], policy: Policy, now_ms: i64) 
         }
     }
     out
+}
+
+/// How many more nodes each place of fixed machines can have this round,
+/// and the offerings still open to a job of some size: a place whose
+/// machines are all up is left out, so its jobs wait for room there.
+struct FixedRoom<'a> {
+    all: &'a [Offering],
+    /// (provider, region) -> nodes it may still have.
+    left: BTreeMap<(String, String), u32>,
+    /// The open offerings for jobs of this many nodes, until `spend`.
+    open: Option<(u32, Vec<Offering>)>,
+}
+
+impl<'a> FixedRoom<'a> {
+    fn new(state: &State, all: &'a [Offering]) -> Self {
+        let mut left = BTreeMap::new();
+        for o in all {
+            if let Some(m) = o.fixed_machines {
+                left.insert((o.provider.clone(), o.region.clone()), m);
+            }
+        }
+        if !left.is_empty() {
+            for n in state.nodes.values().filter(|n| !n.state.is_final()) {
+                if let Some(l) = left.get_mut(&(n.provider.clone(), n.region.clone())) {
+                    *l = l.saturating_sub(1);
+                }
+            }
+        }
+        Self {
+            all,
+            left,
+            open: None,
+        }
+    }
+
+    /// The offerings a job of `nodes` nodes may provision.
+    fn open(&mut self, nodes: u32) -> &[Offering] {
+        if self.left.values().all(|l| *l >= nodes) {
+            return self.all;
+        }
+        if self.open.as_ref().is_none_or(|(n, _)| *n != nodes) {
+            let left = &self.left;
+            let open = self
+                .all
+                .iter()
+                .filter(|o| {
+                    o.fixed_machines.is_none()
+                        || left
+                            .get(&(o.provider.clone(), o.region.clone()))
+                            .is_some_and(|l| *l >= nodes)
+                })
+                .cloned()
+                .collect();
+            self.open = Some((nodes, open));
+        }
+        self.open.as_ref().map_or(&[], |(_, o)| &o[..])
+    }
+
+    fn spend(&mut self, o: &Offering, count: u32) {
+        if let Some(l) = self.left.get_mut(&(o.provider.clone(), o.region.clone())) {
+            *l = l.saturating_sub(count);
+            self.open = None;
+        }
+    }
 }
 
 /// Places a job; a managed job recovering under EAGER_NEXT_REGION stays out
@@ -389,6 +462,8 @@ fn candidate_for_nodes(state: &State, spec: &TaskSpec, nodes: &[String]) -> usiz
         spot_price: Some(node.hourly_price),
         zone: node.zone.clone(),
         runs_as_coordinator_user: false,
+        simulated: false,
+        fixed_machines: None,
     };
     spec.resources
         .candidates
@@ -430,6 +505,8 @@ mod tests {
                 spot_price: None,
                 zone: None,
                 runs_as_coordinator_user: false,
+                simulated: false,
+                fixed_machines: None,
             }
         };
         vec![
@@ -1079,5 +1156,93 @@ mod tests {
             matches!(p.as_slice(), [Command::AssignJob { node_ids, .. }] if *node_ids == new),
             "{p:?}"
         );
+    }
+
+    /// The local provider's real machine: one node with all it has.
+    fn workstation() -> Vec<Offering> {
+        let mut resources = Resources {
+            cpus: 31.0,
+            memory_gb: 120.0,
+            ..Default::default()
+        };
+        resources.accelerators.insert("H100".into(), 8.0);
+        vec![Offering {
+            provider: "local".into(),
+            region: "host".into(),
+            instance_type: "host-8xH100".into(),
+            resources,
+            hourly_price: 0.0,
+            spot_price: None,
+            zone: None,
+            runs_as_coordinator_user: true,
+            simulated: false,
+            fixed_machines: Some(1),
+        }]
+    }
+
+    fn submit(s: &mut State, yaml: &str) {
+        s.apply(&Command::SubmitJob {
+            spec: spec(yaml),
+            idempotency_key: None,
+            owner: String::new(),
+            at_ms: 0,
+        });
+    }
+
+    /// A machine that exists takes any job that fits in it, not only jobs
+    /// of its exact shape; once it is up, later jobs share it, and a job
+    /// that finds it full waits for room rather than launching a second
+    /// copy of the same machine or failing.
+    #[test]
+    fn jobs_share_a_fixed_machine_and_wait_for_room_on_it() {
+        let machine = workstation();
+        let mut s = State::default();
+        submit(&mut s, "resources: {accelerators: H100:4}");
+        let p = plan(&s, &machine, Policy::default(), 1);
+        let [Command::ProvisionNodes { count: 1, .. }] = p.as_slice() else {
+            panic!("{p:?}")
+        };
+        for c in &p {
+            s.apply(c);
+        }
+        // Before the machine's node is up, a second job does not launch another.
+        submit(&mut s, "resources: {accelerators: H100:4}");
+        submit(&mut s, "resources: {cpus: 2}");
+        submit(&mut s, "resources: {accelerators: H100:1}");
+        assert!(plan(&s, &machine, Policy::default(), 2)
+            .iter()
+            .all(|c| !matches!(c, Command::ProvisionNodes { .. })));
+        up(&mut s, "node-1", 3);
+        let mut placed = Vec::new();
+        for c in plan(&s, &machine, Policy::default(), 4) {
+            match &c {
+                Command::AssignJob {
+                    job_id, node_ids, ..
+                } => {
+                    assert_eq!(node_ids, &vec!["node-1".to_string()]);
+                    placed.push(*job_id);
+                }
+                other => panic!("only assignments, got {other:?}"),
+            }
+            s.apply(&c);
+        }
+        // H100:4 + H100:4 + the CPU job fit; H100:1 finds no GPU left and waits.
+        assert_eq!(placed.len(), 3, "{placed:?}");
+        let waiting = s
+            .jobs
+            .values()
+            .find(|j| !placed.contains(&j.id) && j.state == JobState::Pending);
+        assert!(waiting.is_some(), "{:?}", s.jobs);
+        assert!(plan(&s, &machine, Policy::default(), 5).is_empty());
+    }
+
+    #[test]
+    fn a_job_wider_than_the_fixed_machines_is_refused_at_submit() {
+        let t = spec("resources: {accelerators: H100:1}\nnum_nodes: 2");
+        assert!(check_feasible(&t, &workstation()).is_err());
+        let t = spec("resources: {accelerators: H100:16}");
+        assert!(check_feasible(&t, &workstation()).is_err());
+        let t = spec("resources: {accelerators: H100:8, cpus: 16, memory: 64}");
+        assert!(check_feasible(&t, &workstation()).is_ok());
     }
 }

@@ -69,6 +69,8 @@ fn row(provider: &str, line: &str) -> Result<Offering, String> {
         },
         zone: (!zone.is_empty()).then(|| zone.to_string()),
         runs_as_coordinator_user: false,
+        simulated: false,
+        fixed_machines: None,
     })
 }
 

@@ -197,6 +197,8 @@ impl LocalProvider {
                         spot_price: settings.spot_factor.map(|f| price * f),
                         zone: None,
                         runs_as_coordinator_user: true,
+                        simulated: false,
+                        fixed_machines: None,
                     }
                 })
             })

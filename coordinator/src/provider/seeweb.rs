@@ -377,6 +377,8 @@ impl SeewebProvider {
                     spot_price: None,
                     zone: None,
                     runs_as_coordinator_user: false,
+                    simulated: false,
+                    fixed_machines: None,
                 });
             }
         }

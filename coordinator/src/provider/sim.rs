@@ -292,6 +292,8 @@ impl Provider for SimProvider {
                     zone: None,
                     // Its agents, where it starts any, are local processes.
                     runs_as_coordinator_user: self.agents.is_some(),
+                    simulated: false,
+                    fixed_machines: None,
                     instance_type: t.name.clone(),
                     resources: Resources {
                         accelerators,

@@ -280,6 +280,8 @@ impl Provider for SshProvider {
                     spot_price: None,
                     zone: None,
                     runs_as_coordinator_user: false,
+                    simulated: false,
+                    fixed_machines: None,
                 }
             })
             .collect()

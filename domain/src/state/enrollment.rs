@@ -102,6 +102,8 @@ impl State {
                     preemption: None,
                     enrolled_key: None,
                     revoked_at_ms: None,
+                    simulated: false,
+                    fixed_machine: false,
                 },
             );
         }

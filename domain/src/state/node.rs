@@ -131,6 +131,13 @@ pub struct Node {
     /// When an admin revoked it: its certificates are refused from then on.
     #[serde(default)]
     pub revoked_at_ms: Option<i64>,
+    /// Its GPUs are simulated ([`Offering::simulated`]).
+    #[serde(default)]
+    pub simulated: bool,
+    /// It is one of an offering's fixed machines
+    /// ([`Offering::fixed_machines`]): any job that fits may share it.
+    #[serde(default)]
+    pub fixed_machine: bool,
 }
 
 /// A provider's machine shape in a region, with its price.
@@ -155,6 +162,16 @@ pub struct Offering {
     /// only admins' jobs are placed there.
     #[serde(default)]
     pub runs_as_coordinator_user: bool,
+    /// Its GPUs do not exist: a local or simulated shape for tests and
+    /// demos. Marked wherever it is shown, and its nodes tell jobs so.
+    #[serde(default)]
+    pub simulated: bool,
+    /// Machines that exist rather than instances bought per job (the local
+    /// provider's real machine): at most this many nodes at once, each
+    /// taking any job that fits in what it has, as a SkyPilot cluster does.
+    /// When they are all up, jobs wait for room on them rather than fail.
+    #[serde(default)]
+    pub fixed_machines: Option<u32>,
 }
 
 impl Offering {
@@ -303,6 +320,8 @@ impl State {
                     preemption: None,
                     enrolled_key: None,
                     revoked_at_ms: None,
+                    simulated: offering.simulated,
+                    fixed_machine: offering.fixed_machines.is_some(),
                 },
             );
             ids.push(id);

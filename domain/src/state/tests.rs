@@ -23,6 +23,8 @@ fn offering(gpus: f64) -> Offering {
         spot_price: None,
         zone: None,
         runs_as_coordinator_user: false,
+        simulated: false,
+        fixed_machines: None,
     }
 }
 

@@ -52,6 +52,8 @@ fn catalog(n: usize) -> Vec<Offering> {
                                 region: format!("region-{region:02}"),
                                 zone: Some(zone.into()),
                                 runs_as_coordinator_user: false,
+                                simulated: false,
+                                fixed_machines: None,
                                 instance_type: format!(
                                     "{}-{}x-{}",
                                     gpu.to_lowercase(),
