@@ -473,6 +473,32 @@ pub struct Probe {
     pub gpm_us: Option<u64>,
 }
 
+/// What `nembo-agent --inventory` prints: the GPUs, without readings
+/// (quick enough for a coordinator to ask at startup).
+#[derive(Debug, Serialize)]
+pub struct Inventory {
+    /// Why NVML did not load, if it did not.
+    pub nvml_error: Option<String>,
+    pub driver_version: Option<String>,
+    pub gpus: Vec<GpuInfo>,
+}
+
+/// Loads NVML and lists the GPUs.
+pub fn inventory(lib: Option<&Path>) -> Inventory {
+    match Gpus::open(lib) {
+        Err(e) => Inventory {
+            nvml_error: Some(e),
+            driver_version: None,
+            gpus: Vec::new(),
+        },
+        Ok(g) => Inventory {
+            nvml_error: None,
+            driver_version: g.driver_version(),
+            gpus: g.inventory(),
+        },
+    }
+}
+
 /// Loads NVML and takes one inventory and one sample.
 pub fn probe(lib: Option<&Path>) -> Probe {
     match Gpus::open(lib) {

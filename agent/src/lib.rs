@@ -23,8 +23,7 @@ pub use session::{AgentConfig, AgentError};
 pub async fn run(cfg: AgentConfig) -> Result<(), AgentError> {
     std::fs::create_dir_all(cfg.work_dir.join("jobs"))
         .map_err(|e| AgentError::Setup(format!("{}: {e}", cfg.work_dir.display())))?;
-    let (sup, events) =
-        supervisor::Supervisor::start(cfg.work_dir.clone(), cfg.checkpoint_root.clone());
+    let (sup, events) = supervisor::Supervisor::start(cfg.work_dir.clone(), cfg.jobs.clone());
     // The newest notice: every session reports it (again) to the coordinators.
     let (notice_tx, notice_rx) = tokio::sync::watch::channel(None);
     let mut notices = preempt::start(cfg.watch.clone());

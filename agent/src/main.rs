@@ -17,11 +17,11 @@ struct Args {
         long,
         env = "NEMBO_COORDINATOR",
         value_delimiter = ',',
-        required_unless_present = "probe_gpus"
+        required_unless_present_any = ["probe_gpus", "inventory"]
     )]
     coordinator: Vec<String>,
     /// Cluster CA certificate.
-    #[arg(long, env = "NEMBO_CA_CERT", required_unless_present = "probe_gpus")]
+    #[arg(long, env = "NEMBO_CA_CERT", required_unless_present_any = ["probe_gpus", "inventory"])]
     ca_cert: Option<PathBuf>,
     /// File holding a one-time join token (must be 0600): traded, with a
     /// key made here, for this node's certificate, then deleted. Not needed
@@ -33,7 +33,7 @@ struct Args {
     #[arg(long, env = "NEMBO_NODE_ID")]
     node_id: Option<String>,
     /// Work directory for jobs and their logs.
-    #[arg(long, env = "NEMBO_WORK_DIR", required_unless_present = "probe_gpus")]
+    #[arg(long, env = "NEMBO_WORK_DIR", required_unless_present_any = ["probe_gpus", "inventory"])]
     work_dir: Option<PathBuf>,
     /// Address other nodes reach this one at.
     #[arg(long, default_value = "127.0.0.1")]
@@ -47,6 +47,14 @@ struct Args {
     /// Print this node's GPUs and one reading of each as JSON, then exit.
     #[arg(long)]
     probe_gpus: bool,
+    /// Print this machine's GPUs as JSON (no readings), then exit.
+    #[arg(long)]
+    inventory: bool,
+    /// This node's accelerators are simulated (the local provider's
+    /// `simulate: true`): jobs are told so (`NEMBO_SIMULATED=1`) and get no
+    /// GPU of their own.
+    #[arg(long)]
+    simulated: bool,
     /// Declared vCPUs.
     #[arg(long, default_value_t = 2.0)]
     cpus: f64,
@@ -99,13 +107,22 @@ fn main() -> anyhow::Result<()> {
         println!("{}", serde_json::to_string_pretty(&probe)?);
         return Ok(());
     }
+    if a.inventory {
+        let inventory = nembo_agent::gpu::inventory(a.nvml_lib.as_deref());
+        println!("{}", serde_json::to_string_pretty(&inventory)?);
+        return Ok(());
+    }
     let mut accelerators = nembo_agent::supervisor::parse_accelerators(&a.accelerators)
         .map_err(anyhow::Error::msg)
         .context("--accelerators")?;
+    let mut gpu_indices = Vec::new();
     let telemetry = match nembo_agent::gpu::Gpus::open(a.nvml_lib.as_deref()) {
         Ok(g) => {
             if accelerators.is_empty() {
                 accelerators = g.accelerators();
+            }
+            if !a.simulated {
+                gpu_indices = g.inventory().iter().map(|gpu| gpu.index).collect();
             }
             let interval = Duration::from_millis(a.gpu_sample_ms.max(100));
             let work_dir = a.work_dir.clone().unwrap_or_default();
@@ -137,7 +154,11 @@ fn main() -> anyhow::Result<()> {
             azure_vm_name: a.azure_vm_name,
             poll: Duration::from_millis(a.preemption_poll_ms.max(100)),
         },
-        checkpoint_root: a.checkpoint_root,
+        jobs: nembo_agent::supervisor::NodeSetup {
+            checkpoint_root: a.checkpoint_root,
+            simulated: a.simulated,
+            gpu_indices,
+        },
     };
     // A small agent: two worker threads are plenty for one session and a few jobs.
     let rt = tokio::runtime::Builder::new_multi_thread()

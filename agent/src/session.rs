@@ -54,8 +54,8 @@ pub struct AgentConfig {
     pub telemetry: Telemetry,
     /// The cloud metadata services to watch for preemption notices.
     pub watch: crate::preempt::WatchConfig,
-    /// Where tasks' checkpoint paths are rooted on this node (none: `/`).
-    pub checkpoint_root: Option<PathBuf>,
+    /// What jobs on this node are given besides their task.
+    pub jobs: crate::supervisor::NodeSetup,
 }
 
 /// Why the agent should stop trying.

@@ -52,6 +52,19 @@ pub struct JobView {
     pub ended: watch::Receiver<Option<u64>>,
 }
 
+/// What this node gives every job besides its task.
+#[derive(Debug, Clone, Default)]
+pub struct NodeSetup {
+    /// A task's checkpoint path is taken below this root when one is given
+    /// (nodes sharing one machine keep their own directories).
+    pub checkpoint_root: Option<PathBuf>,
+    /// The node's accelerators are simulated: jobs see `NEMBO_SIMULATED=1`.
+    pub simulated: bool,
+    /// The node's real GPUs (NVML indices): each job is given as many as it
+    /// holds, and only those (`CUDA_VISIBLE_DEVICES`). Empty: no GPU to give.
+    pub gpu_indices: Vec<u32>,
+}
+
 /// What the supervisor tells the session.
 #[derive(Debug)]
 pub enum Event {
@@ -70,6 +83,11 @@ struct Meta {
     /// The coordinators replace this attempt elsewhere if the node is lost.
     #[serde(default)]
     replaced_if_lost: bool,
+    /// The GPUs given to it (`CUDA_VISIBLE_DEVICES`); none on a node
+    /// without real GPUs. Kept here so that a restarted agent does not give
+    /// them to another job.
+    #[serde(default)]
+    gpu_indices: Option<Vec<u32>>,
 }
 
 /// A job's checkpoint settings, as this node applies them.
@@ -161,11 +179,9 @@ pub struct Supervisor {
 
 impl Supervisor {
     /// Starts the supervisor over `work_dir`, re-adopting jobs found there.
-    /// A task's checkpoint path is taken below `checkpoint_root` when one
-    /// is given (nodes sharing one machine keep their own directories).
     pub fn start(
         work_dir: PathBuf,
-        checkpoint_root: Option<PathBuf>,
+        node: NodeSetup,
     ) -> (Supervisor, mpsc::UnboundedReceiver<Event>) {
         let (tx, rx) = mpsc::unbounded_channel();
         let (ev_tx, ev_rx) = mpsc::unbounded_channel();
@@ -174,7 +190,7 @@ impl Supervisor {
             jobs: HashMap::new(),
             events: ev_tx,
             me: tx.clone(),
-            checkpoint_root,
+            node,
         };
         tokio::spawn(async move {
             owner.recover();
@@ -225,7 +241,7 @@ struct Owner {
     jobs: HashMap<JobKey, Entry>,
     events: mpsc::UnboundedSender<Event>,
     me: mpsc::UnboundedSender<Msg>,
-    checkpoint_root: Option<PathBuf>,
+    node: NodeSetup,
 }
 
 fn group_alive(pgid: i32) -> bool {
@@ -387,7 +403,7 @@ impl Owner {
         let dir = self.jobs_dir.join(key.dir_name());
         let checkpoint = job.checkpoint.as_ref().map(|c| CkptMeta {
             store: c.store.clone(),
-            dir: match &self.checkpoint_root {
+            dir: match &self.node.checkpoint_root {
                 Some(root) => root.join(c.path.trim_start_matches('/')),
                 None => PathBuf::from(&c.path),
             },
@@ -407,6 +423,7 @@ impl Owner {
             started_at_ms: now_ms(),
             checkpoint: checkpoint.clone(),
             replaced_if_lost: job.replaced_if_lost,
+            gpu_indices: self.give_gpus(job.gpus),
         };
         let (ended_tx, _) = watch::channel(None);
         self.jobs.insert(
@@ -432,6 +449,34 @@ impl Owner {
             }
             None => self.launch(job),
         }
+    }
+
+    /// The GPUs a new job of `count` GPUs gets: ones no running job holds,
+    /// lowest first. The coordinators never book more GPUs than the node
+    /// has, so sharing happens only for fractional requests (rounded up)
+    /// that found every GPU taken; those share the least-held ones.
+    fn give_gpus(&self, count: u32) -> Option<Vec<u32>> {
+        if self.node.gpu_indices.is_empty() || self.node.simulated {
+            return None;
+        }
+        let mut held: BTreeMap<u32, usize> =
+            self.node.gpu_indices.iter().map(|i| (*i, 0)).collect();
+        for e in self.jobs.values().filter(|e| e.ended.is_none()) {
+            for i in e.meta.gpu_indices.iter().flatten() {
+                if let Some(n) = held.get_mut(i) {
+                    *n += 1;
+                }
+            }
+        }
+        let mut order: Vec<(usize, u32)> = held.into_iter().map(|(i, n)| (n, i)).collect();
+        order.sort_unstable();
+        let mut given: Vec<u32> = order
+            .into_iter()
+            .take(count as usize)
+            .map(|(_, i)| i)
+            .collect();
+        given.sort_unstable();
+        Some(given)
     }
 
     fn restored(&mut self, job: apb::RunJob, result: Result<(), String>) {
@@ -515,6 +560,18 @@ impl Owner {
             cmd.env("NEMBO_WORKDIR_SOURCE", &job.workdir);
         }
         cmd.env("NEMBO_JOB_DIR", dir);
+        if self.node.simulated {
+            cmd.env("NEMBO_SIMULATED", "1");
+        }
+        let gpus = self.jobs.get(&JobKey {
+            job_id: job.job_id.clone(),
+            attempt: job.attempt,
+        });
+        if let Some(given) = gpus.and_then(|e| e.meta.gpu_indices.as_ref()) {
+            let list: Vec<String> = given.iter().map(u32::to_string).collect();
+            // A job without a GPU request sees none, as under SkyPilot's Ray.
+            cmd.env("CUDA_VISIBLE_DEVICES", list.join(","));
+        }
         if job.replaced_if_lost {
             let work_dir = self.jobs_dir.parent().unwrap_or(&self.jobs_dir);
             cmd.env("NEMBO_CONTACT_FILE", contact_file(work_dir));
@@ -577,6 +634,7 @@ impl Owner {
                         started_at_ms: now_ms(),
                         checkpoint: None,
                         replaced_if_lost: false,
+                        gpu_indices: None,
                     },
                     dir,
                     pgid: None,
@@ -892,7 +950,7 @@ mod tests {
     #[tokio::test]
     async fn setup_then_run_with_env_and_exit_codes() {
         let d = tempfile::tempdir().unwrap();
-        let (sup, mut ev) = Supervisor::start(d.path().to_path_buf(), None);
+        let (sup, mut ev) = Supervisor::start(d.path().to_path_buf(), NodeSetup::default());
         sup.run(job("1", "echo setting-up", "echo $GREETING; exit 3"));
         let v = ended(&mut ev, "1").await;
         assert_eq!(v.report.phase, apb::JobPhase::Exited as i32);
@@ -920,7 +978,7 @@ mod tests {
     #[tokio::test]
     async fn stopping_an_unknown_attempt_reports_it_cancelled() {
         let d = tempfile::tempdir().unwrap();
-        let (sup, mut ev) = Supervisor::start(d.path().to_path_buf(), None);
+        let (sup, mut ev) = Supervisor::start(d.path().to_path_buf(), NodeSetup::default());
         sup.stop(apb::StopJob {
             job_id: "9".into(),
             attempt: 1,

@@ -23,6 +23,7 @@ pub fn offering_json(o: &pb::Offering) -> Value {
         "spot": o.spot,
         "node_price": o.node_price,
         "hourly_cost": o.hourly_cost,
+        "simulated": o.simulated,
     })
 }
 
@@ -86,7 +87,10 @@ pub async fn show_gpus(
         .iter()
         .map(|o| {
             vec![
-                table::gpus_cell(&o.accelerator, o.accelerator_count),
+                table::simulated(
+                    table::gpus_cell(&o.accelerator, o.accelerator_count),
+                    o.simulated,
+                ),
                 o.provider.clone(),
                 table::region_cell(o),
                 o.instance_type.clone(),
@@ -105,6 +109,7 @@ pub async fn show_gpus(
         ],
         &rows,
     );
+    table::explain_simulated(offerings.iter().any(|o| o.simulated));
     Ok(())
 }
 

@@ -48,7 +48,7 @@ run: |
 
 /// Cloud A: the local provider, one region selling spot H100s at $0.80/h
 /// (the other region is dear). Cloud B: a simulated cloud at $1.20/h.
-const PROVIDERS: &str = "local:\n  gpu_hourly: {H100: 2.0}\n  spot_factor: 0.4\n  regions:\n    eu-west: {price_factor: 4.0}\n";
+const PROVIDERS: &str = "local:\n  simulate: true\n  gpu_hourly: {H100: 2.0}\n  spot_factor: 0.4\n  regions:\n    eu-west: {price_factor: 4.0}\n";
 const SIM_CLOUD: &str = r#"{"regions": [{"name": "sim-eu"}],
  "instance_types": [{"name": "sim-h100-1", "accelerator": "H100", "accelerator_count": 1,
                      "cpus": 24, "memory_gb": 240, "price": 3.0, "spot_price": 1.2}],

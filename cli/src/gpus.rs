@@ -89,7 +89,7 @@ fn print_table(gpus: &[pb::GpuMetrics]) {
                 g.node_id.clone(),
                 format!("{}/{}", g.provider, g.region),
                 id.index.to_string(),
-                id.model.clone(),
+                table::simulated(id.model.clone(), g.node_simulated),
                 opt(t.gpu_util_percent.map(|u| format!("{u}%"))),
                 mem,
                 opt(t.temperature_c.map(|c| format!("{c}C"))),
@@ -108,6 +108,13 @@ fn print_table(gpus: &[pb::GpuMetrics]) {
         ],
         &rows,
     );
+    if gpus.iter().any(|g| g.node_simulated) {
+        println!(
+            "\n{}: the node declares simulated GPUs; these readings are of the GPUs NVML \
+             finds on the machine under it.",
+            table::SIMULATED
+        );
+    }
 }
 
 fn gpu_json(g: &pb::GpuMetrics) -> serde_json::Value {
@@ -124,6 +131,7 @@ fn gpu_json(g: &pb::GpuMetrics) -> serde_json::Value {
         "uuid": id.uuid,
         "pci_bus_id": id.pci_bus_id,
         "driver_version": g.driver_version,
+        "node_simulated": g.node_simulated,
         "age_ms": nembo_proto::clock::millis(g.age.as_ref()).unwrap_or(0),
         "sampled_at_unix_ms": nembo_proto::clock::unix_ms(t.sample_time.as_ref()),
         "gpu_util_percent": t.gpu_util_percent,

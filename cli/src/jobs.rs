@@ -368,7 +368,10 @@ fn print_dry_run(r: &pb::DryRunResponse, as_json: bool) {
                         c.provider.clone(),
                         table::region_cell(c),
                         c.instance_type.clone(),
-                        table::gpus_cell(&c.accelerator, c.accelerator_count),
+                        table::simulated(
+                            table::gpus_cell(&c.accelerator, c.accelerator_count),
+                            c.simulated,
+                        ),
                         if c.spot { "spot" } else { "on-demand" }.into(),
                         format!("${:.2}", c.node_price),
                         format!("${:.2}", c.hourly_cost),
@@ -388,6 +391,7 @@ fn print_dry_run(r: &pb::DryRunResponse, as_json: bool) {
                 ],
                 &rows,
             );
+            table::explain_simulated(r.candidates.iter().any(|c| c.simulated));
         }
         if r.placement.is_some() {
             println!("\nWould run {}.", p.summary);
@@ -445,6 +449,7 @@ pub fn node_json(n: &pb::Node) -> Value {
         "hourly_price": n.hourly_price,
         "message": n.message,
         "unhealthy_reason": (!n.unhealthy_reason.is_empty()).then_some(&n.unhealthy_reason),
+        "simulated": n.simulated,
     })
 }
 
@@ -536,7 +541,7 @@ pub async fn status(as_json: bool, with_nodes: bool, stale: bool) -> Result<()> 
                     state,
                     format!("{}/{}", n.provider, n.region),
                     n.instance_type.clone(),
-                    accels(&n.resources),
+                    table::simulated(accels(&n.resources), n.simulated),
                     format!("{}", nembo_domain::task::fmt_num(r.cpus)),
                     if n.job_ids.is_empty() {
                         "-".into()
@@ -552,6 +557,11 @@ pub async fn status(as_json: bool, with_nodes: bool, stale: bool) -> Result<()> 
                 "NODE", "STATE", "INFRA", "TYPE", "GPUS", "CPUS", "JOBS", "MESSAGE",
             ],
             &rows,
+        );
+        table::explain_simulated(
+            nodes
+                .iter()
+                .any(|n| n.simulated && n.state != pb::NodeState::Terminated as i32),
         );
         println!("\nJobs");
     }

@@ -95,6 +95,28 @@ pub fn gpus_cell(name: &str, count: f64) -> String {
     }
 }
 
+/// `cell`, marked when what it shows does not exist.
+pub fn simulated(cell: String, simulated: bool) -> String {
+    if simulated {
+        format!("{cell} {SIMULATED}")
+    } else {
+        cell
+    }
+}
+
+/// The mark of a simulated shape or node.
+pub const SIMULATED: &str = "(simulated)";
+
+/// Says what the mark means, under a table that shows it.
+pub fn explain_simulated(any: bool) {
+    if any {
+        println!(
+            "\n{SIMULATED}: made-up shapes (the local provider's `simulate: true`, or a \
+             simulated cloud) for tests and demos; their GPUs do not exist."
+        );
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -34,6 +34,9 @@ pub struct CoordinatorConfig {
     pub max_nodes: u32,
     /// Shell command the leader runs when a node turns unhealthy.
     pub on_unhealthy: Option<String>,
+    /// The local provider offers simulated GPU shapes instead of this
+    /// machine: for tests, benchmarks and demos.
+    pub simulate_gpus: bool,
     /// Also offer a simulated cloud (`infra: sim`): for tests and benchmarks.
     pub sim_cloud: Option<crate::provider::sim::SimCloud>,
     /// `nembo-agent` for the local provider.
@@ -87,6 +90,7 @@ impl CoordinatorConfig {
             stop_grace_ms: 5000,
             max_nodes: 64,
             on_unhealthy: None,
+            simulate_gpus: false,
             sim_cloud: None,
             agent_bin: None,
             hosts: Vec::new(),

@@ -57,6 +57,12 @@ struct Args {
     /// NEMBO_NODE_ID, NEMBO_UNHEALTHY_REASON and NEMBO_JOB_IDS set.
     #[arg(long)]
     on_unhealthy: Option<String>,
+    /// The local provider offers simulated GPU shapes (H100:8, ... in two
+    /// regions) instead of what this machine has, as `local: {simulate:
+    /// true}` in providers.yaml does: for tests, benchmarks and demos. Their
+    /// GPUs do not exist; they are marked simulated wherever shown.
+    #[arg(long, env = "NEMBO_SIMULATE_GPUS", value_parser = clap::builder::BoolishValueParser::new())]
+    simulate_gpus: bool,
     /// Also offer a small simulated cloud (`infra: sim`) whose nodes are
     /// records only: load generators speak the agent protocol for them.
     #[arg(long)]
@@ -196,6 +202,7 @@ async fn main() -> anyhow::Result<()> {
         stop_grace_ms: a.stop_grace_ms,
         max_nodes: a.max_nodes,
         on_unhealthy: a.on_unhealthy,
+        simulate_gpus: a.simulate_gpus,
         sim_cloud: match (&a.sim_cloud, a.sim_provider) {
             (Some(path), _) => Some(SimCloud::load(path).map_err(anyhow::Error::msg)?),
             (None, true) => Some(SimCloud::default_cloud()),

@@ -281,11 +281,13 @@ pub async fn run(
                 join_secret: agent_token.clone(),
                 heartbeat_ms: cfg.heartbeat_ms,
                 settings: Default::default(),
+                machine: None,
             },
             cluster: cluster_id(&ca_pem),
             bootstrap,
             catalog_dir: cluster_dir.join("catalog"),
             sim: cfg.sim_cloud.clone(),
+            simulate_gpus: cfg.simulate_gpus,
         },
     )
     .map_err(|e| {

@@ -262,18 +262,21 @@ pub fn check_feasible(spec: &TaskSpec, offerings: &[Offering]) -> Result<(), Spe
         names.sort();
         names.dedup();
         if !names.contains(&a.name) {
+            let offered = if names.is_empty() {
+                String::new()
+            } else {
+                format!(" (GPUs offered: {})", list(names))
+            };
             return Err(SpecError::new(
                 "resources.accelerators",
-                format!(
-                    "no enabled provider offers '{}' (offered: {})",
-                    a.name,
-                    list(names)
-                ),
+                format!("no enabled provider offers {a}{offered}"),
             ));
         }
         return Err(SpecError::new(
             "resources.accelerators",
-            format!("no instance offers {a} with the requested cpus, memory, place and price"),
+            format!(
+                "no enabled provider offers {a} with the requested cpus, memory, nodes, place and price"
+            ),
         ));
     }
     if let Some(t) = &c.instance_type {

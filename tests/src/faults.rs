@@ -320,6 +320,8 @@ impl<'a> Members<'a> {
             extra: extra.iter().map(|s| s.to_string()).collect(),
             env,
         };
+        let (k, v) = crate::SIMULATE_GPUS;
+        m.env.push((k.into(), v.into()));
         for id in 1..=n as u64 {
             m.spawn(id);
         }

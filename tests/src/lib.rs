@@ -199,6 +199,11 @@ pub struct Coordinator {
     pub info: Value,
 }
 
+/// Coordinators the tests start offer the local provider's simulated GPU
+/// shapes (as `--simulate-gpus` does) unless a test asks for the machine
+/// itself: tests must not depend on the machine they run on.
+pub const SIMULATE_GPUS: (&str, &str) = ("NEMBO_SIMULATE_GPUS", "1");
+
 impl Coordinator {
     /// Starts one with fast test timings plus `extra` flags.
     pub async fn start(extra: &[&str]) -> Coordinator {
@@ -207,6 +212,21 @@ impl Coordinator {
 
     /// Same, with extra environment (which the agents it starts inherit).
     pub async fn start_with_env<K: AsRef<str>, V: AsRef<str>>(
+        extra: &[&str],
+        env: &[(K, V)],
+    ) -> Coordinator {
+        let mut env: Vec<(String, String)> = env
+            .iter()
+            .map(|(k, v)| (k.as_ref().to_string(), v.as_ref().to_string()))
+            .collect();
+        env.push((SIMULATE_GPUS.0.into(), SIMULATE_GPUS.1.into()));
+        Self::start_over_machine(extra, &env).await
+    }
+
+    /// Starts one whose local provider offers this machine as it is (its
+    /// GPUs as NVML reports them, with `env`'s NVML library), as a user's
+    /// coordinator does by default.
+    pub async fn start_over_machine<K: AsRef<str>, V: AsRef<str>>(
         extra: &[&str],
         env: &[(K, V)],
     ) -> Coordinator {
@@ -584,6 +604,7 @@ impl Cluster {
         }
         let child = cmd
             .env("NEMBO_AGENT_BIN", bin("nembo-agent"))
+            .env(SIMULATE_GPUS.0, SIMULATE_GPUS.1)
             .stdin(Stdio::null())
             .stdout(Stdio::from(log.try_clone().expect("log")))
             .stderr(Stdio::from(log))

@@ -524,7 +524,7 @@ async fn ssh_pool_copies_the_agent_runs_a_job_and_down_stops_it() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn local_declared_prices_rank_regions_and_a_full_region_fails_over() {
-    let providers = "local:\n  gpu_hourly: {H100: 2.0}\n  regions:\n    us-east: {capacity: 0}\n    eu-west: {price_factor: 1.5}\n";
+    let providers = "local:\n  simulate: true\n  gpu_hourly: {H100: 2.0}\n  regions:\n    us-east: {capacity: 0}\n    eu-west: {price_factor: 1.5}\n";
     let (c, dir) = start_with(providers, &[], &[]).await;
     let task = write_task(
         dir.path(),

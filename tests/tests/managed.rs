@@ -12,7 +12,7 @@ use nembo_tests::{wait_for, Coordinator};
 use serde_json::Value;
 
 /// Two local regions, us-east the cheaper; spot GPUs.
-const PROVIDERS: &str = "local:\n  gpu_hourly: {H100: 2.0}\n  spot_factor: 0.4\n  regions:\n    eu-west: {price_factor: 1.5}\n";
+const PROVIDERS: &str = "local:\n  simulate: true\n  gpu_hourly: {H100: 2.0}\n  spot_factor: 0.4\n  regions:\n    eu-west: {price_factor: 1.5}\n";
 
 /// Counts steps, checkpoints every 5 and on SIGUSR1 (then exits, as a
 /// trainer told to stop would), resumes from the checkpoint.

@@ -402,7 +402,8 @@ fn run_job(
                 .unwrap_or_default()
         })
         .collect();
-    let gpus = job.spec.gpus_per_node(a.candidate).to_string();
+    let gpu_count = job.spec.gpus_per_node(a.candidate);
+    let gpus = gpu_count.to_string();
     let num_nodes = a.node_ids.len().to_string();
     let node = state.nodes.get(&a.node_ids[rank]);
     let cluster = "nembo";
@@ -463,6 +464,7 @@ fn run_job(
             interval_s: c.interval_s,
             signal: c.signal.clone(),
         }),
+        gpus: gpu_count,
         replaced_if_lost: job.managed.is_some(),
     }
 }

@@ -309,6 +309,7 @@ pub fn offering_to_proto(o: &st::Offering) -> pb::Offering {
         memory_gb: o.resources.memory_gb,
         hourly_price: o.hourly_price,
         spot_price: o.spot_price,
+        simulated: o.simulated,
         ..Default::default()
     }
 }
@@ -348,6 +349,7 @@ pub fn node_to_proto(state: &st::State, node: &Node) -> pb::Node {
         spot: node.spot,
         zone: node.zone.clone().unwrap_or_default(),
         revoke_time: node.revoked_at_ms.and_then(timestamp),
+        simulated: node.simulated,
     }
 }
 

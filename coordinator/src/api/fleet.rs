@@ -124,6 +124,7 @@ async fn fleet_metrics(ctx: &Ctx, req: &pb::GpuFilter) -> Vec<pb::GpuMetrics> {
                     .map(|_| duration((now - g.received_at_ms).max(0))),
                 latest: g.latest,
                 driver_version: g.driver_version,
+                node_simulated: n.simulated,
                 node_id: node,
             }
         })

@@ -9,7 +9,7 @@ use nembo_domain::access::Role;
 use nembo_domain::optimizer;
 use nembo_domain::scheduler::{self, Placement, Round};
 use nembo_domain::state::{Command, JobId, Offering, Outcome, RankOutcome};
-use nembo_domain::task::{self, TaskSpec};
+use nembo_domain::task::{self, SpecError, TaskSpec};
 use nembo_proto::clock::now_ms;
 use nembo_proto::v1 as pb;
 use nembo_proto::MAX_TASK_BYTES;
@@ -307,9 +307,21 @@ async fn parse_request(
                 LOCAL_IS_FOR_ADMINS.replace("{role}", who.role.as_str()),
             ));
         }
-        return Err(e.into());
+        return Err(infeasible(ctx, e).into());
     }
     Ok(spec)
+}
+
+/// A task nothing can host: say what this machine has, and how to reach
+/// beyond it.
+fn infeasible(ctx: &Ctx, e: SpecError) -> SpecError {
+    let mut notes: Vec<String> = ctx
+        .providers
+        .values()
+        .filter_map(|p| p.infeasible_note())
+        .collect();
+    notes.push("enable a cloud in providers.yaml, see `nembo check`".into());
+    e.noted(&notes.join("; "))
 }
 
 /// Why a non-admin's task that only the local provider could host is refused.

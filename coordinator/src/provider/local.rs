@@ -1,7 +1,16 @@
 //! The local provider, Nembo's embedded default: a node is a `nembo-agent`
-//! process on this machine with its own work dir, declaring simulated
-//! resources (`H100:8`, vCPUs, memory) so that scheduling by accelerator
-//! works without hardware. Two regions, so failover has somewhere to go.
+//! process on this machine with its own work dir.
+//!
+//! By default it offers what the machine really has, as one fixed machine
+//! (region `host`): its GPUs as NVML reports them, its vCPUs and memory
+//! less the coordinator's reserve. Jobs share that one node, and wait for
+//! room on it.
+//!
+//! Asked to simulate (`local: {simulate: true}`, `--simulate-gpus`), it
+//! offers made-up shapes (`H100:8`, ...) in two regions instead, so that
+//! scheduling by accelerator and failover can be tested and shown without
+//! hardware. Those offerings and their nodes are marked simulated
+//! everywhere, and their jobs see `NEMBO_SIMULATED=1`.
 
 use std::collections::BTreeMap;
 use std::fs;
@@ -34,8 +43,11 @@ const AGENT_ENV: &[&str] = &[
     "NEMBO_GPU_SAMPLE_MS",
 ];
 
-/// Regions the local provider offers.
+/// Regions the local provider simulates.
 pub const REGIONS: &[&str] = &["us-east", "eu-west"];
+
+/// The one region of the real machine.
+pub const HOST_REGION: &str = "host";
 
 /// GPU models the local provider simulates, with vCPUs and GB per GPU.
 const GPU_SHAPES: &[(&str, f64, f64)] = &[
@@ -48,12 +60,17 @@ const GPU_SHAPES: &[(&str, f64, f64)] = &[
     ("T4", 4.0, 16.0),
 ];
 
-/// Prices and capacity the local provider declares (`local:` in
-/// providers.yaml), so the optimizer and capacity failover can be shown on
-/// one machine. By default everything is free and unlimited.
+/// How the local provider offers this machine (`local:` in providers.yaml).
+/// By default: the real machine, free. With `simulate: true`, made-up
+/// shapes whose prices and capacity can be declared, so the optimizer and
+/// capacity failover can be shown on one machine.
 #[derive(Debug, Clone, Default, serde::Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct LocalSettings {
+    /// Offer simulated GPU shapes instead of what the machine has: for
+    /// tests, benchmarks and demos. Their GPUs do not exist.
+    #[serde(default)]
+    pub simulate: bool,
     /// Price per GPU-hour by model (`H100: 2.0`); unlisted models are free.
     #[serde(default)]
     pub gpu_hourly: BTreeMap<String, f64>,
@@ -85,6 +102,19 @@ fn one() -> f64 {
 impl LocalSettings {
     /// Refuses unknown regions and negative prices, naming the field.
     pub fn validate(&self) -> Result<(), String> {
+        if !self.simulate {
+            if let Some(r) = self.regions.keys().next() {
+                return Err(format!(
+                    "local.regions.{r}: the real machine is one place ({HOST_REGION}); \
+                     regions are simulated only with `simulate: true`"
+                ));
+            }
+            if self.spot_factor.is_some() {
+                return Err("local.spot_factor: this machine has no spot market; \
+                            spot is simulated only with `simulate: true`"
+                    .into());
+            }
+        }
         for r in self.regions.keys() {
             if !REGIONS.contains(&r.as_str()) {
                 return Err(format!(
@@ -124,6 +154,8 @@ pub struct LocalConfig {
     pub heartbeat_ms: u32,
     /// Declared prices and capacity.
     pub settings: LocalSettings,
+    /// What this machine has (none when simulating).
+    pub machine: Option<super::machine::Machine>,
 }
 
 /// Agents as local processes.
@@ -147,8 +179,36 @@ impl LocalProvider {
         }
     }
 
+    /// What it offers: the real machine, or the simulated shapes.
+    pub fn catalog(
+        settings: &LocalSettings,
+        machine: Option<&super::machine::Machine>,
+    ) -> Vec<Offering> {
+        match machine {
+            Some(m) if !settings.simulate => vec![Self::host_offering(settings, m)],
+            _ => Self::simulated_catalog(settings),
+        }
+    }
+
+    /// The real machine, as one fixed machine that jobs share.
+    fn host_offering(settings: &LocalSettings, machine: &super::machine::Machine) -> Offering {
+        let resources = machine.resources();
+        Offering {
+            provider: "local".into(),
+            region: HOST_REGION.into(),
+            instance_type: machine.instance_type(),
+            hourly_price: price(settings, &resources),
+            resources,
+            spot_price: None,
+            zone: None,
+            runs_as_coordinator_user: true,
+            simulated: false,
+            fixed_machines: Some(1),
+        }
+    }
+
     /// Every simulated shape in every region, at the declared prices.
-    pub fn catalog(settings: &LocalSettings) -> Vec<Offering> {
+    fn simulated_catalog(settings: &LocalSettings) -> Vec<Offering> {
         let mut shapes: Vec<(String, Resources)> = Vec::new();
         for cpus in [2.0, 4.0, 8.0, 16.0, 32.0] {
             shapes.push((
@@ -182,12 +242,7 @@ impl LocalProvider {
                     .get(*region)
                     .map_or(1.0, |r| r.price_factor);
                 shapes.iter().map(move |(t, r)| {
-                    let gpus: f64 = r
-                        .accelerators
-                        .iter()
-                        .map(|(gpu, n)| n * settings.gpu_hourly.get(gpu).copied().unwrap_or(0.0))
-                        .sum();
-                    let price = (gpus + r.cpus * settings.cpu_hourly) * factor;
+                    let price = price(settings, r) * factor;
                     Offering {
                         provider: "local".into(),
                         region: region.to_string(),
@@ -197,7 +252,7 @@ impl LocalProvider {
                         spot_price: settings.spot_factor.map(|f| price * f),
                         zone: None,
                         runs_as_coordinator_user: true,
-                        simulated: false,
+                        simulated: true,
                         fixed_machines: None,
                     }
                 })
@@ -205,15 +260,19 @@ impl LocalProvider {
             .collect()
     }
 
-    /// Refuses a launch past the region's declared capacity.
+    /// Refuses a launch past the region's declared capacity; the real
+    /// machine holds one node.
     fn check_capacity(&self, region: &str) -> Result<(), ProviderError> {
-        let Some(cap) = self
-            .cfg
-            .settings
-            .regions
-            .get(region)
-            .and_then(|r| r.capacity)
-        else {
+        let declared = if self.simulating() {
+            self.cfg
+                .settings
+                .regions
+                .get(region)
+                .and_then(|r| r.capacity)
+        } else {
+            Some(1)
+        };
+        let Some(cap) = declared else {
             return Ok(());
         };
         let alive = fs::read_dir(&self.cfg.nodes_dir)
@@ -238,6 +297,20 @@ impl LocalProvider {
     fn node_dir(&self, node_id: &str) -> PathBuf {
         self.cfg.nodes_dir.join(node_id)
     }
+
+    fn simulating(&self) -> bool {
+        self.cfg.settings.simulate || self.cfg.machine.is_none()
+    }
+}
+
+/// A shape's price per hour at the declared GPU and vCPU prices.
+fn price(settings: &LocalSettings, r: &Resources) -> f64 {
+    let gpus: f64 = r
+        .accelerators
+        .iter()
+        .map(|(gpu, n)| n * settings.gpu_hourly.get(gpu).copied().unwrap_or(0.0))
+        .sum();
+    gpus + r.cpus * settings.cpu_hourly
 }
 
 /// The node's "instance tag" naming the newest leader term that acted on
@@ -289,7 +362,14 @@ impl Provider for LocalProvider {
     }
 
     fn offerings(&self) -> Vec<Offering> {
-        Self::catalog(&self.cfg.settings)
+        Self::catalog(&self.cfg.settings, self.cfg.machine.as_ref())
+    }
+
+    fn infeasible_note(&self) -> Option<String> {
+        match &self.cfg.machine {
+            Some(m) if !self.cfg.settings.simulate => Some(m.summary()),
+            _ => None,
+        }
     }
 
     fn launch(&self, req: LaunchRequest) -> BoxFuture<'_, Result<String, ProviderError>> {
@@ -352,8 +432,13 @@ impl Provider for LocalProvider {
                 .arg(fmt_num(req.resources.memory_gb))
                 .arg("--heartbeat-ms")
                 .arg(self.cfg.heartbeat_ms.to_string());
-            if let Some(a) = accelerator_arg(&req.resources) {
-                cmd.arg("--accelerators").arg(a);
+            // The real machine's agent declares the GPUs NVML shows it;
+            // a simulated node's are made up, and its jobs are told so.
+            if self.simulating() {
+                cmd.arg("--simulated");
+                if let Some(a) = accelerator_arg(&req.resources) {
+                    cmd.arg("--accelerators").arg(a);
+                }
             }
             // A node gets nothing of the coordinator's environment but what an
             // agent needs: provider credentials (AWS_*, SEEWEB_API_TOKEN) stay
@@ -443,8 +528,14 @@ impl Provider for LocalProvider {
                     self.cfg.agent_bin.display()
                 )));
             }
+            let offers = match &self.cfg.machine {
+                Some(m) if !self.cfg.settings.simulate => {
+                    format!("offers this machine: {}", m.describe())
+                }
+                _ => "offers SIMULATED shapes (simulate: true): their GPUs do not exist".into(),
+            };
             Ok(format!(
-                "agents run as processes on this machine ({})",
+                "agents run as processes on this machine ({}); {offers}",
                 self.cfg.agent_bin.display()
             ))
         })
@@ -492,7 +583,11 @@ mod tests {
 
     #[test]
     fn catalog_has_two_regions_and_gpu_shapes() {
-        let c = LocalProvider::catalog(&LocalSettings::default());
+        let simulate = LocalSettings {
+            simulate: true,
+            ..Default::default()
+        };
+        let c = LocalProvider::catalog(&simulate, None);
         assert!(REGIONS.len() >= 2);
         for r in REGIONS {
             assert!(c.iter().any(|o| o.region == *r
@@ -512,6 +607,7 @@ mod tests {
             join_secret: "secret".into(),
             heartbeat_ms: 1000,
             settings: LocalSettings::default(),
+            machine: None,
         });
         fs::create_dir_all(dir.path().join("node-1")).unwrap();
         p.terminate("node-1", 7).await.unwrap();

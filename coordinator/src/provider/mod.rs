@@ -11,6 +11,7 @@ pub mod bootstrap;
 pub mod catalog;
 pub mod http;
 pub mod local;
+pub mod machine;
 pub mod metadata;
 pub mod seeweb;
 pub mod sim;
@@ -94,6 +95,12 @@ pub trait Provider: Send + Sync {
     fn name(&self) -> &str;
     /// Every shape it can launch, with prices.
     fn offerings(&self) -> Vec<Offering>;
+
+    /// What this provider is in a few words, added to the message of a
+    /// task nothing can host ("this machine has no GPU").
+    fn infeasible_note(&self) -> Option<String> {
+        None
+    }
 
     /// Its nodes are records that no real agent runs on (a simulated cloud
     /// for load tests), so their sessions may use the cluster's agent token
@@ -193,6 +200,9 @@ pub struct ProviderContext {
     pub catalog_dir: std::path::PathBuf,
     /// The simulated cloud, if asked for.
     pub sim: Option<sim::SimCloud>,
+    /// The local provider offers simulated shapes instead of this machine
+    /// (`--simulate-gpus`, as `local: {simulate: true}` does).
+    pub simulate_gpus: bool,
 }
 
 /// Every configured provider by name; `local` is always there.
@@ -201,18 +211,31 @@ pub fn build(
     cx: ProviderContext,
 ) -> Result<std::collections::BTreeMap<String, std::sync::Arc<dyn Provider>>, String> {
     use std::sync::Arc;
-    file.local.validate()?;
     let catalog_dir = Some(cx.catalog_dir.as_path());
+    let mut settings = file.local.clone();
+    settings.simulate |= cx.simulate_gpus;
+    settings.validate()?;
+    let machine = (!settings.simulate).then(|| machine::Machine::probe(&cx.local.agent_bin));
     let local_cfg = local::LocalConfig {
-        settings: file.local.clone(),
+        settings,
+        machine,
         ..cx.local
     };
     let mut all: Vec<Arc<dyn Provider>> =
         vec![Arc::new(local::LocalProvider::new(local_cfg.clone()))];
     if let Some(cloud) = cx.sim {
+        // The simulated cloud's nodes are local agents with simulated shapes.
+        let simulated = local::LocalConfig {
+            settings: local::LocalSettings {
+                simulate: true,
+                ..local_cfg.settings.clone()
+            },
+            machine: None,
+            ..local_cfg.clone()
+        };
         all.push(Arc::new(sim::SimProvider::new(
             cloud,
-            Some(local::LocalProvider::new(local_cfg.clone())),
+            Some(local::LocalProvider::new(simulated)),
         )));
     }
     if let Some(s) = &file.aws {

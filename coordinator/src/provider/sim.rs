@@ -292,7 +292,7 @@ impl Provider for SimProvider {
                     zone: None,
                     // Its agents, where it starts any, are local processes.
                     runs_as_coordinator_user: self.agents.is_some(),
-                    simulated: false,
+                    simulated: true,
                     fixed_machines: None,
                     instance_type: t.name.clone(),
                     resources: Resources {

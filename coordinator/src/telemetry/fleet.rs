@@ -197,6 +197,8 @@ impl FleetStore {
 pub struct NodeLabels {
     pub provider: String,
     pub region: String,
+    /// The node's accelerators are simulated.
+    pub simulated: bool,
     /// Jobs with a rank holding the node.
     pub jobs: Vec<String>,
 }
@@ -214,6 +216,7 @@ impl LabelCache {
             NodeLabels {
                 provider: n.map(|n| n.provider.clone()).unwrap_or_default(),
                 region: n.map(|n| n.region.clone()).unwrap_or_default(),
+                simulated: n.is_some_and(|n| n.simulated),
                 jobs: state
                     .jobs_on(node)
                     .iter()

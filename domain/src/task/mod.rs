@@ -54,6 +54,15 @@ impl SpecError {
             message: message.into(),
         }
     }
+
+    /// The same error with `note` in its closing parentheses.
+    pub fn noted(mut self, note: &str) -> Self {
+        self.message = match self.message.strip_suffix(')') {
+            Some(open) => format!("{open}; {note})"),
+            None => format!("{} ({note})", self.message),
+        };
+        self
+    }
 }
 
 type Result<T> = std::result::Result<T, SpecError>;

@@ -23,7 +23,7 @@ use nembo_proto::v1 as pb;
 use nembo_tests::{cli_arg, ms, percentile, wait_for, Coordinator};
 use serde_json::json;
 
-const PROVIDERS: &str = "local:\n  gpu_hourly: {H100: 2.0}\n  spot_factor: 0.4\n  regions:\n    eu-west: {price_factor: 1.5}\n";
+const PROVIDERS: &str = "local:\n  simulate: true\n  gpu_hourly: {H100: 2.0}\n  spot_factor: 0.4\n  regions:\n    eu-west: {price_factor: 1.5}\n";
 
 fn task(store: &str) -> String {
     format!(
