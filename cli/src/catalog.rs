@@ -80,7 +80,10 @@ pub async fn show_gpus(
         return Ok(());
     }
     if offerings.is_empty() {
-        println!("No enabled provider offers that.");
+        println!(
+            "No enabled provider offers {}: enable a cloud in providers.yaml (see `nembo check`).",
+            if filter.is_some() { "that" } else { "a GPU" }
+        );
         return Ok(());
     }
     let rows: Vec<Vec<String>> = offerings

@@ -141,7 +141,7 @@ async fn without_a_gpu_a_gpu_task_is_refused_and_a_cpu_task_still_runs() {
     assert!(c.jobs().await.is_empty(), "nothing was queued");
     let shown = text(&c.cli(&["show-gpus", "H100"]));
     assert!(
-        shown.contains("No enabled provider offers that."),
+        shown.contains("No enabled provider offers that: enable a cloud"),
         "{shown}"
     );
     let check = text(&c.cli(&["check"]));
