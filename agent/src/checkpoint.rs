@@ -331,7 +331,21 @@ impl Checkpoints {
         target: &Path,
         len: u64,
     ) -> Result<(), CheckpointError> {
-        let stored = self.store.head(key).await?.size;
+        get_object(&self.store, key, target, len).await
+    }
+}
+
+/// Writes object `key` (`len` bytes, as its manifest or listing says) to
+/// `target`, in ranges of [`RANGE`] bytes: the agent never holds more than
+/// two ranges of it.
+pub async fn get_object(
+    store: &Arc<dyn ObjectStore>,
+    key: &ObjPath,
+    target: &Path,
+    len: u64,
+) -> Result<(), CheckpointError> {
+    {
+        let stored = store.head(key).await?.size;
         if stored != len {
             return Err(CheckpointError::Size {
                 key: key.to_string(),
@@ -341,7 +355,7 @@ impl Checkpoints {
         }
         let span = |start: u64| start..(start + RANGE).min(len);
         let fetch = |range: std::ops::Range<u64>| {
-            let (store, key) = (self.store.clone(), key.clone());
+            let (store, key) = (store.clone(), key.clone());
             let options = object_store::GetOptions {
                 range: Some(range.into()),
                 ..Default::default()

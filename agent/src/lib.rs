@@ -14,6 +14,7 @@ pub mod lease;
 pub mod preempt;
 mod s3;
 pub mod session;
+pub mod stagein;
 pub mod supervisor;
 pub mod telemetry;
 

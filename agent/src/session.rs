@@ -331,6 +331,8 @@ async fn session(
         Ok(Ok(c)) => c,
         Ok(Err(e)) => return SessionEnd::Retry(e.to_string()),
     };
+    // Jobs fetch their files over this member's channel from now on.
+    sup.set_fetcher(client.clone());
     // The hello below supersedes anything queued while disconnected.
     while events.try_recv().is_ok() {}
     let jobs = sup.snapshot().await;

@@ -163,8 +163,11 @@ enum Msg {
     Stop(apb::StopJob),
     Snapshot(oneshot::Sender<Vec<JobView>>),
     Exited(JobKey, Option<std::process::ExitStatus>),
-    /// The checkpoint was restored (or there was none): start the process.
-    Restored(Box<apb::RunJob>, Result<(), String>),
+    /// Its files are in place and its checkpoint restored (or it failed,
+    /// with the phase to report): start the process.
+    Prepared(Box<apb::RunJob>, Result<(), (apb::JobPhase, String)>),
+    /// The session's newest channel to the coordinators.
+    Fetcher(nembo_proto::client::AgentTlsClient),
     /// The final checkpoint sync after an exit is done.
     Synced(JobKey, Option<std::process::ExitStatus>),
     Notice(crate::preempt::Notice, oneshot::Sender<()>),
@@ -191,6 +194,7 @@ impl Supervisor {
             events: ev_tx,
             me: tx.clone(),
             node,
+            fetcher: watch::channel(None).0,
         };
         tokio::spawn(async move {
             owner.recover();
@@ -202,6 +206,11 @@ impl Supervisor {
     /// Starts a job unless this attempt is already known.
     pub fn run(&self, job: apb::RunJob) {
         let _ = self.tx.send(Msg::Run(Box::new(job)));
+    }
+
+    /// The channel a new session opened: files are fetched over it.
+    pub fn set_fetcher(&self, client: nembo_proto::client::AgentTlsClient) {
+        let _ = self.tx.send(Msg::Fetcher(client));
     }
 
     /// Stops a job: SIGTERM to its group, SIGKILL after the grace.
@@ -242,6 +251,8 @@ struct Owner {
     events: mpsc::UnboundedSender<Event>,
     me: mpsc::UnboundedSender<Msg>,
     node: NodeSetup,
+    /// The session's newest channel to the coordinators, for fetching files.
+    fetcher: watch::Sender<Option<nembo_proto::client::AgentTlsClient>>,
 }
 
 fn group_alive(pgid: i32) -> bool {
@@ -368,7 +379,10 @@ impl Owner {
                 }
                 Msg::Exited(key, status) => self.exited(key, status),
                 Msg::Synced(key, status) => self.finish(&key, status),
-                Msg::Restored(job, result) => self.restored(*job, result),
+                Msg::Prepared(job, result) => self.prepared(*job, result),
+                Msg::Fetcher(client) => {
+                    self.fetcher.send_replace(Some(client));
+                }
                 Msg::Notice(n, done) => self.notice(n, done),
                 Msg::StopReplaceable(grace, why) => self.stop_replaceable(grace, &why),
             }
@@ -438,17 +452,47 @@ impl Owner {
                 final_sync: false,
             },
         );
-        match checkpoint {
-            // Restore the newest checkpoint of an earlier attempt first.
-            Some(c) => {
-                let me = self.me.clone();
-                tokio::spawn(async move {
-                    let result = restore(&c, &job.job_id, job.attempt).await;
-                    let _ = me.send(Msg::Restored(Box::new(job), result));
-                });
-            }
-            None => self.launch(job),
+        let stage = crate::stagein::StageIn {
+            job_id: job.job_id.clone(),
+            mounts: job.file_mounts.clone(),
+            workdir_manifest: (!job.workdir_manifest.is_empty())
+                .then(|| job.workdir_manifest.clone()),
+            work: dir.join("work"),
+            records: self.jobs_dir.with_file_name("synced"),
+            env: job.env.clone().into_iter().collect(),
+            log: dir.join("output.log"),
+        };
+        if stage.is_empty() && checkpoint.is_none() {
+            return self.launch(job);
         }
+        // Its progress lines go to its output from the start.
+        if let Err(e) = fs::create_dir_all(&stage.work) {
+            tracing::warn!(job = %job.job_id, error = %e, "cannot create the job's work dir");
+        }
+        // Files in first, then the newest checkpoint of an earlier attempt.
+        let fetcher = self.fetcher.subscribe();
+        let me = self.me.clone();
+        tokio::spawn(async move {
+            let result = async {
+                if !stage.is_empty() {
+                    stage
+                        .run(fetcher)
+                        .await
+                        .map_err(|e| (apb::JobPhase::SetupFailed, e))?;
+                }
+                if let Some(c) = checkpoint {
+                    restore(&c, &job.job_id, job.attempt).await.map_err(|e| {
+                        (
+                            apb::JobPhase::FailedToStart,
+                            format!("checkpoint restore: {e}"),
+                        )
+                    })?;
+                }
+                Ok(())
+            }
+            .await;
+            let _ = me.send(Msg::Prepared(Box::new(job), result));
+        });
     }
 
     /// The GPUs a new job of `count` GPUs gets: ones no running job holds,
@@ -479,21 +523,16 @@ impl Owner {
         Some(given)
     }
 
-    fn restored(&mut self, job: apb::RunJob, result: Result<(), String>) {
+    fn prepared(&mut self, job: apb::RunJob, result: Result<(), (apb::JobPhase, String)>) {
         let key = JobKey {
             job_id: job.job_id.clone(),
             attempt: job.attempt,
         };
         match result {
             Ok(()) => self.launch(job),
-            Err(e) => {
-                tracing::warn!(job = %key.job_id, error = %e, "checkpoint restore failed");
-                self.record_end(
-                    &key,
-                    apb::JobPhase::FailedToStart,
-                    None,
-                    format!("checkpoint restore: {e}"),
-                );
+            Err((phase, e)) => {
+                tracing::warn!(job = %key.job_id, error = %e, "job not prepared");
+                self.record_end(&key, phase, None, e);
             }
         }
     }

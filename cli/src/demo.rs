@@ -117,6 +117,7 @@ async fn run(dir: &Path) -> Result<i32> {
         idempotency_key: format!("demo-{}", std::process::id()),
         env_overrides: Default::default(),
         managed: true,
+        uploads: Default::default(),
     };
     let id = connect::call(
         &client,

@@ -60,13 +60,8 @@ fn read_task(path: &PathBuf, name: Option<&str>) -> Result<String> {
         let real = abs
             .canonicalize()
             .with_context(|| format!("workdir {}", abs.display()))?;
-        match nembo_proto::workdir::size(&real) {
-            Ok((files, bytes)) => eprintln!(
-                "Workdir {}: {files} entries, {:.1} MB, copied to the node before setup.",
-                real.display(),
-                bytes as f64 / 1e6
-            ),
-            Err(e) => anyhow::bail!("{e}"),
+        if !real.is_dir() {
+            anyhow::bail!("workdir {} is not a directory", real.display());
         }
         if real.as_os_str() != w.as_str() {
             map.insert("workdir".into(), real.display().to_string().into());
@@ -137,12 +132,16 @@ fn fresh_key() -> String {
 /// the coordinators across preemptions (`nembo jobs launch`).
 pub async fn launch(a: LaunchArgs, managed: bool) -> Result<i32> {
     let task_yaml = read_task(&a.task, a.name.as_deref())?;
+    // Refuse a task that cannot be accepted before reading its local sources.
+    nembo_domain::task::parse_task_yaml(&task_yaml, &crate::env_map(&a.envs))?;
+    let sources = crate::upload::local_sources(&task_yaml)?;
     let mut client = connect::client().await?;
     if a.dry_run {
         let req = pb::DryRunRequest {
             task: Some(pb::dry_run_request::Task::TaskYaml(task_yaml)),
             env_overrides: crate::env_map(&a.envs),
             managed,
+            uploads: Default::default(),
         };
         let r = connect::call(&client, req, |mut c, r| async move { c.dry_run(r).await }).await?;
         print_dry_run(&r, a.json);
@@ -153,6 +152,10 @@ pub async fn launch(a: LaunchArgs, managed: bool) -> Result<i32> {
         idempotency_key: a.idempotency_key.clone().unwrap_or_else(fresh_key),
         env_overrides: crate::env_map(&a.envs),
         managed,
+        uploads: crate::upload::ship(&client, &sources)
+            .await?
+            .into_iter()
+            .collect(),
     };
     let job_id = connect::call(
         &client,

@@ -8,6 +8,7 @@ mod gpus;
 mod jobs;
 mod local;
 mod table;
+mod upload;
 
 use std::collections::BTreeMap;
 

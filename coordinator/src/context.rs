@@ -27,6 +27,8 @@ pub struct Ctx {
     pub raft: RaftHandle,
     /// Job output.
     pub logs: LogStore,
+    /// Uploaded file contents (local file mounts, workdirs).
+    pub blobs: crate::blobs::BlobStore,
     /// Providers by name.
     pub providers: BTreeMap<String, Arc<dyn Provider>>,
     /// Every provider's offerings.

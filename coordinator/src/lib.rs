@@ -4,6 +4,7 @@
 
 pub mod agents;
 pub mod api;
+pub mod blobs;
 pub mod config;
 pub mod context;
 pub mod control;

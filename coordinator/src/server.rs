@@ -302,6 +302,7 @@ pub async fn run(
     let ctx = Arc::new(Ctx {
         raft,
         logs: LogStore::new(dir.join("logs")).map_err(startup("logs dir"))?,
+        blobs: crate::blobs::BlobStore::new(dir.join("blobs")).map_err(startup("blobs dir"))?,
         providers,
         offerings,
         providers_not_enabled: crate::provider::not_enabled(&providers_file),

@@ -40,6 +40,7 @@ pub use prost_types;
 pub mod api_info;
 pub mod client;
 pub mod clock;
+pub mod files;
 pub mod http;
 pub mod workdir;
 
@@ -55,6 +56,7 @@ impl From<v1::DryRunRequest> for v1::SubmitJobRequest {
             idempotency_key: String::new(),
             env_overrides: r.env_overrides,
             managed: r.managed,
+            uploads: r.uploads,
         }
     }
 }

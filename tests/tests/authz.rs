@@ -58,7 +58,8 @@ fn role_needed(method: &str) -> u8 {
     match method {
         "GetJob" | "ListJobs" | "ListNodes" | "GetClusterStatus" | "GetFleetMetrics"
         | "WatchFleetMetrics" | "GetGpuHistory" | "ListOfferings" | "GetCostReport" | "WhoAmI" => 0,
-        "SubmitJob" | "DryRun" | "CancelJob" | "StreamLogs" | "CheckProviders" => 1,
+        "SubmitJob" | "DryRun" | "CancelJob" | "StreamLogs" | "CheckProviders"
+        | "FindMissingBlobs" | "PutBlobs" => 1,
         _ => 2,
     }
 }

@@ -3,4 +3,5 @@
 //! leader (hello, heartbeats, reports, job orders, log upload).
 
 pub mod enroll;
+pub mod files;
 pub mod session;

@@ -11,6 +11,7 @@ use std::sync::Arc;
 
 use nembo_domain::health::{gpu_problem, GpuReading};
 use nembo_domain::state::{Command, Job, JobState, NodeState, RankOutcome, State};
+use nembo_domain::task::MountSource;
 use nembo_proto::agent::v1 as apb;
 use nembo_proto::agent::v1::agent_service_server::AgentService;
 use nembo_proto::agent::v1::session_request::Msg as AgentMsg;
@@ -41,6 +42,14 @@ impl Agents {
 #[tonic::async_trait]
 impl AgentService for Agents {
     type SessionStream = ReceiverStream<Result<apb::SessionResponse, Status>>;
+    type FetchBlobsStream = ReceiverStream<Result<apb::FetchBlobsResponse, Status>>;
+
+    async fn fetch_blobs(
+        &self,
+        request: Request<apb::FetchBlobsRequest>,
+    ) -> Result<Response<Self::FetchBlobsStream>, Status> {
+        crate::agents::files::fetch_blobs(&self.ctx, request).await
+    }
 
     async fn renew(
         &self,
@@ -455,7 +464,11 @@ fn run_job(
         name: job.name().to_string(),
         setup: job.spec.setup.clone().unwrap_or_default(),
         run: job.spec.run.clone().unwrap_or_default(),
-        workdir: job.spec.workdir.clone().unwrap_or_default(),
+        // An uploaded workdir is fetched; only a local one is copied by path.
+        workdir: match &job.spec.workdir_manifest {
+            Some(_) => String::new(),
+            None => job.spec.workdir.clone().unwrap_or_default(),
+        },
         env,
         term,
         checkpoint: job.spec.checkpoint.as_ref().map(|c| apb::CheckpointSpec {
@@ -465,6 +478,21 @@ fn run_job(
             signal: c.signal.clone(),
         }),
         gpus: gpu_count,
+        file_mounts: job
+            .spec
+            .file_mounts
+            .iter()
+            .map(|(dst, src)| apb::FileMount {
+                destination: dst.clone(),
+                source: Some(match src {
+                    MountSource::Local { manifest, .. } => {
+                        apb::file_mount::Source::Manifest(manifest.clone().unwrap_or_default())
+                    }
+                    MountSource::Uri(uri) => apb::file_mount::Source::Uri(uri.clone()),
+                }),
+            })
+            .collect(),
+        workdir_manifest: job.spec.workdir_manifest.clone().unwrap_or_default(),
         replaced_if_lost: job.managed.is_some(),
     }
 }
@@ -516,6 +544,10 @@ async fn handle_report(ctx: &Ctx, node_id: &str, r: &apb::JobReport) {
     let outcome = match phase {
         apb::JobPhase::Started => None,
         apb::JobPhase::Exited => Some(RankOutcome::Exited(code)),
+        // No exit code: the setup never ran, its files could not be put in place.
+        apb::JobPhase::SetupFailed if r.exit_code.is_none() => {
+            Some(RankOutcome::DataInFailed(r.message.clone()))
+        }
         apb::JobPhase::SetupFailed => Some(RankOutcome::SetupFailed(code)),
         apb::JobPhase::FailedToStart => Some(RankOutcome::FailedToStart(r.message.clone())),
         apb::JobPhase::Cancelled => Some(RankOutcome::Cancelled),

@@ -143,6 +143,8 @@ pub fn spec_from_proto(
         name: non_empty(&p.name),
         num_nodes: if p.num_nodes == 0 { 1 } else { p.num_nodes },
         workdir: non_empty(&p.workdir),
+        workdir_manifest: None,
+        file_mounts: Default::default(),
         setup: non_empty(&p.setup),
         run: non_empty(&p.run),
         envs,

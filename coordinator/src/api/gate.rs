@@ -51,7 +51,8 @@ pub fn required_role(call: &str) -> Role {
         | "WatchFleetMetrics" | "GetGpuHistory" | "ListOfferings" | "GetCostReport" | "WhoAmI" => {
             Role::Viewer
         }
-        "SubmitJob" | "DryRun" | "CancelJob" | "StreamLogs" | "CheckProviders" => Role::User,
+        "SubmitJob" | "DryRun" | "CancelJob" | "StreamLogs" | "CheckProviders"
+        | "FindMissingBlobs" | "PutBlobs" => Role::User,
         _ => Role::Admin,
     }
 }

@@ -40,7 +40,7 @@ pub async fn submit_job(
 ) -> Result<Response<pb::SubmitJobResponse>, Status> {
     let who = principal(&request)?;
     let req = request.into_inner();
-    let spec = parse_request(ctx, &who, &req).await?;
+    let spec = parse_request(ctx, &who, &req, false).await?;
     let key = (!req.idempotency_key.is_empty()).then(|| req.idempotency_key.clone());
     // The job and its audit record in one entry: auditing costs the
     // hot path no second commit.
@@ -80,7 +80,7 @@ pub async fn dry_run(
     request: Request<pb::DryRunRequest>,
 ) -> Result<Response<pb::DryRunResponse>, Status> {
     let who = principal(&request)?;
-    let spec = parse_request(ctx, &who, &request.into_inner().into()).await?;
+    let spec = parse_request(ctx, &who, &request.into_inner().into(), true).await?;
     let offerings = offerings_for(ctx, &spec);
     let view = ctx.raft.view();
     let now = now_ms();
@@ -260,6 +260,7 @@ async fn parse_request(
     ctx: &Ctx,
     who: &Principal,
     req: &pb::SubmitJobRequest,
+    dry_run: bool,
 ) -> Result<TaskSpec, CoordinatorError> {
     let overrides: BTreeMap<String, String> = req.env_overrides.clone();
     let size = prost::Message::encoded_len(req);
@@ -286,7 +287,8 @@ async fn parse_request(
             ))
         }
     };
-    if let Some(w) = &spec.workdir {
+    attach_uploads(ctx, &mut spec, &req.uploads, dry_run)?;
+    if let (Some(w), None) = (&spec.workdir, &spec.workdir_manifest) {
         check_workdir(w, &ctx.own_dirs)?;
     }
     // job_recovery only means something to a managed job: say so
@@ -322,6 +324,64 @@ fn infeasible(ctx: &Ctx, e: SpecError) -> SpecError {
         .collect();
     notes.push("enable a cloud in providers.yaml, see `nembo check`".into());
     e.noted(&notes.join("; "))
+}
+
+/// Ties each local source the task names to the manifest its client
+/// uploaded, and checks that the manifest and every file it lists are here
+/// and within the limits, so that a task is accepted only if its nodes can
+/// fetch everything it ships. A dry run may leave sources unuploaded (it
+/// ships nothing); what it does name is checked.
+fn attach_uploads(
+    ctx: &Ctx,
+    spec: &mut TaskSpec,
+    uploads: &BTreeMap<String, String>,
+    dry_run: bool,
+) -> Result<(), CoordinatorError> {
+    use nembo_proto::files::{MAX_BYTES, MAX_ENTRIES};
+    let (mut entries, mut bytes) = (0usize, 0u64);
+    let mut check = |field: &str, source: &str| -> Result<String, CoordinatorError> {
+        let refuse = |why: String| {
+            CoordinatorError::InvalidArgument(format!("{field}: local source '{source}': {why}"))
+        };
+        let digest = uploads.get(source).ok_or_else(|| {
+            refuse("not uploaded (the nembo CLI uploads local sources before it submits)".into())
+        })?;
+        let manifest = ctx
+            .blobs
+            .manifest(digest)
+            .map_err(|e| refuse(e.to_string()))?;
+        let missing = ctx.blobs.missing_of(&manifest);
+        if let Some(first) = missing.first() {
+            return Err(refuse(format!(
+                "{} of its files were not uploaded (first: {first})",
+                missing.len()
+            )));
+        }
+        entries += manifest.entries.len();
+        bytes += manifest.bytes();
+        if entries > MAX_ENTRIES || bytes > MAX_BYTES {
+            return Err(refuse(format!(
+                "the task ships {entries} entries and {bytes} bytes in all; the limit is \
+                 {MAX_ENTRIES} entries and {} GiB (put data sets in a bucket)",
+                MAX_BYTES >> 30
+            )));
+        }
+        Ok(digest.clone())
+    };
+    if let Some(w) = spec.workdir.clone() {
+        if uploads.contains_key(&w) {
+            spec.workdir_manifest = Some(check("workdir", &w)?);
+        }
+    }
+    for (dst, source) in spec.file_mounts.iter_mut() {
+        if let task::MountSource::Local { path, manifest } = source {
+            if dry_run && !uploads.contains_key(path.as_str()) {
+                continue;
+            }
+            *manifest = Some(check(&format!("file_mounts.{dst}"), path)?);
+        }
+    }
+    Ok(())
 }
 
 /// Why a non-admin's task that only the local provider could host is refused.

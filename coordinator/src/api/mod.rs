@@ -4,6 +4,7 @@
 //! so none of them forwards anything.
 
 pub mod access;
+pub mod blobs;
 pub mod catalog;
 pub mod convert;
 pub mod fleet;
@@ -60,6 +61,20 @@ impl CoordinatorService for Api {
         request: Request<pb::SubmitJobRequest>,
     ) -> Result<Response<pb::SubmitJobResponse>, Status> {
         jobs::submit_job(&self.ctx, request).await
+    }
+
+    async fn find_missing_blobs(
+        &self,
+        request: Request<pb::FindMissingBlobsRequest>,
+    ) -> Result<Response<pb::FindMissingBlobsResponse>, Status> {
+        blobs::find_missing_blobs(&self.ctx, request).await
+    }
+
+    async fn put_blobs(
+        &self,
+        request: Request<tonic::Streaming<pb::PutBlobsRequest>>,
+    ) -> Result<Response<pb::PutBlobsResponse>, Status> {
+        blobs::put_blobs(&self.ctx, request).await
     }
 
     async fn dry_run(

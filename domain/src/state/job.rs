@@ -54,6 +54,9 @@ pub enum RankOutcome {
     Exited(i32),
     /// `setup` exited non-zero.
     SetupFailed(i32),
+    /// Its files could not be put in place before `setup` (a file mount,
+    /// the workdir): counted as a failed setup, with why.
+    DataInFailed(String),
     /// The agent could not start it.
     FailedToStart(String),
     /// Stopped on request.
@@ -384,6 +387,11 @@ impl State {
                 JobState::FailedSetup,
                 Some(*c),
                 format!("setup on rank {rank} ({node}) exited with {c}"),
+            )),
+            RankOutcome::DataInFailed(m) => Some((
+                JobState::FailedSetup,
+                None,
+                format!("setup on rank {rank} ({node}): {m}"),
             )),
             RankOutcome::FailedToStart(m) => Some((
                 JobState::Failed,

@@ -18,6 +18,7 @@ use serde::{Deserialize, Serialize};
 use yaml_serde::Value;
 
 mod depth;
+mod mounts;
 mod normalized;
 mod resources;
 mod sections;
@@ -79,6 +80,14 @@ pub struct TaskSpec {
     pub num_nodes: u32,
     /// Local directory copied into the job's work dir before `setup`.
     pub workdir: Option<String>,
+    /// The workdir's manifest digest, once the client uploaded it
+    /// ([`nembo_proto`'s `files`]); without one, the agent copies `workdir`
+    /// from its own machine (the local provider only).
+    #[serde(default)]
+    pub workdir_manifest: Option<String>,
+    /// `file_mounts`: what is copied where on every node before `setup`.
+    #[serde(default)]
+    pub file_mounts: BTreeMap<String, MountSource>,
     /// Run once per node before `run`.
     pub setup: Option<String>,
     /// Run on every node.
@@ -175,9 +184,26 @@ pub struct ResourceCandidate {
     pub max_hourly_cost: Option<f64>,
 }
 
+/// Where a file mount's content comes from.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum MountSource {
+    /// A file or directory on the launching machine, uploaded by the client:
+    /// the path as written, and the manifest's digest once uploaded.
+    Local {
+        /// As the task names it (`~/data`, `./src`).
+        path: String,
+        /// SHA-256 of its manifest, once uploaded.
+        manifest: Option<String>,
+    },
+    /// A bucket prefix or object (`s3://b/p`, `https://...`), copied by the
+    /// agent (SkyPilot's COPY mode for a URI string).
+    Uri(String),
+}
+
 const TOP_LEVEL_SUPPORTED: &[&str] = &[
     "name",
     "workdir",
+    "file_mounts",
     "num_nodes",
     "resources",
     "envs",
@@ -187,7 +213,6 @@ const TOP_LEVEL_SUPPORTED: &[&str] = &[
     "checkpoint",
 ];
 const TOP_LEVEL_NOT_YET: &[&str] = &[
-    "file_mounts",
     "service",
     "config",
     "volumes",
@@ -235,6 +260,7 @@ pub fn parse_task_yaml(yaml: &str, env_overrides: &BTreeMap<String, String>) -> 
         match key {
             "name" => spec.name = opt_string(v, "name")?,
             "workdir" => spec.workdir = parse_workdir(v)?,
+            "file_mounts" => spec.file_mounts = mounts::parse_file_mounts(v)?,
             "num_nodes" => spec.num_nodes = parse_num_nodes(v)?,
             "setup" => spec.setup = opt_string(v, "setup")?,
             "run" => spec.run = opt_string(v, "run")?,

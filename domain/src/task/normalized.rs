@@ -71,6 +71,17 @@ pub fn to_normalized_yaml(spec: &TaskSpec) -> String {
     if let Some(w) = &redacted.workdir {
         put("workdir", Value::String(w.clone()));
     }
+    if !redacted.file_mounts.is_empty() {
+        let mut mounts = yaml_serde::Mapping::new();
+        for (dst, src) in &redacted.file_mounts {
+            let src = match src {
+                crate::task::MountSource::Local { path, .. } => path,
+                crate::task::MountSource::Uri(uri) => uri,
+            };
+            mounts.insert(Value::String(dst.clone()), Value::String(src.clone()));
+        }
+        put("file_mounts", Value::Mapping(mounts));
+    }
     for (k, m) in [("envs", &redacted.envs), ("secrets", &redacted.secrets)] {
         if !m.is_empty() {
             put(k, yaml_serde::to_value(m).unwrap_or(Value::Null));

@@ -99,8 +99,8 @@ fn unknown_fields_are_rejected_with_a_hint() {
 
 #[test]
 fn known_but_unsupported_fields_are_rejected_not_ignored() {
-    let e = err("file_mounts: {/data: s3://b}");
-    assert_eq!(e.path, "file_mounts");
+    let e = err("file_mounts: {/data: {name: b, mode: MOUNT}}");
+    assert_eq!(e.path, "file_mounts./data");
     assert!(e.message.contains("not supported"));
     let e = err("resources: {ports: 8080}");
     assert_eq!(e.path, "resources.ports");
@@ -181,4 +181,52 @@ fn secrets_are_redacted_in_normalized_yaml() {
     assert!(y.contains(REDACTED));
     let back = parse(&y.replace(REDACTED, "x")).unwrap();
     assert_eq!(back.num_nodes, 1);
+}
+
+#[test]
+fn file_mounts_take_local_paths_and_bucket_uris_with_skypilots_rules() {
+    let ok = parse_task_yaml(
+        "file_mounts:\n  /data: s3://bucket/prefix\n  ~/model.bin: https://example.com/m.bin\n  code: ~/src\n",
+        &Default::default(),
+    )
+    .unwrap();
+    assert_eq!(
+        ok.file_mounts["/data"],
+        MountSource::Uri("s3://bucket/prefix".into())
+    );
+    assert_eq!(
+        ok.file_mounts["code"],
+        MountSource::Local {
+            path: "~/src".into(),
+            manifest: None
+        }
+    );
+    for (yaml, path, says) in [
+        ("file_mounts: {/data/: ~/x}", "file_mounts./data/", "slash"),
+        ("file_mounts: {/data: ~/x/}", "file_mounts./data", "slash"),
+        ("file_mounts: {../up: ~/x}", "file_mounts.../up", ".."),
+        ("file_mounts: {/d: 's3:///x'}", "file_mounts./d", "bucket"),
+        (
+            "file_mounts: {/d: 'gs://b'}",
+            "file_mounts./d",
+            "not supported",
+        ),
+        ("file_mounts: {/d: 'http://x/y'}", "file_mounts./d", "https"),
+        (
+            "file_mounts: {/d: 'ftp://x/y'}",
+            "file_mounts./d",
+            "unknown scheme",
+        ),
+        ("file_mounts: {/d: 3}", "file_mounts./d", "expected"),
+        ("file_mounts: [a]", "file_mounts", ""),
+        (
+            "workdir: .\nfile_mounts: {~/sky_workdir: ~/x}",
+            "file_mounts.~/sky_workdir",
+            "workdir",
+        ),
+    ] {
+        let e = err(yaml);
+        assert_eq!(e.path, path, "{yaml}: {e}");
+        assert!(e.message.contains(says), "{yaml}: {e}");
+    }
 }

@@ -24,6 +24,12 @@ pub fn validate(spec: &TaskSpec) -> Result<()> {
             check_env_name(name, &format!("{section}.{name}"))?;
         }
     }
+    if spec.workdir.is_some() && spec.file_mounts.contains_key("~/sky_workdir") {
+        return Err(SpecError::new(
+            "file_mounts.~/sky_workdir",
+            "the workdir lands there: mount elsewhere, or drop `workdir`",
+        ));
+    }
     if spec.resources.candidates.is_empty() {
         return Err(SpecError::new("resources", "needs at least one candidate"));
     }

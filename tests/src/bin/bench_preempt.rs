@@ -74,6 +74,7 @@ async fn main() {
                 idempotency_key: format!("bench-{round}"),
                 env_overrides: Default::default(),
                 managed: true,
+                uploads: Default::default(),
             })
             .await
             .expect("submit")

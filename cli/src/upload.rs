@@ -1,0 +1,429 @@
+//! Local sources of a task (its `workdir` and local `file_mounts`), shipped
+//! before it is submitted: each is described by a manifest (every entry,
+//! each file by its SHA-256), and only the contents the cluster lacks are
+//! sent (FindMissingBlobs, then PutBlobs). Ignore files apply as in
+//! SkyPilot: `.skyignore` at the source's root if there is one (in every
+//! directory below it too), else `.gitignore` and `.git/info/exclude`.
+//!
+//! Hashes are cached per file (`~/.nembo/hashes.json`, keyed by path, size,
+//! mtime and inode), so a relaunch reads only what changed.
+
+use std::collections::{BTreeMap, HashMap};
+use std::io::Read;
+use std::os::unix::fs::{MetadataExt, PermissionsExt};
+use std::path::{Path, PathBuf};
+use std::time::Instant;
+
+use anyhow::{bail, Context, Result};
+use nembo_proto::client::Client;
+use nembo_proto::files::{Entry, Hasher, Kind, Manifest, MAX_BYTES, MAX_ENTRIES, PIECE_BYTES};
+use nembo_proto::v1 as pb;
+use serde::{Deserialize, Serialize};
+
+use crate::connect;
+
+/// A local source named by the task, ready to ship.
+pub struct Source {
+    /// As the task names it (the key of `uploads`).
+    pub named: String,
+    /// Where it is.
+    pub path: PathBuf,
+    /// What it holds.
+    pub manifest: Manifest,
+    /// Its files on disk by content: digest -> (a path holding it, size).
+    files: BTreeMap<String, (PathBuf, u64)>,
+}
+
+/// The local sources of a task (YAML), with their manifests.
+pub fn local_sources(task_yaml: &str) -> Result<Vec<Source>> {
+    let Ok(yaml_serde::Value::Mapping(map)) = yaml_serde::from_str::<yaml_serde::Value>(task_yaml)
+    else {
+        return Ok(Vec::new()); // the coordinator says what is wrong with it
+    };
+    let mut named: Vec<String> = Vec::new();
+    if let Some(yaml_serde::Value::String(w)) = map.get("workdir") {
+        named.push(w.clone());
+    }
+    if let Some(yaml_serde::Value::Mapping(mounts)) = map.get("file_mounts") {
+        for v in mounts.values() {
+            if let yaml_serde::Value::String(s) = v {
+                let s = s.trim();
+                if !s.contains("://") && !s.is_empty() {
+                    named.push(s.to_string());
+                }
+            }
+        }
+    }
+    named.dedup();
+    let mut cache = HashCache::load();
+    let mut out = Vec::new();
+    let (mut entries, mut bytes) = (0usize, 0u64);
+    for n in named {
+        let path = resolve(&n)?;
+        let source = describe(&n, &path, &mut cache)?;
+        entries += source.manifest.entries.len();
+        bytes += source.manifest.bytes();
+        if entries > MAX_ENTRIES || bytes > MAX_BYTES {
+            bail!(
+                "the task's local sources hold {entries} entries and {:.1} GB; the limit is \
+                 {MAX_ENTRIES} entries and {} GiB (put data sets in a bucket, or list what to \
+                 leave out in .skyignore)",
+                bytes as f64 / 1e9,
+                MAX_BYTES >> 30
+            );
+        }
+        out.push(source);
+    }
+    cache.save();
+    Ok(out)
+}
+
+/// `~/x` from the home, a relative path from the current directory.
+fn resolve(named: &str) -> Result<PathBuf> {
+    let p = match named.strip_prefix("~/") {
+        Some(rest) => {
+            let home = std::env::var_os("HOME").context("HOME is not set")?;
+            PathBuf::from(home).join(rest)
+        }
+        None if named == "~" => PathBuf::from(std::env::var_os("HOME").context("HOME is not set")?),
+        None => {
+            let p = PathBuf::from(named);
+            if p.is_absolute() {
+                p
+            } else {
+                std::env::current_dir()?.join(p)
+            }
+        }
+    };
+    if std::fs::symlink_metadata(&p).is_err() {
+        bail!("file mount source {} does not exist locally", p.display());
+    }
+    Ok(p)
+}
+
+fn describe(named: &str, path: &Path, cache: &mut HashCache) -> Result<Source> {
+    let meta = std::fs::metadata(path).with_context(|| path.display().to_string())?;
+    let mut files = BTreeMap::new();
+    let mut entries = Vec::new();
+    if meta.is_file() {
+        let digest = cache.digest(path, &meta)?;
+        files.insert(digest.clone(), (path.to_path_buf(), meta.len()));
+        entries.push(Entry {
+            path: String::new(),
+            mode: meta.permissions().mode() & 0o7777,
+            kind: Kind::File {
+                size: meta.len(),
+                digest,
+            },
+        });
+        let manifest = Manifest {
+            single_file: true,
+            entries,
+        };
+        return Ok(Source {
+            named: named.to_string(),
+            path: path.to_path_buf(),
+            manifest,
+            files,
+        });
+    }
+    let mut walk = ignore::WalkBuilder::new(path);
+    walk.hidden(false)
+        .parents(false)
+        .ignore(false)
+        .git_global(false)
+        .follow_links(false)
+        .sort_by_file_name(|a, b| a.cmp(b));
+    if path.join(".skyignore").is_file() {
+        walk.git_ignore(false)
+            .git_exclude(false)
+            .add_custom_ignore_filename(".skyignore");
+    } else {
+        walk.git_ignore(true).git_exclude(true).require_git(false);
+    }
+    for item in walk.build() {
+        let item = item.with_context(|| format!("reading {}", path.display()))?;
+        if item.depth() == 0 {
+            continue;
+        }
+        let rel = item
+            .path()
+            .strip_prefix(path)
+            .unwrap_or(item.path())
+            .to_str()
+            .with_context(|| format!("{}: not UTF-8", item.path().display()))?
+            .to_string();
+        let meta = std::fs::symlink_metadata(item.path())
+            .with_context(|| item.path().display().to_string())?;
+        let mode = meta.permissions().mode() & 0o7777;
+        let kind = if meta.is_dir() {
+            Kind::Dir
+        } else if meta.file_type().is_symlink() {
+            let target = std::fs::read_link(item.path())?;
+            Kind::Symlink {
+                target: target
+                    .to_str()
+                    .with_context(|| format!("{}: link not UTF-8", item.path().display()))?
+                    .to_string(),
+            }
+        } else if meta.is_file() {
+            let digest = cache.digest(item.path(), &meta)?;
+            files
+                .entry(digest.clone())
+                .or_insert_with(|| (item.path().to_path_buf(), meta.len()));
+            Kind::File {
+                size: meta.len(),
+                digest,
+            }
+        } else {
+            eprintln!(
+                "(skipping {}: not a file, directory or link)",
+                item.path().display()
+            );
+            continue;
+        };
+        entries.push(Entry {
+            path: rel,
+            mode,
+            kind,
+        });
+        if entries.len() > MAX_ENTRIES {
+            bail!(
+                "{}: more than {MAX_ENTRIES} entries (list what to leave out in .skyignore)",
+                path.display()
+            );
+        }
+    }
+    let manifest = Manifest {
+        single_file: false,
+        entries,
+    };
+    manifest
+        .check()
+        .map_err(|e| anyhow::anyhow!("{}: {e}", path.display()))?;
+    Ok(Source {
+        named: named.to_string(),
+        path: path.to_path_buf(),
+        manifest,
+        files,
+    })
+}
+
+/// Sends what the cluster lacks; returns `uploads` for the submission.
+pub async fn ship(client: &Client, sources: &[Source]) -> Result<HashMap<String, String>> {
+    let mut uploads = HashMap::new();
+    if sources.is_empty() {
+        return Ok(uploads);
+    }
+    // Every blob: each manifest, and every file, by digest.
+    let mut blobs: BTreeMap<String, Blob> = BTreeMap::new();
+    for s in sources {
+        let bytes = s.manifest.encode();
+        let digest = nembo_proto::files::digest(&bytes);
+        uploads.insert(s.named.clone(), digest.clone());
+        blobs.insert(digest, Blob::Bytes(bytes));
+        for (d, (path, size)) in &s.files {
+            blobs
+                .entry(d.clone())
+                .or_insert_with(|| Blob::File(path.clone(), *size));
+        }
+    }
+    let req = pb::FindMissingBlobsRequest {
+        digests: blobs.keys().cloned().collect(),
+    };
+    let missing = connect::call(client, req, |mut c, r| async move {
+        c.find_missing_blobs(r).await
+    })
+    .await?
+    .missing;
+    let (files, bytes): (usize, u64) = sources.iter().fold((0, 0), |(f, b), s| {
+        (f + s.manifest.files().count(), b + s.manifest.bytes())
+    });
+    let todo: Vec<(String, Blob)> = missing
+        .into_iter()
+        .filter_map(|d| blobs.remove(&d).map(|b| (d, b)))
+        .collect();
+    let send_bytes: u64 = todo.iter().map(|(_, b)| b.size()).sum();
+    for s in sources {
+        eprintln!(
+            "Local source {} ({}): {} files, {:.1} MB.",
+            s.named,
+            s.path.display(),
+            s.manifest.files().count(),
+            s.manifest.bytes() as f64 / 1e6
+        );
+    }
+    if todo.is_empty() {
+        eprintln!(
+            "Uploaded nothing: the cluster holds all {files} files ({:.1} MB).",
+            bytes as f64 / 1e6
+        );
+        return Ok(uploads);
+    }
+    let started = Instant::now();
+    let count = todo.len();
+    let new_files = todo
+        .iter()
+        .filter(|(_, b)| matches!(b, Blob::File(..)))
+        .count();
+    let (tx, rx) = tokio::sync::mpsc::channel::<pb::PutBlobsRequest>(4);
+    let reader = tokio::task::spawn_blocking(move || -> Result<()> {
+        let mut sent = 0u64;
+        let mut said = Instant::now();
+        for (i, (digest, blob)) in todo.into_iter().enumerate() {
+            let size = blob.size();
+            let mut first = true;
+            let mut send = |data: Vec<u8>, last: bool| -> Result<()> {
+                sent += data.len() as u64;
+                let piece = pb::PutBlobsRequest {
+                    digest: if first { digest.clone() } else { String::new() },
+                    size: if first { size } else { 0 },
+                    data,
+                    last,
+                };
+                first = false;
+                tx.blocking_send(piece)
+                    .map_err(|_| anyhow::anyhow!("the upload was cut off"))
+            };
+            match blob {
+                Blob::Bytes(b) => send(b, true)?,
+                Blob::File(path, _) => {
+                    let mut f =
+                        std::fs::File::open(&path).with_context(|| path.display().to_string())?;
+                    let mut done = 0u64;
+                    loop {
+                        let mut buf = vec![0u8; PIECE_BYTES];
+                        let n = read_full(&mut f, &mut buf)?;
+                        buf.truncate(n);
+                        done += n as u64;
+                        let last = n < PIECE_BYTES;
+                        send(buf, last)?;
+                        if last {
+                            break;
+                        }
+                    }
+                    if done != size {
+                        bail!("{} changed while it was uploaded", path.display());
+                    }
+                }
+            }
+            if said.elapsed().as_secs_f64() >= 1.0 {
+                said = Instant::now();
+                eprintln!(
+                    "  uploading: {}/{count} files, {:.1}/{:.1} MB, {:.1} MB/s",
+                    i + 1,
+                    sent as f64 / 1e6,
+                    send_bytes as f64 / 1e6,
+                    sent as f64 / 1e6 / started.elapsed().as_secs_f64().max(1e-3)
+                );
+            }
+        }
+        Ok(())
+    });
+    let mut c = client.clone();
+    let put = c
+        .put_blobs(tokio_stream::wrappers::ReceiverStream::new(rx))
+        .await;
+    reader.await.context("upload reader")??;
+    let put = put
+        .map_err(|s| anyhow::anyhow!("upload: {}", s.message()))?
+        .into_inner();
+    eprintln!(
+        "Uploaded {new_files} new or changed contents of {files} files ({:.1} MB, {} blobs) in {:.1} s.",
+        put.bytes as f64 / 1e6,
+        put.blobs,
+        started.elapsed().as_secs_f64()
+    );
+    Ok(uploads)
+}
+
+enum Blob {
+    Bytes(Vec<u8>),
+    File(PathBuf, u64),
+}
+
+impl Blob {
+    fn size(&self) -> u64 {
+        match self {
+            Blob::Bytes(b) => b.len() as u64,
+            Blob::File(_, s) => *s,
+        }
+    }
+}
+
+fn read_full(f: &mut std::fs::File, buf: &mut [u8]) -> std::io::Result<usize> {
+    let mut n = 0;
+    while n < buf.len() {
+        match f.read(&mut buf[n..])? {
+            0 => break,
+            k => n += k,
+        }
+    }
+    Ok(n)
+}
+
+/// Digests of files already read, by where they are and how they look.
+#[derive(Default, Serialize, Deserialize)]
+struct HashCache {
+    #[serde(default)]
+    files: HashMap<PathBuf, (u64, i64, u64, String)>,
+    #[serde(skip)]
+    path: Option<PathBuf>,
+    #[serde(skip)]
+    changed: bool,
+}
+
+impl HashCache {
+    fn load() -> HashCache {
+        let path = connect::nembo_home().ok().map(|h| h.join("hashes.json"));
+        let mut cache: HashCache = path
+            .as_ref()
+            .and_then(|p| std::fs::read(p).ok())
+            .and_then(|b| serde_json::from_slice(&b).ok())
+            .unwrap_or_default();
+        cache.path = path;
+        cache
+    }
+
+    fn digest(&mut self, path: &Path, meta: &std::fs::Metadata) -> Result<String> {
+        let stamp = (
+            meta.len(),
+            meta.mtime_nsec() + meta.mtime() * 1_000_000_000,
+            meta.ino(),
+        );
+        if let Some((size, mtime, ino, d)) = self.files.get(path) {
+            if (*size, *mtime, *ino) == stamp {
+                return Ok(d.clone());
+            }
+        }
+        let mut f = std::fs::File::open(path).with_context(|| path.display().to_string())?;
+        let mut h = Hasher::default();
+        let mut buf = vec![0u8; 1 << 20];
+        loop {
+            match f.read(&mut buf)? {
+                0 => break,
+                n => h.update(&buf[..n]),
+            }
+        }
+        let d = h.finish();
+        self.files
+            .insert(path.to_path_buf(), (stamp.0, stamp.1, stamp.2, d.clone()));
+        self.changed = true;
+        Ok(d)
+    }
+
+    fn save(&self) {
+        let Some(path) = &self.path else { return };
+        if !self.changed {
+            return;
+        }
+        if let Some(parent) = path.parent() {
+            let _ = std::fs::create_dir_all(parent);
+        }
+        let tmp = path.with_extension("tmp");
+        if std::fs::write(&tmp, serde_json::to_vec(self).unwrap_or_default()).is_ok() {
+            let _ = std::fs::set_permissions(&tmp, std::fs::Permissions::from_mode(0o600));
+            let _ = std::fs::rename(&tmp, path);
+        }
+    }
+}

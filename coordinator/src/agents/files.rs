@@ -1,0 +1,130 @@
+//! File contents for the jobs a node runs: the manifests of their local
+//! file mounts and workdirs, and the files those list. A node gets only
+//! what one of its jobs ships, never a blob by digest alone.
+
+use std::collections::BTreeSet;
+use std::io::Read;
+
+use nembo_domain::task::{MountSource, TaskSpec};
+use nembo_proto::agent::v1 as apb;
+use nembo_proto::files::PIECE_BYTES;
+use tokio::sync::mpsc;
+use tokio_stream::wrappers::ReceiverStream;
+use tonic::{Request, Response, Status};
+
+use crate::agents::enroll::AgentCaller;
+use crate::context::Ctx;
+
+/// Most digests in one FetchBlobs.
+const MAX_PER_CALL: usize = 10_000;
+
+/// Streams the asked blobs, each in pieces, to a node that runs the job.
+pub async fn fetch_blobs(
+    ctx: &Ctx,
+    request: Request<apb::FetchBlobsRequest>,
+) -> Result<Response<ReceiverStream<Result<apb::FetchBlobsResponse, Status>>>, Status> {
+    let Some(AgentCaller::Node(node)) = request.extensions().get::<AgentCaller>().cloned() else {
+        return Err(Status::permission_denied(
+            "only a node's certificate fetches files",
+        ));
+    };
+    let req = request.into_inner();
+    if req.digests.len() > MAX_PER_CALL {
+        return Err(Status::invalid_argument(format!(
+            "{} digests; at most {MAX_PER_CALL} per call",
+            req.digests.len()
+        )));
+    }
+    let view = ctx.raft.view();
+    let job = req
+        .job_id
+        .parse::<nembo_domain::state::JobId>()
+        .ok()
+        .and_then(|id| view.state.jobs.get(&id).cloned())
+        .filter(|j| j.attempts.iter().any(|a| a.node_ids.contains(&node)))
+        .ok_or_else(|| {
+            Status::permission_denied(format!("job {} has no attempt on {node}", req.job_id))
+        })?;
+    let shipped = shipped_by(ctx, &job.spec)?;
+    if let Some(bad) = req.digests.iter().find(|d| !shipped.contains(*d)) {
+        return Err(Status::permission_denied(format!(
+            "blob {bad} is not shipped by job {}",
+            req.job_id
+        )));
+    }
+    let files: Vec<(String, std::fs::File)> = req
+        .digests
+        .into_iter()
+        .map(|d| {
+            let f = ctx.blobs.open(&d).map_err(|e| {
+                Status::not_found(format!(
+                    "{e} (it was uploaded to another coordinator, or lost with its disk: \
+                     launch the task again to upload it)"
+                ))
+            })?;
+            Ok((d, f))
+        })
+        .collect::<Result<_, Status>>()?;
+    let (tx, rx) = mpsc::channel(4);
+    tokio::task::spawn_blocking(move || {
+        for (digest, mut file) in files {
+            loop {
+                let mut data = vec![0u8; PIECE_BYTES];
+                let n = match read_full(&mut file, &mut data) {
+                    Ok(n) => n,
+                    Err(e) => {
+                        let _ = tx.blocking_send(Err(Status::internal(format!("{digest}: {e}"))));
+                        return;
+                    }
+                };
+                data.truncate(n);
+                let last = n < PIECE_BYTES;
+                let piece = apb::FetchBlobsResponse {
+                    digest: digest.clone(),
+                    data,
+                    last,
+                };
+                if tx.blocking_send(Ok(piece)).is_err() {
+                    return;
+                }
+                if last {
+                    break;
+                }
+            }
+        }
+    });
+    Ok(Response::new(ReceiverStream::new(rx)))
+}
+
+/// Every blob a job ships: its manifests and the files they list.
+fn shipped_by(ctx: &Ctx, spec: &TaskSpec) -> Result<BTreeSet<String>, Status> {
+    let manifests = spec
+        .workdir_manifest
+        .iter()
+        .chain(spec.file_mounts.values().filter_map(|m| match m {
+            MountSource::Local { manifest, .. } => manifest.as_ref(),
+            MountSource::Uri(_) => None,
+        }));
+    let mut out = BTreeSet::new();
+    for digest in manifests {
+        let manifest = ctx
+            .blobs
+            .manifest(digest)
+            .map_err(|e| Status::not_found(e.to_string()))?;
+        out.extend(manifest.files().map(|(_, _, d)| d.to_string()));
+        out.insert(digest.clone());
+    }
+    Ok(out)
+}
+
+/// Reads until `buf` is full or the file ends.
+fn read_full(file: &mut std::fs::File, buf: &mut [u8]) -> std::io::Result<usize> {
+    let mut n = 0;
+    while n < buf.len() {
+        match file.read(&mut buf[n..])? {
+            0 => break,
+            k => n += k,
+        }
+    }
+    Ok(n)
+}

@@ -1,0 +1,88 @@
+//! Uploads of file contents for local file mounts and workdirs
+//! ([`crate::blobs`]): which the cluster lacks, and the upload itself.
+
+use nembo_proto::v1 as pb;
+use tokio_stream::StreamExt;
+use tonic::{Request, Response, Status, Streaming};
+
+use crate::blobs::{BlobError, Incoming};
+use crate::context::Ctx;
+use crate::error::CoordinatorError;
+
+/// Most digests one FindMissingBlobs may ask about.
+const MAX_ASKED: usize = 100_000;
+
+impl From<BlobError> for CoordinatorError {
+    fn from(e: BlobError) -> Self {
+        match e {
+            BlobError::Invalid(m) => CoordinatorError::InvalidArgument(m),
+            BlobError::Missing(d) => CoordinatorError::NotFound(format!("blob {d}")),
+            BlobError::Io(e) => CoordinatorError::Storage(e.to_string()),
+        }
+    }
+}
+
+/// The digests not held here.
+pub async fn find_missing_blobs(
+    ctx: &Ctx,
+    request: Request<pb::FindMissingBlobsRequest>,
+) -> Result<Response<pb::FindMissingBlobsResponse>, Status> {
+    let digests = request.into_inner().digests;
+    if digests.len() > MAX_ASKED {
+        return Err(CoordinatorError::TooLarge(format!(
+            "{} digests; at most {MAX_ASKED} per call",
+            digests.len()
+        ))
+        .into());
+    }
+    let missing = digests.into_iter().filter(|d| !ctx.blobs.has(d)).collect();
+    Ok(Response::new(pb::FindMissingBlobsResponse { missing }))
+}
+
+/// Receives blobs piece by piece; each is kept once it hashes to its name.
+pub async fn put_blobs(
+    ctx: &Ctx,
+    request: Request<Streaming<pb::PutBlobsRequest>>,
+) -> Result<Response<pb::PutBlobsResponse>, Status> {
+    let mut stream = request.into_inner();
+    let (mut blobs, mut bytes) = (0u64, 0u64);
+    let mut current: Option<Incoming> = None;
+    while let Some(piece) = stream.next().await {
+        let piece = piece?;
+        if current.is_none() {
+            if piece.size > nembo_proto::files::MAX_BYTES {
+                return Err(CoordinatorError::TooLarge(format!(
+                    "blob {} of {} bytes; the limit is {} GiB",
+                    piece.digest,
+                    piece.size,
+                    nembo_proto::files::MAX_BYTES >> 30
+                ))
+                .into());
+            }
+            current = Some(
+                ctx.blobs
+                    .begin(&piece.digest, piece.size)
+                    .map_err(CoordinatorError::from)?,
+            );
+        }
+        let Some(incoming) = current.as_mut() else {
+            continue;
+        };
+        incoming
+            .write(&piece.data)
+            .map_err(CoordinatorError::from)?;
+        if piece.last {
+            if let Some(done) = current.take() {
+                bytes += done.finish().map_err(CoordinatorError::from)?;
+                blobs += 1;
+            }
+        }
+    }
+    if current.is_some() {
+        return Err(CoordinatorError::InvalidArgument(
+            "the upload ended inside a blob (no piece with `last`)".into(),
+        )
+        .into());
+    }
+    Ok(Response::new(pb::PutBlobsResponse { blobs, bytes }))
+}

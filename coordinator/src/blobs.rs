@@ -1,0 +1,204 @@
+//! File contents that clients upload for their tasks' local file mounts and
+//! workdirs, kept by SHA-256 under `<data dir>/blobs/ab/abcdef...` (not in
+//! Raft: a blob is checked against its name whenever it is read, and a
+//! missing one fails the attempt's setup with a clear message). A blob is
+//! written to a temp file, checked, then renamed into place, so a reader
+//! never sees part of one.
+
+use std::collections::BTreeSet;
+use std::fs;
+use std::io::{Read, Write};
+use std::path::PathBuf;
+
+use nembo_proto::files::{is_digest, Hasher, Manifest};
+
+/// Why a blob could not be stored or read.
+#[derive(Debug, thiserror::Error)]
+pub enum BlobError {
+    /// Not a SHA-256, or the content does not hash to it.
+    #[error("{0}")]
+    Invalid(String),
+    /// Not here.
+    #[error("blob {0} is not held by this coordinator")]
+    Missing(String),
+    /// The disk failed.
+    #[error("blob store: {0}")]
+    Io(#[from] std::io::Error),
+}
+
+/// The blobs of one coordinator.
+pub struct BlobStore {
+    dir: PathBuf,
+}
+
+/// A blob being received.
+pub struct Incoming {
+    digest: String,
+    size: u64,
+    written: u64,
+    hasher: Hasher,
+    file: fs::File,
+    tmp: PathBuf,
+    path: PathBuf,
+}
+
+impl BlobStore {
+    /// Blobs live under `dir`.
+    pub fn new(dir: PathBuf) -> std::io::Result<Self> {
+        fs::create_dir_all(&dir)?;
+        Ok(Self { dir })
+    }
+
+    fn path(&self, digest: &str) -> PathBuf {
+        self.dir.join(&digest[..2]).join(digest)
+    }
+
+    /// Whether the blob is here.
+    pub fn has(&self, digest: &str) -> bool {
+        is_digest(digest) && self.path(digest).is_file()
+    }
+
+    /// Starts receiving a blob of `size` bytes named `digest`.
+    pub fn begin(&self, digest: &str, size: u64) -> Result<Incoming, BlobError> {
+        if !is_digest(digest) {
+            return Err(BlobError::Invalid(format!("'{digest}' is not a SHA-256")));
+        }
+        let path = self.path(digest);
+        fs::create_dir_all(path.parent().unwrap_or(&self.dir))?;
+        let tmp = path.with_extension(format!("tmp{}", rand_suffix()));
+        Ok(Incoming {
+            digest: digest.to_string(),
+            size,
+            written: 0,
+            hasher: Hasher::default(),
+            file: fs::File::create(&tmp)?,
+            tmp,
+            path,
+        })
+    }
+
+    /// A blob's content, opened for reading.
+    pub fn open(&self, digest: &str) -> Result<fs::File, BlobError> {
+        if !is_digest(digest) {
+            return Err(BlobError::Invalid(format!("'{digest}' is not a SHA-256")));
+        }
+        fs::File::open(self.path(digest)).map_err(|e| match e.kind() {
+            std::io::ErrorKind::NotFound => BlobError::Missing(digest.to_string()),
+            _ => BlobError::Io(e),
+        })
+    }
+
+    /// A manifest blob, read, checked against its name and decoded.
+    pub fn manifest(&self, digest: &str) -> Result<Manifest, BlobError> {
+        let mut bytes = Vec::new();
+        self.open(digest)?
+            .take(nembo_proto::files::MAX_ENTRIES as u64 * 4096)
+            .read_to_end(&mut bytes)?;
+        if nembo_proto::files::digest(&bytes) != digest {
+            return Err(BlobError::Invalid(format!(
+                "blob {digest} does not match its name"
+            )));
+        }
+        Manifest::decode(&bytes).map_err(BlobError::Invalid)
+    }
+
+    /// The blobs `manifest` lists that are not here.
+    pub fn missing_of(&self, manifest: &Manifest) -> BTreeSet<String> {
+        manifest
+            .files()
+            .map(|(_, _, d)| d)
+            .filter(|d| !self.has(d))
+            .map(str::to_string)
+            .collect()
+    }
+}
+
+impl Incoming {
+    /// Appends a piece; refuses more bytes than announced.
+    pub fn write(&mut self, data: &[u8]) -> Result<(), BlobError> {
+        self.written += data.len() as u64;
+        if self.written > self.size {
+            return Err(BlobError::Invalid(format!(
+                "blob {}: more than the {} bytes announced",
+                self.digest, self.size
+            )));
+        }
+        self.hasher.update(data);
+        self.file.write_all(data)?;
+        Ok(())
+    }
+
+    /// Checks the content against its name and keeps it; returns its size.
+    pub fn finish(mut self) -> Result<u64, BlobError> {
+        let got = std::mem::take(&mut self.hasher).finish();
+        if got != self.digest || self.written != self.size {
+            let _ = fs::remove_file(&self.tmp);
+            return Err(BlobError::Invalid(format!(
+                "blob {}: received {} bytes hashing to {got}, announced {} bytes",
+                self.digest, self.written, self.size
+            )));
+        }
+        self.file.sync_data()?;
+        fs::rename(&self.tmp, &self.path)?;
+        Ok(self.written)
+    }
+}
+
+impl Drop for Incoming {
+    fn drop(&mut self) {
+        // Unfinished (the client went away): leave nothing behind.
+        if self.tmp.exists() && !self.path.exists() {
+            let _ = fs::remove_file(&self.tmp);
+        }
+    }
+}
+
+fn rand_suffix() -> u64 {
+    let mut b = [0u8; 8];
+    let _ = getrandom::getrandom(&mut b);
+    u64::from_le_bytes(b)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_blob_is_kept_only_if_it_hashes_to_its_name() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = BlobStore::new(dir.path().to_path_buf()).unwrap();
+        let d = nembo_proto::files::digest(b"hello");
+        let mut bad = store.begin(&d, 5).unwrap();
+        bad.write(b"hellx").unwrap();
+        assert!(bad.finish().is_err());
+        assert!(!store.has(&d));
+        let mut over = store.begin(&d, 2).unwrap();
+        assert!(over.write(b"hello").is_err());
+        drop(over);
+        let mut good = store.begin(&d, 5).unwrap();
+        good.write(b"hel").unwrap();
+        good.write(b"lo").unwrap();
+        assert_eq!(good.finish().unwrap(), 5);
+        assert!(store.has(&d));
+        assert!(store.begin("../../etc", 1).is_err());
+        assert!(matches!(
+            store.open(&"0".repeat(64)),
+            Err(BlobError::Missing(_))
+        ));
+        // Nothing half-written is left.
+        let left: Vec<_> = walk(dir.path());
+        assert_eq!(left.len(), 1, "{left:?}");
+    }
+
+    fn walk(p: &std::path::Path) -> Vec<PathBuf> {
+        let mut out = Vec::new();
+        for e in fs::read_dir(p).unwrap().flatten() {
+            if e.path().is_dir() {
+                out.extend(walk(&e.path()));
+            } else {
+                out.push(e.path());
+            }
+        }
+        out
+    }
+}

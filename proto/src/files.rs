@@ -1,0 +1,271 @@
+//! Local files shipped to nodes (`file_mounts` with a local source, and
+//! `workdir`), content-addressed: the client uploads each distinct file
+//! once (PutBlobs, keyed by SHA-256) plus a manifest naming every entry,
+//! and agents fetch what they do not already hold (FetchBlobs). A relaunch
+//! or a second node moves only what changed.
+//!
+//! The manifest is the contract between the three: the client writes it,
+//! the coordinators check it before a task is accepted, the agent follows
+//! it. Its checks are the same on every side.
+
+use serde::{Deserialize, Serialize};
+
+/// The most entries (files, directories, links) one task may ship, over
+/// its workdir and every local file mount.
+pub const MAX_ENTRIES: usize = 100_000;
+/// The most bytes one task may ship that way. Data sets belong in a bucket.
+pub const MAX_BYTES: u64 = 20 << 30;
+/// Size of one piece of a blob on the wire.
+pub const PIECE_BYTES: usize = 2 << 20;
+
+/// What a local source holds.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Manifest {
+    /// The source was one file: `entries` is that file alone, at path "".
+    #[serde(default)]
+    pub single_file: bool,
+    /// Every entry, parents before children.
+    pub entries: Vec<Entry>,
+}
+
+/// One entry, by its path below the source (`/`-separated, relative).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Entry {
+    pub path: String,
+    /// Unix permission bits.
+    pub mode: u32,
+    #[serde(flatten)]
+    pub kind: Kind,
+}
+
+/// What an entry is.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "kind", rename_all = "snake_case")]
+pub enum Kind {
+    Dir,
+    /// A regular file: its size and SHA-256.
+    File {
+        size: u64,
+        digest: String,
+    },
+    /// A symbolic link, copied as a link (as rsync -a does).
+    Symlink {
+        target: String,
+    },
+}
+
+impl Manifest {
+    /// Canonical bytes: the manifest is a blob like any other.
+    pub fn encode(&self) -> Vec<u8> {
+        serde_json::to_vec(self).unwrap_or_default()
+    }
+
+    /// Reads and checks a manifest.
+    pub fn decode(bytes: &[u8]) -> Result<Manifest, String> {
+        let m: Manifest =
+            serde_json::from_slice(bytes).map_err(|e| format!("not a manifest: {e}"))?;
+        m.check()?;
+        Ok(m)
+    }
+
+    /// Bytes of every file.
+    pub fn bytes(&self) -> u64 {
+        self.files().map(|(_, size, _)| size).sum()
+    }
+
+    /// Every file: (path, size, digest).
+    pub fn files(&self) -> impl Iterator<Item = (&str, u64, &str)> {
+        self.entries.iter().filter_map(|e| match &e.kind {
+            Kind::File { size, digest } => Some((e.path.as_str(), *size, digest.as_str())),
+            _ => None,
+        })
+    }
+
+    /// Refuses what would write outside the destination or is not what it
+    /// claims: absolute paths, `..`, links that point outside the source,
+    /// bad digests, and more than the limits.
+    pub fn check(&self) -> Result<(), String> {
+        if self.entries.len() > MAX_ENTRIES {
+            return Err(format!(
+                "{} entries; the limit is {MAX_ENTRIES}",
+                self.entries.len()
+            ));
+        }
+        if self.bytes() > MAX_BYTES {
+            return Err(format!(
+                "{} bytes; the limit is {} GiB (put data sets in a bucket)",
+                self.bytes(),
+                MAX_BYTES >> 30
+            ));
+        }
+        if self.single_file
+            && !(self.entries.len() == 1
+                && self.entries[0].path.is_empty()
+                && matches!(self.entries[0].kind, Kind::File { .. }))
+        {
+            return Err("a single-file manifest must hold one file at path \"\"".into());
+        }
+        for e in &self.entries {
+            if !(self.single_file || is_relative_inside(&e.path)) {
+                return Err(format!(
+                    "entry '{}': not a relative path inside the source",
+                    e.path
+                ));
+            }
+            match &e.kind {
+                Kind::File { digest, .. } if !is_digest(digest) => {
+                    return Err(format!("entry '{}': '{digest}' is not a SHA-256", e.path));
+                }
+                Kind::Symlink { target } if !link_stays_inside(&e.path, target) => {
+                    return Err(format!(
+                        "entry '{}': the link points to '{target}', outside the source",
+                        e.path
+                    ));
+                }
+                _ => {}
+            }
+        }
+        Ok(())
+    }
+}
+
+/// Whether `s` is a lowercase hex SHA-256.
+pub fn is_digest(s: &str) -> bool {
+    s.len() == 64
+        && s.bytes()
+            .all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b))
+}
+
+/// SHA-256 of `bytes`, lowercase hex.
+pub fn digest(bytes: &[u8]) -> String {
+    hex(ring::digest::digest(&ring::digest::SHA256, bytes).as_ref())
+}
+
+/// A SHA-256 computed piece by piece.
+pub struct Hasher(ring::digest::Context);
+
+impl Default for Hasher {
+    fn default() -> Self {
+        Hasher(ring::digest::Context::new(&ring::digest::SHA256))
+    }
+}
+
+impl Hasher {
+    /// Adds `bytes`.
+    pub fn update(&mut self, bytes: &[u8]) {
+        self.0.update(bytes);
+    }
+
+    /// The digest, lowercase hex.
+    pub fn finish(self) -> String {
+        hex(self.0.finish().as_ref())
+    }
+}
+
+fn hex(bytes: &[u8]) -> String {
+    bytes.iter().map(|b| format!("{b:02x}")).collect()
+}
+
+/// A non-empty relative path with no `.`, `..` or empty component.
+fn is_relative_inside(path: &str) -> bool {
+    !path.is_empty()
+        && !path.starts_with('/')
+        && path
+            .split('/')
+            .all(|c| !c.is_empty() && c != "." && c != ".." && !c.contains('\0'))
+}
+
+/// Whether a link at `path` pointing to `target` resolves inside the
+/// source (what `..` climbs must stay below the root).
+fn link_stays_inside(path: &str, target: &str) -> bool {
+    if target.is_empty() || target.starts_with('/') || target.contains('\0') {
+        return false;
+    }
+    let mut depth: i64 = path.split('/').count() as i64 - 1;
+    for c in target.split('/') {
+        match c {
+            "" | "." => {}
+            ".." => {
+                depth -= 1;
+                if depth < 0 {
+                    return false;
+                }
+            }
+            _ => depth += 1,
+        }
+    }
+    true
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn file(path: &str) -> Entry {
+        Entry {
+            path: path.into(),
+            mode: 0o644,
+            kind: Kind::File {
+                size: 3,
+                digest: digest(b"abc"),
+            },
+        }
+    }
+
+    fn link(path: &str, target: &str) -> Entry {
+        Entry {
+            path: path.into(),
+            mode: 0o777,
+            kind: Kind::Symlink {
+                target: target.into(),
+            },
+        }
+    }
+
+    fn check(entries: Vec<Entry>) -> Result<(), String> {
+        Manifest {
+            single_file: false,
+            entries,
+        }
+        .check()
+    }
+
+    #[test]
+    fn paths_and_links_must_stay_inside_the_source() {
+        assert!(check(vec![file("a/b.txt"), link("a/l", "../a/b.txt")]).is_ok());
+        for bad in ["../x", "/etc/passwd", "a/../../x", "a//b", "./a", ""] {
+            assert!(check(vec![file(bad)]).is_err(), "{bad}");
+        }
+        for bad in ["/etc/passwd", "../../x", "../.."] {
+            assert!(check(vec![link("a/l", bad)]).is_err(), "{bad}");
+        }
+        let mut bad_digest = file("x");
+        bad_digest.kind = Kind::File {
+            size: 1,
+            digest: "ABC".into(),
+        };
+        assert!(check(vec![bad_digest]).is_err());
+    }
+
+    #[test]
+    fn a_manifest_round_trips_and_counts_its_bytes() {
+        let m = Manifest {
+            single_file: false,
+            entries: vec![
+                Entry {
+                    path: "d".into(),
+                    mode: 0o755,
+                    kind: Kind::Dir,
+                },
+                file("d/f"),
+            ],
+        };
+        let back = Manifest::decode(&m.encode()).unwrap();
+        assert_eq!(back, m);
+        assert_eq!(back.bytes(), 3);
+        assert_eq!(
+            digest(b"abc"),
+            "ba7816bf8f01cfea414140de5dae2223b00361a396177a9cb410ff61f20015ad"
+        );
+    }
+}
