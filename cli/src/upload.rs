@@ -40,26 +40,30 @@ pub fn local_sources(task_yaml: &str) -> Result<Vec<Source>> {
     else {
         return Ok(Vec::new()); // the coordinator says what is wrong with it
     };
-    let mut named: Vec<String> = Vec::new();
+    // (field, source as named)
+    let mut named: Vec<(String, String)> = Vec::new();
     if let Some(yaml_serde::Value::String(w)) = map.get("workdir") {
-        named.push(w.clone());
+        named.push(("workdir".into(), w.clone()));
     }
     if let Some(yaml_serde::Value::Mapping(mounts)) = map.get("file_mounts") {
-        for v in mounts.values() {
-            if let yaml_serde::Value::String(s) = v {
+        for (k, v) in mounts {
+            if let (yaml_serde::Value::String(dst), yaml_serde::Value::String(s)) = (k, v) {
                 let s = s.trim();
                 if !s.contains("://") && !s.is_empty() {
-                    named.push(s.to_string());
+                    named.push((format!("file_mounts.{dst}"), s.to_string()));
                 }
             }
         }
     }
-    named.dedup();
     let mut cache = HashCache::load();
-    let mut out = Vec::new();
+    let mut out: Vec<Source> = Vec::new();
     let (mut entries, mut bytes) = (0usize, 0u64);
-    for n in named {
+    for (field, n) in named {
+        if out.iter().any(|s| s.named == n) {
+            continue;
+        }
         let path = resolve(&n)?;
+        refuse_whole_machine(&field, &n, &path)?;
         let source = describe(&n, &path, &mut cache)?;
         entries += source.manifest.entries.len();
         bytes += source.manifest.bytes();
@@ -76,6 +80,22 @@ pub fn local_sources(task_yaml: &str) -> Result<Vec<Source>> {
     }
     cache.save();
     Ok(out)
+}
+
+/// A source that is the machine or a home rather than a project: shipping
+/// it is always a mistake (and `/` would carry every key on the machine).
+fn refuse_whole_machine(field: &str, named: &str, path: &Path) -> Result<()> {
+    let real = path.canonicalize().unwrap_or_else(|_| path.to_path_buf());
+    if real == Path::new("/") {
+        bail!("{field}: '{named}' is the root directory: it would ship the whole machine");
+    }
+    if ["/proc", "/sys", "/dev"].iter().any(|p| real.starts_with(p)) {
+        bail!("{field}: '{named}' is a system directory, not files to ship");
+    }
+    if std::env::var_os("HOME").is_some_and(|h| real == Path::new(&h)) {
+        bail!("{field}: '{named}' is a home directory itself; name the project's directory");
+    }
+    Ok(())
 }
 
 /// `~/x` from the home, a relative path from the current directory.

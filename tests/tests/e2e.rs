@@ -457,9 +457,9 @@ async fn bad_input_gets_a_clear_error_and_changes_nothing() {
             "resources.infra: cloud 'aws' is not enabled",
         ),
         (
-            "file_mounts: {/d: s3://b}".into(),
+            "file_mounts: {/d: {name: b, mode: MOUNT}}".into(),
             Code::InvalidArgument,
-            "file_mounts: is valid SkyPilot but not supported",
+            "file_mounts./d: a storage object ({name, source, store, mode}) is valid SkyPilot but not supported",
         ),
         (
             format!("run: echo {}", "x".repeat(300 * 1024)),

@@ -275,6 +275,10 @@ async fn bad_sources_are_refused_before_anything_is_queued() {
         &["up", "outside the source"],
     );
     refused(
+        launch("file_mounts:\n  x: /proc/self/root\nrun: 'true'\n"),
+        &["file_mounts.x", "root directory"],
+    );
+    refused(
         launch("file_mounts:\n  x: /nonexistent/nembo/source\nrun: 'true'\n"),
         &["/nonexistent/nembo/source", "does not exist locally"],
     );

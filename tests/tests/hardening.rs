@@ -556,7 +556,7 @@ async fn a_workdir_is_never_the_machine_a_home_or_the_coordinators_files() {
     );
     assert!(String::from_utf8_lossy(&out.stdout).contains("print('hi')"));
     assert!(
-        String::from_utf8_lossy(&out.stderr).contains("1 entries"),
+        String::from_utf8_lossy(&out.stderr).contains("1 files"),
         "{}",
         String::from_utf8_lossy(&out.stderr)
     );
