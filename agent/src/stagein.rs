@@ -416,10 +416,8 @@ struct Writing {
 }
 
 impl Writing {
+    /// The file's directory exists: a manifest lists parents first.
     fn start(digest: &str, path: &Path) -> Result<Writing, String> {
-        if let Some(parent) = path.parent() {
-            std::fs::create_dir_all(parent).map_err(|e| format!("{}: {e}", parent.display()))?;
-        }
         let tmp = tmp_beside(path);
         let file = std::fs::File::create(&tmp).map_err(|e| format!("{}: {e}", tmp.display()))?;
         Ok(Writing {

@@ -84,5 +84,8 @@ pub async fn put_blobs(
         )
         .into());
     }
+    // Acknowledged means on disk.
+    let blobs_dir = &ctx.blobs;
+    tokio::task::block_in_place(|| blobs_dir.sync()).map_err(CoordinatorError::from)?;
     Ok(Response::new(pb::PutBlobsResponse { blobs, bytes }))
 }

@@ -1,0 +1,263 @@
+//! `bench_sync`: data in, beside rsync. In one run:
+//!
+//! 1. A 1 GB directory of mixed files (4 x 128 MiB, 200 x 2 MiB, 10 000
+//!    files of 1-16 KiB; incompressible) is shipped to a local node with
+//!    `nembo launch` (`file_mounts` to an absolute path), then again after
+//!    one small file changed; and the same twice with `rsync -a` over ssh
+//!    to 127.0.0.1 (a real sshd on loopback), the anchor.
+//! 2. A 1 GiB object is copied from moto S3 by the agent (`s3://` file
+//!    mount); the agent's peak RSS (VmHWM) is read after.
+//!
+//! Nembo's times are the whole `nembo launch` (hashing, upload, the job's
+//! placement on the idle node, the agent's fetch, a `true` run), measured
+//! from outside as a user would. Prints a table, then one JSON document.
+//!
+//! Build with `cargo build --release --workspace`, then
+//! `target/release/bench_sync [--mb 1024]`.
+
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use nembo_proto::v1 as pb;
+use nembo_tests::{cli_arg, wait_for, Coordinator, Moto};
+use serde_json::json;
+
+/// xorshift64*: incompressible bytes, quickly.
+struct Noise(u64);
+
+impl Noise {
+    fn fill(&mut self, buf: &mut [u8]) {
+        for chunk in buf.chunks_mut(8) {
+            self.0 ^= self.0 << 13;
+            self.0 ^= self.0 >> 7;
+            self.0 ^= self.0 << 17;
+            let v = self.0.wrapping_mul(0x2545_F491_4F6C_DD1D).to_le_bytes();
+            chunk.copy_from_slice(&v[..chunk.len()]);
+        }
+    }
+}
+
+fn file(path: &Path, len: usize, noise: &mut Noise) {
+    std::fs::create_dir_all(path.parent().unwrap()).unwrap();
+    let mut f = std::fs::File::create(path).unwrap();
+    let mut buf = vec![0u8; len.min(4 << 20)];
+    let mut left = len;
+    while left > 0 {
+        let n = left.min(buf.len());
+        noise.fill(&mut buf[..n]);
+        f.write_all(&buf[..n]).unwrap();
+        left -= n;
+    }
+}
+
+/// The mixed tree; returns its size in bytes.
+fn make_tree(root: &Path, scale: f64) -> u64 {
+    let mut noise = Noise(0x9E37_79B9_7F4A_7C15);
+    let mut total = 0u64;
+    let mut add = |p: PathBuf, len: usize, noise: &mut Noise| {
+        file(&p, len, noise);
+        total += len as u64;
+    };
+    for i in 0..4 {
+        add(root.join(format!("weights/shard-{i}.bin")), (128.0 * scale) as usize * (1 << 20), &mut noise);
+    }
+    for i in 0..200 {
+        add(root.join(format!("data/part-{i:03}.parquet")), (2.0 * scale * (1 << 20) as f64) as usize, &mut noise);
+    }
+    for i in 0..10_000 {
+        let len = 1024 * (1 + (i * 7919) % 16);
+        add(root.join(format!("src/m{:02}/f{i}.py", i % 100)), len, &mut noise);
+    }
+    total
+}
+
+fn timed(what: &str, cmd: &mut Command) -> f64 {
+    let t = Instant::now();
+    let out = cmd.output().unwrap_or_else(|e| panic!("{what}: {e}"));
+    assert!(
+        out.status.success(),
+        "{what}: {}\n{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    t.elapsed().as_secs_f64()
+}
+
+struct Sshd(std::process::Child);
+
+impl Drop for Sshd {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+/// A real sshd on loopback with a throwaway key; returns it, its port and
+/// the ssh command rsync should use.
+async fn sshd(dir: &Path) -> (Sshd, String) {
+    for key in ["host_key", "id"] {
+        let st = Command::new("ssh-keygen")
+            .args(["-q", "-t", "ed25519", "-N", "", "-f"])
+            .arg(dir.join(key))
+            .status()
+            .unwrap();
+        assert!(st.success());
+    }
+    std::fs::copy(dir.join("id.pub"), dir.join("authorized_keys")).unwrap();
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    std::fs::write(
+        dir.join("sshd_config"),
+        format!(
+            "Port {port}\nListenAddress 127.0.0.1\nHostKey {d}/host_key\nAuthorizedKeysFile {d}/authorized_keys\n\
+             PasswordAuthentication no\nKbdInteractiveAuthentication no\nUsePAM no\n\
+             PermitRootLogin prohibit-password\nStrictModes no\nPidFile {d}/sshd.pid\n",
+            d = dir.display()
+        ),
+    )
+    .unwrap();
+    let _ = std::fs::create_dir_all("/run/sshd");
+    let child = Command::new("/usr/sbin/sshd")
+        .args(["-D", "-e", "-f"])
+        .arg(dir.join("sshd_config"))
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("/usr/sbin/sshd (apt install openssh-server)");
+    wait_for("sshd", Duration::from_secs(10), || async {
+        std::net::TcpStream::connect(("127.0.0.1", port)).ok()
+    })
+    .await;
+    let ssh = format!(
+        "ssh -p {port} -i {}/id -o StrictHostKeyChecking=no -o UserKnownHostsFile=/dev/null -o LogLevel=ERROR",
+        dir.display()
+    );
+    (Sshd(child), ssh)
+}
+
+#[tokio::main]
+async fn main() {
+    let mb = cli_arg("--mb", 1024) as f64;
+    let scale = mb / 1024.0;
+    let scratch = tempfile::Builder::new().prefix("bench-sync").tempdir().unwrap();
+    let s = scratch.path();
+    let tree = s.join("tree");
+    let bytes = make_tree(&tree, scale);
+    let files = 4 + 200 + 10_000;
+    eprintln!("tree: {files} files, {:.2} GB", bytes as f64 / 1e9);
+    let changed = tree.join("src/m42/f42.py");
+
+    // rsync -a over ssh to this machine.
+    let (_sshd, ssh) = sshd(s).await;
+    let rsync_dst = s.join("rsync-dst");
+    let rsync = || {
+        let mut c = Command::new("rsync");
+        c.args(["-a", "-e", &ssh])
+            .arg(format!("{}/", tree.display()))
+            .arg(format!("127.0.0.1:{}/", rsync_dst.display()));
+        c
+    };
+    let rsync_first = timed("rsync", &mut rsync());
+    let rsync_nochange = timed("rsync", &mut rsync());
+    std::fs::write(&changed, "changed for rsync\n").unwrap();
+    let rsync_again = timed("rsync", &mut rsync());
+
+    // Nembo: the same tree to an absolute path on a local node. A first
+    // job starts the node, so the timings are the sync's, not a boot's.
+    let c = Coordinator::start(&["--heartbeat-ms", "1000"]).await;
+    let warm = c.submit("run: 'true'\n").await;
+    c.wait_state(&warm, pb::JobState::Succeeded, Duration::from_secs(60))
+        .await;
+    let nembo_dst = s.join("nembo-dst");
+    let task = s.join("sync.yaml");
+    std::fs::write(
+        &task,
+        format!(
+            "file_mounts:\n  {}: {}\nrun: 'true'\n",
+            nembo_dst.display(),
+            tree.display()
+        ),
+    )
+    .unwrap();
+    let launch = || {
+        let mut cmd = Command::new(nembo_tests::bin("nembo"));
+        cmd.arg("launch")
+            .arg(&task)
+            .env("NEMBO_API_INFO", c.dir.path().join("api.json"))
+            .env("NEMBO_HOME", s.join("cli-home"));
+        cmd
+    };
+    std::fs::write(&changed, "original\n").unwrap();
+    let nembo_first = timed("nembo launch", &mut launch());
+    let nembo_nochange = timed("nembo launch", &mut launch());
+    std::fs::write(&changed, "changed for nembo\n").unwrap();
+    let nembo_again = timed("nembo launch", &mut launch());
+    let same = Command::new("diff")
+        .args(["-r", "-q"])
+        .arg(&tree)
+        .arg(&nembo_dst)
+        .status()
+        .unwrap()
+        .success();
+    assert!(same, "the node's copy differs from the source");
+
+    // 1 GiB from S3 (moto) by the agent, streamed.
+    let moto = Moto::start(&[]).await;
+    Moto::helper(&["bucket", &moto.endpoint, "bench"]);
+    let object = s.join("object.bin");
+    file(&object, (1024.0 * scale) as usize * (1 << 20), &mut Noise(7));
+    Moto::helper(&["put", &moto.endpoint, "bench", "ds/object.bin", object.to_str().unwrap()]);
+    let copy_dst = s.join("s3-dst");
+    let t = Instant::now();
+    let job = c
+        .submit(&format!(
+            "file_mounts:\n  {}: s3://bench/ds\nenvs: {{AWS_ENDPOINT_URL: \"{}\", AWS_ALLOW_HTTP: \"true\", AWS_DEFAULT_REGION: us-east-1}}\n\
+             secrets: {{AWS_ACCESS_KEY_ID: testing, AWS_SECRET_ACCESS_KEY: testing}}\nrun: 'true'\n",
+            copy_dst.display(),
+            moto.endpoint
+        ))
+        .await;
+    let done = c
+        .wait_state(&job, pb::JobState::Succeeded, Duration::from_secs(600))
+        .await;
+    let s3_secs = t.elapsed().as_secs_f64();
+    let agent = c.agent_pid(&done.node_ids[0]);
+    let status = std::fs::read_to_string(format!("/proc/{agent}/status")).unwrap();
+    let hwm_mb = status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmHWM:"))
+        .and_then(|v| v.split_whitespace().next()?.parse::<f64>().ok())
+        .unwrap_or(0.0)
+        / 1024.0;
+    let copied = std::fs::metadata(copy_dst.join("object.bin")).unwrap().len();
+    assert_eq!(copied, std::fs::metadata(&object).unwrap().len());
+
+    println!("{:<44} {:>10} {:>10} {:>8}", "", "nembo", "rsync", "ratio");
+    for (what, n, r) in [
+        ("first sync (s)", nembo_first, rsync_first),
+        ("again, nothing changed (s)", nembo_nochange, rsync_nochange),
+        ("again, one file changed (s)", nembo_again, rsync_again),
+    ] {
+        println!("{what:<44} {n:>10.2} {r:>10.2} {:>8.2}", n / r);
+    }
+    println!(
+        "{:<44} {:>10.1}",
+        format!("S3 COPY of {:.2} GB (s)", copied as f64 / 1e9),
+        s3_secs
+    );
+    println!("{:<44} {:>10.1}", "agent peak RSS during the whole run (MB)", hwm_mb);
+    println!(
+        "{}",
+        json!({
+            "tree": {"files": files, "bytes": bytes},
+            "nembo": {"first_s": nembo_first, "unchanged_s": nembo_nochange, "one_changed_s": nembo_again},
+            "rsync_ssh": {"first_s": rsync_first, "unchanged_s": rsync_nochange, "one_changed_s": rsync_again},
+            "s3_copy": {"bytes": copied, "seconds": s3_secs},
+            "agent_vmhwm_mb": hwm_mb,
+        })
+    );
+}
