@@ -17,8 +17,8 @@ use crate::table;
 /// `nembo launch`.
 #[derive(clap::Args, Debug)]
 pub struct LaunchArgs {
-    /// Task file (SkyPilot YAML).
-    task: PathBuf,
+    /// Task file (SkyPilot YAML), or a command to run (`'python train.py'`).
+    task: String,
     /// Submit and return at once, printing the job id.
     #[arg(short, long)]
     detach: bool,
@@ -28,8 +28,9 @@ pub struct LaunchArgs {
     /// Machine-readable output (with --dry-run or --detach).
     #[arg(long)]
     json: bool,
-    /// Set an env var of the task (fills `NAME: null` entries).
-    #[arg(long = "env", value_name = "NAME=VALUE", value_parser = crate::parse_env_arg)]
+    /// Set an env var of the task (fills `NAME: null` entries); `NAME`
+    /// alone passes this shell's value.
+    #[arg(long = "env", value_name = "NAME[=VALUE]", value_parser = crate::parse_env_arg)]
     envs: Vec<(String, String)>,
     /// Override the task's name.
     #[arg(short, long)]
@@ -37,17 +38,21 @@ pub struct LaunchArgs {
     /// Retrying with the same key never creates a second job.
     #[arg(long)]
     idempotency_key: Option<String>,
+    #[command(flatten)]
+    overrides: crate::overrides::Overrides,
 }
 
-/// Reads the task, making a relative `workdir` absolute (relative to the
-/// current directory, as SkyPilot does) and applying `--name`.
-fn read_task(path: &PathBuf, name: Option<&str>) -> Result<String> {
-    let text = std::fs::read_to_string(path).with_context(|| format!("read {}", path.display()))?;
+/// Reads the task (a file, or an inline command), applies the launch
+/// line's overrides and `--name`, and makes a relative `workdir` absolute
+/// (relative to the current directory, as SkyPilot does).
+fn read_task(a: &LaunchArgs) -> Result<String> {
+    let (text, _) = crate::overrides::entrypoint(&a.task)?;
+    let name = a.name.as_deref();
     let Ok(yaml_serde::Value::Mapping(mut map)) = yaml_serde::from_str::<yaml_serde::Value>(&text)
     else {
         return Ok(text); // let the coordinator report what is wrong with it
     };
-    let mut changed = false;
+    a.overrides.apply(&mut map)?;
     if let Some(yaml_serde::Value::String(w)) = map.get("workdir") {
         // Where it really is (`../..`, links and `/proc/self/root` resolved),
         // so the coordinator judges the directory that would be copied.
@@ -63,20 +68,12 @@ fn read_task(path: &PathBuf, name: Option<&str>) -> Result<String> {
         if !real.is_dir() {
             anyhow::bail!("workdir {} is not a directory", real.display());
         }
-        if real.as_os_str() != w.as_str() {
-            map.insert("workdir".into(), real.display().to_string().into());
-            changed = true;
-        }
+        map.insert("workdir".into(), real.display().to_string().into());
     }
     if let Some(n) = name {
         map.insert("name".into(), n.into());
-        changed = true;
     }
-    Ok(if changed {
-        yaml_serde::to_string(&yaml_serde::Value::Mapping(map))?
-    } else {
-        text
-    })
+    Ok(yaml_serde::to_string(&yaml_serde::Value::Mapping(map))?)
 }
 
 /// `RUNNING`, `SUCCEEDED`, ... (the wire name without its prefix).
@@ -131,15 +128,18 @@ fn fresh_key() -> String {
 /// Launches; returns the job's exit code. A managed job is recovered by
 /// the coordinators across preemptions (`nembo jobs launch`).
 pub async fn launch(a: LaunchArgs, managed: bool) -> Result<i32> {
-    let task_yaml = read_task(&a.task, a.name.as_deref())?;
+    let task_yaml = read_task(&a)?;
+    let mut envs = a.overrides.env_file_vars()?;
+    envs.extend(a.envs.iter().cloned());
+    let envs = crate::env_map(&envs);
     // Refuse a task that cannot be accepted before reading its local sources.
-    nembo_domain::task::parse_task_yaml(&task_yaml, &crate::env_map(&a.envs))?;
+    nembo_domain::task::parse_task_yaml(&task_yaml, &envs)?;
     let sources = crate::upload::local_sources(&task_yaml)?;
     let mut client = connect::client().await?;
     if a.dry_run {
         let req = pb::DryRunRequest {
             task: Some(pb::dry_run_request::Task::TaskYaml(task_yaml)),
-            env_overrides: crate::env_map(&a.envs),
+            env_overrides: envs,
             managed,
             uploads: Default::default(),
         };
@@ -150,7 +150,7 @@ pub async fn launch(a: LaunchArgs, managed: bool) -> Result<i32> {
     let req = pb::SubmitJobRequest {
         task: Some(pb::submit_job_request::Task::TaskYaml(task_yaml)),
         idempotency_key: a.idempotency_key.clone().unwrap_or_else(fresh_key),
-        env_overrides: crate::env_map(&a.envs),
+        env_overrides: envs,
         managed,
         uploads: crate::upload::ship(&client, &sources)
             .await?

@@ -7,6 +7,7 @@ mod demo;
 mod gpus;
 mod jobs;
 mod local;
+mod overrides;
 mod table;
 mod upload;
 
@@ -43,7 +44,7 @@ enum JobsCmd {
     /// Launch a managed job: the coordinators move it to new nodes when its
     /// nodes are preempted (per `resources.job_recovery`), resuming from its
     /// checkpoint.
-    Launch(jobs::LaunchArgs),
+    Launch(Box<jobs::LaunchArgs>),
     /// Managed jobs: state, attempts, recoveries, latest event.
     Queue {
         /// Machine-readable output (with each job's events).
@@ -78,7 +79,7 @@ enum DemoCmd {
 #[derive(Subcommand, Debug)]
 enum Cmd {
     /// Launch a task (SkyPilot YAML); streams its output and exits with its exit code.
-    Launch(jobs::LaunchArgs),
+    Launch(Box<jobs::LaunchArgs>),
     /// Managed jobs.
     Jobs {
         #[command(subcommand)]
@@ -388,9 +389,13 @@ fn parse_duration_ms(s: &str) -> Result<u32, String> {
 
 /// Parses `NAME=VALUE`.
 pub(crate) fn parse_env_arg(s: &str) -> Result<(String, String), String> {
-    s.split_once('=')
-        .map(|(k, v)| (k.to_string(), v.to_string()))
-        .ok_or_else(|| format!("'{s}' is not NAME=VALUE"))
+    match s.split_once('=') {
+        Some((k, v)) => Ok((k.to_string(), v.to_string())),
+        // A bare name passes this shell's value, as SkyPilot's `--env NAME` does.
+        None => std::env::var(s)
+            .map(|v| (s.to_string(), v))
+            .map_err(|_| format!("'{s}' is not NAME=VALUE, and {s} is not set here")),
+    }
 }
 
 /// `--env` values, later ones winning.
@@ -416,12 +421,12 @@ async fn main() {
 
 async fn run(cli: Cli) -> Result<i32> {
     match cli.command {
-        Cmd::Launch(a) => jobs::launch(a, false).await,
+        Cmd::Launch(a) => jobs::launch(*a, false).await,
         Cmd::Demo {
             command: DemoCmd::Failover,
         } => demo::failover().await,
         Cmd::Jobs { command } => match command {
-            JobsCmd::Launch(a) => jobs::launch(a, true).await,
+            JobsCmd::Launch(a) => jobs::launch(*a, true).await,
             JobsCmd::Queue { json } => jobs::managed_queue(json).await.map(|()| 0),
             JobsCmd::Logs { job, follow } => jobs::logs(&job, follow).await.map(|()| 0),
             JobsCmd::Cancel { jobs } => jobs::cancel(&jobs).await.map(|()| 0),

@@ -89,7 +89,10 @@ fn refuse_whole_machine(field: &str, named: &str, path: &Path) -> Result<()> {
     if real == Path::new("/") {
         bail!("{field}: '{named}' is the root directory: it would ship the whole machine");
     }
-    if ["/proc", "/sys", "/dev"].iter().any(|p| real.starts_with(p)) {
+    if ["/proc", "/sys", "/dev"]
+        .iter()
+        .any(|p| real.starts_with(p))
+    {
         bail!("{field}: '{named}' is a system directory, not files to ship");
     }
     if std::env::var_os("HOME").is_some_and(|h| real == Path::new(&h)) {

@@ -10,13 +10,18 @@ fn shipped_examples_parse() {
     assert_eq!(train.gpus_per_node(0), 8);
     let any = parse_task_yaml(include_str!("../../../examples/any-gpu.yaml"), &none).unwrap();
     assert_eq!(any.resources.candidates.len(), 3);
-    let mounts = parse_task_yaml(include_str!("../../../examples/file-mounts.yaml"), &none).unwrap();
+    let mounts =
+        parse_task_yaml(include_str!("../../../examples/file-mounts.yaml"), &none).unwrap();
     assert_eq!(mounts.file_mounts.len(), 2);
     let mut keys = BTreeMap::new();
     for k in ["AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY"] {
         keys.insert(k.to_string(), "x".to_string());
     }
-    let ft = parse_task_yaml(include_str!("../../../examples/finetune-s3-dataset.yaml"), &keys).unwrap();
+    let ft = parse_task_yaml(
+        include_str!("../../../examples/finetune-s3-dataset.yaml"),
+        &keys,
+    )
+    .unwrap();
     assert_eq!(
         ft.file_mounts["/data/train"],
         MountSource::Uri("s3://my-datasets/alpaca/train".into())

@@ -61,14 +61,26 @@ fn make_tree(root: &Path, scale: f64) -> u64 {
         total += len as u64;
     };
     for i in 0..4 {
-        add(root.join(format!("weights/shard-{i}.bin")), (128.0 * scale) as usize * (1 << 20), &mut noise);
+        add(
+            root.join(format!("weights/shard-{i}.bin")),
+            (128.0 * scale) as usize * (1 << 20),
+            &mut noise,
+        );
     }
     for i in 0..200 {
-        add(root.join(format!("data/part-{i:03}.parquet")), (2.0 * scale * (1 << 20) as f64) as usize, &mut noise);
+        add(
+            root.join(format!("data/part-{i:03}.parquet")),
+            (2.0 * scale * (1 << 20) as f64) as usize,
+            &mut noise,
+        );
     }
     for i in 0..10_000 {
         let len = 1024 * (1 + (i * 7919) % 16);
-        add(root.join(format!("src/m{:02}/f{i}.py", i % 100)), len, &mut noise);
+        add(
+            root.join(format!("src/m{:02}/f{i}.py", i % 100)),
+            len,
+            &mut noise,
+        );
     }
     total
 }
@@ -143,7 +155,10 @@ async fn sshd(dir: &Path) -> (Sshd, String) {
 async fn main() {
     let mb = cli_arg("--mb", 1024) as f64;
     let scale = mb / 1024.0;
-    let scratch = tempfile::Builder::new().prefix("bench-sync").tempdir().unwrap();
+    let scratch = tempfile::Builder::new()
+        .prefix("bench-sync")
+        .tempdir()
+        .unwrap();
     let s = scratch.path();
     let tree = s.join("tree");
     let bytes = make_tree(&tree, scale);
@@ -209,8 +224,18 @@ async fn main() {
     let moto = Moto::start(&[]).await;
     Moto::helper(&["bucket", &moto.endpoint, "bench"]);
     let object = s.join("object.bin");
-    file(&object, (1024.0 * scale) as usize * (1 << 20), &mut Noise(7));
-    Moto::helper(&["put", &moto.endpoint, "bench", "ds/object.bin", object.to_str().unwrap()]);
+    file(
+        &object,
+        (1024.0 * scale) as usize * (1 << 20),
+        &mut Noise(7),
+    );
+    Moto::helper(&[
+        "put",
+        &moto.endpoint,
+        "bench",
+        "ds/object.bin",
+        object.to_str().unwrap(),
+    ]);
     let copy_dst = s.join("s3-dst");
     let t = Instant::now();
     let job = c
@@ -233,7 +258,9 @@ async fn main() {
         .and_then(|v| v.split_whitespace().next()?.parse::<f64>().ok())
         .unwrap_or(0.0)
         / 1024.0;
-    let copied = std::fs::metadata(copy_dst.join("object.bin")).unwrap().len();
+    let copied = std::fs::metadata(copy_dst.join("object.bin"))
+        .unwrap()
+        .len();
     assert_eq!(copied, std::fs::metadata(&object).unwrap().len());
 
     println!("{:<44} {:>10} {:>10} {:>8}", "", "nembo", "rsync", "ratio");
@@ -249,7 +276,10 @@ async fn main() {
         format!("S3 COPY of {:.2} GB (s)", copied as f64 / 1e9),
         s3_secs
     );
-    println!("{:<44} {:>10.1}", "agent peak RSS during the whole run (MB)", hwm_mb);
+    println!(
+        "{:<44} {:>10.1}",
+        "agent peak RSS during the whole run (MB)", hwm_mb
+    );
     println!(
         "{}",
         json!({
