@@ -493,6 +493,77 @@ fn read_request<T>(r: T, stale: bool) -> tonic::Request<T> {
 }
 
 /// `status` (nodes and jobs) or `queue` (jobs).
+/// `nembo status --endpoints JOB` / `--endpoint PORT JOB`: where the job's
+/// ports are reached (its first node's address, as `sky status` gives the
+/// head's).
+pub async fn endpoints(job_id: &str, only: Option<u16>) -> Result<()> {
+    let c = connect::client().await?;
+    let req = pb::GetJobRequest {
+        job_id: job_id.to_string(),
+    };
+    let job = connect::call(&c, req, |mut c, r| async move { c.get_job(r).await })
+        .await?
+        .job
+        .context("no job in the answer")?;
+    let mut ports: Vec<u16> = Vec::new();
+    for cand in job
+        .spec
+        .iter()
+        .flat_map(|s| s.resources.iter())
+        .flat_map(|r| &r.candidates)
+    {
+        for p in &cand.ports {
+            let (a, b) = p.split_once('-').unwrap_or((p, p));
+            if let (Ok(a), Ok(b)) = (a.parse::<u16>(), b.parse::<u16>()) {
+                ports.extend(a..=b);
+            }
+        }
+    }
+    ports.sort_unstable();
+    ports.dedup();
+    if ports.is_empty() {
+        bail!("job {job_id} opens no ports (give `resources.ports`, or --ports at launch)");
+    }
+    let Some(head) = job.node_ids.first() else {
+        bail!("job {job_id} has no node yet ({})", state_name(job.state));
+    };
+    let nodes = connect::all_pages(|page_token| {
+        let req = pb::ListNodesRequest {
+            page_token,
+            ..Default::default()
+        };
+        let c = &c;
+        async move {
+            let r = connect::call(c, req, |mut c, r| async move { c.list_nodes(r).await }).await?;
+            Ok((r.nodes, r.next_page_token))
+        }
+    })
+    .await?;
+    let host = nodes
+        .iter()
+        .find(|n| &n.node_id == head)
+        .map(|n| n.address.clone())
+        .filter(|a| !a.is_empty())
+        .with_context(|| format!("node {head} has reported no address yet"))?;
+    match only {
+        Some(p) if !ports.contains(&p) => bail!(
+            "job {job_id} does not open port {p} (it opens {})",
+            ports
+                .iter()
+                .map(u16::to_string)
+                .collect::<Vec<_>>()
+                .join(", ")
+        ),
+        Some(p) => println!("{host}:{p}"),
+        None => {
+            for p in ports {
+                println!("{p}: {host}:{p}");
+            }
+        }
+    }
+    Ok(())
+}
+
 pub async fn status(as_json: bool, with_nodes: bool, stale: bool) -> Result<()> {
     let c = connect::client().await?;
     let jobs = all_jobs(&c, stale).await?;

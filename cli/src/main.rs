@@ -99,6 +99,20 @@ enum Cmd {
         /// behind, instead of a linearizable read through the leader.
         #[arg(long)]
         stale: bool,
+        /// Print `PORT: HOST:PORT` for every port the job opens (`sky
+        /// status --endpoints`).
+        #[arg(long, requires = "job")]
+        endpoints: bool,
+        /// Print `HOST:PORT` for this one port of the job.
+        #[arg(
+            long,
+            value_name = "PORT",
+            requires = "job",
+            conflicts_with = "endpoints"
+        )]
+        endpoint: Option<u16>,
+        /// The job, with --endpoints or --endpoint.
+        job: Option<String>,
     },
     /// Every GPU in the fleet: utilisation, memory, temperature, power, job.
     Gpus {
@@ -431,7 +445,12 @@ async fn run(cli: Cli) -> Result<i32> {
             JobsCmd::Logs { job, follow } => jobs::logs(&job, follow).await.map(|()| 0),
             JobsCmd::Cancel { jobs } => jobs::cancel(&jobs).await.map(|()| 0),
         },
-        Cmd::Status { json, stale } => jobs::status(json, true, stale).await.map(|()| 0),
+        Cmd::Status {
+            job: Some(job),
+            endpoint,
+            ..
+        } => jobs::endpoints(&job, endpoint).await.map(|()| 0),
+        Cmd::Status { json, stale, .. } => jobs::status(json, true, stale).await.map(|()| 0),
         Cmd::Queue { json, stale } => jobs::status(json, false, stale).await.map(|()| 0),
         Cmd::Gpus {
             json,

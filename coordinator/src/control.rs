@@ -174,6 +174,8 @@ async fn provider_call(ctx: Arc<Ctx>, node: Node, term: u64) -> String {
                     instance_type: node.instance_type.clone(),
                     resources: node.resources.clone(),
                     spot: node.spot,
+                    disk_gb: node.disk_gb.filter(|_| !node.fixed_machine),
+                    disk_tier: node.disk_tier,
                     term,
                 })
                 .await

@@ -129,6 +129,8 @@ mod tests {
             runs_as_coordinator_user: false,
             simulated: false,
             fixed_machines: None,
+            disk_gb_max: None,
+            opens_ports: false,
             instance_type: "h100-8".into(),
             resources,
             hourly_price: 16.0,

@@ -60,6 +60,9 @@ pub fn offering_matches(c: &ResourceCandidate, o: &Offering) -> bool {
             return false;
         }
     }
+    if !(c.ports.is_empty() || o.opens_ports) || !disk_fits(c, o.disk_gb_max) {
+        return false;
+    }
     if o.fixed_machines.is_some() {
         return fits_fixed_machine(c, o);
     }
@@ -101,6 +104,16 @@ fn fits_fixed_machine(c: &ResourceCandidate, o: &Offering) -> bool {
     gpus_fit && cpus <= o.resources.cpus && memory <= o.resources.memory_gb
 }
 
+/// Whether a candidate's disk (`disk_size`, `disk_tier`) can be had where
+/// the largest disk is `max_gb` (none: the disk cannot be chosen there).
+fn disk_fits(c: &ResourceCandidate, max_gb: Option<u64>) -> bool {
+    match (c.disk_size_gb, c.disk_tier, max_gb) {
+        (None, None, _) => true,
+        (_, _, None) => false,
+        (size, _, Some(max)) => size.is_none_or(|s| s <= max),
+    }
+}
+
 /// Whether an existing node can take one rank of a candidate.
 pub fn node_matches(c: &ResourceCandidate, node: &Node) -> bool {
     place_matches(
@@ -110,6 +123,11 @@ pub fn node_matches(c: &ResourceCandidate, node: &Node) -> bool {
         node.zone.as_deref(),
         &node.instance_type,
     ) && c.max_hourly_cost.is_none_or(|max| node.hourly_price <= max)
+        && (c.ports.is_empty() || node.ports_open)
+        && c.disk_size_gb
+            .is_none_or(|want| node.disk_gb.is_some_and(|has| has >= want))
+        && c.disk_tier
+            .is_none_or(|want| node.disk_tier.is_some_and(|has| has >= want))
 }
 
 /// Every offering that can host the task and is not blocked at `now_ms`,
@@ -248,6 +266,40 @@ pub fn check_feasible(spec: &TaskSpec, offerings: &[Offering]) -> Result<(), Spe
             }
         }
     }
+    if !c.ports.is_empty() && offerings.iter().all(|o| !o.opens_ports) {
+        return Err(SpecError::new(
+            "resources.ports",
+            format!(
+                "no enabled provider opens ports ({} cannot yet); the local provider and \
+                 Seeweb can",
+                list(providers.iter().map(|s| s.to_string()).collect())
+            ),
+        ));
+    }
+    if c.disk_size_gb.is_some() || c.disk_tier.is_some() {
+        let mut biggest: Vec<String> = Vec::new();
+        for p in &providers {
+            let max = offerings
+                .iter()
+                .filter(|o| o.provider == *p)
+                .filter_map(|o| o.disk_gb_max)
+                .max();
+            biggest.push(match max {
+                Some(gb) => format!("{p}: up to {gb} GB"),
+                None => format!("{p}: disks come with the instance"),
+            });
+        }
+        if !offerings.iter().any(|o| disk_fits(c, o.disk_gb_max)) {
+            let (field, want) = match c.disk_size_gb {
+                Some(gb) => ("resources.disk_size", format!("a disk of {gb} GB")),
+                None => ("resources.disk_tier", "a chosen disk tier".to_string()),
+            };
+            return Err(SpecError::new(
+                field,
+                format!("no enabled provider gives {want} ({})", biggest.join("; ")),
+            ));
+        }
+    }
     if c.use_spot && offerings.iter().all(|o| o.spot_price.is_none()) {
         return Err(SpecError::new(
             "resources.use_spot",
@@ -341,6 +393,8 @@ mod tests {
                     runs_as_coordinator_user: false,
                     simulated: false,
                     fixed_machines: None,
+                    disk_gb_max: None,
+                    opens_ports: false,
                     instance_type: format!("t{}", i % 40),
                     resources,
                     hourly_price: price,
@@ -545,6 +599,8 @@ mod tests {
                 runs_as_coordinator_user: false,
                 simulated: false,
                 fixed_machines: None,
+                disk_gb_max: None,
+                opens_ports: false,
                 instance_type: t.into(),
                 resources,
                 hourly_price: price,

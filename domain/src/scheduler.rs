@@ -157,6 +157,8 @@ fn existing_nodes(
             runs_as_coordinator_user: false,
             simulated: false,
             fixed_machines: None,
+            disk_gb_max: None,
+            opens_ports: false,
         };
         let shape_ok = node.fixed_machine
             || match &c.accelerator {
@@ -464,6 +466,8 @@ fn candidate_for_nodes(state: &State, spec: &TaskSpec, nodes: &[String]) -> usiz
         runs_as_coordinator_user: false,
         simulated: false,
         fixed_machines: None,
+        disk_gb_max: None,
+        opens_ports: false,
     };
     spec.resources
         .candidates
@@ -507,6 +511,8 @@ mod tests {
                 runs_as_coordinator_user: false,
                 simulated: false,
                 fixed_machines: None,
+                disk_gb_max: None,
+                opens_ports: false,
             }
         };
         vec![
@@ -1177,6 +1183,8 @@ mod tests {
             runs_as_coordinator_user: true,
             simulated: false,
             fixed_machines: Some(1),
+            disk_gb_max: None,
+            opens_ports: false,
         }]
     }
 

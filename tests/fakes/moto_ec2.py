@@ -52,6 +52,14 @@ def instances(endpoint, key_id, secret, region="us-east-1"):
         for i in r["Instances"]:
             attr = ec2.describe_instance_attribute(InstanceId=i["InstanceId"], Attribute="userData")
             data = attr.get("UserData", {}).get("Value")
+            volumes = []
+            for m in i.get("BlockDeviceMappings", []):
+                vid = m.get("Ebs", {}).get("VolumeId")
+                if not vid:
+                    continue
+                for v in ec2.describe_volumes(VolumeIds=[vid])["Volumes"]:
+                    volumes.append({"device": m["DeviceName"], "size": v["Size"],
+                                    "type": v["VolumeType"], "iops": v.get("Iops")})
             out.append({
                 "id": i["InstanceId"],
                 "type": i["InstanceType"],
@@ -60,6 +68,7 @@ def instances(endpoint, key_id, secret, region="us-east-1"):
                 "zone": i["Placement"]["AvailabilityZone"],
                 "tags": {t["Key"]: t["Value"] for t in i.get("Tags", [])},
                 "user_data": base64.b64decode(data).decode() if data else "",
+                "volumes": volumes,
             })
     print(json.dumps(out))
 

@@ -85,18 +85,29 @@ async fn flags_override_the_task_file_and_unsupported_ones_are_refused_by_name()
     let v = dry(&["--gpus", "none", "--cpus", "4+"]);
     assert!(v["candidates"][0]["accelerator"].is_null(), "{v}");
 
-    for (flag, value, field) in [
-        ("--ports", "8888", "resources.ports"),
-        ("--disk-size", "512", "resources.disk_size"),
-        ("--image-id", "docker:ubuntu", "resources.image_id"),
-    ] {
-        let (ok, _, stderr) = out(&c.cli(&["launch", task.to_str().unwrap(), flag, value]));
-        assert!(!ok);
-        assert!(
-            stderr.contains(field) && stderr.contains("not supported"),
-            "{stderr}"
-        );
-    }
+    let v = dry(&[
+        "--ports",
+        "8888,9000-9001",
+        "--disk-size",
+        "1",
+        "--disk-tier",
+        "high",
+    ]);
+    let first = &v["task"]["resources"]["any_of"][0];
+    assert_eq!(first["ports"], "8888,9000-9001", "{v}");
+    assert_eq!(first["disk_size"], "1", "{v}");
+    assert_eq!(first["disk_tier"], "high", "{v}");
+    let (ok, _, stderr) = out(&c.cli(&[
+        "launch",
+        task.to_str().unwrap(),
+        "--image-id",
+        "docker:ubuntu",
+    ]));
+    assert!(!ok);
+    assert!(
+        stderr.contains("resources.image_id") && stderr.contains("not supported"),
+        "{stderr}"
+    );
     let (ok, _, stderr) = out(&c.cli(&["launch", "true", "--infra", "local", "--cloud", "local"]));
     assert!(!ok && stderr.contains("--infra"), "{stderr}");
     assert!(c.jobs().await.is_empty());

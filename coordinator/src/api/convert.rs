@@ -5,8 +5,8 @@ use std::collections::BTreeMap;
 use nembo_domain::access::Role;
 use nembo_domain::state::{self as st, Job, JobState, Node, NodeState, Resources};
 use nembo_domain::task::{
-    self, Accelerator, Infra, Memory, Quantity, RecoveryStrategy, ResourceCandidate,
-    ResourceRequest, SpecError, TaskSpec,
+    self, Accelerator, DiskTier, Infra, Memory, PortRange, Quantity, RecoveryStrategy,
+    ResourceCandidate, ResourceRequest, SpecError, TaskSpec,
 };
 use nembo_proto::clock::{duration, millis, timestamp};
 use nembo_proto::v1 as pb;
@@ -73,6 +73,12 @@ pub fn spec_to_proto(spec: &TaskSpec) -> pb::TaskSpec {
                     memory: c.memory.map(|m| m.to_string()).unwrap_or_default(),
                     instance_type: c.instance_type.clone().unwrap_or_default(),
                     use_spot: c.use_spot,
+                    ports: c.ports.iter().map(ToString::to_string).collect(),
+                    disk_size_gb: c.disk_size_gb.unwrap_or_default(),
+                    disk_tier: c
+                        .disk_tier
+                        .map(|t| t.as_str().to_string())
+                        .unwrap_or_default(),
                 })
                 .collect(),
             ordered: s.resources.ordered,
@@ -123,6 +129,18 @@ pub fn spec_from_proto(
             instance_type: non_empty(&c.instance_type),
             use_spot: c.use_spot,
             max_hourly_cost: None,
+            ports: if c.ports.is_empty() {
+                Vec::new()
+            } else {
+                let list = yaml_serde::Value::Sequence(
+                    c.ports.iter().map(|p| p.as_str().into()).collect(),
+                );
+                PortRange::parse_all(&list, &path("ports"))?
+            },
+            disk_size_gb: (c.disk_size_gb > 0).then_some(c.disk_size_gb),
+            disk_tier: non_empty(&c.disk_tier)
+                .map(|t| DiskTier::parse(&t, &path("disk_tier")))
+                .transpose()?,
         });
     }
     if candidates.is_empty() {

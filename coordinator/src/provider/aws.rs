@@ -50,6 +50,8 @@ pub struct AwsSettings {
 /// Name pattern of the default AMI.
 const DEFAULT_AMI_NAME: &str = "Deep Learning Base OSS Nvidia Driver GPU AMI (Ubuntu 22.04)*";
 const API_VERSION: &str = "2016-11-15";
+/// The largest gp3 / io2 root volume, GB (16 TiB).
+const EBS_GB_MAX: u64 = 16_384;
 
 /// The EC2 provider.
 pub struct AwsProvider {
@@ -83,6 +85,13 @@ impl AwsProvider {
         let offerings: Vec<Offering> = catalog
             .into_iter()
             .filter(|o| settings.regions.is_empty() || settings.regions.contains(&o.region))
+            // The root volume is sized and typed at launch (BlockDeviceMappings);
+            // ports need a security group per cluster, not built yet.
+            .map(|o| Offering {
+                disk_gb_max: Some(EBS_GB_MAX),
+                opens_ports: false,
+                ..o
+            })
             .collect();
         let mut regions: Vec<String> = if settings.regions.is_empty() {
             offerings.iter().map(|o| o.region.clone()).collect()
@@ -277,6 +286,23 @@ impl AwsProvider {
             })
     }
 
+    /// The root device of `image` (`/dev/sda1` on Ubuntu AMIs), whose
+    /// volume `disk_size` and `disk_tier` size and type.
+    async fn root_device(&self, region: &str, image: &str) -> Result<String, ProviderError> {
+        let xml = self
+            .call(
+                region,
+                "DescribeImages",
+                vec![("ImageId.1".into(), image.to_string())],
+            )
+            .await?;
+        Ok(xml
+            .find_all("item")
+            .into_iter()
+            .find_map(|i| i.text_at(&["rootDeviceName"]).map(str::to_string))
+            .unwrap_or_else(|| "/dev/sda1".into()))
+    }
+
     /// Refuses a leader older than the newest that tagged these instances.
     fn fence(instances: &[Ec2Instance], term: u64) -> Result<(), ProviderError> {
         match instances.iter().filter_map(|i| i.term).max() {
@@ -319,7 +345,7 @@ impl Provider for AwsProvider {
             let info = self.region_info(region).await?;
             let image = info.image_id.clone().unwrap_or_default();
             let mut p: Vec<(String, String)> = vec![
-                ("ImageId".into(), image),
+                ("ImageId".into(), image.clone()),
                 ("InstanceType".into(), req.instance_type.clone()),
                 ("MinCount".into(), "1".into()),
                 ("MaxCount".into(), "1".into()),
@@ -350,6 +376,10 @@ impl Provider for AwsProvider {
                     k.to_string(),
                 ));
                 p.push((format!("TagSpecification.1.Tag.{}.Value", n + 1), v.clone()));
+            }
+            if req.disk_gb.is_some() || req.disk_tier.is_some() {
+                let root = self.root_device(region, &image).await?;
+                p.extend(block_device(&root, req.disk_gb, req.disk_tier));
             }
             if let Some(zone) = &req.zone {
                 let name = info
@@ -478,6 +508,38 @@ impl Provider for AwsProvider {
 /// cluster is part of it (≤ 64 ASCII characters).
 fn client_token(cluster: &str, node_id: &str) -> String {
     format!("{cluster}-{node_id}").chars().take(64).collect()
+}
+
+/// RunInstances parameters for the root volume, as SkyPilot maps
+/// `disk_tier` on AWS: low = standard (magnetic), medium = gp3 at 3500
+/// IOPS and 218 MB/s, high = gp3 at 7000 IOPS and 437 MB/s, ultra and best
+/// = io2 at 20 000 IOPS. The size defaults to SkyPilot's 256 GB.
+fn block_device(
+    root: &str,
+    gb: Option<u64>,
+    tier: Option<nembo_domain::task::DiskTier>,
+) -> Vec<(String, String)> {
+    use nembo_domain::task::DiskTier;
+    let key = |k: &str| format!("BlockDeviceMapping.1.{k}");
+    let mut p = vec![
+        (key("DeviceName"), root.to_string()),
+        (key("Ebs.VolumeSize"), gb.unwrap_or(256).to_string()),
+        (key("Ebs.DeleteOnTermination"), "true".into()),
+    ];
+    let (kind, iops, throughput) = match tier.unwrap_or(DiskTier::Medium) {
+        DiskTier::Low => ("standard", None, None),
+        DiskTier::Medium => ("gp3", Some(3500), Some(218)),
+        DiskTier::High => ("gp3", Some(7000), Some(437)),
+        DiskTier::Ultra | DiskTier::Best => ("io2", Some(20_000), None),
+    };
+    p.push((key("Ebs.VolumeType"), kind.into()));
+    if let Some(i) = iops {
+        p.push((key("Ebs.Iops"), i.to_string()));
+    }
+    if let Some(t) = throughput {
+        p.push((key("Ebs.Throughput"), t.to_string()));
+    }
+    p
 }
 
 /// Error codes by what the provisioner should do.
@@ -736,6 +798,31 @@ impl Element {
 
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn disk_tiers_map_to_ebs_volumes_as_skypilot_maps_them() {
+        use nembo_domain::task::DiskTier;
+        let get = |p: &[(String, String)], k: &str| {
+            p.iter()
+                .find(|(n, _)| n == &format!("BlockDeviceMapping.1.{k}"))
+                .map(|(_, v)| v.clone())
+        };
+        let high = block_device("/dev/sda1", Some(512), Some(DiskTier::High));
+        assert_eq!(get(&high, "DeviceName").as_deref(), Some("/dev/sda1"));
+        assert_eq!(get(&high, "Ebs.VolumeSize").as_deref(), Some("512"));
+        assert_eq!(get(&high, "Ebs.VolumeType").as_deref(), Some("gp3"));
+        assert_eq!(get(&high, "Ebs.Iops").as_deref(), Some("7000"));
+        assert_eq!(get(&high, "Ebs.Throughput").as_deref(), Some("437"));
+        let default = block_device("/dev/xvda", None, None);
+        assert_eq!(get(&default, "Ebs.VolumeSize").as_deref(), Some("256"));
+        assert_eq!(get(&default, "Ebs.Iops").as_deref(), Some("3500"));
+        let best = block_device("/dev/sda1", Some(100), Some(DiskTier::Best));
+        assert_eq!(get(&best, "Ebs.VolumeType").as_deref(), Some("io2"));
+        assert_eq!(get(&best, "Ebs.Throughput"), None);
+        let low = block_device("/dev/sda1", Some(100), Some(DiskTier::Low));
+        assert_eq!(get(&low, "Ebs.VolumeType").as_deref(), Some("standard"));
+        assert_eq!(get(&low, "Ebs.Iops"), None);
+    }
+
     use super::*;
 
     #[test]

@@ -154,6 +154,8 @@ mod tests {
                 ..Resources::default()
             },
             spot: false,
+            disk_gb: None,
+            disk_tier: None,
             term: 3,
         }
     }

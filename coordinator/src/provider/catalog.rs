@@ -71,6 +71,8 @@ fn row(provider: &str, line: &str) -> Result<Offering, String> {
         runs_as_coordinator_user: false,
         simulated: false,
         fixed_machines: None,
+        disk_gb_max: None,
+        opens_ports: false,
     })
 }
 

@@ -179,15 +179,23 @@ impl LocalProvider {
         }
     }
 
-    /// What it offers: the real machine, or the simulated shapes.
+    /// What it offers: the real machine, or the simulated shapes; a task's
+    /// disk can be as large as `disk_gb` (the free space under the nodes'
+    /// dir), and its ports are on 127.0.0.1.
     pub fn catalog(
         settings: &LocalSettings,
         machine: Option<&super::machine::Machine>,
+        disk_gb: Option<u64>,
     ) -> Vec<Offering> {
-        match machine {
+        let mut all = match machine {
             Some(m) if !settings.simulate => vec![Self::host_offering(settings, m)],
             _ => Self::simulated_catalog(settings),
+        };
+        for o in &mut all {
+            o.disk_gb_max = disk_gb;
+            o.opens_ports = true;
         }
+        all
     }
 
     /// The real machine, as one fixed machine that jobs share.
@@ -204,6 +212,8 @@ impl LocalProvider {
             runs_as_coordinator_user: true,
             simulated: false,
             fixed_machines: Some(1),
+            disk_gb_max: None,
+            opens_ports: false,
         }
     }
 
@@ -254,6 +264,8 @@ impl LocalProvider {
                         runs_as_coordinator_user: true,
                         simulated: true,
                         fixed_machines: None,
+                        disk_gb_max: None,
+                        opens_ports: false,
                     }
                 })
             })
@@ -362,7 +374,8 @@ impl Provider for LocalProvider {
     }
 
     fn offerings(&self) -> Vec<Offering> {
-        Self::catalog(&self.cfg.settings, self.cfg.machine.as_ref())
+        let disk = super::machine::disk_free_gb(&self.cfg.nodes_dir);
+        Self::catalog(&self.cfg.settings, self.cfg.machine.as_ref(), disk)
     }
 
     fn infeasible_note(&self) -> Option<String> {
@@ -587,7 +600,7 @@ mod tests {
             simulate: true,
             ..Default::default()
         };
-        let c = LocalProvider::catalog(&simulate, None);
+        let c = LocalProvider::catalog(&simulate, None, Some(100));
         assert!(REGIONS.len() >= 2);
         for r in REGIONS {
             assert!(c.iter().any(|o| o.region == *r
@@ -621,6 +634,8 @@ mod tests {
                 instance_type: "local-cpu-2".into(),
                 resources: Resources::default(),
                 spot: false,
+                disk_gb: None,
+                disk_tier: None,
                 term: 5,
             })
             .await;

@@ -164,6 +164,19 @@ impl Machine {
     }
 }
 
+/// Free space for jobs' files where the local nodes keep them, GB: the
+/// largest disk a local node can offer a task's `disk_size`.
+pub fn disk_free_gb(dir: &Path) -> Option<u64> {
+    let mut probe = dir.to_path_buf();
+    // The nodes dir may not exist yet: ask about its nearest ancestor.
+    while !probe.exists() {
+        probe = probe.parent()?.to_path_buf();
+    }
+    let st = nix::sys::statvfs::statvfs(&probe).ok()?;
+    let bytes = st.blocks_available() as u64 * st.fragment_size() as u64;
+    Some(bytes >> 30)
+}
+
 fn mem_total_gb(meminfo: &str) -> Option<f64> {
     let line = meminfo.lines().find(|l| l.starts_with("MemTotal:"))?;
     let kib: f64 = line.split_whitespace().nth(1)?.parse().ok()?;

@@ -38,6 +38,10 @@ pub struct LaunchRequest {
     pub resources: Resources,
     /// Spot capacity rather than on-demand.
     pub spot: bool,
+    /// The disk the task asked for (`disk_size`, GB), if it chose one.
+    pub disk_gb: Option<u64>,
+    /// Its tier (`disk_tier`), if it chose one.
+    pub disk_tier: Option<nembo_domain::task::DiskTier>,
     /// Raft term of the leader asking: a fencing token. A provider refuses
     /// a call about a node from a leader older than the last one that
     /// acted on it.

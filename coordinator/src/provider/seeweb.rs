@@ -90,6 +90,12 @@ impl SeewebProvider {
         let offerings = catalog
             .into_iter()
             .filter(|o| settings.regions.is_empty() || settings.regions.contains(&o.region))
+            // A plan's disk comes with it; a Seeweb server has every port open.
+            .map(|o| Offering {
+                disk_gb_max: None,
+                opens_ports: true,
+                ..o
+            })
             .collect();
         Self {
             settings,
@@ -379,6 +385,8 @@ impl SeewebProvider {
                     runs_as_coordinator_user: false,
                     simulated: false,
                     fixed_machines: None,
+                    disk_gb_max: None,
+                    opens_ports: false,
                 });
             }
         }

@@ -19,6 +19,9 @@ use serde::Deserialize;
 use super::local::LocalProvider;
 use super::{BoxFuture, Instance, LaunchRequest, Provider, ProviderError};
 
+/// The largest disk a simulated instance is given, GB.
+const SIM_DISK_GB_MAX: u64 = 65_536;
+
 /// A simulated cloud, as written in its JSON file.
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -294,6 +297,9 @@ impl Provider for SimProvider {
                     runs_as_coordinator_user: self.agents.is_some(),
                     simulated: true,
                     fixed_machines: None,
+                    // A cloud-like shape: disks of any size, ports opened.
+                    disk_gb_max: Some(SIM_DISK_GB_MAX),
+                    opens_ports: true,
                     instance_type: t.name.clone(),
                     resources: Resources {
                         accelerators,
@@ -419,6 +425,8 @@ mod tests {
                 ..Default::default()
             },
             spot: false,
+            disk_gb: None,
+            disk_tier: None,
             term,
         }
     }

@@ -282,6 +282,8 @@ impl Provider for SshProvider {
                     runs_as_coordinator_user: false,
                     simulated: false,
                     fixed_machines: None,
+                    disk_gb_max: None,
+                    opens_ports: false,
                 }
             })
             .collect()

@@ -104,6 +104,9 @@ impl State {
                     revoked_at_ms: None,
                     simulated: false,
                     fixed_machine: false,
+                    disk_gb: None,
+                    disk_tier: None,
+                    ports_open: false,
                 },
             );
         }

@@ -138,6 +138,15 @@ pub struct Node {
     /// ([`Offering::fixed_machines`]): any job that fits may share it.
     #[serde(default)]
     pub fixed_machine: bool,
+    /// Its disk, GB, when it was chosen (`disk_size`) or is known.
+    #[serde(default)]
+    pub disk_gb: Option<u64>,
+    /// Its disk's tier, when one was asked for.
+    #[serde(default)]
+    pub disk_tier: Option<crate::task::DiskTier>,
+    /// A job's `ports` are reachable on it ([`Offering::opens_ports`]).
+    #[serde(default)]
+    pub ports_open: bool,
 }
 
 /// A provider's machine shape in a region, with its price.
@@ -172,6 +181,13 @@ pub struct Offering {
     /// When they are all up, jobs wait for room on them rather than fail.
     #[serde(default)]
     pub fixed_machines: Option<u32>,
+    /// The largest disk its nodes can be given, GB (`disk_size`); none: its
+    /// disk comes with the shape and cannot be chosen.
+    #[serde(default)]
+    pub disk_gb_max: Option<u64>,
+    /// A job's `ports` are reachable on its nodes.
+    #[serde(default)]
+    pub opens_ports: bool,
 }
 
 impl Offering {
@@ -291,6 +307,15 @@ impl State {
             return Outcome::Rejected(Rejection::NoSuchJob(job_id));
         };
         let recovering = job.state == JobState::Recovering;
+        // The disk the nodes get is the one the candidate they are for asks.
+        let candidate = job
+            .spec
+            .resources
+            .candidates
+            .iter()
+            .find(|c| crate::optimizer::offering_matches(c, offering))
+            .cloned();
+        let disk = candidate.as_ref();
         if !(job.state == JobState::Pending || recovering) || !job.reserved_nodes.is_empty() {
             return conflict(format!("job {job_id} is not waiting for a place"));
         }
@@ -322,6 +347,12 @@ impl State {
                     revoked_at_ms: None,
                     simulated: offering.simulated,
                     fixed_machine: offering.fixed_machines.is_some(),
+                    disk_gb: match offering.fixed_machines {
+                        Some(_) => offering.disk_gb_max,
+                        None => disk.and_then(|c| c.disk_size_gb),
+                    },
+                    disk_tier: disk.and_then(|c| c.disk_tier),
+                    ports_open: offering.opens_ports,
                 },
             );
             ids.push(id);

@@ -25,6 +25,8 @@ fn offering(gpus: f64) -> Offering {
         runs_as_coordinator_user: false,
         simulated: false,
         fixed_machines: None,
+        disk_gb_max: None,
+        opens_ports: false,
     }
 }
 

@@ -26,6 +26,10 @@ fn shipped_examples_parse() {
         ft.file_mounts["/data/train"],
         MountSource::Uri("s3://my-datasets/alpaca/train".into())
     );
+    let mut token = BTreeMap::new();
+    token.insert("JUPYTER_TOKEN".to_string(), "t".to_string());
+    let nb = parse_task_yaml(include_str!("../../../examples/jupyter-notebook.yaml"), &token).unwrap();
+    assert_eq!(nb.resources.candidates[0].ports[0].start, 8888);
     let y = include_str!("../../../examples/needs-token.yaml");
     assert_eq!(parse_task_yaml(y, &none).unwrap_err().path, "envs.HF_TOKEN");
     let mut o = BTreeMap::new();

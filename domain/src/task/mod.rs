@@ -182,6 +182,15 @@ pub struct ResourceCandidate {
     pub use_spot: bool,
     /// Upper bound on the price of one node, per hour.
     pub max_hourly_cost: Option<f64>,
+    /// TCP ports the job serves on, reachable on every node.
+    #[serde(default)]
+    pub ports: Vec<PortRange>,
+    /// Size of each node's disk, GB (the provider's default when unset).
+    #[serde(default)]
+    pub disk_size_gb: Option<u64>,
+    /// Performance tier of that disk.
+    #[serde(default)]
+    pub disk_tier: Option<DiskTier>,
 }
 
 /// Where a file mount's content comes from.

@@ -46,6 +46,16 @@ pub fn to_normalized_yaml(spec: &TaskSpec) -> String {
             if let Some(x) = c.max_hourly_cost {
                 put("max_hourly_cost", fmt_num(x));
             }
+            if !c.ports.is_empty() {
+                let ports: Vec<String> = c.ports.iter().map(ToString::to_string).collect();
+                put("ports", ports.join(","));
+            }
+            if let Some(gb) = c.disk_size_gb {
+                put("disk_size", gb.to_string());
+            }
+            if let Some(t) = c.disk_tier {
+                put("disk_tier", t.as_str().into());
+            }
             Value::Mapping(m)
         })
         .collect();

@@ -8,7 +8,8 @@ use yaml_serde::Value;
 use super::values::{canonical_accelerator, parse_count, parse_positive};
 use super::yaml::{as_map, check_keys, join, key_str, kind, opt_string, scalar_string, show};
 use super::{
-    Accelerator, Infra, Memory, Quantity, ResourceCandidate, ResourceRequest, Result, SpecError,
+    parse_disk_size, Accelerator, DiskTier, Infra, Memory, PortRange, Quantity, ResourceCandidate,
+    ResourceRequest, Result, SpecError,
 };
 
 const RESOURCE_SUPPORTED: &[&str] = &[
@@ -23,15 +24,15 @@ const RESOURCE_SUPPORTED: &[&str] = &[
     "use_spot",
     "labels",
     "max_hourly_cost",
+    "ports",
+    "disk_size",
+    "disk_tier",
     "any_of",
     "ordered",
     "job_recovery",
 ];
 const RESOURCE_NOT_YET: &[&str] = &[
-    "disk_size",
-    "disk_tier",
     "network_tier",
-    "ports",
     "image_id",
     "autostop",
     "priority",
@@ -52,6 +53,9 @@ struct PartialResources {
     instance_type: Option<String>,
     use_spot: Option<bool>,
     max_hourly_cost: Option<f64>,
+    ports: Option<Vec<PortRange>>,
+    disk_size_gb: Option<u64>,
+    disk_tier: Option<DiskTier>,
 }
 
 impl PartialResources {
@@ -75,6 +79,9 @@ impl PartialResources {
                 .or_else(|| self.instance_type.clone()),
             use_spot: over.use_spot.or(self.use_spot),
             max_hourly_cost: over.max_hourly_cost.or(self.max_hourly_cost),
+            ports: over.ports.clone().or_else(|| self.ports.clone()),
+            disk_size_gb: over.disk_size_gb.or(self.disk_size_gb),
+            disk_tier: over.disk_tier.or(self.disk_tier),
         }
     }
 
@@ -87,6 +94,9 @@ impl PartialResources {
             instance_type: self.instance_type.clone(),
             use_spot: self.use_spot.unwrap_or(false),
             max_hourly_cost: self.max_hourly_cost,
+            ports: self.ports.clone().unwrap_or_default(),
+            disk_size_gb: self.disk_size_gb,
+            disk_tier: self.disk_tier,
         };
         match &self.accelerators {
             None => vec![base],
@@ -244,6 +254,16 @@ fn parse_partial(map: &yaml_serde::Mapping, prefix: &str) -> Result<PartialResou
                 ))
             }
         };
+    }
+    if let Some(v) = map.get("ports").filter(|v| !v.is_null()) {
+        p.ports = Some(PortRange::parse_all(v, &field("ports"))?);
+    }
+    if let Some(v) = map.get("disk_size").filter(|v| !v.is_null()) {
+        p.disk_size_gb = Some(parse_disk_size(v, &field("disk_size"))?);
+    }
+    if let Some(v) = map.get("disk_tier").filter(|v| !v.is_null()) {
+        let s = scalar_string(v, &field("disk_tier"))?;
+        p.disk_tier = Some(DiskTier::parse(&s, &field("disk_tier"))?);
     }
     if let Some(v) = map.get("max_hourly_cost") {
         if !v.is_null() {

@@ -102,8 +102,8 @@ fn known_but_unsupported_fields_are_rejected_not_ignored() {
     let e = err("file_mounts: {/data: {name: b, mode: MOUNT}}");
     assert_eq!(e.path, "file_mounts./data");
     assert!(e.message.contains("not supported"));
-    let e = err("resources: {ports: 8080}");
-    assert_eq!(e.path, "resources.ports");
+    let e = err("resources: {image_id: docker:ubuntu}");
+    assert_eq!(e.path, "resources.image_id");
     assert_eq!(err("workdir: {url: https://x/y.git}").path, "workdir");
 }
 
@@ -229,4 +229,28 @@ fn file_mounts_take_local_paths_and_bucket_uris_with_skypilots_rules() {
         assert_eq!(e.path, path, "{yaml}: {e}");
         assert!(e.message.contains(says), "{yaml}: {e}");
     }
+}
+
+#[test]
+fn ports_and_disks_take_skypilots_forms() {
+    let t = parse_task_yaml(
+        "resources:\n  ports: [8888, '8000-8010', 8005, 9000]\n  disk_size: 1TB\n  disk_tier: HIGH\n",
+        &Default::default(),
+    )
+    .unwrap();
+    let c = &t.resources.candidates[0];
+    let shown: Vec<String> = c.ports.iter().map(ToString::to_string).collect();
+    assert_eq!(shown, ["8000-8010", "8888", "9000"]);
+    assert_eq!(c.disk_size_gb, Some(1024));
+    assert_eq!(c.disk_tier, Some(DiskTier::High));
+    let t = parse_task_yaml(
+        "resources: {ports: 22, disk_size: '1.5TiB'}\n",
+        &Default::default(),
+    )
+    .unwrap();
+    assert_eq!(t.resources.candidates[0].disk_size_gb, Some(1536));
+    assert_eq!(
+        PortRange::ports(&t.resources.candidates[0].ports).collect::<Vec<_>>(),
+        [22]
+    );
 }

@@ -276,3 +276,174 @@ pub(super) fn canonical_accelerator(name: &str, path: &str) -> Result<String> {
         .map(|k| k.to_string())
         .unwrap_or_else(|| name.to_string()))
 }
+
+/// A TCP port range to open (`8888`, `8000-8010`), inclusive.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Serialize, Deserialize)]
+pub struct PortRange {
+    /// First port.
+    pub start: u16,
+    /// Last port (equal to `start` for one port).
+    pub end: u16,
+}
+
+impl PortRange {
+    /// Parses `ports`: an int, `"A-B"`, or a list of either (SkyPilot's
+    /// forms); returns the ranges sorted and merged.
+    pub fn parse_all(v: &yaml_serde::Value, path: &str) -> Result<Vec<PortRange>> {
+        let items: Vec<(&yaml_serde::Value, String)> = match v {
+            yaml_serde::Value::Sequence(s) => s
+                .iter()
+                .enumerate()
+                .map(|(i, x)| (x, format!("{path}[{i}]")))
+                .collect(),
+            other => vec![(other, path.to_string())],
+        };
+        let mut out = Vec::new();
+        for (item, p) in items {
+            let text = match item {
+                yaml_serde::Value::Number(n) => n.to_string(),
+                yaml_serde::Value::String(s) => s.trim().to_string(),
+                other => {
+                    return Err(SpecError::new(
+                        p,
+                        format!("expected a port or 'A-B', got {}", super::yaml::show(other)),
+                    ))
+                }
+            };
+            let port = |s: &str| -> Result<u16> {
+                s.trim()
+                    .parse::<u16>()
+                    .ok()
+                    .filter(|n| *n >= 1)
+                    .ok_or_else(|| SpecError::new(&p, format!("'{s}' is not a port (1-65535)")))
+            };
+            let (start, end) = match text.split_once('-') {
+                Some((a, b)) => (port(a)?, port(b)?),
+                None => (port(&text)?, port(&text)?),
+            };
+            if start > end {
+                return Err(SpecError::new(
+                    p,
+                    format!("'{text}': the range's start is after its end"),
+                ));
+            }
+            out.push(PortRange { start, end });
+        }
+        out.sort();
+        let mut merged: Vec<PortRange> = Vec::new();
+        for r in out {
+            match merged.last_mut() {
+                Some(last) if u32::from(r.start) <= u32::from(last.end) + 1 => {
+                    last.end = last.end.max(r.end);
+                }
+                _ => merged.push(r),
+            }
+        }
+        Ok(merged)
+    }
+
+    /// Every port in the ranges.
+    pub fn ports(ranges: &[PortRange]) -> impl Iterator<Item = u16> + '_ {
+        ranges.iter().flat_map(|r| r.start..=r.end)
+    }
+}
+
+impl fmt::Display for PortRange {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        if self.start == self.end {
+            write!(f, "{}", self.start)
+        } else {
+            write!(f, "{}-{}", self.start, self.end)
+        }
+    }
+}
+
+/// A disk's performance tier (SkyPilot's `disk_tier`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Serialize, Deserialize)]
+pub enum DiskTier {
+    /// Magnetic or standard (AWS `standard`).
+    Low,
+    /// Balanced SSD (AWS gp3 at 3500 IOPS): SkyPilot's default.
+    Medium,
+    /// Fast SSD (AWS gp3 at 7000 IOPS).
+    High,
+    /// Provisioned IOPS (AWS io2).
+    Ultra,
+    /// The best the place has.
+    Best,
+}
+
+impl DiskTier {
+    /// Parses `low|medium|high|ultra|best`, any case.
+    pub fn parse(s: &str, path: &str) -> Result<DiskTier> {
+        Ok(match s.trim().to_ascii_lowercase().as_str() {
+            "low" => DiskTier::Low,
+            "medium" => DiskTier::Medium,
+            "high" => DiskTier::High,
+            "ultra" => DiskTier::Ultra,
+            "best" => DiskTier::Best,
+            _ => {
+                return Err(SpecError::new(
+                    path,
+                    format!("'{s}': expected low, medium, high, ultra or best"),
+                ))
+            }
+        })
+    }
+
+    /// Its name in a task.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            DiskTier::Low => "low",
+            DiskTier::Medium => "medium",
+            DiskTier::High => "high",
+            DiskTier::Ultra => "ultra",
+            DiskTier::Best => "best",
+        }
+    }
+}
+
+/// Parses `disk_size`: whole GB, or a size with a unit (`512GB`, `1TB`,
+/// `2TiB`), floored to whole GB; at least 1.
+pub fn parse_disk_size(v: &yaml_serde::Value, path: &str) -> Result<u64> {
+    let text = match v {
+        yaml_serde::Value::Number(n) => n.to_string(),
+        yaml_serde::Value::String(s) => s.trim().to_string(),
+        other => {
+            return Err(SpecError::new(
+                path,
+                format!("expected a size in GB, got {}", super::yaml::show(other)),
+            ))
+        }
+    };
+    let split = text
+        .find(|c: char| !(c.is_ascii_digit() || c == '.'))
+        .unwrap_or(text.len());
+    let (num, unit) = text.split_at(split);
+    let n: f64 = num
+        .parse()
+        .ok()
+        .filter(|n: &f64| n.is_finite() && *n > 0.0)
+        .ok_or_else(|| SpecError::new(path, format!("'{text}' is not a positive size")))?;
+    let gb_per = match unit.trim().to_ascii_uppercase().as_str() {
+        "" | "G" | "GB" | "GI" | "GIB" => 1.0,
+        "K" | "KB" | "KI" | "KIB" => 1.0 / (1024.0 * 1024.0),
+        "M" | "MB" | "MI" | "MIB" => 1.0 / 1024.0,
+        "T" | "TB" | "TI" | "TIB" => 1024.0,
+        "P" | "PB" | "PI" | "PIB" => 1024.0 * 1024.0,
+        u => {
+            return Err(SpecError::new(
+                path,
+                format!("'{text}': unknown unit '{u}' (KB, MB, GB, TB, PB)"),
+            ))
+        }
+    };
+    let gb = (n * gb_per).floor();
+    if !(1.0..=1e9).contains(&gb) {
+        return Err(SpecError::new(
+            path,
+            format!("'{text}' is {gb} GB; a disk is at least 1 GB"),
+        ));
+    }
+    Ok(gb as u64)
+}

@@ -54,6 +54,8 @@ fn catalog(n: usize) -> Vec<Offering> {
                                 runs_as_coordinator_user: false,
                                 simulated: false,
                                 fixed_machines: None,
+                                disk_gb_max: None,
+                                opens_ports: false,
                                 instance_type: format!(
                                     "{}-{}x-{}",
                                     gpu.to_lowercase(),
