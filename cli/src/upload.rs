@@ -435,11 +435,14 @@ impl HashCache {
         Ok(d)
     }
 
-    fn save(&self) {
-        let Some(path) = &self.path else { return };
+    fn save(&mut self) {
+        let Some(path) = self.path.clone() else { return };
         if !self.changed {
             return;
         }
+        // Files that are gone are forgotten, so the cache follows the tree.
+        self.files.retain(|p, _| p.exists());
+        let path = &path;
         if let Some(parent) = path.parent() {
             let _ = std::fs::create_dir_all(parent);
         }
