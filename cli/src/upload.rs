@@ -1,6 +1,6 @@
 //! Local sources of a task (its `workdir` and local `file_mounts`), shipped
 //! before it is submitted: each is described by a manifest (every entry,
-//! each file by its SHA-256), and only the contents the cluster lacks are
+//! each file by its BLAKE3 digest), and only the contents the cluster lacks are
 //! sent (FindMissingBlobs, then PutBlobs). Ignore files apply as in
 //! SkyPilot: `.skyignore` at the source's root if there is one (in every
 //! directory below it too), else `.gitignore` and `.git/info/exclude`.
@@ -385,9 +385,15 @@ fn read_full(f: &mut std::fs::File, buf: &mut [u8]) -> std::io::Result<usize> {
     Ok(n)
 }
 
+/// What [`nembo_proto::files::digest`] computes.
+const DIGEST: &str = "blake3";
+
 /// Digests of files already read, by where they are and how they look.
 #[derive(Default, Serialize, Deserialize)]
 struct HashCache {
+    /// The digest the cache holds: a cache of another is dropped whole.
+    #[serde(default)]
+    algorithm: String,
     #[serde(default)]
     files: HashMap<PathBuf, (u64, i64, u64, String)>,
     #[serde(skip)]
@@ -402,8 +408,10 @@ impl HashCache {
         let mut cache: HashCache = path
             .as_ref()
             .and_then(|p| std::fs::read(p).ok())
-            .and_then(|b| serde_json::from_slice(&b).ok())
+            .and_then(|b| serde_json::from_slice::<HashCache>(&b).ok())
+            .filter(|c| c.algorithm == DIGEST)
             .unwrap_or_default();
+        cache.algorithm = DIGEST.into();
         cache.path = path;
         cache
     }
@@ -436,7 +444,9 @@ impl HashCache {
     }
 
     fn save(&mut self) {
-        let Some(path) = self.path.clone() else { return };
+        let Some(path) = self.path.clone() else {
+            return;
+        };
         if !self.changed {
             return;
         }

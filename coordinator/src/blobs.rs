@@ -1,5 +1,5 @@
 //! File contents that clients upload for their tasks' local file mounts and
-//! workdirs, kept by SHA-256 under `<data dir>/blobs/ab/abcdef...` (not in
+//! workdirs, kept by BLAKE3 digest under `<data dir>/blobs/ab/abcdef...` (not in
 //! Raft: a blob is checked against its name whenever it is read, and a
 //! missing one fails the attempt's setup with a clear message). A blob is
 //! written to a temp file, checked, then renamed into place, so a reader
@@ -16,7 +16,7 @@ use nembo_proto::files::{is_digest, Hasher, Manifest};
 /// Why a blob could not be stored or read.
 #[derive(Debug, thiserror::Error)]
 pub enum BlobError {
-    /// Not a SHA-256, or the content does not hash to it.
+    /// Not a digest, or the content does not hash to it.
     #[error("{0}")]
     Invalid(String),
     /// Not here.
@@ -62,7 +62,7 @@ impl BlobStore {
     /// Starts receiving a blob of `size` bytes named `digest`.
     pub fn begin(&self, digest: &str, size: u64) -> Result<Incoming, BlobError> {
         if !is_digest(digest) {
-            return Err(BlobError::Invalid(format!("'{digest}' is not a SHA-256")));
+            return Err(BlobError::Invalid(format!("'{digest}' is not a digest")));
         }
         let path = self.path(digest);
         fs::create_dir_all(path.parent().unwrap_or(&self.dir))?;
@@ -88,7 +88,7 @@ impl BlobStore {
     /// A blob's content, opened for reading.
     pub fn open(&self, digest: &str) -> Result<fs::File, BlobError> {
         if !is_digest(digest) {
-            return Err(BlobError::Invalid(format!("'{digest}' is not a SHA-256")));
+            return Err(BlobError::Invalid(format!("'{digest}' is not a digest")));
         }
         fs::File::open(self.path(digest)).map_err(|e| match e.kind() {
             std::io::ErrorKind::NotFound => BlobError::Missing(digest.to_string()),

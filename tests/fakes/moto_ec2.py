@@ -12,6 +12,8 @@
     moto_ec2.py etags ENDPOINT NAME
         Prints {key: ETag} for the bucket's objects (a multipart upload's
         ETag ends in -<parts>).
+    moto_ec2.py get ENDPOINT BUCKET KEY FILE
+        Downloads KEY to FILE (boto3's transfer manager).
     moto_ec2.py put ENDPOINT BUCKET KEY FILE
         Uploads FILE as KEY (multipart when large) and prints {"key": KEY}.
     moto_ec2.py instances ENDPOINT KEY_ID SECRET [REGION]
@@ -90,6 +92,11 @@ def etags(endpoint, name):
     print(json.dumps({o["Key"]: o["ETag"].strip('"') for o in objs}))
 
 
+def get(endpoint, name, key, path):
+    client("s3", endpoint).download_file(name, key, path)
+    print(json.dumps({"key": key}))
+
+
 def put(endpoint, name, key, path):
     client("s3", endpoint).upload_file(path, name, key)
     print(json.dumps({"key": key}))
@@ -97,4 +104,4 @@ def put(endpoint, name, key, path):
 
 if __name__ == "__main__":
     {"setup": setup, "instances": instances, "bucket": bucket, "objects": objects,
-     "etags": etags, "put": put}[sys.argv[1]](*sys.argv[2:])
+     "etags": etags, "put": put, "get": get}[sys.argv[1]](*sys.argv[2:])

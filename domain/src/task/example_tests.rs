@@ -28,7 +28,11 @@ fn shipped_examples_parse() {
     );
     let mut token = BTreeMap::new();
     token.insert("JUPYTER_TOKEN".to_string(), "t".to_string());
-    let nb = parse_task_yaml(include_str!("../../../examples/jupyter-notebook.yaml"), &token).unwrap();
+    let nb = parse_task_yaml(
+        include_str!("../../../examples/jupyter-notebook.yaml"),
+        &token,
+    )
+    .unwrap();
     assert_eq!(nb.resources.candidates[0].ports[0].start, 8888);
     let y = include_str!("../../../examples/needs-token.yaml");
     assert_eq!(parse_task_yaml(y, &none).unwrap_err().path, "envs.HF_TOKEN");

@@ -6,7 +6,9 @@
 //!    one small file changed; and the same twice with `rsync -a` over ssh
 //!    to 127.0.0.1 (a real sshd on loopback), the anchor.
 //! 2. A 1 GiB object is copied from moto S3 by the agent (`s3://` file
-//!    mount); the agent's peak RSS (VmHWM) is read after.
+//!    mount), beside boto3's `download_file` of the same object from the
+//!    same moto (the anchor: moto, a Python server, bounds both); the
+//!    agent's peak RSS (VmHWM) is read after.
 //!
 //! Nembo's times are the whole `nembo launch` (hashing, upload, the job's
 //! placement on the idle node, the agent's fetch, a `true` run), measured
@@ -262,6 +264,16 @@ async fn main() {
         .unwrap()
         .len();
     assert_eq!(copied, std::fs::metadata(&object).unwrap().len());
+    let t = Instant::now();
+    let boto3_dst = s.join("boto3.bin");
+    Moto::helper(&[
+        "get",
+        &moto.endpoint,
+        "bench",
+        "ds/object.bin",
+        boto3_dst.to_str().unwrap(),
+    ]);
+    let boto3_secs = t.elapsed().as_secs_f64();
 
     println!("{:<44} {:>10} {:>10} {:>8}", "", "nembo", "rsync", "ratio");
     for (what, n, r) in [
@@ -272,9 +284,14 @@ async fn main() {
         println!("{what:<44} {n:>10.2} {r:>10.2} {:>8.2}", n / r);
     }
     println!(
-        "{:<44} {:>10.1}",
-        format!("S3 COPY of {:.2} GB (s)", copied as f64 / 1e9),
-        s3_secs
+        "{:<44} {:>10.1} {:>10.1} {:>8.2}",
+        format!(
+            "S3 COPY of {:.2} GB (s; anchor: boto3)",
+            copied as f64 / 1e9
+        ),
+        s3_secs,
+        boto3_secs,
+        s3_secs / boto3_secs
     );
     println!(
         "{:<44} {:>10.1}",
@@ -286,7 +303,7 @@ async fn main() {
             "tree": {"files": files, "bytes": bytes},
             "nembo": {"first_s": nembo_first, "unchanged_s": nembo_nochange, "one_changed_s": nembo_again},
             "rsync_ssh": {"first_s": rsync_first, "unchanged_s": rsync_nochange, "one_changed_s": rsync_again},
-            "s3_copy": {"bytes": copied, "seconds": s3_secs},
+            "s3_copy": {"bytes": copied, "seconds": s3_secs, "boto3_seconds": boto3_secs},
             "agent_vmhwm_mb": hwm_mb,
         })
     );
