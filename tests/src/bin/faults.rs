@@ -861,7 +861,12 @@ async fn soak(
 ) -> Result<(), String> {
     let net = Net::up(&["c1", "c2", "c3", "a1", "a2"])?;
     let netem = Net::has_netem();
-    let (root, live) = scratch("nembo-soak")?;
+    let (mut root, live) = scratch("nembo-soak")?;
+    // NEMBO_FAULTS_KEEP=1 keeps the members' and agents' dirs and logs.
+    if std::env::var_os("NEMBO_FAULTS_KEEP").is_some() {
+        root.disable_cleanup(true);
+        eprintln!("soak: keeping {}", root.path().display());
+    }
     let mut m = Members::start(&net, root.path(), 3, MEMBER_FLAGS, Vec::new());
     m.leader(Duration::from_secs(30)).await.ok_or("no leader")?;
     let client = m.client();
