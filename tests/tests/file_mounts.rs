@@ -342,3 +342,96 @@ async fn bad_sources_are_refused_before_anything_is_queued() {
     assert_eq!(missing, vec![claimed]);
     assert!(c.jobs().await.is_empty(), "nothing was queued");
 }
+
+/// In a cluster, an upload made through a follower is served by the
+/// leader (the gate forwards the client stream whole), which is where the
+/// agents fetch from.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn files_uploaded_through_a_follower_reach_the_job() {
+    let cl = nembo_tests::Cluster::start(3, &[]).await;
+    let leader = cl.leader().await;
+    let follower = (1..=3).find(|id| *id != leader).unwrap();
+    let mut client = cl.member_client(follower).await.expect("follower");
+    let content = b"shipped through a follower\n".to_vec();
+    let file_digest = nembo_proto::files::digest(&content);
+    let manifest = nembo_proto::files::Manifest {
+        single_file: true,
+        entries: vec![nembo_proto::files::Entry {
+            path: String::new(),
+            mode: 0o644,
+            kind: nembo_proto::files::Kind::File {
+                size: content.len() as u64,
+                digest: file_digest.clone(),
+            },
+        }],
+    }
+    .encode();
+    let manifest_digest = nembo_proto::files::digest(&manifest);
+    let pieces = vec![
+        pb::PutBlobsRequest {
+            digest: file_digest.clone(),
+            size: content.len() as u64,
+            data: content,
+            last: true,
+        },
+        pb::PutBlobsRequest {
+            digest: manifest_digest.clone(),
+            size: manifest.len() as u64,
+            data: manifest,
+            last: true,
+        },
+    ];
+    let put = client
+        .put_blobs(tokio_stream::iter(pieces))
+        .await
+        .expect("PutBlobs through a follower")
+        .into_inner();
+    assert_eq!(put.blobs, 2);
+    let job = client
+        .submit_job(pb::SubmitJobRequest {
+            task: Some(pb::submit_job_request::Task::TaskYaml(
+                "file_mounts: {note.txt: /somewhere/note.txt}\nrun: cat note.txt\n".into(),
+            )),
+            uploads: [("/somewhere/note.txt".to_string(), manifest_digest)]
+                .into_iter()
+                .collect(),
+            ..Default::default()
+        })
+        .await
+        .expect("submit")
+        .into_inner()
+        .job_id;
+    let logs = wait_for_output(&cl, &job).await;
+    assert!(logs.contains("shipped through a follower"), "{logs}");
+}
+
+async fn wait_for_output(cl: &nembo_tests::Cluster, job: &str) -> String {
+    nembo_tests::wait_for("the job to succeed", Duration::from_secs(60), || async {
+        let j = cl
+            .client()
+            .get_job(pb::GetJobRequest {
+                job_id: job.to_string(),
+            })
+            .await
+            .ok()?
+            .into_inner()
+            .job?;
+        (j.state == pb::JobState::Succeeded as i32).then_some(())
+    })
+    .await;
+    let mut stream = cl
+        .client()
+        .stream_logs(pb::StreamLogsRequest {
+            job_id: job.to_string(),
+            ..Default::default()
+        })
+        .await
+        .expect("logs")
+        .into_inner();
+    let mut out = String::new();
+    use tokio_stream::StreamExt;
+    while let Some(Ok(chunk)) = stream.next().await {
+        out.push_str(&String::from_utf8_lossy(&chunk.data));
+    }
+    out
+}
