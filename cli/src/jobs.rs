@@ -133,8 +133,8 @@ pub async fn launch(a: LaunchArgs, managed: bool) -> Result<i32> {
     envs.extend(a.envs.iter().cloned());
     let envs = crate::env_map(&envs);
     // Refuse a task that cannot be accepted before reading its local sources.
-    nembo_domain::task::parse_task_yaml(&task_yaml, &envs)?;
-    let sources = crate::upload::local_sources(&task_yaml)?;
+    let spec = nembo_domain::task::parse_task_yaml(&task_yaml, &envs)?;
+    let sources = crate::upload::local_sources(&spec)?;
     let mut client = connect::client().await?;
     if a.dry_run {
         let req = pb::DryRunRequest {

@@ -34,25 +34,17 @@ pub struct Source {
     files: BTreeMap<String, (PathBuf, u64)>,
 }
 
-/// The local sources of a task (YAML), with their manifests.
-pub fn local_sources(task_yaml: &str) -> Result<Vec<Source>> {
-    let Ok(yaml_serde::Value::Mapping(map)) = yaml_serde::from_str::<yaml_serde::Value>(task_yaml)
-    else {
-        return Ok(Vec::new()); // the coordinator says what is wrong with it
-    };
+/// The local sources of a task (as parsed: `$VAR`s expanded), with their
+/// manifests.
+pub fn local_sources(spec: &nembo_domain::task::TaskSpec) -> Result<Vec<Source>> {
     // (field, source as named)
     let mut named: Vec<(String, String)> = Vec::new();
-    if let Some(yaml_serde::Value::String(w)) = map.get("workdir") {
+    if let Some(w) = &spec.workdir {
         named.push(("workdir".into(), w.clone()));
     }
-    if let Some(yaml_serde::Value::Mapping(mounts)) = map.get("file_mounts") {
-        for (k, v) in mounts {
-            if let (yaml_serde::Value::String(dst), yaml_serde::Value::String(s)) = (k, v) {
-                let s = s.trim();
-                if !s.contains("://") && !s.is_empty() {
-                    named.push((format!("file_mounts.{dst}"), s.to_string()));
-                }
-            }
+    for (dst, src) in &spec.file_mounts {
+        if let nembo_domain::task::MountSource::Local { path, .. } = src {
+            named.push((format!("file_mounts.{dst}"), path.clone()));
         }
     }
     let mut cache = HashCache::load();

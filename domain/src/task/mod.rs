@@ -313,6 +313,7 @@ pub fn parse_task_yaml(yaml: &str, env_overrides: &BTreeMap<String, String>) -> 
     if spec.resources.candidates.is_empty() {
         spec.resources.candidates.push(ResourceCandidate::default());
     }
+    spec.file_mounts = mounts::substitute_envs(std::mem::take(&mut spec.file_mounts), &spec.envs)?;
     validate(&spec)?;
     Ok(spec)
 }

@@ -55,6 +55,69 @@ pub(super) fn parse_file_mounts(v: &Value) -> Result<BTreeMap<String, MountSourc
     Ok(out)
 }
 
+/// `$NAME` and `${NAME}` replaced by the task's `envs` in every path and
+/// source (SkyPilot does this for file mounts); an unknown name is left as
+/// written. Secrets are never put into paths.
+pub(super) fn substitute_envs(
+    mounts: BTreeMap<String, MountSource>,
+    envs: &BTreeMap<String, String>,
+) -> Result<BTreeMap<String, MountSource>> {
+    if envs.is_empty() {
+        return Ok(mounts);
+    }
+    let mut out = BTreeMap::new();
+    for (dst, src) in mounts {
+        let dst2 = expand(&dst, envs);
+        let path = format!("file_mounts.{dst2}");
+        check_destination(&dst2, &path)?;
+        let src2 = match src {
+            MountSource::Local { path: p, manifest } => {
+                let p = expand(&p, envs);
+                match parse_source(&p, &path)? {
+                    MountSource::Local { path, .. } => MountSource::Local { path, manifest },
+                    uri => uri,
+                }
+            }
+            MountSource::Uri(u) => parse_source(&expand(&u, envs), &path)?,
+        };
+        out.insert(dst2, src2);
+    }
+    Ok(out)
+}
+
+fn expand(s: &str, envs: &BTreeMap<String, String>) -> String {
+    let mut out = String::with_capacity(s.len());
+    let mut rest = s;
+    while let Some(i) = rest.find('$') {
+        out.push_str(&rest[..i]);
+        let after = &rest[i + 1..];
+        let (name, used) = match after.strip_prefix('{') {
+            Some(inner) => match inner.find('}') {
+                Some(end) => (&inner[..end], end + 2),
+                None => ("", 0),
+            },
+            None => {
+                let end = after
+                    .find(|c: char| !(c.is_ascii_alphanumeric() || c == '_'))
+                    .unwrap_or(after.len());
+                (&after[..end], end)
+            }
+        };
+        match envs.get(name).filter(|_| !name.is_empty()) {
+            Some(v) => {
+                out.push_str(v);
+                rest = &after[used..];
+            }
+            None => {
+                out.push('$');
+                rest = after;
+            }
+        }
+    }
+    out.push_str(rest);
+    out
+}
+
 /// Where a mount lands: absolute, `~/...`, or relative to the job's work
 /// dir; never through `..`, never ending in `/` (SkyPilot's rule).
 fn check_destination(dst: &str, path: &str) -> Result<()> {

@@ -254,3 +254,21 @@ fn ports_and_disks_take_skypilots_forms() {
         [22]
     );
 }
+
+#[test]
+fn file_mount_paths_take_the_tasks_envs() {
+    let t = parse_task_yaml(
+        "envs: {BUCKET: my-data, SPLIT: train}\nfile_mounts:\n  /data/${SPLIT}: s3://$BUCKET/$SPLIT\n  /x/$NOPE: ./src\n",
+        &Default::default(),
+    )
+    .unwrap();
+    assert_eq!(
+        t.file_mounts["/data/train"],
+        MountSource::Uri("s3://my-data/train".into())
+    );
+    assert!(
+        t.file_mounts.contains_key("/x/$NOPE"),
+        "{:?}",
+        t.file_mounts
+    );
+}
