@@ -459,7 +459,7 @@ async fn bad_input_gets_a_clear_error_and_changes_nothing() {
         (
             "file_mounts: {/d: {name: b, mode: MOUNT}}".into(),
             Code::InvalidArgument,
-            "file_mounts./d: a storage object ({name, source, store, mode}) is valid SkyPilot but not supported",
+            "file_mounts./d: a storage object that creates a bucket",
         ),
         (
             format!("run: echo {}", "x".repeat(300 * 1024)),

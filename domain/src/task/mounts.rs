@@ -36,13 +36,7 @@ pub(super) fn parse_file_mounts(v: &Value) -> Result<BTreeMap<String, MountSourc
         check_destination(dst, &path)?;
         let source = match val {
             Value::String(s) => parse_source(s.trim(), &path)?,
-            Value::Mapping(_) => {
-                return Err(SpecError::new(
-                    path,
-                    "a storage object ({name, source, store, mode}) is valid SkyPilot but not \
-                     supported by Nembo yet; give a local path, or an s3:// or https:// URI to copy",
-                ))
-            }
+            Value::Mapping(m) => parse_storage(m, &path)?,
             other => {
                 return Err(SpecError::new(
                     path,
@@ -116,6 +110,95 @@ fn expand(s: &str, envs: &BTreeMap<String, String>) -> String {
     }
     out.push_str(rest);
     out
+}
+
+/// A storage object. What Nembo does today: `mode: COPY` of an existing
+/// bucket or prefix (`source: s3://...`), which is what a URI string means.
+/// Creating a bucket from a local source (`name`) and FUSE mounts (MOUNT,
+/// MOUNT_CACHED, SkyPilot's default mode) are refused by name.
+fn parse_storage(m: &yaml_serde::Mapping, path: &str) -> Result<MountSource> {
+    const FIELDS: &[&str] = &[
+        "name",
+        "source",
+        "store",
+        "mode",
+        "persistent",
+        "type",
+        "config",
+    ];
+    for k in m.keys() {
+        let k = key_str(k, path)?;
+        if !FIELDS.contains(&k) {
+            return Err(SpecError::new(
+                format!("{path}.{k}"),
+                format!("unknown storage field (fields: {})", FIELDS.join(", ")),
+            ));
+        }
+    }
+    let text = |k: &str| -> Result<Option<String>> {
+        match m.get(k) {
+            None | Some(Value::Null) => Ok(None),
+            Some(Value::String(s)) => Ok(Some(s.trim().to_string())),
+            Some(other) => Err(SpecError::new(
+                format!("{path}.{k}"),
+                format!("expected a string, got {}", kind(other)),
+            )),
+        }
+    };
+    let mode = text("mode")?
+        .unwrap_or_else(|| "MOUNT".into())
+        .to_ascii_uppercase();
+    if !matches!(mode.as_str(), "MOUNT" | "COPY" | "MOUNT_CACHED") {
+        return Err(SpecError::new(
+            format!("{path}.mode"),
+            format!("'{mode}': expected MOUNT, COPY or MOUNT_CACHED"),
+        ));
+    }
+    if let Some(store) = text("store")? {
+        if store != "s3" {
+            return Err(SpecError::new(
+                format!("{path}.store"),
+                format!(
+                    "'{store}' is valid SkyPilot but not supported by Nembo yet; Nembo reads s3"
+                ),
+            ));
+        }
+    }
+    let source = match m.get("source") {
+        Some(Value::String(s)) => Some(s.trim().to_string()),
+        None | Some(Value::Null) => None,
+        Some(_) => {
+            return Err(SpecError::new(
+                format!("{path}.source"),
+                "a list of local sources is valid SkyPilot but not supported by Nembo yet",
+            ))
+        }
+    };
+    let is_uri = source.as_deref().is_some_and(|s| s.contains("://"));
+    if !is_uri {
+        return Err(SpecError::new(
+            path,
+            "a storage object that creates a bucket (a local `source`, or `name` alone) is \
+             valid SkyPilot but not supported by Nembo yet; upload it yourself and give \
+             `source: s3://bucket/prefix` with `mode: COPY`, or mount the local path directly",
+        ));
+    }
+    if text("name")?.is_some() {
+        return Err(SpecError::new(
+            format!("{path}.name"),
+            "is not allowed with a bucket URI as `source` (SkyPilot's rule)",
+        ));
+    }
+    if mode != "COPY" {
+        return Err(SpecError::new(
+            format!("{path}.mode"),
+            format!(
+                "{mode} (the default) needs a FUSE mount on the node, which Nembo does not set \
+                 up yet; `mode: COPY` copies the bucket in before setup (writes stay on the node)"
+            ),
+        ));
+    }
+    parse_source(source.as_deref().unwrap_or_default(), path)
 }
 
 /// Where a mount lands: absolute, `~/...`, or relative to the job's work

@@ -99,9 +99,37 @@ fn unknown_fields_are_rejected_with_a_hint() {
 
 #[test]
 fn known_but_unsupported_fields_are_rejected_not_ignored() {
-    let e = err("file_mounts: {/data: {name: b, mode: MOUNT}}");
+    let e = err("file_mounts: {/data: {name: b, source: ./x, mode: COPY}}");
     assert_eq!(e.path, "file_mounts./data");
     assert!(e.message.contains("not supported"));
+    let e = err("file_mounts: {/data: {source: s3://b/p}}");
+    assert_eq!(e.path, "file_mounts./data.mode");
+    assert!(
+        e.message.contains("FUSE") && e.message.contains("COPY"),
+        "{e}"
+    );
+    let ok = parse_task_yaml(
+        "file_mounts: {/data: {source: s3://b/p, mode: copy, persistent: true}}",
+        &Default::default(),
+    )
+    .unwrap();
+    assert_eq!(ok.file_mounts["/data"], MountSource::Uri("s3://b/p".into()));
+    assert_eq!(
+        err("file_mounts: {/d: {source: gs://b, mode: COPY, store: gcs}}").path,
+        "file_mounts./d.store"
+    );
+    assert_eq!(
+        err("file_mounts: {/d: {source: s3://b, mode: COPY, name: x}}").path,
+        "file_mounts./d.name"
+    );
+    assert_eq!(
+        err("file_mounts: {/d: {source: s3://b, mode: FAST}}").path,
+        "file_mounts./d.mode"
+    );
+    assert_eq!(
+        err("file_mounts: {/d: {source: s3://b, bogus: 1}}").path,
+        "file_mounts./d.bogus"
+    );
     let e = err("resources: {image_id: docker:ubuntu}");
     assert_eq!(e.path, "resources.image_id");
     assert_eq!(err("workdir: {url: https://x/y.git}").path, "workdir");
