@@ -987,8 +987,35 @@ async fn soak(
         }
         tokio::time::sleep(Duration::from_secs(5)).await;
     }
-    // Let the last jobs finish (a minute of work, and a recovery or two).
-    tokio::time::sleep(Duration::from_secs(120)).await;
+    // Let the last jobs finish. Two agents of 2 vCPUs hold four jobs at a
+    // time, and a job of 20 to 60 s comes every 5 s, so a queue builds over
+    // the run: wait until every managed job has ended (at most 15 minutes),
+    // so that what did not complete is work lost, not work still queued.
+    let drain = Instant::now();
+    while drain.elapsed() < Duration::from_secs(900) {
+        tokio::time::sleep(Duration::from_secs(5)).await;
+        let Ok(jobs) = every_job(&client).await else {
+            continue;
+        };
+        let open = jobs
+            .iter()
+            .filter(|j| j.managed.is_some())
+            .filter(|j| {
+                !matches!(
+                    pb::JobState::try_from(j.state),
+                    Ok(pb::JobState::Succeeded
+                        | pb::JobState::Failed
+                        | pb::JobState::FailedSetup
+                        | pb::JobState::Cancelled)
+                )
+            })
+            .count();
+        eprintln!("soak: draining, {open} managed jobs still open");
+        if open == 0 {
+            break;
+        }
+    }
+    let drained_s = drain.elapsed().as_secs();
     stop.store(true, Ordering::Relaxed);
     let _ = prober.await;
     let doubles = watcher.join().unwrap_or_default();
@@ -1027,6 +1054,7 @@ async fn soak(
         "soak".into(),
         json!({
             "seconds": secs,
+            "drain_seconds": drained_s,
             "loss_1pct": lossy,
             "preemption_notices": preemptions,
             "managed_jobs": managed.len(),
@@ -1045,7 +1073,7 @@ async fn soak(
     rows.push(Row {
         fault: format!("churn soak ({secs} s{})", if lossy { ", 1% loss" } else { ", no loss: neither netem nor nft here" }),
         result: format!(
-            "{} managed jobs, {done} completed, {} failed, {unfinished} not completed (lost work), {attempts} attempts, {preemptions} spot notices; {} acked writes, {} lost; {} double live attempts; longest client wait {gap} ms; peak RSS KiB {peak:?}",
+            "{} managed jobs, {done} completed, {} failed, {unfinished} not completed after a {drained_s} s drain (lost work), {attempts} attempts, {preemptions} spot notices; {} acked writes, {} lost; {} double live attempts; longest client wait {gap} ms; peak RSS KiB {peak:?}",
             managed.len(),
             failed.len(),
             acked.len(),
