@@ -22,9 +22,33 @@ pub enum BlobError {
     /// Not here.
     #[error("blob {0} is not held by this coordinator")]
     Missing(String),
+    /// Keeping it would eat into the room the Raft log needs.
+    #[error("{0}")]
+    NoRoom(String),
     /// The disk failed.
     #[error("blob store: {0}")]
     Io(#[from] std::io::Error),
+}
+
+/// Free space uploads never take: a twentieth of the disk, at least
+/// `RESERVE_MIN` and at most `RESERVE_MAX` (the log compacts at 64 MiB and
+/// a snapshot is the size of the state: gigabytes are plenty).
+const RESERVE_MIN: u64 = 2 << 30;
+const RESERVE_MAX: u64 = 10 << 30;
+
+/// Refuses `size` more bytes where `free` of `total` are free, if that
+/// would leave less than the reserve.
+fn room_for(size: u64, free: u64, total: u64) -> Result<(), BlobError> {
+    let reserve = RESERVE_MIN.max((total / 20).min(RESERVE_MAX));
+    if free.saturating_sub(size) < reserve {
+        return Err(BlobError::NoRoom(format!(
+            "no room for {size} more bytes of uploads: the coordinators keep {} GiB free for \
+             their log ({} GiB free now); ship data sets through a bucket",
+            reserve >> 30,
+            free >> 30
+        )));
+    }
+    Ok(())
 }
 
 /// The blobs of one coordinator.
@@ -59,10 +83,17 @@ impl BlobStore {
         is_digest(digest) && self.path(digest).is_file()
     }
 
-    /// Starts receiving a blob of `size` bytes named `digest`.
+    /// Starts receiving a blob of `size` bytes named `digest`. Refused when
+    /// it would leave the disk with less than its reserve free: uploads must
+    /// never fill the disk the Raft log is on (a member whose log cannot
+    /// grow stops).
     pub fn begin(&self, digest: &str, size: u64) -> Result<Incoming, BlobError> {
         if !is_digest(digest) {
             return Err(BlobError::Invalid(format!("'{digest}' is not a digest")));
+        }
+        if let Ok(st) = nix::sys::statvfs::statvfs(&self.dir) {
+            let block = st.fragment_size();
+            room_for(size, st.blocks_available() * block, st.blocks() * block)?;
         }
         let path = self.path(digest);
         fs::create_dir_all(path.parent().unwrap_or(&self.dir))?;
@@ -195,6 +226,22 @@ mod tests {
         // Nothing half-written is left.
         let left: Vec<_> = walk(dir.path());
         assert_eq!(left.len(), 1, "{left:?}");
+    }
+
+    #[test]
+    fn uploads_never_take_the_reserve_the_log_needs() {
+        const GIB: u64 = 1 << 30;
+        // 100 GiB disk: the reserve is 5 GiB; 1 TiB: capped at 10 GiB.
+        assert!(room_for(GIB, 20 * GIB, 100 * GIB).is_ok());
+        assert!(matches!(
+            room_for(16 * GIB, 20 * GIB, 100 * GIB),
+            Err(BlobError::NoRoom(_))
+        ));
+        assert!(room_for(GIB, 12 * GIB, 1024 * GIB).is_ok());
+        assert!(room_for(3 * GIB, 12 * GIB, 1024 * GIB).is_err());
+        // A small disk keeps at least 2 GiB.
+        assert!(room_for(GIB, 2 * GIB, 8 * GIB).is_err());
+        assert!(room_for(GIB, 4 * GIB, 8 * GIB).is_ok());
     }
 
     fn walk(p: &std::path::Path) -> Vec<PathBuf> {

@@ -17,6 +17,7 @@ impl From<BlobError> for CoordinatorError {
         match e {
             BlobError::Invalid(m) => CoordinatorError::InvalidArgument(m),
             BlobError::Missing(d) => CoordinatorError::NotFound(format!("blob {d}")),
+            BlobError::NoRoom(m) => CoordinatorError::TooLarge(m),
             BlobError::Io(e) => CoordinatorError::Storage(e.to_string()),
         }
     }
