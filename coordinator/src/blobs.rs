@@ -83,6 +83,73 @@ impl BlobStore {
         is_digest(digest) && self.path(digest).is_file()
     }
 
+    /// Whether the blob is here, marking it used now: a client that finds
+    /// it here will not upload it, so it must outlive the next collection.
+    pub fn has_fresh(&self, digest: &str) -> bool {
+        if !is_digest(digest) {
+            return false;
+        }
+        fs::File::options()
+            .write(true)
+            .open(self.path(digest))
+            .and_then(|f| f.set_modified(std::time::SystemTime::now()))
+            .is_ok()
+    }
+
+    /// Deletes every blob not in `keep` that was not uploaded or asked
+    /// about for `idle`; returns how many went. Blobs of jobs that have not
+    /// ended are always in `keep` ([`referenced`]).
+    pub fn collect(&self, keep: &BTreeSet<String>, idle: std::time::Duration) -> usize {
+        let Ok(now) = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH) else {
+            return 0;
+        };
+        let mut gone = 0;
+        for shard in fs::read_dir(&self.dir).into_iter().flatten().flatten() {
+            for blob in fs::read_dir(shard.path()).into_iter().flatten().flatten() {
+                let name = blob.file_name().to_string_lossy().into_owned();
+                if keep.contains(&name) {
+                    continue;
+                }
+                let age = blob
+                    .metadata()
+                    .and_then(|m| m.modified())
+                    .ok()
+                    .and_then(|t| t.duration_since(std::time::UNIX_EPOCH).ok())
+                    .map(|t| now.saturating_sub(t));
+                // Temp files of an upload in progress are young; old ones are litter.
+                if age.is_some_and(|a| a >= idle) && fs::remove_file(blob.path()).is_ok() {
+                    gone += 1;
+                }
+            }
+        }
+        gone
+    }
+
+    /// Every blob the jobs that have not ended ship: their manifests and the
+    /// files those list.
+    pub fn referenced(&self, state: &nembo_domain::state::State) -> BTreeSet<String> {
+        let mut keep = BTreeSet::new();
+        for job in state.jobs.values().filter(|j| !j.state.is_terminal()) {
+            let manifests =
+                job.spec
+                    .workdir_manifest
+                    .iter()
+                    .chain(job.spec.file_mounts.values().filter_map(|m| match m {
+                        nembo_domain::task::MountSource::Local { manifest, .. } => {
+                            manifest.as_ref()
+                        }
+                        nembo_domain::task::MountSource::Uri(_) => None,
+                    }));
+            for d in manifests {
+                keep.insert(d.clone());
+                if let Ok(m) = self.manifest(d) {
+                    keep.extend(m.files().map(|(_, _, f)| f.to_string()));
+                }
+            }
+        }
+        keep
+    }
+
     /// Starts receiving a blob of `size` bytes named `digest`. Refused when
     /// it would leave the disk with less than its reserve free: uploads must
     /// never fill the disk the Raft log is on (a member whose log cannot
@@ -242,6 +309,30 @@ mod tests {
         // A small disk keeps at least 2 GiB.
         assert!(room_for(GIB, 2 * GIB, 8 * GIB).is_err());
         assert!(room_for(GIB, 4 * GIB, 8 * GIB).is_ok());
+    }
+
+    #[test]
+    fn collection_keeps_what_jobs_ship_and_what_was_asked_for_lately() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = BlobStore::new(dir.path().to_path_buf()).unwrap();
+        let put = |data: &[u8]| {
+            let d = nembo_proto::files::digest(data);
+            let mut b = store.begin(&d, data.len() as u64).unwrap();
+            b.write(data).unwrap();
+            b.finish().unwrap();
+            d
+        };
+        let (kept, idle) = (put(b"kept"), put(b"idle"));
+        let keep: BTreeSet<String> = [kept.clone()].into();
+        // Young blobs stay whatever references them.
+        assert_eq!(
+            store.collect(&keep, std::time::Duration::from_secs(3600)),
+            0
+        );
+        assert_eq!(store.collect(&keep, std::time::Duration::ZERO), 1);
+        assert!(store.has(&kept) && !store.has(&idle));
+        assert!(store.has_fresh(&kept));
+        assert!(!store.has_fresh(&idle));
     }
 
     fn walk(p: &std::path::Path) -> Vec<PathBuf> {

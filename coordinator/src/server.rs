@@ -76,6 +76,32 @@ impl tonic::service::Interceptor for AgentAuth {
     }
 }
 
+/// How often a member looks for uploads no job needs any more.
+const BLOB_COLLECT_EVERY: Duration = Duration::from_secs(600);
+/// How long an upload no running job ships is kept (a relaunch within a
+/// day sends nothing again).
+const BLOB_IDLE: Duration = Duration::from_secs(24 * 3600);
+
+/// Every member collects its own blob store: uploads are not in Raft, and
+/// each member keeps what it was sent.
+async fn collect_blobs(ctx: Arc<Ctx>) {
+    let mut tick = tokio::time::interval(BLOB_COLLECT_EVERY);
+    loop {
+        tick.tick().await;
+        let state = ctx.raft.view().state.clone();
+        let store = ctx.clone();
+        let gone = tokio::task::spawn_blocking(move || {
+            let keep = store.blobs.referenced(&state);
+            store.blobs.collect(&keep, BLOB_IDLE)
+        })
+        .await
+        .unwrap_or(0);
+        if gone > 0 {
+            tracing::info!(blobs = gone, "deleted uploads no job ships any more");
+        }
+    }
+}
+
 fn startup(what: &str) -> impl FnOnce(std::io::Error) -> CoordinatorError + '_ {
     move |e| CoordinatorError::Internal(format!("{what}: {e}"))
 }
@@ -344,6 +370,7 @@ pub async fn run(
         },
         hb_rx,
     ));
+    tokio::spawn(collect_blobs(ctx.clone()));
 
     // Both reflection versions: grpcurl speaks v1, grpcio's Python client v1alpha.
     // Reflection is open without a token: it reveals the public schema only.

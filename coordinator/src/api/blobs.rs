@@ -36,7 +36,10 @@ pub async fn find_missing_blobs(
         ))
         .into());
     }
-    let missing = digests.into_iter().filter(|d| !ctx.blobs.has(d)).collect();
+    let missing = digests
+        .into_iter()
+        .filter(|d| !ctx.blobs.has_fresh(d))
+        .collect();
     Ok(Response::new(pb::FindMissingBlobsResponse { missing }))
 }
 
