@@ -10,7 +10,7 @@ use crate::context::Ctx;
 use crate::error::CoordinatorError;
 
 /// Most digests one FindMissingBlobs may ask about.
-const MAX_ASKED: usize = 100_000;
+const MAX_ASKED: usize = 2 * nembo_proto::files::MAX_ENTRIES;
 
 impl From<BlobError> for CoordinatorError {
     fn from(e: BlobError) -> Self {
