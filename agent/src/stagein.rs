@@ -19,7 +19,7 @@ use std::time::{Duration, Instant};
 use nembo_proto::agent::v1 as apb;
 use nembo_proto::client::AgentTlsClient;
 use nembo_proto::files::{Hasher, Kind, Manifest};
-use object_store::ObjectStore as _;
+use object_store::{ObjectStore as _, ObjectStoreExt as _};
 use serde::{Deserialize, Serialize};
 use tokio::sync::watch;
 use tokio_stream::StreamExt;
@@ -262,7 +262,7 @@ impl StageIn {
         while let Some(piece) = stream.next().await {
             let piece = piece.map_err(|s| s.message().to_string())?;
             bytes.extend_from_slice(&piece.data);
-            if bytes.len() > 256 << 20 {
+            if bytes.len() as u64 > nembo_proto::files::MAX_MANIFEST_BYTES {
                 return Err("manifest too large".into());
             }
         }
@@ -286,6 +286,12 @@ impl StageIn {
         let (store, prefix) = crate::s3::open(uri, &self.env)?;
         let prefix_path = object_store::path::Path::from(prefix.as_str());
         let mut objects = Vec::new();
+        // A URI naming one object: listing treats the prefix as a directory.
+        if !prefix.is_empty() {
+            if let Ok(one) = store.head(&prefix_path).await {
+                objects.push(one);
+            }
+        }
         let mut listing = store.list(Some(&prefix_path));
         while let Some(o) = listing.next().await {
             let o = o.map_err(|e| format!("{uri}: {e}"))?;
@@ -451,11 +457,15 @@ impl Writing {
         std::fs::set_permissions(&self.tmp, std::fs::Permissions::from_mode(*mode))
             .and_then(|()| std::fs::rename(&self.tmp, first))
             .map_err(|e| format!("{}: {e}", first.display()))?;
+        // Beside, then renamed in: a link left at the place is replaced,
+        // never written through.
         for (path, mode) in &places[1..] {
-            std::fs::copy(first, path)
+            let tmp = tmp_beside(path);
+            std::fs::copy(first, &tmp)
                 .and_then(|_| {
-                    std::fs::set_permissions(path, std::fs::Permissions::from_mode(*mode))
+                    std::fs::set_permissions(&tmp, std::fs::Permissions::from_mode(*mode))
                 })
+                .and_then(|()| std::fs::rename(&tmp, path))
                 .map_err(|e| format!("{}: {e}", path.display()))?;
         }
         Ok(())

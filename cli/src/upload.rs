@@ -301,23 +301,34 @@ pub async fn ship(client: &Client, sources: &[Source]) -> Result<HashMap<String,
                     .map_err(|_| anyhow::anyhow!("the upload was cut off"))
             };
             match blob {
-                Blob::Bytes(b) => send(b, true)?,
+                // A manifest of many entries is larger than one message.
+                Blob::Bytes(b) => {
+                    let mut pieces = b.chunks(PIECE_BYTES).peekable();
+                    if pieces.peek().is_none() {
+                        send(Vec::new(), true)?;
+                    }
+                    while let Some(p) = pieces.next() {
+                        send(p.to_vec(), pieces.peek().is_none())?;
+                    }
+                }
                 Blob::File(path, _) => {
                     let mut f =
                         std::fs::File::open(&path).with_context(|| path.display().to_string())?;
                     let mut done = 0u64;
                     loop {
-                        let mut buf = vec![0u8; PIECE_BYTES];
+                        // Sized to what is left: a small file costs a small buffer.
+                        let want = (size.saturating_sub(done)).min(PIECE_BYTES as u64) as usize;
+                        let mut buf = vec![0u8; want];
                         let n = read_full(&mut f, &mut buf)?;
                         buf.truncate(n);
                         done += n as u64;
-                        let last = n < PIECE_BYTES;
+                        let last = done >= size || n == 0;
                         send(buf, last)?;
                         if last {
                             break;
                         }
                     }
-                    if done != size {
+                    if done != size || f.read(&mut [0u8; 1])? != 0 {
                         bail!("{} changed while it was uploaded", path.display());
                     }
                 }
@@ -339,10 +350,11 @@ pub async fn ship(client: &Client, sources: &[Source]) -> Result<HashMap<String,
     let put = c
         .put_blobs(tokio_stream::wrappers::ReceiverStream::new(rx))
         .await;
-    reader.await.context("upload reader")??;
+    // The coordinators' answer says why an upload stopped, when they stopped it.
     let put = put
         .map_err(|s| anyhow::anyhow!("upload: {}", s.message()))?
         .into_inner();
+    reader.await.context("upload reader")??;
     eprintln!(
         "Uploaded {new_files} new or changed contents of {files} files ({:.1} MB, {} blobs) in {:.1} s.",
         put.bytes as f64 / 1e6,

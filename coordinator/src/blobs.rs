@@ -54,6 +54,9 @@ fn room_for(size: u64, free: u64, total: u64) -> Result<(), BlobError> {
 /// The blobs of one coordinator.
 pub struct BlobStore {
     dir: PathBuf,
+    /// Bytes announced by uploads still in progress: counted against the
+    /// reserve, so that concurrent uploads cannot overrun it together.
+    reserved: std::sync::Arc<std::sync::atomic::AtomicU64>,
 }
 
 /// A blob being received.
@@ -65,17 +68,40 @@ pub struct Incoming {
     file: fs::File,
     tmp: PathBuf,
     path: PathBuf,
+    /// Its announced size, counted as reserved until it is done.
+    _claim: Claim,
+}
+
+/// Bytes an upload in progress holds in the reservation.
+struct Claim {
+    reserved: std::sync::Arc<std::sync::atomic::AtomicU64>,
+    size: u64,
+}
+
+impl Drop for Claim {
+    fn drop(&mut self) {
+        self.reserved
+            .fetch_sub(self.size, std::sync::atomic::Ordering::SeqCst);
+    }
 }
 
 impl BlobStore {
     /// Blobs live under `dir`.
     pub fn new(dir: PathBuf) -> std::io::Result<Self> {
         fs::create_dir_all(&dir)?;
-        Ok(Self { dir })
+        Ok(Self {
+            dir,
+            reserved: Default::default(),
+        })
     }
 
     fn path(&self, digest: &str) -> PathBuf {
         self.dir.join(&digest[..2]).join(digest)
+    }
+
+    /// Where a blob `has` found is kept (`digest` must be one).
+    pub fn path_of(&self, digest: &str) -> PathBuf {
+        self.path(digest)
     }
 
     /// Whether the blob is here.
@@ -158,9 +184,19 @@ impl BlobStore {
         if !is_digest(digest) {
             return Err(BlobError::Invalid(format!("'{digest}' is not a digest")));
         }
+        use std::sync::atomic::Ordering;
+        let pending = self.reserved.fetch_add(size, Ordering::SeqCst);
+        let claim = Claim {
+            reserved: self.reserved.clone(),
+            size,
+        };
         if let Ok(st) = nix::sys::statvfs::statvfs(&self.dir) {
             let block = st.fragment_size();
-            room_for(size, st.blocks_available() * block, st.blocks() * block)?;
+            room_for(
+                size.saturating_add(pending),
+                st.blocks_available() * block,
+                st.blocks() * block,
+            )?;
         }
         let path = self.path(digest);
         fs::create_dir_all(path.parent().unwrap_or(&self.dir))?;
@@ -173,6 +209,7 @@ impl BlobStore {
             file: fs::File::create(&tmp)?,
             tmp,
             path,
+            _claim: claim,
         })
     }
 
@@ -196,10 +233,16 @@ impl BlobStore {
 
     /// A manifest blob, read, checked against its name and decoded.
     pub fn manifest(&self, digest: &str) -> Result<Manifest, BlobError> {
-        let mut bytes = Vec::new();
-        self.open(digest)?
-            .take(nembo_proto::files::MAX_ENTRIES as u64 * 4096)
-            .read_to_end(&mut bytes)?;
+        let file = self.open(digest)?;
+        let len = file.metadata()?.len();
+        if len > nembo_proto::files::MAX_MANIFEST_BYTES {
+            return Err(BlobError::Invalid(format!(
+                "manifest {digest} is {len} bytes; the limit is {}",
+                nembo_proto::files::MAX_MANIFEST_BYTES
+            )));
+        }
+        let mut bytes = Vec::with_capacity(len as usize);
+        file.take(len).read_to_end(&mut bytes)?;
         if nembo_proto::files::digest(&bytes) != digest {
             return Err(BlobError::Invalid(format!(
                 "blob {digest} does not match its name"
@@ -208,13 +251,16 @@ impl BlobStore {
         Manifest::decode(&bytes).map_err(BlobError::Invalid)
     }
 
-    /// The blobs `manifest` lists that are not here.
+    /// The blobs `manifest` lists that are not here, or not of the size it
+    /// claims for them (the sizes are what the limits are checked on).
     pub fn missing_of(&self, manifest: &Manifest) -> BTreeSet<String> {
         manifest
             .files()
-            .map(|(_, _, d)| d)
-            .filter(|d| !self.has(d))
-            .map(str::to_string)
+            .filter(|(_, size, d)| {
+                !is_digest(d)
+                    || fs::metadata(self.path(d)).map_or(true, |m| !m.is_file() || m.len() != *size)
+            })
+            .map(|(_, _, d)| d.to_string())
             .collect()
     }
 }
@@ -251,10 +297,9 @@ impl Incoming {
 
 impl Drop for Incoming {
     fn drop(&mut self) {
-        // Unfinished (the client went away): leave nothing behind.
-        if self.tmp.exists() && !self.path.exists() {
-            let _ = fs::remove_file(&self.tmp);
-        }
+        // Unfinished (the client went away): leave nothing behind. After
+        // `finish` the temp file has been renamed and is gone already.
+        let _ = fs::remove_file(&self.tmp);
     }
 }
 

@@ -63,6 +63,10 @@ pub fn offering_matches(c: &ResourceCandidate, o: &Offering) -> bool {
     if !(c.ports.is_empty() || o.opens_ports) || !disk_fits(c, o.disk_gb_max) {
         return false;
     }
+    let image_ok = c.image_id.is_empty() || o.custom_images && c.image_for(&o.region).is_some();
+    if !image_ok {
+        return false;
+    }
     if o.fixed_machines.is_some() {
         return fits_fixed_machine(c, o);
     }
@@ -128,6 +132,7 @@ pub fn node_matches(c: &ResourceCandidate, node: &Node) -> bool {
             .is_none_or(|want| node.disk_gb.is_some_and(|has| has >= want))
         && c.disk_tier
             .is_none_or(|want| node.disk_tier.is_some_and(|has| has >= want))
+        && (c.image_id.is_empty() || c.image_for(&node.region) == node.image_id)
 }
 
 /// Every offering that can host the task and is not blocked at `now_ms`,
@@ -276,6 +281,35 @@ pub fn check_feasible(spec: &TaskSpec, offerings: &[Offering]) -> Result<(), Spe
             ),
         ));
     }
+    if !c.image_id.is_empty() {
+        let takers: Vec<String> = providers
+            .iter()
+            .filter(|p| {
+                offerings
+                    .iter()
+                    .any(|o| o.provider == **p && o.custom_images)
+            })
+            .map(|p| p.to_string())
+            .collect();
+        if takers.is_empty() {
+            return Err(SpecError::new(
+                "resources.image_id",
+                format!(
+                    "no enabled provider boots a VM image a task names ({} cannot; AWS can)",
+                    list(providers.iter().map(|s| s.to_string()).collect())
+                ),
+            ));
+        }
+        if !offerings
+            .iter()
+            .any(|o| o.custom_images && c.image_for(&o.region).is_some())
+        {
+            return Err(SpecError::new(
+                "resources.image_id",
+                format!("names no region that {} offers", list(takers)),
+            ));
+        }
+    }
     if c.disk_size_gb.is_some() || c.disk_tier.is_some() {
         let mut biggest: Vec<String> = Vec::new();
         for p in &providers {
@@ -395,6 +429,7 @@ mod tests {
                     fixed_machines: None,
                     disk_gb_max: None,
                     opens_ports: false,
+                    custom_images: false,
                     instance_type: format!("t{}", i % 40),
                     resources,
                     hourly_price: price,
@@ -601,6 +636,7 @@ mod tests {
                 fixed_machines: None,
                 disk_gb_max: None,
                 opens_ports: false,
+                custom_images: false,
                 instance_type: t.into(),
                 resources,
                 hourly_price: price,

@@ -159,6 +159,7 @@ fn existing_nodes(
             fixed_machines: None,
             disk_gb_max: None,
             opens_ports: false,
+            custom_images: false,
         };
         let shape_ok = node.fixed_machine
             || match &c.accelerator {
@@ -468,6 +469,7 @@ fn candidate_for_nodes(state: &State, spec: &TaskSpec, nodes: &[String]) -> usiz
         fixed_machines: None,
         disk_gb_max: None,
         opens_ports: false,
+        custom_images: false,
     };
     spec.resources
         .candidates
@@ -513,6 +515,7 @@ mod tests {
                 fixed_machines: None,
                 disk_gb_max: None,
                 opens_ports: false,
+                custom_images: false,
             }
         };
         vec![
@@ -1185,6 +1188,7 @@ mod tests {
             fixed_machines: Some(1),
             disk_gb_max: None,
             opens_ports: false,
+            custom_images: false,
         }]
     }
 

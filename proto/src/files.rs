@@ -19,6 +19,11 @@ use serde::{Deserialize, Serialize};
 pub const MAX_ENTRIES: usize = 100_000;
 /// The most bytes one task may ship that way. Data sets belong in a bucket.
 pub const MAX_BYTES: u64 = 20 << 30;
+/// The largest manifest (about 100 000 entries with long paths).
+pub const MAX_MANIFEST_BYTES: u64 = 32 << 20;
+/// The longest path of an entry.
+pub const MAX_PATH_BYTES: usize = 4096;
+
 /// Size of one piece of a blob on the wire.
 pub const PIECE_BYTES: usize = 2 << 20;
 
@@ -72,9 +77,11 @@ impl Manifest {
         Ok(m)
     }
 
-    /// Bytes of every file.
+    /// Bytes of every file (saturating: a forged size cannot wrap past
+    /// the limit).
     pub fn bytes(&self) -> u64 {
-        self.files().map(|(_, size, _)| size).sum()
+        self.files()
+            .fold(0u64, |sum, (_, size, _)| sum.saturating_add(size))
     }
 
     /// Every file: (path, size, digest).
@@ -109,7 +116,26 @@ impl Manifest {
         {
             return Err("a single-file manifest must hold one file at path \"\"".into());
         }
+        let links: std::collections::BTreeSet<&str> = self
+            .entries
+            .iter()
+            .filter(|e| matches!(e.kind, Kind::Symlink { .. }))
+            .map(|e| e.path.as_str())
+            .collect();
         for e in &self.entries {
+            if e.path.len() > MAX_PATH_BYTES {
+                return Err(format!(
+                    "an entry's path is longer than {MAX_PATH_BYTES} bytes"
+                ));
+            }
+            // Nothing is written through a link: an entry below one could
+            // land anywhere the link leads.
+            if below_a_link(&e.path, &links) {
+                return Err(format!(
+                    "entry '{}' lies below a link of the source",
+                    e.path
+                ));
+            }
             if !(self.single_file || is_relative_inside(&e.path)) {
                 return Err(format!(
                     "entry '{}': not a relative path inside the source",
@@ -120,7 +146,7 @@ impl Manifest {
                 Kind::File { digest, .. } if !is_digest(digest) => {
                     return Err(format!("entry '{}': '{digest}' is not a digest", e.path));
                 }
-                Kind::Symlink { target } if !link_stays_inside(&e.path, target) => {
+                Kind::Symlink { target } if !link_stays_inside(&e.path, target, &links) => {
                     return Err(format!(
                         "entry '{}': the link points to '{target}', outside the source",
                         e.path
@@ -170,23 +196,38 @@ fn is_relative_inside(path: &str) -> bool {
             .all(|c| !c.is_empty() && c != "." && c != ".." && !c.contains('\0'))
 }
 
+/// Whether a proper ancestor of `path` is one of the `links`.
+fn below_a_link(path: &str, links: &std::collections::BTreeSet<&str>) -> bool {
+    path.match_indices('/')
+        .any(|(i, _)| links.contains(&path[..i]))
+}
+
 /// Whether a link at `path` pointing to `target` resolves inside the
-/// source (what `..` climbs must stay below the root).
-fn link_stays_inside(path: &str, target: &str) -> bool {
+/// source: what `..` climbs stays below the root, and the way does not
+/// pass through another link (whose own target would make `..` mean
+/// something else than it reads).
+fn link_stays_inside(path: &str, target: &str, links: &std::collections::BTreeSet<&str>) -> bool {
     if target.is_empty() || target.starts_with('/') || target.contains('\0') {
         return false;
     }
-    let mut depth: i64 = path.split('/').count() as i64 - 1;
-    for c in target.split('/') {
-        match c {
+    let mut at: Vec<&str> = path.split('/').collect();
+    at.pop();
+    let parts: Vec<&str> = target.split('/').collect();
+    for (i, c) in parts.iter().enumerate() {
+        match *c {
             "" | "." => {}
             ".." => {
-                depth -= 1;
-                if depth < 0 {
+                if at.pop().is_none() {
                     return false;
                 }
             }
-            _ => depth += 1,
+            name => {
+                at.push(name);
+                let more = parts[i + 1..].iter().any(|p| !p.is_empty() && *p != ".");
+                if more && links.contains(at.join("/").as_str()) {
+                    return false;
+                }
+            }
         }
     }
     true
@@ -234,6 +275,20 @@ mod tests {
         for bad in ["/etc/passwd", "../../x", "../.."] {
             assert!(check(vec![link("a/l", bad)]).is_err(), "{bad}");
         }
+        // A chain: `a/up -> ..` is the root, so `b -> a/up/..` would be the
+        // destination's parent; and nothing is written below a link.
+        assert!(check(vec![link("a/up", ".."), link("b", "a/up/..")]).is_err());
+        assert!(check(vec![link("a/up", ".."), link("b", "a/up")]).is_ok());
+        assert!(check(vec![link("d", "."), file("d/x")]).is_err());
+        let mut huge = file("x");
+        huge.kind = Kind::File {
+            size: u64::MAX,
+            digest: digest(b"abc"),
+        };
+        assert!(
+            check(vec![huge.clone(), huge]).is_err(),
+            "sizes do not wrap"
+        );
         let mut bad_digest = file("x");
         bad_digest.kind = Kind::File {
             size: 1,

@@ -42,9 +42,11 @@ def setup(endpoint):
         "Statement": [{"Effect": "Allow", "Action": "*", "Resource": "*"}],
     }))
     ec2 = client("ec2", endpoint, key["AccessKeyId"], key["SecretAccessKey"])
-    image = ec2.describe_images(Owners=["amazon"])["Images"][0]["ImageId"]
+    images = ec2.describe_images(Owners=["amazon"])["Images"]
+    image = images[0]["ImageId"]
+    other = images[1]["ImageId"]
     print(json.dumps({"key_id": key["AccessKeyId"], "secret": key["SecretAccessKey"],
-                      "image_id": image}))
+                      "image_id": image, "other_image_id": other}))
 
 
 def instances(endpoint, key_id, secret, region="us-east-1"):
@@ -68,6 +70,7 @@ def instances(endpoint, key_id, secret, region="us-east-1"):
                 "state": i["State"]["Name"],
                 "lifecycle": i.get("InstanceLifecycle", "normal"),
                 "zone": i["Placement"]["AvailabilityZone"],
+                "image": i["ImageId"],
                 "tags": {t["Key"]: t["Value"] for t in i.get("Tags", [])},
                 "user_data": base64.b64decode(data).decode() if data else "",
                 "volumes": volumes,

@@ -437,10 +437,12 @@ async fn aws_gives_the_disk_asked_for_and_refuses_ports_by_name() {
         ("AWS_SECRET_ACCESS_KEY", secret),
     ];
     let (c, dir) = start_with(&providers, &env, &["--provision-timeout-ms", "600000"]).await;
+    // The task's own AMI for this region, not the configured default.
+    let ami = creds["other_image_id"].as_str().unwrap();
     let task = write_task(
         dir.path(),
         "disk.yaml",
-        "resources: {infra: aws/us-east-1, accelerators: L4:1, disk_size: 512, disk_tier: high}\nrun: df -h /\n",
+        &format!("resources: {{infra: aws/us-east-1, accelerators: L4:1, disk_size: 512, disk_tier: high, image_id: {{us-east-1: {ami}}}}}\nrun: df -h /\n"),
     );
     let plan = json_out(&c.cli(&["launch", "--dry-run", "--json", &task]));
     assert_eq!(
@@ -457,6 +459,7 @@ async fn aws_gives_the_disk_asked_for_and_refuses_ports_by_name() {
         .find(|i| i["id"] == node.instance_id.as_str())
         .unwrap_or_else(|| panic!("{instances}"))
         .clone();
+    assert_eq!(inst["image"], ami, "{inst}");
     let root = inst["volumes"]
         .as_array()
         .unwrap()

@@ -185,8 +185,8 @@ async fn a_bucket_prefix_is_copied_streamed_and_a_missing_one_fails_setup_naming
     );
     let job = c
         .submit(&format!(
-            "file_mounts:\n  /tmp/nembo-fm-{pid}/train: s3://datasets/train\n{store_env}\
-             run: |\n  sha256sum /tmp/nembo-fm-{pid}/train/big.bin\n  cat /tmp/nembo-fm-{pid}/train/meta/small.txt\n  rm -rf /tmp/nembo-fm-{pid}\n",
+            "file_mounts:\n  /tmp/nembo-fm-{pid}/train: s3://datasets/train\n  /tmp/nembo-fm-{pid}/one.txt: s3://datasets/train/meta/small.txt\n{store_env}\
+             run: |\n  sha256sum /tmp/nembo-fm-{pid}/train/big.bin\n  cat /tmp/nembo-fm-{pid}/train/meta/small.txt\n  echo one: $(cat /tmp/nembo-fm-{pid}/one.txt)\n  rm -rf /tmp/nembo-fm-{pid}\n",
             pid = std::process::id()
         ))
         .await;
@@ -196,6 +196,7 @@ async fn a_bucket_prefix_is_copied_streamed_and_a_missing_one_fails_setup_naming
     let logs = c.logs(&done.job_id).await;
     assert!(logs.contains(&digest), "{logs}");
     assert!(logs.contains("small"), "{logs}");
+    assert!(logs.contains("one: small"), "a URI naming one object is that file: {logs}");
     assert!(logs.contains("2 objects"), "progress is reported: {logs}");
     // The agent streamed it: its peak memory stayed far below the object.
     let node = &done.node_ids[0];

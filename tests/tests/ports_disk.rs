@@ -96,6 +96,11 @@ async fn bad_ports_and_impossible_disks_are_refused_naming_the_field() {
             "resources.disk_tier",
             "expected low",
         ),
+        (
+            "resources: {image_id: ami-0abc}\nrun: 'true'\n",
+            "resources.image_id",
+            "no enabled provider boots",
+        ),
     ] {
         let e = client
             .submit_job(pb::SubmitJobRequest {

@@ -52,33 +52,44 @@ pub async fn fetch_blobs(
             req.job_id
         )));
     }
-    let files: Vec<(String, std::fs::File)> = req
-        .digests
-        .into_iter()
-        .map(|d| {
-            let f = ctx.blobs.open(&d).map_err(|e| {
-                Status::not_found(format!(
-                    "{e} (it was uploaded to another coordinator, or lost with its disk: \
-                     launch the task again to upload it)"
-                ))
-            })?;
-            Ok((d, f))
-        })
-        .collect::<Result<_, Status>>()?;
+    // Checked now, opened one at a time as they are sent: a batch of
+    // thousands must not hold thousands of files open.
+    let mut paths = Vec::with_capacity(req.digests.len());
+    for d in req.digests {
+        if !ctx.blobs.has(&d) {
+            return Err(Status::not_found(format!(
+                "blob {d} is not held by this coordinator (it was uploaded to another one, or \
+                 lost with its disk: launch the task again to upload it)"
+            )));
+        }
+        let path = ctx.blobs.path_of(&d);
+        paths.push((d, path));
+    }
     let (tx, rx) = mpsc::channel(4);
     tokio::task::spawn_blocking(move || {
-        for (digest, mut file) in files {
+        for (digest, path) in paths {
+            let fail = |e: std::io::Error| Err(Status::internal(format!("{digest}: {e}")));
+            let mut file = match std::fs::File::open(&path) {
+                Ok(f) => f,
+                Err(e) => {
+                    let _ = tx.blocking_send(fail(e));
+                    return;
+                }
+            };
+            let mut left = file.metadata().map(|m| m.len()).unwrap_or(0);
             loop {
-                let mut data = vec![0u8; PIECE_BYTES];
+                // Sized to what is left: a small file costs a small buffer.
+                let mut data = vec![0u8; left.min(PIECE_BYTES as u64) as usize];
                 let n = match read_full(&mut file, &mut data) {
                     Ok(n) => n,
                     Err(e) => {
-                        let _ = tx.blocking_send(Err(Status::internal(format!("{digest}: {e}"))));
+                        let _ = tx.blocking_send(fail(e));
                         return;
                     }
                 };
                 data.truncate(n);
-                let last = n < PIECE_BYTES;
+                left = left.saturating_sub(n as u64);
+                let last = left == 0 || n == 0;
                 let piece = apb::FetchBlobsResponse {
                     digest: digest.clone(),
                     data,

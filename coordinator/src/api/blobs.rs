@@ -9,6 +9,9 @@ use crate::blobs::{BlobError, Incoming};
 use crate::context::Ctx;
 use crate::error::CoordinatorError;
 
+/// An upload that sends no piece for this long is dropped.
+pub const PIECE_IDLE: std::time::Duration = std::time::Duration::from_secs(60);
+
 /// Most digests one FindMissingBlobs may ask about.
 const MAX_ASKED: usize = 2 * nembo_proto::files::MAX_ENTRIES;
 
@@ -51,7 +54,15 @@ pub async fn put_blobs(
     let mut stream = request.into_inner();
     let (mut blobs, mut bytes) = (0u64, 0u64);
     let mut current: Option<Incoming> = None;
-    while let Some(piece) = stream.next().await {
+    loop {
+        let next = tokio::time::timeout(PIECE_IDLE, stream.next())
+            .await
+            .map_err(|_| {
+                Status::deadline_exceeded(format!("no piece of the upload for {PIECE_IDLE:?}"))
+            })?;
+        let Some(piece) = next else {
+            break;
+        };
         let piece = piece?;
         if current.is_none() {
             if piece.size > nembo_proto::files::MAX_BYTES {

@@ -79,6 +79,7 @@ pub fn spec_to_proto(spec: &TaskSpec) -> pb::TaskSpec {
                         .disk_tier
                         .map(|t| t.as_str().to_string())
                         .unwrap_or_default(),
+                    image_id: c.image_id.clone().into_iter().collect(),
                 })
                 .collect(),
             ordered: s.resources.ordered,
@@ -141,6 +142,11 @@ pub fn spec_from_proto(
             disk_tier: non_empty(&c.disk_tier)
                 .map(|t| DiskTier::parse(&t, &path("disk_tier")))
                 .transpose()?,
+            image_id: c
+                .image_id
+                .iter()
+                .map(|(k, v)| (k.clone(), v.clone()))
+                .collect(),
         });
     }
     if candidates.is_empty() {

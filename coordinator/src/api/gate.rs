@@ -303,10 +303,12 @@ where
             .to_string();
         let (ctx, root, forward) = (self.ctx.clone(), self.root.clone(), self.forward.clone());
         let refusals = self.refusals.clone();
-        let limit = if matches!(call.as_str(), "AddMember" | "RemoveMember") {
-            self.timeout.max(Duration::from_secs(60))
-        } else {
-            self.timeout
+        let limit = match call.as_str() {
+            "AddMember" | "RemoveMember" => self.timeout.max(Duration::from_secs(60)),
+            // An upload lasts as long as its bytes take; the handler gives
+            // up on one that stalls (`api::blobs::PIECE_IDLE`).
+            "PutBlobs" => Duration::from_secs(24 * 3600),
+            _ => self.timeout,
         };
         Box::pin(async move {
             let who = bearer(req.headers())

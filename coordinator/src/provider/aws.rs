@@ -90,6 +90,8 @@ impl AwsProvider {
             .map(|o| Offering {
                 disk_gb_max: Some(EBS_GB_MAX),
                 opens_ports: false,
+                // `image_id`: an AMI per region, or one for all.
+                custom_images: true,
                 ..o
             })
             .collect();
@@ -343,7 +345,12 @@ impl Provider for AwsProvider {
                 return Ok(i.id.clone());
             }
             let info = self.region_info(region).await?;
-            let image = info.image_id.clone().unwrap_or_default();
+            // The task's own image, else the configured or newest default AMI.
+            let image = req
+                .image_id
+                .clone()
+                .or_else(|| info.image_id.clone())
+                .unwrap_or_default();
             let mut p: Vec<(String, String)> = vec![
                 ("ImageId".into(), image.clone()),
                 ("InstanceType".into(), req.instance_type.clone()),

@@ -156,6 +156,7 @@ mod tests {
             spot: false,
             disk_gb: None,
             disk_tier: None,
+            image_id: None,
             term: 3,
         }
     }

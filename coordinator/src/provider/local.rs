@@ -214,6 +214,7 @@ impl LocalProvider {
             fixed_machines: Some(1),
             disk_gb_max: None,
             opens_ports: false,
+            custom_images: false,
         }
     }
 
@@ -266,6 +267,7 @@ impl LocalProvider {
                         fixed_machines: None,
                         disk_gb_max: None,
                         opens_ports: false,
+                        custom_images: false,
                     }
                 })
             })
@@ -636,6 +638,7 @@ mod tests {
                 spot: false,
                 disk_gb: None,
                 disk_tier: None,
+                image_id: None,
                 term: 5,
             })
             .await;

@@ -42,6 +42,8 @@ pub struct LaunchRequest {
     pub disk_gb: Option<u64>,
     /// Its tier (`disk_tier`), if it chose one.
     pub disk_tier: Option<nembo_domain::task::DiskTier>,
+    /// The VM image the task named for this region (`image_id`), if any.
+    pub image_id: Option<String>,
     /// Raft term of the leader asking: a fencing token. A provider refuses
     /// a call about a node from a leader older than the last one that
     /// acted on it.

@@ -94,6 +94,7 @@ impl SeewebProvider {
             .map(|o| Offering {
                 disk_gb_max: None,
                 opens_ports: true,
+                custom_images: false,
                 ..o
             })
             .collect();
@@ -387,6 +388,7 @@ impl SeewebProvider {
                     fixed_machines: None,
                     disk_gb_max: None,
                     opens_ports: false,
+                    custom_images: false,
                 });
             }
         }

@@ -300,6 +300,7 @@ impl Provider for SimProvider {
                     // A cloud-like shape: disks of any size, ports opened.
                     disk_gb_max: Some(SIM_DISK_GB_MAX),
                     opens_ports: true,
+                    custom_images: false,
                     instance_type: t.name.clone(),
                     resources: Resources {
                         accelerators,
@@ -427,6 +428,7 @@ mod tests {
             spot: false,
             disk_gb: None,
             disk_tier: None,
+            image_id: None,
             term,
         }
     }

@@ -147,6 +147,9 @@ pub struct Node {
     /// A job's `ports` are reachable on it ([`Offering::opens_ports`]).
     #[serde(default)]
     pub ports_open: bool,
+    /// The VM image it was booted from, when the task named one.
+    #[serde(default)]
+    pub image_id: Option<String>,
 }
 
 /// A provider's machine shape in a region, with its price.
@@ -188,6 +191,9 @@ pub struct Offering {
     /// A job's `ports` are reachable on its nodes.
     #[serde(default)]
     pub opens_ports: bool,
+    /// Its nodes can boot a VM image the task names (`image_id`).
+    #[serde(default)]
+    pub custom_images: bool,
 }
 
 impl Offering {
@@ -353,6 +359,7 @@ impl State {
                     },
                     disk_tier: disk.and_then(|c| c.disk_tier),
                     ports_open: offering.opens_ports,
+                    image_id: disk.and_then(|c| c.image_for(&offering.region)),
                 },
             );
             ids.push(id);

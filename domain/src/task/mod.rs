@@ -191,6 +191,19 @@ pub struct ResourceCandidate {
     /// Performance tier of that disk.
     #[serde(default)]
     pub disk_tier: Option<DiskTier>,
+    /// VM image by region (`*`: every region), when the task names one.
+    #[serde(default)]
+    pub image_id: BTreeMap<String, String>,
+}
+
+impl ResourceCandidate {
+    /// The VM image this candidate asks for in `region`, if any.
+    pub fn image_for(&self, region: &str) -> Option<String> {
+        self.image_id
+            .get(region)
+            .or_else(|| self.image_id.get("*"))
+            .cloned()
+    }
 }
 
 /// Where a file mount's content comes from.

@@ -56,6 +56,14 @@ pub fn to_normalized_yaml(spec: &TaskSpec) -> String {
             if let Some(t) = c.disk_tier {
                 put("disk_tier", t.as_str().into());
             }
+            match c.image_id.get("*") {
+                Some(img) if c.image_id.len() == 1 => put("image_id", img.clone()),
+                _ => {
+                    for (region, img) in &c.image_id {
+                        put(&format!("image_id.{region}"), img.clone());
+                    }
+                }
+            }
             Value::Mapping(m)
         })
         .collect();

@@ -27,13 +27,13 @@ const RESOURCE_SUPPORTED: &[&str] = &[
     "ports",
     "disk_size",
     "disk_tier",
+    "image_id",
     "any_of",
     "ordered",
     "job_recovery",
 ];
 const RESOURCE_NOT_YET: &[&str] = &[
     "network_tier",
-    "image_id",
     "autostop",
     "priority",
     "volumes",
@@ -56,6 +56,7 @@ struct PartialResources {
     ports: Option<Vec<PortRange>>,
     disk_size_gb: Option<u64>,
     disk_tier: Option<DiskTier>,
+    image_id: Option<BTreeMap<String, String>>,
 }
 
 impl PartialResources {
@@ -82,6 +83,7 @@ impl PartialResources {
             ports: over.ports.clone().or_else(|| self.ports.clone()),
             disk_size_gb: over.disk_size_gb.or(self.disk_size_gb),
             disk_tier: over.disk_tier.or(self.disk_tier),
+            image_id: over.image_id.clone().or_else(|| self.image_id.clone()),
         }
     }
 
@@ -97,6 +99,7 @@ impl PartialResources {
             ports: self.ports.clone().unwrap_or_default(),
             disk_size_gb: self.disk_size_gb,
             disk_tier: self.disk_tier,
+            image_id: self.image_id.clone().unwrap_or_default(),
         };
         match &self.accelerators {
             None => vec![base],
@@ -265,6 +268,9 @@ fn parse_partial(map: &yaml_serde::Mapping, prefix: &str) -> Result<PartialResou
         let s = scalar_string(v, &field("disk_tier"))?;
         p.disk_tier = Some(DiskTier::parse(&s, &field("disk_tier"))?);
     }
+    if let Some(v) = map.get("image_id").filter(|v| !v.is_null()) {
+        p.image_id = Some(parse_image_id(v, &field("image_id"))?);
+    }
     if let Some(v) = map.get("max_hourly_cost") {
         if !v.is_null() {
             let s = scalar_string(v, &field("max_hourly_cost"))?;
@@ -272,6 +278,48 @@ fn parse_partial(map: &yaml_serde::Mapping, prefix: &str) -> Result<PartialResou
         }
     }
     Ok(p)
+}
+
+/// `image_id`: one VM image, or a map region -> image (failover then stays
+/// in those regions). A `docker:` image, or the map's `docker` key, runs
+/// the task in a container: not supported yet, and refused by name.
+fn parse_image_id(v: &Value, path: &str) -> Result<BTreeMap<String, String>> {
+    let docker = || {
+        SpecError::new(
+            path,
+            "a docker image is valid SkyPilot but not supported by Nembo yet; name a VM image \
+             (an AMI on AWS), or drop `image_id`",
+        )
+    };
+    let image = |v: &Value, p: &str| -> Result<String> {
+        let s = scalar_string(v, p)?.trim().to_string();
+        if s.is_empty() {
+            return Err(SpecError::new(p, "the image is empty"));
+        }
+        if s.starts_with("docker:") {
+            return Err(docker());
+        }
+        Ok(s)
+    };
+    let mut out = BTreeMap::new();
+    match v {
+        Value::Mapping(m) => {
+            for (k, img) in m {
+                let region = key_str(k, path)?;
+                if region == "docker" {
+                    return Err(docker());
+                }
+                out.insert(region.to_string(), image(img, &join(path, region))?);
+            }
+            if out.is_empty() {
+                return Err(SpecError::new(path, "must not be empty"));
+            }
+        }
+        other => {
+            out.insert("*".into(), image(other, path)?);
+        }
+    }
+    Ok(out)
 }
 
 /// Every accelerator form SkyPilot accepts: `H100`, `H100:8`, `{H100: 8}`,

@@ -300,3 +300,27 @@ fn file_mount_paths_take_the_tasks_envs() {
         t.file_mounts
     );
 }
+
+#[test]
+fn a_vm_image_is_per_region_or_for_all_and_docker_is_refused() {
+    let t = parse_task_yaml("resources: {image_id: ami-1}\n", &Default::default()).unwrap();
+    assert_eq!(
+        t.resources.candidates[0].image_for("us-east-1").as_deref(),
+        Some("ami-1")
+    );
+    let t = parse_task_yaml(
+        "resources: {image_id: {us-east-1: ami-1, eu-west-1: ami-2}}\n",
+        &Default::default(),
+    )
+    .unwrap();
+    let c = &t.resources.candidates[0];
+    assert_eq!(c.image_for("eu-west-1").as_deref(), Some("ami-2"));
+    assert_eq!(c.image_for("us-west-2"), None);
+    for bad in [
+        "resources: {image_id: 'docker:ubuntu:22.04'}",
+        "resources: {image_id: {docker: ubuntu, us-east-1: ami-1}}",
+        "resources: {image_id: {us-east-1: 'docker:x'}}",
+    ] {
+        assert!(err(bad).path.starts_with("resources.image_id"), "{bad}");
+    }
+}
