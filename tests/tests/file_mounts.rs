@@ -196,7 +196,10 @@ async fn a_bucket_prefix_is_copied_streamed_and_a_missing_one_fails_setup_naming
     let logs = c.logs(&done.job_id).await;
     assert!(logs.contains(&digest), "{logs}");
     assert!(logs.contains("small"), "{logs}");
-    assert!(logs.contains("one: small"), "a URI naming one object is that file: {logs}");
+    assert!(
+        logs.contains("one: small"),
+        "a URI naming one object is that file: {logs}"
+    );
     assert!(logs.contains("2 objects"), "progress is reported: {logs}");
     // The agent streamed it: its peak memory stayed far below the object.
     let node = &done.node_ids[0];
