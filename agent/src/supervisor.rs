@@ -289,7 +289,9 @@ job_dir="$(cd "$(dirname "$0")" && pwd)"
 # The checkpoint signal goes to the whole group: it is for the job, not for
 # this wrapper (a handler, not an ignore, so the job keeps the default).
 trap ':' USR1 USR2
-finish() { echo "$1 $2" > "$job_dir/result.tmp" && mv "$job_dir/result.tmp" "$job_dir/result"; exit "$2"; }
+# The watchdog (below) ends with the wrapper: a re-adopted job is over
+# when its process group is empty, so nothing of it may outlive the job.
+finish() { [ -n "$watchdog" ] && kill "$watchdog" 2>/dev/null; echo "$1 $2" > "$job_dir/result.tmp" && mv "$job_dir/result.tmp" "$job_dir/result"; exit "$2"; }
 cd "$job_dir/work" || finish setup 1
 if [ -n "$NEMBO_WORKDIR_SOURCE" ]; then
   cp -a "$NEMBO_WORKDIR_SOURCE/." . || { echo "nembo: cannot copy workdir $NEMBO_WORKDIR_SOURCE" >&2; finish setup 1; }
@@ -305,6 +307,7 @@ if [ -n "$NEMBO_CONTACT_FILE" ]; then
   # and writes its lease (ms) in it.
   (
     while sleep 0.5; do
+      kill -0 $$ 2>/dev/null || exit 0
       lease_ms=$(cat "$NEMBO_CONTACT_FILE" 2>/dev/null) || continue
       seen=$(stat -c %Y "$NEMBO_CONTACT_FILE" 2>/dev/null) || continue
       [ "${lease_ms:-0}" -gt 0 ] 2>/dev/null || continue
@@ -315,6 +318,7 @@ if [ -n "$NEMBO_CONTACT_FILE" ]; then
       fi
     done
   ) &
+  watchdog=$!
 fi
 bash "$job_dir/run.sh"; rc=$?
 finish run "$rc"

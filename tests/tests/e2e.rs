@@ -248,10 +248,33 @@ async fn state_survives_snapshot_compaction_and_kill9() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn agent_restart_readopts_the_running_job() {
+    readopted_job_ends_once(false).await;
+}
+
+/// A managed attempt has a watchdog beside it (the contact lease); it must
+/// end with the attempt, or a re-adopted attempt, known by its process
+/// group, would never be seen to end (found by the hour-long soak).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn agent_restart_readopts_a_managed_attempt_and_sees_it_end() {
+    readopted_job_ends_once(true).await;
+}
+
+async fn readopted_job_ends_once(managed: bool) {
     let c = Coordinator::start(&[]).await;
     let dir = c.dir.path().to_path_buf();
     let (yaml, go, runs) = gated_task(&dir);
-    let id = c.submit(&yaml).await;
+    let id = c
+        .client()
+        .await
+        .submit_job(pb::SubmitJobRequest {
+            task: Some(pb::submit_job_request::Task::TaskYaml(yaml.clone())),
+            managed,
+            ..Default::default()
+        })
+        .await
+        .expect("submit")
+        .into_inner()
+        .job_id;
     let job = c.wait_state(&id, pb::JobState::Running, SECS(15)).await;
     let node = job.node_ids[0].clone();
     let pid = c.agent_pid(&node);
