@@ -319,7 +319,7 @@ pub async fn ship(client: &Client, sources: &[Source]) -> Result<HashMap<String,
                         // Sized to what is left: a small file costs a small buffer.
                         let want = (size.saturating_sub(done)).min(PIECE_BYTES as u64) as usize;
                         let mut buf = vec![0u8; want];
-                        let n = read_full(&mut f, &mut buf)?;
+                        let n = nembo_proto::files::read_full(&mut f, &mut buf)?;
                         buf.truncate(n);
                         done += n as u64;
                         let last = done >= size || n == 0;
@@ -376,17 +376,6 @@ impl Blob {
             Blob::File(_, s) => *s,
         }
     }
-}
-
-fn read_full(f: &mut std::fs::File, buf: &mut [u8]) -> std::io::Result<usize> {
-    let mut n = 0;
-    while n < buf.len() {
-        match f.read(&mut buf[n..])? {
-            0 => break,
-            k => n += k,
-        }
-    }
-    Ok(n)
 }
 
 /// What [`nembo_proto::files::digest`] computes.

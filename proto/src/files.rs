@@ -159,6 +159,18 @@ impl Manifest {
     }
 }
 
+/// Reads until `buf` is full or the reader ends: one piece of a blob.
+pub fn read_full(r: &mut impl std::io::Read, buf: &mut [u8]) -> std::io::Result<usize> {
+    let mut n = 0;
+    while n < buf.len() {
+        match r.read(&mut buf[n..])? {
+            0 => break,
+            k => n += k,
+        }
+    }
+    Ok(n)
+}
+
 /// Whether `s` is a digest: 64 lowercase hex digits.
 pub fn is_digest(s: &str) -> bool {
     s.len() == 64

@@ -3,7 +3,6 @@
 //! what one of its jobs ships, never a blob by digest alone.
 
 use std::collections::BTreeSet;
-use std::io::Read;
 
 use nembo_domain::task::{MountSource, TaskSpec};
 use nembo_proto::agent::v1 as apb;
@@ -80,7 +79,7 @@ pub async fn fetch_blobs(
             loop {
                 // Sized to what is left: a small file costs a small buffer.
                 let mut data = vec![0u8; left.min(PIECE_BYTES as u64) as usize];
-                let n = match read_full(&mut file, &mut data) {
+                let n = match nembo_proto::files::read_full(&mut file, &mut data) {
                     Ok(n) => n,
                     Err(e) => {
                         let _ = tx.blocking_send(fail(e));
@@ -126,16 +125,4 @@ fn shipped_by(ctx: &Ctx, spec: &TaskSpec) -> Result<BTreeSet<String>, Status> {
         out.insert(digest.clone());
     }
     Ok(out)
-}
-
-/// Reads until `buf` is full or the file ends.
-fn read_full(file: &mut std::fs::File, buf: &mut [u8]) -> std::io::Result<usize> {
-    let mut n = 0;
-    while n < buf.len() {
-        match file.read(&mut buf[n..])? {
-            0 => break,
-            k => n += k,
-        }
-    }
-    Ok(n)
 }
