@@ -305,16 +305,22 @@ if [ -n "$NEMBO_CONTACT_FILE" ]; then
   # contact with them. The agent stops it itself; this covers an agent that
   # is frozen or dead. The agent renews the file while a leader speaks to it
   # and writes its lease (ms) in it.
+  # Once seen, a vanished file is as stale as an old one: the agent's
+  # directory is gone (a node replaced or wiped), so nothing renews it.
   (
+    stop() { echo "stopped by its watchdog: $1" > "$job_dir/lost"; kill -TERM -- -$$; sleep 1; kill -KILL -- -$$; exit; }
+    seen_once=
     while sleep 0.5; do
       kill -0 $$ 2>/dev/null || exit 0
+      if ! seen=$(stat -c %Y "$NEMBO_CONTACT_FILE" 2>/dev/null); then
+        [ -n "$seen_once" ] && stop "its agent's contact file $NEMBO_CONTACT_FILE is gone"
+        continue
+      fi
+      seen_once=1
       lease_ms=$(cat "$NEMBO_CONTACT_FILE" 2>/dev/null) || continue
-      seen=$(stat -c %Y "$NEMBO_CONTACT_FILE" 2>/dev/null) || continue
       [ "${lease_ms:-0}" -gt 0 ] 2>/dev/null || continue
       if [ $(( ($(date +%s) - seen) * 1000 )) -gt "$lease_ms" ]; then
-        echo "stopped by its watchdog: its agent heard no coordinator for over $((lease_ms / 1000)) s" > "$job_dir/lost"
-        kill -TERM -- -$$; sleep 1; kill -KILL -- -$$
-        exit
+        stop "its agent heard no coordinator for over $((lease_ms / 1000)) s"
       fi
     done
   ) &

@@ -1152,3 +1152,62 @@ async fn an_agent_cut_off_stops_what_would_be_replaced_before_its_node_is_lost()
         job.attempts[1]
     );
 }
+
+/// The hour-long soak replaced a node by killing its agent with -9 and
+/// deleting its directory: the attempt's watchdog found no contact file and
+/// waited for one for ever, so the attempt ran on beside the one the
+/// coordinators started elsewhere (two live attempts of one job). A contact
+/// file that was there and is gone now stops the attempt at once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_attempt_whose_agent_directory_is_wiped_stops_itself() {
+    use nix::sys::signal::{kill, Signal};
+    use nix::unistd::Pid;
+    // A long TTL and lease: what stops the attempt is the vanished file,
+    // not a stale one.
+    let c = Coordinator::start(&["--node-ttl-ms", "60000"]).await;
+    let managed = c
+        .client()
+        .await
+        .submit_job(pb::SubmitJobRequest {
+            task: Some(pb::submit_job_request::Task::TaskYaml(
+                "run: sleep 600\n".into(),
+            )),
+            managed: true,
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .job_id;
+    let job = c
+        .wait_state(&managed, pb::JobState::Running, Duration::from_secs(30))
+        .await;
+    let pid = wait_for(
+        "the managed attempt's process",
+        Duration::from_secs(10),
+        || async { attempt_pid(&c, &managed, 1) },
+    )
+    .await;
+    let node_dir = c.dir.path().join("nodes").join(&job.node_ids[0]);
+    let contact = node_dir.join("contact");
+    wait_for(
+        "the agent's contact file",
+        Duration::from_secs(10),
+        || async { contact.exists().then_some(()) },
+    )
+    .await;
+    // Let the watchdog see the file at least once.
+    tokio::time::sleep(Duration::from_millis(1200)).await;
+    kill(
+        Pid::from_raw(c.agent_pid(&job.node_ids[0])),
+        Signal::SIGKILL,
+    )
+    .unwrap();
+    std::fs::remove_file(&contact).unwrap();
+    wait_for(
+        "the attempt to stop without its agent",
+        Duration::from_secs(5),
+        || async { (!alive(pid)).then_some(()) },
+    )
+    .await;
+}
