@@ -7,6 +7,7 @@
 //! coordinator side is the `nembo-proto` contract.
 
 pub mod checkpoint;
+pub mod container;
 pub mod fence;
 pub mod gpu;
 pub mod identity;

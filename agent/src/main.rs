@@ -158,6 +158,11 @@ fn main() -> anyhow::Result<()> {
             checkpoint_root: a.checkpoint_root,
             simulated: a.simulated,
             gpu_indices,
+            container_engine: {
+                let engine = nembo_agent::container::Engine::detect();
+                tracing::info!(engine = ?engine, "container engine");
+                engine
+            },
         },
     };
     // A small agent: two worker threads are plenty for one session and a few jobs.

@@ -63,6 +63,8 @@ pub struct NodeSetup {
     /// The node's real GPUs (NVML indices): each job is given as many as it
     /// holds, and only those (`CUDA_VISIBLE_DEVICES`). Empty: no GPU to give.
     pub gpu_indices: Vec<u32>,
+    /// The engine that runs jobs with a container image, if the node has one.
+    pub container_engine: Option<crate::container::Engine>,
 }
 
 /// What the supervisor tells the session.
@@ -289,26 +291,32 @@ job_dir="$(cd "$(dirname "$0")" && pwd)"
 # The checkpoint signal goes to the whole group: it is for the job, not for
 # this wrapper (a handler, not an ignore, so the job keeps the default).
 trap ':' USR1 USR2
+container=
 # The watchdog (below) ends with the wrapper: a re-adopted job is over
 # when its process group is empty, so nothing of it may outlive the job.
-finish() { [ -n "$watchdog" ] && kill "$watchdog" 2>/dev/null; echo "$1 $2" > "$job_dir/result.tmp" && mv "$job_dir/result.tmp" "$job_dir/result"; exit "$2"; }
+finish() {
+  [ -n "$watchdog" ] && kill "$watchdog" 2>/dev/null
+  [ -n "$container" ] && "$engine" rm --force "$container" >/dev/null 2>&1
+  echo "$1 $2" > "$job_dir/result.tmp" && mv "$job_dir/result.tmp" "$job_dir/result"; exit "$2"
+}
 cd "$job_dir/work" || finish setup 1
 if [ -n "$NEMBO_WORKDIR_SOURCE" ]; then
   cp -a "$NEMBO_WORKDIR_SOURCE/." . || { echo "nembo: cannot copy workdir $NEMBO_WORKDIR_SOURCE" >&2; finish setup 1; }
 fi
-if [ -s "$job_dir/setup.sh" ]; then
-  bash "$job_dir/setup.sh"; rc=$?
-  [ "$rc" -eq 0 ] || finish setup "$rc"
-fi
-if [ -n "$NEMBO_CONTACT_FILE" ]; then
+start_watchdog() {
+  [ -n "$NEMBO_CONTACT_FILE" ] || return 0
   # An attempt the coordinators would replace must not outlive its agent's
   # contact with them. The agent stops it itself; this covers an agent that
   # is frozen or dead. The agent renews the file while a leader speaks to it
-  # and writes its lease (ms) in it.
-  # Once seen, a vanished file is as stale as an old one: the agent's
-  # directory is gone (a node replaced or wiped), so nothing renews it.
+  # and writes its lease (ms) in it. Once seen, a vanished file is as stale
+  # as an old one: the agent's directory is gone (a node replaced or
+  # wiped), so nothing renews it.
   (
-    stop() { echo "stopped by its watchdog: $1" > "$job_dir/lost"; kill -TERM -- -$$; sleep 1; kill -KILL -- -$$; exit; }
+    stop() {
+      echo "stopped by its watchdog: $1" > "$job_dir/lost"
+      [ -n "$container" ] && "$engine" rm --force "$container" >/dev/null 2>&1
+      kill -TERM -- -$$; sleep 1; kill -KILL -- -$$; exit
+    }
     seen_once=
     while sleep 0.5; do
       kill -0 $$ 2>/dev/null || exit 0
@@ -325,7 +333,31 @@ if [ -n "$NEMBO_CONTACT_FILE" ]; then
     done
   ) &
   watchdog=$!
+}
+if [ -s "$job_dir/container.args" ]; then
+  # Setup and run are one process tree in the container: this wrapper waits
+  # for it, and the engine passes the group's signals on to it.
+  trap ':' TERM INT HUP
+  mapfile -d '' -t argv < "$job_dir/container.args"
+  engine="${argv[0]}"
+  container="$NEMBO_CONTAINER_NAME"
+  start_watchdog
+  if [ -n "$SKYPILOT_DOCKER_USERNAME$SKYPILOT_DOCKER_PASSWORD" ]; then
+    printf '%s' "$SKYPILOT_DOCKER_PASSWORD" | "$engine" login --username "$SKYPILOT_DOCKER_USERNAME" --password-stdin "$SKYPILOT_DOCKER_SERVER" >/dev/null \
+      || { echo "nembo: cannot log in to the registry $SKYPILOT_DOCKER_SERVER as $SKYPILOT_DOCKER_USERNAME" >&2; finish setup 1; }
+  fi
+  "${argv[@]}"; rc=$?
+  if read -r phase code < "$job_dir/container.result" 2>/dev/null; then
+    finish "$phase" "$code"
+  fi
+  echo "nembo: the container did not run ($engine exited with $rc); see above" >&2
+  finish setup "$rc"
 fi
+if [ -s "$job_dir/setup.sh" ]; then
+  bash "$job_dir/setup.sh"; rc=$?
+  [ "$rc" -eq 0 ] || finish setup "$rc"
+fi
+start_watchdog
 bash "$job_dir/run.sh"; rc=$?
 finish run "$rc"
 "#;
@@ -572,6 +604,74 @@ impl Owner {
         }
     }
 
+    /// The container an attempt with an image runs in: what it shares with
+    /// the node, and the variables `cmd` sets, passed by name.
+    fn container_run(
+        &self,
+        dir: &Path,
+        job: &apb::RunJob,
+        checkpoint_dir: Option<PathBuf>,
+        cmd: &tokio::process::Command,
+    ) -> std::io::Result<crate::container::ContainerRun> {
+        let engine = self.node.container_engine.ok_or_else(|| {
+            std::io::Error::other(format!(
+                "resources.image_id: docker:{} needs docker or podman on the node, and this \
+                 node has neither (install one; NEMBO_CONTAINER_ENGINE names it)",
+                job.container_image
+            ))
+        })?;
+        let home = job
+            .env
+            .get("HOME")
+            .cloned()
+            .or_else(|| std::env::var("HOME").ok())
+            .unwrap_or_else(|| "/".into());
+        let mut shared: Vec<PathBuf> = checkpoint_dir.into_iter().collect();
+        for m in &job.file_mounts {
+            let d = &m.destination;
+            if let Some(rest) = d.strip_prefix("~/") {
+                shared.push(Path::new(&home).join(rest));
+            } else if Path::new(d).is_absolute() {
+                shared.push(PathBuf::from(d));
+            }
+        }
+        // The wrapper's own settings stay outside.
+        const OUTSIDE: [&str; 3] = [
+            "NEMBO_CONTACT_FILE",
+            "NEMBO_WORKDIR_SOURCE",
+            "NEMBO_CONTAINER_NAME",
+        ];
+        let env_names = cmd
+            .as_std()
+            .get_envs()
+            .filter_map(|(k, v)| v.and(k.to_str()))
+            .filter(|k| !OUTSIDE.contains(k))
+            .map(str::to_string)
+            .collect();
+        let gpus = self
+            .jobs
+            .get(&JobKey {
+                job_id: job.job_id.clone(),
+                attempt: job.attempt,
+            })
+            .is_some_and(|e| e.meta.gpu_indices.as_ref().is_some_and(|g| !g.is_empty()));
+        Ok(crate::container::ContainerRun {
+            engine,
+            image: job.container_image.clone(),
+            name: crate::container::name(
+                &std::path::absolute(dir)?,
+                &job.job_id,
+                job.attempt,
+                job.rank,
+            ),
+            job_dir: std::path::absolute(dir)?,
+            shared,
+            env_names,
+            gpus,
+            host: crate::container::Host::probe(),
+        })
+    }
+
     fn spawn(&mut self, dir: &Path, job: &apb::RunJob) -> std::io::Result<i32> {
         if !job.workdir.is_empty() {
             let (files, bytes) = nembo_proto::workdir::size(Path::new(&job.workdir))?;
@@ -626,16 +726,26 @@ impl Owner {
             cmd.env("NEMBO_CONTACT_FILE", contact_file(work_dir));
         }
         cmd.env("NEMBO_PREEMPTION_FILE", dir.join("preemption.json"));
-        if let Some(c) = self
+        let checkpoint_dir = self
             .jobs
             .get(&JobKey {
                 job_id: job.job_id.clone(),
                 attempt: job.attempt,
             })
             .and_then(|e| e.meta.checkpoint.as_ref())
-        {
-            fs::create_dir_all(&c.dir)?;
-            cmd.env("NEMBO_CHECKPOINT_DIR", &c.dir);
+            .map(|c| c.dir.clone());
+        if let Some(c) = &checkpoint_dir {
+            fs::create_dir_all(c)?;
+            cmd.env("NEMBO_CHECKPOINT_DIR", c);
+        }
+        if !job.container_image.is_empty() {
+            let run = self.container_run(dir, job, checkpoint_dir, &cmd)?;
+            script("container.sh", crate::container::DRIVER)?;
+            let mut args = run.argv().join("\0");
+            args.push('\0');
+            fs::write(dir.join("container.args"), args)?;
+            fs::write(dir.join(crate::container::NAME_FILE), &run.name)?;
+            cmd.env("NEMBO_CONTAINER_NAME", &run.name);
         }
         let mut child = cmd.spawn()?;
         let pid = child.id().unwrap_or(0) as i32;
@@ -856,6 +966,13 @@ impl Owner {
         // Whatever the job left running in its group goes with it.
         if let Some(pgid) = entry.pgid {
             let _ = killpg(Pid::from_raw(pgid), Signal::SIGKILL);
+        }
+        // And its container, should the wrapper have been killed before it.
+        if let (Some(engine), Ok(name)) = (
+            self.node.container_engine,
+            fs::read_to_string(dir.join(crate::container::NAME_FILE)),
+        ) {
+            tokio::spawn(async move { crate::container::remove(engine, &name).await });
         }
         let (phase, code, message) = if let Some(why) = lost {
             (apb::JobPhase::Lost, None, why)

@@ -469,7 +469,6 @@ fn run_job(
             Some(_) => String::new(),
             None => job.spec.workdir.clone().unwrap_or_default(),
         },
-        env,
         term,
         checkpoint: job.spec.checkpoint.as_ref().map(|c| apb::CheckpointSpec {
             store: c.store.clone(),
@@ -494,6 +493,11 @@ fn run_job(
             .collect(),
         workdir_manifest: job.spec.workdir_manifest.clone().unwrap_or_default(),
         replaced_if_lost: job.managed.is_some(),
+        container_image: job
+            .spec
+            .container_image(a.candidate, &env)
+            .unwrap_or_default(),
+        env,
     }
 }
 

@@ -5,8 +5,8 @@ use std::collections::BTreeMap;
 use nembo_domain::access::Role;
 use nembo_domain::state::{self as st, Job, JobState, Node, NodeState, Resources};
 use nembo_domain::task::{
-    self, Accelerator, DiskTier, Infra, Memory, PortRange, Quantity, RecoveryStrategy,
-    ResourceCandidate, ResourceRequest, SpecError, TaskSpec,
+    self, container_image, Accelerator, DiskTier, Infra, Memory, PortRange, Quantity,
+    RecoveryStrategy, ResourceCandidate, ResourceRequest, SpecError, TaskSpec,
 };
 use nembo_proto::clock::{duration, millis, timestamp};
 use nembo_proto::v1 as pb;
@@ -80,6 +80,7 @@ pub fn spec_to_proto(spec: &TaskSpec) -> pb::TaskSpec {
                         .map(|t| t.as_str().to_string())
                         .unwrap_or_default(),
                     image_id: c.image_id.clone().into_iter().collect(),
+                    docker_image: c.docker_image.clone().unwrap_or_default(),
                 })
                 .collect(),
             ordered: s.resources.ordered,
@@ -147,6 +148,9 @@ pub fn spec_from_proto(
                 .iter()
                 .map(|(k, v)| (k.clone(), v.clone()))
                 .collect(),
+            docker_image: non_empty(&c.docker_image)
+                .map(|d| container_image(&d, &path("docker_image")))
+                .transpose()?,
         });
     }
     if candidates.is_empty() {

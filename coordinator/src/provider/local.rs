@@ -41,6 +41,13 @@ const AGENT_ENV: &[&str] = &[
     "NEMBO_NVML_LIB",
     "NEMBO_FAKE_NVML",
     "NEMBO_GPU_SAMPLE_MS",
+    // The container engine, as the user set it up (rootless podman needs
+    // its runtime dir; docker may be remote).
+    "NEMBO_CONTAINER_ENGINE",
+    "XDG_RUNTIME_DIR",
+    "DOCKER_HOST",
+    "CONTAINER_HOST",
+    "CONTAINERS_CONF",
 ];
 
 /// Regions the local provider simulates.

@@ -34,6 +34,12 @@ fn shipped_examples_parse() {
     )
     .unwrap();
     assert_eq!(nb.resources.candidates[0].ports[0].start, 8888);
+    let docker =
+        parse_task_yaml(include_str!("../../../examples/docker-image.yaml"), &none).unwrap();
+    assert_eq!(
+        docker.container_image(0, &docker.envs).as_deref(),
+        Some("pytorch/pytorch:2.3.1-cuda12.1-cudnn8-runtime")
+    );
     let y = include_str!("../../../examples/needs-token.yaml");
     assert_eq!(parse_task_yaml(y, &none).unwrap_err().path, "envs.HF_TOKEN");
     let mut o = BTreeMap::new();

@@ -30,6 +30,7 @@ pub use normalized::*;
 pub use validation::*;
 pub use values::*;
 
+pub use resources::container_image;
 use resources::parse_resources;
 use sections::{
     parse_checkpoint, parse_env_map, parse_env_nulls, parse_job_recovery, parse_num_nodes,
@@ -194,6 +195,11 @@ pub struct ResourceCandidate {
     /// VM image by region (`*`: every region), when the task names one.
     #[serde(default)]
     pub image_id: BTreeMap<String, String>,
+    /// Container image `setup` and `run` execute in (`image_id:
+    /// docker:<image>`), as written (the registry login's server is
+    /// prefixed when the job starts).
+    #[serde(default)]
+    pub docker_image: Option<String>,
 }
 
 impl ResourceCandidate {
@@ -331,6 +337,17 @@ pub fn parse_task_yaml(yaml: &str, env_overrides: &BTreeMap<String, String>) -> 
     Ok(spec)
 }
 
+/// The registry login's server is prefixed to a container image unless the
+/// name already starts with it (SkyPilot's rule).
+pub fn registry_image(image: &str, server: Option<&str>) -> String {
+    match server.map(|s| s.trim().trim_end_matches('/')) {
+        Some(server) if !server.is_empty() && !image.starts_with(server) => {
+            format!("{server}/{image}")
+        }
+        _ => image.to_string(),
+    }
+}
+
 /// Shown in place of a secret's value.
 pub const REDACTED: &str = "<redacted>";
 
@@ -342,6 +359,25 @@ impl TaskSpec {
             *v = REDACTED.to_string();
         }
         s
+    }
+
+    /// The container image the chosen candidate runs in, as the engine pulls
+    /// it, given the job's environment (secrets opened).
+    pub fn container_image(
+        &self,
+        candidate: usize,
+        env: &BTreeMap<String, String>,
+    ) -> Option<String> {
+        let image = self
+            .resources
+            .candidates
+            .get(candidate)?
+            .docker_image
+            .as_deref()?;
+        Some(registry_image(
+            image,
+            env.get(DOCKER_LOGIN[2]).map(String::as_str),
+        ))
     }
 
     /// GPUs per node that the chosen candidate asks for, rounded up.

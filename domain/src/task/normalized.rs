@@ -56,6 +56,11 @@ pub fn to_normalized_yaml(spec: &TaskSpec) -> String {
             if let Some(t) = c.disk_tier {
                 put("disk_tier", t.as_str().into());
             }
+            match &c.docker_image {
+                Some(img) if c.image_id.is_empty() => put("image_id", format!("docker:{img}")),
+                Some(img) => put("image_id.docker", img.clone()),
+                None => {}
+            }
             match c.image_id.get("*") {
                 Some(img) if c.image_id.len() == 1 => put("image_id", img.clone()),
                 _ => {

@@ -57,6 +57,7 @@ struct PartialResources {
     disk_size_gb: Option<u64>,
     disk_tier: Option<DiskTier>,
     image_id: Option<BTreeMap<String, String>>,
+    docker_image: Option<String>,
 }
 
 impl PartialResources {
@@ -83,7 +84,17 @@ impl PartialResources {
             ports: over.ports.clone().or_else(|| self.ports.clone()),
             disk_size_gb: over.disk_size_gb.or(self.disk_size_gb),
             disk_tier: over.disk_tier.or(self.disk_tier),
-            image_id: over.image_id.clone().or_else(|| self.image_id.clone()),
+            // One `image_id` replaces the other whole, container and all.
+            image_id: if over.image_id.is_some() || over.docker_image.is_some() {
+                over.image_id.clone()
+            } else {
+                self.image_id.clone()
+            },
+            docker_image: if over.image_id.is_some() || over.docker_image.is_some() {
+                over.docker_image.clone()
+            } else {
+                self.docker_image.clone()
+            },
         }
     }
 
@@ -100,6 +111,7 @@ impl PartialResources {
             disk_size_gb: self.disk_size_gb,
             disk_tier: self.disk_tier,
             image_id: self.image_id.clone().unwrap_or_default(),
+            docker_image: self.docker_image.clone(),
         };
         match &self.accelerators {
             None => vec![base],
@@ -269,7 +281,9 @@ fn parse_partial(map: &yaml_serde::Mapping, prefix: &str) -> Result<PartialResou
         p.disk_tier = Some(DiskTier::parse(&s, &field("disk_tier"))?);
     }
     if let Some(v) = map.get("image_id").filter(|v| !v.is_null()) {
-        p.image_id = Some(parse_image_id(v, &field("image_id"))?);
+        let (vm, docker) = parse_image_id(v, &field("image_id"))?;
+        p.image_id = (!vm.is_empty()).then_some(vm);
+        p.docker_image = docker;
     }
     if let Some(v) = map.get("max_hourly_cost") {
         if !v.is_null() {
@@ -281,45 +295,80 @@ fn parse_partial(map: &yaml_serde::Mapping, prefix: &str) -> Result<PartialResou
 }
 
 /// `image_id`: one VM image, or a map region -> image (failover then stays
-/// in those regions). A `docker:` image, or the map's `docker` key, runs
-/// the task in a container: not supported yet, and refused by name.
-fn parse_image_id(v: &Value, path: &str) -> Result<BTreeMap<String, String>> {
-    let docker = || {
-        SpecError::new(
-            path,
-            "a docker image is valid SkyPilot but not supported by Nembo yet; name a VM image \
-             (an AMI on AWS), or drop `image_id`",
-        )
-    };
+/// in those regions); `docker:<image>`, or the map's `docker` key beside VM
+/// images, runs `setup` and `run` in that container image on the node.
+/// Returns the VM images and the container image.
+fn parse_image_id(v: &Value, path: &str) -> Result<(BTreeMap<String, String>, Option<String>)> {
     let image = |v: &Value, p: &str| -> Result<String> {
         let s = scalar_string(v, p)?.trim().to_string();
         if s.is_empty() {
             return Err(SpecError::new(p, "the image is empty"));
         }
-        if s.starts_with("docker:") {
-            return Err(docker());
-        }
         Ok(s)
     };
     let mut out = BTreeMap::new();
+    let mut docker = None;
     match v {
         Value::Mapping(m) => {
             for (k, img) in m {
                 let region = key_str(k, path)?;
+                let p = join(path, region);
+                let s = image(img, &p)?;
                 if region == "docker" {
-                    return Err(docker());
+                    docker = Some(container_image(
+                        s.strip_prefix("docker:").unwrap_or(&s),
+                        &p,
+                    )?);
+                } else if s.starts_with("docker:") {
+                    // SkyPilot's rule: a container image goes under the
+                    // `docker` key, never as one region's VM image.
+                    return Err(SpecError::new(
+                        &p,
+                        "a docker: image in a region map must be given as `docker: <image>` instead",
+                    ));
+                } else {
+                    out.insert(region.to_string(), s);
                 }
-                out.insert(region.to_string(), image(img, &join(path, region))?);
             }
-            if out.is_empty() {
+            if out.is_empty() && docker.is_none() {
                 return Err(SpecError::new(path, "must not be empty"));
             }
         }
         other => {
-            out.insert("*".into(), image(other, path)?);
+            let s = image(other, path)?;
+            match s.strip_prefix("docker:") {
+                Some(name) => docker = Some(container_image(name, path)?),
+                None => {
+                    out.insert("*".into(), s);
+                }
+            }
         }
     }
-    Ok(out)
+    Ok((out, docker))
+}
+
+/// A container image reference (`[registry/]name[:tag][@digest]`), checked
+/// for what could reach the engine as something else: it goes into an
+/// argv, so it may not start with `-` or hold spaces.
+pub fn container_image(name: &str, path: &str) -> Result<String> {
+    let name = name.trim();
+    let ok = |c: char| c.is_ascii_alphanumeric() || "._-/:@".contains(c);
+    if name.is_empty() {
+        return Err(SpecError::new(
+            path,
+            "the docker image is empty (`docker:<image>`)",
+        ));
+    }
+    if name.len() > 512 || name.starts_with(['-', '/', ':', '@']) || !name.chars().all(ok) {
+        return Err(SpecError::new(
+            path,
+            format!(
+                "'{}' is not a container image reference ([registry/]name[:tag][@digest])",
+                name.chars().take(80).collect::<String>()
+            ),
+        ));
+    }
+    Ok(name.to_string())
 }
 
 /// Every accelerator form SkyPilot accepts: `H100`, `H100:8`, `{H100: 8}`,

@@ -130,7 +130,7 @@ fn known_but_unsupported_fields_are_rejected_not_ignored() {
         err("file_mounts: {/d: {source: s3://b, bogus: 1}}").path,
         "file_mounts./d.bogus"
     );
-    let e = err("resources: {image_id: docker:ubuntu}");
+    let e = err("resources: {image_id: 'docker:-v/etc:/x'}");
     assert_eq!(e.path, "resources.image_id");
     assert_eq!(err("workdir: {url: https://x/y.git}").path, "workdir");
 }
@@ -302,12 +302,13 @@ fn file_mount_paths_take_the_tasks_envs() {
 }
 
 #[test]
-fn a_vm_image_is_per_region_or_for_all_and_docker_is_refused() {
+fn a_vm_image_is_per_region_or_for_all_and_a_docker_image_is_the_container() {
     let t = parse_task_yaml("resources: {image_id: ami-1}\n", &Default::default()).unwrap();
     assert_eq!(
         t.resources.candidates[0].image_for("us-east-1").as_deref(),
         Some("ami-1")
     );
+    assert_eq!(t.resources.candidates[0].docker_image, None);
     let t = parse_task_yaml(
         "resources: {image_id: {us-east-1: ami-1, eu-west-1: ami-2}}\n",
         &Default::default(),
@@ -316,11 +317,94 @@ fn a_vm_image_is_per_region_or_for_all_and_docker_is_refused() {
     let c = &t.resources.candidates[0];
     assert_eq!(c.image_for("eu-west-1").as_deref(), Some("ami-2"));
     assert_eq!(c.image_for("us-west-2"), None);
-    for bad in [
-        "resources: {image_id: 'docker:ubuntu:22.04'}",
-        "resources: {image_id: {docker: ubuntu, us-east-1: ami-1}}",
-        "resources: {image_id: {us-east-1: 'docker:x'}}",
+
+    let t = parse_task_yaml(
+        "resources: {image_id: 'docker:ubuntu:22.04'}\n",
+        &Default::default(),
+    )
+    .unwrap();
+    let c = &t.resources.candidates[0];
+    assert_eq!(c.docker_image.as_deref(), Some("ubuntu:22.04"));
+    assert!(c.image_id.is_empty(), "a container image is not a VM image");
+    assert_eq!(
+        t.container_image(0, &t.envs).as_deref(),
+        Some("ubuntu:22.04")
+    );
+    // The `docker` key beside VM images.
+    let t = parse_task_yaml(
+        "resources: {image_id: {docker: 'nvcr.io/nvidia/pytorch:24.01-py3', us-east-1: ami-1}}\n",
+        &Default::default(),
+    )
+    .unwrap();
+    let c = &t.resources.candidates[0];
+    assert_eq!(
+        c.docker_image.as_deref(),
+        Some("nvcr.io/nvidia/pytorch:24.01-py3")
+    );
+    assert_eq!(c.image_for("us-east-1").as_deref(), Some("ami-1"));
+    // An `any_of` entry's image replaces the base's, container and all.
+    let t = parse_task_yaml(
+        "resources:\n  image_id: docker:ubuntu\n  any_of:\n    - {cpus: 2}\n    - {image_id: ami-9}\n",
+        &Default::default(),
+    )
+    .unwrap();
+    let cs = &t.resources.candidates;
+    assert_eq!(cs[0].docker_image.as_deref(), Some("ubuntu"));
+    assert_eq!(
+        (
+            cs[1].docker_image.as_deref(),
+            cs[1].image_for("x").as_deref()
+        ),
+        (None, Some("ami-9"))
+    );
+    for (bad, path) in [
+        (
+            "resources: {image_id: {us-east-1: 'docker:x'}}",
+            "resources.image_id.us-east-1",
+        ),
+        ("resources: {image_id: 'docker:'}", "resources.image_id"),
+        ("resources: {image_id: 'docker:a b'}", "resources.image_id"),
+        (
+            "resources: {image_id: 'docker:--privileged'}",
+            "resources.image_id",
+        ),
+        (
+            "resources: {image_id: {docker: ''}}",
+            "resources.image_id.docker",
+        ),
     ] {
-        assert!(err(bad).path.starts_with("resources.image_id"), "{bad}");
+        assert_eq!(err(bad).path, path, "{bad}");
     }
+}
+
+#[test]
+fn a_private_registry_login_comes_whole_and_prefixes_the_image() {
+    let t = parse_task_yaml(
+        "resources: {image_id: 'docker:team/trainer:3'}\n\
+         secrets: {SKYPILOT_DOCKER_USERNAME: u, SKYPILOT_DOCKER_PASSWORD: p, SKYPILOT_DOCKER_SERVER: registry.example.com}\n",
+        &Default::default(),
+    )
+    .unwrap();
+    assert_eq!(
+        t.container_image(0, &t.secrets).as_deref(),
+        Some("registry.example.com/team/trainer:3")
+    );
+    let t = parse_task_yaml(
+        "resources: {image_id: 'docker:registry.example.com/team/trainer:3'}\n\
+         envs: {SKYPILOT_DOCKER_USERNAME: u, SKYPILOT_DOCKER_PASSWORD: p, SKYPILOT_DOCKER_SERVER: registry.example.com}\n",
+        &Default::default(),
+    )
+    .unwrap();
+    assert_eq!(
+        t.container_image(0, &t.envs).as_deref(),
+        Some("registry.example.com/team/trainer:3"),
+        "not prefixed twice"
+    );
+    let e = err("resources: {image_id: 'docker:x'}\n\
+         envs: {SKYPILOT_DOCKER_USERNAME: u, SKYPILOT_DOCKER_SERVER: r}\n\
+         secrets: {SKYPILOT_DOCKER_PASSWORD: p}\n");
+    assert_eq!(e.path, "envs.SKYPILOT_DOCKER_PASSWORD");
+    assert!(e.message.contains("together"), "{e}");
+    let e = err("secrets: {SKYPILOT_DOCKER_PASSWORD: p}\n");
+    assert_eq!(e.path, "secrets.SKYPILOT_DOCKER_USERNAME");
 }

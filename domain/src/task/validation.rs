@@ -33,6 +33,7 @@ pub fn validate(spec: &TaskSpec) -> Result<()> {
     if spec.resources.candidates.is_empty() {
         return Err(SpecError::new("resources", "needs at least one candidate"));
     }
+    check_registry_login(spec)?;
     if let Some(c) = &spec.checkpoint {
         check_checkpoint(c)?;
     }
@@ -73,6 +74,44 @@ pub fn validate(spec: &TaskSpec) -> Result<()> {
     }
     Ok(())
 }
+
+/// SkyPilot's registry login: `SKYPILOT_DOCKER_USERNAME`, `_PASSWORD` and
+/// `_SERVER`, all three together in `envs` or together in `secrets`.
+fn check_registry_login(spec: &TaskSpec) -> Result<()> {
+    let given = |map: &std::collections::BTreeMap<String, String>| {
+        DOCKER_LOGIN
+            .iter()
+            .filter(|n| map.contains_key(**n))
+            .count()
+    };
+    let (in_envs, in_secrets) = (given(&spec.envs), given(&spec.secrets));
+    match (in_envs, in_secrets) {
+        (0, 0) | (3, 0) | (0, 3) => Ok(()),
+        (e, s) => {
+            let (section, map) = if e >= s {
+                ("envs", &spec.envs)
+            } else {
+                ("secrets", &spec.secrets)
+            };
+            let missing = DOCKER_LOGIN
+                .iter()
+                .find(|n| !map.contains_key(**n))
+                .unwrap_or(&DOCKER_LOGIN[0]);
+            Err(SpecError::new(
+                format!("{section}.{missing}"),
+                "SKYPILOT_DOCKER_USERNAME, SKYPILOT_DOCKER_PASSWORD and SKYPILOT_DOCKER_SERVER \
+                 must be given together, all in `envs` or all in `secrets` (not split across both)",
+            ))
+        }
+    }
+}
+
+/// The names of a private registry's login, as SkyPilot spells them.
+pub const DOCKER_LOGIN: [&str; 3] = [
+    "SKYPILOT_DOCKER_USERNAME",
+    "SKYPILOT_DOCKER_PASSWORD",
+    "SKYPILOT_DOCKER_SERVER",
+];
 
 pub(super) fn check_env_name(name: &str, path: &str) -> Result<()> {
     let mut chars = name.chars();
