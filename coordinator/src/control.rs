@@ -177,6 +177,7 @@ async fn provider_call(ctx: Arc<Ctx>, node: Node, term: u64) -> String {
                     disk_gb: node.disk_gb.filter(|_| !node.fixed_machine),
                     disk_tier: node.disk_tier,
                     image_id: node.image_id.clone(),
+                    ports: node.opened_ports.clone().unwrap_or_default(),
                     term,
                 })
                 .await

@@ -131,6 +131,7 @@ mod tests {
             fixed_machines: None,
             disk_gb_max: None,
             opens_ports: false,
+            ports_per_node: false,
             custom_images: false,
             instance_type: "h100-8".into(),
             resources,

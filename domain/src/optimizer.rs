@@ -7,7 +7,7 @@ use std::cmp::Ordering;
 use std::collections::BTreeMap;
 
 use crate::state::{place_key_into, Block, Node, Offering};
-use crate::task::{ResourceCandidate, SpecError, TaskSpec};
+use crate::task::{PortRange, ResourceCandidate, SpecError, TaskSpec};
 
 /// One place a task could go, with what it would cost. Borrows the
 /// catalog: ranking a large one allocates nothing per offering.
@@ -127,7 +127,12 @@ pub fn node_matches(c: &ResourceCandidate, node: &Node) -> bool {
         node.zone.as_deref(),
         &node.instance_type,
     ) && c.max_hourly_cost.is_none_or(|max| node.hourly_price <= max)
-        && (c.ports.is_empty() || node.ports_open)
+        && (c.ports.is_empty()
+            || node.ports_open
+                && node
+                    .opened_ports
+                    .as_ref()
+                    .is_none_or(|open| PortRange::all_within(&c.ports, open)))
         && c.disk_size_gb
             .is_none_or(|want| node.disk_gb.is_some_and(|has| has >= want))
         && c.disk_tier
@@ -275,8 +280,8 @@ pub fn check_feasible(spec: &TaskSpec, offerings: &[Offering]) -> Result<(), Spe
         return Err(SpecError::new(
             "resources.ports",
             format!(
-                "no enabled provider opens ports ({} cannot yet); the local provider and \
-                 Seeweb can",
+                "no enabled provider opens ports ({} cannot); the local provider, AWS \
+                 and Seeweb can",
                 list(providers.iter().map(|s| s.to_string()).collect())
             ),
         ));
@@ -429,6 +434,7 @@ mod tests {
                     fixed_machines: None,
                     disk_gb_max: None,
                     opens_ports: false,
+                    ports_per_node: false,
                     custom_images: false,
                     instance_type: format!("t{}", i % 40),
                     resources,
@@ -546,6 +552,47 @@ mod tests {
     }
 
     #[test]
+    fn a_node_that_opened_some_ports_takes_only_jobs_within_them() {
+        let node = |opened: serde_json::Value| -> Node {
+            serde_json::from_value(serde_json::json!({
+                "id": "node-1", "state": "Ready", "provider": "aws", "region": "us-east-1",
+                "instance_type": "m6i.large",
+                "resources": {"accelerators": {}, "cpus": 2.0, "memory_gb": 8.0},
+                "hourly_price": 0.1, "address": "", "instance_id": null, "created_at_ms": 0,
+                "message": "", "unhealthy": null, "zone": null, "spot": false,
+                "launched_at_ms": null, "ended_at_ms": null, "preemption": null,
+                "enrolled_key": null, "revoked_at_ms": null, "simulated": false,
+                "fixed_machine": false, "ports_open": true, "opened_ports": opened,
+            }))
+            .unwrap()
+        };
+        let wants = |yaml: &str| {
+            crate::task::parse_task_yaml(yaml, &Default::default())
+                .unwrap()
+                .resources
+                .candidates[0]
+                .clone()
+        };
+        let opened =
+            node(serde_json::json!([{"start": 8888, "end": 8888}, {"start": 6006, "end": 6010}]));
+        assert!(node_matches(
+            &wants("resources: {ports: [8888, 6007-6008]}"),
+            &opened
+        ));
+        assert!(node_matches(&wants("resources: {cpus: 1}"), &opened));
+        assert!(!node_matches(&wants("resources: {ports: 9000}"), &opened));
+        assert!(!node_matches(
+            &wants("resources: {ports: 6009-6011}"),
+            &opened
+        ));
+        // A provider that opens every port (local, Seeweb) takes any.
+        assert!(node_matches(
+            &wants("resources: {ports: 9000}"),
+            &node(serde_json::Value::Null)
+        ));
+    }
+
+    #[test]
     fn property_never_a_candidate_that_violates_the_request_nor_a_pricier_one_first() {
         let mut seen_choices = 0;
         for seed in 1..=300u64 {
@@ -636,6 +683,7 @@ mod tests {
                 fixed_machines: None,
                 disk_gb_max: None,
                 opens_ports: false,
+                ports_per_node: false,
                 custom_images: false,
                 instance_type: t.into(),
                 resources,

@@ -159,6 +159,7 @@ fn existing_nodes(
             fixed_machines: None,
             disk_gb_max: None,
             opens_ports: false,
+            ports_per_node: false,
             custom_images: false,
         };
         let shape_ok = node.fixed_machine
@@ -469,6 +470,7 @@ fn candidate_for_nodes(state: &State, spec: &TaskSpec, nodes: &[String]) -> usiz
         fixed_machines: None,
         disk_gb_max: None,
         opens_ports: false,
+        ports_per_node: false,
         custom_images: false,
     };
     spec.resources
@@ -515,6 +517,7 @@ mod tests {
                 fixed_machines: None,
                 disk_gb_max: None,
                 opens_ports: false,
+                ports_per_node: false,
                 custom_images: false,
             }
         };
@@ -1188,6 +1191,7 @@ mod tests {
             fixed_machines: Some(1),
             disk_gb_max: None,
             opens_ports: false,
+            ports_per_node: false,
             custom_images: false,
         }]
     }

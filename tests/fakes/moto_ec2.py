@@ -17,8 +17,11 @@
     moto_ec2.py put ENDPOINT BUCKET KEY FILE
         Uploads FILE as KEY (multipart when large) and prints {"key": KEY}.
     moto_ec2.py instances ENDPOINT KEY_ID SECRET [REGION]
-        Prints every instance with its state, lifecycle, zone, tags and
-        decoded user data, as JSON.
+        Prints every instance with its state, lifecycle, zone, tags, security
+        group ids and decoded user data, as JSON.
+    moto_ec2.py groups ENDPOINT KEY_ID SECRET [REGION]
+        Prints every security group: id, name, tags and TCP ingress rules
+        ([from, to, cidr]), as JSON.
 """
 
 import base64
@@ -74,7 +77,23 @@ def instances(endpoint, key_id, secret, region="us-east-1"):
                 "tags": {t["Key"]: t["Value"] for t in i.get("Tags", [])},
                 "user_data": base64.b64decode(data).decode() if data else "",
                 "volumes": volumes,
+                "groups": [g["GroupId"] for g in i.get("SecurityGroups", [])],
             })
+    print(json.dumps(out))
+
+
+def groups(endpoint, key_id, secret, region="us-east-1"):
+    ec2 = client("ec2", endpoint, key_id, secret, region)
+    out = []
+    for g in ec2.describe_security_groups()["SecurityGroups"]:
+        out.append({
+            "id": g["GroupId"],
+            "name": g["GroupName"],
+            "tags": {t["Key"]: t["Value"] for t in g.get("Tags", [])},
+            "ingress": [[p.get("FromPort"), p.get("ToPort"), r["CidrIp"]]
+                        for p in g.get("IpPermissions", []) if p.get("IpProtocol") == "tcp"
+                        for r in p.get("IpRanges", [])],
+        })
     print(json.dumps(out))
 
 
@@ -107,4 +126,4 @@ def put(endpoint, name, key, path):
 
 if __name__ == "__main__":
     {"setup": setup, "instances": instances, "bucket": bucket, "objects": objects,
-     "etags": etags, "put": put, "get": get}[sys.argv[1]](*sys.argv[2:])
+     "etags": etags, "put": put, "get": get, "groups": groups}[sys.argv[1]](*sys.argv[2:])

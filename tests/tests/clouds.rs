@@ -417,10 +417,10 @@ async fn seeweb_creates_boots_through_the_reboot_and_the_bootstrapped_agent_runs
 }
 
 /// `disk_size` and `disk_tier` size and type the root volume
-/// (BlockDeviceMappings, as SkyPilot maps the tiers); AWS cannot open
-/// `ports` yet, and says so at submit.
+/// (BlockDeviceMappings, as SkyPilot maps the tiers); `ports` get a
+/// security group of the node's own, deleted once the node is gone.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn aws_gives_the_disk_asked_for_and_refuses_ports_by_name() {
+async fn aws_gives_the_disk_and_ports_asked_for() {
     let moto = nembo_tests::Moto::start(&[("INITIAL_NO_AUTH_ACTION_COUNT", "3")]).await;
     let endpoint = moto.endpoint.clone();
     let creds = nembo_tests::Moto::helper(&["setup", &endpoint]);
@@ -471,19 +471,67 @@ async fn aws_gives_the_disk_asked_for_and_refuses_ports_by_name() {
     // is asked (the parameters are checked in aws.rs's unit tests).
     assert_eq!(root["type"], "gp3", "{root}");
 
-    let e = c
-        .client()
-        .await
-        .submit_job(pb::SubmitJobRequest {
-            task: Some(pb::submit_job_request::Task::TaskYaml(
-                "resources: {infra: aws, ports: 8888}\nrun: jupyter lab\n".into(),
-            )),
-            ..Default::default()
-        })
-        .await
-        .unwrap_err();
-    assert_eq!(e.code(), tonic::Code::InvalidArgument);
-    assert!(e.message().starts_with("resources"), "{}", e.message());
+    // A notebook's port: the node's own group opens it to the world, beside
+    // the VPC's default group (its peers, egress).
+    let notebook = c
+        .submit("resources: {infra: aws/us-east-1, accelerators: L4:1, ports: [8888, 6006-6007]}\nrun: jupyter lab\n")
+        .await;
+    let node = node_of(&c, &notebook).await;
+    let instances = nembo_tests::Moto::helper(&["instances", &endpoint, key, secret]);
+    let inst = instances
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|i| i["id"] == node.instance_id.as_str())
+        .unwrap_or_else(|| panic!("{instances}"))
+        .clone();
+    let groups = nembo_tests::Moto::helper(&["groups", &endpoint, key, secret]);
+    let attached: Vec<&Value> = groups
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|g| inst["groups"].as_array().unwrap().contains(&g["id"]))
+        .collect();
+    assert!(
+        attached.iter().any(|g| g["name"] == "default"),
+        "{inst} {groups}"
+    );
+    let own = attached
+        .iter()
+        .find(|g| g["tags"]["nembo-node"] == node.node_id.as_str())
+        .unwrap_or_else(|| panic!("no group of the node's own: {groups}"));
+    let mut rules = own["ingress"].as_array().unwrap().clone();
+    rules.sort_by_key(|r| r[0].as_u64());
+    assert_eq!(
+        Value::Array(rules),
+        serde_json::json!([[6006, 6007, "0.0.0.0/0"], [8888, 8888, "0.0.0.0/0"]])
+    );
+    // Another job's port is not open on that node: it is not reused for it.
+    let plan = json_out(&c.cli(&[
+        "launch",
+        "--dry-run",
+        "--json",
+        &write_task(
+            dir.path(),
+            "other.yaml",
+            "resources: {infra: aws/us-east-1, accelerators: L4:1, ports: 9000}\nrun: 'true'\n",
+        ),
+    ]));
+    let reused = plan["placement"]["existing_node_ids"].as_array().unwrap();
+    assert!(
+        !reused.contains(&Value::from(node.node_id.as_str())),
+        "{plan}"
+    );
+    // Gone with the node.
+    let own_id = own["id"].clone();
+    c.cli(&["cancel", &notebook]);
+    let out = c.cli(&["down", &node.node_id]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    wait_for("the port group to go", Duration::from_secs(60), || async {
+        let groups = nembo_tests::Moto::helper(&["groups", &endpoint, key, secret]);
+        (!groups.as_array().unwrap().iter().any(|g| g["id"] == own_id)).then_some(())
+    })
+    .await;
 }
 
 // ------------------------------------------------------------ SSH / sshd

@@ -18,6 +18,7 @@ use std::sync::Mutex;
 
 use hyper::body::Bytes;
 use nembo_domain::state::Offering;
+use nembo_domain::task::PortRange;
 use object_store::aws::{AwsAuthorizer, AwsCredential};
 use serde::Deserialize;
 
@@ -86,10 +87,11 @@ impl AwsProvider {
             .into_iter()
             .filter(|o| settings.regions.is_empty() || settings.regions.contains(&o.region))
             // The root volume is sized and typed at launch (BlockDeviceMappings);
-            // ports need a security group per cluster, not built yet.
+            // a task's ports get a security group of the node's own.
             .map(|o| Offering {
                 disk_gb_max: Some(EBS_GB_MAX),
-                opens_ports: false,
+                opens_ports: true,
+                ports_per_node: true,
                 // `image_id`: an AMI per region, or one for all.
                 custom_images: true,
                 ..o
@@ -212,6 +214,164 @@ impl AwsProvider {
                 .map(str::to_string);
             if next.is_none() {
                 return Ok(found);
+            }
+        }
+    }
+
+    /// The group opening `ports` on `node_id`, made (or found, on a retried
+    /// launch) and tagged as the node's.
+    async fn ports_group(
+        &self,
+        region: &str,
+        node_id: &str,
+        ports: &[PortRange],
+    ) -> Result<String, ProviderError> {
+        let name = port_group_name(&self.cluster, node_id);
+        let mut create = vec![
+            ("GroupName".to_string(), name.clone()),
+            (
+                "GroupDescription".to_string(),
+                format!("Nembo: the ports of node {node_id}"),
+            ),
+            (
+                "TagSpecification.1.ResourceType".to_string(),
+                "security-group".to_string(),
+            ),
+        ];
+        for (n, (k, v)) in [
+            ("nembo-cluster", &self.cluster),
+            ("nembo-node", &node_id.to_string()),
+        ]
+        .iter()
+        .enumerate()
+        {
+            create.push((
+                format!("TagSpecification.1.Tag.{}.Key", n + 1),
+                k.to_string(),
+            ));
+            create.push((
+                format!("TagSpecification.1.Tag.{}.Value", n + 1),
+                v.to_string(),
+            ));
+        }
+        let id = match self.call(region, "CreateSecurityGroup", create).await {
+            Ok(xml) => xml.text_at(&["groupId"]).unwrap_or_default().to_string(),
+            Err(e) if has_code(&e, "InvalidGroup.Duplicate") => self
+                .groups(region, "group-name", &name)
+                .await?
+                .into_iter()
+                .next()
+                .map(|(id, _)| id)
+                .unwrap_or_default(),
+            Err(e) => return Err(e),
+        };
+        if id.is_empty() {
+            return Err(ProviderError::Transient(format!(
+                "CreateSecurityGroup in {region}: no group id for {name}"
+            )));
+        }
+        let mut rules = vec![("GroupId".to_string(), id.clone())];
+        for (n, r) in ports.iter().enumerate() {
+            let k = |f: &str| format!("IpPermissions.{}.{f}", n + 1);
+            rules.push((k("IpProtocol"), "tcp".into()));
+            rules.push((k("FromPort"), r.start.to_string()));
+            rules.push((k("ToPort"), r.end.to_string()));
+            rules.push((k("IpRanges.1.CidrIp"), "0.0.0.0/0".into()));
+        }
+        match self
+            .call(region, "AuthorizeSecurityGroupIngress", rules)
+            .await
+        {
+            Ok(_) => {}
+            Err(e) if has_code(&e, "InvalidPermission.Duplicate") => {}
+            Err(e) => return Err(e),
+        }
+        tracing::info!(node = node_id, region, group = %id, ports = ?ports, "EC2 security group for the node's ports");
+        Ok(id)
+    }
+
+    /// The default VPC's `default` group.
+    async fn default_group(&self, region: &str) -> Result<String, ProviderError> {
+        self.groups(region, "group-name", "default")
+            .await?
+            .into_iter()
+            .next()
+            .map(|(id, _)| id)
+            .ok_or_else(|| {
+                ProviderError::InvalidRequest(format!(
+                    "{region} has no default security group; name one in providers.yaml \
+                     (aws.security_group_ids)"
+                ))
+            })
+    }
+
+    /// Groups matching one filter: (id, the `nembo-node` tag).
+    async fn groups(
+        &self,
+        region: &str,
+        filter: &str,
+        value: &str,
+    ) -> Result<Vec<(String, Option<String>)>, ProviderError> {
+        let xml = self
+            .call(
+                region,
+                "DescribeSecurityGroups",
+                vec![
+                    ("Filter.1.Name".into(), filter.into()),
+                    ("Filter.1.Value.1".into(), value.into()),
+                ],
+            )
+            .await?;
+        let mut out = Vec::new();
+        for set in xml.find_all("securityGroupInfo") {
+            for g in set.children_named("item") {
+                let id = g.text_at(&["groupId"]).unwrap_or_default().to_string();
+                let node = g
+                    .child("tagSet")
+                    .into_iter()
+                    .flat_map(|t| t.children_named("item"))
+                    .find(|t| t.text_at(&["key"]) == Some("nembo-node"))
+                    .and_then(|t| t.text_at(&["value"]))
+                    .map(str::to_string);
+                out.push((id, node));
+            }
+        }
+        Ok(out)
+    }
+
+    /// Deletes this cluster's port groups whose node has no live instance
+    /// left. A group is held until its instance is gone (EC2 answers
+    /// DependencyViolation meanwhile), so each termination also sweeps what
+    /// earlier ones could not yet delete.
+    async fn sweep_port_groups(&self, region: &str) {
+        let (Ok(groups), Ok(instances)) = (
+            self.groups(region, "tag:nembo-cluster", &self.cluster)
+                .await,
+            self.describe_in(region, None).await,
+        ) else {
+            return;
+        };
+        for (id, node) in groups {
+            let Some(node) = node else { continue };
+            if instances
+                .iter()
+                .any(|i| i.live() && i.node_id.as_deref() == Some(node.as_str()))
+            {
+                continue;
+            }
+            match self
+                .call(
+                    region,
+                    "DeleteSecurityGroup",
+                    vec![("GroupId".into(), id.clone())],
+                )
+                .await
+            {
+                Ok(_) => {
+                    tracing::info!(node = %node, region, group = %id, "EC2 security group deleted")
+                }
+                Err(e) if has_code(&e, "DependencyViolation") => {}
+                Err(e) => tracing::warn!(group = %id, error = %e, "EC2 security group not deleted"),
             }
         }
     }
@@ -412,7 +572,16 @@ impl Provider for AwsProvider {
             if let Some(key) = &self.settings.key_name {
                 p.push(("KeyName".into(), key.clone()));
             }
-            for (n, sg) in self.settings.security_group_ids.iter().enumerate() {
+            let mut groups = self.settings.security_group_ids.clone();
+            if !req.ports.is_empty() {
+                // The VPC's default group keeps what a node has without
+                // ports (its peers, egress); the node's own opens the ports.
+                if groups.is_empty() {
+                    groups.push(self.default_group(region).await?);
+                }
+                groups.push(self.ports_group(region, &req.node_id, &req.ports).await?);
+            }
+            for (n, sg) in groups.iter().enumerate() {
                 p.push((format!("SecurityGroupId.{}", n + 1), sg.clone()));
             }
             let xml = self.call(region, "RunInstances", p).await?;
@@ -452,6 +621,10 @@ impl Provider for AwsProvider {
         Box::pin(async move {
             let mut all = Vec::new();
             for region in &self.regions {
+                // The leak reconciler's round also deletes the port groups
+                // that a termination could not yet (their instance was
+                // still shutting down).
+                self.sweep_port_groups(region).await;
                 for i in self.describe_in(region, None).await? {
                     if let Some(node_id) = i.node_id.clone() {
                         all.push(Instance {
@@ -490,6 +663,7 @@ impl Provider for AwsProvider {
                 self.call(&region, "CreateTags", tag).await?;
                 self.call(&region, "TerminateInstances", kill).await?;
                 tracing::info!(node = node_id, region = %region, instances = live.len(), "EC2 instances terminated");
+                self.sweep_port_groups(&region).await;
             }
             Ok(())
         })
@@ -509,6 +683,20 @@ impl Provider for AwsProvider {
             ))
         })
     }
+}
+
+/// The EC2 error code inside a classified error (its message holds
+/// `Action in region: Code: message`).
+fn has_code(e: &ProviderError, code: &str) -> bool {
+    e.to_string().contains(&format!(": {code}: "))
+}
+
+/// A node's port group: unique in the account's region (≤ 255 characters).
+fn port_group_name(cluster: &str, node_id: &str) -> String {
+    format!("nembo-{cluster}-{node_id}-ports")
+        .chars()
+        .take(255)
+        .collect()
 }
 
 /// `ClientToken`s are unique per account and region for a while, so the

@@ -169,6 +169,7 @@ mod tests {
             disk_gb: None,
             disk_tier: None,
             image_id: None,
+            ports: Vec::new(),
             term: 3,
         }
     }

@@ -73,6 +73,7 @@ fn row(provider: &str, line: &str) -> Result<Offering, String> {
         fixed_machines: None,
         disk_gb_max: None,
         opens_ports: false,
+        ports_per_node: false,
         custom_images: false,
     })
 }

@@ -221,6 +221,7 @@ impl LocalProvider {
             fixed_machines: Some(1),
             disk_gb_max: None,
             opens_ports: false,
+            ports_per_node: false,
             custom_images: false,
         }
     }
@@ -274,6 +275,7 @@ impl LocalProvider {
                         fixed_machines: None,
                         disk_gb_max: None,
                         opens_ports: false,
+                        ports_per_node: false,
                         custom_images: false,
                     }
                 })
@@ -646,6 +648,7 @@ mod tests {
                 disk_gb: None,
                 disk_tier: None,
                 image_id: None,
+                ports: Vec::new(),
                 term: 5,
             })
             .await;

@@ -44,6 +44,9 @@ pub struct LaunchRequest {
     pub disk_tier: Option<nembo_domain::task::DiskTier>,
     /// The VM image the task named for this region (`image_id`), if any.
     pub image_id: Option<String>,
+    /// TCP ports to open to the world on this node, where the provider
+    /// opens them per node ([`nembo_domain::state::Offering::ports_per_node`]).
+    pub ports: Vec<nembo_domain::task::PortRange>,
     /// Raft term of the leader asking: a fencing token. A provider refuses
     /// a call about a node from a leader older than the last one that
     /// acted on it.

@@ -94,6 +94,7 @@ impl SeewebProvider {
             .map(|o| Offering {
                 disk_gb_max: None,
                 opens_ports: true,
+                ports_per_node: false,
                 custom_images: false,
                 ..o
             })
@@ -388,6 +389,7 @@ impl SeewebProvider {
                     fixed_machines: None,
                     disk_gb_max: None,
                     opens_ports: false,
+                    ports_per_node: false,
                     custom_images: false,
                 });
             }

@@ -300,6 +300,7 @@ impl Provider for SimProvider {
                     // A cloud-like shape: disks of any size, ports opened.
                     disk_gb_max: Some(SIM_DISK_GB_MAX),
                     opens_ports: true,
+                    ports_per_node: false,
                     custom_images: false,
                     instance_type: t.name.clone(),
                     resources: Resources {
@@ -429,6 +430,7 @@ mod tests {
             disk_gb: None,
             disk_tier: None,
             image_id: None,
+            ports: Vec::new(),
             term,
         }
     }

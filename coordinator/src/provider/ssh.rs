@@ -284,6 +284,7 @@ impl Provider for SshProvider {
                     fixed_machines: None,
                     disk_gb_max: None,
                     opens_ports: false,
+                    ports_per_node: false,
                     custom_images: false,
                 }
             })

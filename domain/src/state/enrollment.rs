@@ -107,6 +107,7 @@ impl State {
                     disk_gb: None,
                     disk_tier: None,
                     ports_open: false,
+                    opened_ports: None,
                     image_id: None,
                 },
             );

@@ -147,6 +147,10 @@ pub struct Node {
     /// A job's `ports` are reachable on it ([`Offering::opens_ports`]).
     #[serde(default)]
     pub ports_open: bool,
+    /// Only these ports are, where the provider opens them per node at
+    /// launch ([`Offering::ports_per_node`]); none: every port.
+    #[serde(default)]
+    pub opened_ports: Option<Vec<crate::task::PortRange>>,
     /// The VM image it was booted from, when the task named one.
     #[serde(default)]
     pub image_id: Option<String>,
@@ -191,6 +195,10 @@ pub struct Offering {
     /// A job's `ports` are reachable on its nodes.
     #[serde(default)]
     pub opens_ports: bool,
+    /// Only the ports asked for at launch are opened, per node (an AWS
+    /// security group): a node serves later jobs only within those.
+    #[serde(default)]
+    pub ports_per_node: bool,
     /// Its nodes can boot a VM image the task names (`image_id`).
     #[serde(default)]
     pub custom_images: bool,
@@ -359,6 +367,9 @@ impl State {
                     },
                     disk_tier: disk.and_then(|c| c.disk_tier),
                     ports_open: offering.opens_ports,
+                    opened_ports: offering
+                        .ports_per_node
+                        .then(|| disk.map(|c| c.ports.clone()).unwrap_or_default()),
                     image_id: disk.and_then(|c| c.image_for(&offering.region)),
                 },
             );

@@ -27,6 +27,7 @@ fn offering(gpus: f64) -> Offering {
         fixed_machines: None,
         disk_gb_max: None,
         opens_ports: false,
+        ports_per_node: false,
         custom_images: false,
     }
 }

@@ -287,6 +287,13 @@ pub struct PortRange {
 }
 
 impl PortRange {
+    /// Whether every port of `wanted` is in one of `open`'s ranges.
+    pub fn all_within(wanted: &[PortRange], open: &[PortRange]) -> bool {
+        wanted
+            .iter()
+            .all(|w| (w.start..=w.end).all(|p| open.iter().any(|o| o.start <= p && p <= o.end)))
+    }
+
     /// Parses `ports`: an int, `"A-B"`, or a list of either (SkyPilot's
     /// forms); returns the ranges sorted and merged.
     pub fn parse_all(v: &yaml_serde::Value, path: &str) -> Result<Vec<PortRange>> {

@@ -56,6 +56,7 @@ fn catalog(n: usize) -> Vec<Offering> {
                                 fixed_machines: None,
                                 disk_gb_max: None,
                                 opens_ports: false,
+                                ports_per_node: false,
                                 custom_images: false,
                                 instance_type: format!(
                                     "{}-{}x-{}",
