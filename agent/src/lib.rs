@@ -16,6 +16,7 @@ pub mod preempt;
 mod s3;
 pub mod session;
 pub mod stagein;
+pub mod storage;
 pub mod supervisor;
 pub mod telemetry;
 

@@ -69,6 +69,7 @@ impl StageIn {
             let dst = self.destination(&m.destination);
             let what = format!("file_mounts.{}", m.destination);
             let result = match &m.source {
+                _ if !m.bucket.is_empty() => self.storage_mount(&what, m, &dst, &fetcher).await,
                 Some(apb::file_mount::Source::Manifest(d)) => {
                     self.manifest_mount(&what, d, &dst, &fetcher).await
                 }
@@ -76,6 +77,83 @@ impl StageIn {
                 None => Err("no source".into()),
             };
             result.map_err(|e| format!("{what}: {e}"))?;
+        }
+        Ok(())
+    }
+
+    /// A storage object: its bucket made if the task named it, a local
+    /// source uploaded into it (only what changed: the files are kept on the
+    /// node, like any upload, and rclone sends what the bucket lacks), then
+    /// mounted or copied in.
+    async fn storage_mount(
+        &self,
+        what: &str,
+        m: &apb::FileMount,
+        dst: &Path,
+        fetcher: &Fetcher,
+    ) -> Result<(), String> {
+        use crate::storage;
+        let env = storage::rclone_env(&self.env);
+        let remote = storage::remote(&m.bucket);
+        if m.create_bucket {
+            storage::rclone(&["mkdir".into(), remote.clone()], &env).await?;
+        } else {
+            // A mount of a bucket that is not there would look empty.
+            storage::rclone(
+                &[
+                    "lsf".into(),
+                    "--max-depth".into(),
+                    "1".into(),
+                    "--dirs-only".into(),
+                    remote.clone(),
+                ],
+                &env,
+            )
+            .await
+            .map_err(|e| format!("{} cannot be read: {e}", m.bucket))?;
+        }
+        if let Some(apb::file_mount::Source::Manifest(d)) = &m.source {
+            let agent_dir = self.records.parent().unwrap_or(&self.records);
+            let staged = agent_dir
+                .join("storage")
+                .join(m.bucket.trim_start_matches("s3://"));
+            self.manifest_mount(what, d, &staged, fetcher).await?;
+            let started = Instant::now();
+            storage::rclone(
+                &["copy".into(), staged.display().to_string(), remote.clone()],
+                &env,
+            )
+            .await?;
+            self.say(&format!(
+                "{what}: uploaded into {} in {:.1} s",
+                m.bucket,
+                started.elapsed().as_secs_f64()
+            ));
+        }
+        let job_dir = self.log.parent().unwrap_or(&self.work);
+        match m.mode() {
+            apb::StorageMode::Copy | apb::StorageMode::Unspecified => {
+                let started = Instant::now();
+                storage::rclone(&["copy".into(), remote, dst.display().to_string()], &env).await?;
+                self.say(&format!(
+                    "{what}: copied {} in {:.1} s",
+                    m.bucket,
+                    started.elapsed().as_secs_f64()
+                ));
+            }
+            mode => {
+                storage::mount(&m.bucket, dst, mode, m.read_only, &env, job_dir).await?;
+                self.say(&format!(
+                    "{what}: {} mounted ({}{})",
+                    m.bucket,
+                    if mode == apb::StorageMode::MountCached {
+                        "MOUNT_CACHED"
+                    } else {
+                        "MOUNT"
+                    },
+                    if m.read_only { ", read-only" } else { "" }
+                ));
+            }
         }
         Ok(())
     }

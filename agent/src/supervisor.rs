@@ -126,6 +126,8 @@ struct Entry {
     sync_lock: Arc<tokio::sync::Mutex<()>>,
     /// The process has exited and its last checkpoint is being synced.
     final_sync: bool,
+    /// The process has exited and its storage mounts are being unmounted.
+    unmounting: bool,
 }
 
 impl Entry {
@@ -390,6 +392,7 @@ impl Owner {
                 ended_tx,
                 sync_lock: Default::default(),
                 final_sync: false,
+                unmounting: false,
             };
             let running = entry.ended.is_none();
             self.jobs.insert(key.clone(), entry);
@@ -492,6 +495,7 @@ impl Owner {
                 ended_tx,
                 sync_lock: Default::default(),
                 final_sync: false,
+                unmounting: false,
             },
         );
         let stage = crate::stagein::StageIn {
@@ -801,6 +805,7 @@ impl Owner {
                     ended_tx,
                     sync_lock: Default::default(),
                     final_sync: false,
+                    unmounting: false,
                 },
             );
             self.record_end(
@@ -860,6 +865,25 @@ impl Owner {
         let Some(entry) = self.jobs.get_mut(&key) else {
             return;
         };
+        // Its buckets first: a cached mount uploads what it holds as it is
+        // unmounted, and the next attempt may start as soon as this one is
+        // reported over.
+        if !entry.unmounting
+            && entry.ended.is_none()
+            && entry.dir.join(crate::storage::MOUNTS_FILE).exists()
+        {
+            entry.unmounting = true;
+            let (dir, pgid, me) = (entry.dir.clone(), entry.pgid, self.me.clone());
+            tokio::spawn(async move {
+                // Nothing of the job may still hold them.
+                if let Some(pgid) = pgid {
+                    let _ = killpg(Pid::from_raw(pgid), Signal::SIGKILL);
+                }
+                crate::storage::unmount_all(&dir).await;
+                let _ = me.send(Msg::Exited(key, status));
+            });
+            return;
+        }
         let Some(c) = entry
             .meta
             .checkpoint
@@ -1015,6 +1039,12 @@ impl Owner {
         let Some(entry) = self.jobs.get_mut(key) else {
             return;
         };
+        // A job that ends before it ran (a later mount failed, a stop) may
+        // have mounted buckets already.
+        if entry.dir.join(crate::storage::MOUNTS_FILE).exists() {
+            let dir = entry.dir.clone();
+            tokio::spawn(async move { crate::storage::unmount_all(&dir).await });
+        }
         let ended = Ended {
             phase: phase as i32,
             exit_code: code,

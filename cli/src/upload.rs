@@ -43,8 +43,8 @@ pub fn local_sources(spec: &nembo_domain::task::TaskSpec) -> Result<Vec<Source>>
         named.push(("workdir".into(), w.clone()));
     }
     for (dst, src) in &spec.file_mounts {
-        if let nembo_domain::task::MountSource::Local { path, .. } = src {
-            named.push((format!("file_mounts.{dst}"), path.clone()));
+        if let Some((path, _)) = src.local() {
+            named.push((format!("file_mounts.{dst}"), path.to_string()));
         }
     }
     let mut cache = HashCache::load();

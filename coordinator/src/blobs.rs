@@ -156,18 +156,14 @@ impl BlobStore {
     pub fn referenced(&self, state: &nembo_domain::state::State) -> BTreeSet<String> {
         let mut keep = BTreeSet::new();
         for job in state.jobs.values().filter(|j| !j.state.is_terminal()) {
-            let manifests =
-                job.spec
-                    .workdir_manifest
-                    .iter()
-                    .chain(job.spec.file_mounts.values().filter_map(|m| match m {
-                        nembo_domain::task::MountSource::Local { manifest, .. } => {
-                            manifest.as_ref()
-                        }
-                        nembo_domain::task::MountSource::Uri(_) => None,
-                    }));
+            let manifests = job
+                .spec
+                .workdir_manifest
+                .iter()
+                .map(String::as_str)
+                .chain(job.spec.file_mounts.values().filter_map(|m| m.local()?.1));
             for d in manifests {
-                keep.insert(d.clone());
+                keep.insert(d.to_string());
                 if let Ok(m) = self.manifest(d) {
                     keep.extend(m.files().map(|(_, _, f)| f.to_string()));
                 }

@@ -4,7 +4,7 @@
 
 use std::collections::BTreeSet;
 
-use nembo_domain::task::{MountSource, TaskSpec};
+use nembo_domain::task::TaskSpec;
 use nembo_proto::agent::v1 as apb;
 use nembo_proto::files::PIECE_BYTES;
 use tokio::sync::mpsc;
@@ -111,10 +111,8 @@ fn shipped_by(ctx: &Ctx, spec: &TaskSpec) -> Result<BTreeSet<String>, Status> {
     let manifests = spec
         .workdir_manifest
         .iter()
-        .chain(spec.file_mounts.values().filter_map(|m| match m {
-            MountSource::Local { manifest, .. } => manifest.as_ref(),
-            MountSource::Uri(_) => None,
-        }));
+        .map(String::as_str)
+        .chain(spec.file_mounts.values().filter_map(|m| m.local()?.1));
     let mut out = BTreeSet::new();
     for digest in manifests {
         let manifest = ctx
@@ -122,7 +120,7 @@ fn shipped_by(ctx: &Ctx, spec: &TaskSpec) -> Result<BTreeSet<String>, Status> {
             .manifest(digest)
             .map_err(|e| Status::not_found(e.to_string()))?;
         out.extend(manifest.files().map(|(_, _, d)| d.to_string()));
-        out.insert(digest.clone());
+        out.insert(digest.to_string());
     }
     Ok(out)
 }

@@ -11,7 +11,7 @@ use std::sync::Arc;
 
 use nembo_domain::health::{gpu_problem, GpuReading};
 use nembo_domain::state::{Command, Job, JobState, NodeState, RankOutcome, State};
-use nembo_domain::task::MountSource;
+use nembo_domain::task::{MountSource, StorageMode};
 use nembo_proto::agent::v1 as apb;
 use nembo_proto::agent::v1::agent_service_server::AgentService;
 use nembo_proto::agent::v1::session_request::Msg as AgentMsg;
@@ -481,15 +481,7 @@ fn run_job(
             .spec
             .file_mounts
             .iter()
-            .map(|(dst, src)| apb::FileMount {
-                destination: dst.clone(),
-                source: Some(match src {
-                    MountSource::Local { manifest, .. } => {
-                        apb::file_mount::Source::Manifest(manifest.clone().unwrap_or_default())
-                    }
-                    MountSource::Uri(uri) => apb::file_mount::Source::Uri(uri.clone()),
-                }),
-            })
+            .map(|(dst, src)| file_mount(dst, src))
             .collect(),
         workdir_manifest: job.spec.workdir_manifest.clone().unwrap_or_default(),
         replaced_if_lost: job.managed.is_some(),
@@ -499,6 +491,31 @@ fn run_job(
             .unwrap_or_default(),
         env,
     }
+}
+
+fn file_mount(dst: &str, src: &MountSource) -> apb::FileMount {
+    let manifest =
+        |m: Option<&str>| apb::file_mount::Source::Manifest(m.unwrap_or_default().into());
+    let mut out = apb::FileMount {
+        destination: dst.to_string(),
+        ..Default::default()
+    };
+    match src {
+        MountSource::Local { manifest: m, .. } => out.source = Some(manifest(m.as_deref())),
+        MountSource::Uri(uri) => out.source = Some(apb::file_mount::Source::Uri(uri.clone())),
+        MountSource::Storage(st) => {
+            out.source = st.local.as_ref().map(|(_, m)| manifest(m.as_deref()));
+            out.bucket = st.bucket.clone();
+            out.create_bucket = st.create;
+            out.read_only = st.read_only;
+            out.set_mode(match st.mode {
+                StorageMode::Mount => apb::StorageMode::Mount,
+                StorageMode::MountCached => apb::StorageMode::MountCached,
+                StorageMode::Copy => apb::StorageMode::Copy,
+            });
+        }
+    }
+    out
 }
 
 /// A node's cloud announced it is taking the node back. An advisory one

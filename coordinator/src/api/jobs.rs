@@ -374,11 +374,12 @@ fn attach_uploads(
         }
     }
     for (dst, source) in spec.file_mounts.iter_mut() {
-        if let task::MountSource::Local { path, manifest } = source {
-            if dry_run && !uploads.contains_key(path.as_str()) {
+        if let Some((path, _)) = source.local() {
+            if dry_run && !uploads.contains_key(path) {
                 continue;
             }
-            *manifest = Some(check(&format!("file_mounts.{dst}"), path)?);
+            let digest = check(&format!("file_mounts.{dst}"), path)?;
+            source.set_manifest(digest);
         }
     }
     Ok(())

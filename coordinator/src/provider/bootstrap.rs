@@ -93,16 +93,21 @@ curl -fsSL --retry 10 --retry-delay 3 -o "$R/usr/local/bin/nembo-agent.new" {url
 {checksum}chmod 755 "$R/usr/local/bin/nembo-agent.new"
 mv "$R/usr/local/bin/nembo-agent.new" "$R/usr/local/bin/nembo-agent"
 umask 022
-# Tasks with `image_id: docker:<image>` need a container engine: docker where
-# the VM image has one (Deep Learning AMIs do), else the distribution's
-# podman. Only on a real VM (a test's scratch root installs nothing).
-if [ -z "$R" ] && ! command -v docker >/dev/null && ! command -v podman >/dev/null; then
+# Tasks with `image_id: docker:<image>` need a container engine (docker
+# where the VM image has one, as Deep Learning AMIs do, else podman), and
+# storage objects rclone and FUSE. Only on a real VM (a test's scratch root
+# installs nothing).
+want=""
+command -v docker >/dev/null || command -v podman >/dev/null || want="$want podman"
+command -v rclone >/dev/null || want="$want rclone"
+command -v fusermount3 >/dev/null || want="$want fuse3"
+if [ -z "$R" ] && [ -n "$want" ]; then
   if command -v apt-get >/dev/null; then
-    {{ apt-get update -q && DEBIAN_FRONTEND=noninteractive apt-get install -y -q podman; }} >/dev/null 2>&1 \
-      || echo "nembo: podman could not be installed; docker: images will not run here" >&2
+    {{ apt-get update -q && DEBIAN_FRONTEND=noninteractive apt-get install -y -q $want; }} >/dev/null 2>&1 \
+      || echo "nembo: could not install$want; docker: images or bucket mounts may not work here" >&2
   elif command -v dnf >/dev/null; then
-    dnf install -y -q podman >/dev/null 2>&1 \
-      || echo "nembo: podman could not be installed; docker: images will not run here" >&2
+    dnf install -y -q $want >/dev/null 2>&1 \
+      || echo "nembo: could not install$want; docker: images or bucket mounts may not work here" >&2
   fi
 fi
 cat > "$R/etc/systemd/system/nembo-agent.service" <<NEMBO_UNIT

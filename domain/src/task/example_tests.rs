@@ -40,6 +40,12 @@ fn shipped_examples_parse() {
         docker.container_image(0, &docker.envs).as_deref(),
         Some("pytorch/pytorch:2.3.1-cuda12.1-cudnn8-runtime")
     );
+    let storage =
+        parse_task_yaml(include_str!("../../../examples/storage-mount.yaml"), &none).unwrap();
+    let MountSource::Storage(ckpt) = &storage.file_mounts["/checkpoints"] else {
+        panic!("{:?}", storage.file_mounts)
+    };
+    assert!(ckpt.create && ckpt.mode == StorageMode::Mount);
     let y = include_str!("../../../examples/needs-token.yaml");
     assert_eq!(parse_task_yaml(y, &none).unwrap_err().path, "envs.HF_TOKEN");
     let mut o = BTreeMap::new();

@@ -226,6 +226,74 @@ pub enum MountSource {
     /// A bucket prefix or object (`s3://b/p`, `https://...`), copied by the
     /// agent (SkyPilot's COPY mode for a URI string).
     Uri(String),
+    /// A storage object that names its bucket, mounts one, or both.
+    Storage(StorageMount),
+}
+
+/// A storage object (`{name, source, store, mode}`), as the node fulfils it:
+/// the bucket made if the task named it, a local source uploaded into it,
+/// then the bucket mounted (FUSE) or copied in.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct StorageMount {
+    /// The whole bucket, `s3://name`.
+    pub bucket: String,
+    /// The task named it (`name`): made if it does not exist.
+    pub create: bool,
+    /// A local file or directory to upload into it first: the path as
+    /// written, and its manifest's digest once the client uploaded it.
+    pub local: Option<(String, Option<String>)>,
+    /// How the node sees it.
+    pub mode: StorageMode,
+    /// Mounted read-only (`config.mount.read_only`, `config.mount_cached.read_only`).
+    pub read_only: bool,
+}
+
+/// SkyPilot's storage modes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub enum StorageMode {
+    /// FUSE, streamed: reads fetched on use, a file uploaded on close.
+    Mount,
+    /// FUSE with a local cache and asynchronous upload.
+    MountCached,
+    /// Copied onto the node before setup; writes stay there.
+    Copy,
+}
+
+impl StorageMode {
+    /// As SkyPilot spells it.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            StorageMode::Mount => "MOUNT",
+            StorageMode::MountCached => "MOUNT_CACHED",
+            StorageMode::Copy => "COPY",
+        }
+    }
+}
+
+impl MountSource {
+    /// The local path the client uploads, and its manifest once uploaded.
+    pub fn local(&self) -> Option<(&str, Option<&str>)> {
+        match self {
+            MountSource::Local { path, manifest } => Some((path, manifest.as_deref())),
+            MountSource::Storage(StorageMount {
+                local: Some((path, manifest)),
+                ..
+            }) => Some((path, manifest.as_deref())),
+            _ => None,
+        }
+    }
+
+    /// Records the uploaded local source's manifest.
+    pub fn set_manifest(&mut self, digest: String) {
+        match self {
+            MountSource::Local { manifest, .. }
+            | MountSource::Storage(StorageMount {
+                local: Some((_, manifest)),
+                ..
+            }) => *manifest = Some(digest),
+            _ => {}
+        }
+    }
 }
 
 const TOP_LEVEL_SUPPORTED: &[&str] = &[

@@ -1,14 +1,14 @@
 //! `file_mounts`: what is copied onto every node before `setup`, with
 //! SkyPilot's meaning. A string value is a local path (uploaded by the
 //! client) or a bucket / object URI (copied by the agent); a storage object
-//! (`{name, source, store, mode}`) is not supported yet and refused by name.
+//! (`{name, source, store, mode}`) names, fills and mounts or copies a bucket.
 
 use std::collections::BTreeMap;
 
 use yaml_serde::Value;
 
 use super::yaml::{as_map, key_str, kind};
-use super::{MountSource, Result, SpecError};
+use super::{MountSource, Result, SpecError, StorageMode, StorageMount};
 
 /// Most entries in `file_mounts`.
 pub const MAX_FILE_MOUNTS: usize = 256;
@@ -73,6 +73,12 @@ pub(super) fn substitute_envs(
                 }
             }
             MountSource::Uri(u) => parse_source(&expand(&u, envs), &path)?,
+            MountSource::Storage(mut st) => {
+                if let Some((p, _)) = st.local.as_mut() {
+                    *p = expand(p, envs);
+                }
+                MountSource::Storage(st)
+            }
         };
         out.insert(dst2, src2);
     }
@@ -112,10 +118,10 @@ fn expand(s: &str, envs: &BTreeMap<String, String>) -> String {
     out
 }
 
-/// A storage object. What Nembo does today: `mode: COPY` of an existing
-/// bucket or prefix (`source: s3://...`), which is what a URI string means.
-/// Creating a bucket from a local source (`name`) and FUSE mounts (MOUNT,
-/// MOUNT_CACHED, SkyPilot's default mode) are refused by name.
+/// A storage object: `{source: s3://b/p, mode: COPY}` is a URI string by
+/// another name; a `name` makes (if need be) the bucket `s3://name` and
+/// uploads a local `source` into it; MOUNT (the default) and MOUNT_CACHED
+/// mount the whole bucket on the node with FUSE.
 fn parse_storage(m: &yaml_serde::Mapping, path: &str) -> Result<MountSource> {
     const FIELDS: &[&str] = &[
         "name",
@@ -135,31 +141,75 @@ fn parse_storage(m: &yaml_serde::Mapping, path: &str) -> Result<MountSource> {
             ));
         }
     }
+    let field = |k: &str| format!("{path}.{k}");
     let text = |k: &str| -> Result<Option<String>> {
         match m.get(k) {
             None | Some(Value::Null) => Ok(None),
             Some(Value::String(s)) => Ok(Some(s.trim().to_string())),
             Some(other) => Err(SpecError::new(
-                format!("{path}.{k}"),
+                field(k),
                 format!("expected a string, got {}", kind(other)),
             )),
         }
     };
-    let mode = text("mode")?
-        .unwrap_or_else(|| "MOUNT".into())
-        .to_ascii_uppercase();
-    if !matches!(mode.as_str(), "MOUNT" | "COPY" | "MOUNT_CACHED") {
-        return Err(SpecError::new(
-            format!("{path}.mode"),
-            format!("'{mode}': expected MOUNT, COPY or MOUNT_CACHED"),
-        ));
+    let mut mode = match text("mode")?.map(|s| s.to_ascii_uppercase()).as_deref() {
+        None | Some("MOUNT") => StorageMode::Mount,
+        Some("MOUNT_CACHED") => StorageMode::MountCached,
+        Some("COPY") => StorageMode::Copy,
+        Some(other) => {
+            return Err(SpecError::new(
+                field("mode"),
+                format!("'{other}': expected MOUNT, COPY or MOUNT_CACHED"),
+            ))
+        }
+    };
+    let mut read_only = false;
+    if let Some(t) = text("type")? {
+        let (preset_ro, known) = match t.to_ascii_uppercase().as_str() {
+            "MODEL_CHECKPOINT_RO" | "DATASET_RO" => (true, true),
+            "MODEL_CHECKPOINT_RW" | "DATASET_RW" => (false, true),
+            _ => (false, false),
+        };
+        if !known {
+            return Err(SpecError::new(
+                field("type"),
+                format!("'{t}': expected MODEL_CHECKPOINT_RO, MODEL_CHECKPOINT_RW, DATASET_RO or DATASET_RW"),
+            ));
+        }
+        if m.get("mode").is_some_and(|v| !v.is_null()) && mode != StorageMode::MountCached {
+            return Err(SpecError::new(
+                field("type"),
+                "is a MOUNT_CACHED preset; drop `mode` or make it MOUNT_CACHED",
+            ));
+        }
+        mode = StorageMode::MountCached;
+        read_only = preset_ro;
+    }
+    if let Some(cfg) = m.get("config").filter(|v| !v.is_null()) {
+        read_only |= parse_storage_config(cfg, &field("config"))?;
+    }
+    match m.get("persistent") {
+        None | Some(Value::Null) | Some(Value::Bool(true)) => {}
+        Some(Value::Bool(false)) => {
+            return Err(SpecError::new(
+                field("persistent"),
+                "false (delete the bucket with the job's nodes) is not supported by Nembo yet; \
+                 the bucket is kept: drop `persistent`, and delete it yourself when done",
+            ))
+        }
+        Some(other) => {
+            return Err(SpecError::new(
+                field("persistent"),
+                format!("expected true or false, got {}", kind(other)),
+            ))
+        }
     }
     if let Some(store) = text("store")? {
         if store != "s3" {
             return Err(SpecError::new(
-                format!("{path}.store"),
+                field("store"),
                 format!(
-                    "'{store}' is valid SkyPilot but not supported by Nembo yet; Nembo reads s3"
+                    "'{store}' is valid SkyPilot but not supported by Nembo yet; Nembo's buckets are s3"
                 ),
             ));
         }
@@ -169,36 +219,125 @@ fn parse_storage(m: &yaml_serde::Mapping, path: &str) -> Result<MountSource> {
         None | Some(Value::Null) => None,
         Some(_) => {
             return Err(SpecError::new(
-                format!("{path}.source"),
-                "a list of local sources is valid SkyPilot but not supported by Nembo yet",
+                field("source"),
+                "a list of local sources is valid SkyPilot but not supported by Nembo yet; \
+                 give one directory",
             ))
         }
     };
-    let is_uri = source.as_deref().is_some_and(|s| s.contains("://"));
-    if !is_uri {
-        return Err(SpecError::new(
-            path,
-            "a storage object that creates a bucket (a local `source`, or `name` alone) is \
-             valid SkyPilot but not supported by Nembo yet; upload it yourself and give \
-             `source: s3://bucket/prefix` with `mode: COPY`, or mount the local path directly",
-        ));
+    let name = text("name")?;
+    match (source, name) {
+        (Some(uri), name) if uri.contains("://") => {
+            if name.is_some() {
+                return Err(SpecError::new(
+                    field("name"),
+                    "is not allowed with a bucket URI as `source` (SkyPilot's rule)",
+                ));
+            }
+            let parsed = parse_source(&uri, &field("source"))?;
+            if mode == StorageMode::Copy {
+                return Ok(parsed);
+            }
+            let whole = uri.strip_prefix("s3://").filter(|rest| !rest.contains('/'));
+            match whole {
+                Some(bucket) => Ok(MountSource::Storage(StorageMount {
+                    bucket: format!("s3://{bucket}"),
+                    create: false,
+                    local: None,
+                    mode,
+                    read_only,
+                })),
+                None => Err(SpecError::new(
+                    field("source"),
+                    format!(
+                        "'{uri}': only a whole s3:// bucket can be mounted ({}); copy a prefix \
+                         with `mode: COPY`",
+                        mode.as_str()
+                    ),
+                )),
+            }
+        }
+        (_, None) => Err(SpecError::new(
+            field("name"),
+            "a storage object with a local `source`, or with none, needs the `name` of its bucket",
+        )),
+        (local, Some(name)) => {
+            check_bucket_name(&name, &field("name"))?;
+            Ok(MountSource::Storage(StorageMount {
+                bucket: format!("s3://{name}"),
+                create: true,
+                local: local.map(|p| (p, None)),
+                mode,
+                read_only,
+            }))
+        }
     }
-    if text("name")?.is_some() {
-        return Err(SpecError::new(
-            format!("{path}.name"),
-            "is not allowed with a bucket URI as `source` (SkyPilot's rule)",
-        ));
+}
+
+/// `config: {mount: {read_only}, mount_cached: {read_only}}`: whether the
+/// mount is read-only. rclone's tuning knobs are refused by name.
+fn parse_storage_config(v: &Value, path: &str) -> Result<bool> {
+    let mut read_only = false;
+    for (k, inner) in as_map(v, path)? {
+        let k = key_str(k, path)?;
+        let p = format!("{path}.{k}");
+        if k != "mount" && k != "mount_cached" {
+            return Err(SpecError::new(
+                p,
+                "unknown storage config (mount, mount_cached)",
+            ));
+        }
+        for (ik, iv) in as_map(inner, &p)? {
+            let ik = key_str(ik, &p)?;
+            match (ik, iv) {
+                ("read_only", Value::Bool(b)) => read_only |= *b,
+                ("read_only", other) => {
+                    return Err(SpecError::new(
+                        format!("{p}.read_only"),
+                        format!("expected true or false, got {}", kind(other)),
+                    ))
+                }
+                _ => {
+                    return Err(SpecError::new(
+                        format!("{p}.{ik}"),
+                        "is valid SkyPilot but not supported by Nembo yet (only read_only is)",
+                    ))
+                }
+            }
+        }
     }
-    if mode != "COPY" {
-        return Err(SpecError::new(
-            format!("{path}.mode"),
-            format!(
-                "{mode} (the default) needs a FUSE mount on the node, which Nembo does not set \
-                 up yet; `mode: COPY` copies the bucket in before setup (writes stay on the node)"
-            ),
-        ));
+    Ok(read_only)
+}
+
+/// S3's bucket naming rules, as SkyPilot checks them.
+fn check_bucket_name(name: &str, path: &str) -> Result<()> {
+    let ok_chars = name
+        .chars()
+        .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '-' || c == '.');
+    let edges = |c: Option<char>| c.is_some_and(|c| c.is_ascii_lowercase() || c.is_ascii_digit());
+    let ip_shaped = name.split('.').count() == 4
+        && name
+            .split('.')
+            .all(|p| !p.is_empty() && p.chars().all(|c| c.is_ascii_digit()));
+    if (3..=63).contains(&name.len())
+        && ok_chars
+        && edges(name.chars().next())
+        && edges(name.chars().last())
+        && !name.contains("..")
+        && !ip_shaped
+        && !name.starts_with("xn--")
+        && !name.ends_with("-s3alias")
+    {
+        return Ok(());
     }
-    parse_source(source.as_deref().unwrap_or_default(), path)
+    Err(SpecError::new(
+        path,
+        format!(
+            "'{}' is not an S3 bucket name (3-63 of a-z 0-9 . -, starting and ending with a \
+             letter or digit, no '..', not an IP address)",
+            name.chars().take(80).collect::<String>()
+        ),
+    ))
 }
 
 /// Where a mount lands: absolute, `~/...`, or relative to the job's work

@@ -98,10 +98,31 @@ pub fn to_normalized_yaml(spec: &TaskSpec) -> String {
         let mut mounts = yaml_serde::Mapping::new();
         for (dst, src) in &redacted.file_mounts {
             let src = match src {
-                crate::task::MountSource::Local { path, .. } => path,
-                crate::task::MountSource::Uri(uri) => uri,
+                crate::task::MountSource::Local { path, .. } => Value::String(path.clone()),
+                crate::task::MountSource::Uri(uri) => Value::String(uri.clone()),
+                crate::task::MountSource::Storage(s) => {
+                    let mut m = yaml_serde::Mapping::new();
+                    let mut put = |k: &str, v: Value| {
+                        m.insert(Value::String(k.into()), v);
+                    };
+                    let bucket = s.bucket.trim_start_matches("s3://").to_string();
+                    match &s.local {
+                        Some((path, _)) => {
+                            put("name", Value::String(bucket));
+                            put("source", Value::String(path.clone()));
+                        }
+                        None if s.create => put("name", Value::String(bucket)),
+                        None => put("source", Value::String(s.bucket.clone())),
+                    }
+                    put("store", Value::String("s3".into()));
+                    put("mode", Value::String(s.mode.as_str().into()));
+                    if s.read_only {
+                        put("read_only", Value::Bool(true));
+                    }
+                    Value::Mapping(m)
+                }
             };
-            mounts.insert(Value::String(dst.clone()), Value::String(src.clone()));
+            mounts.insert(Value::String(dst.clone()), src);
         }
         put("file_mounts", Value::Mapping(mounts));
     }

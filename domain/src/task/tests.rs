@@ -84,6 +84,48 @@ fn num_nodes_must_be_positive() {
 }
 
 #[test]
+fn storage_objects_name_fill_and_mount_their_bucket() {
+    let t = parse_task_yaml(
+        "file_mounts:\n  /ckpt: {name: my-ckpt, source: ~/ckpt}\n  /ds: {source: s3://datasets, mode: MOUNT_CACHED, config: {mount_cached: {read_only: true}}}\n  /empty: {name: fresh-bucket, mode: copy}\n  /ro: {source: s3://models, type: MODEL_CHECKPOINT_RO}\n",
+        &Default::default(),
+    )
+    .unwrap();
+    assert_eq!(
+        t.file_mounts["/ckpt"],
+        MountSource::Storage(StorageMount {
+            bucket: "s3://my-ckpt".into(),
+            create: true,
+            local: Some(("~/ckpt".into(), None)),
+            mode: StorageMode::Mount,
+            read_only: false,
+        })
+    );
+    assert_eq!(t.file_mounts["/ckpt"].local(), Some(("~/ckpt", None)));
+    let MountSource::Storage(ds) = &t.file_mounts["/ds"] else {
+        panic!("{:?}", t.file_mounts["/ds"])
+    };
+    assert_eq!(
+        (ds.create, ds.mode, ds.read_only),
+        (false, StorageMode::MountCached, true)
+    );
+    let MountSource::Storage(empty) = &t.file_mounts["/empty"] else {
+        panic!()
+    };
+    assert_eq!(
+        (empty.create, empty.mode, &empty.local),
+        (true, StorageMode::Copy, &None)
+    );
+    let MountSource::Storage(ro) = &t.file_mounts["/ro"] else {
+        panic!()
+    };
+    assert_eq!((ro.mode, ro.read_only), (StorageMode::MountCached, true));
+    for bad in ["ab", "Upper", "a..b", "192.168.1.1", "xn--x", "-ab", "ab-"] {
+        let e = err(&format!("file_mounts: {{/d: {{name: '{bad}'}}}}"));
+        assert_eq!(e.path, "file_mounts./d.name", "{bad}");
+    }
+}
+
+#[test]
 fn unknown_fields_are_rejected_with_a_hint() {
     let e = err("nmae: x");
     assert_eq!(e.path, "nmae");
@@ -100,14 +142,23 @@ fn unknown_fields_are_rejected_with_a_hint() {
 #[test]
 fn known_but_unsupported_fields_are_rejected_not_ignored() {
     let e = err("file_mounts: {/data: {name: b, source: ./x, mode: COPY}}");
-    assert_eq!(e.path, "file_mounts./data");
-    assert!(e.message.contains("not supported"));
+    assert_eq!(e.path, "file_mounts./data.name");
+    assert!(e.message.contains("bucket name"), "{e}");
+    // Only whole buckets mount (MOUNT is the default mode).
     let e = err("file_mounts: {/data: {source: s3://b/p}}");
-    assert_eq!(e.path, "file_mounts./data.mode");
+    assert_eq!(e.path, "file_mounts./data.source");
     assert!(
-        e.message.contains("FUSE") && e.message.contains("COPY"),
+        e.message.contains("whole") && e.message.contains("COPY"),
         "{e}"
     );
+    let e = err("file_mounts: {/data: {source: ./x}}");
+    assert_eq!(e.path, "file_mounts./data.name");
+    let e = err("file_mounts: {/data: {name: my-ckpt, persistent: false}}");
+    assert_eq!(e.path, "file_mounts./data.persistent");
+    let e = err("file_mounts: {/data: {name: my-ckpt, config: {mount_cached: {transfers: 8}}}}");
+    assert_eq!(e.path, "file_mounts./data.config.mount_cached.transfers");
+    let e = err("file_mounts: {/data: {name: my-ckpt, type: DATASET_RO, mode: COPY}}");
+    assert_eq!(e.path, "file_mounts./data.type");
     let ok = parse_task_yaml(
         "file_mounts: {/data: {source: s3://b/p, mode: copy, persistent: true}}",
         &Default::default(),
