@@ -482,7 +482,7 @@ async fn bad_input_gets_a_clear_error_and_changes_nothing() {
         (
             "file_mounts: {/d: {name: b, mode: MOUNT}}".into(),
             Code::InvalidArgument,
-            "file_mounts./d: a storage object that creates a bucket",
+            "file_mounts./d.name: 'b' is not an S3 bucket name",
         ),
         (
             format!("run: echo {}", "x".repeat(300 * 1024)),

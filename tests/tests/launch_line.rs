@@ -97,15 +97,20 @@ async fn flags_override_the_task_file_and_unsupported_ones_are_refused_by_name()
     assert_eq!(first["ports"], "8888,9000-9001", "{v}");
     assert_eq!(first["disk_size"], "1", "{v}");
     assert_eq!(first["disk_tier"], "high", "{v}");
+    let v = dry(&["--image-id", "docker:ubuntu:22.04"]);
+    assert_eq!(
+        v["task"]["resources"]["any_of"][0]["image_id"], "docker:ubuntu:22.04",
+        "{v}"
+    );
     let (ok, _, stderr) = out(&c.cli(&[
         "launch",
         task.to_str().unwrap(),
         "--image-id",
-        "docker:ubuntu",
+        "docker:--privileged",
     ]));
     assert!(!ok);
     assert!(
-        stderr.contains("resources.image_id") && stderr.contains("not supported"),
+        stderr.contains("resources.image_id") && stderr.contains("not a container image"),
         "{stderr}"
     );
     let (ok, _, stderr) = out(&c.cli(&["launch", "true", "--infra", "local", "--cloud", "local"]));
