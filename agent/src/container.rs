@@ -153,6 +153,8 @@ pub struct ContainerRun {
     pub env_names: Vec<String>,
     /// The job holds real GPUs.
     pub gpus: bool,
+    /// The task's own flags (`config.docker.run_options`), after Nembo's.
+    pub run_options: Vec<String>,
     /// The node.
     pub host: Host,
 }
@@ -230,6 +232,7 @@ impl ContainerRun {
             let d = dir.display();
             a.extend(["--volume".into(), format!("{d}:{d}")]);
         }
+        a.extend(self.run_options.iter().cloned());
         a.extend([
             "--workdir".into(),
             self.job_dir.join("work").display().to_string(),
@@ -295,6 +298,7 @@ mod tests {
             shared: vec!["/ckpt".into(), "/data".into()],
             env_names: vec!["HF_TOKEN".into(), "NEMBO_NODE_RANK".into()],
             gpus,
+            run_options: vec!["--cap-add".into(), "SYS_PTRACE".into()],
             host: Host {
                 nofile: (1024, 4096),
                 nproc: (512, 1024),
@@ -337,6 +341,7 @@ mod tests {
             );
         }
         assert!(argv.contains(&"--shm-size=8192m".to_string()));
+        assert!(p.contains(&("--cap-add".into(), "SYS_PTRACE".into())));
         // The image, then the driver, last: nothing after them is a flag.
         assert_eq!(
             &argv[argv.len() - 2..],

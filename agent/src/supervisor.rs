@@ -672,6 +672,7 @@ impl Owner {
             shared,
             env_names,
             gpus,
+            run_options: job.container_run_options.clone(),
             host: crate::container::Host::probe(),
         })
     }

@@ -57,6 +57,7 @@ fn prepare() -> Result<Engine, String> {
         shared: Vec::new(),
         env_names: Vec::new(),
         gpus: false,
+        run_options: Vec::new(),
         host: Host::probe(),
     }
     .argv();
@@ -144,6 +145,7 @@ async fn a_task_runs_in_its_container_image_with_its_files_and_environment() {
     let marker = "/opt/nembo-setup-marker";
     let yaml = format!(
         r#"resources: {{image_id: 'docker:{IMAGE}'}}
+config: {{docker: {{run_options: ['--env FROM_RUN_OPTIONS=yes']}}}}
 file_mounts: {{{mounted}: {data}}}
 envs: {{GREETING: hi}}
 secrets: {{TOKEN: s3cr3t}}
@@ -154,6 +156,7 @@ run: |
   cat {mounted}/hello.txt
   echo greeting=$GREETING token=$TOKEN rank=$SKYPILOT_NODE_RANK job=$NEMBO_JOB_ID
   echo pwd=$PWD
+  echo run_options=$FROM_RUN_OPTIONS
 "#,
         mounted = mounted.display(),
         data = data.display(),
@@ -182,6 +185,7 @@ run: |
         "{logs}"
     );
     assert!(logs.contains("/work"), "runs in the job's work dir: {logs}");
+    assert!(logs.contains("run_options=yes"), "{logs}");
     assert!(
         !Path::new(marker).exists(),
         "setup wrote into the container, not onto the node"

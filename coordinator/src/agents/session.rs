@@ -489,6 +489,7 @@ fn run_job(
             .spec
             .container_image(a.candidate, &env)
             .unwrap_or_default(),
+        container_run_options: job.spec.docker_run_options.clone(),
         env,
     }
 }

@@ -173,6 +173,7 @@ pub fn spec_from_proto(
         workdir: non_empty(&p.workdir),
         workdir_manifest: None,
         file_mounts: Default::default(),
+        docker_run_options: Vec::new(),
         setup: non_empty(&p.setup),
         run: non_empty(&p.run),
         envs,

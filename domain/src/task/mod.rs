@@ -36,7 +36,7 @@ use sections::{
     parse_checkpoint, parse_env_map, parse_env_nulls, parse_job_recovery, parse_num_nodes,
     parse_workdir, CollectEnvs,
 };
-use yaml::{as_map, check_keys, key_str, opt_string};
+use yaml::{as_map, check_keys, key_str, opt_string, scalar_string};
 
 /// A task that cannot be accepted, and where in the task the problem is.
 #[derive(Debug, Clone, PartialEq, thiserror::Error)]
@@ -118,6 +118,9 @@ pub struct TaskSpec {
     /// Set by the API, never by the YAML.
     #[serde(default)]
     pub keep_off_coordinator_user: bool,
+    /// Extra flags for the container engine (`config.docker.run_options`).
+    #[serde(default)]
+    pub docker_run_options: Vec<String>,
 }
 
 /// Where a managed job goes after a preemption.
@@ -307,10 +310,10 @@ const TOP_LEVEL_SUPPORTED: &[&str] = &[
     "setup",
     "run",
     "checkpoint",
+    "config",
 ];
 const TOP_LEVEL_NOT_YET: &[&str] = &[
     "service",
-    "config",
     "volumes",
     "pool",
     "managed_secrets",
@@ -370,6 +373,7 @@ pub fn parse_task_yaml(yaml: &str, env_overrides: &BTreeMap<String, String>) -> 
                 };
             }
             "checkpoint" => spec.checkpoint = parse_checkpoint(v)?,
+            "config" => spec.docker_run_options = parse_config(v)?,
             _ => {}
         }
     }
@@ -414,6 +418,54 @@ pub fn registry_image(image: &str, server: Option<&str>) -> String {
         }
         _ => image.to_string(),
     }
+}
+
+/// The task's `config:` (SkyPilot's per-task config overrides): what Nembo
+/// honours is `docker.run_options`, extra flags for the container engine
+/// (a list, or one string of them, split on whitespace). Every other key is
+/// refused by its path, naming what it configures.
+fn parse_config(v: &Value) -> Result<Vec<String>> {
+    if v.is_null() {
+        return Ok(Vec::new());
+    }
+    let mut out = Vec::new();
+    for (k, inner) in as_map(v, "config")? {
+        let k = key_str(k, "config")?;
+        let path = format!("config.{k}");
+        if k != "docker" {
+            let why = match k {
+                "kubernetes" | "gcp" | "azure" | "lambda" | "runpod" | "nebius" | "oci" | "ibm"
+                | "vast" | "fluidstack" | "paperspace" | "do" | "cudo" | "scp" => {
+                    "configures infrastructure Nembo has no provider for"
+                }
+                _ => "is valid SkyPilot config but not honoured by Nembo (only docker.run_options is)",
+            };
+            return Err(SpecError::new(path, why));
+        }
+        for (dk, opts) in as_map(inner, &path)? {
+            let dk = key_str(dk, &path)?;
+            let p = format!("{path}.{dk}");
+            if dk != "run_options" {
+                return Err(SpecError::new(p, "unknown docker config (run_options)"));
+            }
+            let items: Vec<&Value> = match opts {
+                Value::Sequence(s) => s.iter().collect(),
+                Value::Null => Vec::new(),
+                other => vec![other],
+            };
+            for item in items {
+                let s = scalar_string(item, &p)?;
+                out.extend(s.split_whitespace().map(str::to_string));
+            }
+        }
+    }
+    if out.len() > 64 || out.iter().any(|o| o.len() > 1024) {
+        return Err(SpecError::new(
+            "config.docker.run_options",
+            "at most 64 options of 1024 characters each",
+        ));
+    }
+    Ok(out)
 }
 
 /// Shown in place of a secret's value.

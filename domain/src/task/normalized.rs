@@ -94,6 +94,18 @@ pub fn to_normalized_yaml(spec: &TaskSpec) -> String {
     if let Some(w) = &redacted.workdir {
         put("workdir", Value::String(w.clone()));
     }
+    if !redacted.docker_run_options.is_empty() {
+        let opts = redacted
+            .docker_run_options
+            .iter()
+            .map(|o| Value::String(o.clone()))
+            .collect();
+        let mut docker = yaml_serde::Mapping::new();
+        docker.insert(Value::String("run_options".into()), Value::Sequence(opts));
+        let mut config = yaml_serde::Mapping::new();
+        config.insert(Value::String("docker".into()), Value::Mapping(docker));
+        put("config", Value::Mapping(config));
+    }
     if !redacted.file_mounts.is_empty() {
         let mut mounts = yaml_serde::Mapping::new();
         for (dst, src) in &redacted.file_mounts {

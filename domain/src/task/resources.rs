@@ -31,9 +31,9 @@ const RESOURCE_SUPPORTED: &[&str] = &[
     "any_of",
     "ordered",
     "job_recovery",
+    "network_tier",
 ];
 const RESOURCE_NOT_YET: &[&str] = &[
-    "network_tier",
     "autostop",
     "priority",
     "volumes",
@@ -279,6 +279,27 @@ fn parse_partial(map: &yaml_serde::Mapping, prefix: &str) -> Result<PartialResou
     if let Some(v) = map.get("disk_tier").filter(|v| !v.is_null()) {
         let s = scalar_string(v, &field("disk_tier"))?;
         p.disk_tier = Some(DiskTier::parse(&s, &field("disk_tier"))?);
+    }
+    if let Some(v) = map.get("network_tier").filter(|v| !v.is_null()) {
+        // `standard` is what every node has; `best` asks for the fabric of
+        // multi-node training (EFA on AWS), which no provider sets up yet.
+        let s = scalar_string(v, &field("network_tier"))?;
+        match s.to_ascii_lowercase().as_str() {
+            "standard" => {}
+            "best" => {
+                return Err(SpecError::new(
+                    field("network_tier"),
+                    "best (EFA or GPUDirect networking between nodes) is not set up by any \
+                     Nembo provider yet; use standard, the default",
+                ))
+            }
+            _ => {
+                return Err(SpecError::new(
+                    field("network_tier"),
+                    format!("'{s}': expected standard or best"),
+                ))
+            }
+        }
     }
     if let Some(v) = map.get("image_id").filter(|v| !v.is_null()) {
         let (vm, docker) = parse_image_id(v, &field("image_id"))?;

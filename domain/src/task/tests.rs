@@ -429,6 +429,42 @@ fn a_vm_image_is_per_region_or_for_all_and_a_docker_image_is_the_container() {
 }
 
 #[test]
+fn config_gives_the_container_engine_flags_and_network_tier_standard_is_the_default() {
+    let t = parse_task_yaml(
+        "resources: {image_id: docker:ubuntu, network_tier: standard}\nconfig: {docker: {run_options: ['--cap-add SYS_PTRACE', --ipc=host]}}\n",
+        &Default::default(),
+    )
+    .unwrap();
+    assert_eq!(
+        t.docker_run_options,
+        ["--cap-add", "SYS_PTRACE", "--ipc=host"]
+    );
+    assert!(to_normalized_yaml(&t).contains("--ipc=host"));
+    for (bad, path) in [
+        (
+            "config: {docker: {run_options: [-x]}}",
+            "config.docker.run_options",
+        ),
+        (
+            "resources: {image_id: docker:u}\nconfig: {kubernetes: {pod_config: {}}}",
+            "config.kubernetes",
+        ),
+        (
+            "resources: {image_id: docker:u}\nconfig: {jobs: {}}",
+            "config.jobs",
+        ),
+        (
+            "resources: {image_id: docker:u}\nconfig: {docker: {bogus: 1}}",
+            "config.docker.bogus",
+        ),
+        ("resources: {network_tier: best}", "resources.network_tier"),
+        ("resources: {network_tier: fast}", "resources.network_tier"),
+    ] {
+        assert_eq!(err(bad).path, path, "{bad}");
+    }
+}
+
+#[test]
 fn a_private_registry_login_comes_whole_and_prefixes_the_image() {
     let t = parse_task_yaml(
         "resources: {image_id: 'docker:team/trainer:3'}\n\

@@ -34,6 +34,18 @@ pub fn validate(spec: &TaskSpec) -> Result<()> {
         return Err(SpecError::new("resources", "needs at least one candidate"));
     }
     check_registry_login(spec)?;
+    if !spec.docker_run_options.is_empty()
+        && spec
+            .resources
+            .candidates
+            .iter()
+            .all(|c| c.docker_image.is_none())
+    {
+        return Err(SpecError::new(
+            "config.docker.run_options",
+            "applies to a container, and the task names no `image_id: docker:<image>`",
+        ));
+    }
     if let Some(c) = &spec.checkpoint {
         check_checkpoint(c)?;
     }
