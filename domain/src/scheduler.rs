@@ -952,6 +952,31 @@ mod tests {
         }
     }
 
+    /// `job_recovery: none`: a notice provisions nothing, and the job
+    /// fails with its node instead of starting again.
+    #[test]
+    fn with_job_recovery_none_a_preempted_managed_job_fails() {
+        let (mut s, old) = running_managed("resources: {accelerators: H100:8, job_recovery: none}");
+        s.apply(&preempt(&old[0], 10));
+        assert_eq!(s.jobs[&1].state, JobState::Running);
+        assert!(
+            !step(&mut s, 11)
+                .iter()
+                .any(|c| matches!(c, Command::ProvisionNodes { .. })),
+            "no replacement"
+        );
+        s.apply(&Command::RankEnded {
+            job_id: 1,
+            attempt: 1,
+            rank: 0,
+            outcome: RankOutcome::Lost("node lost".into()),
+            at_ms: 30,
+        });
+        assert_eq!(s.jobs[&1].state, JobState::Failed);
+        step(&mut s, 31);
+        assert_eq!(s.jobs[&1].attempts.len(), 1, "not started again");
+    }
+
     /// The notice makes the job RECOVERING while its attempt still runs;
     /// the replacement is provisioned at once, in another region
     /// (EAGER_NEXT_REGION); the new attempt starts only once the old one

@@ -90,6 +90,7 @@ pub fn spec_to_proto(spec: &TaskSpec) -> pb::TaskSpec {
             strategy: match r.strategy {
                 RecoveryStrategy::EagerNextRegion => pb::RecoveryStrategy::EagerNextRegion,
                 RecoveryStrategy::Failover => pb::RecoveryStrategy::Failover,
+                RecoveryStrategy::None => pb::RecoveryStrategy::None,
             } as i32,
             max_restarts_on_errors: r.max_restarts_on_errors,
             recover_on_exit_codes: r.recover_on_exit_codes,
@@ -194,6 +195,7 @@ pub fn spec_from_proto(
                             | pb::RecoveryStrategy::EagerNextRegion,
                         ) => RecoveryStrategy::EagerNextRegion,
                         Ok(pb::RecoveryStrategy::Failover) => RecoveryStrategy::Failover,
+                        Ok(pb::RecoveryStrategy::None) => RecoveryStrategy::None,
                         Err(_) => {
                             return Err(SpecError::new(
                                 "spec.job_recovery.strategy",

@@ -114,6 +114,14 @@ impl State {
             let Some(m) = job.managed.as_mut().filter(|_| running) else {
                 continue;
             };
+            if strategy == RecoveryStrategy::None {
+                // Nothing is provisioned ahead: the job ends with its node.
+                m.event(
+                    at_ms,
+                    format!("preemption notice on {node_id} ({kind}); job_recovery is none"),
+                );
+                continue;
+            }
             m.notice = Some(notice.clone());
             m.event(at_ms, format!("preemption notice on {node_id} ({kind})"));
             if strategy == RecoveryStrategy::EagerNextRegion {
@@ -141,7 +149,11 @@ impl State {
 pub(super) fn recovery_after(job: &mut Job, outcome: &RankOutcome) -> Option<String> {
     let policy = job.spec.recovery.clone().unwrap_or_default();
     let m = job.managed.as_mut()?;
-    if m.notice.is_some() || matches!(outcome, RankOutcome::Lost(_)) {
+    let preempted = m.notice.is_some() || matches!(outcome, RankOutcome::Lost(_));
+    if preempted && policy.strategy == RecoveryStrategy::None {
+        return None;
+    }
+    if preempted {
         m.recoveries += 1;
         return Some("recovering from the preemption".into());
     }

@@ -131,6 +131,9 @@ pub enum RecoveryStrategy {
     EagerNextRegion,
     /// The same region first, then anywhere.
     Failover,
+    /// None: a preemption fails the job (`job_recovery: none`); restarts on
+    /// errors still follow `max_restarts_on_errors`.
+    None,
 }
 
 /// `resources.job_recovery`.

@@ -106,9 +106,13 @@ pub(super) fn parse_job_recovery(v: &Value) -> Result<Option<JobRecovery>> {
         match v.as_str().map(|s| s.to_ascii_uppercase()).as_deref() {
             Some("EAGER_NEXT_REGION") => Ok(RecoveryStrategy::EagerNextRegion),
             Some("FAILOVER") => Ok(RecoveryStrategy::Failover),
+            Some("NONE") => Ok(RecoveryStrategy::None),
             _ => Err(SpecError::new(
                 path,
-                format!("expected EAGER_NEXT_REGION or FAILOVER, got {}", show(v)),
+                format!(
+                    "expected EAGER_NEXT_REGION, FAILOVER or none, got {}",
+                    show(v)
+                ),
             )),
         }
     };
