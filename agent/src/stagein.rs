@@ -39,6 +39,8 @@ pub struct StageIn {
     pub mounts: Vec<apb::FileMount>,
     /// The uploaded workdir's manifest, if any: it lands in `work`.
     pub workdir_manifest: Option<String>,
+    /// A git workdir (url, ref; "" = the default branch), cloned into `work`.
+    pub workdir_git: Option<(String, String)>,
     /// The job's work dir (relative destinations, the workdir).
     pub work: PathBuf,
     /// Where records of what was synced are kept (`<agent work dir>/synced`).
@@ -55,11 +57,16 @@ pub type Fetcher = watch::Receiver<Option<AgentTlsClient>>;
 impl StageIn {
     /// Whether there is anything to do.
     pub fn is_empty(&self) -> bool {
-        self.mounts.is_empty() && self.workdir_manifest.is_none()
+        self.mounts.is_empty() && self.workdir_manifest.is_none() && self.workdir_git.is_none()
     }
 
     /// Puts everything in place; the error names the mount and the cause.
     pub async fn run(&self, fetcher: Fetcher) -> Result<(), String> {
+        if let Some((url, git_ref)) = &self.workdir_git {
+            self.git_clone(url, git_ref)
+                .await
+                .map_err(|e| format!("workdir: {e}"))?;
+        }
         if let Some(m) = &self.workdir_manifest {
             self.manifest_mount("workdir", m, &self.work, &fetcher)
                 .await
@@ -155,6 +162,116 @@ impl StageIn {
                 ));
             }
         }
+        Ok(())
+    }
+
+    /// Clones a git workdir into `work`, at `git_ref` if given. A private
+    /// repository's credentials are the job's `GIT_TOKEN` (https, given to
+    /// git through its environment, never an argv) or `GIT_SSH_KEY_PATH`.
+    async fn git_clone(&self, url: &str, git_ref: &str) -> Result<(), String> {
+        let started = Instant::now();
+        let mut env: Vec<(String, String)> = vec![
+            (
+                "PATH".into(),
+                std::env::var("PATH").unwrap_or_else(|_| "/usr/bin:/bin".into()),
+            ),
+            ("GIT_TERMINAL_PROMPT".into(), "0".into()),
+        ];
+        if let Some(home) = self
+            .env
+            .get("HOME")
+            .cloned()
+            .or_else(|| std::env::var("HOME").ok())
+        {
+            env.push(("HOME".into(), home));
+        }
+        if let Some(token) = self
+            .env
+            .get("GIT_TOKEN")
+            .filter(|_| url.starts_with("https://"))
+        {
+            use base64::Engine as _;
+            let basic =
+                base64::engine::general_purpose::STANDARD.encode(format!("x-access-token:{token}"));
+            env.extend([
+                ("GIT_CONFIG_COUNT".into(), "1".into()),
+                ("GIT_CONFIG_KEY_0".into(), "http.extraHeader".into()),
+                (
+                    "GIT_CONFIG_VALUE_0".into(),
+                    format!("Authorization: Basic {basic}"),
+                ),
+            ]);
+        }
+        if let Some(key) = self.env.get("GIT_SSH_KEY_PATH") {
+            env.push((
+                "GIT_SSH_COMMAND".into(),
+                format!(
+                    "ssh -i '{}' -o IdentitiesOnly=yes -o StrictHostKeyChecking=accept-new",
+                    key.replace('\'', "")
+                ),
+            ));
+        }
+        let git = |args: Vec<String>| {
+            let env = env.clone();
+            async move {
+                let out = tokio::process::Command::new("git")
+                    .args(&args)
+                    .env_clear()
+                    .envs(env)
+                    .stdin(std::process::Stdio::null())
+                    .output()
+                    .await
+                    .map_err(|e| match e.kind() {
+                        std::io::ErrorKind::NotFound => "needs git on the node".to_string(),
+                        _ => format!("git: {e}"),
+                    })?;
+                if out.status.success() {
+                    return Ok(());
+                }
+                let err = String::from_utf8_lossy(&out.stderr);
+                Err(format!(
+                    "git {} failed: {}",
+                    args.iter()
+                        .find(|a| !a.starts_with('-'))
+                        .map_or("", String::as_str),
+                    err.lines()
+                        .rev()
+                        .find(|l| !l.trim().is_empty())
+                        .unwrap_or_default()
+                        .trim()
+                ))
+            }
+        };
+        let work = self.work.display().to_string();
+        git(vec![
+            "clone".into(),
+            "--quiet".into(),
+            "--".into(),
+            url.into(),
+            work.clone(),
+        ])
+        .await?;
+        if !git_ref.is_empty() {
+            git(vec![
+                "-C".into(),
+                work,
+                "checkout".into(),
+                "--quiet".into(),
+                "--detach".into(),
+                git_ref.into(),
+                "--".into(),
+            ])
+            .await?;
+        }
+        self.say(&format!(
+            "workdir: cloned {url}{} in {:.1} s",
+            if git_ref.is_empty() {
+                String::new()
+            } else {
+                format!(" at {git_ref}")
+            },
+            started.elapsed().as_secs_f64()
+        ));
         Ok(())
     }
 

@@ -503,6 +503,8 @@ impl Owner {
             mounts: job.file_mounts.clone(),
             workdir_manifest: (!job.workdir_manifest.is_empty())
                 .then(|| job.workdir_manifest.clone()),
+            workdir_git: (!job.workdir_git_url.is_empty())
+                .then(|| (job.workdir_git_url.clone(), job.workdir_git_ref.clone())),
             work: dir.join("work"),
             records: self.jobs_dir.with_file_name("synced"),
             env: job.env.clone().into_iter().collect(),

@@ -439,3 +439,72 @@ async fn wait_for_output(cl: &nembo_tests::Cluster, job: &str) -> String {
     }
     out
 }
+
+/// A git workdir (`{url, ref}`) is cloned by the node at that ref, before
+/// setup; a ref that does not exist fails the setup naming the workdir.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_git_workdir_is_cloned_at_its_ref() {
+    let c = Coordinator::start(&[]).await;
+    let repo = c.dir.path().join("repo");
+    std::fs::create_dir_all(&repo).unwrap();
+    let git = |args: &[&str]| {
+        let out = std::process::Command::new("git")
+            .args([
+                "-c",
+                "user.name=t",
+                "-c",
+                "user.email=t@e",
+                "-c",
+                "init.defaultBranch=main",
+            ])
+            .args(args)
+            .current_dir(&repo)
+            .output()
+            .expect("git");
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    };
+    git(&["init", "--quiet"]);
+    std::fs::write(repo.join("train.py"), "print('v1')\n").unwrap();
+    git(&["add", "."]);
+    git(&["commit", "--quiet", "-m", "v1"]);
+    git(&["tag", "v1"]);
+    std::fs::write(repo.join("train.py"), "print('v2')\n").unwrap();
+    git(&["commit", "--quiet", "-am", "v2"]);
+    let url = format!("file://{}", repo.display());
+    let job = c
+        .submit(&format!(
+            "workdir: {{url: '{url}', ref: v1}}\nsetup: test -f train.py\nrun: cat train.py\n"
+        ))
+        .await;
+    c.wait_state(&job, pb::JobState::Succeeded, Duration::from_secs(60))
+        .await;
+    let logs = c.logs(&job).await;
+    assert!(
+        logs.contains("print('v1')") && !logs.contains("v2"),
+        "{logs}"
+    );
+    assert!(logs.contains("cloned"), "{logs}");
+    let head = c
+        .submit(&format!("workdir: {{url: '{url}'}}\nrun: cat train.py\n"))
+        .await;
+    c.wait_state(&head, pb::JobState::Succeeded, Duration::from_secs(60))
+        .await;
+    assert!(c.logs(&head).await.contains("print('v2')"));
+    let missing = c
+        .submit(&format!(
+            "workdir: {{url: '{url}', ref: no-such-tag}}\nrun: echo ran\n"
+        ))
+        .await;
+    let failed = c
+        .wait_state(&missing, pb::JobState::FailedSetup, Duration::from_secs(60))
+        .await;
+    assert!(
+        failed.message.contains("workdir") && failed.message.contains("no-such-tag"),
+        "{}",
+        failed.message
+    );
+}

@@ -490,6 +490,18 @@ fn run_job(
             .container_image(a.candidate, &env)
             .unwrap_or_default(),
         container_run_options: job.spec.docker_run_options.clone(),
+        workdir_git_url: job
+            .spec
+            .workdir_git
+            .as_ref()
+            .map(|g| g.url.clone())
+            .unwrap_or_default(),
+        workdir_git_ref: job
+            .spec
+            .workdir_git
+            .as_ref()
+            .and_then(|g| g.git_ref.clone())
+            .unwrap_or_default(),
         env,
     }
 }

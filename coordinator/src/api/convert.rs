@@ -173,6 +173,7 @@ pub fn spec_from_proto(
         num_nodes: if p.num_nodes == 0 { 1 } else { p.num_nodes },
         workdir: non_empty(&p.workdir),
         workdir_manifest: None,
+        workdir_git: None,
         file_mounts: Default::default(),
         docker_run_options: Vec::new(),
         setup: non_empty(&p.setup),

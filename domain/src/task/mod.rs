@@ -86,6 +86,9 @@ pub struct TaskSpec {
     /// from its own machine (the local provider only).
     #[serde(default)]
     pub workdir_manifest: Option<String>,
+    /// A git workdir (`workdir: {url, ref}`): cloned by each node.
+    #[serde(default)]
+    pub workdir_git: Option<GitWorkdir>,
     /// `file_mounts`: what is copied where on every node before `setup`.
     #[serde(default)]
     pub file_mounts: BTreeMap<String, MountSource>,
@@ -216,6 +219,15 @@ impl ResourceCandidate {
             .or_else(|| self.image_id.get("*"))
             .cloned()
     }
+}
+
+/// SkyPilot's git workdir.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct GitWorkdir {
+    /// `https://`, `ssh://`, `git@host:path` or `file://`.
+    pub url: String,
+    /// A branch, tag or commit; none: the default branch.
+    pub git_ref: Option<String>,
 }
 
 /// Where a file mount's content comes from.
@@ -361,7 +373,7 @@ pub fn parse_task_yaml(yaml: &str, env_overrides: &BTreeMap<String, String>) -> 
         let key = key_str(k, "task")?;
         match key {
             "name" => spec.name = opt_string(v, "name")?,
-            "workdir" => spec.workdir = parse_workdir(v)?,
+            "workdir" => (spec.workdir, spec.workdir_git) = parse_workdir(v)?,
             "file_mounts" => spec.file_mounts = mounts::parse_file_mounts(v)?,
             "num_nodes" => spec.num_nodes = parse_num_nodes(v)?,
             "setup" => spec.setup = opt_string(v, "setup")?,

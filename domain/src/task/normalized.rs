@@ -94,6 +94,14 @@ pub fn to_normalized_yaml(spec: &TaskSpec) -> String {
     if let Some(w) = &redacted.workdir {
         put("workdir", Value::String(w.clone()));
     }
+    if let Some(g) = &redacted.workdir_git {
+        let mut m = yaml_serde::Mapping::new();
+        m.insert(Value::String("url".into()), Value::String(g.url.clone()));
+        if let Some(r) = &g.git_ref {
+            m.insert(Value::String("ref".into()), Value::String(r.clone()));
+        }
+        put("workdir", Value::Mapping(m));
+    }
     if !redacted.docker_run_options.is_empty() {
         let opts = redacted
             .docker_run_options

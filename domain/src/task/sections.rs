@@ -7,7 +7,9 @@ use yaml_serde::Value;
 
 use super::validation::{check_checkpoint, check_env_name};
 use super::yaml::{as_map, check_keys, key_str, kind, scalar_string, show};
-use super::{Checkpoint, JobRecovery, RecoveryStrategy, Result, SpecError, MAX_NUM_NODES};
+use super::{
+    Checkpoint, GitWorkdir, JobRecovery, RecoveryStrategy, Result, SpecError, MAX_NUM_NODES,
+};
 
 pub(super) trait CollectEnvs {
     fn collect_envs(self) -> BTreeMap<String, String>;
@@ -19,15 +21,56 @@ impl<I: Iterator<Item = (String, Option<String>)>> CollectEnvs for I {
     }
 }
 
-pub(super) fn parse_workdir(v: &Value) -> Result<Option<String>> {
+/// `workdir`: a local path, or a git repository (`{url, ref}`) that each
+/// node clones (private ones with the `GIT_TOKEN` or `GIT_SSH_KEY_PATH`
+/// secret, as SkyPilot's).
+pub(super) fn parse_workdir(v: &Value) -> Result<(Option<String>, Option<GitWorkdir>)> {
     match v {
-        Value::Null => Ok(None),
-        Value::String(s) if s.trim().is_empty() => Ok(None),
-        Value::String(s) => Ok(Some(s.clone())),
-        Value::Mapping(_) => Err(SpecError::new(
-            "workdir",
-            "a git workdir ({url, ref}) is not supported by Nembo yet; use a local path",
-        )),
+        Value::Null => Ok((None, None)),
+        Value::String(s) if s.trim().is_empty() => Ok((None, None)),
+        Value::String(s) => Ok((Some(s.clone()), None)),
+        Value::Mapping(m) => {
+            check_keys(m, "workdir", &["url", "ref"], &[])?;
+            let url = match m.get("url") {
+                Some(Value::String(s)) => s.trim().to_string(),
+                Some(other) => {
+                    return Err(SpecError::new(
+                        "workdir.url",
+                        format!("expected a git URL, got {}", kind(other)),
+                    ))
+                }
+                None => return Err(SpecError::new("workdir.url", "a git workdir needs its url")),
+            };
+            let scp_like = url.starts_with("git@") && url.contains(':');
+            let scheme_ok = ["https://", "ssh://", "file://"]
+                .iter()
+                .any(|p| url.starts_with(p));
+            if !(scheme_ok || scp_like) || url.chars().any(char::is_whitespace) || url.len() > 2048
+            {
+                return Err(SpecError::new(
+                    "workdir.url",
+                    format!(
+                        "'{}': expected an https://, ssh://, git@host:path or file:// URL",
+                        url.chars().take(80).collect::<String>()
+                    ),
+                ));
+            }
+            let git_ref = match m.get("ref") {
+                None | Some(Value::Null) => None,
+                Some(r) => {
+                    let r = scalar_string(r, "workdir.ref")?.trim().to_string();
+                    let ok = |c: char| c.is_ascii_alphanumeric() || "._-/+@".contains(c);
+                    if r.is_empty() || r.starts_with('-') || r.len() > 256 || !r.chars().all(ok) {
+                        return Err(SpecError::new(
+                            "workdir.ref",
+                            format!("'{r}' is not a branch, tag or commit"),
+                        ));
+                    }
+                    Some(r)
+                }
+            };
+            Ok((None, Some(GitWorkdir { url, git_ref })))
+        }
         other => Err(SpecError::new(
             "workdir",
             format!("expected a path, got {}", kind(other)),

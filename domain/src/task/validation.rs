@@ -24,7 +24,9 @@ pub fn validate(spec: &TaskSpec) -> Result<()> {
             check_env_name(name, &format!("{section}.{name}"))?;
         }
     }
-    if spec.workdir.is_some() && spec.file_mounts.contains_key("~/sky_workdir") {
+    if (spec.workdir.is_some() || spec.workdir_git.is_some())
+        && spec.file_mounts.contains_key("~/sky_workdir")
+    {
         return Err(SpecError::new(
             "file_mounts.~/sky_workdir",
             "the workdir lands there: mount elsewhere, or drop `workdir`",
