@@ -110,6 +110,10 @@ if [ -z "$R" ] && [ -n "$want" ]; then
       || echo "nembo: could not install$want; docker: images or bucket mounts may not work here" >&2
   fi
 fi
+# The address the job's other nodes reach this one at (SKYPILOT_NODE_IPS,
+# and where its ports are): the VM's first address, as its cloud gave it.
+address="$(hostname -I 2>/dev/null | awk '{{print $1}}')"
+address="${{address:-127.0.0.1}}"
 cat > "$R/etc/systemd/system/nembo-agent.service" <<NEMBO_UNIT
 [Unit]
 Description=Nembo agent ({node})
@@ -117,7 +121,7 @@ Wants=network-online.target
 After=network-online.target
 
 [Service]
-ExecStart=$R/usr/local/bin/nembo-agent --coordinator {endpoints} --ca-cert $R/etc/nembo/ca.pem --join-token-file $R/etc/nembo/join-token --node-id {node} --work-dir $R/var/lib/nembo --cpus {cpus} --memory-gb {mem} --heartbeat-ms {hb}
+ExecStart=$R/usr/local/bin/nembo-agent --coordinator {endpoints} --ca-cert $R/etc/nembo/ca.pem --join-token-file $R/etc/nembo/join-token --node-id {node} --work-dir $R/var/lib/nembo --cpus {cpus} --memory-gb {mem} --heartbeat-ms {hb} --address $address
 Restart=always
 RestartSec=2
 KillMode=process
@@ -253,6 +257,13 @@ mod tests {
             unit.contains("--coordinator https://10.0.0.1:7443,https://10.0.0.2:7443 --ca-cert")
         );
         assert!(unit.contains("--node-id node-42") && unit.contains("--cpus 16 --memory-gb 120"));
+        // The VM's own address, not loopback: its peers use it.
+        let address = unit
+            .split("--address ")
+            .nth(1)
+            .and_then(|a| a.split_whitespace().next())
+            .expect("an --address");
+        assert!(address.parse::<std::net::IpAddr>().is_ok(), "{address}");
         let ca = std::fs::read_to_string(root.join("etc/nembo/ca.pem")).unwrap();
         assert!(ca.starts_with("-----BEGIN CERTIFICATE-----\nAAAA\n"));
         let installed = root.join("usr/local/bin/nembo-agent");
