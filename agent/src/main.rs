@@ -38,6 +38,10 @@ struct Args {
     /// Address other nodes reach this one at.
     #[arg(long, default_value = "127.0.0.1")]
     address: String,
+    /// Where the world reaches this node, if not at --address (a cloud VM's
+    /// public IP): where its jobs' ports are shown.
+    #[arg(long, default_value = "")]
+    public_address: String,
     /// Declared accelerators, e.g. H100:8 (default: the GPUs NVML finds).
     #[arg(long, default_value = "")]
     accelerators: String,
@@ -140,6 +144,7 @@ fn main() -> anyhow::Result<()> {
         node_id: a.node_id,
         work_dir: a.work_dir.context("--work-dir")?,
         address: a.address,
+        public_address: a.public_address,
         resources: pb::NodeResources {
             accelerators,
             cpus: a.cpus,

@@ -46,6 +46,8 @@ pub struct AgentConfig {
     pub work_dir: PathBuf,
     /// Address other nodes reach this one at.
     pub address: String,
+    /// Where the world reaches it, if not at `address` (its ports' endpoints).
+    pub public_address: String,
     /// Declared resources.
     pub resources: pb::NodeResources,
     /// Heartbeat period until the coordinator says otherwise.
@@ -341,6 +343,7 @@ async fn session(
         node_id: identity.node_id.clone(),
         hostname: hostname(),
         address: cfg.address.clone(),
+        public_address: cfg.public_address.clone(),
         resources: Some(cfg.resources.clone()),
         jobs: jobs.iter().map(|j| j.report.clone()).collect(),
         agent_version: env!("CARGO_PKG_VERSION").to_string(),

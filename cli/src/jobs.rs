@@ -539,10 +539,17 @@ pub async fn endpoints(job_id: &str, only: Option<u16>) -> Result<()> {
         }
     })
     .await?;
+    // The world's way in where the node has one (a cloud VM's public IP).
     let host = nodes
         .iter()
         .find(|n| &n.node_id == head)
-        .map(|n| n.address.clone())
+        .map(|n| {
+            if n.public_address.is_empty() {
+                n.address.clone()
+            } else {
+                n.public_address.clone()
+            }
+        })
         .filter(|a| !a.is_empty())
         .with_context(|| format!("node {head} has reported no address yet"))?;
     match only {

@@ -157,6 +157,7 @@ mod tests {
         s.apply(&Command::NodeUp {
             node_id: node.clone(),
             address: "10.0.0.1".into(),
+            public_address: String::new(),
             at_ms: h,
         });
         s.apply(&Command::AssignJob {

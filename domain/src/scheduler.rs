@@ -731,6 +731,7 @@ mod tests {
         s.apply(&Command::NodeUp {
             node_id: "node-1".into(),
             address: "a".into(),
+            public_address: String::new(),
             at_ms: 2,
         });
         for c in plan(&s, &off, Policy::default(), 3) {
@@ -842,6 +843,7 @@ mod tests {
         s.apply(&Command::NodeUp {
             node_id: "node-1".into(),
             address: "a".into(),
+            public_address: String::new(),
             at_ms: 2,
         });
         let p = plan(&s, &off, Policy::default(), 3);
@@ -891,6 +893,7 @@ mod tests {
         let out = s.apply(&Command::NodeUp {
             node_id: node.into(),
             address: "10.0.0.1".into(),
+            public_address: String::new(),
             at_ms,
         });
         assert_eq!(out, Outcome::Applied, "{out:?}");

@@ -134,3 +134,47 @@ async fn bad_ports_and_impossible_disks_are_refused_naming_the_field() {
     let ports = &done.spec.unwrap().resources.unwrap().candidates[0].ports;
     assert_eq!(ports, &vec!["8000-8002".to_string()]);
 }
+
+/// A node that the world reaches at another address (a cloud VM's public
+/// IP, which its bootstrap passes as `--public-address`) reports it beside
+/// the address its peers use; `nembo status --endpoints` prints it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_nodes_public_address_is_reported_beside_its_private_one() {
+    let c = Coordinator::start(&[]).await;
+    let out = c.cli(&["admin", "tokens", "create", "--ttl", "1h", "--uses", "1"]);
+    assert!(out.status.success());
+    let token = String::from_utf8_lossy(&out.stdout).trim().to_string();
+    let work = c.dir.path().join("manual-node");
+    std::fs::create_dir_all(&work).unwrap();
+    let token_file = work.join("join-token");
+    nembo_tests::write_private(&token_file, &token);
+    let mut agent = std::process::Command::new(nembo_tests::bin("nembo-agent"))
+        .args(["--coordinator", &c.endpoint()])
+        .arg("--ca-cert")
+        .arg(c.info["ca_cert_path"].as_str().unwrap())
+        .arg("--join-token-file")
+        .arg(&token_file)
+        .arg("--work-dir")
+        .arg(&work)
+        .args(["--heartbeat-ms", "200", "--cpus", "2", "--memory-gb", "4"])
+        .args(["--address", "10.1.2.3", "--public-address", "203.0.113.9"])
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let node = wait_for(
+        "the node to report both addresses",
+        Duration::from_secs(30),
+        || async {
+            c.nodes()
+                .await
+                .into_iter()
+                .find(|n| n.public_address == "203.0.113.9")
+        },
+    )
+    .await;
+    assert_eq!(node.address, "10.1.2.3", "peers keep the private address");
+    let _ = agent.kill();
+    let _ = agent.wait();
+}

@@ -128,15 +128,16 @@ async fn run_session(
         .hello(&node_id, hello.gpus.clone(), hello.driver_version.clone())
         .await;
     let view = ctx.raft.view();
-    let needs_up = view
-        .state
-        .nodes
-        .get(&node_id)
-        .is_some_and(|n| n.state != NodeState::Ready || n.address != hello.address);
+    let needs_up = view.state.nodes.get(&node_id).is_some_and(|n| {
+        n.state != NodeState::Ready
+            || n.address != hello.address
+            || n.public_address != hello.public_address
+    });
     if needs_up {
         ctx.propose_quietly(Command::NodeUp {
             node_id: node_id.clone(),
             address: hello.address.clone(),
+            public_address: hello.public_address.clone(),
             at_ms: now_ms(),
         })
         .await;

@@ -370,6 +370,7 @@ pub fn node_to_proto(state: &st::State, node: &Node) -> pb::Node {
         resources: Some(resources(&node.resources)),
         free: Some(resources(&state.free_on(&node.id))),
         address: node.address.clone(),
+        public_address: node.public_address.clone(),
         job_ids: state
             .jobs_on(&node.id)
             .iter()

@@ -114,6 +114,12 @@ fi
 # and where its ports are): the VM's first address, as its cloud gave it.
 address="$(hostname -I 2>/dev/null | awk '{{print $1}}')"
 address="${{address:-127.0.0.1}}"
+# Where the world reaches it, for its ports: EC2's public IPv4 (IMDSv2),
+# where there is one; elsewhere the address above serves.
+public=""
+if [ -z "$R" ] && imds_token="$(curl -fsS -m 2 -X PUT http://169.254.169.254/latest/api/token -H 'X-aws-ec2-metadata-token-ttl-seconds: 60' 2>/dev/null)"; then
+  public="$(curl -fsS -m 2 -H "X-aws-ec2-metadata-token: $imds_token" http://169.254.169.254/latest/meta-data/public-ipv4 2>/dev/null || true)"
+fi
 cat > "$R/etc/systemd/system/nembo-agent.service" <<NEMBO_UNIT
 [Unit]
 Description=Nembo agent ({node})
@@ -121,7 +127,7 @@ Wants=network-online.target
 After=network-online.target
 
 [Service]
-ExecStart=$R/usr/local/bin/nembo-agent --coordinator {endpoints} --ca-cert $R/etc/nembo/ca.pem --join-token-file $R/etc/nembo/join-token --node-id {node} --work-dir $R/var/lib/nembo --cpus {cpus} --memory-gb {mem} --heartbeat-ms {hb} --address $address
+ExecStart=$R/usr/local/bin/nembo-agent --coordinator {endpoints} --ca-cert $R/etc/nembo/ca.pem --join-token-file $R/etc/nembo/join-token --node-id {node} --work-dir $R/var/lib/nembo --cpus {cpus} --memory-gb {mem} --heartbeat-ms {hb} --address $address${{public:+ --public-address $public}}
 Restart=always
 RestartSec=2
 KillMode=process

@@ -74,6 +74,10 @@ pub enum Command {
     NodeUp {
         node_id: String,
         address: String,
+        /// Where the world reaches it, when that differs (a cloud VM's
+        /// public IP): its ports' endpoints.
+        #[serde(default)]
+        public_address: String,
         at_ms: i64,
     },
     /// A node's heartbeats stopped past the TTL.

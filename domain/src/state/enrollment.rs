@@ -91,6 +91,7 @@ impl State {
                     resources: resources.clone(),
                     hourly_price: 0.0,
                     address: String::new(),
+                    public_address: String::new(),
                     instance_id: Some(hostname.to_string()),
                     created_at_ms: at_ms,
                     message: "enrolled with a join token".into(),

@@ -351,8 +351,9 @@ impl State {
             Command::NodeUp {
                 node_id,
                 address,
+                public_address,
                 at_ms: _,
-            } => self.node_up(node_id, address),
+            } => self.node_up(node_id, address, public_address),
             Command::NodeLost {
                 node_id,
                 message,

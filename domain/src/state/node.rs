@@ -147,6 +147,10 @@ pub struct Node {
     /// A job's `ports` are reachable on it ([`Offering::opens_ports`]).
     #[serde(default)]
     pub ports_open: bool,
+    /// Where the world reaches it, when that differs from `address` (a
+    /// cloud VM's public IP).
+    #[serde(default)]
+    pub public_address: String,
     /// Only these ports are, where the provider opens them per node at
     /// launch ([`Offering::ports_per_node`]); none: every port.
     #[serde(default)]
@@ -348,6 +352,7 @@ impl State {
                     resources: offering.resources.clone(),
                     hourly_price: offering.price(spot),
                     address: String::new(),
+                    public_address: String::new(),
                     instance_id: None,
                     created_at_ms: at_ms,
                     message: String::new(),
@@ -492,7 +497,7 @@ impl State {
         Outcome::Applied
     }
 
-    pub(super) fn node_up(&mut self, node_id: &str, address: &str) -> Outcome {
+    pub(super) fn node_up(&mut self, node_id: &str, address: &str, public: &str) -> Outcome {
         let Some(node) = self.nodes.get_mut(node_id) else {
             return Outcome::Rejected(Rejection::NoSuchNode(node_id.to_string()));
         };
@@ -500,6 +505,7 @@ impl State {
             NodeState::Provisioning | NodeState::Lost | NodeState::Ready => {
                 node.state = NodeState::Ready;
                 node.address = address.to_string();
+                node.public_address = public.to_string();
                 node.message.clear();
                 Outcome::Applied
             }

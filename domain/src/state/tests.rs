@@ -57,6 +57,7 @@ fn ready_node(s: &mut State, job: JobId, gpus: f64) -> String {
     s.apply(&Command::NodeUp {
         node_id: ids[0].clone(),
         address: "127.0.0.1".into(),
+        public_address: String::new(),
         at_ms: 3,
     });
     ids[0].clone()
@@ -221,6 +222,7 @@ fn lost_node_fails_its_jobs() {
     s.apply(&Command::NodeUp {
         node_id: n.clone(),
         address: "a".into(),
+        public_address: String::new(),
         at_ms: 6,
     });
     assert_eq!(s.nodes[&n].state, NodeState::Ready);
@@ -409,6 +411,7 @@ fn unknown_ids_are_rejections_that_change_nothing() {
         s.apply(&Command::NodeUp {
             node_id: "x".into(),
             address: "".into(),
+            public_address: String::new(),
             at_ms: 1
         }),
         Outcome::Rejected(_)
@@ -445,6 +448,7 @@ fn apply_is_deterministic() {
             Command::NodeUp {
                 node_id: "node-1".into(),
                 address: "a".into(),
+                public_address: String::new(),
                 at_ms: 3,
             },
             Command::AssignJob {

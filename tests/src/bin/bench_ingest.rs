@@ -76,6 +76,7 @@ async fn agent(
         })
         .collect();
     let hello = apb::Hello {
+        public_address: String::new(),
         node_id: node_id.clone(),
         hostname: node_id.clone(),
         address: "127.0.0.1".into(),
