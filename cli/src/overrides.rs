@@ -58,8 +58,14 @@ pub struct Overrides {
     #[arg(long)]
     pub image_id: Option<String>,
     /// The workdir (overrides the task's).
-    #[arg(long)]
+    #[arg(long, conflicts_with = "git_url")]
     pub workdir: Option<PathBuf>,
+    /// A git repository as the workdir (`workdir: {url}`), cloned by each node.
+    #[arg(long)]
+    pub git_url: Option<String>,
+    /// The branch, tag or commit of the git workdir (`workdir: {ref}`).
+    #[arg(long)]
+    pub git_ref: Option<String>,
     /// A dotenv file of env vars; `--env` wins over it.
     #[arg(long, value_name = "FILE")]
     pub env_file: Option<PathBuf>,
@@ -174,6 +180,19 @@ impl Overrides {
         if let Some(w) = &self.workdir {
             task.insert("workdir".into(), w.display().to_string().into());
         }
+        if let Some(url) = &self.git_url {
+            let mut git = Mapping::new();
+            git.insert("url".into(), url.clone().into());
+            task.insert("workdir".into(), Value::Mapping(git));
+        }
+        if let Some(r) = &self.git_ref {
+            match task.get_mut("workdir") {
+                Some(Value::Mapping(git)) => {
+                    git.insert("ref".into(), r.clone().into());
+                }
+                _ => bail!("--git-ref needs a git workdir: give --git-url, or workdir: {{url}} in the task"),
+            }
+        }
         if !self.secrets.is_empty() {
             let secrets = match task.get_mut("secrets") {
                 Some(Value::Mapping(m)) => m,
@@ -222,6 +241,38 @@ mod tests {
         };
         o.apply(&mut m).unwrap();
         Value::Mapping(m)
+    }
+
+    #[test]
+    fn git_flags_make_or_pin_a_git_workdir() {
+        let v = apply(
+            "workdir: .\nrun: x\n",
+            Overrides {
+                git_url: Some("https://github.com/o/r.git".into()),
+                git_ref: Some("v2".into()),
+                ..Default::default()
+            },
+        );
+        assert_eq!(v["workdir"]["url"], "https://github.com/o/r.git");
+        assert_eq!(v["workdir"]["ref"], "v2");
+        let v = apply(
+            "workdir: {url: 'https://github.com/o/r.git', ref: main}\n",
+            Overrides {
+                git_ref: Some("abc123".into()),
+                ..Default::default()
+            },
+        );
+        assert_eq!(v["workdir"]["ref"], "abc123");
+        let Value::Mapping(mut m) = yaml_serde::from_str("workdir: .\n").unwrap() else {
+            panic!()
+        };
+        let e = Overrides {
+            git_ref: Some("v1".into()),
+            ..Default::default()
+        }
+        .apply(&mut m)
+        .unwrap_err();
+        assert!(e.to_string().contains("--git-url"), "{e}");
     }
 
     #[test]
