@@ -128,6 +128,9 @@ struct Entry {
     final_sync: bool,
     /// The process has exited and its storage mounts are being unmounted.
     unmounting: bool,
+    /// Buckets to delete when the job ends (`persistent: false`), with
+    /// rclone's environment. In memory only: it holds the job's keys.
+    ephemeral: Option<(Vec<String>, Vec<(String, String)>)>,
 }
 
 impl Entry {
@@ -393,6 +396,7 @@ impl Owner {
                 sync_lock: Default::default(),
                 final_sync: false,
                 unmounting: false,
+                ephemeral: None,
             };
             let running = entry.ended.is_none();
             self.jobs.insert(key.clone(), entry);
@@ -496,6 +500,18 @@ impl Owner {
                 sync_lock: Default::default(),
                 final_sync: false,
                 unmounting: false,
+                ephemeral: {
+                    let buckets: Vec<String> = job
+                        .file_mounts
+                        .iter()
+                        .filter(|m| m.delete_at_end && job.rank == 0)
+                        .map(|m| m.bucket.clone())
+                        .collect();
+                    (!buckets.is_empty()).then(|| {
+                        let env = job.env.clone().into_iter().collect();
+                        (buckets, crate::storage::rclone_env(&env))
+                    })
+                },
             },
         );
         let stage = crate::stagein::StageIn {
@@ -809,6 +825,7 @@ impl Owner {
                     sync_lock: Default::default(),
                     final_sync: false,
                     unmounting: false,
+                    ephemeral: None,
                 },
             );
             self.record_end(
@@ -1044,9 +1061,38 @@ impl Owner {
         };
         // A job that ends before it ran (a later mount failed, a stop) may
         // have mounted buckets already.
-        if entry.dir.join(crate::storage::MOUNTS_FILE).exists() {
-            let dir = entry.dir.clone();
-            tokio::spawn(async move { crate::storage::unmount_all(&dir).await });
+        let mounted = entry
+            .dir
+            .join(crate::storage::MOUNTS_FILE)
+            .exists()
+            .then(|| entry.dir.clone());
+        // `persistent: false` buckets go with the job: now, unless a managed
+        // job's attempt failed or was lost, when another attempt needs them.
+        let over =
+            phase == apb::JobPhase::Cancelled || phase == apb::JobPhase::Exited && code == Some(0);
+        let may_run_again = entry.meta.replaced_if_lost && !over;
+        let ephemeral = entry.ephemeral.take().filter(|_| !may_run_again);
+        if mounted.is_some() || ephemeral.is_some() {
+            tokio::spawn(async move {
+                if let Some(dir) = mounted {
+                    crate::storage::unmount_all(&dir).await;
+                }
+                if let Some((buckets, env)) = ephemeral {
+                    for b in buckets {
+                        match crate::storage::rclone(
+                            &["purge".into(), crate::storage::remote(&b)],
+                            &env,
+                        )
+                        .await
+                        {
+                            Ok(()) => {
+                                tracing::info!(bucket = %b, "bucket deleted (persistent: false)")
+                            }
+                            Err(e) => tracing::warn!(bucket = %b, error = %e, "bucket not deleted"),
+                        }
+                    }
+                }
+            });
         }
         let ended = Ended {
             phase: phase as i32,

@@ -9,6 +9,8 @@
         Creates an S3 bucket (dummy credentials) and prints {"bucket": NAME}.
     moto_ec2.py objects ENDPOINT NAME
         Prints the bucket's object keys as a JSON list.
+    moto_ec2.py buckets ENDPOINT
+        Prints every bucket's name as a JSON list.
     moto_ec2.py etags ENDPOINT NAME
         Prints {key: ETag} for the bucket's objects (a multipart upload's
         ETag ends in -<parts>).
@@ -108,6 +110,10 @@ def objects(endpoint, name):
     print(json.dumps(keys))
 
 
+def buckets(endpoint):
+    print(json.dumps([b["Name"] for b in client("s3", endpoint).list_buckets()["Buckets"]]))
+
+
 def etags(endpoint, name):
     s3 = client("s3", endpoint)
     objs = s3.list_objects_v2(Bucket=name).get("Contents", [])
@@ -126,4 +132,4 @@ def put(endpoint, name, key, path):
 
 if __name__ == "__main__":
     {"setup": setup, "instances": instances, "bucket": bucket, "objects": objects,
-     "etags": etags, "put": put, "get": get, "groups": groups}[sys.argv[1]](*sys.argv[2:])
+     "etags": etags, "buckets": buckets, "put": put, "get": get, "groups": groups}[sys.argv[1]](*sys.argv[2:])

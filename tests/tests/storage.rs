@@ -54,6 +54,8 @@ async fn a_named_bucket_is_made_filled_from_a_local_source_and_mounted() {
         format!("/tmp/nembo-st-{pid}/cache"),
     );
     let (ckpt_bucket, cache_bucket) = (format!("nembo-ckpt-{pid}"), format!("nembo-cache-{pid}"));
+    let scratch = format!("/tmp/nembo-st-{pid}/scratch");
+    let scratch_bucket = format!("nembo-scratch-{pid}");
     let task = c.dir.path().join("task.yaml");
     std::fs::write(
         &task,
@@ -65,12 +67,16 @@ async fn a_named_bucket_is_made_filled_from_a_local_source_and_mounted() {
   {cache}:
     name: {cache_bucket}
     mode: MOUNT_CACHED
+  {scratch}:
+    name: {scratch_bucket}
+    persistent: false
 envs: {{AWS_ENDPOINT_URL: "{endpoint}", AWS_DEFAULT_REGION: us-east-1}}
 secrets: {{AWS_ACCESS_KEY_ID: testing, AWS_SECRET_ACCESS_KEY: testing}}
 run: |
   cat {ckpt}/step-0/weights.txt
   echo trained > {ckpt}/step-1.txt
   echo cached result > {cache}/result.txt
+  echo temporary > {scratch}/tmp.txt
   grep -q " {ckpt} fuse" /proc/mounts && echo "{ckpt} is a FUSE mount"
 "#,
             src = src.display()
@@ -97,6 +103,23 @@ run: |
     keys.sort();
     assert_eq!(keys, ["step-0/weights.txt", "step-1.txt"]);
     assert_eq!(objects(&endpoint, &cache_bucket), ["result.txt"]);
+    // `persistent: false`: gone with the job; the others stay.
+    let gone = nembo_tests::wait_for(
+        "the scratch bucket to go",
+        Duration::from_secs(20),
+        || async {
+            let all = Moto::helper(&["buckets", &endpoint]);
+            let names: Vec<&str> = all
+                .as_array()
+                .unwrap()
+                .iter()
+                .filter_map(|b| b.as_str())
+                .collect();
+            (!names.contains(&scratch_bucket.as_str())).then(|| names.len())
+        },
+    )
+    .await;
+    assert!(gone >= 2, "the persistent buckets stay");
     // Unmounted with the job.
     let mounts = std::fs::read_to_string("/proc/self/mountinfo").unwrap();
     assert!(

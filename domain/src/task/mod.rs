@@ -264,6 +264,9 @@ pub struct StorageMount {
     pub mode: StorageMode,
     /// Mounted read-only (`config.mount.read_only`, `config.mount_cached.read_only`).
     pub read_only: bool,
+    /// `persistent: false`: the bucket goes with the job.
+    #[serde(default)]
+    pub ephemeral: bool,
 }
 
 /// SkyPilot's storage modes.

@@ -188,22 +188,16 @@ fn parse_storage(m: &yaml_serde::Mapping, path: &str) -> Result<MountSource> {
     if let Some(cfg) = m.get("config").filter(|v| !v.is_null()) {
         read_only |= parse_storage_config(cfg, &field("config"))?;
     }
-    match m.get("persistent") {
-        None | Some(Value::Null) | Some(Value::Bool(true)) => {}
-        Some(Value::Bool(false)) => {
-            return Err(SpecError::new(
-                field("persistent"),
-                "false (delete the bucket with the job's nodes) is not supported by Nembo yet; \
-                 the bucket is kept: drop `persistent`, and delete it yourself when done",
-            ))
-        }
+    let ephemeral = match m.get("persistent") {
+        None | Some(Value::Null) | Some(Value::Bool(true)) => false,
+        Some(Value::Bool(false)) => true,
         Some(other) => {
             return Err(SpecError::new(
                 field("persistent"),
                 format!("expected true or false, got {}", kind(other)),
             ))
         }
-    }
+    };
     if let Some(store) = text("store")? {
         if store != "s3" {
             return Err(SpecError::new(
@@ -234,6 +228,12 @@ fn parse_storage(m: &yaml_serde::Mapping, path: &str) -> Result<MountSource> {
                     "is not allowed with a bucket URI as `source` (SkyPilot's rule)",
                 ));
             }
+            if ephemeral {
+                return Err(SpecError::new(
+                    field("persistent"),
+                    "false deletes a bucket the task names (`name`), never one given as `source`",
+                ));
+            }
             let parsed = parse_source(&uri, &field("source"))?;
             if mode == StorageMode::Copy {
                 return Ok(parsed);
@@ -246,6 +246,7 @@ fn parse_storage(m: &yaml_serde::Mapping, path: &str) -> Result<MountSource> {
                     local: None,
                     mode,
                     read_only,
+                    ephemeral: false,
                 })),
                 None => Err(SpecError::new(
                     field("source"),
@@ -269,6 +270,7 @@ fn parse_storage(m: &yaml_serde::Mapping, path: &str) -> Result<MountSource> {
                 local: local.map(|p| (p, None)),
                 mode,
                 read_only,
+                ephemeral,
             }))
         }
     }

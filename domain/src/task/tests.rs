@@ -98,6 +98,7 @@ fn storage_objects_name_fill_and_mount_their_bucket() {
             local: Some(("~/ckpt".into(), None)),
             mode: StorageMode::Mount,
             read_only: false,
+            ephemeral: false,
         })
     );
     assert_eq!(t.file_mounts["/ckpt"].local(), Some(("~/ckpt", None)));
@@ -192,7 +193,7 @@ fn known_but_unsupported_fields_are_rejected_not_ignored() {
     );
     let e = err("file_mounts: {/data: {source: ./x}}");
     assert_eq!(e.path, "file_mounts./data.name");
-    let e = err("file_mounts: {/data: {name: my-ckpt, persistent: false}}");
+    let e = err("file_mounts: {/data: {source: s3://other, persistent: false}}");
     assert_eq!(e.path, "file_mounts./data.persistent");
     let e = err("file_mounts: {/data: {name: my-ckpt, config: {mount_cached: {transfers: 8}}}}");
     assert_eq!(e.path, "file_mounts./data.config.mount_cached.transfers");
