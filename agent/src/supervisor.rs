@@ -128,9 +128,15 @@ struct Entry {
     final_sync: bool,
     /// The process has exited and its storage mounts are being unmounted.
     unmounting: bool,
-    /// Buckets to delete when the job ends (`persistent: false`), with
-    /// rclone's environment. In memory only: it holds the job's keys.
-    ephemeral: Option<(Vec<String>, Vec<(String, String)>)>,
+    /// Buckets to delete when the job ends (`persistent: false`).
+    ephemeral: Option<Ephemeral>,
+}
+
+/// A job's `persistent: false` buckets, with rclone's environment. In
+/// memory only: it holds the job's keys.
+struct Ephemeral {
+    buckets: Vec<String>,
+    env: Vec<(String, String)>,
 }
 
 impl Entry {
@@ -509,7 +515,10 @@ impl Owner {
                         .collect();
                     (!buckets.is_empty()).then(|| {
                         let env = job.env.clone().into_iter().collect();
-                        (buckets, crate::storage::rclone_env(&env))
+                        Ephemeral {
+                            buckets,
+                            env: crate::storage::rclone_env(&env),
+                        }
                     })
                 },
             },
@@ -1077,7 +1086,7 @@ impl Owner {
                 if let Some(dir) = mounted {
                     crate::storage::unmount_all(&dir).await;
                 }
-                if let Some((buckets, env)) = ephemeral {
+                if let Some(Ephemeral { buckets, env }) = ephemeral {
                     for b in buckets {
                         match crate::storage::rclone(
                             &["purge".into(), crate::storage::remote(&b)],
