@@ -115,7 +115,7 @@ run: |
                 .iter()
                 .filter_map(|b| b.as_str())
                 .collect();
-            (!names.contains(&scratch_bucket.as_str())).then(|| names.len())
+            (!names.contains(&scratch_bucket.as_str())).then_some(names.len())
         },
     )
     .await;
