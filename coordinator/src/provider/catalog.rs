@@ -12,6 +12,9 @@ use nembo_domain::state::{Offering, Resources};
 /// The columns, in order.
 pub const HEADER: &str =
     "instance_type,accelerator_name,accelerator_count,vcpus,memory_gib,price,spot_price,region,zone";
+/// The same with the disk each plan comes with (GB), for providers whose
+/// disk is fixed per plan (Seeweb's refreshed catalogs).
+pub const HEADER_WITH_DISK: &str = "instance_type,accelerator_name,accelerator_count,vcpus,memory_gib,price,spot_price,region,zone,disk_gb";
 
 /// Parses a catalog; `provider` names every offering.
 pub fn parse(provider: &str, text: &str) -> Result<Vec<Offering>, String> {
@@ -19,25 +22,32 @@ pub fn parse(provider: &str, text: &str) -> Result<Vec<Offering>, String> {
         .lines()
         .enumerate()
         .filter(|(_, l)| !l.trim().is_empty() && !l.starts_with('#'));
-    match rows.next() {
-        Some((_, h)) if h.trim() == HEADER => {}
+    let with_disk = match rows.next() {
+        Some((_, h)) if h.trim() == HEADER => false,
+        Some((_, h)) if h.trim() == HEADER_WITH_DISK => true,
         other => {
             return Err(format!(
                 "{provider} catalog: the first row must be the header '{HEADER}', not {:?}",
                 other.map(|(_, l)| l)
             ))
         }
-    }
+    };
     rows.map(|(i, line)| {
-        row(provider, line).map_err(|e| format!("{provider} catalog line {}: {e}", i + 1))
+        row(provider, line, with_disk)
+            .map_err(|e| format!("{provider} catalog line {}: {e}", i + 1))
     })
     .collect()
 }
 
-fn row(provider: &str, line: &str) -> Result<Offering, String> {
-    let f: Vec<&str> = line.split(',').map(str::trim).collect();
+fn row(provider: &str, line: &str, with_disk: bool) -> Result<Offering, String> {
+    let mut f: Vec<&str> = line.split(',').map(str::trim).collect();
+    let disk = if with_disk { f.pop() } else { None };
     let [ty, acc, count, vcpus, mem, price, spot, region, zone] = f[..] else {
-        return Err(format!("{} columns, want 9", f.len()));
+        return Err(format!(
+            "{} columns, want {}",
+            f.len() + usize::from(with_disk),
+            9 + usize::from(with_disk)
+        ));
     };
     let num = |name: &str, v: &str| -> Result<f64, String> {
         v.parse::<f64>()
@@ -71,7 +81,13 @@ fn row(provider: &str, line: &str) -> Result<Offering, String> {
         runs_as_coordinator_user: false,
         simulated: false,
         fixed_machines: None,
-        disk_gb_max: None,
+        disk_gb_max: match disk {
+            None | Some("") => None,
+            Some(d) => Some(
+                d.parse::<u64>()
+                    .map_err(|_| format!("disk_gb '{d}' is not a whole number"))?,
+            ),
+        },
         opens_ports: false,
         ports_per_node: false,
         custom_images: false,
@@ -99,7 +115,8 @@ pub fn render(comments: &[String], offerings: &[Offering]) -> String {
         out.push_str(c);
         out.push('\n');
     }
-    out.push_str(HEADER);
+    let with_disk = offerings.iter().any(|o| o.disk_gb_max.is_some());
+    out.push_str(if with_disk { HEADER_WITH_DISK } else { HEADER });
     out.push('\n');
     for o in offerings {
         let (acc, count) = o
@@ -119,6 +136,11 @@ pub fn render(comments: &[String], offerings: &[Offering]) -> String {
             o.region,
             o.zone.as_deref().unwrap_or(""),
         ));
+        if with_disk {
+            out.pop();
+            let disk = o.disk_gb_max.map(|d| d.to_string()).unwrap_or_default();
+            out.push_str(&format!(",{disk}\n"));
+        }
     }
     out
 }
@@ -154,6 +176,25 @@ mod tests {
             .expect("a one-H200 plan");
         assert_eq!(h200.hourly_price, 2.60);
         assert!(seeweb.iter().all(|o| o.spot_price.is_none()));
+    }
+
+    #[test]
+    fn a_refreshed_catalog_keeps_each_plans_disk() {
+        let mut plans = parse("seeweb", SEEWEB).unwrap();
+        assert!(
+            plans.iter().all(|o| o.disk_gb_max.is_none()),
+            "none shipped"
+        );
+        plans[0].disk_gb_max = Some(400);
+        let text = render(&["refreshed".into()], &plans);
+        assert!(text.contains(HEADER_WITH_DISK));
+        let again = parse("seeweb", &text).unwrap();
+        assert_eq!(again[0].disk_gb_max, Some(400));
+        assert_eq!(again[1].disk_gb_max, None);
+        let bad = format!("{HEADER_WITH_DISK}\nECS1GPU6,L4,1,4,32,0.38,,it-fr2,,lots\n");
+        assert!(parse("seeweb", &bad)
+            .unwrap_err()
+            .contains("disk_gb 'lots'"));
     }
 
     #[test]

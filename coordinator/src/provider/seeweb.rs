@@ -90,9 +90,10 @@ impl SeewebProvider {
         let offerings = catalog
             .into_iter()
             .filter(|o| settings.regions.is_empty() || settings.regions.contains(&o.region))
-            // A plan's disk comes with it; a Seeweb server has every port open.
+            // A plan's disk comes with it (known from a refreshed catalog:
+            // a task's disk_size fits a plan whose disk is at least that);
+            // a Seeweb server has every port open.
             .map(|o| Offering {
-                disk_gb_max: None,
                 opens_ports: true,
                 ports_per_node: false,
                 custom_images: false,
@@ -367,6 +368,9 @@ impl SeewebProvider {
             let Some(price) = lenient_number(p.get("hourly_price")) else {
                 continue;
             };
+            let disk = lenient_number(p.get("disk"))
+                .filter(|d| *d > 0.0)
+                .map(|d| d as u64);
             for region in p
                 .get("available_regions")
                 .and_then(Value::as_array)
@@ -387,7 +391,7 @@ impl SeewebProvider {
                     runs_as_coordinator_user: false,
                     simulated: false,
                     fixed_machines: None,
-                    disk_gb_max: None,
+                    disk_gb_max: disk,
                     opens_ports: false,
                     ports_per_node: false,
                     custom_images: false,
