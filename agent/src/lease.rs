@@ -16,12 +16,15 @@ use tokio::time::Instant;
 use crate::supervisor::{contact_file, Supervisor};
 
 /// The last word from a leader, and how long it holds.
-#[derive(Debug, Clone, Copy)]
+#[derive(Debug, Clone)]
 pub struct Contact {
     /// When the leader last spoke (welcome, order or heartbeat answer).
     pub at: Instant,
     /// How long that holds (zero: for ever).
     pub lease: Duration,
+    /// The node this agent is: the watchdogs stop an attempt whose contact
+    /// file speaks for another node (a new one in a wiped directory).
+    pub node_id: String,
 }
 
 /// Stops the replaceable attempts each time a contact's lease runs out
@@ -34,10 +37,11 @@ pub async fn enforce(
 ) {
     let file = contact_file(&work_dir);
     loop {
-        let current = *contact.borrow_and_update();
-        if let Some(c) = current {
+        let current = contact.borrow_and_update().clone();
+        if let Some(c) = &current {
             // Rewritten, so its time is now: what the watchdogs read.
-            let _ = tokio::fs::write(&file, c.lease.as_millis().to_string()).await;
+            let _ =
+                tokio::fs::write(&file, format!("{} {}\n", c.lease.as_millis(), c.node_id)).await;
         }
         match current {
             Some(c) if !c.lease.is_zero() => {

@@ -390,7 +390,11 @@ async fn session(
     let lease = Duration::from_millis(u64::from(welcome.contact_lease_ms));
     let heard = || {
         let now = tokio::time::Instant::now();
-        contact.send_replace(Some(Contact { at: now, lease }));
+        contact.send_replace(Some(Contact {
+            at: now,
+            lease,
+            node_id: identity.node_id.clone(),
+        }));
         now
     };
     let mut heard_at = heard();

@@ -319,24 +319,29 @@ start_watchdog() {
   # An attempt the coordinators would replace must not outlive its agent's
   # contact with them. The agent stops it itself; this covers an agent that
   # is frozen or dead. The agent renews the file while a leader speaks to it
-  # and writes its lease (ms) in it. Once seen, a vanished file is as stale
-  # as an old one: the agent's directory is gone (a node replaced or
-  # wiped), so nothing renews it.
+  # and writes its lease (ms) and node id in it. Once seen, a vanished file
+  # is as stale as an old one: the agent's directory is gone (a node
+  # replaced or wiped), so nothing renews it. So is a file that names
+  # another node: a new node's agent in the same directory, which does not
+  # speak for this attempt (a restarted agent is the same node, and
+  # re-adopts it).
   (
     stop() {
       echo "stopped by its watchdog: $1" > "$job_dir/lost"
       [ -n "$container" ] && "$engine" rm --force "$container" >/dev/null 2>&1
       kill -TERM -- -$$; sleep 1; kill -KILL -- -$$; exit
     }
-    seen_once=
+    node=
     while sleep 0.5; do
       kill -0 $$ 2>/dev/null || exit 0
       if ! seen=$(stat -c %Y "$NEMBO_CONTACT_FILE" 2>/dev/null); then
-        [ -n "$seen_once" ] && stop "its agent's contact file $NEMBO_CONTACT_FILE is gone"
+        [ -n "$node" ] && stop "its agent's contact file $NEMBO_CONTACT_FILE is gone"
         continue
       fi
-      seen_once=1
-      lease_ms=$(cat "$NEMBO_CONTACT_FILE" 2>/dev/null) || continue
+      read -r lease_ms now_node < "$NEMBO_CONTACT_FILE" 2>/dev/null || continue
+      [ -n "$now_node" ] || continue
+      [ -z "$node" ] && node=$now_node
+      [ "$now_node" = "$node" ] || stop "its agent's contact file now speaks for $now_node, not $node"
       [ "${lease_ms:-0}" -gt 0 ] 2>/dev/null || continue
       if [ $(( ($(date +%s) - seen) * 1000 )) -gt "$lease_ms" ]; then
         stop "its agent heard no coordinator for over $((lease_ms / 1000)) s"

@@ -1157,7 +1157,9 @@ async fn an_agent_cut_off_stops_what_would_be_replaced_before_its_node_is_lost()
 /// deleting its directory: the attempt's watchdog found no contact file and
 /// waited for one for ever, so the attempt ran on beside the one the
 /// coordinators started elsewhere (two live attempts of one job). A contact
-/// file that was there and is gone now stops the attempt at once.
+/// file that was there and is gone now stops the attempt at once, and so
+/// does one that names another node (the new node's agent, in the same
+/// directory, wrote its own before the watchdog looked: the next soak).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_attempt_whose_agent_directory_is_wiped_stops_itself() {
     use nix::sys::signal::{kill, Signal};
@@ -1204,6 +1206,9 @@ async fn an_attempt_whose_agent_directory_is_wiped_stops_itself() {
     )
     .unwrap();
     std::fs::remove_file(&contact).unwrap();
+    // A new node's agent in the same directory writes its own at once,
+    // before the watchdog could see the gap (the soak's second case).
+    std::fs::write(&contact, "60000 node-99\n").unwrap();
     wait_for(
         "the attempt to stop without its agent",
         Duration::from_secs(5),
