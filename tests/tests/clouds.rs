@@ -534,6 +534,91 @@ async fn aws_gives_the_disk_and_ports_asked_for() {
     .await;
 }
 
+/// The shipped SkyPilot-format examples dry-run on AWS (moto) to the
+/// instance their accelerators need, with their node count, disk and ports.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_examples_dry_run_on_aws_to_the_right_instances() {
+    let moto = nembo_tests::Moto::start(&[("INITIAL_NO_AUTH_ACTION_COUNT", "3")]).await;
+    let endpoint = moto.endpoint.clone();
+    let creds = nembo_tests::Moto::helper(&["setup", &endpoint]);
+    let providers = format!(
+        "aws:\n  regions: [us-east-1]\n  image_id: {}\n  endpoint: {endpoint}\n",
+        creds["image_id"].as_str().unwrap()
+    );
+    let env = [
+        ("AWS_ACCESS_KEY_ID", creds["key_id"].as_str().unwrap()),
+        ("AWS_SECRET_ACCESS_KEY", creds["secret"].as_str().unwrap()),
+    ];
+    let (c, _dir) = start_with(&providers, &env, &[]).await;
+    let examples = repo().join("examples");
+    // (example, extra flags, instance type's family, nodes)
+    let cases: [(&str, &[&str], &str, u64); 6] = [
+        ("docker-image.yaml", &[], "g6.", 1),
+        ("gpu-train.yaml", &[], "p5.", 2),
+        ("storage-mount.yaml", &[], "g6.", 1),
+        ("any-gpu.yaml", &[], "g", 1),
+        // H100:1 is a Seeweb plan; AWS sells H100s eight at a time (the
+        // catalog snapshot has no p5.4xlarge), as SkyPilot would say.
+        (
+            "finetune-s3-dataset.yaml",
+            &[
+                "--gpus",
+                "H100:8",
+                "--secret",
+                "AWS_ACCESS_KEY_ID=x",
+                "--secret",
+                "AWS_SECRET_ACCESS_KEY=y",
+            ],
+            "p5.",
+            1,
+        ),
+        // The notebook asks for no GPU; the shipped AWS catalog is GPU
+        // instances only, so it is given one.
+        (
+            "jupyter-notebook.yaml",
+            &["--gpus", "L4:1", "--secret", "JUPYTER_TOKEN=t"],
+            "g6.",
+            1,
+        ),
+    ];
+    for (name, extra, family, nodes) in cases {
+        let path = examples.join(name);
+        let mut args = vec![
+            "launch",
+            "--dry-run",
+            "--json",
+            path.to_str().unwrap(),
+            "--infra",
+            "aws",
+        ];
+        args.extend_from_slice(extra);
+        let out = c.cli(&args);
+        assert!(out.status.success(), "{name}: {}", stderr(&out));
+        let plan = json_out(&out);
+        let p = &plan["placement"];
+        assert_eq!(p["provider"], "aws", "{name}: {plan}");
+        assert!(
+            p["instance_type"].as_str().unwrap().starts_with(family),
+            "{name}: {plan}"
+        );
+        assert_eq!(p["new_nodes"], nodes, "{name}: {plan}");
+        let task = &plan["task"]["resources"]["any_of"][0];
+        if name == "jupyter-notebook.yaml" {
+            assert_eq!(
+                (task["ports"].as_str(), task["disk_size"].as_str()),
+                (Some("8888"), Some("64")),
+                "{plan}"
+            );
+        }
+        if name == "docker-image.yaml" {
+            assert!(
+                task["image_id"].as_str().unwrap().starts_with("docker:"),
+                "{plan}"
+            );
+        }
+    }
+}
+
 // ------------------------------------------------------------ SSH / sshd
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
