@@ -1198,8 +1198,9 @@ async fn an_attempt_whose_agent_directory_is_wiped_stops_itself() {
         || async { contact.exists().then_some(()) },
     )
     .await;
-    // Let the watchdog see the file at least once.
-    tokio::time::sleep(Duration::from_millis(1200)).await;
+    // Let the watchdog see the file at least once (it looks every 500 ms;
+    // a slow machine gets a few looks).
+    tokio::time::sleep(Duration::from_millis(2500)).await;
     kill(
         Pid::from_raw(c.agent_pid(&job.node_ids[0])),
         Signal::SIGKILL,
@@ -1211,7 +1212,7 @@ async fn an_attempt_whose_agent_directory_is_wiped_stops_itself() {
     std::fs::write(&contact, "60000 node-99\n").unwrap();
     wait_for(
         "the attempt to stop without its agent",
-        Duration::from_secs(5),
+        Duration::from_secs(10),
         || async { (!alive(pid)).then_some(()) },
     )
     .await;
