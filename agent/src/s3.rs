@@ -59,17 +59,69 @@ impl HttpService for Service {
     }
 }
 
-/// The S3 bucket of `s3://bucket[/prefix]`, and the prefix.
+/// The bucket of `s3://bucket[/prefix]` or `r2://bucket[/prefix]`, and the
+/// prefix.
 pub fn open(
     url: &str,
     job_env: &BTreeMap<String, String>,
 ) -> Result<(Arc<dyn ObjectStore>, String), String> {
-    let rest = url.strip_prefix("s3://").ok_or("not an s3:// URL")?;
+    if let Some(rest) = url.strip_prefix("r2://") {
+        let env = r2_env(job_env)?;
+        return open_s3(rest, &env, false);
+    }
+    let rest = url
+        .strip_prefix("s3://")
+        .ok_or("not an s3:// or r2:// URL")?;
+    open_s3(rest, job_env, true)
+}
+
+/// Cloudflare R2 is S3's API at the account's endpoint: the job's
+/// `R2_ACCESS_KEY_ID`, `R2_SECRET_ACCESS_KEY` and `CLOUDFLARE_ACCOUNT_ID`
+/// (or `R2_ENDPOINT_URL`) as the S3 client's settings, region `auto`.
+fn r2_env(job_env: &BTreeMap<String, String>) -> Result<BTreeMap<String, String>, String> {
+    let get = |k: &str| job_env.get(k).filter(|v| !v.is_empty()).cloned();
+    let endpoint = match (get("R2_ENDPOINT_URL"), get("CLOUDFLARE_ACCOUNT_ID")) {
+        (Some(e), _) => e,
+        (None, Some(account)) => format!("https://{account}.r2.cloudflarestorage.com"),
+        (None, None) => {
+            return Err(
+                "r2:// needs the job's CLOUDFLARE_ACCOUNT_ID (or R2_ENDPOINT_URL) secret".into(),
+            )
+        }
+    };
+    let (Some(key), Some(secret)) = (get("R2_ACCESS_KEY_ID"), get("R2_SECRET_ACCESS_KEY")) else {
+        return Err(
+            "r2:// needs the job's R2_ACCESS_KEY_ID and R2_SECRET_ACCESS_KEY secrets".into(),
+        );
+    };
+    let mut env = BTreeMap::new();
+    env.insert(
+        "AWS_ALLOW_HTTP".into(),
+        endpoint.starts_with("http://").to_string(),
+    );
+    env.insert("AWS_ENDPOINT_URL".into(), endpoint);
+    env.insert("AWS_ACCESS_KEY_ID".into(), key);
+    env.insert("AWS_SECRET_ACCESS_KEY".into(), secret);
+    env.insert("AWS_DEFAULT_REGION".into(), "auto".into());
+    Ok(env)
+}
+
+fn open_s3(
+    rest: &str,
+    job_env: &BTreeMap<String, String>,
+    from_agent_env: bool,
+) -> Result<(Arc<dyn ObjectStore>, String), String> {
     let (bucket, prefix) = rest.split_once('/').unwrap_or((rest, ""));
     if bucket.is_empty() {
         return Err("no bucket in the URL".into());
     }
-    let mut builder = AmazonS3Builder::from_env();
+    // S3 falls back to the agent's environment (an instance role); R2 is
+    // the job's own keys only.
+    let mut builder = if from_agent_env {
+        AmazonS3Builder::from_env()
+    } else {
+        AmazonS3Builder::new()
+    };
     for (name, value) in job_env.iter().filter(|(k, _)| k.starts_with("AWS_")) {
         if let Ok(key) = name.to_ascii_lowercase().parse::<AmazonS3ConfigKey>() {
             builder = builder.with_config(key, value);

@@ -468,7 +468,7 @@ impl StageIn {
     }
 
     async fn uri_mount(&self, what: &str, uri: &str, dst: &Path) -> Result<(), String> {
-        if uri.starts_with("s3://") {
+        if uri.starts_with("s3://") || uri.starts_with("r2://") {
             self.s3_mount(what, uri, dst).await
         } else {
             self.https_mount(what, uri, dst).await

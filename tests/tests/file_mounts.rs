@@ -214,6 +214,28 @@ async fn a_bucket_prefix_is_copied_streamed_and_a_missing_one_fails_setup_naming
         "agent peak RSS {hwm_kb} kB for a 200 MB copy"
     );
 
+    // Cloudflare R2 is S3's API at the account's endpoint (moto here), with
+    // the job's R2_* keys; without them the setup says which it needs.
+    let r2 = c
+        .submit(&format!(
+            "file_mounts:\n  small.txt: r2://datasets/train/meta/small.txt\nsecrets: {{R2_ENDPOINT_URL: \"{endpoint}\", R2_ACCESS_KEY_ID: testing, R2_SECRET_ACCESS_KEY: testing}}\nrun: echo r2 says $(cat small.txt)\n"
+        ))
+        .await;
+    c.wait_state(&r2, pb::JobState::Succeeded, Duration::from_secs(60))
+        .await;
+    assert!(c.logs(&r2).await.contains("r2 says small"));
+    let keyless = c
+        .submit("file_mounts:\n  small.txt: r2://datasets/train/meta/small.txt\nrun: echo ran\n")
+        .await;
+    let failed = c
+        .wait_state(&keyless, pb::JobState::FailedSetup, Duration::from_secs(60))
+        .await;
+    assert!(
+        failed.message.contains("CLOUDFLARE_ACCOUNT_ID"),
+        "{}",
+        failed.message
+    );
+
     // A prefix that does not exist fails the setup, naming the mount and why.
     let missing = c
         .submit(&format!(

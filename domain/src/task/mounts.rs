@@ -14,9 +14,7 @@ use super::{MountSource, Result, SpecError, StorageMode, StorageMount};
 pub const MAX_FILE_MOUNTS: usize = 256;
 
 /// URI schemes SkyPilot knows that Nembo cannot read yet.
-const SCHEMES_NOT_YET: &[&str] = &[
-    "gs", "r2", "cos", "oci", "nebius", "cw", "vastdata", "hf", "az",
-];
+const SCHEMES_NOT_YET: &[&str] = &["gs", "cos", "oci", "nebius", "cw", "vastdata", "hf", "az"];
 
 pub(super) fn parse_file_mounts(v: &Value) -> Result<BTreeMap<String, MountSource>> {
     if v.is_null() {
@@ -378,22 +376,22 @@ fn parse_source(s: &str, path: &str) -> Result<MountSource> {
     };
     let host = rest.split('/').next().unwrap_or_default();
     match scheme {
-        "s3" | "https" if host.is_empty() => Err(SpecError::new(
+        "s3" | "r2" | "https" if host.is_empty() => Err(SpecError::new(
             path,
-            format!("'{s}': no {} in the URI", if scheme == "s3" { "bucket" } else { "host" }),
+            format!("'{s}': no {} in the URI", if scheme == "https" { "host" } else { "bucket" }),
         )),
-        "s3" | "https" => Ok(MountSource::Uri(s.to_string())),
+        "s3" | "r2" | "https" => Ok(MountSource::Uri(s.to_string())),
         "http" => Err(SpecError::new(
             path,
             format!("'{s}': plain http is not accepted; use https://"),
         )),
         s3 if SCHEMES_NOT_YET.contains(&s3) => Err(SpecError::new(
             path,
-            format!("'{s}': {scheme}:// is valid SkyPilot but not supported by Nembo yet; use s3:// or https://"),
+            format!("'{s}': {scheme}:// is valid SkyPilot but not supported by Nembo yet; use s3://, r2:// or https://"),
         )),
         _ => Err(SpecError::new(
             path,
-            format!("'{s}': unknown scheme {scheme}:// (Nembo copies s3:// and https://)"),
+            format!("'{s}': unknown scheme {scheme}:// (Nembo copies s3://, r2:// and https://)"),
         )),
     }
 }
