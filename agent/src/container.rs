@@ -273,6 +273,18 @@ phase run; rc=$?
 done_with run "$rc"
 "#;
 
+/// Whether the node has NVIDIA's CDI spec (what `nvidia.com/gpu=all` names),
+/// in either directory CDI reads.
+pub fn has_nvidia_cdi() -> bool {
+    ["/etc/cdi", "/var/run/cdi"].iter().any(|dir| {
+        std::fs::read_dir(dir).is_ok_and(|entries| {
+            entries
+                .flatten()
+                .any(|e| e.file_name().to_string_lossy().starts_with("nvidia"))
+        })
+    })
+}
+
 /// Removes an attempt's container, whatever its state (the wrapper's own
 /// `--rm` covers a container that ended; this covers a wrapper killed first).
 pub async fn remove(engine: Engine, name: &str) {

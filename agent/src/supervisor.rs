@@ -691,6 +691,14 @@ impl Owner {
                 attempt: job.attempt,
             })
             .is_some_and(|e| e.meta.gpu_indices.as_ref().is_some_and(|g| !g.is_empty()));
+        if gpus && engine == crate::container::Engine::Podman && !crate::container::has_nvidia_cdi()
+        {
+            return Err(std::io::Error::other(
+                "resources.image_id: podman gives a container the node's GPUs through NVIDIA's \
+                 CDI spec, and this node has none (nvidia-ctk cdi generate \
+                 --output=/etc/cdi/nvidia.yaml makes it)",
+            ));
+        }
         Ok(crate::container::ContainerRun {
             engine,
             image: job.container_image.clone(),
