@@ -377,7 +377,8 @@ pub fn parse_task_yaml(yaml: &str, env_overrides: &BTreeMap<String, String>) -> 
         match key {
             "name" => spec.name = opt_string(v, "name")?,
             "workdir" => (spec.workdir, spec.workdir_git) = parse_workdir(v)?,
-            "file_mounts" => spec.file_mounts = mounts::parse_file_mounts(v)?,
+            // After the envs: `$NAME` in it is theirs (below).
+            "file_mounts" => {}
             "num_nodes" => spec.num_nodes = parse_num_nodes(v)?,
             "setup" => spec.setup = opt_string(v, "setup")?,
             "run" => spec.run = opt_string(v, "run")?,
@@ -422,7 +423,9 @@ pub fn parse_task_yaml(yaml: &str, env_overrides: &BTreeMap<String, String>) -> 
     if spec.resources.candidates.is_empty() {
         spec.resources.candidates.push(ResourceCandidate::default());
     }
-    spec.file_mounts = mounts::substitute_envs(std::mem::take(&mut spec.file_mounts), &spec.envs)?;
+    if let Some(v) = map.get("file_mounts") {
+        spec.file_mounts = mounts::parse_file_mounts(&mounts::substitute_envs(v, &spec.envs))?;
+    }
     validate(&spec)?;
     Ok(spec)
 }

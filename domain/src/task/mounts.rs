@@ -47,40 +47,24 @@ pub(super) fn parse_file_mounts(v: &Value) -> Result<BTreeMap<String, MountSourc
     Ok(out)
 }
 
-/// `$NAME` and `${NAME}` replaced by the task's `envs` in every path and
-/// source (SkyPilot does this for file mounts); an unknown name is left as
-/// written. Secrets are never put into paths.
-pub(super) fn substitute_envs(
-    mounts: BTreeMap<String, MountSource>,
-    envs: &BTreeMap<String, String>,
-) -> Result<BTreeMap<String, MountSource>> {
-    if envs.is_empty() {
-        return Ok(mounts);
+/// `$NAME` and `${NAME}` replaced by the task's `envs` in every string of
+/// `file_mounts`, keys and storage fields alike (SkyPilot does this: a
+/// bucket's `name` and `store` are often `$VARS`); an unknown name is left
+/// as written. Secrets are never put into paths.
+pub(super) fn substitute_envs(v: &Value, envs: &BTreeMap<String, String>) -> Value {
+    match v {
+        _ if envs.is_empty() => v.clone(),
+        Value::String(s) => Value::String(expand(s, envs)),
+        Value::Mapping(m) => Value::Mapping(
+            m.iter()
+                .map(|(k, v)| (substitute_envs(k, envs), substitute_envs(v, envs)))
+                .collect(),
+        ),
+        Value::Sequence(items) => {
+            Value::Sequence(items.iter().map(|i| substitute_envs(i, envs)).collect())
+        }
+        other => other.clone(),
     }
-    let mut out = BTreeMap::new();
-    for (dst, src) in mounts {
-        let dst2 = expand(&dst, envs);
-        let path = format!("file_mounts.{dst2}");
-        check_destination(&dst2, &path)?;
-        let src2 = match src {
-            MountSource::Local { path: p, manifest } => {
-                let p = expand(&p, envs);
-                match parse_source(&p, &path)? {
-                    MountSource::Local { path, .. } => MountSource::Local { path, manifest },
-                    uri => uri,
-                }
-            }
-            MountSource::Uri(u) => parse_source(&expand(&u, envs), &path)?,
-            MountSource::Storage(mut st) => {
-                if let Some((p, _)) = st.local.as_mut() {
-                    *p = expand(p, envs);
-                }
-                MountSource::Storage(st)
-            }
-        };
-        out.insert(dst2, src2);
-    }
-    Ok(out)
 }
 
 fn expand(s: &str, envs: &BTreeMap<String, String>) -> String {

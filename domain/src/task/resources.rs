@@ -415,6 +415,13 @@ fn parse_accelerators(v: &Value, path: &str) -> Result<(Vec<Accelerator>, bool)>
             let mut out = Vec::new();
             for (k, c) in m {
                 let name = scalar_string(k, path)?;
+                // `{H100:8, H200:8}`: with no space after the colon YAML reads
+                // keys with no values, a set of `name:count`s (SkyPilot's
+                // set form).
+                if c.is_null() && name.contains(':') {
+                    out.push(Accelerator::parse(&name, path)?);
+                    continue;
+                }
                 let count = match c {
                     Value::Null => 1.0,
                     other => parse_count(&scalar_string(other, path)?, path)?,

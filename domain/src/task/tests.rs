@@ -120,10 +120,50 @@ fn storage_objects_name_fill_and_mount_their_bucket() {
         panic!()
     };
     assert_eq!((ro.mode, ro.read_only), (StorageMode::MountCached, true));
+    // `$VARS` in a storage object's fields are the task's envs (SkyPilot's
+    // airflow example names its bucket and store so).
+    let t = parse_task_yaml(
+        "envs: {BUCKET: sky-demo-data, STORE: s3}\nfile_mounts:\n  /data: {name: $BUCKET, store: $STORE}\n",
+        &Default::default(),
+    )
+    .unwrap();
+    let MountSource::Storage(d) = &t.file_mounts["/data"] else {
+        panic!()
+    };
+    assert_eq!(d.bucket, "s3://sky-demo-data");
+    let mut over = BTreeMap::new();
+    over.insert("BUCKET".to_string(), "from-the-cli".to_string());
+    let t = parse_task_yaml(
+        "envs: {BUCKET: null}\nfile_mounts:\n  /data: {name: $BUCKET}\n",
+        &over,
+    )
+    .unwrap();
+    let MountSource::Storage(d) = &t.file_mounts["/data"] else {
+        panic!()
+    };
+    assert_eq!(d.bucket, "s3://from-the-cli");
     for bad in ["ab", "Upper", "a..b", "192.168.1.1", "xn--x", "-ab", "ab-"] {
         let e = err(&format!("file_mounts: {{/d: {{name: '{bad}'}}}}"));
         assert_eq!(e.path, "file_mounts./d.name", "{bad}");
     }
+}
+
+#[test]
+fn the_set_form_of_accelerators_holds_counts_in_its_keys() {
+    // As YAML reads `{H100:8, H200:8}`: two keys with no values.
+    let t = parse_task_yaml(
+        "resources: {accelerators: {H100:8, H200:8}}\n",
+        &Default::default(),
+    )
+    .unwrap();
+    let accs: Vec<String> = t
+        .resources
+        .candidates
+        .iter()
+        .map(|c| c.accelerator.as_ref().unwrap().to_string())
+        .collect();
+    assert_eq!(accs, ["H100:8", "H200:8"]);
+    assert_eq!(t.gpus_per_node(1), 8);
 }
 
 #[test]
