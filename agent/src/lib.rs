@@ -22,6 +22,36 @@ pub mod telemetry;
 
 pub use session::{AgentConfig, AgentError};
 
+/// How long before a preemption deadline the attempts the coordinators would
+/// replace are stopped (each has a second of grace within it).
+const STOP_BEFORE_DEADLINE_MS: i64 = 2_000;
+
+/// The coordinators count a preempted node gone at its deadline and start
+/// what it ran elsewhere, so nothing they would replace may still run here
+/// by then: not even an attempt placed here as the notice came, which was
+/// never told (two live attempts of one job, found by the hour-long soak).
+/// A notice without a deadline is taken as 30 s, as the coordinators take it.
+fn stop_by_the_deadline(jobs: &supervisor::Supervisor, n: &preempt::Notice) {
+    let now = nembo_proto::clock::now_ms();
+    let deadline = if n.deadline_ms > 0 {
+        n.deadline_ms
+    } else {
+        now + 30_000
+    };
+    let wait = u64::try_from(deadline - STOP_BEFORE_DEADLINE_MS - now).unwrap_or(0);
+    let (jobs, kind) = (jobs.clone(), n.kind.clone());
+    tokio::spawn(async move {
+        tokio::time::sleep(std::time::Duration::from_millis(wait)).await;
+        jobs.stop_replaceable(
+            std::time::Duration::from_secs(1),
+            format!(
+                "stopped: the node's preemption deadline ({kind}) is here, and the \
+                 coordinators start this job elsewhere"
+            ),
+        );
+    });
+}
+
 /// Runs the agent until the coordinator retires the node.
 pub async fn run(cfg: AgentConfig) -> Result<(), AgentError> {
     std::fs::create_dir_all(cfg.work_dir.join("jobs"))
@@ -39,6 +69,7 @@ pub async fn run(cfg: AgentConfig) -> Result<(), AgentError> {
             if n.advisory {
                 continue;
             }
+            stop_by_the_deadline(&jobs, &n);
             // Jobs checkpoint and exit; Azure hears that the VM may go.
             jobs.notice(n.clone()).await;
             if let (Some(base), Some(id)) = (&azure, &n.azure_event) {

@@ -623,3 +623,73 @@ async fn a_partitioned_leader_and_its_attempt_are_fenced_by_the_new_leader() {
     let _ = tokio::time::timeout(Duration::from_secs(5), down).await;
     tokio::time::sleep(Duration::from_secs(2)).await;
 }
+
+/// The coordinators count a preempted node gone at its deadline and start
+/// the job elsewhere. An attempt that does not exit on the checkpoint
+/// signal (or was placed on the node as the notice came, and never heard
+/// it: the hour-long soak's case) must be gone by then, or two attempts of
+/// one job run at once until the cloud takes the VM.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_attempt_that_ignores_the_notice_is_stopped_before_the_deadline() {
+    let (c, dir) = start().await;
+    let pid_file = dir.path().join("attempt-1.pid");
+    let id = submit_managed(
+        &c,
+        dir.path(),
+        &format!(
+            "resources: {{accelerators: H100:1, use_spot: true, infra: local}}\nrun: |\n  trap 'echo told, staying' USR1\n  if [ \"$NEMBO_ATTEMPT\" = 1 ]; then echo $$ > {pid}; fi\n  echo attempt $NEMBO_ATTEMPT up\n  while :; do sleep 0.2; done\n",
+            pid = pid_file.display()
+        ),
+    );
+    let first = running(&c, &id, 1, "attempt 1 up").await;
+    let pid: i32 = std::fs::read_to_string(&pid_file)
+        .unwrap()
+        .trim()
+        .parse()
+        .unwrap();
+    let noticed = std::time::Instant::now();
+    let out = c.cli(&[
+        "local",
+        "preempt",
+        &first.node_ids[0],
+        "--format",
+        "aws",
+        "--in",
+        "8s",
+    ]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    wait_for(
+        "the job to hear the notice",
+        Duration::from_secs(8),
+        || async {
+            c.logs_so_far(&id)
+                .await
+                .contains("told, staying")
+                .then_some(())
+        },
+    )
+    .await;
+    // It stays past the signal; it is stopped before the deadline.
+    wait_for(
+        "attempt 1 to be stopped",
+        Duration::from_secs(8),
+        || async { (!nembo_tests::alive(pid)).then_some(()) },
+    )
+    .await;
+    assert!(
+        noticed.elapsed() < Duration::from_millis(7_900),
+        "stopped only after the deadline: {:?}",
+        noticed.elapsed()
+    );
+    let second = running(&c, &id, 2, "attempt 2 up").await;
+    assert!(
+        second.attempts[0].message.contains("deadline"),
+        "{:?}",
+        second.attempts[0]
+    );
+    c.cli(&["cancel", &id]);
+}
