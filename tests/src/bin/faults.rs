@@ -201,7 +201,6 @@ fn managed_job(live: &Path, name: &str, secs: u32) -> pb::SubmitJobRequest {
 struct Agents {
     procs: Vec<(String, Child)>,
     root: PathBuf,
-    token_file: PathBuf,
     /// The join token (uses for every node the run makes).
     token: String,
     /// Base URL of a metadata service answering as AWS's, per agent host.
@@ -221,11 +220,9 @@ impl Agents {
         .await
         .expect("join token")
         .token;
-        let token_file = m.root.join("join-token");
         let mut a = Agents {
             procs: Vec::new(),
             root: m.root.clone(),
-            token_file,
             token,
             metadata,
         };
@@ -236,10 +233,13 @@ impl Agents {
     }
 
     fn spawn(&mut self, net: &Net, m: &Members<'_>, host: &str) {
-        // An agent removes the token file once it has enrolled: a fresh
-        // node (after a preemption) needs it again.
-        if !self.token_file.exists() {
-            nembo_tests::write_private(&self.token_file, &self.token);
+        // An agent removes the token file once it has enrolled: each host
+        // has its own (two agents starting at once sharing one raced, one
+        // deleting it before the other had read it), and a fresh node
+        // (after a preemption) needs it again.
+        let token_file = self.root.join(format!("join-token-{host}"));
+        if !token_file.exists() {
+            nembo_tests::write_private(&token_file, &self.token);
         }
         let log = std::fs::OpenOptions::new()
             .create(true)
@@ -258,7 +258,7 @@ impl Agents {
             .arg("--ca-cert")
             .arg(m.root.join("tls/ca.pem"))
             .arg("--join-token-file")
-            .arg(&self.token_file)
+            .arg(&token_file)
             .arg("--work-dir")
             .arg(self.root.join(format!("agent-{host}")))
             .args([
