@@ -51,6 +51,19 @@ pub struct StageIn {
     pub log: PathBuf,
 }
 
+/// Where a mount lands on the node: `~/...` below the job's `HOME` (else the
+/// agent's), an absolute path as it is, anything else below `work`.
+pub fn destination(d: &str, job_home: Option<&str>, work: &Path) -> PathBuf {
+    if let Some(rest) = d.strip_prefix("~/") {
+        let home = job_home
+            .map(str::to_string)
+            .or_else(|| std::env::var("HOME").ok())
+            .unwrap_or_else(|| "/".into());
+        return Path::new(&home).join(rest);
+    }
+    work.join(d)
+}
+
 /// The newest channel to the coordinators, kept by the session.
 pub type Fetcher = watch::Receiver<Option<AgentTlsClient>>;
 
@@ -277,21 +290,7 @@ impl StageIn {
 
     /// Absolute, `~/...` (the job's HOME), or below the work dir.
     fn destination(&self, d: &str) -> PathBuf {
-        if let Some(rest) = d.strip_prefix("~/") {
-            let home = self
-                .env
-                .get("HOME")
-                .cloned()
-                .or_else(|| std::env::var("HOME").ok())
-                .unwrap_or_else(|| "/".into());
-            return Path::new(&home).join(rest);
-        }
-        let p = Path::new(d);
-        if p.is_absolute() {
-            p.to_path_buf()
-        } else {
-            self.work.join(p)
-        }
+        destination(d, self.env.get("HOME").map(String::as_str), &self.work)
     }
 
     fn say(&self, line: &str) {

@@ -656,21 +656,22 @@ impl Owner {
                 job.container_image
             ))
         })?;
-        let home = job
-            .env
-            .get("HOME")
-            .cloned()
-            .or_else(|| std::env::var("HOME").ok())
-            .unwrap_or_else(|| "/".into());
+        let job_dir = std::path::absolute(dir)?;
+        let work = job_dir.join("work");
         let mut shared: Vec<PathBuf> = checkpoint_dir.into_iter().collect();
-        for m in &job.file_mounts {
-            let d = &m.destination;
-            if let Some(rest) = d.strip_prefix("~/") {
-                shared.push(Path::new(&home).join(rest));
-            } else if Path::new(d).is_absolute() {
-                shared.push(PathBuf::from(d));
-            }
-        }
+        // What lands below the work dir is shared with the job's directory.
+        shared.extend(
+            job.file_mounts
+                .iter()
+                .map(|m| {
+                    crate::stagein::destination(
+                        &m.destination,
+                        job.env.get("HOME").map(String::as_str),
+                        &work,
+                    )
+                })
+                .filter(|p| !p.starts_with(&work)),
+        );
         // The wrapper's own settings stay outside.
         const OUTSIDE: [&str; 3] = [
             "NEMBO_CONTACT_FILE",
@@ -702,13 +703,8 @@ impl Owner {
         Ok(crate::container::ContainerRun {
             engine,
             image: job.container_image.clone(),
-            name: crate::container::name(
-                &std::path::absolute(dir)?,
-                &job.job_id,
-                job.attempt,
-                job.rank,
-            ),
-            job_dir: std::path::absolute(dir)?,
+            name: crate::container::name(&job_dir, &job.job_id, job.attempt, job.rank),
+            job_dir,
             shared,
             env_names,
             gpus,
