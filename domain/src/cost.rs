@@ -8,8 +8,11 @@ use crate::state::{JobId, JobState, NodeState, State};
 pub struct NodeCost {
     /// Node.
     pub node_id: String,
-    /// Hours billed: from the provider's launch to the node's end (or now).
+    /// Hours billed: from the provider's launch to the node's end (or
+    /// now), less the time it was stopped.
     pub hours: f64,
+    /// The cluster it belongs to, if any.
+    pub cluster: Option<String>,
     /// `hours x hourly_price`.
     pub cost: f64,
 }
@@ -50,13 +53,17 @@ pub fn report(state: &State, now_ms: i64) -> CostReport {
             NodeState::Terminated | NodeState::Failed => start,
             _ => now_ms,
         });
-        let hours = (end - start).max(0) as f64 / HOUR_MS;
+        // A stopped machine is not billed (its disk is, at a price the
+        // catalogs do not carry).
+        let stopped = n.stopped_ms + n.stopped_since_ms.map_or(0, |since| (end - since).max(0));
+        let hours = (end - start - stopped).max(0) as f64 / HOUR_MS;
         let cost = hours * n.hourly_price;
         out.total += cost;
         out.nodes.push(NodeCost {
             node_id: n.id.clone(),
             hours,
             cost,
+            cluster: n.cluster.clone(),
         });
     }
     for job in state.jobs.values() {
@@ -133,6 +140,7 @@ mod tests {
             opens_ports: false,
             ports_per_node: false,
             custom_images: false,
+            can_stop: false,
             instance_type: "h100-8".into(),
             resources,
             hourly_price: 16.0,

@@ -26,7 +26,7 @@ pub struct Choice<'a> {
 }
 
 /// Whether a candidate's `infra` and `instance_type` admit this place and type.
-fn place_matches(
+pub fn place_matches(
     c: &ResourceCandidate,
     provider: &str,
     region: &str,
@@ -436,6 +436,7 @@ mod tests {
                     opens_ports: false,
                     ports_per_node: false,
                     custom_images: false,
+                    can_stop: false,
                     instance_type: format!("t{}", i % 40),
                     resources,
                     hourly_price: price,
@@ -685,6 +686,7 @@ mod tests {
                 opens_ports: false,
                 ports_per_node: false,
                 custom_images: false,
+                can_stop: false,
                 instance_type: t.into(),
                 resources,
                 hourly_price: price,

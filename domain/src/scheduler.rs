@@ -77,6 +77,28 @@ fn place_avoiding(
     } else {
         (offerings, avoid)
     };
+    let cluster = spec.cluster.as_ref().map(|t| t.name.as_str());
+    // A cluster's jobs go to its nodes; only its first task provisions them,
+    // as many as the cluster has.
+    let mut count = spec.num_nodes;
+    if let Some(name) = cluster {
+        let c = state.clusters.get(name)?;
+        if c.stopped {
+            return None;
+        }
+        let provisioning = state.placed_jobs().any(|j| {
+            j.spec.cluster.as_ref().is_some_and(|t| t.name == name) && !j.reserved_nodes.is_empty()
+        });
+        if state.cluster_nodes(c).next().is_some() || provisioning {
+            return (0..spec.resources.candidates.len()).find_map(|i| {
+                existing_nodes(state, spec, i, round, avoid).map(|nodes| Placement::Existing {
+                    candidate: i,
+                    node_ids: nodes,
+                })
+            });
+        }
+        count = c.num_nodes.max(spec.num_nodes);
+    }
     let mut ranked: Option<Vec<crate::optimizer::Choice<'_>>> = None;
     let mut best_new = |candidate: Option<usize>| {
         let choices = ranked.get_or_insert_with(|| rank(spec, offerings, &state.blocked, now_ms));
@@ -87,7 +109,7 @@ fn place_avoiding(
                 candidate: c.candidate,
                 offering: c.offering.clone(),
                 spot: c.spot,
-                count: spec.num_nodes,
+                count,
             })
     };
     for i in 0..spec.resources.candidates.len() {
@@ -134,7 +156,20 @@ fn existing_nodes(
 ) -> Option<Vec<String>> {
     let c = &spec.resources.candidates[candidate];
     let mut chosen = Vec::new();
-    for node in state.nodes.values() {
+    let cluster = spec.cluster.as_ref().map(|t| t.name.as_str());
+    // A cluster's nodes in rank order, head first; otherwise every node.
+    let listed: Option<Vec<&crate::state::Node>> = cluster
+        .and_then(|name| state.clusters.get(name))
+        .map(|cl| state.cluster_nodes(cl).collect())
+        .filter(|v: &Vec<_>| !v.is_empty());
+    let nodes: Box<dyn Iterator<Item = &crate::state::Node>> = match listed {
+        Some(v) => Box::new(v.into_iter()),
+        None => Box::new(state.nodes.values()),
+    };
+    for node in nodes {
+        if state.node_serves(node, cluster).is_err() {
+            continue;
+        }
         let reserved = state.reserved_by(&node.id).is_some() && !round.released.contains(&node.id);
         let usable = node.state == NodeState::Ready
             && node.unhealthy.is_none()
@@ -161,6 +196,7 @@ fn existing_nodes(
             opens_ports: false,
             ports_per_node: false,
             custom_images: false,
+            can_stop: false,
         };
         let shape_ok = node.fixed_machine
             || match &c.accelerator {
@@ -205,11 +241,62 @@ fn existing_nodes(
 pub struct Policy {
     /// Most nodes that may exist (not terminated or failed) at once.
     pub max_nodes: u32,
+    /// A node of no cluster (a managed job's, or a shared fixed machine no
+    /// running cluster lists) idle this long is released, ms.
+    pub pool_idle_ms: i64,
 }
+
+/// Five minutes: long enough for the next job of a burst to reuse a node,
+/// short enough that a forgotten one costs little.
+pub const POOL_IDLE_MS: i64 = 5 * 60 * 1000;
 
 impl Default for Policy {
     fn default() -> Self {
-        Self { max_nodes: 64 }
+        Self {
+            max_nodes: 64,
+            pool_idle_ms: POOL_IDLE_MS,
+        }
+    }
+}
+
+/// Clusters idle past their autostop window, and nodes of no cluster idle
+/// past the pool's: what autostop and the pool's reaper propose now.
+fn idle_commands(state: &State, policy: Policy, now_ms: i64, out: &mut Vec<Command>) {
+    for c in state.clusters.values() {
+        if state.autostop_due(c, now_ms) {
+            out.push(Command::AutostopCluster {
+                name: c.name.clone(),
+                at_ms: now_ms,
+            });
+        }
+    }
+    let held: std::collections::BTreeSet<&str> = state
+        .clusters
+        .values()
+        .filter(|c| !c.stopped)
+        .flat_map(|c| c.node_ids.iter().map(String::as_str))
+        .collect();
+    let idle: Vec<String> = state
+        .nodes
+        .values()
+        .filter(|n| {
+            n.state == NodeState::Ready
+                && n.cluster.is_none()
+                && n.provider != crate::state::MANUAL_PROVIDER
+                && !held.contains(n.id.as_str())
+                && n.last_busy_ms
+                    .or(n.launched_at_ms)
+                    .is_some_and(|t| now_ms - t >= policy.pool_idle_ms)
+                && state.reserved_by(&n.id).is_none()
+                && state.jobs_on(&n.id).is_empty()
+        })
+        .map(|n| n.id.clone())
+        .collect();
+    if !idle.is_empty() {
+        out.push(Command::TerminateNodes {
+            node_ids: idle,
+            at_ms: now_ms,
+        });
     }
 }
 
@@ -217,6 +304,7 @@ impl Default for Policy {
 /// room, and provisioning intents where nothing fits. Oldest job first.
 pub fn plan(state: &State, offerings: &[Offering], policy: Policy, now_ms: i64) -> Vec<Command> {
     let mut out = Vec::new();
+    idle_commands(state, policy, now_ms, &mut out);
     // A node whose cloud's deadline has passed is gone, whether or not its
     // heartbeats have stopped yet: its ranks are lost and it is released.
     for n in state.nodes.values() {
@@ -472,6 +560,7 @@ fn candidate_for_nodes(state: &State, spec: &TaskSpec, nodes: &[String]) -> usiz
         opens_ports: false,
         ports_per_node: false,
         custom_images: false,
+        can_stop: false,
     };
     spec.resources
         .candidates
@@ -519,6 +608,7 @@ mod tests {
                 opens_ports: false,
                 ports_per_node: false,
                 custom_images: false,
+                can_stop: false,
             }
         };
         vec![
@@ -869,9 +959,26 @@ mod tests {
                 at_ms: 0,
             });
         }
-        let p = plan(&s, &offerings(), Policy { max_nodes: 2 }, 1);
+        let p = plan(
+            &s,
+            &offerings(),
+            Policy {
+                max_nodes: 2,
+                ..Policy::default()
+            },
+            1,
+        );
         assert_eq!(p.len(), 2, "{p:?}");
-        assert!(plan(&s, &offerings(), Policy { max_nodes: 0 }, 1).is_empty());
+        assert!(plan(
+            &s,
+            &offerings(),
+            Policy {
+                max_nodes: 0,
+                ..Policy::default()
+            },
+            1
+        )
+        .is_empty());
     }
 
     // ---- managed jobs -------------------------------------------------
@@ -1221,6 +1328,7 @@ mod tests {
             opens_ports: false,
             ports_per_node: false,
             custom_images: false,
+            can_stop: false,
         }]
     }
 

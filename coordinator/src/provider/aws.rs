@@ -94,6 +94,7 @@ impl AwsProvider {
                 ports_per_node: true,
                 // `image_id`: an AMI per region, or one for all.
                 custom_images: true,
+                can_stop: true,
                 ..o
             })
             .collect();

@@ -91,6 +91,7 @@ fn row(provider: &str, line: &str, with_disk: bool) -> Result<Offering, String> 
         opens_ports: false,
         ports_per_node: false,
         custom_images: false,
+        can_stop: false,
     })
 }
 

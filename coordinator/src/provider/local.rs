@@ -223,6 +223,7 @@ impl LocalProvider {
             opens_ports: false,
             ports_per_node: false,
             custom_images: false,
+            can_stop: true,
         }
     }
 
@@ -277,6 +278,7 @@ impl LocalProvider {
                         opens_ports: false,
                         ports_per_node: false,
                         custom_images: false,
+                        can_stop: true,
                     }
                 })
             })

@@ -97,6 +97,7 @@ impl SeewebProvider {
                 opens_ports: true,
                 ports_per_node: false,
                 custom_images: false,
+                can_stop: false,
                 ..o
             })
             .collect();
@@ -395,6 +396,7 @@ impl SeewebProvider {
                     opens_ports: false,
                     ports_per_node: false,
                     custom_images: false,
+                    can_stop: false,
                 });
             }
         }

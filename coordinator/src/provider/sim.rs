@@ -302,6 +302,7 @@ impl Provider for SimProvider {
                     opens_ports: true,
                     ports_per_node: false,
                     custom_images: false,
+                    can_stop: false,
                     instance_type: t.name.clone(),
                     resources: Resources {
                         accelerators,

@@ -286,6 +286,7 @@ impl Provider for SshProvider {
                     opens_ports: false,
                     ports_per_node: false,
                     custom_images: false,
+                    can_stop: false,
                 }
             })
             .collect()

@@ -157,6 +157,29 @@ pub enum Command {
     /// An admin cut a node off: its certificates are refused, its ranks
     /// are lost (managed jobs recover elsewhere) and it is terminated.
     RevokeNode { node_id: String, at_ms: i64 },
+    /// Stop a cluster's nodes, keeping their disks; its jobs are cancelled.
+    StopCluster { name: String, at_ms: i64 },
+    /// Start a stopped cluster's nodes again.
+    StartCluster { name: String, at_ms: i64 },
+    /// Tear a cluster down: its jobs are cancelled, its nodes terminated.
+    DownCluster { name: String, at_ms: i64 },
+    /// Set (or, with none, cancel) a cluster's autostop.
+    SetAutostop {
+        name: String,
+        autostop: Option<crate::task::Autostop>,
+        at_ms: i64,
+    },
+    /// The leader found the cluster idle past its autostop window: apply
+    /// checks that again at `at_ms`, then stops or tears it down.
+    AutostopCluster { name: String, at_ms: i64 },
+    /// The provider stopped a node (its `Stopping` intent was committed).
+    NodeStopped { node_id: String, at_ms: i64 },
+    /// A `nembo ssh` session on the cluster opened or closed.
+    SshSession {
+        name: String,
+        open: bool,
+        at_ms: i64,
+    },
     /// Users, join tokens, audit records.
     Access(crate::access::AccessCommand),
     /// A client's change and its audit record, in one entry: applied, then

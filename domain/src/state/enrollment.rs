@@ -110,6 +110,11 @@ impl State {
                     ports_open: false,
                     opened_ports: None,
                     image_id: None,
+                    cluster: None,
+                    stoppable: false,
+                    stopped_ms: 0,
+                    stopped_since_ms: None,
+                    last_busy_ms: None,
                 },
             );
         }

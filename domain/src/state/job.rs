@@ -184,6 +184,9 @@ impl State {
                 };
             }
         }
+        if let Err(refused) = self.submit_to_cluster(spec, owner, at_ms) {
+            return refused;
+        }
         self.last_job_id += 1;
         let id = self.last_job_id;
         self.jobs.insert(
@@ -273,6 +276,9 @@ impl State {
             if let Some(why) = &node.unhealthy {
                 return conflict(format!("node {id} is unhealthy: {why}"));
             }
+            if let Err(why) = self.node_serves(node, job.spec.cluster.as_ref().map(|t| &*t.name)) {
+                return conflict(why);
+            }
             if let Some(other) = self.reserved_by(id) {
                 if other != job_id {
                     return conflict(format!("node {id} is reserved for job {other}"));
@@ -303,6 +309,25 @@ impl State {
         job.state = JobState::Starting;
         job.reserved_nodes.clear();
         job.message.clear();
+        let cluster = job.spec.cluster.as_ref().map(|t| t.name.clone());
+        for id in node_ids {
+            if let Some(n) = self.nodes.get_mut(id) {
+                n.last_busy_ms = Some(at_ms);
+            }
+        }
+        // A cluster placed on a shared fixed machine lists it from its first task.
+        if let Some(name) = cluster {
+            let fresh = self
+                .clusters
+                .get(&name)
+                .is_some_and(|c| self.cluster_nodes(c).next().is_none());
+            if let Some(c) = self.clusters.get_mut(&name).filter(|_| fresh) {
+                c.node_ids = node_ids.to_vec();
+            }
+        }
+        let Some(job) = self.jobs.get_mut(&job_id).map(Arc::make_mut) else {
+            return Outcome::Applied;
+        };
         if let Some(m) = job.managed.as_mut() {
             m.event(
                 at_ms,
@@ -356,6 +381,14 @@ impl State {
         outcome: &RankOutcome,
         at_ms: i64,
     ) -> Outcome {
+        let busy_node = self
+            .jobs
+            .get(&job_id)
+            .and_then(|j| j.attempts.iter().find(|a| a.number == attempt))
+            .and_then(|a| a.node_ids.get(rank as usize).cloned());
+        if let Some(n) = busy_node.and_then(|id| self.nodes.get_mut(&id)) {
+            n.last_busy_ms = Some(n.last_busy_ms.unwrap_or(at_ms).max(at_ms));
+        }
         let Some(job) = self.jobs.get_mut(&job_id).map(Arc::make_mut) else {
             return Outcome::Rejected(Rejection::NoSuchJob(job_id));
         };

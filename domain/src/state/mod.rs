@@ -20,12 +20,14 @@ use serde::{Deserialize, Serialize};
 
 use crate::task::TaskSpec;
 
+mod cluster;
 mod command;
 mod enrollment;
 mod job;
 mod managed;
 mod node;
 
+pub use cluster::*;
 pub use command::*;
 pub use enrollment::*;
 pub use job::*;
@@ -55,7 +57,9 @@ impl Rejection {
     /// The gRPC code name the API answers it with, for the audit trail.
     pub fn code_name(&self) -> &'static str {
         match self {
-            Rejection::NoSuchJob(_) | Rejection::NoSuchNode(_) => "NotFound",
+            Rejection::NoSuchJob(_) | Rejection::NoSuchNode(_) | Rejection::NoSuchCluster(_) => {
+                "NotFound"
+            }
             Rejection::Conflict(_) => "FailedPrecondition",
         }
     }
@@ -70,6 +74,8 @@ pub enum Rejection {
     NoSuchJob(JobId),
     #[error("node {0} not found")]
     NoSuchNode(String),
+    #[error("cluster {0} not found")]
+    NoSuchCluster(String),
     /// The command is stale or does not fit (e.g. a node already taken).
     #[error("{0}")]
     Conflict(String),
@@ -101,6 +107,9 @@ pub struct State {
     /// Users, join tokens and the audit trail.
     #[serde(default)]
     pub access: crate::access::Access,
+    /// Named clusters by name.
+    #[serde(default)]
+    pub clusters: BTreeMap<String, Cluster>,
     /// Derived from `jobs` (rebuilt on load, never stored): PENDING jobs,
     /// which the scheduler scans.
     #[serde(skip)]
@@ -123,6 +132,8 @@ struct StateOnDisk {
     blocked: BTreeMap<String, Block>,
     #[serde(default)]
     access: crate::access::Access,
+    #[serde(default)]
+    clusters: BTreeMap<String, Cluster>,
 }
 
 impl From<StateOnDisk> for State {
@@ -136,6 +147,7 @@ impl From<StateOnDisk> for State {
             last_node_seq: d.last_node_seq,
             blocked: d.blocked,
             access: d.access,
+            clusters: d.clusters,
             queued: imbl::OrdSet::new(),
             placed: imbl::OrdSet::new(),
         };
@@ -232,6 +244,15 @@ impl State {
 
     /// Puts job `id` in the indexes its current state calls for.
     fn reindex(&mut self, id: JobId) {
+        if let Some(j) = self.jobs.get(&id).filter(|j| j.spec.cluster.is_some()) {
+            let ended = self.active.contains(&id)
+                && j.state.is_terminal()
+                && j.attempt_holding_ranks().is_none();
+            if ended {
+                let j = j.clone();
+                self.note_cluster_job_ended(&j.spec, j.ended_at_ms);
+            }
+        }
         let (live, queued, placed) = match self.jobs.get(&id) {
             None => (false, false, false),
             Some(j) => {
@@ -286,6 +307,10 @@ impl State {
                 .iter()
                 .flat_map(|n| self.jobs_on_or_reserving(n))
                 .collect(),
+            Command::NodeStopped { node_id, .. } => self.jobs_on_or_reserving(node_id),
+            Command::StopCluster { name, .. }
+            | Command::DownCluster { name, .. }
+            | Command::AutostopCluster { name, .. } => self.cluster_jobs_touched(name),
             Command::CancelJob { job_id, .. }
             | Command::ProvisionNodes { job_id, .. }
             | Command::AssignJob { job_id, .. }
@@ -297,6 +322,9 @@ impl State {
             | Command::NodeUp { .. }
             | Command::EnrollNode { .. }
             | Command::Access(_)
+            | Command::StartCluster { .. }
+            | Command::SetAutostop { .. }
+            | Command::SshSession { .. }
             | Command::Audited { .. } => Vec::new(),
         };
         let outcome = self.apply_inner(cmd);
@@ -307,6 +335,18 @@ impl State {
             self.reindex(id);
         }
         outcome
+    }
+
+    /// Jobs a cluster-wide command can end: its active jobs, and those on
+    /// or reserving its nodes.
+    fn cluster_jobs_touched(&self, name: &str) -> Vec<JobId> {
+        let mut v: Vec<JobId> = self.cluster_active_jobs(name).map(|j| j.id).collect();
+        if let Some(c) = self.clusters.get(name) {
+            for n in &c.node_ids {
+                v.extend(self.jobs_on_or_reserving(n));
+            }
+        }
+        v
     }
 
     fn jobs_on_or_reserving(&self, node_id: &str) -> Vec<JobId> {
@@ -410,6 +450,13 @@ impl State {
             // Handled in apply, before the indexes are touched.
             Command::Audited { command, .. } => self.apply_inner(command),
             Command::Access(c) => self.apply_access(c),
+            Command::StopCluster { .. }
+            | Command::StartCluster { .. }
+            | Command::DownCluster { .. }
+            | Command::SetAutostop { .. }
+            | Command::AutostopCluster { .. }
+            | Command::NodeStopped { .. }
+            | Command::SshSession { .. } => self.apply_cluster(cmd),
         }
     }
 

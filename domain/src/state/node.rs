@@ -70,6 +70,13 @@ pub enum NodeState {
     Terminated,
     /// The provider could not launch it.
     Failed,
+    /// Its cluster is stopping: the provider is asked to stop it (disk kept).
+    Stopping,
+    /// Stopped (disk kept, not billed).
+    Stopped,
+    /// Its cluster is starting: the provider is asked to start it, and its
+    /// agent comes back with its identity.
+    Starting,
 }
 
 impl NodeState {
@@ -158,6 +165,23 @@ pub struct Node {
     /// The VM image it was booted from, when the task named one.
     #[serde(default)]
     pub image_id: Option<String>,
+    /// The cluster it belongs to alone; none for a node of no cluster, or
+    /// a fixed machine that clusters share.
+    #[serde(default)]
+    pub cluster: Option<String>,
+    /// Its provider can stop it and start it again, keeping its disk.
+    #[serde(default)]
+    pub stoppable: bool,
+    /// Time spent stopped before the current stop, ms: not billed.
+    #[serde(default)]
+    pub stopped_ms: i64,
+    /// When its current stop began.
+    #[serde(default)]
+    pub stopped_since_ms: Option<i64>,
+    /// When it last had a job assigned or a rank end: a node of no cluster
+    /// idle long enough is released.
+    #[serde(default)]
+    pub last_busy_ms: Option<i64>,
 }
 
 /// A provider's machine shape in a region, with its price.
@@ -206,6 +230,10 @@ pub struct Offering {
     /// Its nodes can boot a VM image the task names (`image_id`).
     #[serde(default)]
     pub custom_images: bool,
+    /// Its on-demand nodes can be stopped and started again, disk kept
+    /// (spot ones never: AWS and Azure refuse).
+    #[serde(default)]
+    pub can_stop: bool,
 }
 
 impl Offering {
@@ -337,6 +365,18 @@ impl State {
         if !(job.state == JobState::Pending || recovering) || !job.reserved_nodes.is_empty() {
             return conflict(format!("job {job_id} is not waiting for a place"));
         }
+        // A cluster's first task provisions its nodes, which are then the
+        // cluster's alone.
+        let cluster = job.spec.cluster.as_ref().map(|t| t.name.clone());
+        if let Some(name) = &cluster {
+            match self.clusters.get(name) {
+                None => return conflict(format!("cluster {name} is gone")),
+                Some(c) if self.cluster_nodes(c).next().is_some() => {
+                    return conflict(format!("cluster {name} has its nodes already"))
+                }
+                Some(_) => {}
+            }
+        }
         let mut ids = Vec::new();
         for _ in 0..count {
             self.last_node_seq += 1;
@@ -376,9 +416,17 @@ impl State {
                         .ports_per_node
                         .then(|| disk.map(|c| c.ports.clone()).unwrap_or_default()),
                     image_id: disk.and_then(|c| c.image_for(&offering.region)),
+                    cluster: cluster.clone(),
+                    stoppable: offering.can_stop && !spot,
+                    stopped_ms: 0,
+                    stopped_since_ms: None,
+                    last_busy_ms: None,
                 },
             );
             ids.push(id);
+        }
+        if let Some(c) = cluster.as_ref().and_then(|n| self.clusters.get_mut(n)) {
+            c.node_ids = ids.clone();
         }
         if let Some(job) = self.jobs.get_mut(&job_id).map(Arc::make_mut) {
             // A recovering job stays RECOVERING: its old attempt may still run.
@@ -502,7 +550,7 @@ impl State {
             return Outcome::Rejected(Rejection::NoSuchNode(node_id.to_string()));
         };
         match node.state {
-            NodeState::Provisioning | NodeState::Lost | NodeState::Ready => {
+            NodeState::Provisioning | NodeState::Lost | NodeState::Ready | NodeState::Starting => {
                 node.state = NodeState::Ready;
                 node.address = address.to_string();
                 node.public_address = public.to_string();
@@ -595,6 +643,9 @@ impl State {
         };
         node.state = NodeState::Terminated;
         node.ended_at_ms.get_or_insert(at_ms);
+        if let Some(since) = node.stopped_since_ms.take() {
+            node.stopped_ms += (at_ms - since).max(0);
+        }
         let msg = format!("node {node_id} terminated");
         self.fail_ranks_on(node_id, &msg, at_ms);
         Outcome::Applied

@@ -29,6 +29,7 @@ fn offering(gpus: f64) -> Offering {
         opens_ports: false,
         ports_per_node: false,
         custom_images: false,
+        can_stop: false,
     }
 }
 

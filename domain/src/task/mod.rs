@@ -33,8 +33,8 @@ pub use values::*;
 pub use resources::container_image;
 use resources::parse_resources;
 use sections::{
-    parse_checkpoint, parse_env_map, parse_env_nulls, parse_job_recovery, parse_num_nodes,
-    parse_workdir, CollectEnvs,
+    parse_autostop, parse_checkpoint, parse_env_map, parse_env_nulls, parse_job_recovery,
+    parse_num_nodes, parse_workdir, CollectEnvs,
 };
 use yaml::{as_map, check_keys, key_str, opt_string, scalar_string};
 
@@ -124,6 +124,124 @@ pub struct TaskSpec {
     /// Extra flags for the container engine (`config.docker.run_options`).
     #[serde(default)]
     pub docker_run_options: Vec<String>,
+    /// `resources.autostop`: none when the task does not say.
+    #[serde(default)]
+    pub autostop: Option<AutostopSetting>,
+    /// The named cluster it runs on (`launch -c`, `exec`). Set by the API,
+    /// never by the YAML; none: anywhere with room (managed jobs).
+    #[serde(default)]
+    pub cluster: Option<ClusterTarget>,
+}
+
+/// The cluster a task was sent to.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ClusterTarget {
+    /// Its name.
+    pub name: String,
+    /// `exec`: the cluster must exist (and be up); else `launch`, which
+    /// creates it or starts it again.
+    pub exec: bool,
+}
+
+/// `resources.autostop` as written: off (`false`), or on.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum AutostopSetting {
+    /// `false`: no autostop (and an existing setting is cancelled).
+    Off,
+    /// Any other form.
+    On(Autostop),
+}
+
+impl Autostop {
+    /// `30m`, `90s`: the window as a user reads it.
+    pub fn window(&self) -> String {
+        if self.idle_s % 60 == 0 {
+            format!("{}m", self.idle_s / 60)
+        } else {
+            format!("{}s", self.idle_s)
+        }
+    }
+
+    /// Parses an idle window: minutes (`30`), or a number with a unit
+    /// (`s`, `m`, `h`, `d`, `w`; SkyPilot has all but `s`). Zero is one
+    /// minute, as SkyPilot's launch makes it.
+    pub fn parse_window(s: &str) -> Option<u64> {
+        let s = s.trim();
+        let (digits, unit) = match s.char_indices().last() {
+            Some((i, c)) if c.is_ascii_alphabetic() => (&s[..i], c),
+            _ => (s, 'm'),
+        };
+        if digits.is_empty() || !digits.bytes().all(|b| b.is_ascii_digit()) {
+            return None;
+        }
+        let n: u64 = digits.parse().ok()?;
+        let per = match unit {
+            's' => 1,
+            'm' => 60,
+            'h' => 3600,
+            'd' => 86_400,
+            'w' => 604_800,
+            _ => return None,
+        };
+        let secs = n.checked_mul(per)?;
+        // A year is past any idle window anyone means.
+        (secs <= 366 * 86_400).then_some(if secs == 0 { 60 } else { secs })
+    }
+}
+
+impl AutostopSetting {
+    /// The setting a cluster keeps.
+    pub fn enabled(&self) -> Option<Autostop> {
+        match self {
+            AutostopSetting::Off => None,
+            AutostopSetting::On(a) => Some(a.clone()),
+        }
+    }
+}
+
+/// Stop (or tear down) a cluster once it has been idle this long.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Autostop {
+    /// Idle seconds before it acts (SkyPilot counts minutes; the YAML and
+    /// `-i` take minutes, and Nembo also takes `30s`).
+    pub idle_s: u64,
+    /// Tear down (terminate) rather than stop.
+    pub down: bool,
+    /// What counts as activity.
+    pub wait_for: WaitFor,
+}
+
+/// `autostop.wait_for`: what keeps a cluster from being idle.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
+pub enum WaitFor {
+    /// Jobs and `nembo ssh` sessions (SkyPilot's default).
+    #[default]
+    JobsAndSsh,
+    /// Jobs only.
+    Jobs,
+    /// Nothing: a hard limit from the last reset, even while jobs run.
+    None,
+}
+
+impl WaitFor {
+    /// SkyPilot's spelling.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            WaitFor::JobsAndSsh => "jobs_and_ssh",
+            WaitFor::Jobs => "jobs",
+            WaitFor::None => "none",
+        }
+    }
+
+    /// Parses SkyPilot's spelling.
+    pub fn parse(s: &str) -> Option<WaitFor> {
+        match s {
+            "jobs_and_ssh" => Some(WaitFor::JobsAndSsh),
+            "jobs" => Some(WaitFor::Jobs),
+            "none" => Some(WaitFor::None),
+            _ => None,
+        }
+    }
 }
 
 /// Where a managed job goes after a preemption.
@@ -212,6 +330,34 @@ pub struct ResourceCandidate {
 }
 
 impl ResourceCandidate {
+    /// `aws/us-east-1 H100:8 cpus=8+ [spot]`: what it asks, in a few words.
+    pub fn summary(&self) -> String {
+        let mut parts: Vec<String> = Vec::new();
+        if !self.infra.is_any() {
+            parts.push(self.infra.to_string());
+        }
+        if let Some(t) = &self.instance_type {
+            parts.push(t.clone());
+        }
+        if let Some(a) = &self.accelerator {
+            parts.push(a.to_string());
+        }
+        if let Some(c) = &self.cpus {
+            parts.push(format!("cpus={c}"));
+        }
+        if let Some(m) = &self.memory {
+            parts.push(format!("memory={m}"));
+        }
+        if self.use_spot {
+            parts.push("[spot]".into());
+        }
+        if parts.is_empty() {
+            "any".into()
+        } else {
+            parts.join(" ")
+        }
+    }
+
     /// The VM image this candidate asks for in `region`, if any.
     pub fn image_for(&self, region: &str) -> Option<String> {
         self.image_id
@@ -388,6 +534,10 @@ pub fn parse_task_yaml(yaml: &str, env_overrides: &BTreeMap<String, String>) -> 
                 spec.resources = parse_resources(v)?;
                 spec.recovery = match v.as_mapping().and_then(|m| m.get("job_recovery")) {
                     Some(r) => parse_job_recovery(r)?,
+                    None => None,
+                };
+                spec.autostop = match v.as_mapping().and_then(|m| m.get("autostop")) {
+                    Some(a) => parse_autostop(a, "resources.autostop")?,
                     None => None,
                 };
             }

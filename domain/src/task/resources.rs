@@ -32,14 +32,9 @@ const RESOURCE_SUPPORTED: &[&str] = &[
     "ordered",
     "job_recovery",
     "network_tier",
-];
-const RESOURCE_NOT_YET: &[&str] = &[
     "autostop",
-    "priority",
-    "volumes",
-    "accelerator_args",
-    "local_disk",
 ];
+const RESOURCE_NOT_YET: &[&str] = &["priority", "volumes", "accelerator_args", "local_disk"];
 
 /// The fields of one `resources` block (or one `any_of`/`ordered` entry),
 /// before accelerators are expanded into candidates.
@@ -185,7 +180,12 @@ pub(super) fn parse_resources(v: &Value) -> Result<ResourceRequest> {
                 let nested: Vec<&str> = RESOURCE_SUPPORTED
                     .iter()
                     .copied()
-                    .filter(|k| !matches!(*k, "any_of" | "ordered" | "labels" | "job_recovery"))
+                    .filter(|k| {
+                        !matches!(
+                            *k,
+                            "any_of" | "ordered" | "labels" | "job_recovery" | "autostop"
+                        )
+                    })
                     .collect();
                 check_keys(imap, &ipath, &nested, RESOURCE_NOT_YET)?;
                 let over = parse_partial(imap, &ipath)?;

@@ -8,7 +8,8 @@ use yaml_serde::Value;
 use super::validation::{check_checkpoint, check_env_name};
 use super::yaml::{as_map, check_keys, key_str, kind, scalar_string, show};
 use super::{
-    Checkpoint, GitWorkdir, JobRecovery, RecoveryStrategy, Result, SpecError, MAX_NUM_NODES,
+    Autostop, AutostopSetting, Checkpoint, GitWorkdir, JobRecovery, RecoveryStrategy, Result,
+    SpecError, WaitFor, MAX_NUM_NODES,
 };
 
 pub(super) trait CollectEnvs {
@@ -215,6 +216,88 @@ pub(super) fn parse_job_recovery(v: &Value) -> Result<Option<JobRecovery>> {
         other => Err(SpecError::new(
             PATH,
             format!("expected a strategy or a mapping, got {}", kind(other)),
+        )),
+    }
+}
+
+/// `resources.autostop`: `false`, `true` (5 minutes, as SkyPilot's docs
+/// say), minutes, a window string (`30m`, `2h`), or `{idle_minutes, down,
+/// wait_for}`. Any mapping turns it on.
+pub(super) fn parse_autostop(v: &Value, path: &str) -> Result<Option<AutostopSetting>> {
+    const DEFAULT_IDLE_S: u64 = 5 * 60;
+    let window = |v: &Value, path: &str| -> Result<u64> {
+        let text = match v {
+            Value::Number(n) if n.as_u64().is_some() => n.to_string(),
+            Value::String(s) => s.clone(),
+            other => {
+                return Err(SpecError::new(
+                    path,
+                    format!(
+                        "expected minutes (e.g. 30) or a window (30m, 2h), got {}",
+                        show(other)
+                    ),
+                ))
+            }
+        };
+        Autostop::parse_window(&text).ok_or_else(|| {
+            SpecError::new(
+                path,
+                format!("expected minutes (e.g. 30) or a window (30s, 30m, 2h, 1d), got '{text}'"),
+            )
+        })
+    };
+    let on = |idle_s| {
+        Some(AutostopSetting::On(Autostop {
+            idle_s,
+            down: false,
+            wait_for: WaitFor::default(),
+        }))
+    };
+    match v {
+        Value::Null => Ok(None),
+        Value::Bool(false) => Ok(Some(AutostopSetting::Off)),
+        Value::Bool(true) => Ok(on(DEFAULT_IDLE_S)),
+        Value::Number(_) | Value::String(_) => Ok(on(window(v, path)?)),
+        Value::Mapping(m) => {
+            check_keys(
+                m,
+                path,
+                &["idle_minutes", "down", "wait_for"],
+                &["hook", "hook_timeout"],
+            )?;
+            let mut a = Autostop {
+                idle_s: DEFAULT_IDLE_S,
+                down: false,
+                wait_for: WaitFor::default(),
+            };
+            if let Some(i) = m.get("idle_minutes").filter(|v| !v.is_null()) {
+                a.idle_s = window(i, &format!("{path}.idle_minutes"))?;
+            }
+            if let Some(d) = m.get("down").filter(|v| !v.is_null()) {
+                a.down = d.as_bool().ok_or_else(|| {
+                    SpecError::new(
+                        format!("{path}.down"),
+                        format!("expected true or false, got {}", show(d)),
+                    )
+                })?;
+            }
+            if let Some(w) = m.get("wait_for").filter(|v| !v.is_null()) {
+                let p = format!("{path}.wait_for");
+                a.wait_for = w.as_str().and_then(WaitFor::parse).ok_or_else(|| {
+                    SpecError::new(
+                        &p,
+                        format!("expected jobs_and_ssh, jobs or none, got {}", show(w)),
+                    )
+                })?;
+            }
+            Ok(Some(AutostopSetting::On(a)))
+        }
+        other => Err(SpecError::new(
+            path,
+            format!(
+                "expected true, false, minutes or a mapping, got {}",
+                kind(other)
+            ),
         )),
     }
 }

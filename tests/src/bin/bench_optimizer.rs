@@ -58,6 +58,7 @@ fn catalog(n: usize) -> Vec<Offering> {
                                 opens_ports: false,
                                 ports_per_node: false,
                                 custom_images: false,
+                                can_stop: false,
                                 instance_type: format!(
                                     "{}-{}x-{}",
                                     gpu.to_lowercase(),
