@@ -118,6 +118,7 @@ async fn run(dir: &Path) -> Result<i32> {
         env_overrides: Default::default(),
         managed: true,
         uploads: Default::default(),
+        ..Default::default()
     };
     let id = connect::call(
         &client,

@@ -38,8 +38,61 @@ pub struct LaunchArgs {
     /// Retrying with the same key never creates a second job.
     #[arg(long)]
     idempotency_key: Option<String>,
+    /// The cluster to create, or to run on if it exists (started again if
+    /// stopped). Without it, a new cluster with a made-up name.
+    #[arg(short = 'c', long = "cluster", value_name = "NAME")]
+    cluster: Option<String>,
+    /// Autostop the cluster after this many idle minutes (`30`, or `90s`,
+    /// `2h`); overrides the task's `resources.autostop`.
+    #[arg(short = 'i', long = "idle-minutes-to-autostop", value_name = "MINUTES")]
+    idle_minutes: Option<String>,
+    /// Tear the cluster down rather than stop it when idle (alone: after 1
+    /// idle minute, as SkyPilot's `--down`).
+    #[arg(long)]
+    down: bool,
+    /// What keeps the cluster from being idle: jobs_and_ssh (default),
+    /// jobs, or none (a hard limit).
+    #[arg(long, value_parser = ["jobs_and_ssh", "jobs", "none"])]
+    wait_for: Option<String>,
     #[command(flatten)]
     overrides: crate::overrides::Overrides,
+}
+
+impl LaunchArgs {
+    /// Runs on this cluster (`nembo exec NAME`).
+    pub fn set_cluster(&mut self, name: String) {
+        self.cluster = Some(name);
+    }
+
+    /// The autostop the launch line asks for, if it asks for one.
+    fn autostop(&self) -> Result<Option<pb::AutostopSetting>> {
+        if self.idle_minutes.is_none() && !self.down && self.wait_for.is_none() {
+            return Ok(None);
+        }
+        let idle_seconds = match &self.idle_minutes {
+            Some(w) => nembo_domain::task::Autostop::parse_window(w)
+                .with_context(|| format!("-i {w}: expected minutes (30), or 90s, 2h, 1d"))?,
+            None if self.down => 60,
+            None => bail!("--wait-for needs -i MINUTES"),
+        };
+        Ok(Some(pb::AutostopSetting {
+            disabled: false,
+            idle_seconds,
+            down: self.down,
+            wait_for: self.wait_for.clone().unwrap_or_default(),
+        }))
+    }
+}
+
+/// Where a launch runs.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub enum Mode {
+    /// `nembo launch`: on a cluster (named, or made up).
+    Launch,
+    /// `nembo exec NAME`: on an existing cluster, skipping setup.
+    Exec,
+    /// `nembo jobs launch`: a managed job, wherever there is room.
+    Managed,
 }
 
 /// Reads the task (a file, or an inline command), applies the launch
@@ -90,10 +143,21 @@ pub(crate) fn ms(t: &Option<nembo_proto::prost_types::Timestamp>) -> i64 {
 
 /// Every job, in full (tasks redacted as the caller may see them).
 async fn all_jobs(c: &Client, stale: bool) -> Result<Vec<pb::Job>> {
+    jobs_of(c, "", stale).await
+}
+
+/// Every job of one cluster.
+pub(crate) async fn cluster_jobs(c: &Client, cluster: &str) -> Result<Vec<pb::Job>> {
+    jobs_of(c, cluster, false).await
+}
+
+/// Every job (of `cluster`, if not empty), in full.
+async fn jobs_of(c: &Client, cluster: &str, stale: bool) -> Result<Vec<pb::Job>> {
     connect::all_pages(|page_token| {
         let req = pb::ListJobsRequest {
             page_token,
             view: pb::JobView::Full as i32,
+            cluster: cluster.to_string(),
             ..Default::default()
         };
         async move {
@@ -107,7 +171,7 @@ async fn all_jobs(c: &Client, stale: bool) -> Result<Vec<pb::Job>> {
     .await
 }
 
-fn is_terminal(v: i32) -> bool {
+pub(crate) fn is_terminal(v: i32) -> bool {
     matches!(
         pb::JobState::try_from(v),
         Ok(pb::JobState::Succeeded
@@ -127,7 +191,8 @@ fn fresh_key() -> String {
 
 /// Launches; returns the job's exit code. A managed job is recovered by
 /// the coordinators across preemptions (`nembo jobs launch`).
-pub async fn launch(a: LaunchArgs, managed: bool) -> Result<i32> {
+pub async fn launch(a: LaunchArgs, mode: Mode) -> Result<i32> {
+    let managed = mode == Mode::Managed;
     let task_yaml = read_task(&a)?;
     let mut envs = a.overrides.env_file_vars()?;
     envs.extend(a.envs.iter().cloned());
@@ -147,6 +212,11 @@ pub async fn launch(a: LaunchArgs, managed: bool) -> Result<i32> {
         print_dry_run(&r, a.json);
         return Ok(0);
     }
+    let cluster_mode = match mode {
+        Mode::Launch => pb::ClusterMode::Launch,
+        Mode::Exec => pb::ClusterMode::Exec,
+        Mode::Managed => pb::ClusterMode::Unspecified,
+    };
     let req = pb::SubmitJobRequest {
         task: Some(pb::submit_job_request::Task::TaskYaml(task_yaml)),
         idempotency_key: a.idempotency_key.clone().unwrap_or_else(fresh_key),
@@ -156,14 +226,23 @@ pub async fn launch(a: LaunchArgs, managed: bool) -> Result<i32> {
             .await?
             .into_iter()
             .collect(),
+        cluster: a.cluster.clone().unwrap_or_default(),
+        cluster_mode: cluster_mode as i32,
+        autostop: a.autostop()?,
     };
-    let job_id = connect::call(
+    let submitted = connect::call(
         &client,
         req,
         |mut c, r| async move { c.submit_job(r).await },
     )
-    .await?
-    .job_id;
+    .await?;
+    let job_id = submitted.job_id;
+    if !submitted.cluster.is_empty() && !a.detach && a.cluster.is_none() {
+        eprintln!(
+            "Cluster {} (run more on it with `nembo exec {} TASK`).",
+            submitted.cluster, submitted.cluster
+        );
+    }
     if a.detach {
         if a.json {
             println!("{}", json!({ "job_id": job_id }));
@@ -416,6 +495,7 @@ pub fn job_json(j: &pb::Job) -> Value {
         "started_at_unix_ms": ms(&j.start_time),
         "ended_at_unix_ms": ms(&j.end_time),
         "node_ids": j.node_ids,
+        "cluster": j.cluster,
         "message": j.message,
         "managed": j.managed.as_ref().map(|m| json!({
             "recoveries": m.recoveries,
@@ -481,7 +561,7 @@ fn accels(r: &Option<pb::NodeResources>) -> String {
 }
 
 /// A read request, marked as allowed to be stale if asked.
-fn read_request<T>(r: T, stale: bool) -> tonic::Request<T> {
+pub(crate) fn read_request<T>(r: T, stale: bool) -> tonic::Request<T> {
     let mut req = tonic::Request::new(r);
     if stale {
         req.metadata_mut().insert(
@@ -571,9 +651,46 @@ pub async fn endpoints(job_id: &str, only: Option<u16>) -> Result<()> {
     Ok(())
 }
 
-pub async fn status(as_json: bool, with_nodes: bool, stale: bool) -> Result<()> {
+pub async fn status(
+    as_json: bool,
+    with_nodes: bool,
+    stale: bool,
+    clusters_named: &[String],
+) -> Result<()> {
     let c = connect::client().await?;
-    let jobs = all_jobs(&c, stale).await?;
+    if with_nodes {
+        let clusters = crate::clusters::list(&c, clusters_named, stale).await?;
+        if let Some(missing) = clusters_named
+            .iter()
+            .find(|n| !clusters.iter().any(|c| c.name == **n))
+        {
+            bail!("cluster {missing} not found");
+        }
+        if !clusters_named.is_empty() {
+            if as_json {
+                let v = json!({ "clusters": clusters.iter().map(crate::clusters::cluster_json).collect::<Vec<_>>() });
+                println!("{}", serde_json::to_string_pretty(&v)?);
+            } else {
+                crate::clusters::print_table(&clusters);
+            }
+            return Ok(());
+        }
+        return status_all(&c, as_json, stale, clusters).await;
+    }
+    let cluster = clusters_named.first().map_or("", |s| s.as_str());
+    let jobs = jobs_of(&c, cluster, stale).await?;
+    print_jobs(&jobs, as_json)
+}
+
+async fn status_all(
+    c: &Client,
+    as_json: bool,
+    stale: bool,
+    clusters: Vec<pb::Cluster>,
+) -> Result<()> {
+    let with_nodes = true;
+    let jobs = all_jobs(c, stale).await?;
+    let c = c.clone();
     let nodes = if with_nodes {
         connect::all_pages(|page_token| {
             let req = pb::ListNodesRequest {
@@ -597,12 +714,15 @@ pub async fn status(as_json: bool, with_nodes: bool, stale: bool) -> Result<()> 
         let mut v = json!({ "jobs": jobs.iter().map(job_json).collect::<Vec<_>>() });
         if with_nodes {
             v["nodes"] = nodes.iter().map(node_json).collect();
+            v["clusters"] = clusters.iter().map(crate::clusters::cluster_json).collect();
         }
         println!("{}", serde_json::to_string_pretty(&v)?);
         return Ok(());
     }
     if with_nodes {
-        println!("Nodes");
+        println!("Clusters");
+        crate::clusters::print_table(&clusters);
+        println!("\nNodes");
         let rows: Vec<Vec<String>> = nodes
             .iter()
             .filter(|n| n.state != pb::NodeState::Terminated as i32)
@@ -645,6 +765,15 @@ pub async fn status(as_json: bool, with_nodes: bool, stale: bool) -> Result<()> 
                 .any(|n| n.simulated && n.state != pb::NodeState::Terminated as i32),
         );
         println!("\nJobs");
+    }
+    print_jobs(&jobs, false)
+}
+
+fn print_jobs(jobs: &[pb::Job], as_json: bool) -> Result<()> {
+    if as_json {
+        let v = json!({ "jobs": jobs.iter().map(job_json).collect::<Vec<_>>() });
+        println!("{}", serde_json::to_string_pretty(&v)?);
+        return Ok(());
     }
     let rows: Vec<Vec<String>> = jobs
         .iter()

@@ -2,6 +2,7 @@
 
 mod admin;
 mod catalog;
+mod clusters;
 mod connect;
 mod demo;
 mod gpus;
@@ -76,10 +77,58 @@ enum DemoCmd {
     Failover,
 }
 
+/// `nembo exec NAME TASK`.
+#[derive(clap::Args, Debug)]
+struct ExecArgs {
+    /// The cluster (it must exist and be up).
+    #[arg(value_name = "CLUSTER")]
+    target: String,
+    #[command(flatten)]
+    launch: jobs::LaunchArgs,
+}
+
 #[derive(Subcommand, Debug)]
 enum Cmd {
-    /// Launch a task (SkyPilot YAML); streams its output and exits with its exit code.
+    /// Launch a task (SkyPilot YAML) on a cluster (`-c NAME`: created, or
+    /// reused if it exists); streams its output and exits with its exit code.
     Launch(Box<jobs::LaunchArgs>),
+    /// Run a task or a command on an existing cluster, skipping `setup`
+    /// (`sky exec`); `workdir` and file mounts are synced first.
+    Exec(Box<ExecArgs>),
+    /// Stop clusters: their machines stop, disks kept, billing paused;
+    /// running jobs are cancelled.
+    Stop {
+        /// Cluster names.
+        #[arg(required = true)]
+        clusters: Vec<String>,
+        /// Do not ask for confirmation.
+        #[arg(short, long)]
+        yes: bool,
+    },
+    /// Start stopped clusters again; their job queue resumes.
+    Start {
+        /// Cluster names.
+        #[arg(required = true)]
+        clusters: Vec<String>,
+    },
+    /// Stop (or tear down) clusters once idle for a while.
+    Autostop {
+        /// Cluster names.
+        #[arg(required = true)]
+        clusters: Vec<String>,
+        /// Idle minutes (default 5), or a window: 90s, 2h.
+        #[arg(short = 'i', long = "idle-minutes", conflicts_with = "cancel")]
+        idle: Option<String>,
+        /// Tear down rather than stop.
+        #[arg(long, conflicts_with = "cancel")]
+        down: bool,
+        /// What keeps a cluster from being idle.
+        #[arg(long, value_parser = ["jobs_and_ssh", "jobs", "none"], conflicts_with = "cancel")]
+        wait_for: Option<String>,
+        /// Cancel autostop.
+        #[arg(long)]
+        cancel: bool,
+    },
     /// Managed jobs.
     Jobs {
         #[command(subcommand)]
@@ -90,7 +139,7 @@ enum Cmd {
         #[command(subcommand)]
         command: DemoCmd,
     },
-    /// Nodes and jobs.
+    /// Clusters, nodes and jobs; `status NAME...`: those clusters.
     Status {
         /// Machine-readable output.
         #[arg(long)]
@@ -99,20 +148,24 @@ enum Cmd {
         /// behind, instead of a linearizable read through the leader.
         #[arg(long)]
         stale: bool,
-        /// Print `PORT: HOST:PORT` for every port the job opens (`sky
-        /// status --endpoints`).
-        #[arg(long, requires = "job")]
+        /// Print `PORT: HOST:PORT` for every port the job (or the
+        /// cluster's newest job) opens (`sky status --endpoints`).
+        #[arg(long, requires = "names")]
         endpoints: bool,
         /// Print `HOST:PORT` for this one port of the job.
         #[arg(
             long,
             value_name = "PORT",
-            requires = "job",
+            requires = "names",
             conflicts_with = "endpoints"
         )]
         endpoint: Option<u16>,
-        /// The job, with --endpoints or --endpoint.
-        job: Option<String>,
+        /// Clusters to show; with --endpoints or --endpoint, one job id or cluster.
+        names: Vec<String>,
+        /// Accepted for SkyPilot compatibility: the state shown is always the
+        /// coordinators' current view, kept by the agents' sessions.
+        #[arg(long)]
+        refresh: bool,
     },
     /// Every GPU in the fleet: utilisation, memory, temperature, power, job.
     Gpus {
@@ -160,8 +213,10 @@ enum Cmd {
         #[arg(long)]
         json: bool,
     },
-    /// The job queue.
+    /// The job queue (of one cluster, if named).
     Queue {
+        /// The cluster.
+        cluster: Option<String>,
         /// Machine-readable output.
         #[arg(long)]
         json: bool,
@@ -177,20 +232,26 @@ enum Cmd {
         #[arg(short, long)]
         follow: bool,
     },
-    /// Cancel jobs.
+    /// Cancel jobs: `cancel NAME JOB...`, `cancel NAME -a`, or `cancel JOB...`.
     Cancel {
-        /// Job ids.
+        /// A cluster then job ids, or job ids alone.
         #[arg(required = true)]
-        jobs: Vec<String>,
-    },
-    /// Release nodes; their jobs are cancelled.
-    Down {
-        /// Node ids.
-        #[arg(required_unless_present = "all")]
-        nodes: Vec<String>,
-        /// Every node.
-        #[arg(short, long, conflicts_with = "nodes")]
+        args: Vec<String>,
+        /// Every unfinished job of the cluster.
+        #[arg(short, long)]
         all: bool,
+    },
+    /// Tear down clusters (or release `node-N` nodes); their jobs are cancelled.
+    Down {
+        /// Cluster names or node ids.
+        #[arg(required_unless_present = "all")]
+        names: Vec<String>,
+        /// Every cluster (and, for an admin, every node).
+        #[arg(short, long, conflicts_with = "names")]
+        all: bool,
+        /// Do not ask for confirmation.
+        #[arg(short, long)]
+        yes: bool,
     },
     /// How to reach the API.
     Api {
@@ -435,23 +496,53 @@ async fn main() {
 
 async fn run(cli: Cli) -> Result<i32> {
     match cli.command {
-        Cmd::Launch(a) => jobs::launch(*a, false).await,
+        Cmd::Launch(a) => jobs::launch(*a, jobs::Mode::Launch).await,
+        Cmd::Exec(a) => {
+            let ExecArgs { target, mut launch } = *a;
+            launch.set_cluster(target);
+            jobs::launch(launch, jobs::Mode::Exec).await
+        }
+        Cmd::Stop { clusters, yes } => clusters::stop(&clusters, yes).await.map(|()| 0),
+        Cmd::Start { clusters } => clusters::start(&clusters).await.map(|()| 0),
+        Cmd::Autostop {
+            clusters,
+            idle,
+            down,
+            wait_for,
+            cancel,
+        } => clusters::autostop(&clusters, idle, down, wait_for, cancel)
+            .await
+            .map(|()| 0),
         Cmd::Demo {
             command: DemoCmd::Failover,
         } => demo::failover().await,
         Cmd::Jobs { command } => match command {
-            JobsCmd::Launch(a) => jobs::launch(*a, true).await,
+            JobsCmd::Launch(a) => jobs::launch(*a, jobs::Mode::Managed).await,
             JobsCmd::Queue { json } => jobs::managed_queue(json).await.map(|()| 0),
             JobsCmd::Logs { job, follow } => jobs::logs(&job, follow).await.map(|()| 0),
             JobsCmd::Cancel { jobs } => jobs::cancel(&jobs).await.map(|()| 0),
         },
         Cmd::Status {
-            job: Some(job),
+            names,
             endpoint,
+            endpoints,
             ..
-        } => jobs::endpoints(&job, endpoint).await.map(|()| 0),
-        Cmd::Status { json, stale, .. } => jobs::status(json, true, stale).await.map(|()| 0),
-        Cmd::Queue { json, stale } => jobs::status(json, false, stale).await.map(|()| 0),
+        } if endpoints || endpoint.is_some() => {
+            let [name] = names.as_slice() else {
+                anyhow::bail!("--endpoints takes one job id or cluster");
+            };
+            jobs::endpoints(name, endpoint).await.map(|()| 0)
+        }
+        Cmd::Status {
+            json, stale, names, ..
+        } => jobs::status(json, true, stale, &names).await.map(|()| 0),
+        Cmd::Queue {
+            cluster,
+            json,
+            stale,
+        } => jobs::status(json, false, stale, cluster.as_slice())
+            .await
+            .map(|()| 0),
         Cmd::Gpus {
             json,
             watch,
@@ -474,8 +565,21 @@ async fn run(cli: Cli) -> Result<i32> {
             .map(|()| 0),
         Cmd::CostReport { json } => catalog::cost_report(json).await.map(|()| 0),
         Cmd::Logs { job, follow } => jobs::logs(&job, follow).await.map(|()| 0),
-        Cmd::Cancel { jobs } => jobs::cancel(&jobs).await.map(|()| 0),
-        Cmd::Down { nodes, all } => local::down(nodes, all).await.map(|()| 0),
+        Cmd::Cancel { args, all } => {
+            // Cluster names start with a letter; job ids are numbers.
+            let named = args
+                .first()
+                .is_some_and(|a| a.starts_with(|c: char| c.is_ascii_alphabetic()));
+            if named {
+                clusters::cancel(&args[0], &args[1..], all).await
+            } else if all {
+                anyhow::bail!("-a cancels a cluster's jobs: `nembo cancel NAME -a`")
+            } else {
+                jobs::cancel(&args).await
+            }
+            .map(|()| 0)
+        }
+        Cmd::Down { names, all, yes } => clusters::down(names, all, yes).await.map(|()| 0),
         Cmd::Api {
             command: ApiCmd::Info { json },
         } => local::api_info(json).await.map(|()| 0),
@@ -544,6 +648,12 @@ async fn run(cli: Cli) -> Result<i32> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_command_line_is_well_formed() {
+        use clap::CommandFactory;
+        Cli::command().debug_assert();
+    }
 
     #[test]
     fn env_pairs() {

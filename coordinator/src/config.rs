@@ -5,6 +5,11 @@ use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
+/// A cluster launched without an autostop setting stops after an idle
+/// hour (or is torn down, where its machines cannot stop): a forgotten
+/// cluster costs at most an hour. `autostop: false` keeps one up.
+pub const DEFAULT_AUTOSTOP_S: u64 = 60 * 60;
+
 /// Everything a coordinator is started with.
 #[derive(Debug, Clone)]
 pub struct CoordinatorConfig {
@@ -34,6 +39,10 @@ pub struct CoordinatorConfig {
     pub max_nodes: u32,
     /// Shell command the leader runs when a node turns unhealthy.
     pub on_unhealthy: Option<String>,
+    /// Autostop of a new cluster whose task sets none.
+    pub default_autostop: Option<nembo_domain::task::Autostop>,
+    /// A node of no cluster idle this long is released.
+    pub pool_idle: Duration,
     /// The local provider offers simulated GPU shapes instead of this
     /// machine: for tests, benchmarks and demos.
     pub simulate_gpus: bool,
@@ -90,6 +99,12 @@ impl CoordinatorConfig {
             stop_grace_ms: 5000,
             max_nodes: 64,
             on_unhealthy: None,
+            default_autostop: Some(nembo_domain::task::Autostop {
+                idle_s: DEFAULT_AUTOSTOP_S,
+                down: false,
+                wait_for: nembo_domain::task::WaitFor::JobsAndSsh,
+            }),
+            pool_idle: Duration::from_millis(nembo_domain::scheduler::POOL_IDLE_MS as u64),
             simulate_gpus: false,
             sim_cloud: None,
             agent_bin: None,

@@ -62,6 +62,9 @@ pub struct Ctx {
     pub heartbeat_delay: DelayHistogram,
     /// Shell command run (on the leader) when a node turns unhealthy.
     pub on_unhealthy: Option<String>,
+    /// Autostop given to a new cluster whose task sets none (none: clusters
+    /// stay up until stopped).
+    pub default_autostop: Option<nembo_domain::task::Autostop>,
     /// Ranks by node for the newest state, shared by every agent session.
     pub(crate) ranks: RanksCache,
     /// The liveness loop's mailbox ([`Ctx::heartbeat`]).

@@ -112,16 +112,30 @@ const REPLAN_EVERY: Duration = Duration::from_secs(1);
 async fn provisioner(ctx: Arc<Ctx>) {
     let mut views = ctx.raft.subscribe();
     let mut inflight: HashSet<String> = HashSet::new();
+    // Nodes this leader has started: their agents come back on their own.
+    let mut started: HashSet<String> = HashSet::new();
     let mut calls: JoinSet<String> = JoinSet::new();
     loop {
         let view = views.borrow_and_update().clone();
+        started.retain(|id| {
+            view.state
+                .nodes
+                .get(id)
+                .is_some_and(|n| n.state == NodeState::Starting)
+        });
         for node in view.state.nodes.values() {
             let wanted = match node.state {
                 NodeState::Provisioning => node.instance_id.is_none(),
                 NodeState::Terminating => true,
+                // A VM stops once its jobs have let go of it.
+                NodeState::Stopping => view.state.jobs_on(&node.id).is_empty(),
+                NodeState::Starting => !started.contains(&node.id),
                 _ => false,
             };
             if wanted && inflight.insert(node.id.clone()) {
+                if node.state == NodeState::Starting {
+                    started.insert(node.id.clone());
+                }
                 calls.spawn(provider_call(ctx.clone(), node.clone(), view.term));
             }
         }
@@ -159,34 +173,43 @@ async fn provider_call(ctx: Arc<Ctx>, node: Node, term: u64) -> String {
         return node.id;
     };
     let mut backoff = Duration::from_millis(200);
+    let request = LaunchRequest {
+        node_id: node.id.clone(),
+        region: node.region.clone(),
+        zone: node.zone.clone(),
+        instance_type: node.instance_type.clone(),
+        resources: node.resources.clone(),
+        spot: node.spot,
+        disk_gb: node.disk_gb.filter(|_| !node.fixed_machine),
+        disk_tier: node.disk_tier,
+        image_id: node.image_id.clone(),
+        ports: node.opened_ports.clone().unwrap_or_default(),
+        term,
+    };
     for attempt in 1..=5 {
-        let result = if node.state == NodeState::Terminating {
-            provider
+        let result = match node.state {
+            NodeState::Terminating => provider
                 .terminate(&node.id, term)
                 .await
-                .map(|()| String::new())
-        } else {
-            provider
-                .launch(LaunchRequest {
-                    node_id: node.id.clone(),
-                    region: node.region.clone(),
-                    zone: node.zone.clone(),
-                    instance_type: node.instance_type.clone(),
-                    resources: node.resources.clone(),
-                    spot: node.spot,
-                    disk_gb: node.disk_gb.filter(|_| !node.fixed_machine),
-                    disk_tier: node.disk_tier,
-                    image_id: node.image_id.clone(),
-                    ports: node.opened_ports.clone().unwrap_or_default(),
-                    term,
-                })
+                .map(|()| String::new()),
+            NodeState::Stopping => provider.stop(&node.id, term).await.map(|()| String::new()),
+            NodeState::Starting => provider
+                .start(request.clone())
                 .await
+                .map(|()| String::new()),
+            _ => provider.launch(request.clone()).await,
         };
         let cmd = match (result, node.state) {
             (Ok(_), NodeState::Terminating) => Command::NodeTerminated {
                 node_id: node.id.clone(),
                 at_ms: now_ms(),
             },
+            (Ok(_), NodeState::Stopping) => Command::NodeStopped {
+                node_id: node.id.clone(),
+                at_ms: now_ms(),
+            },
+            // Its agent's session brings it back (NodeUp).
+            (Ok(_), NodeState::Starting) => return node.id,
             (Ok(instance_id), _) => Command::NodeLaunched {
                 node_id: node.id.clone(),
                 instance_id,
@@ -203,8 +226,8 @@ async fn provider_call(ctx: Arc<Ctx>, node: Node, term: u64) -> String {
                 tracing::warn!(node = %node.id, error = %e, "provider call fenced off");
                 return node.id;
             }
-            (Err(e), NodeState::Terminating) => {
-                tracing::error!(node = %node.id, error = %e, "terminate failed");
+            (Err(e), NodeState::Terminating | NodeState::Stopping | NodeState::Starting) => {
+                tracing::error!(node = %node.id, state = ?node.state, error = %e, "provider call failed");
                 return node.id;
             }
             (Err(e), _) => {

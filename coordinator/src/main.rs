@@ -57,6 +57,13 @@ struct Args {
     /// NEMBO_NODE_ID, NEMBO_UNHEALTHY_REASON and NEMBO_JOB_IDS set.
     #[arg(long)]
     on_unhealthy: Option<String>,
+    /// Autostop of a cluster whose task sets none: idle minutes (`60`), a
+    /// window (`90s`, `2h`), or `off`.
+    #[arg(long, default_value = "60m")]
+    autostop_default: String,
+    /// A node of no cluster (a managed job's) idle this long is released (ms).
+    #[arg(long, default_value_t = nembo_domain::scheduler::POOL_IDLE_MS as u64)]
+    pool_idle_ms: u64,
     /// The local provider offers simulated GPU shapes (H100:8, ... in two
     /// regions) instead of what this machine has, as `local: {simulate:
     /// true}` in providers.yaml does: for tests, benchmarks and demos. Their
@@ -202,6 +209,16 @@ async fn main() -> anyhow::Result<()> {
         stop_grace_ms: a.stop_grace_ms,
         max_nodes: a.max_nodes,
         on_unhealthy: a.on_unhealthy,
+        default_autostop: match a.autostop_default.as_str() {
+            "off" | "none" | "false" => None,
+            w => Some(nembo_domain::task::Autostop {
+                idle_s: nembo_domain::task::Autostop::parse_window(w)
+                    .context("--autostop-default: expected minutes, 90s, 2h or off")?,
+                down: false,
+                wait_for: nembo_domain::task::WaitFor::JobsAndSsh,
+            }),
+        },
+        pool_idle: Duration::from_millis(a.pool_idle_ms),
         simulate_gpus: a.simulate_gpus,
         sim_cloud: match (&a.sim_cloud, a.sim_provider) {
             (Some(path), _) => Some(SimCloud::load(path).map_err(anyhow::Error::msg)?),

@@ -352,6 +352,7 @@ pub async fn run(
         fleet: Fleet::start(),
         heartbeat_delay: DelayHistogram::default(),
         on_unhealthy: cfg.on_unhealthy.clone(),
+        default_autostop: cfg.default_autostop.clone(),
         ranks: RanksCache::default(),
         heartbeats: hb_tx,
         blocking_slots: Arc::new(tokio::sync::Semaphore::new(
@@ -363,6 +364,7 @@ pub async fn run(
         LoopConfig {
             policy: Policy {
                 max_nodes: cfg.max_nodes,
+                pool_idle_ms: cfg.pool_idle.as_millis() as i64,
             },
             node_ttl: cfg.node_ttl,
             provision_timeout: cfg.provision_timeout,

@@ -57,6 +57,7 @@ impl From<v1::DryRunRequest> for v1::SubmitJobRequest {
             env_overrides: r.env_overrides,
             managed: r.managed,
             uploads: r.uploads,
+            ..Default::default()
         }
     }
 }

@@ -145,6 +145,7 @@ pub async fn get_cost_report(
                 state: convert::node_state(n.state) as i32,
                 hours: c.hours,
                 cost: c.cost,
+                cluster: c.cluster.clone().unwrap_or_default(),
             })
         })
         .collect();

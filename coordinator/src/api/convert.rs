@@ -34,6 +34,9 @@ pub fn node_state(s: NodeState) -> pb::NodeState {
         NodeState::Terminating => pb::NodeState::Terminating,
         NodeState::Terminated => pb::NodeState::Terminated,
         NodeState::Failed => pb::NodeState::Failed,
+        NodeState::Stopping => pb::NodeState::Stopping,
+        NodeState::Stopped => pb::NodeState::Stopped,
+        NodeState::Starting => pb::NodeState::Starting,
     }
 }
 
@@ -176,6 +179,8 @@ pub fn spec_from_proto(
         workdir_git: None,
         file_mounts: Default::default(),
         docker_run_options: Vec::new(),
+        autostop: None,
+        cluster: None,
         setup: non_empty(&p.setup),
         run: non_empty(&p.run),
         envs,
@@ -291,6 +296,12 @@ pub fn job_to_proto(job: &Job) -> pb::Job {
         spec: Some(spec_to_proto(&job.spec)),
         idempotency_key: job.idempotency_key.clone().unwrap_or_default(),
         owner: job.owner.clone(),
+        cluster: job
+            .spec
+            .cluster
+            .as_ref()
+            .map(|c| c.name.clone())
+            .unwrap_or_default(),
         provision_tries: job
             .provision_tries
             .iter()
@@ -385,6 +396,7 @@ pub fn node_to_proto(state: &st::State, node: &Node) -> pb::Node {
         zone: node.zone.clone().unwrap_or_default(),
         revoke_time: node.revoked_at_ms.and_then(timestamp),
         simulated: node.simulated,
+        cluster: node.cluster.clone().unwrap_or_default(),
     }
 }
 
@@ -422,4 +434,91 @@ pub fn job_state_from_proto(v: i32) -> Option<JobState> {
         pb::JobState::Cancelled => JobState::Cancelled,
         pb::JobState::Unspecified => return None,
     })
+}
+
+/// Wire autostop setting; none: disabled.
+pub fn autostop_to_proto(a: Option<&task::Autostop>) -> pb::AutostopSetting {
+    match a {
+        None => pb::AutostopSetting {
+            disabled: true,
+            ..Default::default()
+        },
+        Some(a) => pb::AutostopSetting {
+            disabled: false,
+            idle_seconds: a.idle_s,
+            down: a.down,
+            wait_for: a.wait_for.as_str().into(),
+        },
+    }
+}
+
+/// The autostop a request asks for, checked.
+pub fn autostop_from_proto(
+    a: &pb::AutostopSetting,
+    path: &str,
+) -> Result<task::AutostopSetting, SpecError> {
+    if a.disabled {
+        return Ok(task::AutostopSetting::Off);
+    }
+    let wait_for = if a.wait_for.is_empty() {
+        task::WaitFor::default()
+    } else {
+        task::WaitFor::parse(&a.wait_for).ok_or_else(|| {
+            SpecError::new(
+                format!("{path}.wait_for"),
+                format!("expected jobs_and_ssh, jobs or none, got '{}'", a.wait_for),
+            )
+        })?
+    };
+    if a.idle_seconds > 366 * 86_400 {
+        return Err(SpecError::new(
+            format!("{path}.idle_seconds"),
+            "at most a year",
+        ));
+    }
+    Ok(task::AutostopSetting::On(task::Autostop {
+        idle_s: a.idle_seconds.max(1),
+        down: a.down,
+        wait_for,
+    }))
+}
+
+/// Wire cluster, with what its own nodes have cost by `cost`.
+pub fn cluster_to_proto(
+    state: &st::State,
+    c: &st::Cluster,
+    cost: &nembo_domain::cost::CostReport,
+) -> pb::Cluster {
+    let head = state.cluster_nodes(c).next();
+    let own: Vec<&Node> = state
+        .cluster_nodes(c)
+        .filter(|n| n.cluster.as_deref() == Some(c.name.as_str()))
+        .collect();
+    pb::Cluster {
+        name: c.name.clone(),
+        owner: c.owner.clone(),
+        state: match state.cluster_status(c) {
+            st::ClusterStatus::Init => pb::ClusterState::Init,
+            st::ClusterStatus::Up => pb::ClusterState::Up,
+            st::ClusterStatus::Stopped => pb::ClusterState::Stopped,
+        } as i32,
+        node_ids: state.cluster_nodes(c).map(|n| n.id.clone()).collect(),
+        num_nodes: c.num_nodes,
+        resources: c.resources.clone(),
+        infra: head.map_or(String::new(), |n| format!("{}/{}", n.provider, n.region)),
+        instance_type: head.map_or(String::new(), |n| n.instance_type.clone()),
+        launch_time: timestamp(c.created_at_ms),
+        autostop: c.autostop.as_ref().map(|a| autostop_to_proto(Some(a))),
+        cost: cost
+            .nodes
+            .iter()
+            .filter(|n| n.cluster.as_deref() == Some(c.name.as_str()))
+            .map(|n| n.cost)
+            .sum(),
+        hourly_price: own.iter().map(|n| n.hourly_price).sum(),
+        message: c.message.clone(),
+        ssh_sessions: c.ssh_sessions,
+        active_jobs: state.cluster_active_jobs(&c.name).count() as u32,
+        spot: own.iter().any(|n| n.spot),
+    }
 }

@@ -48,11 +48,12 @@ pub const ROOT: &str = "root";
 pub fn required_role(call: &str) -> Role {
     match call {
         "GetJob" | "ListJobs" | "ListNodes" | "GetClusterStatus" | "GetFleetMetrics"
-        | "WatchFleetMetrics" | "GetGpuHistory" | "ListOfferings" | "GetCostReport" | "WhoAmI" => {
-            Role::Viewer
-        }
+        | "WatchFleetMetrics" | "GetGpuHistory" | "ListOfferings" | "GetCostReport" | "WhoAmI"
+        | "ListClusters" => Role::Viewer,
+        // A cluster's own calls also check that the caller owns it (or is an admin).
         "SubmitJob" | "DryRun" | "CancelJob" | "StreamLogs" | "CheckProviders"
-        | "FindMissingBlobs" | "PutBlobs" => Role::User,
+        | "FindMissingBlobs" | "PutBlobs" | "StopCluster" | "StartCluster" | "DownCluster"
+        | "SetAutostop" => Role::User,
         _ => Role::Admin,
     }
 }
@@ -74,6 +75,10 @@ pub fn mutating(call: &str) -> bool {
             | "CreateJoinToken"
             | "RevokeJoinToken"
             | "RevokeNode"
+            | "StopCluster"
+            | "StartCluster"
+            | "DownCluster"
+            | "SetAutostop"
     )
 }
 
@@ -97,7 +102,7 @@ pub fn route(call: &str) -> Route {
     match call {
         "GetClusterStatus" | "WhoAmI" | "ListOfferings" | "CheckProviders" => Route::AnyMember,
         "DryRun" | "GetJob" | "ListJobs" | "ListNodes" | "GetCostReport" | "ListUsers"
-        | "ListJoinTokens" | "GetAuditLog" => Route::Read,
+        | "ListJoinTokens" | "GetAuditLog" | "ListClusters" => Route::Read,
         _ => Route::Leader,
     }
 }

@@ -59,9 +59,11 @@ pub async fn submit_job(
         .map_err(CoordinatorError::from)?;
     match out {
         Outcome::Job { job_id, existing } => {
+            let cluster = view_cluster(ctx, job_id);
             let mut r = Response::new(pb::SubmitJobResponse {
                 job_id: job_id.to_string(),
                 existing,
+                cluster,
             });
             mark_audited(r.metadata_mut());
             Ok(r)
@@ -73,6 +75,17 @@ pub async fn submit_job(
         }
         other => Err(CoordinatorError::Internal(format!("unexpected outcome {other:?}")).into()),
     }
+}
+
+/// The cluster job `id` runs on, as the state holds it now.
+fn view_cluster(ctx: &Ctx, id: JobId) -> String {
+    ctx.raft
+        .view()
+        .state
+        .jobs
+        .get(&id)
+        .and_then(|j| j.spec.cluster.as_ref().map(|c| c.name.clone()))
+        .unwrap_or_default()
 }
 
 pub async fn dry_run(
@@ -171,6 +184,13 @@ pub async fn list_jobs(
         .range((after, Unbounded))
         .filter(|(_, j)| filter.is_empty() || filter.contains(&j.state))
         .filter(|(_, j)| who.role != Role::User || who.owns(&j.owner))
+        .filter(|(_, j)| {
+            req.cluster.is_empty()
+                || j.spec
+                    .cluster
+                    .as_ref()
+                    .is_some_and(|c| c.name == req.cluster)
+        })
         .map(|(id, j)| {
             let job = if full {
                 job_for(&who, j)
@@ -301,6 +321,7 @@ async fn parse_request(
     }
     spec.managed = req.managed;
     spec.keep_off_coordinator_user = who.role != Role::Admin;
+    target_cluster(ctx, who, req, &mut spec)?;
     if let Err(e) = optimizer::check_feasible(&spec, &offerings_for(ctx, &spec)) {
         if spec.keep_off_coordinator_user
             && optimizer::check_feasible(&spec, &ctx.offerings).is_ok()
@@ -312,6 +333,90 @@ async fn parse_request(
         return Err(infeasible(ctx, e).into());
     }
     Ok(spec)
+}
+
+/// Ties the task to its named cluster (`launch -c`, `exec`): the name,
+/// made up when a launch gives none; `exec` skips `setup`, as `sky exec`
+/// does; the autostop from the launch line, else the task's, else, for a
+/// new cluster, the coordinators' default.
+fn target_cluster(
+    ctx: &Ctx,
+    who: &Principal,
+    req: &pb::SubmitJobRequest,
+    spec: &mut TaskSpec,
+) -> Result<(), CoordinatorError> {
+    let invalid = |m: String| CoordinatorError::InvalidArgument(m);
+    let mode = pb::ClusterMode::try_from(req.cluster_mode)
+        .map_err(|_| invalid(format!("cluster_mode: unknown value {}", req.cluster_mode)))?;
+    if let Some(a) = &req.autostop {
+        spec.autostop = Some(convert::autostop_from_proto(a, "autostop")?);
+    }
+    let exec = match mode {
+        pb::ClusterMode::Unspecified => {
+            if !req.cluster.is_empty() {
+                return Err(invalid(
+                    "cluster_mode: say how the cluster is used (launch or exec)".into(),
+                ));
+            }
+            if spec.autostop.is_some() {
+                return Err(invalid(
+                    "resources.autostop: only clusters autostop (a managed job's nodes are \
+                     released when it ends); launch it with `nembo launch`"
+                        .into(),
+                ));
+            }
+            return Ok(());
+        }
+        _ if req.managed => {
+            return Err(invalid(
+                "cluster: a managed job makes its own nodes and moves between them; \
+                 launch it without -c"
+                    .into(),
+            ))
+        }
+        pb::ClusterMode::Launch => false,
+        pb::ClusterMode::Exec => true,
+    };
+    let name = if req.cluster.is_empty() && !exec {
+        generated_cluster_name(&who.name, &req.idempotency_key)
+    } else {
+        req.cluster.clone()
+    };
+    if name.is_empty() {
+        return Err(invalid("cluster: exec needs the cluster's name".into()));
+    }
+    nembo_domain::state::check_cluster_name(&name).map_err(|e| invalid(format!("cluster: {e}")))?;
+    if exec {
+        spec.setup = None;
+    } else if spec.autostop.is_none() && !ctx.raft.view().state.clusters.contains_key(&name) {
+        spec.autostop = ctx.default_autostop.clone().map(task::AutostopSetting::On);
+    }
+    spec.cluster = Some(task::ClusterTarget { name, exec });
+    Ok(())
+}
+
+/// `nembo-<4 hex>-<user>`, as SkyPilot's `sky-<4 hex>-<user>`: the same
+/// for a retried submission (same idempotency key).
+fn generated_cluster_name(user: &str, key: &str) -> String {
+    let seed = if key.is_empty() {
+        let mut b = [0u8; 16];
+        let _ = getrandom::getrandom(&mut b);
+        b.to_vec()
+    } else {
+        key.as_bytes().to_vec()
+    };
+    let hex = crate::identity::tls::sha256_hex(&seed);
+    let user: String = user
+        .chars()
+        .filter(|c| c.is_ascii_alphanumeric())
+        .take(40)
+        .collect::<String>()
+        .to_ascii_lowercase();
+    if user.is_empty() {
+        format!("nembo-{}", &hex[..4])
+    } else {
+        format!("nembo-{}-{user}", &hex[..4])
+    }
 }
 
 /// A task nothing can host: say what this machine has, and how to reach

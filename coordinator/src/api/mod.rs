@@ -6,6 +6,7 @@
 pub mod access;
 pub mod blobs;
 pub mod catalog;
+pub mod clusters;
 pub mod convert;
 pub mod fleet;
 pub mod forward;
@@ -39,7 +40,7 @@ impl Api {
 
 fn rejection(r: Rejection) -> CoordinatorError {
     match r {
-        Rejection::NoSuchJob(_) | Rejection::NoSuchNode(_) => {
+        Rejection::NoSuchJob(_) | Rejection::NoSuchNode(_) | Rejection::NoSuchCluster(_) => {
             CoordinatorError::NotFound(r.to_string())
         }
         Rejection::Conflict(m) => CoordinatorError::FailedPrecondition(m),
@@ -126,6 +127,41 @@ impl CoordinatorService for Api {
         request: Request<pb::DownRequest>,
     ) -> Result<Response<pb::DownResponse>, Status> {
         nodes::down(&self.ctx, request).await
+    }
+
+    async fn list_clusters(
+        &self,
+        request: Request<pb::ListClustersRequest>,
+    ) -> Result<Response<pb::ListClustersResponse>, Status> {
+        clusters::list_clusters(&self.ctx, request).await
+    }
+
+    async fn stop_cluster(
+        &self,
+        request: Request<pb::StopClusterRequest>,
+    ) -> Result<Response<pb::StopClusterResponse>, Status> {
+        clusters::stop_cluster(&self.ctx, request).await
+    }
+
+    async fn start_cluster(
+        &self,
+        request: Request<pb::StartClusterRequest>,
+    ) -> Result<Response<pb::StartClusterResponse>, Status> {
+        clusters::start_cluster(&self.ctx, request).await
+    }
+
+    async fn down_cluster(
+        &self,
+        request: Request<pb::DownClusterRequest>,
+    ) -> Result<Response<pb::DownClusterResponse>, Status> {
+        clusters::down_cluster(&self.ctx, request).await
+    }
+
+    async fn set_autostop(
+        &self,
+        request: Request<pb::SetAutostopRequest>,
+    ) -> Result<Response<pb::SetAutostopResponse>, Status> {
+        clusters::set_autostop(&self.ctx, request).await
     }
 
     async fn revoke_node(

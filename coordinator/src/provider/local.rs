@@ -572,34 +572,51 @@ impl Provider for LocalProvider {
         node_id: &'a str,
         term: u64,
     ) -> BoxFuture<'a, Result<(), ProviderError>> {
-        Box::pin(async move {
-            let dir = self.node_dir(node_id);
-            if dir.is_dir() {
-                fence(&dir, term)?;
-            }
-            // A VM going away takes its jobs with it: kill every job's process group.
-            if let Ok(entries) = fs::read_dir(dir.join("jobs")) {
-                for e in entries.flatten() {
-                    if let Some(pgid) = read_pid(&e.path().join("pid")) {
-                        let _ = killpg(Pid::from_raw(pgid), Signal::SIGKILL);
-                    }
+        Box::pin(self.halt(node_id, term))
+    }
+
+    /// A local node stops as a VM does: its jobs and its agent end, its
+    /// directory (identity, job dirs, checkpoints) stays for `start`.
+    fn stop<'a>(&'a self, node_id: &'a str, term: u64) -> BoxFuture<'a, Result<(), ProviderError>> {
+        Box::pin(self.halt(node_id, term))
+    }
+
+    fn start(&self, req: LaunchRequest) -> BoxFuture<'_, Result<(), ProviderError>> {
+        Box::pin(async move { self.launch(req).await.map(|_| ()) })
+    }
+}
+
+impl LocalProvider {
+    /// Ends a node's jobs and agent, for a leader of `term`; the node's
+    /// directory stays. Terminating a local node and stopping one do the
+    /// same here: what differs is whether the coordinators keep it.
+    async fn halt(&self, node_id: &str, term: u64) -> Result<(), ProviderError> {
+        let dir = self.node_dir(node_id);
+        if dir.is_dir() {
+            fence(&dir, term)?;
+        }
+        // A VM going away takes its jobs with it: kill every job's process group.
+        if let Ok(entries) = fs::read_dir(dir.join("jobs")) {
+            for e in entries.flatten() {
+                if let Some(pgid) = read_pid(&e.path().join("pid")) {
+                    let _ = killpg(Pid::from_raw(pgid), Signal::SIGKILL);
                 }
             }
-            if let Some(pid) = read_pid(&dir.join("agent.pid")) {
-                let _ = kill(Pid::from_raw(pid), Signal::SIGTERM);
-                for _ in 0..40 {
-                    if !alive(pid) {
-                        break;
-                    }
-                    tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        if let Some(pid) = read_pid(&dir.join("agent.pid")) {
+            let _ = kill(Pid::from_raw(pid), Signal::SIGTERM);
+            for _ in 0..40 {
+                if !alive(pid) {
+                    break;
                 }
-                if alive(pid) {
-                    let _ = kill(Pid::from_raw(pid), Signal::SIGKILL);
-                }
+                tokio::time::sleep(Duration::from_millis(50)).await;
             }
-            let _ = fs::remove_file(dir.join("agent.pid"));
-            Ok(())
-        })
+            if alive(pid) {
+                let _ = kill(Pid::from_raw(pid), Signal::SIGKILL);
+            }
+        }
+        let _ = fs::remove_file(dir.join("agent.pid"));
+        Ok(())
     }
 }
 

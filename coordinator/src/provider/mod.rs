@@ -137,6 +137,28 @@ pub trait Provider: Send + Sync {
         node_id: &'a str,
         term: u64,
     ) -> BoxFuture<'a, Result<(), ProviderError>>;
+    /// Stops a node's machine, keeping its disk, for a leader of `term`
+    /// (only for offerings with `can_stop`). Idempotent.
+    fn stop<'a>(&'a self, node_id: &'a str, term: u64) -> BoxFuture<'a, Result<(), ProviderError>> {
+        let _ = (node_id, term);
+        Box::pin(async move {
+            Err(ProviderError::InvalidRequest(format!(
+                "provider '{}' cannot stop machines",
+                self.name()
+            )))
+        })
+    }
+    /// Starts a stopped node's machine again; its agent comes back with its
+    /// identity. Idempotent.
+    fn start(&self, req: LaunchRequest) -> BoxFuture<'_, Result<(), ProviderError>> {
+        Box::pin(async move {
+            Err(ProviderError::InvalidRequest(format!(
+                "provider '{}' cannot start machines (node {})",
+                self.name(),
+                req.node_id
+            )))
+        })
+    }
     /// Whether the provider can be used as configured (credentials work),
     /// and what it answered: for `nembo check`.
     fn check(&self) -> BoxFuture<'_, Result<String, ProviderError>>;

@@ -348,6 +348,9 @@ fn node_state(s: NodeState) -> &'static str {
         NodeState::Terminating => "terminating",
         NodeState::Terminated => "terminated",
         NodeState::Failed => "failed",
+        NodeState::Stopping => "stopping",
+        NodeState::Stopped => "stopped",
+        NodeState::Starting => "starting",
     }
 }
 

@@ -48,7 +48,12 @@ impl State {
                 // A node token is good for the node's first enrollment only;
                 // an admin's join token may re-enroll a node whose
                 // certificate ran out.
-                if *via == Enrollment::NodeToken && node.enrolled_key.is_some() {
+                // A node started again after a stop may trade its node token
+                // (written anew by its provider) once more, for the key it
+                // already has: its certificate may have run out while stopped.
+                let restarting = node.state == NodeState::Starting
+                    && node.enrolled_key.as_deref() == Some(key_sha256);
+                if *via == Enrollment::NodeToken && node.enrolled_key.is_some() && !restarting {
                     return conflict("join token already used");
                 }
                 id.to_string()

@@ -75,6 +75,7 @@ async fn main() {
                 env_overrides: Default::default(),
                 managed: true,
                 uploads: Default::default(),
+                ..Default::default()
             })
             .await
             .expect("submit")
