@@ -186,7 +186,8 @@ pub async fn cost_report(as_json: bool) -> Result<()> {
             .map(|n| {
                 json!({"node_id": n.node_id, "provider": n.provider, "region": n.region,
                        "instance_type": n.instance_type, "spot": n.spot,
-                       "hourly_price": n.hourly_price, "hours": n.hours, "cost": n.cost})
+                       "hourly_price": n.hourly_price, "hours": n.hours, "cost": n.cost,
+                       "cluster": n.cluster})
             })
             .collect();
         let jobs: Vec<Value> = r
@@ -206,6 +207,11 @@ pub async fn cost_report(as_json: bool) -> Result<()> {
         .map(|n| {
             vec![
                 n.node_id.clone(),
+                if n.cluster.is_empty() {
+                    "-".into()
+                } else {
+                    n.cluster.clone()
+                },
                 format!("{}/{}", n.provider, n.region),
                 n.instance_type.clone(),
                 if n.spot { "spot" } else { "on-demand" }.into(),
@@ -217,7 +223,7 @@ pub async fn cost_report(as_json: bool) -> Result<()> {
         .collect();
     table::print(
         &[
-            "NODE", "WHERE", "INSTANCE", "MARKET", "$/H", "HOURS", "COST",
+            "NODE", "CLUSTER", "WHERE", "INSTANCE", "MARKET", "$/H", "HOURS", "COST",
         ],
         &rows,
     );

@@ -231,14 +231,18 @@ pub async fn down(names: Vec<String>, all: bool, yes: bool) -> Result<()> {
         if !confirm(&format!("Tearing down {}", clusters.join(", ")), yes)? {
             bail!("aborted");
         }
+        let mut released = Vec::new();
         for name in &clusters {
             let req = pb::DownClusterRequest { name: name.clone() };
-            connect::call(&c, req, |mut c, r| async move { c.down_cluster(r).await })
+            let r = connect::call(&c, req, |mut c, r| async move { c.down_cluster(r).await })
                 .await
                 .with_context(|| format!("down {name}"))?;
+            released.extend(r.node_ids);
             eprintln!("Tearing down cluster {name}...");
         }
         wait_for(&c, &clusters, None).await?;
+        let mut client = c.clone();
+        crate::local::wait_terminated(&mut client, &released, Duration::from_secs(60)).await?;
         eprintln!("Terminated: {}.", clusters.join(", "));
     }
     if all || !nodes.is_empty() {

@@ -126,7 +126,7 @@ pub async fn down(nodes: Vec<String>, all: bool) -> Result<()> {
     wait_terminated(&mut c, &r.node_ids, Duration::from_secs(30)).await
 }
 
-async fn wait_terminated(
+pub(crate) async fn wait_terminated(
     c: &mut nembo_proto::client::Client,
     ids: &[String],
     limit: Duration,

@@ -57,9 +57,11 @@ fn role_needed(method: &str) -> u8 {
     // here on purpose: 0 viewer, 1 user, 2 admin.
     match method {
         "GetJob" | "ListJobs" | "ListNodes" | "GetClusterStatus" | "GetFleetMetrics"
-        | "WatchFleetMetrics" | "GetGpuHistory" | "ListOfferings" | "GetCostReport" | "WhoAmI" => 0,
+        | "WatchFleetMetrics" | "GetGpuHistory" | "ListOfferings" | "GetCostReport" | "WhoAmI"
+        | "ListClusters" => 0,
         "SubmitJob" | "DryRun" | "CancelJob" | "StreamLogs" | "CheckProviders"
-        | "FindMissingBlobs" | "PutBlobs" => 1,
+        | "FindMissingBlobs" | "PutBlobs" | "StopCluster" | "StartCluster" | "DownCluster"
+        | "SetAutostop" => 1,
         _ => 2,
     }
 }

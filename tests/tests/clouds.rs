@@ -214,6 +214,96 @@ async fn aws_launches_tagged_spot_instances_with_signed_calls_and_terminates_the
     );
 }
 
+/// `nembo stop` on AWS is StopInstances (the EBS disk stays), `nembo start`
+/// StartInstances, and the agent comes back with its identity; a spot
+/// cluster is refused, saying why.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn aws_stop_and_start_a_cluster_and_refuse_to_stop_spot() {
+    let moto = nembo_tests::Moto::start(&[("INITIAL_NO_AUTH_ACTION_COUNT", "3")]).await;
+    let endpoint = moto.endpoint.clone();
+    let creds = nembo_tests::Moto::helper(&["setup", &endpoint]);
+    let (key, secret) = (
+        creds["key_id"].as_str().unwrap(),
+        creds["secret"].as_str().unwrap(),
+    );
+    let providers = format!(
+        "bootstrap:\n  agent_url: file://{}\naws:\n  regions: [us-east-1]\n  image_id: {}\n  endpoint: {endpoint}\n",
+        bin("nembo-agent").display(),
+        creds["image_id"].as_str().unwrap()
+    );
+    let env = [
+        ("AWS_ACCESS_KEY_ID", key),
+        ("AWS_SECRET_ACCESS_KEY", secret),
+    ];
+    let (c, dir) = start_with(&providers, &env, &["--provision-timeout-ms", "600000"]).await;
+    let task = write_task(
+        dir.path(),
+        "gpu.yaml",
+        "resources: {infra: aws/us-east-1, accelerators: L4:1}\nrun: echo on $SKYPILOT_NODE_RANK\n",
+    );
+    let out = c.cli(&["launch", "-c", "gpu", "-d", &task]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    let job = stdout(&out).trim().to_string();
+    let node = node_of(&c, &job).await;
+    let state_of = |id: &str| {
+        let all = nembo_tests::Moto::helper(&["instances", &endpoint, key, secret]);
+        let i = all
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|i| i["id"] == id)
+            .cloned()
+            .unwrap_or_default();
+        (i["state"].as_str().unwrap_or_default().to_string(), i)
+    };
+    let (_, inst) = state_of(&node.instance_id);
+    let vm = tempfile::tempdir().unwrap();
+    let (agent, _) = boot_vm(inst["user_data"].as_str().unwrap(), vm.path());
+    c.wait_state(&job, pb::JobState::Succeeded, Duration::from_secs(60))
+        .await;
+
+    let out = c.cli(&["stop", "gpu", "-y"]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    assert_eq!(state_of(&node.instance_id).0, "stopped");
+    drop(agent); // the VM halts
+
+    let mut client = c.client().await;
+    client
+        .start_cluster(pb::StartClusterRequest { name: "gpu".into() })
+        .await
+        .unwrap();
+    wait_for("StartInstances", Duration::from_secs(30), || async {
+        (state_of(&node.instance_id).0 == "running").then_some(())
+    })
+    .await;
+    let _agent = start_unit(vm.path()); // it boots: systemd starts the agent
+    let out = c.cli(&["exec", "gpu", "echo back on $SKYPILOT_NODE_RANK"]);
+    assert!(
+        out.status.success() && stdout(&out).contains("back on 0"),
+        "{}{}",
+        stdout(&out),
+        stderr(&out)
+    );
+    let n = c.nodes().await;
+    assert_eq!(n.len(), 1, "the same VM: {n:?}");
+
+    // Spot cannot be stopped on AWS: refused, pointing at down.
+    let spot = write_task(
+        dir.path(),
+        "spot.yaml",
+        "resources: {infra: aws/us-east-1, accelerators: L4:1, use_spot: true}\nrun: 'true'\n",
+    );
+    let out = c.cli(&["launch", "-c", "cheap", "-d", &spot]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    let out = c.cli(&["stop", "cheap", "-y"]);
+    assert!(!out.status.success());
+    assert!(
+        stderr(&out).contains("spot") && stderr(&out).contains("nembo down cheap"),
+        "{}",
+        stderr(&out)
+    );
+}
+
 // ---------------------------------------------------------- Seeweb / fake
 
 struct FakeSeeweb {
@@ -279,22 +369,34 @@ fn boot_vm(script: &str, root: &Path) -> (Daemon, String) {
         .output()
         .unwrap();
     assert!(out.status.success(), "first-boot script: {}", stderr(&out));
-    let unit = std::fs::read_to_string(vm.join("etc/systemd/system/nembo-agent.service")).unwrap();
+    (
+        start_unit(root),
+        std::fs::read_to_string(calls).unwrap_or_default(),
+    )
+}
+
+/// Starts the agent as the VM's systemd unit does (at first boot, or when a
+/// stopped VM boots again).
+fn start_unit(root: &Path) -> Daemon {
+    let unit =
+        std::fs::read_to_string(root.join("vm/etc/systemd/system/nembo-agent.service")).unwrap();
     let exec = unit
         .lines()
         .find_map(|l| l.strip_prefix("ExecStart="))
         .expect("ExecStart");
     let mut words = exec.split_whitespace();
+    let log = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(root.join("agent.log"))
+        .unwrap();
     let agent = Command::new(words.next().unwrap())
         .args(words)
         .stdout(Stdio::null())
-        .stderr(std::fs::File::create(root.join("agent.log")).unwrap())
+        .stderr(log)
         .spawn()
         .unwrap();
-    (
-        Daemon(agent),
-        std::fs::read_to_string(calls).unwrap_or_default(),
-    )
+    Daemon(agent)
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -80,7 +80,7 @@ cat "$CONFIG"; stat -c '%a' "$CONFIG"
         ),
     )
     .unwrap();
-    let (stdout, stderr) = ok(&c.cli(&["launch", task.to_str().unwrap()]));
+    let (stdout, stderr) = ok(&c.cli(&["launch", "-c", "fm", task.to_str().unwrap()]));
     assert!(!stdout.contains("LEAKED"), "{stdout}");
     for line in [
         "train.sh 755",
@@ -101,7 +101,7 @@ cat "$CONFIG"; stat -c '%a' "$CONFIG"
 
     // Again, unchanged: nothing is uploaded, nothing is fetched for the
     // absolute destination.
-    let (stdout, stderr) = ok(&c.cli(&["launch", task.to_str().unwrap()]));
+    let (stdout, stderr) = ok(&c.cli(&["launch", "-c", "fm", task.to_str().unwrap()]));
     assert!(stderr.contains("Uploaded nothing"), "{stderr}");
     assert!(
         stdout.contains("0 files (0 B)") && stdout.contains("1 unchanged"),
@@ -110,7 +110,7 @@ cat "$CONFIG"; stat -c '%a' "$CONFIG"
 
     // One file changed: that one content goes up, and the job sees it.
     write(&data.join("a.csv"), "5,6\n", 0o644);
-    let (stdout, stderr) = ok(&c.cli(&["launch", task.to_str().unwrap()]));
+    let (stdout, stderr) = ok(&c.cli(&["launch", "-c", "fm", task.to_str().unwrap()]));
     assert!(stderr.contains("Uploaded 1 new or changed"), "{stderr}");
     assert!(stdout.lines().any(|l| l == "5,6"), "{stdout}");
 }

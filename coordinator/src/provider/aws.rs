@@ -467,6 +467,29 @@ impl AwsProvider {
     }
 
     /// Refuses a leader older than the newest that tagged these instances.
+    /// Tags `instances` with the acting leader's term (the fence a later
+    /// call checks), then calls `action` (StopInstances, StartInstances,
+    /// TerminateInstances) on them.
+    async fn act(
+        &self,
+        region: &str,
+        action: &str,
+        instances: &[&Ec2Instance],
+        term: u64,
+    ) -> Result<(), ProviderError> {
+        let mut tag = Vec::new();
+        let mut ids = Vec::new();
+        for (n, i) in instances.iter().enumerate() {
+            tag.push((format!("ResourceId.{}", n + 1), i.id.clone()));
+            ids.push((format!("InstanceId.{}", n + 1), i.id.clone()));
+        }
+        tag.push(("Tag.1.Key".into(), "nembo-term".into()));
+        tag.push(("Tag.1.Value".into(), term.to_string()));
+        self.call(region, "CreateTags", tag).await?;
+        self.call(region, action, ids).await?;
+        Ok(())
+    }
+
     fn fence(instances: &[Ec2Instance], term: u64) -> Result<(), ProviderError> {
         match instances.iter().filter_map(|i| i.term).max() {
             Some(newest) if newest > term => Err(ProviderError::Fenced(format!(
@@ -653,18 +676,61 @@ impl Provider for AwsProvider {
                 if live.is_empty() {
                     continue;
                 }
-                let mut tag = Vec::new();
-                let mut kill = Vec::new();
-                for (n, i) in live.iter().enumerate() {
-                    tag.push((format!("ResourceId.{}", n + 1), i.id.clone()));
-                    kill.push((format!("InstanceId.{}", n + 1), i.id.clone()));
-                }
-                tag.push(("Tag.1.Key".into(), "nembo-term".into()));
-                tag.push(("Tag.1.Value".into(), term.to_string()));
-                self.call(&region, "CreateTags", tag).await?;
-                self.call(&region, "TerminateInstances", kill).await?;
+                self.act(&region, "TerminateInstances", &live, term).await?;
                 tracing::info!(node = node_id, region = %region, instances = live.len(), "EC2 instances terminated");
                 self.sweep_port_groups(&region).await;
+            }
+            Ok(())
+        })
+    }
+
+    /// StopInstances, keeping the EBS volume (the offering says spot
+    /// instances cannot: the state refuses to stop a spot node first).
+    fn stop<'a>(&'a self, node_id: &'a str, term: u64) -> BoxFuture<'a, Result<(), ProviderError>> {
+        Box::pin(async move {
+            for region in self.regions_of(node_id) {
+                let found = self.describe_in(&region, Some(node_id)).await?;
+                Self::fence(&found, term)?;
+                let running: Vec<&Ec2Instance> = found
+                    .iter()
+                    .filter(|i| i.live() && !matches!(i.state.as_str(), "stopping" | "stopped"))
+                    .collect();
+                if running.is_empty() {
+                    continue;
+                }
+                self.act(&region, "StopInstances", &running, term).await?;
+                tracing::info!(node = node_id, region = %region, "EC2 instance stopped");
+            }
+            Ok(())
+        })
+    }
+
+    /// StartInstances on the node's stopped instance; its agent comes back
+    /// with the identity on its disk.
+    fn start(&self, req: LaunchRequest) -> BoxFuture<'_, Result<(), ProviderError>> {
+        Box::pin(async move {
+            let region = req.region.as_str();
+            self.node_regions
+                .lock()
+                .expect("node regions")
+                .insert(req.node_id.clone(), region.to_string());
+            let found = self.describe_in(region, Some(&req.node_id)).await?;
+            Self::fence(&found, req.term)?;
+            let live: Vec<&Ec2Instance> = found.iter().filter(|i| i.live()).collect();
+            if live.is_empty() {
+                return Err(ProviderError::InvalidRequest(format!(
+                    "node {}: its instance is gone",
+                    req.node_id
+                )));
+            }
+            let stopped: Vec<&Ec2Instance> = live
+                .into_iter()
+                .filter(|i| i.state != "running" && i.state != "pending")
+                .collect();
+            if !stopped.is_empty() {
+                self.act(region, "StartInstances", &stopped, req.term)
+                    .await?;
+                tracing::info!(node = %req.node_id, region, "EC2 instance started");
             }
             Ok(())
         })

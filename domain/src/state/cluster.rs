@@ -342,13 +342,12 @@ impl State {
 
     /// Why the cluster's own nodes cannot be stopped, if one cannot.
     fn why_not_stoppable(&self, c: &Cluster) -> Option<String> {
-        for n in self.cluster_nodes(c) {
-            if n.cluster.as_deref() != Some(c.name.as_str()) {
-                continue;
-            }
-            if n.state == NodeState::Provisioning {
-                return Some(format!("node {} is still being provisioned", n.id));
-            }
+        let own: Vec<&super::Node> = self
+            .cluster_nodes(c)
+            .filter(|n| n.cluster.as_deref() == Some(c.name.as_str()))
+            .collect();
+        // What can never work first; what waiting fixes last.
+        for n in &own {
             if n.spot && !n.stoppable {
                 return Some(format!(
                     "node {} runs on spot capacity, which {} cannot stop (only terminate); \
@@ -363,7 +362,9 @@ impl State {
                 ));
             }
         }
-        None
+        own.iter()
+            .find(|n| n.state == NodeState::Provisioning)
+            .map(|n| format!("node {} is still being provisioned", n.id))
     }
 
     pub(super) fn stop_cluster(&mut self, name: &str, why: &str, at_ms: i64) -> Outcome {
