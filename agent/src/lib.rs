@@ -15,6 +15,7 @@ pub mod lease;
 pub mod preempt;
 mod s3;
 pub mod session;
+pub mod shell;
 pub mod stagein;
 pub mod storage;
 pub mod supervisor;

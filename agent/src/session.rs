@@ -443,6 +443,7 @@ async fn session(
     let mut urgent = cfg.telemetry.urgent.clone();
     urgent.mark_unchanged();
     let mut seq = 0u64;
+    let mut shells = crate::shell::Shells::new(out.clone());
     // A notice heard while disconnected is reported first thing.
     notices.mark_changed();
     loop {
@@ -481,6 +482,13 @@ async fn session(
                         return end;
                     }
                     sup.stop(s);
+                    false
+                }
+                Ok(Some(apb::SessionResponse { msg: Some(CoordMsg::Shell(o)) })) => {
+                    if let Err(end) = admit(fence, o.term, "Shell", "") {
+                        return end;
+                    }
+                    shells.order(o);
                     false
                 }
                 Ok(Some(_)) => false,

@@ -9,6 +9,7 @@ mod gpus;
 mod jobs;
 mod local;
 mod overrides;
+mod ssh;
 mod table;
 mod upload;
 
@@ -104,6 +105,26 @@ enum Cmd {
         /// Do not ask for confirmation.
         #[arg(short, long)]
         yes: bool,
+    },
+    /// A shell on a cluster's node (`-- COMMAND` runs one command), over
+    /// the node agent's own session: no inbound port, no keys. For ssh,
+    /// scp and VS Code, `--proxy` is a ProxyCommand (see README).
+    Ssh {
+        /// The cluster.
+        cluster: String,
+        /// Which node (0: the head).
+        #[arg(long, default_value_t = 0)]
+        node: u32,
+        /// Carry the bytes of a TCP connection to this port on the node
+        /// (22 when given alone), for ssh's ProxyCommand.
+        #[arg(long, num_args = 0..=1, default_missing_value = "22", value_name = "PORT")]
+        proxy: Option<u16>,
+        /// A terminal even for a command (ssh -t).
+        #[arg(short = 't')]
+        tty: bool,
+        /// The command, after `--`.
+        #[arg(last = true)]
+        command: Vec<String>,
     },
     /// Start stopped clusters again; their job queue resumes.
     Start {
@@ -504,6 +525,13 @@ async fn run(cli: Cli) -> Result<i32> {
         }
         Cmd::Stop { clusters, yes } => clusters::stop(&clusters, yes).await.map(|()| 0),
         Cmd::Start { clusters } => clusters::start(&clusters).await.map(|()| 0),
+        Cmd::Ssh {
+            cluster,
+            node,
+            proxy,
+            tty,
+            command,
+        } => ssh::ssh(&cluster, node, proxy, tty, &command).await,
         Cmd::Autostop {
             clusters,
             idle,

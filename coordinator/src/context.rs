@@ -67,6 +67,8 @@ pub struct Ctx {
     pub default_autostop: Option<nembo_domain::task::Autostop>,
     /// Ranks by node for the newest state, shared by every agent session.
     pub(crate) ranks: RanksCache,
+    /// Shell sessions and the agent sessions they ride on.
+    pub shells: crate::agents::shells::ShellRoutes,
     /// The liveness loop's mailbox ([`Ctx::heartbeat`]).
     pub(crate) heartbeats: mpsc::Sender<String>,
     /// Slots for work kept off the runtime's workers ([`Ctx::off_runtime`]).

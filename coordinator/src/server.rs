@@ -354,6 +354,7 @@ pub async fn run(
         on_unhealthy: cfg.on_unhealthy.clone(),
         default_autostop: cfg.default_autostop.clone(),
         ranks: RanksCache::default(),
+        shells: Default::default(),
         heartbeats: hb_tx,
         blocking_slots: Arc::new(tokio::sync::Semaphore::new(
             std::thread::available_parallelism().map_or(2, |n| n.get()),

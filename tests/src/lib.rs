@@ -868,3 +868,98 @@ pub async fn all_jobs(client: &nembo_proto::client::Client) -> Option<Vec<pb::Jo
     .await
     .ok()
 }
+
+/// A real sshd on a free loopback port, with its own host key and one
+/// client key (`id`) it accepts for the current user; killed on drop.
+pub struct LoopbackSshd {
+    /// Its files: `id` (the client key), `sshd.log`, `known_hosts`.
+    pub dir: tempfile::TempDir,
+    /// Its port.
+    pub port: u16,
+    /// The user it lets in.
+    pub user: String,
+    child: Child,
+}
+
+impl LoopbackSshd {
+    /// Starts it and waits until it accepts connections.
+    pub async fn start() -> LoopbackSshd {
+        let sshd_bin = Path::new("/usr/sbin/sshd");
+        assert!(
+            sshd_bin.is_file(),
+            "this test needs openssh-server (scripts/test installs it with apt when run as root)"
+        );
+        let dir = tempfile::tempdir().expect("tempdir");
+        let p = dir.path();
+        for key in ["host_key", "id"] {
+            let st = Command::new("ssh-keygen")
+                .args(["-q", "-t", "ed25519", "-N", "", "-f"])
+                .arg(p.join(key))
+                .status()
+                .expect("ssh-keygen");
+            assert!(st.success());
+        }
+        std::fs::copy(p.join("id.pub"), p.join("authorized_keys")).expect("authorized_keys");
+        let port = std::net::TcpListener::bind("127.0.0.1:0")
+            .and_then(|l| l.local_addr())
+            .expect("free port")
+            .port();
+        std::fs::write(
+            p.join("sshd_config"),
+            format!(
+                "Port {port}\nListenAddress 127.0.0.1\nHostKey {dir}/host_key\nAuthorizedKeysFile {dir}/authorized_keys\nPasswordAuthentication no\nKbdInteractiveAuthentication no\nUsePAM no\nPermitRootLogin prohibit-password\nStrictModes no\nPidFile {dir}/sshd.pid\nSubsystem sftp internal-sftp\n",
+                dir = p.display()
+            ),
+        )
+        .expect("sshd_config");
+        let _ = std::fs::create_dir_all("/run/sshd");
+        let child = Command::new(sshd_bin)
+            .args(["-D", "-e", "-f"])
+            .arg(p.join("sshd_config"))
+            .stderr(std::fs::File::create(p.join("sshd.log")).expect("sshd.log"))
+            .spawn()
+            .expect("start sshd");
+        wait_for("sshd", Duration::from_secs(10), || async {
+            std::net::TcpStream::connect(("127.0.0.1", port)).ok()
+        })
+        .await;
+        let user = String::from_utf8(
+            Command::new("id")
+                .arg("-un")
+                .output()
+                .expect("id -un")
+                .stdout,
+        )
+        .expect("user name")
+        .trim()
+        .to_string();
+        LoopbackSshd {
+            dir,
+            port,
+            user,
+            child,
+        }
+    }
+
+    /// `ssh` options that use its key and trust its host key on first use.
+    pub fn ssh_options(&self) -> Vec<String> {
+        let p = self.dir.path();
+        vec![
+            "-i".into(),
+            p.join("id").display().to_string(),
+            "-o".into(),
+            format!("UserKnownHostsFile={}", p.join("known_hosts").display()),
+            "-o".into(),
+            "StrictHostKeyChecking=accept-new".into(),
+            "-o".into(),
+            "BatchMode=yes".into(),
+        ]
+    }
+}
+
+impl Drop for LoopbackSshd {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}

@@ -61,7 +61,7 @@ fn role_needed(method: &str) -> u8 {
         | "ListClusters" => 0,
         "SubmitJob" | "DryRun" | "CancelJob" | "StreamLogs" | "CheckProviders"
         | "FindMissingBlobs" | "PutBlobs" | "StopCluster" | "StartCluster" | "DownCluster"
-        | "SetAutostop" => 1,
+        | "SetAutostop" | "Shell" => 1,
         _ => 2,
     }
 }

@@ -725,45 +725,8 @@ async fn the_examples_dry_run_on_aws_to_the_right_instances() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn ssh_pool_copies_the_agent_runs_a_job_and_down_stops_it() {
-    let sshd_bin = Path::new("/usr/sbin/sshd");
-    assert!(
-        sshd_bin.is_file(),
-        "this test needs openssh-server (scripts/test installs it with apt when run as root)"
-    );
-    let d = tempfile::tempdir().unwrap();
-    let p = d.path();
-    for (key, kind) in [("host_key", "ed25519"), ("id", "ed25519")] {
-        let st = Command::new("ssh-keygen")
-            .args(["-q", "-t", kind, "-N", "", "-f"])
-            .arg(p.join(key))
-            .status()
-            .unwrap();
-        assert!(st.success());
-    }
-    std::fs::copy(p.join("id.pub"), p.join("authorized_keys")).unwrap();
-    let port = free_port();
-    std::fs::write(
-        p.join("sshd_config"),
-        format!(
-            "Port {port}\nListenAddress 127.0.0.1\nHostKey {dir}/host_key\nAuthorizedKeysFile {dir}/authorized_keys\nPasswordAuthentication no\nKbdInteractiveAuthentication no\nUsePAM no\nPermitRootLogin prohibit-password\nStrictModes no\nPidFile {dir}/sshd.pid\n",
-            dir = p.display()
-        ),
-    )
-    .unwrap();
-    let _ = std::fs::create_dir_all("/run/sshd");
-    let _sshd = Daemon(
-        Command::new(sshd_bin)
-            .args(["-D", "-e", "-f"])
-            .arg(p.join("sshd_config"))
-            .stderr(std::fs::File::create(p.join("sshd.log")).unwrap())
-            .spawn()
-            .unwrap(),
-    );
-    wait_for("sshd", Duration::from_secs(10), || async {
-        std::net::TcpStream::connect(("127.0.0.1", port)).ok()
-    })
-    .await;
-    let user = String::from_utf8(Command::new("id").arg("-un").output().unwrap().stdout).unwrap();
+    let sshd = nembo_tests::LoopbackSshd::start().await;
+    let (p, port, user) = (sshd.dir.path(), sshd.port, sshd.user.clone());
     let remote = p.join("remote");
     let providers = format!(
         "ssh:\n  known_hosts: {dir}/known_hosts\n  remote_dir: {remote}\n  hosts:\n    - name: box1\n      host: 127.0.0.1\n      port: {port}\n      user: {user}\n      identity_file: {dir}/id\n      region: lab\n      accelerators: H100:2\n      cpus: 8\n      memory_gb: 32\n      hourly_price: 1.5\n",

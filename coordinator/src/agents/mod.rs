@@ -5,3 +5,4 @@
 pub mod enroll;
 pub mod files;
 pub mod session;
+pub mod shells;

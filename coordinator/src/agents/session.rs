@@ -116,6 +116,31 @@ impl AgentService for Agents {
     }
 }
 
+/// This session as the route to its node's shells, withdrawn when the
+/// session ends however it ends.
+struct ShellRoute {
+    ctx: Arc<Ctx>,
+    node: String,
+    outbox: crate::agents::shells::AgentOutbox,
+}
+
+impl ShellRoute {
+    fn new(ctx: &Arc<Ctx>, node: &str, tx: &crate::agents::shells::AgentOutbox) -> Self {
+        ctx.shells.agent_connected(node, tx.clone());
+        Self {
+            ctx: ctx.clone(),
+            node: node.to_string(),
+            outbox: tx.clone(),
+        }
+    }
+}
+
+impl Drop for ShellRoute {
+    fn drop(&mut self) {
+        self.ctx.shells.agent_gone(&self.node, &self.outbox);
+    }
+}
+
 async fn run_session(
     ctx: Arc<Ctx>,
     hello: apb::Hello,
@@ -189,6 +214,8 @@ async fn run_session(
         }
     }
 
+    // Shell sessions reach this node through this session while it lasts.
+    let _route = ShellRoute::new(&ctx, &node_id, &tx);
     let mut views = ctx.raft.subscribe();
     // Per GPU: XIDs already accounted for.
     let mut xids_seen: HashMap<u32, u64> = HashMap::new();
@@ -230,6 +257,7 @@ async fn run_session(
                         ctx.heartbeat(&node_id);
                         handle_notice(&ctx, &node_id, &p).await;
                     }
+                    Some(AgentMsg::ShellOutput(out)) => ctx.shells.deliver(out).await,
                     Some(AgentMsg::Hello(_)) | None => {
                         return Err(Status::invalid_argument("unexpected message"));
                     }

@@ -42,7 +42,11 @@ pub async fn list_clusters(
 }
 
 /// The cluster `name`, if the caller may act on it.
-fn owned<'a>(state: &'a State, who: &Principal, name: &str) -> Result<&'a Cluster, Status> {
+pub(super) fn owned<'a>(
+    state: &'a State,
+    who: &Principal,
+    name: &str,
+) -> Result<&'a Cluster, Status> {
     let Some(c) = state.clusters.get(name) else {
         return Err(CoordinatorError::NotFound(format!("cluster {name} not found")).into());
     };

@@ -53,7 +53,7 @@ pub fn required_role(call: &str) -> Role {
         // A cluster's own calls also check that the caller owns it (or is an admin).
         "SubmitJob" | "DryRun" | "CancelJob" | "StreamLogs" | "CheckProviders"
         | "FindMissingBlobs" | "PutBlobs" | "StopCluster" | "StartCluster" | "DownCluster"
-        | "SetAutostop" => Role::User,
+        | "SetAutostop" | "Shell" => Role::User,
         _ => Role::Admin,
     }
 }
@@ -79,6 +79,7 @@ pub fn mutating(call: &str) -> bool {
             | "StartCluster"
             | "DownCluster"
             | "SetAutostop"
+            | "Shell"
     )
 }
 

@@ -15,6 +15,7 @@ pub mod jobs;
 pub mod members;
 pub mod nodes;
 pub mod paging;
+pub mod shell;
 
 use std::sync::Arc;
 
@@ -162,6 +163,15 @@ impl CoordinatorService for Api {
         request: Request<pb::SetAutostopRequest>,
     ) -> Result<Response<pb::SetAutostopResponse>, Status> {
         clusters::set_autostop(&self.ctx, request).await
+    }
+
+    type ShellStream = shell::ShellStream;
+
+    async fn shell(
+        &self,
+        request: Request<tonic::Streaming<pb::ShellRequest>>,
+    ) -> Result<Response<Self::ShellStream>, Status> {
+        shell::shell(&self.ctx, request).await
     }
 
     async fn revoke_node(
