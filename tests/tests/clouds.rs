@@ -449,9 +449,14 @@ async fn seeweb_creates_boots_through_the_reboot_and_the_bootstrapped_agent_runs
         "CPU plans are not GPU offerings: {text}"
     );
 
-    let job = c
-        .submit("name: sw\nresources: {infra: seeweb, accelerators: H100:1}\nrun: echo hello from the seeweb vm\n")
-        .await;
+    let task = write_task(
+        dir.path(),
+        "sw.yaml",
+        "name: sw\nresources: {infra: seeweb, accelerators: H100:1}\nrun: echo hello from the seeweb vm\n",
+    );
+    let out = c.cli(&["launch", "-c", "sw", "-d", &task]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    let job = stdout(&out).trim().to_string();
     let node = node_of(&c, &job).await;
     let server = fake.get(&format!("/_fake/servers/{}", node.instance_id));
     let server = &server["server"];
@@ -491,7 +496,7 @@ async fn seeweb_creates_boots_through_the_reboot_and_the_bootstrapped_agent_runs
 
     let script = server["user_customize"].as_str().unwrap();
     let vm = tempfile::tempdir().unwrap();
-    let (_agent, calls) = boot_vm(script, vm.path());
+    let (agent, calls) = boot_vm(script, vm.path());
     assert!(calls.contains("enable nembo-agent.service"), "{calls}");
     assert!(
         !calls.contains("start nembo-agent"),
@@ -503,8 +508,37 @@ async fn seeweb_creates_boots_through_the_reboot_and_the_bootstrapped_agent_runs
     assert_eq!(done.node_ids, vec![node.node_id.clone()]);
     assert!(c.logs(&job).await.contains("hello from the seeweb vm"));
 
+    // stop powers the server off (it and its disk stay); start powers it
+    // on, and the agent its unit starts at boot comes back.
+    let power = || {
+        fake.get(&format!("/_fake/servers/{}", node.instance_id))["server"]["current_status"]
+            .as_str()
+            .unwrap_or_default()
+            .to_string()
+    };
+    let out = c.cli(&["stop", "sw", "-y"]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    assert_eq!(power(), "SHUTOFF");
+    drop(agent);
+    let mut client = c.client().await;
+    client
+        .start_cluster(pb::StartClusterRequest { name: "sw".into() })
+        .await
+        .unwrap();
+    wait_for("power_on", Duration::from_secs(30), || async {
+        (power() == "RUNNING").then_some(())
+    })
+    .await;
+    let _agent = start_unit(vm.path());
+    let out = c.cli(&["exec", "sw", "echo back on the seeweb vm"]);
+    assert!(
+        out.status.success() && stdout(&out).contains("back on the seeweb vm"),
+        "{}",
+        stderr(&out)
+    );
+
     // down deletes the server at Seeweb.
-    let out = c.cli(&["down", &node.node_id]);
+    let out = c.cli(&["down", "sw", "-y"]);
     assert!(out.status.success(), "{}", stderr(&out));
     wait_for(
         "the server to be deleted",

@@ -97,7 +97,7 @@ impl SeewebProvider {
                 opens_ports: true,
                 ports_per_node: false,
                 custom_images: false,
-                can_stop: false,
+                can_stop: true,
                 ..o
             })
             .collect();
@@ -335,6 +335,34 @@ impl SeewebProvider {
         }
     }
 
+    /// Powers the node's server off or on, and waits for the action (a
+    /// bare Action, without the usual envelope).
+    async fn power(&self, node_id: &str, kind: &str) -> Result<(), ProviderError> {
+        let deadline =
+            tokio::time::Instant::now() + Duration::from_secs(self.settings.boot_timeout_s);
+        let server = self
+            .servers()
+            .await?
+            .into_iter()
+            .find(|s| s.node_id == node_id && !matches!(s.status.as_str(), "Deleting" | "Deleted"))
+            .ok_or_else(|| {
+                ProviderError::InvalidRequest(format!("node {node_id}: its Seeweb server is gone"))
+            })?;
+        let body = serde_json::json!({ "type": kind });
+        let action = self
+            .call(
+                http::Method::POST,
+                &format!("/servers/{}/actions", server.name),
+                Some(&body),
+            )
+            .await?;
+        if let Some(id) = action.get("id").and_then(Value::as_u64) {
+            self.wait_action(id, deadline).await?;
+        }
+        tracing::info!(node = node_id, server = %server.name, kind, "Seeweb power action done");
+        Ok(())
+    }
+
     /// The plans Seeweb sells now, as catalog rows (`nembo catalog refresh seeweb`).
     pub async fn fetch_catalog(&self) -> Result<Vec<Offering>, ProviderError> {
         let plans = self.call(http::Method::GET, "/plans", None).await?;
@@ -552,6 +580,20 @@ impl Provider for SeewebProvider {
             }
             Ok(())
         })
+    }
+
+    /// `POST /servers/{name}/actions {type: power_off}`: the server and its
+    /// disk stay (Seeweb's plans have no spot).
+    fn stop<'a>(
+        &'a self,
+        node_id: &'a str,
+        _term: u64,
+    ) -> BoxFuture<'a, Result<(), ProviderError>> {
+        Box::pin(self.power(node_id, "power_off"))
+    }
+
+    fn start(&self, req: LaunchRequest) -> BoxFuture<'_, Result<(), ProviderError>> {
+        Box::pin(async move { self.power(&req.node_id, "power_on").await })
     }
 
     fn check(&self) -> BoxFuture<'_, Result<String, ProviderError>> {
