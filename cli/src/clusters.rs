@@ -26,7 +26,7 @@ pub fn state_name(v: i32) -> String {
 fn autostop_cell(a: &Option<pb::AutostopSetting>) -> String {
     match a {
         Some(a) if !a.disabled => {
-            let window = if a.idle_seconds % 60 == 0 {
+            let window = if a.idle_seconds.is_multiple_of(60) {
                 format!("{}m", a.idle_seconds / 60)
             } else {
                 format!("{}s", a.idle_seconds)

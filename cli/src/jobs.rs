@@ -142,7 +142,7 @@ pub(crate) fn ms(t: &Option<nembo_proto::prost_types::Timestamp>) -> i64 {
 }
 
 /// Every job, in full (tasks redacted as the caller may see them).
-async fn all_jobs(c: &Client, stale: bool) -> Result<Vec<pb::Job>> {
+pub(crate) async fn all_jobs(c: &Client, stale: bool) -> Result<Vec<pb::Job>> {
     jobs_of(c, "", stale).await
 }
 
@@ -152,7 +152,7 @@ pub(crate) async fn cluster_jobs(c: &Client, cluster: &str) -> Result<Vec<pb::Jo
 }
 
 /// Every job (of `cluster`, if not empty), in full.
-async fn jobs_of(c: &Client, cluster: &str, stale: bool) -> Result<Vec<pb::Job>> {
+pub(crate) async fn jobs_of(c: &Client, cluster: &str, stale: bool) -> Result<Vec<pb::Job>> {
     connect::all_pages(|page_token| {
         let req = pb::ListJobsRequest {
             page_token,
@@ -546,7 +546,7 @@ pub fn node_state(v: i32) -> String {
         .unwrap_or_else(|_| v.to_string())
 }
 
-fn accels(r: &Option<pb::NodeResources>) -> String {
+pub(crate) fn accels(r: &Option<pb::NodeResources>) -> String {
     let r = r.clone().unwrap_or_default();
     let v: Vec<String> = r
         .accelerators
@@ -651,125 +651,7 @@ pub async fn endpoints(job_id: &str, only: Option<u16>) -> Result<()> {
     Ok(())
 }
 
-pub async fn status(
-    as_json: bool,
-    with_nodes: bool,
-    stale: bool,
-    clusters_named: &[String],
-) -> Result<()> {
-    let c = connect::client().await?;
-    if with_nodes {
-        let clusters = crate::clusters::list(&c, clusters_named, stale).await?;
-        if let Some(missing) = clusters_named
-            .iter()
-            .find(|n| !clusters.iter().any(|c| c.name == **n))
-        {
-            bail!("cluster {missing} not found");
-        }
-        if !clusters_named.is_empty() {
-            if as_json {
-                let v = json!({ "clusters": clusters.iter().map(crate::clusters::cluster_json).collect::<Vec<_>>() });
-                println!("{}", serde_json::to_string_pretty(&v)?);
-            } else {
-                crate::clusters::print_table(&clusters);
-            }
-            return Ok(());
-        }
-        return status_all(&c, as_json, stale, clusters).await;
-    }
-    let cluster = clusters_named.first().map_or("", |s| s.as_str());
-    let jobs = jobs_of(&c, cluster, stale).await?;
-    print_jobs(&jobs, as_json)
-}
-
-async fn status_all(
-    c: &Client,
-    as_json: bool,
-    stale: bool,
-    clusters: Vec<pb::Cluster>,
-) -> Result<()> {
-    let with_nodes = true;
-    let jobs = all_jobs(c, stale).await?;
-    let c = c.clone();
-    let nodes = if with_nodes {
-        connect::all_pages(|page_token| {
-            let req = pb::ListNodesRequest {
-                page_token,
-                ..Default::default()
-            };
-            let c = &c;
-            async move {
-                let r = connect::call(c, req, |mut c, r| async move {
-                    c.list_nodes(read_request(r, stale)).await
-                })
-                .await?;
-                Ok((r.nodes, r.next_page_token))
-            }
-        })
-        .await?
-    } else {
-        Vec::new()
-    };
-    if as_json {
-        let mut v = json!({ "jobs": jobs.iter().map(job_json).collect::<Vec<_>>() });
-        if with_nodes {
-            v["nodes"] = nodes.iter().map(node_json).collect();
-            v["clusters"] = clusters.iter().map(crate::clusters::cluster_json).collect();
-        }
-        println!("{}", serde_json::to_string_pretty(&v)?);
-        return Ok(());
-    }
-    if with_nodes {
-        println!("Clusters");
-        crate::clusters::print_table(&clusters);
-        println!("\nNodes");
-        let rows: Vec<Vec<String>> = nodes
-            .iter()
-            .filter(|n| n.state != pb::NodeState::Terminated as i32)
-            .map(|n| {
-                let r = n.resources.clone().unwrap_or_default();
-                // An unhealthy node shows why: it takes no new work.
-                let (state, message) = if n.unhealthy_reason.is_empty() {
-                    (node_state(n.state), n.message.clone())
-                } else {
-                    (
-                        format!("{} (UNHEALTHY)", node_state(n.state)),
-                        n.unhealthy_reason.clone(),
-                    )
-                };
-                vec![
-                    n.node_id.clone(),
-                    state,
-                    format!("{}/{}", n.provider, n.region),
-                    n.instance_type.clone(),
-                    table::simulated(accels(&n.resources), n.simulated),
-                    format!("{}", nembo_domain::task::fmt_num(r.cpus)),
-                    if n.job_ids.is_empty() {
-                        "-".into()
-                    } else {
-                        n.job_ids.join(",")
-                    },
-                    message,
-                ]
-            })
-            .collect();
-        table::print(
-            &[
-                "NODE", "STATE", "INFRA", "TYPE", "GPUS", "CPUS", "JOBS", "MESSAGE",
-            ],
-            &rows,
-        );
-        table::explain_simulated(
-            nodes
-                .iter()
-                .any(|n| n.simulated && n.state != pb::NodeState::Terminated as i32),
-        );
-        println!("\nJobs");
-    }
-    print_jobs(&jobs, false)
-}
-
-fn print_jobs(jobs: &[pb::Job], as_json: bool) -> Result<()> {
+pub(crate) fn print_jobs(jobs: &[pb::Job], as_json: bool) -> Result<()> {
     if as_json {
         let v = json!({ "jobs": jobs.iter().map(job_json).collect::<Vec<_>>() });
         println!("{}", serde_json::to_string_pretty(&v)?);

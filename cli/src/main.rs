@@ -10,6 +10,7 @@ mod jobs;
 mod local;
 mod overrides;
 mod ssh;
+mod status;
 mod table;
 mod upload;
 
@@ -563,12 +564,12 @@ async fn run(cli: Cli) -> Result<i32> {
         }
         Cmd::Status {
             json, stale, names, ..
-        } => jobs::status(json, true, stale, &names).await.map(|()| 0),
+        } => status::status(json, true, stale, &names).await.map(|()| 0),
         Cmd::Queue {
             cluster,
             json,
             stale,
-        } => jobs::status(json, false, stale, cluster.as_slice())
+        } => status::status(json, false, stale, cluster.as_slice())
             .await
             .map(|()| 0),
         Cmd::Gpus {

@@ -155,7 +155,7 @@ pub enum AutostopSetting {
 impl Autostop {
     /// `30m`, `90s`: the window as a user reads it.
     pub fn window(&self) -> String {
-        if self.idle_s % 60 == 0 {
+        if self.idle_s.is_multiple_of(60) {
             format!("{}m", self.idle_s / 60)
         } else {
             format!("{}s", self.idle_s)
