@@ -322,6 +322,15 @@ async fn parse_request(
     spec.managed = req.managed;
     spec.keep_off_coordinator_user = who.role != Role::Admin;
     target_cluster(ctx, who, req, &mut spec)?;
+    // On a cluster that exists, the question is whether the task fits it,
+    // which apply answers (naming what differs), not whether a new machine could.
+    let on_existing = spec
+        .cluster
+        .as_ref()
+        .is_some_and(|t| ctx.raft.view().state.clusters.contains_key(&t.name));
+    if on_existing {
+        return Ok(spec);
+    }
     if let Err(e) = optimizer::check_feasible(&spec, &offerings_for(ctx, &spec)) {
         if spec.keep_off_coordinator_user
             && optimizer::check_feasible(&spec, &ctx.offerings).is_ok()
