@@ -9,6 +9,9 @@ fn shipped_examples_parse() {
     assert_eq!(train.num_nodes, 2);
     assert_eq!(train.gpus_per_node(0), 8);
     let any = parse_task_yaml(include_str!("../../../examples/any-gpu.yaml"), &none).unwrap();
+    let dev = parse_task_yaml(include_str!("../../../examples/dev-cluster.yaml"), &none).unwrap();
+    let autostop = dev.autostop.and_then(|a| a.enabled()).unwrap();
+    assert_eq!((autostop.idle_s, autostop.down), (30 * 60, false));
     assert_eq!(any.resources.candidates.len(), 3);
     let mounts =
         parse_task_yaml(include_str!("../../../examples/file-mounts.yaml"), &none).unwrap();
