@@ -21,6 +21,7 @@ use std::process::Stdio;
 use std::time::Duration;
 
 use nembo_proto::agent::v1 as apb;
+use nix::sys::signal::Signal;
 
 /// The file listing a job's FUSE mounts.
 pub const MOUNTS_FILE: &str = "fuse-mounts";
@@ -272,13 +273,18 @@ pub async fn unmount_all(job_dir: &Path) {
         }
         unmount_path(&dst).await;
         let pid: i32 = pid.parse().unwrap_or(0);
-        let deadline = tokio::time::Instant::now() + FLUSH_WAIT;
-        while pid > 0
-            && nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), None).is_ok()
-            && !is_zombie(pid)
-            && tokio::time::Instant::now() < deadline
-        {
-            tokio::time::sleep(Duration::from_millis(100)).await;
+        // Its uploads are done (a cached mount reported so above; an
+        // uncached one wrote through on close), and it is unmounted. rclone
+        // 1.60 sometimes lingers for minutes after a lazy unmount: end it.
+        for signal in [None, Some(Signal::SIGTERM), Some(Signal::SIGKILL)] {
+            if let Some(s) = signal.filter(|_| running(pid)) {
+                tracing::info!(mount = %dst.display(), pid, signal = %s, "rclone still running after its unmount");
+                let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), s);
+            }
+            let deadline = tokio::time::Instant::now() + RCLONE_EXIT_WAIT;
+            while running(pid) && tokio::time::Instant::now() < deadline {
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
         }
         tracing::info!(mount = %dst.display(), "storage unmounted");
     }
@@ -301,6 +307,15 @@ async fn flushed(log: &Path) {
         tokio::time::sleep(Duration::from_millis(250)).await;
     }
     tracing::warn!(log = %log.display(), "a cached mount did not finish uploading in time");
+}
+
+/// How long an unmounted rclone gets to exit before it is signalled.
+const RCLONE_EXIT_WAIT: Duration = Duration::from_secs(5);
+
+fn running(pid: i32) -> bool {
+    pid > 0
+        && nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), None).is_ok()
+        && !is_zombie(pid)
 }
 
 fn is_zombie(pid: i32) -> bool {

@@ -46,10 +46,21 @@ fn autostop_cell(a: &Option<pb::AutostopSetting>) -> String {
 
 /// Every cluster (or those named), by name.
 pub async fn list(c: &Client, names: &[String], stale: bool) -> Result<Vec<pb::Cluster>> {
+    list_refreshed(c, names, stale, false).await
+}
+
+/// The same; with `refresh`, with what each node's provider says it holds.
+pub async fn list_refreshed(
+    c: &Client,
+    names: &[String],
+    stale: bool,
+    refresh: bool,
+) -> Result<Vec<pb::Cluster>> {
     connect::all_pages(|page_token| {
         let req = pb::ListClustersRequest {
             names: names.to_vec(),
             page_token,
+            refresh,
             ..Default::default()
         };
         async move {
@@ -86,6 +97,7 @@ pub fn cluster_json(c: &pb::Cluster) -> Value {
         "active_jobs": c.active_jobs,
         "ssh_sessions": c.ssh_sessions,
         "message": c.message,
+        "provider_view": c.provider_view,
     })
 }
 
@@ -134,6 +146,12 @@ pub fn print_table(clusters: &[pb::Cluster]) {
         ],
         &rows,
     );
+    for c in clusters.iter().filter(|c| !c.provider_view.is_empty()) {
+        println!("\n{} (--refresh):", c.name);
+        for l in &c.provider_view {
+            println!("  {l}");
+        }
+    }
 }
 
 /// Asks "Proceed? [y/N]" on a terminal; elsewhere (a script) proceeds.

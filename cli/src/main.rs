@@ -184,8 +184,8 @@ enum Cmd {
         endpoint: Option<u16>,
         /// Clusters to show; with --endpoints or --endpoint, one job id or cluster.
         names: Vec<String>,
-        /// Accepted for SkyPilot compatibility: the state shown is always the
-        /// coordinators' current view, kept by the agents' sessions.
+        /// Also ask each node's provider what it holds for it (the
+        /// coordinators' own view is kept current by the agents' sessions).
         #[arg(long)]
         refresh: bool,
     },
@@ -563,15 +563,33 @@ async fn run(cli: Cli) -> Result<i32> {
             jobs::endpoints(name, endpoint).await.map(|()| 0)
         }
         Cmd::Status {
-            json, stale, names, ..
-        } => status::status(json, true, stale, &names).await.map(|()| 0),
+            json,
+            stale,
+            names,
+            refresh,
+            ..
+        } => {
+            let view = status::View {
+                json,
+                with_nodes: true,
+                stale,
+                refresh,
+            };
+            status::status(view, &names).await.map(|()| 0)
+        }
         Cmd::Queue {
             cluster,
             json,
             stale,
-        } => status::status(json, false, stale, cluster.as_slice())
-            .await
-            .map(|()| 0),
+        } => {
+            let view = status::View {
+                json,
+                with_nodes: false,
+                stale,
+                refresh: false,
+            };
+            status::status(view, cluster.as_slice()).await.map(|()| 0)
+        }
         Cmd::Gpus {
             json,
             watch,

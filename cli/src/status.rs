@@ -11,15 +11,28 @@ use crate::jobs::{
 };
 use crate::table;
 
-pub async fn status(
-    as_json: bool,
-    with_nodes: bool,
-    stale: bool,
-    clusters_named: &[String],
-) -> Result<()> {
+/// What `status` and `queue` show.
+pub struct View {
+    /// Machine-readable output.
+    pub json: bool,
+    /// Clusters and nodes too (`status`), or jobs only (`queue`).
+    pub with_nodes: bool,
+    /// From the contacted member's own state.
+    pub stale: bool,
+    /// Ask the providers what they hold (`--refresh`).
+    pub refresh: bool,
+}
+
+pub async fn status(view: View, clusters_named: &[String]) -> Result<()> {
+    let View {
+        json: as_json,
+        with_nodes,
+        stale,
+        refresh,
+    } = view;
     let c = connect::client().await?;
     if with_nodes {
-        let clusters = crate::clusters::list(&c, clusters_named, stale).await?;
+        let clusters = crate::clusters::list_refreshed(&c, clusters_named, stale, refresh).await?;
         if let Some(missing) = clusters_named
             .iter()
             .find(|n| !clusters.iter().any(|c| c.name == **n))

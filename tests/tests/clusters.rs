@@ -108,6 +108,12 @@ async fn launch_exec_stop_start_and_down_a_named_cluster() {
     );
     let (ok, _, stderr) = out(&c.cli(&["exec", "dev", "true"]));
     assert!(!ok && stderr.contains("is stopped"), "{stderr}");
+    // --refresh asks the provider: the node's agent is gone, its directory kept.
+    let (ok, stdout, _) = out(&c.cli(&["status", "dev", "--refresh", "--json"]));
+    assert!(
+        ok && stdout.contains("local says stopped (no agent"),
+        "{stdout}"
+    );
 
     // Start: the same node comes back with its identity; exec works again.
     let (ok, _, stderr) = out(&c.cli(&["start", "dev"]));
@@ -119,6 +125,18 @@ async fn launch_exec_stop_start_and_down_a_named_cluster() {
         Some(node.as_str())
     );
     assert!(cost(&c, "dev") > stopped_cost, "billing resumed");
+
+    // autostop from the command line, then cancelled.
+    let (ok, stdout, stderr) = out(&c.cli(&["autostop", "dev", "-i", "90s", "--down"]));
+    assert!(ok && stdout.contains("90s (down)"), "{stdout}{stderr}");
+    let a = &cluster_json(&c, "dev").unwrap()["autostop"];
+    assert_eq!(
+        (a["idle_seconds"].as_u64(), a["down"].as_bool()),
+        (Some(90), Some(true))
+    );
+    let (ok, _, stderr) = out(&c.cli(&["autostop", "dev", "--cancel"]));
+    assert!(ok, "{stderr}");
+    assert!(cluster_json(&c, "dev").unwrap()["autostop"].is_null());
 
     // The cost report names the cluster.
     let (ok, stdout, _) = out(&c.cli(&["cost-report", "--json"]));

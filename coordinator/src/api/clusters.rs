@@ -34,11 +34,40 @@ pub async fn list_clusters(
                 convert::cluster_to_proto(&view.state, c, &cost),
             )
         });
-    let (clusters, next_page_token) = page.take(clusters);
+    let (mut clusters, next_page_token) = page.take(clusters);
+    if req.refresh {
+        for c in &mut clusters {
+            c.provider_view = provider_view(ctx, &view.state, &c.node_ids).await;
+        }
+    }
     Ok(Response::new(pb::ListClustersResponse {
         clusters,
         next_page_token,
     }))
+}
+
+/// What each node's provider says it holds for it, beside what the
+/// coordinators think: `node-3 (Ready): aws says running (i-0abc)`.
+async fn provider_view(ctx: &Ctx, state: &State, node_ids: &[String]) -> Vec<String> {
+    let mut lines = Vec::new();
+    for id in node_ids {
+        let Some(n) = state.nodes.get(id) else {
+            continue;
+        };
+        let said = match ctx.providers.get(&n.provider) {
+            None => format!("provider {} is not configured here", n.provider),
+            Some(p) => match p.describe(id).await {
+                Ok(Some(i)) if i.instance_id.is_empty() => {
+                    format!("{} says {}", n.provider, i.state)
+                }
+                Ok(Some(i)) => format!("{} says {} ({})", n.provider, i.state, i.instance_id),
+                Ok(None) => format!("{} holds no machine for it", n.provider),
+                Err(e) => format!("{} did not answer: {e}", n.provider),
+            },
+        };
+        lines.push(format!("{id} ({:?}): {said}", n.state));
+    }
+    lines
 }
 
 /// The cluster `name`, if the caller may act on it.

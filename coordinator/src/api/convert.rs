@@ -520,5 +520,6 @@ pub fn cluster_to_proto(
         ssh_sessions: c.ssh_sessions,
         active_jobs: state.cluster_active_jobs(&c.name).count() as u32,
         spot: own.iter().any(|n| n.spot),
+        provider_view: Vec::new(),
     }
 }

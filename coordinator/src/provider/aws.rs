@@ -634,6 +634,7 @@ impl Provider for AwsProvider {
                         instance_id: i.id.clone(),
                         node_id: node_id.to_string(),
                         live: i.live(),
+                        state: i.state.clone(),
                     }));
                 }
             }
@@ -655,6 +656,7 @@ impl Provider for AwsProvider {
                             live: i.live(),
                             instance_id: i.id,
                             node_id,
+                            state: i.state,
                         });
                     }
                 }

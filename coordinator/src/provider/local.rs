@@ -510,9 +510,36 @@ impl Provider for LocalProvider {
                         instance_id: format!("pid-{pid}"),
                         node_id: e.file_name().to_string_lossy().into_owned(),
                         live: true,
+                        state: "running".into(),
                     })
                 })
                 .collect())
+        })
+    }
+
+    /// A node whose agent is gone but whose directory stays is stopped
+    /// (or was lost); with no directory, there is nothing.
+    fn describe<'a>(
+        &'a self,
+        node_id: &'a str,
+    ) -> BoxFuture<'a, Result<Option<Instance>, ProviderError>> {
+        Box::pin(async move {
+            let dir = self.node_dir(node_id);
+            if !dir.is_dir() {
+                return Ok(None);
+            }
+            let pid = read_pid(&dir.join("agent.pid")).filter(|p| alive(*p));
+            Ok(Some(Instance {
+                instance_id: pid.map_or_else(String::new, |p| format!("pid-{p}")),
+                node_id: node_id.to_string(),
+                live: pid.is_some(),
+                state: if pid.is_some() {
+                    "running"
+                } else {
+                    "stopped (no agent; its directory is kept)"
+                }
+                .into(),
+            }))
         })
     }
 

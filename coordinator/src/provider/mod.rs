@@ -62,6 +62,9 @@ pub struct Instance {
     pub node_id: String,
     /// Still running or starting (false: stopping or gone).
     pub live: bool,
+    /// The provider's own word for its state (`running`, `stopped`,
+    /// `Booted`, ...), for `nembo status --refresh`.
+    pub state: String,
 }
 
 /// Provider failures, by what the provisioner should do about them.

@@ -77,6 +77,8 @@ struct Server {
     name: String,
     node_id: String,
     status: String,
+    /// `current_status`: RUNNING, SHUTOFF (powered off).
+    power: String,
 }
 
 impl SeewebProvider {
@@ -221,6 +223,11 @@ impl SeewebProvider {
                     node_id: node_id.to_string(),
                     status: s
                         .get("status")
+                        .and_then(Value::as_str)
+                        .unwrap_or_default()
+                        .to_string(),
+                    power: s
+                        .get("current_status")
                         .and_then(Value::as_str)
                         .unwrap_or_default()
                         .to_string(),
@@ -546,6 +553,11 @@ impl Provider for SeewebProvider {
                 .into_iter()
                 .map(|s| Instance {
                     live: !matches!(s.status.as_str(), "Deleting" | "Deleted"),
+                    state: if s.power.is_empty() {
+                        s.status
+                    } else {
+                        format!("{} ({})", s.status, s.power)
+                    },
                     instance_id: s.name,
                     node_id: s.node_id,
                 })

@@ -345,6 +345,7 @@ impl Provider for SimProvider {
                     instance_id: i.instance_id.clone(),
                     node_id: node.clone(),
                     live: true,
+                    state: "running".into(),
                 })
                 .collect())
         })

@@ -381,6 +381,7 @@ done; true"#
                             instance_id: format!("{}:{pid}", h.name()),
                             node_id: node.to_string(),
                             live: true,
+                            state: "running".into(),
                         });
                     }
                 }
