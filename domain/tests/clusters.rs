@@ -570,3 +570,29 @@ fn down_cancels_the_jobs_and_releases_the_nodes() {
     step(&mut s, 6);
     assert!(s.nodes.values().all(|n| n.state == NodeState::Terminated));
 }
+
+#[test]
+fn only_the_owner_or_an_admin_runs_on_a_cluster() {
+    let mut s = State::default();
+    submit(&mut s, task("resources: {cpus: 2+}", "dev", false), 0);
+    let mut bob = task("run: echo hi", "dev", true);
+    bob.keep_off_coordinator_user = true; // not an admin
+    let out = s.apply(&Command::SubmitJob {
+        spec: bob.clone(),
+        idempotency_key: None,
+        owner: "bob".into(),
+        at_ms: 1,
+    });
+    assert!(
+        matches!(&out, Outcome::Rejected(Rejection::Conflict(m)) if m.contains("belongs to alice")),
+        "{out:?}"
+    );
+    bob.keep_off_coordinator_user = false; // an admin
+    let out = s.apply(&Command::SubmitJob {
+        spec: bob,
+        idempotency_key: None,
+        owner: "ada".into(),
+        at_ms: 2,
+    });
+    assert!(matches!(out, Outcome::Job { .. }), "{out:?}");
+}
