@@ -55,6 +55,22 @@ pub fn new_key() -> Result<(Vec<u8>, Vec<u8>), String> {
     Ok((pem("PRIVATE KEY", pkcs8.as_ref()).into_bytes(), public))
 }
 
+/// The raw public key of a PKCS#8 key PEM this agent made: a node whose
+/// certificate ran out while it was stopped enrolls again with the key it
+/// has, so that only it can.
+pub fn public_key_of(key_pem: &[u8]) -> Result<Vec<u8>, String> {
+    use base64::Engine;
+    let text = std::str::from_utf8(key_pem).map_err(|_| "the key is not PEM".to_string())?;
+    let b64: String = text.lines().filter(|l| !l.starts_with("-----")).collect();
+    let der = base64::engine::general_purpose::STANDARD
+        .decode(b64.trim())
+        .map_err(|_| "the key is not PEM".to_string())?;
+    let pair =
+        EcdsaKeyPair::from_pkcs8(&ECDSA_P256_SHA256_ASN1_SIGNING, &der, &SystemRandom::new())
+            .map_err(|_| "the key is not a P-256 PKCS#8 key".to_string())?;
+    Ok(pair.public_key().as_ref().to_vec())
+}
+
 fn pem(label: &str, der: &[u8]) -> String {
     const ALPHABET: &[u8; 64] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/";
     let mut b64 = String::new();
@@ -156,6 +172,13 @@ impl Identity {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_kept_key_gives_back_its_public_key() {
+        let (pem, public) = new_key().unwrap();
+        assert_eq!(public_key_of(&pem).unwrap(), public);
+        assert!(public_key_of(b"not a key").is_err());
+    }
 
     #[test]
     fn keys_are_p256_and_pem_encoded() {

@@ -202,7 +202,7 @@ async fn ensure_identity(
             }
         }
     }
-    let new = enroll(cfg, url, ca).await?;
+    let new = enroll(cfg, url, ca, saved.as_ref()).await?;
     tracing::info!(node = %new.node_id, valid_until_ms = new.not_after_ms, "enrolled");
     *saved = Some(new.clone());
     Ok(new)
@@ -233,7 +233,14 @@ fn refused(s: &tonic::Status, url: &str) -> SessionEnd {
     }
 }
 
-async fn enroll(cfg: &AgentConfig, url: &str, ca: &[u8]) -> Result<Identity, SessionEnd> {
+/// Trades the join token for a certificate: for a new key, or for the key
+/// of `expired`, the identity this node already had.
+async fn enroll(
+    cfg: &AgentConfig,
+    url: &str,
+    ca: &[u8],
+    expired: Option<&Identity>,
+) -> Result<Identity, SessionEnd> {
     let Some(token_file) = &cfg.join_token_file else {
         return Err(SessionEnd::Fatal(AgentError::Setup(
             "this node has no valid certificate and no join token: start it with --join-token-file (nembo admin tokens create)".into(),
@@ -244,8 +251,15 @@ async fn enroll(cfg: &AgentConfig, url: &str, ca: &[u8]) -> Result<Identity, Ses
             "{e} (a join token is spent at the first enrollment; an expired certificate needs a new one: nembo admin tokens create)"
         )))
     })?;
-    let (key_pem, public_key) =
-        crate::identity::new_key().map_err(|e| SessionEnd::Fatal(AgentError::Setup(e)))?;
+    let kept = expired.and_then(|id| {
+        crate::identity::public_key_of(&id.key_pem)
+            .ok()
+            .map(|public| (id.key_pem.clone(), public))
+    });
+    let (key_pem, public_key) = match kept {
+        Some(k) => k,
+        None => crate::identity::new_key().map_err(|e| SessionEnd::Fatal(AgentError::Setup(e)))?,
+    };
     let mut client = tokio::time::timeout(
         ESTABLISH_TIMEOUT,
         nembo_proto::client::connect_enrollment(url, ca),

@@ -282,3 +282,28 @@ async fn autostop_and_autodown_survive_a_leader_crash() {
     )
     .await;
 }
+
+/// A node stopped past its certificate's end comes back all the same: its
+/// agent trades the node token its provider writes at start for a new
+/// certificate, for the key it already had (and only that key).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_node_whose_certificate_ran_out_while_stopped_starts_again() {
+    let (c, _dir) = start(&["--agent-cert-ttl-s", "10"]).await;
+    let (ok, _, stderr) = out(&c.cli(&["launch", "-c", "dev", "echo first"]));
+    assert!(ok, "{stderr}");
+    let (ok, _, stderr) = out(&c.cli(&["stop", "dev", "-y"]));
+    assert!(ok, "{stderr}");
+    tokio::time::sleep(Duration::from_secs(11)).await;
+    let (ok, _, stderr) = out(&c.cli(&["start", "dev"]));
+    assert!(ok, "{stderr}");
+    let (ok, stdout, stderr) = out(&c.cli(&["exec", "dev", "echo after-expiry"]));
+    assert!(ok && stdout.contains("after-expiry"), "{stdout}{stderr}");
+    let node = cluster_json(&c, "dev").unwrap()["node_ids"][0]
+        .as_str()
+        .unwrap()
+        .to_string();
+    let log =
+        std::fs::read_to_string(c.dir.path().join("nodes").join(&node).join("agent.log")).unwrap();
+    // The restarted agent's log (a new one at each start): it enrolled again.
+    assert!(log.contains("enrolled node="), "{log}");
+}
