@@ -54,6 +54,9 @@ pub struct LaunchArgs {
     /// jobs, or none (a hard limit).
     #[arg(long, value_parser = ["jobs_and_ssh", "jobs", "none"])]
     wait_for: Option<String>,
+    /// Skip the task's `setup` (as `sky launch --no-setup`).
+    #[arg(long)]
+    no_setup: bool,
     #[command(flatten)]
     overrides: crate::overrides::Overrides,
 }
@@ -106,6 +109,9 @@ fn read_task(a: &LaunchArgs) -> Result<String> {
         return Ok(text); // let the coordinator report what is wrong with it
     };
     a.overrides.apply(&mut map)?;
+    if a.no_setup {
+        map.remove("setup");
+    }
     if let Some(yaml_serde::Value::String(w)) = map.get("workdir") {
         // Where it really is (`../..`, links and `/proc/self/root` resolved),
         // so the coordinator judges the directory that would be copied.

@@ -132,6 +132,12 @@ enum Cmd {
         /// Cluster names.
         #[arg(required = true)]
         clusters: Vec<String>,
+        /// Autostop after this many idle minutes (or 90s, 2h).
+        #[arg(short = 'i', long = "idle-minutes-to-autostop")]
+        idle: Option<String>,
+        /// Tear down rather than stop when idle (needs -i).
+        #[arg(long, requires = "idle")]
+        down: bool,
     },
     /// Stop (or tear down) clusters once idle for a while.
     Autostop {
@@ -525,7 +531,17 @@ async fn run(cli: Cli) -> Result<i32> {
             jobs::launch(launch, jobs::Mode::Exec).await
         }
         Cmd::Stop { clusters, yes } => clusters::stop(&clusters, yes).await.map(|()| 0),
-        Cmd::Start { clusters } => clusters::start(&clusters).await.map(|()| 0),
+        Cmd::Start {
+            clusters,
+            idle,
+            down,
+        } => {
+            clusters::start(&clusters).await?;
+            if idle.is_some() {
+                clusters::autostop(&clusters, idle, down, None, false).await?;
+            }
+            Ok(0)
+        }
         Cmd::Ssh {
             cluster,
             node,

@@ -78,9 +78,15 @@ async fn launch_exec_stop_start_and_down_a_named_cluster() {
     }
     let nodes: Vec<pb::Node> = c.nodes().await;
     assert_eq!(nodes.len(), 1, "exec never provisions: {nodes:?}");
+    // launch on the existing cluster runs setup again, unless told not to.
+    let (ok, stdout, stderr) = out(&c.cli(&["launch", "-c", "dev", "--no-setup", task]));
+    assert!(
+        ok && !stdout.contains("SETUP-RAN") && stdout.contains("rank=0"),
+        "{stdout}{stderr}"
+    );
     let (_, queue, _) = out(&c.cli(&["queue", "dev", "--json"]));
     let q: Value = serde_json::from_str(&queue).unwrap();
-    assert_eq!(q["jobs"].as_array().unwrap().len(), 7, "{queue}");
+    assert_eq!(q["jobs"].as_array().unwrap().len(), 8, "{queue}");
 
     // A task that does not fit is refused, naming the difference.
     let (ok, _, stderr) = out(&c.cli(&["exec", "dev", "--gpus", "H100:8", "nvidia-smi"]));
