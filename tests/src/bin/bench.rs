@@ -22,7 +22,8 @@ use serde_json::json;
 fn launch_once(c: &Coordinator, task: &std::path::Path) -> f64 {
     let start = Instant::now();
     let mut child = Command::new(bin("nembo"))
-        .arg("launch")
+        // A warm cluster, as `sky launch -c` again.
+        .args(["launch", "-c", "bench"])
         .arg(task)
         .env("NEMBO_API_INFO", c.dir.path().join("api.json"))
         .stdout(Stdio::piped())

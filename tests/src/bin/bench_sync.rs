@@ -202,7 +202,8 @@ async fn main() {
     .unwrap();
     let launch = || {
         let mut cmd = Command::new(nembo_tests::bin("nembo"));
-        cmd.arg("launch")
+        // The same cluster each time, as a user re-launches on a warm one.
+        cmd.args(["launch", "-c", "sync"])
             .arg(&task)
             .env("NEMBO_API_INFO", c.dir.path().join("api.json"))
             .env("NEMBO_HOME", s.join("cli-home"));
