@@ -596,3 +596,33 @@ fn only_the_owner_or_an_admin_runs_on_a_cluster() {
     });
     assert!(matches!(out, Outcome::Job { .. }), "{out:?}");
 }
+
+/// The local provider's own machine (a fixed machine) is shared: a second
+/// cluster lists the same node rather than waiting for a second machine.
+#[test]
+fn clusters_share_a_fixed_machine() {
+    let mut machine = offerings();
+    for o in &mut machine {
+        o.fixed_machines = Some(1);
+    }
+    machine.truncate(1);
+    let mut s = State::default();
+    let step_on = |s: &mut State, now: i64| {
+        for _ in 0..2 {
+            let p = plan(s, &machine, Policy::default(), now);
+            for c in &p {
+                s.apply(c);
+            }
+            play_provider(s, now);
+        }
+        play_agents(s, now);
+    };
+    let a = job_id(&submit(&mut s, task("run: echo a", "one", false), 0));
+    step_on(&mut s, 1);
+    assert_eq!(s.jobs[&a].state, JobState::Running);
+    let b = job_id(&submit(&mut s, task("run: echo b", "two", false), 2));
+    step_on(&mut s, 3);
+    assert_eq!(s.jobs[&b].state, JobState::Running, "{:?}", s.jobs[&b]);
+    assert_eq!(s.clusters["two"].node_ids, s.clusters["one"].node_ids);
+    assert_eq!(s.nodes.len(), 1);
+}

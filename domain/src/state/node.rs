@@ -416,7 +416,10 @@ impl State {
                         .ports_per_node
                         .then(|| disk.map(|c| c.ports.clone()).unwrap_or_default()),
                     image_id: disk.and_then(|c| c.image_for(&offering.region)),
-                    cluster: cluster.clone(),
+                    // A fixed machine is shared by every cluster on it.
+                    cluster: cluster
+                        .clone()
+                        .filter(|_| offering.fixed_machines.is_none()),
                     stoppable: offering.can_stop && !spot,
                     stopped_ms: 0,
                     stopped_since_ms: None,
