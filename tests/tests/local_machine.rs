@@ -157,6 +157,25 @@ async fn without_a_gpu_a_gpu_task_is_refused_and_a_cpu_task_still_runs() {
     let node = &c.nodes().await[0];
     assert_eq!(node.instance_type, "host-cpu");
     assert!(!node.simulated);
+
+    // Clusters on this machine share it: a plain launch, then a named one,
+    // then exec, stop and start, all on the machine's one node.
+    for args in [
+        &["launch", "echo on-the-machine"][..],
+        &["launch", "-c", "dev", "echo named"],
+        &["exec", "dev", "echo exec"],
+        &["stop", "dev", "-y"],
+        &["start", "dev"],
+        &["exec", "dev", "echo after-start"],
+    ] {
+        let out = c.cli(args);
+        assert!(
+            out.status.success(),
+            "{args:?}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    assert_eq!(c.nodes().await.len(), 1, "one machine, one node");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
