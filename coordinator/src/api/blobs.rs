@@ -53,6 +53,7 @@ pub async fn put_blobs(
 ) -> Result<Response<pb::PutBlobsResponse>, Status> {
     let mut stream = request.into_inner();
     let (mut blobs, mut bytes) = (0u64, 0u64);
+    let mut written = Vec::new();
     let mut current: Option<Incoming> = None;
     loop {
         let next = tokio::time::timeout(PIECE_IDLE, stream.next())
@@ -88,8 +89,10 @@ pub async fn put_blobs(
             .map_err(CoordinatorError::from)?;
         if piece.last {
             if let Some(done) = current.take() {
-                bytes += done.finish().map_err(CoordinatorError::from)?;
+                let (size, path) = done.finish().map_err(CoordinatorError::from)?;
+                bytes += size;
                 blobs += 1;
+                written.push(path);
             }
         }
     }
@@ -101,6 +104,6 @@ pub async fn put_blobs(
     }
     // Acknowledged means on disk.
     let blobs_dir = &ctx.blobs;
-    tokio::task::block_in_place(|| blobs_dir.sync()).map_err(CoordinatorError::from)?;
+    tokio::task::block_in_place(|| blobs_dir.sync(&written)).map_err(CoordinatorError::from)?;
     Ok(Response::new(pb::PutBlobsResponse { blobs, bytes }))
 }
