@@ -134,9 +134,7 @@ impl StageIn {
         }
         if let Some(apb::file_mount::Source::Manifest(d)) = &m.source {
             let agent_dir = self.records.parent().unwrap_or(&self.records);
-            let staged = agent_dir
-                .join("storage")
-                .join(m.bucket.trim_start_matches("s3://"));
+            let staged = agent_dir.join("storage").join(m.bucket.replace("://", "/"));
             self.manifest_mount(what, d, &staged, fetcher).await?;
             let started = Instant::now();
             storage::rclone(

@@ -34,7 +34,8 @@ const FLUSH_WAIT: Duration = Duration::from_secs(600);
 const REMOTE: &str = "nembo";
 
 /// rclone's environment for the job's buckets: an S3 remote from the job's
-/// `AWS_*` variables (or the instance role), and nothing of the agent's.
+/// `AWS_*` variables (or the instance role), an R2 remote from its `R2_*`
+/// ones (and `CLOUDFLARE_ACCOUNT_ID`), and nothing of the agent's.
 pub fn rclone_env(job_env: &BTreeMap<String, String>) -> Vec<(String, String)> {
     let mut env = vec![
         (
@@ -65,11 +66,48 @@ pub fn rclone_env(job_env: &BTreeMap<String, String>) -> Vec<(String, String)> {
             env.push((k.clone(), v.clone()));
         }
     }
+    // R2 speaks S3 at the account's endpoint, region `auto`.
+    let r2_endpoint = job_env.get("R2_ENDPOINT_URL").cloned().or_else(|| {
+        job_env
+            .get("CLOUDFLARE_ACCOUNT_ID")
+            .map(|a| format!("https://{a}.r2.cloudflarestorage.com"))
+    });
+    if let Some(endpoint) = r2_endpoint {
+        for (k, v) in [
+            ("TYPE", "s3".to_string()),
+            ("PROVIDER", "Cloudflare".to_string()),
+            ("REGION", "auto".to_string()),
+            ("ENDPOINT", endpoint),
+            (
+                "ACCESS_KEY_ID",
+                job_env.get("R2_ACCESS_KEY_ID").cloned().unwrap_or_default(),
+            ),
+            (
+                "SECRET_ACCESS_KEY",
+                job_env
+                    .get("R2_SECRET_ACCESS_KEY")
+                    .cloned()
+                    .unwrap_or_default(),
+            ),
+        ] {
+            env.push((format!("RCLONE_CONFIG_{R2_REMOTE_ENV}_{k}"), v));
+        }
+    }
     env
 }
 
-/// `nembo:<bucket>` for `s3://<bucket>`.
+/// The R2 remote, as rclone's environment names it.
+const R2_REMOTE_ENV: &str = "NEMBOR2";
+
+/// `nembo:<bucket>` for `s3://<bucket>`, `nembor2:<bucket>` for `r2://<bucket>`.
 pub fn remote(bucket_uri: &str) -> String {
+    if let Some(b) = bucket_uri.strip_prefix("r2://") {
+        return format!(
+            "{}:{}",
+            R2_REMOTE_ENV.to_ascii_lowercase(),
+            b.trim_end_matches('/')
+        );
+    }
     format!(
         "{REMOTE}:{}",
         bucket_uri.trim_start_matches("s3://").trim_end_matches('/')
@@ -352,6 +390,24 @@ mod tests {
         let plain: BTreeMap<String, String> = rclone_env(&BTreeMap::new()).into_iter().collect();
         assert_eq!(plain["RCLONE_CONFIG_NEMBO_PROVIDER"], "AWS");
         assert_eq!(plain["RCLONE_CONFIG_NEMBO_ENV_AUTH"], "true");
+        assert!(!plain.contains_key("RCLONE_CONFIG_NEMBOR2_TYPE"));
+        let r2_job: BTreeMap<String, String> = [
+            ("CLOUDFLARE_ACCOUNT_ID", "acct"),
+            ("R2_ACCESS_KEY_ID", "k"),
+            ("R2_SECRET_ACCESS_KEY", "s"),
+        ]
+        .into_iter()
+        .map(|(a, b)| (a.to_string(), b.to_string()))
+        .collect();
+        let r2: BTreeMap<String, String> = rclone_env(&r2_job).into_iter().collect();
+        assert_eq!(r2["RCLONE_CONFIG_NEMBOR2_PROVIDER"], "Cloudflare");
+        assert_eq!(
+            r2["RCLONE_CONFIG_NEMBOR2_ENDPOINT"],
+            "https://acct.r2.cloudflarestorage.com"
+        );
+        assert_eq!(r2["RCLONE_CONFIG_NEMBOR2_ACCESS_KEY_ID"], "k");
+        assert_eq!(remote("r2://ckpt"), "nembor2:ckpt");
+        assert_eq!(remote("s3://ckpt/"), "nembo:ckpt");
     }
 
     #[test]

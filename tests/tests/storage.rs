@@ -174,3 +174,46 @@ async fn a_bucket_that_cannot_be_reached_fails_setup_naming_the_mount() {
     );
     assert!(!c.logs(&id).await.contains("ran"));
 }
+
+/// `store: r2`: the bucket is made and mounted at the R2 endpoint the job's
+/// secrets name (here moto, standing in for R2's S3 API), not at AWS.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_r2_bucket_is_made_and_mounted_with_the_jobs_r2_credentials() {
+    if let Err(why) = fuse_or_why() {
+        eprintln!("SKIPPED: FUSE mounts cannot run on this machine: {why}");
+        return;
+    }
+    let moto = Moto::start(&[]).await;
+    let endpoint = moto.endpoint.clone();
+    let c = Coordinator::start(&[]).await;
+    let src = c.dir.path().join("weights");
+    std::fs::create_dir_all(&src).unwrap();
+    std::fs::write(src.join("w.txt"), "r2 weights\n").unwrap();
+    let pid = std::process::id();
+    let (dst, bucket) = (format!("/tmp/nembo-r2-{pid}/w"), format!("nembo-r2-{pid}"));
+    let task = c.dir.path().join("r2.yaml");
+    std::fs::write(
+        &task,
+        format!(
+            r#"file_mounts:
+  {dst}: {{name: {bucket}, store: r2, source: {src}, mode: MOUNT}}
+secrets: {{R2_ENDPOINT_URL: "{endpoint}", R2_ACCESS_KEY_ID: testing, R2_SECRET_ACCESS_KEY: testing}}
+run: |
+  cat {dst}/w.txt
+  echo from-the-job > {dst}/out.txt
+"#,
+            src = src.display()
+        ),
+    )
+    .unwrap();
+    let out = c.cli(&["launch", task.to_str().unwrap()]);
+    let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
+    assert!(
+        out.status.success() && stdout.contains("r2 weights"),
+        "{stdout}\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let mut keys = objects(&endpoint, &bucket);
+    keys.sort();
+    assert_eq!(keys, ["out.txt", "w.txt"]);
+}

@@ -399,7 +399,7 @@ pub enum MountSource {
 /// then the bucket mounted (FUSE) or copied in.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct StorageMount {
-    /// The whole bucket, `s3://name`.
+    /// The whole bucket, `s3://name` or `r2://name` (`store: r2`).
     pub bucket: String,
     /// The task named it (`name`): made if it does not exist.
     pub create: bool,

@@ -180,16 +180,18 @@ fn parse_storage(m: &yaml_serde::Mapping, path: &str) -> Result<MountSource> {
             ))
         }
     };
-    if let Some(store) = text("store")? {
-        if store != "s3" {
+    let scheme = match text("store")?.as_deref() {
+        None | Some("s3") => "s3",
+        Some("r2") => "r2",
+        Some(store) => {
             return Err(SpecError::new(
                 field("store"),
                 format!(
-                    "'{store}' is valid SkyPilot but not supported by Nembo yet; Nembo's buckets are s3"
+                    "'{store}' is valid SkyPilot but not supported by Nembo yet; Nembo's buckets are s3 or r2"
                 ),
-            ));
+            ))
         }
-    }
+    };
     let source = match m.get("source") {
         Some(Value::String(s)) => Some(s.trim().to_string()),
         None | Some(Value::Null) => None,
@@ -220,10 +222,14 @@ fn parse_storage(m: &yaml_serde::Mapping, path: &str) -> Result<MountSource> {
             if mode == StorageMode::Copy {
                 return Ok(parsed);
             }
-            let whole = uri.strip_prefix("s3://").filter(|rest| !rest.contains('/'));
+            let whole = ["s3://", "r2://"].into_iter().find_map(|p| {
+                uri.strip_prefix(p)
+                    .filter(|rest| !rest.contains('/'))
+                    .map(|b| format!("{p}{b}"))
+            });
             match whole {
                 Some(bucket) => Ok(MountSource::Storage(StorageMount {
-                    bucket: format!("s3://{bucket}"),
+                    bucket,
                     create: false,
                     local: None,
                     mode,
@@ -233,7 +239,7 @@ fn parse_storage(m: &yaml_serde::Mapping, path: &str) -> Result<MountSource> {
                 None => Err(SpecError::new(
                     field("source"),
                     format!(
-                        "'{uri}': only a whole s3:// bucket can be mounted ({}); copy a prefix \
+                        "'{uri}': only a whole s3:// or r2:// bucket can be mounted ({}); copy a prefix \
                          with `mode: COPY`",
                         mode.as_str()
                     ),
@@ -247,7 +253,7 @@ fn parse_storage(m: &yaml_serde::Mapping, path: &str) -> Result<MountSource> {
         (local, Some(name)) => {
             check_bucket_name(&name, &field("name"))?;
             Ok(MountSource::Storage(StorageMount {
-                bucket: format!("s3://{name}"),
+                bucket: format!("{scheme}://{name}"),
                 create: true,
                 local: local.map(|p| (p, None)),
                 mode,

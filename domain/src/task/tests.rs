@@ -249,6 +249,21 @@ fn known_but_unsupported_fields_are_rejected_not_ignored() {
         err("file_mounts: {/d: {source: gs://b, mode: COPY, store: gcs}}").path,
         "file_mounts./d.store"
     );
+    // R2 buckets: named (store: r2), or a whole r2:// bucket mounted.
+    let r2 = parse_task_yaml(
+        "file_mounts:\n  /ckpt: {name: my-ckpt, store: r2, mode: MOUNT_CACHED}\n  /data: {source: r2://shared, mode: MOUNT}\n",
+        &Default::default(),
+    )
+    .unwrap();
+    let buckets: Vec<&str> = r2
+        .file_mounts
+        .values()
+        .filter_map(|m| match m {
+            MountSource::Storage(s) => Some(s.bucket.as_str()),
+            _ => None,
+        })
+        .collect();
+    assert_eq!(buckets, ["r2://my-ckpt", "r2://shared"]);
     assert_eq!(
         err("file_mounts: {/d: {source: s3://b, mode: COPY, name: x}}").path,
         "file_mounts./d.name"
