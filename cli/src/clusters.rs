@@ -239,7 +239,21 @@ pub async fn down(names: Vec<String>, all: bool, yes: bool) -> Result<()> {
     let c = connect::client().await?;
     let known = list(&c, &[], false).await?;
     let (clusters, nodes): (Vec<String>, Vec<String>) = if all {
-        (known.iter().map(|c| c.name.clone()).collect(), Vec::new())
+        // Every cluster the caller may tear down: all of them for an admin,
+        // its own for a user (everyone can see every cluster).
+        let me = connect::call(&c, pb::WhoAmIRequest {}, |mut c, r| async move {
+            c.who_am_i(r).await
+        })
+        .await?;
+        let admin = me.role == pb::Role::Admin as i32;
+        (
+            known
+                .iter()
+                .filter(|k| admin || k.owner == me.user)
+                .map(|k| k.name.clone())
+                .collect(),
+            Vec::new(),
+        )
     } else {
         names
             .into_iter()

@@ -196,6 +196,28 @@ async fn a_launch_without_a_name_makes_one_up_and_viewers_cannot_touch_clusters(
         .unwrap()
         .into_inner();
     assert_eq!(listed.clusters.len(), 1);
+
+    // A user's `down -a` tears down its own clusters only (it has none here).
+    let u = c.cli(&["admin", "users", "create", "ulla", "--role", "user"]);
+    let token = c.dir.path().join("ulla-token");
+    nembo_tests::write_private(&token, String::from_utf8_lossy(&u.stdout).trim());
+    let out = std::process::Command::new(nembo_tests::bin("nembo"))
+        .args(["down", "-a", "-y"])
+        .env("NEMBO_API_INFO", c.dir.path().join("api.json"))
+        .env("NEMBO_HOME", c.dir.path().join("cli-home"))
+        .env("NEMBO_TOKEN_FILE", &token)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(
+        cluster_state(&c, name).as_deref(),
+        Some("UP"),
+        "root's cluster stays"
+    );
 }
 
 /// Autostop after the last job, autodown, and a cluster a running job keeps
