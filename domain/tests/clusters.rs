@@ -626,3 +626,48 @@ fn clusters_share_a_fixed_machine() {
     assert_eq!(s.clusters["two"].node_ids, s.clusters["one"].node_ids);
     assert_eq!(s.nodes.len(), 1);
 }
+
+/// A cluster whose task nothing can place, or whose every launch failed,
+/// is forgotten with that task; one that ran keeps its record.
+#[test]
+fn a_cluster_that_never_got_a_machine_goes_with_its_task() {
+    let mut s = State::default();
+    let j = job_id(&submit(
+        &mut s,
+        task("resources: {cpus: 2+}", "nowhere", false),
+        0,
+    ));
+    s.apply(&Command::CancelJob {
+        job_id: j,
+        at_ms: 1,
+    });
+    assert!(!s.clusters.contains_key("nowhere"));
+
+    let j = job_id(&submit(
+        &mut s,
+        task("resources: {cpus: 2+}", "failed", false),
+        2,
+    ));
+    let p = plan(&s, &offerings(), Policy::default(), 3);
+    for c in &p {
+        s.apply(c);
+    }
+    let node = s.clusters["failed"].node_ids[0].clone();
+    s.apply(&Command::NodeLaunchFailed {
+        node_id: node,
+        message: "quota".into(),
+        failure: nembo_domain::state::LaunchFailure::Other,
+        at_ms: 4,
+    });
+    assert!(s.jobs[&j].state.is_terminal());
+    assert!(!s.clusters.contains_key("failed"));
+
+    let j = job_id(&submit(
+        &mut s,
+        task("resources: {cpus: 2+}", "ran", false),
+        5,
+    ));
+    step(&mut s, 6);
+    finish(&mut s, j, 7);
+    assert!(s.clusters.contains_key("ran"));
+}

@@ -318,10 +318,32 @@ impl State {
     }
 
     /// A job left the active set: its cluster's idle period starts at its end.
-    pub(super) fn note_cluster_job_ended(&mut self, spec: &TaskSpec, ended_at_ms: Option<i64>) {
+    pub(super) fn note_cluster_job_ended(
+        &mut self,
+        job: super::JobId,
+        spec: &TaskSpec,
+        ended_at_ms: Option<i64>,
+    ) {
         let (Some(t), Some(at)) = (&spec.cluster, ended_at_ms) else {
             return;
         };
+        let Some(c) = self.clusters.get(&t.name) else {
+            return;
+        };
+        // A cluster that never got a machine (nothing could host its task,
+        // or every launch failed) goes with its last task, as SkyPilot
+        // forgets a cluster it could not provision.
+        let never_up = !c.stopped
+            && c.node_ids.iter().all(|n| {
+                self.nodes
+                    .get(n)
+                    .is_none_or(|n| n.state == NodeState::Failed)
+            });
+        let others = self.cluster_active_jobs(&t.name).any(|j| j.id != job);
+        if never_up && !others {
+            self.clusters.remove(&t.name);
+            return;
+        }
         if let Some(c) = self.clusters.get_mut(&t.name) {
             c.last_active_ms = c.last_active_ms.max(at);
         }

@@ -250,7 +250,7 @@ impl State {
                 && j.attempt_holding_ranks().is_none();
             if ended {
                 let j = j.clone();
-                self.note_cluster_job_ended(&j.spec, j.ended_at_ms);
+                self.note_cluster_job_ended(id, &j.spec, j.ended_at_ms);
             }
         }
         let (live, queued, placed) = match self.jobs.get(&id) {
