@@ -152,8 +152,7 @@ pub async fn down_cluster(
         let view = ctx.raft.view();
         let c = owned(&view.state, &who, &name)?;
         view.state
-            .cluster_nodes(c)
-            .filter(|n| n.cluster.as_deref() == Some(name.as_str()))
+            .cluster_own_nodes(c)
             .map(|n| n.id.clone())
             .collect()
     };

@@ -490,10 +490,7 @@ pub fn cluster_to_proto(
     cost: &nembo_domain::cost::CostReport,
 ) -> pb::Cluster {
     let head = state.cluster_nodes(c).next();
-    let own: Vec<&Node> = state
-        .cluster_nodes(c)
-        .filter(|n| n.cluster.as_deref() == Some(c.name.as_str()))
-        .collect();
+    let own: Vec<&Node> = state.cluster_own_nodes(c).collect();
     pb::Cluster {
         name: c.name.clone(),
         owner: c.owner.clone(),

@@ -91,15 +91,6 @@ pub async fn shell(
     let (client_tx, client_rx) = mpsc::channel(256);
     let id = ctx.shells.open(client_tx.clone());
     let term = ctx.raft.view().term;
-    let order = |msg| {
-        Ok(apb::SessionResponse {
-            msg: Some(apb::session_response::Msg::Shell(apb::ShellOrder {
-                term,
-                session_id: id,
-                msg: Some(msg),
-            })),
-        })
-    };
     let open = apb::shell_order::Msg::Open(apb::ShellOpen {
         command: start.command.clone(),
         terminal: start.terminal,
@@ -107,7 +98,7 @@ pub async fn shell(
         env,
         forward_port: start.forward_port,
     });
-    if agent.send(order(open)).await.is_err() {
+    if agent.send(order(term, id, open)).await.is_err() {
         ctx.shells.close(id);
         close_session(ctx, &cluster).await;
         return Err(Status::unavailable(format!(
@@ -140,15 +131,6 @@ async fn pump(
     cluster: String,
     client: crate::agents::shells::ClientOutbox,
 ) {
-    let order = |msg| {
-        Ok(apb::SessionResponse {
-            msg: Some(apb::session_response::Msg::Shell(apb::ShellOrder {
-                term,
-                session_id: id,
-                msg: Some(msg),
-            })),
-        })
-    };
     loop {
         let msg = tokio::select! {
             m = inbound.message() => m,
@@ -169,13 +151,26 @@ async fn pump(
             pb::shell_request::Msg::StdinClosed(b) => apb::shell_order::Msg::StdinClosed(b),
             pb::shell_request::Msg::Start(_) => continue,
         };
-        if agent.send(order(forward)).await.is_err() {
+        if agent.send(order(term, id, forward)).await.is_err() {
             break;
         }
     }
-    let _ = agent.send(order(apb::shell_order::Msg::Close(true))).await;
+    let _ = agent
+        .send(order(term, id, apb::shell_order::Msg::Close(true)))
+        .await;
     ctx.shells.close(id);
     close_session(&ctx, &cluster).await;
+}
+
+/// An order about session `id` to its node's agent, from a leader of `term`.
+fn order(term: u64, id: u64, msg: apb::shell_order::Msg) -> Result<apb::SessionResponse, Status> {
+    Ok(apb::SessionResponse {
+        msg: Some(apb::session_response::Msg::Shell(apb::ShellOrder {
+            term,
+            session_id: id,
+            msg: Some(msg),
+        })),
+    })
 }
 
 async fn close_session(ctx: &Ctx, cluster: &str) {

@@ -467,6 +467,19 @@ impl AwsProvider {
     }
 
     /// Refuses a leader older than the newest that tagged these instances.
+    /// The instances tagged with the request's node in its region, once the
+    /// region is remembered for the node and no newer leader has acted on
+    /// them (launch and start both begin here).
+    async fn instances_for(&self, req: &LaunchRequest) -> Result<Vec<Ec2Instance>, ProviderError> {
+        self.node_regions
+            .lock()
+            .expect("node regions")
+            .insert(req.node_id.clone(), req.region.clone());
+        let found = self.describe_in(&req.region, Some(&req.node_id)).await?;
+        Self::fence(&found, req.term)?;
+        Ok(found)
+    }
+
     /// Tags `instances` with the acting leader's term (the fence a later
     /// call checks), then calls `action` (StopInstances, StartInstances,
     /// TerminateInstances) on them.
@@ -519,12 +532,7 @@ impl Provider for AwsProvider {
     fn launch(&self, req: LaunchRequest) -> BoxFuture<'_, Result<String, ProviderError>> {
         Box::pin(async move {
             let region = req.region.as_str();
-            self.node_regions
-                .lock()
-                .expect("node regions")
-                .insert(req.node_id.clone(), region.to_string());
-            let existing = self.describe_in(region, Some(&req.node_id)).await?;
-            Self::fence(&existing, req.term)?;
+            let existing = self.instances_for(&req).await?;
             if let Some(i) = existing.iter().find(|i| i.live()) {
                 return Ok(i.id.clone());
             }
@@ -712,12 +720,7 @@ impl Provider for AwsProvider {
     fn start(&self, req: LaunchRequest) -> BoxFuture<'_, Result<(), ProviderError>> {
         Box::pin(async move {
             let region = req.region.as_str();
-            self.node_regions
-                .lock()
-                .expect("node regions")
-                .insert(req.node_id.clone(), region.to_string());
-            let found = self.describe_in(region, Some(&req.node_id)).await?;
-            Self::fence(&found, req.term)?;
+            let found = self.instances_for(&req).await?;
             let live: Vec<&Ec2Instance> = found.iter().filter(|i| i.live()).collect();
             if live.is_empty() {
                 return Err(ProviderError::InvalidRequest(format!(

@@ -95,14 +95,26 @@ impl State {
             .filter(|n| !n.state.is_final())
     }
 
+    /// The cluster's nodes that are its alone (not a shared fixed machine):
+    /// the ones a stop, a start or a down acts on.
+    pub fn cluster_own_nodes<'a>(
+        &'a self,
+        c: &'a Cluster,
+    ) -> impl Iterator<Item = &'a super::Node> {
+        self.cluster_nodes(c)
+            .filter(move |n| n.cluster.as_deref() == Some(c.name.as_str()))
+    }
+
+    /// The ids of [`Self::cluster_own_nodes`].
+    fn own_node_ids(&self, c: &Cluster) -> Vec<String> {
+        self.cluster_own_nodes(c).map(|n| n.id.clone()).collect()
+    }
+
     /// INIT, UP or STOPPED, from its nodes.
     pub fn cluster_status(&self, c: &Cluster) -> ClusterStatus {
-        let nodes: Vec<_> = self.cluster_nodes(c).collect();
-        let own = |n: &&&super::Node| n.cluster.as_deref() == Some(c.name.as_str());
         if c.stopped {
-            let all_stopped = nodes
-                .iter()
-                .filter(own)
+            let all_stopped = self
+                .cluster_own_nodes(c)
                 .all(|n| n.state == NodeState::Stopped);
             return if all_stopped {
                 ClusterStatus::Stopped
@@ -110,6 +122,7 @@ impl State {
                 ClusterStatus::Init
             };
         }
+        let nodes: Vec<_> = self.cluster_nodes(c).collect();
         if !nodes.is_empty()
             && nodes.len() >= c.num_nodes as usize
             && nodes.iter().all(|n| n.state == NodeState::Ready)
@@ -366,10 +379,7 @@ impl State {
 
     /// Why the cluster's own nodes cannot be stopped, if one cannot.
     fn why_not_stoppable(&self, c: &Cluster) -> Option<String> {
-        let own: Vec<&super::Node> = self
-            .cluster_nodes(c)
-            .filter(|n| n.cluster.as_deref() == Some(c.name.as_str()))
-            .collect();
+        let own: Vec<&super::Node> = self.cluster_own_nodes(c).collect();
         // What can never work first; what waiting fixes last.
         for n in &own {
             if n.spot && !n.stoppable {
@@ -401,11 +411,7 @@ impl State {
         if let Some(why) = self.why_not_stoppable(c) {
             return conflict(format!("cannot stop cluster {name}: {why}"));
         }
-        let own: Vec<String> = self
-            .cluster_nodes(c)
-            .filter(|n| n.cluster.as_deref() == Some(name))
-            .map(|n| n.id.clone())
-            .collect();
+        let own = self.own_node_ids(c);
         let touched = self.cancel_cluster_jobs(name, &format!("cluster {name} stopped"), at_ms);
         for id in touched {
             self.reindex(id);
@@ -435,11 +441,7 @@ impl State {
         if !c.stopped {
             return Outcome::Applied;
         }
-        let own: Vec<String> = self
-            .cluster_nodes(c)
-            .filter(|n| n.cluster.as_deref() == Some(name))
-            .map(|n| n.id.clone())
-            .collect();
+        let own = self.own_node_ids(c);
         if let Some(n) = own
             .iter()
             .filter_map(|id| self.nodes.get(id))
@@ -473,11 +475,7 @@ impl State {
         let Some(c) = self.clusters.get(name) else {
             return Outcome::Rejected(Rejection::NoSuchCluster(name.to_string()));
         };
-        let own: Vec<String> = self
-            .cluster_nodes(c)
-            .filter(|n| n.cluster.as_deref() == Some(name))
-            .map(|n| n.id.clone())
-            .collect();
+        let own = self.own_node_ids(c);
         let touched = self.cancel_cluster_jobs(name, &format!("cluster {name} torn down"), at_ms);
         for id in touched {
             self.reindex(id);
