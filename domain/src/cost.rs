@@ -1,7 +1,7 @@
 //! What the fleet has cost: catalog price times run time. Pure: `now_ms`
 //! comes from the caller, so the report is the same on every replica.
 
-use crate::state::{JobId, JobState, NodeState, State};
+use crate::state::{JobId, JobState, Node, NodeState, State};
 
 /// One node's bill.
 #[derive(Debug, Clone, PartialEq)]
@@ -42,29 +42,31 @@ pub struct CostReport {
 
 const HOUR_MS: f64 = 3_600_000.0;
 
+/// One node's bill at `now_ms`; none if it was never launched.
+pub fn node_bill(n: &Node, now_ms: i64) -> Option<NodeCost> {
+    let start = n.launched_at_ms?;
+    let end = n.ended_at_ms.unwrap_or(match n.state {
+        NodeState::Terminated | NodeState::Failed => start,
+        _ => now_ms,
+    });
+    // A stopped machine is not billed (its disk is, at a price the
+    // catalogs do not carry).
+    let stopped = n.stopped_ms + n.stopped_since_ms.map_or(0, |since| (end - since).max(0));
+    let hours = (end - start - stopped).max(0) as f64 / HOUR_MS;
+    Some(NodeCost {
+        node_id: n.id.clone(),
+        hours,
+        cost: hours * n.hourly_price,
+        cluster: n.cluster.clone(),
+    })
+}
+
 /// The bill at `now_ms`.
 pub fn report(state: &State, now_ms: i64) -> CostReport {
     let mut out = CostReport::default();
-    for n in state.nodes.values() {
-        let Some(start) = n.launched_at_ms else {
-            continue; // never launched: never billed
-        };
-        let end = n.ended_at_ms.unwrap_or(match n.state {
-            NodeState::Terminated | NodeState::Failed => start,
-            _ => now_ms,
-        });
-        // A stopped machine is not billed (its disk is, at a price the
-        // catalogs do not carry).
-        let stopped = n.stopped_ms + n.stopped_since_ms.map_or(0, |since| (end - since).max(0));
-        let hours = (end - start - stopped).max(0) as f64 / HOUR_MS;
-        let cost = hours * n.hourly_price;
-        out.total += cost;
-        out.nodes.push(NodeCost {
-            node_id: n.id.clone(),
-            hours,
-            cost,
-            cluster: n.cluster.clone(),
-        });
+    for bill in state.nodes.values().filter_map(|n| node_bill(n, now_ms)) {
+        out.total += bill.cost;
+        out.nodes.push(bill);
     }
     for job in state.jobs.values() {
         let mut node_hours = 0.0;

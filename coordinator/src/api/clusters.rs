@@ -21,19 +21,14 @@ pub async fn list_clusters(
     let req = request.into_inner();
     let page = PageRequest::<String>::new("clusters", req.page_size, &req.page_token)?;
     let view = ctx.raft.view();
-    let cost = nembo_domain::cost::report(&view.state, now_ms());
+    let now = now_ms();
     let after = page.after.clone().map_or(Unbounded, Excluded);
     let clusters = view
         .state
         .clusters
         .range((after, Unbounded))
         .filter(|(name, _)| req.names.is_empty() || req.names.contains(name))
-        .map(|(name, c)| {
-            (
-                name.clone(),
-                convert::cluster_to_proto(&view.state, c, &cost),
-            )
-        });
+        .map(|(name, c)| (name.clone(), convert::cluster_to_proto(&view.state, c, now)));
     let (mut clusters, next_page_token) = page.take(clusters);
     if req.refresh {
         for c in &mut clusters {
@@ -100,12 +95,12 @@ async fn change(
     owned(&ctx.raft.view().state, who, name)?;
     propose_change(ctx, cmd).await?;
     let view = ctx.raft.view();
-    let cost = nembo_domain::cost::report(&view.state, now_ms());
+    let now = now_ms();
     Ok(view
         .state
         .clusters
         .get(name)
-        .map(|c| convert::cluster_to_proto(&view.state, c, &cost)))
+        .map(|c| convert::cluster_to_proto(&view.state, c, now)))
 }
 
 pub async fn stop_cluster(

@@ -483,12 +483,8 @@ pub fn autostop_from_proto(
     }))
 }
 
-/// Wire cluster, with what its own nodes have cost by `cost`.
-pub fn cluster_to_proto(
-    state: &st::State,
-    c: &st::Cluster,
-    cost: &nembo_domain::cost::CostReport,
-) -> pb::Cluster {
+/// Wire cluster, with what its own nodes have cost by `now_ms`.
+pub fn cluster_to_proto(state: &st::State, c: &st::Cluster, now_ms: i64) -> pb::Cluster {
     let head = state.cluster_nodes(c).next();
     let own: Vec<&Node> = state.cluster_own_nodes(c).collect();
     pb::Cluster {
@@ -506,11 +502,13 @@ pub fn cluster_to_proto(
         instance_type: head.map_or(String::new(), |n| n.instance_type.clone()),
         launch_time: timestamp(c.created_at_ms),
         autostop: c.autostop.as_ref().map(|a| autostop_to_proto(Some(a))),
-        cost: cost
+        // Every node it has had, including those gone since (they were billed).
+        cost: state
             .nodes
-            .iter()
+            .values()
             .filter(|n| n.cluster.as_deref() == Some(c.name.as_str()))
-            .map(|n| n.cost)
+            .filter_map(|n| nembo_domain::cost::node_bill(n, now_ms))
+            .map(|b| b.cost)
             .sum(),
         hourly_price: own.iter().map(|n| n.hourly_price).sum(),
         message: c.message.clone(),
