@@ -388,6 +388,7 @@ impl StageIn {
             let req = apb::FetchBlobsRequest {
                 job_id: self.job_id.clone(),
                 digests: batch.to_vec(),
+                takes_whole_blobs: true,
             };
             let mut stream = c
                 .fetch_blobs(req)
@@ -397,6 +398,22 @@ impl StageIn {
             let mut open: Option<Writing> = None;
             while let Some(piece) = stream.next().await {
                 let piece = piece.map_err(|s| s.message().to_string())?;
+                if !piece.whole.is_empty() && open.is_some() {
+                    return Err("whole blobs sent inside another blob's pieces".into());
+                }
+                for blob in piece.whole {
+                    let places = wanted
+                        .get(&blob.digest)
+                        .ok_or_else(|| format!("sent blob {} not asked for", blob.digest))?;
+                    let mut w = Writing::start(&blob.digest, &places[0].0)?;
+                    w.write(&blob.data)?;
+                    progress.bytes(blob.data.len() as u64, |l| self.say(l));
+                    w.finish(places, &mut record)?;
+                    progress.files(places.len());
+                }
+                if piece.digest.is_empty() {
+                    continue;
+                }
                 let w = match open.as_mut() {
                     Some(w) if w.digest == piece.digest => w,
                     _ => {
@@ -411,11 +428,7 @@ impl StageIn {
                 if piece.last {
                     let done = open.take().ok_or("no blob open")?;
                     let places = &wanted[&done.digest];
-                    let digest = done.digest.clone();
-                    done.finish(places)?;
-                    for (path, _) in places {
-                        record.set(path, &digest);
-                    }
+                    done.finish(places, &mut record)?;
                     progress.files(places.len());
                 }
             }
@@ -446,6 +459,8 @@ impl StageIn {
             .fetch_blobs(apb::FetchBlobsRequest {
                 job_id: self.job_id.clone(),
                 digests: vec![digest.to_string()],
+                // Read as one stream of pieces, however small.
+                takes_whole_blobs: false,
             })
             .await
             .map_err(|s| s.message().to_string())?
@@ -633,8 +648,9 @@ impl Writing {
             .map_err(|e| format!("{}: {e}", self.tmp.display()))
     }
 
-    /// Checks the content, puts it at every place that wants it.
-    fn finish(self, places: &[(PathBuf, u32)]) -> Result<(), String> {
+    /// Checks the content, puts it at every place that wants it, and
+    /// notes each in `record`.
+    fn finish(self, places: &[(PathBuf, u32)], record: &mut Record) -> Result<(), String> {
         let got = self.hasher.finish();
         if got != self.digest {
             let _ = std::fs::remove_file(&self.tmp);
@@ -644,21 +660,28 @@ impl Writing {
                 self.digest
             ));
         }
-        drop(self.file);
         let (first, mode) = &places[0];
-        std::fs::set_permissions(&self.tmp, std::fs::Permissions::from_mode(*mode))
-            .and_then(|()| std::fs::rename(&self.tmp, first))
+        // Through the open file, not its path again: with ten thousand
+        // small files every lookup counts. A rename keeps the mtime.
+        let meta = self
+            .file
+            .set_permissions(std::fs::Permissions::from_mode(*mode))
+            .and_then(|()| self.file.metadata())
+            .and_then(|meta| std::fs::rename(&self.tmp, first).map(|()| meta))
             .map_err(|e| format!("{}: {e}", first.display()))?;
+        record.set(first, &self.digest, &meta);
         // Beside, then renamed in: a link left at the place is replaced,
         // never written through.
         for (path, mode) in &places[1..] {
             let tmp = tmp_beside(path);
-            std::fs::copy(first, &tmp)
+            let meta = std::fs::copy(first, &tmp)
                 .and_then(|_| {
                     std::fs::set_permissions(&tmp, std::fs::Permissions::from_mode(*mode))
                 })
-                .and_then(|()| std::fs::rename(&tmp, path))
+                .and_then(|()| std::fs::symlink_metadata(&tmp))
+                .and_then(|meta| std::fs::rename(&tmp, path).map(|()| meta))
                 .map_err(|e| format!("{}: {e}", path.display()))?;
+            record.set(path, &self.digest, &meta);
         }
         Ok(())
     }
@@ -672,7 +695,10 @@ struct Record {
 
 impl Record {
     fn stamp(path: &Path) -> Option<(u64, i128)> {
-        let m = std::fs::symlink_metadata(path).ok()?;
+        Self::stamp_of(&std::fs::symlink_metadata(path).ok()?)
+    }
+
+    fn stamp_of(m: &std::fs::Metadata) -> Option<(u64, i128)> {
         if !m.is_file() {
             return None;
         }
@@ -693,8 +719,9 @@ impl Record {
         }
     }
 
-    fn set(&mut self, path: &Path, digest: &str) {
-        if let Some((size, mtime)) = Self::stamp(path) {
+    /// `path` now holds `digest`, and looks like `meta`.
+    fn set(&mut self, path: &Path, digest: &str, meta: &std::fs::Metadata) {
+        if let Some((size, mtime)) = Self::stamp_of(meta) {
             self.files
                 .insert(path.to_path_buf(), (digest.to_string(), size, mtime));
         }

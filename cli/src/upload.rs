@@ -16,7 +16,9 @@ use std::time::Instant;
 
 use anyhow::{bail, Context, Result};
 use nembo_proto::client::Client;
-use nembo_proto::files::{Entry, Hasher, Kind, Manifest, MAX_BYTES, MAX_ENTRIES, PIECE_BYTES};
+use nembo_proto::files::{
+    Entry, Hasher, Kind, Manifest, WholeBatch, MAX_BYTES, MAX_ENTRIES, PIECE_BYTES, WHOLE_MAX,
+};
 use nembo_proto::v1 as pb;
 use serde::{Deserialize, Serialize};
 
@@ -246,11 +248,11 @@ pub async fn ship(client: &Client, sources: &[Source]) -> Result<HashMap<String,
     let req = pb::FindMissingBlobsRequest {
         digests: blobs.keys().cloned().collect(),
     };
-    let missing = connect::call(client, req, |mut c, r| async move {
+    let found = connect::call(client, req, |mut c, r| async move {
         c.find_missing_blobs(r).await
     })
-    .await?
-    .missing;
+    .await?;
+    let (missing, takes_whole) = (found.missing, found.takes_whole_blobs);
     let (files, bytes): (usize, u64) = sources.iter().fold((0, 0), |(f, b), s| {
         (f + s.manifest.files().count(), b + s.manifest.bytes())
     });
@@ -285,8 +287,27 @@ pub async fn ship(client: &Client, sources: &[Source]) -> Result<HashMap<String,
     let reader = tokio::task::spawn_blocking(move || -> Result<()> {
         let mut sent = 0u64;
         let mut said = Instant::now();
+        let mut small = WholeBatch::default();
+        let send_whole = |whole: Vec<pb::WholeBlob>| {
+            tx.blocking_send(pb::PutBlobsRequest {
+                whole,
+                ..Default::default()
+            })
+            .map_err(|_| anyhow::anyhow!("the upload was cut off"))
+        };
         for (i, (digest, blob)) in todo.into_iter().enumerate() {
             let size = blob.size();
+            if let (true, Blob::File(path, _)) = (takes_whole && size <= WHOLE_MAX, &blob) {
+                let data = std::fs::read(path).with_context(|| path.display().to_string())?;
+                if data.len() as u64 != size {
+                    bail!("{} changed while it was uploaded", path.display());
+                }
+                sent += size;
+                if let Some(full) = small.push(digest, data) {
+                    send_whole(full)?;
+                }
+                continue;
+            }
             let mut first = true;
             let mut send = |data: Vec<u8>, last: bool| -> Result<()> {
                 sent += data.len() as u64;
@@ -295,11 +316,17 @@ pub async fn ship(client: &Client, sources: &[Source]) -> Result<HashMap<String,
                     size: if first { size } else { 0 },
                     data,
                     last,
+                    whole: Vec::new(),
                 };
                 first = false;
                 tx.blocking_send(piece)
                     .map_err(|_| anyhow::anyhow!("the upload was cut off"))
             };
+            // Whatever small blobs are gathered go first: a message holds
+            // either those or a piece.
+            if let Some(gathered) = small.take() {
+                send_whole(gathered)?;
+            }
             match blob {
                 // A manifest of many entries is larger than one message.
                 Blob::Bytes(b) => {
@@ -343,6 +370,9 @@ pub async fn ship(client: &Client, sources: &[Source]) -> Result<HashMap<String,
                     sent as f64 / 1e6 / started.elapsed().as_secs_f64().max(1e-3)
                 );
             }
+        }
+        if let Some(rest) = small.take() {
+            send_whole(rest)?;
         }
         Ok(())
     });
@@ -422,7 +452,9 @@ impl HashCache {
         }
         let mut f = std::fs::File::open(path).with_context(|| path.display().to_string())?;
         let mut h = Hasher::default();
-        let mut buf = vec![0u8; 1 << 20];
+        // Sized to the file: ten thousand small files must not cost ten
+        // thousand megabyte buffers.
+        let mut buf = vec![0u8; (meta.len() as usize).clamp(4096, 1 << 20)];
         loop {
             match f.read(&mut buf)? {
                 0 => break,

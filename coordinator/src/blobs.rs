@@ -5,13 +5,20 @@
 //! written to a temp file, checked, then renamed into place, so a reader
 //! never sees part of one; an upload is made durable once, at its end
 //! ([`BlobStore::sync`]), not with a flush per file.
+//!
+//! Small blobs that come whole, many to a message, are kept together in one
+//! pack file per message (`blobs/packs/<id>.pack`, indexed in memory and
+//! rescanned at start): creating ten thousand small files cost the
+//! coordinator more than their bytes did.
 
-use std::collections::BTreeSet;
+use std::collections::{BTreeSet, HashMap};
 use std::fs;
-use std::io::{Read, Write};
-use std::path::PathBuf;
+use std::io::{Read, Seek, SeekFrom, Write};
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
 
 use nembo_proto::files::{is_digest, Hasher, Manifest};
+use nembo_proto::v1::WholeBlob;
 
 /// Why a blob could not be stored or read.
 #[derive(Debug, thiserror::Error)]
@@ -52,12 +59,31 @@ fn room_for(size: u64, free: u64, total: u64) -> Result<(), BlobError> {
 }
 
 /// The blobs of one coordinator.
+#[derive(Clone)]
 pub struct BlobStore {
     dir: PathBuf,
+    /// Blobs kept in packs, by digest.
+    packed: Arc<Mutex<HashMap<String, Packed>>>,
     /// Bytes announced by uploads still in progress: counted against the
     /// reserve, so that concurrent uploads cannot overrun it together.
     reserved: std::sync::Arc<std::sync::atomic::AtomicU64>,
 }
+
+/// Where a packed blob is.
+#[derive(Clone, Copy, Debug)]
+struct Packed {
+    pack: u64,
+    offset: u64,
+    len: u64,
+}
+
+/// A pack starts with this; then, per blob: its digest (64 hex bytes), its
+/// length (u64, little-endian), its bytes.
+const PACK_MAGIC: &[u8; 8] = b"NEMBOPK1";
+const PACK_HEADER: u64 = 64 + 8;
+
+/// A blob opened for reading: its bytes, and how many there are.
+pub type BlobReader = std::io::Take<fs::File>;
 
 /// A blob being received.
 pub struct Incoming {
@@ -88,25 +114,60 @@ impl Drop for Claim {
 impl BlobStore {
     /// Blobs live under `dir`.
     pub fn new(dir: PathBuf) -> std::io::Result<Self> {
-        fs::create_dir_all(&dir)?;
-        Ok(Self {
+        fs::create_dir_all(dir.join(PACKS))?;
+        let store = Self {
             dir,
+            packed: Default::default(),
             reserved: Default::default(),
-        })
+        };
+        let mut index = HashMap::new();
+        for entry in fs::read_dir(store.dir.join(PACKS))?.flatten() {
+            let name = entry.file_name().to_string_lossy().into_owned();
+            let Some(id) = name
+                .strip_suffix(".pack")
+                .and_then(|h| u64::from_str_radix(h, 16).ok())
+            else {
+                continue;
+            };
+            // A pack cut short (a crash before its upload was acknowledged)
+            // keeps what it holds whole; every read is checked anyway.
+            if let Err(e) = scan_pack(&entry.path(), id, &mut index) {
+                tracing::warn!(pack = %entry.path().display(), error = %e, "pack read in part");
+            }
+        }
+        *store.index() = index;
+        Ok(store)
+    }
+
+    fn index(&self) -> std::sync::MutexGuard<'_, HashMap<String, Packed>> {
+        self.packed.lock().unwrap_or_else(|e| e.into_inner())
     }
 
     fn path(&self, digest: &str) -> PathBuf {
         self.dir.join(&digest[..2]).join(digest)
     }
 
-    /// Where a blob `has` found is kept (`digest` must be one).
-    pub fn path_of(&self, digest: &str) -> PathBuf {
-        self.path(digest)
+    fn pack_path(&self, pack: u64) -> PathBuf {
+        self.dir.join(PACKS).join(format!("{pack:016x}.pack"))
+    }
+
+    /// Its size, if it is here.
+    fn size_of(&self, digest: &str) -> Option<u64> {
+        if !is_digest(digest) {
+            return None;
+        }
+        if let Some(p) = self.index().get(digest) {
+            return Some(p.len);
+        }
+        fs::metadata(self.path(digest))
+            .ok()
+            .filter(|m| m.is_file())
+            .map(|m| m.len())
     }
 
     /// Whether the blob is here.
     pub fn has(&self, digest: &str) -> bool {
-        is_digest(digest) && self.path(digest).is_file()
+        self.size_of(digest).is_some()
     }
 
     /// Whether the blob is here, marking it used now: a client that finds
@@ -115,9 +176,11 @@ impl BlobStore {
         if !is_digest(digest) {
             return false;
         }
+        let packed = self.index().get(digest).copied();
+        let path = packed.map_or_else(|| self.path(digest), |p| self.pack_path(p.pack));
         fs::File::options()
             .write(true)
-            .open(self.path(digest))
+            .open(path)
             .and_then(|f| f.set_modified(std::time::SystemTime::now()))
             .is_ok()
     }
@@ -129,8 +192,11 @@ impl BlobStore {
         let Ok(now) = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH) else {
             return 0;
         };
-        let mut gone = 0;
+        let mut gone = self.collect_packs(keep, idle, now);
         for shard in fs::read_dir(&self.dir).into_iter().flatten().flatten() {
+            if shard.file_name() == PACKS {
+                continue;
+            }
             for blob in fs::read_dir(shard.path()).into_iter().flatten().flatten() {
                 let name = blob.file_name().to_string_lossy().into_owned();
                 if keep.contains(&name) {
@@ -146,6 +212,61 @@ impl BlobStore {
                 if age.is_some_and(|a| a >= idle) && fs::remove_file(blob.path()).is_ok() {
                     gone += 1;
                 }
+            }
+        }
+        gone
+    }
+
+    /// Deletes every pack none of whose blobs is in `keep` and none asked
+    /// about for `idle`; returns how many blobs went.
+    fn collect_packs(
+        &self,
+        keep: &BTreeSet<String>,
+        idle: std::time::Duration,
+        now: std::time::Duration,
+    ) -> usize {
+        let mut blobs_of: HashMap<u64, Vec<String>> = HashMap::new();
+        for (digest, p) in self.index().iter() {
+            blobs_of.entry(p.pack).or_default().push(digest.clone());
+        }
+        let mut gone = 0;
+        for (pack, digests) in blobs_of {
+            if digests.iter().any(|d| keep.contains(d)) {
+                continue;
+            }
+            let path = self.pack_path(pack);
+            let age = fs::metadata(&path)
+                .and_then(|m| m.modified())
+                .ok()
+                .and_then(|t| t.duration_since(std::time::UNIX_EPOCH).ok())
+                .map(|t| now.saturating_sub(t));
+            if age.is_some_and(|a| a >= idle) {
+                let mut index = self.index();
+                // Out of the index first: a reader never finds a blob whose
+                // pack is going.
+                for d in &digests {
+                    index.remove(d);
+                }
+                drop(index);
+                if fs::remove_file(&path).is_ok() {
+                    gone += digests.len();
+                }
+            }
+        }
+        // Temp packs of an upload that died.
+        for entry in fs::read_dir(self.dir.join(PACKS))
+            .into_iter()
+            .flatten()
+            .flatten()
+        {
+            let old = entry
+                .metadata()
+                .and_then(|m| m.modified())
+                .ok()
+                .and_then(|t| t.duration_since(std::time::UNIX_EPOCH).ok())
+                .is_some_and(|t| now.saturating_sub(t) >= idle);
+            if old && entry.file_name().to_string_lossy().contains(".tmp") {
+                let _ = fs::remove_file(entry.path());
             }
         }
         gone
@@ -180,6 +301,24 @@ impl BlobStore {
         if !is_digest(digest) {
             return Err(BlobError::Invalid(format!("'{digest}' is not a digest")));
         }
+        let claim = self.claim(size)?;
+        let path = self.path(digest);
+        fs::create_dir_all(path.parent().unwrap_or(&self.dir))?;
+        let tmp = path.with_extension(format!("tmp{}", rand_suffix()));
+        Ok(Incoming {
+            digest: digest.to_string(),
+            size,
+            written: 0,
+            hasher: Hasher::default(),
+            file: fs::File::create(&tmp)?,
+            tmp,
+            path,
+            _claim: claim,
+        })
+    }
+
+    /// Counts `size` bytes in progress against the reserve, or refuses them.
+    fn claim(&self, size: u64) -> Result<Claim, BlobError> {
         use std::sync::atomic::Ordering;
         let pending = self.reserved.fetch_add(size, Ordering::SeqCst);
         let claim = Claim {
@@ -194,19 +333,56 @@ impl BlobStore {
                 st.blocks() * block,
             )?;
         }
-        let path = self.path(digest);
-        fs::create_dir_all(path.parent().unwrap_or(&self.dir))?;
+        Ok(claim)
+    }
+
+    /// Keeps small blobs that came whole, in one new pack, each only if it
+    /// hashes to its name (the room is checked once for them all). Returns
+    /// their bytes and the pack, to be made durable with [`BlobStore::sync`].
+    pub fn put_whole(&self, blobs: &[WholeBlob]) -> Result<(u64, PathBuf), BlobError> {
+        let size = blobs.iter().map(|b| b.data.len() as u64).sum();
+        let _claim = self.claim(size)?;
+        for blob in blobs {
+            if !is_digest(&blob.digest) {
+                return Err(BlobError::Invalid(format!(
+                    "'{}' is not a digest",
+                    blob.digest
+                )));
+            }
+            let got = nembo_proto::files::digest(&blob.data);
+            if got != blob.digest {
+                return Err(BlobError::Invalid(format!(
+                    "blob {}: received {} bytes hashing to {got}",
+                    blob.digest,
+                    blob.data.len()
+                )));
+            }
+        }
+        let pack = rand_suffix();
+        let path = self.pack_path(pack);
         let tmp = path.with_extension(format!("tmp{}", rand_suffix()));
-        Ok(Incoming {
-            digest: digest.to_string(),
-            size,
-            written: 0,
-            hasher: Hasher::default(),
-            file: fs::File::create(&tmp)?,
-            tmp,
-            path,
-            _claim: claim,
-        })
+        let mut bytes = Vec::with_capacity(size as usize + blobs.len() * PACK_HEADER as usize + 8);
+        bytes.extend_from_slice(PACK_MAGIC);
+        let mut placed = Vec::with_capacity(blobs.len());
+        for blob in blobs {
+            bytes.extend_from_slice(blob.digest.as_bytes());
+            bytes.extend_from_slice(&(blob.data.len() as u64).to_le_bytes());
+            placed.push((
+                blob.digest.clone(),
+                Packed {
+                    pack,
+                    offset: bytes.len() as u64,
+                    len: blob.data.len() as u64,
+                },
+            ));
+            bytes.extend_from_slice(&blob.data);
+        }
+        if let Err(e) = fs::write(&tmp, &bytes).and_then(|()| fs::rename(&tmp, &path)) {
+            let _ = fs::remove_file(&tmp);
+            return Err(e.into());
+        }
+        self.index().extend(placed);
+        Ok((size, path))
     }
 
     /// Makes the blobs of one upload durable: a few are flushed one by one
@@ -233,21 +409,29 @@ impl BlobStore {
         Ok(())
     }
 
-    /// A blob's content, opened for reading.
-    pub fn open(&self, digest: &str) -> Result<fs::File, BlobError> {
+    /// A blob's content, opened for reading, and its size.
+    pub fn open(&self, digest: &str) -> Result<(BlobReader, u64), BlobError> {
         if !is_digest(digest) {
             return Err(BlobError::Invalid(format!("'{digest}' is not a digest")));
         }
-        fs::File::open(self.path(digest)).map_err(|e| match e.kind() {
+        let missing = |e: std::io::Error| match e.kind() {
             std::io::ErrorKind::NotFound => BlobError::Missing(digest.to_string()),
             _ => BlobError::Io(e),
-        })
+        };
+        let packed = self.index().get(digest).copied();
+        if let Some(p) = packed {
+            let mut file = fs::File::open(self.pack_path(p.pack)).map_err(missing)?;
+            file.seek(SeekFrom::Start(p.offset))?;
+            return Ok((file.take(p.len), p.len));
+        }
+        let file = fs::File::open(self.path(digest)).map_err(missing)?;
+        let len = file.metadata()?.len();
+        Ok((file.take(len), len))
     }
 
     /// A manifest blob, read, checked against its name and decoded.
     pub fn manifest(&self, digest: &str) -> Result<Manifest, BlobError> {
-        let file = self.open(digest)?;
-        let len = file.metadata()?.len();
+        let (mut file, len) = self.open(digest)?;
         if len > nembo_proto::files::MAX_MANIFEST_BYTES {
             return Err(BlobError::Invalid(format!(
                 "manifest {digest} is {len} bytes; the limit is {}",
@@ -255,7 +439,7 @@ impl BlobStore {
             )));
         }
         let mut bytes = Vec::with_capacity(len as usize);
-        file.take(len).read_to_end(&mut bytes)?;
+        file.read_to_end(&mut bytes)?;
         if nembo_proto::files::digest(&bytes) != digest {
             return Err(BlobError::Invalid(format!(
                 "blob {digest} does not match its name"
@@ -269,10 +453,7 @@ impl BlobStore {
     pub fn missing_of(&self, manifest: &Manifest) -> BTreeSet<String> {
         manifest
             .files()
-            .filter(|(_, size, d)| {
-                !is_digest(d)
-                    || fs::metadata(self.path(d)).map_or(true, |m| !m.is_file() || m.len() != *size)
-            })
+            .filter(|(_, size, d)| self.size_of(d) != Some(*size))
             .map(|(_, _, d)| d.to_string())
             .collect()
     }
@@ -317,6 +498,37 @@ impl Drop for Incoming {
     }
 }
 
+/// Where packs are kept, under the store's directory.
+const PACKS: &str = "packs";
+
+/// Adds what the pack at `path` holds to `index`.
+fn scan_pack(path: &Path, pack: u64, index: &mut HashMap<String, Packed>) -> std::io::Result<()> {
+    let mut file = std::io::BufReader::new(fs::File::open(path)?);
+    let total = file.get_ref().metadata()?.len();
+    let mut magic = [0u8; 8];
+    file.read_exact(&mut magic)?;
+    if &magic != PACK_MAGIC {
+        return Err(std::io::Error::other("not a pack"));
+    }
+    let mut at = magic.len() as u64;
+    let mut header = [0u8; PACK_HEADER as usize];
+    while at + PACK_HEADER <= total {
+        file.read_exact(&mut header)?;
+        let digest = std::str::from_utf8(&header[..64]).unwrap_or_default();
+        let mut len = [0u8; 8];
+        len.copy_from_slice(&header[64..]);
+        let len = u64::from_le_bytes(len);
+        let offset = at + PACK_HEADER;
+        if !is_digest(digest) || offset + len > total {
+            return Err(std::io::Error::other(format!("cut short at byte {at}")));
+        }
+        index.insert(digest.to_string(), Packed { pack, offset, len });
+        file.seek_relative(len as i64)?;
+        at = offset + len;
+    }
+    Ok(())
+}
+
 fn rand_suffix() -> u64 {
     let mut b = [0u8; 8];
     let _ = getrandom::getrandom(&mut b);
@@ -352,6 +564,71 @@ mod tests {
         // Nothing half-written is left.
         let left: Vec<_> = walk(dir.path());
         assert_eq!(left.len(), 1, "{left:?}");
+    }
+
+    #[test]
+    fn whole_blobs_are_kept_only_if_each_hashes_to_its_name() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = BlobStore::new(dir.path().to_path_buf()).unwrap();
+        let blob = |data: &[u8]| WholeBlob {
+            digest: nembo_proto::files::digest(data),
+            data: data.to_vec(),
+        };
+        let (a, b) = (blob(b"alpha"), blob(b"beta"));
+        let (bytes, _pack) = store.put_whole(&[a.clone(), b.clone()]).unwrap();
+        assert_eq!(bytes, 9);
+        assert!(store.has(&a.digest) && store.has(&b.digest));
+        let mut forged = blob(b"gamma");
+        forged.data = b"gammx".to_vec();
+        assert!(matches!(
+            store.put_whole(&[forged.clone()]),
+            Err(BlobError::Invalid(_))
+        ));
+        assert!(!store.has(&forged.digest));
+        let mut escape = blob(b"x");
+        escape.digest = "../../etc/passwd".into();
+        assert!(store.put_whole(&[escape]).is_err());
+        assert_eq!(
+            walk(dir.path()).len(),
+            1,
+            "one pack; nothing half-written is left"
+        );
+        let (mut r, len) = store.open(&b.digest).unwrap();
+        let mut got = Vec::new();
+        r.read_to_end(&mut got).unwrap();
+        assert_eq!((got, len), (b"beta".to_vec(), 4));
+
+        // A restarted coordinator finds them again; a pack cut short keeps
+        // what it holds whole.
+        let pack = walk(dir.path()).pop().unwrap();
+        let full = fs::read(&pack).unwrap();
+        fs::write(&pack, &full[..full.len() - 2]).unwrap();
+        let again = BlobStore::new(dir.path().to_path_buf()).unwrap();
+        assert!(again.has(&a.digest), "the first blob is whole");
+        assert!(!again.has(&b.digest), "the second was cut short");
+    }
+
+    #[test]
+    fn a_pack_goes_when_none_of_its_blobs_is_kept_or_asked_for() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = BlobStore::new(dir.path().to_path_buf()).unwrap();
+        let blob = |data: &[u8]| WholeBlob {
+            digest: nembo_proto::files::digest(data),
+            data: data.to_vec(),
+        };
+        let (a, b, c) = (blob(b"a"), blob(b"b"), blob(b"c"));
+        store.put_whole(&[a.clone(), b.clone()]).unwrap();
+        store.put_whole(std::slice::from_ref(&c)).unwrap();
+        let keep: BTreeSet<String> = [a.digest.clone()].into();
+        assert_eq!(
+            store.collect(&keep, std::time::Duration::from_secs(3600)),
+            0
+        );
+        // The pack that holds a kept blob stays whole; the other goes.
+        assert_eq!(store.collect(&keep, std::time::Duration::ZERO), 1);
+        assert!(store.has(&a.digest) && store.has(&b.digest) && !store.has(&c.digest));
+        assert!(store.has_fresh(&b.digest));
+        assert_eq!(walk(dir.path()).len(), 1);
     }
 
     #[test]

@@ -27,6 +27,37 @@ pub const MAX_PATH_BYTES: usize = 4096;
 /// Size of one piece of a blob on the wire.
 pub const PIECE_BYTES: usize = 2 << 20;
 
+/// Blobs up to this size travel whole, many to a message
+/// ([`WholeBatch`]): for ten thousand small files, a message and a
+/// round of channel hand-offs each cost more than their bytes.
+pub const WHOLE_MAX: u64 = 256 << 10;
+
+/// Small blobs gathered into messages of at most [`PIECE_BYTES`].
+#[derive(Default)]
+pub struct WholeBatch {
+    blobs: Vec<crate::v1::WholeBlob>,
+    bytes: usize,
+}
+
+impl WholeBatch {
+    /// Adds a blob (at most [`WHOLE_MAX`] bytes); returns the batch so far,
+    /// to be sent, when this one would not fit in it.
+    pub fn push(&mut self, digest: String, data: Vec<u8>) -> Option<Vec<crate::v1::WholeBlob>> {
+        let full = (self.bytes + data.len() > PIECE_BYTES)
+            .then(|| self.take())
+            .flatten();
+        self.bytes += data.len();
+        self.blobs.push(crate::v1::WholeBlob { digest, data });
+        full
+    }
+
+    /// What is gathered, if anything; the batch is left empty.
+    pub fn take(&mut self) -> Option<Vec<crate::v1::WholeBlob>> {
+        self.bytes = 0;
+        (!self.blobs.is_empty()).then(|| std::mem::take(&mut self.blobs))
+    }
+}
+
 /// What a local source holds.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Manifest {
@@ -248,6 +279,26 @@ fn link_stays_inside(path: &str, target: &str, links: &std::collections::BTreeSe
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn small_blobs_are_gathered_into_messages_of_at_most_a_piece() {
+        let mut batch = WholeBatch::default();
+        let mut sent = Vec::new();
+        for i in 0..100u32 {
+            if let Some(full) = batch.push(format!("{i}"), vec![0u8; 100 << 10]) {
+                sent.push(full);
+            }
+        }
+        sent.extend(batch.take());
+        assert!(batch.take().is_none(), "taking empties it");
+        let counts: Vec<usize> = sent.iter().map(Vec::len).collect();
+        assert_eq!(counts.iter().sum::<usize>(), 100, "none lost: {counts:?}");
+        for m in &sent {
+            let bytes: usize = m.iter().map(|b| b.data.len()).sum();
+            assert!(bytes <= PIECE_BYTES, "{bytes}");
+        }
+        assert_eq!(counts[0], 20, "2 MiB holds twenty 100 KiB blobs");
+    }
 
     fn file(path: &str) -> Entry {
         Entry {

@@ -351,12 +351,34 @@ async fn bad_sources_are_refused_before_anything_is_queued() {
         size: 5,
         data: b"forge".to_vec(),
         last: true,
+        ..Default::default()
     }];
     let e = client
         .put_blobs(tokio_stream::iter(pieces))
         .await
         .unwrap_err();
     assert_eq!(e.code(), tonic::Code::InvalidArgument, "{}", e.message());
+    // The same, sent whole among honest small blobs.
+    let honest = b"honest".to_vec();
+    let whole = vec![pb::PutBlobsRequest {
+        whole: vec![
+            pb::WholeBlob {
+                digest: nembo_proto::files::digest(&honest),
+                data: honest,
+            },
+            pb::WholeBlob {
+                digest: claimed.clone(),
+                data: b"forge".to_vec(),
+            },
+        ],
+        ..Default::default()
+    }];
+    let e = client
+        .put_blobs(tokio_stream::iter(whole))
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), tonic::Code::InvalidArgument, "{}", e.message());
+    assert!(e.message().contains(&claimed), "{}", e.message());
     let missing = client
         .find_missing_blobs(pb::FindMissingBlobsRequest {
             digests: vec![claimed.clone()],
@@ -393,18 +415,21 @@ async fn files_uploaded_through_a_follower_reach_the_job() {
     }
     .encode();
     let manifest_digest = nembo_proto::files::digest(&manifest);
+    // One small blob whole, the other in pieces, as the CLI sends them.
     let pieces = vec![
         pb::PutBlobsRequest {
-            digest: file_digest.clone(),
-            size: content.len() as u64,
-            data: content,
-            last: true,
+            whole: vec![pb::WholeBlob {
+                digest: file_digest.clone(),
+                data: content,
+            }],
+            ..Default::default()
         },
         pb::PutBlobsRequest {
             digest: manifest_digest.clone(),
             size: manifest.len() as u64,
             data: manifest,
             last: true,
+            ..Default::default()
         },
     ];
     let put = client

@@ -3,10 +3,11 @@
 //! what one of its jobs ships, never a blob by digest alone.
 
 use std::collections::BTreeSet;
+use std::io::Read;
 
 use nembo_domain::task::TaskSpec;
 use nembo_proto::agent::v1 as apb;
-use nembo_proto::files::PIECE_BYTES;
+use nembo_proto::files::{WholeBatch, PIECE_BYTES, WHOLE_MAX};
 use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Request, Response, Status};
@@ -53,29 +54,46 @@ pub async fn fetch_blobs(
     }
     // Checked now, opened one at a time as they are sent: a batch of
     // thousands must not hold thousands of files open.
-    let mut paths = Vec::with_capacity(req.digests.len());
-    for d in req.digests {
-        if !ctx.blobs.has(&d) {
-            return Err(Status::not_found(format!(
-                "blob {d} is not held by this coordinator (it was uploaded to another one, or \
-                 lost with its disk: launch the task again to upload it)"
-            )));
-        }
-        let path = ctx.blobs.path_of(&d);
-        paths.push((d, path));
+    if let Some(d) = req.digests.iter().find(|d| !ctx.blobs.has(d)) {
+        return Err(Status::not_found(format!(
+            "blob {d} is not held by this coordinator (it was uploaded to another one, or \
+             lost with its disk: launch the task again to upload it)"
+        )));
     }
+    let (digests, store) = (req.digests, ctx.blobs.clone());
+    let takes_whole = req.takes_whole_blobs;
     let (tx, rx) = mpsc::channel(4);
     tokio::task::spawn_blocking(move || {
-        for (digest, path) in paths {
+        let mut small = WholeBatch::default();
+        let send_whole = |whole: Vec<_>| {
+            tx.blocking_send(Ok(apb::FetchBlobsResponse {
+                whole,
+                ..Default::default()
+            }))
+            .is_ok()
+        };
+        for digest in digests {
             let fail = |e: std::io::Error| Err(Status::internal(format!("{digest}: {e}")));
-            let mut file = match std::fs::File::open(&path) {
-                Ok(f) => f,
+            let (mut file, mut left) = match store.open(&digest) {
+                Ok(opened) => opened,
                 Err(e) => {
-                    let _ = tx.blocking_send(fail(e));
+                    let _ = tx.blocking_send(Err(Status::internal(format!("{digest}: {e}"))));
                     return;
                 }
             };
-            let mut left = file.metadata().map(|m| m.len()).unwrap_or(0);
+            if takes_whole && left <= WHOLE_MAX {
+                let mut data = Vec::with_capacity(left as usize);
+                if let Err(e) = file.read_to_end(&mut data) {
+                    let _ = tx.blocking_send(fail(e));
+                    return;
+                }
+                if let Some(full) = small.push(digest, data) {
+                    if !send_whole(full) {
+                        return;
+                    }
+                }
+                continue;
+            }
             loop {
                 // Sized to what is left: a small file costs a small buffer.
                 let mut data = vec![0u8; left.min(PIECE_BYTES as u64) as usize];
@@ -93,6 +111,7 @@ pub async fn fetch_blobs(
                     digest: digest.clone(),
                     data,
                     last,
+                    whole: Vec::new(),
                 };
                 if tx.blocking_send(Ok(piece)).is_err() {
                     return;
@@ -101,6 +120,9 @@ pub async fn fetch_blobs(
                     break;
                 }
             }
+        }
+        if let Some(rest) = small.take() {
+            send_whole(rest);
         }
     });
     Ok(Response::new(ReceiverStream::new(rx)))

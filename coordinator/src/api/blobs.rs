@@ -43,7 +43,10 @@ pub async fn find_missing_blobs(
         .into_iter()
         .filter(|d| !ctx.blobs.has_fresh(d))
         .collect();
-    Ok(Response::new(pb::FindMissingBlobsResponse { missing }))
+    Ok(Response::new(pb::FindMissingBlobsResponse {
+        missing,
+        takes_whole_blobs: true,
+    }))
 }
 
 /// Receives blobs piece by piece; each is kept once it hashes to its name.
@@ -65,6 +68,21 @@ pub async fn put_blobs(
             break;
         };
         let piece = piece?;
+        if !piece.whole.is_empty() {
+            if current.is_some() {
+                return Err(CoordinatorError::InvalidArgument(
+                    "whole blobs sent inside another blob's pieces".into(),
+                )
+                .into());
+            }
+            let store = &ctx.blobs;
+            let (size, pack) = tokio::task::block_in_place(|| store.put_whole(&piece.whole))
+                .map_err(CoordinatorError::from)?;
+            bytes += size;
+            blobs += piece.whole.len() as u64;
+            written.push(pack);
+            continue;
+        }
         if current.is_none() {
             if piece.size > nembo_proto::files::MAX_BYTES {
                 return Err(CoordinatorError::TooLarge(format!(

@@ -15,7 +15,8 @@
 //! from outside as a user would. Prints a table, then one JSON document.
 //!
 //! Build with `cargo build --release --workspace`, then
-//! `target/release/bench_sync [--mb 1024]`.
+//! `target/release/bench_sync [--mb 1024] [--verbose]` (`--verbose` shows
+//! what each command printed: the upload's and the placement's own times).
 
 use std::io::Write;
 use std::path::{Path, PathBuf};
@@ -96,6 +97,10 @@ fn timed(what: &str, cmd: &mut Command) -> f64 {
         String::from_utf8_lossy(&out.stdout),
         String::from_utf8_lossy(&out.stderr)
     );
+    if std::env::args().any(|a| a == "--verbose") {
+        eprint!("{}", String::from_utf8_lossy(&out.stdout));
+        eprint!("{}", String::from_utf8_lossy(&out.stderr));
+    }
     t.elapsed().as_secs_f64()
 }
 
