@@ -223,15 +223,13 @@ pub async fn launch(a: LaunchArgs, mode: Mode) -> Result<i32> {
         Mode::Exec => pb::ClusterMode::Exec,
         Mode::Managed => pb::ClusterMode::Unspecified,
     };
+    let shipped = crate::upload::ship(&client, &sources).await?;
     let req = pb::SubmitJobRequest {
         task: Some(pb::submit_job_request::Task::TaskYaml(task_yaml)),
         idempotency_key: a.idempotency_key.clone().unwrap_or_else(fresh_key),
         env_overrides: envs,
         managed,
-        uploads: crate::upload::ship(&client, &sources)
-            .await?
-            .into_iter()
-            .collect(),
+        uploads: shipped.uploads.into_iter().collect(),
         cluster: a.cluster.clone().unwrap_or_default(),
         cluster_mode: cluster_mode as i32,
         autostop: a.autostop()?,
@@ -241,8 +239,42 @@ pub async fn launch(a: LaunchArgs, mode: Mode) -> Result<i32> {
         req,
         |mut c, r| async move { c.submit_job(r).await },
     )
-    .await?;
+    .await;
+    let submitted = match (submitted, &shipped.rest) {
+        (Ok(s), _) => s,
+        (Err(e), rest) => {
+            // Its announcement goes with it: nothing waits for these files.
+            if let Some(rest) = rest {
+                rest.abort();
+            }
+            return Err(e);
+        }
+    };
     let job_id = submitted.job_id;
+    // The files still uploading: the job's nodes wait for them. If the
+    // upload fails, the job is cancelled rather than left to fail its setup.
+    let upload = shipped.rest.map(|rest| {
+        let (client, job_id) = (client.clone(), job_id.clone());
+        tokio::spawn(async move {
+            let failed = match rest.await {
+                Ok(Ok(())) => return Ok(()),
+                Ok(Err(e)) => e,
+                Err(e) => anyhow::anyhow!("upload: {e}"),
+            };
+            let req = pb::CancelJobRequest {
+                job_id: job_id.clone(),
+            };
+            let _ = connect::call(
+                &client,
+                req,
+                |mut c, r| async move { c.cancel_job(r).await },
+            )
+            .await;
+            Err(failed.context(format!(
+                "job {job_id} was cancelled: its files did not upload"
+            )))
+        })
+    });
     if !submitted.cluster.is_empty() && !a.detach && a.cluster.is_none() {
         eprintln!(
             "Cluster {} (run more on it with `nembo exec {} TASK`).",
@@ -250,6 +282,10 @@ pub async fn launch(a: LaunchArgs, mode: Mode) -> Result<i32> {
         );
     }
     if a.detach {
+        // Detached, the client still sees its upload through.
+        if let Some(upload) = upload {
+            upload.await.context("upload")??;
+        }
         if a.json {
             println!("{}", json!({ "job_id": job_id }));
         } else {
@@ -268,6 +304,9 @@ pub async fn launch(a: LaunchArgs, mode: Mode) -> Result<i32> {
         .is_err()
     {
         progress.abort();
+    }
+    if let Some(upload) = upload {
+        upload.await.context("upload")??;
     }
     result?;
     let job = wait_terminal(&mut client, &job_id).await?;

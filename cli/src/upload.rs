@@ -226,11 +226,28 @@ fn describe(named: &str, path: &Path, cache: &mut HashCache) -> Result<Source> {
     })
 }
 
-/// Sends what the cluster lacks; returns `uploads` for the submission.
-pub async fn ship(client: &Client, sources: &[Source]) -> Result<HashMap<String, String>> {
+/// What [`ship`] did: `uploads` for the submission, and the upload of the
+/// files, when it goes on while the job is submitted and scheduled.
+pub struct Shipped {
+    /// Source as named -> its manifest's digest.
+    pub uploads: HashMap<String, String>,
+    /// The files' upload, announced to the coordinators: the job may be
+    /// submitted before it ends (its nodes wait for what it brings), and
+    /// the client must see it through.
+    pub rest: Option<tokio::task::JoinHandle<Result<()>>>,
+}
+
+/// Sends what the cluster lacks. The manifests go first; where the
+/// coordinators wait for announced uploads, the files then go on in the
+/// background (`rest`), so that the upload overlaps the job's scheduling,
+/// provisioning and the node's own fetch.
+pub async fn ship(client: &Client, sources: &[Source]) -> Result<Shipped> {
     let mut uploads = HashMap::new();
     if sources.is_empty() {
-        return Ok(uploads);
+        return Ok(Shipped {
+            uploads,
+            rest: None,
+        });
     }
     // Every blob: each manifest, and every file, by digest.
     let mut blobs: BTreeMap<String, Blob> = BTreeMap::new();
@@ -247,20 +264,20 @@ pub async fn ship(client: &Client, sources: &[Source]) -> Result<HashMap<String,
     }
     let req = pb::FindMissingBlobsRequest {
         digests: blobs.keys().cloned().collect(),
+        announce: true,
     };
     let found = connect::call(client, req, |mut c, r| async move {
         c.find_missing_blobs(r).await
     })
     .await?;
-    let (missing, takes_whole) = (found.missing, found.takes_whole_blobs);
     let (files, bytes): (usize, u64) = sources.iter().fold((0, 0), |(f, b), s| {
         (f + s.manifest.files().count(), b + s.manifest.bytes())
     });
-    let todo: Vec<(String, Blob)> = missing
+    let todo: Vec<(String, Blob)> = found
+        .missing
         .into_iter()
         .filter_map(|d| blobs.remove(&d).map(|b| (d, b)))
         .collect();
-    let send_bytes: u64 = todo.iter().map(|(_, b)| b.size()).sum();
     for s in sources {
         eprintln!(
             "Local source {} ({}): {} files, {:.1} MB.",
@@ -275,123 +292,185 @@ pub async fn ship(client: &Client, sources: &[Source]) -> Result<HashMap<String,
             "Uploaded nothing: the cluster holds all {files} files ({:.1} MB).",
             bytes as f64 / 1e6
         );
-        return Ok(uploads);
+        return Ok(Shipped {
+            uploads,
+            rest: None,
+        });
     }
-    let started = Instant::now();
-    let count = todo.len();
-    let new_files = todo
-        .iter()
-        .filter(|(_, b)| matches!(b, Blob::File(..)))
-        .count();
-    let (tx, rx) = tokio::sync::mpsc::channel::<pb::PutBlobsRequest>(4);
-    let reader = tokio::task::spawn_blocking(move || -> Result<()> {
-        let mut sent = 0u64;
-        let mut said = Instant::now();
-        let mut small = WholeBatch::default();
-        let send_whole = |whole: Vec<pb::WholeBlob>| {
-            tx.blocking_send(pb::PutBlobsRequest {
-                whole,
-                ..Default::default()
-            })
-            .map_err(|_| anyhow::anyhow!("the upload was cut off"))
-        };
-        for (i, (digest, blob)) in todo.into_iter().enumerate() {
-            let size = blob.size();
-            if let (true, Blob::File(path, _)) = (takes_whole && size <= WHOLE_MAX, &blob) {
-                let data = std::fs::read(path).with_context(|| path.display().to_string())?;
-                if data.len() as u64 != size {
-                    bail!("{} changed while it was uploaded", path.display());
-                }
-                sent += size;
-                if let Some(full) = small.push(digest, data) {
-                    send_whole(full)?;
-                }
-                continue;
-            }
-            let mut first = true;
-            let mut send = |data: Vec<u8>, last: bool| -> Result<()> {
-                sent += data.len() as u64;
-                let piece = pb::PutBlobsRequest {
-                    digest: if first { digest.clone() } else { String::new() },
-                    size: if first { size } else { 0 },
-                    data,
-                    last,
-                    whole: Vec::new(),
-                };
-                first = false;
+    let upload = Upload {
+        client: client.clone(),
+        takes_whole: found.takes_whole_blobs,
+        of_files: files,
+    };
+    if found.upload_id.is_empty() {
+        upload.send(todo, String::new()).await?;
+        return Ok(Shipped {
+            uploads,
+            rest: None,
+        });
+    }
+    let (manifests, contents): (Vec<_>, Vec<_>) = todo
+        .into_iter()
+        .partition(|(_, b)| matches!(b, Blob::Bytes(_)));
+    if !manifests.is_empty() {
+        upload.quiet().send(manifests, String::new()).await?;
+    }
+    let id = found.upload_id;
+    let rest = tokio::spawn(async move { upload.send(contents, id).await });
+    Ok(Shipped {
+        uploads,
+        rest: Some(rest),
+    })
+}
+
+/// One PutBlobs: where to, and what to say.
+struct Upload {
+    client: Client,
+    takes_whole: bool,
+    /// The sources' files in all, for the summary line (0: no lines).
+    of_files: usize,
+}
+
+impl Upload {
+    fn quiet(&self) -> Upload {
+        Upload {
+            client: self.client.clone(),
+            takes_whole: self.takes_whole,
+            of_files: 0,
+        }
+    }
+
+    /// Sends `todo`, carrying the announced upload `upload_id` if any.
+    async fn send(self, todo: Vec<(String, Blob)>, upload_id: String) -> Result<()> {
+        let say = self.of_files > 0;
+        let takes_whole = self.takes_whole;
+        let started = Instant::now();
+        let count = todo.len();
+        let send_bytes: u64 = todo.iter().map(|(_, b)| b.size()).sum();
+        let new_files = todo
+            .iter()
+            .filter(|(_, b)| matches!(b, Blob::File(..)))
+            .count();
+        let (tx, rx) = tokio::sync::mpsc::channel::<pb::PutBlobsRequest>(4);
+        let reader = tokio::task::spawn_blocking(move || -> Result<()> {
+            let mut sent = 0u64;
+            let mut said = Instant::now();
+            let mut small = WholeBatch::default();
+            let mut upload_id = Some(upload_id);
+            let mut put = |mut piece: pb::PutBlobsRequest| {
+                piece.upload_id = upload_id.take().unwrap_or_default();
                 tx.blocking_send(piece)
                     .map_err(|_| anyhow::anyhow!("the upload was cut off"))
             };
-            // Whatever small blobs are gathered go first: a message holds
-            // either those or a piece.
-            if let Some(gathered) = small.take() {
-                send_whole(gathered)?;
-            }
-            match blob {
-                // A manifest of many entries is larger than one message.
-                Blob::Bytes(b) => {
-                    let mut pieces = b.chunks(PIECE_BYTES).peekable();
-                    if pieces.peek().is_none() {
-                        send(Vec::new(), true)?;
-                    }
-                    while let Some(p) = pieces.next() {
-                        send(p.to_vec(), pieces.peek().is_none())?;
-                    }
+            for (i, (digest, blob)) in todo.into_iter().enumerate() {
+                if say && said.elapsed().as_secs_f64() >= 1.0 {
+                    said = Instant::now();
+                    eprintln!(
+                        "  uploading: {}/{count} files, {:.1}/{:.1} MB, {:.1} MB/s",
+                        i,
+                        sent as f64 / 1e6,
+                        send_bytes as f64 / 1e6,
+                        sent as f64 / 1e6 / started.elapsed().as_secs_f64().max(1e-3)
+                    );
                 }
-                Blob::File(path, _) => {
-                    let mut f =
-                        std::fs::File::open(&path).with_context(|| path.display().to_string())?;
-                    let mut done = 0u64;
-                    loop {
-                        // Sized to what is left: a small file costs a small buffer.
-                        let want = (size.saturating_sub(done)).min(PIECE_BYTES as u64) as usize;
-                        let mut buf = vec![0u8; want];
-                        let n = nembo_proto::files::read_full(&mut f, &mut buf)?;
-                        buf.truncate(n);
-                        done += n as u64;
-                        let last = done >= size || n == 0;
-                        send(buf, last)?;
-                        if last {
-                            break;
-                        }
-                    }
-                    if done != size || f.read(&mut [0u8; 1])? != 0 {
+                let size = blob.size();
+                if let (true, Blob::File(path, _)) = (takes_whole && size <= WHOLE_MAX, &blob) {
+                    let data = std::fs::read(path).with_context(|| path.display().to_string())?;
+                    if data.len() as u64 != size {
                         bail!("{} changed while it was uploaded", path.display());
                     }
+                    sent += size;
+                    if let Some(whole) = small.push(digest, data) {
+                        put(pb::PutBlobsRequest {
+                            whole,
+                            ..Default::default()
+                        })?;
+                    }
+                    continue;
+                }
+                // Whatever small blobs are gathered go first: a message holds
+                // either those or a piece.
+                if let Some(whole) = small.take() {
+                    put(pb::PutBlobsRequest {
+                        whole,
+                        ..Default::default()
+                    })?;
+                }
+                let mut first = true;
+                let mut send = |data: Vec<u8>, last: bool| -> Result<()> {
+                    sent += data.len() as u64;
+                    let piece = pb::PutBlobsRequest {
+                        digest: if first { digest.clone() } else { String::new() },
+                        size: if first { size } else { 0 },
+                        data,
+                        last,
+                        ..Default::default()
+                    };
+                    first = false;
+                    put(piece)
+                };
+                match blob {
+                    // A manifest of many entries is larger than one message.
+                    Blob::Bytes(b) => {
+                        let mut pieces = b.chunks(PIECE_BYTES).peekable();
+                        if pieces.peek().is_none() {
+                            send(Vec::new(), true)?;
+                        }
+                        while let Some(p) = pieces.next() {
+                            send(p.to_vec(), pieces.peek().is_none())?;
+                        }
+                    }
+                    Blob::File(path, _) => {
+                        let mut f = std::fs::File::open(&path)
+                            .with_context(|| path.display().to_string())?;
+                        let mut done = 0u64;
+                        loop {
+                            // Sized to what is left: a small file costs a small buffer.
+                            let want = (size.saturating_sub(done)).min(PIECE_BYTES as u64) as usize;
+                            let mut buf = vec![0u8; want];
+                            let n = nembo_proto::files::read_full(&mut f, &mut buf)?;
+                            buf.truncate(n);
+                            done += n as u64;
+                            let last = done >= size || n == 0;
+                            send(buf, last)?;
+                            if last {
+                                break;
+                            }
+                        }
+                        if done != size || f.read(&mut [0u8; 1])? != 0 {
+                            bail!("{} changed while it was uploaded", path.display());
+                        }
+                    }
                 }
             }
-            if said.elapsed().as_secs_f64() >= 1.0 {
-                said = Instant::now();
-                eprintln!(
-                    "  uploading: {}/{count} files, {:.1}/{:.1} MB, {:.1} MB/s",
-                    i + 1,
-                    sent as f64 / 1e6,
-                    send_bytes as f64 / 1e6,
-                    sent as f64 / 1e6 / started.elapsed().as_secs_f64().max(1e-3)
-                );
+            if let Some(whole) = small.take() {
+                put(pb::PutBlobsRequest {
+                    whole,
+                    ..Default::default()
+                })?;
             }
-        }
-        if let Some(rest) = small.take() {
-            send_whole(rest)?;
+            Ok(())
+        });
+        let mut c = self.client.clone();
+        let put = c
+            .put_blobs(tokio_stream::wrappers::ReceiverStream::new(rx))
+            .await;
+        // The coordinators' answer says why an upload stopped, when they stopped it.
+        let put = put
+            .map_err(|s| anyhow::anyhow!("upload: {}", s.message()))?
+            .into_inner();
+        reader.await.context("upload reader")??;
+        if say {
+            eprintln!(
+                "Uploaded {new_files} new or changed contents of {} files ({:.1} MB, {} blobs) in {:.1} s.",
+                self.of_files,
+                put.bytes as f64 / 1e6,
+                put.blobs,
+                started.elapsed().as_secs_f64()
+            );
         }
         Ok(())
-    });
-    let mut c = client.clone();
-    let put = c
-        .put_blobs(tokio_stream::wrappers::ReceiverStream::new(rx))
-        .await;
-    // The coordinators' answer says why an upload stopped, when they stopped it.
-    let put = put
-        .map_err(|s| anyhow::anyhow!("upload: {}", s.message()))?
-        .into_inner();
-    reader.await.context("upload reader")??;
-    eprintln!(
-        "Uploaded {new_files} new or changed contents of {files} files ({:.1} MB, {} blobs) in {:.1} s.",
-        put.bytes as f64 / 1e6,
-        put.blobs,
-        started.elapsed().as_secs_f64()
-    );
-    Ok(uploads)
+    }
 }
 
 enum Blob {

@@ -16,6 +16,7 @@ use std::fs;
 use std::io::{Read, Seek, SeekFrom, Write};
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
 
 use nembo_proto::files::{is_digest, Hasher, Manifest};
 use nembo_proto::v1::WholeBlob;
@@ -64,9 +65,39 @@ pub struct BlobStore {
     dir: PathBuf,
     /// Blobs kept in packs, by digest.
     packed: Arc<Mutex<HashMap<String, Packed>>>,
+    /// Uploads announced and not over, by id.
+    announced: Arc<Mutex<HashMap<String, Announcement>>>,
     /// Bytes announced by uploads still in progress: counted against the
     /// reserve, so that concurrent uploads cannot overrun it together.
     reserved: std::sync::Arc<std::sync::atomic::AtomicU64>,
+}
+
+/// An upload announced by a client that will submit a job naming its
+/// blobs before they are all here.
+struct Announcement {
+    digests: std::collections::HashSet<String>,
+    /// Lapses then unless an upload carries it.
+    lapses: Instant,
+    carried: bool,
+}
+
+/// An announcement no upload takes up lapses after this.
+pub const ANNOUNCE_LAPSE: Duration = Duration::from_secs(60);
+
+/// Keeps an announcement while its upload runs; it goes with this.
+pub struct Carrying {
+    announced: Arc<Mutex<HashMap<String, Announcement>>>,
+    id: String,
+}
+
+impl Drop for Carrying {
+    fn drop(&mut self) {
+        lock(&self.announced).remove(&self.id);
+    }
+}
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|e| e.into_inner())
 }
 
 /// Where a packed blob is.
@@ -118,6 +149,7 @@ impl BlobStore {
         let store = Self {
             dir,
             packed: Default::default(),
+            announced: Default::default(),
             reserved: Default::default(),
         };
         let mut index = HashMap::new();
@@ -140,7 +172,61 @@ impl BlobStore {
     }
 
     fn index(&self) -> std::sync::MutexGuard<'_, HashMap<String, Packed>> {
-        self.packed.lock().unwrap_or_else(|e| e.into_inner())
+        lock(&self.packed)
+    }
+
+    /// Notes that `digests` are about to be uploaded; returns the upload's id.
+    pub fn announce(&self, digests: Vec<String>) -> String {
+        let id = format!("{:016x}", rand_suffix());
+        let mut announced = lock(&self.announced);
+        let now = Instant::now();
+        announced.retain(|_, a| a.carried || a.lapses > now);
+        announced.insert(
+            id.clone(),
+            Announcement {
+                digests: digests.into_iter().collect(),
+                lapses: now + ANNOUNCE_LAPSE,
+                carried: false,
+            },
+        );
+        id
+    }
+
+    /// The upload announced as `id` is running: its announcement lasts
+    /// until the returned guard goes. `None` if it lapsed or never was.
+    pub fn carry(&self, id: &str) -> Option<Carrying> {
+        let mut announced = lock(&self.announced);
+        let a = announced
+            .get_mut(id)
+            .filter(|a| a.carried || a.lapses > Instant::now())?;
+        a.carried = true;
+        Some(Carrying {
+            announced: self.announced.clone(),
+            id: id.to_string(),
+        })
+    }
+
+    /// Whether an upload that is announced or running will bring `digest`.
+    pub fn is_coming(&self, digest: &str) -> bool {
+        let now = Instant::now();
+        lock(&self.announced)
+            .values()
+            .any(|a| (a.carried || a.lapses > now) && a.digests.contains(digest))
+    }
+
+    /// Waits while `digest` is not here but an upload will bring it;
+    /// returns whether it is here. (For blocking threads.)
+    pub fn wait_for(&self, digest: &str) -> bool {
+        loop {
+            if self.has(digest) {
+                return true;
+            }
+            if !self.is_coming(digest) {
+                // It may have landed just as its upload ended.
+                return self.has(digest);
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
     }
 
     fn path(&self, digest: &str) -> PathBuf {

@@ -382,6 +382,7 @@ async fn bad_sources_are_refused_before_anything_is_queued() {
     let missing = client
         .find_missing_blobs(pb::FindMissingBlobsRequest {
             digests: vec![claimed.clone()],
+            announce: false,
         })
         .await
         .unwrap()
@@ -551,6 +552,189 @@ async fn a_git_workdir_is_cloned_at_its_ref() {
         .await;
     assert!(
         failed.message.contains("workdir") && failed.message.contains("no-such-tag"),
+        "{}",
+        failed.message
+    );
+}
+
+/// A client that announces its upload may submit the job before the files
+/// are all there (the upload overlaps scheduling and provisioning): the
+/// node waits for them while the upload runs, and gets them; an upload
+/// that ends without them fails the job's setup naming why, and nothing
+/// waits for ever. Without an announcement, missing files are refused.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_job_may_be_submitted_while_its_announced_upload_runs() {
+    use tokio_stream::StreamExt;
+    let c = Coordinator::start(&[]).await;
+    let mut client = c.client().await;
+    let single = |content: &[u8]| {
+        let file_digest = nembo_proto::files::digest(content);
+        let manifest = nembo_proto::files::Manifest {
+            single_file: true,
+            entries: vec![nembo_proto::files::Entry {
+                path: String::new(),
+                mode: 0o644,
+                kind: nembo_proto::files::Kind::File {
+                    size: content.len() as u64,
+                    digest: file_digest.clone(),
+                },
+            }],
+        }
+        .encode();
+        (file_digest, nembo_proto::files::digest(&manifest), manifest)
+    };
+    let put_manifest = |digest: String, manifest: Vec<u8>| pb::PutBlobsRequest {
+        digest,
+        size: manifest.len() as u64,
+        data: manifest,
+        last: true,
+        ..Default::default()
+    };
+    let submit = |manifest_digest: String| pb::SubmitJobRequest {
+        task: Some(pb::submit_job_request::Task::TaskYaml(
+            "file_mounts: {note.txt: /here/note.txt}\nrun: cat note.txt\n".into(),
+        )),
+        uploads: [("/here/note.txt".to_string(), manifest_digest)]
+            .into_iter()
+            .collect(),
+        ..Default::default()
+    };
+
+    // Not announced: refused, as before.
+    let content = b"arrives after the job was queued\n".to_vec();
+    let (file_digest, manifest_digest, manifest) = single(&content);
+    client
+        .put_blobs(tokio_stream::iter(vec![put_manifest(
+            manifest_digest.clone(),
+            manifest.clone(),
+        )]))
+        .await
+        .expect("manifest");
+    let e = client
+        .submit_job(submit(manifest_digest.clone()))
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), tonic::Code::InvalidArgument, "{}", e.message());
+
+    // Announced: accepted; the node waits, then gets the file.
+    let found = client
+        .find_missing_blobs(pb::FindMissingBlobsRequest {
+            digests: vec![file_digest.clone()],
+            announce: true,
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(found.missing, vec![file_digest.clone()]);
+    assert!(!found.upload_id.is_empty());
+    let (tx, rx) = tokio::sync::mpsc::channel(1);
+    let mut uploader = client.clone();
+    let upload = tokio::spawn(async move {
+        uploader
+            .put_blobs(tokio_stream::wrappers::ReceiverStream::new(rx))
+            .await
+    });
+    tx.send(pb::PutBlobsRequest {
+        upload_id: found.upload_id.clone(),
+        whole: vec![],
+        ..Default::default()
+    })
+    .await
+    .unwrap();
+    let job = client
+        .submit_job(submit(manifest_digest.clone()))
+        .await
+        .expect("accepted while its upload runs")
+        .into_inner()
+        .job_id;
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let waiting = client
+        .get_job(pb::GetJobRequest {
+            job_id: job.clone(),
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .job
+        .unwrap();
+    assert!(
+        !matches!(
+            pb::JobState::try_from(waiting.state),
+            Ok(pb::JobState::Succeeded | pb::JobState::Failed | pb::JobState::FailedSetup)
+        ),
+        "the node waits for the file: {waiting:?}"
+    );
+    tx.send(pb::PutBlobsRequest {
+        whole: vec![pb::WholeBlob {
+            digest: file_digest.clone(),
+            data: content,
+        }],
+        ..Default::default()
+    })
+    .await
+    .unwrap();
+    drop(tx);
+    upload.await.unwrap().expect("upload");
+    c.wait_state(&job, pb::JobState::Succeeded, Duration::from_secs(60))
+        .await;
+    let mut logs = client
+        .stream_logs(pb::StreamLogsRequest {
+            job_id: job.clone(),
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    let mut out = String::new();
+    while let Some(Ok(chunk)) = logs.next().await {
+        out.push_str(&String::from_utf8_lossy(&chunk.data));
+    }
+    assert!(out.contains("arrives after the job was queued"), "{out}");
+
+    // An announced upload that stops without its file: the setup fails.
+    let (file_digest, manifest_digest, manifest) = single(b"never sent\n");
+    client
+        .put_blobs(tokio_stream::iter(vec![put_manifest(
+            manifest_digest.clone(),
+            manifest,
+        )]))
+        .await
+        .expect("manifest");
+    let found = client
+        .find_missing_blobs(pb::FindMissingBlobsRequest {
+            digests: vec![file_digest.clone()],
+            announce: true,
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    let (tx, rx) = tokio::sync::mpsc::channel(1);
+    let mut uploader = client.clone();
+    let upload = tokio::spawn(async move {
+        uploader
+            .put_blobs(tokio_stream::wrappers::ReceiverStream::new(rx))
+            .await
+    });
+    tx.send(pb::PutBlobsRequest {
+        upload_id: found.upload_id,
+        ..Default::default()
+    })
+    .await
+    .unwrap();
+    let job = client
+        .submit_job(submit(manifest_digest))
+        .await
+        .expect("accepted while its upload runs")
+        .into_inner()
+        .job_id;
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    drop(tx);
+    let _ = upload.await;
+    let failed = c
+        .wait_state(&job, pb::JobState::FailedSetup, Duration::from_secs(60))
+        .await;
+    assert!(
+        failed.message.contains(&file_digest) && failed.message.contains("upload ended"),
         "{}",
         failed.message
     );

@@ -53,8 +53,13 @@ pub async fn fetch_blobs(
         )));
     }
     // Checked now, opened one at a time as they are sent: a batch of
-    // thousands must not hold thousands of files open.
-    if let Some(d) = req.digests.iter().find(|d| !ctx.blobs.has(d)) {
+    // thousands must not hold thousands of files open. One that an upload
+    // in progress will bring is waited for.
+    if let Some(d) = req
+        .digests
+        .iter()
+        .find(|d| !ctx.blobs.is_coming(d) && !ctx.blobs.has(d))
+    {
         return Err(Status::not_found(format!(
             "blob {d} is not held by this coordinator (it was uploaded to another one, or \
              lost with its disk: launch the task again to upload it)"
@@ -74,6 +79,21 @@ pub async fn fetch_blobs(
         };
         for digest in digests {
             let fail = |e: std::io::Error| Err(Status::internal(format!("{digest}: {e}")));
+            if !store.has(&digest) {
+                // What is gathered goes first: the node has work while this waits.
+                if let Some(gathered) = small.take() {
+                    if !send_whole(gathered) {
+                        return;
+                    }
+                }
+                if !store.wait_for(&digest) {
+                    let _ = tx.blocking_send(Err(Status::not_found(format!(
+                        "blob {digest}: its upload ended without it (the launching client \
+                         stopped or lost its connection: launch the task again)"
+                    ))));
+                    return;
+                }
+            }
             let (mut file, mut left) = match store.open(&digest) {
                 Ok(opened) => opened,
                 Err(e) => {

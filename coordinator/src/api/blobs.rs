@@ -31,7 +31,7 @@ pub async fn find_missing_blobs(
     ctx: &Ctx,
     request: Request<pb::FindMissingBlobsRequest>,
 ) -> Result<Response<pb::FindMissingBlobsResponse>, Status> {
-    let digests = request.into_inner().digests;
+    let pb::FindMissingBlobsRequest { digests, announce } = request.into_inner();
     if digests.len() > MAX_ASKED {
         return Err(CoordinatorError::TooLarge(format!(
             "{} digests; at most {MAX_ASKED} per call",
@@ -39,13 +39,19 @@ pub async fn find_missing_blobs(
         ))
         .into());
     }
-    let missing = digests
+    let missing: Vec<String> = digests
         .into_iter()
         .filter(|d| !ctx.blobs.has_fresh(d))
         .collect();
+    let upload_id = if announce && !missing.is_empty() {
+        ctx.blobs.announce(missing.clone())
+    } else {
+        String::new()
+    };
     Ok(Response::new(pb::FindMissingBlobsResponse {
         missing,
         takes_whole_blobs: true,
+        upload_id,
     }))
 }
 
@@ -58,6 +64,8 @@ pub async fn put_blobs(
     let (mut blobs, mut bytes) = (0u64, 0u64);
     let mut written = Vec::new();
     let mut current: Option<Incoming> = None;
+    // Held while the upload runs: jobs that name its blobs wait for them.
+    let mut _carrying = None;
     loop {
         let next = tokio::time::timeout(PIECE_IDLE, stream.next())
             .await
@@ -68,6 +76,15 @@ pub async fn put_blobs(
             break;
         };
         let piece = piece?;
+        if !piece.upload_id.is_empty() {
+            if _carrying.is_none() {
+                _carrying = ctx.blobs.carry(&piece.upload_id);
+            }
+            // It may say only that: the upload has begun.
+            if current.is_none() && piece.whole.is_empty() && piece.digest.is_empty() {
+                continue;
+            }
+        }
         if !piece.whole.is_empty() {
             if current.is_some() {
                 return Err(CoordinatorError::InvalidArgument(

@@ -464,7 +464,11 @@ fn attach_uploads(
             .blobs
             .manifest(digest)
             .map_err(|e| refuse(e.to_string()))?;
-        let missing = ctx.blobs.missing_of(&manifest);
+        // What an upload in progress will bring counts: the job's nodes wait for it.
+        let mut missing = ctx.blobs.missing_of(&manifest);
+        // (In this order: an upload's announcement goes only once what it
+        // brought is here.)
+        missing.retain(|d| !ctx.blobs.is_coming(d) && !ctx.blobs.has(d));
         if let Some(first) = missing.first() {
             return Err(refuse(format!(
                 "{} of its files were not uploaded (first: {first})",
