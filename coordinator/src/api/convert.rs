@@ -180,6 +180,7 @@ pub fn spec_from_proto(
         file_mounts: Default::default(),
         docker_run_options: Vec::new(),
         autostop: None,
+        priority: None,
         cluster: None,
         setup: non_empty(&p.setup),
         run: non_empty(&p.run),

@@ -113,7 +113,7 @@ pub struct State {
     /// Derived from `jobs` (rebuilt on load, never stored): PENDING jobs,
     /// which the scheduler scans.
     #[serde(skip)]
-    queued: imbl::OrdSet<JobId>,
+    queued: imbl::OrdSet<(std::cmp::Reverse<u16>, JobId)>,
     /// Derived: active jobs that hold or reserve a node, which resource
     /// accounting scans. A backlog of queued jobs costs neither anything.
     #[serde(skip)]
@@ -228,11 +228,11 @@ impl State {
             .filter_map(|id| self.jobs.get(id).map(|j| &**j))
     }
 
-    /// PENDING jobs, oldest first.
+    /// PENDING jobs, higher `resources.priority` first, then oldest first.
     pub fn queued_jobs(&self) -> impl Iterator<Item = &Job> + '_ {
         self.queued
             .iter()
-            .filter_map(|id| self.jobs.get(id).map(|j| &**j))
+            .filter_map(|(_, id)| self.jobs.get(id).map(|j| &**j))
     }
 
     /// Active jobs that hold or reserve a node, oldest first.
@@ -240,6 +240,13 @@ impl State {
         self.placed
             .iter()
             .filter_map(|id| self.jobs.get(id).map(|j| &**j))
+    }
+
+    fn priority_of(&self, id: JobId) -> u16 {
+        self.jobs
+            .get(&id)
+            .and_then(|j| j.spec.priority)
+            .unwrap_or(crate::task::DEFAULT_PRIORITY)
     }
 
     /// Puts job `id` in the indexes its current state calls for.
@@ -265,15 +272,21 @@ impl State {
                 (live, queued, placed)
             }
         };
-        for (set, member) in [
-            (&mut self.active, live),
-            (&mut self.queued, queued),
-            (&mut self.placed, placed),
-        ] {
+        for (set, member) in [(&mut self.active, live), (&mut self.placed, placed)] {
             if member {
                 set.insert(id);
             } else {
                 set.remove(&id);
+            }
+        }
+        // A job's priority never changes, so its key is found again.
+        let key = (std::cmp::Reverse(self.priority_of(id)), id);
+        if queued {
+            self.queued.insert(key);
+        } else if self.queued.remove(&key).is_none() && !self.jobs.contains_key(&id) {
+            let gone = self.queued.iter().find(|(_, q)| *q == id).cloned();
+            if let Some(gone) = gone {
+                self.queued.remove(&gone);
             }
         }
     }

@@ -471,6 +471,26 @@ fn apply_is_deterministic() {
 }
 
 #[test]
+fn waiting_jobs_are_placed_by_priority_then_age() {
+    let mut s = State::default();
+    let plain = submit(&mut s, "run: a", None);
+    let low = submit(&mut s, "resources: {priority: 10}\nrun: b", None);
+    let urgent = submit(&mut s, "resources: {priority: 900}\nrun: c", None);
+    let also_plain = submit(&mut s, "resources: {priority: 500}\nrun: d", None);
+    let order = |s: &State| s.queued_jobs().map(|j| j.id).collect::<Vec<_>>();
+    assert_eq!(order(&s), vec![urgent, plain, also_plain, low]);
+    // Out of the queue when placed or cancelled, whatever its priority.
+    ready_node(&mut s, urgent, 0.0);
+    s.apply(&Command::CancelJob {
+        job_id: low,
+        at_ms: 9,
+    });
+    assert_eq!(order(&s), vec![plain, also_plain]);
+    let back: State = serde_json::from_str(&serde_json::to_string(&s).unwrap()).unwrap();
+    assert_eq!(order(&back), order(&s), "rebuilt on load in the same order");
+}
+
+#[test]
 fn a_stored_state_comes_back_with_its_indexes() {
     let mut s = State::default();
     let queued = submit(&mut s, "run: x", None);

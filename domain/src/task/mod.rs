@@ -31,10 +31,15 @@ pub use validation::*;
 pub use values::*;
 
 pub use resources::container_image;
+
+/// `resources.priority` when a task does not give one (SkyPilot's).
+pub const DEFAULT_PRIORITY: u16 = 500;
+/// The highest `resources.priority`.
+pub const MAX_PRIORITY: u16 = 1000;
 use resources::parse_resources;
 use sections::{
     parse_autostop, parse_checkpoint, parse_env_map, parse_env_nulls, parse_job_recovery,
-    parse_num_nodes, parse_workdir, CollectEnvs,
+    parse_num_nodes, parse_priority, parse_workdir, CollectEnvs,
 };
 use yaml::{as_map, check_keys, key_str, opt_string, scalar_string};
 
@@ -127,6 +132,11 @@ pub struct TaskSpec {
     /// `resources.autostop`: none when the task does not say.
     #[serde(default)]
     pub autostop: Option<AutostopSetting>,
+    /// `resources.priority`, 0 to 1000: of the jobs waiting for a place,
+    /// higher ones are placed first (SkyPilot's managed-job priority);
+    /// none: [`DEFAULT_PRIORITY`].
+    #[serde(default)]
+    pub priority: Option<u16>,
     /// The named cluster it runs on (`launch -c`, `exec`). Set by the API,
     /// never by the YAML; none: anywhere with room (managed jobs).
     #[serde(default)]
@@ -538,6 +548,10 @@ pub fn parse_task_yaml(yaml: &str, env_overrides: &BTreeMap<String, String>) -> 
                 };
                 spec.autostop = match v.as_mapping().and_then(|m| m.get("autostop")) {
                     Some(a) => parse_autostop(a, "resources.autostop")?,
+                    None => None,
+                };
+                spec.priority = match v.as_mapping().and_then(|m| m.get("priority")) {
+                    Some(p) => Some(parse_priority(p)?),
                     None => None,
                 };
             }

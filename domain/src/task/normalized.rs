@@ -90,6 +90,9 @@ pub fn to_normalized_yaml(spec: &TaskSpec) -> String {
             yaml_serde::to_value(&redacted.resources.labels).unwrap_or(Value::Null),
         );
     }
+    if let Some(p) = redacted.priority {
+        res.insert(Value::String("priority".into()), Value::Number(p.into()));
+    }
     put("resources", Value::Mapping(res));
     if let Some(w) = &redacted.workdir {
         put("workdir", Value::String(w.clone()));

@@ -33,8 +33,9 @@ const RESOURCE_SUPPORTED: &[&str] = &[
     "job_recovery",
     "network_tier",
     "autostop",
+    "priority",
 ];
-const RESOURCE_NOT_YET: &[&str] = &["priority", "volumes", "accelerator_args", "local_disk"];
+const RESOURCE_NOT_YET: &[&str] = &["volumes", "accelerator_args", "local_disk"];
 
 /// The fields of one `resources` block (or one `any_of`/`ordered` entry),
 /// before accelerators are expanded into candidates.
@@ -183,7 +184,12 @@ pub(super) fn parse_resources(v: &Value) -> Result<ResourceRequest> {
                     .filter(|k| {
                         !matches!(
                             *k,
-                            "any_of" | "ordered" | "labels" | "job_recovery" | "autostop"
+                            "any_of"
+                                | "ordered"
+                                | "labels"
+                                | "job_recovery"
+                                | "autostop"
+                                | "priority"
                         )
                     })
                     .collect();

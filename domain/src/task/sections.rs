@@ -79,6 +79,25 @@ pub(super) fn parse_workdir(v: &Value) -> Result<(Option<String>, Option<GitWork
     }
 }
 
+/// `resources.priority`: a whole number from 0 to 1000.
+pub(super) fn parse_priority(v: &Value) -> Result<u16> {
+    const PATH: &str = "resources.priority";
+    let n = match v {
+        Value::Number(n) => n.as_i64(),
+        _ => None,
+    }
+    .ok_or_else(|| {
+        SpecError::new(
+            PATH,
+            format!("expected a whole number from 0 to 1000, got {}", show(v)),
+        )
+    })?;
+    u16::try_from(n)
+        .ok()
+        .filter(|n| *n <= super::MAX_PRIORITY)
+        .ok_or_else(|| SpecError::new(PATH, format!("must be from 0 to 1000, got {n}")))
+}
+
 pub(super) fn parse_num_nodes(v: &Value) -> Result<u32> {
     let n = match v {
         Value::Number(n) => n.as_i64(),

@@ -281,6 +281,25 @@ fn known_but_unsupported_fields_are_rejected_not_ignored() {
 }
 
 #[test]
+fn priority_is_a_whole_number_from_0_to_1000_for_the_whole_task() {
+    assert_eq!(parse("run: x").unwrap().priority, None);
+    assert_eq!(
+        parse("resources: {priority: 1000}\nrun: x")
+            .unwrap()
+            .priority,
+        Some(1000)
+    );
+    assert_eq!(parse("resources: {priority: 0}").unwrap().priority, Some(0));
+    for bad in ["1001", "-1", "2.5", "high", "'7'"] {
+        let e = err(&format!("resources: {{priority: {bad}}}"));
+        assert_eq!(e.path, "resources.priority", "{bad}: {e}");
+    }
+    // One for the task, not one per candidate.
+    let e = err("resources: {any_of: [{priority: 5}]}");
+    assert_eq!(e.path, "resources.any_of[0].priority");
+}
+
+#[test]
 fn malformed_yaml_is_an_error_not_a_panic() {
     let e = err("run: [unclosed");
     assert_eq!(e.path, "task");
