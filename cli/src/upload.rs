@@ -122,6 +122,7 @@ fn describe(named: &str, path: &Path, cache: &mut HashCache) -> Result<Source> {
     let meta = std::fs::metadata(path).with_context(|| path.display().to_string())?;
     let mut files = BTreeMap::new();
     let mut entries = Vec::new();
+    let mut to_digest = Vec::new();
     if meta.is_file() {
         let digest = cache.digest(path, &meta)?;
         files.insert(digest.clone(), (path.to_path_buf(), meta.len()));
@@ -184,13 +185,11 @@ fn describe(named: &str, path: &Path, cache: &mut HashCache) -> Result<Source> {
                     .to_string(),
             }
         } else if meta.is_file() {
-            let digest = cache.digest(item.path(), &meta)?;
-            files
-                .entry(digest.clone())
-                .or_insert_with(|| (item.path().to_path_buf(), meta.len()));
+            // Digested below, all at once.
+            to_digest.push((entries.len(), item.path().to_path_buf(), meta.clone()));
             Kind::File {
                 size: meta.len(),
-                digest,
+                digest: String::new(),
             }
         } else {
             eprintln!(
@@ -209,6 +208,15 @@ fn describe(named: &str, path: &Path, cache: &mut HashCache) -> Result<Source> {
                 "{}: more than {MAX_ENTRIES} entries (list what to leave out in .skyignore)",
                 path.display()
             );
+        }
+    }
+    let digests = cache.digest_all(&to_digest)?;
+    for ((at, path, meta), digest) in to_digest.into_iter().zip(digests) {
+        files
+            .entry(digest.clone())
+            .or_insert_with(|| (path, meta.len()));
+        if let Kind::File { digest: d, .. } = &mut entries[at].kind {
+            *d = digest;
         }
     }
     let manifest = Manifest {
@@ -487,6 +495,22 @@ impl Blob {
     }
 }
 
+/// The digest of the file at `path`, read through `buf`.
+fn hash_file(path: &Path, len: u64, buf: &mut Vec<u8>) -> Result<String> {
+    let mut f = std::fs::File::open(path).with_context(|| path.display().to_string())?;
+    let mut h = Hasher::default();
+    // Sized to the file, and kept between files: ten thousand small files
+    // must not cost ten thousand megabyte buffers.
+    buf.resize((len as usize).clamp(4096, 1 << 20), 0);
+    loop {
+        match f.read(buf)? {
+            0 => break,
+            n => h.update(&buf[..n]),
+        }
+    }
+    Ok(h.finish())
+}
+
 /// What [`nembo_proto::files::digest`] computes.
 const DIGEST: &str = "blake3";
 
@@ -519,32 +543,72 @@ impl HashCache {
     }
 
     fn digest(&mut self, path: &Path, meta: &std::fs::Metadata) -> Result<String> {
-        let stamp = (
-            meta.len(),
-            meta.mtime_nsec() + meta.mtime() * 1_000_000_000,
-            meta.ino(),
-        );
-        if let Some((size, mtime, ino, d)) = self.files.get(path) {
-            if (*size, *mtime, *ino) == stamp {
-                return Ok(d.clone());
-            }
+        let item = (0, path.to_path_buf(), meta.clone());
+        Ok(self.digest_all(std::slice::from_ref(&item))?.remove(0))
+    }
+
+    /// The digests of `files` (anything, path, how it looked), in order:
+    /// from the cache where it still holds, else read, on every core.
+    fn digest_all<T: Sync>(
+        &mut self,
+        files: &[(T, PathBuf, std::fs::Metadata)],
+    ) -> Result<Vec<String>> {
+        let stamp = |meta: &std::fs::Metadata| {
+            (
+                meta.len(),
+                meta.mtime_nsec() + meta.mtime() * 1_000_000_000,
+                meta.ino(),
+            )
+        };
+        let mut out: Vec<Option<String>> = files
+            .iter()
+            .map(|(_, path, meta)| {
+                self.files
+                    .get(path)
+                    .filter(|(size, mtime, ino, _)| (*size, *mtime, *ino) == stamp(meta))
+                    .map(|(.., d)| d.clone())
+            })
+            .collect();
+        let todo: Vec<usize> = (0..files.len()).filter(|i| out[*i].is_none()).collect();
+        let next = std::sync::atomic::AtomicUsize::new(0);
+        let workers = std::thread::available_parallelism()
+            .map_or(1, |n| n.get())
+            .clamp(1, 8)
+            .min(todo.len().max(1));
+        let read: Vec<Vec<(usize, Result<String>)>> = std::thread::scope(|scope| {
+            let handles: Vec<_> = (0..workers)
+                .map(|_| {
+                    scope.spawn(|| {
+                        let mut done = Vec::new();
+                        let mut buf = Vec::new();
+                        loop {
+                            let k = next.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                            let Some(&i) = todo.get(k) else {
+                                return done;
+                            };
+                            let (_, path, meta) = &files[i];
+                            done.push((i, hash_file(path, meta.len(), &mut buf)));
+                        }
+                    })
+                })
+                .collect();
+            handles
+                .into_iter()
+                .map(|h| h.join().unwrap_or_default())
+                .collect()
+        });
+        for (i, d) in read.into_iter().flatten() {
+            let d = d?;
+            let (_, path, meta) = &files[i];
+            let (size, mtime, ino) = stamp(meta);
+            self.files
+                .insert(path.clone(), (size, mtime, ino, d.clone()));
+            self.changed = true;
+            out[i] = Some(d);
         }
-        let mut f = std::fs::File::open(path).with_context(|| path.display().to_string())?;
-        let mut h = Hasher::default();
-        // Sized to the file: ten thousand small files must not cost ten
-        // thousand megabyte buffers.
-        let mut buf = vec![0u8; (meta.len() as usize).clamp(4096, 1 << 20)];
-        loop {
-            match f.read(&mut buf)? {
-                0 => break,
-                n => h.update(&buf[..n]),
-            }
-        }
-        let d = h.finish();
-        self.files
-            .insert(path.to_path_buf(), (stamp.0, stamp.1, stamp.2, d.clone()));
-        self.changed = true;
-        Ok(d)
+        out.into_iter()
+            .map(|d| d.context("a file was not digested"))
+            .collect()
     }
 
     fn save(&mut self) {
