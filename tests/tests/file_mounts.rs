@@ -314,7 +314,7 @@ async fn bad_sources_are_refused_before_anything_is_queued() {
     );
     refused(
         launch("file_mounts:\n  /data: gs://bucket/x\nrun: 'true'\n"),
-        &["file_mounts./data", "gs://", "not supported"],
+        &["file_mounts./data", "gs://", "no provider"],
     );
 
     // A client that skips the upload, or names content never uploaded.

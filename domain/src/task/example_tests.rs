@@ -58,9 +58,8 @@ fn shipped_examples_parse() {
 
 #[test]
 fn skypilot_reference_task_parses() {
-    // The example from skypilot-compat.md, minus file_mounts, which
-    // Nembo rejects as not supported yet.
-    let y = "name: llama-ft\nnum_nodes: 2\nresources:\n  accelerators: {H100: 8}\n  use_spot: true\n  any_of:\n    - infra: aws/us-east-1\n    - infra: aws/us-west-2\n      use_spot: false\nenvs: {EPOCHS: \"3\", HF_TOKEN: null}\nsetup: pip install -r requirements.txt\nrun: torchrun train.py\n";
+    // The example from skypilot-compat.md, whole.
+    let y = "name: llama-ft\nnum_nodes: 2\nresources:\n  accelerators: {H100: 8}\n  use_spot: true\n  any_of:\n    - infra: aws/us-east-1\n    - infra: aws/us-west-2\n      use_spot: false\nfile_mounts:\n  /ckpt: {name: llama-ft-ckpt, store: s3, mode: MOUNT_CACHED}\nenvs: {EPOCHS: \"3\", HF_TOKEN: null}\nsetup: pip install -r requirements.txt\nrun: torchrun train.py\n";
     let mut o = BTreeMap::new();
     o.insert("HF_TOKEN".to_string(), "t".to_string());
     let s = parse_task_yaml(y, &o).unwrap();

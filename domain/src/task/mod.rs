@@ -486,15 +486,41 @@ const TOP_LEVEL_SUPPORTED: &[&str] = &[
     "checkpoint",
     "config",
 ];
-const TOP_LEVEL_NOT_YET: &[&str] = &[
-    "service",
-    "volumes",
-    "pool",
-    "managed_secrets",
-    "event_callback",
-    "inputs",
-    "outputs",
+/// SkyPilot's fields Nembo refuses, and why.
+const TOP_LEVEL_REFUSED: &[(&str, &str)] = &[
+    (
+        "service",
+        "Nembo does not serve yet (no `nembo serve`); launch the replica's task without \
+         `service:` to run it as a job",
+    ),
+    ("volumes", VOLUMES_NEED),
+    (
+        "pool",
+        "a pool of workers is made with `sky jobs pool apply`, not launched as a task; \
+         Nembo has no pools yet",
+    ),
+    (
+        "managed_secrets",
+        "Nembo has no managed secrets yet; give them in `secrets` or with `--secret`",
+    ),
+    (
+        "event_callback",
+        "Nembo does not run event callbacks yet; remove it to run this task",
+    ),
+    (
+        "inputs",
+        "Nembo's optimizer does not weigh data egress yet; remove it to run this task",
+    ),
+    (
+        "outputs",
+        "Nembo's optimizer does not weigh data egress yet; remove it to run this task",
+    ),
 ];
+
+/// Why `volumes` cannot be honoured (top level and in `resources`).
+pub(super) const VOLUMES_NEED: &str = "SkyPilot's volumes are GCP persistent disks and local \
+    SSDs, Kubernetes volumes or RunPod network volumes, and Nembo has no GCP, Kubernetes or \
+    RunPod provider yet; ship data through `file_mounts` or a bucket";
 
 /// Parses a SkyPilot-format task. `env_overrides` are `--env NAME=VALUE`
 /// values: they fill envs declared as null and may add new ones, which are
@@ -522,7 +548,7 @@ pub fn parse_task_yaml(yaml: &str, env_overrides: &BTreeMap<String, String>) -> 
         v => v,
     };
     let map = as_map(&root, "task")?;
-    check_keys(map, "", TOP_LEVEL_SUPPORTED, TOP_LEVEL_NOT_YET)?;
+    check_keys(map, "", TOP_LEVEL_SUPPORTED, TOP_LEVEL_REFUSED)?;
 
     let mut spec = TaskSpec {
         num_nodes: 1,

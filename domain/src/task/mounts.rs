@@ -13,8 +13,26 @@ use super::{MountSource, Result, SpecError, StorageMode, StorageMount};
 /// Most entries in `file_mounts`.
 pub const MAX_FILE_MOUNTS: usize = 256;
 
-/// URI schemes SkyPilot knows that Nembo cannot read yet.
-const SCHEMES_NOT_YET: &[&str] = &["gs", "cos", "oci", "nebius", "cw", "vastdata", "hf", "az"];
+/// Stores SkyPilot knows whose cloud Nembo has no provider for: a URI
+/// scheme, a `store:` name, and whose they are.
+const STORES_ELSEWHERE: &[(&str, &str, &str)] = &[
+    ("gs", "gcs", "Google Cloud Storage (GCP)"),
+    ("az", "azure", "Azure Blob Storage"),
+    ("cos", "ibm", "IBM Cloud Object Storage"),
+    ("oci", "oci", "OCI Object Storage"),
+    ("nebius", "nebius", "Nebius Object Storage"),
+    ("cw", "coreweave", "CoreWeave Object Storage"),
+    ("vastdata", "vastdata", "VAST Data"),
+    ("hf", "hf", "the Hugging Face Hub"),
+];
+
+/// Why a store of another cloud is refused.
+fn elsewhere(whose: &str) -> String {
+    format!(
+        "is a bucket of {whose}, and Nembo has no provider for it yet; Nembo's buckets are \
+         s3:// and r2:// (and https:// to copy from)"
+    )
+}
 
 pub(super) fn parse_file_mounts(v: &Value) -> Result<BTreeMap<String, MountSource>> {
     if v.is_null() {
@@ -184,12 +202,11 @@ fn parse_storage(m: &yaml_serde::Mapping, path: &str) -> Result<MountSource> {
         None | Some("s3") => "s3",
         Some("r2") => "r2",
         Some(store) => {
-            return Err(SpecError::new(
-                field("store"),
-                format!(
-                    "'{store}' is valid SkyPilot but not supported by Nembo yet; Nembo's buckets are s3 or r2"
-                ),
-            ))
+            let why = match STORES_ELSEWHERE.iter().find(|(_, name, _)| *name == store) {
+                Some((.., whose)) => elsewhere(whose),
+                None => "is not a store SkyPilot knows (s3, r2, gcs, azure, ...)".into(),
+            };
+            return Err(SpecError::new(field("store"), format!("'{store}' {why}")));
         }
     };
     let source = match m.get("source") {
@@ -368,17 +385,23 @@ fn parse_source(s: &str, path: &str) -> Result<MountSource> {
     match scheme {
         "s3" | "r2" | "https" if host.is_empty() => Err(SpecError::new(
             path,
-            format!("'{s}': no {} in the URI", if scheme == "https" { "host" } else { "bucket" }),
+            format!(
+                "'{s}': no {} in the URI",
+                if scheme == "https" { "host" } else { "bucket" }
+            ),
         )),
         "s3" | "r2" | "https" => Ok(MountSource::Uri(s.to_string())),
         "http" => Err(SpecError::new(
             path,
             format!("'{s}': plain http is not accepted; use https://"),
         )),
-        s3 if SCHEMES_NOT_YET.contains(&s3) => Err(SpecError::new(
-            path,
-            format!("'{s}': {scheme}:// is valid SkyPilot but not supported by Nembo yet; use s3://, r2:// or https://"),
-        )),
+        other if STORES_ELSEWHERE.iter().any(|(sch, ..)| *sch == other) => {
+            let whose = STORES_ELSEWHERE
+                .iter()
+                .find(|(sch, ..)| *sch == other)
+                .map_or("", |(.., w)| w);
+            Err(SpecError::new(path, format!("'{s}' {}", elsewhere(whose))))
+        }
         _ => Err(SpecError::new(
             path,
             format!("'{s}': unknown scheme {scheme}:// (Nembo copies s3://, r2:// and https://)"),

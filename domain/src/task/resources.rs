@@ -35,7 +35,18 @@ const RESOURCE_SUPPORTED: &[&str] = &[
     "autostop",
     "priority",
 ];
-const RESOURCE_NOT_YET: &[&str] = &["volumes", "accelerator_args", "local_disk"];
+/// SkyPilot's resource fields Nembo refuses, and why.
+const RESOURCE_REFUSED: &[(&str, &str)] = &[
+    ("volumes", super::VOLUMES_NEED),
+    (
+        "accelerator_args",
+        "it configures TPUs, which only GCP has, and Nembo has no GCP provider yet",
+    ),
+    (
+        "local_disk",
+        "instance volumes are GCP local SSDs in SkyPilot, and Nembo has no GCP provider yet",
+    ),
+];
 
 /// The fields of one `resources` block (or one `any_of`/`ordered` entry),
 /// before accelerators are expanded into candidates.
@@ -127,7 +138,7 @@ pub(super) fn parse_resources(v: &Value) -> Result<ResourceRequest> {
         return Ok(ResourceRequest::default());
     }
     let map = as_map(v, "resources")?;
-    check_keys(map, "resources", RESOURCE_SUPPORTED, RESOURCE_NOT_YET)?;
+    check_keys(map, "resources", RESOURCE_SUPPORTED, RESOURCE_REFUSED)?;
     let base = parse_partial(map, "resources")?;
     let mut labels = BTreeMap::new();
     if let Some(l) = map.get("labels") {
@@ -193,7 +204,7 @@ pub(super) fn parse_resources(v: &Value) -> Result<ResourceRequest> {
                         )
                     })
                     .collect();
-                check_keys(imap, &ipath, &nested, RESOURCE_NOT_YET)?;
+                check_keys(imap, &ipath, &nested, RESOURCE_REFUSED)?;
                 let over = parse_partial(imap, &ipath)?;
                 candidates.extend(base.overlay(&over).expand());
             }

@@ -79,6 +79,9 @@ pub(super) fn parse_workdir(v: &Value) -> Result<(Option<String>, Option<GitWork
     }
 }
 
+const AUTOSTOP_HOOK_NOT_YET: &str =
+    "Nembo does not run a hook before autostop yet; remove it to run this task";
+
 /// `resources.priority`: a whole number from 0 to 1000.
 pub(super) fn parse_priority(v: &Value) -> Result<u16> {
     const PATH: &str = "resources.priority";
@@ -282,7 +285,10 @@ pub(super) fn parse_autostop(v: &Value, path: &str) -> Result<Option<AutostopSet
                 m,
                 path,
                 &["idle_minutes", "down", "wait_for"],
-                &["hook", "hook_timeout"],
+                &[
+                    ("hook", AUTOSTOP_HOOK_NOT_YET),
+                    ("hook_timeout", AUTOSTOP_HOOK_NOT_YET),
+                ],
             )?;
             let mut a = Autostop {
                 idle_s: DEFAULT_IDLE_S,

@@ -401,7 +401,7 @@ fn file_mounts_take_local_paths_and_bucket_uris_with_skypilots_rules() {
         (
             "file_mounts: {/d: 'gs://b'}",
             "file_mounts./d",
-            "not supported",
+            "no provider",
         ),
         ("file_mounts: {/d: 'http://x/y'}", "file_mounts./d", "https"),
         (

@@ -147,7 +147,8 @@ pub(super) fn check_checkpoint(c: &Checkpoint) -> Result<()> {
         return Err(SpecError::new(
             "checkpoint.store",
             format!(
-                "'{}': gs:// and az:// checkpoint stores are not supported by Nembo yet; use s3://bucket/prefix or file:///dir",
+                "'{}': gs:// and az:// are GCP's and Azure's stores, and Nembo has no provider for \
+                 either yet; use s3://bucket/prefix or file:///dir",
                 c.store
             ),
         ));

@@ -35,11 +35,13 @@ pub(super) fn join(prefix: &str, key: &str) -> String {
     }
 }
 
+/// Refuses keys not in `supported`: those in `refused` (a key, and why
+/// Nembo cannot honour it) with their reason, any other as unknown.
 pub(super) fn check_keys(
     map: &yaml_serde::Mapping,
     prefix: &str,
     supported: &[&str],
-    not_yet: &[&str],
+    refused: &[(&str, &str)],
 ) -> Result<()> {
     for k in map.keys() {
         let key = key_str(k, if prefix.is_empty() { "task" } else { prefix })?;
@@ -47,10 +49,10 @@ pub(super) fn check_keys(
             continue;
         }
         let path = join(prefix, key);
-        if not_yet.contains(&key) {
+        if let Some((_, why)) = refused.iter().find(|(k, _)| *k == key) {
             return Err(SpecError::new(
                 path,
-                "is valid SkyPilot but not supported by Nembo yet; remove it to run this task",
+                format!("is valid SkyPilot, but {why}"),
             ));
         }
         let hint = match key {
