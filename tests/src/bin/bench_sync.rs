@@ -12,10 +12,13 @@
 //!
 //! Nembo's times are the whole `nembo launch` (hashing, upload, the job's
 //! placement on the idle node, the agent's fetch, a `true` run), measured
-//! from outside as a user would. Prints a table, then one JSON document.
+//! from outside as a user would. Step 1 runs `--rounds` times (default 3),
+//! each on a newly written tree, rsync then Nembo; the table gives the
+//! medians (this VM's disk makes single runs vary by 2x). Prints a table,
+//! then one JSON document.
 //!
 //! Build with `cargo build --release --workspace`, then
-//! `target/release/bench_sync [--mb 1024] [--verbose]` (`--verbose` shows
+//! `target/release/bench_sync [--mb 1024] [--rounds 3] [--verbose]` (`--verbose` shows
 //! what each command printed: the upload's and the placement's own times).
 
 use std::io::Write;
@@ -56,8 +59,8 @@ fn file(path: &Path, len: usize, noise: &mut Noise) {
 }
 
 /// The mixed tree; returns its size in bytes.
-fn make_tree(root: &Path, scale: f64) -> u64 {
-    let mut noise = Noise(0x9E37_79B9_7F4A_7C15);
+fn make_tree(root: &Path, scale: f64, seed: u64) -> u64 {
+    let mut noise = Noise(0x9E37_79B9_7F4A_7C15 ^ seed.wrapping_mul(0x2545_F491_4F6C_DD1D));
     let mut total = 0u64;
     let mut add = |p: PathBuf, len: usize, noise: &mut Noise| {
         file(&p, len, noise);
@@ -167,66 +170,104 @@ async fn main() {
         .tempdir()
         .unwrap();
     let s = scratch.path();
-    let tree = s.join("tree");
-    let bytes = make_tree(&tree, scale);
+    let rounds = cli_arg("--rounds", 3).max(1);
     let files = 4 + 200 + 10_000;
-    eprintln!("tree: {files} files, {:.2} GB", bytes as f64 / 1e9);
-    let changed = tree.join("src/m42/f42.py");
-
-    // rsync -a over ssh to this machine.
     let (_sshd, ssh) = sshd(s).await;
-    let rsync_dst = s.join("rsync-dst");
-    let rsync = || {
-        let mut c = Command::new("rsync");
-        c.args(["-a", "-e", &ssh])
-            .arg(format!("{}/", tree.display()))
-            .arg(format!("127.0.0.1:{}/", rsync_dst.display()));
-        c
-    };
-    let rsync_first = timed("rsync", &mut rsync());
-    let rsync_nochange = timed("rsync", &mut rsync());
-    std::fs::write(&changed, "changed for rsync\n").unwrap();
-    let rsync_again = timed("rsync", &mut rsync());
-
-    // Nembo: the same tree to an absolute path on a local node. A first
-    // job starts the node, so the timings are the sync's, not a boot's.
+    // Nembo's local node is started once: the timings are the sync's, not
+    // a boot's, and each round's tree is new content to its blob store.
     let c = Coordinator::start(&["--heartbeat-ms", "1000"]).await;
     let warm = c.submit("run: 'true'\n").await;
     c.wait_state(&warm, pb::JobState::Succeeded, Duration::from_secs(60))
         .await;
-    let nembo_dst = s.join("nembo-dst");
-    let task = s.join("sync.yaml");
-    std::fs::write(
-        &task,
-        format!(
-            "file_mounts:\n  {}: {}\nrun: 'true'\n",
-            nembo_dst.display(),
-            tree.display()
-        ),
-    )
-    .unwrap();
-    let launch = || {
-        let mut cmd = Command::new(nembo_tests::bin("nembo"));
-        // The same cluster each time, as a user re-launches on a warm one.
-        cmd.args(["launch", "-c", "sync"])
-            .arg(&task)
-            .env("NEMBO_API_INFO", c.dir.path().join("api.json"))
-            .env("NEMBO_HOME", s.join("cli-home"));
-        cmd
+    // (first, unchanged, one changed) per round, per tool.
+    let mut rsync_runs: Vec<[f64; 3]> = Vec::new();
+    let mut nembo_runs: Vec<[f64; 3]> = Vec::new();
+    let mut bytes = 0;
+    for round in 0..rounds {
+        // A new tree each round (new bytes, so nothing is cached anywhere
+        // but the page cache, as for a user's fresh checkpoint).
+        let tree = s.join("tree");
+        let _ = std::fs::remove_dir_all(&tree);
+        bytes = make_tree(&tree, scale, round);
+        let changed = tree.join("src/m42/f42.py");
+        eprintln!(
+            "round {}: {files} files, {:.2} GB",
+            round + 1,
+            bytes as f64 / 1e9
+        );
+        let _ = Command::new("sync").status();
+
+        // rsync -a over ssh to this machine.
+        let rsync_dst = s.join("rsync-dst");
+        let _ = std::fs::remove_dir_all(&rsync_dst);
+        let rsync = || {
+            let mut c = Command::new("rsync");
+            c.args(["-a", "-e", &ssh])
+                .arg(format!("{}/", tree.display()))
+                .arg(format!("127.0.0.1:{}/", rsync_dst.display()));
+            c
+        };
+        let first = timed("rsync", &mut rsync());
+        let nochange = timed("rsync", &mut rsync());
+        std::fs::write(&changed, "changed for rsync\n").unwrap();
+        let again = timed("rsync", &mut rsync());
+        rsync_runs.push([first, nochange, again]);
+        let _ = std::fs::remove_dir_all(&rsync_dst);
+        let _ = Command::new("sync").status();
+
+        // Nembo: the same tree to an absolute path on the local node.
+        let nembo_dst = s.join("nembo-dst");
+        let _ = std::fs::remove_dir_all(&nembo_dst);
+        let task = s.join("sync.yaml");
+        std::fs::write(
+            &task,
+            format!(
+                "file_mounts:\n  {}: {}\nrun: 'true'\n",
+                nembo_dst.display(),
+                tree.display()
+            ),
+        )
+        .unwrap();
+        let launch = || {
+            let mut cmd = Command::new(nembo_tests::bin("nembo"));
+            // The same cluster each time, as a user re-launches on a warm one.
+            cmd.args(["launch", "-c", "sync"])
+                .arg(&task)
+                .env("NEMBO_API_INFO", c.dir.path().join("api.json"))
+                .env("NEMBO_HOME", s.join("cli-home"));
+            cmd
+        };
+        std::fs::write(&changed, "original\n").unwrap();
+        let first = timed("nembo launch", &mut launch());
+        let nochange = timed("nembo launch", &mut launch());
+        std::fs::write(&changed, "changed for nembo\n").unwrap();
+        let again = timed("nembo launch", &mut launch());
+        nembo_runs.push([first, nochange, again]);
+        let same = Command::new("diff")
+            .args(["-r", "-q"])
+            .arg(&tree)
+            .arg(&nembo_dst)
+            .status()
+            .unwrap()
+            .success();
+        assert!(same, "the node's copy differs from the source");
+        let _ = std::fs::remove_dir_all(&nembo_dst);
+    }
+    let median = |runs: &[[f64; 3]], k: usize| {
+        let mut v: Vec<f64> = runs.iter().map(|r| r[k]).collect();
+        v.sort_by(f64::total_cmp);
+        v[v.len() / 2]
     };
-    std::fs::write(&changed, "original\n").unwrap();
-    let nembo_first = timed("nembo launch", &mut launch());
-    let nembo_nochange = timed("nembo launch", &mut launch());
-    std::fs::write(&changed, "changed for nembo\n").unwrap();
-    let nembo_again = timed("nembo launch", &mut launch());
-    let same = Command::new("diff")
-        .args(["-r", "-q"])
-        .arg(&tree)
-        .arg(&nembo_dst)
-        .status()
-        .unwrap()
-        .success();
-    assert!(same, "the node's copy differs from the source");
+    let (rsync_first, rsync_nochange, rsync_again) = (
+        median(&rsync_runs, 0),
+        median(&rsync_runs, 1),
+        median(&rsync_runs, 2),
+    );
+    let (nembo_first, nembo_nochange, nembo_again) = (
+        median(&nembo_runs, 0),
+        median(&nembo_runs, 1),
+        median(&nembo_runs, 2),
+    );
 
     // 1 GiB from S3 (moto) by the agent, streamed.
     let moto = Moto::start(&[]).await;
@@ -281,6 +322,15 @@ async fn main() {
     ]);
     let boto3_secs = t.elapsed().as_secs_f64();
 
+    println!("medians of {rounds} rounds, each on a new tree; every round's first syncs:");
+    for (n, r) in nembo_runs.iter().zip(&rsync_runs) {
+        println!(
+            "  nembo {:.2} s, rsync {:.2} s, ratio {:.2}",
+            n[0],
+            r[0],
+            n[0] / r[0]
+        );
+    }
     println!("{:<44} {:>10} {:>10} {:>8}", "", "nembo", "rsync", "ratio");
     for (what, n, r) in [
         ("first sync (s)", nembo_first, rsync_first),
@@ -307,6 +357,7 @@ async fn main() {
         "{}",
         json!({
             "tree": {"files": files, "bytes": bytes},
+            "rounds": {"nembo": nembo_runs, "rsync_ssh": rsync_runs},
             "nembo": {"first_s": nembo_first, "unchanged_s": nembo_nochange, "one_changed_s": nembo_again},
             "rsync_ssh": {"first_s": rsync_first, "unchanged_s": rsync_nochange, "one_changed_s": rsync_again},
             "s3_copy": {"bytes": copied, "seconds": s3_secs, "boto3_seconds": boto3_secs},
