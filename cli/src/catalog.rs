@@ -23,6 +23,7 @@ pub fn offering_json(o: &pb::Offering) -> Value {
         "spot": o.spot,
         "node_price": o.node_price,
         "hourly_cost": o.hourly_cost,
+        "egress_cost": o.egress_cost,
         "simulated": o.simulated,
     })
 }

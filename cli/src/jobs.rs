@@ -484,6 +484,7 @@ fn print_dry_run(r: &pb::DryRunResponse, as_json: bool) {
         }
         if !r.candidates.is_empty() {
             println!("\nCandidates, best first:\n");
+            let egress = r.candidates.iter().any(|c| c.egress_cost > 0.0);
             let rows: Vec<Vec<String>> = r
                 .candidates
                 .iter()
@@ -503,21 +504,26 @@ fn print_dry_run(r: &pb::DryRunResponse, as_json: bool) {
                         format!("${:.2}", c.node_price),
                         format!("${:.2}", c.hourly_cost),
                     ]
+                    .into_iter()
+                    .chain(egress.then(|| format!("${:.2}", c.egress_cost)))
+                    .collect()
                 })
                 .collect();
-            crate::table::print(
-                &[
-                    "",
-                    "PROVIDER",
-                    "REGION",
-                    "INSTANCE",
-                    "GPUS",
-                    "MARKET",
-                    "$/H/NODE",
-                    "$/H TOTAL",
-                ],
-                &rows,
-            );
+            let mut header = vec![
+                "",
+                "PROVIDER",
+                "REGION",
+                "INSTANCE",
+                "GPUS",
+                "MARKET",
+                "$/H/NODE",
+                "$/H TOTAL",
+            ];
+            if egress {
+                // Ranked by an hour of the nodes plus this, as SkyPilot does.
+                header.push("EGRESS $");
+            }
+            crate::table::print(&header, &rows);
             table::explain_simulated(r.candidates.iter().any(|c| c.simulated));
         }
         if r.placement.is_some() {

@@ -23,6 +23,50 @@ pub struct Choice<'a> {
     pub node_price: f64,
     /// Price of all `num_nodes` per hour.
     pub hourly_cost: f64,
+    /// What moving the task's `inputs` and `outputs` costs from there.
+    pub egress_cost: f64,
+}
+
+impl Choice<'_> {
+    /// What the ranking compares: an hour of all the nodes and the data's
+    /// egress, as SkyPilot's optimizer does for a task with no time
+    /// estimate (it assumes one hour).
+    pub fn cost(&self) -> f64 {
+        self.hourly_cost + self.egress_cost
+    }
+}
+
+/// List price of internet egress out of a cloud, USD per GB (the first
+/// tier). Those not listed charge nothing Nembo knows of: the local
+/// machine, machines reached over ssh, Seeweb (traffic included), R2.
+fn egress_per_gb(cloud: &str) -> f64 {
+    match cloud {
+        "aws" => 0.09,
+        "gcp" => 0.12,
+        "azure" => 0.087,
+        "ibm" => 0.09,
+        "oci" => 0.0085,
+        _ => 0.0,
+    }
+}
+
+/// What moving the task's data costs on `provider`'s machines: its
+/// `inputs` out of the cloud that holds them, its `outputs` out of the
+/// provider's own, each only across clouds (SkyPilot's estimate).
+pub fn egress_cost(spec: &TaskSpec, provider: &str) -> f64 {
+    let inputs = spec
+        .inputs
+        .as_ref()
+        .and_then(|d| Some((d.cloud()?, d.size_gb)))
+        .filter(|(cloud, _)| *cloud != provider)
+        .map_or(0.0, |(cloud, gb)| gb * egress_per_gb(cloud));
+    let outputs = spec
+        .outputs
+        .as_ref()
+        .and_then(|d| Some((d.cloud()?, d.size_gb)))
+        .filter(|(cloud, _)| *cloud != provider)
+        .map_or(0.0, |(_, gb)| gb * egress_per_gb(provider));
+    inputs + outputs
 }
 
 /// Whether a candidate's `infra` and `instance_type` admit this place and type.
@@ -142,7 +186,8 @@ pub fn node_matches(c: &ResourceCandidate, node: &Node) -> bool {
 
 /// Every offering that can host the task and is not blocked at `now_ms`,
 /// best first: in the task's order of candidates when it is `ordered`,
-/// else by the hourly cost of all its nodes; among equal prices the
+/// else by the hourly cost of all its nodes plus its data's egress
+/// ([`Choice::cost`]); among equal prices the
 /// smaller machine, then a stable order (provider, region, zone, type), so
 /// that every replica and every run ranks alike.
 pub fn rank<'a>(
@@ -187,6 +232,7 @@ pub fn rank<'a>(
                 spot: c.use_spot,
                 node_price,
                 hourly_cost: node_price * nodes,
+                egress_cost: egress_cost(spec, &o.provider),
             });
         }
     }
@@ -198,7 +244,7 @@ pub fn rank<'a>(
             Ordering::Equal
         };
         by_candidate
-            .then(a.hourly_cost.total_cmp(&b.hourly_cost))
+            .then(a.cost().total_cmp(&b.cost()))
             .then(size(a.offering).total_cmp(&size(b.offering)))
             .then_with(|| place_order(a.offering).cmp(&place_order(b.offering)))
             .then(a.candidate.cmp(&b.candidate))
@@ -500,7 +546,17 @@ mod tests {
             r.push(format!("max_hourly_cost: {}", 1 + rng.next() % 40));
         }
         let nodes = *rng.pick(&[1, 1, 2, 4]);
-        let yaml = format!("num_nodes: {nodes}\nresources: {{{}}}\n", r.join(", "));
+        let mut data = String::new();
+        if rng.chance(30) {
+            data += &format!("inputs: {{'s3://data/x': {}}}\n", rng.next() % 500);
+        }
+        if rng.chance(20) {
+            data += &format!("outputs: {{'gs://out/y': {}}}\n", rng.next() % 200);
+        }
+        let yaml = format!(
+            "num_nodes: {nodes}\n{data}resources: {{{}}}\n",
+            r.join(", ")
+        );
         parse_task_yaml(&yaml, &Default::default()).unwrap_or_else(|e| panic!("{yaml}: {e}"))
     }
 
@@ -634,13 +690,10 @@ mod tests {
                         "seed {seed}: order of preference"
                     );
                     if a.candidate == b.candidate {
-                        assert!(a.hourly_cost <= b.hourly_cost, "seed {seed}");
+                        assert!(a.cost() <= b.cost(), "seed {seed}");
                     }
                 } else {
-                    assert!(
-                        a.hourly_cost <= b.hourly_cost,
-                        "seed {seed}: {a:?} before {b:?}"
-                    );
+                    assert!(a.cost() <= b.cost(), "seed {seed}: {a:?} before {b:?}");
                 }
             }
             // Complete: every fitting, unblocked offering is ranked.
@@ -664,6 +717,58 @@ mod tests {
             seen_choices > 1000,
             "the generator must produce real choices"
         );
+    }
+
+    #[test]
+    fn inputs_and_outputs_weigh_egress_across_clouds() {
+        let o = |provider: &str, price: f64| Offering {
+            provider: provider.into(),
+            region: "r1".into(),
+            zone: None,
+            runs_as_coordinator_user: false,
+            simulated: false,
+            fixed_machines: None,
+            disk_gb_max: None,
+            opens_ports: false,
+            ports_per_node: false,
+            custom_images: false,
+            can_stop: false,
+            instance_type: format!("{provider}-8"),
+            resources: Resources {
+                cpus: 8.0,
+                memory_gb: 32.0,
+                ..Default::default()
+            },
+            hourly_price: price,
+            spot_price: None,
+        };
+        let offerings = [o("seeweb", 1.00), o("aws", 1.05)];
+        let first = |y: &str| {
+            let spec = parse_task_yaml(y, &Default::default()).unwrap();
+            let ranked = rank(&spec, &offerings, &BTreeMap::new(), 0);
+            (ranked[0].offering.provider.clone(), ranked[0].egress_cost)
+        };
+        assert_eq!(first("run: x"), ("seeweb".into(), 0.0));
+        // 100 GB read from S3 elsewhere costs AWS's egress: $9 > the $0.05/h saved.
+        let (p, _) = first("inputs: {'s3://bucket/ds': 100}\nrun: x");
+        assert_eq!(p, "aws");
+        let spec = parse_task_yaml("inputs: {'s3://bucket/ds': 100}", &Default::default()).unwrap();
+        assert!((egress_cost(&spec, "seeweb") - 9.0).abs() < 1e-9);
+        assert_eq!(egress_cost(&spec, "aws"), 0.0);
+        // Results written to GCS leave AWS at AWS's price; Seeweb's traffic is included.
+        let (p, egress) = first("outputs: {'gs://results': 100}\nrun: x");
+        assert_eq!((p.as_str(), egress), ("seeweb", 0.0));
+        // Bad input names the entry.
+        for (y, path) in [
+            ("inputs: {'s3://b': -1}", "inputs.s3://b"),
+            ("inputs: {'s3://b': lots}", "inputs.s3://b"),
+            ("inputs: {'/local/dir': 5}", "inputs./local/dir"),
+            ("outputs: {'s3://a': 1, 's3://b': 2}", "outputs"),
+            ("outputs: [s3://a]", "outputs"),
+        ] {
+            let e = parse_task_yaml(y, &Default::default()).unwrap_err();
+            assert_eq!(e.path, path, "{y}: {e}");
+        }
     }
 
     #[test]

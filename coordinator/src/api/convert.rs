@@ -181,6 +181,8 @@ pub fn spec_from_proto(
         docker_run_options: Vec::new(),
         autostop: None,
         priority: None,
+        inputs: None,
+        outputs: None,
         cluster: None,
         setup: non_empty(&p.setup),
         run: non_empty(&p.run),
@@ -366,6 +368,7 @@ pub fn choice_to_proto(c: &nembo_domain::optimizer::Choice) -> pb::Offering {
         spot: c.spot,
         node_price: c.node_price,
         hourly_cost: c.hourly_cost,
+        egress_cost: c.egress_cost,
         candidate_index: c.candidate as u32,
         ..offering_to_proto(c.offering)
     }

@@ -38,8 +38,8 @@ pub const DEFAULT_PRIORITY: u16 = 500;
 pub const MAX_PRIORITY: u16 = 1000;
 use resources::parse_resources;
 use sections::{
-    parse_autostop, parse_checkpoint, parse_env_map, parse_env_nulls, parse_job_recovery,
-    parse_num_nodes, parse_priority, parse_workdir, CollectEnvs,
+    parse_autostop, parse_checkpoint, parse_data_location, parse_env_map, parse_env_nulls,
+    parse_job_recovery, parse_num_nodes, parse_priority, parse_workdir, CollectEnvs,
 };
 use yaml::{as_map, check_keys, key_str, opt_string, scalar_string};
 
@@ -132,6 +132,14 @@ pub struct TaskSpec {
     /// `resources.autostop`: none when the task does not say.
     #[serde(default)]
     pub autostop: Option<AutostopSetting>,
+    /// `inputs`: where the task reads its data, and how much (SkyPilot's
+    /// optimizer hint): a place in another cloud pays that cloud's egress.
+    #[serde(default)]
+    pub inputs: Option<DataLocation>,
+    /// `outputs`: where the task writes its results, and how much: a place
+    /// in another cloud pays its own egress.
+    #[serde(default)]
+    pub outputs: Option<DataLocation>,
     /// `resources.priority`, 0 to 1000: of the jobs waiting for a place,
     /// higher ones are placed first (SkyPilot's managed-job priority);
     /// none: [`DEFAULT_PRIORITY`].
@@ -276,6 +284,30 @@ pub struct JobRecovery {
     pub max_restarts_on_errors: u32,
     /// Exit codes that always restart, without using the budget.
     pub recover_on_exit_codes: Vec<i32>,
+}
+
+/// `inputs` or `outputs`: `{URI: size in GB}`, one entry.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct DataLocation {
+    /// A bucket URI (`s3://`, `gs://`, `az://`, `r2://`, ...).
+    pub uri: String,
+    /// Its estimated size, GB.
+    pub size_gb: f64,
+}
+
+impl DataLocation {
+    /// The cloud that holds it, by its URI's scheme (none: not a cloud's).
+    pub fn cloud(&self) -> Option<&'static str> {
+        match self.uri.split_once("://")?.0 {
+            "s3" => Some("aws"),
+            "gs" => Some("gcp"),
+            "az" => Some("azure"),
+            "r2" => Some("cloudflare"),
+            "cos" => Some("ibm"),
+            "oci" => Some("oci"),
+            _ => None,
+        }
+    }
 }
 
 /// `checkpoint:` — `{store: s3://bucket/prefix | file:///dir, path: /ckpt,
@@ -485,6 +517,8 @@ const TOP_LEVEL_SUPPORTED: &[&str] = &[
     "run",
     "checkpoint",
     "config",
+    "inputs",
+    "outputs",
 ];
 /// SkyPilot's fields Nembo refuses, and why.
 const TOP_LEVEL_REFUSED: &[(&str, &str)] = &[
@@ -506,14 +540,6 @@ const TOP_LEVEL_REFUSED: &[(&str, &str)] = &[
     (
         "event_callback",
         "Nembo does not run event callbacks yet; remove it to run this task",
-    ),
-    (
-        "inputs",
-        "Nembo's optimizer does not weigh data egress yet; remove it to run this task",
-    ),
-    (
-        "outputs",
-        "Nembo's optimizer does not weigh data egress yet; remove it to run this task",
     ),
 ];
 
@@ -582,6 +608,8 @@ pub fn parse_task_yaml(yaml: &str, env_overrides: &BTreeMap<String, String>) -> 
                 };
             }
             "checkpoint" => spec.checkpoint = parse_checkpoint(v)?,
+            "inputs" => spec.inputs = parse_data_location(v, "inputs")?,
+            "outputs" => spec.outputs = parse_data_location(v, "outputs")?,
             "config" => spec.docker_run_options = parse_config(v)?,
             _ => {}
         }

@@ -94,6 +94,18 @@ pub fn to_normalized_yaml(spec: &TaskSpec) -> String {
         res.insert(Value::String("priority".into()), Value::Number(p.into()));
     }
     put("resources", Value::Mapping(res));
+    for (key, data) in [("inputs", &redacted.inputs), ("outputs", &redacted.outputs)] {
+        if let Some(d) = data {
+            let mut m = yaml_serde::Mapping::new();
+            let gb = if d.size_gb.fract() == 0.0 && d.size_gb < 1e15 {
+                (d.size_gb as i64).into()
+            } else {
+                d.size_gb.into()
+            };
+            m.insert(Value::String(d.uri.clone()), Value::Number(gb));
+            put(key, Value::Mapping(m));
+        }
+    }
     if let Some(w) = &redacted.workdir {
         put("workdir", Value::String(w.clone()));
     }

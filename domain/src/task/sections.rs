@@ -82,6 +82,51 @@ pub(super) fn parse_workdir(v: &Value) -> Result<(Option<String>, Option<GitWork
 const AUTOSTOP_HOOK_NOT_YET: &str =
     "Nembo does not run a hook before autostop yet; remove it to run this task";
 
+/// `inputs` / `outputs`: one `URI: size in GB` entry, the URI a bucket's.
+pub(super) fn parse_data_location(v: &Value, path: &str) -> Result<Option<super::DataLocation>> {
+    if v.is_null() {
+        return Ok(None);
+    }
+    let m = as_map(v, path)?;
+    if m.len() != 1 {
+        return Err(SpecError::new(
+            path,
+            format!(
+                "give one `URI: size in GB` entry (SkyPilot takes one), got {}",
+                m.len()
+            ),
+        ));
+    }
+    let Some((k, size)) = m.iter().next() else {
+        return Ok(None);
+    };
+    let uri = key_str(k, path)?.trim().to_string();
+    let entry = format!("{path}.{uri}");
+    let location = super::DataLocation {
+        uri: uri.clone(),
+        size_gb: match size {
+            Value::Number(n) => n.as_f64().filter(|g| g.is_finite() && *g >= 0.0),
+            _ => None,
+        }
+        .ok_or_else(|| {
+            SpecError::new(
+                &entry,
+                format!(
+                    "expected its size in GB, a number from 0 up, got {}",
+                    show(size)
+                ),
+            )
+        })?,
+    };
+    if location.cloud().is_none() {
+        return Err(SpecError::new(
+            entry,
+            "expected a bucket URI (s3://, gs://, az://, r2://, cos:// or oci://)",
+        ));
+    }
+    Ok(Some(location))
+}
+
 /// `resources.priority`: a whole number from 0 to 1000.
 pub(super) fn parse_priority(v: &Value) -> Result<u16> {
     const PATH: &str = "resources.priority";
