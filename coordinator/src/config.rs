@@ -99,11 +99,7 @@ impl CoordinatorConfig {
             stop_grace_ms: 5000,
             max_nodes: 64,
             on_unhealthy: None,
-            default_autostop: Some(nembo_domain::task::Autostop {
-                idle_s: DEFAULT_AUTOSTOP_S,
-                down: false,
-                wait_for: nembo_domain::task::WaitFor::JobsAndSsh,
-            }),
+            default_autostop: Some(nembo_domain::task::Autostop::after(DEFAULT_AUTOSTOP_S)),
             pool_idle: Duration::from_millis(nembo_domain::scheduler::POOL_IDLE_MS as u64),
             simulate_gpus: false,
             sim_cloud: None,

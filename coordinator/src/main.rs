@@ -211,12 +211,10 @@ async fn main() -> anyhow::Result<()> {
         on_unhealthy: a.on_unhealthy,
         default_autostop: match a.autostop_default.as_str() {
             "off" | "none" | "false" => None,
-            w => Some(nembo_domain::task::Autostop {
-                idle_s: nembo_domain::task::Autostop::parse_window(w)
+            w => Some(nembo_domain::task::Autostop::after(
+                nembo_domain::task::Autostop::parse_window(w)
                     .context("--autostop-default: expected minutes, 90s, 2h or off")?,
-                down: false,
-                wait_for: nembo_domain::task::WaitFor::JobsAndSsh,
-            }),
+            )),
         },
         pool_idle: Duration::from_millis(a.pool_idle_ms),
         simulate_gpus: a.simulate_gpus,

@@ -450,6 +450,97 @@ fn autostop_counts_from_the_last_job_and_stops_or_downs() {
     assert!(matches!(again, Outcome::Rejected(_)), "{again:?}");
 }
 
+/// SkyPilot's autostop hook: when the window passes, the hook runs first
+/// on the cluster as a job of its own; the stop comes once it ends, or
+/// once its timeout passes (the hook is then cancelled). Its own end is
+/// not activity, and new work makes the next idle period run it again.
+#[test]
+fn an_autostop_hook_runs_before_the_stop_up_to_its_timeout() {
+    let mut s = State::default();
+    let yaml =
+        "resources: {cpus: 2+, autostop: {idle_minutes: 10, hook: 'git push', hook_timeout: 300}}";
+    let j = job_id(&submit(&mut s, task(yaml, "dev", false), 0));
+    step(&mut s, 0);
+    finish(&mut s, j, MIN);
+    let autostops = |p: &[Command]| {
+        p.iter()
+            .filter(|c| matches!(c, Command::AutostopCluster { .. }))
+            .count()
+    };
+    // The window passes: the hook is queued on the cluster, which stays up.
+    let p = step(&mut s, 11 * MIN);
+    assert_eq!(autostops(&p), 1, "{p:?}");
+    let hook = s.clusters["dev"].autostop_hook.expect("the hook job");
+    assert_eq!(s.jobs[&hook].spec.run.as_deref(), Some("git push"));
+    assert_eq!(s.jobs[&hook].state, JobState::Running, "placed on the head");
+    assert_eq!(status(&s, "dev"), ClusterStatus::Up);
+    // While it runs, nothing more is proposed.
+    assert_eq!(autostops(&step(&mut s, 12 * MIN)), 0);
+    finish(&mut s, hook, 13 * MIN);
+    // Its end is not activity: the stop goes on at once.
+    let p = step(&mut s, 13 * MIN);
+    assert_eq!(autostops(&p), 1, "{p:?}");
+    step(&mut s, 13 * MIN);
+    assert_eq!(status(&s, "dev"), ClusterStatus::Stopped);
+
+    // Started again and given work: the next idle period runs the hook
+    // again; this time it hangs, and the stop comes at its timeout.
+    s.apply(&Command::StartCluster {
+        name: "dev".into(),
+        at_ms: 20 * MIN,
+    });
+    step(&mut s, 20 * MIN);
+    let k = job_id(&submit(&mut s, task("run: x", "dev", true), 21 * MIN));
+    step(&mut s, 21 * MIN);
+    finish(&mut s, k, 22 * MIN);
+    assert_eq!(autostops(&step(&mut s, 32 * MIN)), 1);
+    let hung = s.clusters["dev"].autostop_hook.expect("a new hook job");
+    assert_ne!(hung, hook);
+    assert_eq!(
+        autostops(&step(&mut s, 36 * MIN)),
+        0,
+        "within its 5 minutes"
+    );
+    assert_eq!(autostops(&step(&mut s, 37 * MIN)), 1, "its timeout passed");
+    assert_eq!(s.jobs[&hung].state, JobState::Cancelled);
+    // The agent stops the hook's process; then the node stops.
+    let attempt = s.jobs[&hung].attempts.last().unwrap().number;
+    s.apply(&Command::RankEnded {
+        job_id: hung,
+        attempt,
+        rank: 0,
+        outcome: RankOutcome::Cancelled,
+        at_ms: 37 * MIN,
+    });
+    step(&mut s, 37 * MIN);
+    assert_eq!(status(&s, "dev"), ClusterStatus::Stopped);
+    // Bad forms name the field.
+    for (y, path) in [
+        (
+            "resources: {autostop: {hook: ''}}",
+            "resources.autostop.hook",
+        ),
+        (
+            "resources: {autostop: {hook: [a]}}",
+            "resources.autostop.hook",
+        ),
+        (
+            "resources: {autostop: {hook: x, hook_timeout: 0}}",
+            "resources.autostop.hook_timeout",
+        ),
+        (
+            "resources: {autostop: {hook_timeout: soon}}",
+            "resources.autostop.hook_timeout",
+        ),
+    ] {
+        assert_eq!(
+            parse_task_yaml(y, &Default::default()).unwrap_err().path,
+            path,
+            "{y}"
+        );
+    }
+}
+
 #[test]
 fn autostop_forms_and_the_last_setting_wins() {
     let parse = |y: &str| parse_task_yaml(y, &Default::default());

@@ -311,6 +311,35 @@ async fn autostop_and_autodown_survive_a_leader_crash() {
     .await;
 }
 
+/// SkyPilot's autostop hook runs on the cluster, for real, before the stop:
+/// a task whose hook writes a file leaves it written once the cluster is
+/// STOPPED, and the hook shows in the cluster's queue.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_autostop_hook_runs_on_the_cluster_before_it_stops() {
+    let (c, dir) = start(&[]).await;
+    let marker = dir.path().join("hook-ran");
+    let task = dir.path().join("task.yaml");
+    std::fs::write(
+        &task,
+        format!(
+            "resources:\n  cpus: 2+\n  autostop:\n    idle_minutes: 2s\n    hook: echo pushed > {}\n    hook_timeout: 60\nrun: echo work\n",
+            marker.display()
+        ),
+    )
+    .unwrap();
+    let (ok, stdout, stderr) = out(&c.cli(&["launch", "-c", "hooked", task.to_str().unwrap()]));
+    assert!(ok && stdout.contains("work"), "{stdout}{stderr}");
+    wait_for("the cluster stopped", Duration::from_secs(60), || {
+        let state = cluster_state(&c, "hooked");
+        async move { (state.as_deref() == Some("STOPPED")).then_some(()) }
+    })
+    .await;
+    let written = std::fs::read_to_string(&marker).expect("the hook ran");
+    assert_eq!(written.trim(), "pushed");
+    let (ok, queue, stderr) = out(&c.cli(&["queue", "hooked"]));
+    assert!(ok && queue.contains("autostop-hook"), "{queue}{stderr}");
+}
+
 /// A node stopped past its certificate's end comes back all the same: its
 /// agent trades the node token its provider writes at start for a new
 /// certificate, for the key it already had (and only that key).

@@ -481,9 +481,9 @@ pub fn autostop_from_proto(
         ));
     }
     Ok(task::AutostopSetting::On(task::Autostop {
-        idle_s: a.idle_seconds.max(1),
         down: a.down,
         wait_for,
+        ..task::Autostop::after(a.idle_seconds.max(1))
     }))
 }
 

@@ -44,6 +44,10 @@ pub struct Cluster {
     pub ssh_sessions: u32,
     /// A stop was asked (by a user or by autostop); `start` clears it.
     pub stopped: bool,
+    /// The job running its autostop hook for the current idle period: not
+    /// activity, and once it ends (or its timeout passes) the stop goes on.
+    #[serde(default)]
+    pub autostop_hook: Option<super::JobId>,
     /// Why it is in its state.
     pub message: String,
 }
@@ -151,14 +155,25 @@ impl State {
         if c.stopped || self.cluster_nodes(c).next().is_none() {
             return false;
         }
+        let working = || {
+            self.cluster_active_jobs(&c.name)
+                .any(|j| Some(j.id) != c.autostop_hook)
+        };
         let busy = match a.wait_for {
             WaitFor::None => false,
-            WaitFor::Jobs => self.cluster_active_jobs(&c.name).next().is_some(),
-            WaitFor::JobsAndSsh => {
-                c.ssh_sessions > 0 || self.cluster_active_jobs(&c.name).next().is_some()
-            }
+            WaitFor::Jobs => working(),
+            WaitFor::JobsAndSsh => c.ssh_sessions > 0 || working(),
         };
-        !busy && now_ms - c.last_active_ms >= (a.idle_s as i64).saturating_mul(1000)
+        if busy || now_ms - c.last_active_ms < (a.idle_s as i64).saturating_mul(1000) {
+            return false;
+        }
+        // A hook that runs holds the stop back, up to its timeout.
+        match c.autostop_hook.and_then(|id| self.jobs.get(&id)) {
+            Some(hook) if a.hook.is_some() && !hook.state.is_terminal() => {
+                now_ms - hook.submitted_at_ms >= (a.hook_timeout_s as i64).saturating_mul(1000)
+            }
+            _ => true,
+        }
     }
 
     /// Whether `spec` can run on cluster `c` as it is: SkyPilot's
@@ -291,6 +306,7 @@ impl State {
                     last_active_ms: at_ms,
                     ssh_sessions: 0,
                     stopped: false,
+                    autostop_hook: None,
                     message: String::new(),
                 },
             );
@@ -327,6 +343,8 @@ impl State {
             c.autostop = setting.enabled();
         }
         c.last_active_ms = c.last_active_ms.max(at_ms);
+        // New work: the next idle period runs the hook again.
+        c.autostop_hook = None;
         Ok(())
     }
 
@@ -358,7 +376,10 @@ impl State {
             return;
         }
         if let Some(c) = self.clusters.get_mut(&t.name) {
-            c.last_active_ms = c.last_active_ms.max(at);
+            // The hook's own end is not activity: the stop it came before goes on.
+            if c.autostop_hook != Some(job) {
+                c.last_active_ms = c.last_active_ms.max(at);
+            }
         }
     }
 
@@ -429,6 +450,7 @@ impl State {
         }
         if let Some(c) = self.clusters.get_mut(name) {
             c.stopped = true;
+            c.autostop_hook = None;
             c.message = why.to_string();
         }
         Outcome::Applied
@@ -465,6 +487,7 @@ impl State {
         }
         if let Some(c) = self.clusters.get_mut(name) {
             c.stopped = false;
+            c.autostop_hook = None;
             c.message.clear();
             c.last_active_ms = c.last_active_ms.max(at_ms);
         }
@@ -513,6 +536,33 @@ impl State {
         let Some(a) = c.autostop.clone() else {
             return Outcome::Applied;
         };
+        // SkyPilot's autostop hook: run first, on the head node, as a job
+        // of the cluster's own; the stop comes once it ends or times out.
+        if let (Some(hook), None) = (&a.hook, c.autostop_hook) {
+            let (owner, last_active) = (c.owner.clone(), c.last_active_ms);
+            let mut spec = TaskSpec {
+                name: Some("autostop-hook".into()),
+                num_nodes: 1,
+                run: Some(hook.clone()),
+                cluster: Some(crate::task::ClusterTarget {
+                    name: name.to_string(),
+                    exec: true,
+                }),
+                ..Default::default()
+            };
+            // Any resources: it runs on the head, whatever that is.
+            spec.resources
+                .candidates
+                .push(crate::task::ResourceCandidate::default());
+            let outcome = self.submit_job(&spec, None, &owner, at_ms);
+            if let (Outcome::Job { job_id, .. }, Some(c)) = (&outcome, self.clusters.get_mut(name))
+            {
+                c.autostop_hook = Some(*job_id);
+                // Submitting it was not activity.
+                c.last_active_ms = last_active;
+            }
+            return outcome;
+        }
         let why = format!("autostop: idle for {}", a.window());
         if a.down || self.why_not_stoppable(c).is_some() {
             return self.down_cluster(name, at_ms);

@@ -217,6 +217,20 @@ impl AutostopSetting {
     }
 }
 
+impl Autostop {
+    /// Stop after `idle_s` idle seconds, waiting for jobs and ssh sessions,
+    /// with no hook.
+    pub fn after(idle_s: u64) -> Autostop {
+        Autostop {
+            idle_s,
+            down: false,
+            wait_for: WaitFor::default(),
+            hook: None,
+            hook_timeout_s: DEFAULT_HOOK_TIMEOUT_S,
+        }
+    }
+}
+
 /// Stop (or tear down) a cluster once it has been idle this long.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Autostop {
@@ -227,6 +241,21 @@ pub struct Autostop {
     pub down: bool,
     /// What counts as activity.
     pub wait_for: WaitFor,
+    /// `hook`: a script run on the head node (in the job directory, as a
+    /// job of the cluster's owner) before it stops or goes down.
+    #[serde(default)]
+    pub hook: Option<String>,
+    /// `hook_timeout`, seconds: the stop goes on once the hook has run
+    /// this long.
+    #[serde(default = "default_hook_timeout")]
+    pub hook_timeout_s: u64,
+}
+
+/// `autostop.hook_timeout` when not given, seconds.
+pub const DEFAULT_HOOK_TIMEOUT_S: u64 = 3600;
+
+fn default_hook_timeout() -> u64 {
+    DEFAULT_HOOK_TIMEOUT_S
 }
 
 /// `autostop.wait_for`: what keeps a cluster from being idle.

@@ -79,9 +79,6 @@ pub(super) fn parse_workdir(v: &Value) -> Result<(Option<String>, Option<GitWork
     }
 }
 
-const AUTOSTOP_HOOK_NOT_YET: &str =
-    "Nembo does not run a hook before autostop yet; remove it to run this task";
-
 /// `inputs` / `outputs`: one `URI: size in GB` entry, the URI a bucket's.
 pub(super) fn parse_data_location(v: &Value, path: &str) -> Result<Option<super::DataLocation>> {
     if v.is_null() {
@@ -313,13 +310,7 @@ pub(super) fn parse_autostop(v: &Value, path: &str) -> Result<Option<AutostopSet
             )
         })
     };
-    let on = |idle_s| {
-        Some(AutostopSetting::On(Autostop {
-            idle_s,
-            down: false,
-            wait_for: WaitFor::default(),
-        }))
-    };
+    let on = |idle_s| Some(AutostopSetting::On(Autostop::after(idle_s)));
     match v {
         Value::Null => Ok(None),
         Value::Bool(false) => Ok(Some(AutostopSetting::Off)),
@@ -329,17 +320,30 @@ pub(super) fn parse_autostop(v: &Value, path: &str) -> Result<Option<AutostopSet
             check_keys(
                 m,
                 path,
-                &["idle_minutes", "down", "wait_for"],
-                &[
-                    ("hook", AUTOSTOP_HOOK_NOT_YET),
-                    ("hook_timeout", AUTOSTOP_HOOK_NOT_YET),
-                ],
+                &["idle_minutes", "down", "wait_for", "hook", "hook_timeout"],
+                &[],
             )?;
-            let mut a = Autostop {
-                idle_s: DEFAULT_IDLE_S,
-                down: false,
-                wait_for: WaitFor::default(),
-            };
+            let mut a = Autostop::after(DEFAULT_IDLE_S);
+            if let Some(h) = m.get("hook").filter(|v| !v.is_null()) {
+                let p = format!("{path}.hook");
+                let hook = h
+                    .as_str()
+                    .map(str::trim)
+                    .filter(|h| !h.is_empty())
+                    .ok_or_else(|| {
+                        SpecError::new(&p, format!("expected a script, got {}", show(h)))
+                    })?;
+                a.hook = Some(hook.to_string());
+            }
+            if let Some(t) = m.get("hook_timeout").filter(|v| !v.is_null()) {
+                let p = format!("{path}.hook_timeout");
+                a.hook_timeout_s = t.as_u64().filter(|s| *s >= 1).ok_or_else(|| {
+                    SpecError::new(
+                        &p,
+                        format!("expected whole seconds, 1 or more, got {}", show(t)),
+                    )
+                })?;
+            }
             if let Some(i) = m.get("idle_minutes").filter(|v| !v.is_null()) {
                 a.idle_s = window(i, &format!("{path}.idle_minutes"))?;
             }
