@@ -160,7 +160,16 @@ impl StageIn {
                 ));
             }
             mode => {
-                storage::mount(&m.bucket, dst, mode, m.read_only, &env, job_dir).await?;
+                let left_out = storage::mount(
+                    &m.bucket,
+                    dst,
+                    mode,
+                    m.read_only,
+                    &m.rclone_options,
+                    &env,
+                    job_dir,
+                )
+                .await?;
                 self.say(&format!(
                     "{what}: {} mounted ({}{})",
                     m.bucket,
@@ -171,6 +180,12 @@ impl StageIn {
                     },
                     if m.read_only { ", read-only" } else { "" }
                 ));
+                if !left_out.is_empty() {
+                    self.say(&format!(
+                        "{what}: left out {} (this node's rclone does not have them)",
+                        left_out.join(", ")
+                    ));
+                }
             }
         }
         Ok(())

@@ -114,12 +114,39 @@ pub fn remote(bucket_uri: &str) -> String {
     )
 }
 
-/// rclone's arguments for mounting `bucket` at `dst` in `mode`.
+/// The task's MOUNT_CACHED knobs the agent passes to rclone (SkyPilot's
+/// `config.mount_cached` keys); anything else is dropped, whatever the
+/// coordinators sent.
+const KNOBS: &[&str] = &[
+    "transfers",
+    "buffer_size",
+    "vfs_cache_max_size",
+    "vfs_cache_max_age",
+    "vfs_read_ahead",
+    "vfs_read_chunk_size",
+    "vfs_read_chunk_streams",
+    "vfs_write_back",
+];
+
+/// The rclone flags of the task's knobs, in a stable order.
+fn knob_flags(options: &BTreeMap<String, String>) -> Vec<(String, String)> {
+    let mut v: Vec<(String, String)> = options
+        .iter()
+        .filter(|(k, v)| KNOBS.contains(&k.as_str()) && !v.starts_with('-'))
+        .map(|(k, v)| (format!("--{}", k.replace('_', "-")), v.clone()))
+        .collect();
+    v.sort();
+    v
+}
+
+/// rclone's arguments for mounting `bucket` at `dst` in `mode`, with the
+/// task's MOUNT_CACHED knobs (`options`) over SkyPilot's flags.
 pub fn mount_args(
     bucket: &str,
     dst: &Path,
     mode: apb::StorageMode,
     read_only: bool,
+    options: &BTreeMap<String, String>,
 ) -> Vec<String> {
     let mut a: Vec<String> = vec![
         "mount".into(),
@@ -128,23 +155,30 @@ pub fn mount_args(
         "--allow-non-empty".into(),
     ];
     match mode {
-        apb::StorageMode::MountCached => a.extend(
+        apb::StorageMode::MountCached => {
             // SkyPilot's MOUNT_CACHED flags.
-            [
-                "--vfs-cache-mode",
-                "full",
-                "--dir-cache-time",
-                "10s",
-                "--vfs-cache-poll-interval",
-                "5s",
-                "--vfs-fast-fingerprint",
-                "--vfs-cache-max-size",
-                "10G",
-                "--vfs-write-back",
-                "1s",
+            let mut flags: Vec<(String, Option<String>)> = [
+                ("--vfs-cache-mode", Some("full")),
+                ("--dir-cache-time", Some("10s")),
+                ("--vfs-cache-poll-interval", Some("5s")),
+                ("--vfs-fast-fingerprint", None),
+                ("--vfs-cache-max-size", Some("10G")),
+                ("--vfs-write-back", Some("1s")),
             ]
-            .map(String::from),
-        ),
+            .into_iter()
+            .map(|(f, v)| (f.to_string(), v.map(String::from)))
+            .collect();
+            for (flag, value) in knob_flags(options) {
+                match flags.iter_mut().find(|(f, _)| *f == flag) {
+                    Some(slot) => slot.1 = Some(value),
+                    None => flags.push((flag, Some(value))),
+                }
+            }
+            for (flag, value) in flags {
+                a.push(flag);
+                a.extend(value);
+            }
+        }
         // Streamed, as goofys: a file is in the bucket when closed.
         _ => a.extend(["--vfs-cache-mode", "off", "--dir-cache-time", "5s"].map(String::from)),
     }
@@ -183,15 +217,50 @@ pub async fn rclone(args: &[String], env: &[(String, String)]) -> Result<(), Str
     ))
 }
 
+/// Of `flags`, those `rclone mount` does not know here (none when its help
+/// cannot be read).
+async fn rclone_lacks(flags: &[(String, String)]) -> Vec<String> {
+    static HELP: tokio::sync::OnceCell<String> = tokio::sync::OnceCell::const_new();
+    if flags.is_empty() {
+        return Vec::new();
+    }
+    let help = HELP
+        .get_or_init(|| async {
+            // The mount's own flags, and the global ones (`--transfers`).
+            let mut text = String::new();
+            for args in [&["mount", "--help"][..], &["help", "flags"][..]] {
+                if let Ok(o) = tokio::process::Command::new("rclone")
+                    .args(args)
+                    .stdin(Stdio::null())
+                    .output()
+                    .await
+                {
+                    text.push_str(&String::from_utf8_lossy(&o.stdout));
+                }
+            }
+            text
+        })
+        .await;
+    if help.is_empty() {
+        return Vec::new();
+    }
+    flags
+        .iter()
+        .filter(|(f, _)| !help.contains(&format!("{f} ")))
+        .map(|(f, _)| f.clone())
+        .collect()
+}
+
 /// Mounts `bucket` at `dst`, recording it in `job_dir`'s [`MOUNTS_FILE`].
 pub async fn mount(
     bucket: &str,
     dst: &Path,
     mode: apb::StorageMode,
     read_only: bool,
+    options: &BTreeMap<String, String>,
     env: &[(String, String)],
     job_dir: &Path,
-) -> Result<(), String> {
+) -> Result<Vec<String>, String> {
     if !Path::new("/dev/fuse").exists() {
         return Err("needs FUSE on the node (/dev/fuse is missing)".into());
     }
@@ -204,7 +273,15 @@ pub async fn mount(
         "rclone-{}.log",
         dst.display().to_string().replace('/', "_")
     ));
-    let mut args = mount_args(bucket, dst, mode, read_only);
+    let mut args = mount_args(bucket, dst, mode, read_only, options);
+    // A knob this rclone does not know (an older one than SkyPilot's
+    // 1.68) is left out and named, rather than failing the mount.
+    let lacking = rclone_lacks(&knob_flags(options)).await;
+    for flag in &lacking {
+        if let Some(i) = args.iter().position(|a| a == flag) {
+            args.drain(i..(i + 2).min(args.len()));
+        }
+    }
     args.extend(["--log-file".into(), log.display().to_string()]);
     let mut cmd = tokio::process::Command::new("rclone");
     cmd.args(&args)
@@ -254,7 +331,7 @@ pub async fn mount(
     let cached = u8::from(mode == apb::StorageMode::MountCached);
     writeln!(f, "{pid} {cached} {} {}", log.display(), dst.display())
         .map_err(|e| format!("{MOUNTS_FILE}: {e}"))?;
-    Ok(())
+    Ok(lacking)
 }
 
 /// Whether something is mounted at `path` (from /proc/self/mountinfo).
@@ -417,6 +494,7 @@ mod tests {
             Path::new("/ckpt"),
             apb::StorageMode::MountCached,
             true,
+            &BTreeMap::new(),
         );
         assert_eq!(&a[..3], ["mount", "nembo:ckpt", "/ckpt"]);
         for f in ["full", "--vfs-fast-fingerprint", "--read-only", "10G"] {
@@ -427,7 +505,35 @@ mod tests {
             Path::new("/ckpt"),
             apb::StorageMode::Mount,
             false,
+            &BTreeMap::new(),
         );
         assert!(m.contains(&"off".to_string()) && !m.contains(&"--read-only".to_string()));
+        // The task's knobs replace SkyPilot's defaults or add flags; a key
+        // that is not a knob, or a value that looks like a flag, is dropped.
+        let knobs: BTreeMap<String, String> = [
+            ("vfs_cache_max_size", "50G"),
+            ("transfers", "8"),
+            ("config", "/etc/evil.conf"),
+            ("buffer_size", "--rc"),
+        ]
+        .into_iter()
+        .map(|(k, v)| (k.to_string(), v.to_string()))
+        .collect();
+        let t = mount_args(
+            "s3://ckpt",
+            Path::new("/ckpt"),
+            apb::StorageMode::MountCached,
+            false,
+            &knobs,
+        )
+        .join(" ");
+        assert!(
+            t.contains("--vfs-cache-max-size 50G --vfs-write-back 1s --transfers 8"),
+            "{t}"
+        );
+        assert!(
+            !t.contains("10G") && !t.contains("evil") && !t.contains("--rc"),
+            "{t}"
+        );
     }
 }

@@ -67,6 +67,8 @@ async fn a_named_bucket_is_made_filled_from_a_local_source_and_mounted() {
   {cache}:
     name: {cache_bucket}
     mode: MOUNT_CACHED
+    type: MODEL_CHECKPOINT_RW
+    config: {{mount_cached: {{transfers: 2, vfs_cache_max_size: 1G}}}}
   {scratch}:
     name: {scratch_bucket}
     persistent: false
@@ -78,6 +80,7 @@ run: |
   echo cached result > {cache}/result.txt
   echo temporary > {scratch}/tmp.txt
   grep -q " {ckpt} fuse" /proc/mounts && echo "{ckpt} is a FUSE mount"
+  for p in /proc/[0-9]*; do tr '\0' ' ' < $p/cmdline 2>/dev/null; echo; done | grep "rclone mount" | grep "{cache} " | sed 's/^/rclone: /'
 "#,
             src = src.display()
         ),
@@ -91,6 +94,25 @@ run: |
         String::from_utf8_lossy(&out.stderr)
     );
     assert!(stdout.contains("initial weights"), "{stdout}");
+    // The cached mount got the task's knobs over SkyPilot's defaults and its
+    // preset's; a knob this rclone lacks is left out, and said so.
+    let rclone = stdout
+        .lines()
+        .find(|l| l.starts_with("rclone: "))
+        .unwrap_or_else(|| panic!("no rclone line: {stdout}"));
+    for flag in [
+        "--transfers 2",
+        "--vfs-cache-max-size 1G",
+        "--vfs-read-chunk-size 32M",
+    ] {
+        assert!(rclone.contains(flag), "{flag}: {rclone}");
+    }
+    assert!(!rclone.contains("10G"), "{rclone}");
+    assert!(
+        rclone.contains("--vfs-read-chunk-streams 16")
+            || stdout.contains("left out --vfs-read-chunk-streams"),
+        "{rclone}\n{stdout}"
+    );
     assert!(
         stdout.contains(&format!("{ckpt} is a FUSE mount")),
         "{stdout}"

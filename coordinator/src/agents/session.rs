@@ -550,6 +550,7 @@ fn file_mount(dst: &str, src: &MountSource) -> apb::FileMount {
             out.bucket = st.bucket.clone();
             out.create_bucket = st.create;
             out.read_only = st.read_only;
+            out.rclone_options = st.rclone.clone().into_iter().collect();
             out.delete_at_end = st.ephemeral;
             out.set_mode(match st.mode {
                 StorageMode::Mount => apb::StorageMode::Mount,

@@ -481,6 +481,10 @@ pub struct StorageMount {
     pub mode: StorageMode,
     /// Mounted read-only (`config.mount.read_only`, `config.mount_cached.read_only`).
     pub read_only: bool,
+    /// MOUNT_CACHED's rclone knobs, by SkyPilot's key (`transfers`,
+    /// `vfs_cache_max_size`, ...): from the `type` preset, then `config.mount_cached`.
+    #[serde(default)]
+    pub rclone: BTreeMap<String, String>,
     /// `persistent: false`: the bucket goes with the job.
     #[serde(default)]
     pub ephemeral: bool,

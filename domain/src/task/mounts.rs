@@ -164,18 +164,29 @@ fn parse_storage(m: &yaml_serde::Mapping, path: &str) -> Result<MountSource> {
         }
     };
     let mut read_only = false;
+    let mut rclone = BTreeMap::new();
     if let Some(t) = text("type")? {
-        let (preset_ro, known) = match t.to_ascii_uppercase().as_str() {
-            "MODEL_CHECKPOINT_RO" | "DATASET_RO" => (true, true),
-            "MODEL_CHECKPOINT_RW" | "DATASET_RW" => (false, true),
-            _ => (false, false),
+        // SkyPilot's presets: read-ahead streams and chunks for the reads,
+        // more transfers for the writes.
+        let (preset_ro, preset): (bool, &[(&str, &str)]) = match t.to_ascii_uppercase().as_str() {
+            "MODEL_CHECKPOINT_RO" => (true, &[("vfs_read_chunk_streams", "16"), ("vfs_read_chunk_size", "32M")]),
+            "MODEL_CHECKPOINT_RW" => (
+                false,
+                &[("vfs_read_chunk_streams", "16"), ("vfs_read_chunk_size", "32M"), ("transfers", "8")],
+            ),
+            "DATASET_RO" => (true, &[("vfs_read_chunk_streams", "0"), ("vfs_read_chunk_size", "8M")]),
+            "DATASET_RW" => (
+                false,
+                &[("vfs_read_chunk_streams", "0"), ("vfs_read_chunk_size", "8M"), ("transfers", "16")],
+            ),
+            _ => {
+                return Err(SpecError::new(
+                    field("type"),
+                    format!("'{t}': expected MODEL_CHECKPOINT_RO, MODEL_CHECKPOINT_RW, DATASET_RO or DATASET_RW"),
+                ))
+            }
         };
-        if !known {
-            return Err(SpecError::new(
-                field("type"),
-                format!("'{t}': expected MODEL_CHECKPOINT_RO, MODEL_CHECKPOINT_RW, DATASET_RO or DATASET_RW"),
-            ));
-        }
+        rclone.extend(preset.iter().map(|(k, v)| (k.to_string(), v.to_string())));
         if m.get("mode").is_some_and(|v| !v.is_null()) && mode != StorageMode::MountCached {
             return Err(SpecError::new(
                 field("type"),
@@ -186,7 +197,16 @@ fn parse_storage(m: &yaml_serde::Mapping, path: &str) -> Result<MountSource> {
         read_only = preset_ro;
     }
     if let Some(cfg) = m.get("config").filter(|v| !v.is_null()) {
-        read_only |= parse_storage_config(cfg, &field("config"))?;
+        let (ro, knobs) = parse_storage_config(cfg, &field("config"))?;
+        read_only |= ro;
+        if !knobs.is_empty() && mode != StorageMode::MountCached {
+            return Err(SpecError::new(
+                field("config.mount_cached"),
+                format!("tunes MOUNT_CACHED, and this storage is {}", mode.as_str()),
+            ));
+        }
+        // What the task sets wins over its `type` preset.
+        rclone.extend(knobs);
     }
     let ephemeral = match m.get("persistent") {
         None | Some(Value::Null) | Some(Value::Bool(true)) => false,
@@ -251,6 +271,7 @@ fn parse_storage(m: &yaml_serde::Mapping, path: &str) -> Result<MountSource> {
                     local: None,
                     mode,
                     read_only,
+                    rclone,
                     ephemeral: false,
                 })),
                 None => Err(SpecError::new(
@@ -275,16 +296,101 @@ fn parse_storage(m: &yaml_serde::Mapping, path: &str) -> Result<MountSource> {
                 local: local.map(|p| (p, None)),
                 mode,
                 read_only,
+                rclone,
                 ephemeral,
             }))
         }
     }
 }
 
-/// `config: {mount: {read_only}, mount_cached: {read_only}}`: whether the
-/// mount is read-only. rclone's tuning knobs are refused by name.
-fn parse_storage_config(v: &Value, path: &str) -> Result<bool> {
+/// What a `config.mount_cached` key that is an rclone flag takes.
+enum Knob {
+    /// A whole number, at least this.
+    Count(u32),
+    /// A size: `^\d+[BKMGTP]?$`.
+    Size,
+    /// A duration: `90s`, `1h30m`, `500ms`; a bare number is seconds.
+    Duration,
+}
+
+/// SkyPilot's `config.mount_cached` keys that are rclone flags
+/// (`--transfers`, `--vfs-cache-max-size`, ...).
+const RCLONE_KNOBS: &[(&str, Knob)] = &[
+    ("transfers", Knob::Count(1)),
+    ("buffer_size", Knob::Size),
+    ("vfs_cache_max_size", Knob::Size),
+    ("vfs_cache_max_age", Knob::Duration),
+    ("vfs_read_ahead", Knob::Size),
+    ("vfs_read_chunk_size", Knob::Size),
+    ("vfs_read_chunk_streams", Knob::Count(0)),
+    ("vfs_write_back", Knob::Duration),
+];
+
+fn knob_value(knob: &Knob, v: &Value, path: &str) -> Result<String> {
+    let text = match v {
+        Value::Number(n) => n.to_string(),
+        Value::String(s) => s.trim().to_string(),
+        other => {
+            return Err(SpecError::new(
+                path,
+                format!("expected a number or a string, got {}", kind(other)),
+            ))
+        }
+    };
+    let digits = |s: &str| !s.is_empty() && s.bytes().all(|b| b.is_ascii_digit());
+    let ok = match knob {
+        Knob::Count(min) => text.parse::<u32>().is_ok_and(|n| n >= *min),
+        Knob::Size => {
+            let body = text
+                .strip_suffix(['B', 'K', 'M', 'G', 'T', 'P'])
+                .unwrap_or(&text);
+            digits(body)
+        }
+        Knob::Duration => {
+            digits(&text) || {
+                // Runs of digits, each with its unit.
+                let mut rest = text.as_str();
+                let mut any = false;
+                while !rest.is_empty() {
+                    let n = rest.bytes().take_while(u8::is_ascii_digit).count();
+                    let unit = ["ms", "s", "m", "h", "d"]
+                        .into_iter()
+                        .find(|u| rest[n..].starts_with(u));
+                    match unit {
+                        Some(u) if n > 0 => {
+                            rest = &rest[n + u.len()..];
+                            any = true;
+                        }
+                        _ => {
+                            any = false;
+                            break;
+                        }
+                    }
+                }
+                any
+            }
+        }
+    };
+    if !ok {
+        let want = match knob {
+            Knob::Count(0) => "a whole number".to_string(),
+            Knob::Count(min) => format!("a whole number, {min} or more"),
+            Knob::Size => "a size such as 64M or 10G".into(),
+            Knob::Duration => "a duration such as 5s, 1h or 1h30m".into(),
+        };
+        return Err(SpecError::new(
+            path,
+            format!("expected {want}, got '{text}'"),
+        ));
+    }
+    Ok(text)
+}
+
+/// `config: {mount: {read_only}, mount_cached: {read_only, transfers, ...}}`:
+/// whether the mount is read-only, and MOUNT_CACHED's rclone knobs.
+fn parse_storage_config(v: &Value, path: &str) -> Result<(bool, BTreeMap<String, String>)> {
     let mut read_only = false;
+    let mut knobs = BTreeMap::new();
     for (k, inner) in as_map(v, path)? {
         let k = key_str(k, path)?;
         let p = format!("{path}.{k}");
@@ -296,24 +402,35 @@ fn parse_storage_config(v: &Value, path: &str) -> Result<bool> {
         }
         for (ik, iv) in as_map(inner, &p)? {
             let ik = key_str(ik, &p)?;
-            match (ik, iv) {
-                ("read_only", Value::Bool(b)) => read_only |= *b,
-                ("read_only", other) => {
+            let knob = RCLONE_KNOBS.iter().find(|(name, _)| *name == ik);
+            match (ik, iv, knob) {
+                ("read_only", Value::Bool(b), _) => read_only |= *b,
+                ("read_only", other, _) => {
                     return Err(SpecError::new(
                         format!("{p}.read_only"),
                         format!("expected true or false, got {}", kind(other)),
                     ))
                 }
+                (_, v, Some((name, knob))) if k == "mount_cached" => {
+                    knobs.insert(name.to_string(), knob_value(knob, v, &format!("{p}.{ik}"))?);
+                }
                 _ => {
+                    let known: Vec<&str> = if k == "mount_cached" {
+                        std::iter::once("read_only")
+                            .chain(RCLONE_KNOBS.iter().map(|(n, _)| *n))
+                            .collect()
+                    } else {
+                        vec!["read_only"]
+                    };
                     return Err(SpecError::new(
                         format!("{p}.{ik}"),
-                        "is valid SkyPilot but not supported by Nembo yet (only read_only is)",
-                    ))
+                        format!("unknown field (fields: {})", known.join(", ")),
+                    ));
                 }
             }
         }
     }
-    Ok(read_only)
+    Ok((read_only, knobs))
 }
 
 /// S3's bucket naming rules, as SkyPilot checks them.

@@ -98,6 +98,7 @@ fn storage_objects_name_fill_and_mount_their_bucket() {
             local: Some(("~/ckpt".into(), None)),
             mode: StorageMode::Mount,
             read_only: false,
+            rclone: BTreeMap::new(),
             ephemeral: false,
         })
     );
@@ -120,6 +121,50 @@ fn storage_objects_name_fill_and_mount_their_bucket() {
         panic!()
     };
     assert_eq!((ro.mode, ro.read_only), (StorageMode::MountCached, true));
+    let knobs = |s: &StorageMount| {
+        s.rclone
+            .iter()
+            .map(|(k, v)| format!("{k}={v}"))
+            .collect::<Vec<_>>()
+            .join(" ")
+    };
+    assert_eq!(
+        knobs(ro),
+        "vfs_read_chunk_size=32M vfs_read_chunk_streams=16"
+    );
+    // rclone's knobs, over the preset; checked by form, naming the field.
+    let t = parse_task_yaml(
+        "file_mounts:\n  /w: {name: w-bucket, type: DATASET_RW, config: {mount_cached: {transfers: 4, vfs_cache_max_size: 50G, vfs_write_back: 1h30m, buffer_size: 64M}}}\n",
+        &Default::default(),
+    )
+    .unwrap();
+    let MountSource::Storage(w) = &t.file_mounts["/w"] else {
+        panic!()
+    };
+    assert_eq!(
+        knobs(w),
+        "buffer_size=64M transfers=4 vfs_cache_max_size=50G vfs_read_chunk_size=8M \
+         vfs_read_chunk_streams=0 vfs_write_back=1h30m"
+    );
+    for (cfg, key) in [
+        ("{transfers: 0}", "transfers"),
+        ("{vfs_cache_max_size: 10GB}", "vfs_cache_max_size"),
+        ("{vfs_write_back: soon}", "vfs_write_back"),
+        ("{vfs_cache_max_age: 5x}", "vfs_cache_max_age"),
+        ("{fast_list: true}", "fast_list"),
+    ] {
+        let e = err(&format!(
+            "file_mounts: {{/d: {{name: my-b, mode: MOUNT_CACHED, config: {{mount_cached: {cfg}}}}}}}"
+        ));
+        assert_eq!(
+            e.path,
+            format!("file_mounts./d.config.mount_cached.{key}"),
+            "{e}"
+        );
+    }
+    let e =
+        err("file_mounts: {/d: {name: my-b, mode: COPY, config: {mount_cached: {transfers: 2}}}}");
+    assert_eq!(e.path, "file_mounts./d.config.mount_cached");
     // `$VARS` in a storage object's fields are the task's envs (SkyPilot's
     // airflow example names its bucket and store so).
     let t = parse_task_yaml(
@@ -235,8 +280,9 @@ fn known_but_unsupported_fields_are_rejected_not_ignored() {
     assert_eq!(e.path, "file_mounts./data.name");
     let e = err("file_mounts: {/data: {source: s3://other, persistent: false}}");
     assert_eq!(e.path, "file_mounts./data.persistent");
+    // rclone's knobs tune MOUNT_CACHED only (MOUNT is the default mode).
     let e = err("file_mounts: {/data: {name: my-ckpt, config: {mount_cached: {transfers: 8}}}}");
-    assert_eq!(e.path, "file_mounts./data.config.mount_cached.transfers");
+    assert_eq!(e.path, "file_mounts./data.config.mount_cached");
     let e = err("file_mounts: {/data: {name: my-ckpt, type: DATASET_RO, mode: COPY}}");
     assert_eq!(e.path, "file_mounts./data.type");
     let ok = parse_task_yaml(
