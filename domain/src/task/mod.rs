@@ -572,7 +572,9 @@ const TOP_LEVEL_REFUSED: &[(&str, &str)] = &[
     ),
     (
         "event_callback",
-        "Nembo does not run event callbacks yet; remove it to run this task",
+        "SkyPilot runs it on its jobs controller at each status change, and Nembo runs no \
+         user code on its coordinators; follow the job with `nembo logs` or `nembo jobs queue` \
+         instead",
     ),
 ];
 
