@@ -251,6 +251,13 @@ fn a_git_workdir_is_a_url_and_a_ref() {
 }
 
 #[test]
+fn the_old_experimental_section_points_to_config() {
+    let e = err("experimental: {config_overrides: {docker: {run_options: [-x]}}}");
+    assert_eq!(e.path, "experimental");
+    assert!(e.message.contains("`config`"), "{e}");
+}
+
+#[test]
 fn unknown_fields_are_rejected_with_a_hint() {
     let e = err("nmae: x");
     assert_eq!(e.path, "nmae");

@@ -57,6 +57,10 @@ pub(super) fn check_keys(
         }
         let hint = match key {
             "spot_recovery" => " (did you mean 'job_recovery'?)".to_string(),
+            "experimental" => {
+                " (SkyPilot's `experimental.config_overrides` is now the task's `config`)"
+                    .to_string()
+            }
             _ => did_you_mean(key, supported)
                 .map_or(String::new(), |s| format!(" (did you mean '{s}'?)")),
         };
