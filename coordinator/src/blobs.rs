@@ -84,6 +84,10 @@ struct Announcement {
 /// An announcement no upload takes up lapses after this.
 pub const ANNOUNCE_LAPSE: Duration = Duration::from_secs(60);
 
+/// Most digests all announcements may hold at once (about 100 MB): a
+/// client announcing without uploading cannot grow the coordinator.
+pub const MAX_ANNOUNCED: usize = 1_000_000;
+
 /// Keeps an announcement while its upload runs; it goes with this.
 pub struct Carrying {
     announced: Arc<Mutex<HashMap<String, Announcement>>>,
@@ -176,11 +180,18 @@ impl BlobStore {
     }
 
     /// Notes that `digests` are about to be uploaded; returns the upload's id.
-    pub fn announce(&self, digests: Vec<String>) -> String {
+    /// `None` when the announcements not yet over hold
+    /// [`MAX_ANNOUNCED`] digests already: the client then uploads
+    /// everything before it submits, as with an older coordinator.
+    pub fn announce(&self, digests: Vec<String>) -> Option<String> {
         let id = format!("{:016x}", rand_suffix());
         let mut announced = lock(&self.announced);
         let now = Instant::now();
         announced.retain(|_, a| a.carried || a.lapses > now);
+        let held: usize = announced.values().map(|a| a.digests.len()).sum();
+        if held + digests.len() > MAX_ANNOUNCED {
+            return None;
+        }
         announced.insert(
             id.clone(),
             Announcement {
@@ -189,7 +200,7 @@ impl BlobStore {
                 carried: false,
             },
         );
-        id
+        Some(id)
     }
 
     /// The upload announced as `id` is running: its announcement lasts
@@ -692,6 +703,24 @@ mod tests {
         let again = BlobStore::new(dir.path().to_path_buf()).unwrap();
         assert!(again.has(&a.digest), "the first blob is whole");
         assert!(!again.has(&b.digest), "the second was cut short");
+    }
+
+    #[test]
+    fn announcements_are_bounded_and_end_with_their_upload() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = BlobStore::new(dir.path().to_path_buf()).unwrap();
+        let d = nembo_proto::files::digest(b"coming");
+        let id = store.announce(vec![d.clone()]).expect("room");
+        assert!(store.is_coming(&d));
+        let carrying = store.carry(&id).expect("announced");
+        drop(carrying);
+        assert!(!store.is_coming(&d), "gone with its upload");
+        assert!(store.carry(&id).is_none());
+        // Past the bound, no announcement: the client uploads first.
+        let many: Vec<String> = (0..MAX_ANNOUNCED).map(|i| format!("{i:064x}")).collect();
+        assert!(store.announce(many).is_some());
+        assert!(store.announce(vec![d.clone()]).is_none());
+        assert!(!store.is_coming(&d));
     }
 
     #[test]

@@ -44,7 +44,7 @@ pub async fn find_missing_blobs(
         .filter(|d| !ctx.blobs.has_fresh(d))
         .collect();
     let upload_id = if announce && !missing.is_empty() {
-        ctx.blobs.announce(missing.clone())
+        ctx.blobs.announce(missing.clone()).unwrap_or_default()
     } else {
         String::new()
     };
