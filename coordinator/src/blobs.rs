@@ -270,16 +270,38 @@ impl BlobStore {
     /// Whether the blob is here, marking it used now: a client that finds
     /// it here will not upload it, so it must outlive the next collection.
     pub fn has_fresh(&self, digest: &str) -> bool {
-        if !is_digest(digest) {
-            return false;
-        }
-        let packed = self.index().get(digest).copied();
-        let path = packed.map_or_else(|| self.path(digest), |p| self.pack_path(p.pack));
-        fs::File::options()
-            .write(true)
-            .open(path)
-            .and_then(|f| f.set_modified(std::time::SystemTime::now()))
-            .is_ok()
+        self.missing_marking_fresh(vec![digest.to_string()])
+            .is_empty()
+    }
+
+    /// Of `digests`, those not here; the others are marked used now, as
+    /// [`BlobStore::has_fresh`] does, each pack once however many of its
+    /// blobs are asked about (a relaunch asks about all of them).
+    pub fn missing_marking_fresh(&self, digests: Vec<String>) -> Vec<String> {
+        let touch = |path: PathBuf| {
+            fs::File::options()
+                .write(true)
+                .open(path)
+                .and_then(|f| f.set_modified(std::time::SystemTime::now()))
+                .is_ok()
+        };
+        let mut packs: HashMap<u64, bool> = HashMap::new();
+        digests
+            .into_iter()
+            .filter(|d| {
+                if !is_digest(d) {
+                    return true;
+                }
+                let packed = self.index().get(d).copied();
+                let here = match packed {
+                    Some(p) => *packs
+                        .entry(p.pack)
+                        .or_insert_with(|| touch(self.pack_path(p.pack))),
+                    None => touch(self.path(d)),
+                };
+                !here
+            })
+            .collect()
     }
 
     /// Deletes every blob not in `keep` that was not uploaded or asked

@@ -39,10 +39,7 @@ pub async fn find_missing_blobs(
         ))
         .into());
     }
-    let missing: Vec<String> = digests
-        .into_iter()
-        .filter(|d| !ctx.blobs.has_fresh(d))
-        .collect();
+    let missing = ctx.blobs.missing_marking_fresh(digests);
     let upload_id = if announce && !missing.is_empty() {
         ctx.blobs.announce(missing.clone()).unwrap_or_default()
     } else {

@@ -279,15 +279,13 @@ impl State {
                 set.remove(&id);
             }
         }
-        // A job's priority never changes, so its key is found again.
+        // A job's priority never changes (and jobs are never removed), so
+        // its key is found again.
         let key = (std::cmp::Reverse(self.priority_of(id)), id);
         if queued {
             self.queued.insert(key);
-        } else if self.queued.remove(&key).is_none() && !self.jobs.contains_key(&id) {
-            let gone = self.queued.iter().find(|(_, q)| *q == id).cloned();
-            if let Some(gone) = gone {
-                self.queued.remove(&gone);
-            }
+        } else {
+            self.queued.remove(&key);
         }
     }
 
