@@ -719,9 +719,15 @@ mod tests {
         );
     }
 
-    #[test]
-    fn inputs_and_outputs_weigh_egress_across_clouds() {
-        let o = |provider: &str, price: f64| Offering {
+    /// An offering in region r1 with no extras.
+    fn offering(
+        provider: &str,
+        instance_type: &str,
+        resources: Resources,
+        price: f64,
+        spot: Option<f64>,
+    ) -> Offering {
+        Offering {
             provider: provider.into(),
             region: "r1".into(),
             zone: None,
@@ -733,14 +739,22 @@ mod tests {
             ports_per_node: false,
             custom_images: false,
             can_stop: false,
-            instance_type: format!("{provider}-8"),
-            resources: Resources {
+            instance_type: instance_type.into(),
+            resources,
+            hourly_price: price,
+            spot_price: spot,
+        }
+    }
+
+    #[test]
+    fn inputs_and_outputs_weigh_egress_across_clouds() {
+        let o = |provider: &str, price: f64| {
+            let resources = Resources {
                 cpus: 8.0,
                 memory_gb: 32.0,
                 ..Default::default()
-            },
-            hourly_price: price,
-            spot_price: None,
+            };
+            offering(provider, &format!("{provider}-8"), resources, price, None)
         };
         let offerings = [o("seeweb", 1.00), o("aws", 1.05)];
         let first = |y: &str| {
@@ -780,23 +794,7 @@ mod tests {
                 ..Default::default()
             };
             resources.accelerators.insert("H100".into(), 1.0);
-            Offering {
-                provider: "aws".into(),
-                region: "r1".into(),
-                zone: None,
-                runs_as_coordinator_user: false,
-                simulated: false,
-                fixed_machines: None,
-                disk_gb_max: None,
-                opens_ports: false,
-                ports_per_node: false,
-                custom_images: false,
-                can_stop: false,
-                instance_type: t.into(),
-                resources,
-                hourly_price: price,
-                spot_price: spot,
-            }
+            offering("aws", t, resources, price, spot)
         };
         let offerings = [
             o("a", 4.0, Some(1.5)),

@@ -402,20 +402,7 @@ async fn files_uploaded_through_a_follower_reach_the_job() {
     let follower = (1..=3).find(|id| *id != leader).unwrap();
     let mut client = cl.member_client(follower).await.expect("follower");
     let content = b"shipped through a follower\n".to_vec();
-    let file_digest = nembo_proto::files::digest(&content);
-    let manifest = nembo_proto::files::Manifest {
-        single_file: true,
-        entries: vec![nembo_proto::files::Entry {
-            path: String::new(),
-            mode: 0o644,
-            kind: nembo_proto::files::Kind::File {
-                size: content.len() as u64,
-                digest: file_digest.clone(),
-            },
-        }],
-    }
-    .encode();
-    let manifest_digest = nembo_proto::files::digest(&manifest);
+    let (file_digest, manifest_digest, manifest) = single_file(&content);
     // One small blob whole, the other in pieces, as the CLI sends them.
     let pieces = vec![
         pb::PutBlobsRequest {
@@ -455,6 +442,25 @@ async fn files_uploaded_through_a_follower_reach_the_job() {
         .job_id;
     let logs = wait_for_output(&cl, &job).await;
     assert!(logs.contains("shipped through a follower"), "{logs}");
+}
+
+/// A one-file source as the CLI describes it: the file's digest, its
+/// manifest's digest, and the manifest.
+fn single_file(content: &[u8]) -> (String, String, Vec<u8>) {
+    let file_digest = nembo_proto::files::digest(content);
+    let manifest = nembo_proto::files::Manifest {
+        single_file: true,
+        entries: vec![nembo_proto::files::Entry {
+            path: String::new(),
+            mode: 0o644,
+            kind: nembo_proto::files::Kind::File {
+                size: content.len() as u64,
+                digest: file_digest.clone(),
+            },
+        }],
+    }
+    .encode();
+    (file_digest, nembo_proto::files::digest(&manifest), manifest)
 }
 
 async fn wait_for_output(cl: &nembo_tests::Cluster, job: &str) -> String {
@@ -564,25 +570,8 @@ async fn a_git_workdir_is_cloned_at_its_ref() {
 /// waits for ever. Without an announcement, missing files are refused.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_job_may_be_submitted_while_its_announced_upload_runs() {
-    use tokio_stream::StreamExt;
     let c = Coordinator::start(&[]).await;
     let mut client = c.client().await;
-    let single = |content: &[u8]| {
-        let file_digest = nembo_proto::files::digest(content);
-        let manifest = nembo_proto::files::Manifest {
-            single_file: true,
-            entries: vec![nembo_proto::files::Entry {
-                path: String::new(),
-                mode: 0o644,
-                kind: nembo_proto::files::Kind::File {
-                    size: content.len() as u64,
-                    digest: file_digest.clone(),
-                },
-            }],
-        }
-        .encode();
-        (file_digest, nembo_proto::files::digest(&manifest), manifest)
-    };
     let put_manifest = |digest: String, manifest: Vec<u8>| pb::PutBlobsRequest {
         digest,
         size: manifest.len() as u64,
@@ -602,7 +591,7 @@ async fn a_job_may_be_submitted_while_its_announced_upload_runs() {
 
     // Not announced: refused, as before.
     let content = b"arrives after the job was queued\n".to_vec();
-    let (file_digest, manifest_digest, manifest) = single(&content);
+    let (file_digest, manifest_digest, manifest) = single_file(&content);
     client
         .put_blobs(tokio_stream::iter(vec![put_manifest(
             manifest_digest.clone(),
@@ -677,22 +666,11 @@ async fn a_job_may_be_submitted_while_its_announced_upload_runs() {
     upload.await.unwrap().expect("upload");
     c.wait_state(&job, pb::JobState::Succeeded, Duration::from_secs(60))
         .await;
-    let mut logs = client
-        .stream_logs(pb::StreamLogsRequest {
-            job_id: job.clone(),
-            ..Default::default()
-        })
-        .await
-        .unwrap()
-        .into_inner();
-    let mut out = String::new();
-    while let Some(Ok(chunk)) = logs.next().await {
-        out.push_str(&String::from_utf8_lossy(&chunk.data));
-    }
+    let out = c.logs(&job).await;
     assert!(out.contains("arrives after the job was queued"), "{out}");
 
     // An announced upload that stops without its file: the setup fails.
-    let (file_digest, manifest_digest, manifest) = single(b"never sent\n");
+    let (file_digest, manifest_digest, manifest) = single_file(b"never sent\n");
     client
         .put_blobs(tokio_stream::iter(vec![put_manifest(
             manifest_digest.clone(),
