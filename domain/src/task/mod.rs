@@ -22,11 +22,13 @@ mod mounts;
 mod normalized;
 mod resources;
 mod sections;
+mod service;
 mod validation;
 mod values;
 mod yaml;
 
 pub use normalized::*;
+pub use service::*;
 pub use validation::*;
 pub use values::*;
 
@@ -149,6 +151,26 @@ pub struct TaskSpec {
     /// never by the YAML; none: anywhere with room (managed jobs).
     #[serde(default)]
     pub cluster: Option<ClusterTarget>,
+    /// `service:`: the task is a service's replica (`nembo serve up`);
+    /// `nembo launch` refuses it.
+    #[serde(default)]
+    pub service: Option<ServiceSpec>,
+    /// Set by the coordinators, never by the YAML: the job is this
+    /// replica of a service.
+    #[serde(default)]
+    pub replica: Option<ReplicaTag>,
+}
+
+/// Which service replica a job is.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ReplicaTag {
+    /// The service's name.
+    pub service: String,
+    /// The replica's id in it (from 1).
+    pub replica_id: u32,
+    /// The port it serves on where it shares its host with other replicas
+    /// (local nodes, all on 127.0.0.1); elsewhere the service's port.
+    pub shared_host_port: u16,
 }
 
 /// The cluster a task was sent to.
@@ -552,14 +574,10 @@ const TOP_LEVEL_SUPPORTED: &[&str] = &[
     "config",
     "inputs",
     "outputs",
+    "service",
 ];
 /// SkyPilot's fields Nembo refuses, and why.
 const TOP_LEVEL_REFUSED: &[(&str, &str)] = &[
-    (
-        "service",
-        "Nembo does not serve yet (no `nembo serve`); launch the replica's task without \
-         `service:` to run it as a job",
-    ),
     ("volumes", VOLUMES_NEED),
     (
         "pool",
@@ -646,6 +664,8 @@ pub fn parse_task_yaml(yaml: &str, env_overrides: &BTreeMap<String, String>) -> 
             "inputs" => spec.inputs = parse_data_location(v, "inputs")?,
             "outputs" => spec.outputs = parse_data_location(v, "outputs")?,
             "config" => spec.docker_run_options = parse_config(v)?,
+            // After the resources: it checks them and opens its port there (below).
+            "service" => {}
             _ => {}
         }
     }
@@ -678,6 +698,22 @@ pub fn parse_task_yaml(yaml: &str, env_overrides: &BTreeMap<String, String>) -> 
     }
     if let Some(v) = map.get("file_mounts") {
         spec.file_mounts = mounts::parse_file_mounts(&mounts::substitute_envs(v, &spec.envs))?;
+    }
+    // `service:` empty or null is no service, as in SkyPilot.
+    if let Some(v) = map.get("service").filter(|v| !v.is_null()) {
+        let job_recovery = map
+            .get("resources")
+            .and_then(Value::as_mapping)
+            .and_then(|r| r.get("job_recovery"))
+            .filter(|r| !r.is_null());
+        if job_recovery.is_some() {
+            return Err(SpecError::new(
+                "resources.job_recovery",
+                "a service's replicas are replaced by the service itself (SkyServe refuses \
+                 job_recovery too); drop it",
+            ));
+        }
+        spec.service = Some(service::parse_service(v, &mut spec.resources)?);
     }
     validate(&spec)?;
     Ok(spec)

@@ -3,7 +3,7 @@
 
 use yaml_serde::Value;
 
-use super::{fmt_num, TaskSpec};
+use super::{fmt_num, ReplicaPolicy, ServiceSpec, TaskSpec};
 
 /// The task as YAML, normalised, with secret values redacted.
 pub fn to_normalized_yaml(spec: &TaskSpec) -> String {
@@ -22,50 +22,58 @@ pub fn to_normalized_yaml(spec: &TaskSpec) -> String {
         .iter()
         .map(|c| {
             let mut m = yaml_serde::Mapping::new();
-            let mut put = |k: &str, v: String| {
-                m.insert(Value::String(k.into()), Value::String(v));
+            let mut put = |k: &str, v: Value| {
+                m.insert(Value::String(k.into()), v);
             };
+            let s = Value::String;
             if !c.infra.is_any() {
-                put("infra", c.infra.to_string());
+                put("infra", s(c.infra.to_string()));
             }
             if let Some(a) = &c.accelerator {
-                put("accelerators", a.to_string());
+                put("accelerators", s(a.to_string()));
             }
             if let Some(q) = &c.cpus {
-                put("cpus", q.to_string());
+                put("cpus", s(q.to_string()));
             }
             if let Some(q) = &c.memory {
-                put("memory", q.to_string());
+                put("memory", s(q.to_string()));
             }
             if let Some(t) = &c.instance_type {
-                put("instance_type", t.clone());
+                put("instance_type", s(t.clone()));
             }
             if c.use_spot {
-                put("use_spot", "true".into());
+                put("use_spot", Value::Bool(true));
             }
             if let Some(x) = c.max_hourly_cost {
-                put("max_hourly_cost", fmt_num(x));
+                put("max_hourly_cost", s(fmt_num(x)));
             }
             if !c.ports.is_empty() {
-                let ports: Vec<String> = c.ports.iter().map(ToString::to_string).collect();
-                put("ports", ports.join(","));
+                // One port or range as a scalar, several as a list (SkyPilot's forms).
+                let mut ports: Vec<Value> = c.ports.iter().map(|p| s(p.to_string())).collect();
+                put(
+                    "ports",
+                    match ports.len() {
+                        1 => ports.remove(0),
+                        _ => Value::Sequence(ports),
+                    },
+                );
             }
             if let Some(gb) = c.disk_size_gb {
-                put("disk_size", gb.to_string());
+                put("disk_size", s(gb.to_string()));
             }
             if let Some(t) = c.disk_tier {
-                put("disk_tier", t.as_str().into());
+                put("disk_tier", s(t.as_str().into()));
             }
             match &c.docker_image {
-                Some(img) if c.image_id.is_empty() => put("image_id", format!("docker:{img}")),
-                Some(img) => put("image_id.docker", img.clone()),
+                Some(img) if c.image_id.is_empty() => put("image_id", s(format!("docker:{img}"))),
+                Some(img) => put("image_id.docker", s(img.clone())),
                 None => {}
             }
             match c.image_id.get("*") {
-                Some(img) if c.image_id.len() == 1 => put("image_id", img.clone()),
+                Some(img) if c.image_id.len() == 1 => put("image_id", s(img.clone())),
                 _ => {
                     for (region, img) in &c.image_id {
-                        put(&format!("image_id.{region}"), img.clone());
+                        put(&format!("image_id.{region}"), s(img.clone()));
                     }
                 }
             }
@@ -166,6 +174,9 @@ pub fn to_normalized_yaml(spec: &TaskSpec) -> String {
             put(k, yaml_serde::to_value(m).unwrap_or(Value::Null));
         }
     }
+    if let Some(svc) = &redacted.service {
+        put("service", service_yaml(svc));
+    }
     if let Some(s) = &redacted.setup {
         put("setup", Value::String(s.clone()));
     }
@@ -173,4 +184,88 @@ pub fn to_normalized_yaml(spec: &TaskSpec) -> String {
         put("run", Value::String(s.clone()));
     }
     yaml_serde::to_string(&Value::Mapping(root)).unwrap_or_default()
+}
+
+/// `service:` in SkyPilot's form, every value spelt out.
+fn service_yaml(svc: &ServiceSpec) -> Value {
+    fn map(entries: Vec<(&str, Value)>) -> Value {
+        Value::Mapping(
+            entries
+                .into_iter()
+                .map(|(k, v)| (Value::String(k.into()), v))
+                .collect(),
+        )
+    }
+    let n = |x: u32| Value::Number(x.into());
+    let p = &svc.readiness_probe;
+    let mut probe = vec![("path", Value::String(p.path.clone()))];
+    if let Some(d) = &p.post_data {
+        probe.push(("post_data", Value::String(d.clone())));
+    }
+    if !p.headers.is_empty() {
+        probe.push((
+            "headers",
+            Value::Mapping(
+                p.headers
+                    .iter()
+                    .map(|(k, v)| (Value::String(k.clone()), Value::String(v.clone())))
+                    .collect(),
+            ),
+        ));
+    }
+    probe.extend([
+        ("initial_delay_seconds", n(p.initial_delay_s)),
+        ("timeout_seconds", n(p.timeout_s)),
+        ("endpoint_probe_interval_seconds", n(p.interval_s)),
+        (
+            "consecutive_failure_threshold_timeout",
+            n(p.failure_timeout_s),
+        ),
+    ]);
+    let r = &svc.replica_policy;
+    let mut out = vec![("readiness_probe", map(probe))];
+    if *r == ReplicaPolicy::fixed(r.min_replicas) {
+        out.push(("replicas", n(r.min_replicas)));
+    } else {
+        let mut policy = vec![
+            ("min_replicas", n(r.min_replicas)),
+            ("max_replicas", n(r.max_replicas)),
+        ];
+        if let Some(q) = r.target_qps_per_replica {
+            policy.push(("target_qps_per_replica", Value::Number(q.into())));
+        }
+        policy.extend([
+            ("num_overprovision", n(r.num_overprovision)),
+            ("upscale_delay_seconds", n(r.upscale_delay_s)),
+            ("downscale_delay_seconds", n(r.downscale_delay_s)),
+            (
+                "base_ondemand_fallback_replicas",
+                n(r.base_ondemand_fallback_replicas),
+            ),
+            (
+                "dynamic_ondemand_fallback",
+                Value::Bool(r.dynamic_ondemand_fallback),
+            ),
+        ]);
+        out.push(("replica_policy", map(policy)));
+    }
+    out.push((
+        "load_balancing_policy",
+        Value::String(svc.load_balancing_policy.as_str().into()),
+    ));
+    out.push(("ports", Value::Number(svc.port.into())));
+    if let Some(t) = &svc.tls {
+        out.push((
+            "tls",
+            map(vec![
+                ("keyfile", Value::String(t.keyfile.clone())),
+                ("certfile", Value::String(t.certfile.clone())),
+            ]),
+        ));
+    }
+    out.push((
+        "load_balancer",
+        map(vec![("stream_timeout_seconds", n(svc.stream_timeout_s))]),
+    ));
+    map(out)
 }

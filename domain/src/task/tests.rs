@@ -661,3 +661,21 @@ fn a_private_registry_login_comes_whole_and_prefixes_the_image() {
     let e = err("secrets: {SKYPILOT_DOCKER_PASSWORD: p}\n");
     assert_eq!(e.path, "secrets.SKYPILOT_DOCKER_USERNAME");
 }
+
+#[test]
+fn a_service_parses_and_survives_the_normalized_round_trip() {
+    // Once refused ("Nembo does not serve yet"): `service:` now parses.
+    for y in [
+        "service: {readiness_probe: /health, replicas: 2}\nresources: {ports: 8080}\nrun: x",
+        "service:\n  readiness_probe:\n    path: /v1/completions\n    post_data: {model: m, prompt: hi, max_tokens: 1}\n    headers: {Authorization: Bearer t}\n    timeout_seconds: 30\n  replica_policy:\n    min_replicas: 0\n    max_replicas: 4\n    target_qps_per_replica: 2.5\n    num_overprovision: 1\n    base_ondemand_fallback_replicas: 1\n    dynamic_ondemand_fallback: true\n  load_balancing_policy: round_robin\n  ports: 8081\n  tls: {keyfile: /k.pem, certfile: /c.pem}\n  load_balancer: {stream_timeout_seconds: 300}\nresources:\n  accelerators: {L4: 1, A10G: 1}\n  use_spot: true\n  ports: 22\nrun: x",
+        "service: {replica_policy: {min_replicas: 3}}\nresources: {ports: 8080}\nrun: x",
+    ] {
+        let first = parse(y).unwrap();
+        assert!(first.service.is_some());
+        let shown = to_normalized_yaml(&first);
+        assert!(shown.contains("service:"), "{shown}");
+        let again = parse(&shown).unwrap_or_else(|e| panic!("{e}\n{shown}"));
+        assert_eq!(again.service, first.service, "{shown}");
+        assert_eq!(again.resources, first.resources, "{shown}");
+    }
+}
