@@ -8,5 +8,6 @@ pub mod cost;
 pub mod health;
 pub mod optimizer;
 pub mod scheduler;
+pub mod serve;
 pub mod state;
 pub mod task;

@@ -180,6 +180,8 @@ pub enum Command {
         open: bool,
         at_ms: i64,
     },
+    /// Services and their replicas.
+    Service(super::ServiceCommand),
     /// Users, join tokens, audit records.
     Access(crate::access::AccessCommand),
     /// A client's change and its audit record, in one entry: applied, then

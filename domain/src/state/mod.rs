@@ -26,6 +26,7 @@ mod enrollment;
 mod job;
 mod managed;
 mod node;
+mod service;
 
 pub use cluster::*;
 pub use command::*;
@@ -33,6 +34,7 @@ pub use enrollment::*;
 pub use job::*;
 pub use managed::*;
 pub use node::*;
+pub use service::*;
 
 /// What applying a command did.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -110,6 +112,9 @@ pub struct State {
     /// Named clusters by name.
     #[serde(default)]
     pub clusters: BTreeMap<String, Cluster>,
+    /// Services (`nembo serve`) by name.
+    #[serde(default)]
+    pub services: BTreeMap<String, Service>,
     /// Derived from `jobs` (rebuilt on load, never stored): PENDING jobs,
     /// which the scheduler scans.
     #[serde(skip)]
@@ -134,6 +139,8 @@ struct StateOnDisk {
     access: crate::access::Access,
     #[serde(default)]
     clusters: BTreeMap<String, Cluster>,
+    #[serde(default)]
+    services: BTreeMap<String, Service>,
 }
 
 impl From<StateOnDisk> for State {
@@ -148,6 +155,7 @@ impl From<StateOnDisk> for State {
             blocked: d.blocked,
             access: d.access,
             clusters: d.clusters,
+            services: d.services,
             queued: imbl::OrdSet::new(),
             placed: imbl::OrdSet::new(),
         };
@@ -328,6 +336,7 @@ impl State {
             | Command::RankStarted { job_id, .. }
             | Command::RankEnded { job_id, .. }
             | Command::JobUnplaceable { job_id, .. } => vec![*job_id],
+            Command::Service(c) => self.service_jobs(c.service()),
             Command::SubmitJob { .. }
             | Command::NodeLaunched { .. }
             | Command::NodeUp { .. }
@@ -468,6 +477,7 @@ impl State {
             | Command::AutostopCluster { .. }
             | Command::NodeStopped { .. }
             | Command::SshSession { .. } => self.apply_cluster(cmd),
+            Command::Service(c) => self.apply_service(c),
         }
     }
 
