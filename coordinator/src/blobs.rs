@@ -395,13 +395,19 @@ impl BlobStore {
     /// files those list.
     pub fn referenced(&self, state: &nembo_domain::state::State) -> BTreeSet<String> {
         let mut keep = BTreeSet::new();
-        for job in state.jobs.values().filter(|j| !j.state.is_terminal()) {
-            let manifests = job
-                .spec
+        // A service's versions launch replicas long after their upload.
+        let specs = state
+            .jobs
+            .values()
+            .filter(|j| !j.state.is_terminal())
+            .map(|j| &j.spec)
+            .chain(state.services.values().flat_map(|s| s.versions.values()));
+        for spec in specs {
+            let manifests = spec
                 .workdir_manifest
                 .iter()
                 .map(String::as_str)
-                .chain(job.spec.file_mounts.values().filter_map(|m| m.local()?.1));
+                .chain(spec.file_mounts.values().filter_map(|m| m.local()?.1));
             for d in manifests {
                 keep.insert(d.to_string());
                 if let Ok(m) = self.manifest(d) {

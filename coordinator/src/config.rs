@@ -80,7 +80,12 @@ pub struct CoordinatorConfig {
     /// Connections that may be in their handshake (not yet authenticated)
     /// at once; more wait in the kernel's backlog.
     pub handshake_slots: usize,
+    /// Ports given to services' load balancers, one each, on every member.
+    pub lb_ports: std::ops::RangeInclusive<u16>,
 }
+
+/// SkyServe's load balancer ports, 30001-30020, widened to a hundred.
+pub const DEFAULT_LB_PORTS: std::ops::RangeInclusive<u16> = 30001..=30100;
 
 impl CoordinatorConfig {
     /// Defaults for a coordinator in `data_dir`.
@@ -115,6 +120,7 @@ impl CoordinatorConfig {
             request_timeout: Duration::from_secs(30),
             tls_handshake_timeout: Duration::from_secs(10),
             handshake_slots: 1024,
+            lb_ports: DEFAULT_LB_PORTS,
         }
     }
 }

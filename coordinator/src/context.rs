@@ -71,6 +71,8 @@ pub struct Ctx {
     pub shells: crate::agents::shells::ShellRoutes,
     /// The liveness loop's mailbox ([`Ctx::heartbeat`]).
     pub(crate) heartbeats: mpsc::Sender<String>,
+    /// Load balancers' addresses and request counts.
+    pub serve: crate::serve::Serving,
     /// Slots for work kept off the runtime's workers ([`Ctx::off_runtime`]).
     pub(crate) blocking_slots: Arc<tokio::sync::Semaphore>,
 }

@@ -63,6 +63,7 @@ pub async fn supervise(ctx: Arc<Ctx>, cfg: LoopConfig, heartbeats: mpsc::Receive
             set.spawn(provisioner(ctx.clone()));
             set.spawn(health_hooks(ctx.clone()));
             set.spawn(reconcile(ctx.clone(), cfg.reconcile_every));
+            set.spawn(crate::serve::controller::run(ctx.clone()));
             leader_loops = Some(set);
         } else if !leading && leader_loops.is_some() {
             tracing::info!("lost leadership; stopping control loops");

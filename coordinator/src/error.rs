@@ -19,6 +19,12 @@ pub enum CoordinatorError {
     /// The state does not allow it.
     #[error("{0}")]
     FailedPrecondition(String),
+    /// What it would create exists.
+    #[error("{0}")]
+    AlreadyExists(String),
+    /// Every one of a bounded resource (ports) is taken.
+    #[error("{0}")]
+    Exhausted(String),
     /// No valid credential.
     #[error("{0}")]
     Unauthenticated(String),
@@ -53,7 +59,10 @@ impl From<CoordinatorError> for Status {
         let code = match &e {
             CoordinatorError::InvalidArgument(_) => Code::InvalidArgument,
             CoordinatorError::NotFound(_) => Code::NotFound,
-            CoordinatorError::TooLarge(_) => Code::ResourceExhausted,
+            CoordinatorError::TooLarge(_) | CoordinatorError::Exhausted(_) => {
+                Code::ResourceExhausted
+            }
+            CoordinatorError::AlreadyExists(_) => Code::AlreadyExists,
             CoordinatorError::FailedPrecondition(_) => Code::FailedPrecondition,
             CoordinatorError::Unauthenticated(_) => Code::Unauthenticated,
             CoordinatorError::PermissionDenied(_) => Code::PermissionDenied,

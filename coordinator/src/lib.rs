@@ -14,6 +14,7 @@ pub mod listener;
 pub mod logs;
 pub mod provider;
 pub mod replication;
+pub mod serve;
 pub mod server;
 pub mod telemetry;
 

@@ -127,6 +127,20 @@ struct Args {
     /// Connections that may be in their TLS handshake at once; more wait.
     #[arg(long, default_value_t = 1024)]
     handshake_slots: usize,
+    /// Ports for services' load balancers (`nembo serve up`), one per
+    /// service, on every member: FIRST-LAST.
+    #[arg(long, value_name = "FIRST-LAST", default_value = "30001-30100", value_parser = parse_port_range)]
+    lb_ports: std::ops::RangeInclusive<u16>,
+}
+
+fn parse_port_range(s: &str) -> Result<std::ops::RangeInclusive<u16>, String> {
+    let (a, b) = s.split_once('-').unwrap_or((s, s));
+    let port = |p: &str| p.trim().parse::<u16>().map_err(|e| format!("'{p}': {e}"));
+    let (a, b) = (port(a)?, port(b)?);
+    if a == 0 || b < a {
+        return Err(format!("'{s}': give FIRST-LAST, 1 <= FIRST <= LAST"));
+    }
+    Ok(a..=b)
 }
 
 #[derive(clap::Subcommand, Debug)]
@@ -236,6 +250,7 @@ async fn main() -> anyhow::Result<()> {
         request_timeout: Duration::from_secs(a.request_timeout_s.max(1)),
         tls_handshake_timeout: Duration::from_millis(a.tls_handshake_timeout_ms.max(100)),
         handshake_slots: a.handshake_slots,
+        lb_ports: a.lb_ports,
         ..CoordinatorConfig::new(data_dir.clone())
     };
     let pid_file = data_dir.join("coordinator.pid");

@@ -356,6 +356,12 @@ pub async fn run(
         ranks: RanksCache::default(),
         shells: Default::default(),
         heartbeats: hb_tx,
+        serve: crate::serve::Serving {
+            bind_ip: addr.ip(),
+            ports: cfg.lb_ports.clone(),
+            load: Default::default(),
+            reported: Default::default(),
+        },
         blocking_slots: Arc::new(tokio::sync::Semaphore::new(
             std::thread::available_parallelism().map_or(2, |n| n.get()),
         )),
@@ -374,6 +380,7 @@ pub async fn run(
         hb_rx,
     ));
     tokio::spawn(collect_blobs(ctx.clone()));
+    tokio::spawn(crate::serve::lb::run(ctx.clone()));
 
     // Both reflection versions: grpcurl speaks v1, grpcio's Python client v1alpha.
     // Reflection is open without a token: it reveals the public schema only.

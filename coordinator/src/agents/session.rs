@@ -484,6 +484,15 @@ fn run_job(
     ] {
         env.insert(k.to_string(), v);
     }
+    if let (Some(tag), Some(svc), Some(node)) = (&job.spec.replica, &job.spec.service, node) {
+        let port = nembo_domain::serve::replica_port(&node.address, svc.port, tag.shared_host_port);
+        env.insert("NEMBO_SERVICE_PORT".into(), port.to_string());
+        env.insert(
+            "SKYPILOT_SERVE_REPLICA_ID".into(),
+            tag.replica_id.to_string(),
+        );
+        env.insert("NEMBO_SERVICE".into(), tag.service.clone());
+    }
     apb::RunJob {
         job_id: job.id.to_string(),
         attempt: a.number,

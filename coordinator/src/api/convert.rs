@@ -184,6 +184,8 @@ pub fn spec_from_proto(
         inputs: None,
         outputs: None,
         cluster: None,
+        service: None,
+        replica: None,
         setup: non_empty(&p.setup),
         run: non_empty(&p.run),
         envs,
@@ -520,5 +522,66 @@ pub fn cluster_to_proto(state: &st::State, c: &st::Cluster, now_ms: i64) -> pb::
         active_jobs: state.cluster_active_jobs(&c.name).count() as u32,
         spot: own.iter().any(|n| n.spot),
         provider_view: Vec::new(),
+    }
+}
+
+/// A service for `serve status`: its replicas as SkyServe shows them.
+pub fn service_to_proto(
+    state: &st::State,
+    s: &st::Service,
+    endpoints: Vec<String>,
+    qps: f64,
+) -> pb::Service {
+    use nembo_domain::serve;
+    let replicas = s
+        .replicas
+        .values()
+        .map(|r| {
+            let node = state
+                .jobs
+                .get(&r.job_id)
+                .and_then(|j| j.current_attempt())
+                .and_then(|a| a.node_ids.first())
+                .and_then(|n| state.nodes.get(n));
+            pb::ServiceReplica {
+                replica_id: r.id,
+                version: r.version,
+                job_id: r.job_id.to_string(),
+                status: serve::replica_status(state, r).as_str().into(),
+                endpoint: serve::replica_endpoint(state, s, r).unwrap_or_default(),
+                spot: r.spot,
+                infra: node.map_or(String::new(), |n| format!("{}/{}", n.provider, n.region)),
+                message: if r.message.is_empty() {
+                    state
+                        .jobs
+                        .get(&r.job_id)
+                        .map(|j| j.message.clone())
+                        .unwrap_or_default()
+                } else {
+                    r.message.clone()
+                },
+                node_id: node.map(|n| n.id.clone()).unwrap_or_default(),
+            }
+        })
+        .collect();
+    pb::Service {
+        name: s.name.clone(),
+        owner: s.owner.clone(),
+        status: serve::service_status(state, s).into(),
+        version: s.version,
+        endpoints,
+        replicas,
+        target_replicas: s.target,
+        qps,
+        lb_port: s.lb_port.into(),
+        update_mode: match s.update_mode {
+            st::UpdateMode::Rolling => pb::UpdateMode::Rolling,
+            st::UpdateMode::BlueGreen => pb::UpdateMode::BlueGreen,
+        } as i32,
+        create_time: timestamp(s.created_at_ms),
+        tls: s
+            .newest()
+            .and_then(|t| t.service.as_ref())
+            .is_some_and(|x| x.tls.is_some()),
     }
 }

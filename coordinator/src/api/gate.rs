@@ -49,11 +49,11 @@ pub fn required_role(call: &str) -> Role {
     match call {
         "GetJob" | "ListJobs" | "ListNodes" | "GetClusterStatus" | "GetFleetMetrics"
         | "WatchFleetMetrics" | "GetGpuHistory" | "ListOfferings" | "GetCostReport" | "WhoAmI"
-        | "ListClusters" => Role::Viewer,
+        | "ListClusters" | "ListServices" => Role::Viewer,
         // A cluster's own calls also check that the caller owns it (or is an admin).
         "SubmitJob" | "DryRun" | "CancelJob" | "StreamLogs" | "CheckProviders"
         | "FindMissingBlobs" | "PutBlobs" | "StopCluster" | "StartCluster" | "DownCluster"
-        | "SetAutostop" | "Shell" => Role::User,
+        | "SetAutostop" | "Shell" | "ServeUp" | "ServeUpdate" | "ServeDown" => Role::User,
         _ => Role::Admin,
     }
 }
@@ -80,6 +80,9 @@ pub fn mutating(call: &str) -> bool {
             | "DownCluster"
             | "SetAutostop"
             | "Shell"
+            | "ServeUp"
+            | "ServeUpdate"
+            | "ServeDown"
     )
 }
 

@@ -41,6 +41,14 @@ pub async fn submit_job(
     let who = principal(&request)?;
     let req = request.into_inner();
     let spec = parse_request(ctx, &who, &req, false).await?;
+    if spec.service.is_some() {
+        return Err(CoordinatorError::InvalidArgument(
+            "service: the task is a service; bring it up with `nembo serve up TASK` \
+             (or drop `service:` to run it as a job)"
+                .into(),
+        )
+        .into());
+    }
     let key = (!req.idempotency_key.is_empty()).then(|| req.idempotency_key.clone());
     // The job and its audit record in one entry: auditing costs the
     // hot path no second commit.
@@ -269,14 +277,14 @@ pub async fn stream_logs(
 
 /// The spec with every secret sealed: the Raft log and snapshots never
 /// hold a secret in plain text.
-fn sealed(ctx: &Ctx, mut spec: TaskSpec) -> TaskSpec {
+pub(super) fn sealed(ctx: &Ctx, mut spec: TaskSpec) -> TaskSpec {
     for (name, value) in spec.secrets.iter_mut() {
         *value = ctx.secrets.seal(name, value);
     }
     spec
 }
 
-async fn parse_request(
+pub(super) async fn parse_request(
     ctx: &Ctx,
     who: &Principal,
     req: &pb::SubmitJobRequest,

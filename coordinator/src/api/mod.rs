@@ -15,6 +15,7 @@ pub mod jobs;
 pub mod members;
 pub mod nodes;
 pub mod paging;
+pub mod services;
 pub mod shell;
 
 use std::sync::Arc;
@@ -293,6 +294,34 @@ impl CoordinatorService for Api {
         request: Request<pb::GetAuditLogRequest>,
     ) -> Result<Response<pb::GetAuditLogResponse>, Status> {
         access::get_audit_log(&self.ctx, request).await
+    }
+
+    async fn serve_up(
+        &self,
+        request: Request<pb::ServeUpRequest>,
+    ) -> Result<Response<pb::ServeUpResponse>, Status> {
+        services::serve_up(&self.ctx, request).await
+    }
+
+    async fn serve_update(
+        &self,
+        request: Request<pb::ServeUpdateRequest>,
+    ) -> Result<Response<pb::ServeUpdateResponse>, Status> {
+        services::serve_update(&self.ctx, request).await
+    }
+
+    async fn list_services(
+        &self,
+        request: Request<pb::ListServicesRequest>,
+    ) -> Result<Response<pb::ListServicesResponse>, Status> {
+        services::list_services(&self.ctx, request).await
+    }
+
+    async fn serve_down(
+        &self,
+        request: Request<pb::ServeDownRequest>,
+    ) -> Result<Response<pb::ServeDownResponse>, Status> {
+        services::serve_down(&self.ctx, request).await
     }
 
     async fn get_cluster_status(
