@@ -155,7 +155,7 @@ pub fn print_table(clusters: &[pb::Cluster]) {
 }
 
 /// Asks "Proceed? [y/N]" on a terminal; elsewhere (a script) proceeds.
-fn confirm(what: &str, yes: bool) -> Result<bool> {
+pub(crate) fn confirm(what: &str, yes: bool) -> Result<bool> {
     if yes || !std::io::stdin().is_terminal() {
         return Ok(true);
     }

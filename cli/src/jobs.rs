@@ -102,14 +102,24 @@ pub enum Mode {
 /// line's overrides and `--name`, and makes a relative `workdir` absolute
 /// (relative to the current directory, as SkyPilot does).
 fn read_task(a: &LaunchArgs) -> Result<String> {
-    let (text, _) = crate::overrides::entrypoint(&a.task)?;
-    let name = a.name.as_deref();
+    prepare_task(&a.task, &a.overrides, a.no_setup, a.name.as_deref())
+}
+
+/// The task file (or inline command) `task`, with the launch line's
+/// overrides applied and its workdir resolved.
+pub(crate) fn prepare_task(
+    task: &str,
+    overrides: &crate::overrides::Overrides,
+    no_setup: bool,
+    name: Option<&str>,
+) -> Result<String> {
+    let (text, _) = crate::overrides::entrypoint(task)?;
     let Ok(yaml_serde::Value::Mapping(mut map)) = yaml_serde::from_str::<yaml_serde::Value>(&text)
     else {
         return Ok(text); // let the coordinator report what is wrong with it
     };
-    a.overrides.apply(&mut map)?;
-    if a.no_setup {
+    overrides.apply(&mut map)?;
+    if no_setup {
         map.remove("setup");
     }
     if let Some(yaml_serde::Value::String(w)) = map.get("workdir") {

@@ -9,6 +9,7 @@ mod gpus;
 mod jobs;
 mod local;
 mod overrides;
+mod serve;
 mod ssh;
 mod status;
 mod table;
@@ -156,6 +157,12 @@ enum Cmd {
         /// Cancel autostop.
         #[arg(long)]
         cancel: bool,
+    },
+    /// Services: replicas behind a load balancer on every coordinator,
+    /// with readiness probes, autoscaling and rolling updates (`sky serve`).
+    Serve {
+        #[command(subcommand)]
+        command: Box<serve::ServeCmd>,
     },
     /// Managed jobs.
     Jobs {
@@ -561,6 +568,7 @@ async fn run(cli: Cli) -> Result<i32> {
         Cmd::Demo {
             command: DemoCmd::Failover,
         } => demo::failover().await,
+        Cmd::Serve { command } => serve::run(*command).await,
         Cmd::Jobs { command } => match command {
             JobsCmd::Launch(a) => jobs::launch(*a, jobs::Mode::Managed).await,
             JobsCmd::Queue { json } => jobs::managed_queue(json).await.map(|()| 0),

@@ -188,6 +188,15 @@ pub fn files_holding(dir: &Path, needle: &[u8]) -> Vec<String> {
     found
 }
 
+/// A load balancer port of its own for a test's coordinators (`--lb-ports`):
+/// tests run side by side, and members on one host share their services'
+/// ports (SO_REUSEPORT), so two tests' services must never be given one.
+pub fn free_lb_ports() -> String {
+    let l = std::net::TcpListener::bind("127.0.0.1:0").expect("free port");
+    let port = l.local_addr().expect("addr").port();
+    format!("{port}-{port}")
+}
+
 /// One coordinator process over a temporary data dir.
 pub struct Coordinator {
     /// Its data dir (kept across restarts).
@@ -241,6 +250,9 @@ impl Coordinator {
             }
         }
         args.extend(extra.iter().map(|s| s.to_string()));
+        if !extra.contains(&"--lb-ports") {
+            args.extend(["--lb-ports".to_string(), free_lb_ports()]);
+        }
         let mut c = Coordinator {
             dir,
             child: None,
@@ -540,11 +552,15 @@ impl Cluster {
                 format!("https://127.0.0.1:{}", l.local_addr().expect("addr").port())
             })
             .collect();
+        let mut extra: Vec<String> = extra.iter().map(|s| s.to_string()).collect();
+        if !extra.iter().any(|e| e == "--lb-ports") {
+            extra.extend(["--lb-ports".to_string(), free_lb_ports()]);
+        }
         let mut c = Cluster {
             root,
             urls,
             children: (0..n).map(|_| None).collect(),
-            extra: extra.iter().map(|s| s.to_string()).collect(),
+            extra,
         };
         for id in 1..=n as u64 {
             c.spawn(id);

@@ -1,0 +1,380 @@
+//! `nembo serve` end to end: real coordinators, local agents, replicas
+//! serving HTTP from Python, requests through the load balancer.
+
+use std::collections::BTreeSet;
+use std::time::{Duration, Instant};
+
+use nembo_proto::http::HttpClient;
+use nembo_proto::v1 as pb;
+use nembo_tests::{wait_for, Coordinator};
+
+/// A replica: `GET /` answers `<VERSION> replica <id> up <seconds>`;
+/// `/health` passes once it has been up `READY_AFTER` seconds and until
+/// `GET /break`.
+const REPLICA: &str = r#"import http.server, os, sys, time
+start = time.time()
+broken = False
+class H(http.server.BaseHTTPRequestHandler):
+    protocol_version = "HTTP/1.1"
+    def reply(self, code, text):
+        body = text.encode()
+        self.send_response(code)
+        self.send_header("content-length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+    def do_GET(self):
+        global broken
+        up = time.time() - start
+        rid = os.environ["SKYPILOT_SERVE_REPLICA_ID"]
+        if self.path == "/health":
+            ok = up >= float(os.environ.get("READY_AFTER", "0")) and not broken
+            self.reply(200 if ok else 503, "ok\n" if ok else "not ready\n")
+        elif self.path == "/break":
+            broken = True
+            self.reply(200, f"broke replica {rid}\n")
+        else:
+            self.reply(200, f"{os.environ['VERSION']} replica {rid} up {up:.2f}\n")
+    def log_message(self, *a):
+        pass
+http.server.ThreadingHTTPServer(("127.0.0.1", int(os.environ["NEMBO_SERVICE_PORT"])), H).serve_forever()
+"#;
+
+/// A service task in SkyPilot's format: the replica above, `version`
+/// in its answers, and `service` as the `service:` section's body.
+fn task(version: &str, ready_after: u32, service: &str) -> String {
+    let script = REPLICA
+        .lines()
+        .map(|l| format!("  {l}"))
+        .collect::<Vec<_>>()
+        .join("\n");
+    format!(
+        "name: web\nresources:\n  ports: 8080\nenvs:\n  VERSION: {version}\n  READY_AFTER: '{ready_after}'\n\
+         service:\n{service}\nrun: |\n  cat > replica.py <<'EOF'\n{script}\n  EOF\n  exec python3 replica.py\n"
+    )
+}
+
+const FAST_PROBES: &str =
+    "  readiness_probe:\n    path: /health\n    initial_delay_seconds: 60\n    \
+    endpoint_probe_interval_seconds: 1\n    timeout_seconds: 2\n    \
+    consecutive_failure_threshold_timeout: 3\n  load_balancer:\n    stream_timeout_seconds: 3\n";
+
+fn write_task(c: &Coordinator, name: &str, yaml: &str) -> String {
+    let path = c.dir.path().join(name);
+    std::fs::write(&path, yaml).expect("write task");
+    path.display().to_string()
+}
+
+fn cli_ok(c: &Coordinator, args: &[&str]) -> String {
+    let out = c.cli(args);
+    assert!(
+        out.status.success(),
+        "nembo {}: {}{}",
+        args.join(" "),
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+async fn service(client: &nembo_proto::client::Client, name: &str) -> Option<pb::Service> {
+    let req = pb::ListServicesRequest {
+        names: vec![name.into()],
+        ..Default::default()
+    };
+    client
+        .clone()
+        .list_services(req)
+        .await
+        .ok()?
+        .into_inner()
+        .services
+        .pop()
+}
+
+async fn get(http: &HttpClient, url: &str) -> (u16, String) {
+    let req = http::Request::get(url)
+        .body(prost::bytes::Bytes::new())
+        .expect("request");
+    match http.send(req).await {
+        Ok(r) => (r.status, r.text()),
+        Err(e) => (0, e.to_string()),
+    }
+}
+
+/// Waits until the service has `n` READY replicas, and returns it.
+async fn ready(c: &Coordinator, name: &str, n: usize, limit: Duration) -> pb::Service {
+    let client = c.client().await;
+    wait_for(&format!("{n} READY replicas of {name}"), limit, || {
+        let client = client.clone();
+        async move {
+            let s = service(&client, name).await?;
+            let ready = s.replicas.iter().filter(|r| r.status == "READY").count();
+            (ready == n).then_some(s)
+        }
+    })
+    .await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn readiness_gates_traffic_and_a_failing_replica_is_replaced() {
+    let c = Coordinator::start(&[]).await;
+    let path = write_task(
+        &c,
+        "web.yaml",
+        &task("v1", 3, &format!("{FAST_PROBES}  replicas: 2")),
+    );
+    let out = cli_ok(&c, &["serve", "up", &path, "-n", "web"]);
+    assert!(out.contains("Endpoint: http://127.0.0.1:"), "{out}");
+    let endpoint = cli_ok(&c, &["serve", "status", "web", "--endpoint"])
+        .trim()
+        .to_string();
+    let http = HttpClient::new(Duration::from_secs(5));
+
+    // Until a replica is READY, the load balancer answers 503 itself; the
+    // first answer from a replica comes after its probe passed.
+    let (code, body) = get(&http, &endpoint).await;
+    assert_eq!((code, body.trim()), (503, "No ready replicas."));
+    let first = wait_for("a replica's answer", Duration::from_secs(60), || {
+        let (http, endpoint) = (http.clone(), endpoint.clone());
+        async move {
+            let (code, body) = get(&http, &endpoint).await;
+            assert!(code == 200 || code == 503, "{code} {body}");
+            (code == 200).then_some(body)
+        }
+    })
+    .await;
+    let up: f64 = first
+        .split_whitespace()
+        .last()
+        .and_then(|u| u.parse().ok())
+        .expect("uptime");
+    assert!(
+        up >= 3.0,
+        "traffic reached a replica up {up} s, before its probe could pass"
+    );
+
+    // Both READY: the traffic goes to both.
+    ready(&c, "web", 2, Duration::from_secs(60)).await;
+    let mut seen = BTreeSet::new();
+    for _ in 0..8 {
+        let (code, body) = get(&http, &endpoint).await;
+        assert_eq!(code, 200, "{body}");
+        seen.insert(
+            body.split_whitespace()
+                .nth(2)
+                .unwrap_or_default()
+                .to_string(),
+        );
+    }
+    assert_eq!(seen.len(), 2, "{seen:?}");
+
+    // One replica's probe fails for good: it leaves the load balancer,
+    // fails, and a new replica takes its place. No request fails meanwhile.
+    let (_, broke) = get(&http, &format!("{endpoint}/break")).await;
+    let broken: u32 = broke
+        .split_whitespace()
+        .last()
+        .and_then(|i| i.parse().ok())
+        .expect("replica id");
+    let client = c.client().await;
+    let deadline = Instant::now() + Duration::from_secs(90);
+    let mut failed = Vec::new();
+    let replaced = loop {
+        assert!(
+            Instant::now() < deadline,
+            "no replacement for replica {broken}"
+        );
+        let (code, body) = get(&http, &endpoint).await;
+        if code != 200 {
+            failed.push(format!("{code} {body}"));
+        }
+        let s = service(&client, "web").await.expect("service");
+        let gone = s
+            .replicas
+            .iter()
+            .any(|r| r.replica_id == broken && r.status == "FAILED_PROBING");
+        let new_ready = s
+            .replicas
+            .iter()
+            .any(|r| r.replica_id > 2 && r.status == "READY");
+        if gone && new_ready {
+            break s;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    assert!(failed.is_empty(), "requests failed: {failed:?}");
+    let shown = cli_ok(&c, &["serve", "status", "web"]);
+    assert!(shown.contains("FAILED_PROBING"), "{shown}");
+    assert_eq!(
+        replaced
+            .replicas
+            .iter()
+            .filter(|r| r.status == "READY")
+            .count(),
+        2
+    );
+    // The replica's output is its job's.
+    let logs = cli_ok(&c, &["serve", "logs", "web", "1", "--no-follow"]);
+    assert!(logs.is_empty() || !logs.contains("Traceback"), "{logs}");
+
+    cli_ok(&c, &["serve", "down", "web", "-y"]);
+    wait_for("the endpoint to close", Duration::from_secs(20), || {
+        let (http, endpoint) = (http.clone(), endpoint.clone());
+        async move { (get(&http, &endpoint).await.0 == 0).then_some(()) }
+    })
+    .await;
+    let jobs = c.jobs().await;
+    wait_for("the replicas to stop", Duration::from_secs(30), || async {
+        let jobs = c.jobs().await;
+        jobs.iter()
+            .all(|j| j.state != pb::JobState::Running as i32)
+            .then_some(())
+    })
+    .await;
+    assert!(jobs.len() >= 3);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_rolling_update_switches_versions_without_a_failed_request() {
+    let c = Coordinator::start(&[]).await;
+    let v1 = write_task(
+        &c,
+        "v1.yaml",
+        &task("v1", 0, &format!("{FAST_PROBES}  replicas: 2")),
+    );
+    let v2 = write_task(
+        &c,
+        "v2.yaml",
+        &task("v2", 2, &format!("{FAST_PROBES}  replicas: 2")),
+    );
+    cli_ok(&c, &["serve", "up", &v1, "-n", "web"]);
+    let s = ready(&c, "web", 2, Duration::from_secs(60)).await;
+    let endpoint = format!("http://{}", s.endpoints[0]);
+    let http = HttpClient::new(Duration::from_secs(5));
+
+    let load = {
+        let (http, endpoint) = (http.clone(), endpoint.clone());
+        tokio::spawn(async move {
+            let mut answers: Vec<(u16, String)> = Vec::new();
+            let until = Instant::now() + Duration::from_secs(120);
+            while Instant::now() < until {
+                let (code, body) = get(&http, &endpoint).await;
+                let v2_only = answers.len() > 20
+                    && answers[answers.len() - 20..]
+                        .iter()
+                        .all(|(_, b)| b.starts_with("v2"));
+                answers.push((code, body));
+                if v2_only {
+                    break;
+                }
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+            answers
+        })
+    };
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let out = cli_ok(&c, &["serve", "update", "web", &v2]);
+    assert!(out.contains("version 2"), "{out}");
+    let answers = load.await.expect("load");
+    let failed: Vec<_> = answers.iter().filter(|(code, _)| *code != 200).collect();
+    assert!(
+        failed.is_empty(),
+        "requests failed during the update: {failed:?}"
+    );
+    assert!(answers.first().is_some_and(|(_, b)| b.starts_with("v1")));
+    assert!(
+        answers.last().is_some_and(|(_, b)| b.starts_with("v2")),
+        "the responses never switched to v2: {:?}",
+        answers.last()
+    );
+    // The old replicas go once drained.
+    let client = c.client().await;
+    wait_for("the v1 replicas to end", Duration::from_secs(60), || {
+        let client = client.clone();
+        async move {
+            let s = service(&client, "web").await?;
+            s.replicas
+                .iter()
+                .filter(|r| r.version == 1)
+                .all(|r| r.status == "TERMINATED")
+                .then_some(())
+        }
+    })
+    .await;
+    cli_ok(&c, &["serve", "down", "web", "-y"]);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bad_service_specs_are_refused_with_their_field_path() {
+    let c = Coordinator::start(&[]).await;
+    let mut client = c.client().await;
+    let base = "resources: {ports: 8080}\nrun: 'true'\n";
+    for (service, field) in [
+        ("service: {readiness_probe: health}", "service.readiness_probe"),
+        ("service: {replicas: 2, replica_policy: {min_replicas: 1}}", "service.replicas"),
+        (
+            "service: {replica_policy: {min_replicas: 3, max_replicas: 2, target_qps_per_replica: 1}}",
+            "service.replica_policy.max_replicas",
+        ),
+        (
+            "service: {replica_policy: {min_replicas: 1, max_replicas: 3}}",
+            "service.replica_policy.target_qps_per_replica",
+        ),
+        ("service: {load_balancing_policy: random}", "service.load_balancing_policy"),
+        ("service: {replica: 2}", "service.replica"),
+        ("service: {ports: 70000}", "service.ports"),
+    ] {
+        let yaml = format!("{base}{service}\n");
+        let err = client
+            .serve_up(pb::ServeUpRequest {
+                name: "bad".into(),
+                task_yaml: yaml.clone(),
+                ..Default::default()
+            })
+            .await
+            .expect_err(&yaml);
+        assert_eq!(err.code(), tonic::Code::InvalidArgument, "{yaml}: {err:?}");
+        assert!(err.message().starts_with(field), "{yaml}: {}", err.message());
+    }
+    // A service is not a job, and a job is not a service.
+    let err = client
+        .submit_job(pb::SubmitJobRequest {
+            task: Some(pb::submit_job_request::Task::TaskYaml(format!(
+                "{base}service: {{replicas: 1}}\n"
+            ))),
+            ..Default::default()
+        })
+        .await
+        .expect_err("a service launched as a job");
+    assert!(
+        err.message().contains("nembo serve up"),
+        "{}",
+        err.message()
+    );
+    let err = client
+        .serve_up(pb::ServeUpRequest {
+            name: "bad".into(),
+            task_yaml: base.into(),
+            ..Default::default()
+        })
+        .await
+        .expect_err("a job brought up as a service");
+    assert!(err.message().starts_with("service:"), "{}", err.message());
+    let err = client
+        .serve_up(pb::ServeUpRequest {
+            name: "Bad Name".into(),
+            task_yaml: format!("{base}service: {{replicas: 1}}\n"),
+            ..Default::default()
+        })
+        .await
+        .expect_err("a bad name");
+    assert!(err.message().starts_with("name:"), "{}", err.message());
+    // Nothing was made.
+    let listed = client
+        .list_services(pb::ListServicesRequest::default())
+        .await
+        .expect("list")
+        .into_inner();
+    assert!(listed.services.is_empty());
+    assert!(c.jobs().await.is_empty());
+}
