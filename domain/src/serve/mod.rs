@@ -11,6 +11,9 @@ use crate::state::{
 };
 use crate::task::ReplicaPolicy;
 
+/// How long replacements stay out of a region where a replica was preempted.
+pub const AVOID_PREEMPTED_MS: i64 = 600_000;
+
 /// How long a replica scaled down or replaced finishes its requests:
 /// SkyServe's 120 s, or less where the service's load balancer cuts
 /// responses sooner (`load_balancer.stream_timeout_seconds`), since no
@@ -111,8 +114,16 @@ pub fn replica_endpoint(state: &State, service: &Service, r: &Replica) -> Option
 }
 
 /// Its node's cloud said it will reclaim it.
+/// (Its job's newest node, even once the job let go of it: a node
+/// reclaimed before the loop ran ends its job first.)
 fn noticed(state: &State, r: &Replica) -> bool {
-    replica_node(state, r).is_some_and(|n| n.preemption.is_some())
+    state
+        .jobs
+        .get(&r.job_id)
+        .and_then(|j| j.current_attempt())
+        .and_then(|a| a.node_ids.first())
+        .and_then(|n| state.nodes.get(n))
+        .is_some_and(|n| n.preemption.is_some())
 }
 
 /// What `serve status` shows for a replica.
@@ -270,17 +281,22 @@ fn plan_service(
         }
         if let Some(job) = job.filter(|j| j.state.is_terminal()) {
             leaving.push(r.id);
-            let end = if noticed(state, r) {
-                ReplicaEnd::Preempted
+            let (end, why) = if noticed(state, r) {
+                (
+                    ReplicaEnd::Preempted,
+                    format!("its node was reclaimed: {}", job.message),
+                )
+            } else if job.state == JobState::Succeeded {
+                // SkyServe's rule: a `run` that exits 0 is not a failure;
+                // the replica is replaced.
+                (ReplicaEnd::ScaledDown, "its run exited 0".to_string())
             } else {
-                ReplicaEnd::Failed
+                (
+                    ReplicaEnd::Failed,
+                    format!("its job ended: {}", job.message),
+                )
             };
-            out.push(retire(
-                r,
-                end,
-                None,
-                format!("its job ended: {}", job.message),
-            ));
+            out.push(retire(r, end, None, why));
             continue;
         }
         if let Some(node) = replica_node(state, r) {
@@ -343,7 +359,20 @@ fn plan_service(
             _ => {}
         }
     }
-    scale(state, service, &leaving, now_ms, out);
+    // A newest version never READY whose replica fails in this very plan
+    // stops scaling now, not one plan later.
+    let failing_now = out.iter().any(|c| {
+        matches!(c, ServiceCommand::Retire { replica_id, end, name: n, .. }
+            if n == name && end.is_failure()
+                && service.replicas.get(replica_id).is_some_and(|r| r.version == service.version))
+    });
+    let never_ready = service
+        .replicas
+        .values()
+        .filter(|r| r.version == service.version)
+        .all(|r| r.ready_at_ms.is_none());
+    let stopped = stopped_scaling(service) || (failing_now && never_ready);
+    scale(state, service, &leaving, stopped, now_ms, out);
 }
 
 /// Adds and retires replicas so the newest version has its target, spot
@@ -353,6 +382,7 @@ fn scale(
     state: &State,
     service: &Service,
     leaving: &[u32],
+    stopped: bool,
     now_ms: i64,
     out: &mut Vec<ServiceCommand>,
 ) {
@@ -387,12 +417,41 @@ fn scale(
     } else {
         (0, target)
     };
+    // EAGER_NEXT_REGION: replacements stay out of the regions where the
+    // service's replicas were preempted within the last ten minutes.
+    let mut avoid: Vec<(String, String)> = Vec::new();
+    for r in service.replicas.values() {
+        let preempted = match r.phase {
+            ReplicaPhase::Draining {
+                end: ReplicaEnd::Preempted,
+                ..
+            } => true,
+            ReplicaPhase::Ended(ReplicaEnd::Preempted) => r
+                .ended_at_ms
+                .is_some_and(|t| now_ms - t < AVOID_PREEMPTED_MS),
+            ReplicaPhase::Ended(_) => false,
+            // Noticed in this very plan.
+            _ => noticed(state, r),
+        };
+        let node = state
+            .jobs
+            .get(&r.job_id)
+            .and_then(|j| j.attempts.last())
+            .and_then(|a| a.node_ids.first())
+            .and_then(|n| state.nodes.get(n));
+        if let (true, Some(n)) = (preempted, node) {
+            let place = (n.provider.clone(), n.region.clone());
+            if !avoid.contains(&place) {
+                avoid.push(place);
+            }
+        }
+    }
     let mut next_id = service.last_replica_id;
     let mut retiring: Vec<&Replica> = Vec::new();
     for (spot, want) in [(true, spot_target), (false, ondemand_target)] {
         let mut have: Vec<&Replica> = newest.iter().copied().filter(|r| r.spot == spot).collect();
         let missing = (want as usize).saturating_sub(have.len());
-        if missing > 0 && !stopped_scaling(service) {
+        if missing > 0 && !stopped {
             for _ in 0..missing {
                 next_id += 1;
                 out.push(ServiceCommand::AddReplica {
@@ -401,6 +460,7 @@ fn scale(
                     version: service.version,
                     spot,
                     shared_host_port: 0,
+                    avoid: avoid.clone(),
                     at_ms: now_ms,
                 });
             }
@@ -499,3 +559,6 @@ pub fn next_target(
     }
     current
 }
+
+#[cfg(test)]
+mod tests;
