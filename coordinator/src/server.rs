@@ -226,6 +226,7 @@ pub async fn run(
         ca: ca_pem.clone(),
         identity: identity_rx,
     };
+    let load_tls = tls.clone();
     let transport = Box::new(crate::replication::peer::start(
         cfg.member_id,
         tls,
@@ -381,6 +382,7 @@ pub async fn run(
     ));
     tokio::spawn(collect_blobs(ctx.clone()));
     tokio::spawn(crate::serve::lb::run(ctx.clone()));
+    tokio::spawn(crate::serve::report_load(ctx.clone(), load_tls));
 
     // Both reflection versions: grpcurl speaks v1, grpcio's Python client v1alpha.
     // Reflection is open without a token: it reveals the public schema only.
@@ -412,6 +414,7 @@ pub async fn run(
     let peers = RaftPeerServiceServer::new(crate::replication::peer::PeerService::new(
         ctx.raft.clone(),
         seen_tx,
+        ctx.serve.reported.clone(),
     ))
     .max_decoding_message_size(crate::replication::peer::MAX_PEER_MESSAGE);
 

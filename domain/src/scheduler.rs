@@ -514,7 +514,7 @@ fn place_job(
     round: &Round,
     now_ms: i64,
 ) -> Option<Placement> {
-    let avoid: Vec<(String, String)> = job
+    let mut avoid: Vec<(String, String)> = job
         .managed
         .as_ref()
         .map(|m| {
@@ -523,6 +523,10 @@ fn place_job(
                 .collect()
         })
         .unwrap_or_default();
+    // A service's replica replacing a preempted one, likewise.
+    if let Some(tag) = &job.spec.replica {
+        avoid.extend(tag.avoid.iter().cloned());
+    }
     if !avoid.is_empty() {
         let elsewhere: Vec<Offering> = offerings
             .iter()

@@ -378,3 +378,227 @@ async fn bad_service_specs_are_refused_with_their_field_path() {
     assert!(listed.services.is_empty());
     assert!(c.jobs().await.is_empty());
 }
+
+/// Two simulated regions with spot capacity: replicas of 2 vCPUs each get
+/// a node of their own.
+const SPOT_PROVIDERS: &str = "local:\n  simulate: true\n  spot_factor: 0.4\n";
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_preempted_replica_leaves_at_once_and_is_replaced_in_another_region() {
+    let dir = tempfile::tempdir().unwrap();
+    let providers = dir.path().join("providers.yaml");
+    std::fs::write(&providers, SPOT_PROVIDERS).unwrap();
+    let c = Coordinator::start(&["--providers", providers.to_str().unwrap()]).await;
+    let yaml = task("v1", 0, &format!("{FAST_PROBES}  replicas: 2")).replace(
+        "resources:\n  ports: 8080\n",
+        "resources:\n  ports: 8080\n  cpus: 2\n  use_spot: true\n  infra: local\n",
+    );
+    let path = write_task(&c, "spot.yaml", &yaml);
+    cli_ok(&c, &["serve", "up", &path, "-n", "spot"]);
+    let s = ready(&c, "spot", 2, Duration::from_secs(90)).await;
+    assert!(s.replicas.iter().all(|r| r.spot), "{s:?}");
+    let victim = s.replicas[0].clone();
+    assert_ne!(victim.node_id, s.replicas[1].node_id, "one node each");
+    let endpoint = format!("http://{}", s.endpoints[0]);
+    let http = HttpClient::new(Duration::from_secs(5));
+
+    let load = {
+        let (http, endpoint) = (http.clone(), endpoint.clone());
+        tokio::spawn(async move {
+            let mut failed = Vec::new();
+            let mut served_by = Vec::new();
+            let until = Instant::now() + Duration::from_secs(25);
+            while Instant::now() < until {
+                let (code, body) = get(&http, &endpoint).await;
+                if code == 200 {
+                    served_by.push((Instant::now(), body));
+                } else {
+                    failed.push(format!("{code} {body}"));
+                }
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+            (failed, served_by)
+        })
+    };
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let noticed = Instant::now();
+    cli_ok(
+        &c,
+        &[
+            "local",
+            "preempt",
+            &victim.node_id,
+            "--format",
+            "aws",
+            "--in",
+            "20s",
+        ],
+    );
+    // Out of the load balancer as soon as the notice is in the state, and
+    // a replacement on its way at once.
+    let client = c.client().await;
+    let s = wait_for("the notice to be seen", Duration::from_secs(20), || {
+        let client = client.clone();
+        async move {
+            let s = service(&client, "spot").await?;
+            s.replicas
+                .iter()
+                .any(|r| r.replica_id == victim.replica_id && r.status == "PREEMPTED")
+                .then_some(s)
+        }
+    })
+    .await;
+    let left_after = noticed.elapsed();
+    assert!(
+        s.replicas.iter().any(|r| r.replica_id == 3),
+        "no replacement: {s:?}"
+    );
+    let (failed, served_by) = load.await.expect("load");
+    assert!(
+        failed.is_empty(),
+        "requests failed during the drain: {failed:?}"
+    );
+    let victim_name = format!("replica {} ", victim.replica_id);
+    let late: Vec<_> = served_by
+        .iter()
+        .filter(|(at, body)| {
+            *at > noticed + left_after + Duration::from_millis(500) && body.contains(&victim_name)
+        })
+        .collect();
+    assert!(
+        late.is_empty(),
+        "the preempted replica still took traffic: {late:?}"
+    );
+    // The replacement is READY, in the other region (EAGER_NEXT_REGION).
+    let s = wait_for(
+        "the replacement to be READY",
+        Duration::from_secs(90),
+        || {
+            let client = client.clone();
+            async move {
+                let s = service(&client, "spot").await?;
+                s.replicas
+                    .iter()
+                    .any(|r| r.replica_id == 3 && r.status == "READY")
+                    .then_some(s)
+            }
+        },
+    )
+    .await;
+    let region = |r: &pb::ServiceReplica| r.infra.clone();
+    let replacement = s.replicas.iter().find(|r| r.replica_id == 3).unwrap();
+    assert_ne!(region(replacement), victim.infra, "{s:?}");
+    eprintln!(
+        "notice -> out of the load balancer: {left_after:?} (as seen by a client polling the API)"
+    );
+    cli_ok(&c, &["serve", "down", "spot", "-y"]);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_service_with_a_token_refuses_callers_without_it() {
+    let c = Coordinator::start(&[]).await;
+    let yaml = task("v1", 0, &format!("{FAST_PROBES}  replicas: 1")).replacen(
+        "envs:\n",
+        "secrets:\n  NEMBO_SERVICE_TOKEN: null\nenvs:\n",
+        1,
+    );
+    let path = write_task(&c, "token.yaml", &yaml);
+    cli_ok(
+        &c,
+        &[
+            "serve",
+            "up",
+            &path,
+            "-n",
+            "private",
+            "--env",
+            "NEMBO_SERVICE_TOKEN=s3cret-token",
+        ],
+    );
+    let s = ready(&c, "private", 1, Duration::from_secs(60)).await;
+    let endpoint = format!("http://{}", s.endpoints[0]);
+    let http = HttpClient::new(Duration::from_secs(5));
+    let (code, _) = get(&http, &endpoint).await;
+    assert_eq!(code, 401);
+    let with = |token: &str| {
+        http::Request::get(&endpoint)
+            .header("authorization", format!("Bearer {token}"))
+            .body(prost::bytes::Bytes::new())
+            .unwrap()
+    };
+    assert_eq!(http.send(with("wrong")).await.unwrap().status, 401);
+    let r = http.send(with("s3cret-token")).await.unwrap();
+    assert_eq!(r.status, 200, "{}", r.text());
+    assert!(r.text().starts_with("v1 replica 1"));
+    // The token is a secret: status never shows it.
+    let shown = cli_ok(&c, &["serve", "status", "--json"]);
+    assert!(!shown.contains("s3cret-token"));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_other_coordinators_keep_serving_when_the_leader_is_killed() {
+    let mut cluster = nembo_tests::Cluster::start(3, &[]).await;
+    let client = cluster.client();
+    let yaml = task("v1", 0, &format!("{FAST_PROBES}  replicas: 2"));
+    client
+        .clone()
+        .serve_up(pb::ServeUpRequest {
+            name: "ha".into(),
+            task_yaml: yaml,
+            ..Default::default()
+        })
+        .await
+        .expect("serve up");
+    let s = wait_for("2 READY replicas", Duration::from_secs(90), || {
+        let client = client.clone();
+        async move {
+            let s = service(&client, "ha").await?;
+            (s.replicas.iter().filter(|r| r.status == "READY").count() == 2).then_some(s)
+        }
+    })
+    .await;
+    // Members on one host share the port: one endpoint, three listeners.
+    assert_eq!(s.endpoints.len(), 1, "{s:?}");
+    let endpoint = format!("http://{}", s.endpoints[0]);
+    let http = HttpClient::new(Duration::from_secs(5));
+    let load = {
+        let (http, endpoint) = (http.clone(), endpoint.clone());
+        tokio::spawn(async move {
+            let mut results = Vec::new();
+            let until = Instant::now() + Duration::from_secs(15);
+            while Instant::now() < until {
+                let (code, _) = get(&http, &endpoint).await;
+                results.push((Instant::now(), code));
+                tokio::time::sleep(Duration::from_millis(10)).await;
+            }
+            results
+        })
+    };
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    let leader = cluster.leader().await;
+    let killed = Instant::now();
+    cluster.kill9(leader);
+    let results = load.await.expect("load");
+    let failed = results.iter().filter(|(_, code)| *code != 200).count();
+    let after: Vec<u16> = results
+        .iter()
+        .filter(|(at, _)| *at > killed + Duration::from_secs(1))
+        .map(|(_, c)| *c)
+        .collect();
+    eprintln!(
+        "leader killed under load: {failed} of {} requests failed; {} after the first second, all answered",
+        results.len(),
+        after.len()
+    );
+    assert!(
+        after.len() > 100,
+        "too few requests after the kill: {}",
+        after.len()
+    );
+    assert!(
+        after.iter().all(|c| *c == 200),
+        "requests failed after the leader's death: {:?}",
+        after.iter().filter(|c| **c != 200).count()
+    );
+    assert!(failed <= 5, "{failed} requests failed");
+}

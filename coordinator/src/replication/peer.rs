@@ -109,7 +109,7 @@ pub struct PeerTls {
 
 impl PeerTls {
     /// A client of `url` that presents the current certificate.
-    fn client(
+    pub(crate) fn client(
         &mut self,
         url: &str,
     ) -> Result<RaftPeerServiceClient<Channel>, nembo_proto::client::ConnectError> {
@@ -252,13 +252,19 @@ async fn send_snapshot(
 pub struct PeerService {
     raft: RaftHandle,
     seen: mpsc::Sender<(u64, MemberCert)>,
+    load: crate::serve::Reported,
 }
 
 impl PeerService {
     /// Feeds received messages to `raft`, and the member certificates it
     /// admits to `seen` (the owner of member certificates registers them).
-    pub fn new(raft: RaftHandle, seen: mpsc::Sender<(u64, MemberCert)>) -> Self {
-        Self { raft, seen }
+    /// Load reports go to `load`.
+    pub fn new(
+        raft: RaftHandle,
+        seen: mpsc::Sender<(u64, MemberCert)>,
+        load: crate::serve::Reported,
+    ) -> Self {
+        Self { raft, seen, load }
     }
 
     /// The TLS layer verified any certificate against the cluster CA; here
@@ -299,6 +305,26 @@ impl PeerService {
 
 #[tonic::async_trait]
 impl RaftPeerService for PeerService {
+    async fn report_load(
+        &self,
+        request: Request<rpb::ReportLoadRequest>,
+    ) -> Result<Response<rpb::ReportLoadResponse>, Status> {
+        let certs = request.peer_certs();
+        let from = request.get_ref().from;
+        self.admit(certs.as_deref().map(Vec::as_slice), from)?;
+        let now_s = nembo_proto::clock::now_ms() / 1000;
+        let report = request.into_inner();
+        let mut load = self.load.lock().unwrap_or_else(|e| e.into_inner());
+        load.retain(|(member, _), _| *member != from);
+        // A member serves the services in the state, a few hundred at most.
+        for (service, qps) in report.qps.into_iter().take(10_000) {
+            if qps.is_finite() && qps >= 0.0 {
+                load.insert((from, service), (qps, now_s));
+            }
+        }
+        Ok(Response::new(rpb::ReportLoadResponse {}))
+    }
+
     async fn stream(
         &self,
         request: Request<tonic::Streaming<rpb::StreamRequest>>,

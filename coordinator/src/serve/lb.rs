@@ -28,6 +28,10 @@ use tokio::task::JoinHandle;
 use super::RequestCounter;
 use crate::context::Ctx;
 
+/// The task secret that, when set, is the bearer token callers must
+/// present to the service's load balancer.
+pub const TOKEN_SECRET: &str = "NEMBO_SERVICE_TOKEN";
+
 /// Largest request body the load balancer takes.
 pub const MAX_REQUEST_BODY: usize = 16 << 20;
 
@@ -234,10 +238,13 @@ const HOP_BY_HOP: &[&str] = &[
 impl Balancer {
     async fn proxy(
         self: Arc<Self>,
-        req: Request<Incoming>,
+        mut req: Request<Incoming>,
         peer: SocketAddr,
     ) -> Response<ProxyBody> {
         self.counter.record(nembo_proto::clock::now_ms() / 1000);
+        if let Err(refused) = self.authorize(req.headers_mut()) {
+            return refused;
+        }
         let (mut parts, body) = req.into_parts();
         let body = match Limited::new(body, MAX_REQUEST_BODY).collect().await {
             Ok(b) => b.to_bytes(),
@@ -312,6 +319,46 @@ impl Balancer {
             StatusCode::BAD_GATEWAY,
             &format!("no replica answered: {last_error}"),
         )
+    }
+
+    /// Callers of a service whose task sets [`TOKEN_SECRET`] present it as
+    /// a bearer token; it goes no further than here.
+    #[allow(clippy::result_large_err)]
+    fn authorize(&self, headers: &mut http::HeaderMap) -> Result<(), Response<ProxyBody>> {
+        let view = self.ctx.raft.view();
+        let Some(sealed) = view
+            .state
+            .services
+            .get(&self.service)
+            .and_then(|s| s.newest())
+            .and_then(|t| t.secrets.get(TOKEN_SECRET))
+        else {
+            return Ok(());
+        };
+        let Ok(expected) = self.ctx.secrets.open(TOKEN_SECRET, sealed) else {
+            return Err(plain(
+                StatusCode::INTERNAL_SERVER_ERROR,
+                "the service's token cannot be read",
+            ));
+        };
+        let presented = headers
+            .get(http::header::AUTHORIZATION)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.strip_prefix("Bearer "))
+            .unwrap_or_default();
+        if presented.is_empty() || !crate::identity::tls::token_matches(presented, &expected) {
+            let mut r = plain(
+                StatusCode::UNAUTHORIZED,
+                "this service wants a bearer token",
+            );
+            r.headers_mut().insert(
+                http::header::WWW_AUTHENTICATE,
+                HeaderValue::from_static("Bearer"),
+            );
+            return Err(r);
+        }
+        headers.remove(http::header::AUTHORIZATION);
+        Ok(())
     }
 
     /// A READY replica not yet tried, by the service's policy. A service

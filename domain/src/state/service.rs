@@ -174,6 +174,9 @@ pub enum ServiceCommand {
         version: u32,
         spot: bool,
         shared_host_port: u16,
+        /// (provider, region) pairs to stay out of if anywhere else fits.
+        #[serde(default)]
+        avoid: Vec<(String, String)>,
         at_ms: i64,
     },
     /// Its probe passed (`ready`) or failed where it had passed.
@@ -311,6 +314,7 @@ impl State {
                 version,
                 spot,
                 shared_host_port,
+                avoid,
                 at_ms,
                 ..
             } => {
@@ -337,6 +341,7 @@ impl State {
                     service: name.to_string(),
                     replica_id: *replica_id,
                     shared_host_port: *shared_host_port,
+                    avoid: avoid.clone(),
                 });
                 let owner = service.owner.clone();
                 let outcome = self.submit_job(&spec, None, &owner, *at_ms);

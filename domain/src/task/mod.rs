@@ -171,6 +171,11 @@ pub struct ReplicaTag {
     /// The port it serves on where it shares its host with other replicas
     /// (local nodes, all on 127.0.0.1); elsewhere the service's port.
     pub shared_host_port: u16,
+    /// (provider, region) pairs where replicas of the service were just
+    /// preempted: placed elsewhere when anywhere else fits
+    /// (EAGER_NEXT_REGION).
+    #[serde(default)]
+    pub avoid: Vec<(String, String)>,
 }
 
 /// The cluster a task was sent to.
