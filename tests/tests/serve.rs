@@ -602,3 +602,106 @@ async fn the_other_coordinators_keep_serving_when_the_leader_is_killed() {
     );
     assert!(failed <= 5, "{failed} requests failed");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn on_demand_fallback_stands_in_until_spot_is_ready_then_goes() {
+    let dir = tempfile::tempdir().unwrap();
+    let providers = dir.path().join("providers.yaml");
+    std::fs::write(&providers, SPOT_PROVIDERS).unwrap();
+    let c = Coordinator::start(&["--providers", providers.to_str().unwrap()]).await;
+    let policy = "  replica_policy:\n    min_replicas: 1\n    max_replicas: 1\n    dynamic_ondemand_fallback: true";
+    // The spot replica is slow to turn READY: the on-demand one stands in.
+    let yaml = task("v1", 4, &format!("{FAST_PROBES}{policy}")).replace(
+        "resources:\n  ports: 8080\n",
+        "resources:\n  ports: 8080\n  use_spot: true\n  infra: local\n",
+    );
+    let path = write_task(&c, "fallback.yaml", &yaml);
+    cli_ok(&c, &["serve", "up", &path, "-n", "fb"]);
+    let client = c.client().await;
+    let s = service(&client, "fb").await.expect("service");
+    let spot: Vec<bool> = s.replicas.iter().map(|r| r.spot).collect();
+    assert_eq!(
+        spot,
+        vec![true, false],
+        "one spot, one on-demand stand-in: {s:?}"
+    );
+    // Once the spot replica is READY, the stand-in goes.
+    let s = wait_for(
+        "the on-demand stand-in to go",
+        Duration::from_secs(90),
+        || {
+            let client = client.clone();
+            async move {
+                let s = service(&client, "fb").await?;
+                let spot_ready = s.replicas.iter().any(|r| r.spot && r.status == "READY");
+                let od_gone = s
+                    .replicas
+                    .iter()
+                    .filter(|r| !r.spot)
+                    .all(|r| matches!(r.status.as_str(), "SHUTTING_DOWN" | "TERMINATED"));
+                (spot_ready && od_gone).then_some(s)
+            }
+        },
+    )
+    .await;
+    assert_eq!(
+        s.replicas.iter().filter(|r| r.status == "READY").count(),
+        1,
+        "{s:?}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_service_scales_from_zero_on_a_request_up_under_load_and_back_to_zero() {
+    let c = Coordinator::start(&[]).await;
+    let policy = "  replica_policy:\n    min_replicas: 0\n    max_replicas: 2\n    target_qps_per_replica: 1\n    upscale_delay_seconds: 2\n    downscale_delay_seconds: 2";
+    let path = write_task(
+        &c,
+        "auto.yaml",
+        &task("v1", 0, &format!("{FAST_PROBES}{policy}")),
+    );
+    cli_ok(&c, &["serve", "up", &path, "-n", "auto"]);
+    let client = c.client().await;
+    let s = service(&client, "auto").await.expect("service");
+    assert_eq!((s.status.as_str(), s.replicas.len()), ("NO_REPLICA", 0));
+    let endpoint = format!("http://{}", s.endpoints[0]);
+    // The first request waits for a replica rather than failing.
+    let http = HttpClient::new(Duration::from_secs(90));
+    let started = Instant::now();
+    let (code, body) = get(&http, &endpoint).await;
+    assert_eq!(code, 200, "{body}");
+    eprintln!("cold start: the first request took {:?}", started.elapsed());
+    // About 10 requests a second: 2 replicas at 1 QPS each.
+    let load = {
+        let (http, endpoint) = (http.clone(), endpoint.clone());
+        tokio::spawn(async move {
+            let mut failed = 0;
+            let until = Instant::now() + Duration::from_secs(20);
+            while Instant::now() < until {
+                if get(&http, &endpoint).await.0 != 200 {
+                    failed += 1;
+                }
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+            failed
+        })
+    };
+    ready(&c, "auto", 2, Duration::from_secs(60)).await;
+    assert_eq!(load.await.expect("load"), 0, "requests failed under load");
+    // The load gone, the rate over the last minute falls, and with it the
+    // replicas, down to none.
+    let s = wait_for("scale back to zero", Duration::from_secs(150), || {
+        let client = client.clone();
+        async move {
+            let s = service(&client, "auto").await?;
+            let live = s
+                .replicas
+                .iter()
+                .filter(|r| !matches!(r.status.as_str(), "TERMINATED" | "SHUTTING_DOWN"))
+                .count();
+            (s.target_replicas == 0 && live == 0).then_some(s)
+        }
+    })
+    .await;
+    assert_eq!(s.status, "NO_REPLICA");
+}
