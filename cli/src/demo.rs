@@ -234,12 +234,12 @@ async fn run(dir: &Path) -> Result<i32> {
 }
 
 /// Stops the demo's nodes and coordinators, however the demo ends.
-struct Cluster {
-    pids: Vec<u32>,
+pub(crate) struct Cluster {
+    pub(crate) pids: Vec<u32>,
 }
 
 impl Cluster {
-    async fn stop(&self, client: &Client) {
+    pub(crate) async fn stop(&self, client: &Client) {
         let req = pb::DownRequest {
             node_ids: Vec::new(),
             all: true,

@@ -5,6 +5,7 @@ mod catalog;
 mod clusters;
 mod connect;
 mod demo;
+mod demo_serve;
 mod gpus;
 mod jobs;
 mod local;
@@ -78,6 +79,10 @@ enum DemoCmd {
     /// job, a preemption notice; prints the timeline and checks no step
     /// before the last checkpoint was lost.
     Failover,
+    /// Serving: 3 coordinators with a load balancer each, a service on
+    /// simulated spot nodes, load that scales it up, a preemption notice
+    /// and a rolling update; counts failed requests and checks them.
+    Serve,
 }
 
 /// `nembo exec NAME TASK`.
@@ -568,6 +573,9 @@ async fn run(cli: Cli) -> Result<i32> {
         Cmd::Demo {
             command: DemoCmd::Failover,
         } => demo::failover().await,
+        Cmd::Demo {
+            command: DemoCmd::Serve,
+        } => demo_serve::serve().await,
         Cmd::Serve { command } => serve::run(*command).await,
         Cmd::Jobs { command } => match command {
             JobsCmd::Launch(a) => jobs::launch(*a, jobs::Mode::Managed).await,

@@ -49,6 +49,21 @@ fn shipped_examples_parse() {
         panic!("{:?}", storage.file_mounts)
     };
     assert!(ckpt.create && ckpt.mode == StorageMode::Mount);
+    let chat = parse_task_yaml(include_str!("../../../examples/serve-local.yaml"), &none).unwrap();
+    let svc = chat.service.as_ref().expect("a service");
+    assert_eq!(
+        (svc.port, svc.readiness_probe.path.as_str()),
+        (8080, "/health")
+    );
+    assert_eq!(svc.replica_policy.target_qps_per_replica, Some(2.0));
+    let rag = parse_task_yaml(
+        include_str!("../../../examples/ollama-rag-seeweb.yaml"),
+        &none,
+    )
+    .unwrap();
+    let svc = rag.service.as_ref().expect("the showcase is a service");
+    assert_eq!(svc.readiness_probe.initial_delay_s, 1800);
+    assert_eq!(svc.replica_policy.min_replicas, 1);
     let y = include_str!("../../../examples/needs-token.yaml");
     assert_eq!(parse_task_yaml(y, &none).unwrap_err().path, "envs.HF_TOKEN");
     let mut o = BTreeMap::new();
