@@ -58,10 +58,10 @@ fn role_needed(method: &str) -> u8 {
     match method {
         "GetJob" | "ListJobs" | "ListNodes" | "GetClusterStatus" | "GetFleetMetrics"
         | "WatchFleetMetrics" | "GetGpuHistory" | "ListOfferings" | "GetCostReport" | "WhoAmI"
-        | "ListClusters" => 0,
+        | "ListClusters" | "ListServices" => 0,
         "SubmitJob" | "DryRun" | "CancelJob" | "StreamLogs" | "CheckProviders"
         | "FindMissingBlobs" | "PutBlobs" | "StopCluster" | "StartCluster" | "DownCluster"
-        | "SetAutostop" | "Shell" => 1,
+        | "SetAutostop" | "Shell" | "ServeUp" | "ServeUpdate" | "ServeDown" => 1,
         _ => 2,
     }
 }

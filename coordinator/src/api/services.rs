@@ -24,6 +24,18 @@ async fn parse_service_task(
     env_overrides: std::collections::BTreeMap<String, String>,
     uploads: std::collections::BTreeMap<String, String>,
 ) -> Result<TaskSpec, CoordinatorError> {
+    // Whether it is a service at all, before where it could run.
+    let (yaml, overrides) = (task_yaml.clone(), env_overrides.clone());
+    let parsed = ctx
+        .off_runtime(move || nembo_domain::task::parse_task_yaml(&yaml, &overrides))
+        .await??;
+    if parsed.service.is_none() {
+        return Err(CoordinatorError::InvalidArgument(
+            "service: the task has no `service:` section; give it one (at least a \
+             readiness_probe), or run it as a job with `nembo launch`"
+                .into(),
+        ));
+    }
     let req = pb::SubmitJobRequest {
         task: Some(pb::submit_job_request::Task::TaskYaml(task_yaml)),
         env_overrides: env_overrides.into_iter().collect(),
@@ -31,13 +43,6 @@ async fn parse_service_task(
         ..Default::default()
     };
     let spec = jobs::parse_request(ctx, who, &req, false).await?;
-    if spec.service.is_none() {
-        return Err(CoordinatorError::InvalidArgument(
-            "service: the task has no `service:` section; give it one (at least a \
-             readiness_probe), or run it as a job with `nembo launch`"
-                .into(),
-        ));
-    }
     Ok(jobs::sealed(ctx, spec))
 }
 
