@@ -393,7 +393,7 @@ fn scale(
         return;
     };
     let policy = &svc.replica_policy;
-    let target = service.target + policy.num_overprovision;
+    let target = service.target.saturating_add(policy.num_overprovision);
     let staying = |r: &&Replica| r.is_live() && !leaving.contains(&r.id);
     let newest: Vec<&Replica> = service
         .replicas
@@ -413,7 +413,7 @@ fn scale(
         } else {
             0
         };
-        (spot, (target - spot + dynamic).min(target))
+        (spot, (target - spot).saturating_add(dynamic).min(target))
     } else {
         (0, target)
     };
@@ -450,10 +450,13 @@ fn scale(
     let mut retiring: Vec<&Replica> = Vec::new();
     for (spot, want) in [(true, spot_target), (false, ondemand_target)] {
         let mut have: Vec<&Replica> = newest.iter().copied().filter(|r| r.spot == spot).collect();
-        let missing = (want as usize).saturating_sub(have.len());
+        // Bounded as the spec is, whatever a state says.
+        let missing = (want as usize)
+            .saturating_sub(have.len())
+            .min(crate::task::MAX_SERVICE_REPLICAS as usize);
         if missing > 0 && !stopped {
             for _ in 0..missing {
-                next_id += 1;
+                next_id = next_id.saturating_add(1);
                 out.push(ServiceCommand::AddReplica {
                     name: service.name.clone(),
                     replica_id: next_id,
@@ -539,7 +542,8 @@ pub fn next_target(
         return policy.min_replicas;
     };
     let wanted = ((qps / per_replica).ceil().max(0.0) as u32)
-        .clamp(policy.min_replicas, policy.max_replicas);
+        .min(policy.max_replicas)
+        .max(policy.min_replicas);
     if wanted > current {
         memory.lower_since_ms = None;
         let since = *memory.higher_since_ms.get_or_insert(now_ms);

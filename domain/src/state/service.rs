@@ -272,11 +272,13 @@ impl State {
                 };
                 let target = svc.replica_policy.min_replicas;
                 let s = self.service_mut(name);
-                s.version += 1;
+                s.version = s.version.saturating_add(1);
                 let v = s.version;
                 s.versions.insert(v, spec.clone());
                 s.update_mode = *mode;
-                s.target = s.target.clamp(target, svc.replica_policy.max_replicas);
+                // Not `clamp`: it panics on a policy whose max is below its
+                // min, and apply must not panic on any command.
+                s.target = s.target.min(svc.replica_policy.max_replicas).max(target);
                 // Versions no live replica runs are not needed again.
                 let running: Vec<u32> = s
                     .replicas
@@ -318,7 +320,7 @@ impl State {
                 at_ms,
                 ..
             } => {
-                if *replica_id != service.last_replica_id + 1 {
+                if Some(*replica_id) != service.last_replica_id.checked_add(1) {
                     return conflict(format!(
                         "service {name}: replica {replica_id} is not the next one"
                     ));
