@@ -705,3 +705,50 @@ async fn a_service_scales_from_zero_on_a_request_up_under_load_and_back_to_zero(
     .await;
     assert_eq!(s.status, "NO_REPLICA");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_service_with_tls_is_served_over_https() {
+    let c = Coordinator::start(&[]).await;
+    // `CertificateParams::new` puts "127.0.0.1" in as an IP address SAN.
+    let key = rcgen::KeyPair::generate().unwrap();
+    let cert = rcgen::CertificateParams::new(vec!["127.0.0.1".to_string()])
+        .unwrap()
+        .self_signed(&key)
+        .unwrap();
+    let (certfile, keyfile) = (c.dir.path().join("lb.pem"), c.dir.path().join("lb.key"));
+    std::fs::write(&certfile, cert.pem()).unwrap();
+    std::fs::write(&keyfile, key.serialize_pem()).unwrap();
+    let tls = format!(
+        "  tls:\n    certfile: {}\n    keyfile: {}\n",
+        certfile.display(),
+        keyfile.display()
+    );
+    let path = write_task(
+        &c,
+        "tls.yaml",
+        &task("v1", 0, &format!("{FAST_PROBES}{tls}  replicas: 1")),
+    );
+    cli_ok(&c, &["serve", "up", &path, "-n", "secure"]);
+    let s = ready(&c, "secure", 1, Duration::from_secs(60)).await;
+    let url = cli_ok(&c, &["serve", "status", "secure", "--endpoint"]);
+    assert_eq!(url.trim(), format!("https://{}", s.endpoints[0]));
+    for http2 in [false, true] {
+        let mut curl = std::process::Command::new("curl");
+        curl.args(["-s", "--max-time", "10", "--cacert"])
+            .arg(&certfile)
+            .arg(url.trim());
+        if http2 {
+            curl.arg("--http2");
+        }
+        let out = curl.output().expect("curl");
+        let body = String::from_utf8_lossy(&out.stdout);
+        assert!(body.starts_with("v1 replica 1"), "http2 {http2}: {body}");
+    }
+    // Plain HTTP is not served on it.
+    let (code, _) = get(
+        &HttpClient::new(Duration::from_secs(5)),
+        &format!("http://{}", s.endpoints[0]),
+    )
+    .await;
+    assert_ne!(code, 200);
+}
