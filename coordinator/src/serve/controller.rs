@@ -10,7 +10,7 @@ use std::time::Duration;
 use http::Request;
 use hyper::body::Bytes;
 use nembo_domain::serve::{next_target, plan, replica_endpoint, Hysteresis, ProbeSummary, Probes};
-use nembo_domain::state::{Command, JobState, ServiceCommand, State};
+use nembo_domain::state::{Command, JobState, ReplicaPhase, ServiceCommand, State};
 use nembo_domain::task::ReadinessProbe;
 use nembo_proto::clock::now_ms;
 use nembo_proto::http::HttpClient;
@@ -20,7 +20,10 @@ use tokio::time::Instant;
 use crate::context::Ctx;
 
 /// How often the loop looks again with no state change.
-const TICK: Duration = Duration::from_millis(250);
+const TICK: Duration = Duration::from_millis(100);
+
+/// The longest wait between probes of a replica not READY yet.
+const FIRST_PROBES_EVERY: Duration = Duration::from_millis(500);
 
 /// A replica's probing, as this leader has done it.
 struct Probing {
@@ -145,7 +148,13 @@ fn start_probes(
             };
             let key = (service.name.clone(), r.id);
             live.insert(key.clone());
-            let interval = Duration::from_secs(probe.interval_s.into());
+            // Until its first pass, a replica is probed at least twice a
+            // second: it turns READY as soon as it answers, not up to an
+            // interval later.
+            let mut interval = Duration::from_secs(probe.interval_s.into());
+            if r.phase == ReplicaPhase::Starting {
+                interval = interval.min(FIRST_PROBES_EVERY);
+            }
             let p = probing.entry(key.clone()).or_insert(Probing {
                 summary: ProbeSummary {
                     ok: false,

@@ -84,6 +84,7 @@ pub async fn run(ctx: Arc<Ctx>) {
                 counter: ctx.serve.load.counter(name),
                 inflight: Mutex::new(HashMap::new()),
                 turn: AtomicUsize::new(0),
+                routing: Mutex::new(None),
             });
             let addr = SocketAddr::new(ctx.serve.bind_ip, service.lb_port);
             let shared = shares_host(&view.members, view.id);
@@ -115,6 +116,8 @@ struct Balancer {
     inflight: Mutex<HashMap<u32, usize>>,
     /// `round_robin`'s position.
     turn: AtomicUsize,
+    /// The newest state's routing.
+    routing: Mutex<Option<Arc<Routing>>>,
 }
 
 /// Another member of this cluster runs on this member's host.
@@ -321,32 +324,60 @@ impl Balancer {
         )
     }
 
+    /// What requests need from the state, worked out once per applied
+    /// state rather than per request.
+    fn routing(&self) -> Option<Arc<Routing>> {
+        let state = self.ctx.raft.view().state.clone();
+        let mut cache = self.routing.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(r) = cache.as_ref().filter(|r| Arc::ptr_eq(&r.state, &state)) {
+            return Some(r.clone());
+        }
+        let service = state.services.get(&self.service)?;
+        let spec = service.newest().and_then(|t| t.service.as_ref());
+        let token = match service.newest().and_then(|t| t.secrets.get(TOKEN_SECRET)) {
+            None => Ok(None),
+            Some(sealed) => self
+                .ctx
+                .secrets
+                .open(TOKEN_SECRET, sealed)
+                .map(Some)
+                .map_err(|_| ()),
+        };
+        let r = Arc::new(Routing {
+            ready: serving_replicas(&state, service),
+            policy: spec.map(|s| s.load_balancing_policy).unwrap_or_default(),
+            stream_timeout: Duration::from_secs(spec.map_or(120, |s| s.stream_timeout_s).into()),
+            token,
+            scaled_to_zero: service.target == 0,
+            state: state.clone(),
+        });
+        *cache = Some(r.clone());
+        Some(r)
+    }
+
     /// Callers of a service whose task sets [`TOKEN_SECRET`] present it as
     /// a bearer token; it goes no further than here.
     #[allow(clippy::result_large_err)]
     fn authorize(&self, headers: &mut http::HeaderMap) -> Result<(), Response<ProxyBody>> {
-        let view = self.ctx.raft.view();
-        let Some(sealed) = view
-            .state
-            .services
-            .get(&self.service)
-            .and_then(|s| s.newest())
-            .and_then(|t| t.secrets.get(TOKEN_SECRET))
-        else {
+        let Some(routing) = self.routing() else {
             return Ok(());
         };
-        let Ok(expected) = self.ctx.secrets.open(TOKEN_SECRET, sealed) else {
-            return Err(plain(
-                StatusCode::INTERNAL_SERVER_ERROR,
-                "the service's token cannot be read",
-            ));
+        let expected = match &routing.token {
+            Ok(None) => return Ok(()),
+            Ok(Some(t)) => t,
+            Err(()) => {
+                return Err(plain(
+                    StatusCode::INTERNAL_SERVER_ERROR,
+                    "the service's token cannot be read",
+                ))
+            }
         };
         let presented = headers
             .get(http::header::AUTHORIZATION)
             .and_then(|v| v.to_str().ok())
             .and_then(|v| v.strip_prefix("Bearer "))
             .unwrap_or_default();
-        if presented.is_empty() || !crate::identity::tls::token_matches(presented, &expected) {
+        if presented.is_empty() || !crate::identity::tls::token_matches(presented, expected) {
             let mut r = plain(
                 StatusCode::UNAUTHORIZED,
                 "this service wants a bearer token",
@@ -364,20 +395,17 @@ impl Balancer {
     /// A READY replica not yet tried, by the service's policy. A service
     /// scaled to zero waits for its first replica.
     async fn choose(&self, tried: &[u32]) -> Option<(u32, String, Duration)> {
-        let mut views = self.ctx.raft.subscribe();
-        let mut waiting: Option<tokio::time::Instant> = None;
+        let mut waiting: Option<(tokio::time::Instant, tokio::sync::watch::Receiver<_>)> = None;
         loop {
-            let view = views.borrow_and_update().clone();
-            let service = view.state.services.get(&self.service)?;
-            let mut ready = serving_replicas(&view.state, service);
-            ready.retain(|(id, _)| !tried.contains(id));
+            let routing = self.routing()?;
+            let ready: Vec<&(u32, String)> = routing
+                .ready
+                .iter()
+                .filter(|(id, _)| !tried.contains(id))
+                .collect();
             if !ready.is_empty() {
-                let spec = service.newest().and_then(|t| t.service.as_ref());
-                let policy = spec.map(|s| s.load_balancing_policy).unwrap_or_default();
-                let stream_timeout =
-                    Duration::from_secs(spec.map_or(120, |s| s.stream_timeout_s).into());
                 let turn = self.turn.fetch_add(1, Ordering::Relaxed);
-                let pick = match policy {
+                let pick = match routing.policy {
                     LoadBalancingPolicy::RoundRobin => turn % ready.len(),
                     LoadBalancingPolicy::LeastLoad => {
                         let inflight = self.inflight.lock().unwrap_or_else(|e| e.into_inner());
@@ -389,16 +417,20 @@ impl Balancer {
                             .unwrap_or(0)
                     }
                 };
-                let (id, endpoint) = ready.swap_remove(pick);
-                return Some((id, endpoint, stream_timeout));
+                let (id, endpoint) = ready[pick].clone();
+                return Some((id, endpoint, routing.stream_timeout));
             }
             // A service scaled to zero waits for its first replica; any
             // other answers at once (SkyServe's 503), as one whose replicas
             // are failing must.
-            let deadline = match waiting {
-                Some(d) => d,
-                None if service.target == 0 && tried.is_empty() => {
-                    *waiting.insert(tokio::time::Instant::now() + COLD_START_WAIT)
+            let (deadline, views) = match &mut waiting {
+                Some((d, views)) => (*d, views),
+                None if routing.scaled_to_zero && tried.is_empty() => {
+                    let w = waiting.insert((
+                        tokio::time::Instant::now() + COLD_START_WAIT,
+                        self.ctx.raft.subscribe(),
+                    ));
+                    (w.0, &mut w.1)
                 }
                 None => return None,
             };
@@ -410,6 +442,18 @@ impl Balancer {
             }
         }
     }
+}
+
+/// A service's routing as of one applied state.
+struct Routing {
+    state: Arc<nembo_domain::state::State>,
+    /// READY replicas of the versions that serve, with their endpoints.
+    ready: Vec<(u32, String)>,
+    policy: LoadBalancingPolicy,
+    stream_timeout: Duration,
+    /// The bearer token callers must present; `Err`: it cannot be opened.
+    token: Result<Option<String>, ()>,
+    scaled_to_zero: bool,
 }
 
 /// Counts a request in flight to a replica until its response is done.
