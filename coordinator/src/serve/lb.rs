@@ -304,7 +304,8 @@ impl Balancer {
                     }
                     let body = BodyExt::boxed(Tracked {
                         inner: body,
-                        deadline: Box::pin(tokio::time::sleep(stream_timeout)),
+                        until: tokio::time::Instant::now() + stream_timeout,
+                        timer: None,
                         _guard: guard,
                     });
                     return Response::from_parts(head, body);
@@ -487,10 +488,13 @@ impl Drop for Inflight {
 
 /// A replica's response body, passed through frame by frame, holding its
 /// in-flight count until the stream ends, and cut at the service's
-/// `load_balancer.stream_timeout_seconds`.
+/// `load_balancer.stream_timeout_seconds`. The timer is armed only once
+/// the replica makes the stream wait: a response that is there at once
+/// (most are) costs no timer.
 struct Tracked {
     inner: Incoming,
-    deadline: Pin<Box<tokio::time::Sleep>>,
+    until: tokio::time::Instant,
+    timer: Option<Pin<Box<tokio::time::Sleep>>>,
     _guard: Inflight,
 }
 
@@ -502,14 +506,27 @@ impl Body for Tracked {
         mut self: Pin<&mut Self>,
         cx: &mut Context<'_>,
     ) -> Poll<Option<Result<Frame<Bytes>, BodyError>>> {
-        if self.deadline.as_mut().poll(cx).is_ready() {
-            return Poll::Ready(Some(Err("the response outlasted the service's \
-                 load_balancer.stream_timeout_seconds"
-                .into())));
+        let timed_out = || -> BodyError {
+            "the response outlasted the service's load_balancer.stream_timeout_seconds".into()
+        };
+        if tokio::time::Instant::now() >= self.until {
+            return Poll::Ready(Some(Err(timed_out())));
         }
-        Pin::new(&mut self.inner)
-            .poll_frame(cx)
-            .map_err(|e| Box::new(e) as BodyError)
+        match Pin::new(&mut self.inner).poll_frame(cx) {
+            Poll::Ready(frame) => {
+                Poll::Ready(frame.map(|f| f.map_err(|e| Box::new(e) as BodyError)))
+            }
+            Poll::Pending => {
+                let until = self.until;
+                let timer = self
+                    .timer
+                    .get_or_insert_with(|| Box::pin(tokio::time::sleep_until(until)));
+                if timer.as_mut().poll(cx).is_ready() {
+                    return Poll::Ready(Some(Err(timed_out())));
+                }
+                Poll::Pending
+            }
+        }
     }
 
     fn is_end_stream(&self) -> bool {
