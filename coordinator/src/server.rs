@@ -382,7 +382,7 @@ pub async fn run(
     ));
     tokio::spawn(collect_blobs(ctx.clone()));
     tokio::spawn(crate::serve::lb::run(ctx.clone()));
-    tokio::spawn(crate::serve::report_load(ctx.clone(), load_tls));
+    tokio::spawn(crate::serve::report::report_load(ctx.clone(), load_tls));
 
     // Both reflection versions: grpcurl speaks v1, grpcio's Python client v1alpha.
     // Reflection is open without a token: it reveals the public schema only.
