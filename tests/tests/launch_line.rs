@@ -94,7 +94,13 @@ async fn flags_override_the_task_file_and_unsupported_ones_are_refused_by_name()
         "high",
     ]);
     let first = &v["task"]["resources"]["any_of"][0];
-    assert_eq!(first["ports"], "8888,9000-9001", "{v}");
+    // Several ports are written back as a list, which SkyPilot's parser
+    // (and Nembo's) reads again as they were.
+    assert_eq!(
+        first["ports"],
+        serde_json::json!(["8888", "9000-9001"]),
+        "{v}"
+    );
     assert_eq!(first["disk_size"], "1", "{v}");
     assert_eq!(first["disk_tier"], "high", "{v}");
     let v = dry(&["--image-id", "docker:ubuntu:22.04"]);
