@@ -180,6 +180,10 @@ fn existing_nodes(
         if !usable || !node_matches(c, node) || reserved {
             continue;
         }
+        // One replica of a service per machine: they all serve on its port.
+        if spec.replica.is_some() && state.holds_other_replica(node) {
+            continue;
+        }
         // The node must also be a shape this candidate accepts (its whole size).
         let shape = Offering {
             provider: node.provider.clone(),

@@ -79,7 +79,7 @@ fn replica_node<'a>(state: &'a State, r: &Replica) -> Option<&'a crate::state::N
 }
 
 /// Several nodes on one host: local nodes, all on the loopback.
-fn shares_host(address: &str) -> bool {
+pub fn shares_host(address: &str) -> bool {
     address.starts_with("127.") || address == "::1" || address == "localhost"
 }
 

@@ -1254,3 +1254,40 @@ service:
     assert_eq!(retires(&cmds), vec![(1, ReplicaEnd::ScaledDown, None)]);
     assert_eq!(sim.status(1), "TERMINATED");
 }
+
+#[test]
+fn two_replicas_never_share_a_machine_of_their_own_but_share_a_local_host() {
+    let mut sim = Sim::up(BASIC);
+    sim.step();
+    // Replica 1 on a VM of its own (not the loopback).
+    let vm = sim.run_at(1, "10.0.0.7", "");
+    // Replica 2 may not join it there: both would listen on the service's port.
+    let second = sim.replica(2).job_id;
+    let refused = sim.s.apply(&Command::AssignJob {
+        job_id: second,
+        node_ids: vec![vm.clone()],
+        candidate: 0,
+        at_ms: sim.now,
+    });
+    assert!(
+        matches!(&refused, Outcome::Rejected(r) if r.to_string().contains("already runs a service replica")),
+        "{refused:?}"
+    );
+    // On a local node (a host replicas share), they may: each has a port
+    // of its own there.
+    let mut sim = Sim::up(BASIC);
+    sim.step();
+    let local = sim.run(1);
+    let second = sim.replica(2).job_id;
+    let placed = sim.s.apply(&Command::AssignJob {
+        job_id: second,
+        node_ids: vec![local],
+        candidate: 0,
+        at_ms: sim.now,
+    });
+    assert_eq!(placed, Outcome::Applied);
+    assert_ne!(
+        sim.replica(1).shared_host_port,
+        sim.replica(2).shared_host_port
+    );
+}

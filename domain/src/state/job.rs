@@ -279,6 +279,11 @@ impl State {
             if let Err(why) = self.node_serves(node, job.spec.cluster.as_ref().map(|t| &*t.name)) {
                 return conflict(why);
             }
+            if job.spec.replica.is_some() && self.holds_other_replica(node) {
+                return conflict(format!(
+                    "node {id} already runs a service replica, on the service's port"
+                ));
+            }
             if let Some(other) = self.reserved_by(id) {
                 if other != job_id {
                     return conflict(format!("node {id} is reserved for job {other}"));
@@ -482,5 +487,18 @@ pub(super) fn end_job(
             a.ended_at_ms = Some(at_ms);
             a.message = msg.to_string();
         }
+    }
+}
+
+impl State {
+    /// A service replica holds a rank on `node`, and the node is a machine
+    /// of its own: a second replica there would want the same port
+    /// (replicas on a host that nodes share get a port each).
+    pub(crate) fn holds_other_replica(&self, node: &super::Node) -> bool {
+        !crate::serve::shares_host(&node.address)
+            && self
+                .jobs_on(&node.id)
+                .iter()
+                .any(|j| self.jobs.get(j).is_some_and(|j| j.spec.replica.is_some()))
     }
 }
