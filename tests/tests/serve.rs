@@ -755,10 +755,22 @@ async fn a_service_with_tls_is_served_over_https() {
         assert!(body.starts_with("v1 replica 1"), "http2 {http2}: {body}");
     }
     // Plain HTTP is not served on it.
-    let (code, _) = get(
-        &HttpClient::new(Duration::from_secs(5)),
-        &format!("http://{}", s.endpoints[0]),
-    )
+    let http = HttpClient::new(Duration::from_secs(5));
+    let plain = format!("http://{}", s.endpoints[0]);
+    assert_ne!(get(&http, &plain).await.0, 200);
+    // An update without `tls:` reopens the listener in plain HTTP.
+    let v2 = write_task(
+        &c,
+        "plain.yaml",
+        &task("v2", 0, &format!("{FAST_PROBES}  replicas: 1")),
+    );
+    cli_ok(&c, &["serve", "update", "secure", &v2]);
+    wait_for("plain HTTP from v2", Duration::from_secs(60), || {
+        let (http, plain) = (http.clone(), plain.clone());
+        async move {
+            let (code, body) = get(&http, &plain).await;
+            (code == 200 && body.starts_with("v2")).then_some(())
+        }
+    })
     .await;
-    assert_ne!(code, 200);
 }

@@ -48,7 +48,8 @@ type BodyError = Box<dyn std::error::Error + Send + Sync>;
 /// runs for the coordinator's life (followers serve traffic too).
 pub async fn run(ctx: Arc<Ctx>) {
     let mut views = ctx.raft.subscribe();
-    let mut listeners: HashMap<String, (u16, JoinHandle<()>)> = HashMap::new();
+    // Per service: what its listener was opened with, and its task.
+    let mut listeners: HashMap<String, (Listening, JoinHandle<()>)> = HashMap::new();
     let client: Client<HttpConnector, Full<Bytes>> = {
         let mut connector = HttpConnector::new();
         connector.set_nodelay(true);
@@ -60,9 +61,11 @@ pub async fn run(ctx: Arc<Ctx>) {
     loop {
         let view = views.borrow_and_update().clone();
         let services = &view.state.services;
-        listeners.retain(|name, (port, task)| {
+        // A listener goes when its service does, when it failed, and when
+        // an update changed its TLS files (they are read when it opens).
+        listeners.retain(|name, (opened, task)| {
             let keep =
-                services.get(name).is_some_and(|s| s.lb_port == *port) && !task.is_finished();
+                services.get(name).is_some_and(|s| listening(s) == *opened) && !task.is_finished();
             if !keep {
                 task.abort();
             }
@@ -73,10 +76,8 @@ pub async fn run(ctx: Arc<Ctx>) {
             if listeners.contains_key(name) {
                 continue;
             }
-            let tls = service
-                .newest()
-                .and_then(|t| t.service.as_ref())
-                .and_then(|s| s.tls.clone());
+            let opened = listening(service);
+            let tls = opened.1.clone();
             let lb = Arc::new(Balancer {
                 ctx: ctx.clone(),
                 service: name.clone(),
@@ -93,7 +94,7 @@ pub async fn run(ctx: Arc<Ctx>) {
                     tracing::error!(%addr, error = %e, "load balancer stopped");
                 }
             });
-            listeners.insert(name.clone(), (service.lb_port, task));
+            listeners.insert(name.clone(), (opened, task));
         }
         tokio::select! {
             changed = views.changed() => if changed.is_err() { break },
@@ -104,6 +105,17 @@ pub async fn run(ctx: Arc<Ctx>) {
     for (_, (_, task)) in listeners {
         task.abort();
     }
+}
+
+/// A listener's port and TLS files.
+type Listening = (u16, Option<nembo_domain::task::ServiceTls>);
+
+fn listening(s: &nembo_domain::state::Service) -> Listening {
+    let tls = s
+        .newest()
+        .and_then(|t| t.service.as_ref())
+        .and_then(|x| x.tls.clone());
+    (s.lb_port, tls)
 }
 
 /// One service's load balancer on this coordinator.
