@@ -286,7 +286,20 @@ struct Nginx {
 }
 
 impl Drop for Nginx {
+    /// SIGTERM, so the master takes its workers with it (SIGKILL would
+    /// leave them running, and loading the next benchmark's CPUs).
     fn drop(&mut self) {
+        let _ = nix::sys::signal::kill(
+            nix::unistd::Pid::from_raw(self.child.id() as i32),
+            nix::sys::signal::Signal::SIGTERM,
+        );
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while Instant::now() < deadline {
+            if let Ok(Some(_)) = self.child.try_wait() {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
         let _ = self.child.kill();
         let _ = self.child.wait();
     }
