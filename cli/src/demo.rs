@@ -54,10 +54,10 @@ const SIM_CLOUD: &str = r#"{"regions": [{"name": "sim-eu"}],
                      "cpus": 24, "memory_gb": 240, "price": 3.0, "spot_price": 1.2}],
  "agents": true}"#;
 
-struct Clock(Instant);
+pub(crate) struct Clock(pub(crate) Instant);
 
 impl Clock {
-    fn line(&self, what: &str) {
+    pub(crate) fn line(&self, what: &str) {
         println!("  +{:>5.1}s  {what}", self.0.elapsed().as_secs_f64());
     }
     fn at(&self, unix_ms: i64, t0_unix_ms: i64, what: &str) {
@@ -68,10 +68,20 @@ impl Clock {
 
 /// Runs the demo; exits non-zero if the check fails.
 pub async fn failover() -> Result<i32> {
+    in_own_dir("demo", run).await
+}
+
+/// Runs a demo in a directory of its own under the Nembo home: removed if
+/// it passes, kept (and named) for its logs if not.
+pub(crate) async fn in_own_dir<F, Fut>(prefix: &str, demo: F) -> Result<i32>
+where
+    F: FnOnce(PathBuf) -> Fut,
+    Fut: std::future::Future<Output = Result<i32>>,
+{
     let home = connect::nembo_home()?;
-    let dir = home.join(format!("demo-{}", std::process::id()));
+    let dir = home.join(format!("{prefix}-{}", std::process::id()));
     std::fs::create_dir_all(&dir)?;
-    let result = run(&dir).await;
+    let result = demo(dir.clone()).await;
     if result.is_ok() {
         let _ = std::fs::remove_dir_all(&dir);
     } else {
@@ -80,7 +90,8 @@ pub async fn failover() -> Result<i32> {
     result
 }
 
-async fn run(dir: &Path) -> Result<i32> {
+async fn run(dir: PathBuf) -> Result<i32> {
+    let dir = dir.as_path();
     let started = Instant::now();
     let providers = dir.join("providers.yaml");
     std::fs::write(&providers, PROVIDERS)?;

@@ -44,19 +44,10 @@ struct Traffic {
 }
 
 pub async fn serve() -> Result<i32> {
-    let home = connect::nembo_home()?;
-    let dir = home.join(format!("demo-serve-{}", std::process::id()));
-    std::fs::create_dir_all(&dir)?;
-    let result = run(&dir).await;
-    if result.is_ok() {
-        let _ = std::fs::remove_dir_all(&dir);
-    } else {
-        eprintln!("(logs kept in {})", dir.display());
-    }
-    result
+    crate::demo::in_own_dir("demo-serve", run).await
 }
 
-async fn run(dir: &std::path::Path) -> Result<i32> {
+async fn run(dir: std::path::PathBuf) -> Result<i32> {
     let started = Instant::now();
     let providers = dir.join("providers.yaml");
     std::fs::write(&providers, PROVIDERS)?;
@@ -80,8 +71,8 @@ async fn run(dir: &std::path::Path) -> Result<i32> {
         pids: info.pids.clone(),
     };
     let client = connect::connect_info(&info).await?;
-    let t0 = Instant::now();
-    let line = |what: &str| println!("  +{:>5.1}s  {what}", t0.elapsed().as_secs_f64());
+    let clock = crate::demo::Clock(Instant::now());
+    let line = |what: &str| clock.line(what);
     line(&format!(
         "cluster up ({} coordinators, {:.1} s)",
         info.pids.len(),

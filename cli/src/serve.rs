@@ -118,12 +118,21 @@ async fn prepare(client: &Client, t: &TaskArgs) -> Result<Prepared> {
     })
 }
 
-/// Waits for the rest of an upload.
-async fn finish_upload(shipped: crate::upload::Shipped) -> Result<()> {
-    if let Some(rest) = shipped.rest {
-        rest.await.context("upload")??;
+/// The upload behind a serve call, seen through once the call was
+/// taken; abandoned (its announcement lapses) if the call was refused.
+async fn settle_upload<T>(shipped: crate::upload::Shipped, call: Result<T>) -> Result<T> {
+    match (call, shipped.rest) {
+        (Err(e), Some(rest)) => {
+            rest.abort();
+            Err(e)
+        }
+        (Err(e), None) => Err(e),
+        (Ok(r), Some(rest)) => {
+            rest.await.context("upload")??;
+            Ok(r)
+        }
+        (Ok(r), None) => Ok(r),
     }
-    Ok(())
 }
 
 pub async fn run(cmd: ServeCmd) -> Result<i32> {
@@ -164,16 +173,7 @@ async fn up(a: UpArgs) -> Result<()> {
         uploads: p.shipped.uploads.clone().into_iter().collect(),
     };
     let r = connect::call(&client, req, |mut c, r| async move { c.serve_up(r).await }).await;
-    let r = match r {
-        Ok(r) => r,
-        Err(e) => {
-            if let Some(rest) = &p.shipped.rest {
-                rest.abort();
-            }
-            return Err(e);
-        }
-    };
-    finish_upload(p.shipped).await?;
+    let r = settle_upload(p.shipped, r).await?;
     let s = r
         .service
         .context("the coordinator answered without the service")?;
@@ -211,16 +211,7 @@ async fn update(name: &str, t: &TaskArgs, mode: &str) -> Result<()> {
         |mut c, r| async move { c.serve_update(r).await },
     )
     .await;
-    let r = match r {
-        Ok(r) => r,
-        Err(e) => {
-            if let Some(rest) = &p.shipped.rest {
-                rest.abort();
-            }
-            return Err(e);
-        }
-    };
-    finish_upload(p.shipped).await?;
+    let r = settle_upload(p.shipped, r).await?;
     let s = r
         .service
         .context("the coordinator answered without the service")?;
