@@ -537,12 +537,7 @@ pub fn service_to_proto(
         .replicas
         .values()
         .map(|r| {
-            let node = state
-                .jobs
-                .get(&r.job_id)
-                .and_then(|j| j.current_attempt())
-                .and_then(|a| a.node_ids.first())
-                .and_then(|n| state.nodes.get(n));
+            let node = serve::last_node(state, r);
             pb::ServiceReplica {
                 replica_id: r.id,
                 version: r.version,

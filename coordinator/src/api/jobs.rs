@@ -40,15 +40,7 @@ pub async fn submit_job(
 ) -> Result<Response<pb::SubmitJobResponse>, Status> {
     let who = principal(&request)?;
     let req = request.into_inner();
-    let spec = parse_request(ctx, &who, &req, false).await?;
-    if spec.service.is_some() {
-        return Err(CoordinatorError::InvalidArgument(
-            "service: the task is a service; bring it up with `nembo serve up TASK` \
-             (or drop `service:` to run it as a job)"
-                .into(),
-        )
-        .into());
-    }
+    let spec = parse_request(ctx, &who, &req, Submission::Job).await?;
     let key = (!req.idempotency_key.is_empty()).then(|| req.idempotency_key.clone());
     // The job and its audit record in one entry: auditing costs the
     // hot path no second commit.
@@ -101,7 +93,7 @@ pub async fn dry_run(
     request: Request<pb::DryRunRequest>,
 ) -> Result<Response<pb::DryRunResponse>, Status> {
     let who = principal(&request)?;
-    let spec = parse_request(ctx, &who, &request.into_inner().into(), true).await?;
+    let spec = parse_request(ctx, &who, &request.into_inner().into(), Submission::DryRun).await?;
     let offerings = offerings_for(ctx, &spec);
     let view = ctx.raft.view();
     let now = now_ms();
@@ -284,12 +276,24 @@ pub(super) fn sealed(ctx: &Ctx, mut spec: TaskSpec) -> TaskSpec {
     spec
 }
 
+/// What a task is submitted as.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(super) enum Submission {
+    /// A job (`SubmitJob`): a task with `service:` is refused.
+    Job,
+    /// A service's version (`ServeUp`, `ServeUpdate`): `service:` is required.
+    Service,
+    /// `DryRun`: either; its local sources need not be uploaded.
+    DryRun,
+}
+
 pub(super) async fn parse_request(
     ctx: &Ctx,
     who: &Principal,
     req: &pb::SubmitJobRequest,
-    dry_run: bool,
+    kind: Submission,
 ) -> Result<TaskSpec, CoordinatorError> {
+    let dry_run = kind == Submission::DryRun;
     let overrides: BTreeMap<String, String> = req.env_overrides.clone();
     let size = prost::Message::encoded_len(req);
     if size > MAX_TASK_BYTES {
@@ -315,6 +319,24 @@ pub(super) async fn parse_request(
             ))
         }
     };
+    // Whether it is a job or a service at all, before where it could run.
+    match (kind, spec.service.is_some()) {
+        (Submission::Job, true) => {
+            return Err(CoordinatorError::InvalidArgument(
+                "service: the task is a service; bring it up with `nembo serve up TASK` \
+                 (or drop `service:` to run it as a job)"
+                    .into(),
+            ))
+        }
+        (Submission::Service, false) => {
+            return Err(CoordinatorError::InvalidArgument(
+                "service: the task has no `service:` section; give it one (at least a \
+                 readiness_probe), or run it as a job with `nembo launch`"
+                    .into(),
+            ))
+        }
+        _ => {}
+    }
     attach_uploads(ctx, &mut spec, &req.uploads, dry_run)?;
     if let (Some(w), None) = (&spec.workdir, &spec.workdir_manifest) {
         check_workdir(w, &ctx.own_dirs)?;

@@ -1,6 +1,7 @@
 //! Services (`nembo serve`): up, update, list, down. A user acts on their
 //! own services; an admin on any. What runs them is `crate::serve`.
 
+use std::collections::BTreeMap;
 use std::ops::Bound::{Excluded, Unbounded};
 
 use nembo_domain::state::{Command, Service, ServiceCommand, State, UpdateMode};
@@ -10,8 +11,9 @@ use nembo_proto::v1 as pb;
 use tonic::{Request, Response, Status};
 
 use super::gate::{audited, principal, Principal};
+use super::jobs::{self, Submission};
 use super::paging::PageRequest;
-use super::{convert, jobs, propose_change};
+use super::{convert, propose_change};
 use crate::context::Ctx;
 use crate::error::CoordinatorError;
 
@@ -21,28 +23,16 @@ async fn parse_service_task(
     ctx: &Ctx,
     who: &Principal,
     task_yaml: String,
-    env_overrides: std::collections::BTreeMap<String, String>,
-    uploads: std::collections::BTreeMap<String, String>,
+    env_overrides: BTreeMap<String, String>,
+    uploads: BTreeMap<String, String>,
 ) -> Result<TaskSpec, CoordinatorError> {
-    // Whether it is a service at all, before where it could run.
-    let (yaml, overrides) = (task_yaml.clone(), env_overrides.clone());
-    let parsed = ctx
-        .off_runtime(move || nembo_domain::task::parse_task_yaml(&yaml, &overrides))
-        .await??;
-    if parsed.service.is_none() {
-        return Err(CoordinatorError::InvalidArgument(
-            "service: the task has no `service:` section; give it one (at least a \
-             readiness_probe), or run it as a job with `nembo launch`"
-                .into(),
-        ));
-    }
     let req = pb::SubmitJobRequest {
         task: Some(pb::submit_job_request::Task::TaskYaml(task_yaml)),
-        env_overrides: env_overrides.into_iter().collect(),
-        uploads: uploads.into_iter().collect(),
+        env_overrides,
+        uploads,
         ..Default::default()
     };
-    let spec = jobs::parse_request(ctx, who, &req, false).await?;
+    let spec = jobs::parse_request(ctx, who, &req, Submission::Service).await?;
     Ok(jobs::sealed(ctx, spec))
 }
 
@@ -68,14 +58,7 @@ pub async fn serve_up(
         req.name.clone()
     };
     check_name(&name)?;
-    let spec = parse_service_task(
-        ctx,
-        &who,
-        req.task_yaml,
-        req.env_overrides.into_iter().collect(),
-        req.uploads.into_iter().collect(),
-    )
-    .await?;
+    let spec = parse_service_task(ctx, &who, req.task_yaml, req.env_overrides, req.uploads).await?;
     let state = ctx.raft.view().state.clone();
     if state.services.contains_key(&name) {
         return Err(CoordinatorError::AlreadyExists(format!(
@@ -126,14 +109,7 @@ pub async fn serve_update(
             .into())
         }
     };
-    let spec = parse_service_task(
-        ctx,
-        &who,
-        req.task_yaml,
-        req.env_overrides.into_iter().collect(),
-        req.uploads.into_iter().collect(),
-    )
-    .await?;
+    let spec = parse_service_task(ctx, &who, req.task_yaml, req.env_overrides, req.uploads).await?;
     let cmd = Command::Service(ServiceCommand::Update {
         name: req.name.clone(),
         spec,
