@@ -72,13 +72,8 @@ pub async fn run(ctx: Arc<Ctx>) {
             .map(|(k, p)| (k.clone(), p.summary))
             .collect();
         commands.extend(plan(state, &seen, now));
-        let mut ports_taken: HashSet<u16> = state
-            .services
-            .values()
-            .flat_map(|s| s.replicas.values())
-            .filter(|r| r.is_live())
-            .map(|r| r.shared_host_port)
-            .collect();
+        // Worked out only when a replica is to be added.
+        let mut ports_taken: Option<HashSet<u16>> = None;
         for mut cmd in commands {
             if let Command::Service(ServiceCommand::AddReplica {
                 name,
@@ -87,10 +82,19 @@ pub async fn run(ctx: Arc<Ctx>) {
                 ..
             }) = &mut cmd
             {
-                match free_port(&ports_taken) {
+                let taken = ports_taken.get_or_insert_with(|| {
+                    state
+                        .services
+                        .values()
+                        .flat_map(|s| s.replicas.values())
+                        .filter(|r| r.is_live())
+                        .map(|r| r.shared_host_port)
+                        .collect()
+                });
+                match free_port(taken) {
                     Some(p) => {
                         *shared_host_port = p;
-                        ports_taken.insert(p);
+                        taken.insert(p);
                     }
                     None => {
                         tracing::warn!(service = %name, "no free port for a replica");

@@ -88,7 +88,7 @@ pub async fn run(ctx: Arc<Ctx>) {
                 routing: Mutex::new(None),
             });
             let addr = SocketAddr::new(ctx.serve.bind_ip, service.lb_port);
-            let shared = shares_host(&view.members, view.id);
+            let shared = member_shares_host(&view.members, view.id);
             let task = tokio::spawn(async move {
                 if let Err(e) = listen(lb, addr, tls, shared).await {
                     tracing::error!(%addr, error = %e, "load balancer stopped");
@@ -133,7 +133,7 @@ struct Balancer {
 }
 
 /// Another member of this cluster runs on this member's host.
-fn shares_host(members: &std::collections::BTreeMap<u64, String>, me: u64) -> bool {
+fn member_shares_host(members: &std::collections::BTreeMap<u64, String>, me: u64) -> bool {
     let host = |url: &String| url.parse::<http::Uri>().ok()?.host().map(str::to_string);
     let mine = members.get(&me).and_then(host);
     mine.is_some() && members.iter().any(|(id, u)| *id != me && host(u) == mine)

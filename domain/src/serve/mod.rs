@@ -113,17 +113,18 @@ pub fn replica_endpoint(state: &State, service: &Service, r: &Replica) -> Option
     })
 }
 
-/// Its node's cloud said it will reclaim it.
-/// (Its job's newest node, even once the job let go of it: a node
+/// The node a replica's job was last placed on (its newest attempt's first
+/// rank), even once the job let go of it: where it ran, for `serve status`
+/// and for what its node's cloud did to it.
+pub fn last_node<'a>(state: &'a State, r: &Replica) -> Option<&'a crate::state::Node> {
+    let attempt = state.jobs.get(&r.job_id)?.current_attempt()?;
+    state.nodes.get(attempt.node_ids.first()?)
+}
+
+/// Its node's cloud said it will reclaim it. (Its last node: a node
 /// reclaimed before the loop ran ends its job first.)
 fn noticed(state: &State, r: &Replica) -> bool {
-    state
-        .jobs
-        .get(&r.job_id)
-        .and_then(|j| j.current_attempt())
-        .and_then(|a| a.node_ids.first())
-        .and_then(|n| state.nodes.get(n))
-        .is_some_and(|n| n.preemption.is_some())
+    last_node(state, r).is_some_and(|n| n.preemption.is_some())
 }
 
 /// What `serve status` shows for a replica.
@@ -317,18 +318,12 @@ fn plan_service(
         };
         let failing_for = seen.failing_since_ms.map_or(0, |t| now_ms - t);
         match (r.phase, seen.ok) {
-            (ReplicaPhase::Starting | ReplicaPhase::NotReady, true) => {
-                out.push(ServiceCommand::Probed {
-                    name: name.clone(),
-                    replica_id: r.id,
-                    ready: true,
-                    at_ms: now_ms,
-                })
-            }
-            (ReplicaPhase::Ready, false) => out.push(ServiceCommand::Probed {
+            // A transition into or out of READY.
+            (ReplicaPhase::Starting | ReplicaPhase::NotReady, true)
+            | (ReplicaPhase::Ready, false) => out.push(ServiceCommand::Probed {
                 name: name.clone(),
                 replica_id: r.id,
-                ready: false,
+                ready: seen.ok,
                 at_ms: now_ms,
             }),
             (ReplicaPhase::Starting, false)
@@ -433,13 +428,7 @@ fn scale(
             // Noticed in this very plan.
             _ => noticed(state, r),
         };
-        let node = state
-            .jobs
-            .get(&r.job_id)
-            .and_then(|j| j.attempts.last())
-            .and_then(|a| a.node_ids.first())
-            .and_then(|n| state.nodes.get(n));
-        if let (true, Some(n)) = (preempted, node) {
+        if let (true, Some(n)) = (preempted, last_node(state, r)) {
             let place = (n.provider.clone(), n.region.clone());
             if !avoid.contains(&place) {
                 avoid.push(place);

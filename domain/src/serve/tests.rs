@@ -5,7 +5,7 @@
 //! it (`serve status`, the load balancer's replica set).
 
 use super::*;
-use crate::state::{Offering, Outcome, RankOutcome, Resources};
+use crate::state::{Outcome, RankOutcome};
 use crate::task::{parse_task_yaml, TaskSpec};
 
 const SVC: &str = "svc";
@@ -28,30 +28,6 @@ service:
 
 fn spec(y: &str) -> TaskSpec {
     parse_task_yaml(y, &Default::default()).unwrap()
-}
-
-fn offering() -> Offering {
-    Offering {
-        provider: "local".into(),
-        region: "us-east".into(),
-        instance_type: "t".into(),
-        resources: Resources {
-            cpus: 8.0,
-            memory_gb: 32.0,
-            ..Default::default()
-        },
-        hourly_price: 0.0,
-        spot_price: None,
-        zone: None,
-        runs_as_coordinator_user: false,
-        simulated: false,
-        fixed_machines: None,
-        disk_gb_max: None,
-        opens_ports: false,
-        ports_per_node: false,
-        custom_images: false,
-        can_stop: false,
-    }
 }
 
 /// The leader's service loop, by hand.
@@ -164,7 +140,8 @@ impl Sim {
         let spot = self.replica(id).spot;
         let Outcome::Nodes(ids) = self.s.apply(&Command::ProvisionNodes {
             job_id,
-            offering: offering(),
+            // A CPU node: 8 vCPUs, 32 GB.
+            offering: crate::state::tests::offering(0.0),
             count: 1,
             spot,
             at_ms: self.now,

@@ -5,7 +5,7 @@ fn spec(y: &str) -> TaskSpec {
     parse_task_yaml(y, &Default::default()).unwrap()
 }
 
-fn offering(gpus: f64) -> Offering {
+pub(crate) fn offering(gpus: f64) -> Offering {
     let mut r = Resources {
         cpus: 8.0,
         memory_gb: 32.0,
