@@ -865,6 +865,23 @@ pub async fn audit_trail(
     .expect("GetAuditLog")
 }
 
+/// The service `name`, or `None` while it does not exist (or the
+/// coordinators do not answer): for `wait_for` loops.
+pub async fn service(client: &Client, name: &str) -> Option<pb::Service> {
+    let req = pb::ListServicesRequest {
+        names: vec![name.into()],
+        ..Default::default()
+    };
+    client
+        .clone()
+        .list_services(req)
+        .await
+        .ok()?
+        .into_inner()
+        .services
+        .pop()
+}
+
 /// Every job in full (task, attempts, tries), through `client`; `None` if
 /// a page could not be read.
 pub async fn all_jobs(client: &nembo_proto::client::Client) -> Option<Vec<pb::Job>> {

@@ -6,7 +6,7 @@ use std::time::{Duration, Instant};
 
 use nembo_proto::http::HttpClient;
 use nembo_proto::v1 as pb;
-use nembo_tests::{wait_for, Coordinator};
+use nembo_tests::{service, wait_for, Coordinator};
 
 /// A replica: `GET /` answers `<VERSION> replica <id> up <seconds>`;
 /// `/health` passes once it has been up `READY_AFTER` seconds and until
@@ -74,21 +74,6 @@ fn cli_ok(c: &Coordinator, args: &[&str]) -> String {
         String::from_utf8_lossy(&out.stderr)
     );
     String::from_utf8_lossy(&out.stdout).into_owned()
-}
-
-async fn service(client: &nembo_proto::client::Client, name: &str) -> Option<pb::Service> {
-    let req = pb::ListServicesRequest {
-        names: vec![name.into()],
-        ..Default::default()
-    };
-    client
-        .clone()
-        .list_services(req)
-        .await
-        .ok()?
-        .into_inner()
-        .services
-        .pop()
 }
 
 async fn get(http: &HttpClient, url: &str) -> (u16, String) {

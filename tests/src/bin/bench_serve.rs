@@ -36,7 +36,7 @@ use hyper::body::Bytes;
 use hyper_util::rt::TokioIo;
 use nembo_proto::client::Client;
 use nembo_proto::v1 as pb;
-use nembo_tests::{cli_arg, percentile, Coordinator};
+use nembo_tests::{cli_arg, percentile, service, Coordinator};
 use serde_json::{json, Value};
 
 const CONCURRENCY: [usize; 3] = [1, 64, 256];
@@ -104,21 +104,6 @@ fn task(replicas: u32, resources: &str) -> String {
          run: exec {} --replica\n",
         me.display()
     )
-}
-
-async fn service(client: &Client, name: &str) -> Option<pb::Service> {
-    let req = pb::ListServicesRequest {
-        names: vec![name.into()],
-        ..Default::default()
-    };
-    client
-        .clone()
-        .list_services(req)
-        .await
-        .ok()?
-        .into_inner()
-        .services
-        .pop()
 }
 
 /// Polls every 20 ms until `n` replicas of `name` are READY.
