@@ -528,6 +528,88 @@ async fn a_service_with_a_token_refuses_callers_without_it() {
     // The token is a secret: status never shows it.
     let shown = cli_ok(&c, &["serve", "status", "--json"]);
     assert!(!shown.contains("s3cret-token"));
+    // Nembo's own API tokens are not the service's: neither the cluster's
+    // nor a user's opens it.
+    assert_eq!(http.send(with(&c.token())).await.unwrap().status, 401);
+    let viewer = create_user(&c, "vera", "viewer");
+    assert_eq!(http.send(with(&viewer)).await.unwrap().status, 401);
+}
+
+/// `nembo admin users create NAME --role ROLE`: the token it prints.
+fn create_user(c: &Coordinator, name: &str, role: &str) -> String {
+    cli_ok(c, &["admin", "users", "create", name, "--role", role])
+        .trim()
+        .to_string()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn only_a_services_owner_changes_it_and_it_serves_again_after_a_restart() {
+    let mut c = Coordinator::start(&[]).await;
+    let path = write_task(
+        &c,
+        "web.yaml",
+        &task("v1", 0, &format!("{FAST_PROBES}  replicas: 1")),
+    );
+    cli_ok(&c, &["serve", "up", &path, "-n", "web"]);
+    let s = ready(&c, "web", 1, Duration::from_secs(60)).await;
+    let yaml = std::fs::read_to_string(&path).unwrap();
+    // Another user may see it, not change it; a viewer may not bring one up.
+    let bob = c.client_with_token(&create_user(&c, "bob", "user")).await;
+    let err = bob
+        .clone()
+        .serve_update(pb::ServeUpdateRequest {
+            name: "web".into(),
+            task_yaml: yaml.clone(),
+            ..Default::default()
+        })
+        .await
+        .expect_err("bob updates root's service");
+    assert_eq!(err.code(), tonic::Code::PermissionDenied, "{err:?}");
+    assert!(
+        err.message().contains("belongs to root"),
+        "{}",
+        err.message()
+    );
+    let err = bob
+        .clone()
+        .serve_down(pb::ServeDownRequest { name: "web".into() })
+        .await
+        .expect_err("bob takes root's service down");
+    assert_eq!(err.code(), tonic::Code::PermissionDenied, "{err:?}");
+    assert!(service(&bob, "web").await.is_some(), "users list services");
+    let vera = c
+        .client_with_token(&create_user(&c, "vera", "viewer"))
+        .await;
+    let err = vera
+        .clone()
+        .serve_up(pb::ServeUpRequest {
+            name: "mine".into(),
+            task_yaml: yaml,
+            ..Default::default()
+        })
+        .await
+        .expect_err("a viewer brings a service up");
+    assert_eq!(err.code(), tonic::Code::PermissionDenied, "{err:?}");
+    let client = c.client().await;
+    assert_eq!(service(&client, "web").await.unwrap().version, 1);
+
+    // kill -9 and a restart: the load balancer opens again, on the same
+    // port, from the replayed state; the replica kept running meanwhile.
+    let endpoint = format!("http://{}", s.endpoints[0]);
+    let http = HttpClient::new(Duration::from_secs(5));
+    c.restart().await;
+    wait_for(
+        "the service after the restart",
+        Duration::from_secs(60),
+        || {
+            let (http, endpoint) = (http.clone(), endpoint.clone());
+            async move {
+                let (code, body) = get(&http, &endpoint).await;
+                (code == 200 && body.starts_with("v1 replica 1")).then_some(())
+            }
+        },
+    )
+    .await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
